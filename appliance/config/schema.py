@@ -1,0 +1,119 @@
+"""Strict TOML loading: pydantic models whose errors become one-line :class:`ConfigError`.
+
+Every model forbids unknown keys and coerces nothing (a string is not a number). An error
+names the file, the dotted key (with the item's id for array entries, e.g.
+``links[3] (4-5).skr_kbps``) and what was expected, including the allowed keys when a
+key is unknown.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, TypeVar, get_args, get_origin
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from appliance.errors import ConfigError
+
+
+class Strict(BaseModel):
+    """Base of every configuration model: no unknown keys, no coercion, immutable."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+M = TypeVar("M", bound=Strict)
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    """Parse a TOML file; unreadable or malformed files raise ConfigError."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(str(path), "", "no such file", code="CFG-FILE") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise ConfigError(str(path), "", f"cannot read: {reason}", code="CFG-FILE") from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(str(path), "", f"invalid TOML: {exc}", code="CFG-SYNTAX") from None
+
+
+def load_model(model: type[M], data: dict[str, Any], file: str) -> M:
+    """Validate ``data`` against ``model``; the first problem becomes a ConfigError."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        errors = exc.errors(include_url=False)
+        first = errors[0]
+        more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
+        key = _describe_loc(data, first["loc"])
+        problem, code = _describe_problem(model, first)
+        raise ConfigError(file, key, problem + more, code=code) from None
+
+
+def _describe_loc(data: Any, loc: tuple[int | str, ...]) -> str:
+    """``links[3] (4-5).skr_kbps`` for loc ``('links', 3, 'skr_kbps')``."""
+    out, node = "", data
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+            node = node[part] if isinstance(node, list) and part < len(node) else None
+            label = _item_label(node)
+            out += f" ({label})" if label else ""
+        else:
+            out += ("." if out else "") + part
+            node = node.get(part) if isinstance(node, dict) else None
+    return out
+
+
+def _item_label(item: Any) -> str:
+    if not isinstance(item, dict):
+        return ""
+    if "a" in item and "b" in item:
+        return f"{item['a']}-{item['b']}"
+    return str(item.get("id", item.get("name", "")))
+
+
+def _describe_problem(model: type[BaseModel], err: Any) -> tuple[str, str]:
+    kind, loc = err["type"], err["loc"]
+    if kind == "extra_forbidden":
+        allowed = _allowed_keys(model, loc[:-1])
+        return f"unknown key (allowed here: {', '.join(allowed)})", "CFG-UNKNOWN-KEY"
+    if kind == "missing":
+        return "missing required key", "CFG-MISSING"
+    got = err.get("input")
+    shown = repr(got) if not isinstance(got, dict | list) else type(got).__name__
+    msg = err["msg"][0].lower() + err["msg"][1:]
+    return f"expected: {msg} (got {shown})", "CFG-VALUE"
+
+
+def _allowed_keys(model: type[BaseModel], loc: tuple[int | str, ...]) -> list[str]:
+    """The field names of the model found by walking ``loc`` from ``model``."""
+    current: Any = model
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = current.model_fields.get(part) if _is_model(current) else None
+        if field is None:
+            return []
+        current = _inner_model(field.annotation)
+    return sorted(current.model_fields) if _is_model(current) else []
+
+
+def _is_model(tp: Any) -> bool:
+    return isinstance(tp, type) and issubclass(tp, BaseModel)
+
+
+def _inner_model(annotation: Any) -> Any:
+    """The model inside ``list[M]``, ``M | None`` or ``M``."""
+    if _is_model(annotation):
+        return annotation
+    if get_origin(annotation) is not None:
+        for arg in get_args(annotation):
+            inner = _inner_model(arg)
+            if inner is not None:
+                return inner
+    return None

@@ -1,0 +1,197 @@
+"""Driver for emulated QKD modules: ``emulated://LINK?...``.
+
+URL format (rates in bit/s, QBER as a fraction, times in clock seconds)::
+
+    emulated://link-8-9?end=a&skr=1200&skr_std=100&qber=0.017&qber_std=0.005
+              &secret_file=/etc/qkdn/secrets/link-8-9.secret&start=1764201600
+
+========== ======================================================== ===========
+parameter  meaning                                                  default
+========== ======================================================== ===========
+end        which end of the link this is: ``a`` or ``b``             a
+skr        mean secret key rate, bit/s (>= 0)                       required
+skr_std    standard deviation of the SKR, bit/s                     0
+skr_max    physical ceiling of the SKR, bit/s                       2*skr+6*std
+qber       mean QBER, fraction in [0, qber_abort)                   0.02
+qber_std   standard deviation of the QBER                           0
+qber_abort QBER above which no key is distilled                     0.11
+tau        correlation time of the fluctuations, s                  300
+epoch      time resolution of the model, s                          1
+key_size   bits per key, a multiple of 8 in [64, 65536]             256
+buffer     keys the module holds; the oldest are dropped when full  100000
+start      clock time at which the link started                     0
+secret_file  file holding the link secret as hex (>= 16 bytes)      one of the
+seed       public seed instead of a secret: tests and demos only    two
+faults     JSON fault schedule shared by both ends (see faults.py)  none
+========== ======================================================== ===========
+
+Both ends opened with the same parameters yield the same keys under the same IDs. Each
+end hands out each key once: the master end takes keys in order with ``get_key``, the
+slave end takes the same keys by ID. The buffer holds the newest ``buffer`` keys; keys
+that age out of it are gone at both ends alike, since both compute the same window.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import threading
+from pathlib import Path
+
+from hal.clock import Clock, SystemClock
+from hal.emulated.faults import FaultWatcher
+from hal.emulated.keys import KeyIdCodec, KeyStream, derive, secret_from_seed
+from hal.emulated.model import LinkModel, LinkParams
+from hal.errors import (
+    DeviceUrlError,
+    KeyNotFound,
+    KeyNotYetAvailable,
+    LinkDownError,
+    NoKeyAvailable,
+)
+from hal.qkdm import LinkState, QkdKey, Qkdm, QkdmStatus
+from hal.url import DeviceUrl
+
+_LINK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_MAX_CATCH_UP_S = 400 * 86400
+
+
+class EmulatedQkdm(Qkdm):
+    """One end of an emulated link: a key buffer over a deterministic :class:`LinkModel`."""
+
+    def __init__(self, *, link: str, end: str, model: LinkModel, stream: KeyStream,
+                 codec: KeyIdCodec, key_size: int, buffer: int, clock: Clock) -> None:
+        self.link, self.end = link, end
+        self._model, self._stream, self._codec = model, stream, codec
+        self._key_size, self._buffer, self._clock = key_size, buffer, clock
+        self._lock = threading.Lock()
+        self._t = -math.inf
+        self._produced = 0      # keys distilled so far (index of the next key)
+        self._next = 0          # every index below this is gone (taken or dropped)
+        self._taken: set[int] = set()   # indexes >= _next taken out of order (by ID)
+
+    # -- the Qkdm interface -----------------------------------------------------
+    def get_key(self) -> QkdKey:
+        with self._lock:
+            self._sync()
+            if self._next >= self._produced:
+                raise self._empty()
+            index = self._next
+            self._next += 1
+            self._compact()
+            return self._key(index)
+
+    def get_key_by_id(self, key_id: str) -> QkdKey:
+        with self._lock:
+            index = self._codec.decode(key_id)
+            if index is None:
+                raise KeyNotFound(f"{self.link}: no key with ID {key_id!r}")
+            self._sync()
+            if index >= self._produced:
+                raise KeyNotYetAvailable(f"{self.link}: key {key_id} not received yet")
+            if index < self._next or index in self._taken:
+                raise KeyNotFound(f"{self.link}: key {key_id} already taken or expired")
+            self._taken.add(index)
+            self._compact()
+            return self._key(index)
+
+    def key_count(self) -> int:
+        with self._lock:
+            self._sync()
+            return self._count()
+
+    def status(self) -> QkdmStatus:
+        with self._lock:
+            self._sync()
+            state, skr, qber = self._model.reading(self._t)
+            return QkdmStatus(link=self.link, state=state, skr_bps=skr, qber=qber,
+                              key_count=self._count(), max_key_count=self._buffer,
+                              key_size=self._key_size, keys_produced=self._produced)
+
+    # -- internals ----------------------------------------------------------------
+    def _sync(self) -> None:
+        """Bring the buffer up to the clock: new keys arrive, the oldest may drop out."""
+        self._t = max(self._t, self._clock.now())
+        self._produced = max(self._produced, int(self._model.bits_at(self._t) // self._key_size))
+        oldest = self._produced - self._buffer
+        if oldest > self._next:
+            self._next = oldest
+            self._taken = {i for i in self._taken if i >= oldest}
+            self._compact()
+
+    def _compact(self) -> None:
+        while self._next in self._taken:
+            self._taken.remove(self._next)
+            self._next += 1
+
+    def _count(self) -> int:
+        return self._produced - self._next - len(self._taken)
+
+    def _key(self, index: int) -> QkdKey:
+        return QkdKey(key_id=self._codec.encode(index), material=self._stream.key(index))
+
+    def _empty(self) -> NoKeyAvailable | LinkDownError:
+        state, _, qber = self._model.reading(self._t)
+        if state is LinkState.DOWN:
+            return LinkDownError(f"{self.link}: link down, no key in buffer")
+        if state is LinkState.ABORT:
+            return LinkDownError(f"{self.link}: QBER {qber:.3f} above abort threshold, no key in buffer")
+        return NoKeyAvailable(f"{self.link}: key buffer empty")
+
+
+def _read_secret(path: str) -> bytes:
+    try:
+        text = Path(path).read_text(encoding="ascii").strip()
+        secret = bytes.fromhex(text)
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "expected hex text"
+        raise DeviceUrlError(f"secret_file {path}: {reason}") from None
+    if len(secret) < 16:
+        raise DeviceUrlError(f"secret_file {path}: expected at least 16 bytes of hex, got {len(secret)}")
+    return secret
+
+
+def _link_secret(url: DeviceUrl) -> bytes:
+    secret_file, seed = url.take_optional("secret_file"), url.take_optional("seed")
+    if (secret_file is None) == (seed is None):
+        raise DeviceUrlError(f"emulated://{url.name}: give exactly one of secret_file= or seed=")
+    return _read_secret(secret_file) if secret_file is not None else secret_from_seed(seed or "")
+
+
+def _link_params(url: DeviceUrl) -> LinkParams:
+    skr = url.take_float("skr", lo=0.0)
+    skr_std = url.take_float("skr_std", 0.0, lo=0.0)
+    qber_abort = url.take_float("qber_abort", 0.11, lo=0.0, hi=0.5, lo_open=True)
+    return LinkParams(
+        skr=skr,
+        skr_std=skr_std,
+        skr_max=url.take_float("skr_max", 2.0 * skr + 6.0 * skr_std, lo=skr),
+        qber=url.take_float("qber", 0.02, lo=0.0, hi=qber_abort),
+        qber_std=url.take_float("qber_std", 0.0, lo=0.0, hi=0.5),
+        qber_abort=qber_abort,
+        tau=url.take_float("tau", 300.0, lo=0.0),
+        epoch=url.take_float("epoch", 1.0, lo=0.001, hi=3600.0),
+        start=url.take_float("start", 0.0),
+    )
+
+
+def open_qkdm(url: DeviceUrl, clock: Clock | None = None) -> EmulatedQkdm:
+    """Open one end of an emulated link from its parsed URL."""
+    if not _LINK_NAME.match(url.name) or url.path not in ("", "/"):
+        raise DeviceUrlError(f"{url.raw}: expected emulated://LINK-NAME?... (letters, digits, . _ -)")
+    end = url.take_str("end", "a", choices=("a", "b"))
+    params = _link_params(url)
+    key_size = url.take_int("key_size", 256, lo=64, hi=65536, multiple_of=8)
+    buffer = url.take_int("buffer", 100_000, lo=1, hi=10_000_000)
+    faults = url.take_optional("faults")
+    secret = _link_secret(url)
+    url.finish()
+    clock = clock or SystemClock()
+    if clock.now() - params.start > _MAX_CATCH_UP_S:
+        raise DeviceUrlError(f"emulated://{url.name}: start= lies more than 400 days before now")
+    watcher = FaultWatcher(Path(faults) if faults else None)
+    model = LinkModel(params, derive(secret, url.name, "noise"), watcher)
+    return EmulatedQkdm(link=url.name, end=end, model=model,
+                        stream=KeyStream(derive(secret, url.name, "key-stream"), key_size // 8),
+                        codec=KeyIdCodec(derive(secret, url.name, "key-id")),
+                        key_size=key_size, buffer=buffer, clock=clock)

@@ -1,0 +1,54 @@
+"""Errors raised by device access (``hal``).
+
+One root, :class:`HalError`, with a machine-readable ``code``. Subclasses separate
+caller misuse (a bad URL, a bad argument), device misbehaviour, and the ordinary
+"no key yet" conditions a KMS polls through. Messages never contain key material.
+"""
+
+from __future__ import annotations
+
+
+class HalError(Exception):
+    """Root of every error raised by ``hal``."""
+
+    code = "HAL"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class DeviceUrlError(HalError):
+    """The device URL is malformed, names an unknown scheme, or has bad parameters (caller misuse)."""
+
+    code = "HAL-URL"
+
+
+class DeviceError(HalError):
+    """The device misbehaved or is unusable (peer/device failure)."""
+
+    code = "HAL-DEVICE"
+
+
+class LinkDownError(DeviceError):
+    """The QKD link delivers no key: link down or QBER above the abort threshold."""
+
+    code = "HAL-LINK-DOWN"
+
+
+class NoKeyAvailable(HalError):
+    """The key buffer is empty right now; retry later (retryable, not a failure)."""
+
+    code = "HAL-NO-KEY"
+
+
+class KeyNotYetAvailable(HalError):
+    """The key ID is valid but this end has not received that key yet (retryable)."""
+
+    code = "HAL-KEY-PENDING"
+
+
+class KeyNotFound(HalError):
+    """No key with this ID exists at this end: unknown, already taken, or expired from the buffer."""
+
+    code = "HAL-KEY-NOT-FOUND"
