@@ -1,0 +1,54 @@
+# The two commands of the README: `make demo` and `make test`. Both set up what they need
+# (Debian packages, a virtualenv in .venv with the pinned dependencies) and skip set-up
+# that is already done.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+SYSTEM_STAMP := $(VENV)/.system-$(shell cat packaging/apt-packages.txt | md5sum | cut -c1-12)
+PY_STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test lint typecheck unit bench lock clean
+
+setup: $(PY_STAMP)
+
+$(SYSTEM_STAMP): packaging/apt-packages.txt scripts/ensure-system.sh
+	@scripts/ensure-system.sh packaging/apt-packages.txt
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "setup: Python >= 3.11 is required, found " + sys.version.split()[0])'
+	@[ -x $(BIN)/python ] || $(PYTHON) -m venv $(VENV)
+	@rm -f $(VENV)/.system-* && touch $@
+
+$(PY_STAMP): $(SYSTEM_STAMP) pyproject.toml constraints.txt
+	@echo "setup: installing the package and its pinned dependencies into $(VENV)"
+	@$(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[dev]'
+	@touch $@
+
+demo: setup
+	$(BIN)/qkdn demo
+
+test: setup
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+	$(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+typecheck: setup
+	$(BIN)/mypy
+
+unit: setup
+	$(BIN)/python -m pytest -q -x
+
+bench: setup
+	$(BIN)/python bench/emulated_qkdm.py
+
+# Re-resolve the dependencies from pyproject.toml into constraints.txt (needs the registry).
+lock:
+	rm -rf /tmp/qkdn-lock && $(PYTHON) -m venv /tmp/qkdn-lock
+	/tmp/qkdn-lock/bin/pip install -q --disable-pip-version-check -e '.[dev]'
+	/tmp/qkdn-lock/bin/pip freeze --exclude-editable | grep -v '^qkdn' > constraints.txt
+	rm -rf /tmp/qkdn-lock
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis

@@ -1,0 +1,90 @@
+"""``qkdn``: the one command-line entry point of the appliance stack.
+
+Each area adds a subcommand module with ``register(subparsers)``. Errors from any package
+of the project become a single line ``qkdn: error [CODE]: message`` on stderr with a
+non-zero exit status; a traceback appears only with ``--debug``.
+
+Exit status: 0 success, 1 a reported error, 2 bad usage, 70 an internal error (a bug).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from typing import NoReturn
+
+from appliance import logs
+from appliance.errors import ApplianceError
+from hal.errors import HalError
+
+PROJECT_ERRORS: tuple[type[Exception], ...] = (ApplianceError, HalError)
+"""The error roots of the project's packages; later packages add theirs here."""
+
+EPILOG = """\
+examples:
+  qkdn topology show demoquandt            the DemoQuanDT nodes and links as tables
+  qkdn topology render demoquandt --out net   one configuration file per node
+  qkdn demo                                emulate the quantum layer for a week, print Table 3
+
+Run 'qkdn COMMAND --help' for the options of a command.
+"""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line usage errors carrying the USAGE code."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"{self.prog}: error [USAGE]: {message} (see '{self.prog} --help')", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def build_parser() -> Parser:
+    from appliance.cli import demo, topology
+
+    parser = Parser(prog="qkdn", description="Trusted-node appliance stack for carrier-grade "
+                    "QKD networks.", epilog=EPILOG,
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    parser.add_argument("--log-level", default="warning",
+                        choices=["debug", "info", "warning", "error"], help="default: warning")
+    parser.add_argument("--log-format", default="text", choices=["text", "json"],
+                        help="log records as text lines or one JSON object per line")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
+    sub.required = True
+    topology.register(sub)
+    demo.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``qkdn``; return the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logs.install_redaction()
+    logs.configure(args.log_level, args.log_format)
+    try:
+        status: int = args.func(args)
+        return status
+    except KeyboardInterrupt:
+        print("qkdn: interrupted", file=sys.stderr)
+        return 130
+    except PROJECT_ERRORS as exc:
+        if args.debug:
+            raise
+        code = getattr(exc, "code", "ERROR")
+        print(f"qkdn: error [{code}]: {exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:
+        if args.debug:
+            raise
+        logging.getLogger("qkdn").debug("internal error", exc_info=True)
+        print(f"qkdn: error [INTERNAL]: {type(exc).__name__}: {exc} "
+              "(a bug; run with --debug for a traceback)", file=sys.stderr)
+        return 70
+
+
+def run() -> NoReturn:
+    """Console-script entry point."""
+    raise SystemExit(main())

@@ -1,0 +1,65 @@
+"""The configuration of one node, as ``qkdn topology render`` writes it.
+
+One TOML file per node: its identity and role, where it listens, who its neighbours are
+(with the URL of the QKD module on each link), where its certificates and data live, and
+the data-centre services it talks to. Node processes load it with :func:`load_node_config`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+
+from appliance.config.schema import Strict, load_model, read_toml
+from appliance.config.topology import Name
+
+
+class NodeIdentity(Strict):
+    id: int
+    name: Name
+    site: str
+    role: str
+    network: Name
+    virtual: bool = False
+
+
+class NodePaths(Strict):
+    data_dir: str
+    ca_cert: str
+    cert: str
+    key: str
+
+
+class Neighbour(Strict):
+    node: int
+    name: Name
+    role: str
+    address: str
+    """host:port of the neighbour's KMS service that this node talks to."""
+    link: str
+    length_km: float
+    qkdm: str
+    """Device URL of this node's end of the QKD link."""
+
+
+class SaeEntry(Strict):
+    id: Name
+    user: Name
+    contract: Name
+    cert: str
+
+
+class NodeConfig(Strict):
+    node: NodeIdentity
+    paths: NodePaths
+    listen: dict[str, str] = Field(default_factory=dict)
+    services: dict[str, str] = Field(default_factory=dict)
+    """host:port of the data-centre services this node uses (controller, manager, aaa)."""
+    neighbours: list[Neighbour] = []
+    saes: list[SaeEntry] = []
+
+
+def load_node_config(path: Path) -> NodeConfig:
+    """Read and validate one node configuration file."""
+    return load_model(NodeConfig, read_toml(path), str(path))
