@@ -62,15 +62,28 @@ class LinkRun:
         skr_ok = abs(skr_mean - conf_skr) <= SKR_TOLERANCE * conf_skr if conf_skr else skr_mean == 0
         qber_ok = bool(up.size) and abs(qber_mean - conf_qber) * 100 <= QBER_TOLERANCE_PP
         return {
-            "link": self.link.id, "a": self.link.a, "b": self.link.b, "kind": self.link.kind,
-            "configured": {"skr_bps": conf_skr, "skr_std_bps": self.link.emulator.skr_std_kbps * 1000,
-                           "qber": conf_qber, "qber_std": self.link.emulator.qber_std_pct / 100},
-            "measured": {"skr_bps_mean": skr_mean, "skr_bps_std": float(skr.std()) if skr.size else 0.0,
-                         "qber_mean": qber_mean, "qber_std": float(up.std()) if up.size else math.nan,
-                         "samples": int(skr.size), "up_fraction": float(up.size / max(qber.size, 1)),
-                         "keys_distilled": self.produced},
+            "link": self.link.id,
+            "a": self.link.a,
+            "b": self.link.b,
+            "kind": self.link.kind,
+            "configured": {
+                "skr_bps": conf_skr,
+                "skr_std_bps": self.link.emulator.skr_std_kbps * 1000,
+                "qber": conf_qber,
+                "qber_std": self.link.emulator.qber_std_pct / 100,
+            },
+            "measured": {
+                "skr_bps_mean": skr_mean,
+                "skr_bps_std": float(skr.std()) if skr.size else 0.0,
+                "qber_mean": qber_mean,
+                "qber_std": float(up.std()) if up.size else math.nan,
+                "samples": int(skr.size),
+                "up_fraction": float(up.size / max(qber.size, 1)),
+                "keys_distilled": self.produced,
+            },
             "within_tolerance": {"skr": bool(skr_ok), "qber": bool(qber_ok)},
-            "keys_verified": self.keys_verified, "keys_mismatched": self.keys_mismatched,
+            "keys_verified": self.keys_verified,
+            "keys_mismatched": self.keys_mismatched,
             "counter_disagreements": self.counter_disagreements,
         }
 
@@ -104,8 +117,10 @@ def _verify_one_key(run: LinkRun) -> None:
         peer = run.b.get_key_by_id(key.key_id)
     except hal.HalError as exc:
         run.keys_mismatched += 1
-        log.warning("key missing at end B", extra={"link": run.link.id, "key_id": key.key_id,
-                                                    "error": exc.code})
+        log.warning(
+            "key missing at end B",
+            extra={"link": run.link.id, "key_id": key.key_id, "error": exc.code},
+        )
         key.erase()
         return
     same = hmac.compare_digest(key.material, peer.material)
@@ -128,15 +143,17 @@ def _sample(run: LinkRun, interval_s: float, verify: bool) -> None:
         _verify_one_key(run)
 
 
-def run_quantum_layer(topo: Topology, settings: DemoSettings,
-                      progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+def run_quantum_layer(
+    topo: Topology, settings: DemoSettings, progress: Callable[[int, int], None] | None = None
+) -> dict[str, Any]:
     """Emulate every link for ``settings.days`` and return the report (samples + summary)."""
     clock = hal.ManualClock(0.0)
     runs = open_pairs(topo, clock, settings.seed)
     steps = int(settings.days * 86400 // settings.interval_s)
     wall_start = time.monotonic()
-    log.info("quantum layer started", extra={"links": len(runs), "steps": steps,
-                                             "seed": settings.seed})
+    log.info(
+        "quantum layer started", extra={"links": len(runs), "steps": steps, "seed": settings.seed}
+    )
     for step in range(1, steps + 1):
         clock.set(step * settings.interval_s)
         verify = step % settings.verify_every == 0
@@ -153,13 +170,23 @@ def run_quantum_layer(topo: Topology, settings: DemoSettings,
         run.a.close()
         run.b.close()
     return {
-        "topology": topo.name, "seed": settings.seed, "days": settings.days,
-        "interval_s": settings.interval_s, "steps": steps, "wall_s": round(elapsed, 3),
+        "topology": topo.name,
+        "seed": settings.seed,
+        "days": settings.days,
+        "interval_s": settings.interval_s,
+        "steps": steps,
+        "wall_s": round(elapsed, 3),
         "speedup_achieved": round(steps * settings.interval_s / elapsed, 1) if elapsed else None,
         "tolerance": {"skr_rel": SKR_TOLERANCE, "qber_pp": QBER_TOLERANCE_PP},
         "links": [run.summary() for run in runs],
-        "samples": {"t_s": [i * settings.interval_s for i in range(1, steps + 1)],
-                    "links": {run.link.id: {"skr_bps": run.skr_bps,
-                                            "qber": [None if math.isnan(q) else q for q in run.qber]}
-                              for run in runs}},
+        "samples": {
+            "t_s": [i * settings.interval_s for i in range(1, steps + 1)],
+            "links": {
+                run.link.id: {
+                    "skr_bps": run.skr_bps,
+                    "qber": [None if math.isnan(q) else q for q in run.qber],
+                }
+                for run in runs
+            },
+        },
     }

@@ -54,8 +54,13 @@ class JsonFormatter(logging.Formatter):
     """One JSON object per record."""
 
     def format(self, record: logging.LogRecord) -> str:
-        doc = {"ts": round(record.created, 6), "level": record.levelname.lower(),
-               "logger": record.name, "msg": record.getMessage(), **fields_of(record)}
+        doc = {
+            "ts": round(record.created, 6),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+            **fields_of(record),
+        }
         if record.exc_info:
             doc["exc"] = self.formatException(record.exc_info)
         return json.dumps(doc, default=str)

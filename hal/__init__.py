@@ -42,7 +42,21 @@ def open_qkdm(url: str, *, clock: Clock | None = None) -> Qkdm:
 
 
 __all__ = [
-    "Clock", "DeviceError", "DeviceUrl", "DeviceUrlError", "HalError", "KeyNotFound",
-    "KeyNotYetAvailable", "LinkDownError", "LinkState", "ManualClock", "NoKeyAvailable",
-    "QkdKey", "Qkdm", "QkdmStatus", "ScaledClock", "SystemClock", "open_qkdm",
+    "Clock",
+    "DeviceError",
+    "DeviceUrl",
+    "DeviceUrlError",
+    "HalError",
+    "KeyNotFound",
+    "KeyNotYetAvailable",
+    "LinkDownError",
+    "LinkState",
+    "ManualClock",
+    "NoKeyAvailable",
+    "QkdKey",
+    "Qkdm",
+    "QkdmStatus",
+    "ScaledClock",
+    "SystemClock",
+    "open_qkdm",
 ]

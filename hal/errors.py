@@ -19,7 +19,7 @@ class HalError(Exception):
 
 
 class DeviceUrlError(HalError):
-    """The device URL is malformed, names an unknown scheme, or has bad parameters (caller misuse)."""
+    """The device URL is malformed, has an unknown scheme or bad parameters (caller misuse)."""
 
     code = "HAL-URL"
 
@@ -49,6 +49,6 @@ class KeyNotYetAvailable(HalError):
 
 
 class KeyNotFound(HalError):
-    """No key with this ID exists at this end: unknown, already taken, or expired from the buffer."""
+    """No key with this ID at this end: unknown, already taken, or aged out of the buffer."""
 
     code = "HAL-KEY-NOT-FOUND"

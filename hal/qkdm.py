@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 
 
-class LinkState(str, Enum):
+class LinkState(StrEnum):
     """Operational state of a QKD link as its module reports it."""
 
     UP = "up"

@@ -38,7 +38,9 @@ class DeviceUrl:
         return cls(url, parts.scheme.lower(), parts.netloc, parts.path, params)
 
     def _fail(self, key: str, expected: str, got: str) -> DeviceUrlError:
-        return DeviceUrlError(f"{self.scheme}://{self.name}: parameter {key!r}: expected {expected}, got {got!r}")
+        return DeviceUrlError(
+            f"{self.scheme}://{self.name}: parameter {key!r}: expected {expected}, got {got!r}"
+        )
 
     def take_str(self, key: str, default: str | None = None, choices: tuple[str, ...] = ()) -> str:
         """Pop a string parameter; a missing one without default is an error."""
@@ -53,8 +55,15 @@ class DeviceUrl:
         """Pop a parameter that may be absent."""
         return self.params.pop(key, None)
 
-    def take_float(self, key: str, default: float | None = None, *, lo: float = -math.inf,
-                   hi: float = math.inf, lo_open: bool = False) -> float:
+    def take_float(
+        self,
+        key: str,
+        default: float | None = None,
+        *,
+        lo: float = -math.inf,
+        hi: float = math.inf,
+        lo_open: bool = False,
+    ) -> float:
         """Pop a finite number in [lo, hi] (or (lo, hi] with ``lo_open``)."""
         raw = self.params.pop(key, None)
         if raw is None:

@@ -43,14 +43,25 @@ class Parser(argparse.ArgumentParser):
 def build_parser() -> Parser:
     from appliance.cli import demo, topology
 
-    parser = Parser(prog="qkdn", description="Trusted-node appliance stack for carrier-grade "
-                    "QKD networks.", epilog=EPILOG,
-                    formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(
+        prog="qkdn",
+        description="Trusted-node appliance stack for carrier-grade QKD networks.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
-    parser.add_argument("--log-level", default="warning",
-                        choices=["debug", "info", "warning", "error"], help="default: warning")
-    parser.add_argument("--log-format", default="text", choices=["text", "json"],
-                        help="log records as text lines or one JSON object per line")
+    parser.add_argument(
+        "--log-level",
+        default="warning",
+        choices=["debug", "info", "warning", "error"],
+        help="default: warning",
+    )
+    parser.add_argument(
+        "--log-format",
+        default="text",
+        choices=["text", "json"],
+        help="log records as text lines or one JSON object per line",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     sub.required = True
     topology.register(sub)
@@ -80,8 +91,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             raise
         logging.getLogger("qkdn").debug("internal error", exc_info=True)
-        print(f"qkdn: error [INTERNAL]: {type(exc).__name__}: {exc} "
-              "(a bug; run with --debug for a traceback)", file=sys.stderr)
+        print(
+            f"qkdn: error [INTERNAL]: {type(exc).__name__}: {exc} "
+            "(a bug; run with --debug for a traceback)",
+            file=sys.stderr,
+        )
         return 70
 
 

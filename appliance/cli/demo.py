@@ -8,8 +8,8 @@ import secrets
 from pathlib import Path
 from typing import Any
 
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.markup import escape
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from appliance.cli.output import console, write_json
@@ -33,23 +33,53 @@ examples:
 
 
 def register(sub: Any) -> None:
-    p = sub.add_parser("demo", help="run the main job on emulated devices", description=DESCRIPTION,
-                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--topology", default="demoquandt", metavar="TOPOLOGY",
-                   help="topology file or shipped name (default: %(default)s)")
+    p = sub.add_parser(
+        "demo",
+        help="run the main job on emulated devices",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--topology",
+        default="demoquandt",
+        metavar="TOPOLOGY",
+        help="topology file or shipped name (default: %(default)s)",
+    )
     p.add_argument("--days", type=float, default=7.0, help="emulated days (default: 7)")
-    p.add_argument("--interval", type=float, default=30.0, metavar="SECONDS",
-                   help="sampling interval in emulated seconds (default: 30)")
-    p.add_argument("--speedup", default="max", metavar="FACTOR",
-                   help="emulated seconds per wall-clock second, or 'max' (default)")
-    p.add_argument("--seed", help="seed of the emulated links (default: a fresh random one, "
-                   "printed so a run can be repeated)")
-    p.add_argument("--verify-every", type=int, default=10, metavar="N",
-                   help="check one key pair per link every N samples (default: 10)")
-    p.add_argument("--json", type=Path, metavar="PATH",
-                   help="write samples and per-link summary as JSON")
-    p.add_argument("--check", action="store_true",
-                   help="exit 1 unless every link is within tolerance and every key matched")
+    p.add_argument(
+        "--interval",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="sampling interval in emulated seconds (default: 30)",
+    )
+    p.add_argument(
+        "--speedup",
+        default="max",
+        metavar="FACTOR",
+        help="emulated seconds per wall-clock second, or 'max' (default)",
+    )
+    p.add_argument(
+        "--seed",
+        help="seed of the emulated links (default: a fresh random one, "
+        "printed so a run can be repeated)",
+    )
+    p.add_argument(
+        "--verify-every",
+        type=int,
+        default=10,
+        metavar="N",
+        help="check one key pair per link every N samples (default: 10)",
+    )
+    p.add_argument(
+        "--json", type=Path, metavar="PATH", help="write samples and per-link summary as JSON"
+    )
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="exit 1 unless every link is within tolerance and every key matched",
+    )
     p.set_defaults(func=cmd_demo)
 
 
@@ -65,12 +95,19 @@ def _settings(args: argparse.Namespace) -> DemoSettings:
         try:
             speedup = float(args.speedup)
         except ValueError:
-            raise UsageError(f"--speedup: expected a number or 'max', got {args.speedup!r}") from None
+            raise UsageError(
+                f"--speedup: expected a number or 'max', got {args.speedup!r}"
+            ) from None
         if not (speedup > 0 and math.isfinite(speedup)):
             raise UsageError(f"--speedup: expected a positive number, got {args.speedup!r}")
     seed = args.seed if args.seed is not None else secrets.token_hex(8)
-    return DemoSettings(days=args.days, interval_s=args.interval, seed=seed, speedup=speedup,
-                        verify_every=args.verify_every)
+    return DemoSettings(
+        days=args.days,
+        interval_s=args.interval,
+        seed=seed,
+        speedup=speedup,
+        verify_every=args.verify_every,
+    )
 
 
 KM_LAYER = {"ukms": "UKMS", "akms+ckms": "A/CKMS", "ckms": "CKMS"}
@@ -85,26 +122,43 @@ def _fmt(mean: float, std: float, scale: float, digits: int) -> str:
 def report_table(report: dict[str, Any], roles: dict[int, str]) -> Table:
     """Table 3 of the paper, with the measured values beside the configured ones."""
     days = report["days"]
-    table = Table(title=f"Quantum layer of {report['topology']}: {days:g} emulated day(s), "
-                  f"sampled every {report['interval_s']:g} s (seed {report['seed']})")
-    for col, just in (("Node", "right"), ("KM layer", "left"), ("Link", "left"),
-                      ("SKR config [kb/s]", "right"), ("SKR measured [kb/s]", "right"),
-                      ("ΔSKR", "right"), ("QBER config [%]", "right"),
-                      ("QBER measured [%]", "right"), ("ΔQBER", "right"),
-                      ("keys checked", "right"), ("", "left")):
+    table = Table(
+        caption="set: configured mean ± std; SKR, QBER: measured mean ± std over the samples",
+        title=f"Quantum layer of {report['topology']}: {days:g} emulated day(s), "
+        f"sampled every {report['interval_s']:g} s (seed {report['seed']})",
+    )
+    for col, just in (
+        ("Node", "right"),
+        ("KM layer", "left"),
+        ("Link", "left"),
+        ("SKR set [kb/s]", "right"),
+        ("SKR [kb/s]", "right"),
+        ("ΔSKR", "right"),
+        ("QBER set [%]", "right"),
+        ("QBER [%]", "right"),
+        ("ΔQBER", "right"),
+        ("keys checked", "right"),
+        ("", "left"),
+    ):
         table.add_column(escape(col), justify=just)  # type: ignore[arg-type]
     for s in report["links"]:
         c, m = s["configured"], s["measured"]
         ok = all(s["within_tolerance"].values()) and s["keys_mismatched"] == 0
         node = s["b"]
         d_skr = (m["skr_bps_mean"] / c["skr_bps"] - 1) * 100 if c["skr_bps"] else math.nan
-        table.add_row(str(node), KM_LAYER.get(roles[node], roles[node]), f"{s['a']}-{s['b']}",
-                      _fmt(c["skr_bps"], c["skr_std_bps"], 1e-3, 2),
-                      _fmt(m["skr_bps_mean"], m["skr_bps_std"], 1e-3, 2), f"{d_skr:+.1f} %",
-                      _fmt(c["qber"], c["qber_std"], 100, 2),
-                      _fmt(m["qber_mean"], m["qber_std"], 100, 2),
-                      f"{(m['qber_mean'] - c['qber']) * 100:+.2f} pp",
-                      f"{s['keys_verified']}", "[green]ok[/]" if ok else "[red]OUT[/]")
+        table.add_row(
+            str(node),
+            KM_LAYER.get(roles[node], roles[node]),
+            f"{s['a']}-{s['b']}",
+            _fmt(c["skr_bps"], c["skr_std_bps"], 1e-3, 2),
+            _fmt(m["skr_bps_mean"], m["skr_bps_std"], 1e-3, 2),
+            f"{d_skr:+.1f} %",
+            _fmt(c["qber"], c["qber_std"], 100, 2),
+            _fmt(m["qber_mean"], m["qber_std"], 100, 2),
+            f"{(m['qber_mean'] - c['qber']) * 100:+.2f} pp",
+            f"{s['keys_verified']}",
+            "[green]ok[/]" if ok else "[red]OUT[/]",
+        )
     return table
 
 
@@ -113,21 +167,33 @@ def cmd_demo(args: argparse.Namespace) -> int:
     topo = load_topology(args.topology)
     out = console()
     steps = int(settings.days * 86400 // settings.interval_s)
-    with Progress(TextColumn("emulating {task.description}"), BarColumn(),
-                  TextColumn("{task.completed}/{task.total} samples"), TimeElapsedColumn(),
-                  console=out, transient=True, disable=not out.is_terminal) as bar:
+    with Progress(
+        TextColumn("emulating {task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total} samples"),
+        TimeElapsedColumn(),
+        console=out,
+        transient=True,
+        disable=not out.is_terminal,
+    ) as bar:
         task = bar.add_task(f"{len(topo.links)} links", total=steps)
-        report = run_quantum_layer(topo, settings,
-                                   progress=lambda done, _total: bar.update(task, completed=done))
+        report = run_quantum_layer(
+            topo, settings, progress=lambda done, _total: bar.update(task, completed=done)
+        )
     roles = {n.id: n.role for n in topo.spec.nodes}
     out.print(report_table(report, roles))
-    good = [s for s in report["links"]
-            if all(s["within_tolerance"].values()) and s["keys_mismatched"] == 0]
+    good = [
+        s
+        for s in report["links"]
+        if all(s["within_tolerance"].values()) and s["keys_mismatched"] == 0
+    ]
     checked = sum(s["keys_verified"] for s in report["links"])
-    out.print(f"{len(good)}/{len(report['links'])} links within tolerance (mean SKR ± "
-              f"{report['tolerance']['skr_rel']:.0%}, mean QBER ± {report['tolerance']['qber_pp']} pp); "
-              f"{checked} keys identical at both ends; {report['steps'] * settings.interval_s / 86400:g} "
-              f"emulated days in {report['wall_s']:.1f} s ({report['speedup_achieved']:g}x)")
+    out.print(
+        f"{len(good)}/{len(report['links'])} links within tolerance (mean SKR ± "
+        f"{report['tolerance']['skr_rel']:.0%}, mean QBER ± {report['tolerance']['qber_pp']} pp); "
+        f"{checked} keys identical at both ends; {report['steps'] * settings.interval_s / 86400:g} "
+        f"emulated days in {report['wall_s']:.1f} s ({report['speedup_achieved']:g}x)"
+    )
     if args.json:
         write_json(args.json, report)
         out.print(f"samples and summary written to {args.json}")

@@ -14,7 +14,7 @@ from appliance.errors import UsageError
 
 def console() -> Console:
     """The console for human-readable output (stdout)."""
-    wide = None if sys.stdout.isatty() else 132  # files and pipes get full-width tables
+    wide = None if sys.stdout.isatty() else 160  # files and pipes get full-width tables
     return Console(highlight=False, width=wide)
 
 

@@ -56,8 +56,8 @@ class NodeConfig(Strict):
     listen: dict[str, str] = Field(default_factory=dict)
     services: dict[str, str] = Field(default_factory=dict)
     """host:port of the data-centre services this node uses (controller, manager, aaa)."""
-    neighbours: list[Neighbour] = []
-    saes: list[SaeEntry] = []
+    neighbours: list[Neighbour] = Field(default_factory=list)
+    saes: list[SaeEntry] = Field(default_factory=list)
 
 
 def load_node_config(path: Path) -> NodeConfig:

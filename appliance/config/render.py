@@ -21,8 +21,17 @@ import tomli_w
 from appliance.config.topology import Node, ResolvedLink, Topology
 from appliance.errors import ConfigError, UsageError
 
-SERVICE_OFFSETS = {"ukms": 0, "akms": 1000, "ckms": 2000, "etsi014": 3000, "snmp": 4000,
-                   "api": 5000, "gnmi": 6000, "web": 7000, "traps": 8000}
+SERVICE_OFFSETS = {
+    "ukms": 0,
+    "akms": 1000,
+    "ckms": 2000,
+    "etsi014": 3000,
+    "snmp": 4000,
+    "api": 5000,
+    "gnmi": 6000,
+    "web": 7000,
+    "traps": 8000,
+}
 """Port = base + offset + node id (node ids are below 1000)."""
 MAX_BASE_PORT = 65535 - max(SERVICE_OFFSETS.values()) - 999
 
@@ -36,15 +45,29 @@ ROLE_SERVICES = {
 }
 
 
-def qkdm_url(link: ResolvedLink, end: str, *, secret_file: str | None = None,
-             seed: str | None = None, start: float = 0.0, faults: str | None = None) -> str:
+def qkdm_url(
+    link: ResolvedLink,
+    end: str,
+    *,
+    secret_file: str | None = None,
+    seed: str | None = None,
+    start: float = 0.0,
+    faults: str | None = None,
+) -> str:
     """The ``emulated://`` URL of one end of a link, in the driver's units (bit/s, fraction)."""
     emu = link.emulator
     params: dict[str, Any] = {
-        "end": end, "skr": link.skr_kbps * 1000, "skr_std": emu.skr_std_kbps * 1000,
-        "qber": link.qber_pct / 100, "qber_std": emu.qber_std_pct / 100,
-        "qber_abort": emu.qber_abort_pct / 100, "tau": emu.tau_s, "epoch": emu.epoch_s,
-        "key_size": link.key_size, "buffer": emu.buffer_keys, "start": start,
+        "end": end,
+        "skr": link.skr_kbps * 1000,
+        "skr_std": emu.skr_std_kbps * 1000,
+        "qber": link.qber_pct / 100,
+        "qber_std": emu.qber_std_pct / 100,
+        "qber_abort": emu.qber_abort_pct / 100,
+        "tau": emu.tau_s,
+        "epoch": emu.epoch_s,
+        "key_size": link.key_size,
+        "buffer": emu.buffer_keys,
+        "start": start,
     }
     if emu.skr_max_kbps is not None:
         params["skr_max"] = emu.skr_max_kbps * 1000
@@ -92,11 +115,20 @@ def render_node(topo: Topology, node: Node, plan: RenderPlan, start: float) -> d
     pki = (plan.pki_dir or out / "pki").resolve()
     data_root = (plan.data_root or out / "data").resolve()
     doc: dict[str, Any] = {
-        "node": {"id": node.id, "name": node.name, "site": node.site, "role": node.role,
-                 "network": topo.name, "virtual": node.virtual},
-        "paths": {"data_dir": str(data_root / node.name), "ca_cert": str(pki / "ca.pem"),
-                  "cert": str(pki / "nodes" / f"{node.name}.pem"),
-                  "key": str(pki / "nodes" / f"{node.name}.key")},
+        "node": {
+            "id": node.id,
+            "name": node.name,
+            "site": node.site,
+            "role": node.role,
+            "network": topo.name,
+            "virtual": node.virtual,
+        },
+        "paths": {
+            "data_dir": str(data_root / node.name),
+            "ca_cert": str(pki / "ca.pem"),
+            "cert": str(pki / "nodes" / f"{node.name}.pem"),
+            "key": str(pki / "nodes" / f"{node.name}.key"),
+        },
         "listen": {s: plan.address(node, s) for s in services_of(node)},
         "services": _services(topo, node, plan),
         "neighbours": [],
@@ -104,16 +136,34 @@ def render_node(topo: Topology, node: Node, plan: RenderPlan, start: float) -> d
     }
     for link, peer in topo.neighbours(node.id):
         end = "a" if link.a == node.id else "b"
-        url = qkdm_url(link, end, secret_file=str(out / "secrets" / f"{link.id}.secret"),
-                       start=start, faults=str(out / "faults" / f"{link.id}.json"))
-        doc["neighbours"].append({
-            "node": peer.id, "name": peer.name, "role": peer.role,
-            "address": plan.address(peer, _peer_service(node, peer)), "link": link.id,
-            "length_km": link.length_km, "qkdm": url})
+        url = qkdm_url(
+            link,
+            end,
+            secret_file=str(out / "secrets" / f"{link.id}.secret"),
+            start=start,
+            faults=str(out / "faults" / f"{link.id}.json"),
+        )
+        doc["neighbours"].append(
+            {
+                "node": peer.id,
+                "name": peer.name,
+                "role": peer.role,
+                "address": plan.address(peer, _peer_service(node, peer)),
+                "link": link.id,
+                "length_km": link.length_km,
+                "qkdm": url,
+            }
+        )
     for sae in topo.spec.saes:
         if sae.node == node.id:
-            doc["saes"].append({"id": sae.id, "user": sae.user, "contract": sae.contract,
-                                "cert": str(pki / "saes" / f"{sae.id}.pem")})
+            doc["saes"].append(
+                {
+                    "id": sae.id,
+                    "user": sae.user,
+                    "contract": sae.contract,
+                    "cert": str(pki / "saes" / f"{sae.id}.pem"),
+                }
+            )
     return {k: v for k, v in doc.items() if v != []}
 
 
@@ -179,7 +229,11 @@ def render(topo: Topology, plan: RenderPlan) -> list[Path]:
         path = nodes_dir / f"{node.name}.toml"
         path.write_text(tomli_w.dumps(render_node(topo, node, plan, start)), encoding="utf-8")
         written.append(path)
-    index = {"network": topo.name, "topology": topo.source, "emulation_start": start,
-             "nodes": {n.name: f"nodes/{n.name}.toml" for n in topo.spec.nodes}}
+    index = {
+        "network": topo.name,
+        "topology": topo.source,
+        "emulation_start": start,
+        "nodes": {n.name: f"nodes/{n.name}.toml" for n in topo.spec.nodes},
+    }
     (plan.out / "network.toml").write_text(tomli_w.dumps(index), encoding="utf-8")
     return written

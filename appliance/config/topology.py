@@ -125,10 +125,10 @@ class TopologyFile(Strict):
     network: Network
     link_defaults: LinkDefaults = LinkDefaults()
     nodes: list[Node] = Field(min_length=1)
-    links: list[Link] = []
-    users: list[User] = []
-    contracts: list[Contract] = []
-    saes: list[Sae] = []
+    links: list[Link] = Field(default_factory=list)
+    users: list[User] = Field(default_factory=list)
+    contracts: list[Contract] = Field(default_factory=list)
+    saes: list[Sae] = Field(default_factory=list)
 
 
 class ResolvedLink(Strict):
@@ -175,7 +175,10 @@ class Topology:
 def _resolve(spec: TopologyFile, link: Link) -> ResolvedLink:
     d = spec.link_defaults
     return ResolvedLink(
-        id=link.id, a=link.a, b=link.b, length_km=link.length_km,
+        id=link.id,
+        a=link.a,
+        b=link.b,
+        length_km=link.length_km,
         skr_kbps=d.skr_kbps if link.skr_kbps is None else link.skr_kbps,
         qber_pct=d.qber_pct if link.qber_pct is None else link.qber_pct,
         kind=link.kind or d.kind,
@@ -207,8 +210,9 @@ def resolve_path(name_or_path: str) -> Path:
     if name_or_path in shipped_topologies():
         return Path(str(SHIPPED / f"{name_or_path}.toml"))
     known = ", ".join(shipped_topologies())
-    raise ConfigError(name_or_path, "", f"no such file or shipped topology (shipped: {known})",
-                      code="CFG-FILE")
+    raise ConfigError(
+        name_or_path, "", f"no such file or shipped topology (shipped: {known})", code="CFG-FILE"
+    )
 
 
 def load_topology(name_or_path: str) -> Topology:
@@ -241,12 +245,21 @@ def _check_nodes(spec: TopologyFile, file: str) -> None:
         key = f"nodes[{i}] ({node.id}).role"
         unknown = sorted(node.roles - set(ROLES))
         if unknown or not node.role:
-            raise ConfigError(file, key, f"unknown role {', '.join(unknown) or node.role!r} "
-                              f"(expected {', '.join(ROLES)}, joined with '+')", code="CFG-ROLE")
+            raise ConfigError(
+                file,
+                key,
+                f"unknown role {', '.join(unknown) or node.role!r} "
+                f"(expected {', '.join(ROLES)}, joined with '+')",
+                code="CFG-ROLE",
+            )
         if node.roles not in ALLOWED_COMBINATIONS:
             allowed = ", ".join("+".join(sorted(c)) for c in ALLOWED_COMBINATIONS)
-            raise ConfigError(file, key, f"roles {node.role!r} cannot be colocated "
-                              f"(allowed: {allowed})", code="CFG-ROLE")
+            raise ConfigError(
+                file,
+                key,
+                f"roles {node.role!r} cannot be colocated (allowed: {allowed})",
+                code="CFG-ROLE",
+            )
 
 
 def _check_links(spec: TopologyFile, file: str) -> None:
@@ -259,30 +272,48 @@ def _check_links(spec: TopologyFile, file: str) -> None:
             if node_id not in nodes:
                 raise ConfigError(file, f"{key}.{end}", f"unknown node {node_id}", code="CFG-REF")
             if not nodes[node_id].is_kms:
-                raise ConfigError(file, f"{key}.{end}", f"node {node_id} ({nodes[node_id].role}) "
-                                  "has no KMS; QKD links join ukms, akms+ckms or ckms nodes",
-                                  code="CFG-REF")
+                raise ConfigError(
+                    file,
+                    f"{key}.{end}",
+                    f"node {node_id} ({nodes[node_id].role}) "
+                    "has no KMS; QKD links join ukms, akms+ckms or ckms nodes",
+                    code="CFG-REF",
+                )
         if link.a == link.b:
             raise ConfigError(file, key, "a link needs two different nodes", code="CFG-REF")
         if link.id in seen:
-            raise ConfigError(file, key, f"duplicate link between {link.a} and {link.b}",
-                              code="CFG-REF")
+            raise ConfigError(
+                file, key, f"duplicate link between {link.a} and {link.b}", code="CFG-REF"
+            )
         seen.add(link.id)
         _check_emulation(_resolve(spec, link), file, key)
         roles = {end: nodes[getattr(link, end)].roles for end in ("a", "b")}
-        if any("ukms" in r for r in roles.values()) and not any("akms" in r for r in roles.values()):
-            raise ConfigError(file, key, "a user node (ukms) links only to an access node "
-                              "(akms+ckms)", code="CFG-REF")
+        if any("ukms" in r for r in roles.values()) and not any(
+            "akms" in r for r in roles.values()
+        ):
+            raise ConfigError(
+                file,
+                key,
+                "a user node (ukms) links only to an access node (akms+ckms)",
+                code="CFG-REF",
+            )
 
 
 def _check_emulation(link: ResolvedLink, file: str, key: str) -> None:
     emu = link.emulator
     if link.qber_pct >= emu.qber_abort_pct:
-        raise ConfigError(file, f"{key}.qber_pct", f"expected a QBER below the abort threshold "
-                          f"{emu.qber_abort_pct} %, got {link.qber_pct}")
+        raise ConfigError(
+            file,
+            f"{key}.qber_pct",
+            f"expected a QBER below the abort threshold "
+            f"{emu.qber_abort_pct} %, got {link.qber_pct}",
+        )
     if emu.skr_max_kbps is not None and emu.skr_max_kbps < link.skr_kbps:
-        raise ConfigError(file, f"{key}.emulator.skr_max_kbps",
-                          f"expected at least skr_kbps ({link.skr_kbps}), got {emu.skr_max_kbps}")
+        raise ConfigError(
+            file,
+            f"{key}.emulator.skr_max_kbps",
+            f"expected at least skr_kbps ({link.skr_kbps}), got {emu.skr_max_kbps}",
+        )
 
 
 def _check_customers(spec: TopologyFile, file: str) -> None:
@@ -294,20 +325,31 @@ def _check_customers(spec: TopologyFile, file: str) -> None:
     _unique([s.id for s in spec.saes], file, "saes")
     for i, c in enumerate(spec.contracts):
         if c.user not in users:
-            raise ConfigError(file, f"contracts[{i}] ({c.id}).user", f"unknown user {c.user!r}",
-                              code="CFG-REF")
+            raise ConfigError(
+                file, f"contracts[{i}] ({c.id}).user", f"unknown user {c.user!r}", code="CFG-REF"
+            )
         if c.valid_from and c.valid_until and c.valid_until < c.valid_from:
-            raise ConfigError(file, f"contracts[{i}] ({c.id}).valid_until",
-                              "expected a date on or after valid_from")
+            raise ConfigError(
+                file,
+                f"contracts[{i}] ({c.id}).valid_until",
+                "expected a date on or after valid_from",
+            )
     for i, sae in enumerate(spec.saes):
         key = f"saes[{i}] ({sae.id})"
         if sae.node not in nodes or "ukms" not in nodes[sae.node].roles:
-            raise ConfigError(file, f"{key}.node", f"expected the id of a ukms node, got {sae.node}",
-                              code="CFG-REF")
+            raise ConfigError(
+                file,
+                f"{key}.node",
+                f"expected the id of a ukms node, got {sae.node}",
+                code="CFG-REF",
+            )
         if sae.user not in users:
             raise ConfigError(file, f"{key}.user", f"unknown user {sae.user!r}", code="CFG-REF")
         contract = contracts.get(sae.contract)
         if contract is None or contract.user != sae.user:
-            raise ConfigError(file, f"{key}.contract",
-                              f"expected a contract of user {sae.user!r}, got {sae.contract!r}",
-                              code="CFG-REF")
+            raise ConfigError(
+                file,
+                f"{key}.contract",
+                f"expected a contract of user {sae.user!r}, got {sae.contract!r}",
+                code="CFG-REF",
+            )

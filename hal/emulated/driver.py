@@ -59,16 +59,26 @@ _MAX_CATCH_UP_S = 400 * 86400
 class EmulatedQkdm(Qkdm):
     """One end of an emulated link: a key buffer over a deterministic :class:`LinkModel`."""
 
-    def __init__(self, *, link: str, end: str, model: LinkModel, stream: KeyStream,
-                 codec: KeyIdCodec, key_size: int, buffer: int, clock: Clock) -> None:
+    def __init__(
+        self,
+        *,
+        link: str,
+        end: str,
+        model: LinkModel,
+        stream: KeyStream,
+        codec: KeyIdCodec,
+        key_size: int,
+        buffer: int,
+        clock: Clock,
+    ) -> None:
         self.link, self.end = link, end
         self._model, self._stream, self._codec = model, stream, codec
         self._key_size, self._buffer, self._clock = key_size, buffer, clock
         self._lock = threading.Lock()
         self._t = -math.inf
-        self._produced = 0      # keys distilled so far (index of the next key)
-        self._next = 0          # every index below this is gone (taken or dropped)
-        self._taken: set[int] = set()   # indexes >= _next taken out of order (by ID)
+        self._produced = 0  # keys distilled so far (index of the next key)
+        self._next = 0  # every index below this is gone (taken or dropped)
+        self._taken: set[int] = set()  # indexes >= _next taken out of order (by ID)
 
     # -- the Qkdm interface -----------------------------------------------------
     def get_key(self) -> QkdKey:
@@ -104,9 +114,16 @@ class EmulatedQkdm(Qkdm):
         with self._lock:
             self._sync()
             state, skr, qber = self._model.reading(self._t)
-            return QkdmStatus(link=self.link, state=state, skr_bps=skr, qber=qber,
-                              key_count=self._count(), max_key_count=self._buffer,
-                              key_size=self._key_size, keys_produced=self._produced)
+            return QkdmStatus(
+                link=self.link,
+                state=state,
+                skr_bps=skr,
+                qber=qber,
+                key_count=self._count(),
+                max_key_count=self._buffer,
+                key_size=self._key_size,
+                keys_produced=self._produced,
+            )
 
     # -- internals ----------------------------------------------------------------
     def _sync(self) -> None:
@@ -135,7 +152,9 @@ class EmulatedQkdm(Qkdm):
         if state is LinkState.DOWN:
             return LinkDownError(f"{self.link}: link down, no key in buffer")
         if state is LinkState.ABORT:
-            return LinkDownError(f"{self.link}: QBER {qber:.3f} above abort threshold, no key in buffer")
+            return LinkDownError(
+                f"{self.link}: QBER {qber:.3f} above abort threshold, no key in buffer"
+            )
         return NoKeyAvailable(f"{self.link}: key buffer empty")
 
 
@@ -147,7 +166,9 @@ def _read_secret(path: str) -> bytes:
         reason = exc.strerror if isinstance(exc, OSError) else "expected hex text"
         raise DeviceUrlError(f"secret_file {path}: {reason}") from None
     if len(secret) < 16:
-        raise DeviceUrlError(f"secret_file {path}: expected at least 16 bytes of hex, got {len(secret)}")
+        raise DeviceUrlError(
+            f"secret_file {path}: expected at least 16 bytes of hex, got {len(secret)}"
+        )
     return secret
 
 
@@ -178,7 +199,9 @@ def _link_params(url: DeviceUrl) -> LinkParams:
 def open_qkdm(url: DeviceUrl, clock: Clock | None = None) -> EmulatedQkdm:
     """Open one end of an emulated link from its parsed URL."""
     if not _LINK_NAME.match(url.name) or url.path not in ("", "/"):
-        raise DeviceUrlError(f"{url.raw}: expected emulated://LINK-NAME?... (letters, digits, . _ -)")
+        raise DeviceUrlError(
+            f"{url.raw}: expected emulated://LINK-NAME?... (letters, digits, . _ -)"
+        )
     end = url.take_str("end", "a", choices=("a", "b"))
     params = _link_params(url)
     key_size = url.take_int("key_size", 256, lo=64, hi=65536, multiple_of=8)
@@ -191,7 +214,13 @@ def open_qkdm(url: DeviceUrl, clock: Clock | None = None) -> EmulatedQkdm:
         raise DeviceUrlError(f"emulated://{url.name}: start= lies more than 400 days before now")
     watcher = FaultWatcher(Path(faults) if faults else None)
     model = LinkModel(params, derive(secret, url.name, "noise"), watcher)
-    return EmulatedQkdm(link=url.name, end=end, model=model,
-                        stream=KeyStream(derive(secret, url.name, "key-stream"), key_size // 8),
-                        codec=KeyIdCodec(derive(secret, url.name, "key-id")),
-                        key_size=key_size, buffer=buffer, clock=clock)
+    return EmulatedQkdm(
+        link=url.name,
+        end=end,
+        model=model,
+        stream=KeyStream(derive(secret, url.name, "key-stream"), key_size // 8),
+        codec=KeyIdCodec(derive(secret, url.name, "key-id")),
+        key_size=key_size,
+        buffer=buffer,
+        clock=clock,
+    )

@@ -48,15 +48,24 @@ def _parse_fault(path: Path, i: int, item: Any) -> Fault:
     where = f"faults file {path}: faults[{i}]"
     if not isinstance(item, dict) or set(item) - {"kind", "start", "end", "qber"}:
         raise DeviceError(f"{where}: expected an object with kind, start, end, qber")
-    kind, start, end, qber = item.get("kind"), item.get("start"), item.get("end"), item.get("qber")
+    kind, end, qber = item.get("kind"), item.get("end"), item.get("qber")
+    start: Any = item.get("start")
     if kind not in KINDS:
         raise DeviceError(f"{where}.kind: expected one of {', '.join(KINDS)}, got {kind!r}")
-    if not _is_time(start) or not (end is None or _is_time(end)) or (end is not None and end < start):
+    if (
+        not _is_time(start)
+        or not (end is None or _is_time(end))
+        or (end is not None and end < start)
+    ):
         raise DeviceError(f"{where}: expected numbers with start <= end (or end null)")
     if kind == "qber" and not (isinstance(qber, int | float) and 0 <= qber <= 0.5):
         raise DeviceError(f"{where}.qber: expected a number in [0, 0.5], got {qber!r}")
-    return Fault(kind=kind, start=float(start), end=None if end is None else float(end),
-                 qber=None if qber is None else float(qber))
+    return Fault(
+        kind=str(kind),
+        start=float(start),
+        end=None if end is None else float(end),
+        qber=None if qber is None else float(qber),
+    )
 
 
 def _is_time(value: Any) -> bool:
@@ -74,7 +83,9 @@ def read_faults(path: Path) -> list[Fault]:
     try:
         doc = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise DeviceError(f"faults file {path}: invalid JSON at line {exc.lineno}: {exc.msg}") from None
+        raise DeviceError(
+            f"faults file {path}: invalid JSON at line {exc.lineno}: {exc.msg}"
+        ) from None
     if not isinstance(doc, dict) or set(doc) != {"faults"} or not isinstance(doc["faults"], list):
         raise DeviceError(f'faults file {path}: expected {{"faults": [...]}}')
     return [_parse_fault(path, i, item) for i, item in enumerate(doc["faults"])]

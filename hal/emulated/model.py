@@ -61,15 +61,15 @@ class LinkParams:
 @dataclass(slots=True)
 class _Block:
     index: int
-    base: float          # distilled bits at the block's first epoch
-    rate: Floats         # SKR per epoch before faults
-    qber: Floats         # QBER per epoch before faults
+    base: float  # distilled bits at the block's first epoch
+    rate: Floats  # SKR per epoch before faults
+    qber: Floats  # QBER per epoch before faults
     z_end: tuple[float, float]
     fault_version: int = -1
-    eff: Floats | None = None   # SKR after faults
+    eff: Floats | None = None  # SKR after faults
     qber_eff: Floats | None = None
     down: NDArray[np.bool_] | None = None
-    cum: Floats | None = None   # distilled bits at the start of each epoch
+    cum: Floats | None = None  # distilled bits at the start of each epoch
 
 
 class LinkModel:

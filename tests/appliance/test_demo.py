@@ -1,0 +1,83 @@
+"""``qkdn demo``: one emulated week of DemoQuanDT reproduces the configured Table 3."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from appliance import cli
+from tests.appliance.test_topology import TABLE_3
+
+
+@pytest.fixture(scope="module")
+def week(tmp_path_factory):
+    path = tmp_path_factory.mktemp("demo") / "week.json"
+    status = cli.main(["demo", "--seed", "ci-week", "--json", str(path), "--check"])
+    return status, json.loads(path.read_text())
+
+
+def test_a_week_matches_the_configuration(week):
+    status, report = week
+    assert status == 0
+    assert report["steps"] == 7 * 86400 // 30
+    assert len(report["links"]) == 16
+    for link in report["links"]:
+        c, m = link["configured"], link["measured"]
+        assert abs(m["skr_bps_mean"] / c["skr_bps"] - 1) <= 0.05, link["link"]
+        assert abs(m["qber_mean"] - c["qber"]) * 100 <= 0.5, link["link"]
+        assert link["keys_verified"] == 2016 and link["keys_mismatched"] == 0
+        assert link["counter_disagreements"] == 0
+        assert m["up_fraction"] == 1.0
+
+
+def test_table_3_links_fluctuate_like_the_paper(week):
+    _, report = week
+    by_pair = {(x["a"], x["b"]): x for x in report["links"]}
+    for pair, (skr_kbps, _) in TABLE_3.items():
+        measured = by_pair[pair]["measured"]
+        configured_std = by_pair[pair]["configured"]["skr_std_bps"]
+        assert measured["skr_bps_mean"] == pytest.approx(skr_kbps * 1000, rel=0.05)
+        # 30 s averages of a 300 s correlated process keep most of its spread.
+        assert 0.7 * configured_std <= measured["skr_bps_std"] <= 1.2 * configured_std
+
+
+def test_samples_are_written_for_plotting(week):
+    _, report = week
+    samples = report["samples"]
+    assert len(samples["t_s"]) == report["steps"]
+    series = samples["links"]["link-9-10"]
+    assert len(series["skr_bps"]) == len(series["qber"]) == report["steps"]
+
+
+def test_report_table_is_printed(capsys):
+    status = cli.main(["demo", "--days", "0.5", "--seed", "table"])
+    out = capsys.readouterr().out
+    assert status == 0
+    for header in ("SKR set [kb/s]", "SKR [kb/s]", "QBER [%]", "A/CKMS", "9-10", "16-10"):
+        assert header in out
+    assert "16/16 links within tolerance" in out
+
+
+def test_speedup_paces_emulated_time(tmp_path):
+    path = tmp_path / "paced.json"
+    # 1200 emulated seconds at 4000x must take at least 0.3 s of wall time.
+    assert (
+        cli.main(
+            [
+                "demo",
+                "--days",
+                str(1200 / 86400),
+                "--speedup",
+                "4000",
+                "--json",
+                str(path),
+                "--seed",
+                "pace",
+            ]
+        )
+        == 0
+    )
+    report = json.loads(path.read_text())
+    assert report["wall_s"] >= 0.29
+    assert report["speedup_achieved"] <= 4100

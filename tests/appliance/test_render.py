@@ -1,0 +1,91 @@
+"""``qkdn topology render``: one valid configuration per node, stable across renders."""
+
+from __future__ import annotations
+
+import stat
+
+import pytest
+
+import hal
+from appliance.config.node import load_node_config
+from appliance.config.render import RenderPlan, render
+from appliance.config.schema import read_toml
+from appliance.config.topology import load_topology
+from appliance.errors import ConfigError, UsageError
+
+
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory):
+    out = tmp_path_factory.mktemp("net")
+    topo = load_topology("demoquandt")
+    files = render(topo, RenderPlan(out=out, start=1_000.0))
+    return topo, out, {f.stem: load_node_config(f) for f in files}
+
+
+def test_one_config_per_node_with_role_services(rendered):
+    topo, _, configs = rendered
+    assert set(configs) == {n.name for n in topo.spec.nodes}
+    ukms = configs["ukms-berlin"]
+    assert set(ukms.listen) == {"ukms", "etsi014", "snmp"}
+    assert [s.id for s in ukms.saes] == ["sae-berlin-1", "sae-berlin-2"]
+    assert ukms.services == {}  # a user node reaches nothing in the data centre
+    akms = configs["akms-berlin"]
+    assert set(akms.listen) == {"akms", "ckms", "snmp"}
+    assert set(akms.services) == {"manager", "controller", "aaa"}
+    assert set(configs["ckms-hamm"].services) == {"manager", "controller"}
+    assert set(configs["qkdn-controller"].listen) == {"api", "gnmi"}
+    ports = [a for c in configs.values() for a in c.listen.values()]
+    assert len(ports) == len(set(ports)), "two services share a port"
+
+
+def test_neighbours_point_at_each_others_services(rendered):
+    _, _, configs = rendered
+    ukms, akms = configs["ukms-berlin"], configs["akms-berlin"]
+    (to_akms,) = ukms.neighbours
+    assert to_akms.name == "akms-berlin" and to_akms.address == akms.listen["akms"]
+    to_ukms = next(n for n in akms.neighbours if n.name == "ukms-berlin")
+    assert to_ukms.address == ukms.listen["ukms"]
+    hamm = configs["ckms-hamm"]
+    assert {n.name for n in hamm.neighbours} == {"ckms-bielefeld", "ckms-dortmund", "ckms-virtual"}
+    assert all(n.address.endswith(str(20000 + 2000 + n.node)) for n in hamm.neighbours)
+
+
+def test_rendered_qkdm_urls_open_as_agreeing_pairs(rendered):
+    _, _, configs = rendered
+    clock = hal.ManualClock(1_030.0)
+    a_end = next(n for n in configs["ckms-minden"].neighbours if n.link == "link-8-9")
+    b_end = next(n for n in configs["ckms-bielefeld"].neighbours if n.link == "link-8-9")
+    assert "end=a" in a_end.qkdm and "end=b" in b_end.qkdm
+    a, b = hal.open_qkdm(a_end.qkdm, clock=clock), hal.open_qkdm(b_end.qkdm, clock=clock)
+    key = a.get_key()
+    assert b.get_key_by_id(key.key_id).material == key.material
+    assert a.status().skr_bps > 0
+
+
+def test_secrets_are_private_and_kept_across_renders(rendered):
+    topo, out, _ = rendered
+    secret = out / "secrets" / "link-9-10.secret"
+    assert stat.S_IMODE(secret.stat().st_mode) == 0o600
+    before = secret.read_text()
+    render(topo, RenderPlan(out=out))  # no --start: the earlier start is kept
+    assert secret.read_text() == before
+    assert read_toml(out / "network.toml")["emulation_start"] == 1_000.0
+
+
+def test_bad_plans_are_clear_errors(tmp_path):
+    topo = load_topology("demoquandt")
+    with pytest.raises(UsageError, match="--base-port"):
+        render(topo, RenderPlan(out=tmp_path, base_port=64000))
+    (tmp_path / "network.toml").write_text("emulation_start = 'yesterday'\n")
+    with pytest.raises(ConfigError, match="emulation_start"):
+        render(topo, RenderPlan(out=tmp_path))
+
+
+def test_node_config_validation(tmp_path):
+    path = tmp_path / "node.toml"
+    path.write_text(
+        '[node]\nid = 1\nname = "x"\nsite = "s"\nrole = "ukms"\nnetwork = "n"\ncolour = "red"\n'
+    )
+    with pytest.raises(ConfigError, match=r"node\.toml: node\.colour: unknown key") as info:
+        load_node_config(path)
+    assert info.value.code == "CFG-UNKNOWN-KEY"

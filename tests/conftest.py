@@ -1,0 +1,44 @@
+"""Shared fixtures: emulated QKDM pairs on a manual clock."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+import hal
+from hal.emulated.driver import EmulatedQkdm
+
+Pair = tuple[EmulatedQkdm, EmulatedQkdm]
+
+
+def url(end: str, **params: object) -> str:
+    """An emulated:// URL for link-t-1 with the given parameters."""
+    merged: dict[str, object] = {"skr": 2560, "seed": "test", "end": end, **params}
+    name = merged.pop("link", "link-t-1")
+    query = "&".join(f"{k}={v}" for k, v in merged.items())
+    return f"emulated://{name}?{query}"
+
+
+@pytest.fixture
+def clock() -> hal.ManualClock:
+    return hal.ManualClock(0.0)
+
+
+@pytest.fixture
+def make_pair(clock: hal.ManualClock) -> Callable[..., Pair]:
+    """Open both ends of one emulated link, independently, with the same parameters."""
+
+    def make(**params: object) -> Pair:
+        a = hal.open_qkdm(url("a", **params), clock=clock)
+        b = hal.open_qkdm(url("b", **params), clock=clock)
+        assert isinstance(a, EmulatedQkdm) and isinstance(b, EmulatedQkdm)
+        return a, b
+
+    return make
+
+
+@pytest.fixture
+def faults_file(tmp_path: Path) -> Path:
+    return tmp_path / "faults.json"
