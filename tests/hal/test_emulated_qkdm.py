@@ -360,3 +360,23 @@ def test_long_run_mean_rate_matches_configuration(make_pair, clock):
     clock.set(3 * 86400)
     rate = a.status().keys_produced * 256 / clock.now()
     assert math.isclose(rate, 1200, rel_tol=0.02)
+
+
+@pytest.mark.parametrize("tau", [300.0, 5.0, 1.5, 0.2, 0.0])
+def test_vectorised_fluctuation_equals_the_plain_recursion(tau):
+    import numpy as np
+
+    from hal.emulated.faults import FaultWatcher
+    from hal.emulated.model import LinkModel, LinkParams
+
+    model = LinkModel(LinkParams(skr=1, skr_max=2, tau=tau), b"k" * 32, FaultWatcher(None))
+    eps = np.random.default_rng(7).standard_normal(4096)
+    phi = model._phi
+    c = math.sqrt(1 - phi * phi)
+    z, expected = 0.7, []
+    for e in eps:
+        z = phi * z + c * e
+        expected.append(z)
+    got = model._ou(eps, 0.7)
+    tolerance = 1e-12 if phi >= 1e-4 else 1e-3  # below 1e-4, phi is treated as white noise
+    assert np.max(np.abs(got - np.array(expected))) < tolerance
