@@ -58,12 +58,15 @@ def bench_keys() -> dict[str, float]:
 
     slave_ids = iter(ids)
     n = 2000
-    out = {"baseline_aes_ctr_us": per_op(baseline, n) * 1e6,
-           "master_get_key_us": per_op(master, n) * 1e6}
+    out = {
+        "baseline_aes_ctr_us": per_op(baseline, n) * 1e6,
+        "master_get_key_us": per_op(master, n) * 1e6,
+    }
     out["slave_get_key_by_id_us"] = per_op(lambda: b.get_key_by_id(next(slave_ids)), n) * 1e6
     out["status_us"] = per_op(a.status, n) * 1e6
     out["pair_ratio_to_baseline"] = (
-        (out["master_get_key_us"] + out["slave_get_key_by_id_us"]) / out["baseline_aes_ctr_us"])
+        out["master_get_key_us"] + out["slave_get_key_by_id_us"]
+    ) / out["baseline_aes_ctr_us"]
     return out
 
 
@@ -82,8 +85,9 @@ def bench_week_one_link() -> float:
 
 def bench_demo_week() -> dict[str, float]:
     topo = load_topology("demoquandt")
-    walls = [run_quantum_layer(topo, DemoSettings(days=7, seed=f"b{i}"))["wall_s"]
-             for i in range(3)]
+    walls = [
+        run_quantum_layer(topo, DemoSettings(days=7, seed=f"b{i}"))["wall_s"] for i in range(3)
+    ]
     wall = statistics.median(walls)
     return {"demo_week_wall_s": wall, "demo_week_speedup": 7 * 86400 / wall}
 
@@ -106,8 +110,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()
-    results: dict[str, object] = {"machine": f"{platform.node()} {platform.machine()} "
-                                  f"{platform.python_version()}", "date": time.strftime("%Y-%m-%d")}
+    results: dict[str, object] = {
+        "machine": f"{platform.node()} {platform.machine()} {platform.python_version()}",
+        "date": time.strftime("%Y-%m-%d"),
+    }
     results.update(bench_keys())
     results["week_one_link_s"] = bench_week_one_link()
     results.update(bench_demo_week())

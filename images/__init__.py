@@ -1,1 +1,4 @@
-"""placeholder"""
+"""Appliance images: build, sign, verify, flash to A/B slots, boot counting and rollback.
+
+Empty until the images issue lands.
+"""

@@ -19,7 +19,7 @@ from urllib.parse import urlencode
 import tomli_w
 
 from appliance.config.topology import Node, ResolvedLink, Topology
-from appliance.errors import ConfigError, UsageError
+from appliance.errors import ApplianceError, ConfigError, UsageError
 
 SERVICE_OFFSETS = {
     "ukms": 0,
@@ -216,6 +216,14 @@ def _start_time(plan: RenderPlan) -> float:
 
 def render(topo: Topology, plan: RenderPlan) -> list[Path]:
     """Write every node's configuration under ``plan.out``; return the files written."""
+    try:
+        return _render(topo, plan)
+    except OSError as exc:
+        where = exc.filename or plan.out
+        raise ApplianceError(f"cannot write {where}: {exc.strerror}", code="IO") from None
+
+
+def _render(topo: Topology, plan: RenderPlan) -> list[Path]:
     if not 1024 <= plan.base_port <= MAX_BASE_PORT:
         raise UsageError(f"--base-port: expected 1024..{MAX_BASE_PORT}, got {plan.base_port}")
     start = _start_time(plan)

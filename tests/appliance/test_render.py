@@ -11,7 +11,7 @@ from appliance.config.node import load_node_config
 from appliance.config.render import RenderPlan, render
 from appliance.config.schema import read_toml
 from appliance.config.topology import load_topology
-from appliance.errors import ConfigError, UsageError
+from appliance.errors import ApplianceError, ConfigError, UsageError
 
 
 @pytest.fixture(scope="module")
@@ -79,6 +79,14 @@ def test_bad_plans_are_clear_errors(tmp_path):
     (tmp_path / "network.toml").write_text("emulation_start = 'yesterday'\n")
     with pytest.raises(ConfigError, match="emulation_start"):
         render(topo, RenderPlan(out=tmp_path))
+
+
+def test_unwritable_output_is_a_clean_error(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(ApplianceError, match="cannot write") as info:
+        render(load_topology("demoquandt"), RenderPlan(out=blocker / "net"))
+    assert info.value.code == "IO"
 
 
 def test_node_config_validation(tmp_path):

@@ -1,0 +1,1 @@
+"""Configuration files: network topologies and per-node configurations."""
