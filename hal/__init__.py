@@ -11,6 +11,7 @@ import importlib
 from typing import Any
 
 from hal.clock import Clock, ManualClock, ScaledClock, SystemClock
+from hal.entropy import EntropySource, SourceStatus
 from hal.errors import (
     DeviceError,
     DeviceUrlError,
@@ -28,17 +29,34 @@ QKDM_DRIVERS: dict[str, str] = {
 }
 """URL scheme -> module with an ``open_qkdm(url, clock)`` function."""
 
+ENTROPY_DRIVERS: dict[str, str] = {
+    "emulated-qrng": "hal.emulated.qrng",
+}
+"""URL scheme -> module with an ``open_entropy_source(url, clock)`` function."""
+
+
+def _driver(kind: str, drivers: dict[str, str], url: str) -> tuple[Any, DeviceUrl]:
+    """The driver module for ``url``'s scheme, and the parsed URL."""
+    parsed = DeviceUrl.parse(url)
+    module_name = drivers.get(parsed.scheme)
+    if module_name is None:
+        known = ", ".join(sorted(drivers))
+        raise DeviceUrlError(f"no {kind} driver for scheme {parsed.scheme!r} (known: {known})")
+    return importlib.import_module(module_name), parsed
+
 
 def open_qkdm(url: str, *, clock: Clock | None = None) -> Qkdm:
     """Open a QKD module by URL; raise DeviceUrlError for an unknown scheme or bad URL."""
-    parsed = DeviceUrl.parse(url)
-    module_name = QKDM_DRIVERS.get(parsed.scheme)
-    if module_name is None:
-        known = ", ".join(sorted(QKDM_DRIVERS))
-        raise DeviceUrlError(f"no QKDM driver for scheme {parsed.scheme!r} (known: {known})")
-    module: Any = importlib.import_module(module_name)
+    module, parsed = _driver("QKDM", QKDM_DRIVERS, url)
     qkdm: Qkdm = module.open_qkdm(parsed, clock)
     return qkdm
+
+
+def open_entropy_source(url: str, *, clock: Clock | None = None) -> EntropySource:
+    """Open a raw noise source (QRNG) by URL; raise DeviceUrlError for a bad URL."""
+    module, parsed = _driver("entropy source", ENTROPY_DRIVERS, url)
+    source: EntropySource = module.open_entropy_source(parsed, clock)
+    return source
 
 
 __all__ = [

@@ -25,12 +25,13 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from numpy.typing import NDArray
 
 from hal.emulated.faults import FaultWatcher
+from hal.emulated.noise import ar1
 from hal.qkdm import LinkState
 
 BLOCK = 4096
 """Epochs computed at a time."""
 _ROW = 64
-"""Epochs per vectorised row of the AR(1) recursion (BLOCK is a multiple)."""
+"""Epochs per row of the vectorised AR(1) (fixed, so blocks are bit-reproducible)."""
 
 Floats = NDArray[np.float64]
 
@@ -141,31 +142,10 @@ class LinkModel:
         radius, angle = np.sqrt(-2.0 * np.log(u[:, 0])), 2.0 * np.pi * u[:, 1]
         return np.stack([radius * np.cos(angle), radius * np.sin(angle)], axis=1)
 
-    def _ou(self, eps: Floats, z_prev: float | None) -> Floats:
-        """Unit-variance AR(1) path ``z[k] = phi z[k-1] + c eps[k]`` continuing from ``z_prev``.
-
-        Vectorised by rows of ``_ROW`` epochs: within a row the path from a zero start is
-        ``c phi^i cumsum(eps[j] phi^-j)``; only the row-to-row carry is a Python loop.
-        """
-        phi = self._phi
-        if phi < 1e-4:  # correlation shorter than an epoch: white noise
-            return eps.copy()
-        c = math.sqrt(1.0 - phi * phi)
-        z = eps[0] * (1.0 - c) / phi if z_prev is None else z_prev  # z[0] = eps[0] at start
-        rows = eps.reshape(-1, _ROW)
-        powers = phi ** np.arange(_ROW)
-        local = c * powers * np.cumsum(rows / powers, axis=1)
-        carry = phi * powers
-        out = np.empty_like(rows)
-        for r in range(rows.shape[0]):
-            out[r] = local[r] + carry * z
-            z = out[r, -1]
-        return out.ravel()
-
     def _make_block(self, index: int, base: float, z_prev: tuple[float, float] | None) -> _Block:
         eps = self._noise(index)
-        z_skr = self._ou(eps[:, 0], None if z_prev is None else z_prev[0])
-        z_qber = self._ou(eps[:, 1], None if z_prev is None else z_prev[1])
+        z_skr = ar1(eps[:, 0], self._phi, None if z_prev is None else z_prev[0], _ROW)
+        z_qber = ar1(eps[:, 1], self._phi, None if z_prev is None else z_prev[1], _ROW)
         p = self.p
         rate = p.skr * np.exp(self._sigma * z_skr - 0.5 * self._sigma**2)
         rate = np.minimum(rate, p.skr_max)

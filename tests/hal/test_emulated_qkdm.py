@@ -368,6 +368,7 @@ def test_vectorised_fluctuation_equals_the_plain_recursion(tau):
 
     from hal.emulated.faults import FaultWatcher
     from hal.emulated.model import LinkModel, LinkParams
+    from hal.emulated.noise import ar1
 
     model = LinkModel(LinkParams(skr=1, skr_max=2, tau=tau), b"k" * 32, FaultWatcher(None))
     eps = np.random.default_rng(7).standard_normal(4096)
@@ -377,6 +378,6 @@ def test_vectorised_fluctuation_equals_the_plain_recursion(tau):
     for e in eps:
         z = phi * z + c * e
         expected.append(z)
-    got = model._ou(eps, 0.7)
+    got = ar1(eps, phi, 0.7, 64)
     tolerance = 1e-12 if phi >= 1e-4 else 1e-3  # below 1e-4, phi is treated as white noise
     assert np.max(np.abs(got - np.array(expected))) < tolerance
