@@ -64,6 +64,7 @@ __all__ = [
     "DeviceError",
     "DeviceUrl",
     "DeviceUrlError",
+    "EntropySource",
     "HalError",
     "KeyNotFound",
     "KeyNotYetAvailable",
@@ -75,6 +76,8 @@ __all__ = [
     "Qkdm",
     "QkdmStatus",
     "ScaledClock",
+    "SourceStatus",
     "SystemClock",
+    "open_entropy_source",
     "open_qkdm",
 ]

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
 
-Samples = NDArray[np.uint8] | NDArray[np.uint16]
+Samples = NDArray[np.unsignedinteger[Any]]
+"""Raw samples: ``uint8`` up to 8 bits, ``uint16`` above."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

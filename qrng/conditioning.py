@@ -22,9 +22,9 @@ from abc import ABC, abstractmethod
 import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
+from hal.entropy import Samples
 from qrng.errors import QrngUsageError
 
-Samples = np.ndarray
 CBCMAC_KEY = hashlib.sha256(b"qkdn/qrng/cbc-mac-conditioning/v1").digest()
 """The public, fixed AES-256 key of the CBC-MAC conditioner."""
 EXTRA_BITS = 64
@@ -58,8 +58,9 @@ class Conditioner(ABC):
 
     def _messages(self, samples: Samples) -> bytes:
         if len(samples) % self.samples_per_block:
-            raise QrngUsageError(f"{self.name}: {len(samples)} samples is not a multiple of "
-                                 f"{self.samples_per_block}")
+            raise QrngUsageError(
+                f"{self.name}: {len(samples)} samples is not a multiple of {self.samples_per_block}"
+            )
         dtype = "<u1" if self.sample_bytes == 1 else "<u2"
         return np.ascontiguousarray(samples, dtype=dtype).tobytes()
 
@@ -107,8 +108,10 @@ class Sha512Conditioner(Conditioner):
         return b"".join([sha(data[i : i + step]).digest() for i in range(0, len(data), step)])
 
 
-CONDITIONERS: dict[str, type[Conditioner]] = {"cbcmac": CbcMacConditioner,
-                                              "sha512": Sha512Conditioner}
+CONDITIONERS: dict[str, type[Conditioner]] = {
+    "cbcmac": CbcMacConditioner,
+    "sha512": Sha512Conditioner,
+}
 
 
 def make_conditioner(name: str, claimed_entropy: float, bits: int) -> Conditioner:

@@ -24,11 +24,10 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 import numpy as np
-from numpy.typing import NDArray
 
+from hal.entropy import Samples
 from qrng.errors import QrngUsageError
 
-Samples = NDArray[np.uint8] | NDArray[np.uint16]
 ONLINE_WINDOW = 65536
 """Samples per online-test window; also the block granularity of the monitor."""
 STARTUP_SAMPLES = ONLINE_WINDOW
@@ -59,8 +58,13 @@ def _binom_cdf_tail_start(n: int, p: float, quantile: float) -> int:
     log_p, log_q = math.log(p), math.log1p(-p)
     cdf = 0.0
     for k in range(n + 1):
-        cdf += math.exp(math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1)
-                        + k * log_p + (n - k) * log_q)
+        cdf += math.exp(
+            math.lgamma(n + 1)
+            - math.lgamma(k + 1)
+            - math.lgamma(n - k + 1)
+            + k * log_p
+            + (n - k) * log_q
+        )
         if cdf >= quantile:
             return k
     return n
@@ -109,8 +113,10 @@ class HealthConfig:
         if not 1 <= self.bits <= 16:
             raise QrngUsageError(f"sample width {self.bits} bits; expected 1..16")
         if not 0 < self.claimed_entropy <= self.bits:
-            raise QrngUsageError(f"claimed entropy {self.claimed_entropy}; expected 0 < H <= "
-                                 f"{self.bits} bits per sample")
+            raise QrngUsageError(
+                f"claimed entropy {self.claimed_entropy}; expected 0 < H <= "
+                f"{self.bits} bits per sample"
+            )
         if self.std <= 0 or not 1 <= self.alpha_exp <= 64:
             raise QrngUsageError("health model needs std > 0 and 1 <= alpha_exp <= 64")
 
@@ -161,13 +167,15 @@ class HealthMonitor:
         self.apt_cutoff = apt_cutoff(c.claimed_entropy, c.bits, c.alpha_exp)
         self.z_fail, self.z_warn = z_for(c.alpha_exp), z_for(c.warn_exp)
         self._last: int | None = None  # last sample of the previous block (RCT carry)
-        self._run = 0                  # length of the run that ended the previous block
+        self._run = 0  # length of the run that ended the previous block
 
     # -- public -----------------------------------------------------------------------
     def startup(self, samples: Samples) -> bool:
         """Start-up test on fresh samples (all discarded); True moves the state to healthy."""
         if len(samples) < STARTUP_SAMPLES:
-            raise QrngUsageError(f"start-up test needs {STARTUP_SAMPLES} samples, got {len(samples)}")
+            raise QrngUsageError(
+                f"start-up test needs {STARTUP_SAMPLES} samples, got {len(samples)}"
+            )
         self.counters.startups += 1
         self._last, self._run = None, 0
         findings = self._findings(samples[: len(samples) - len(samples) % ONLINE_WINDOW])
@@ -227,8 +235,11 @@ class HealthMonitor:
             return None
         i = int(bad[0])
         trip = max(0, int(starts[i]) + self.rct_cutoff - 1)
-        return Finding("rct", trip, f"repetition count: {int(lengths[i])} identical samples "
-                       f"(cutoff {self.rct_cutoff})")
+        return Finding(
+            "rct",
+            trip,
+            f"repetition count: {int(lengths[i])} identical samples (cutoff {self.rct_cutoff})",
+        )
 
     def _apt(self, x: Samples) -> Finding | None:
         """Count of each window's first sample within the window."""
@@ -240,8 +251,12 @@ class HealthMonitor:
         w = int(bad[0])
         hits = np.flatnonzero(windows[w] == windows[w, 0])
         trip = w * self.apt_window + int(hits[self.apt_cutoff - 1])
-        return Finding("apt", trip, f"adaptive proportion: {int(counts[w])} of "
-                       f"{self.apt_window} samples equal (cutoff {self.apt_cutoff})")
+        return Finding(
+            "apt",
+            trip,
+            f"adaptive proportion: {int(counts[w])} of "
+            f"{self.apt_window} samples equal (cutoff {self.apt_cutoff})",
+        )
 
     def _total(self, x: Samples) -> Finding | None:
         """A stretch whose spread collapsed: the noise is gone."""
@@ -251,9 +266,11 @@ class HealthMonitor:
         if not len(bad):
             return None
         i = int(bad[0])
-        return Finding("total", (i + 1) * TOTAL_FAILURE_WINDOW - 1,
-                       f"total failure: sample spread {float(spread[i]):.3g} LSB, model "
-                       f"{self.config.std:.3g}")
+        return Finding(
+            "total",
+            (i + 1) * TOTAL_FAILURE_WINDOW - 1,
+            f"total failure: sample spread {float(spread[i]):.3g} LSB, model {self.config.std:.3g}",
+        )
 
     def _online(self, x: Samples) -> list[Finding]:
         """Each window's mean, std and lag-1 autocorrelation against the model."""
@@ -270,8 +287,11 @@ class HealthMonitor:
             "std": c.std * math.sqrt((1 + rho * rho) / (2 * m * (1 - rho * rho))),
             "lag-1 autocorrelation": max(1 - rho * rho, 1e-3) / math.sqrt(m),
         }
-        values = {"mean": (means, c.mean), "std": (np.sqrt(var), c.std),
-                  "lag-1 autocorrelation": (lag, c.rho)}
+        values = {
+            "mean": (means, c.mean),
+            "std": (np.sqrt(var), c.std),
+            "lag-1 autocorrelation": (lag, c.rho),
+        }
         found: list[Finding] = []
         for name, (got, want) in values.items():
             z = np.abs(got - want) / se[name]
@@ -279,14 +299,24 @@ class HealthMonitor:
                 bad = np.flatnonzero(z > limit)
                 if len(bad):
                     w = int(bad[0])
-                    found.append(Finding("online", (w + 1) * m - 1,
-                                         f"online test: {name} {float(got[w]):.4g}, model "
-                                         f"{want:.4g} ({float(z[w]):.1f} standard errors)", fatal))
+                    found.append(
+                        Finding(
+                            "online",
+                            (w + 1) * m - 1,
+                            f"online test: {name} {float(got[w]):.4g}, model "
+                            f"{want:.4g} ({float(z[w]):.1f} standard errors)",
+                            fatal,
+                        )
+                    )
                     break
         return found
 
     def _fail(self, finding: Finding, *, during: str) -> None:
-        counter = {"rct": "rct_failures", "apt": "apt_failures", "online": "online_failures",
-                   "total": "total_failures"}[finding.test]
+        counter = {
+            "rct": "rct_failures",
+            "apt": "apt_failures",
+            "online": "online_failures",
+            "total": "total_failures",
+        }[finding.test]
         setattr(self.counters, counter, getattr(self.counters, counter) + 1)
         self.state, self.reason = HealthState.FAILED, f"{during}: {finding.detail}"

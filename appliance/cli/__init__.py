@@ -18,8 +18,9 @@ from typing import NoReturn
 from appliance import logs
 from appliance.errors import ApplianceError
 from hal.errors import HalError
+from qrng.errors import QrngError
 
-PROJECT_ERRORS: tuple[type[Exception], ...] = (ApplianceError, HalError)
+PROJECT_ERRORS: tuple[type[Exception], ...] = (ApplianceError, HalError, QrngError)
 """The error roots of the project's packages; later packages add theirs here."""
 
 EPILOG = """\
@@ -27,6 +28,7 @@ examples:
   qkdn topology show demoquandt            the DemoQuanDT nodes and links as tables
   qkdn topology render demoquandt --out net   one configuration file per node
   qkdn demo                                emulate the quantum layer for a week, print Table 3
+  qkdn qrng selftest                       known-answer tests and a start-up test of the QRNG
 
 Run 'qkdn COMMAND --help' for the options of a command.
 """
@@ -41,7 +43,7 @@ class Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> Parser:
-    from appliance.cli import demo, topology
+    from appliance.cli import demo, qrng, topology
 
     parser = Parser(
         prog="qkdn",
@@ -52,9 +54,9 @@ def build_parser() -> Parser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     parser.add_argument(
         "--log-level",
-        default="warning",
+        default="error",
         choices=["debug", "info", "warning", "error"],
-        help="default: warning",
+        help="default: error (operational events such as health warnings are for daemons)",
     )
     parser.add_argument(
         "--log-format",
@@ -66,6 +68,7 @@ def build_parser() -> Parser:
     sub.required = True
     topology.register(sub)
     demo.register(sub)
+    qrng.register(sub)
     return parser
 
 

@@ -34,10 +34,13 @@ def ar1(eps: Floats, phi: float, z_prev: float | None, row: int = 0) -> Floats:
     for r in range(rows.shape[0]):
         out[r] = local[r] + carry * z
         z = float(out[r, -1])
-    return out.ravel()[: len(eps)]
+    path: Floats = out.ravel()[: len(eps)]
+    return path
 
 
 def normal_cdf(x: Floats) -> Floats:
     """Standard normal CDF, element-wise (no scipy: erf through math)."""
     erf = np.frompyfunc(math.erf, 1, 1)
-    return 0.5 * (1.0 + erf(np.asarray(x, dtype=np.float64) / math.sqrt(2.0)).astype(np.float64))
+    values = np.asarray(erf(np.asarray(x, dtype=np.float64) / math.sqrt(2.0)), dtype=np.float64)
+    cdf: Floats = 0.5 * (1.0 + values)
+    return cdf

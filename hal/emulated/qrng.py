@@ -48,7 +48,7 @@ from hal.url import DeviceUrl
 
 FAULT_KINDS = ("stuck", "total", "saturation", "drift", "correlation", "burst")
 FAULT_DEFAULTS: dict[str, dict[str, float]] = {
-    "stuck": {"bit": -1.0},           # -1: the bit below the MSB
+    "stuck": {"bit": -1.0},  # -1: the bit below the MSB
     "total": {},
     "saturation": {"factor": 8.0},
     "drift": {"per_sample": 1e-4},
@@ -110,8 +110,15 @@ def model_min_entropy(p: QrngParams) -> float:
 class EmulatedQrng(EntropySource):
     """The emulated homodyne QRNG: deterministic given a seed, with injectable faults."""
 
-    def __init__(self, name: str, params: QrngParams, *, seed: int | None, rate: float = 0.0,
-                 fault: QrngFault | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        params: QrngParams,
+        *,
+        seed: int | None,
+        rate: float = 0.0,
+        fault: QrngFault | None = None,
+    ) -> None:
         self.name, self.params, self.bits_per_sample = name, params, params.bits
         self._rng = np.random.Generator(np.random.SFC64(seed))
         self._dtype = sample_dtype(params.bits)
@@ -133,20 +140,28 @@ class EmulatedQrng(EntropySource):
         self._count += n
         fault = self._fault
         if fault is None or fault.at >= start + n:
-            return self._digitise(self._noise(eps, self.params.rho), self.params.offset,
-                                  self.params.gain)
+            return self._digitise(
+                self._noise(eps, self.params.rho), self.params.offset, self.params.gain
+            )
         cut = max(0, fault.at - start)
-        before = self._digitise(self._noise(eps[:cut], self.params.rho), self.params.offset,
-                                self.params.gain)
+        before = self._digitise(
+            self._noise(eps[:cut], self.params.rho), self.params.offset, self.params.gain
+        )
         after = self._faulty(eps[cut:], fault, start + cut)
         return np.concatenate([before, after]).astype(self._dtype)
 
     def status(self) -> SourceStatus:
-        return SourceStatus(name=self.name, bits_per_sample=self.bits_per_sample,
-                            sample_rate=self._rate, model_min_entropy=self._entropy,
-                            expected_mean=self._moments[0], expected_std=self._moments[1],
-                            expected_rho=self._moments[2], samples_read=self._count,
-                            fault=None if self._fault is None else self._fault.kind)
+        return SourceStatus(
+            name=self.name,
+            bits_per_sample=self.bits_per_sample,
+            sample_rate=self._rate,
+            model_min_entropy=self._entropy,
+            expected_mean=self._moments[0],
+            expected_std=self._moments[1],
+            expected_rho=self._moments[2],
+            samples_read=self._count,
+            fault=None if self._fault is None else self._fault.kind,
+        )
 
     # -- fault injection ----------------------------------------------------------------
     def inject(self, kind: str, at: int | None = None, **params: float) -> None:
@@ -155,7 +170,9 @@ class EmulatedQrng(EntropySource):
             raise DeviceUrlError(f"unknown QRNG fault {kind!r} (known: {', '.join(FAULT_KINDS)})")
         unknown = set(params) - set(FAULT_DEFAULTS[kind])
         if unknown:
-            raise DeviceUrlError(f"fault {kind!r}: unknown parameter(s) {', '.join(sorted(unknown))}")
+            raise DeviceUrlError(
+                f"fault {kind!r}: unknown parameter(s) {', '.join(sorted(unknown))}"
+            )
         merged = {**FAULT_DEFAULTS[kind], **params}
         self._fault = QrngFault(kind=kind, at=self._count if at is None else at, params=merged)
 
@@ -207,7 +224,9 @@ class EmulatedQrng(EntropySource):
 def _seed(raw: str | None) -> int | None:
     if raw is None:
         return None
-    return int.from_bytes(hashlib.sha256(b"qkdn/emulated-qrng/seed\0" + raw.encode()).digest()[:8], "big")
+    return int.from_bytes(
+        hashlib.sha256(b"qkdn/emulated-qrng/seed\0" + raw.encode()).digest()[:8], "big"
+    )
 
 
 def open_entropy_source(url: DeviceUrl, clock: Clock | None = None) -> EmulatedQrng:

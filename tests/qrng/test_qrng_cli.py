@@ -1,0 +1,111 @@
+"""``qkdn qrng``: run, raw, assess, ais31 and selftest, with one-line errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from appliance import cli
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    try:
+        status = cli.main(list(argv))
+    except SystemExit as exc:
+        status = int(exc.code or 0)
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def test_run_writes_output_and_reports_health(capsys, tmp_path):
+    out = tmp_path / "rand.bin"
+    status, stdout, _ = run(
+        capsys,
+        "qrng",
+        "run",
+        "--source",
+        "emulated-qrng://c?seed=1",
+        "--bytes",
+        "256K",
+        "--out",
+        str(out),
+        "--json",
+    )
+    assert status == 0 and out.stat().st_size == 256 * 1024
+    report = json.loads(stdout)
+    assert report["state"] in ("healthy", "degraded") and report["requests"] == 4
+    assert report["reseeds"] >= report["requests"] and report["bytes"] == 262144
+
+
+def test_raw_writes_samples_of_the_source_width(capsys, tmp_path):
+    for bits, width in ((8, 1), (12, 2)):
+        out = tmp_path / f"raw{bits}.bin"
+        status, stdout, _ = run(
+            capsys,
+            "qrng",
+            "raw",
+            "--source",
+            f"emulated-qrng://r?seed=1&bits={bits}",
+            "--samples",
+            "5000",
+            "--out",
+            str(out),
+        )
+        assert status == 0 and out.stat().st_size == 5000 * width
+        assert f"{bits}-bit samples" in stdout
+
+
+def test_selftest_passes(capsys):
+    status, stdout, _ = run(capsys, "qrng", "selftest", "--json")
+    report = json.loads(stdout)
+    assert status == 0 and report["passed"]
+    assert report["tests"]["injected total failure stops output"] is True
+
+
+@pytest.mark.parametrize(
+    "argv, code, fragment",
+    [
+        (["run", "--bytes", "1x", "--out", "X"], "USAGE", "--bytes"),
+        (["run", "--bytes", "0", "--out", "X"], "USAGE", "positive"),
+        (
+            ["run", "--bytes", "1K", "--out", "X", "--source", "rng://x"],
+            "HAL-URL",
+            "no entropy source driver for scheme 'rng'",
+        ),
+        (
+            ["run", "--bytes", "1K", "--out", "X", "--source", "emulated-qrng://x?bits=17"],
+            "HAL-URL",
+            "parameter 'bits'",
+        ),
+        (
+            ["run", "--bytes", "1K", "--out", "X", "--source", "emulated-qrng://x?fault=total"],
+            "QRNG-SOURCE-FAILED",
+            "repetition count",
+        ),
+        (
+            ["run", "--bytes", "1K", "--out", "X", "--claimed-entropy", "15"],
+            "QRNG-USAGE",
+            "exceeds the source model",
+        ),
+        (["raw", "--samples", "10", "--out", "/nonexistent/dir/raw.bin"], "USAGE", "cannot write"),
+        (["assess", "EMPTY"], "QRNG-USAGE", "empty file"),
+        (["assess", "MISSING"], "USAGE", "cannot read"),
+        (["ais31", "EMPTY"], "QRNG-USAGE", "empty file"),
+    ],
+)
+def test_bad_input_is_one_line_with_a_code(capsys, tmp_path, argv, code, fragment):
+    (tmp_path / "EMPTY").write_bytes(b"")
+    argv = [str(tmp_path / a) if a in ("X", "EMPTY", "MISSING") else a for a in argv]
+    status, _, err = run(capsys, "qrng", *argv)
+    assert status == 1
+    assert err.startswith(f"qkdn: error [{code}]: ") and err.count("\n") == 1, err
+    assert fragment in err
+
+
+def test_assess_rejects_samples_wider_than_declared(capsys, tmp_path):
+    pytest.importorskip("qrng.sp80090b")
+    path = tmp_path / "raw.bin"
+    path.write_bytes(bytes(range(256)) * 40)
+    status, _, err = run(capsys, "qrng", "assess", str(path), "--bits-per-sample", "4")
+    assert status == 1 and err.startswith("qkdn: error [QRNG-USAGE]: ") and err.count("\n") == 1
