@@ -18,10 +18,12 @@ standard's black-box statistical tests. This module runs them on a bit sequence 
   MultiMMC and LZ78Y prediction estimates of NIST SP 800-90B (2018, 6.3.9 and 6.3.10),
   each required to estimate at least 0.95 bit of min-entropy per bit.
 
-Every procedure follows the standard's rule: it passes when every basic test passes; if
-exactly one basic test fails it is repeated once on fresh data, which must then pass
-entirely; otherwise it fails. Where the standard left room, or its text could not be
-checked, the docstring of the function concerned says what was chosen ("Choice:").
+Procedures A and B follow the standard's rule: a procedure passes when every basic test
+passes; if exactly one basic test fails it is repeated once on fresh data, which must
+then pass entirely; otherwise it fails. The v3.0 internal tests are repeated once after
+any failed first attempt, as the published v3.0 test tool does. Where the standard left
+room, or its text could not be checked, the docstring of the function concerned says
+what was chosen ("Choice:").
 """
 
 from __future__ import annotations
@@ -331,7 +333,8 @@ def _block_summary(
     )
 
 
-def _runs_ok(counts: Ints) -> npt.NDArray[np.bool_]:
+def runs_in_bounds(counts: Ints) -> npt.NDArray[np.bool_]:
+    """T3 verdict per block from :func:`run_counts`: all twelve counts in their intervals."""
     low = np.array([lo for lo, _ in T3_INTERVALS])
     high = np.array([hi for _, hi in T3_INTERVALS])
     # FIPS 140-1 gives the run intervals as closed ranges.
@@ -362,7 +365,7 @@ def _procedure_a_attempt(bits: Bits, start: int) -> _Attempt:
             "runs of 0s and of 1s of length 1..5, >=6 in "
             + ", ".join(f"[{lo}, {hi}]" for lo, hi in T3_INTERVALS),
             None,  # twelve counts per block: no single statistic to show
-            _runs_ok(runs),
+            runs_in_bounds(runs),
         ),
         ("T4 long run", f"longest run < {T4_LONG_RUN}", longest, longest < T4_LONG_RUN),
         ("T5 autocorrelation", f"{T5_LOW} < Z_tau0 < {T5_HIGH}", z, (z > T5_LOW) & (z < T5_HIGH)),
@@ -640,12 +643,16 @@ _Estimator = Callable[[Bits, int], _EstimatorResult]
 
 def _load_predictors() -> tuple[_Estimator, _Estimator]:
     """The SP 800-90B predictors, imported only when needed: that module lands separately."""
+    names = ("estimate_multimmc", "estimate_lz78y")
     try:
         module = importlib.import_module("qrng.sp80090b")
     except ImportError as exc:
         raise QrngError(
             "internal tests need qrng.sp80090b (SP 800-90B MultiMMC and LZ78Y predictors)"
         ) from exc
+    missing = [name for name in names if not callable(getattr(module, name, None))]
+    if missing:
+        raise QrngError(f"internal tests need qrng.sp80090b.{', '.join(missing)}, not found")
     return cast(_Estimator, module.estimate_multimmc), cast(_Estimator, module.estimate_lz78y)
 
 
