@@ -227,10 +227,9 @@ class HealthMonitor:
         Only positions equal to their predecessor are enumerated (rare on a healthy
         source), and a run of ``C`` samples is ``C - 1`` consecutive such positions.
         """
-        prev = x[0] if self._last is None else self._last
-        same = np.flatnonzero(x == np.concatenate([[prev], x[:-1]]).astype(x.dtype))
-        if self._last is None:
-            same = same[same > 0]
+        same = np.flatnonzero(x[1:] == x[:-1]) + 1
+        if self._last is not None and x[0] == self._last:
+            same = np.concatenate([[0], same])
         carried = self._run if self._last is not None else 1
         self._last = int(x[-1])
         # Runs of consecutive positions in `same` (each extends the run of its predecessor).
@@ -249,8 +248,11 @@ class HealthMonitor:
         first_repeat = int(same[starts[i]])
         already = int(lengths[i]) - (int(ends[i]) - int(starts[i]))  # samples before the repeats
         trip = first_repeat + self.rct_cutoff - 1 - already
-        return Finding("rct", max(0, trip), f"repetition count: {int(lengths[i])} identical "
-                       f"samples (cutoff {self.rct_cutoff})")
+        return Finding(
+            "rct",
+            max(0, trip),
+            f"repetition count: {int(lengths[i])} identical samples (cutoff {self.rct_cutoff})",
+        )
 
     def _apt(self, x: Samples) -> Finding | None:
         """Count of each window's first sample within the window."""
@@ -262,8 +264,12 @@ class HealthMonitor:
         w = int(bad[0])
         hits = np.flatnonzero(windows[w] == windows[w, 0])
         trip = w * self.apt_window + int(hits[self.apt_cutoff - 1])
-        return Finding("apt", trip, f"adaptive proportion: {int(counts[w])} of "
-                       f"{self.apt_window} samples equal (cutoff {self.apt_cutoff})")
+        return Finding(
+            "apt",
+            trip,
+            f"adaptive proportion: {int(counts[w])} of "
+            f"{self.apt_window} samples equal (cutoff {self.apt_cutoff})",
+        )
 
     def _total(self, x: Samples) -> Finding | None:
         """A stretch whose range collapsed below half the model's standard deviation: the
@@ -274,9 +280,12 @@ class HealthMonitor:
         if not len(bad):
             return None
         i = int(bad[0])
-        return Finding("total", (i + 1) * TOTAL_FAILURE_WINDOW - 1,
-                       f"total failure: samples span {int(spread[i])} LSB, model standard "
-                       f"deviation {self.config.std:.3g}")
+        return Finding(
+            "total",
+            (i + 1) * TOTAL_FAILURE_WINDOW - 1,
+            f"total failure: samples span {int(spread[i])} LSB, model standard "
+            f"deviation {self.config.std:.3g}",
+        )
 
     def _online(self, x: Samples) -> list[Finding]:
         """Each window's mean, std and lag-1 autocorrelation against the model.
@@ -288,9 +297,9 @@ class HealthMonitor:
         m = ONLINE_WINDOW
         f = x.astype(np.float32).reshape(-1, m)
         f -= np.float32(c.mean)
-        s1 = f.sum(axis=1, dtype=np.float64)
-        s2 = np.einsum("ij,ij->i", f, f, dtype=np.float64)
-        s11 = np.einsum("ij,ij->i", f[:, 1:], f[:, :-1], dtype=np.float64)
+        s1 = f.sum(axis=1).astype(np.float64)
+        s2 = np.vecdot(f, f).astype(np.float64)
+        s11 = np.vecdot(f[:, 1:], f[:, :-1]).astype(np.float64)
         dev = s1 / m
         var = np.maximum(s2 / m - dev * dev, 1e-12)
         lag = (s11 / (m - 1) - dev * dev) / var
@@ -300,8 +309,11 @@ class HealthMonitor:
             "std": c.std * math.sqrt((1 + rho * rho) / (2 * m * (1 - rho * rho))),
             "lag-1 autocorrelation": max(1 - rho * rho, 1e-3) / math.sqrt(m),
         }
-        values = {"mean": (dev + c.mean, c.mean), "std": (np.sqrt(var), c.std),
-                  "lag-1 autocorrelation": (lag, c.rho)}
+        values = {
+            "mean": (dev + c.mean, c.mean),
+            "std": (np.sqrt(var), c.std),
+            "lag-1 autocorrelation": (lag, c.rho),
+        }
         found: list[Finding] = []
         for name, (got, want) in values.items():
             z = np.abs(got - want) / se[name]
@@ -309,9 +321,15 @@ class HealthMonitor:
                 bad = np.flatnonzero(z > limit)
                 if len(bad):
                     w = int(bad[0])
-                    found.append(Finding("online", (w + 1) * m - 1,
-                                         f"online test: {name} {float(got[w]):.4g}, model "
-                                         f"{want:.4g} ({float(z[w]):.1f} standard errors)", fatal))
+                    found.append(
+                        Finding(
+                            "online",
+                            (w + 1) * m - 1,
+                            f"online test: {name} {float(got[w]):.4g}, model "
+                            f"{want:.4g} ({float(z[w]):.1f} standard errors)",
+                            fatal,
+                        )
+                    )
                     break
         return found
 

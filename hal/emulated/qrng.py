@@ -26,8 +26,8 @@ fault_at   sample index at which the fault starts                           0
 
 Faults (also injectable at run time with :meth:`EmulatedQrng.inject`): ``stuck`` one ADC
 bit stuck at 1; ``total`` constant output (the detector is dead); ``saturation`` the gain
-jumps so most samples hit the rails; ``drift`` the offset drifts by ``per_sample`` LSB per
-sample; ``correlation`` consecutive samples become correlated (``rho``); ``burst``
+jumps so most samples hit the rails; ``drift`` the offset drifts by ``per_sample``
+standard deviations per sample; ``correlation`` consecutive samples become correlated (``rho``); ``burst``
 constant bursts of ``length`` samples every ``period`` samples.
 """
 
@@ -51,7 +51,7 @@ FAULT_DEFAULTS: dict[str, dict[str, float]] = {
     "stuck": {"bit": -1.0},  # -1: the bit below the MSB
     "total": {},
     "saturation": {"factor": 8.0},
-    "drift": {"per_sample": 1e-4},
+    "drift": {"per_sample": 4e-6},  # standard deviations per sample
     "correlation": {"rho": 0.95},
     "burst": {"period": 100_000.0, "length": 64.0},
 }
@@ -135,7 +135,7 @@ class EmulatedQrng(EntropySource):
         if n < 0:
             raise ValueError("n must be >= 0")
         self._throttle(n)
-        eps = self._rng.standard_normal(n)
+        eps = self._rng.standard_normal(n, dtype=np.float32)
         start = self._count
         self._count += n
         fault = self._fault
@@ -196,9 +196,13 @@ class EmulatedQrng(EntropySource):
         return z
 
     def _digitise(self, x: Floats, offset: Floats | float, gain: float) -> Samples:
-        codes = np.floor(offset + gain * x)
-        np.clip(codes, 0, self._top, out=codes)
-        return codes.astype(self._dtype)
+        """ADC codes floor(offset + gain x) clipped to the rails, computed in float32 in
+        place (at 16 bits, float32 moves a code boundary by at most 1/256 LSB)."""
+        y = np.multiply(x, np.float32(gain), dtype=np.float32)
+        y += np.asarray(offset, dtype=np.float32)
+        np.clip(y, 0.0, self._top + 0.5, out=y)  # then truncation is floor, and >= top -> top
+        codes: Samples = y.astype(self._dtype)
+        return codes
 
     def _faulty(self, eps: Floats, fault: QrngFault, first: int) -> Samples:
         p, f = self.params, fault.params
@@ -211,7 +215,7 @@ class EmulatedQrng(EntropySource):
         if fault.kind == "saturation":
             return self._digitise(x, p.offset, p.gain * f["factor"])
         if fault.kind == "drift":
-            return self._digitise(x, p.offset + f["per_sample"] * index, p.gain)
+            return self._digitise(x, p.offset + f["per_sample"] * p.gain * index, p.gain)
         codes = self._digitise(x, p.offset, p.gain)
         if fault.kind == "stuck":
             bit = int(f["bit"]) if f["bit"] >= 0 else max(0, p.bits - 2)
