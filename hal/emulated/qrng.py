@@ -27,8 +27,8 @@ fault_at   sample index at which the fault starts                           0
 Faults (also injectable at run time with :meth:`EmulatedQrng.inject`): ``stuck`` one ADC
 bit stuck at 1; ``total`` constant output (the detector is dead); ``saturation`` the gain
 jumps so most samples hit the rails; ``drift`` the offset drifts by ``per_sample``
-standard deviations per sample; ``correlation`` consecutive samples become correlated (``rho``); ``burst``
-constant bursts of ``length`` samples every ``period`` samples.
+standard deviations per sample; ``correlation`` consecutive samples become correlated
+(``rho``); ``burst`` constant bursts of ``length`` samples every ``period`` samples.
 """
 
 from __future__ import annotations

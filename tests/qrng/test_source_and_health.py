@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -216,7 +217,7 @@ def test_rct_matches_a_naive_scan_across_block_boundaries(data, cuts, cutoff):
     mon.rct_cutoff = cutoff
     bounds = sorted({c for c in cuts if c < len(data)} | {0, len(data)})
     expected = naive_rct_trip(data, cutoff)
-    for lo, hi in zip(bounds, bounds[1:], strict=False):
+    for lo, hi in itertools.pairwise(bounds):
         finding = mon._rct(np.array(data[lo:hi], dtype=np.uint8))
         if finding is not None:
             assert expected is not None and lo + finding.index == expected
