@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from appliance import cli
@@ -109,3 +110,23 @@ def test_assess_rejects_samples_wider_than_declared(capsys, tmp_path):
     path.write_bytes(bytes(range(256)) * 40)
     status, _, err = run(capsys, "qrng", "assess", str(path), "--bits-per-sample", "4")
     assert status == 1 and err.startswith("qkdn: error [QRNG-USAGE]: ") and err.count("\n") == 1
+
+
+def test_ptg3_output_passes_ais31_procedures_a_and_b(capsys, tmp_path):
+    """Done-when: output from `qkdn qrng run` passes AIS 31 procedures A and B."""
+    out = tmp_path / "ptg3.bin"
+    status, _, _ = run(capsys, "qrng", "run", "--source", "emulated-qrng://ais?seed=31&bits=16",
+                       "--bytes", "1200K", "--out", str(out))
+    assert status == 0
+    status, stdout, _ = run(capsys, "qrng", "ais31", str(out), "--json")
+    report = json.loads(stdout)
+    assert status == 0 and report["passed"], report
+    assert report["procedure_a"]["passed"] and report["procedure_b"]["passed"]
+
+
+def test_ais31_rejects_biased_data(capsys, tmp_path):
+    biased = tmp_path / "biased.bin"
+    bits = (np.random.default_rng(4).random(1200 * 1024 * 8) < 0.52).astype(np.uint8)
+    biased.write_bytes(np.packbits(bits).tobytes())
+    status, stdout, _ = run(capsys, "qrng", "ais31", str(biased))
+    assert status == 1 and "FAILED" in stdout
