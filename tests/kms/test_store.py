@@ -1,0 +1,180 @@
+"""Key stores: exactly-once take, expiry, capacity, encryption at rest, clean errors."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from pathlib import Path
+
+import pytest
+
+from appliance.kms.errors import IntegrityFailure, KeyExpired, KeyUnavailable, StoreError, StoreFull
+from appliance.kms.store import KeyStore, NodeKey
+
+CANARY = bytes.fromhex("5eed" * 16)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def store(tmp_path: Path, clock: Clock) -> KeyStore:
+    return KeyStore(
+        tmp_path / "link.db",
+        "link-1-2",
+        NodeKey(bytes(range(32))),
+        capacity=100,
+        ttl=60.0,
+        clock=clock,
+    )
+
+
+def keys(n: int, prefix: str = "k") -> list[tuple[str, bytes]]:
+    return [(f"{prefix}{i}", bytes([i % 256]) * 32) for i in range(n)]
+
+
+def test_take_is_exactly_once(store):
+    store.put_many(keys(3))
+    assert bytes(store.take("k1").material) == bytes([1]) * 32
+    with pytest.raises(KeyUnavailable):
+        store.take("k1")
+    assert store.count() == 2
+
+
+def test_concurrent_takers_of_one_key_get_it_once(store):
+    store.put_many(keys(50))
+    got: list[str] = []
+    lock = threading.Lock()
+
+    def taker() -> None:
+        for i in range(50):
+            try:
+                key = store.take(f"k{i}")
+            except KeyUnavailable:
+                continue
+            with lock:
+                got.append(key.key_id)
+
+    threads = [threading.Thread(target=taker) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(got) == sorted(f"k{i}" for i in range(50))
+
+
+def test_take_next_is_fifo_and_all_or_none(store):
+    store.put_many(keys(5))
+    assert [k.key_id for k in store.take_next(2)] == ["k0", "k1"]
+    with pytest.raises(KeyUnavailable, match="3 keys in stock, 4 needed"):
+        store.take_next(4)
+    assert store.count() == 3  # nothing was taken by the refused request
+
+
+def test_capacity_is_all_or_none(store):
+    store.put_many(keys(90))
+    with pytest.raises(StoreFull):
+        store.put_many(keys(11, "x"))
+    assert store.count() == 90
+    store.put_many(keys(10, "x"))
+
+
+def test_expired_keys_are_deleted_not_returned(store, clock):
+    store.put_many(keys(3))
+    store.put("late", CANARY, ttl=500.0)
+    clock.now += 61
+    with pytest.raises(KeyExpired):
+        store.take("k0")
+    assert store.count() == 1
+    assert [k.key_id for k in store.take_next(1)] == ["late"]
+    store.put_many(keys(2, "y"))
+    clock.now += 61
+    assert store.purge_expired() == 2
+
+
+def test_keys_survive_a_reopen(tmp_path, clock):
+    path, key = tmp_path / "s.db", NodeKey(bytes(32))
+    KeyStore(path, "s", key, clock=clock).put_many(keys(4))
+    again = KeyStore(path, "s", key, clock=clock)
+    assert again.count() == 4 and bytes(again.take("k3").material) == bytes([3]) * 32
+
+
+def test_records_are_encrypted_and_bound_to_their_id(store, tmp_path):
+    store.put("canary", CANARY)
+    store.checkpoint()
+    for f in tmp_path.iterdir():
+        assert CANARY not in f.read_bytes(), f"plaintext key in {f.name}"
+    db = sqlite3.connect(store.path)
+    db.execute("UPDATE keys SET id = 'moved' WHERE id = 'canary'")
+    db.commit()
+    with pytest.raises(IntegrityFailure):
+        store.take("moved")
+    other = KeyStore(tmp_path / "o.db", "o", NodeKey(bytes(32)))
+    other.put("a", CANARY)
+    db = sqlite3.connect(other.path)
+    db.commit()
+    wrong_key = KeyStore(tmp_path / "o.db", "o", NodeKey(bytes([1]) * 32))
+    with pytest.raises(IntegrityFailure):
+        wrong_key.take("a")
+
+
+def test_taken_records_are_zeroed_after_checkpoint(store):
+    store.put("gone", CANARY)
+    sealed = (
+        sqlite3.connect(store.path)
+        .execute("SELECT record FROM keys WHERE id = 'gone'")
+        .fetchone()[0]
+    )
+    store.take("gone")
+    store.checkpoint()
+    assert sealed not in store.path.read_bytes()
+    wal = store.path.with_name(store.path.name + "-wal")
+    assert not wal.exists() or sealed not in wal.read_bytes()
+
+
+def test_a_full_disk_is_a_clean_error(store):
+    store._db.execute("PRAGMA max_page_count = 3")
+    with pytest.raises(StoreError, match="full"):
+        store.put_many([(f"z{i}", bytes(4000)) for i in range(50)])
+    assert store.count() == 0
+
+
+def test_a_busy_database_is_a_clean_error(tmp_path):
+    path = tmp_path / "busy.db"
+    first = KeyStore(path, "busy", NodeKey(bytes(32)))
+    blocker = sqlite3.connect(path, timeout=0)
+    blocker.execute("BEGIN EXCLUSIVE")
+    first._db.execute("PRAGMA busy_timeout = 50")
+    with pytest.raises(StoreError, match="locked"):
+        first.put("a", CANARY)
+    blocker.rollback()
+    first.put("a", CANARY)
+
+
+def test_node_key_file_is_created_once_with_0600(tmp_path):
+    path = tmp_path / "node.key"
+    made = NodeKey.from_file(path, create_with=lambda n: bytes(range(n)))
+    assert oct(path.stat().st_mode & 0o777) == "0o600"
+    again = NodeKey.from_file(path)
+    assert again.open(b"a", made.seal(b"a", CANARY)) == CANARY
+    with pytest.raises(StoreError, match="not found"):
+        NodeKey.from_file(tmp_path / "absent.key")
+    (tmp_path / "bad.key").write_text("zz")
+    with pytest.raises(StoreError, match="unreadable"):
+        NodeKey.from_file(tmp_path / "bad.key")
+
+
+def test_a_taken_key_prints_without_its_bits(store):
+    store.put("canary", CANARY)
+    taken = store.take("canary")
+    assert CANARY.hex() not in repr(taken) and "canary" in repr(taken)
