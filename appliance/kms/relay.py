@@ -111,7 +111,7 @@ class Hop:
 
 def encode_header(hop: Hop, body_length: int) -> bytes:
     try:
-        return HEADER.build(
+        built: bytes = HEADER.build(
             {
                 "mode": hop.mode.name,
                 "direction": int(hop.direction),
@@ -128,6 +128,7 @@ def encode_header(hop: Hop, body_length: int) -> bytes:
         )
     except (ConstructError, ValueError) as exc:
         raise ProtocolError(f"cannot encode hop header: {exc}") from None
+    return built
 
 
 def decode(message: bytes) -> tuple[Hop, bytes, bytes]:
