@@ -1,0 +1,116 @@
+"""The key supply of one QKD link at one node: which end takes which keys.
+
+Both ends of a QKDM pair see the same keys. If both took keys in order they would spend
+the same bits for different messages, a two-time pad. So on every link the lower node ID
+is the **master**: it alone takes keys in order (``get_key``), for its own sending
+direction, and it grants batches of key IDs to the **slave** for the other direction,
+keeping the granted keys' material to decrypt what the slave sends with them. The slave
+only ever fetches keys by ID: those the master sends with, and those it was granted.
+
+:class:`LinkKeys` wraps the node's QKDM end for one link and offers pad bytes or GCM keys
+for sending and for receiving (:mod:`appliance.kms.relay`). It calls the (synchronous)
+QKDM driver directly; node adapters run it where blocking is acceptable.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+import hal
+from appliance.kms.errors import IntegrityFailure, KeyUnavailable
+from appliance.kms.relay import GCM_USES, GcmSender, Hop, Mode, PadLedger, PadStream, Segment
+
+GRANT_BATCH = 64
+"""Keys the master grants at a time."""
+
+
+class Role(StrEnum):
+    MASTER = "master"
+    SLAVE = "slave"
+
+
+def role_of(node_id: int, link_a: int, link_b: int) -> Role:
+    """The lower node ID is the link's master."""
+    return Role.MASTER if node_id == min(link_a, link_b) else Role.SLAVE
+
+
+class LinkKeys:
+    """Sending and receiving key material on one link, for one node."""
+
+    def __init__(self, link: str, role: Role, qkdm: hal.Qkdm) -> None:
+        self.link, self.role, self.qkdm = link, role, qkdm
+        self._out = PadStream()
+        self._gcm_keys = PadStream()  # whole keys for GCM, apart from OTP's byte stream
+        self._gcm = GcmSender()
+        self._ledger = PadLedger()
+        self._granted_ids: list[str] = []  # slave: IDs granted but not yet fetched
+
+    # -- sending ------------------------------------------------------------------------
+    def pad(self, n: int) -> tuple[tuple[Segment, ...], bytearray]:
+        """``n`` fresh pad bytes for an OTP message (KeyUnavailable if the link is short)."""
+        self._fill(n)
+        return self._out.allocate(n)
+
+    def gcm(self) -> tuple[str, bytearray, int]:
+        """(key ID, key, counter) for the next GCM message, rotating keys after GCM_USES."""
+        if self._gcm.uses >= GCM_USES and not self._gcm_keys.available():
+            key_id, material = self._next_key()
+            self._gcm_keys.feed(key_id, material)
+        return self._gcm.next(self._gcm_keys)
+
+    def available(self) -> int:
+        """Pad bytes ready for sending without asking the QKDM or the master."""
+        return self._out.available()
+
+    def _fill(self, n: int) -> None:
+        while self._out.available() < n:
+            self._out.feed(*self._next_key())
+
+    def _next_key(self) -> tuple[str, bytearray]:
+        """The next key this end may send with: taken in order (master) or granted (slave)."""
+        try:
+            if self.role is Role.MASTER:
+                key = self.qkdm.get_key()
+            elif self._granted_ids:
+                key = self.qkdm.get_key_by_id(self._granted_ids.pop(0))
+            else:
+                raise KeyUnavailable(f"{self.link}: no granted link keys left; ask the master")
+        except (hal.NoKeyAvailable, hal.LinkDownError, hal.KeyNotYetAvailable) as exc:
+            raise KeyUnavailable(f"{self.link}: no link key ({exc.code})") from None
+        return key.key_id, key.material
+
+    # -- grants -------------------------------------------------------------------------
+    def grant(self, n: int = GRANT_BATCH) -> list[str]:
+        """Master: take ``n`` keys for the slave's sending direction; return their IDs."""
+        if self.role is not Role.MASTER:
+            raise IntegrityFailure(f"{self.link}: only the master end grants keys")
+        ids = []
+        for _ in range(n):
+            key = self.qkdm.get_key()
+            self._ledger.add(key.key_id, key.material)
+            ids.append(key.key_id)
+        return ids
+
+    def accept_grant(self, key_ids: list[str]) -> None:
+        """Slave: remember granted IDs; their material is fetched when needed."""
+        if self.role is not Role.SLAVE:
+            raise IntegrityFailure(f"{self.link}: the master end is never granted keys")
+        self._granted_ids.extend(key_ids)
+
+    def granted_left(self) -> int:
+        """Slave: granted keys not yet used."""
+        return len(self._granted_ids)
+
+    # -- receiving ----------------------------------------------------------------------
+    def receive(self, hop: Hop) -> bytearray:
+        """The pad (OTP) or key (GCM) a received hop message names, marked spent."""
+        for key_id in self._ledger.missing(hop):
+            if self.role is Role.MASTER:  # the slave may only use keys we granted
+                raise IntegrityFailure(f"{self.link}: message uses a link key never granted")
+            try:
+                self._ledger.add(key_id, self.qkdm.get_key_by_id(key_id).material)
+            except (hal.KeyNotFound, hal.KeyNotYetAvailable) as exc:
+                raise IntegrityFailure(
+                    f"{self.link}: link key not obtainable ({exc.code})"
+                ) from None
+        return self._ledger.pad(hop) if hop.mode is Mode.OTP else self._ledger.gcm_key(hop)

@@ -1,0 +1,118 @@
+"""One QKD link between two nodes: master/slave roles, grants, both directions, no reuse."""
+
+from __future__ import annotations
+
+import pytest
+
+import hal
+from appliance.kms.errors import IntegrityFailure, KeyUnavailable, ReplayDetected
+from appliance.kms.links import LinkKeys, Role, role_of
+from appliance.kms.relay import (
+    MAC_KEY_BYTES,
+    Direction,
+    Hop,
+    Mode,
+    Segment,
+    decode,
+    open_gcm,
+    open_otp,
+    seal_gcm,
+    seal_otp,
+)
+
+
+def pair(skr: float = 25600, seed: str = "links") -> tuple[LinkKeys, LinkKeys, hal.ManualClock]:
+    clock = hal.ManualClock(0)
+    query = f"skr={skr}&seed={seed}"
+    a = hal.open_qkdm(f"emulated://link-2-3?end=a&{query}", clock=clock)
+    b = hal.open_qkdm(f"emulated://link-2-3?end=b&{query}", clock=clock)
+    clock.advance(10)
+    return LinkKeys("link-2-3", Role.MASTER, a), LinkKeys("link-2-3", Role.SLAVE, b), clock
+
+
+def otp(sender: LinkKeys, receiver: LinkKeys, cn: bytes, hop_no: int = 0) -> bytearray:
+    segments, pad = sender.pad(len(cn) + MAC_KEY_BYTES)
+    hop = Hop(
+        request_id=b"q" * 16,
+        hop=hop_no,
+        direction=Direction.TO_REQUESTER,
+        link="link-2-3",
+        mode=Mode.OTP,
+        segments=segments,
+    )
+    got, header, body = decode(seal_otp(hop, cn, pad))
+    return open_otp(header, body, receiver.receive(got))
+
+
+def test_roles_follow_node_ids():
+    assert role_of(2, 2, 3) is Role.MASTER and role_of(3, 2, 3) is Role.SLAVE
+    assert role_of(10, 16, 10) is Role.MASTER
+
+
+def test_master_to_slave_without_grants():
+    master, slave, _ = pair()
+    for i in range(20):
+        assert otp(master, slave, bytes([i]) * 40) == bytes([i]) * 40
+
+
+def test_slave_to_master_needs_and_uses_grants():
+    master, slave, _ = pair()
+    with pytest.raises(KeyUnavailable, match="ask the master"):
+        slave.pad(10)
+    slave.accept_grant(master.grant(16))
+    assert slave.granted_left() == 16
+    for i in range(3):
+        assert otp(slave, master, bytes([i]) * 64) == bytes([i]) * 64
+
+
+def test_both_directions_never_share_bits():
+    """Keys granted to the slave are never also used by the master's own sending."""
+    master, slave, _ = pair()
+    slave.accept_grant(master.grant(16))
+    down = [master.pad(96)[0] for _ in range(5)]
+    up = [slave.pad(96)[0] for _ in range(5)]
+    down_ids = {s.key_id for segs in down for s in segs}
+    up_ids = {s.key_id for segs in up for s in segs}
+    assert down_ids and up_ids and not down_ids & up_ids
+
+
+def test_a_message_with_ungranted_keys_is_rejected_by_the_master():
+    master, _, _ = pair()
+    foreign, _, _ = pair(seed="another-link-secret")
+    segments, pad = foreign.pad(64)  # keys the master never granted
+    hop = Hop(
+        request_id=b"x" * 16,
+        hop=0,
+        direction=Direction.TO_RESPONDER,
+        link="link-2-3",
+        mode=Mode.OTP,
+        segments=segments,
+    )
+    got, _, _ = decode(seal_otp(hop, b"y" * 32, pad))
+    with pytest.raises((IntegrityFailure, ReplayDetected)):
+        master.receive(got)
+
+
+def test_gcm_in_both_directions():
+    master, slave, _ = pair()
+    slave.accept_grant(master.grant(2))
+    for sender, receiver in ((master, slave), (slave, master)):
+        for i in range(5):
+            key_id, key, counter = sender.gcm()
+            hop = Hop(
+                request_id=b"g" * 16,
+                hop=i,
+                direction=Direction.TO_REQUESTER,
+                link="link-2-3",
+                mode=Mode.GCM,
+                segments=(Segment(key_id, 0, 32),),
+                counter=counter,
+            )
+            got, header, body = decode(seal_gcm(hop, b"cn" * 16, key))
+            assert open_gcm(got, header, body, receiver.receive(got)) == b"cn" * 16
+
+
+def test_an_empty_link_is_key_unavailable():
+    master, _, _ = pair(skr=256)  # one key per second
+    with pytest.raises(KeyUnavailable, match="no link key"):
+        master.pad(10 * 32 + 1)
