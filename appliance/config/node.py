@@ -50,9 +50,17 @@ class SaeEntry(Strict):
     cert: str
 
 
+class PortPlan(Strict):
+    """How every node's service addresses were assigned (see appliance.config.render)."""
+
+    host: str
+    base_port: int
+
+
 class NodeConfig(Strict):
     node: NodeIdentity
     paths: NodePaths
+    plan: PortPlan
     listen: dict[str, str] = Field(default_factory=dict)
     services: dict[str, str] = Field(default_factory=dict)
     """host:port of the data-centre services this node uses (controller, manager, aaa)."""

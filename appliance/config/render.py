@@ -129,6 +129,7 @@ def render_node(topo: Topology, node: Node, plan: RenderPlan, start: float) -> d
             "cert": str(pki / "nodes" / f"{node.name}.pem"),
             "key": str(pki / "nodes" / f"{node.name}.key"),
         },
+        "plan": {"host": plan.host, "base_port": plan.base_port},
         "listen": {s: plan.address(node, s) for s in services_of(node)},
         "services": _services(topo, node, plan),
         "neighbours": [],

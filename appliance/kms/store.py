@@ -189,6 +189,24 @@ class KeyStore:
             raise KeyExpired(f"store {self.name}: key {key_id} expired")
         return StoredKey(key_id, self._key.open(self._aad(key_id), record), meta)
 
+    def take_many(self, key_ids: list[str]) -> list[StoredKey]:
+        """Remove and return the named keys, all or none (KeyUnavailable naming none of them)."""
+        now = self._clock()
+        with self._transaction() as db:
+            rows = []
+            for key_id in key_ids:
+                row = db.execute(
+                    "DELETE FROM keys WHERE id = ? AND expires > ? RETURNING meta, record",
+                    (key_id, now),
+                ).fetchone()
+                if row is None:
+                    db.execute("ROLLBACK")
+                    raise KeyUnavailable(f"store {self.name}: not all {len(key_ids)} keys are here")
+                rows.append((key_id, *row))
+        return [
+            StoredKey(k, self._key.open(self._aad(k), record), meta) for k, meta, record in rows
+        ]
+
     def take_next(self, n: int = 1) -> list[StoredKey]:
         """Remove and return the ``n`` oldest unexpired keys, all or none."""
         if n < 1:

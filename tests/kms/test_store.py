@@ -178,3 +178,12 @@ def test_a_taken_key_prints_without_its_bits(store):
     store.put("canary", CANARY)
     taken = store.take("canary")
     assert CANARY.hex() not in repr(taken) and "canary" in repr(taken)
+
+
+def test_take_many_is_all_or_none(store):
+    store.put_many(keys(4))
+    with pytest.raises(KeyUnavailable):
+        store.take_many(["k0", "k1", "nope"])
+    assert store.count() == 4
+    assert [k.key_id for k in store.take_many(["k2", "k0"])] == ["k2", "k0"]
+    assert store.count() == 2

@@ -1,0 +1,487 @@
+"""A KMS node: the services of its roles (UKMS, AKMS, CKMS) over HTTP/2 and ETSI 014.
+
+This is the adapter layer: it owns sockets, TLS, stores and QKDM handles, and drives the
+protocol pieces (:mod:`relay`, :mod:`ksa`, :mod:`links`, :mod:`etsi014`) along the flow in
+the package docstring. It logs request IDs and key IDs, never key material.
+
+Endpoints (HTTP/2 between nodes, JSON bodies, binary fields in base64):
+
+* ``POST /v1/ksa``         UKMS A -> AKMS A: KSA keys for an SAE pair.
+* ``POST /v1/cn``          AKMS A -> AKMS B: make CN and KSA keys, relay the CN key towards
+  AKMS A, deliver the KSA keys to UKMS B, answer with the KSA batch under the CN key.
+* ``POST /v1/relay``       CKMS -> next CKMS: one hop of a CN key along its path.
+* ``POST /v1/ksa/deliver`` AKMS B -> UKMS B: the slave's KSA keys, under link keys.
+* ``POST /v1/link/grant``  slave -> master end of a link: key IDs for the slave's direction.
+
+Until the hsm issue lands the node key is a file; until the mgmt/controller issues land,
+contracts and SAE homes come from the topology and paths are shortest by length.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import dataclasses
+import json
+import logging
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import hal
+from appliance.config.node import NodeConfig
+from appliance.config.render import SERVICE_OFFSETS
+from appliance.config.topology import Sae, Topology
+from appliance.kms import ksa
+from appliance.kms.errors import IntegrityFailure, KeyUnavailable, KmsError, ProtocolError
+from appliance.kms.etsi014 import Etsi014Api, Limits
+from appliance.kms.links import GRANT_BATCH, LinkKeys, Role, role_of
+from appliance.kms.relay import (
+    MAC_KEY_BYTES,
+    Direction,
+    Hop,
+    Mode,
+    Segment,
+    decode,
+    open_gcm,
+    open_otp,
+    seal_gcm,
+    seal_otp,
+)
+from appliance.kms.routing import shortest_path
+from appliance.kms.store import KeyStore, NodeKey
+from appliance.net.h2 import H2Client, H2Server, Request, Response, TransportError
+from appliance.net.http1 import H1Server
+from appliance.pki import client_context, server_context
+
+log = logging.getLogger("qkdn.kms")
+RandomBytes = Callable[[int], bytes]
+CN_TIMEOUT = 10.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class Policy:
+    """How keys cross the network (per network for now; per user later)."""
+
+    mode: Mode = Mode.GCM
+    key_size: int = 256
+    max_key_per_request: int = 128
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def _unb64(text: Any) -> bytes:
+    if not isinstance(text, str):
+        raise ProtocolError("expected base64 text")
+    try:
+        return base64.b64decode(text, validate=True)
+    except ValueError:
+        raise ProtocolError("invalid base64") from None
+
+
+def _json(status: int, doc: dict[str, Any]) -> Response:
+    return Response(status, json.dumps(doc).encode(), {"content-type": "application/json"})
+
+
+def _body(request: Request) -> dict[str, Any]:
+    try:
+        doc = json.loads(request.body)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ProtocolError("request body is not JSON") from None
+    if not isinstance(doc, dict):
+        raise ProtocolError("request body must be a JSON object")
+    return doc
+
+
+def _field(doc: dict[str, Any], name: str, kind: type) -> Any:
+    value = doc.get(name)
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is int):
+        raise ProtocolError(f"field {name!r} missing or not {kind.__name__}")
+    return value
+
+
+@dataclass
+class KmsNode:
+    """One node's KMS services, wired to its QKDMs, PTG.3 generator and stores."""
+
+    config: NodeConfig
+    topology: Topology
+    rng: RandomBytes
+    qkdms: dict[str, hal.Qkdm]
+    policy: Policy = field(default_factory=Policy)
+    links: dict[int, LinkKeys] = field(init=False, default_factory=dict)
+    _servers: list[H2Server | H1Server] = field(init=False, default_factory=list)
+    _clients: dict[str, H2Client] = field(init=False, default_factory=dict)
+    _cn_waiting: dict[bytes, asyncio.Future[bytearray]] = field(init=False, default_factory=dict)
+    _ksa_stores: dict[tuple[str, str], KeyStore] = field(init=False, default_factory=dict)
+
+    def __post_init__(self) -> None:
+        me = self.config.node.id
+        for nb in self.config.neighbours:
+            a, b = (int(x) for x in nb.link.split("-")[1:])
+            self.links[nb.node] = LinkKeys(nb.link, role_of(me, a, b), self.qkdms[nb.link])
+        paths = self.config.paths
+        self._tls = (Path(paths.cert), Path(paths.key), Path(paths.ca_cert))
+        self._client_ctx = client_context(*self._tls, ("h2",))
+        self._data = Path(paths.data_dir)
+        self.node_key = NodeKey.from_file(self._data / "node.key", create_with=self.rng)
+        self.saes = {s.id: s for s in self.topology.spec.saes}
+
+    @property
+    def name(self) -> str:
+        return self.config.node.name
+
+    # -- life cycle ---------------------------------------------------------------------
+    async def start(self) -> None:
+        for service in ("ukms", "akms", "ckms"):
+            if service in self.config.listen:
+                server = H2Server(self._handle, server_context(*self._tls, ("h2",)))
+                await server.start(*self._host_port(self.config.listen[service]))
+                self._servers.append(server)
+        if "etsi014" in self.config.listen:
+            api = Etsi014Api(UkmsKeyService(self))
+            h1 = H1Server(api.handle, server_context(*self._tls, ("http/1.1",)))
+            await h1.start(*self._host_port(self.config.listen["etsi014"]))
+            self._servers.append(h1)
+        log.info("node started", extra={"node": self.name})
+
+    async def close(self) -> None:
+        for server in self._servers:
+            await server.close()
+        for client in self._clients.values():
+            await client.close()
+        for store in self._ksa_stores.values():
+            store.close()
+
+    @staticmethod
+    def _host_port(address: str) -> tuple[str, int]:
+        host, port = address.rsplit(":", 1)
+        return host, int(port)
+
+    # -- plumbing -----------------------------------------------------------------------
+    def address(self, node_id: int, service: str) -> str:
+        """host:port of another node's service, from the port plan that rendered us."""
+        plan = self.config.plan
+        return f"{plan.host}:{plan.base_port + SERVICE_OFFSETS[service] + node_id}"
+
+    async def _call(
+        self, node_id: int, service: str, path: str, doc: dict[str, Any]
+    ) -> dict[str, Any]:
+        address = self.address(node_id, service)
+        client = self._clients.get(address)
+        if client is None:
+            host, port = self._host_port(address)
+            peer = self.topology.node(node_id).name
+            client = self._clients[address] = H2Client(
+                host, port, self._client_ctx, expect_peer=peer
+            )
+        response = await client.request("POST", path, json.dumps(doc).encode())
+        try:
+            body: dict[str, Any] = json.loads(response.body or b"{}")
+        except json.JSONDecodeError:
+            raise ProtocolError(f"node {node_id}{path}: answer is not JSON") from None
+        if response.status != 200:
+            raise KeyUnavailable(f"node {node_id}{path}: {body.get('message', response.status)}")
+        return body
+
+    async def _handle(self, request: Request) -> Response:
+        routes = {
+            "/v1/ksa": self._on_ksa,
+            "/v1/cn": self._on_cn,
+            "/v1/relay": self._on_relay,
+            "/v1/ksa/deliver": self._on_deliver,
+            "/v1/link/grant": self._on_grant,
+        }
+        handler = routes.get(request.path)
+        if handler is None or request.method != "POST":
+            return _json(404, {"message": "no such endpoint"})
+        caller = self._node_named(request.peer)
+        try:
+            if caller is None:
+                raise ProtocolError("caller is not a node of this network")
+            return _json(200, await handler(_body(request), caller))
+        except IntegrityFailure as exc:
+            log.error("integrity alarm", extra={"node": self.name, "error": exc.code})
+            return _json(400, {"message": exc.message, "code": exc.code})
+        except (KmsError, TransportError) as exc:
+            return _json(503, {"message": exc.message, "code": exc.code})
+
+    def _node_named(self, name: str | None) -> int | None:
+        return next((n.id for n in self.topology.spec.nodes if n.name == name), None)
+
+    # -- link keys ----------------------------------------------------------------------
+    async def _seal_for(self, peer: int, hop: Hop, payload: bytearray) -> bytes:
+        """A hop message to a neighbour, under link keys, in the policy's mode."""
+        if self.policy.mode is Mode.OTP:
+            segments, pad = await self._with_grant(
+                peer, lambda: self.links[peer].pad(len(payload) + MAC_KEY_BYTES)
+            )
+            return seal_otp(
+                dataclasses.replace(hop, mode=Mode.OTP, segments=segments), payload, pad
+            )
+        key_id, key, counter = await self._with_grant(peer, self.links[peer].gcm)
+        hop = dataclasses.replace(
+            hop, mode=Mode.GCM, counter=counter, segments=(Segment(key_id, 0, len(key)),)
+        )
+        return seal_gcm(hop, payload, key)
+
+    async def _with_grant(self, peer: int, take: Callable[[], Any]) -> Any:
+        """Take link keys; a slave end out of granted keys asks the master once, then retries."""
+        try:
+            return take()
+        except KeyUnavailable:
+            if self.links[peer].role is not Role.SLAVE:
+                raise
+        nb = next(x for x in self.config.neighbours if x.node == peer)
+        service = (
+            "ukms"
+            if "ukms" in self.topology.node(peer).roles
+            else ("akms" if "ukms" in self.config.node.role else "ckms")
+        )
+        reply = await self._call(
+            peer, service, "/v1/link/grant", {"link": nb.link, "n": GRANT_BATCH}
+        )
+        self.links[peer].accept_grant([str(k) for k in _field(reply, "key_ids", list)])
+        return take()
+
+    def _open_from(self, peer: int, message: bytes) -> tuple[Hop, bytearray]:
+        hop, header, body = decode(message)
+        material = self.links[peer].receive(hop)
+        if hop.mode is Mode.OTP:
+            return hop, open_otp(header, body, material)
+        return hop, open_gcm(hop, header, body, material)
+
+    async def _on_grant(self, doc: dict[str, Any], caller: int) -> dict[str, Any]:
+        link, n = self.links.get(caller), _field(doc, "n", int)
+        if link is None or link.link != doc.get("link") or not 0 < n <= 4096:
+            raise ProtocolError("grant request from a node that is not this link's peer")
+        return {"key_ids": link.grant(n)}
+
+    # -- UKMS ---------------------------------------------------------------------------
+    def sae_pair(self, master: str, slave: str) -> tuple[Sae, Sae] | None:
+        """The registered pair, if ``master`` is served here and both share a user."""
+        m, s = self.saes.get(master), self.saes.get(slave)
+        if m is None or s is None or m.node != self.config.node.id or m.user != s.user:
+            return None
+        return m, s
+
+    def _akms_of(self, ukms: int) -> int:
+        return next(peer.id for _, peer in self.topology.neighbours(ukms) if "akms" in peer.roles)
+
+    async def request_ksa(
+        self, master: str, slave: str, number: int, size: int
+    ) -> list[tuple[str, bytes]]:
+        """UKMS A: new KSA keys for (master, slave) through the network."""
+        akms = self._akms_of(self.config.node.id)
+        reply = await self._call(
+            akms,
+            "akms",
+            "/v1/ksa",
+            {"master": master, "slave": slave, "number": number, "size": size},
+        )
+        _, batch = self._open_from(akms, _unb64(reply.get("sealed")))
+        keys = ksa.decode_batch(batch)
+        batch[:] = bytes(len(batch))
+        return [(key_id, bytes(key)) for key_id, key in keys]
+
+    async def _on_deliver(self, doc: dict[str, Any], caller: int) -> dict[str, Any]:
+        """UKMS B: store the slave's keys, received under the link keys of our AKMS."""
+        master, slave = _field(doc, "master", str), _field(doc, "slave", str)
+        if (
+            caller not in self.links
+            or self.saes.get(slave) is None
+            or self.saes[slave].node != self.config.node.id
+        ):
+            raise ProtocolError("delivery for an SAE that is not served here")
+        _, batch = self._open_from(caller, _unb64(doc.get("sealed")))
+        keys = ksa.decode_batch(batch)
+        batch[:] = bytes(len(batch))
+        self._store(master, slave).put_many(keys)
+        return {"stored": len(keys)}
+
+    def _store(self, master: str, slave: str) -> KeyStore:
+        store = self._ksa_stores.get((master, slave))
+        if store is None:
+            path = self._data / f"ksa-{master}-{slave}.db"
+            store = self._ksa_stores[(master, slave)] = KeyStore(
+                path, f"ksa/{master}/{slave}", self.node_key
+            )
+        return store
+
+    def take_ksa(self, slave: str, master: str, key_ids: list[str]) -> list[tuple[str, bytes]]:
+        """UKMS B: dec_keys, each key once, only for the pair it was made for."""
+        taken = self._store(master, slave).take_many(key_ids)
+        return [(k.key_id, bytes(k.material)) for k in taken]
+
+    # -- AKMS A: the requesting side ----------------------------------------------------
+    async def _on_ksa(self, doc: dict[str, Any], caller: int) -> dict[str, Any]:
+        master, slave = _field(doc, "master", str), _field(doc, "slave", str)
+        number, size = _field(doc, "number", int), _field(doc, "size", int)
+        m, s = self.saes.get(master), self.saes.get(slave)
+        if m is None or s is None or m.node != caller or m.user != s.user:
+            raise ProtocolError("no contract covers this SAE pair from this user node")
+        if not (
+            0 < number <= self.policy.max_key_per_request and size % 8 == 0 and 0 < size <= 8192
+        ):
+            raise ProtocolError("request outside the contract's limits")
+        remote_akms = self._akms_of(s.node)
+        request_id = uuid.uuid4().bytes
+        waiting = asyncio.get_running_loop().create_future()
+        self._cn_waiting[request_id] = waiting
+        try:
+            reply = await self._call(
+                remote_akms,
+                "akms",
+                "/v1/cn",
+                {
+                    "request_id": _b64(request_id),
+                    "master": master,
+                    "slave": slave,
+                    "number": number,
+                    "size": size,
+                    "ukms_b": s.node,
+                    "deliver_to": self.config.node.id,
+                },
+            )
+            cn_key = await asyncio.wait_for(waiting, CN_TIMEOUT)
+        except TimeoutError:
+            raise KeyUnavailable("the CN key did not arrive in time") from None
+        finally:
+            self._cn_waiting.pop(request_id, None)
+        batch = ksa.open_batch(self.policy.mode, cn_key, request_id, _unb64(reply.get("batch")))
+        hop = Hop(
+            request_id=request_id,
+            hop=0,
+            direction=Direction.TO_REQUESTER,
+            link=self.links[caller].link,
+            mode=self.policy.mode,
+            segments=(),
+        )
+        return {"sealed": _b64(await self._seal_for(caller, hop, batch))}
+
+    # -- AKMS B: the responding side ----------------------------------------------------
+    async def _on_cn(self, doc: dict[str, Any], caller: int) -> dict[str, Any]:
+        request_id = _unb64(doc.get("request_id"))
+        number, size = _field(doc, "number", int), _field(doc, "size", int)
+        master, slave = _field(doc, "master", str), _field(doc, "slave", str)
+        ukms_b, deliver_to = _field(doc, "ukms_b", int), _field(doc, "deliver_to", int)
+        if (
+            len(request_id) != 16
+            or deliver_to != caller
+            or ukms_b not in self.links
+            or not 0 < number <= self.policy.max_key_per_request
+            or size % 8
+            or size <= 0
+        ):
+            raise ProtocolError("malformed CN request")
+        keys = [(str(uuid.uuid4()), self.rng(size // 8)) for _ in range(number)]
+        n = ksa.batch_len(number, size // 8)
+        cn_key = bytearray(self.rng(ksa.cn_key_bytes(self.policy.mode, n)))
+        path = shortest_path(self.topology, self.config.node.id, deliver_to)
+        await self.relay(request_id, path, 0, bytearray(cn_key))
+        hop = Hop(
+            request_id=request_id,
+            hop=0,
+            direction=Direction.TO_REQUESTER,
+            link=self.links[ukms_b].link,
+            mode=self.policy.mode,
+            segments=(),
+        )
+        sealed = await self._seal_for(ukms_b, hop, ksa.encode_batch(keys))
+        await self._call(
+            ukms_b,
+            "ukms",
+            "/v1/ksa/deliver",
+            {"master": master, "slave": slave, "sealed": _b64(sealed)},
+        )
+        batch = ksa.seal_batch(self.policy.mode, cn_key, request_id, ksa.encode_batch(keys))
+        return {"batch": _b64(batch)}
+
+    # -- CKMS: hop by hop ---------------------------------------------------------------
+    async def relay(
+        self, request_id: bytes, path: list[int], index: int, cn_key: bytearray
+    ) -> None:
+        """Carry the CN key from ``path[index]`` (this node) on to the end of the path."""
+        if index == len(path) - 1:
+            waiting = self._cn_waiting.get(request_id)
+            if waiting is None or waiting.done():
+                cn_key[:] = bytes(len(cn_key))
+                raise ProtocolError("no access node is waiting for this CN key")
+            waiting.set_result(cn_key)
+            return
+        nxt = path[index + 1]
+        hop = Hop(
+            request_id=request_id,
+            hop=index,
+            direction=Direction.TO_REQUESTER,
+            link=self.links[nxt].link,
+            mode=self.policy.mode,
+            segments=(),
+        )
+        message = await self._seal_for(nxt, hop, cn_key)
+        cn_key[:] = bytes(len(cn_key))
+        await self._call(
+            nxt, "ckms", "/v1/relay", {"path": path, "index": index + 1, "message": _b64(message)}
+        )
+
+    async def _on_relay(self, doc: dict[str, Any], caller: int) -> dict[str, Any]:
+        path, index = _field(doc, "path", list), _field(doc, "index", int)
+        if (
+            not 0 < index < len(path)
+            or path[index] != self.config.node.id
+            or path[index - 1] != caller
+        ):
+            raise ProtocolError("relay message off its path")
+        hop, cn_key = self._open_from(caller, _unb64(doc.get("message")))
+        if hop.hop != index - 1 or hop.direction is not Direction.TO_REQUESTER:
+            cn_key[:] = bytes(len(cn_key))
+            raise IntegrityFailure("relay hop number or direction does not match the path")
+        await self.relay(hop.request_id, [int(x) for x in path], index, cn_key)
+        return {"ok": True}
+
+
+class UkmsKeyService:
+    """The ETSI 014 key service of a UKMS node."""
+
+    def __init__(self, node: KmsNode) -> None:
+        self.node = node
+
+    def limits(self, master: str, slave: str) -> Limits | None:
+        pair = self.node.sae_pair(master, slave) or self._reverse(master, slave)
+        if pair is None:
+            return None
+        target = self.node.topology.node(
+            pair[1].node if pair[0].node == self.node.config.node.id else pair[0].node
+        )
+        return Limits(
+            source_kme=self.node.name,
+            target_kme=target.name,
+            key_size=self.node.policy.key_size,
+            max_key_per_request=self.node.policy.max_key_per_request,
+        )
+
+    def _reverse(self, master: str, slave: str) -> tuple[Sae, Sae] | None:
+        """For dec_keys the caller is the slave, served here; the master is elsewhere."""
+        m, s = self.node.saes.get(master), self.node.saes.get(slave)
+        if m is None or s is None or s.node != self.node.config.node.id or m.user != s.user:
+            return None
+        return s, m
+
+    def stored(self, master: str, slave: str) -> int:
+        return 0
+
+    async def enc_keys(
+        self, master: str, slave: str, number: int, size: int
+    ) -> list[tuple[str, bytes]]:
+        if self.node.sae_pair(master, slave) is None:
+            raise KeyUnavailable("not a pair served as master here")
+        return await self.node.request_ksa(master, slave, number, size)
+
+    async def dec_keys(
+        self, slave: str, master: str, key_ids: list[str]
+    ) -> list[tuple[str, bytes]]:
+        return self.node.take_ksa(slave, master, key_ids)
