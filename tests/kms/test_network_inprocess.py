@@ -26,12 +26,21 @@ from appliance.kms.node import Policy
 from appliance.kms.relay import Mode
 
 
-def free_base_port() -> int:
-    """A base port whose whole plan (base .. base+9000) is likely free."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    return 20000 + port % 20000
+def free_base_port(node_ids: range = range(1, 23)) -> int:
+    """A base port whose every planned port (base + offset + node id) binds right now."""
+    from appliance.config.render import SERVICE_OFFSETS
+
+    for base in range(21000, 56000, 997):
+        ports = [base + off + n for off in SERVICE_OFFSETS.values() for n in node_ids]
+        try:
+            for port in ports:
+                with socket.socket() as s:
+                    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                    s.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        return base
+    raise RuntimeError("no free port plan on this machine")
 
 
 def sae_conn(out: Path, sae: str, port: int) -> http.client.HTTPSConnection:
