@@ -23,6 +23,7 @@ bits for different messages.
 
 from __future__ import annotations
 
+import struct
 import uuid
 from collections import deque
 from dataclasses import dataclass, field
@@ -32,7 +33,6 @@ from construct import (
     Byte,
     Bytes,
     Const,
-    ConstructError,
     Enum,
     Int16ub,
     Int32ub,
@@ -68,7 +68,7 @@ class Direction(IntEnum):
     TO_RESPONDER = 1
 
 
-HEADER = Struct(
+HEADER = Struct(  # the wire layout, declared; encode_header/decode pack it by hand for speed
     "magic" / Const(b"QKR1"),
     "mode" / Enum(Byte, OTP=1, GCM=2),
     "direction" / Byte,
@@ -109,50 +109,64 @@ class Hop:
     """GCM: the message number under this link key (the nonce)."""
 
 
+_FIXED = struct.Struct(">4sBBB16s")  # magic, mode, direction, hop, request ID
+_SEGMENT = struct.Struct(">16sHH")
+_TAIL = struct.Struct(">II")  # counter, body length
+
+
 def encode_header(hop: Hop, body_length: int) -> bytes:
+    """The header in the wire layout of :data:`HEADER` (hand-packed: it is on the hot path)."""
     try:
-        built: bytes = HEADER.build(
-            {
-                "mode": hop.mode.name,
-                "direction": int(hop.direction),
-                "hop": hop.hop,
-                "request_id": hop.request_id,
-                "link": hop.link,
-                "segments": [
-                    {"key_id": uuid.UUID(s.key_id).bytes, "offset": s.offset, "length": s.length}
-                    for s in hop.segments
-                ],
-                "counter": hop.counter,
-                "body_length": body_length,
-            }
-        )
-    except (ConstructError, ValueError) as exc:
+        link = hop.link.encode("ascii")
+        parts = [
+            _FIXED.pack(b"QKR1", int(hop.mode), int(hop.direction), hop.hop, hop.request_id),
+            bytes([len(link)]),
+            link,
+            bytes([len(hop.segments)]),
+        ]
+        parts += [
+            _SEGMENT.pack(uuid.UUID(s.key_id).bytes, s.offset, s.length) for s in hop.segments
+        ]
+        parts.append(_TAIL.pack(hop.counter, body_length))
+    except (struct.error, ValueError, UnicodeEncodeError, OverflowError) as exc:
         raise ProtocolError(f"cannot encode hop header: {exc}") from None
-    return built
+    if len(link) > 255 or len(hop.segments) > 255 or len(hop.request_id) != 16:
+        raise ProtocolError("cannot encode hop header: field too long")
+    return b"".join(parts)
 
 
 def decode(message: bytes) -> tuple[Hop, bytes, bytes]:
     """Split a hop message into (header, header bytes = AAD, body); malformed -> ProtocolError."""
     try:
-        parsed = HEADER.parse(message)
-        size = len(HEADER.build(parsed))
+        magic, mode, direction, hop_no, request_id = _FIXED.unpack_from(message, 0)
+        at = _FIXED.size
+        link = message[at + 1 : at + 1 + message[at]].decode("ascii")
+        at += 1 + message[at]
+        count, at = message[at], at + 1
+        segments = []
+        for _ in range(count):
+            key_id, offset, length = _SEGMENT.unpack_from(message, at)
+            segments.append(Segment(str(uuid.UUID(bytes=key_id)), offset, length))
+            at += _SEGMENT.size
+        counter, body_length = _TAIL.unpack_from(message, at)
+        at += _TAIL.size
+        if magic != b"QKR1" or len(link) != message[_FIXED.size]:
+            raise ValueError("bad magic or truncated link name")
         hop = Hop(
-            request_id=parsed.request_id,
-            hop=parsed.hop,
-            direction=Direction(parsed.direction),
-            link=parsed.link,
-            mode=Mode[str(parsed.mode)],
-            counter=parsed.counter,
-            segments=tuple(
-                Segment(str(uuid.UUID(bytes=s.key_id)), s.offset, s.length) for s in parsed.segments
-            ),
+            request_id=request_id,
+            hop=hop_no,
+            direction=Direction(direction),
+            link=link,
+            mode=Mode(mode),
+            counter=counter,
+            segments=tuple(segments),
         )
-    except (ConstructError, ValueError, KeyError, UnicodeDecodeError) as exc:
+    except (struct.error, ValueError, IndexError, UnicodeDecodeError) as exc:
         raise ProtocolError(f"malformed hop message: {exc.__class__.__name__}") from None
-    body = message[size:]
-    if len(body) != parsed.body_length or len(body) < TAG_BYTES:
+    body = message[at:]
+    if len(body) != body_length or len(body) < TAG_BYTES:
         raise ProtocolError("malformed hop message: body length mismatch")
-    return hop, message[:size], body
+    return hop, message[:at], body
 
 
 # -- OTP with a one-time Poly1305 MAC -------------------------------------------------------

@@ -198,3 +198,48 @@ def test_relay_over_an_emulated_qkdm_pair():
     for key_id in ledger.missing(hop):
         ledger.add(key_id, slave.get_key_by_id(key_id).material)
     assert open_otp(header, body, ledger.pad(hop)) == b"N" * 64
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    hop_no=st.integers(0, 255),
+    counter=st.integers(0, 2**32 - 1),
+    body=st.integers(0, 2**20),
+    link=st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789-", min_size=1, max_size=40),
+    segs=st.lists(
+        st.tuples(st.uuids(version=4), st.integers(0, 65535), st.integers(0, 65535)), max_size=5
+    ),
+    mode=st.sampled_from(list(Mode)),
+    direction=st.sampled_from(list(Direction)),
+)
+def test_hand_packed_header_equals_the_declared_layout(
+    hop_no, counter, body, link, segs, mode, direction
+):
+    from appliance.kms.relay import HEADER
+
+    hop = Hop(
+        request_id=os.urandom(16),
+        hop=hop_no,
+        direction=direction,
+        link=link,
+        mode=mode,
+        segments=tuple(Segment(str(u), o, n) for u, o, n in segs),
+        counter=counter,
+    )
+    packed = encode_header(hop, body)
+    declared = HEADER.build(
+        {
+            "mode": mode.name,
+            "direction": int(direction),
+            "hop": hop_no,
+            "request_id": hop.request_id,
+            "link": link,
+            "segments": [{"key_id": u.bytes, "offset": o, "length": n} for u, o, n in segs],
+            "counter": counter,
+            "body_length": body,
+        }
+    )
+    assert packed == declared
+    if body >= 16:
+        decoded, header, _ = decode(packed + bytes(body))
+        assert decoded == hop and header == packed
