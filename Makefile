@@ -42,6 +42,8 @@ unit: setup
 
 bench: setup
 	$(BIN)/python bench/emulated_qkdm.py
+	$(BIN)/python bench/ptg3.py
+	$(BIN)/python bench/image_flash.py
 
 # Re-resolve the dependencies from pyproject.toml into constraints.txt (needs the registry).
 lock:

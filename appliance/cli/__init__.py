@@ -18,9 +18,10 @@ from typing import NoReturn
 from appliance import logs
 from appliance.errors import ApplianceError
 from hal.errors import HalError
+from images.errors import ImageError
 from qrng.errors import QrngError
 
-PROJECT_ERRORS: tuple[type[Exception], ...] = (ApplianceError, HalError, QrngError)
+PROJECT_ERRORS: tuple[type[Exception], ...] = (ApplianceError, HalError, QrngError, ImageError)
 """The error roots of the project's packages; later packages add theirs here."""
 
 EPILOG = """\
@@ -29,6 +30,7 @@ examples:
   qkdn topology render demoquandt --out net   one configuration file per node
   qkdn demo                                emulate the quantum layer for a week, print Table 3
   qkdn qrng selftest                       known-answer tests and a start-up test of the QRNG
+  qkdn image flash BUNDLE --target DISK    verify and write a signed image to the inactive slot
 
 Run 'qkdn COMMAND --help' for the options of a command.
 """
@@ -43,7 +45,7 @@ class Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> Parser:
-    from appliance.cli import demo, qrng, topology
+    from appliance.cli import demo, image, qrng, topology
 
     parser = Parser(
         prog="qkdn",
@@ -69,6 +71,7 @@ def build_parser() -> Parser:
     topology.register(sub)
     demo.register(sub)
     qrng.register(sub)
+    image.register(sub)
     return parser
 
 
