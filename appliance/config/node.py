@@ -21,7 +21,14 @@ class NodeIdentity(Strict):
     site: str
     role: str
     network: Name
+    topology: str
+    """Path of the network's topology file (routing, SAE directory)."""
     virtual: bool = False
+
+
+class Devices(Strict):
+    qrng: str
+    """URL of the node's noise source (one PTG.3 generator per node)."""
 
 
 class NodePaths(Strict):
@@ -61,6 +68,7 @@ class NodeConfig(Strict):
     node: NodeIdentity
     paths: NodePaths
     plan: PortPlan
+    devices: Devices
     listen: dict[str, str] = Field(default_factory=dict)
     services: dict[str, str] = Field(default_factory=dict)
     """host:port of the data-centre services this node uses (controller, manager, aaa)."""

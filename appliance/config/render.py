@@ -121,8 +121,10 @@ def render_node(topo: Topology, node: Node, plan: RenderPlan, start: float) -> d
             "site": node.site,
             "role": node.role,
             "network": topo.name,
+            "topology": str(out / "topology.toml"),
             "virtual": node.virtual,
         },
+        "devices": {"qrng": f"emulated-qrng://{node.name}?bits=16"},
         "paths": {
             "data_dir": str(data_root / node.name),
             "ca_cert": str(pki / "ca.pem"),
@@ -233,6 +235,7 @@ def _render(topo: Topology, plan: RenderPlan) -> list[Path]:
     for link in topo.links:
         _ensure_secret(plan.out / "secrets" / f"{link.id}.secret")
     (plan.out / "faults").mkdir(exist_ok=True)
+    (plan.out / "topology.toml").write_bytes(Path(topo.source).read_bytes())
     written = []
     for node in topo.spec.nodes:
         path = nodes_dir / f"{node.name}.toml"

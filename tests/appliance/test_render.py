@@ -90,10 +90,9 @@ def test_unwritable_output_is_a_clean_error(tmp_path):
 
 
 def test_node_config_validation(tmp_path):
-    path = tmp_path / "node.toml"
-    path.write_text(
-        '[node]\nid = 1\nname = "x"\nsite = "s"\nrole = "ukms"\nnetwork = "n"\ncolour = "red"\n'
-    )
-    with pytest.raises(ConfigError, match=r"node\.toml: node\.colour: unknown key") as info:
+    render(load_topology("demoquandt"), RenderPlan(out=tmp_path))
+    path = tmp_path / "nodes" / "ukms-berlin.toml"
+    path.write_text(path.read_text().replace("[node]\n", '[node]\ncolour = "red"\n'))
+    with pytest.raises(ConfigError, match=r"ukms-berlin\.toml: node\.colour: unknown key") as info:
         load_node_config(path)
     assert info.value.code == "CFG-UNKNOWN-KEY"
