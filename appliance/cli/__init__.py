@@ -45,7 +45,7 @@ class Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> Parser:
-    from appliance.cli import demo, image, qrng, topology
+    from appliance.cli import demo, image, net, qrng, topology
 
     parser = Parser(
         prog="qkdn",
@@ -72,6 +72,7 @@ def build_parser() -> Parser:
     demo.register(sub)
     qrng.register(sub)
     image.register(sub)
+    net.register(sub)
     return parser
 
 

@@ -208,6 +208,15 @@ class KmsNode:
             log.error("integrity alarm", extra={"node": self.name, "error": exc.code})
             return _json(400, {"message": exc.message, "code": exc.code})
         except (KmsError, TransportError) as exc:
+            log.warning(
+                "request failed",
+                extra={
+                    "node": self.name,
+                    "path": request.path,
+                    "error": exc.code,
+                    "reason": exc.message,
+                },
+            )
             return _json(503, {"message": exc.message, "code": exc.code})
 
     def _node_named(self, name: str | None) -> int | None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ import h2.settings
 from appliance.errors import ApplianceError
 from appliance.pki import peer_name
 
+log = logging.getLogger("qkdn.net")
 WINDOW = 1 << 24
 READ_CHUNK = 1 << 16
 MAX_STREAMS = 1000
@@ -198,7 +200,8 @@ class H2Server:
     async def _respond(self, chan: _Channel, stream_id: int, request: Request) -> None:
         try:
             response = await self.handler(request)
-        except Exception:  # a handler bug must not kill the connection
+        except Exception:  # a handler bug must not kill the connection, but must be seen
+            log.exception("request handler failed", extra={"path": request.path})
             response = Response(500, b'{"message":"internal error"}')
         headers = [
             (":status", str(response.status)),

@@ -28,7 +28,9 @@ faults     JSON fault schedule shared by both ends (see faults.py)  none
 Both ends opened with the same parameters yield the same keys under the same IDs. Each
 end hands out each key once: the master end takes keys in order with ``get_key``, the
 slave end takes the same keys by ID. The buffer holds the newest ``buffer`` keys; keys
-that age out of it are gone at both ends alike, since both compute the same window.
+that age out of it are gone at both ends alike, since both compute the same window; and
+``get_key`` skips the oldest tenth, so a key it hands out stays fetchable at the peer for
+at least a tenth of the buffer's lifetime, whatever the two ends' clock skew.
 """
 
 from __future__ import annotations
@@ -84,6 +86,12 @@ class EmulatedQkdm(Qkdm):
     def get_key(self) -> QkdKey:
         with self._lock:
             self._sync()
+            # Keys in the last tenth of their buffer life are not handed out in order: the
+            # peer end, reading its clock a moment later, would have dropped them before it
+            # could fetch them by ID. They age out unused.
+            guard = self._produced - self._buffer + self._buffer // 10
+            if self._next < guard:
+                self._skip_to(guard)
             if self._next >= self._produced:
                 raise self._empty()
             index = self._next
@@ -132,9 +140,12 @@ class EmulatedQkdm(Qkdm):
         self._produced = max(self._produced, int(self._model.bits_at(self._t) // self._key_size))
         oldest = self._produced - self._buffer
         if oldest > self._next:
-            self._next = oldest
-            self._taken = {i for i in self._taken if i >= oldest}
-            self._compact()
+            self._skip_to(oldest)
+
+    def _skip_to(self, index: int) -> None:
+        self._next = index
+        self._taken = {i for i in self._taken if i >= index}
+        self._compact()
 
     def _compact(self) -> None:
         while self._next in self._taken:

@@ -381,3 +381,17 @@ def test_vectorised_fluctuation_equals_the_plain_recursion(tau):
     got = ar1(eps, phi, 0.7, 64)
     tolerance = 1e-12 if phi >= 1e-4 else 1e-3  # below 1e-4, phi is treated as white noise
     assert np.max(np.abs(got - np.array(expected))) < tolerance
+
+
+def test_keys_handed_out_in_order_survive_clock_skew_at_the_peer():
+    """A full buffer drops its oldest keys; get_key must not hand those out, or the peer,
+    reading its clock a little later, would have dropped them already."""
+    ca, cb = hal.ManualClock(0), hal.ManualClock(0)
+    params = {"skr": 25600, "buffer": 1000, "seed": "skew"}
+    a = hal.open_qkdm(url("a", **params), clock=ca)
+    b = hal.open_qkdm(url("b", **params), clock=cb)
+    ca.set(500)  # 50,000 keys produced: the buffer has been full for a long time
+    cb.set(501)  # the peer is 1 s (100 keys) ahead
+    for _ in range(50):
+        key = a.get_key()
+        assert b.get_key_by_id(key.key_id).material == key.material

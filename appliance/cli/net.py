@@ -1,0 +1,251 @@
+"""``qkdn node run`` and ``qkdn net up|status|down``: nodes as processes on this machine."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.table import Table
+
+from appliance.cli.output import console, print_json
+from appliance.config.render import RenderPlan, render
+from appliance.config.topology import load_topology
+from appliance.errors import ApplianceError, UsageError
+from appliance.kms.network import is_kms, load_configs, make_pki
+from appliance.kms.relay import Mode
+
+DEFAULT_DIR = Path(".qkdn/net")
+FULL_STORE_S = 3600.0
+"""``net up`` starts the emulated links this long in the past: their key buffers are full."""
+
+
+def register(sub: Any) -> None:
+    node = sub.add_parser(
+        "node",
+        help="run one KMS node",
+        description="Run the KMS services of one node from its rendered "
+        "configuration, until SIGTERM.",
+    )
+    nsub = node.add_subparsers(dest="node_command", metavar="ACTION", parser_class=type(node))
+    nsub.required = True
+    run = nsub.add_parser("run", help="run one node in the foreground")
+    run.add_argument("--config", required=True, type=Path, metavar="NODE.toml")
+    run.add_argument(
+        "--mode",
+        default="gcm",
+        choices=["gcm", "otp"],
+        help="how CN and KSA keys are protected on links (default: gcm)",
+    )
+    run.set_defaults(func=cmd_node_run)
+
+    net = sub.add_parser(
+        "net",
+        help="start, inspect and stop a whole network on this machine",
+        description="A whole network as separate OS processes on loopback: "
+        "a private CA, one certificate per node and SAE, supervised nodes.",
+        epilog="example: qkdn net up demoquandt && qkdn net status --json",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    n = net.add_subparsers(dest="net_command", metavar="ACTION", parser_class=type(net))
+    n.required = True
+    up = n.add_parser("up", help="render, issue certificates, start every KMS node")
+    up.add_argument("topology", nargs="?", default="demoquandt", metavar="TOPOLOGY")
+    up.add_argument(
+        "--dir", type=Path, default=DEFAULT_DIR, help="network directory (default: %(default)s)"
+    )
+    up.add_argument("--base-port", type=int, default=20000)
+    up.add_argument("--mode", default="gcm", choices=["gcm", "otp"])
+    up.add_argument(
+        "--rate-limited",
+        action="store_true",
+        help="start with empty link key stores (keys arrive at the links' SKR)",
+    )
+    up.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for readiness")
+    up.add_argument("--json", action="store_true")
+    up.set_defaults(func=cmd_net_up)
+    status = n.add_parser("status", help="nodes, processes and endpoints")
+    status.add_argument("--dir", type=Path, default=DEFAULT_DIR)
+    status.add_argument("--json", action="store_true")
+    status.set_defaults(func=cmd_net_status)
+    down = n.add_parser("down", help="stop every node and the supervisor")
+    down.add_argument("--dir", type=Path, default=DEFAULT_DIR)
+    down.set_defaults(func=cmd_net_down)
+
+
+def cmd_node_run(args: argparse.Namespace) -> int:
+    import qrng
+    from appliance.config.node import load_node_config
+    from appliance.kms.network import build_node
+    from appliance.kms.node import Policy
+
+    cfg = load_node_config(args.config)
+    topo = load_topology(cfg.node.topology)
+    generator = qrng.node_generator(cfg.devices.qrng)
+
+    async def main() -> None:
+        node = build_node(
+            cfg, topo, generator.random_bytes, policy=Policy(mode=Mode[args.mode.upper()])
+        )
+        await node.start()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        await node.close()
+
+    asyncio.run(main())
+    return 0
+
+
+def _ports_open(addresses: list[str]) -> bool:
+    for address in addresses:
+        host, port = address.rsplit(":", 1)
+        try:
+            with socket.create_connection((host, int(port)), timeout=0.5):
+                pass
+        except OSError:
+            return False
+    return True
+
+
+def _state(net_dir: Path) -> dict[str, Any] | None:
+    try:
+        doc: dict[str, Any] = json.loads((net_dir / "run" / "state.json").read_text())
+        return doc
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        return False
+    return True
+
+
+def cmd_net_up(args: argparse.Namespace) -> int:
+    import qrng
+
+    state = _state(args.dir)
+    if state and _alive(int(state["supervisor_pid"])):
+        raise UsageError(f"a network is already running from {args.dir} (qkdn net down first)")
+    topo = load_topology(args.topology)
+    start = time.time() - (0.0 if args.rate_limited else FULL_STORE_S)
+    render(topo, RenderPlan(out=args.dir, base_port=args.base_port, start=start))
+    configs = load_configs(args.dir)
+    if not (args.dir / "pki" / "ca.pem").exists():
+        make_pki(
+            topo, configs, qrng.node_generator("emulated-qrng://provisioning?bits=16").random_bytes
+        )
+    (args.dir / "logs").mkdir(exist_ok=True)
+    with open(args.dir / "logs" / "supervisor.log", "ab") as log:
+        subprocess.Popen(
+            [sys.executable, "-m", "appliance.kms.supervisor", str(args.dir), "--mode", args.mode],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+    kms_addresses = [
+        a for c in configs.values() if is_kms(c) for s, a in c.listen.items() if s != "snmp"
+    ]
+    deadline = time.monotonic() + args.timeout
+    while not _ports_open(kms_addresses):
+        if time.monotonic() > deadline:
+            raise ApplianceError(
+                f"the network did not come up within {args.timeout:g} s (see {args.dir / 'logs'})",
+                code="NET-TIMEOUT",
+            )
+        time.sleep(0.2)
+    return _report(args.dir, args.json)
+
+
+def _report(net_dir: Path, as_json: bool) -> int:
+    configs = load_configs(net_dir)
+    state = _state(net_dir) or {"nodes": {}}
+    doc: dict[str, Any] = {
+        "dir": str(net_dir),
+        "running": bool(state["nodes"]),
+        "nodes": [],
+        "saes": [],
+    }
+    for name, cfg in configs.items():
+        if not is_kms(cfg):
+            continue
+        proc = state["nodes"].get(name, {})
+        pid = int(proc.get("pid", 0))
+        entry = {
+            "name": name,
+            "id": cfg.node.id,
+            "role": cfg.node.role,
+            "pid": pid,
+            "alive": bool(pid) and _alive(pid),
+            "restarts": proc.get("restarts", 0),
+            "endpoints": {s: a for s, a in cfg.listen.items() if s != "snmp"},
+        }
+        if "etsi014" in cfg.listen:
+            entry["etsi014_base_url"] = f"https://{cfg.listen['etsi014']}/api/v1/keys"
+        doc["nodes"].append(entry)
+        for sae in cfg.saes:
+            doc["saes"].append(
+                {
+                    "id": sae.id,
+                    "ukms": name,
+                    "cert": sae.cert,
+                    "key": str(Path(sae.cert).with_suffix(".key")),
+                    "ca_cert": cfg.paths.ca_cert,
+                    "etsi014_base_url": entry.get("etsi014_base_url"),
+                }
+            )
+    if as_json:
+        print_json(doc)
+        return 0
+    table = Table(title=f"network in {net_dir}")
+    for col in ("node", "role", "pid", "restarts", "endpoints"):
+        table.add_column(col)
+    for e in doc["nodes"]:
+        shown = str(e["pid"]) if e["alive"] else "[red]down[/]"
+        table.add_row(
+            e["name"],
+            e["role"],
+            shown,
+            str(e["restarts"]),
+            " ".join(f"{k}={v}" for k, v in e["endpoints"].items()),
+        )
+    console().print(table)
+    for sae in doc["saes"]:
+        console().print(f"SAE {sae['id']}: {sae['etsi014_base_url']} cert {sae['cert']}")
+    return 0
+
+
+def cmd_net_status(args: argparse.Namespace) -> int:
+    if not (args.dir / "nodes").is_dir():
+        raise UsageError(f"no network in {args.dir} (qkdn net up first)")
+    return _report(args.dir, args.json)
+
+
+def cmd_net_down(args: argparse.Namespace) -> int:
+    state = _state(args.dir)
+    if not state or not _alive(int(state["supervisor_pid"])):
+        console().print(f"no network running from {args.dir}")
+        return 0
+    pid = int(state["supervisor_pid"])
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 15
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if _alive(pid):
+        raise ApplianceError(f"supervisor {pid} did not stop", code="NET-STOP")
+    console().print("network stopped")
+    return 0

@@ -1,0 +1,141 @@
+"""Runs every KMS node of a rendered network as its own OS process, and restarts crashed ones.
+
+Started by ``qkdn net up`` as a detached process. It writes ``run/state.json`` (its own pid
+and each node's pid, restarts and log file) atomically after every change, restarts a node
+that exits with a back-off (1 s doubling to 10 s, reset once a node has run for a minute),
+and on SIGTERM stops every node (SIGTERM, then SIGKILL after 5 s) and exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from appliance.kms.network import is_kms, load_configs
+
+POLL_S = 0.2
+
+
+@dataclass
+class Child:
+    name: str
+    config: str
+    log: str
+    pid: int = 0
+    restarts: int = 0
+    started: float = 0.0
+    backoff: float = 1.0
+    due: float = 0.0
+
+
+class Supervisor:
+    def __init__(self, net_dir: Path, mode: str) -> None:
+        self.dir, self.mode = net_dir, mode
+        (net_dir / "logs").mkdir(exist_ok=True)
+        (net_dir / "run").mkdir(exist_ok=True)
+        self.children = {
+            name: Child(
+                name, str(net_dir / "nodes" / f"{name}.toml"), str(net_dir / "logs" / f"{name}.log")
+            )
+            for name, cfg in load_configs(net_dir).items()
+            if is_kms(cfg)
+        }
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.stopping = False
+
+    def spawn(self, child: Child) -> None:
+        with open(child.log, "ab") as log:
+            proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "appliance.cli",
+                    "--log-level",
+                    "info",
+                    "--log-format",
+                    "json",
+                    "node",
+                    "run",
+                    "--config",
+                    child.config,
+                    "--mode",
+                    self.mode,
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
+        self.procs[child.name] = proc
+        child.pid, child.started = proc.pid, time.monotonic()
+
+    def write_state(self) -> None:
+        state = {
+            "supervisor_pid": os.getpid(),
+            "mode": self.mode,
+            "nodes": {n: asdict(c) for n, c in self.children.items()},
+        }
+        tmp = self.dir / "run" / "state.json.tmp"
+        tmp.write_text(json.dumps(state, indent=1))
+        os.replace(tmp, self.dir / "run" / "state.json")
+
+    def tick(self) -> None:
+        now = time.monotonic()
+        for name, child in self.children.items():
+            proc = self.procs.get(name)
+            if proc is not None and proc.poll() is None:
+                if now - child.started > 60:
+                    child.backoff = 1.0
+                continue
+            if proc is not None:  # it exited: schedule a restart
+                del self.procs[name]
+                child.due = now + child.backoff
+                child.backoff = min(10.0, child.backoff * 2)
+                child.restarts += 1
+                child.pid = 0
+                self.write_state()
+            elif now >= child.due:
+                self.spawn(child)
+                self.write_state()
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            proc.terminate()
+        deadline = time.monotonic() + 5
+        for proc in self.procs.values():
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+    def run(self) -> int:
+        signal.signal(signal.SIGTERM, lambda *_: setattr(self, "stopping", True))
+        signal.signal(signal.SIGINT, lambda *_: setattr(self, "stopping", True))
+        for child in self.children.values():
+            self.spawn(child)
+        self.write_state()
+        while not self.stopping:
+            self.tick()
+            time.sleep(POLL_S)
+        self.stop()
+        (self.dir / "run" / "state.json").unlink(missing_ok=True)
+        return 0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Supervise the KMS nodes of a rendered network")
+    parser.add_argument("dir", type=Path)
+    parser.add_argument("--mode", default="gcm", choices=["gcm", "otp"])
+    args = parser.parse_args()
+    raise SystemExit(Supervisor(args.dir, args.mode).run())
+
+
+if __name__ == "__main__":
+    main()
