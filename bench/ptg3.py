@@ -108,8 +108,9 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
 def bench_memory() -> dict[str, float]:
     """Peak RSS of a fresh process that produced 200 MiB of PTG.3 output."""
-    out = subprocess.run([sys.executable, "-c", MEMORY_PROBE], capture_output=True, text=True,
-                         check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", MEMORY_PROBE], capture_output=True, text=True, check=True
+    )
     return {"generator_peak_rss_mb_after_200_mib": float(out.stdout.strip())}
 
 

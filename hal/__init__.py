@@ -26,11 +26,18 @@ from hal.url import DeviceUrl
 
 QKDM_DRIVERS: dict[str, str] = {
     "emulated": "hal.emulated.driver",
+    "serial": "hal.serial_driver",
+    "usb": "hal.usb_driver",
+    "etsi014+https": "hal.etsi014_driver",
+    "spy": "hal.spy",
 }
 """URL scheme -> module with an ``open_qkdm(url, clock)`` function."""
 
 ENTROPY_DRIVERS: dict[str, str] = {
     "emulated-qrng": "hal.emulated.qrng",
+    "serial": "hal.serial_driver",
+    "usb": "hal.usb_driver",
+    "spy": "hal.spy",
 }
 """URL scheme -> module with an ``open_entropy_source(url, clock)`` function."""
 

@@ -52,3 +52,42 @@ class KeyNotFound(HalError):
     """No key with this ID at this end: unknown, already taken, or aged out of the buffer."""
 
     code = "HAL-KEY-NOT-FOUND"
+
+
+class ProtocolError(DeviceError):
+    """The device or KME broke its protocol: bad frame, malformed JSON, unexpected reply."""
+
+    code = "HAL-PROTOCOL"
+
+
+class DeviceTimeout(DeviceError):
+    """The device stopped answering within the bounded time (retries included)."""
+
+    code = "HAL-TIMEOUT"
+
+
+class DeviceDisconnected(DeviceError):
+    """The device is gone (unplugged, port closed, connection refused); it may come back."""
+
+    code = "HAL-DISCONNECTED"
+
+
+class DeviceUnavailable(DeviceError):
+    """The device answered but is temporarily unable to serve (e.g. HTTP 503 after retries)."""
+
+    code = "HAL-UNAVAILABLE"
+
+
+class TrustError(DeviceError):
+    """The peer failed authentication (TLS certificate, SAE identity): never retried."""
+
+    code = "HAL-TRUST"
+
+
+class KeyOutcomeUnknown(DeviceError):
+    """A key request may have been served but its answer was lost: the key is unusable.
+
+    Raised instead of retrying a non-idempotent request (ETSI 014 ``enc_keys``), so a key
+    is never delivered twice; the peer end's copy ages out of its buffer."""
+
+    code = "HAL-KEY-OUTCOME-UNKNOWN"

@@ -11,8 +11,12 @@ its ``repr`` never shows them: a key that reaches a log line prints as its ID on
 from __future__ import annotations
 
 import abc
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
+
+_STATE_LOCK = threading.Lock()
 
 
 class LinkState(StrEnum):
@@ -72,8 +76,32 @@ class QkdmStatus:
     """Keys distilled since the link started (monotonic counter, includes evicted ones)."""
 
 
+@dataclass(frozen=True, kw_only=True, slots=True)
+class LinkStateChanged:
+    """A QKDM's link state changed, as seen by its driver."""
+
+    link: str
+    """Link name (or device name when the device never answered)."""
+    old: LinkState | None
+    """The previous state; None for the first observation."""
+    new: LinkState
+    """The state now."""
+    reason: str
+    """Why, in words (an error message, never key material)."""
+
+
+StateCallback = Callable[[LinkStateChanged], None]
+
+
 class Qkdm(abc.ABC):
-    """One end of a QKD link. Drivers implement this; the KMS uses nothing else."""
+    """One end of a QKD link. Drivers implement this; the KMS uses nothing else.
+
+    State-change notifications: :meth:`subscribe` a callback; drivers report what they
+    observe through :meth:`_observe_state` (a failed request, a status reading), and
+    :meth:`poll_state` reads the status on demand, so even a driver that never calls
+    ``_observe_state`` (the emulated one) notifies when polled. Callbacks run in the
+    caller's thread, after the state is recorded; one that raises is not retried.
+    """
 
     @abc.abstractmethod
     def get_key(self) -> QkdKey:
@@ -93,6 +121,53 @@ class Qkdm(abc.ABC):
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release the device."""
+
+    # -- state-change notifications (default implementation, no driver cooperation) ------
+    def subscribe(self, callback: StateCallback) -> Callable[[], None]:
+        """Call ``callback`` on every link-state change; return a function that unsubscribes."""
+        watchers = self._watchers()
+        watchers.append(callback)
+
+        def unsubscribe() -> None:
+            if callback in watchers:
+                watchers.remove(callback)
+
+        return unsubscribe
+
+    def poll_state(self) -> LinkState:
+        """Read the status now, notify subscribers if the state changed, return it."""
+        from hal.errors import HalError  # hal.errors imports nothing from here; keep it so
+
+        try:
+            reading = self.status()
+        except HalError as exc:
+            self._observe_state(LinkState.DOWN, exc.message)
+            return LinkState.DOWN
+        self._observe_state(reading.state, "status reading", link=reading.link)
+        return reading.state
+
+    def _observe_state(self, state: LinkState, reason: str, *, link: str | None = None) -> None:
+        """Record ``state``; notify subscribers if it differs from the last one recorded."""
+        with _STATE_LOCK:
+            old: LinkState | None = getattr(self, "_hal_state", None)
+            self._hal_state = state
+            if link is not None:
+                self._hal_link = link
+            name = getattr(self, "_hal_link", None) or type(self).__name__
+        if old is state:
+            return
+        event = LinkStateChanged(link=name, old=old, new=state, reason=reason)
+        for callback in list(self._watchers()):
+            callback(event)
+
+    def _watchers(self) -> list[StateCallback]:
+        # Created lazily so drivers need not call an ABC __init__ (the emulated one does not).
+        with _STATE_LOCK:
+            watchers: list[StateCallback] | None = getattr(self, "_hal_watchers", None)
+            if watchers is None:
+                watchers = []
+                self._hal_watchers = watchers
+            return watchers
 
     def __enter__(self) -> Qkdm:
         return self

@@ -42,3 +42,14 @@ def make_pair(clock: hal.ManualClock) -> Callable[..., Pair]:
 @pytest.fixture
 def faults_file(tmp_path: Path) -> Path:
     return tmp_path / "faults.json"
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--device-url",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="run the hal conformance kit against bench hardware: a QKDM URL, optionally "
+        "'URL,PEER_URL' for both ends of a link, or 'entropy:URL' for a QRNG (repeatable)",
+    )

@@ -127,6 +127,12 @@ def _state(net_dir: Path) -> dict[str, Any] | None:
 
 
 def _alive(pid: int) -> bool:
+    """True while ``pid`` runs; a child of ours that exited is reaped (not a zombie)."""
+    try:
+        if os.waitpid(pid, os.WNOHANG)[0] == pid:
+            return False
+    except ChildProcessError:
+        pass  # not our child: init reaps it
     try:
         os.kill(pid, 0)
     except OSError:
@@ -135,6 +141,12 @@ def _alive(pid: int) -> bool:
 
 
 def cmd_net_up(args: argparse.Namespace) -> int:
+    bring_up(args)
+    return _report(args.dir, args.json)
+
+
+def bring_up(args: argparse.Namespace) -> None:
+    """Render, issue certificates, start the supervisor, wait until every node listens."""
     import qrng
 
     state = _state(args.dir)
@@ -168,10 +180,33 @@ def cmd_net_up(args: argparse.Namespace) -> int:
                 code="NET-TIMEOUT",
             )
         time.sleep(0.2)
-    return _report(args.dir, args.json)
 
 
 def _report(net_dir: Path, as_json: bool) -> int:
+    doc = status_doc(net_dir)
+    if as_json:
+        print_json(doc)
+        return 0
+    table = Table(title=f"network in {net_dir}")
+    for col in ("node", "role", "pid", "restarts", "endpoints"):
+        table.add_column(col)
+    for e in doc["nodes"]:
+        shown = str(e["pid"]) if e["alive"] else "[red]down[/]"
+        table.add_row(
+            e["name"],
+            e["role"],
+            shown,
+            str(e["restarts"]),
+            " ".join(f"{k}={v}" for k, v in e["endpoints"].items()),
+        )
+    console().print(table)
+    for sae in doc["saes"]:
+        console().print(f"SAE {sae['id']}: {sae['etsi014_base_url']} cert {sae['cert']}")
+    return 0
+
+
+def status_doc(net_dir: Path) -> dict[str, Any]:
+    """Every KMS node (process, endpoints) and every SAE (014 URL, credentials) of a network."""
     configs = load_configs(net_dir)
     state = _state(net_dir) or {"nodes": {}}
     doc: dict[str, Any] = {
@@ -208,25 +243,7 @@ def _report(net_dir: Path, as_json: bool) -> int:
                     "etsi014_base_url": entry.get("etsi014_base_url"),
                 }
             )
-    if as_json:
-        print_json(doc)
-        return 0
-    table = Table(title=f"network in {net_dir}")
-    for col in ("node", "role", "pid", "restarts", "endpoints"):
-        table.add_column(col)
-    for e in doc["nodes"]:
-        shown = str(e["pid"]) if e["alive"] else "[red]down[/]"
-        table.add_row(
-            e["name"],
-            e["role"],
-            shown,
-            str(e["restarts"]),
-            " ".join(f"{k}={v}" for k, v in e["endpoints"].items()),
-        )
-    console().print(table)
-    for sae in doc["saes"]:
-        console().print(f"SAE {sae['id']}: {sae['etsi014_base_url']} cert {sae['cert']}")
-    return 0
+    return doc
 
 
 def cmd_net_status(args: argparse.Namespace) -> int:
@@ -236,10 +253,17 @@ def cmd_net_status(args: argparse.Namespace) -> int:
 
 
 def cmd_net_down(args: argparse.Namespace) -> int:
-    state = _state(args.dir)
+    console().print(
+        "network stopped" if bring_down(args.dir) else f"no network running from {args.dir}"
+    )
+    return 0
+
+
+def bring_down(net_dir: Path) -> bool:
+    """Stop the supervisor and its nodes; False if none was running."""
+    state = _state(net_dir)
     if not state or not _alive(int(state["supervisor_pid"])):
-        console().print(f"no network running from {args.dir}")
-        return 0
+        return False
     pid = int(state["supervisor_pid"])
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + 15
@@ -247,5 +271,4 @@ def cmd_net_down(args: argparse.Namespace) -> int:
         time.sleep(0.1)
     if _alive(pid):
         raise ApplianceError(f"supervisor {pid} did not stop", code="NET-STOP")
-    console().print("network stopped")
-    return 0
+    return True

@@ -249,3 +249,20 @@ def _render(topo: Topology, plan: RenderPlan) -> list[Path]:
     }
     (plan.out / "network.toml").write_text(tomli_w.dumps(index), encoding="utf-8")
     return written
+
+
+def find_free_base_port(node_ids: range = range(1, 23), host: str = "127.0.0.1") -> int:
+    """A base port whose every planned port (base + offset + node id) binds right now."""
+    import socket
+
+    for base in range(21000, MAX_BASE_PORT, 997):
+        try:
+            for off in SERVICE_OFFSETS.values():
+                for node in node_ids:
+                    with socket.socket() as sock:
+                        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                        sock.bind((host, base + off + node))
+        except OSError:
+            continue
+        return base
+    raise UsageError("no free port range for the network on this machine")

@@ -37,14 +37,19 @@ import hashlib
 import math
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
+from numpy.typing import NDArray
 
 from hal.clock import Clock
-from hal.emulated.noise import Floats, ar1, normal_cdf
+from hal.emulated.noise import ar1, normal_cdf
 from hal.entropy import EntropySource, Samples, SourceStatus, sample_dtype
 from hal.errors import DeviceUrlError
 from hal.url import DeviceUrl
+
+Floats = NDArray[np.floating[Any]]
+"""Noise arrays: float32 from the sampler, float64 once correlated."""
 
 FAULT_KINDS = ("stuck", "total", "saturation", "drift", "correlation", "burst")
 FAULT_DEFAULTS: dict[str, dict[str, float]] = {
@@ -191,7 +196,7 @@ class EmulatedQrng(EntropySource):
     def _noise(self, eps: Floats, rho: float) -> Floats:
         if rho <= 0 or len(eps) == 0:
             return eps
-        z = ar1(eps, rho, self._z)
+        z = ar1(eps.astype(np.float64), rho, self._z)  # the recursion needs float64
         self._z = float(z[-1])
         return z
 

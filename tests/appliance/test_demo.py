@@ -13,8 +13,10 @@ from tests.appliance.test_topology import TABLE_3
 @pytest.fixture(scope="module")
 def week(tmp_path_factory):
     path = tmp_path_factory.mktemp("demo") / "week.json"
-    status = cli.main(["demo", "--seed", "ci-week", "--json", str(path), "--check"])
-    return status, json.loads(path.read_text())
+    status = cli.main(
+        ["demo", "--skip-network", "--seed", "ci-week", "--json", str(path), "--check"]
+    )
+    return status, json.loads(path.read_text())["quantum"]
 
 
 def test_a_week_matches_the_configuration(week):
@@ -51,7 +53,7 @@ def test_samples_are_written_for_plotting(week):
 
 
 def test_report_table_is_printed(capsys):
-    status = cli.main(["demo", "--days", "0.5", "--seed", "table"])
+    status = cli.main(["demo", "--skip-network", "--days", "0.5", "--seed", "table"])
     out = capsys.readouterr().out
     assert status == 0
     for header in ("SKR set [kb/s]", "SKR [kb/s]", "QBER [%]", "A/CKMS", "9-10", "16-10"):
@@ -66,6 +68,7 @@ def test_speedup_paces_emulated_time(tmp_path):
         cli.main(
             [
                 "demo",
+                "--skip-network",
                 "--days",
                 str(1200 / 86400),
                 "--speedup",
@@ -78,6 +81,21 @@ def test_speedup_paces_emulated_time(tmp_path):
         )
         == 0
     )
-    report = json.loads(path.read_text())
+    report = json.loads(path.read_text())["quantum"]
     assert report["wall_s"] >= 0.29
     assert report["speedup_achieved"] <= 4100
+
+
+def test_the_network_stage_measures_t_key_across_processes(tmp_path, capsys):
+    """Issue 5's main job: the network as processes, N requests, every key matched."""
+    path = tmp_path / "net.json"
+    assert (
+        cli.main(["demo", "--skip-quantum", "--requests", "20", "--json", str(path), "--check"])
+        == 0
+    )
+    report = json.loads(path.read_text())["network"]
+    assert set(report["t_key_ms"]) == {"p50", "p90", "p99", "mean", "std"}
+    assert report["requests"] == 20 and report["keys_matched"] == 20
+    assert report["keys_mismatched"] == 0 and report["failed_requests"] == 0
+    assert 0 < report["t_key_ms"]["p50"] < 17_340 and report["keys_per_s"] > 0
+    assert "faster than the paper" in capsys.readouterr().out

@@ -12,35 +12,21 @@ import base64
 import http.client
 import json
 import os
-import socket
 import ssl
 from pathlib import Path
 
 import pytest
 
 import hal
-from appliance.config.render import RenderPlan, render
+from appliance.config.render import RenderPlan, find_free_base_port, render
 from appliance.config.topology import load_topology
 from appliance.kms.network import build_node, is_kms, load_configs, make_pki
 from appliance.kms.node import Policy
 from appliance.kms.relay import Mode
 
 
-def free_base_port(node_ids: range = range(1, 23)) -> int:
-    """A base port whose every planned port (base + offset + node id) binds right now."""
-    from appliance.config.render import SERVICE_OFFSETS
-
-    for base in range(21000, 56000, 997):
-        ports = [base + off + n for off in SERVICE_OFFSETS.values() for n in node_ids]
-        try:
-            for port in ports:
-                with socket.socket() as s:
-                    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                    s.bind(("127.0.0.1", port))
-        except OSError:
-            continue
-        return base
-    raise RuntimeError("no free port plan on this machine")
+def free_base_port() -> int:
+    return find_free_base_port()
 
 
 def sae_conn(out: Path, sae: str, port: int) -> http.client.HTTPSConnection:
