@@ -53,6 +53,7 @@ def qkdm_url(
     seed: str | None = None,
     start: float = 0.0,
     faults: str | None = None,
+    state: str | None = None,
 ) -> str:
     """The ``emulated://`` URL of one end of a link, in the driver's units (bit/s, fraction)."""
     emu = link.emulator
@@ -71,7 +72,12 @@ def qkdm_url(
     }
     if emu.skr_max_kbps is not None:
         params["skr_max"] = emu.skr_max_kbps * 1000
-    for key, value in (("secret_file", secret_file), ("seed", seed), ("faults", faults)):
+    for key, value in (
+        ("secret_file", secret_file),
+        ("seed", seed),
+        ("faults", faults),
+        ("state", state),
+    ):
         if value is not None:
             params[key] = value
     return f"emulated://{link.id}?{urlencode(params)}"
@@ -145,6 +151,7 @@ def render_node(topo: Topology, node: Node, plan: RenderPlan, start: float) -> d
             secret_file=str(out / "secrets" / f"{link.id}.secret"),
             start=start,
             faults=str(out / "faults" / f"{link.id}.json"),
+            state=str(data_root / node.name / f"qkdm-{link.id}.state"),
         )
         doc["neighbours"].append(
             {

@@ -46,6 +46,13 @@ class IntegrityFailure(KmsError):
     code = "KMS-INTEGRITY"
 
 
+class StaleGrant(IntegrityFailure):
+    """The sender used link keys granted by an earlier run of the link's master end: it must
+    drop them and ask for a fresh grant (no key was spent, the message was not opened)."""
+
+    code = "KMS-STALE-GRANT"
+
+
 class ReplayDetected(IntegrityFailure):
     """A relay message was seen before."""
 

@@ -14,10 +14,11 @@ QKDM driver directly; node adapters run it where blocking is acceptable.
 
 from __future__ import annotations
 
+import uuid
 from enum import StrEnum
 
 import hal
-from appliance.kms.errors import IntegrityFailure, KeyUnavailable
+from appliance.kms.errors import IntegrityFailure, KeyUnavailable, StaleGrant
 from appliance.kms.relay import GCM_USES, GcmSender, Hop, Mode, PadLedger, PadStream, Segment
 
 GRANT_BATCH = 64
@@ -44,6 +45,9 @@ class LinkKeys:
         self._gcm = GcmSender()
         self._ledger = PadLedger()
         self._granted_ids: list[str] = []  # slave: IDs granted but not yet fetched
+        # Master: a fresh epoch per run; slave: the epoch of the grants it holds. Grants of
+        # an earlier run of the master cannot be honoured (it forgot their material).
+        self.epoch: str | None = uuid.uuid4().hex if role is Role.MASTER else None
 
     # -- sending ------------------------------------------------------------------------
     def pad(self, n: int) -> tuple[tuple[Segment, ...], bytearray]:
@@ -91,11 +95,31 @@ class LinkKeys:
             ids.append(key.key_id)
         return ids
 
-    def accept_grant(self, key_ids: list[str]) -> None:
+    def accept_grant(self, key_ids: list[str], epoch: str) -> None:
         """Slave: remember granted IDs; their material is fetched when needed."""
         if self.role is not Role.SLAVE:
             raise IntegrityFailure(f"{self.link}: the master end is never granted keys")
+        self.seen_master_epoch(epoch)
         self._granted_ids.extend(key_ids)
+
+    def seen_master_epoch(self, epoch: str | None) -> None:
+        """Slave: the master announced its epoch; grants of another epoch are dropped."""
+        if epoch is not None and epoch != self.epoch:
+            self.drop_grants()
+            self.epoch = epoch
+
+    def drop_grants(self) -> None:
+        """Slave: forget granted keys (the master restarted); the next send asks again."""
+        self._granted_ids.clear()
+        self._out = PadStream()
+        self._gcm_keys = PadStream()
+        self._gcm = GcmSender()
+        self.epoch = None
+
+    def check_grant_epoch(self, epoch: str | None) -> None:
+        """Master: refuse, before opening anything, a message sealed with another run's grants."""
+        if self.role is Role.MASTER and epoch != self.epoch:
+            raise StaleGrant(f"{self.link}: link keys granted by an earlier run of this end")
 
     def granted_left(self) -> int:
         """Slave: granted keys not yet used."""
@@ -106,7 +130,7 @@ class LinkKeys:
         """The pad (OTP) or key (GCM) a received hop message names, marked spent."""
         for key_id in self._ledger.missing(hop):
             if self.role is Role.MASTER:  # the slave may only use keys we granted
-                raise IntegrityFailure(f"{self.link}: message uses a link key never granted")
+                raise StaleGrant(f"{self.link}: message uses a link key this end never granted")
             try:
                 self._ledger.add(key_id, self.qkdm.get_key_by_id(key_id).material)
             except (hal.KeyNotFound, hal.KeyNotYetAvailable) as exc:

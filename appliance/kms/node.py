@@ -35,7 +35,13 @@ from appliance.config.node import NodeConfig
 from appliance.config.render import SERVICE_OFFSETS
 from appliance.config.topology import Sae, Topology
 from appliance.kms import ksa
-from appliance.kms.errors import IntegrityFailure, KeyUnavailable, KmsError, ProtocolError
+from appliance.kms.errors import (
+    IntegrityFailure,
+    KeyUnavailable,
+    KmsError,
+    ProtocolError,
+    StaleGrant,
+)
 from appliance.kms.etsi014 import Etsi014Api, Limits
 from appliance.kms.links import GRANT_BATCH, LinkKeys, Role, role_of
 from appliance.kms.relay import (
@@ -185,7 +191,12 @@ class KmsNode:
         except json.JSONDecodeError:
             raise ProtocolError(f"node {node_id}{path}: answer is not JSON") from None
         if response.status != 200:
-            raise KeyUnavailable(f"node {node_id}{path}: {body.get('message', response.status)}")
+            reason = f"node {node_id}{path}: {body.get('message', response.status)}"
+            raise (
+                StaleGrant(reason)
+                if body.get("code") == StaleGrant.code
+                else KeyUnavailable(reason)
+            )
         return body
 
     async def _handle(self, request: Request) -> Response:
@@ -254,12 +265,23 @@ class KmsNode:
         reply = await self._call(
             peer, service, "/v1/link/grant", {"link": nb.link, "n": GRANT_BATCH}
         )
-        self.links[peer].accept_grant([str(k) for k in _field(reply, "key_ids", list)])
+        self.links[peer].accept_grant(
+            [str(k) for k in _field(reply, "key_ids", list)], _field(reply, "epoch", str)
+        )
         return take()
 
-    def _open_from(self, peer: int, message: bytes) -> tuple[Hop, bytearray]:
+    def _open_from(self, peer: int, message: bytes, epoch: Any) -> tuple[Hop, bytearray]:
+        """Open a neighbour's hop message. ``epoch`` is the sender's link epoch: a master end
+        refuses another run's grants (StaleGrant) before touching anything; a slave end
+        learns that its master restarted and drops its grants."""
+        link = self.links[peer]
+        epoch = epoch if isinstance(epoch, str) else None
+        if link.role is Role.MASTER:
+            link.check_grant_epoch(epoch)
+        else:
+            link.seen_master_epoch(epoch)
         hop, header, body = decode(message)
-        material = self.links[peer].receive(hop)
+        material = link.receive(hop)
         if hop.mode is Mode.OTP:
             return hop, open_otp(header, body, material)
         return hop, open_gcm(hop, header, body, material)
@@ -268,7 +290,7 @@ class KmsNode:
         link, n = self.links.get(caller), _field(doc, "n", int)
         if link is None or link.link != doc.get("link") or not 0 < n <= 4096:
             raise ProtocolError("grant request from a node that is not this link's peer")
-        return {"key_ids": link.grant(n)}
+        return {"key_ids": link.grant(n), "epoch": link.epoch}
 
     # -- UKMS ---------------------------------------------------------------------------
     def sae_pair(self, master: str, slave: str) -> tuple[Sae, Sae] | None:
@@ -290,9 +312,15 @@ class KmsNode:
             akms,
             "akms",
             "/v1/ksa",
-            {"master": master, "slave": slave, "number": number, "size": size},
+            {
+                "master": master,
+                "slave": slave,
+                "number": number,
+                "size": size,
+                "epoch": self.links[akms].epoch,
+            },
         )
-        _, batch = self._open_from(akms, _unb64(reply.get("sealed")))
+        _, batch = self._open_from(akms, _unb64(reply.get("sealed")), reply.get("epoch"))
         keys = ksa.decode_batch(batch)
         batch[:] = bytes(len(batch))
         return [(key_id, bytes(key)) for key_id, key in keys]
@@ -306,7 +334,7 @@ class KmsNode:
             or self.saes[slave].node != self.config.node.id
         ):
             raise ProtocolError("delivery for an SAE that is not served here")
-        _, batch = self._open_from(caller, _unb64(doc.get("sealed")))
+        _, batch = self._open_from(caller, _unb64(doc.get("sealed")), doc.get("epoch"))
         keys = ksa.decode_batch(batch)
         batch[:] = bytes(len(batch))
         self._store(master, slave).put_many(keys)
@@ -370,7 +398,11 @@ class KmsNode:
             mode=self.policy.mode,
             segments=(),
         )
-        return {"sealed": _b64(await self._seal_for(caller, hop, batch))}
+        self.links[caller].seen_master_epoch(
+            doc.get("epoch") if isinstance(doc.get("epoch"), str) else None
+        )
+        sealed = await self._seal_for(caller, hop, batch)
+        return {"sealed": _b64(sealed), "epoch": self.links[caller].epoch}
 
     # -- AKMS B: the responding side ----------------------------------------------------
     async def _on_cn(self, doc: dict[str, Any], caller: int) -> dict[str, Any]:
@@ -405,7 +437,12 @@ class KmsNode:
             ukms_b,
             "ukms",
             "/v1/ksa/deliver",
-            {"master": master, "slave": slave, "sealed": _b64(sealed)},
+            {
+                "master": master,
+                "slave": slave,
+                "sealed": _b64(sealed),
+                "epoch": self.links[ukms_b].epoch,
+            },
         )
         batch = ksa.seal_batch(self.policy.mode, cn_key, request_id, ksa.encode_batch(keys))
         return {"batch": _b64(batch)}
@@ -431,11 +468,24 @@ class KmsNode:
             mode=self.policy.mode,
             segments=(),
         )
-        message = await self._seal_for(nxt, hop, cn_key)
-        cn_key[:] = bytes(len(cn_key))
-        await self._call(
-            nxt, "ckms", "/v1/relay", {"path": path, "index": index + 1, "message": _b64(message)}
-        )
+        try:
+            for attempt in (1, 2):  # a second try only after the next node refused old grants
+                message = await self._seal_for(nxt, hop, bytearray(cn_key))
+                doc = {
+                    "path": path,
+                    "index": index + 1,
+                    "message": _b64(message),
+                    "epoch": self.links[nxt].epoch,
+                }
+                try:
+                    await self._call(nxt, "ckms", "/v1/relay", doc)
+                    return
+                except StaleGrant:
+                    if attempt == 2:
+                        raise
+                    self.links[nxt].drop_grants()
+        finally:
+            cn_key[:] = bytes(len(cn_key))
 
     async def _on_relay(self, doc: dict[str, Any], caller: int) -> dict[str, Any]:
         path, index = _field(doc, "path", list), _field(doc, "index", int)
@@ -445,7 +495,7 @@ class KmsNode:
             or path[index - 1] != caller
         ):
             raise ProtocolError("relay message off its path")
-        hop, cn_key = self._open_from(caller, _unb64(doc.get("message")))
+        hop, cn_key = self._open_from(caller, _unb64(doc.get("message")), doc.get("epoch"))
         if hop.hop != index - 1 or hop.direction is not Direction.TO_REQUESTER:
             cn_key[:] = bytes(len(cn_key))
             raise IntegrityFailure("relay hop number or direction does not match the path")

@@ -23,7 +23,14 @@ start      clock time at which the link started                     0
 secret_file  file holding the link secret as hex (>= 16 bytes)      one of the
 seed       public seed instead of a secret: tests and demos only    two
 faults     JSON fault schedule shared by both ends (see faults.py)  none
+state      file that keeps this end's consumption across restarts   none
 ========== ======================================================== ===========
+
+With ``state=``, the end writes a high-water mark of the keys it has handed out (in order:
+reserved :data:`RESERVE` keys ahead, one fsync per reservation; by ID: exact). After a
+restart it resumes above the mark, so no key is handed out twice, by order or by ID;
+up to ``RESERVE`` keys that were never used are skipped. Without it, consumption lives in
+memory only.
 
 Both ends opened with the same parameters yield the same keys under the same IDs. Each
 end hands out each key once: the master end takes keys in order with ``get_key``, the
@@ -36,6 +43,7 @@ at least a tenth of the buffer's lifetime, whatever the two ends' clock skew.
 from __future__ import annotations
 
 import math
+import os
 import re
 import threading
 from pathlib import Path
@@ -45,6 +53,7 @@ from hal.emulated.faults import FaultWatcher
 from hal.emulated.keys import KeyIdCodec, KeyStream, derive, secret_from_seed
 from hal.emulated.model import LinkModel, LinkParams
 from hal.errors import (
+    DeviceError,
     DeviceUrlError,
     KeyNotFound,
     KeyNotYetAvailable,
@@ -54,6 +63,8 @@ from hal.errors import (
 from hal.qkdm import LinkState, QkdKey, Qkdm, QkdmStatus
 from hal.url import DeviceUrl
 
+RESERVE = 1024
+"""Keys reserved ahead in the state file."""
 _LINK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _MAX_CATCH_UP_S = 400 * 86400
 
@@ -72,6 +83,7 @@ class EmulatedQkdm(Qkdm):
         key_size: int,
         buffer: int,
         clock: Clock,
+        state: Path | None = None,
     ) -> None:
         self.link, self.end = link, end
         self._model, self._stream, self._codec = model, stream, codec
@@ -81,6 +93,10 @@ class EmulatedQkdm(Qkdm):
         self._produced = 0  # keys distilled so far (index of the next key)
         self._next = 0  # every index below this is gone (taken or dropped)
         self._taken: set[int] = set()  # indexes >= _next taken out of order (by ID)
+        self._state = state
+        self._reserved = self._load_state()  # persisted: no index below it is handed out
+        self._writes = 0
+        self._next = self._reserved
 
     # -- the Qkdm interface -----------------------------------------------------
     def get_key(self) -> QkdKey:
@@ -97,6 +113,7 @@ class EmulatedQkdm(Qkdm):
             index = self._next
             self._next += 1
             self._compact()
+            self._handed_out(index, ahead=RESERVE)
             return self._key(index)
 
     def get_key_by_id(self, key_id: str) -> QkdKey:
@@ -111,6 +128,7 @@ class EmulatedQkdm(Qkdm):
                 raise KeyNotFound(f"{self.link}: key {key_id} already taken or expired")
             self._taken.add(index)
             self._compact()
+            self._handed_out(index, ahead=0)
             return self._key(index)
 
     def key_count(self) -> int:
@@ -141,6 +159,37 @@ class EmulatedQkdm(Qkdm):
         oldest = self._produced - self._buffer
         if oldest > self._next:
             self._skip_to(oldest)
+
+    def _load_state(self) -> int:
+        if self._state is None:
+            return 0
+        try:
+            return int(self._state.read_text().strip() or 0)
+        except FileNotFoundError:
+            return 0
+        except (OSError, ValueError):
+            raise DeviceError(f"{self.link}: state file {self._state} unreadable") from None
+
+    def _handed_out(self, index: int, *, ahead: int) -> None:
+        """Keep the persisted mark above every key handed out.
+
+        In order (``get_key``) the mark is reserved ``ahead`` keys in advance: one fsync'd
+        write per reservation. By ID the next IDs belong to the peer's order, so the mark is
+        exact: rewritten on every new maximum (a killed process leaves it in the page cache)
+        and fsync'd every 64 writes (a power loss reopens at most 64 fetched IDs).
+        """
+        if self._state is None or index < self._reserved:
+            return
+        self._reserved = index + 1 + ahead
+        self._writes += 1
+        tmp = self._state.with_name(self._state.name + ".tmp")
+        self._state.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "w") as fh:
+            fh.write(f"{self._reserved}\n")
+            if ahead or self._writes % 64 == 0:
+                fh.flush()
+                os.fsync(fh.fileno())
+        os.replace(tmp, self._state)
 
     def _skip_to(self, index: int) -> None:
         self._next = index
@@ -218,6 +267,7 @@ def open_qkdm(url: DeviceUrl, clock: Clock | None = None) -> EmulatedQkdm:
     key_size = url.take_int("key_size", 256, lo=64, hi=65536, multiple_of=8)
     buffer = url.take_int("buffer", 100_000, lo=1, hi=10_000_000)
     faults = url.take_optional("faults")
+    state = url.take_optional("state")
     secret = _link_secret(url)
     url.finish()
     clock = clock or SystemClock()
@@ -234,4 +284,5 @@ def open_qkdm(url: DeviceUrl, clock: Clock | None = None) -> EmulatedQkdm:
         key_size=key_size,
         buffer=buffer,
         clock=clock,
+        state=Path(state) if state else None,
     )

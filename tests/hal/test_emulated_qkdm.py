@@ -395,3 +395,41 @@ def test_keys_handed_out_in_order_survive_clock_skew_at_the_peer():
     for _ in range(50):
         key = a.get_key()
         assert b.get_key_by_id(key.key_id).material == key.material
+
+
+def test_state_file_prevents_handing_out_a_key_twice_across_restarts(tmp_path):
+    """A restarted end resumes above its persisted mark, by order and by ID."""
+    state_a, state_b = tmp_path / "a.state", tmp_path / "b.state"
+    clock = hal.ManualClock(0)
+    a = hal.open_qkdm(url("a", state=state_a), clock=clock)
+    b = hal.open_qkdm(url("b", state=state_b), clock=clock)
+    clock.set(100)
+    used = [a.get_key() for _ in range(5)]
+    for key in used:
+        b.get_key_by_id(key.key_id)
+    clock.set(1000)  # the restart skips up to RESERVE reserved keys: let more arrive
+    a2 = hal.open_qkdm(url("a", state=state_a), clock=clock)  # both ends restart
+    b2 = hal.open_qkdm(url("b", state=state_b), clock=clock)
+    fresh = a2.get_key()
+    assert fresh.key_id not in {k.key_id for k in used}
+    for key in used:
+        with pytest.raises(hal.KeyNotFound):
+            b2.get_key_by_id(key.key_id)
+    assert b2.get_key_by_id(fresh.key_id).material == fresh.material
+    state_a.write_text("garbage")
+    with pytest.raises(hal.DeviceError, match="state file"):
+        hal.open_qkdm(url("a", state=state_a), clock=clock)
+
+
+def test_a_restarted_by_id_end_still_serves_the_ids_its_peer_hands_out_next(tmp_path):
+    clock = hal.ManualClock(0)
+    a = hal.open_qkdm(url("a"), clock=clock)
+    b = hal.open_qkdm(url("b", state=tmp_path / "b.state"), clock=clock)
+    clock.set(100)
+    first = a.get_key()
+    b.get_key_by_id(first.key_id)
+    b2 = hal.open_qkdm(url("b", state=tmp_path / "b.state"), clock=clock)  # the by-ID end restarts
+    nxt = a.get_key()  # the very next key in the peer's order
+    assert b2.get_key_by_id(nxt.key_id).material == nxt.material
+    with pytest.raises(hal.KeyNotFound):
+        b2.get_key_by_id(first.key_id)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 import hal
-from appliance.kms.errors import IntegrityFailure, KeyUnavailable, ReplayDetected
+from appliance.kms.errors import IntegrityFailure, KeyUnavailable, ReplayDetected, StaleGrant
 from appliance.kms.links import LinkKeys, Role, role_of
 from appliance.kms.relay import (
     MAC_KEY_BYTES,
@@ -59,7 +59,7 @@ def test_slave_to_master_needs_and_uses_grants():
     master, slave, _ = pair()
     with pytest.raises(KeyUnavailable, match="ask the master"):
         slave.pad(10)
-    slave.accept_grant(master.grant(16))
+    slave.accept_grant(master.grant(16), master.epoch or "")
     assert slave.granted_left() == 16
     for i in range(3):
         assert otp(slave, master, bytes([i]) * 64) == bytes([i]) * 64
@@ -68,7 +68,7 @@ def test_slave_to_master_needs_and_uses_grants():
 def test_both_directions_never_share_bits():
     """Keys granted to the slave are never also used by the master's own sending."""
     master, slave, _ = pair()
-    slave.accept_grant(master.grant(16))
+    slave.accept_grant(master.grant(16), master.epoch or "")
     down = [master.pad(96)[0] for _ in range(5)]
     up = [slave.pad(96)[0] for _ in range(5)]
     down_ids = {s.key_id for segs in down for s in segs}
@@ -95,7 +95,7 @@ def test_a_message_with_ungranted_keys_is_rejected_by_the_master():
 
 def test_gcm_in_both_directions():
     master, slave, _ = pair()
-    slave.accept_grant(master.grant(2))
+    slave.accept_grant(master.grant(2), master.epoch or "")
     for sender, receiver in ((master, slave), (slave, master)):
         for i in range(5):
             key_id, key, counter = sender.gcm()
@@ -116,3 +116,17 @@ def test_an_empty_link_is_key_unavailable():
     master, _, _ = pair(skr=256)  # one key per second
     with pytest.raises(KeyUnavailable, match="no link key"):
         master.pad(10 * 32 + 1)
+
+
+def test_a_restarted_master_refuses_old_grants_until_the_slave_asks_again():
+    master, slave, _ = pair()
+    slave.accept_grant(master.grant(8), master.epoch or "")
+    restarted = LinkKeys("link-2-3", Role.MASTER, master.qkdm)  # same QKDM end, new run
+    assert restarted.epoch != master.epoch
+    with pytest.raises(StaleGrant):
+        restarted.check_grant_epoch(slave.epoch)
+    slave.seen_master_epoch(restarted.epoch)  # the slave learns of the restart
+    assert slave.granted_left() == 0
+    slave.accept_grant(restarted.grant(8), restarted.epoch or "")
+    restarted.check_grant_epoch(slave.epoch)
+    assert otp(slave, restarted, b"after restart" * 3) == b"after restart" * 3

@@ -74,11 +74,6 @@ def test_every_node_runs_and_status_lists_endpoints(net):
     get_key_pair(out, doc)
 
 
-@pytest.mark.skip(
-    reason="link state (grants, emulated QKDM consumption) is not persisted across "
-    "a node restart yet: a restarted master refuses its slave's old grants "
-    "(issue 5 section 8, next step)"
-)
 def test_a_killed_node_is_restarted_and_relays_resume(net):
     out, doc = net
     victim = next(n for n in doc["nodes"] if n["name"] == "ckms-hannover")
