@@ -164,7 +164,7 @@ def bench_alarms(samples: int) -> list[dict[str, float]]:
         src = hal.open_entropy_source(f"emulated-qrng://alarms?seed={alpha_exp}&bits=8")
         mon = monitor(src, alpha_exp)
         pmf = model_pmf(src)
-        n = samples - samples % (16 * ONLINE_WINDOW)
+        n = -(-samples // (16 * ONLINE_WINDOW)) * 16 * ONLINE_WINDOW  # at least `samples`
         rct, apt = count_alarms(src, mon, n)
         windows = n // mon.apt_window
         # A run reaches C at a given position when C samples in a row are equal (and the
