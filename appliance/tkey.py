@@ -50,8 +50,13 @@ def endpoints(status: dict[str, Any], master: str, slave: str) -> tuple[SaeEndpo
     return found[master], found[slave]
 
 
-def _call(conn: http.client.HTTPSConnection, path: str) -> tuple[int, dict[str, Any]]:
-    conn.request("GET", path)
+def _call(
+    conn: http.client.HTTPSConnection, path: str, body: dict[str, Any] | None = None
+) -> tuple[int, dict[str, Any]]:
+    if body is None:
+        conn.request("GET", path)
+    else:
+        conn.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
     response = conn.getresponse()
     return response.status, json.loads(response.read())
 
@@ -79,8 +84,8 @@ def measure(
         if status != 200:
             failed += 1
             continue
-        ids = ",".join(k["key_ID"] for k in issued["keys"])
-        status, got = _call(b, f"/api/v1/keys/{master.sae}/dec_keys?key_ID={ids}")
+        ids = [{"key_ID": k["key_ID"]} for k in issued["keys"]]
+        status, got = _call(b, f"/api/v1/keys/{master.sae}/dec_keys", {"key_IDs": ids})
         latencies.append(time.perf_counter() - t0)
         if status == 200 and got["keys"] == issued["keys"]:
             matched += len(issued["keys"])

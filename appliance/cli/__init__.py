@@ -45,7 +45,7 @@ class Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> Parser:
-    from appliance.cli import demo, image, net, qrng, topology
+    from appliance.cli import demo, image, net, qrng, sae, topology
 
     parser = Parser(
         prog="qkdn",
@@ -73,6 +73,7 @@ def build_parser() -> Parser:
     qrng.register(sub)
     image.register(sub)
     net.register(sub)
+    sae.register(sub)
     return parser
 
 

@@ -107,13 +107,22 @@ def cmd_node_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _ports_open(addresses: list[str]) -> bool:
+def _ports_open(addresses: list[str], ca: Path) -> bool:
+    """True when every address completes a TLS handshake with a certificate of *our* CA
+    (a bare TCP connect would also succeed against another network on the same ports)."""
+    import ssl
+
+    ctx = ssl.create_default_context(cafile=str(ca))
+    ctx.check_hostname = False
     for address in addresses:
         host, port = address.rsplit(":", 1)
         try:
-            with socket.create_connection((host, int(port)), timeout=0.5):
+            with (
+                socket.create_connection((host, int(port)), timeout=0.5) as raw,
+                ctx.wrap_socket(raw),
+            ):
                 pass
-        except OSError:
+        except (OSError, ssl.SSLError):
             return False
     return True
 
@@ -173,7 +182,8 @@ def bring_up(args: argparse.Namespace) -> None:
         a for c in configs.values() if is_kms(c) for s, a in c.listen.items() if s != "snmp"
     ]
     deadline = time.monotonic() + args.timeout
-    while not _ports_open(kms_addresses):
+    ca = Path(next(iter(configs.values())).paths.ca_cert)
+    while not _ports_open(kms_addresses, ca):
         if time.monotonic() > deadline:
             raise ApplianceError(
                 f"the network did not come up within {args.timeout:g} s (see {args.dir / 'logs'})",

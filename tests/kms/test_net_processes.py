@@ -108,3 +108,89 @@ def test_down_stops_every_process(tmp_path):
     for pid in pids:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+
+
+def test_a_third_party_014_client_gets_the_same_key_at_both_ends(net):
+    """Interoperability: etsi-qkd-014-client (PyPI), unmodified, as SAE Berlin and SAE Bonn."""
+    out, doc = net
+    client = Path(sys.executable).with_name("qkd014-client")
+    if not client.exists():
+        pytest.fail("etsi-qkd-014-client is a dev dependency; it should be installed")
+    pa, pb = ports(doc)
+    saes = out / "pki" / "saes"
+
+    def run(sae: str, port: int, *args: str) -> str:
+        result = subprocess.run(
+            [
+                str(client),
+                "-H",
+                f"127.0.0.1:{port}",
+                "-c",
+                str(saes / f"{sae}.pem"),
+                "-k",
+                str(saes / f"{sae}.key"),
+                "-r",
+                str(out / "pki" / "ca.pem"),
+                *args,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert result.returncode == 0 and "Response code : 200" in result.stdout, result.stdout
+        return result.stdout
+
+    assert "target_KME_ID : ukms-bonn" in run("sae-berlin-1", pa, "get_status", "sae-bonn-1")
+    issued = run("sae-berlin-1", pa, "get_key", "sae-bonn-1")
+    key_id = issued.split("Key id : ")[1].split()[0]
+    key = issued.split("Key : ")[1].split()[0]
+    fetched = run("sae-bonn-1", pb, "get_key_with_id", key_id, "sae-berlin-1")
+    assert f"Key id : {key_id}" in fetched and f"Key : {key}" in fetched
+
+
+def test_the_sae_command_gets_keys_and_reports_errors_in_one_line(net):
+    out, _ = net
+    got = qkdn(
+        "sae",
+        "get",
+        "--dir",
+        str(out),
+        "--sae",
+        "sae-berlin-1",
+        "--slave",
+        "sae-bonn-1",
+        "--number",
+        "2",
+        "--json",
+    )
+    assert got.returncode == 0, got.stderr
+    keys = json.loads(got.stdout)["keys"]
+    ids = [k["key_ID"] for k in keys]
+    table = qkdn(
+        "sae",
+        "get-by-id",
+        "--dir",
+        str(out),
+        "--sae",
+        "sae-bonn-1",
+        "--master",
+        "sae-berlin-1",
+        *ids,
+    )
+    assert table.returncode == 0 and ids[0] in table.stdout
+    assert keys[0]["key"] not in table.stdout  # people see fingerprints, not keys
+    again = qkdn(
+        "sae",
+        "get-by-id",
+        "--dir",
+        str(out),
+        "--sae",
+        "sae-bonn-1",
+        "--master",
+        "sae-berlin-1",
+        ids[0],
+    )
+    assert again.returncode == 1 and again.stderr.startswith("qkdn: error [SAE-HTTP-400]: ")
+    assert again.stderr.count("\n") == 1
+    unknown = qkdn("sae", "status", "--dir", str(out), "--sae", "sae-nowhere", "--slave", "x")
+    assert unknown.returncode == 1 and "unknown SAE" in unknown.stderr

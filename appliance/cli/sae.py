@@ -1,0 +1,116 @@
+"""``qkdn sae``: a small ETSI 014 client acting as one SAE of a running network.
+
+For people: key IDs and key fingerprints (SHA-256, 8 bytes), never the keys themselves. For
+scripts: ``--json`` prints the 014 response as is, keys included (that is what it is for).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import hashlib
+import http.client
+import json
+import ssl
+from pathlib import Path
+from typing import Any
+
+from rich.table import Table
+
+from appliance.cli.net import DEFAULT_DIR, status_doc
+from appliance.cli.output import console, print_json
+from appliance.errors import ApplianceError, UsageError
+from appliance.tkey import SaeEndpoint, endpoints
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser(
+        "sae",
+        help="get keys as an SAE of a running network (ETSI 014)",
+        description="Act as one SAE of a network started with 'qkdn net up'.",
+        epilog="examples:\n  qkdn sae get --sae sae-berlin-1 --slave sae-bonn-1 "
+        "--number 2\n  qkdn sae get-by-id --sae sae-bonn-1 --master sae-berlin-1 "
+        "KEY_ID",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    s = p.add_subparsers(dest="sae_command", metavar="ACTION", parser_class=type(p))
+    s.required = True
+    for name, helptext in (
+        ("status", "the key status towards a slave SAE"),
+        ("get", "new keys for a slave SAE (enc_keys)"),
+        ("get-by-id", "keys a master SAE obtained for us (dec_keys)"),
+    ):
+        c = s.add_parser(name, help=helptext, description=helptext)
+        c.add_argument("--dir", type=Path, default=DEFAULT_DIR, help="network directory")
+        c.add_argument("--sae", required=True, help="the SAE we act as (its certificate is used)")
+        c.add_argument("--json", action="store_true", help="print the 014 response as JSON")
+        if name == "get-by-id":
+            c.add_argument("--master", required=True, help="the master SAE that got the keys")
+            c.add_argument("key_ids", nargs="+", metavar="KEY_ID")
+        else:
+            c.add_argument("--slave", required=True, help="the slave SAE")
+        if name == "get":
+            c.add_argument("--number", type=int, default=1)
+            c.add_argument("--size", type=int, help="bits per key (default: the KME's)")
+        c.set_defaults(func=cmd_sae)
+
+
+def _request(sae: SaeEndpoint, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+    try:
+        conn = sae.connect()
+        if body is None:
+            conn.request("GET", path)
+        else:
+            conn.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
+        response = conn.getresponse()
+        answer = response.read()
+    except (OSError, ssl.SSLError, http.client.HTTPException) as exc:
+        raise ApplianceError(
+            f"cannot reach the KME of {sae.sae} on port {sae.port}: {exc.__class__.__name__}",
+            code="SAE-CONNECT",
+        ) from None
+    try:
+        doc: dict[str, Any] = json.loads(answer)
+    except json.JSONDecodeError:
+        raise ApplianceError(
+            "the KME answered with something that is not JSON", code="SAE-PROTOCOL"
+        ) from None
+    if response.status != 200:
+        raise ApplianceError(
+            f"{response.status}: {doc.get('message', '')}", code=f"SAE-HTTP-{response.status}"
+        )
+    return doc
+
+
+def cmd_sae(args: argparse.Namespace) -> int:
+    if not (args.dir / "nodes").is_dir():
+        raise UsageError(f"no network in {args.dir} (qkdn net up first)")
+    status = status_doc(args.dir)
+    known = {s["id"] for s in status["saes"]}
+    peer: str = getattr(args, "slave", None) or args.master
+    for name in (args.sae, peer):
+        if name not in known:
+            raise UsageError(f"unknown SAE {name!r} (known: {', '.join(sorted(known))})")
+    me, _ = endpoints(status, args.sae, peer)
+    if args.sae_command == "status":
+        doc = _request(me, f"/api/v1/keys/{peer}/status")
+    elif args.sae_command == "get":
+        size = f"&size={args.size}" if args.size else ""
+        doc = _request(me, f"/api/v1/keys/{peer}/enc_keys?number={args.number}{size}")
+    else:
+        ids = {"key_IDs": [{"key_ID": k} for k in args.key_ids]}  # 014: GET takes one ID
+        doc = _request(me, f"/api/v1/keys/{peer}/dec_keys", ids)
+    if args.json:
+        print_json(doc)
+    elif "keys" in doc:
+        table = Table(title=f"keys for {args.sae}")
+        for col in ("key_ID", "bits", "fingerprint (SHA-256, first 8 bytes)"):
+            table.add_column(col)
+        for k in doc["keys"]:
+            raw = base64.b64decode(k["key"])
+            table.add_row(k["key_ID"], str(len(raw) * 8), hashlib.sha256(raw).hexdigest()[:16])
+        console().print(table)
+    else:
+        for field, value in doc.items():
+            console().print(f"{field}: {value}")
+    return 0
