@@ -47,6 +47,7 @@ bench: setup
 	$(BIN)/python bench/ptg3.py
 	$(BIN)/python bench/image_flash.py
 	$(BIN)/python bench/hal_drivers.py
+	$(BIN)/python bench/kms_network.py
 
 # Re-resolve the dependencies from pyproject.toml into constraints.txt (needs the registry).
 lock:
