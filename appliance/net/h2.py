@@ -87,9 +87,9 @@ class _Channel:
                 event.set()
 
     async def send(self, stream_id: int, headers: list[tuple[str, str]], body: bytes) -> None:
-        """Headers, then the body as the flow-control windows allow."""
+        """Headers, then the body as the flow-control windows allow; one socket write per
+        message unless it has to wait for window (small writes cost a TLS record each)."""
         self.conn.send_headers(stream_id, headers, end_stream=not body)
-        self.flush()
         view = memoryview(body)
         while view:
             room = min(
@@ -105,7 +105,7 @@ class _Channel:
                 continue
             self.conn.send_data(stream_id, bytes(view[:room]), end_stream=room == len(view))
             view = view[room:]
-            self.flush()
+        self.flush()
         self.window_open.pop(stream_id, None)
         await self.writer.drain()
 
