@@ -234,6 +234,17 @@ class KmsNode:
         return next((n.id for n in self.topology.spec.nodes if n.name == name), None)
 
     # -- link keys ----------------------------------------------------------------------
+    def _hop(self, peer: int, request_id: bytes, index: int) -> Hop:
+        """The header of a hop message to ``peer`` (keys and counter are filled in on sealing)."""
+        return Hop(
+            request_id=request_id,
+            hop=index,
+            direction=Direction.TO_REQUESTER,
+            link=self.links[peer].link,
+            mode=self.policy.mode,
+            segments=(),
+        )
+
     async def _seal_for(self, peer: int, hop: Hop, payload: bytearray) -> bytes:
         """A hop message to a neighbour, under link keys, in the policy's mode."""
         if self.policy.mode is Mode.OTP:
@@ -390,14 +401,7 @@ class KmsNode:
         finally:
             self._cn_waiting.pop(request_id, None)
         batch = ksa.open_batch(self.policy.mode, cn_key, request_id, _unb64(reply.get("batch")))
-        hop = Hop(
-            request_id=request_id,
-            hop=0,
-            direction=Direction.TO_REQUESTER,
-            link=self.links[caller].link,
-            mode=self.policy.mode,
-            segments=(),
-        )
+        hop = self._hop(caller, request_id, 0)
         self.links[caller].seen_master_epoch(
             doc.get("epoch") if isinstance(doc.get("epoch"), str) else None
         )
@@ -424,14 +428,7 @@ class KmsNode:
         cn_key = bytearray(self.rng(ksa.cn_key_bytes(self.policy.mode, n)))
         path = shortest_path(self.topology, self.config.node.id, deliver_to)
         await self.relay(request_id, path, 0, bytearray(cn_key))
-        hop = Hop(
-            request_id=request_id,
-            hop=0,
-            direction=Direction.TO_REQUESTER,
-            link=self.links[ukms_b].link,
-            mode=self.policy.mode,
-            segments=(),
-        )
+        hop = self._hop(ukms_b, request_id, 0)
         sealed = await self._seal_for(ukms_b, hop, ksa.encode_batch(keys))
         await self._call(
             ukms_b,
@@ -460,14 +457,7 @@ class KmsNode:
             waiting.set_result(cn_key)
             return
         nxt = path[index + 1]
-        hop = Hop(
-            request_id=request_id,
-            hop=index,
-            direction=Direction.TO_REQUESTER,
-            link=self.links[nxt].link,
-            mode=self.policy.mode,
-            segments=(),
-        )
+        hop = self._hop(nxt, request_id, index)
         try:
             for attempt in (1, 2):  # a second try only after the next node refused old grants
                 message = await self._seal_for(nxt, hop, bytearray(cn_key))

@@ -114,8 +114,10 @@ def _headers(raw: list[tuple[str, str]]) -> dict[str, str]:
     return {k: v for k, v in raw}
 
 
-class H2Server:
-    """Serve ``handler`` on every connection accepted with the given TLS context."""
+class TlsServer:
+    """What every TLS server of the appliance shares: listening, its port, and a close()
+    that also drops open connections (asyncio keeps them otherwise). Subclasses implement
+    :meth:`_connection` for one accepted connection."""
 
     def __init__(self, handler: Handler, ssl_ctx: ssl.SSLContext) -> None:
         self.handler, self.ssl_ctx = handler, ssl_ctx
@@ -131,7 +133,6 @@ class H2Server:
         return int(self._server.sockets[0].getsockname()[1])
 
     async def close(self) -> None:
-        """Stop listening and drop every open connection (asyncio keeps them otherwise)."""
         if self._server is not None:
             self._server.close()
             for writer in list(self._writers):
@@ -139,11 +140,24 @@ class H2Server:
             await self._server.wait_closed()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(asyncio.CancelledError):  # server shutdown ends connections
-            await self._connection(reader, writer)
+        self._writers.add(writer)
+        try:
+            with contextlib.suppress(asyncio.CancelledError):  # shutdown ends connections
+                await self._connection(reader, writer)
+        finally:
+            self._writers.discard(writer)
+            writer.close()
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await writer.wait_closed()
 
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self._writers.add(writer)
+        raise NotImplementedError
+
+
+class H2Server(TlsServer):
+    """Serve ``handler`` on every HTTP/2 connection accepted with the given TLS context."""
+
+    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = peer_name(writer.get_extra_info("ssl_object"))
         conn = h2.connection.H2Connection(
             h2.config.H2Configuration(client_side=False, header_encoding="utf-8")
@@ -161,13 +175,9 @@ class H2Server:
                 chan.flush()
         except (ConnectionError, ssl.SSLError, h2.exceptions.ProtocolError):
             pass
-        finally:
-            self._writers.discard(writer)
+        finally:  # the base class closes the connection
             for task in tasks:
                 task.cancel()
-            writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
 
     def _on_event(
         self,

@@ -15,7 +15,7 @@ import ssl
 
 import h11
 
-from appliance.net.h2 import Handler, Request, Response
+from appliance.net.h2 import Request, Response, TlsServer
 from appliance.pki import peer_name
 
 MAX_BODY = 1 << 20
@@ -27,43 +27,15 @@ def _json_error(status: int, message: str) -> Response:
     return Response(status, body, {"content-type": "application/json"})
 
 
-class H1Server:
+class H1Server(TlsServer):
     """Serve ``handler`` over HTTP/1.1 with TLS."""
 
-    def __init__(self, handler: Handler, ssl_ctx: ssl.SSLContext) -> None:
-        self.handler, self.ssl_ctx = handler, ssl_ctx
-        self._server: asyncio.Server | None = None
-        self._writers: set[asyncio.StreamWriter] = set()
-
-    async def start(self, host: str, port: int) -> None:
-        self._server = await asyncio.start_server(self._serve, host, port, ssl=self.ssl_ctx)
-
-    @property
-    def port(self) -> int:
-        assert self._server is not None
-        return int(self._server.sockets[0].getsockname()[1])
-
-    async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            for writer in list(self._writers):
-                writer.close()
-            await self._server.wait_closed()
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self._writers.add(writer)
+    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = peer_name(writer.get_extra_info("ssl_object"))
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_BODY)
-        try:
+        with contextlib.suppress(ConnectionError, ssl.SSLError):
             while await self._one_exchange(conn, reader, writer, peer):
                 conn.start_next_cycle()
-        except (ConnectionError, ssl.SSLError, asyncio.CancelledError):
-            pass
-        finally:
-            self._writers.discard(writer)
-            writer.close()
-            with contextlib.suppress(Exception, asyncio.CancelledError):
-                await writer.wait_closed()
 
     async def _one_exchange(
         self,
