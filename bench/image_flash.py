@@ -5,7 +5,8 @@ Sections:
           wheelhouse, mksquashfs, veritysetup, hybrid signature); seconds, image size;
   flash   flash a bundle of --size MiB (incompressible payload, so the slot write is real)
           into a fresh target file, against `dd bs=4M conv=notrunc` of the same payload to the
-          same slot offset, both with and without a final fsync. Medians over --repeats.
+          same slot offset, both with and without a final fsync. Medians over --repeats; the
+          order of the contenders rotates, and each starts on a synced file system.
 Flashing does strictly more than dd: it hashes the whole payload before writing (so a bad
 bundle writes nothing), reads every chunk back and hashes it, and updates the boot state.
 Usage: python bench/image_flash.py [--section build|flash ...] [--size MiB] [--json PATH]
@@ -114,13 +115,18 @@ def bench_flash(work: Path, size_mib: int, repeats: int) -> dict[str, Any]:
     disk_size = (2 * (size_mib + 8) + 8) << 20
     times: dict[str, list[float]] = {"flash": [], "dd": [], "dd_fsync": []}
     bundle.read_bytes()  # warm the page cache for both contenders
-    for _ in range(repeats):
+    names = ["flash", "dd", "dd_fsync"]
+    for rep in range(repeats):
         # Every contender writes into a freshly created target, so all pay block allocation.
-        for name in ("flash", "dd", "dd_fsync"):
+        # The order rotates, so that none always follows the same predecessor (deleting a
+        # synced 270 MB file leaves the file system work to do), and each starts after a
+        # sync, so that none pays for what the previous one or the setup left unwritten.
+        for name in names[rep % 3 :] + names[: rep % 3]:
             disk = work / f"{name}.img"
             disk.unlink(missing_ok=True)
             target = init_target(disk, disk_size, policy, slot_size=(size_mib + 8) << 20)
             slot = target.layout["a"].start
+            os.sync()
             start = time.perf_counter()
             if name == "flash":
                 flash(bundle, target)

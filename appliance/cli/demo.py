@@ -214,6 +214,7 @@ def _network_stage(args: argparse.Namespace, out_report: dict[str, Any]) -> bool
             base_port=find_free_base_port(),
             mode=args.mode,
             rate_limited=args.rate_limited,
+            stock=0,  # T_key measures the whole chain, not a stock lookup
             timeout=90.0,
             json=False,
         )

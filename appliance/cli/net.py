@@ -45,6 +45,13 @@ def register(sub: Any) -> None:
         choices=["gcm", "otp"],
         help="how CN and KSA keys are protected on links (default: gcm)",
     )
+    run.add_argument(
+        "--stock",
+        type=int,
+        default=0,
+        metavar="N",
+        help="KSA keys a UKMS keeps ready per SAE pair (default: 0)",
+    )
     run.set_defaults(func=cmd_node_run)
 
     net = sub.add_parser(
@@ -70,6 +77,14 @@ def register(sub: Any) -> None:
         help="start with empty link key stores (keys arrive at the links' SKR)",
     )
     up.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for readiness")
+    up.add_argument(
+        "--stock",
+        type=int,
+        default=256,
+        metavar="N",
+        help="KSA keys each UKMS keeps ready per SAE pair (default: %(default)s; "
+        "0 makes every enc_keys cross the network)",
+    )
     up.add_argument("--json", action="store_true")
     up.set_defaults(func=cmd_net_up)
     status = n.add_parser("status", help="nodes, processes and endpoints")
@@ -93,7 +108,10 @@ def cmd_node_run(args: argparse.Namespace) -> int:
 
     async def main() -> None:
         node = build_node(
-            cfg, topo, generator.random_bytes, policy=Policy(mode=Mode[args.mode.upper()])
+            cfg,
+            topo,
+            generator.random_bytes,
+            policy=Policy(mode=Mode[args.mode.upper()], stock=args.stock),
         )
         await node.start()
         stop = asyncio.Event()
@@ -172,7 +190,16 @@ def bring_up(args: argparse.Namespace) -> None:
     (args.dir / "logs").mkdir(exist_ok=True)
     with open(args.dir / "logs" / "supervisor.log", "ab") as log:
         subprocess.Popen(
-            [sys.executable, "-m", "appliance.kms.supervisor", str(args.dir), "--mode", args.mode],
+            [
+                sys.executable,
+                "-m",
+                "appliance.kms.supervisor",
+                str(args.dir),
+                "--mode",
+                args.mode,
+                "--stock",
+                str(getattr(args, "stock", 0)),
+            ],
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import dataclasses
 import json
 import logging
@@ -74,6 +75,8 @@ class Policy:
     mode: Mode = Mode.GCM
     key_size: int = 256
     max_key_per_request: int = 128
+    stock: int = 0
+    """KSA keys each UKMS keeps ready per SAE pair it serves as master (0: none)."""
 
 
 def _b64(data: bytes) -> str:
@@ -124,6 +127,7 @@ class KmsNode:
     _clients: dict[str, H2Client] = field(init=False, default_factory=dict)
     _cn_waiting: dict[bytes, asyncio.Future[bytearray]] = field(init=False, default_factory=dict)
     _ksa_stores: dict[tuple[str, str], KeyStore] = field(init=False, default_factory=dict)
+    _stock_task: asyncio.Task[None] | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         me = self.config.node.id
@@ -153,9 +157,15 @@ class KmsNode:
             h1 = H1Server(api.handle, server_context(*self._tls, ("http/1.1",)))
             await h1.start(*self._host_port(self.config.listen["etsi014"]))
             self._servers.append(h1)
+            if self.policy.stock > 0:
+                self._stock_task = asyncio.create_task(self._keep_stock())
         log.info("node started", extra={"node": self.name})
 
     async def close(self) -> None:
+        if self._stock_task is not None:
+            self._stock_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._stock_task
         for server in self._servers:
             await server.close()
         for client in self._clients.values():
@@ -360,6 +370,47 @@ class KmsNode:
             )
         return store
 
+    # -- UKMS: the KSA stock ("keys may be buffered in advance") --------------------------
+    def stock(self, master: str, slave: str) -> KeyStore:
+        """Keys made for (master, slave) ahead of demand; the slave's copies wait at its UKMS."""
+        key = (f"stock:{master}", slave)
+        store = self._ksa_stores.get(key)
+        if store is None:
+            path = self._data / f"stock-{master}-{slave}.db"
+            store = self._ksa_stores[key] = KeyStore(path, f"stock/{master}/{slave}", self.node_key)
+        return store
+
+    def _stocked_pairs(self) -> list[tuple[str, str]]:
+        return [
+            (m, s)
+            for m in self.saes
+            for s in self.saes
+            if m != s and self.sae_pair(m, s) is not None
+        ]
+
+    async def _keep_stock(self) -> None:
+        """Refill every pair's stock through the network, a batch at a time."""
+        backoff = 0.1
+        while True:
+            short = [
+                (m, s, self.policy.stock - self.stock(m, s).count())
+                for m, s in self._stocked_pairs()
+            ]
+            short = [x for x in short if x[2] > 0]
+            if not short:
+                await asyncio.sleep(0.05)
+                continue
+            for master, slave, missing in short:
+                n = min(missing, self.policy.max_key_per_request)
+                try:
+                    keys = await self.request_ksa(master, slave, n, self.policy.key_size)
+                    self.stock(master, slave).put_many(keys)
+                    backoff = 0.1
+                except (KmsError, TransportError) as exc:
+                    log.warning("stock refill failed", extra={"node": self.name, "error": exc.code})
+                    await asyncio.sleep(backoff)
+                    backoff = min(5.0, backoff * 2)
+
     def take_ksa(self, slave: str, master: str, key_ids: list[str]) -> list[tuple[str, bytes]]:
         """UKMS B: dec_keys, each key once, only for the pair it was made for."""
         taken = self._store(master, slave).take_many(key_ids)
@@ -521,13 +572,22 @@ class UkmsKeyService:
         return s, m
 
     def stored(self, master: str, slave: str) -> int:
-        return 0
+        if self.node.policy.stock <= 0 or self.node.sae_pair(master, slave) is None:
+            return 0
+        return self.node.stock(master, slave).count()
 
     async def enc_keys(
         self, master: str, slave: str, number: int, size: int
     ) -> list[tuple[str, bytes]]:
+        """From the pair's stock when it holds enough keys of this size, else end to end."""
         if self.node.sae_pair(master, slave) is None:
             raise KeyUnavailable("not a pair served as master here")
+        if self.node.policy.stock > 0 and size == self.node.policy.key_size:
+            try:
+                taken = self.node.stock(master, slave).take_next(number)
+                return [(k.key_id, bytes(k.material)) for k in taken]
+            except KeyUnavailable:
+                pass  # stock too low right now: make them end to end
         return await self.node.request_ksa(master, slave, number, size)
 
     async def dec_keys(

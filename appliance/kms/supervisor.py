@@ -36,8 +36,8 @@ class Child:
 
 
 class Supervisor:
-    def __init__(self, net_dir: Path, mode: str) -> None:
-        self.dir, self.mode = net_dir, mode
+    def __init__(self, net_dir: Path, mode: str, stock: int = 0) -> None:
+        self.dir, self.mode, self.stock = net_dir, mode, stock
         (net_dir / "logs").mkdir(exist_ok=True)
         (net_dir / "run").mkdir(exist_ok=True)
         self.children = {
@@ -67,6 +67,8 @@ class Supervisor:
                     child.config,
                     "--mode",
                     self.mode,
+                    "--stock",
+                    str(self.stock),
                 ],
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -133,8 +135,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description="Supervise the KMS nodes of a rendered network")
     parser.add_argument("dir", type=Path)
     parser.add_argument("--mode", default="gcm", choices=["gcm", "otp"])
+    parser.add_argument("--stock", type=int, default=0)
     args = parser.parse_args()
-    raise SystemExit(Supervisor(args.dir, args.mode).run())
+    raise SystemExit(Supervisor(args.dir, args.mode, args.stock).run())
 
 
 if __name__ == "__main__":

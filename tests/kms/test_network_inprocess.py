@@ -13,6 +13,7 @@ import http.client
 import json
 import os
 import ssl
+import time
 from pathlib import Path
 
 import pytest
@@ -93,6 +94,50 @@ def test_keys_cross_the_whole_network(tmp_path, mode):
                 ] in (400, 401)
                 text = json.dumps(doc) + json.dumps(got)
                 assert not any(n in text for n in ("ckms", "akms", "link-"))  # invariant 4
+
+            await asyncio.to_thread(saes)
+        finally:
+            for node in nodes:
+                await node.close()
+
+    asyncio.run(main())
+
+
+def test_enc_keys_are_served_from_a_pre_buffered_stock(tmp_path):
+    """UKMS Berlin keeps a stock per SAE pair; SAE Bonn finds the same keys at UKMS Bonn."""
+    topo = load_topology("demoquandt")
+    render(topo, RenderPlan(out=tmp_path, base_port=free_base_port(), start=0.0))
+    configs = load_configs(tmp_path)
+    make_pki(topo, configs, os.urandom)
+    clock = hal.ManualClock(3600.0)
+    policy = Policy(stock=8)
+    port_a = int(configs["ukms-berlin"].listen["etsi014"].rsplit(":", 1)[1])
+    port_b = int(configs["ukms-bonn"].listen["etsi014"].rsplit(":", 1)[1])
+
+    async def main() -> None:
+        nodes = [
+            build_node(c, topo, os.urandom, clock=clock, policy=policy)
+            for c in configs.values()
+            if is_kms(c)
+        ]
+        for node in nodes:
+            await node.start()
+        try:
+
+            def saes() -> None:
+                a = sae_conn(tmp_path, "sae-berlin-1", port_a)
+                for _ in range(100):
+                    _, status = call(a, "GET", "/api/v1/keys/sae-bonn-1/status")
+                    if status["stored_key_count"] >= 8:
+                        break
+                    time.sleep(0.1)
+                assert status["stored_key_count"] >= 8
+                status_code, doc = call(a, "GET", "/api/v1/keys/sae-bonn-1/enc_keys?number=4")
+                assert status_code == 200
+                b = sae_conn(tmp_path, "sae-bonn-1", port_b)
+                ids = [{"key_ID": k["key_ID"]} for k in doc["keys"]]
+                code, got = call(b, "POST", "/api/v1/keys/sae-berlin-1/dec_keys", {"key_IDs": ids})
+                assert code == 200 and got["keys"] == doc["keys"]
 
             await asyncio.to_thread(saes)
         finally:
