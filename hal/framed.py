@@ -26,6 +26,7 @@ from hal.entropy import EntropySource, Samples, SourceStatus, sample_dtype
 from hal.errors import DeviceDisconnected, DeviceError, DeviceTimeout, HalError, ProtocolError
 from hal.firmware import protocol as wire
 from hal.frames import (
+    OVERHEAD,
     STATES,
     FrameDecoder,
     FrameReceived,
@@ -345,6 +346,13 @@ class FramedQkdm(Qkdm):
         return QkdKey(key_id=key_id_str(bytes(raw.key_id)), material=material)
 
 
+_SAMPLE_FRAME = 64 * 1024 - 512
+"""Largest sample frame asked for, bytes on the wire. A frame that overflows a 64 KiB
+pipe buffer (a pty's is 64 KiB) stalls the device until the host has drained part of it;
+one that fits lets the device write it whole and start on the next. Measured over a pty:
+65 547-byte frames 12.7 MB/s, 65 012-byte frames 17.8 MB/s (medians, interleaved runs)."""
+
+
 class FramedEntropySource(EntropySource):
     """A QRNG board behind the frame protocol: samples in chunks of one frame each."""
 
@@ -360,7 +368,8 @@ class FramedEntropySource(EntropySource):
             raise ValueError("n must be >= 0")
         info = self._info()
         dtype = np.dtype(sample_dtype(info.bits)).newbyteorder("<")
-        chunk = (info.max_payload - 1) // dtype.itemsize
+        payload = min(info.max_payload, _SAMPLE_FRAME - OVERHEAD)
+        chunk = (payload - 1) // dtype.itemsize
         out = np.empty(n, dtype=sample_dtype(info.bits))
         sizes = [min(chunk, n - start) for start in range(0, n, chunk)]
         done = 0

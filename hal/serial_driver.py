@@ -65,8 +65,12 @@ class SerialTransport:
                 if waiting:
                     return bytes(self.port.read(waiting))
                 first = bytes(self.port.read(1))  # blocks up to _POLL
-                if first or time.monotonic() >= deadline:
-                    return first
+                if first:
+                    # Take what arrived with it: one pass through the decoder, not two.
+                    waiting = self.port.in_waiting
+                    return first + bytes(self.port.read(waiting)) if waiting else first
+                if time.monotonic() >= deadline:
+                    return b""
         except (serial.SerialException, OSError, TypeError) as exc:
             # pyserial raises TypeError when a closed port's fd is gone mid-read.
             raise wrap_errors(self.name, exc) from None

@@ -29,6 +29,7 @@ import sys
 import tempfile
 import uuid
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -378,21 +379,54 @@ def build_wheelhouse(project: Path, cache: Path) -> Path:
     constraints = project / "constraints.txt"
     key = hashlib.sha256(constraints.read_bytes() + (project / "pyproject.toml").read_bytes())
     deps = cache / f"deps-{key.hexdigest()[:16]}"
-    house = cache / "wheelhouse"
+    cache.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="qkdn-src-") as tmp:
         src = Path(tmp) / "src"
         src.mkdir()
         for part in PROJECT_PARTS:
             _copy_source(project / part, src / part)
         if not deps.is_dir():
-            _pip(["wheel", "-q", "-c", str(constraints), "-w", str(deps) + ".tmp", str(src)])
-            for w in (Path(str(deps) + ".tmp")).glob("qkdn-*.whl"):
-                w.unlink()
-            Path(str(deps) + ".tmp").rename(deps)
-        shutil.rmtree(house, ignore_errors=True)
-        shutil.copytree(deps, house)
-        _pip(["wheel", "-q", "--no-deps", "-w", str(house), str(src)])
+            _atomic_dir(deps, lambda d: _dependency_wheels(d, constraints, src))
+        # Content-addressed: builders of the same sources share it, others never touch it.
+        house = cache / f"wheelhouse-{key.hexdigest()[:8]}-{_tree_digest(src)[:16]}"
+        if not house.is_dir():
+            _atomic_dir(house, lambda d: _project_wheels(d, deps, src))
     return house
+
+
+def _dependency_wheels(out: Path, constraints: Path, src: Path) -> None:
+    _pip(["wheel", "-q", "-c", str(constraints), "-w", str(out), str(src)])
+    for wheel in out.glob("qkdn-*.whl"):
+        wheel.unlink()
+
+
+def _project_wheels(out: Path, deps: Path, src: Path) -> None:
+    shutil.copytree(deps, out, dirs_exist_ok=True)
+    _pip(["wheel", "-q", "--no-deps", "-w", str(out), str(src)])
+
+
+def _atomic_dir(final: Path, fill: Callable[[Path], None]) -> None:
+    """Fill a private directory, then rename it into place in one step. Concurrent builders
+    (two CI jobs, two terminals) never see a half-built directory; a loser discards its copy."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    try:
+        fill(tmp)
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not final.is_dir():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _tree_digest(root: Path) -> str:
+    """SHA-256 over the relative paths and contents of every file under ``root``."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        digest.update(str(path.relative_to(root)).encode() + b"\0")
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
 
 
 def _copy_source(source: Path, dest: Path) -> None:

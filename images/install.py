@@ -8,7 +8,8 @@ bootable device:
    anti-rollback floor, slot size, and every payload chunk against its signed digest;
 3. persist the slot as ``writing`` (it is never bootable in that state);
 4. store the slot's manifest record, write the payload chunk by chunk while a second
-   thread reads each written chunk back and hashes it; sync;
+   thread reads each written chunk back and hashes it and a third flushes what was
+   written so far to the disk in the background; sync;
 5. only if every chunk read back matches, persist the slot as ``trial`` with N attempts.
 
 This module never writes to the slot that is booted, and never marks a slot ``trial``
@@ -27,6 +28,9 @@ from images.bootstate import SLOTS, BootState, Detail, Event, other, step
 from images.bundle import VerifiedBundle, check_for_device, chunk_digests, mapped, verify_bundle
 from images.errors import BundleRejected, TargetError
 from images.target import Target
+
+FLUSH_EVERY = 32 << 20
+"""Bytes written between background flushes while a slot is written."""
 
 Progress = Callable[[int, int], None]
 """``progress(bytes_done, bytes_total)``, called after each chunk is written."""
@@ -116,21 +120,44 @@ def _begin(target: Target, slot: str, vb: VerifiedBundle) -> BootState:
 def _write_and_read_back(
     target: Target, slot: str, vb: VerifiedBundle, progress: Progress | None
 ) -> list[str]:
+    """Copy the payload into ``slot``, read every chunk back and hash it, and sync.
+
+    Three things overlap: the copy (this thread), the read-back (a second thread hashes
+    each chunk from the slot, through a memory map of the target so without copying it,
+    while the next one is copied) and the disk (a third thread flushes what was written so
+    far every FLUSH_EVERY bytes, so the final sync has only the tail left to wait for).
+    """
     m, dev = vb.manifest, target.device
     base = target.layout[slot].start
+    hashes: list[Future[str]] = []
+    flushes: list[Future[None]] = []
+    # The map outlives the reader thread: the executors wait for their work on the way out.
+    with dev.mapped(base, m.payload_size) as written:
 
-    def read_back(start: int, size: int) -> str:
-        return hashlib.sha256(dev.pread(size, base + start)).hexdigest()
+        def read_back(start: int, size: int) -> str:
+            with written[start : start + size] as part:
+                return hashlib.sha256(part).hexdigest()
 
-    futures: list[Future[str]] = []
-    with ThreadPoolExecutor(1) as reader, vb.path.open("rb") as src:
-        for start in range(0, m.payload_size, m.chunk_size):
-            size = min(m.chunk_size, m.payload_size - start)
-            # In-kernel copy, as fast as dd; a bundle changed after the check above is
-            # caught by the read-back, which compares with the signed digests.
-            dev.copy_in(src.fileno(), vb.offset + start, size, base + start)
-            futures.append(reader.submit(read_back, start, size))
-            if progress is not None:
-                progress(start + size, m.payload_size)
-        dev.sync()
-        return [f.result() for f in futures]
+        with (
+            ThreadPoolExecutor(1) as reader,
+            ThreadPoolExecutor(1) as flusher,
+            vb.path.open("rb") as src,
+        ):
+            unflushed = 0
+            for start in range(0, m.payload_size, m.chunk_size):
+                size = min(m.chunk_size, m.payload_size - start)
+                # In-kernel copy, as fast as dd; a bundle changed after the check above is
+                # caught by the read-back, which compares with the signed digests.
+                dev.copy_in(src.fileno(), vb.offset + start, size, base + start)
+                hashes.append(reader.submit(read_back, start, size))
+                unflushed += size
+                if unflushed >= FLUSH_EVERY and (not flushes or flushes[-1].done()):
+                    flushes.append(flusher.submit(dev.flush))
+                    unflushed = 0
+                if progress is not None:
+                    progress(start + size, m.payload_size)
+            for f in flushes:
+                # An I/O error is reported to one flush only: raise it, never drop it.
+                f.result()
+            dev.sync()
+            return [f.result() for f in hashes]

@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import contextlib
 import math
+import multiprocessing
 import os
 import select
 import threading
 import tty
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import serial
@@ -241,6 +243,45 @@ class PtyDevice:
         self.unplug()
 
     def __enter__(self) -> PtyDevice:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _serve_in_child(fd: int, make: Callable[[], Device]) -> None:
+    serve(_FdPort(fd), make(), Running())
+
+
+class PtyDeviceProcess:
+    """Firmware behind a pseudo-terminal pair, in a forked child process.
+
+    For benches: the device's work (noise generation, frame encoding, pty writes) runs in
+    its own interpreter, as it runs on its own microcontroller, instead of competing with
+    the driver for one GIL. ``make`` builds the :class:`Device` in the child. No fault
+    injection here (use :class:`PtyDevice`); :meth:`close` stops the child.
+    """
+
+    def __init__(self, make: Callable[[], Device]) -> None:
+        self.master, self.slave = os.openpty()
+        tty.setraw(self.slave)
+        tty.setraw(self.master)
+        self.path = os.ttyname(self.slave)
+        context = multiprocessing.get_context("fork")
+        self._process = context.Process(
+            target=_serve_in_child, args=(self.master, make), daemon=True
+        )
+        self._process.start()
+
+    def close(self) -> None:
+        """Stop the child and release the pty."""
+        self._process.terminate()
+        self._process.join(5)
+        for fd in (self.master, self.slave):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    def __enter__(self) -> PtyDeviceProcess:
         return self
 
     def __exit__(self, *exc: object) -> None:

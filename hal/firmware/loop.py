@@ -35,11 +35,11 @@ def serve(port: Port, device: Device, running: Running, idle_ms: int = 200) -> N
     last = ticks_ms()
     while running.on:
         data = port.read()
-        out = b""
         if data:
             last = ticks_ms()
-            out = device.receive(data)
+            for reply in device.replies(data):  # each one out before the next is built
+                port.write(reply)
         elif device.parser.pending() and ticks_diff(ticks_ms(), last) > idle_ms:
             out = device.idle()
-        if out:
-            port.write(out)
+            if out:
+                port.write(out)

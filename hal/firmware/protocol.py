@@ -67,8 +67,9 @@ def encode(ftype: int, seq: int, payload: bytes = b"") -> bytes:
     """One complete frame."""
     if len(payload) > MAX_PAYLOAD:
         raise ValueError("payload too long")
-    body = struct.pack(">BBHH", VERSION, ftype, seq & 0xFFFF, len(payload)) + bytes(payload)
-    return SYNC + body + struct.pack(">I", crc32(body))
+    head = struct.pack(">BBHH", VERSION, ftype, seq & 0xFFFF, len(payload))
+    # One copy of the payload (a 64 KiB sample frame), the CRC continued over both parts.
+    return b"".join((SYNC, head, payload, struct.pack(">I", crc32(payload, crc32(head)))))
 
 
 def _known_type(ftype: int) -> bool:

@@ -13,7 +13,8 @@ import hal
 from hal.emulated.firmware_host import make_device
 from hal.firmware import compat
 from hal.firmware import protocol as wire
-from hal.firmware.device import Device
+from hal.firmware.device import Device, QrngBackend
+from hal.firmware.loop import Port, Running, serve
 
 FIRMWARE = Path(hal.__file__).parent / "firmware"
 MODULES = sorted(FIRMWARE.glob("*.py"))
@@ -90,3 +91,57 @@ def test_idle_drops_a_torn_request(bench):
     assert device.receive(wire.encode(wire.T_STATUS, 5)[:9]) == b""
     assert device.idle() == b"" and device.parser.pending() == 0
     assert device.receive(wire.encode(wire.T_STATUS, 6))
+
+
+class _Adc(QrngBackend):
+    def __init__(self, log: list[str]) -> None:
+        self.log, self.count = log, 0
+
+    def read(self, n: int) -> bytes:
+        self.log.append("adc")
+        self.count += 1
+        return bytes([self.count]) * n
+
+
+class _Port(Port):
+    """Delivers ``chunks`` one read at a time, then stops the loop."""
+
+    def __init__(self, chunks: list[bytes], log: list[str], running: Running) -> None:
+        self.chunks, self.log, self.running = chunks, log, running
+        self.sent: list[bytes] = []
+
+    def read(self) -> bytes | None:
+        if not self.chunks:
+            self.running.on = False
+            return None
+        return self.chunks.pop(0)
+
+    def write(self, data: bytes) -> int:
+        self.log.append("write")
+        self.sent.append(data)
+        return len(data)
+
+
+def test_each_reply_leaves_before_the_next_is_built():
+    """Requests read together are answered one frame at a time, each sent when ready."""
+    log: list[str] = []
+    device = Device("adc", qrng=_Adc(log))
+    ask = [wire.encode(wire.T_READ_SAMPLES, seq, (16).to_bytes(4, "big")) for seq in (1, 2, 3)]
+    running = Running()
+    port = _Port([b"".join(ask)], log, running)
+    serve(port, device, running)
+    assert log == ["write", "adc", "write", "adc", "write", "adc", "write"]  # BOOT first
+    replies = [wire.Parser().feed(frame) for frame in port.sent[1:]]
+    assert [r[0][1] for r in replies] == [1, 2, 3]
+
+
+def test_sample_replies_are_cached_and_key_replies_wiped(bench):
+    device = Device("adc", qrng=_Adc([]))
+    ask = wire.encode(wire.T_READ_SAMPLES, 9, (8).to_bytes(4, "big"))
+    assert device.receive(ask) == device.receive(ask) and device.requests == 1
+    device = make_device("fw", qkdm=bench.a)
+    device.receive(wire.encode(wire.T_GET_KEY, 1))
+    kept = device._last_reply
+    assert isinstance(kept, bytearray) and any(kept)
+    device.receive(wire.encode(wire.T_KEY_COUNT, 2))
+    assert not any(kept)  # the cached key reply was overwritten with zeros

@@ -11,7 +11,14 @@ from hypothesis import strategies as st
 from hal.errors import ProtocolError
 from hal.firmware import protocol as wire
 from hal.firmware.compat import _crc32_soft
-from hal.frames import FrameDecoder, FrameReceived, GarbageSkipped, encode_frame, parse_frame
+from hal.frames import (
+    Frame,
+    FrameDecoder,
+    FrameReceived,
+    GarbageSkipped,
+    encode_frame,
+    parse_frame,
+)
 
 TYPES = st.sampled_from([*wire.REQUEST_TYPES, *(t | 0x80 for t in wire.REQUEST_TYPES), 0xFF])
 FRAMES = st.tuples(TYPES, st.integers(0, 0xFFFF), st.binary(max_size=300))
@@ -34,7 +41,9 @@ def test_layout_is_the_documented_one():
 def test_host_and_firmware_encoders_agree_and_parse_each_other(f):
     ftype, seq, payload = f
     host = encode_frame(ftype, seq, payload)
+    assert host == Frame.build({"body": {"value": {"type": ftype, "seq": seq, "payload": payload}}})
     assert host == wire.encode(ftype, seq, payload)
+    assert wire.encode(ftype, seq, bytearray(payload)) == host
     assert parse_frame(host) == FrameReceived(type=ftype, seq=seq, payload=payload)
     assert wire.Parser().feed(host) == [(ftype, seq, payload)]
 

@@ -152,8 +152,10 @@ def test_assessment_of_raw_output_stays_at_or_below_the_model(capsys, tmp_path):
     source = "emulated-qrng://a?seed=4&bits=8"
     model = hal.open_entropy_source(source).status().model_min_entropy
     raw = tmp_path / "raw.bin"
-    assert run(capsys, "qrng", "raw", "--source", source, "--samples", "1000000",
-               "--out", str(raw))[0] == 0
+    assert (
+        run(capsys, "qrng", "raw", "--source", source, "--samples", "1000000", "--out", str(raw))[0]
+        == 0
+    )
     status, stdout, _ = run(capsys, "qrng", "assess", str(raw), "--json")
     report = json.loads(stdout)
     assert status == 0
