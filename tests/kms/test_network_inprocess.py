@@ -14,6 +14,7 @@ import json
 import os
 import ssl
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -48,71 +49,17 @@ def call(conn: http.client.HTTPSConnection, method: str, path: str, body=None) -
     return resp.status, json.loads(resp.read())
 
 
-@pytest.mark.parametrize("mode", [Mode.GCM, Mode.OTP])
-def test_keys_cross_the_whole_network(tmp_path, mode):
-    topo = load_topology("demoquandt")
-    base = free_base_port()
-    render(topo, RenderPlan(out=tmp_path, base_port=base, start=0.0))
-    configs = load_configs(tmp_path)
-    make_pki(topo, configs, os.urandom)
-    clock = hal.ManualClock(3600.0)  # an hour of distillation: full link stores
-    policy = Policy(mode=mode)
-    ukms_a, ukms_b = configs["ukms-berlin"], configs["ukms-bonn"]
-
-    async def main() -> None:
-        nodes = [
-            build_node(c, topo, os.urandom, clock=clock, policy=policy)
-            for c in configs.values()
-            if is_kms(c)
-        ]
-        for node in nodes:
-            await node.start()
-        try:
-            port_a = int(ukms_a.listen["etsi014"].rsplit(":", 1)[1])
-            port_b = int(ukms_b.listen["etsi014"].rsplit(":", 1)[1])
-
-            def saes() -> None:
-                a = sae_conn(tmp_path, "sae-berlin-1", port_a)
-                status, doc = call(a, "GET", "/api/v1/keys/sae-bonn-1/enc_keys?number=4&size=256")
-                assert status == 200, doc
-                ids = [k["key_ID"] for k in doc["keys"]]
-                b = sae_conn(tmp_path, "sae-bonn-1", port_b)
-                status, got = call(
-                    b,
-                    "POST",
-                    "/api/v1/keys/sae-berlin-1/dec_keys",
-                    {"key_IDs": [{"key_ID": i} for i in ids]},
-                )
-                assert status == 200 and got["keys"] == doc["keys"]
-                assert all(len(base64.b64decode(k["key"])) == 32 for k in got["keys"])
-                assert (
-                    call(b, "GET", f"/api/v1/keys/sae-berlin-1/dec_keys?key_ID={ids[0]}")[0] == 400
-                )
-                other = sae_conn(tmp_path, "sae-bonn-2", port_b)  # another user's SAE
-                assert call(other, "GET", f"/api/v1/keys/sae-berlin-1/dec_keys?key_ID={ids[1]}")[
-                    0
-                ] in (400, 401)
-                text = json.dumps(doc) + json.dumps(got)
-                assert not any(n in text for n in ("ckms", "akms", "link-"))  # invariant 4
-
-            await asyncio.to_thread(saes)
-        finally:
-            for node in nodes:
-                await node.close()
-
-    asyncio.run(main())
-
-
-def test_enc_keys_are_served_from_a_pre_buffered_stock(tmp_path):
-    """UKMS Berlin keeps a stock per SAE pair; SAE Bonn finds the same keys at UKMS Bonn."""
+def run_network(tmp_path: Path, policy: Policy, saes: Callable[[int, int], None]) -> None:
+    """Render DemoQuanDT, issue its PKI, start every KMS node in one event loop with full
+    link stores, run ``saes(port_berlin, port_bonn)`` in a thread, stop the nodes."""
     topo = load_topology("demoquandt")
     render(topo, RenderPlan(out=tmp_path, base_port=free_base_port(), start=0.0))
     configs = load_configs(tmp_path)
     make_pki(topo, configs, os.urandom)
-    clock = hal.ManualClock(3600.0)
-    policy = Policy(stock=8)
-    port_a = int(configs["ukms-berlin"].listen["etsi014"].rsplit(":", 1)[1])
-    port_b = int(configs["ukms-bonn"].listen["etsi014"].rsplit(":", 1)[1])
+    clock = hal.ManualClock(3600.0)  # an hour of distillation: full link stores
+    ports = [
+        int(configs[n].listen["etsi014"].rsplit(":", 1)[1]) for n in ("ukms-berlin", "ukms-bonn")
+    ]
 
     async def main() -> None:
         nodes = [
@@ -123,25 +70,56 @@ def test_enc_keys_are_served_from_a_pre_buffered_stock(tmp_path):
         for node in nodes:
             await node.start()
         try:
-
-            def saes() -> None:
-                a = sae_conn(tmp_path, "sae-berlin-1", port_a)
-                for _ in range(100):
-                    _, status = call(a, "GET", "/api/v1/keys/sae-bonn-1/status")
-                    if status["stored_key_count"] >= 8:
-                        break
-                    time.sleep(0.1)
-                assert status["stored_key_count"] >= 8
-                status_code, doc = call(a, "GET", "/api/v1/keys/sae-bonn-1/enc_keys?number=4")
-                assert status_code == 200
-                b = sae_conn(tmp_path, "sae-bonn-1", port_b)
-                ids = [{"key_ID": k["key_ID"]} for k in doc["keys"]]
-                code, got = call(b, "POST", "/api/v1/keys/sae-berlin-1/dec_keys", {"key_IDs": ids})
-                assert code == 200 and got["keys"] == doc["keys"]
-
-            await asyncio.to_thread(saes)
+            await asyncio.to_thread(saes, *ports)
         finally:
             for node in nodes:
                 await node.close()
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("mode", [Mode.GCM, Mode.OTP])
+def test_keys_cross_the_whole_network(tmp_path, mode):
+    def saes(port_a: int, port_b: int) -> None:
+        a = sae_conn(tmp_path, "sae-berlin-1", port_a)
+        status, doc = call(a, "GET", "/api/v1/keys/sae-bonn-1/enc_keys?number=4&size=256")
+        assert status == 200, doc
+        ids = [k["key_ID"] for k in doc["keys"]]
+        b = sae_conn(tmp_path, "sae-bonn-1", port_b)
+        status, got = call(
+            b,
+            "POST",
+            "/api/v1/keys/sae-berlin-1/dec_keys",
+            {"key_IDs": [{"key_ID": i} for i in ids]},
+        )
+        assert status == 200 and got["keys"] == doc["keys"]
+        assert all(len(base64.b64decode(k["key"])) == 32 for k in got["keys"])
+        assert call(b, "GET", f"/api/v1/keys/sae-berlin-1/dec_keys?key_ID={ids[0]}")[0] == 400
+        other = sae_conn(tmp_path, "sae-bonn-2", port_b)  # another user's SAE
+        path = f"/api/v1/keys/sae-berlin-1/dec_keys?key_ID={ids[1]}"
+        assert call(other, "GET", path)[0] in (400, 401)
+        text = json.dumps(doc) + json.dumps(got)
+        assert not any(n in text for n in ("ckms", "akms", "link-"))  # invariant 4
+
+    run_network(tmp_path, Policy(mode=mode), saes)
+
+
+def test_enc_keys_are_served_from_a_pre_buffered_stock(tmp_path):
+    """UKMS Berlin keeps a stock per SAE pair; SAE Bonn finds the same keys at UKMS Bonn."""
+
+    def saes(port_a: int, port_b: int) -> None:
+        a = sae_conn(tmp_path, "sae-berlin-1", port_a)
+        for _ in range(100):
+            _, status = call(a, "GET", "/api/v1/keys/sae-bonn-1/status")
+            if status["stored_key_count"] >= 8:
+                break
+            time.sleep(0.1)
+        assert status["stored_key_count"] >= 8
+        code, doc = call(a, "GET", "/api/v1/keys/sae-bonn-1/enc_keys?number=4")
+        assert code == 200
+        b = sae_conn(tmp_path, "sae-bonn-1", port_b)
+        ids = [{"key_ID": k["key_ID"]} for k in doc["keys"]]
+        code, got = call(b, "POST", "/api/v1/keys/sae-berlin-1/dec_keys", {"key_IDs": ids})
+        assert code == 200 and got["keys"] == doc["keys"]
+
+    run_network(tmp_path, Policy(stock=8), saes)
