@@ -19,11 +19,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import mmap
 import struct
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,7 @@ from typing import Any
 from images import keyring as kr
 from images.errors import BundleRejected, ImageUsageError
 from images.manifest import Manifest, parse_manifest
+from images.mapping import map_region
 from images.policy import DevicePolicy
 from images.signing import KeyPair, Signature, canonical, verify
 
@@ -188,18 +188,9 @@ def check_for_device(
 
 @contextmanager
 def mapped(path: Path, offset: int, size: int) -> Iterator[memoryview]:
-    """A read-only memory map of ``size`` bytes at ``offset`` (which is page aligned)."""
-    with path.open("rb") as fh:
-        m = mmap.mmap(fh.fileno(), offset + size, access=mmap.ACCESS_READ)
-        view = memoryview(m)
-        part = view[offset : offset + size]
-        try:
-            yield part
-        finally:
-            part.release()
-            view.release()
-            with suppress(BufferError):  # a traceback may still hold a slice; GC closes it
-                m.close()
+    """A read-only memory map of ``size`` bytes at ``offset`` of the file at ``path``."""
+    with path.open("rb") as fh, map_region(fh.fileno(), offset, size) as part:
+        yield part
 
 
 def chunk_digests(

@@ -20,19 +20,19 @@ from __future__ import annotations
 
 import hashlib
 import json
-import mmap
 import os
 import stat
 import subprocess
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from images import records
 from images.bootstate import SLOTS, BootState, decode_state, encode_state
 from images.errors import BootStateError, ImageUsageError, TargetError
+from images.mapping import map_region
 from images.policy import DevicePolicy, decode_policy
 
 MiB = 1 << 20
@@ -81,17 +81,8 @@ class Device:
     @contextmanager
     def mapped(self, offset: int, size: int) -> Iterator[memoryview]:
         """A read-only memory map of ``size`` bytes at ``offset``: reads without a copy."""
-        lead = offset % mmap.ALLOCATIONGRANULARITY
-        m = mmap.mmap(self.fd, lead + size, access=mmap.ACCESS_READ, offset=offset - lead)
-        view = memoryview(m)
-        part = view[lead : lead + size]
-        try:
+        with map_region(self.fd, offset, size) as part:
             yield part
-        finally:
-            part.release()
-            view.release()
-            with suppress(BufferError):  # a traceback may still hold a slice; GC closes it
-                m.close()
 
     def flush(self) -> None:
         """Make what was written so far durable (``fdatasync``), from a background thread.
