@@ -15,10 +15,11 @@ with L the output length in bits (a card applet computes exactly this).
 
 from __future__ import annotations
 
+import importlib
 import os
 import stat
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, cast
 from urllib.parse import unquote, urlsplit
 
 from cryptography.hazmat.primitives.ciphers import algorithms
@@ -116,7 +117,9 @@ def open_psk_source(url: str, *, base: Path | None = None) -> PskSource:
             path = base / path
         return FilePskSource(path)
     if parts.scheme == "pcsc":
-        from hsm.card import open_card_psk_source  # the smartcard part of the hsm issue
-
-        return open_card_psk_source(url)
+        try:  # the smartcard part of the hsm issue provides hsm.card
+            card = importlib.import_module("hsm.card")
+        except ImportError:
+            raise PskError(f"PSK source {url!r}: smartcard support is not installed") from None
+        return cast(PskSource, card.open_card_psk_source(url))
     raise PskError(f"PSK source {url!r}: unknown scheme (expected file: or pcsc://)")
