@@ -18,10 +18,17 @@ from typing import NoReturn
 from appliance import logs
 from appliance.errors import ApplianceError
 from hal.errors import HalError
+from hsm.errors import HsmError
 from images.errors import ImageError
 from qrng.errors import QrngError
 
-PROJECT_ERRORS: tuple[type[Exception], ...] = (ApplianceError, HalError, QrngError, ImageError)
+PROJECT_ERRORS: tuple[type[Exception], ...] = (
+    ApplianceError,
+    HalError,
+    QrngError,
+    ImageError,
+    HsmError,
+)
 """The error roots of the project's packages; later packages add theirs here."""
 
 EPILOG = """\
@@ -46,6 +53,7 @@ class Parser(argparse.ArgumentParser):
 
 def build_parser() -> Parser:
     from appliance.cli import demo, image, net, qrng, sae, topology
+    from appliance.cli import keystore as keystore_cli
 
     parser = Parser(
         prog="qkdn",
@@ -74,6 +82,7 @@ def build_parser() -> Parser:
     image.register(sub)
     net.register(sub)
     sae.register(sub)
+    keystore_cli.register(sub)
     return parser
 
 
