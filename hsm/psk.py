@@ -5,8 +5,8 @@ KDF below, for a context and fresh nonces chosen by the caller. Two sources hold
 same PSK derive the same key, whatever they are:
 
 * ``file:PATH``: a provisioning file (hex PSK, mode 0600), until the smartcard is fitted;
-* ``pcsc://READER`` or ``pcsc://#N``: a smartcard enrolled by ``qkdn card enroll``; the
-  card runs the same KDF inside (added by the smartcard part of the hsm issue).
+* ``pcsc://READER?pin-file=PATH`` or ``pcsc://#N?pin-env=VAR``: a smartcard enrolled by
+  ``qkdn card enroll``; the card runs the same KDF inside (:mod:`hsm.card` has the URL).
 
 The KDF is NIST SP 800-108r1 in counter mode with CMAC-AES-256 as PRF: block i is
 ``CMAC(PSK, [i]_32 || "qkdn-psk-derive" || 0x00 || context || 0x00 || nonce || [L]_32)``
@@ -15,11 +15,10 @@ with L the output length in bits (a card applet computes exactly this).
 
 from __future__ import annotations
 
-import importlib
 import os
 import stat
 from pathlib import Path
-from typing import Protocol, cast
+from typing import Protocol
 from urllib.parse import unquote, urlsplit
 
 from cryptography.hazmat.primitives.ciphers import algorithms
@@ -117,9 +116,7 @@ def open_psk_source(url: str, *, base: Path | None = None) -> PskSource:
             path = base / path
         return FilePskSource(path)
     if parts.scheme == "pcsc":
-        try:  # the smartcard part of the hsm issue provides hsm.card
-            card = importlib.import_module("hsm.card")
-        except ImportError:
-            raise PskError(f"PSK source {url!r}: smartcard support is not installed") from None
-        return cast(PskSource, card.open_card_psk_source(url))
+        from hsm.card import open_card_psk_source  # here: file sources need no pyscard
+
+        return open_card_psk_source(url, base=base)
     raise PskError(f"PSK source {url!r}: unknown scheme (expected file: or pcsc://)")
