@@ -52,7 +52,7 @@ class Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> Parser:
-    from appliance.cli import demo, image, net, qrng, sae, topology
+    from appliance.cli import card, demo, image, net, qrng, sae, topology
     from appliance.cli import keystore as keystore_cli
 
     parser = Parser(
@@ -83,6 +83,7 @@ def build_parser() -> Parser:
     net.register(sub)
     sae.register(sub)
     keystore_cli.register(sub)
+    card.register(sub)
     return parser
 
 
