@@ -20,7 +20,7 @@ from appliance.cli.output import console, print_json
 from appliance.config.render import RenderPlan, render
 from appliance.config.topology import load_topology
 from appliance.errors import ApplianceError, UsageError
-from appliance.kms.network import is_kms, load_configs, make_pki
+from appliance.kms.network import is_kms, load_configs, make_pki, provision_psks
 from appliance.kms.relay import Mode
 
 DEFAULT_DIR = Path(".qkdn/net")
@@ -183,10 +183,10 @@ def bring_up(args: argparse.Namespace) -> None:
     start = time.time() - (0.0 if args.rate_limited else FULL_STORE_S)
     render(topo, RenderPlan(out=args.dir, base_port=args.base_port, start=start))
     configs = load_configs(args.dir)
+    provisioning = qrng.node_generator("emulated-qrng://provisioning?bits=16").random_bytes
     if not (args.dir / "pki" / "ca.pem").exists():
-        make_pki(
-            topo, configs, qrng.node_generator("emulated-qrng://provisioning?bits=16").random_bytes
-        )
+        make_pki(topo, configs, provisioning)
+    provision_psks(configs, provisioning)
     (args.dir / "logs").mkdir(exist_ok=True)
     with open(args.dir / "logs" / "supervisor.log", "ab") as log:
         subprocess.Popen(

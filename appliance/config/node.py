@@ -74,6 +74,9 @@ class NodeConfig(Strict):
     """host:port of the data-centre services this node uses (controller, manager, aaa)."""
     neighbours: list[Neighbour] = Field(default_factory=list)
     saes: list[SaeEntry] = Field(default_factory=list)
+    psk: dict[str, str] = Field(default_factory=dict)
+    """AKMS only: for each peer AKMS (by name), the PSK source of the channel to it:
+    ``file:PATH`` (a provisioning file) or ``pcsc://READER?...`` (a smartcard)."""
 
 
 def load_node_config(path: Path) -> NodeConfig:

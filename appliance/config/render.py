@@ -164,6 +164,12 @@ def render_node(topo: Topology, node: Node, plan: RenderPlan, start: float) -> d
                 "qkdm": url,
             }
         )
+    if "akms" in node.roles:
+        doc["psk"] = {
+            peer.name: f"file:{out / 'secrets' / psk_file_name(node, peer)}"
+            for peer in topo.nodes_with("akms")
+            if peer.id != node.id
+        }
     for sae in topo.spec.saes:
         if sae.node == node.id:
             doc["saes"].append(
@@ -174,7 +180,13 @@ def render_node(topo: Topology, node: Node, plan: RenderPlan, start: float) -> d
                     "cert": str(pki / "saes" / f"{sae.id}.pem"),
                 }
             )
-    return {k: v for k, v in doc.items() if v != []}
+    return {k: v for k, v in doc.items() if v not in ([], {})}
+
+
+def psk_file_name(a: Node, b: Node) -> str:
+    """The provisioning file of the PSK shared by two access nodes (one file, both ends)."""
+    low, high = sorted((a, b), key=lambda n: n.id)
+    return f"psk-{low.name}-{high.name}.hex"
 
 
 def _services(topo: Topology, node: Node, plan: RenderPlan) -> dict[str, str]:
@@ -259,10 +271,15 @@ def _render(topo: Topology, plan: RenderPlan) -> list[Path]:
 
 
 def find_free_base_port(node_ids: range = range(1, 23), host: str = "127.0.0.1") -> int:
-    """A base port whose every planned port (base + offset + node id) binds right now."""
+    """A base port whose every planned port (base + offset + node id) binds right now.
+
+    Candidates are tried from a random start (not a secret), so that networks started at
+    the same moment by different runs rarely pick the same range."""
     import socket
 
-    for base in range(21000, MAX_BASE_PORT, 997):
+    candidates = list(range(21000, MAX_BASE_PORT, 997))
+    first = int.from_bytes(os.urandom(2), "big") % len(candidates)
+    for base in candidates[first:] + candidates[:first]:
         try:
             for off in SERVICE_OFFSETS.values():
                 for node in node_ids:

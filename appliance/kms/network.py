@@ -16,6 +16,7 @@ from appliance.config.node import NodeConfig, load_node_config
 from appliance.config.topology import Topology
 from appliance.kms.node import KmsNode, Policy
 from appliance.pki import CertificateAuthority, write_pair
+from hsm.psk import PSK_BYTES, write_psk_file
 
 RandomBytes = Callable[[int], bytes]
 KMS_ROLES = {"ukms", "akms", "ckms"}
@@ -35,6 +36,26 @@ def make_pki(topo: Topology, configs: dict[str, NodeConfig], rng: RandomBytes) -
         for sae in cfg.saes:
             cert, key = ca.issue(sae.id, rng, server=False)
             write_pair(cert, key, Path(sae.cert), Path(sae.cert).with_suffix(".key"))
+
+
+def provision_psks(configs: dict[str, NodeConfig], rng: RandomBytes) -> list[Path]:
+    """Write the PSK provisioning files the configs name (``file:`` sources), each once:
+    both access nodes of a pair name the same file. Smartcard sources are enrolled with
+    ``qkdn card enroll`` instead. Returns the files created."""
+    created = []
+    for cfg in configs.values():
+        for url in cfg.psk.values():
+            if not url.startswith("file:"):
+                continue
+            path = Path(url.removeprefix("file:"))
+            if not path.exists():
+                psk = bytearray(rng(PSK_BYTES))
+                try:
+                    write_psk_file(path, psk)
+                finally:
+                    psk[:] = bytes(len(psk))
+                created.append(path)
+    return created
 
 
 def load_configs(out: Path) -> dict[str, NodeConfig]:

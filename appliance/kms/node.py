@@ -12,6 +12,8 @@ Endpoints (HTTP/2 between nodes, JSON bodies, binary fields in base64):
 * ``POST /v1/relay``       CKMS -> next CKMS: one hop of a CN key along its path.
 * ``POST /v1/ksa/deliver`` AKMS B -> UKMS B: the slave's KSA keys, under link keys.
 * ``POST /v1/link/grant``  slave -> master end of a link: key IDs for the slave's direction.
+* ``POST /v1/channel/open`` AKMS A -> AKMS B: open the PSK-bootstrapped channel
+  (:mod:`channel`); ``/v1/cn`` requests and answers carry its tags.
 
 Until the hsm issue lands the node key is a file; until the mgmt/controller issues land,
 contracts and SAE homes come from the topology and paths are shortest by length.
@@ -23,10 +25,11 @@ import asyncio
 import base64
 import contextlib
 import dataclasses
+import hmac
 import json
 import logging
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,7 +38,8 @@ import hal
 from appliance.config.node import NodeConfig
 from appliance.config.render import SERVICE_OFFSETS
 from appliance.config.topology import Sae, Topology
-from appliance.kms import ksa
+from appliance.kms import channel, ksa
+from appliance.kms.channel import CalleeChannel, CallerChannel, UnknownChannel
 from appliance.kms.errors import (
     IntegrityFailure,
     KeyUnavailable,
@@ -62,10 +66,14 @@ from appliance.kms.store import KeyStore, NodeKey
 from appliance.net.h2 import H2Client, H2Server, Request, Response, TransportError
 from appliance.net.http1 import H1Server
 from appliance.pki import client_context, server_context
+from hsm.errors import HsmError
+from hsm.psk import PskSource, open_psk_source
 
 log = logging.getLogger("qkdn.kms")
 RandomBytes = Callable[[int], bytes]
 CN_TIMEOUT = 10.0
+CALLER_CHANNELS = 4
+"""Open channels a callee keeps per calling access node (older ones are closed)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -128,6 +136,11 @@ class KmsNode:
     _cn_waiting: dict[bytes, asyncio.Future[bytearray]] = field(init=False, default_factory=dict)
     _ksa_stores: dict[tuple[str, str], KeyStore] = field(init=False, default_factory=dict)
     _stock_task: asyncio.Task[None] | None = field(init=False, default=None)
+    _psk: dict[str, PskSource] = field(init=False, default_factory=dict)
+    _out_channels: dict[int, CallerChannel] = field(init=False, default_factory=dict)
+    _in_channels: dict[int, dict[str, CalleeChannel]] = field(init=False, default_factory=dict)
+    _channel_locks: dict[int, asyncio.Lock] = field(init=False, default_factory=dict)
+    _rekeying: dict[int, asyncio.Task[None]] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         me = self.config.node.id
@@ -147,6 +160,7 @@ class KmsNode:
 
     # -- life cycle ---------------------------------------------------------------------
     async def start(self) -> None:
+        self._open_psk_sources()
         for service in ("ukms", "akms", "ckms"):
             if service in self.config.listen:
                 server = H2Server(self._handle, server_context(*self._tls, ("h2",)))
@@ -172,6 +186,31 @@ class KmsNode:
             await client.close()
         for store in self._ksa_stores.values():
             store.close()
+        for out in self._out_channels.values():
+            out.close()
+        for chans in self._in_channels.values():
+            for chan in chans.values():
+                chan.close()
+        for source in self._psk.values():
+            source.close()
+
+    def _open_psk_sources(self) -> None:
+        """The PSK source of each peer AKMS; one that cannot be opened is an alarm, and the
+        channel to that peer stays closed (fail closed) until the node restarts."""
+        base = Path(self.config.paths.data_dir)
+        for peer, url in self.config.psk.items():
+            try:
+                self._psk[peer] = open_psk_source(url, base=base)
+            except HsmError as exc:
+                log.error(
+                    "PSK source unavailable",
+                    extra={
+                        "node": self.name,
+                        "peer": peer,
+                        "error": exc.code,
+                        "reason": exc.message,
+                    },
+                )
 
     @staticmethod
     def _host_port(address: str) -> tuple[str, int]:
@@ -187,6 +226,18 @@ class KmsNode:
     async def _call(
         self, node_id: int, service: str, path: str, doc: dict[str, Any]
     ) -> dict[str, Any]:
+        body, _ = await self._exchange(node_id, service, path, json.dumps(doc).encode())
+        return body
+
+    async def _exchange(
+        self,
+        node_id: int,
+        service: str,
+        path: str,
+        raw: bytes,
+        headers: dict[str, str] | None = None,
+    ) -> tuple[dict[str, Any], Response]:
+        """POST ``raw`` to a node; the JSON answer and the response (KmsError unless 200)."""
         address = self.address(node_id, service)
         client = self._clients.get(address)
         if client is None:
@@ -195,35 +246,38 @@ class KmsNode:
             client = self._clients[address] = H2Client(
                 host, port, self._client_ctx, expect_peer=peer
             )
-        response = await client.request("POST", path, json.dumps(doc).encode())
+        response = await client.request("POST", path, raw, headers)
         try:
             body: dict[str, Any] = json.loads(response.body or b"{}")
         except json.JSONDecodeError:
             raise ProtocolError(f"node {node_id}{path}: answer is not JSON") from None
         if response.status != 200:
             reason = f"node {node_id}{path}: {body.get('message', response.status)}"
-            raise (
-                StaleGrant(reason)
-                if body.get("code") == StaleGrant.code
-                else KeyUnavailable(reason)
-            )
-        return body
+            kinds: dict[str, type[KmsError]] = {
+                StaleGrant.code: StaleGrant,
+                UnknownChannel.code: UnknownChannel,
+            }
+            raise kinds.get(str(body.get("code")), KeyUnavailable)(reason)
+        return body, response
 
     async def _handle(self, request: Request) -> Response:
-        routes = {
+        routes: dict[str, Callable[[dict[str, Any], int], Awaitable[dict[str, Any]]]] = {
             "/v1/ksa": self._on_ksa,
-            "/v1/cn": self._on_cn,
             "/v1/relay": self._on_relay,
             "/v1/ksa/deliver": self._on_deliver,
             "/v1/link/grant": self._on_grant,
+            "/v1/channel/open": self._on_channel_open,
         }
         handler = routes.get(request.path)
-        if handler is None or request.method != "POST":
+        if (handler is None and request.path != "/v1/cn") or request.method != "POST":
             return _json(404, {"message": "no such endpoint"})
         caller = self._node_named(request.peer)
         try:
             if caller is None:
                 raise ProtocolError("caller is not a node of this network")
+            if request.path == "/v1/cn":
+                return await self._tagged(request, caller)
+            assert handler is not None
             return _json(200, await handler(_body(request), caller))
         except IntegrityFailure as exc:
             log.error("integrity alarm", extra={"node": self.name, "error": exc.code})
@@ -427,31 +481,10 @@ class KmsNode:
             0 < number <= self.policy.max_key_per_request and size % 8 == 0 and 0 < size <= 8192
         ):
             raise ProtocolError("request outside the contract's limits")
-        remote_akms = self._akms_of(s.node)
-        request_id = uuid.uuid4().bytes
-        waiting = asyncio.get_running_loop().create_future()
-        self._cn_waiting[request_id] = waiting
-        try:
-            reply = await self._call(
-                remote_akms,
-                "akms",
-                "/v1/cn",
-                {
-                    "request_id": _b64(request_id),
-                    "master": master,
-                    "slave": slave,
-                    "number": number,
-                    "size": size,
-                    "ukms_b": s.node,
-                    "deliver_to": self.config.node.id,
-                },
-            )
-            cn_key = await asyncio.wait_for(waiting, CN_TIMEOUT)
-        except TimeoutError:
-            raise KeyUnavailable("the CN key did not arrive in time") from None
-        finally:
-            self._cn_waiting.pop(request_id, None)
-        batch = ksa.open_batch(self.policy.mode, cn_key, request_id, _unb64(reply.get("batch")))
+        request = {"master": master, "slave": slave, "number": number, "size": size}
+        request_id, batch = await self._keys_from(
+            self._akms_of(s.node), {**request, "ukms_b": s.node}
+        )
         hop = self._hop(caller, request_id, 0)
         self.links[caller].seen_master_epoch(
             doc.get("epoch") if isinstance(doc.get("epoch"), str) else None
@@ -459,26 +492,187 @@ class KmsNode:
         sealed = await self._seal_for(caller, hop, batch)
         return {"sealed": _b64(sealed), "epoch": self.links[caller].epoch}
 
+    async def _keys_from(
+        self, remote: int, request: dict[str, Any], chan: CallerChannel | None = None
+    ) -> tuple[bytes, bytearray]:
+        """AKMS A: ask AKMS B for keys; they come back in a batch under a CN key that is
+        relayed to us hop by hop. Returns the request ID and the opened batch."""
+        request_id = uuid.uuid4().bytes
+        waiting = asyncio.get_running_loop().create_future()
+        self._cn_waiting[request_id] = waiting
+        doc = {"request_id": _b64(request_id), **request, "deliver_to": self.config.node.id}
+        try:
+            reply = await self._akms_call(remote, "/v1/cn", doc, chan)
+            cn_key = await asyncio.wait_for(waiting, CN_TIMEOUT)
+        except TimeoutError:
+            raise KeyUnavailable("the CN key did not arrive in time") from None
+        except BaseException:  # the CN key may have arrived for a request that failed
+            if waiting.done() and not waiting.cancelled() and waiting.exception() is None:
+                waiting.result()[:] = bytes(len(waiting.result()))
+            raise
+        finally:
+            self._cn_waiting.pop(request_id, None)
+        sealed = _unb64(reply.get("batch"))
+        return request_id, ksa.open_batch(self.policy.mode, cn_key, request_id, sealed)
+
+    # -- the AKMS-AKMS channel (PSK bootstrap, then QKDN keys) ---------------------------
+    async def _akms_call(
+        self, peer: int, path: str, doc: dict[str, Any], chan: CallerChannel | None = None
+    ) -> dict[str, Any]:
+        """A request to a peer AKMS, tagged on the channel; a callee that lost the channel
+        (it restarted) makes us open a new one, once."""
+        raw = json.dumps(doc).encode()
+        for attempt in (1, 2):
+            current = chan or await self._channel_to(peer)
+            try:
+                tag = current.tag_request(path, raw)
+                body, response = await self._exchange(
+                    peer, "akms", path, raw, {channel.HEADER: tag}
+                )
+            except UnknownChannel:
+                if attempt == 2 or chan is not None:
+                    raise
+                if self._out_channels.get(peer) is current:
+                    self._out_channels.pop(peer).close()
+                continue
+            current.check_response(path, response.body, response.headers.get(channel.HEADER))
+            return body
+        raise AssertionError("unreachable")
+
+    async def _channel_to(self, peer: int) -> CallerChannel:
+        """The open channel to a peer AKMS: opened from the PSK and re-keyed at once from
+        QKDN keys (the PSK-derived key protects that one exchange); later re-keys run in
+        the background while requests continue under the current key."""
+        chan = self._out_channels.get(peer)
+        if chan is None:
+            async with self._channel_locks.setdefault(peer, asyncio.Lock()):
+                chan = self._out_channels.get(peer)
+                if chan is None:
+                    chan = await self._open_channel(peer)
+                    try:
+                        await self._rekey(peer, chan)
+                    except BaseException:
+                        chan.close()
+                        raise
+                    self._out_channels[peer] = chan
+        if chan.needs_rekey() and peer not in self._rekeying:
+            self._rekeying[peer] = asyncio.create_task(self._rekey_later(peer, chan))
+        return chan
+
+    async def _open_channel(self, peer: int) -> CallerChannel:
+        name = self.topology.node(peer).name
+        source = self._psk.get(name)
+        if source is None:
+            raise KeyUnavailable(f"no PSK source for the channel to {name}")
+        nonce_a = self.rng(channel.NONCE_BYTES)
+        reply = await self._call(peer, "akms", "/v1/channel/open", {"nonce": _b64(nonce_a)})
+        channel_id, nonce_b = _field(reply, "channel_id", str), _unb64(reply.get("nonce"))
+        key = await self._derive(
+            source, channel.context(self.name, name, channel_id), nonce_a + nonce_b
+        )
+        if not hmac.compare_digest(
+            str(reply.get("confirm")), channel.confirmation(key, nonce_a, nonce_b)
+        ):
+            key[:] = bytes(len(key))
+            raise IntegrityFailure(f"the AKMS {name} does not hold our PSK")
+        return CallerChannel(channel_id, key)
+
+    async def _derive(self, source: PskSource, context: bytes, nonces: bytes) -> bytearray:
+        """A channel key from a PSK source (a card may take a while: off the event loop)."""
+        try:
+            return await asyncio.to_thread(source.derive, context, nonces)
+        except HsmError as exc:
+            log.error("PSK source failed", extra={"node": self.name, "error": exc.code})
+            raise KeyUnavailable(f"PSK source unavailable ({exc.code})") from None
+
+    async def _rekey(self, peer: int, chan: CallerChannel) -> None:
+        """A fresh channel key over the QKDN, relayed like any KSA key."""
+        request = {"purpose": "channel", "number": 1, "size": channel.KEY_BYTES * 8}
+        _, batch = await self._keys_from(peer, request, chan)
+        ((_, key),) = ksa.decode_batch(batch)
+        batch[:] = bytes(len(batch))
+        chan.rekey(key)
+
+    async def _rekey_later(self, peer: int, chan: CallerChannel) -> None:
+        try:
+            await self._rekey(peer, chan)
+        except (KmsError, TransportError) as exc:
+            log.warning("channel re-key failed", extra={"node": self.name, "error": exc.code})
+        finally:
+            self._rekeying.pop(peer, None)
+
+    async def _on_channel_open(self, doc: dict[str, Any], caller: int) -> dict[str, Any]:
+        name = self.topology.node(caller).name
+        source = self._psk.get(name)
+        nonce_a = _unb64(doc.get("nonce"))
+        if source is None or len(nonce_a) != channel.NONCE_BYTES:
+            raise ProtocolError("no PSK channel is provisioned for this caller")
+        channel_id, nonce_b = self.rng(8).hex(), self.rng(channel.NONCE_BYTES)
+        key = await self._derive(
+            source, channel.context(name, self.name, channel_id), nonce_a + nonce_b
+        )
+        chans = self._in_channels.setdefault(caller, {})
+        while len(chans) >= CALLER_CHANNELS:
+            chans.pop(next(iter(chans))).close()
+        chans[channel_id] = CalleeChannel(channel_id, {0: key})
+        confirm = channel.confirmation(key, nonce_a, nonce_b)
+        return {"channel_id": channel_id, "nonce": _b64(nonce_b), "confirm": confirm}
+
+    async def _tagged(self, request: Request, caller: int) -> Response:
+        """A ``/v1/cn`` request: its channel tag is checked first, its answer tagged."""
+        header = request.headers.get(channel.HEADER)
+        channel_id, _, _ = channel.parse_header(header)
+        chan = self._in_channels.get(caller, {}).get(channel_id)
+        if chan is None:
+            raise UnknownChannel("no such channel here; open the channel again")
+        epoch = chan.verify_request(request.path, request.body, header)
+        body = json.dumps(await self._on_cn(_body(request), caller, chan, epoch)).encode()
+        tag = chan.tag_response(epoch, request.path, body)
+        return Response(200, body, {"content-type": "application/json", channel.HEADER: tag})
+
     # -- AKMS B: the responding side ----------------------------------------------------
-    async def _on_cn(self, doc: dict[str, Any], caller: int) -> dict[str, Any]:
+    async def _on_cn(
+        self, doc: dict[str, Any], caller: int, chan: CalleeChannel, epoch: int
+    ) -> dict[str, Any]:
         request_id = _unb64(doc.get("request_id"))
         number, size = _field(doc, "number", int), _field(doc, "size", int)
-        master, slave = _field(doc, "master", str), _field(doc, "slave", str)
-        ukms_b, deliver_to = _field(doc, "ukms_b", int), _field(doc, "deliver_to", int)
+        deliver_to = _field(doc, "deliver_to", int)
+        for_channel = doc.get("purpose", "ksa") == "channel"
         if (
             len(request_id) != 16
             or deliver_to != caller
-            or ukms_b not in self.links
             or not 0 < number <= self.policy.max_key_per_request
             or size % 8
             or size <= 0
+            or (for_channel and (number, size) != (1, channel.KEY_BYTES * 8))
         ):
             raise ProtocolError("malformed CN request")
         keys = [(str(uuid.uuid4()), self.rng(size // 8)) for _ in range(number)]
         n = ksa.batch_len(number, size // 8)
         cn_key = bytearray(self.rng(ksa.cn_key_bytes(self.policy.mode, n)))
         path = shortest_path(self.topology, self.config.node.id, deliver_to)
-        await self.relay(request_id, path, 0, bytearray(cn_key))
+        steps = [self.relay(request_id, path, 0, bytearray(cn_key))]
+        if for_channel:
+            chan.add_next(epoch, bytearray(keys[0][1]))
+        else:
+            steps.append(self._deliver(doc, request_id, keys))
+        try:
+            for outcome in await asyncio.gather(*steps, return_exceptions=True):
+                if isinstance(outcome, BaseException):
+                    raise outcome
+            batch = ksa.seal_batch(self.policy.mode, cn_key, request_id, ksa.encode_batch(keys))
+        finally:
+            cn_key[:] = bytes(len(cn_key))
+        return {"batch": _b64(batch)}
+
+    async def _deliver(
+        self, doc: dict[str, Any], request_id: bytes, keys: list[tuple[str, bytes]]
+    ) -> None:
+        """AKMS B: the slave's copies of the keys, to its UKMS under our link keys."""
+        master, slave = _field(doc, "master", str), _field(doc, "slave", str)
+        ukms_b = _field(doc, "ukms_b", int)
+        if ukms_b not in self.links:
+            raise ProtocolError("malformed CN request")
         hop = self._hop(ukms_b, request_id, 0)
         sealed = await self._seal_for(ukms_b, hop, ksa.encode_batch(keys))
         await self._call(
@@ -492,8 +686,6 @@ class KmsNode:
                 "epoch": self.links[ukms_b].epoch,
             },
         )
-        batch = ksa.seal_batch(self.policy.mode, cn_key, request_id, ksa.encode_batch(keys))
-        return {"batch": _b64(batch)}
 
     # -- CKMS: hop by hop ---------------------------------------------------------------
     async def relay(

@@ -125,7 +125,12 @@ class TlsServer:
         self._writers: set[asyncio.StreamWriter] = set()
 
     async def start(self, host: str, port: int) -> None:
-        self._server = await asyncio.start_server(self._serve, host, port, ssl=self.ssl_ctx)
+        try:
+            self._server = await asyncio.start_server(self._serve, host, port, ssl=self.ssl_ctx)
+        except OSError as exc:
+            raise TransportError(
+                f"cannot listen on {host}:{port}: {exc.strerror}", code="NET-LISTEN"
+            ) from None
 
     @property
     def port(self) -> int:

@@ -96,3 +96,24 @@ def test_node_config_validation(tmp_path):
     with pytest.raises(ConfigError, match=r"ukms-berlin\.toml: node\.colour: unknown key") as info:
         load_node_config(path)
     assert info.value.code == "CFG-UNKNOWN-KEY"
+
+
+def test_access_nodes_share_one_provisioned_psk(rendered):
+    """Each AKMS names the PSK source of the channel to every other AKMS; `net up`
+    provisions the file once (0600) for both ends, and never replaces it."""
+    import os
+
+    from appliance.kms.network import provision_psks
+    from hsm.psk import open_psk_source
+
+    _, _, configs = rendered
+    berlin, bonn = configs["akms-berlin"], configs["akms-bonn"]
+    assert set(berlin.psk) == {"akms-bonn"} and set(bonn.psk) == {"akms-berlin"}
+    assert berlin.psk["akms-bonn"] == bonn.psk["akms-berlin"]
+    assert all(not c.psk for name, c in configs.items() if not name.startswith("akms-"))
+    created = provision_psks(configs, os.urandom)
+    assert len(created) == 1 and stat.S_IMODE(created[0].stat().st_mode) == 0o600
+    before = created[0].read_bytes()
+    assert provision_psks(configs, os.urandom) == [] and created[0].read_bytes() == before
+    a, b = (open_psk_source(c.psk[p]) for c, p in ((berlin, "akms-bonn"), (bonn, "akms-berlin")))
+    assert a.derive(b"ctx", b"nonce") == b.derive(b"ctx", b"nonce")

@@ -22,9 +22,10 @@ import pytest
 import hal
 from appliance.config.render import RenderPlan, find_free_base_port, render
 from appliance.config.topology import load_topology
-from appliance.kms.network import build_node, is_kms, load_configs, make_pki
+from appliance.kms.network import build_node, is_kms, load_configs, make_pki, provision_psks
 from appliance.kms.node import Policy
 from appliance.kms.relay import Mode
+from hsm.psk import write_psk_file
 
 
 def free_base_port() -> int:
@@ -49,13 +50,22 @@ def call(conn: http.client.HTTPSConnection, method: str, path: str, body=None) -
     return resp.status, json.loads(resp.read())
 
 
-def run_network(tmp_path: Path, policy: Policy, saes: Callable[[int, int], None]) -> None:
+def run_network(
+    tmp_path: Path,
+    policy: Policy,
+    saes: Callable[[int, int], None],
+    edit: Callable[[Path], None] | None = None,
+) -> None:
     """Render DemoQuanDT, issue its PKI, start every KMS node in one event loop with full
-    link stores, run ``saes(port_berlin, port_bonn)`` in a thread, stop the nodes."""
+    link stores, run ``saes(port_berlin, port_bonn)`` in a thread, stop the nodes.
+    ``edit(out)`` may change the rendered files first."""
     topo = load_topology("demoquandt")
     render(topo, RenderPlan(out=tmp_path, base_port=free_base_port(), start=0.0))
+    if edit is not None:
+        edit(tmp_path)
     configs = load_configs(tmp_path)
     make_pki(topo, configs, os.urandom)
+    provision_psks(configs, os.urandom)
     clock = hal.ManualClock(3600.0)  # an hour of distillation: full link stores
     ports = [
         int(configs[n].listen["etsi014"].rsplit(":", 1)[1]) for n in ("ukms-berlin", "ukms-bonn")
@@ -123,3 +133,27 @@ def test_enc_keys_are_served_from_a_pre_buffered_stock(tmp_path):
         assert code == 200 and got["keys"] == doc["keys"]
 
     run_network(tmp_path, Policy(stock=8), saes)
+
+
+def test_an_access_node_with_another_psk_is_refused_and_alarms(tmp_path, caplog):
+    """AKMS Bonn holds a different PSK than AKMS Berlin: the channel does not open, the
+    request fails with a clean 503, an integrity alarm is logged, and no key is issued."""
+
+    def other_psk(out: Path) -> None:
+        config = out / "nodes" / "akms-bonn.toml"
+        text = config.read_text()
+        shared = "psk-akms-berlin-akms-bonn.hex"
+        assert shared in text
+        config.write_text(text.replace(shared, "psk-forged.hex"))
+        write_psk_file(out / "secrets" / "psk-forged.hex", os.urandom(32))
+
+    def saes(port_a: int, port_b: int) -> None:
+        a = sae_conn(tmp_path, "sae-berlin-1", port_a)
+        status, doc = call(a, "GET", "/api/v1/keys/sae-bonn-1/enc_keys")
+        assert status == 503 and set(doc) == {"message"} | ({"details"} & set(doc)), doc
+        status, doc = call(a, "GET", "/api/v1/keys/sae-bonn-1/status")
+        assert status == 200 and doc["stored_key_count"] == 0
+
+    with caplog.at_level("ERROR", logger="qkdn.kms"):
+        run_network(tmp_path, Policy(), saes, edit=other_psk)
+    assert any(r.getMessage() == "integrity alarm" for r in caplog.records)
