@@ -112,6 +112,8 @@ class Contract(Strict):
     keys_per_day: int = Field(1_000_000, ge=1)
     valid_from: dt.date | None = None
     valid_until: dt.date | None = None
+    relay_mode: Literal["otp", "gcm"] | None = None
+    """How this user's keys cross the network; unset: the network's policy."""
 
 
 class Sae(Strict):

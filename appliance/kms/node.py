@@ -78,7 +78,8 @@ CALLER_CHANNELS = 4
 
 @dataclass(frozen=True, kw_only=True)
 class Policy:
-    """How keys cross the network (per network for now; per user later)."""
+    """How keys cross the network. ``mode`` is the network's relay mode; a contract's
+    ``relay_mode`` in the topology overrides it for that user's keys."""
 
     mode: Mode = Mode.GCM
     key_size: int = 256
@@ -153,6 +154,7 @@ class KmsNode:
         self._data = Path(paths.data_dir)
         self.node_key = NodeKey.from_file(self._data / "node.key", create_with=self.rng)
         self.saes = {s.id: s for s in self.topology.spec.saes}
+        self.contracts = {c.id: c for c in self.topology.spec.contracts}
 
     @property
     def name(self) -> str:
@@ -298,20 +300,28 @@ class KmsNode:
         return next((n.id for n in self.topology.spec.nodes if n.name == name), None)
 
     # -- link keys ----------------------------------------------------------------------
-    def _hop(self, peer: int, request_id: bytes, index: int) -> Hop:
+    def mode_for(self, master: str | None) -> Mode:
+        """The relay mode for keys of an SAE: its contract's, else the network's."""
+        sae = self.saes.get(master or "")
+        contract = self.contracts.get(sae.contract) if sae else None
+        if contract is not None and contract.relay_mode is not None:
+            return Mode[contract.relay_mode.upper()]
+        return self.policy.mode
+
+    def _hop(self, peer: int, request_id: bytes, index: int, mode: Mode) -> Hop:
         """The header of a hop message to ``peer`` (keys and counter are filled in on sealing)."""
         return Hop(
             request_id=request_id,
             hop=index,
             direction=Direction.TO_REQUESTER,
             link=self.links[peer].link,
-            mode=self.policy.mode,
+            mode=mode,
             segments=(),
         )
 
     async def _seal_for(self, peer: int, hop: Hop, payload: bytearray) -> bytes:
-        """A hop message to a neighbour, under link keys, in the policy's mode."""
-        if self.policy.mode is Mode.OTP:
+        """A hop message to a neighbour, under link keys, in the header's mode."""
+        if hop.mode is Mode.OTP:
             segments, pad = await self._with_grant(
                 peer, lambda: self.links[peer].pad(len(payload) + MAC_KEY_BYTES)
             )
@@ -483,9 +493,9 @@ class KmsNode:
             raise ProtocolError("request outside the contract's limits")
         request = {"master": master, "slave": slave, "number": number, "size": size}
         request_id, batch = await self._keys_from(
-            self._akms_of(s.node), {**request, "ukms_b": s.node}
+            self._akms_of(s.node), {**request, "ukms_b": s.node}, self.mode_for(master)
         )
-        hop = self._hop(caller, request_id, 0)
+        hop = self._hop(caller, request_id, 0, self.mode_for(master))
         self.links[caller].seen_master_epoch(
             doc.get("epoch") if isinstance(doc.get("epoch"), str) else None
         )
@@ -493,7 +503,7 @@ class KmsNode:
         return {"sealed": _b64(sealed), "epoch": self.links[caller].epoch}
 
     async def _keys_from(
-        self, remote: int, request: dict[str, Any], chan: CallerChannel | None = None
+        self, remote: int, request: dict[str, Any], mode: Mode, chan: CallerChannel | None = None
     ) -> tuple[bytes, bytearray]:
         """AKMS A: ask AKMS B for keys; they come back in a batch under a CN key that is
         relayed to us hop by hop. Returns the request ID and the opened batch."""
@@ -513,7 +523,7 @@ class KmsNode:
         finally:
             self._cn_waiting.pop(request_id, None)
         sealed = _unb64(reply.get("batch"))
-        return request_id, ksa.open_batch(self.policy.mode, cn_key, request_id, sealed)
+        return request_id, ksa.open_batch(mode, cn_key, request_id, sealed)
 
     # -- the AKMS-AKMS channel (PSK bootstrap, then QKDN keys) ---------------------------
     async def _akms_call(
@@ -588,7 +598,7 @@ class KmsNode:
     async def _rekey(self, peer: int, chan: CallerChannel) -> None:
         """A fresh channel key over the QKDN, relayed like any KSA key."""
         request = {"purpose": "channel", "number": 1, "size": channel.KEY_BYTES * 8}
-        _, batch = await self._keys_from(peer, request, chan)
+        _, batch = await self._keys_from(peer, request, self.policy.mode, chan)
         ((_, key),) = ksa.decode_batch(batch)
         batch[:] = bytes(len(batch))
         chan.rekey(key)
@@ -647,33 +657,34 @@ class KmsNode:
             or (for_channel and (number, size) != (1, channel.KEY_BYTES * 8))
         ):
             raise ProtocolError("malformed CN request")
+        mode = self.policy.mode if for_channel else self.mode_for(doc.get("master"))
         keys = [(str(uuid.uuid4()), self.rng(size // 8)) for _ in range(number)]
         n = ksa.batch_len(number, size // 8)
-        cn_key = bytearray(self.rng(ksa.cn_key_bytes(self.policy.mode, n)))
+        cn_key = bytearray(self.rng(ksa.cn_key_bytes(mode, n)))
         path = shortest_path(self.topology, self.config.node.id, deliver_to)
-        steps = [self.relay(request_id, path, 0, bytearray(cn_key))]
+        steps = [self.relay(request_id, path, 0, bytearray(cn_key), mode)]
         if for_channel:
             chan.add_next(epoch, bytearray(keys[0][1]))
         else:
-            steps.append(self._deliver(doc, request_id, keys))
+            steps.append(self._deliver(doc, request_id, keys, mode))
         try:
             for outcome in await asyncio.gather(*steps, return_exceptions=True):
                 if isinstance(outcome, BaseException):
                     raise outcome
-            batch = ksa.seal_batch(self.policy.mode, cn_key, request_id, ksa.encode_batch(keys))
+            batch = ksa.seal_batch(mode, cn_key, request_id, ksa.encode_batch(keys))
         finally:
             cn_key[:] = bytes(len(cn_key))
         return {"batch": _b64(batch)}
 
     async def _deliver(
-        self, doc: dict[str, Any], request_id: bytes, keys: list[tuple[str, bytes]]
+        self, doc: dict[str, Any], request_id: bytes, keys: list[tuple[str, bytes]], mode: Mode
     ) -> None:
         """AKMS B: the slave's copies of the keys, to its UKMS under our link keys."""
         master, slave = _field(doc, "master", str), _field(doc, "slave", str)
         ukms_b = _field(doc, "ukms_b", int)
         if ukms_b not in self.links:
             raise ProtocolError("malformed CN request")
-        hop = self._hop(ukms_b, request_id, 0)
+        hop = self._hop(ukms_b, request_id, 0, mode)
         sealed = await self._seal_for(ukms_b, hop, ksa.encode_batch(keys))
         await self._call(
             ukms_b,
@@ -689,7 +700,7 @@ class KmsNode:
 
     # -- CKMS: hop by hop ---------------------------------------------------------------
     async def relay(
-        self, request_id: bytes, path: list[int], index: int, cn_key: bytearray
+        self, request_id: bytes, path: list[int], index: int, cn_key: bytearray, mode: Mode
     ) -> None:
         """Carry the CN key from ``path[index]`` (this node) on to the end of the path."""
         if index == len(path) - 1:
@@ -700,7 +711,7 @@ class KmsNode:
             waiting.set_result(cn_key)
             return
         nxt = path[index + 1]
-        hop = self._hop(nxt, request_id, index)
+        hop = self._hop(nxt, request_id, index, mode)
         try:
             for attempt in (1, 2):  # a second try only after the next node refused old grants
                 message = await self._seal_for(nxt, hop, bytearray(cn_key))
@@ -732,7 +743,7 @@ class KmsNode:
         if hop.hop != index - 1 or hop.direction is not Direction.TO_REQUESTER:
             cn_key[:] = bytes(len(cn_key))
             raise IntegrityFailure("relay hop number or direction does not match the path")
-        await self.relay(hop.request_id, [int(x) for x in path], index, cn_key)
+        await self.relay(hop.request_id, [int(x) for x in path], index, cn_key, hop.mode)
         return {"ok": True}
 
 

@@ -63,6 +63,7 @@ def run_network(
     render(topo, RenderPlan(out=tmp_path, base_port=free_base_port(), start=0.0))
     if edit is not None:
         edit(tmp_path)
+        topo = load_topology(str(tmp_path / "topology.toml"))
     configs = load_configs(tmp_path)
     make_pki(topo, configs, os.urandom)
     provision_psks(configs, os.urandom)
@@ -157,3 +158,39 @@ def test_an_access_node_with_another_psk_is_refused_and_alarms(tmp_path, caplog)
     with caplog.at_level("ERROR", logger="qkdn.kms"):
         run_network(tmp_path, Policy(), saes, edit=other_psk)
     assert any(r.getMessage() == "integrity alarm" for r in caplog.records)
+
+
+def test_a_contract_chooses_its_users_relay_mode(tmp_path, monkeypatch):
+    """The network relays in GCM; the demo users' contract asks for OTP: their keys cross
+    every hop under one-time pads, and the other user's keys under GCM."""
+    import appliance.kms.node as node_module
+
+    sealed: list[Mode] = []
+    for name, mode in (("seal_otp", Mode.OTP), ("seal_gcm", Mode.GCM)):
+        real = getattr(node_module, name)
+
+        def counting(*args, _real=real, _mode=mode):
+            sealed.append(_mode)
+            return _real(*args)
+
+        monkeypatch.setattr(node_module, name, counting)
+
+    def otp_for_demo_users(out: Path) -> None:
+        topo_file = out / "topology.toml"
+        text = topo_file.read_text()
+        anchor = 'id = "demo-2026"\n'
+        assert anchor in text
+        topo_file.write_text(text.replace(anchor, anchor + 'relay_mode = "otp"\n'))
+
+    def saes(port_a: int, port_b: int) -> None:
+        a = sae_conn(tmp_path, "sae-berlin-1", port_a)
+        assert call(a, "GET", "/api/v1/keys/sae-bonn-1/enc_keys")[0] == 200  # warms the channel
+        sealed.clear()
+        assert call(a, "GET", "/api/v1/keys/sae-bonn-1/enc_keys")[0] == 200
+        assert sealed and set(sealed) == {Mode.OTP}, sealed  # 12 hops, delivery, UKMS link
+        sealed.clear()
+        bank = sae_conn(tmp_path, "sae-berlin-2", port_a)
+        assert call(bank, "GET", "/api/v1/keys/sae-bonn-2/enc_keys")[0] == 200
+        assert sealed and set(sealed) == {Mode.GCM}, sealed
+
+    run_network(tmp_path, Policy(mode=Mode.GCM), saes, edit=otp_for_demo_users)
