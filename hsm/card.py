@@ -32,6 +32,7 @@ import contextlib
 import logging
 import os
 import stat
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -324,6 +325,7 @@ class CardPskSource:
         timeout: float = 5.0,
     ) -> None:
         self.where, self.slot, self.timeout = where, slot, timeout
+        self._lock = threading.Lock()  # callers derive from worker threads (asyncio.to_thread)
         self._pin: bytearray | None = pin
         self._card: Card | None = None
         self._failed: PskError | None = None
@@ -357,20 +359,21 @@ class CardPskSource:
 
     def derive(self, context: bytes, nonce: bytes, length: int = 32) -> bytearray:
         """The card's session key for ``context`` and ``nonce`` (PskError: fail closed)."""
-        if self._pin is None:
-            raise PskError(f"PSK card {self.where}: source closed")
-        if self._failed is not None:
-            raise PskError(self._failed.message, code=self._failed.code)
         if not 0 < length <= MAX_DERIVE_BYTES:
             raise PskError(f"derive length must be 1..{MAX_DERIVE_BYTES} bytes, got {length}")
         if len(context) > MAX_CONTEXT or len(nonce) > MAX_NONCE:
             raise PskError(
                 f"a card takes contexts up to {MAX_CONTEXT} and nonces up to {MAX_NONCE} bytes"
             )
-        try:
-            return self._connect().derive(self._pin, context, nonce, length, self.slot)
-        except HsmError as exc:
-            raise self._fail(exc) from None
+        with self._lock:
+            if self._pin is None:
+                raise PskError(f"PSK card {self.where}: source closed")
+            if self._failed is not None:
+                raise PskError(self._failed.message, code=self._failed.code)
+            try:
+                return self._connect().derive(self._pin, context, nonce, length, self.slot)
+            except HsmError as exc:
+                raise self._fail(exc) from None
 
     def _fail(self, exc: HsmError) -> PskError:
         """Log the alarm, drop the connection, and (after PIN trouble) stay failed."""
@@ -394,13 +397,14 @@ class CardPskSource:
         return failure
 
     def close(self) -> None:
-        if self._pin is not None:
-            _wipe(self._pin)
-            self._pin = None
-        if self._card is not None:
-            with contextlib.suppress(HsmError):
-                self._card.close()
-            self._card = None
+        with self._lock:
+            if self._pin is not None:
+                _wipe(self._pin)
+                self._pin = None
+            if self._card is not None:
+                with contextlib.suppress(HsmError):
+                    self._card.close()
+                self._card = None
 
     def __repr__(self) -> str:
         return f"CardPskSource({str(self.where)!r}, slot={self.slot})"

@@ -54,7 +54,10 @@ def ensure_pcscd(timeout: float = 10.0, log: Path | None = None) -> Iterator[boo
         deadline = time.monotonic() + timeout
         while not pcscd_running():
             if proc.poll() is not None or time.monotonic() > deadline:
-                raise HsmError(f"pcscd did not start (exit status {proc.poll()})", code="HSM-PCSC")
+                seen = f"; see {log}" if log else ""
+                raise HsmError(
+                    f"pcscd did not start (exit status {proc.poll()}){seen}", code="HSM-PCSC"
+                )
             time.sleep(0.05)
         yield True
     finally:

@@ -260,6 +260,36 @@ def test_another_application_resetting_the_card_does_not_break_the_source(card, 
     source.close()
 
 
+def test_two_cards_bootstrap_the_akms_channel_key(card_a, card_b, tmp_path):
+    """Each AKMS of a pair derives the channel's epoch-0 key on its own card (issue item 5:
+    the KMS side, appliance.kms.channel, is the main developer's); the confirmation tag
+    the callee sends matches what the caller computes, from threads as the node calls it."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from appliance.kms import channel
+
+    for virtual in (card_a, card_b):
+        with Card.open(url_of(virtual)) as c:
+            personalise(c)
+    write_psk_file(tmp_path / "file.psk", PSK)
+    sources = [
+        open_psk_source(url_of(card_a, pin_file=pin_file(tmp_path))),
+        open_psk_source(url_of(card_b, pin_file=pin_file(tmp_path, name="b.pin"))),
+        open_psk_source(f"file:{tmp_path / 'file.psk'}"),
+    ]
+    try:
+        nonce_a, nonce_b = os.urandom(channel.NONCE_BYTES), os.urandom(channel.NONCE_BYTES)
+        ctx = channel.context("akms-1", "akms-2", os.urandom(8).hex())
+        with ThreadPoolExecutor(6) as pool:
+            keys = list(pool.map(lambda s: s.derive(ctx, nonce_a + nonce_b), sources * 4))
+        assert all(k == keys[0] for k in keys)
+        tags = {channel.confirmation(k, nonce_a, nonce_b) for k in keys}
+        assert len(tags) == 1
+    finally:
+        for source in sources:
+            source.close()
+
+
 @pytest.mark.skipif(shutil.which("opensc-tool") is None, reason="opensc is not installed")
 def test_opensc_tool_selects_our_applet(card_a):
     select = "00:A4:04:00:09:" + ":".join(f"{b:02X}" for b in AID)
@@ -293,8 +323,13 @@ def test_emulator_subprocess_keeps_its_state_across_restarts(rack, tmp_path):
 
     def start() -> subprocess.Popen[str]:
         proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
-        assert proc.stdout is not None and "QKDN-TEST-B" in proc.stdout.readline()
-        wait_for_card(reader)
+        try:
+            assert proc.stdout is not None and "QKDN-TEST-B" in proc.stdout.readline()
+            wait_for_card(reader)
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
         return proc
 
     proc = start()
