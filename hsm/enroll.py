@@ -19,8 +19,10 @@ Audit record: a JSON object; ``signature`` holds ``alg`` (``Ed25519``), ``public
 (raw 32 bytes, base64), ``key_id`` (first 16 hex digits of its SHA-256) and ``value``
 (base64), computed over the canonical JSON of the other members: keys sorted, no spaces,
 ASCII only (``json.dumps(doc, sort_keys=True, separators=(",", ":"))``). Verify it with
-``qkdn card audit-verify FILE --public-key station.pub.pem``, or by hand::
+``qkdn card audit-verify FILE --public-key station.pub.pem``, or by hand (record N of the
+log; ``tests/hsm/test_card_cli.py`` runs this)::
 
+    sed -n Np enroll.jsonl > rec.json
     jq -cS 'del(.signature)' rec.json | tr -d '\\n' > body
     jq -r .signature.value rec.json | base64 -d > sig
     openssl pkeyutl -verify -pubin -inkey station.pub.pem -rawin -in body -sigfile sig
@@ -39,7 +41,6 @@ import hmac
 import json
 import os
 import sys
-from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -368,7 +369,7 @@ def append_record(path: Path, doc: dict[str, Any]) -> None:
         raise HsmError(f"audit log {path}: {exc.strerror}", code="HSM-AUDIT") from None
 
 
-def read_records(path: Path) -> Iterable[dict[str, Any]]:
+def read_records(path: Path) -> list[dict[str, Any]]:
     """The records of an audit log (JSON lines) or of a single-record JSON file."""
     try:
         text = path.read_text()

@@ -173,19 +173,19 @@ def test_enrollment_end_to_end(capsys, card_a, card_b, station, caplog):
 def test_audit_record_verifies_by_hand_with_openssl(capsys, card_a, card_b, station):
     """The procedure documented in hsm/enroll.py, run as written."""
     assert run(capsys, *enroll_args(card_a, card_b, station))[0] == 0
-    rec = station / "audit.jsonl"
-    body = subprocess.run(
-        ["jq", "-cS", "del(.signature)", str(rec)], capture_output=True, check=True
-    )
-    (station / "body").write_bytes(body.stdout.rstrip(b"\n"))
-    sig = json.loads(rec.read_text())["signature"]["value"]
-    (station / "sig").write_bytes(base64.b64decode(sig))
-    verify = [
-        "openssl", "pkeyutl", "-verify", "-pubin", "-inkey", str(station / "station.pub.pem"),
-        "-rawin", "-in", str(station / "body"), "-sigfile", str(station / "sig"),
-    ]  # fmt: skip
-    result = subprocess.run(verify, capture_output=True, text=True)
+    script = """set -e
+    sed -n 1p audit.jsonl > rec.json
+    jq -cS 'del(.signature)' rec.json | tr -d '\\n' > body
+    jq -r .signature.value rec.json | base64 -d > sig
+    openssl pkeyutl -verify -pubin -inkey station.pub.pem -rawin -in body -sigfile sig
+    """
+    result = subprocess.run(["bash", "-c", script], cwd=station, capture_output=True, text=True)
     assert result.returncode == 0 and "Signature Verified Successfully" in result.stdout
+    (station / "audit.jsonl").write_text(
+        (station / "audit.jsonl").read_text().replace('"alice"', '"mallory"')
+    )
+    result = subprocess.run(["bash", "-c", script], cwd=station, capture_output=True, text=True)
+    assert result.returncode != 0
 
 
 class Terminal(io.StringIO):
