@@ -79,6 +79,29 @@ def test_urls_choose_readers_by_name_prefix_or_index(card_a, card_b):
         assert err.value.code == code
 
 
+def test_malformed_apdus_through_pcscd_get_the_iso_status_words(card, card_a):
+    personalise(card)
+    cases = [
+        ("00A404", 0x6700),  # too short for a command
+        ("00A4040009F0514B", 0x6700),  # Lc says 9, 3 bytes follow
+        ("00B00000", 0x6D00),  # unknown instruction
+        ("FFCA0101", 0x6E00),  # invalid class
+        ("80CA0101", 0x6E00),  # proprietary class on an ISO instruction
+        ("00A4000C023F00", 0x6A86),  # SELECT by file identifier
+        ("00CA0101" + "02", 0x6C00 | len(card_a.serial)),  # Le too short: SW2 = available
+        ("0020008110" + "31" * 6 + "00" * 10, 0x6A80),  # badly padded PIN block
+        ("8030000120", 0x6700),  # DERIVE without data
+        ("80300001028100", 0x6982),  # DERIVE without the PIN
+        ("0020008510" + "31" * 6 + "FF" * 10, 0x6A88),  # unknown PIN reference
+    ]
+    with card.transport.transaction():
+        card._select()
+        for hexstr, sw in cases:
+            raw = card.transport.transmit(bytes.fromhex(hexstr))
+            assert int.from_bytes(raw, "big") == sw, (hexstr, raw.hex())
+    assert card.info().retries["pin"] == (3, 3)  # malformed PIN blocks are not tries
+
+
 def test_status_of_a_blank_card(card, card_a):
     info = card.info()
     assert info.serial == card_a.serial and info.lifecycle == Lifecycle.BLANK
