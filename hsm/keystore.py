@@ -10,9 +10,9 @@ that lives non-extractable and sensitive in a PKCS#11 token (SoftHSM2 in tests).
 Design: an envelope, because per-record token calls are too slow
 -----------------------------------------------------------------
 The KMS seals and opens several records per key at a target of 20,000 keys/s. One AES-GCM
-call through SoftHSM2 (python-pkcs11, a session per process) costs 25-35 µs, so about
-30,000-40,000 records/s on one core with nothing else running (BENCHMARKS.md, "PKCS#11
-keystore": the token path is 10-20x slower than sealing in the process). A network HSM
+call through SoftHSM2 (python-pkcs11, one session) costs 22-80 µs on the 2-core test VM,
+12,000-45,000 records/s on one core depending on load, 0.09-0.15x the rate of sealing in
+the process measured in the same rounds (BENCHMARKS.md, "PKCS#11 keystore"). A network HSM
 adds a round trip per call. So records are sealed in the process under a *data key* (DEK)
 and only the DEK touches the KEK:
 
@@ -44,7 +44,7 @@ Trade-off: a process compromised while running can read the DEK and so every rec
 of this node, not just the keys passing through it at the time (which it sees anyway). A
 stolen disk, database or token directory without the token and its PIN reveals nothing.
 Per-record calls into the token would bound the exposure to the time of compromise, at
-10-20x the cost; the record format has a version byte for such a mode if ever needed.
+7-11x the cost; the record format has a version byte for such a mode if ever needed.
 
 Errors: a record that fails to open (tampered, moved to another key ID or store, truncated,
 unknown version, another DEK) raises ``appliance.kms.errors.IntegrityFailure``, exactly as
