@@ -30,6 +30,7 @@ examples:
   qkdn demo                              one emulated week, as fast as possible
   qkdn demo --days 1 --speedup 86400     one emulated day in about one second per day
   qkdn demo --seed lab-7 --json out.json reproducible run, samples saved for plotting
+  qkdn demo --skip-quantum --requests 1000 --plot tkey.png   T_key histogram and store levels
 """
 
 
@@ -101,6 +102,13 @@ def register(sub: Any) -> None:
     p.add_argument("--skip-quantum", action="store_true", help="skip the quantum-layer week")
     p.add_argument("--skip-network", action="store_true", help="skip the network T_key run")
     p.add_argument("--net-dir", type=Path, help="network directory (default: a temporary one)")
+    p.add_argument(
+        "--plot",
+        type=Path,
+        metavar="PATH",
+        help="save a PNG: the T_key distribution beside the paper's, and each link's "
+        "key-store level over the run",
+    )
     p.set_defaults(func=cmd_demo)
 
 
@@ -201,6 +209,8 @@ def _network_stage(args: argparse.Namespace, out_report: dict[str, Any]) -> bool
     import tempfile
 
     from appliance.cli import net
+    from appliance.kms.monitor import LevelSampler
+    from appliance.plots import demo_plot
     from appliance.tkey import endpoints, measure
 
     if args.requests < 1:
@@ -223,6 +233,7 @@ def _network_stage(args: argparse.Namespace, out_report: dict[str, Any]) -> bool
         try:
             status = net.status_doc(net_dir)
             master, slave = endpoints(status, "sae-berlin-1", "sae-bonn-1")
+            sampler = LevelSampler(net_dir).start() if args.plot else None
             with Progress(
                 TextColumn("key requests"),
                 BarColumn(),
@@ -233,14 +244,20 @@ def _network_stage(args: argparse.Namespace, out_report: dict[str, Any]) -> bool
                 disable=not out.is_terminal,
             ) as bar:
                 task = bar.add_task("t_key", total=args.requests)
-                result = measure(
-                    master,
-                    slave,
-                    args.requests,
-                    progress=lambda done: bar.update(task, completed=done),
-                )
+                try:
+                    result = measure(
+                        master,
+                        slave,
+                        args.requests,
+                        progress=lambda done: bar.update(task, completed=done),
+                    )
+                finally:
+                    levels = sampler.stop() if sampler else []
         finally:
             net.bring_down(net_dir)
+    if args.plot:
+        demo_plot(args.plot, result["samples_ms"], levels)
+        out.print(f"plot written to {args.plot}")
     out.print(tkey_table(result, args.requests, len(status["nodes"])))
     out_report["network"] = result
     return bool(result["keys_mismatched"] == 0 and result["failed_requests"] == 0)

@@ -14,6 +14,7 @@ Endpoints (HTTP/2 between nodes, JSON bodies, binary fields in base64):
 * ``POST /v1/link/grant``  slave -> master end of a link: key IDs for the slave's direction.
 * ``POST /v1/channel/open`` AKMS A -> AKMS B: open the PSK-bootstrapped channel
   (:mod:`channel`); ``/v1/cn`` requests and answers carry its tags.
+* ``POST /v1/status``      the QKDN manager (or any node): key counts per link at this end.
 
 Until the hsm issue lands the node key is a file; until the mgmt/controller issues land,
 contracts and SAE homes come from the topology and paths are shortest by length.
@@ -269,6 +270,7 @@ class KmsNode:
             "/v1/ksa/deliver": self._on_deliver,
             "/v1/link/grant": self._on_grant,
             "/v1/channel/open": self._on_channel_open,
+            "/v1/status": self._on_status,
         }
         handler = routes.get(request.path)
         if (handler is None and request.path != "/v1/cn") or request.method != "POST":
@@ -376,6 +378,17 @@ class KmsNode:
         if link is None or link.link != doc.get("link") or not 0 < n <= 4096:
             raise ProtocolError("grant request from a node that is not this link's peer")
         return {"key_ids": link.grant(n), "epoch": link.epoch}
+
+    async def _on_status(self, doc: dict[str, Any], caller: int) -> dict[str, Any]:
+        """Key counts of this end of each link (no key material, no key IDs)."""
+        links = {}
+        for peer, link in self.links.items():
+            try:
+                keys = link.qkdm.key_count()
+            except hal.HalError:
+                keys = -1
+            links[link.link] = {"peer": peer, "role": link.role.value, "qkdm_keys": keys}
+        return {"node": self.name, "links": links}
 
     # -- UKMS ---------------------------------------------------------------------------
     def sae_pair(self, master: str, slave: str) -> tuple[Sae, Sae] | None:

@@ -7,6 +7,7 @@ import json
 import pytest
 
 from appliance import cli
+from appliance.errors import ApplianceError
 from tests.appliance.test_topology import TABLE_3
 
 
@@ -88,14 +89,42 @@ def test_speedup_paces_emulated_time(tmp_path):
 
 def test_the_network_stage_measures_t_key_across_processes(tmp_path, capsys):
     """Issue 5's main job: the network as processes, N requests, every key matched."""
-    path = tmp_path / "net.json"
-    assert (
-        cli.main(["demo", "--skip-quantum", "--requests", "20", "--json", str(path), "--check"])
-        == 0
-    )
+    path, png = tmp_path / "net.json", tmp_path / "tkey.png"
+    argv = ["demo", "--skip-quantum", "--requests", "20", "--json", str(path), "--check"]
+    assert cli.main([*argv, "--plot", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
     report = json.loads(path.read_text())["network"]
     assert set(report["t_key_ms"]) == {"p50", "p90", "p99", "mean", "std"}
     assert report["requests"] == 20 and report["keys_matched"] == 20
     assert report["keys_mismatched"] == 0 and report["failed_requests"] == 0
     assert 0 < report["t_key_ms"]["p50"] < 17_340 and report["keys_per_s"] > 0
     assert "faster than the paper" in capsys.readouterr().out
+
+
+def test_the_plot_shows_t_key_and_every_links_level(tmp_path):
+    """The figure itself, from known data: both panels drawn, one line per link."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+
+    from appliance.plots import demo_plot
+
+    drawn = {}
+    real_savefig = pyplot.Figure.savefig
+
+    def keep(fig, *args, **kwargs):
+        drawn["axes"] = fig.axes
+        return real_savefig(fig, *args, **kwargs)
+
+    pyplot.Figure.savefig = keep
+    try:
+        levels = [(t * 0.5, {"link-1-2": 1000 - t, "link-2-3": 900 - 2 * t}) for t in range(10)]
+        demo_plot(tmp_path / "p.png", [40.0, 45.0, 52.0, 300.0], levels)
+    finally:
+        pyplot.Figure.savefig = real_savefig
+    left, right = drawn["axes"]
+    assert left.get_xscale() == "log" and sum(p.get_height() for p in left.patches) >= 4
+    assert sorted(line.get_label() for line in right.get_lines()) == ["link-1-2", "link-2-3"]
+    with pytest.raises(ApplianceError):
+        demo_plot(tmp_path / "missing-dir" / "p.png", [1.0], levels)
