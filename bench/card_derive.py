@@ -43,7 +43,7 @@ from hsm.apdu import Command, build_tlv
 from hsm.applet import AID, FACTORY_PINS, Applet, CardState, Ins, Ref, pin_block
 from hsm.card import Card, open_card_psk_source
 from hsm.errors import HsmError
-from hsm.testing import ensure_pcscd, wait_for_card, wait_for_removal
+from hsm.testing import ensure_pcscd, vpcd_slots, wait_for_card, wait_for_removal
 from hsm.vpcd import READER_OF_PORT
 
 PORTS = (35963, 35964)
@@ -212,7 +212,7 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=5, help="enrollments after the first")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    with ensure_pcscd() as started:
+    with vpcd_slots(), ensure_pcscd() as started:
         derive = bench_derive(args.n)
         enroll = bench_enroll(args.pairs)
     result = {

@@ -192,14 +192,21 @@ class Card:
     # -- operations -----------------------------------------------------------------
     def info(self) -> CardInfo:
         """Serial, lifecycle, retry counters and key slots (no PIN needed)."""
+        names = {Ref.USER_PIN: "pin", Ref.ADMIN_PIN: "admin-pin", Ref.PUK: "puk"}
         with self.transport.transaction():
             self._select()
             serial = self._get(TAG_SERIAL).decode("ascii", "replace")
-            lifecycle = Lifecycle(self._get(TAG_LIFECYCLE)[0])
-            rows = RETRIES.parse(self._get(TAG_RETRIES))
+            try:
+                lifecycle = Lifecycle(self._get(TAG_LIFECYCLE)[0])
+                rows = RETRIES.parse(self._get(TAG_RETRIES))
+                retries = {names[Ref(r.ref)]: (r.left, r.max) for r in rows}
+            except (ValueError, IndexError, KeyError):
+                raise CardError(
+                    f"card in {self.reader!r}: GET DATA answers are not the qkdn applet's",
+                    sw=SW.OK,
+                    code="HSM-APPLET",
+                ) from None
             slots = [bool(b) for b in self._get(TAG_SLOTS)]
-        names = {Ref.USER_PIN: "pin", Ref.ADMIN_PIN: "admin-pin", Ref.PUK: "puk"}
-        retries = {names[Ref(r.ref)]: (r.left, r.max) for r in rows}
         return CardInfo(
             reader=self.reader, serial=serial, lifecycle=lifecycle, retries=retries, slots=slots
         )

@@ -3,16 +3,20 @@ waiting for pcscd to see them. Used by ``tests/hsm`` and ``bench/card_derive.py`
 
 pcscd's socket path is fixed, so there is one pcscd per machine: :func:`ensure_pcscd`
 reuses a running one and otherwise starts ``pcscd --foreground`` (no systemd needed) and
-stops it when done. pcscd polls its readers, so a card appears 0.2-0.5 s after it connects
-to vpcd: :func:`wait_for_card` waits for it. Never for production images (vpcd listens on
+stops it when done. vpcd has two slots per machine too, so test sessions and benches that
+run at once on one machine take turns with :func:`vpcd_slots`, a machine-wide lock.
+pcscd polls its readers, so a card appears 0.2-0.5 s after it connects to vpcd:
+:func:`wait_for_card` waits for it. Never for production images (vpcd listens on
 every interface).
 """
 
 from __future__ import annotations
 
+import fcntl
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -25,6 +29,29 @@ from hsm.vpcd import READER_OF_PORT, VirtualCard, new_serial
 
 PCSCD_SOCKET = Path("/run/pcscd/pcscd.comm")
 PORTS = (35963, 35964)
+LOCK_PATH = Path(tempfile.gettempdir()) / "qkdn-vpcd-slots.lock"
+
+
+@contextmanager
+def vpcd_slots(timeout: float = 600.0) -> Iterator[None]:
+    """Exclusive use of vpcd's two slots (and of a pcscd started here) on this machine."""
+    with open(LOCK_PATH, "a+b") as fh:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise HsmError(
+                        f"vpcd's slots stayed busy for {timeout:g} s ({LOCK_PATH})",
+                        code="HSM-VPCD",
+                    ) from None
+                time.sleep(0.1)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def pcscd_running(path: Path = PCSCD_SOCKET) -> bool:

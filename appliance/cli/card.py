@@ -380,9 +380,8 @@ def cmd_admin(args: argparse.Namespace) -> int:
             (card.lock if args.action == "lock" else card.terminate)(admin)
         finally:
             admin[:] = bytes(len(admin))
-    console().print(
-        f"card {serial}: {args.action}ed" if args.action == "lock" else f"card {serial}: terminated"
-    )
+    done = "locked" if args.action == "lock" else "terminated"
+    console().print(f"card {serial}: {done}")
     return 0
 
 

@@ -1,9 +1,12 @@
-"""Smartcard fixtures: pcscd for the session (started here only if none runs), and emulated
-cards in vpcd's two slots, reset to blank for each test without a removal (pcscd polls
-readers, so every real insertion costs 0.2-0.5 s). Nothing is mocked below pyscard.
+"""Smartcard fixtures: pcscd (started here only if none runs), and emulated cards in vpcd's
+two slots, reset to blank for each test without a removal (pcscd polls readers, so every
+real insertion costs 0.2-0.5 s). Nothing is mocked below pyscard.
 
-The emulators run in threads of this process and are closed at the end of the session:
-a live emulator thread next to pyscard would hang the interpreter at exit.
+Per module, not per session: a module holds vpcd's slots under a machine-wide lock
+(:func:`hsm.testing.vpcd_slots`), so test runs started at once on one machine take turns
+module by module instead of stealing each other's cards (or pcscd). The emulators run in
+threads of this process and are closed at the end of each module: a live emulator thread
+next to pyscard would hang the interpreter at exit.
 """
 
 from __future__ import annotations
@@ -13,21 +16,21 @@ from pathlib import Path
 
 import pytest
 
-from hsm.testing import CardRack, ensure_pcscd
+from hsm.testing import CardRack, ensure_pcscd, vpcd_slots
 from hsm.vpcd import VirtualCard
 
 PORT_A, PORT_B = 35963, 35964
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def pcscd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[bool]:
-    """pcscd runs; True if this session started it (and will stop it)."""
+    """vpcd's slots are ours and pcscd runs; True if started here (it is stopped after)."""
     log = tmp_path_factory.mktemp("pcscd") / "pcscd.log"
-    with ensure_pcscd(log=log) as started:
+    with vpcd_slots(), ensure_pcscd(log=log) as started:
         yield started
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def rack(pcscd: bool) -> Iterator[CardRack]:
     cards = CardRack()
     try:
