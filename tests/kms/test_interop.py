@@ -1,0 +1,144 @@
+"""Interoperability (issue 5, item 10): ETSI 014 keys with ``curl`` and client certificates.
+
+Nothing of ours on the client side: the endpoints and credentials come from
+``qkdn net status --json``, and ``curl --cert --key --cacert`` makes the requests, verifying
+the KME's certificate (with its host name) against the network's CA. The third-party
+client ``etsi-qkd-014-client`` is exercised in ``test_net_processes.py``.
+
+The network is the smallest with a relay between two user sites (UKMS, AKMS, AKMS, UKMS),
+started by ``qkdn net up`` like DemoQuanDT: the 014 server is the same, and four processes
+start faster than sixteen.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from tests.kms.conftest import Net, qkdn, running_net
+
+MASTER, SLAVE = "sae-east-1", "sae-west-1"
+TOPOLOGY = """
+[network]
+name = "two-sites"
+description = "two user sites, their access nodes, one QKD link between those"
+key_size = 256
+
+[link_defaults]
+kind = "simulated"
+skr_kbps = 10.0
+qber_pct = 1.0
+
+[[nodes]]
+id = 1
+name = "ukms-east"
+site = "East (user site)"
+role = "ukms"
+
+[[nodes]]
+id = 2
+name = "akms-east"
+site = "East"
+role = "akms+ckms"
+
+[[nodes]]
+id = 3
+name = "akms-west"
+site = "West"
+role = "akms+ckms"
+
+[[nodes]]
+id = 4
+name = "ukms-west"
+site = "West (user site)"
+role = "ukms"
+
+[[links]]
+a = 1
+b = 2
+length_km = 10.0
+
+[[links]]
+a = 2
+b = 3
+length_km = 50.0
+
+[[links]]
+a = 3
+b = 4
+length_km = 10.0
+
+[[users]]
+id = "encryptors"
+name = "one SAE at each site"
+
+[[contracts]]
+id = "encryptors-2026"
+user = "encryptors"
+max_key_size = 512
+keys_per_day = 1000000
+
+[[saes]]
+id = "sae-east-1"
+node = 1
+user = "encryptors"
+contract = "encryptors-2026"
+
+[[saes]]
+id = "sae-west-1"
+node = 4
+user = "encryptors"
+contract = "encryptors-2026"
+"""
+
+
+@pytest.fixture(scope="module")
+def saes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, dict[str, Any]]]:
+    """Each SAE's entry of ``qkdn net status --json`` (014 base URL and credentials)."""
+    if shutil.which("curl") is None:
+        pytest.fail("curl not found: the interoperability test needs it (apt-get install curl)")
+    topology = tmp_path_factory.mktemp("topology") / "two-sites.toml"
+    topology.write_text(TOPOLOGY)
+    with running_net(tmp_path_factory, topology=str(topology)) as net:
+        yield _status(net)
+
+
+def _status(net: Net) -> dict[str, dict[str, Any]]:
+    done = qkdn("net", "status", "--dir", str(net.dir), "--json")
+    assert done.returncode == 0, done.stderr
+    return {s["id"]: s for s in json.loads(done.stdout)["saes"]}
+
+
+def curl(sae: dict[str, Any], path: str, body: Any = None) -> tuple[int, Any]:
+    """One request as ``sae`` to its KME; (HTTP status, parsed JSON body)."""
+    args = ["curl", "--silent", "--show-error", "--max-time", "30"]
+    args += ["--cert", sae["cert"], "--key", sae["key"], "--cacert", sae["ca_cert"]]
+    args += ["--write-out", "\n%{http_code}"]
+    if body is not None:
+        args += ["--header", "Content-Type: application/json", "--data", json.dumps(body)]
+    done = subprocess.run(
+        [*args, sae["etsi014_base_url"] + path], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, f"curl exit {done.returncode}: {done.stderr}"
+    text, _, code = done.stdout.rpartition("\n")
+    return int(code), json.loads(text)
+
+
+def test_curl_gets_the_same_keys_at_both_ends(saes):
+    master, slave = saes[MASTER], saes[SLAVE]
+    code, status = curl(master, f"/{SLAVE}/status")
+    assert code == 200 and status["slave_SAE_ID"] == SLAVE and status["master_SAE_ID"] == MASTER
+    code, issued = curl(master, f"/{SLAVE}/enc_keys?number=3&size=512")
+    assert code == 200 and len(issued["keys"]) == 3, issued
+    ids = [k["key_ID"] for k in issued["keys"]]
+    code, first = curl(slave, f"/{MASTER}/dec_keys?key_ID={ids[0]}")
+    assert code == 200 and first["keys"] == issued["keys"][:1]
+    code, rest = curl(slave, f"/{MASTER}/dec_keys", {"key_IDs": [{"key_ID": i} for i in ids[1:]]})
+    assert code == 200 and rest["keys"] == issued["keys"][1:]
+    code, again = curl(slave, f"/{MASTER}/dec_keys?key_ID={ids[0]}")
+    assert code == 400 and set(again) <= {"message", "details"}, again
