@@ -212,6 +212,7 @@ def bring_up(args: argparse.Namespace) -> None:
     ca = Path(next(iter(configs.values())).paths.ca_cert)
     while not _ports_open(kms_addresses, ca):
         if time.monotonic() > deadline:
+            bring_down(args.dir)  # leave nothing running behind a failed start
             raise ApplianceError(
                 f"the network did not come up within {args.timeout:g} s (see {args.dir / 'logs'})",
                 code="NET-TIMEOUT",

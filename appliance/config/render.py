@@ -34,6 +34,7 @@ SERVICE_OFFSETS = {
 }
 """Port = base + offset + node id (node ids are below 1000)."""
 MAX_BASE_PORT = 65535 - max(SERVICE_OFFSETS.values()) - 999
+EPHEMERAL_START = 32768
 
 ROLE_SERVICES = {
     "ukms": ("ukms", "etsi014", "snmp"),
@@ -273,11 +274,15 @@ def _render(topo: Topology, plan: RenderPlan) -> list[Path]:
 def find_free_base_port(node_ids: range = range(1, 23), host: str = "127.0.0.1") -> int:
     """A base port whose every planned port (base + offset + node id) binds right now.
 
-    Candidates are tried from a random start (not a secret), so that networks started at
-    the same moment by different runs rarely pick the same range."""
+    Candidates stay below the kernel's ephemeral range (32768 and up), where outgoing
+    connections would keep taking ports from under a plan, and are tried from a random
+    start (not a secret), so that networks started at the same moment by different runs
+    rarely pick the same range."""
     import socket
 
-    candidates = list(range(21000, MAX_BASE_PORT, 997))
+    step = max(node_ids) + 1
+    top = EPHEMERAL_START - max(SERVICE_OFFSETS.values()) - step
+    candidates = list(range(10000, top, step))
     first = int.from_bytes(os.urandom(2), "big") % len(candidates)
     for base in candidates[first:] + candidates[:first]:
         try:

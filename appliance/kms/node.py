@@ -9,7 +9,12 @@ Endpoints (HTTP/2 between nodes, JSON bodies, binary fields in base64):
 * ``POST /v1/ksa``         UKMS A -> AKMS A: KSA keys for an SAE pair.
 * ``POST /v1/cn``          AKMS A -> AKMS B: make CN and KSA keys, relay the CN key towards
   AKMS A, deliver the KSA keys to UKMS B, answer with the KSA batch under the CN key.
-* ``POST /v1/relay``       CKMS -> next CKMS: one hop of a CN key along its path.
+* ``POST /v1/relay``       CKMS -> next CKMS: one hop of a CN key along its path. A hop
+  answers once it has opened and checked the message, and forwards it in the background
+  (the chain is pipelined, not nested); a hop that cannot forward sends
+* ``POST /v1/relay/abort`` back along the path to the first hop, whose access node tells
+* ``POST /v1/cn/abort``    the requesting access node, which fails the request at once
+  (a clean 503) instead of waiting for a CN key that will not come.
 * ``POST /v1/ksa/deliver`` AKMS B -> UKMS B: the slave's KSA keys, under link keys.
 * ``POST /v1/link/grant``  slave -> master end of a link: key IDs for the slave's direction.
 * ``POST /v1/channel/open`` AKMS A -> AKMS B: open the PSK-bootstrapped channel
@@ -143,6 +148,7 @@ class KmsNode:
     _in_channels: dict[int, dict[str, CalleeChannel]] = field(init=False, default_factory=dict)
     _channel_locks: dict[int, asyncio.Lock] = field(init=False, default_factory=dict)
     _rekeying: dict[int, asyncio.Task[None]] = field(init=False, default_factory=dict)
+    _forwarding: set[asyncio.Task[None]] = field(init=False, default_factory=set)
 
     def __post_init__(self) -> None:
         me = self.config.node.id
@@ -179,6 +185,8 @@ class KmsNode:
         log.info("node started", extra={"node": self.name})
 
     async def close(self) -> None:
+        for task in list(self._forwarding):
+            task.cancel()
         if self._stock_task is not None:
             self._stock_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -267,6 +275,8 @@ class KmsNode:
         routes: dict[str, Callable[[dict[str, Any], int], Awaitable[dict[str, Any]]]] = {
             "/v1/ksa": self._on_ksa,
             "/v1/relay": self._on_relay,
+            "/v1/relay/abort": self._on_relay_abort,
+            "/v1/cn/abort": self._on_cn_abort,
             "/v1/ksa/deliver": self._on_deliver,
             "/v1/link/grant": self._on_grant,
             "/v1/channel/open": self._on_channel_open,
@@ -756,7 +766,66 @@ class KmsNode:
         if hop.hop != index - 1 or hop.direction is not Direction.TO_REQUESTER:
             cn_key[:] = bytes(len(cn_key))
             raise IntegrityFailure("relay hop number or direction does not match the path")
-        await self.relay(hop.request_id, [int(x) for x in path], index, cn_key, hop.mode)
+        nodes = [int(x) for x in path]
+        if index == len(nodes) - 1:  # we are the requesting access node
+            await self.relay(hop.request_id, nodes, index, cn_key, hop.mode)
+        else:
+            task = asyncio.create_task(
+                self._forward(hop.request_id, nodes, index, cn_key, hop.mode)
+            )
+            self._forwarding.add(task)
+            task.add_done_callback(self._forwarding.discard)
+        return {"ok": True}
+
+    async def _forward(
+        self, request_id: bytes, path: list[int], index: int, cn_key: bytearray, mode: Mode
+    ) -> None:
+        """Relay on in the background; on failure, tell the path's start to give up."""
+        try:
+            await self.relay(request_id, path, index, cn_key, mode)
+        except (KmsError, TransportError) as exc:
+            log.warning(
+                "relay failed; aborting the request",
+                extra={"node": self.name, "request": request_id.hex(), "error": exc.code},
+            )
+            await self._abort_back(request_id, path, index)
+
+    async def _abort_back(self, request_id: bytes, path: list[int], index: int) -> None:
+        """One step of an abort towards the path's start (index 0: the responding AKMS)."""
+        doc: dict[str, Any] = {"request_id": _b64(request_id)}
+        try:
+            if index == 0:
+                await self._call(path[-1], "akms", "/v1/cn/abort", doc)
+            else:
+                await self._call(
+                    path[index - 1],
+                    "ckms",
+                    "/v1/relay/abort",
+                    {**doc, "path": path, "index": index - 1},
+                )
+        except (KmsError, TransportError) as exc:  # the request then fails by its timeout
+            log.warning("abort not delivered", extra={"node": self.name, "error": exc.code})
+
+    async def _on_relay_abort(self, doc: dict[str, Any], caller: int) -> dict[str, Any]:
+        path, index = _field(doc, "path", list), _field(doc, "index", int)
+        request_id = _unb64(doc.get("request_id"))
+        if (
+            not 0 <= index < len(path) - 1
+            or path[index] != self.config.node.id
+            or path[index + 1] != caller
+            or len(request_id) != 16
+        ):
+            raise ProtocolError("relay abort off its path")
+        await self._abort_back(request_id, [int(x) for x in path], index)
+        return {"ok": True}
+
+    async def _on_cn_abort(self, doc: dict[str, Any], caller: int) -> dict[str, Any]:
+        """AKMS A: the CN key of one of our requests was lost on its way; fail it now."""
+        waiting = self._cn_waiting.get(_unb64(doc.get("request_id")))
+        if "akms" not in self.topology.node(caller).roles:
+            raise ProtocolError("only an access node aborts a CN request")
+        if waiting is not None and not waiting.done():
+            waiting.set_exception(KeyUnavailable("the CN key was lost on its way"))
         return {"ok": True}
 
 

@@ -3,7 +3,9 @@
 Started by ``qkdn net up`` as a detached process. It writes ``run/state.json`` (its own pid
 and each node's pid, restarts and log file) atomically after every change, restarts a node
 that exits with a back-off (1 s doubling to 10 s, reset once a node has run for a minute),
-and on SIGTERM stops every node (SIGTERM, then SIGKILL after 5 s) and exits.
+and on SIGTERM stops every node (SIGTERM, then SIGKILL after 5 s) and exits. It does the
+same when its network directory disappears (a removed test directory must not leave node
+processes behind).
 """
 
 from __future__ import annotations
@@ -84,8 +86,11 @@ class Supervisor:
             "nodes": {n: asdict(c) for n, c in self.children.items()},
         }
         tmp = self.dir / "run" / "state.json.tmp"
-        tmp.write_text(json.dumps(state, indent=1))
-        os.replace(tmp, self.dir / "run" / "state.json")
+        try:
+            tmp.write_text(json.dumps(state, indent=1))
+            os.replace(tmp, self.dir / "run" / "state.json")
+        except OSError:  # the directory went away: stop rather than run unseen
+            self.stopping = True
 
     def tick(self) -> None:
         now = time.monotonic()
@@ -124,6 +129,8 @@ class Supervisor:
             self.spawn(child)
         self.write_state()
         while not self.stopping:
+            if not (self.dir / "run").is_dir():  # the network directory was removed
+                break
             self.tick()
             time.sleep(POLL_S)
         self.stop()

@@ -110,6 +110,31 @@ def test_down_stops_every_process(tmp_path):
             os.kill(pid, 0)
 
 
+def test_a_network_whose_directory_is_removed_stops_by_itself(tmp_path):
+    """A test run that deletes its temporary directory must not leave node processes."""
+    import shutil
+
+    net_dir = tmp_path / "net"
+    up = qkdn("net", "up", "--dir", str(net_dir), "--base-port", str(free_base_port()), "--json")
+    assert up.returncode == 0, up.stderr
+    doc = json.loads(up.stdout)
+    pids = [n["pid"] for n in doc["nodes"]]
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and any(_running(pid) for pid in pids):
+        shutil.rmtree(net_dir, ignore_errors=True)  # nodes may still write while it goes
+        time.sleep(0.2)
+    assert not any(_running(pid) for pid in pids)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as fh:  # a zombie awaiting its parent is gone too
+        return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+
+
 def test_a_third_party_014_client_gets_the_same_key_at_both_ends(net):
     """Interoperability: etsi-qkd-014-client (PyPI), unmodified, as SAE Berlin and SAE Bonn."""
     out, doc = net

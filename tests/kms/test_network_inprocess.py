@@ -194,3 +194,41 @@ def test_a_contract_chooses_its_users_relay_mode(tmp_path, monkeypatch):
         assert sealed and set(sealed) == {Mode.GCM}, sealed
 
     run_network(tmp_path, Policy(mode=Mode.GCM), saes, edit=otp_for_demo_users)
+
+
+def test_a_hop_that_cannot_forward_fails_the_request_at_once(tmp_path, monkeypatch):
+    """Hops answer before forwarding (a pipelined chain), so a hop that cannot forward
+    sends an abort back along the path: the SAE gets a clean 503 well before the CN-key
+    timeout, no key is issued, and requests succeed again once the link recovers."""
+    from appliance.kms import node as node_module
+    from appliance.kms.errors import KeyUnavailable
+    from appliance.kms.links import LinkKeys
+
+    broken = {"on": False}
+    real_gcm = LinkKeys.gcm
+
+    def gcm(self):
+        if broken["on"] and self.link == "link-7-8":
+            raise KeyUnavailable("link-7-8: no link key (test)")
+        return real_gcm(self)
+
+    monkeypatch.setattr(LinkKeys, "gcm", gcm)
+
+    def saes(port_a: int, port_b: int) -> None:
+        a = sae_conn(tmp_path, "sae-berlin-1", port_a)
+        assert call(a, "GET", "/api/v1/keys/sae-bonn-1/enc_keys")[0] == 200
+        broken["on"] = True
+        t0 = time.monotonic()
+        status, doc = call(a, "GET", "/api/v1/keys/sae-bonn-1/enc_keys")
+        elapsed = time.monotonic() - t0
+        assert status == 503 and "message" in doc, doc
+        assert elapsed < node_module.CN_TIMEOUT / 3, f"took {elapsed:.1f} s: no abort came back"
+        assert "link" not in doc["message"] and "ckms" not in json.dumps(doc)
+        broken["on"] = False
+        status, doc = call(a, "GET", "/api/v1/keys/sae-bonn-1/enc_keys")
+        assert status == 200
+        b = sae_conn(tmp_path, "sae-bonn-1", port_b)
+        path = f"/api/v1/keys/sae-berlin-1/dec_keys?key_ID={doc['keys'][0]['key_ID']}"
+        assert call(b, "GET", path) == (200, doc)
+
+    run_network(tmp_path, Policy(mode=Mode.GCM), saes)
