@@ -207,7 +207,8 @@ class Net:
         patterns += [re.compile(rf":{p}\b") for p in sorted(ports)]
         patterns += [
             re.compile(r"\bnode\s*#?\d+", re.IGNORECASE),
-            re.compile(r"\b(links?|hops?|routes?|path)\b", re.IGNORECASE),
+            re.compile(r"\b(links?|hops?|routes?|path|relay\w*)\b", re.IGNORECASE),
+            re.compile(r"(?<!/api)/v1/"),  # node-to-node endpoints, not the 014 API
         ]
         return patterns
 
