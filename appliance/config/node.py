@@ -29,6 +29,10 @@ class NodeIdentity(Strict):
 class Devices(Strict):
     qrng: str
     """URL of the node's noise source (one PTG.3 generator per node)."""
+    keystore: str | None = None
+    """RFC 7512 URL of the PKCS#11 token holding the key-encryption key of the node's key
+    stores (``pkcs11:token=...;object=...?pin-source=file:...``); unset: a key file in the
+    data directory."""
 
 
 class NodePaths(Strict):

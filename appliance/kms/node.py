@@ -68,7 +68,7 @@ from appliance.kms.relay import (
     seal_otp,
 )
 from appliance.kms.routing import shortest_path
-from appliance.kms.store import KeyStore, NodeKey
+from appliance.kms.store import KeyStore, NodeKey, RecordKey
 from appliance.net.h2 import H2Client, H2Server, Request, Response, TransportError
 from appliance.net.http1 import H1Server
 from appliance.pki import client_context, server_context
@@ -159,9 +159,19 @@ class KmsNode:
         self._tls = (Path(paths.cert), Path(paths.key), Path(paths.ca_cert))
         self._client_ctx = client_context(*self._tls, ("h2",))
         self._data = Path(paths.data_dir)
-        self.node_key = NodeKey.from_file(self._data / "node.key", create_with=self.rng)
+        self.node_key = self._record_key()
         self.saes = {s.id: s for s in self.topology.spec.saes}
         self.contracts = {c.id: c for c in self.topology.spec.contracts}
+
+    def _record_key(self) -> RecordKey:
+        """The key sealing the stores at rest: the node's PKCS#11 token when configured
+        (``devices.keystore = "pkcs11:token=..."``), else a key file in the data directory."""
+        url = self.config.devices.keystore
+        if url is None:
+            return NodeKey.from_file(self._data / "node.key", create_with=self.rng)
+        from hsm.keystore import open_node_key
+
+        return open_node_key(url)
 
     @property
     def name(self) -> str:

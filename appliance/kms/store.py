@@ -34,6 +34,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCMSIV
@@ -52,9 +53,19 @@ CREATE INDEX IF NOT EXISTS keys_expires ON keys (expires);
 """
 
 
+class RecordKey(Protocol):
+    """What seals key-store records at rest: :class:`NodeKey` (a key file) or
+    :class:`hsm.keystore.Pkcs11NodeKey` (a key-encryption key in the node's PKCS#11
+    token; a node's ``devices.keystore`` URL chooses it). A record that fails to open
+    raises IntegrityFailure."""
+
+    def seal(self, aad: bytes, plaintext: bytes | bytearray) -> bytes: ...
+
+    def open(self, aad: bytes, record: bytes) -> bytearray: ...
+
+
 class NodeKey:
-    """The key that seals records at rest. From a file now; from the node's PKCS#11 token
-    once the hsm issue lands (same two methods)."""
+    """The node key from a file (mode 0600): AES-256-GCM-SIV with a deterministic nonce."""
 
     def __init__(self, key: bytes) -> None:
         if len(key) != 32:
@@ -113,7 +124,7 @@ class KeyStore:
         self,
         path: Path,
         name: str,
-        node_key: NodeKey,
+        node_key: RecordKey,
         *,
         capacity: int = 1_000_000,
         ttl: float = 7 * 86400.0,
