@@ -388,7 +388,8 @@ def test_no_endpoint_takes_key_material_from_an_sae(net):
     ).encode()
 
     async def knock_everywhere() -> list[tuple[str, int, bytes]]:
-        ctx = client_context(*net.pki("saes", SLAVE), ("h2",))
+        cert, key, ca = net.pki("saes", SLAVE)
+        ctx = client_context(cert, key, ca, ("h2",))
         out = []
         for node in net.status()["nodes"]:
             for service, address in node["endpoints"].items():
@@ -479,7 +480,7 @@ def test_no_answer_names_a_carrier_link_or_route(net):
     ]
     victim = "ckms-hamm"  # a carrier down: what do the SAEs hear?
     pid = net.kill(victim)
-    deadline, down = time.monotonic() + 10, []
+    deadline, down = time.monotonic() + 10, list[Reply]()
     while len(down) < 3 and time.monotonic() < deadline:
         got = exchange(master, "GET", ENC)
         if got.status == 503:
