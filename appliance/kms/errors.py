@@ -53,6 +53,14 @@ class StaleGrant(IntegrityFailure):
     code = "KMS-STALE-GRANT"
 
 
+class StaleKey(IntegrityFailure):
+    """The receiving end cannot fetch the link key a message names (its QKDM handed that
+    key out already: the receiver restarted and lost it, or the ID is forged). The sender
+    drops its current link keys and tries once more with fresh ones."""
+
+    code = "KMS-STALE-KEY"
+
+
 class ReplayDetected(IntegrityFailure):
     """A relay message was seen before."""
 

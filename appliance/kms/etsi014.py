@@ -46,8 +46,9 @@ class Limits:
 class KeyService(Protocol):
     """What the UKMS provides behind the API."""
 
-    def limits(self, master: str, slave: str) -> Limits | None:
-        """The limits for this SAE pair, or None if the pair is not registered."""
+    def limits(self, master: str, slave: str, *, caller_is_master: bool) -> Limits | None:
+        """The limits for this SAE pair, or None if the pair is not registered, or if the
+        calling end (master for status and enc_keys, slave for dec_keys) is not served here."""
 
     def stored(self, master: str, slave: str) -> int:
         """Keys ready for this pair."""
@@ -125,8 +126,8 @@ class Etsi014Api:
             return await self._enc_keys(caller, sae, params)
         return await self._dec_keys(caller, sae, params)
 
-    def _limits(self, master: str, slave: str) -> Limits:
-        limits = self.service.limits(master, slave)
+    def _limits(self, master: str, slave: str, *, caller_is_master: bool = True) -> Limits:
+        limits = self.service.limits(master, slave, caller_is_master=caller_is_master)
         if limits is None:
             raise ApiError(401, f"SAE {master!r} is not authorised to share keys with {slave!r}")
         return limits
@@ -190,7 +191,7 @@ class Etsi014Api:
         return _json(200, {"keys": [_key(k, v) for k, v in keys]})
 
     async def _dec_keys(self, slave: str, master: str, params: dict[str, Any]) -> Response:
-        self._limits(master, slave)
+        self._limits(master, slave, caller_is_master=False)
         ids = _key_ids(params)
         try:
             keys = await self.service.dec_keys(slave, master, ids)

@@ -18,7 +18,7 @@ import uuid
 from enum import StrEnum
 
 import hal
-from appliance.kms.errors import IntegrityFailure, KeyUnavailable, StaleGrant
+from appliance.kms.errors import IntegrityFailure, KeyUnavailable, StaleGrant, StaleKey
 from appliance.kms.relay import GCM_USES, GcmSender, Hop, Mode, PadLedger, PadStream, Segment
 
 GRANT_BATCH = 64
@@ -111,10 +111,20 @@ class LinkKeys:
     def drop_grants(self) -> None:
         """Slave: forget granted keys (the master restarted); the next send asks again."""
         self._granted_ids.clear()
-        self._out = PadStream()
-        self._gcm_keys = PadStream()
-        self._gcm = GcmSender()
+        self._clear_sending()
         self.epoch = None
+
+    def drop_sending(self) -> None:
+        """Forget the keys we send with (the receiving end lost them): fresh ones next."""
+        if self.role is Role.SLAVE:
+            self.drop_grants()
+        else:
+            self._clear_sending()
+
+    def _clear_sending(self) -> None:
+        self._out.clear()
+        self._gcm_keys.clear()
+        self._gcm.clear()
 
     def check_grant_epoch(self, epoch: str | None) -> None:
         """Master: refuse, before opening anything, a message sealed with another run's grants."""
@@ -133,7 +143,9 @@ class LinkKeys:
                 raise StaleGrant(f"{self.link}: message uses a link key this end never granted")
             try:
                 self._ledger.add(key_id, self.qkdm.get_key_by_id(key_id).material)
-            except (hal.KeyNotFound, hal.KeyNotYetAvailable) as exc:
+            except hal.KeyNotFound:
+                raise StaleKey(f"{self.link}: link key {key_id} is not obtainable here") from None
+            except hal.KeyNotYetAvailable as exc:
                 raise IntegrityFailure(
                     f"{self.link}: link key not obtainable ({exc.code})"
                 ) from None

@@ -52,6 +52,7 @@ from appliance.kms.errors import (
     KmsError,
     ProtocolError,
     StaleGrant,
+    StaleKey,
 )
 from appliance.kms.etsi014 import Etsi014Api, Limits
 from appliance.kms.links import GRANT_BATCH, LinkKeys, Role, role_of
@@ -276,6 +277,7 @@ class KmsNode:
             reason = f"node {node_id}{path}: {body.get('message', response.status)}"
             kinds: dict[str, type[KmsError]] = {
                 StaleGrant.code: StaleGrant,
+                StaleKey.code: StaleKey,
                 UnknownChannel.code: UnknownChannel,
             }
             raise kinds.get(str(body.get("code")), KeyUnavailable)(reason)
@@ -718,18 +720,12 @@ class KmsNode:
         if ukms_b not in self.links:
             raise ProtocolError("malformed CN request")
         hop = self._hop(ukms_b, request_id, 0, mode)
-        sealed = await self._seal_for(ukms_b, hop, ksa.encode_batch(keys))
-        await self._call(
-            ukms_b,
-            "ukms",
-            "/v1/ksa/deliver",
-            {
-                "master": master,
-                "slave": slave,
-                "sealed": _b64(sealed),
-                "epoch": self.links[ukms_b].epoch,
-            },
-        )
+        batch = ksa.encode_batch(keys)
+        try:
+            fields = {"master": master, "slave": slave}
+            await self._send_sealed(ukms_b, "ukms", "/v1/ksa/deliver", hop, batch, "sealed", fields)
+        finally:
+            batch[:] = bytes(len(batch))
 
     # -- CKMS: hop by hop ---------------------------------------------------------------
     async def relay(
@@ -746,23 +742,34 @@ class KmsNode:
         nxt = path[index + 1]
         hop = self._hop(nxt, request_id, index, mode)
         try:
-            for attempt in (1, 2):  # a second try only after the next node refused old grants
-                message = await self._seal_for(nxt, hop, bytearray(cn_key))
-                doc = {
-                    "path": path,
-                    "index": index + 1,
-                    "message": _b64(message),
-                    "epoch": self.links[nxt].epoch,
-                }
-                try:
-                    await self._call(nxt, "ckms", "/v1/relay", doc)
-                    return
-                except StaleGrant:
-                    if attempt == 2:
-                        raise
-                    self.links[nxt].drop_grants()
+            fields = {"path": path, "index": index + 1}
+            await self._send_sealed(nxt, "ckms", "/v1/relay", hop, cn_key, "message", fields)
         finally:
             cn_key[:] = bytes(len(cn_key))
+
+    async def _send_sealed(
+        self,
+        peer: int,
+        service: str,
+        path: str,
+        hop: Hop,
+        payload: bytearray,
+        name: str,
+        fields: dict[str, Any],
+    ) -> dict[str, Any]:
+        """POST ``payload`` sealed under link keys to a neighbour. When the neighbour
+        refuses our link keys (grants from its earlier run, or keys it lost in a restart),
+        drop them and try once more with fresh ones; the payload itself is left as is."""
+        for attempt in (1, 2):
+            message = await self._seal_for(peer, hop, bytearray(payload))
+            doc = {**fields, name: _b64(message), "epoch": self.links[peer].epoch}
+            try:
+                return await self._call(peer, service, path, doc)
+            except (StaleGrant, StaleKey):
+                if attempt == 2:
+                    raise
+                self.links[peer].drop_sending()
+        raise AssertionError("unreachable")
 
     async def _on_relay(self, doc: dict[str, Any], caller: int) -> dict[str, Any]:
         path, index = _field(doc, "path", list), _field(doc, "index", int)
@@ -845,8 +852,11 @@ class UkmsKeyService:
     def __init__(self, node: KmsNode) -> None:
         self.node = node
 
-    def limits(self, master: str, slave: str) -> Limits | None:
-        pair = self.node.sae_pair(master, slave) or self._reverse(master, slave)
+    def limits(self, master: str, slave: str, *, caller_is_master: bool) -> Limits | None:
+        if caller_is_master:
+            pair = self.node.sae_pair(master, slave)
+        else:
+            pair = self._reverse(master, slave)
         if pair is None:
             return None
         target = self.node.topology.node(

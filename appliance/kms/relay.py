@@ -259,6 +259,11 @@ class PadStream:
                 _erase(self._chunks.popleft().material)
         return tuple(segments), pad
 
+    def clear(self) -> None:
+        """Erase and forget every byte not yet handed out."""
+        while self._chunks:
+            _erase(self._chunks.popleft().material)
+
     def take_key(self) -> tuple[str, bytearray]:
         """A whole unused QKDM key (GCM mode)."""
         if not self._chunks or self._chunks[0].used:
@@ -277,6 +282,11 @@ class GcmSender:
     key_id: str = ""
     key: bytearray = field(default_factory=bytearray)
     uses: int = GCM_USES
+
+    def clear(self) -> None:
+        """Erase the current key; the next message takes a fresh one."""
+        _erase(self.key)
+        self.uses = GCM_USES
 
     def next(self, stream: PadStream) -> tuple[str, bytearray, int]:
         """(key ID, key, counter) for the next message; rotates after GCM_USES messages."""

@@ -35,7 +35,7 @@ class MemoryService:
         self.issued: dict[str, tuple[str, str, bytes]] = {}
         self.empty = False
 
-    def limits(self, master: str, slave: str) -> Limits | None:
+    def limits(self, master: str, slave: str, *, caller_is_master: bool) -> Limits | None:
         return LIMITS if (master, slave) in self.pairs else None
 
     def stored(self, master: str, slave: str) -> int:

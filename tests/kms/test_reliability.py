@@ -208,11 +208,5 @@ def test_a_ukms_restart_keeps_the_keys_its_slave_has_not_fetched(net, slave_ukms
     assert net.dec_keys(SLAVE, MASTER, [fetched]).status == 400, "a taken key came back"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: after the slave UKMS restarts, AKMS B keeps sealing KSA deliveries with the "
-    "GCM link key of link 14-15 whose material the restarted UKMS had fetched and lost "
-    "(HAL-KEY-NOT-FOUND, integrity alarm): no key reaches it for up to GCM_USES requests",
-)
 def test_keys_flow_again_after_a_ukms_restart(net, slave_ukms_restarted):
     net.wait_for_relays(MASTER, SLAVE, timeout=4)

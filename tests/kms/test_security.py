@@ -154,12 +154,6 @@ def test_an_sae_cannot_take_keys_meant_for_another(net):
     assert taken.status == 200 and {k["key_ID"]: k["key"] for k in taken.json()["keys"]} == issued
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a UKMS accepts as master an SAE it does not serve (UkmsKeyService.limits "
-    "falls back to the reversed pair for every operation): status answers 200 and "
-    "enc_keys 503 'retry later' instead of 401",
-)
 def test_a_kme_refuses_an_sae_it_does_not_serve(net):
     at_berlin = net.connect(SLAVE, net.kme_port(MASTER))
     for path in (f"/api/v1/keys/{MASTER}/status", f"/api/v1/keys/{MASTER}/enc_keys"):
