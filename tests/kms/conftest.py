@@ -12,7 +12,6 @@ from __future__ import annotations
 import http.client
 import json
 import os
-import random
 import re
 import signal
 import socket
@@ -30,7 +29,7 @@ from typing import Any
 import pytest
 
 from appliance.cli.net import status_doc
-from appliance.config.render import SERVICE_OFFSETS, find_free_base_port
+from appliance.config.render import find_free_base_port
 from tests.pki_fixture import pki  # noqa: F401 - the shared PKI fixture
 
 QKDN = [sys.executable, "-m", "appliance.cli"]
@@ -217,40 +216,6 @@ class Net:
         assert not found, f"an SAE can read carrier details ({found}) in: {text[:500]}"
 
 
-def free_base_port() -> int:
-    """A port plan (base + service offset + node id) whose every port binds now, chosen
-    where other networks on this busy machine do not go: below the ephemeral port range,
-    where no outgoing connection takes a port, and off the plans of
-    ``find_free_base_port`` (other test runs' networks), whose ports all lie within 22 of
-    a multiple of 1000 plus 988..999. Random among those slots, so that concurrent runs of
-    these tests spread out; ``find_free_base_port`` if none is free."""
-    top = _ephemeral_low() - max(SERVICE_OFFSETS.values()) - 23
-    slots = [b for b in range(21000, top) if b % 1000 in range(100, 878, 23)]
-    random.shuffle(slots)
-    for base in slots:
-        if _binds(base):
-            return base
-    return find_free_base_port()
-
-
-def _ephemeral_low() -> int:
-    try:
-        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return 32768
-
-
-def _binds(base: int) -> bool:
-    for port in (base + off + node for off in SERVICE_OFFSETS.values() for node in range(1, 23)):
-        with socket.socket() as sock:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError:
-                return False
-    return True
-
-
 @contextmanager
 def running_net(
     tmp_path_factory: pytest.TempPathFactory, *options: str, topology: str = "demoquandt"
@@ -259,7 +224,7 @@ def running_net(
     out = tmp_path_factory.mktemp("net")
     up = qkdn(
         "net", "up", topology, "--dir", str(out),
-        "--base-port", str(free_base_port()), *options,
+        "--base-port", str(find_free_base_port()), *options,
     )  # fmt: skip
     try:
         assert up.returncode == 0, up.stderr
