@@ -1,8 +1,8 @@
 """Fixtures of this folder, and helpers for tests against a network of OS processes.
 
-:func:`running_net` starts a network with ``qkdn net up`` (16 supervised node processes on
-loopback, real mutual TLS) and stops it afterwards; modules wrap it in a module-scoped
-fixture, so that each module pays for one network. :class:`Net` is what such a test
+:func:`running_net` starts a network with ``qkdn net up`` (every KMS node a supervised OS
+process on loopback, real mutual TLS) and stops it afterwards; modules wrap it in a
+module-scoped fixture, so that each module pays for one network. :class:`Net` is what such a test
 sees: the network's status, SAE connections built from ``qkdn net status --json``, node
 kills and restarts, node logs, and the names an SAE must never learn.
 """
@@ -110,19 +110,21 @@ class Net:
 
     # -- key requests ------------------------------------------------------------------
     def enc_keys(self, master: str, slave: str, number: int = 1) -> Reply:
-        with_conn = self.connect(master)
+        """One enc_keys request as ``master``, on a connection of its own."""
+        conn = self.connect(master)
         try:
-            return exchange(with_conn, "GET", f"/api/v1/keys/{slave}/enc_keys?number={number}")
+            return exchange(conn, "GET", f"/api/v1/keys/{slave}/enc_keys?number={number}")
         finally:
-            with_conn.close()
+            conn.close()
 
     def dec_keys(self, slave: str, master: str, key_ids: list[str]) -> Reply:
-        with_conn = self.connect(slave)
+        """One dec_keys request (POST, key_IDs) as ``slave``, on a connection of its own."""
+        conn = self.connect(slave)
         try:
             body = {"key_IDs": [{"key_ID": k} for k in key_ids]}
-            return exchange(with_conn, "POST", f"/api/v1/keys/{master}/dec_keys", body)
+            return exchange(conn, "POST", f"/api/v1/keys/{master}/dec_keys", body)
         finally:
-            with_conn.close()
+            conn.close()
 
     def wait_for_relays(self, master: str, slave: str, timeout: float = 60) -> None:
         """Until one key crosses the network from ``master`` to ``slave`` again."""
