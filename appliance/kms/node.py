@@ -694,8 +694,7 @@ class KmsNode:
             raise ProtocolError("malformed CN request")
         mode = self.policy.mode if for_channel else self.mode_for(doc.get("master"))
         keys = [(str(uuid.uuid4()), self.rng(size // 8)) for _ in range(number)]
-        n = ksa.batch_len(number, size // 8)
-        cn_key = bytearray(self.rng(ksa.cn_key_bytes(mode, n)))
+        cn_key = bytearray(self.rng(ksa.cn_key_bytes(mode, number, size // 8)))
         path = shortest_path(self.topology, self.config.node.id, deliver_to)
         steps = [self.relay(request_id, path, 0, bytearray(cn_key), mode)]
         if for_channel:

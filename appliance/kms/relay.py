@@ -175,7 +175,7 @@ def seal_otp(hop: Hop, cn_key: bytes | bytearray, pad: bytearray) -> bytes:
     n = len(cn_key)
     if len(pad) != n + MAC_KEY_BYTES or hop.mode is not Mode.OTP:
         raise ProtocolError("OTP needs a pad of len(CN key) + 32 bytes")
-    ct = bytes(a ^ b for a, b in zip(cn_key, pad[:n], strict=True))
+    ct = xor(cn_key, pad[:n])
     header = encode_header(hop, n + TAG_BYTES)
     tag = Poly1305.generate_tag(bytes(pad[n:]), header + ct)
     _erase(pad)
@@ -189,7 +189,7 @@ def open_otp(header: bytes, body: bytes, pad: bytearray) -> bytearray:
         if len(pad) != n + MAC_KEY_BYTES:
             raise IntegrityFailure("OTP pad length does not match the message")
         Poly1305.verify_tag(bytes(pad[n:]), header + body[:n], body[n:])
-        return bytearray(a ^ b for a, b in zip(body[:n], pad[:n], strict=True))
+        return bytearray(xor(body[:n], pad[:n]))
     except Exception as exc:
         if isinstance(exc, IntegrityFailure):
             raise
@@ -213,6 +213,13 @@ def open_gcm(hop: Hop, header: bytes, body: bytes, link_key: bytes | bytearray) 
         return bytearray(AESGCM(bytes(link_key)).decrypt(_nonce(hop.counter), body, header))
     except InvalidTag:
         raise IntegrityFailure("hop message failed authentication") from None
+
+
+def xor(a: bytes | bytearray, b: bytes | bytearray) -> bytes:
+    """``a`` XOR ``b`` (equal lengths), as one big-integer operation."""
+    if len(a) != len(b):
+        raise ProtocolError("XOR of unequal lengths")
+    return (int.from_bytes(a, "big") ^ int.from_bytes(b, "big")).to_bytes(len(a), "big")
 
 
 def _nonce(counter: int) -> bytes:
