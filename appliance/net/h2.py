@@ -3,9 +3,15 @@
 :class:`H2Server` calls an async handler per request stream and sends its response;
 :class:`H2Client` multiplexes concurrent requests over one connection and reconnects after a
 failure. Both identify the peer by the CN of its verified certificate. Flow control is
-honoured both ways (every received DATA frame is acknowledged, and sends wait for window),
-and the windows are opened wide, since the peers are trusted nodes exchanging small
-messages at high rates. Errors surface as :class:`TransportError`, never as h2 exceptions.
+honoured both ways (every received DATA frame is acknowledged, and bodies wait in an outbox
+for window), and the windows are opened wide, since the peers are trusted nodes exchanging
+small messages at high rates. Errors surface as :class:`TransportError`, never as h2
+exceptions.
+
+Cost matters here: a relay crosses up to 14 hops, each one exchange. So the connection is an
+``asyncio.Protocol`` (no reader task, no stream buffers), a whole message is handed over at
+once (:class:`_Core`), outbound headers skip h2's validation (we build them), and a batch
+of received frames is answered with one socket write.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import logging
 import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import h2.config
 import h2.connection
@@ -28,7 +35,6 @@ from appliance.pki import peer_name
 
 log = logging.getLogger("qkdn.net")
 WINDOW = 1 << 24
-READ_CHUNK = 1 << 16
 MAX_STREAMS = 1000
 """Concurrent streams a server accepts; clients queue beyond what the peer allows."""
 
@@ -59,19 +65,60 @@ class Response:
 Handler = Callable[[Request], Awaitable[Response]]
 
 
-class _Channel:
-    """One HTTP/2 connection: the h2 state machine, the socket writer and flow control."""
+# -- sans-IO core: bytes in, whole messages out ---------------------------------------------
+@dataclass(frozen=True, kw_only=True, slots=True)
+class MessageReceived:
+    """A complete request or response (headers, then the body up to END_STREAM)."""
 
-    def __init__(self, conn: h2.connection.H2Connection, writer: asyncio.StreamWriter) -> None:
-        self.conn, self.writer = conn, writer
-        self.window_open: dict[int, asyncio.Event] = {}
+    stream_id: int
+    """The stream it came on."""
+    headers: dict[str, str]
+    """Pseudo-headers (``:method``, ``:path``, ``:status``) and regular fields."""
+    body: bytes
+    """The whole body."""
 
-    def flush(self) -> None:
-        data = self.conn.data_to_send()
-        if data:
-            self.writer.write(data)
 
-    def open_windows(self) -> None:
+@dataclass(frozen=True, kw_only=True, slots=True)
+class StreamReset:
+    """The peer abandoned a stream (RST_STREAM)."""
+
+    stream_id: int
+    """The stream."""
+    error_code: int
+    """RFC 9113 error code."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ConnectionEnded:
+    """The peer sent GOAWAY: no new streams; the connection is to be closed."""
+
+    error_code: int
+    """RFC 9113 error code (0: graceful)."""
+
+
+Event = MessageReceived | StreamReset | ConnectionEnded
+
+
+class CoreError(Exception):
+    """The peer broke the protocol; :meth:`_Core.data_to_send` holds the GOAWAY to send."""
+
+
+class _Core:
+    """One HTTP/2 connection without I/O: received bytes become whole messages, and
+    messages to send become bytes as the peer's flow-control windows allow (the rest waits
+    in an outbox until WINDOW_UPDATE)."""
+
+    def __init__(self, *, client_side: bool) -> None:
+        config = h2.config.H2Configuration(
+            client_side=client_side,
+            header_encoding="utf-8",
+            validate_outbound_headers=False,
+            normalize_outbound_headers=False,
+        )
+        self.conn = h2.connection.H2Connection(config)
+        self._partial: dict[int, tuple[dict[str, str], bytearray]] = {}
+        self._outbox: dict[int, memoryview] = {}
+        self.conn.initiate_connection()
         self.conn.update_settings(
             {
                 h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: WINDOW,
@@ -80,57 +127,168 @@ class _Channel:
         )
         self.conn.increment_flow_control_window(WINDOW)
 
-    def on_window(self, stream_id: int) -> None:
-        targets = self.window_open.values() if stream_id == 0 else [self.window_open.get(stream_id)]
-        for event in targets:
-            if event is not None:
-                event.set()
+    @property
+    def peer_max_streams(self) -> int:
+        return int(self.conn.remote_settings.max_concurrent_streams)
 
-    async def send(self, stream_id: int, headers: list[tuple[str, str]], body: bytes) -> None:
-        """Headers, then the body as the flow-control windows allow; one socket write per
-        message unless it has to wait for window (small writes cost a TLS record each)."""
-        self.conn.send_headers(stream_id, headers, end_stream=not body)
-        view = memoryview(body)
-        while view:
-            room = min(
-                self.conn.local_flow_control_window(stream_id),
-                self.conn.max_outbound_frame_size,
-                len(view),
+    def next_stream_id(self) -> int:
+        return int(self.conn.get_next_available_stream_id())
+
+    def data_to_send(self) -> bytes:
+        return bytes(self.conn.data_to_send())
+
+    def send(self, stream_id: int, headers: list[tuple[str, str]], body: bytes) -> None:
+        """Queue a whole message; its body goes out as the windows allow."""
+        try:
+            self.conn.send_headers(stream_id, headers, end_stream=not body)
+        except h2.exceptions.ProtocolError as exc:
+            raise CoreError(str(exc)) from None
+        if body:
+            self._outbox[stream_id] = memoryview(body)
+            self._pump(stream_id)
+
+    def receive(self, data: bytes) -> list[Event]:
+        try:
+            events = self.conn.receive_data(data)
+        except h2.exceptions.ProtocolError as exc:
+            raise CoreError(str(exc)) from None
+        out: list[Event] = []
+        for event in events:
+            self._on(event, out)
+        return out
+
+    def _on(self, event: h2.events.Event, out: list[Event]) -> None:
+        if isinstance(event, h2.events.RequestReceived | h2.events.ResponseReceived):
+            assert event.stream_id is not None and event.headers is not None
+            headers = {str(k): str(v) for k, v in event.headers}  # str: header_encoding
+            self._partial[event.stream_id] = (headers, bytearray())
+        elif isinstance(event, h2.events.DataReceived):
+            assert event.stream_id is not None and event.data is not None
+            length = event.flow_controlled_length or 0
+            self.conn.acknowledge_received_data(length, event.stream_id)
+            entry = self._partial.get(event.stream_id)
+            if entry is not None:
+                entry[1].extend(event.data)
+        elif isinstance(event, h2.events.StreamEnded):
+            assert event.stream_id is not None
+            head, body = self._partial.pop(event.stream_id, ({}, bytearray()))
+            out.append(MessageReceived(stream_id=event.stream_id, headers=head, body=bytes(body)))
+        elif isinstance(event, h2.events.StreamReset):
+            assert event.stream_id is not None
+            self._partial.pop(event.stream_id, None)
+            self._outbox.pop(event.stream_id, None)
+            out.append(
+                StreamReset(stream_id=event.stream_id, error_code=int(event.error_code or 0))
             )
-            if room <= 0:
-                event = self.window_open.setdefault(stream_id, asyncio.Event())
-                event.clear()
-                self.flush()
-                await event.wait()
-                continue
+        elif isinstance(event, h2.events.WindowUpdated):
+            for stream_id in [event.stream_id] if event.stream_id else list(self._outbox):
+                self._pump(stream_id)
+        elif isinstance(event, h2.events.ConnectionTerminated):
+            out.append(ConnectionEnded(error_code=int(event.error_code or 0)))
+
+    def _pump(self, stream_id: int) -> None:
+        view = self._outbox.get(stream_id)
+        while view:
+            try:
+                room = min(
+                    self.conn.local_flow_control_window(stream_id),
+                    self.conn.max_outbound_frame_size,
+                    len(view),
+                )
+            except h2.exceptions.StreamClosedError:
+                room = -1
+            if room < 0:
+                break
+            if room == 0:
+                self._outbox[stream_id] = view
+                return
             self.conn.send_data(stream_id, bytes(view[:room]), end_stream=room == len(view))
             view = view[room:]
+        self._outbox.pop(stream_id, None)
+
+
+# -- asyncio adapter ------------------------------------------------------------------------
+class _Closable(Protocol):
+    def close(self) -> None: ...
+
+
+class _Session(asyncio.Protocol):
+    """An HTTP/2 connection on an asyncio TLS transport: feeds the core, writes what it
+    produces (one write per batch of received frames), and closes on protocol errors."""
+
+    def __init__(self, *, client_side: bool) -> None:
+        self.core = _Core(client_side=client_side)
+        self.transport: asyncio.Transport | None = None
+        self.peer: str | None = None
+        self.closed = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self.peer = peer_name(transport.get_extra_info("ssl_object"))
         self.flush()
-        self.window_open.pop(stream_id, None)
-        await self.writer.drain()
 
+    def data_received(self, data: bytes) -> None:
+        try:
+            events = self.core.receive(data)
+        except CoreError as exc:
+            log.warning(
+                "HTTP/2 protocol error from peer", extra={"peer": self.peer, "reason": str(exc)}
+            )
+            self.flush()
+            self.close()
+            return
+        for event in events:
+            self.on_event(event)
+        self.flush()
 
-def _headers(raw: list[tuple[str, str]]) -> dict[str, str]:
-    return {k: v for k, v in raw}
+    def flush(self) -> None:
+        data = self.core.data_to_send()
+        if data and self.transport is not None and not self.closed:
+            self.transport.write(data)
+
+    def send(self, stream_id: int, headers: list[tuple[str, str]], body: bytes) -> None:
+        if self.closed:
+            raise ConnectionResetError("connection closed")
+        try:
+            self.core.send(stream_id, headers, body)
+        except CoreError as exc:
+            raise ConnectionResetError(str(exc)) from None
+        self.flush()
+
+    def close(self) -> None:
+        if not self.closed and self.transport is not None:
+            self.transport.close()
+        self.closed = True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+
+    def on_event(self, event: Event) -> None:
+        raise NotImplementedError
 
 
 class TlsServer:
     """What every TLS server of the appliance shares: listening, its port, and a close()
-    that also drops open connections (asyncio keeps them otherwise). Subclasses implement
-    :meth:`_connection` for one accepted connection."""
+    that also drops open connections (asyncio keeps them otherwise). Stream-based
+    subclasses implement :meth:`_connection` for one accepted connection; protocol-based
+    ones override :meth:`_listen`."""
 
     def __init__(self, handler: Handler, ssl_ctx: ssl.SSLContext) -> None:
         self.handler, self.ssl_ctx = handler, ssl_ctx
         self._server: asyncio.Server | None = None
-        self._writers: set[asyncio.StreamWriter] = set()
+        self._open: set[_Closable] = set()
 
     async def start(self, host: str, port: int) -> None:
         try:
-            self._server = await asyncio.start_server(self._serve, host, port, ssl=self.ssl_ctx)
+            self._server = await self._listen(host, port)
         except OSError as exc:
             raise TransportError(
                 f"cannot listen on {host}:{port}: {exc.strerror}", code="NET-LISTEN"
             ) from None
+
+    async def _listen(self, host: str, port: int) -> asyncio.Server:
+        return await asyncio.start_server(self._serve, host, port, ssl=self.ssl_ctx)
 
     @property
     def port(self) -> int:
@@ -140,17 +298,17 @@ class TlsServer:
     async def close(self) -> None:
         if self._server is not None:
             self._server.close()
-            for writer in list(self._writers):
-                writer.close()
+            for conn in list(self._open):
+                conn.close()
             await self._server.wait_closed()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self._writers.add(writer)
+        self._open.add(writer)
         try:
             with contextlib.suppress(asyncio.CancelledError):  # shutdown ends connections
                 await self._connection(reader, writer)
         finally:
-            self._writers.discard(writer)
+            self._open.discard(writer)
             writer.close()
             with contextlib.suppress(Exception, asyncio.CancelledError):
                 await writer.wait_closed()
@@ -159,74 +317,92 @@ class TlsServer:
         raise NotImplementedError
 
 
-class H2Server(TlsServer):
-    """Serve ``handler`` on every HTTP/2 connection accepted with the given TLS context."""
+class _ServerSession(_Session):
+    """One accepted connection: a handler task per complete request."""
 
-    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        peer = peer_name(writer.get_extra_info("ssl_object"))
-        conn = h2.connection.H2Connection(
-            h2.config.H2Configuration(client_side=False, header_encoding="utf-8")
-        )
-        chan = _Channel(conn, writer)
-        conn.initiate_connection()
-        chan.open_windows()
-        chan.flush()
-        streams: dict[int, tuple[dict[str, str], bytearray]] = {}
-        tasks: set[asyncio.Task[None]] = set()
-        try:
-            while data := await reader.read(READ_CHUNK):
-                for event in conn.receive_data(data):
-                    self._on_event(event, chan, streams, tasks, peer)
-                chan.flush()
-        except (ConnectionError, ssl.SSLError, h2.exceptions.ProtocolError):
-            pass
-        finally:  # the base class closes the connection
-            for task in tasks:
-                task.cancel()
+    def __init__(self, server: H2Server) -> None:
+        super().__init__(client_side=False)
+        self.server = server
+        self.tasks: dict[int, asyncio.Task[None]] = {}
 
-    def _on_event(
-        self,
-        event: h2.events.Event,
-        chan: _Channel,
-        streams: dict[int, tuple[dict[str, str], bytearray]],
-        tasks: set[asyncio.Task[None]],
-        peer: str | None,
-    ) -> None:
-        if isinstance(event, h2.events.RequestReceived):
-            streams[event.stream_id] = (_headers(event.headers), bytearray())  # type: ignore[arg-type]
-        elif isinstance(event, h2.events.DataReceived):
-            streams[event.stream_id][1].extend(event.data)
-            chan.conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
-        elif isinstance(event, h2.events.StreamEnded):
-            headers, body = streams.pop(event.stream_id)
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self.server._open.add(self)
+
+    def on_event(self, event: Event) -> None:
+        if isinstance(event, MessageReceived):
+            head = event.headers
             request = Request(
-                headers.get(":method", ""), headers.get(":path", ""), bytes(body), headers, peer
+                head.get(":method", ""), head.get(":path", ""), event.body, head, self.peer
             )
-            task = asyncio.create_task(self._respond(chan, event.stream_id, request))
-            tasks.add(task)
-            task.add_done_callback(tasks.discard)
-        elif isinstance(event, h2.events.StreamReset):
-            streams.pop(event.stream_id, None)
-        elif isinstance(event, h2.events.WindowUpdated):
-            chan.on_window(event.stream_id)
-        elif isinstance(event, h2.events.ConnectionTerminated):
-            chan.writer.close()
+            task = asyncio.get_running_loop().create_task(self._respond(event.stream_id, request))
+            self.tasks[event.stream_id] = task
+        elif isinstance(event, StreamReset):
+            if event.stream_id in self.tasks:
+                self.tasks.pop(event.stream_id).cancel()
+        elif isinstance(event, ConnectionEnded):
+            self.close()
 
-    async def _respond(self, chan: _Channel, stream_id: int, request: Request) -> None:
+    async def _respond(self, stream_id: int, request: Request) -> None:
         try:
-            response = await self.handler(request)
+            response = await self.server.handler(request)
         except Exception:  # a handler bug must not kill the connection, but must be seen
             log.exception("request handler failed", extra={"path": request.path})
             response = Response(500, b'{"message":"internal error"}')
-        headers = [
+        finally:
+            self.tasks.pop(stream_id, None)
+        head = [
             (":status", str(response.status)),
             ("content-length", str(len(response.body))),
             *response.headers.items(),
         ]
-        with contextlib.suppress(
-            h2.exceptions.StreamClosedError, ConnectionError, h2.exceptions.ProtocolError
-        ):
-            await chan.send(stream_id, headers, response.body)
+        with contextlib.suppress(ConnectionError):  # the client went away meanwhile
+            self.send(stream_id, head, response.body)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        self.server._open.discard(self)
+        for task in self.tasks.values():
+            task.cancel()
+        self.tasks.clear()
+
+
+class H2Server(TlsServer):
+    """Serve ``handler`` on every HTTP/2 connection accepted with the given TLS context."""
+
+    async def _listen(self, host: str, port: int) -> asyncio.Server:
+        loop = asyncio.get_running_loop()
+        return await loop.create_server(lambda: _ServerSession(self), host, port, ssl=self.ssl_ctx)
+
+
+class _ClientSession(_Session):
+    """The client's connection: each response completes the future of its stream."""
+
+    def __init__(self) -> None:
+        super().__init__(client_side=True)
+        self.pending: dict[int, asyncio.Future[Response]] = {}
+        self.failure = "connection closed by peer"
+
+    def on_event(self, event: Event) -> None:
+        if isinstance(event, MessageReceived):
+            future = self.pending.pop(event.stream_id, None)
+            if future is not None and not future.done():
+                status = event.headers.get(":status", "0")
+                future.set_result(Response(int(status), event.body, event.headers))
+        elif isinstance(event, StreamReset):
+            future = self.pending.pop(event.stream_id, None)
+            if future is not None and not future.done():
+                future.set_exception(ConnectionResetError("stream reset by peer"))
+        elif isinstance(event, ConnectionEnded):
+            self.failure = "peer closed the connection"
+            self.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        pending, self.pending = self.pending, {}
+        for future in pending.values():
+            if not future.done():
+                future.set_exception(ConnectionResetError(self.failure))
 
 
 class H2Client:
@@ -243,124 +419,100 @@ class H2Client:
     ) -> None:
         self.host, self.port, self.ssl_ctx = host, port, ssl_ctx
         self.expect_peer, self.timeout = expect_peer, timeout
-        self._chan: _Channel | None = None
-        self._reader_task: asyncio.Task[None] | None = None
-        self._pending: dict[int, tuple[asyncio.Future[Response], dict[str, str], bytearray]] = {}
+        self._session: _ClientSession | None = None
         self._connecting = asyncio.Lock()
-        self._slots = asyncio.Semaphore(100)  # RFC 9113's recommended minimum the peer allows
+        self._waiting: list[asyncio.Future[None]] = []
+        self._authority = f"{host}:{port}"
 
     async def request(
         self, method: str, path: str, body: bytes = b"", headers: dict[str, str] | None = None
     ) -> Response:
         """Send one request and wait for its response (TransportError on failure)."""
-        async with self._slots:
-            return await self._request(method, path, body, headers)
+        session = self._session
+        if session is None or session.closed:
+            session = await self._connect()
+        while len(session.pending) >= min(session.core.peer_max_streams, MAX_STREAMS):
+            await self._wait_for_slot()
+            session = await self._connect()
+        try:
+            return await self._exchange(session, method, path, body, headers)
+        finally:
+            if self._waiting:
+                waiter = self._waiting.pop(0)
+                if not waiter.done():
+                    waiter.set_result(None)
 
-    async def _request(
-        self, method: str, path: str, body: bytes, headers: dict[str, str] | None
+    async def _wait_for_slot(self) -> None:
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiting.append(waiter)
+        await waiter
+
+    async def _exchange(
+        self,
+        session: _ClientSession,
+        method: str,
+        path: str,
+        body: bytes,
+        headers: dict[str, str] | None,
     ) -> Response:
-        chan = await self._connect()
-        stream_id = chan.conn.get_next_available_stream_id()
-        future: asyncio.Future[Response] = asyncio.get_running_loop().create_future()
-        self._pending[stream_id] = (future, {}, bytearray())
+        loop = asyncio.get_running_loop()
+        stream_id = session.core.next_stream_id()
+        future: asyncio.Future[Response] = loop.create_future()
+        session.pending[stream_id] = future
         head = [
             (":method", method),
-            (":path", path),
             (":scheme", "https"),
-            (":authority", f"{self.host}:{self.port}"),
+            (":authority", self._authority),
+            (":path", path),
             ("content-length", str(len(body))),
-            *(headers or {}).items(),
         ]
+        if headers:
+            head.extend(headers.items())
+        timer = loop.call_later(self.timeout, _expire, future)
         try:
-            await chan.send(stream_id, head, body)
-            return await asyncio.wait_for(future, self.timeout)
-        except (ConnectionError, h2.exceptions.ProtocolError, ssl.SSLError) as exc:
-            self._drop(f"{exc.__class__.__name__}")
-            raise TransportError(f"{self.host}:{self.port}: connection lost") from None
+            session.send(stream_id, head, body)
+            return await future
+        except ConnectionError as exc:
+            self._drop(session)
+            raise TransportError(f"{self._authority}: {exc}") from None
         except TimeoutError:
-            self._pending.pop(stream_id, None)
-            raise TransportError(
-                f"{self.host}:{self.port}: no response in {self.timeout} s"
-            ) from None
+            session.pending.pop(stream_id, None)
+            raise TransportError(f"{self._authority}: no response in {self.timeout} s") from None
+        finally:
+            timer.cancel()
 
     async def close(self) -> None:
-        self._drop("closed")
-        if self._reader_task is not None:
-            self._reader_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._reader_task
+        if self._session is not None:
+            self._drop(self._session)
 
-    async def _connect(self) -> _Channel:
+    def _drop(self, session: _ClientSession) -> None:
+        session.close()
+        if self._session is session:
+            self._session = None
+
+    async def _connect(self) -> _ClientSession:
         async with self._connecting:
-            if self._chan is not None and not self._chan.writer.is_closing():
-                return self._chan
+            if self._session is not None and not self._session.closed:
+                return self._session
+            loop = asyncio.get_running_loop()
             try:
-                reader, writer = await asyncio.wait_for(
-                    asyncio.open_connection(self.host, self.port, ssl=self.ssl_ctx), self.timeout
+                _, session = await asyncio.wait_for(
+                    loop.create_connection(_ClientSession, self.host, self.port, ssl=self.ssl_ctx),
+                    self.timeout,
                 )
             except (OSError, ssl.SSLError, TimeoutError) as exc:
                 raise TransportError(
-                    f"{self.host}:{self.port}: cannot connect ({exc.__class__.__name__})"
+                    f"{self._authority}: cannot connect ({exc.__class__.__name__})"
                 ) from None
-            peer = peer_name(writer.get_extra_info("ssl_object"))
-            if self.expect_peer is not None and peer != self.expect_peer:
-                writer.close()
+            if self.expect_peer is not None and session.peer != self.expect_peer:
+                session.close()
                 raise TransportError(
-                    f"{self.host}:{self.port}: peer is {peer!r}, expected {self.expect_peer!r}"
+                    f"{self._authority}: peer is {session.peer!r}, expected {self.expect_peer!r}"
                 )
-            conn = h2.connection.H2Connection(
-                h2.config.H2Configuration(client_side=True, header_encoding="utf-8")
-            )
-            chan = _Channel(conn, writer)
-            conn.initiate_connection()
-            chan.open_windows()
-            chan.flush()
-            self._chan = chan
-            self._reader_task = asyncio.create_task(self._read(chan, reader))
-            return chan
+            self._session = session
+            return session
 
-    async def _read(self, chan: _Channel, reader: asyncio.StreamReader) -> None:
-        try:
-            while data := await reader.read(READ_CHUNK):
-                for event in chan.conn.receive_data(data):
-                    self._on_event(chan, event)
-                chan.flush()
-        except (ConnectionError, ssl.SSLError, h2.exceptions.ProtocolError):
-            pass
-        if self._chan is chan:
-            self._drop("connection closed by peer")
 
-    def _on_event(self, chan: _Channel, event: h2.events.Event) -> None:
-        if isinstance(event, h2.events.ResponseReceived):
-            entry = self._pending.get(event.stream_id)
-            if entry:
-                entry[1].update(_headers(event.headers))  # type: ignore[arg-type]
-        elif isinstance(event, h2.events.DataReceived):
-            chan.conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
-            entry = self._pending.get(event.stream_id)
-            if entry:
-                entry[2].extend(event.data)
-        elif isinstance(event, h2.events.StreamEnded):
-            entry = self._pending.pop(event.stream_id, None)
-            if entry and not entry[0].done():
-                headers = entry[1]
-                entry[0].set_result(
-                    Response(int(headers.get(":status", "0")), bytes(entry[2]), headers)
-                )
-        elif isinstance(event, h2.events.StreamReset):
-            entry = self._pending.pop(event.stream_id, None)
-            if entry and not entry[0].done():
-                entry[0].set_exception(TransportError("stream reset by peer"))
-        elif isinstance(event, h2.events.WindowUpdated):
-            chan.on_window(event.stream_id)
-        elif isinstance(event, h2.events.ConnectionTerminated):
-            self._drop("peer closed the connection")
-
-    def _drop(self, reason: str) -> None:
-        chan, self._chan = self._chan, None
-        if chan is not None:
-            chan.writer.close()
-        pending, self._pending = self._pending, {}
-        for future, _, _ in pending.values():
-            if not future.done():
-                future.set_exception(TransportError(f"{self.host}:{self.port}: {reason}"))
+def _expire(future: asyncio.Future[Response]) -> None:
+    if not future.done():
+        future.set_exception(TimeoutError())
