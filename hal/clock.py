@@ -65,3 +65,17 @@ class ScaledClock:
 
     def now(self) -> float:
         return self._origin + (self._base.now() - self._start) * self._speedup
+
+
+class SharedScaledClock:
+    """Emulated time ``origin + (time.time() - origin) * speedup``: like
+    :class:`ScaledClock`, but every process computes the same time from the same two
+    numbers (the origin is a wall-clock instant, e.g. when an emulated link started)."""
+
+    def __init__(self, origin: float, speedup: float) -> None:
+        if speedup <= 0:
+            raise ValueError("speedup must be positive")
+        self._origin, self._speedup = origin, speedup
+
+    def now(self) -> float:
+        return self._origin + (time.time() - self._origin) * self._speedup

@@ -52,6 +52,14 @@ def register(sub: Any) -> None:
         metavar="N",
         help="KSA keys a UKMS keeps ready per SAE pair (default: 0)",
     )
+    run.add_argument(
+        "--patience",
+        type=float,
+        default=10.0,
+        metavar="S",
+        help="seconds a hop waits for link keys still being distilled; requests wait 3x this "
+        "for their CN key (default: %(default)s)",
+    )
     run.set_defaults(func=cmd_node_run)
 
     net = sub.add_parser(
@@ -74,7 +82,22 @@ def register(sub: Any) -> None:
     up.add_argument(
         "--rate-limited",
         action="store_true",
-        help="start with empty link key stores (keys arrive at the links' SKR)",
+        help="start with empty link key stores (keys arrive at the links' SKR); "
+        "hops then wait up to --patience for keys",
+    )
+    up.add_argument(
+        "--speedup",
+        type=float,
+        default=1.0,
+        metavar="X",
+        help="emulated links run X times faster than real time (benches of key rates)",
+    )
+    up.add_argument(
+        "--patience",
+        type=float,
+        metavar="S",
+        help="seconds a hop waits for link keys still being distilled; requests wait 3x this "
+        "for their CN key (default: 10, 120 with --rate-limited)",
     )
     up.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for readiness")
     up.add_argument(
@@ -111,7 +134,7 @@ def cmd_node_run(args: argparse.Namespace) -> int:
             cfg,
             topo,
             generator.random_bytes,
-            policy=Policy(mode=Mode[args.mode.upper()], stock=args.stock),
+            policy=Policy(mode=Mode[args.mode.upper()], stock=args.stock, patience=args.patience),
         )
         await node.start()
         stop = asyncio.Event()
@@ -167,6 +190,15 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _patience(args: argparse.Namespace) -> float:
+    value = getattr(args, "patience", None)
+    if value is None:
+        return 120.0 if args.rate_limited else 10.0
+    if not 0 < value <= 3600:
+        raise UsageError(f"--patience: expected 0 < seconds <= 3600, got {value:g}")
+    return float(value)
+
+
 def cmd_net_up(args: argparse.Namespace) -> int:
     bring_up(args)
     return _report(args.dir, args.json)
@@ -176,12 +208,17 @@ def bring_up(args: argparse.Namespace) -> None:
     """Render, issue certificates, start the supervisor, wait until every node listens."""
     import qrng
 
+    patience = _patience(args)
     state = _state(args.dir)
     if state and _alive(int(state["supervisor_pid"])):
         raise UsageError(f"a network is already running from {args.dir} (qkdn net down first)")
     topo = load_topology(args.topology)
     start = time.time() - (0.0 if args.rate_limited else FULL_STORE_S)
-    render(topo, RenderPlan(out=args.dir, base_port=args.base_port, start=start))
+    speedup = float(getattr(args, "speedup", 1.0))
+    if not 0 < speedup <= 1000:
+        raise UsageError(f"--speedup: expected 0 < X <= 1000, got {speedup:g}")
+    plan = RenderPlan(out=args.dir, base_port=args.base_port, start=start, speedup=speedup)
+    render(topo, plan)
     configs = load_configs(args.dir)
     provisioning = qrng.node_generator("emulated-qrng://provisioning?bits=16").random_bytes
     if not (args.dir / "pki" / "ca.pem").exists():
@@ -199,6 +236,8 @@ def bring_up(args: argparse.Namespace) -> None:
                 args.mode,
                 "--stock",
                 str(getattr(args, "stock", 0)),
+                "--patience",
+                str(patience),
             ],
             stdout=log,
             stderr=subprocess.STDOUT,

@@ -55,6 +55,7 @@ def qkdm_url(
     start: float = 0.0,
     faults: str | None = None,
     state: str | None = None,
+    speedup: float = 1.0,
 ) -> str:
     """The ``emulated://`` URL of one end of a link, in the driver's units (bit/s, fraction)."""
     emu = link.emulator
@@ -81,6 +82,8 @@ def qkdm_url(
     ):
         if value is not None:
             params[key] = value
+    if speedup != 1.0:
+        params["speedup"] = speedup
     return f"emulated://{link.id}?{urlencode(params)}"
 
 
@@ -94,6 +97,8 @@ class RenderPlan:
     data_root: Path | None = None
     pki_dir: Path | None = None
     start: float | None = None
+    speedup: float = 1.0
+    """Emulated link time runs this many times faster than the wall clock (benches)."""
 
     def address(self, node: Node, service: str) -> str:
         return f"{self.host}:{self.base_port + SERVICE_OFFSETS[service] + node.id}"
@@ -153,6 +158,7 @@ def render_node(topo: Topology, node: Node, plan: RenderPlan, start: float) -> d
             start=start,
             faults=str(out / "faults" / f"{link.id}.json"),
             state=str(data_root / node.name / f"qkdm-{link.id}.state"),
+            speedup=plan.speedup,
         )
         doc["neighbours"].append(
             {

@@ -85,12 +85,18 @@ class LinkKeys:
 
     # -- grants -------------------------------------------------------------------------
     def grant(self, n: int = GRANT_BATCH) -> list[str]:
-        """Master: take ``n`` keys for the slave's sending direction; return their IDs."""
+        """Master: take up to ``n`` keys for the slave's sending direction (as many as the
+        link has, at least one); return their IDs."""
         if self.role is not Role.MASTER:
             raise IntegrityFailure(f"{self.link}: only the master end grants keys")
-        ids = []
+        ids: list[str] = []
         for _ in range(n):
-            key = self.qkdm.get_key()
+            try:
+                key = self.qkdm.get_key()
+            except (hal.NoKeyAvailable, hal.LinkDownError) as exc:
+                if ids:
+                    break  # grant what the link has distilled so far, lose nothing
+                raise KeyUnavailable(f"{self.link}: no link key to grant ({exc.code})") from None
             self._ledger.add(key.key_id, key.material)
             ids.append(key.key_id)
         return ids

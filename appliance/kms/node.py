@@ -78,7 +78,6 @@ from hsm.psk import PskSource, open_psk_source
 
 log = logging.getLogger("qkdn.kms")
 RandomBytes = Callable[[int], bytes]
-CN_TIMEOUT = 10.0
 CALLER_CHANNELS = 4
 """Open channels a callee keeps per calling access node (older ones are closed)."""
 
@@ -93,6 +92,13 @@ class Policy:
     max_key_per_request: int = 128
     stock: int = 0
     """KSA keys each UKMS keeps ready per SAE pair it serves as master (0: none)."""
+    patience: float = 10.0
+    """Seconds a hop may wait for link keys still being distilled; a request waits up to
+    three times this for its CN key. Raise it for links running at their physical rates."""
+
+    @property
+    def cn_timeout(self) -> float:
+        return 3 * self.patience
 
 
 def _b64(data: bytes) -> str:
@@ -266,7 +272,7 @@ class KmsNode:
             host, port = self._host_port(address)
             peer = self.topology.node(node_id).name
             client = self._clients[address] = H2Client(
-                host, port, self._client_ctx, expect_peer=peer
+                host, port, self._client_ctx, expect_peer=peer, timeout=self.policy.cn_timeout + 5
             )
         response = await client.request("POST", path, raw, headers)
         try:
@@ -359,12 +365,27 @@ class KmsNode:
         return seal_gcm(hop, payload, key)
 
     async def _with_grant(self, peer: int, take: Callable[[], Any]) -> Any:
-        """Take link keys; a slave end out of granted keys asks the master once, then retries."""
-        try:
-            return take()
-        except KeyUnavailable:
-            if self.links[peer].role is not Role.SLAVE:
-                raise
+        """Take link keys. A slave end out of granted keys asks the master for more; an end
+        whose link has not distilled enough yet waits for it, up to the policy's patience,
+        so a relay runs at the pace of its slowest link instead of failing (and spending
+        the keys of the hops before it for nothing)."""
+        loop = asyncio.get_running_loop()
+        deadline, pause = loop.time() + self.policy.patience, 0.01
+        link = self.links[peer]
+        while True:
+            try:
+                return take()
+            except KeyUnavailable:
+                if loop.time() >= deadline:
+                    raise
+            if link.role is Role.SLAVE and link.granted_left() == 0:
+                with contextlib.suppress(KeyUnavailable):  # the master has none yet either
+                    await self._ask_grant(peer)
+                    continue
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 0.5)
+
+    async def _ask_grant(self, peer: int) -> None:
         nb = next(x for x in self.config.neighbours if x.node == peer)
         service = (
             "ukms"
@@ -377,7 +398,6 @@ class KmsNode:
         self.links[peer].accept_grant(
             [str(k) for k in _field(reply, "key_ids", list)], _field(reply, "epoch", str)
         )
-        return take()
 
     def _open_from(self, peer: int, message: bytes, epoch: Any) -> tuple[Hop, bytearray]:
         """Open a neighbour's hop message. ``epoch`` is the sender's link epoch: a master end
@@ -406,10 +426,17 @@ class KmsNode:
         links = {}
         for peer, link in self.links.items():
             try:
-                keys = link.qkdm.key_count()
+                status = link.qkdm.status()
+                keys, produced, key_size = status.key_count, status.keys_produced, status.key_size
             except hal.HalError:
-                keys = -1
-            links[link.link] = {"peer": peer, "role": link.role.value, "qkdm_keys": keys}
+                keys = produced = key_size = -1
+            links[link.link] = {
+                "peer": peer,
+                "role": link.role.value,
+                "qkdm_keys": keys,
+                "keys_produced": produced,
+                "key_size": key_size,
+            }
         return {"node": self.name, "links": links}
 
     # -- UKMS ---------------------------------------------------------------------------
@@ -548,7 +575,7 @@ class KmsNode:
         doc = {"request_id": _b64(request_id), **request, "deliver_to": self.config.node.id}
         try:
             reply = await self._akms_call(remote, "/v1/cn", doc, chan)
-            cn_key = await asyncio.wait_for(waiting, CN_TIMEOUT)
+            cn_key = await asyncio.wait_for(waiting, self.policy.cn_timeout)
         except TimeoutError:
             raise KeyUnavailable("the CN key did not arrive in time") from None
         except BaseException:  # the CN key may have arrived for a request that failed

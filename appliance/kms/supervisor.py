@@ -38,8 +38,8 @@ class Child:
 
 
 class Supervisor:
-    def __init__(self, net_dir: Path, mode: str, stock: int = 0) -> None:
-        self.dir, self.mode, self.stock = net_dir, mode, stock
+    def __init__(self, net_dir: Path, mode: str, stock: int = 0, patience: float = 10.0) -> None:
+        self.dir, self.mode, self.stock, self.patience = net_dir, mode, stock, patience
         (net_dir / "logs").mkdir(exist_ok=True)
         (net_dir / "run").mkdir(exist_ok=True)
         self.children = {
@@ -71,6 +71,8 @@ class Supervisor:
                     self.mode,
                     "--stock",
                     str(self.stock),
+                    "--patience",
+                    str(self.patience),
                 ],
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -143,8 +145,9 @@ def main() -> None:
     parser.add_argument("dir", type=Path)
     parser.add_argument("--mode", default="gcm", choices=["gcm", "otp"])
     parser.add_argument("--stock", type=int, default=0)
+    parser.add_argument("--patience", type=float, default=10.0)
     args = parser.parse_args()
-    raise SystemExit(Supervisor(args.dir, args.mode, args.stock).run())
+    raise SystemExit(Supervisor(args.dir, args.mode, args.stock, args.patience).run())
 
 
 if __name__ == "__main__":

@@ -24,6 +24,9 @@ secret_file  file holding the link secret as hex (>= 16 bytes)      one of the
 seed       public seed instead of a secret: tests and demos only    two
 faults     JSON fault schedule shared by both ends (see faults.py)  none
 state      file that keeps this end's consumption across restarts   none
+speedup    emulated time runs this many times faster than the       1
+           system clock from ``start`` (bench runs at scaled rates;
+           every process computes the same time from the URL)
 ========== ======================================================== ===========
 
 With ``state=``, the end writes a high-water mark of the keys it has handed out (in order:
@@ -48,7 +51,7 @@ import re
 import threading
 from pathlib import Path
 
-from hal.clock import Clock, SystemClock
+from hal.clock import Clock, SharedScaledClock, SystemClock
 from hal.emulated.faults import FaultWatcher
 from hal.emulated.keys import KeyIdCodec, KeyStream, derive, secret_from_seed
 from hal.emulated.model import LinkModel, LinkParams
@@ -268,9 +271,13 @@ def open_qkdm(url: DeviceUrl, clock: Clock | None = None) -> EmulatedQkdm:
     buffer = url.take_int("buffer", 100_000, lo=1, hi=10_000_000)
     faults = url.take_optional("faults")
     state = url.take_optional("state")
+    speedup = url.take_float("speedup", 1.0)
+    if not 0 < speedup <= 1e6:
+        raise DeviceUrlError(f"emulated://{url.name}: speedup must be in (0, 1e6]")
     secret = _link_secret(url)
     url.finish()
-    clock = clock or SystemClock()
+    if clock is None:
+        clock = SystemClock() if speedup == 1.0 else SharedScaledClock(params.start, speedup)
     if clock.now() - params.start > _MAX_CATCH_UP_S:
         raise DeviceUrlError(f"emulated://{url.name}: start= lies more than 400 days before now")
     watcher = FaultWatcher(Path(faults) if faults else None)
