@@ -28,7 +28,7 @@ from typing import Any
 
 import pytest
 
-from appliance.cli.net import status_doc
+from appliance.cli.net import bring_down, status_doc
 from appliance.config.render import find_free_base_port
 from tests.pki_fixture import pki  # noqa: F401 - the shared PKI fixture
 
@@ -222,7 +222,8 @@ class Net:
 def running_net(
     tmp_path_factory: pytest.TempPathFactory, *options: str, topology: str = "demoquandt"
 ) -> Iterator[Net]:
-    """``qkdn net up TOPOLOGY OPTIONS`` in a fresh directory; ``net down`` afterwards."""
+    """``qkdn net up TOPOLOGY OPTIONS`` in a fresh directory; ``net down`` afterwards (its
+    function, in this process: a CLI start costs seconds on a busy machine)."""
     out = tmp_path_factory.mktemp("net")
     up = qkdn(
         "net", "up", topology, "--dir", str(out),
@@ -232,4 +233,4 @@ def running_net(
         assert up.returncode == 0, up.stderr
         yield Net(out)
     finally:
-        qkdn("net", "down", "--dir", str(out))
+        bring_down(out)
