@@ -60,6 +60,11 @@ def register(sub: Any) -> None:
         help="seconds a hop waits for link keys still being distilled; requests wait 3x this "
         "for their CN key (default: %(default)s)",
     )
+    run.add_argument(
+        "--only",
+        choices=["akms", "ckms"],
+        help="run one service of an access node (its other service runs in another process)",
+    )
     run.set_defaults(func=cmd_node_run)
 
     net = sub.add_parser(
@@ -108,6 +113,11 @@ def register(sub: Any) -> None:
         help="KSA keys each UKMS keeps ready per SAE pair (default: %(default)s; "
         "0 makes every enc_keys cross the network)",
     )
+    up.add_argument(
+        "--split-access",
+        action="store_true",
+        help="run each access node's AKMS and CKMS as two processes (default: one)",
+    )
     up.add_argument("--json", action="store_true")
     up.set_defaults(func=cmd_net_up)
     status = n.add_parser("status", help="nodes, processes and endpoints")
@@ -135,6 +145,7 @@ def cmd_node_run(args: argparse.Namespace) -> int:
             topo,
             generator.random_bytes,
             policy=Policy(mode=Mode[args.mode.upper()], stock=args.stock, patience=args.patience),
+            only=args.only,
         )
         await node.start()
         stop = asyncio.Event()
@@ -238,6 +249,7 @@ def bring_up(args: argparse.Namespace) -> None:
                 str(getattr(args, "stock", 0)),
                 "--patience",
                 str(patience),
+                *(["--split-access"] if getattr(args, "split_access", False) else []),
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -295,15 +307,18 @@ def status_doc(net_dir: Path) -> dict[str, Any]:
     for name, cfg in configs.items():
         if not is_kms(cfg):
             continue
-        proc = state["nodes"].get(name, {})
-        pid = int(proc.get("pid", 0))
+        procs = [
+            state["nodes"][k] for k in (name, f"{name}/akms", f"{name}/ckms") if k in state["nodes"]
+        ]
+        pids = [int(p.get("pid", 0)) for p in procs] or [0]
         entry = {
             "name": name,
             "id": cfg.node.id,
             "role": cfg.node.role,
-            "pid": pid,
-            "alive": bool(pid) and _alive(pid),
-            "restarts": proc.get("restarts", 0),
+            "pid": pids[0],
+            "pids": pids,
+            "alive": all(pid and _alive(pid) for pid in pids),
+            "restarts": sum(p.get("restarts", 0) for p in procs),
             "endpoints": {s: a for s, a in cfg.listen.items() if s != "snmp"},
         }
         if "etsi014" in cfg.listen:

@@ -74,7 +74,13 @@ def build_node(
     *,
     clock: hal.Clock | None = None,
     policy: Policy | None = None,
+    only: str | None = None,
 ) -> KmsNode:
-    """A KMS node with its QKDM ends opened from the config's device URLs."""
-    qkdms = {nb.link: hal.open_qkdm(nb.qkdm, clock=clock) for nb in cfg.neighbours}
-    return KmsNode(cfg, topo, rng, qkdms, policy or Policy())
+    """A KMS node with its QKDM ends opened from the config's device URLs (``only``: one
+    service of an access node, with the links that service owns)."""
+    qkdms = {
+        nb.link: hal.open_qkdm(nb.qkdm, clock=clock)
+        for nb in cfg.neighbours
+        if only is None or (only == "akms") == ("ukms" in nb.role.split("+"))
+    }
+    return KmsNode(cfg, topo, rng, qkdms, policy or Policy(), only=only)

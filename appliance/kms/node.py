@@ -21,6 +21,14 @@ Endpoints (HTTP/2 between nodes, JSON bodies, binary fields in base64):
   (:mod:`channel`); ``/v1/cn`` requests and answers carry its tags.
 * ``POST /v1/status``      the QKDN manager (or any node): key counts per link at this end.
 
+An access node runs its AKMS and CKMS in one process, or in two (``only="akms"`` /
+``only="ckms"``, same certificate and data directory): the AKMS process then owns the
+links to user nodes, the CKMS process the carrier links, and a CN key crosses between
+them in clear over the node's own mutual-TLS loopback connection (DESIGN.md, interfaces):
+
+* ``POST /v1/relay/local`` AKMS -> its CKMS: start relaying a CN key along a path;
+* ``POST /v1/cn/local``    CKMS -> its AKMS: a CN key arrived for a request of ours.
+
 Until the hsm issue lands the node key is a file; until the mgmt/controller issues land,
 contracts and SAE homes come from the topology and paths are shortest by length.
 """
@@ -101,7 +109,7 @@ class Policy:
         return 3 * self.patience
 
 
-def _b64(data: bytes) -> str:
+def _b64(data: bytes | bytearray) -> str:
     return base64.b64encode(data).decode()
 
 
@@ -144,6 +152,8 @@ class KmsNode:
     rng: RandomBytes
     qkdms: dict[str, hal.Qkdm]
     policy: Policy = field(default_factory=Policy)
+    only: str | None = None
+    """``akms`` or ``ckms``: this process runs that service of an access node alone."""
     links: dict[int, LinkKeys] = field(init=False, default_factory=dict)
     _servers: list[H2Server | H1Server] = field(init=False, default_factory=list)
     _clients: dict[str, H2Client] = field(init=False, default_factory=dict)
@@ -159,7 +169,13 @@ class KmsNode:
 
     def __post_init__(self) -> None:
         me = self.config.node.id
+        if self.only not in (None, "akms", "ckms") or (
+            self.only and self.config.node.role != "akms+ckms"
+        ):
+            raise ProtocolError("only an access node (akms+ckms) splits, into akms or ckms")
         for nb in self.config.neighbours:
+            if self.only is not None and (self.only == "akms") != ("ukms" in nb.role.split("+")):
+                continue  # that link belongs to the other process of this node
             a, b = (int(x) for x in nb.link.split("-")[1:])
             self.links[nb.node] = LinkKeys(nb.link, role_of(me, a, b), self.qkdms[nb.link])
         paths = self.config.paths
@@ -186,9 +202,10 @@ class KmsNode:
 
     # -- life cycle ---------------------------------------------------------------------
     async def start(self) -> None:
-        self._open_psk_sources()
+        if self.only != "ckms":
+            self._open_psk_sources()
         for service in ("ukms", "akms", "ckms"):
-            if service in self.config.listen:
+            if service in self.config.listen and self.only in (None, service):
                 server = H2Server(self._handle, server_context(*self._tls, ("h2",)))
                 await server.start(*self._host_port(self.config.listen[service]))
                 self._servers.append(server)
@@ -299,6 +316,8 @@ class KmsNode:
             "/v1/link/grant": self._on_grant,
             "/v1/channel/open": self._on_channel_open,
             "/v1/status": self._on_status,
+            "/v1/relay/local": self._on_relay_local,
+            "/v1/cn/local": self._on_cn_local,
         }
         handler = routes.get(request.path)
         if (handler is None and request.path != "/v1/cn") or request.method != "POST":
@@ -758,6 +777,27 @@ class KmsNode:
         self, request_id: bytes, path: list[int], index: int, cn_key: bytearray, mode: Mode
     ) -> None:
         """Carry the CN key from ``path[index]`` (this node) on to the end of the path."""
+        me = self.config.node.id
+        if index == len(path) - 1 and self.only == "ckms":  # our AKMS process waits for it
+            try:
+                local = {"request_id": _b64(request_id), "cn_key": _b64(cn_key)}
+                await self._call(me, "akms", "/v1/cn/local", local)
+            finally:
+                cn_key[:] = bytes(len(cn_key))
+            return
+        if index < len(path) - 1 and path[index + 1] not in self.links and self.only == "akms":
+            try:  # the carrier links are our CKMS process's
+                doc: dict[str, Any] = {
+                    "request_id": _b64(request_id),
+                    "path": path,
+                    "index": index,
+                    "cn_key": _b64(cn_key),
+                    "mode": mode.name,
+                }
+                await self._call(me, "ckms", "/v1/relay/local", doc)
+            finally:
+                cn_key[:] = bytes(len(cn_key))
+            return
         if index == len(path) - 1:
             waiting = self._cn_waiting.get(request_id)
             if waiting is None or waiting.done():
@@ -818,6 +858,30 @@ class KmsNode:
             )
             self._forwarding.add(task)
             task.add_done_callback(self._forwarding.discard)
+        return {"ok": True}
+
+    def _local(self, caller: int) -> None:
+        if caller != self.config.node.id or self.only is None:
+            raise ProtocolError("a local hand-over comes from the other process of this node")
+
+    async def _on_relay_local(self, doc: dict[str, Any], caller: int) -> dict[str, Any]:
+        self._local(caller)
+        path, index = [int(x) for x in _field(doc, "path", list)], _field(doc, "index", int)
+        mode_name, request_id = _field(doc, "mode", str), _unb64(doc.get("request_id"))
+        if path[index] != self.config.node.id or mode_name not in Mode.__members__:
+            raise ProtocolError("local relay request off its path")
+        cn_key = bytearray(_unb64(doc.get("cn_key")))
+        await self.relay(request_id, path, index, cn_key, Mode[mode_name])
+        return {"ok": True}
+
+    async def _on_cn_local(self, doc: dict[str, Any], caller: int) -> dict[str, Any]:
+        self._local(caller)
+        waiting = self._cn_waiting.get(_unb64(doc.get("request_id")))
+        cn_key = bytearray(_unb64(doc.get("cn_key")))
+        if waiting is None or waiting.done():
+            cn_key[:] = bytes(len(cn_key))
+            raise ProtocolError("no request of ours is waiting for this CN key")
+        waiting.set_result(cn_key)
         return {"ok": True}
 
     async def _forward(

@@ -86,7 +86,11 @@ class NodeKey:
             ) from None
         key = create_with(32)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:  # the other process of a split node created it first
+            time.sleep(0.1)
+            return cls.from_file(path)
         with os.fdopen(fd, "w") as fh:
             fh.write(key.hex() + "\n")
         return cls(key)

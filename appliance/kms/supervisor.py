@@ -30,6 +30,8 @@ class Child:
     name: str
     config: str
     log: str
+    only: str | None = None
+    """``akms`` or ``ckms`` when an access node runs as two processes."""
     pid: int = 0
     restarts: int = 0
     started: float = 0.0
@@ -38,17 +40,28 @@ class Child:
 
 
 class Supervisor:
-    def __init__(self, net_dir: Path, mode: str, stock: int = 0, patience: float = 10.0) -> None:
+    def __init__(
+        self,
+        net_dir: Path,
+        mode: str,
+        stock: int = 0,
+        patience: float = 10.0,
+        split_access: bool = False,
+    ) -> None:
         self.dir, self.mode, self.stock, self.patience = net_dir, mode, stock, patience
         (net_dir / "logs").mkdir(exist_ok=True)
         (net_dir / "run").mkdir(exist_ok=True)
-        self.children = {
-            name: Child(
-                name, str(net_dir / "nodes" / f"{name}.toml"), str(net_dir / "logs" / f"{name}.log")
-            )
-            for name, cfg in load_configs(net_dir).items()
-            if is_kms(cfg)
-        }
+        self.children: dict[str, Child] = {}
+        for name, cfg in load_configs(net_dir).items():
+            if not is_kms(cfg):
+                continue
+            config = str(net_dir / "nodes" / f"{name}.toml")
+            if split_access and cfg.node.role == "akms+ckms":
+                for only in ("akms", "ckms"):
+                    log = str(net_dir / "logs" / f"{name}.{only}.log")
+                    self.children[f"{name}/{only}"] = Child(f"{name}/{only}", config, log, only)
+            else:
+                self.children[name] = Child(name, config, str(net_dir / "logs" / f"{name}.log"))
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.stopping = False
 
@@ -73,6 +86,7 @@ class Supervisor:
                     str(self.stock),
                     "--patience",
                     str(self.patience),
+                    *(["--only", child.only] if child.only else []),
                 ],
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -146,8 +160,10 @@ def main() -> None:
     parser.add_argument("--mode", default="gcm", choices=["gcm", "otp"])
     parser.add_argument("--stock", type=int, default=0)
     parser.add_argument("--patience", type=float, default=10.0)
+    parser.add_argument("--split-access", action="store_true")
     args = parser.parse_args()
-    raise SystemExit(Supervisor(args.dir, args.mode, args.stock, args.patience).run())
+    supervisor = Supervisor(args.dir, args.mode, args.stock, args.patience, args.split_access)
+    raise SystemExit(supervisor.run())
 
 
 if __name__ == "__main__":

@@ -110,15 +110,37 @@ def test_down_stops_every_process(tmp_path):
             os.kill(pid, 0)
 
 
-def test_a_network_whose_directory_is_removed_stops_by_itself(tmp_path):
-    """A test run that deletes its temporary directory must not leave node processes."""
+def test_split_access_nodes_serve_keys_and_a_removed_directory_stops_all(tmp_path):
+    """With --split-access each access node runs its AKMS and CKMS as two processes, and
+    keys cross end to end. A test run that then deletes its temporary directory must not
+    leave node processes behind."""
     import shutil
 
+    from appliance.tkey import endpoints, measure
+
     net_dir = tmp_path / "net"
-    up = qkdn("net", "up", "--dir", str(net_dir), "--base-port", str(free_base_port()), "--json")
+    base = str(free_base_port())
+    up = qkdn(
+        "net",
+        "up",
+        "--dir",
+        str(net_dir),
+        "--base-port",
+        base,
+        "--split-access",
+        "--stock",
+        "0",
+        "--json",
+    )
     assert up.returncode == 0, up.stderr
     doc = json.loads(up.stdout)
-    pids = [n["pid"] for n in doc["nodes"]]
+    assert {n["name"]: len(n["pids"]) for n in doc["nodes"] if "akms" in n["role"]} == {
+        "akms-berlin": 2,
+        "akms-bonn": 2,
+    }
+    result = measure(*endpoints(doc, "sae-berlin-1", "sae-bonn-1"), 3)
+    assert result["keys_matched"] == 3 and result["failed_requests"] == 0
+    pids = [pid for n in doc["nodes"] for pid in n["pids"]]
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline and any(_running(pid) for pid in pids):
         shutil.rmtree(net_dir, ignore_errors=True)  # nodes may still write while it goes

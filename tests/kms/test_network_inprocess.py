@@ -55,6 +55,7 @@ def run_network(
     policy: Policy,
     saes: Callable[[int, int], None],
     edit: Callable[[Path], None] | None = None,
+    split_access: bool = False,
 ) -> None:
     """Render DemoQuanDT, issue its PKI, start every KMS node in one event loop with full
     link stores, run ``saes(port_berlin, port_bonn)`` in a thread, stop the nodes.
@@ -73,10 +74,12 @@ def run_network(
     ]
 
     async def main() -> None:
+        split = ("akms", "ckms") if split_access else (None,)
         nodes = [
-            build_node(c, topo, os.urandom, clock=clock, policy=policy)
+            build_node(c, topo, os.urandom, clock=clock, policy=policy, only=only)
             for c in configs.values()
             if is_kms(c)
+            for only in (split if c.node.role == "akms+ckms" else (None,))
         ]
         for node in nodes:
             await node.start()
@@ -233,3 +236,22 @@ def test_a_hop_that_cannot_forward_fails_the_request_at_once(tmp_path, monkeypat
 
     policy = Policy(mode=Mode.GCM, patience=1.0)
     run_network(tmp_path, policy, saes)
+
+
+@pytest.mark.parametrize("mode", [Mode.GCM, Mode.OTP])
+def test_access_nodes_split_into_akms_and_ckms_processes(tmp_path, mode):
+    """Each access node as two services (own links each, CN keys handed over locally):
+    keys still cross, both directions, and the channel re-keys over the relay."""
+
+    def saes(port_a: int, port_b: int) -> None:
+        a = sae_conn(tmp_path, "sae-berlin-1", port_a)
+        b = sae_conn(tmp_path, "sae-bonn-1", port_b)
+        for master, slave, there in ((a, "sae-bonn-1", b), (b, "sae-berlin-1", a)):
+            status, doc = call(master, "GET", f"/api/v1/keys/{slave}/enc_keys?number=2")
+            assert status == 200, doc
+            me = "sae-berlin-1" if slave == "sae-bonn-1" else "sae-bonn-1"
+            ids = [{"key_ID": k["key_ID"]} for k in doc["keys"]]
+            got = call(there, "POST", f"/api/v1/keys/{me}/dec_keys", {"key_IDs": ids})
+            assert got == (200, doc)
+
+    run_network(tmp_path, Policy(mode=mode), saes, split_access=True)
