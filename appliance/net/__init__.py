@@ -1,5 +1,6 @@
 """Network adapters of the appliance: HTTP/2 between KMS nodes, HTTPS for ETSI 014.
 
-Thin layers over asyncio TLS streams and the sans-IO ``h2``/``h11`` state machines; the
-protocol logic of the KMS never sees a socket.
+Thin asyncio TLS adapters over sans-IO protocol cores: our own lean HTTP/2 core
+(:mod:`.h2core`, with the HPACK decoder :mod:`.hpackdec`) between nodes, ``h11`` for
+ETSI 014 clients. The protocol logic of the KMS never sees a socket.
 """

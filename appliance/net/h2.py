@@ -1,17 +1,18 @@
-"""HTTP/2 (RFC 9113) over mutual TLS for the inter-KMS interfaces, on asyncio and ``h2``.
+"""HTTP/2 (RFC 9113) over mutual TLS for the inter-KMS interfaces, on asyncio.
 
 :class:`H2Server` calls an async handler per request stream and sends its response;
 :class:`H2Client` multiplexes concurrent requests over one connection and reconnects after a
 failure. Both identify the peer by the CN of its verified certificate. Flow control is
-honoured both ways (every received DATA frame is acknowledged, and bodies wait in an outbox
-for window), and the windows are opened wide, since the peers are trusted nodes exchanging
-small messages at high rates. Errors surface as :class:`TransportError`, never as h2
-exceptions.
+honoured both ways (receive windows are topped up as they are used, and bodies wait in an
+outbox for window), and the windows are opened wide, since the peers are trusted nodes
+exchanging small messages at high rates. Errors surface as :class:`TransportError`; a
+peer that breaks the protocol gets GOAWAY and the connection is closed.
 
-Cost matters here: a relay crosses up to 14 hops, each one exchange. So the connection is an
-``asyncio.Protocol`` (no reader task, no stream buffers), a whole message is handed over at
-once (:class:`_Core`), outbound headers skip h2's validation (we build them), and a batch
-of received frames is answered with one socket write.
+Cost matters here: a relay crosses up to 14 hops, each one exchange. So the protocol work
+is done by the lean sans-IO core of :mod:`appliance.net.h2core` (whole messages, no general
+state machine), the connection is an ``asyncio.Protocol`` (no reader task, no stream
+buffers), and a batch of received frames is answered with one socket write. This module
+only moves bytes between the TLS transport and the core, and runs handlers.
 """
 
 from __future__ import annotations
@@ -24,19 +25,20 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-import h2.config
-import h2.connection
-import h2.events
-import h2.exceptions
-import h2.settings
-
 from appliance.errors import ApplianceError
+from appliance.net.h2core import (
+    CANCEL,
+    MAX_STREAMS,
+    Connection,
+    ConnectionEnded,
+    Event,
+    H2ProtocolError,
+    MessageReceived,
+    StreamReset,
+)
 from appliance.pki import peer_name
 
 log = logging.getLogger("qkdn.net")
-WINDOW = 1 << 24
-MAX_STREAMS = 1000
-"""Concurrent streams a server accepts; clients queue beyond what the peer allows."""
 
 
 class TransportError(ApplianceError):
@@ -65,148 +67,6 @@ class Response:
 Handler = Callable[[Request], Awaitable[Response]]
 
 
-# -- sans-IO core: bytes in, whole messages out ---------------------------------------------
-@dataclass(frozen=True, kw_only=True, slots=True)
-class MessageReceived:
-    """A complete request or response (headers, then the body up to END_STREAM)."""
-
-    stream_id: int
-    """The stream it came on."""
-    headers: dict[str, str]
-    """Pseudo-headers (``:method``, ``:path``, ``:status``) and regular fields."""
-    body: bytes
-    """The whole body."""
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class StreamReset:
-    """The peer abandoned a stream (RST_STREAM)."""
-
-    stream_id: int
-    """The stream."""
-    error_code: int
-    """RFC 9113 error code."""
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class ConnectionEnded:
-    """The peer sent GOAWAY: no new streams; the connection is to be closed."""
-
-    error_code: int
-    """RFC 9113 error code (0: graceful)."""
-
-
-Event = MessageReceived | StreamReset | ConnectionEnded
-
-
-class CoreError(Exception):
-    """The peer broke the protocol; :meth:`_Core.data_to_send` holds the GOAWAY to send."""
-
-
-class _Core:
-    """One HTTP/2 connection without I/O: received bytes become whole messages, and
-    messages to send become bytes as the peer's flow-control windows allow (the rest waits
-    in an outbox until WINDOW_UPDATE)."""
-
-    def __init__(self, *, client_side: bool) -> None:
-        config = h2.config.H2Configuration(
-            client_side=client_side,
-            header_encoding="utf-8",
-            validate_outbound_headers=False,
-            normalize_outbound_headers=False,
-        )
-        self.conn = h2.connection.H2Connection(config)
-        self._partial: dict[int, tuple[dict[str, str], bytearray]] = {}
-        self._outbox: dict[int, memoryview] = {}
-        self.conn.initiate_connection()
-        self.conn.update_settings(
-            {
-                h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: WINDOW,
-                h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: MAX_STREAMS,
-            }
-        )
-        self.conn.increment_flow_control_window(WINDOW)
-
-    @property
-    def peer_max_streams(self) -> int:
-        return int(self.conn.remote_settings.max_concurrent_streams)
-
-    def next_stream_id(self) -> int:
-        return int(self.conn.get_next_available_stream_id())
-
-    def data_to_send(self) -> bytes:
-        return bytes(self.conn.data_to_send())
-
-    def send(self, stream_id: int, headers: list[tuple[str, str]], body: bytes) -> None:
-        """Queue a whole message; its body goes out as the windows allow."""
-        try:
-            self.conn.send_headers(stream_id, headers, end_stream=not body)
-        except h2.exceptions.ProtocolError as exc:
-            raise CoreError(str(exc)) from None
-        if body:
-            self._outbox[stream_id] = memoryview(body)
-            self._pump(stream_id)
-
-    def receive(self, data: bytes) -> list[Event]:
-        try:
-            events = self.conn.receive_data(data)
-        except h2.exceptions.ProtocolError as exc:
-            raise CoreError(str(exc)) from None
-        out: list[Event] = []
-        for event in events:
-            self._on(event, out)
-        return out
-
-    def _on(self, event: h2.events.Event, out: list[Event]) -> None:
-        if isinstance(event, h2.events.RequestReceived | h2.events.ResponseReceived):
-            assert event.stream_id is not None and event.headers is not None
-            headers = {str(k): str(v) for k, v in event.headers}  # str: header_encoding
-            self._partial[event.stream_id] = (headers, bytearray())
-        elif isinstance(event, h2.events.DataReceived):
-            assert event.stream_id is not None and event.data is not None
-            length = event.flow_controlled_length or 0
-            self.conn.acknowledge_received_data(length, event.stream_id)
-            entry = self._partial.get(event.stream_id)
-            if entry is not None:
-                entry[1].extend(event.data)
-        elif isinstance(event, h2.events.StreamEnded):
-            assert event.stream_id is not None
-            head, body = self._partial.pop(event.stream_id, ({}, bytearray()))
-            out.append(MessageReceived(stream_id=event.stream_id, headers=head, body=bytes(body)))
-        elif isinstance(event, h2.events.StreamReset):
-            assert event.stream_id is not None
-            self._partial.pop(event.stream_id, None)
-            self._outbox.pop(event.stream_id, None)
-            out.append(
-                StreamReset(stream_id=event.stream_id, error_code=int(event.error_code or 0))
-            )
-        elif isinstance(event, h2.events.WindowUpdated):
-            for stream_id in [event.stream_id] if event.stream_id else list(self._outbox):
-                self._pump(stream_id)
-        elif isinstance(event, h2.events.ConnectionTerminated):
-            out.append(ConnectionEnded(error_code=int(event.error_code or 0)))
-
-    def _pump(self, stream_id: int) -> None:
-        view = self._outbox.get(stream_id)
-        while view:
-            try:
-                room = min(
-                    self.conn.local_flow_control_window(stream_id),
-                    self.conn.max_outbound_frame_size,
-                    len(view),
-                )
-            except h2.exceptions.StreamClosedError:
-                room = -1
-            if room < 0:
-                break
-            if room == 0:
-                self._outbox[stream_id] = view
-                return
-            self.conn.send_data(stream_id, bytes(view[:room]), end_stream=room == len(view))
-            view = view[room:]
-        self._outbox.pop(stream_id, None)
-
-
 # -- asyncio adapter ------------------------------------------------------------------------
 class _Closable(Protocol):
     def close(self) -> None: ...
@@ -217,7 +77,7 @@ class _Session(asyncio.Protocol):
     produces (one write per batch of received frames), and closes on protocol errors."""
 
     def __init__(self, *, client_side: bool) -> None:
-        self.core = _Core(client_side=client_side)
+        self.core = Connection(client_side=client_side)
         self.transport: asyncio.Transport | None = None
         self.peer: str | None = None
         self.closed = False
@@ -231,9 +91,10 @@ class _Session(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         try:
             events = self.core.receive(data)
-        except CoreError as exc:
+        except H2ProtocolError as exc:  # the core queued GOAWAY
             log.warning(
-                "HTTP/2 protocol error from peer", extra={"peer": self.peer, "reason": str(exc)}
+                "HTTP/2 protocol error from peer",
+                extra={"peer": self.peer, "error_code": exc.error_code, "reason": str(exc)},
             )
             self.flush()
             self.close()
@@ -247,17 +108,11 @@ class _Session(asyncio.Protocol):
         if data and self.transport is not None and not self.closed:
             self.transport.write(data)
 
-    def send(self, stream_id: int, headers: list[tuple[str, str]], body: bytes) -> None:
-        if self.closed:
-            raise ConnectionResetError("connection closed")
-        try:
-            self.core.send(stream_id, headers, body)
-        except CoreError as exc:
-            raise ConnectionResetError(str(exc)) from None
-        self.flush()
-
     def close(self) -> None:
+        """GOAWAY if the connection is still up, then close the socket."""
         if not self.closed and self.transport is not None:
+            self.core.close()
+            self.flush()
             self.transport.close()
         self.closed = True
 
@@ -324,6 +179,8 @@ class _ServerSession(_Session):
         super().__init__(client_side=False)
         self.server = server
         self.tasks: dict[int, asyncio.Task[None]] = {}
+        self.draining = False
+        """GOAWAY received: answer what is in progress, then close."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -332,16 +189,16 @@ class _ServerSession(_Session):
     def on_event(self, event: Event) -> None:
         if isinstance(event, MessageReceived):
             head = event.headers
-            request = Request(
-                head.get(":method", ""), head.get(":path", ""), event.body, head, self.peer
-            )
+            request = Request(head[":method"], head[":path"], event.body, head, self.peer)
             task = asyncio.get_running_loop().create_task(self._respond(event.stream_id, request))
             self.tasks[event.stream_id] = task
         elif isinstance(event, StreamReset):
             if event.stream_id in self.tasks:
                 self.tasks.pop(event.stream_id).cancel()
         elif isinstance(event, ConnectionEnded):
-            self.close()
+            self.draining = True
+            if not self.tasks:
+                self.close()
 
     async def _respond(self, stream_id: int, request: Request) -> None:
         try:
@@ -351,13 +208,13 @@ class _ServerSession(_Session):
             response = Response(500, b'{"message":"internal error"}')
         finally:
             self.tasks.pop(stream_id, None)
-        head = [
-            (":status", str(response.status)),
-            ("content-length", str(len(response.body))),
-            *response.headers.items(),
-        ]
-        with contextlib.suppress(ConnectionError):  # the client went away meanwhile
-            self.send(stream_id, head, response.body)
+        head = [(":status", str(response.status)), ("content-length", str(len(response.body)))]
+        if response.headers:
+            head.extend(response.headers.items())
+        self.core.send(stream_id, head, response.body)  # a no-op if the stream is gone
+        self.flush()
+        if self.draining and not self.tasks:
+            self.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
@@ -381,20 +238,37 @@ class _ClientSession(_Session):
     def __init__(self) -> None:
         super().__init__(client_side=True)
         self.pending: dict[int, asyncio.Future[Response]] = {}
+        self.draining = False
+        """GOAWAY received: no new requests here."""
         self.failure = "connection closed by peer"
+
+    @property
+    def usable(self) -> bool:
+        return not (self.closed or self.draining)
 
     def on_event(self, event: Event) -> None:
         if isinstance(event, MessageReceived):
             future = self.pending.pop(event.stream_id, None)
             if future is not None and not future.done():
-                status = event.headers.get(":status", "0")
-                future.set_result(Response(int(status), event.body, event.headers))
+                status = int(event.headers[":status"])
+                future.set_result(Response(status, event.body, event.headers))
         elif isinstance(event, StreamReset):
             future = self.pending.pop(event.stream_id, None)
             if future is not None and not future.done():
-                future.set_exception(ConnectionResetError("stream reset by peer"))
+                who = "peer" if event.remote else "us (malformed response)"
+                future.set_exception(ConnectionResetError(f"stream reset by {who}"))
         elif isinstance(event, ConnectionEnded):
-            self.failure = "peer closed the connection"
+            self._goaway(event)
+
+    def _goaway(self, event: ConnectionEnded) -> None:
+        """Streams the peer will not answer fail now; the others may still complete."""
+        self.draining = True
+        self.failure = f"peer closed the connection (GOAWAY {event.error_code})"
+        for stream_id in [s for s in self.pending if s > event.last_stream_id]:
+            future = self.pending.pop(stream_id)
+            if not future.done():
+                future.set_exception(ConnectionResetError(self.failure))
+        if not self.pending:
             self.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -429,7 +303,7 @@ class H2Client:
     ) -> Response:
         """Send one request and wait for its response (TransportError on failure)."""
         session = self._session
-        if session is None or session.closed:
+        if session is None or not session.usable:
             session = await self._connect()
         while len(session.pending) >= min(session.core.peer_max_streams, MAX_STREAMS):
             await self._wait_for_slot()
@@ -437,10 +311,11 @@ class H2Client:
         try:
             return await self._exchange(session, method, path, body, headers)
         finally:
-            if self._waiting:
+            while self._waiting:
                 waiter = self._waiting.pop(0)
                 if not waiter.done():
                     waiter.set_result(None)
+                    break
 
     async def _wait_for_slot(self) -> None:
         waiter = asyncio.get_running_loop().create_future()
@@ -455,8 +330,13 @@ class H2Client:
         body: bytes,
         headers: dict[str, str] | None,
     ) -> Response:
-        loop = asyncio.get_running_loop()
         stream_id = session.core.next_stream_id()
+        if not session.usable:
+            raise TransportError(f"{self._authority}: {session.failure}")
+        if stream_id is None:  # stream IDs used up: the next request opens a new connection
+            self._drop(session)
+            raise TransportError(f"{self._authority}: connection worn out, retry")
+        loop = asyncio.get_running_loop()
         future: asyncio.Future[Response] = loop.create_future()
         session.pending[stream_id] = future
         head = [
@@ -469,17 +349,20 @@ class H2Client:
         if headers:
             head.extend(headers.items())
         timer = loop.call_later(self.timeout, _expire, future)
+        session.core.send(stream_id, head, body)
+        session.flush()
         try:
-            session.send(stream_id, head, body)
             return await future
         except ConnectionError as exc:
             self._drop(session)
             raise TransportError(f"{self._authority}: {exc}") from None
         except TimeoutError:
-            session.pending.pop(stream_id, None)
             raise TransportError(f"{self._authority}: no response in {self.timeout} s") from None
         finally:
             timer.cancel()
+            if session.pending.pop(stream_id, None) is not None:  # timed out or cancelled
+                session.core.reset(stream_id, CANCEL)
+                session.flush()
 
     async def close(self) -> None:
         if self._session is not None:
@@ -492,8 +375,10 @@ class H2Client:
 
     async def _connect(self) -> _ClientSession:
         async with self._connecting:
-            if self._session is not None and not self._session.closed:
+            if self._session is not None and self._session.usable:
                 return self._session
+            if self._session is not None and not self._session.pending:
+                self._drop(self._session)  # a drained connection has done its work
             loop = asyncio.get_running_loop()
             try:
                 _, session = await asyncio.wait_for(
