@@ -14,6 +14,7 @@ QKDM driver directly; node adapters run it where blocking is acceptable.
 
 from __future__ import annotations
 
+import time
 import uuid
 from enum import StrEnum
 
@@ -23,6 +24,9 @@ from appliance.kms.relay import GCM_USES, GcmSender, Hop, Mode, PadLedger, PadSt
 
 GRANT_BATCH = 64
 """Keys the master grants at a time."""
+GRANT_TTL = 3600.0
+"""Seconds a master keeps the material of keys it granted; a slave gives up grants after
+half of it, so it never sends with a key its master has swept."""
 
 
 class Role(StrEnum):
@@ -45,6 +49,7 @@ class LinkKeys:
         self._gcm = GcmSender()
         self._ledger = PadLedger()
         self._granted_ids: list[str] = []  # slave: IDs granted but not yet fetched
+        self._granted_at = 0.0  # slave: when the newest grant arrived
         # Master: a fresh epoch per run; slave: the epoch of the grants it holds. Grants of
         # an earlier run of the master cannot be honoured (it forgot their material).
         self.epoch: str | None = uuid.uuid4().hex if role is Role.MASTER else None
@@ -97,7 +102,7 @@ class LinkKeys:
                 if ids:
                     break  # grant what the link has distilled so far, lose nothing
                 raise KeyUnavailable(f"{self.link}: no link key to grant ({exc.code})") from None
-            self._ledger.add(key.key_id, key.material)
+            self._ledger.add(key.key_id, key.material, time.monotonic())
             ids.append(key.key_id)
         return ids
 
@@ -107,6 +112,20 @@ class LinkKeys:
             raise IntegrityFailure(f"{self.link}: the master end is never granted keys")
         self.seen_master_epoch(epoch)
         self._granted_ids.extend(key_ids)
+        self._granted_at = time.monotonic()
+
+    def housekeeping(self, now: float | None = None) -> int:
+        """Forget what a restarted or silent peer will never use: a master sweeps granted
+        and fetched keys older than GRANT_TTL (their messages were lost, or the slave
+        restarted and asks anew); a slave drops grants older than half of it. Returns the
+        number of keys swept."""
+        now = time.monotonic() if now is None else now
+        swept = self._ledger.sweep(now - GRANT_TTL)
+        if self.role is Role.SLAVE and self._granted_at and now - self._granted_at > GRANT_TTL / 2:
+            swept += len(self._granted_ids)
+            self.drop_grants()
+            self._granted_at = 0.0
+        return swept
 
     def seen_master_epoch(self, epoch: str | None) -> None:
         """Slave: the master announced its epoch; grants of another epoch are dropped."""
@@ -148,7 +167,7 @@ class LinkKeys:
             if self.role is Role.MASTER:  # the slave may only use keys we granted
                 raise StaleGrant(f"{self.link}: message uses a link key this end never granted")
             try:
-                self._ledger.add(key_id, self.qkdm.get_key_by_id(key_id).material)
+                self._ledger.add(key_id, self.qkdm.get_key_by_id(key_id).material, time.monotonic())
             except hal.KeyNotFound:
                 raise StaleKey(f"{self.link}: link key {key_id} is not obtainable here") from None
             except hal.KeyNotYetAvailable as exc:

@@ -87,6 +87,8 @@ from hsm.psk import PskSource, open_psk_source
 log = logging.getLogger("qkdn.kms")
 RandomBytes = Callable[[int], bytes]
 CALLER_CHANNELS = 4
+HOUSEKEEPING_S = 60.0
+"""Period of the housekeeping task: store checkpoints and expiry, link ledger sweeps."""
 """Open channels a callee keeps per calling access node (older ones are closed)."""
 
 
@@ -166,6 +168,7 @@ class KmsNode:
     _channel_locks: dict[int, asyncio.Lock] = field(init=False, default_factory=dict)
     _rekeying: dict[int, asyncio.Task[None]] = field(init=False, default_factory=dict)
     _forwarding: set[asyncio.Task[None]] = field(init=False, default_factory=set)
+    _housekeeping: asyncio.Task[None] | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         me = self.config.node.id
@@ -216,10 +219,31 @@ class KmsNode:
             self._servers.append(h1)
             if self.policy.stock > 0:
                 self._stock_task = asyncio.create_task(self._keep_stock())
+        self._housekeeping = asyncio.create_task(self._keep_house())
         log.info("node started", extra={"node": self.name})
 
+    async def _keep_house(self) -> None:
+        """Every HOUSEKEEPING_S: delete expired keys and fold each store's WAL into its
+        zeroed database (see :mod:`store`), and sweep link keys a peer will never use."""
+        while True:
+            await asyncio.sleep(HOUSEKEEPING_S)
+            try:
+                await asyncio.to_thread(self._tidy_stores)
+            except KmsError as exc:
+                log.warning(
+                    "store housekeeping failed", extra={"node": self.name, "error": exc.code}
+                )
+            swept = sum(link.housekeeping() for link in self.links.values())
+            if swept:
+                log.info("link keys swept", extra={"node": self.name, "keys": swept})
+
+    def _tidy_stores(self) -> None:
+        for store in list(self._ksa_stores.values()):
+            store.purge_expired()
+            store.checkpoint()
+
     async def close(self) -> None:
-        for task in list(self._forwarding):
+        for task in [*self._forwarding, *([self._housekeeping] if self._housekeeping else [])]:
             task.cancel()
         if self._stock_task is not None:
             self._stock_task.cancel()
@@ -230,6 +254,8 @@ class KmsNode:
         for client in self._clients.values():
             await client.close()
         for store in self._ksa_stores.values():
+            with contextlib.suppress(KmsError):
+                store.checkpoint()  # the WAL's old page images go at shutdown too
             store.close()
         for out in self._out_channels.values():
             out.close()
@@ -323,9 +349,9 @@ class KmsNode:
         if (handler is None and request.path != "/v1/cn") or request.method != "POST":
             return _json(404, {"message": "no such endpoint"})
         caller = self._node_named(request.peer)
+        if caller is None:  # e.g. an SAE certificate: authenticated, but not a node
+            return _json(403, {"message": "only nodes of this network may call this endpoint"})
         try:
-            if caller is None:
-                raise ProtocolError("caller is not a node of this network")
             if request.path == "/v1/cn":
                 return await self._tagged(request, caller)
             assert handler is not None

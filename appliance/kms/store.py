@@ -260,7 +260,10 @@ class KeyStore:
     def checkpoint(self) -> None:
         """Fold the WAL into the database and truncate it (see the module docstring)."""
         with self._lock:
-            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            try:
+                self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            except sqlite3.Error as exc:
+                raise StoreError(f"store {self.name}: checkpoint: {exc}") from None
 
     def close(self) -> None:
         with self._lock:

@@ -130,3 +130,20 @@ def test_a_restarted_master_refuses_old_grants_until_the_slave_asks_again():
     slave.accept_grant(restarted.grant(8), restarted.epoch or "")
     restarted.check_grant_epoch(slave.epoch)
     assert otp(slave, restarted, b"after restart" * 3) == b"after restart" * 3
+
+
+def test_housekeeping_forgets_what_a_silent_peer_will_never_use():
+    """A master sweeps granted keys after GRANT_TTL (a restarted slave asks anew); a slave
+    gives its grants up after half of it, so it never sends with a swept key."""
+    import time
+
+    from appliance.kms.links import GRANT_TTL
+
+    master, slave, _ = pair()
+    slave.accept_grant(master.grant(8), master.epoch or "")
+    now = time.monotonic()
+    assert master.housekeeping(now) == 0 and slave.housekeeping(now) == 0
+    assert slave.housekeeping(now + GRANT_TTL / 2 + 1) == 8 and slave.granted_left() == 0
+    assert master.housekeeping(now + GRANT_TTL + 1) == 8
+    slave.accept_grant(master.grant(4), master.epoch or "")  # and a fresh grant works
+    assert otp(slave, master, b"after" * 10) == b"after" * 10
