@@ -17,15 +17,14 @@ import sys
 import time
 from typing import Any, TextIO
 
-from hal.qkdm import QkdKey
-
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
 
 
 def _redact(value: Any) -> Any:
     if isinstance(value, bytes | bytearray | memoryview):
         return f"<redacted {len(value)} bytes>"
-    if isinstance(value, QkdKey):
+    qkdm = sys.modules.get("hal.qkdm")  # no QKD key exists before hal is imported
+    if qkdm is not None and isinstance(value, qkdm.QkdKey):
         return f"<key {value.key_id}>"
     if isinstance(value, list | tuple):
         return type(value)(_redact(v) for v in value)

@@ -6,17 +6,17 @@ import argparse
 import math
 import secrets
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from appliance.cli.output import console, write_json
-from appliance.config.render import find_free_base_port
-from appliance.config.topology import load_topology
-from appliance.demo import DemoSettings, run_quantum_layer
 from appliance.errors import UsageError
+
+if TYPE_CHECKING:
+    from appliance.demo import DemoSettings
 
 DESCRIPTION = """\
 Bring up the emulated quantum layer of a whole network (DemoQuanDT by default): an
@@ -113,6 +113,8 @@ def register(sub: Any) -> None:
 
 
 def _settings(args: argparse.Namespace) -> DemoSettings:
+    from appliance.demo import DemoSettings
+
     if not (0 < args.days <= 366):
         raise UsageError(f"--days: expected 0 < days <= 366, got {args.days}")
     if not (1 <= args.interval <= 86400) or args.interval > args.days * 86400:
@@ -209,6 +211,7 @@ def _network_stage(args: argparse.Namespace, out_report: dict[str, Any]) -> bool
     import tempfile
 
     from appliance.cli import net
+    from appliance.config.render import find_free_base_port
     from appliance.kms.monitor import LevelSampler
     from appliance.plots import demo_plot
     from appliance.tkey import endpoints, measure
@@ -285,6 +288,9 @@ def tkey_table(result: dict[str, Any], requests: int, nodes: int) -> Table:
 
 
 def _quantum_stage(args: argparse.Namespace, out_report: dict[str, Any]) -> bool:
+    from appliance.config.topology import load_topology
+    from appliance.demo import run_quantum_layer
+
     settings = _settings(args)
     topo = load_topology(args.topology)
     out = console()

@@ -17,11 +17,7 @@ from typing import Any
 from rich.table import Table
 
 from appliance.cli.output import console, print_json
-from appliance.config.render import RenderPlan, render
-from appliance.config.topology import load_topology
 from appliance.errors import ApplianceError, UsageError
-from appliance.kms.network import is_kms, load_configs, make_pki, provision_psks
-from appliance.kms.relay import Mode
 
 DEFAULT_DIR = Path(".qkdn/net")
 FULL_STORE_S = 3600.0
@@ -29,6 +25,7 @@ FULL_STORE_S = 3600.0
 
 
 def register(sub: Any) -> None:
+
     node = sub.add_parser(
         "node",
         help="run one KMS node",
@@ -132,8 +129,10 @@ def register(sub: Any) -> None:
 def cmd_node_run(args: argparse.Namespace) -> int:
     import qrng
     from appliance.config.node import load_node_config
+    from appliance.config.topology import load_topology
     from appliance.kms.network import build_node
     from appliance.kms.node import Policy
+    from appliance.kms.relay import Mode
 
     cfg = load_node_config(args.config)
     topo = load_topology(cfg.node.topology)
@@ -218,6 +217,9 @@ def cmd_net_up(args: argparse.Namespace) -> int:
 def bring_up(args: argparse.Namespace) -> None:
     """Render, issue certificates, start the supervisor, wait until every node listens."""
     import qrng
+    from appliance.config.render import RenderPlan, render
+    from appliance.config.topology import load_topology
+    from appliance.kms.network import is_kms, load_configs, make_pki, provision_psks
 
     patience = _patience(args)
     state = _state(args.dir)
@@ -296,6 +298,8 @@ def _report(net_dir: Path, as_json: bool) -> int:
 
 def status_doc(net_dir: Path) -> dict[str, Any]:
     """Every KMS node (process, endpoints) and every SAE (014 URL, credentials) of a network."""
+    from appliance.kms.network import is_kms, load_configs
+
     configs = load_configs(net_dir)
     state = _state(net_dir) or {"nodes": {}}
     doc: dict[str, Any] = {
