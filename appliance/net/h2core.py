@@ -67,6 +67,7 @@ COMPRESSION_ERROR, ENHANCE_YOUR_CALM = 0x9, 0xB
 HEADER_TABLE_SIZE, ENABLE_PUSH, MAX_CONCURRENT_STREAMS = 0x1, 0x2, 0x3
 INITIAL_WINDOW_SIZE, MAX_FRAME_SIZE, MAX_HEADER_LIST_SIZE = 0x4, 0x5, 0x6
 
+_SELF_DEPENDENT = 0x100  # not a wire flag: marks a HEADERS whose priority names itself
 _HEAD = struct.Struct(">HBBBL")  # 24-bit length as H + B, type, flags, stream ID
 _U32 = struct.Struct(">L")
 _SETTING = struct.Struct(">HL")
@@ -424,30 +425,13 @@ class Connection:
         if flags & PRIORITY_FLAG:
             if len(fragment) < 5:
                 raise H2ProtocolError(FRAME_SIZE_ERROR, "HEADERS too short for its priority")
-            dependency = _U32.unpack_from(fragment)[0] & MAX_STREAM_ID
+            if _U32.unpack_from(fragment)[0] & MAX_STREAM_ID == stream_id:
+                flags |= _SELF_DEPENDENT
             fragment = fragment[5:]
-            if dependency == stream_id:
-                self._start_block(stream_id, flags, fragment, out, self_dependent=True)
-                return
-        self._start_block(stream_id, flags, fragment, out)
-
-    def _start_block(
-        self,
-        stream_id: int,
-        flags: int,
-        fragment: bytes,
-        out: list[Event],
-        self_dependent: bool = False,
-    ) -> None:
         if flags & END_HEADERS:
-            self._header_block(stream_id, flags, fragment, out, self_dependent)
+            self._header_block(stream_id, flags, fragment, out)
         else:
-            self._block = (
-                stream_id,
-                flags | (PRIORITY_FLAG if self_dependent else 0),
-                [fragment],
-                len(fragment),
-            )
+            self._block = (stream_id, flags, [fragment], len(fragment))
 
     def _on_continuation(
         self, flags: int, stream_id: int, payload: bytes, out: list[Event]
@@ -461,14 +445,12 @@ class Connection:
             raise H2ProtocolError(ENHANCE_YOUR_CALM, "header block too large")
         if flags & END_HEADERS:
             self._block = None
-            self_dependent = bool(first_flags & PRIORITY_FLAG)
-            self._header_block(first, first_flags, b"".join(parts), out, self_dependent)
+            self._header_block(first, first_flags, b"".join(parts), out)
         else:
             self._block = (first, first_flags, parts, size)
 
-    def _header_block(
-        self, stream_id: int, flags: int, block: bytes, out: list[Event], self_dependent: bool
-    ) -> None:
+    def _header_block(self, stream_id: int, flags: int, block: bytes, out: list[Event]) -> None:
+        """A complete header block; ``flags`` are those of its HEADERS frame."""
         try:  # always decoded, even for a stream we refuse: the HPACK context must stay in step
             fields = self._decoder.decode(block)
         except HpackError as exc:
@@ -478,7 +460,7 @@ class Connection:
             stream = self._open_peer_stream(stream_id)
             if stream is None:
                 return
-        if self_dependent:
+        if flags & _SELF_DEPENDENT:  # RFC 9113 §5.3.1
             raise _StreamError(stream_id, PROTOCOL_ERROR)
         if stream.remote_done:
             raise _StreamError(stream_id, STREAM_CLOSED)
@@ -582,6 +564,8 @@ class Connection:
         for offset in range(0, len(payload), 6):
             self._setting(*_SETTING.unpack_from(payload, offset))
         self._frame(SETTINGS, ACK, 0, b"")
+        if first:
+            self._pump_all()
 
     def _setting(self, key: int, value: int) -> None:
         if key == ENABLE_PUSH and (value > 1 or (value == 1 and self.client_side)):
@@ -691,6 +675,8 @@ class Connection:
     def _pump(self, stream_id: int, stream: _Stream) -> None:
         """Send as much of the stream's queued body as the windows allow."""
         view = self._outbox.get(stream_id)
+        if not self._settings_seen:  # a peer may shrink windows in its first SETTINGS, and
+            return  # some never reopen one made negative: wait for them (once per connection)
         while view:
             room = min(self._send_window, stream.send_window, self._peer_max_frame, len(view))
             if room <= 0:
