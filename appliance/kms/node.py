@@ -9,7 +9,10 @@ Endpoints (HTTP/2 between nodes, JSON bodies, binary fields in base64):
 * ``POST /v1/ksa``         UKMS A -> AKMS A: KSA keys for an SAE pair.
 * ``POST /v1/cn``          AKMS A -> AKMS B: make CN and KSA keys, relay the CN key towards
   AKMS A, deliver the KSA keys to UKMS B, answer with the KSA batch under the CN key.
-* ``POST /v1/relay``       CKMS -> next CKMS: one hop of a CN key along its path. A hop
+* ``POST /v1/relay``       CKMS -> next CKMS: hops of CN keys along their paths, as
+  ``{"items": [...]}``: the messages for one neighbour that are ready in the same
+  event-loop turn, or while a batch is in flight, travel in one request (each item
+  keeps its own result; a batch of one answers with its item's status). A hop
   answers once it has opened and checked the message, and forwards it in the background
   (the chain is pipelined, not nested); a hop that cannot forward sends
 * ``POST /v1/relay/abort`` back along the path to the first hop, whose access node tells
@@ -53,6 +56,7 @@ from appliance.config.node import NodeConfig
 from appliance.config.render import SERVICE_OFFSETS
 from appliance.config.topology import Sae, Topology
 from appliance.kms import channel, ksa
+from appliance.kms.batching import RelayBatcher, error_from
 from appliance.kms.channel import CalleeChannel, CallerChannel, UnknownChannel
 from appliance.kms.errors import (
     IntegrityFailure,
@@ -169,6 +173,7 @@ class KmsNode:
     _rekeying: dict[int, asyncio.Task[None]] = field(init=False, default_factory=dict)
     _forwarding: set[asyncio.Task[None]] = field(init=False, default_factory=set)
     _housekeeping: asyncio.Task[None] | None = field(init=False, default=None)
+    _batchers: dict[int, RelayBatcher] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         me = self.config.node.id
@@ -324,12 +329,9 @@ class KmsNode:
             raise ProtocolError(f"node {node_id}{path}: answer is not JSON") from None
         if response.status != 200:
             reason = f"node {node_id}{path}: {body.get('message', response.status)}"
-            kinds: dict[str, type[KmsError]] = {
-                StaleGrant.code: StaleGrant,
-                StaleKey.code: StaleKey,
-                UnknownChannel.code: UnknownChannel,
-            }
-            raise kinds.get(str(body.get("code")), KeyUnavailable)(reason)
+            if body.get("code") == UnknownChannel.code:
+                raise UnknownChannel(reason)
+            raise error_from(body.get("code"), reason)
         return body, response
 
     async def _handle(self, request: Request) -> Response:
@@ -468,7 +470,7 @@ class KmsNode:
 
     async def _on_status(self, doc: dict[str, Any], caller: int) -> dict[str, Any]:
         """Key counts of this end of each link (no key material, no key IDs)."""
-        links = {}
+        links: dict[str, dict[str, Any]] = {}
         for peer, link in self.links.items():
             try:
                 status = link.qkdm.status()
@@ -482,6 +484,12 @@ class KmsNode:
                 "keys_produced": produced,
                 "key_size": key_size,
             }
+            batcher = self._batchers.get(peer)
+            if batcher is not None:
+                links[link.link]["relay_sent"] = {
+                    "batches": batcher.batches,
+                    "messages": batcher.messages,
+                }
         return {"node": self.name, "links": links}
 
     # -- UKMS ---------------------------------------------------------------------------
@@ -856,6 +864,8 @@ class KmsNode:
             message = await self._seal_for(peer, hop, bytearray(payload))
             doc = {**fields, name: _b64(message), "epoch": self.links[peer].epoch}
             try:
+                if path == "/v1/relay":
+                    return await self._batcher(peer).submit(doc)
                 return await self._call(peer, service, path, doc)
             except (StaleGrant, StaleKey):
                 if attempt == 2:
@@ -863,7 +873,45 @@ class KmsNode:
                 self.links[peer].drop_sending()
         raise AssertionError("unreachable")
 
+    def _batcher(self, peer: int) -> RelayBatcher:
+        batcher = self._batchers.get(peer)
+        if batcher is None:
+
+            async def send(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+                reply = await self._call(peer, "ckms", "/v1/relay", {"items": items})
+                results = reply.get("results")
+                if not isinstance(results, list) or len(results) != len(items):
+                    raise ProtocolError("relay batch answered with the wrong number of results")
+                return results
+
+            batcher = self._batchers[peer] = RelayBatcher(send)
+        return batcher
+
     async def _on_relay(self, doc: dict[str, Any], caller: int) -> dict[str, Any]:
+        """A batch of hop messages: each is opened and handled on its own."""
+        items = _field(doc, "items", list)
+        if not 0 < len(items) <= RelayBatcher.MAX_ITEMS:
+            raise ProtocolError("a relay batch holds 1 to 256 messages")
+        outcomes = await asyncio.gather(
+            *(self._relay_item(item, caller) for item in items), return_exceptions=True
+        )
+        if len(items) == 1 and isinstance(outcomes[0], BaseException):
+            raise outcomes[0]  # a batch of one fails as a whole: the usual error answer
+        results = []
+        for outcome in outcomes:
+            if isinstance(outcome, IntegrityFailure):
+                log.error("integrity alarm", extra={"node": self.name, "error": outcome.code})
+            if isinstance(outcome, KmsError | TransportError):
+                results.append({"message": outcome.message, "code": outcome.code})
+            elif isinstance(outcome, BaseException):
+                raise outcome
+            else:
+                results.append(outcome)
+        return {"results": results}
+
+    async def _relay_item(self, doc: Any, caller: int) -> dict[str, Any]:
+        if not isinstance(doc, dict):
+            raise ProtocolError("a relay item must be a JSON object")
         path, index = _field(doc, "path", list), _field(doc, "index", int)
         if (
             not 0 < index < len(path)
