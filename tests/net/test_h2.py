@@ -1,13 +1,24 @@
-"""HTTP/2 over mutual TLS between two nodes."""
+"""HTTP/2 over mutual TLS between two nodes: identities, concurrency, flow control, failures,
+malformed input from a raw TLS socket, and interoperability with the ``h2`` library."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hashlib
+import ssl
 
+import h2.config
+import h2.connection
+import h2.events
+import h2.settings
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
+from appliance.net import h2core
 from appliance.net.h2 import H2Client, H2Server, Request, Response, TransportError
-from appliance.pki import client_context, server_context
+from appliance.pki import client_context, peer_name, server_context
 
 
 def ctx(pki, name, server=False):
@@ -106,6 +117,263 @@ def test_a_failing_handler_answers_500(pki):
         client = H2Client("127.0.0.1", server.port, ctx(pki, "node-b"))
         assert (await client.request("GET", "/x")).status == 500
         await client.close()
+        await server.close()
+
+    asyncio.run(main())
+
+
+def test_many_concurrent_streams_beyond_the_servers_limit(pki):
+    async def main() -> None:
+        server = await start(pki)
+        client = H2Client("127.0.0.1", server.port, ctx(pki, "node-b"))
+        bodies = [str(i).encode() for i in range(1500)]  # more than MAX_STREAMS (1000) at once
+        responses = await asyncio.gather(*(client.request("POST", "/x", b) for b in bodies))
+        assert [r.body for r in responses] == [b[::-1] for b in bodies]
+        await client.close()
+        await server.close()
+
+    asyncio.run(main())
+
+
+def test_a_request_that_times_out_is_reset_and_its_handler_cancelled(pki):
+    cancelled = asyncio.Event  # replaced inside the loop
+
+    async def main() -> None:
+        nonlocal cancelled
+        cancelled = asyncio.Event()
+
+        async def slow(request: Request) -> Response:
+            if request.path == "/slow":
+                try:
+                    await asyncio.sleep(30)
+                except asyncio.CancelledError:
+                    cancelled.set()
+                    raise
+            return await echo(request)
+
+        server = await start(pki, slow)
+        client = H2Client("127.0.0.1", server.port, ctx(pki, "node-b"), timeout=0.3)
+        with pytest.raises(TransportError, match="no response"):
+            await client.request("POST", "/slow", b"x")
+        await asyncio.wait_for(cancelled.wait(), 5)  # our RST_STREAM reached the server
+        assert (await client.request("POST", "/fast", b"ab")).body == b"ba"  # same connection
+        await client.close()
+        await server.close()
+
+    asyncio.run(main())
+
+
+def test_requests_in_flight_fail_cleanly_when_the_server_closes(pki):
+    async def main() -> None:
+        async def stuck(request: Request) -> Response:
+            await asyncio.sleep(30)
+            raise AssertionError("not reached")
+
+        server = await start(pki, stuck)
+        client = H2Client("127.0.0.1", server.port, ctx(pki, "node-b"), timeout=5.0)
+        calls = [asyncio.create_task(client.request("POST", "/x", b"1")) for _ in range(5)]
+        await asyncio.sleep(0.2)
+        await server.close()
+        for call in calls:
+            with pytest.raises(TransportError):
+                await asyncio.wait_for(call, 3)
+        await client.close()
+
+    asyncio.run(main())
+
+
+# -- malformed input from a raw TLS socket ---------------------------------------------------------
+async def raw_exchange(pki, port: int, data: bytes, wait: float = 5) -> bytes:
+    """Send ``data`` after TLS on a bare socket; everything received until the server closes
+    (or stays silent for ``wait`` seconds)."""
+    reader, writer = await asyncio.open_connection(
+        "127.0.0.1", port, ssl=ctx(pki, "node-b"), server_hostname="node-a"
+    )
+    writer.write(data)
+    received = b""
+    with contextlib.suppress(ConnectionError, ssl.SSLError, TimeoutError):
+        while chunk := await asyncio.wait_for(reader.read(65536), wait):
+            received += chunk
+    writer.close()
+    return received
+
+
+def goaway_code(received: bytes) -> int | None:
+    """The error code of the first GOAWAY frame in ``received``, if any."""
+    while len(received) >= 9:
+        length = int.from_bytes(received[:3], "big")
+        if received[3] == h2core.GOAWAY:
+            return int.from_bytes(received[13:17], "big")
+        received = received[9 + length :]
+    return None
+
+
+def frame(kind: int, flags: int, stream_id: int, payload: bytes = b"") -> bytes:
+    return (
+        len(payload).to_bytes(3, "big")
+        + bytes((kind, flags))
+        + stream_id.to_bytes(4, "big")
+        + payload
+    )
+
+
+@pytest.mark.parametrize(
+    ("data", "code"),
+    [
+        (h2core.PREFACE + frame(h2core.SETTINGS, 0, 0) + frame(h2core.DATA, 0, 0, b"x"), 1),
+        (
+            h2core.PREFACE
+            + frame(h2core.SETTINGS, 0, 0)
+            + frame(h2core.HEADERS, 4, 1, b"\xff\xff"),
+            9,
+        ),
+        (h2core.PREFACE + frame(h2core.SETTINGS, 0, 0, b"\0"), 6),
+        (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" + bytes(10), 1),
+    ],
+    ids=["data-on-stream-0", "bad-hpack", "bad-settings", "http1"],
+)
+def test_malformed_frames_get_goaway_and_the_server_lives_on(pki, data: bytes, code: int):
+    async def main() -> None:
+        server = await start(pki)
+        received = await raw_exchange(pki, server.port, data)
+        assert goaway_code(received) == code
+        client = H2Client("127.0.0.1", server.port, ctx(pki, "node-b"))
+        assert (await client.request("POST", "/x", b"still")).body == b"llits"
+        await client.close()
+        await server.close()
+
+    asyncio.run(main())
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.binary(min_size=1, max_size=300))
+def test_fuzzed_bytes_on_a_live_server_never_crash_it(pki, junk: bytes):
+    async def main() -> None:
+        server = await start(pki)
+        opening = h2core.PREFACE + frame(h2core.SETTINGS, 0, 0)
+        await raw_exchange(pki, server.port, opening + junk, wait=0.05)
+        client = H2Client("127.0.0.1", server.port, ctx(pki, "node-b"))
+        assert (await client.request("POST", "/x", b"ok")).body == b"ko"
+        await client.close()
+        await server.close()
+
+    asyncio.run(main())
+
+
+# -- interoperability with the python-hyper h2 library over TLS ---------------------------------
+class LibServer(asyncio.Protocol):
+    """An HTTP/2 server built on the ``h2`` library: answers the SHA-256 of each request
+    body, with a small receive window (1000 bytes) so that our client must wait for it."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        config = h2.config.H2Configuration(client_side=False, header_encoding="utf-8")
+        self.conn = h2.connection.H2Connection(config)
+        self.conn.initiate_connection()
+        self.conn.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 1000})
+        self.bodies: dict[int, bytearray] = {}
+        self.peer = peer_name(transport.get_extra_info("ssl_object"))
+        transport.write(self.conn.data_to_send())
+
+    def data_received(self, data: bytes) -> None:
+        for event in self.conn.receive_data(data):
+            if isinstance(event, h2.events.RequestReceived):
+                self.bodies[event.stream_id] = bytearray()
+            elif isinstance(event, h2.events.DataReceived):
+                self.bodies[event.stream_id] += event.data
+                self.conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+            elif isinstance(event, h2.events.StreamEnded):
+                answer = hashlib.sha256(self.bodies.pop(event.stream_id)).hexdigest().encode()
+                head = [(":status", "200"), ("x-peer", self.peer or ""), ("x-lib", "h2")]
+                self.conn.send_headers(event.stream_id, head)
+                self.conn.send_data(event.stream_id, answer, end_stream=True)
+        self.transport.write(self.conn.data_to_send())
+
+
+def test_our_client_against_an_h2_library_server(pki):
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(
+            LibServer, "127.0.0.1", 0, ssl=ctx(pki, "node-a", server=True)
+        )
+        port = server.sockets[0].getsockname()[1]
+        client = H2Client("127.0.0.1", port, ctx(pki, "node-b"), expect_peer="node-a")
+        bodies = [bytes([i]) * (100 + 997 * i) for i in range(60)]  # up to 60 kB, window 1000
+        responses = await asyncio.gather(*(client.request("POST", "/v1/x", b) for b in bodies))
+        for body, response in zip(bodies, responses, strict=True):
+            assert response.status == 200 and response.headers["x-lib"] == "h2"
+            assert response.body == hashlib.sha256(body).hexdigest().encode()
+            assert response.headers["x-peer"] == "node-b"
+        await client.close()
+        server.close()
+        await server.wait_closed()
+
+    asyncio.run(main())
+
+
+async def lib_client(
+    pki, port: int, bodies: list[bytes]
+) -> dict[int, tuple[dict[str, str], bytes]]:
+    """Requests from an ``h2``-library client with a small window (1000 bytes): the answers
+    (headers, body) by stream."""
+    reader, writer = await asyncio.open_connection(
+        "127.0.0.1", port, ssl=ctx(pki, "node-b"), server_hostname="node-a"
+    )
+    config = h2.config.H2Configuration(client_side=True, header_encoding="utf-8")
+    conn = h2.connection.H2Connection(config)
+    conn.initiate_connection()
+    conn.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 1000})
+    pending: dict[int, bytes] = {}
+    for body in bodies:
+        stream_id = conn.get_next_available_stream_id()
+        head = [(":method", "POST"), (":scheme", "https"), (":authority", "a"), (":path", "/p")]
+        conn.send_headers(stream_id, [*head, ("content-length", str(len(body)))])
+        pending[stream_id] = body
+
+    def send_what_windows_allow() -> None:
+        for stream_id, rest in list(pending.items()):
+            while rest:
+                window = conn.local_flow_control_window(stream_id)
+                room = min(window, conn.max_outbound_frame_size, len(rest))
+                if room <= 0:
+                    break
+                conn.send_data(stream_id, rest[:room], end_stream=room == len(rest))
+                rest = rest[room:]
+            pending[stream_id] = rest
+            if not rest:
+                del pending[stream_id]
+        writer.write(conn.data_to_send())
+
+    send_what_windows_allow()
+    answers: dict[int, tuple[dict[str, str], bytearray]] = {}
+    ended = 0
+    while ended < len(bodies):
+        data = await asyncio.wait_for(reader.read(65536), 5)
+        assert data, "server closed the connection"
+        for event in conn.receive_data(data):
+            if isinstance(event, h2.events.ResponseReceived):
+                answers[event.stream_id] = (dict(event.headers), bytearray())
+            elif isinstance(event, h2.events.DataReceived):
+                answers[event.stream_id][1].extend(event.data)
+                conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+            elif isinstance(event, h2.events.StreamEnded):
+                ended += 1
+        send_what_windows_allow()
+    writer.close()
+    return {k: (h, bytes(b)) for k, (h, b) in answers.items()}
+
+
+def test_an_h2_library_client_against_our_server(pki):
+    async def main() -> None:
+        server = await start(pki)
+        bodies = [bytes([65 + i % 26]) * (10 + 7000 * i) for i in range(20)]  # up to 133 kB
+        answers = await lib_client(pki, server.port, bodies)
+        assert sorted(answers) == list(range(1, 2 * len(bodies), 2))
+        for stream_id, body in zip(sorted(answers), bodies, strict=True):
+            headers, answer = answers[stream_id]
+            assert headers[":status"] == "200" and headers["x-peer"] == "node-b"
+            assert answer == body[::-1]  # sent through their 1000-byte windows
         await server.close()
 
     asyncio.run(main())
