@@ -163,19 +163,31 @@ def test_a_kme_refuses_an_sae_it_does_not_serve(net):
 
 # -- relay messages, captured between two real nodes -------------------------------------
 def flip_a_sealed_bit(body: bytes) -> bytes:
-    """The body with one bit of its sealed part flipped: in the longest base64 field of a
-    JSON body, else in the last byte (the authentication tag, whatever the encoding)."""
+    """The body with one bit of its sealed part flipped: in the longest base64 string
+    anywhere in a JSON body (relay batches nest their messages), else in the last byte
+    (the authentication tag, whatever the encoding)."""
     try:
         doc: Any = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError):
         doc = None
-    if isinstance(doc, dict):
-        blobs = {k: v for k, v in doc.items() if isinstance(v, str) and _b64(v) is not None}
-        if blobs:
-            name = max(blobs, key=lambda k: len(blobs[k]))
-            raw = bytearray(_b64(blobs[name]) or b"")
-            raw[-1] ^= 0x01
-            return json.dumps({**doc, name: base64.b64encode(raw).decode()}).encode()
+    holders: list[tuple[int, Any, Any]] = []  # (length, container, key) of base64 strings
+
+    def walk(node: Any) -> None:
+        entries = node.items() if isinstance(node, dict) else enumerate(node)
+        for key, value in entries:
+            if isinstance(value, str) and _b64(value) is not None:
+                holders.append((len(value), node, key))
+            elif isinstance(value, dict | list):
+                walk(value)
+
+    if isinstance(doc, dict | list):
+        walk(doc)
+    if holders:
+        _, container, key = max(holders, key=lambda h: h[0])
+        raw = bytearray(_b64(container[key]) or b"")
+        raw[-1] ^= 0x01
+        container[key] = base64.b64encode(raw).decode()
+        return json.dumps(doc).encode()
     out = bytearray(body)
     out[-1] ^= 0x01
     return bytes(out)
