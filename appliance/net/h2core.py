@@ -206,6 +206,7 @@ class Connection:
         self._decoder = Decoder(max_list_size=MAX_HEADER_LIST)
         self._first_block = True
         self._encoded: dict[tuple[str, str], bytes] = {}
+        self._checked: dict[int, tuple[list[tuple[bytes, bytes]], dict[str, str]]] = {}
         self._streams: dict[int, _Stream] = {}
         self._outbox: dict[int, memoryview] = {}
         self._next_id = 1 if client_side else 2
@@ -493,10 +494,8 @@ class Connection:
                 raise _StreamError(stream_id, PROTOCOL_ERROR)
             self._remote_done(stream_id, stream, out)
             return
-        headers = _check_fields(
-            pairs, _REQUEST_PSEUDO if not self.client_side else frozenset((b":status",))
-        )
-        if headers is None or not _complete(headers, self.client_side):
+        headers = self._checked_head(pairs)
+        if headers is None:
             raise _StreamError(stream_id, PROTOCOL_ERROR)
         if self.client_side and headers[":status"].startswith("1"):
             if end:  # an interim response cannot end the stream
@@ -505,6 +504,26 @@ class Connection:
         stream.headers = headers
         if end:
             self._remote_done(stream_id, stream, out)
+
+    def _checked_head(self, pairs: list[tuple[bytes, bytes]]) -> dict[str, str] | None:
+        """The fields of a request or response head as a dict (a fresh one: the handler may
+        keep it), or None if malformed. A head that the decoder shares (same bytes, no
+        dynamic table) is checked once."""
+        pure = self._decoder.pure
+        if pure:
+            hit = self._checked.get(id(pairs))
+            if hit is not None and hit[0] is pairs:  # we hold ``pairs``: its id is not reused
+                return dict(hit[1])
+        allowed = frozenset((b":status",)) if self.client_side else _REQUEST_PSEUDO
+        headers = _check_fields(pairs, allowed)
+        if headers is None or not _complete(headers, self.client_side):
+            return None
+        if pure:
+            if len(self._checked) >= 256:
+                self._checked.clear()
+            self._checked[id(pairs)] = (pairs, headers)
+            return dict(headers)
+        return headers
 
     def _remote_done(self, stream_id: int, stream: _Stream, out: list[Event]) -> None:
         assert stream.headers is not None

@@ -44,14 +44,19 @@ class Decoder:
         self._size = 0
         self._table: deque[Field] = deque()
         self._pure: dict[bytes, list[Field]] = {}
+        self.pure = False
+        """Whether the last block decoded left the dynamic table alone (then the same
+        bytes always decode to the same, shared, list)."""
 
     def decode(self, block: bytes) -> list[Field]:
         """The (name, value) fields of one complete header block. Do not mutate the list:
         it may be shared with earlier calls."""
         fields = self._pure.get(block)
         if fields is not None:
+            self.pure = True
             return fields
         fields, pure = self._decode(block)
+        self.pure = pure
         if sum(len(n) + len(v) + ENTRY_OVERHEAD for n, v in fields) > self.max_list_size:
             raise HpackError("header list too large")
         if pure:

@@ -96,6 +96,20 @@ def test_request_and_response_between_our_cores() -> None:
     assert client.open_streams == server.open_streams == 0
 
 
+def test_repeated_heads_are_checked_once_but_handed_out_fresh() -> None:
+    server = server_after_preface()
+    head = block([*REQUEST, ("x-a", "1")])
+    bad = block([*REQUEST, ("connection", "close")])
+    first, second = (
+        server.receive(frame(h2core.HEADERS, 5, stream_id, head))[0] for stream_id in (1, 3)
+    )
+    assert isinstance(first, MessageReceived) and isinstance(second, MessageReceived)
+    assert first.headers == second.headers and first.headers is not second.headers
+    for stream_id in (5, 7):  # a malformed head stays malformed when it comes again
+        (reset,) = server.receive(frame(h2core.HEADERS, 5, stream_id, bad))
+        assert isinstance(reset, StreamReset) and reset.error_code == h2core.PROTOCOL_ERROR
+
+
 def test_settings_are_acknowledged_and_pings_answered() -> None:
     client = Connection(client_side=True)
     sent = frames(client.data_to_send())
