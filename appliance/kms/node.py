@@ -103,7 +103,12 @@ class Policy:
 
     mode: Mode = Mode.GCM
     key_size: int = 256
-    max_key_per_request: int = 128
+    max_key_per_request: int = 1024
+    """Keys one enc_keys may ask for (ETSI 014's max_key_per_request); one CN key carries
+    them all (an OTP CN key for 1024 keys of 256 bits is 32 KiB)."""
+    stock_batch: int = 128
+    """Keys per request when a UKMS refills its stock (smaller: a batch waits for the
+    slowest link's keys as a whole)."""
     stock: int = 0
     """KSA keys each UKMS keeps ready per SAE pair it serves as master (0: none)."""
     patience: float = 10.0
@@ -580,7 +585,7 @@ class KmsNode:
                 await asyncio.sleep(0.05)
                 continue
             for master, slave, missing in short:
-                n = min(missing, self.policy.max_key_per_request)
+                n = min(missing, self.policy.stock_batch)
                 try:
                     keys = await self.request_ksa(master, slave, n, self.policy.key_size)
                     self.stock(master, slave).put_many(keys)
@@ -773,7 +778,9 @@ class KmsNode:
         ):
             raise ProtocolError("malformed CN request")
         mode = self.policy.mode if for_channel else self.mode_for(doc.get("master"))
-        keys = [(str(uuid.uuid4()), self.rng(size // 8)) for _ in range(number)]
+        width = size // 8
+        drawn = self.rng(number * width)  # one PTG.3 request (and reseed) for the batch
+        keys = [(str(uuid.uuid4()), drawn[i * width : (i + 1) * width]) for i in range(number)]
         cn_key = bytearray(self.rng(ksa.cn_key_bytes(mode, number, size // 8)))
         path = shortest_path(self.topology, self.config.node.id, deliver_to)
         steps = [self.relay(request_id, path, 0, bytearray(cn_key), mode)]

@@ -207,19 +207,21 @@ class KeyStore:
     def take_many(self, key_ids: list[str]) -> list[StoredKey]:
         """Remove and return the named keys, all or none (KeyUnavailable naming none of them)."""
         now = self._clock()
+        if not 0 < len(key_ids) <= 10_000 or len(set(key_ids)) != len(key_ids):
+            raise KeyUnavailable(f"store {self.name}: not all {len(key_ids)} keys are here")
+        marks = ",".join("?" * len(key_ids))
         with self._transaction() as db:
-            rows = []
-            for key_id in key_ids:
-                row = db.execute(
-                    "DELETE FROM keys WHERE id = ? AND expires > ? RETURNING meta, record",
-                    (key_id, now),
-                ).fetchone()
-                if row is None:
-                    db.execute("ROLLBACK")
-                    raise KeyUnavailable(f"store {self.name}: not all {len(key_ids)} keys are here")
-                rows.append((key_id, *row))
+            found = db.execute(
+                f"DELETE FROM keys WHERE id IN ({marks}) AND expires > ? "  # placeholders only
+                "RETURNING id, meta, record",
+                (*key_ids, now),
+            ).fetchall()
+            if len(found) != len(key_ids):
+                db.execute("ROLLBACK")
+                raise KeyUnavailable(f"store {self.name}: not all {len(key_ids)} keys are here")
+        by_id = {key_id: (meta, record) for key_id, meta, record in found}
         return [
-            StoredKey(k, self._key.open(self._aad(k), record), meta) for k, meta, record in rows
+            StoredKey(k, self._key.open(self._aad(k), by_id[k][1]), by_id[k][0]) for k in key_ids
         ]
 
     def take_next(self, n: int = 1) -> list[StoredKey]:

@@ -64,3 +64,31 @@ def test_ids_travel_in_clear_and_otp_spends_pad_on_key_bits_only():
 def test_garbage_never_opens(data, mode):
     with pytest.raises(IntegrityFailure):
         ksa.open_batch(mode, bytearray(os.urandom(64)), os.urandom(16), data)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(1, 40), st.integers(1, 64))
+def test_hand_packed_batches_equal_the_declared_layout(count, size):
+    keys = batch(count, size)
+    encoded = ksa.encode_batch(keys)
+    built = ksa.BATCH.build(
+        {"size": size, "entries": [{"key_id": uuid.UUID(i).bytes, "key": k} for i, k in keys]}
+    )
+    assert bytes(encoded) == built
+    parsed = ksa.BATCH.parse(built)
+    assert ksa.decode_batch(encoded) == [
+        (str(uuid.UUID(bytes=e.key_id)), bytearray(e.key)) for e in parsed.entries
+    ]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=200))
+def test_malformed_batches_are_protocol_errors_or_parse(data):
+    """Any input either parses into keys that re-encode to it, or is a ProtocolError."""
+    from appliance.kms.errors import ProtocolError
+
+    try:
+        keys = ksa.decode_batch(data)
+    except ProtocolError:
+        return
+    assert bytes(ksa.encode_batch(keys)) == data
