@@ -542,7 +542,7 @@ class KmsNode:
         _, batch = self._open_from(caller, _unb64(doc.get("sealed")), doc.get("epoch"))
         keys = ksa.decode_batch(batch)
         batch[:] = bytes(len(batch))
-        self._store(master, slave).put_many(keys)
+        await asyncio.to_thread(self._store(master, slave).put_many, keys)  # fsync off the loop
         return {"stored": len(keys)}
 
     def _store(self, master: str, slave: str) -> KeyStore:
@@ -588,7 +588,7 @@ class KmsNode:
                 n = min(missing, self.policy.stock_batch)
                 try:
                     keys = await self.request_ksa(master, slave, n, self.policy.key_size)
-                    self.stock(master, slave).put_many(keys)
+                    await asyncio.to_thread(self.stock(master, slave).put_many, keys)
                     backoff = 0.1
                 except (KmsError, TransportError) as exc:
                     log.warning("stock refill failed", extra={"node": self.name, "error": exc.code})
@@ -1060,7 +1060,7 @@ class UkmsKeyService:
             raise KeyUnavailable("not a pair served as master here")
         if self.node.policy.stock > 0 and size == self.node.policy.key_size:
             try:
-                taken = self.node.stock(master, slave).take_next(number)
+                taken = await asyncio.to_thread(self.node.stock(master, slave).take_next, number)
                 return [(k.key_id, bytes(k.material)) for k in taken]
             except KeyUnavailable:
                 pass  # stock too low right now: make them end to end
@@ -1069,4 +1069,4 @@ class UkmsKeyService:
     async def dec_keys(
         self, slave: str, master: str, key_ids: list[str]
     ) -> list[tuple[str, bytes]]:
-        return self.node.take_ksa(slave, master, key_ids)
+        return await asyncio.to_thread(self.node.take_ksa, slave, master, key_ids)
