@@ -3,7 +3,8 @@
 Measures, in one run on a fresh network with full link key stores:
   * T_key, sequential requests SAE Berlin -> SAE Bonn (p50/p90/p99), next to the paper;
   * relays/s and T_key with 16 concurrent requesters (each request relays one CN key);
-  * 256-bit keys/s end to end with batched requests (number = 128);
+  * 256-bit keys/s end to end with batched requests (number = 1024, 4 requesters);
+  * enc_keys served from a UKMS stock (a second network): requests/s and p50;
   * RSS of every node process.
 Usage: python bench/kms_network.py [--requests N] [--mode gcm|otp] [--json PATH]
 """
@@ -12,17 +13,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import platform
 import statistics
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 from appliance.cli import net
 from appliance.config.render import find_free_base_port
-from appliance.tkey import endpoints, measure
+from appliance.tkey import _call, endpoints, measure
 
 
 def rss_mb(pid: int) -> float:
@@ -32,24 +33,33 @@ def rss_mb(pid: int) -> float:
     return 0.0
 
 
+def _worker(fn: Any, args: tuple[Any, ...], barrier: Any, queue: Any) -> None:
+    barrier.wait()
+    t0 = time.time()
+    result = fn(*args)
+    queue.put((t0, time.time(), result))
+
+
+def in_processes(workers: int, fn: Any, args: tuple[Any, ...]) -> list[tuple[float, float, Any]]:
+    """Run ``fn(*args)`` in ``workers`` processes started together (the client must not be
+    one Python process: its GIL would cap the load); (start, end, result) of each."""
+    ctx = multiprocessing.get_context("fork")
+    barrier, queue = ctx.Barrier(workers), ctx.Queue()
+    procs = [ctx.Process(target=_worker, args=(fn, args, barrier, queue)) for _ in range(workers)]
+    for proc in procs:
+        proc.start()
+    results = [queue.get(timeout=600) for _ in procs]
+    for proc in procs:
+        proc.join()
+    return results
+
+
 def concurrent(
     master: Any, slave: Any, workers: int, per_worker: int, number: int
 ) -> dict[str, float]:
-    results: list[dict[str, Any]] = []
-    lock = threading.Lock()
-
-    def work() -> None:
-        r = measure(master, slave, per_worker, number=number)
-        with lock:
-            results.append(r)
-
-    threads = [threading.Thread(target=work) for _ in range(workers)]
-    start = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    elapsed = time.perf_counter() - start
+    runs = in_processes(workers, _measure_n, (master, slave, per_worker, number))
+    elapsed = max(end for _, end, _ in runs) - min(start for start, _, _ in runs)
+    results = [r for _, _, r in runs]
     samples = sorted(x for r in results for x in r["samples_ms"])
     requests = sum(r["requests"] - r["failed_requests"] for r in results)
     return {
@@ -61,6 +71,58 @@ def concurrent(
         "t_key_p99_ms": samples[int(0.99 * (len(samples) - 1))],
         "mismatched": sum(r["keys_mismatched"] for r in results),
         "failed": sum(r["failed_requests"] for r in results),
+    }
+
+
+def _measure_n(master: Any, slave: Any, requests: int, number: int) -> dict[str, Any]:
+    return measure(master, slave, requests, number=number)
+
+
+def _enc_only(master: Any, slave: Any, requests: int) -> list[float]:
+    """enc_keys latencies (ms) on one keep-alive connection: served from the stock."""
+    conn, out = master.connect(), []
+    for _ in range(requests):
+        t0 = time.perf_counter()
+        code, _ = _call(conn, f"/api/v1/keys/{slave.sae}/enc_keys")
+        if code == 200:
+            out.append((time.perf_counter() - t0) * 1000)
+    return out
+
+
+def stock_phase(tmp: Path, mode: str, workers: int, per_worker: int) -> dict[str, Any]:
+    """A second network whose UKMSes keep a stock: enc_keys rate and latency from it."""
+    net_dir = tmp / "stocked"
+    up = argparse.Namespace(
+        topology="demoquandt",
+        dir=net_dir,
+        base_port=find_free_base_port(),
+        mode=mode,
+        rate_limited=False,
+        stock=workers * per_worker + 1000,
+        timeout=120.0,
+        json=False,
+    )
+    net.bring_up(up)
+    try:
+        status = net.status_doc(net_dir)
+        master, slave = endpoints(status, "sae-berlin-1", "sae-bonn-1")
+        conn, deadline = master.connect(), time.monotonic() + 120
+        while time.monotonic() < deadline:
+            _, doc = _call(conn, f"/api/v1/keys/{slave.sae}/status")
+            if doc.get("stored_key_count", 0) >= up.stock:
+                break
+            time.sleep(0.5)
+        runs = in_processes(workers, _enc_only, (master, slave, per_worker))
+    finally:
+        net.bring_down(net_dir)
+    elapsed = max(end for _, end, _ in runs) - min(start for start, _, _ in runs)
+    samples = sorted(x for _, _, r in runs for x in r)
+    return {
+        "workers": workers,
+        "requests": len(samples),
+        "requests_per_s": len(samples) / elapsed,
+        "p50_ms": samples[len(samples) // 2],
+        "p99_ms": samples[int(0.99 * (len(samples) - 1))],
     }
 
 
@@ -93,11 +155,12 @@ def main() -> None:
             seq.pop("samples_ms")
             out["sequential"] = seq
             out["concurrent_16"] = concurrent(master, slave, 16, max(1, args.requests // 16), 1)
-            out["batched_128"] = concurrent(master, slave, 4, 10, 128)
+            out["batched_1024"] = concurrent(master, slave, 4, 10, 1024)
             rss = [rss_mb(n["pid"]) for n in net.status_doc(Path(tmp))["nodes"] if n["alive"]]
             out["node_rss_mb"] = {"max": max(rss), "median": statistics.median(rss)}
         finally:
             net.bring_down(Path(tmp))
+        out["stock_enc_keys"] = stock_phase(Path(tmp), args.mode, 4, 1000)
     print(json.dumps(out, indent=1))
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1))
