@@ -65,6 +65,25 @@ def _erase(key: bytearray) -> None:
     key[:] = bytes(len(key))
 
 
+def _verify(
+    channel_id: str,
+    keys: dict[int, bytearray],
+    header: str | None,
+    direction: bytes,
+    path: str,
+    body: bytes,
+    unknown: KmsError,
+) -> int:
+    """The epoch of a message whose tag checks out under our key of that epoch."""
+    their_id, epoch, tag = parse_header(header)
+    key = keys.get(epoch)
+    if their_id != channel_id or key is None:
+        raise unknown
+    if not hmac.compare_digest(tag, _tag(key, direction, path, body)):
+        raise IntegrityFailure(f"channel {direction.decode()} failed authentication")
+    return epoch
+
+
 def parse_header(value: str | None) -> tuple[str, int, str]:
     """(channel ID, epoch, tag) from a ``qkdn-channel`` header."""
     try:
@@ -88,12 +107,8 @@ class CallerChannel:
         return f"{self.channel_id};{self.epoch};{_tag(key, b'request', path, body)}"
 
     def check_response(self, path: str, body: bytes, header: str | None) -> None:
-        channel_id, epoch, tag = parse_header(header)
-        key = self._keys.get(epoch)
-        if channel_id != self.channel_id or key is None:
-            raise IntegrityFailure("channel response under another channel or epoch")
-        if not hmac.compare_digest(tag, _tag(key, b"response", path, body)):
-            raise IntegrityFailure("channel response failed authentication")
+        unknown = IntegrityFailure("channel response under another channel or epoch")
+        _verify(self.channel_id, self._keys, header, b"response", path, body, unknown)
 
     def needs_rekey(self) -> bool:
         return self.epoch == 0 or self.uses >= REKEY_AFTER
@@ -122,12 +137,8 @@ class CalleeChannel:
 
     def verify_request(self, path: str, body: bytes, header: str | None) -> int:
         """The epoch of a correctly tagged request; a newer epoch retires older keys."""
-        channel_id, epoch, tag = parse_header(header)
-        key = self.keys.get(epoch)
-        if channel_id != self.channel_id or key is None:
-            raise UnknownChannel("no such channel or epoch here; open the channel again")
-        if not hmac.compare_digest(tag, _tag(key, b"request", path, body)):
-            raise IntegrityFailure("channel request failed authentication")
+        unknown = UnknownChannel("no such channel or epoch here; open the channel again")
+        epoch = _verify(self.channel_id, self.keys, header, b"request", path, body, unknown)
         for old in [e for e in self.keys if e < epoch - 1]:
             _erase(self.keys.pop(old))
         return epoch

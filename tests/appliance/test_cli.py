@@ -10,15 +10,7 @@ from pathlib import Path
 import pytest
 
 from appliance import cli
-
-
-def run(capsys, *argv: str) -> tuple[int, str, str]:
-    try:
-        status = cli.main(list(argv))
-    except SystemExit as exc:  # argparse's --help and usage errors
-        status = int(exc.code or 0)
-    out, err = capsys.readouterr()
-    return status, out, err
+from tests.cli_run import run
 
 
 @pytest.mark.parametrize(

@@ -17,24 +17,15 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 import qrng
-from appliance import cli
 from hsm.applet import FACTORY_PINS, Ref
 from hsm.card import KCV_CONTEXT, Card, open_card_psk_source
 from hsm.enroll import kcv
 from hsm.psk import kdf
+from tests.cli_run import run
 from tests.hsm.conftest import url_of
 
 SECRETS_A = {"pin": "111222", "admin-pin": "a-admin-77", "puk": "a-puk-9999"}
 SECRETS_B = {"pin": "333444", "admin-pin": "b-admin-88", "puk": "b-puk-0000"}
-
-
-def run(capsys, *argv: str) -> tuple[int, str, str]:
-    try:
-        status = cli.main(list(argv))
-    except SystemExit as exc:
-        status = int(exc.code or 0)
-    out, err = capsys.readouterr()
-    return status, out, err
 
 
 def one_line_error(err: str, code: str) -> str:

@@ -7,16 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from appliance import cli
-
-
-def run(capsys, *argv: str) -> tuple[int, str, str]:
-    try:
-        status = cli.main(list(argv))
-    except SystemExit as exc:
-        status = int(exc.code or 0)
-    out, err = capsys.readouterr()
-    return status, out, err
+from tests.cli_run import run
 
 
 def test_run_writes_output_and_reports_health(capsys, tmp_path):
