@@ -67,6 +67,7 @@ from appliance.kms.errors import (
     StaleKey,
 )
 from appliance.kms.etsi014 import Etsi014Api, Limits
+from appliance.kms.grouptake import GroupTaker
 from appliance.kms.links import GRANT_BATCH, LinkKeys, Role, role_of
 from appliance.kms.relay import (
     MAC_KEY_BYTES,
@@ -179,6 +180,7 @@ class KmsNode:
     _forwarding: set[asyncio.Task[None]] = field(init=False, default_factory=set)
     _housekeeping: asyncio.Task[None] | None = field(init=False, default=None)
     _batchers: dict[int, RelayBatcher] = field(init=False, default_factory=dict)
+    _takers: dict[tuple[str, str], GroupTaker] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         me = self.config.node.id
@@ -563,6 +565,13 @@ class KmsNode:
             path = self._data / f"stock-{master}-{slave}.db"
             store = self._ksa_stores[key] = KeyStore(path, f"stock/{master}/{slave}", self.node_key)
         return store
+
+    def stock_taker(self, master: str, slave: str) -> GroupTaker:
+        """Takes from the pair's stock, concurrent ones grouped into one transaction."""
+        taker = self._takers.get((master, slave))
+        if taker is None:
+            taker = self._takers[(master, slave)] = GroupTaker(self.stock(master, slave))
+        return taker
 
     def _stocked_pairs(self) -> list[tuple[str, str]]:
         return [
@@ -1060,7 +1069,7 @@ class UkmsKeyService:
             raise KeyUnavailable("not a pair served as master here")
         if self.node.policy.stock > 0 and size == self.node.policy.key_size:
             try:
-                taken = await asyncio.to_thread(self.node.stock(master, slave).take_next, number)
+                taken = await self.node.stock_taker(master, slave).take(number)
                 return [(k.key_id, bytes(k.material)) for k in taken]
             except KeyUnavailable:
                 pass  # stock too low right now: make them end to end

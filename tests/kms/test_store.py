@@ -187,3 +187,27 @@ def test_take_many_is_all_or_none(store):
     assert store.count() == 4
     assert [k.key_id for k in store.take_many(["k2", "k0"])] == ["k2", "k0"]
     assert store.count() == 2
+
+
+def test_grouped_takes_share_one_transaction_and_get_their_own_keys(tmp_path):
+    """Concurrent stock takes: one transaction, each taker its own oldest keys in order,
+    those the stock cannot cover refused, nothing lost or given twice."""
+    import asyncio
+    import os
+
+    from appliance.kms.grouptake import GroupTaker
+
+    s = KeyStore(tmp_path / "stock.db", "stock/a/b", NodeKey(os.urandom(32)))
+    s.put_many([(f"k{i:03d}", bytes([i]) * 32) for i in range(10)])
+    taker = GroupTaker(s)
+
+    async def main() -> list:
+        return await asyncio.gather(*(taker.take(n) for n in (3, 4, 5, 2)), return_exceptions=True)
+
+    first, second, third, fourth = asyncio.run(main())
+    assert [k.key_id for k in first] == ["k000", "k001", "k002"]
+    assert [k.key_id for k in second] == ["k003", "k004", "k005", "k006"]
+    assert isinstance(third, KeyUnavailable)  # 5 more do not fit in the 3 left
+    assert [k.key_id for k in fourth] == ["k007", "k008"]
+    assert taker.transactions == 1 and s.count() == 1
+    assert s.take_next_for([1, 1])[0][0].key_id == "k009"
