@@ -1,60 +1,55 @@
-"""Group commit for stock takes: concurrent enc_keys share one store transaction.
+"""Stock takes from memory: keys leased ahead from a UKMS stock store.
 
-Every take from a key store is a transaction ending in an fsync (``synchronous=FULL``), and
-transactions on one store run one after another. :class:`GroupTaker` collects the takes
-that arrive while one is running and makes them the next transaction together, in
-arrival order (:meth:`KeyStore.take_next_for`): one fsync serves them all, and each taker
-still gets its own keys exactly once. A lone take waits for nothing.
+Every take from a key store is a transaction ending in an fsync (``synchronous=FULL``),
+about a millisecond on this machine, and transactions on one store run one after
+another. :class:`StockLease` takes keys from the stock ahead of demand, LEASE at a time,
+in one transaction that *deletes* them from the store durably, and hands them out from
+memory. No key can be handed out twice: a leased key is gone from the store before anyone
+gets it. A crash loses at most the leased keys that were not yet handed out; no SAE has
+seen them, so no delivered key is lost (DESIGN.md, invariant 6); their slave copies wait
+unclaimed at the slave's UKMS until they expire. A graceful stop puts them back.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 
 from appliance.kms.errors import KeyUnavailable
 from appliance.kms.store import KeyStore, StoredKey
 
+LEASE = 64
+"""Keys taken ahead beyond the request that triggered a refill."""
 
-class GroupTaker:
-    def __init__(self, store: KeyStore) -> None:
-        self.store = store
-        self._queue: list[tuple[int, asyncio.Future[list[StoredKey]]]] = []
-        self._running = False
-        self._drainer: asyncio.Task[None] | None = None
+
+class StockLease:
+    def __init__(self, store: KeyStore, lease: int = LEASE) -> None:
+        self.store, self.lease = store, lease
+        self._keys: deque[StoredKey] = deque()
+        self._lock = asyncio.Lock()
         self.transactions = 0
+
+    def __len__(self) -> int:
+        return len(self._keys)
 
     async def take(self, n: int) -> list[StoredKey]:
         """The ``n`` oldest keys (KeyUnavailable if the stock cannot cover them now)."""
-        future: asyncio.Future[list[StoredKey]] = asyncio.get_running_loop().create_future()
-        self._queue.append((n, future))
-        if not self._running:
-            self._running = True
-            self._drainer = asyncio.create_task(self._drain())
-        return await future
+        if len(self._keys) < n:
+            async with self._lock:  # one refill at a time; the others then find keys
+                if len(self._keys) < n:
+                    want = n - len(self._keys) + self.lease
+                    got = await asyncio.to_thread(self.store.take_up_to, want)
+                    self.transactions += 1
+                    self._keys.extend(got)
+        if len(self._keys) < n:
+            raise KeyUnavailable("stock too low right now")
+        return [self._keys.popleft() for _ in range(n)]
 
-    async def _drain(self) -> None:
-        try:
-            while self._queue:
-                group, self._queue = self._queue, []
-                self.transactions += 1
-                try:
-                    taken = await asyncio.to_thread(self.store.take_next_for, [n for n, _ in group])
-                except Exception as exc:  # the store failed: each taker hears it
-                    for _, future in group:
-                        if not future.done():
-                            future.set_exception(exc)
-                    continue
-                unclaimed: list[StoredKey] = []
-                for (_, future), keys in zip(group, taken, strict=True):
-                    if keys is None:
-                        if not future.done():
-                            future.set_exception(KeyUnavailable("stock too low right now"))
-                    elif future.done():  # its caller went away: the keys go back
-                        unclaimed.extend(keys)
-                    else:
-                        future.set_result(keys)
-                if unclaimed:
-                    back = [(k.key_id, k.material) for k in unclaimed]
-                    await asyncio.to_thread(self.store.put_many, back)
-        finally:
-            self._running = False
+    def give_back(self) -> int:
+        """Return the leased keys to the store (at a graceful stop); how many."""
+        keys, self._keys = list(self._keys), deque()
+        if keys:
+            self.store.put_many([(k.key_id, k.material) for k in keys])
+            for k in keys:
+                k.material[:] = bytes(len(k.material))
+        return len(keys)

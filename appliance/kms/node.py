@@ -67,7 +67,7 @@ from appliance.kms.errors import (
     StaleKey,
 )
 from appliance.kms.etsi014 import Etsi014Api, Limits
-from appliance.kms.grouptake import GroupTaker
+from appliance.kms.grouptake import StockLease
 from appliance.kms.links import GRANT_BATCH, LinkKeys, Role, role_of
 from appliance.kms.relay import (
     MAC_KEY_BYTES,
@@ -180,7 +180,7 @@ class KmsNode:
     _forwarding: set[asyncio.Task[None]] = field(init=False, default_factory=set)
     _housekeeping: asyncio.Task[None] | None = field(init=False, default=None)
     _batchers: dict[int, RelayBatcher] = field(init=False, default_factory=dict)
-    _takers: dict[tuple[str, str], GroupTaker] = field(init=False, default_factory=dict)
+    _leases: dict[tuple[str, str], StockLease] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         me = self.config.node.id
@@ -265,6 +265,9 @@ class KmsNode:
             await server.close()
         for client in self._clients.values():
             await client.close()
+        for lease in self._leases.values():
+            with contextlib.suppress(KmsError):
+                lease.give_back()  # a graceful stop keeps the leased keys
         for store in self._ksa_stores.values():
             with contextlib.suppress(KmsError):
                 store.checkpoint()  # the WAL's old page images go at shutdown too
@@ -566,12 +569,17 @@ class KmsNode:
             store = self._ksa_stores[key] = KeyStore(path, f"stock/{master}/{slave}", self.node_key)
         return store
 
-    def stock_taker(self, master: str, slave: str) -> GroupTaker:
-        """Takes from the pair's stock, concurrent ones grouped into one transaction."""
-        taker = self._takers.get((master, slave))
-        if taker is None:
-            taker = self._takers[(master, slave)] = GroupTaker(self.stock(master, slave))
-        return taker
+    def stock_lease(self, master: str, slave: str) -> StockLease:
+        """Keys of the pair's stock leased ahead, handed out from memory (grouptake.py)."""
+        lease = self._leases.get((master, slave))
+        if lease is None:
+            lease = self._leases[(master, slave)] = StockLease(self.stock(master, slave))
+        return lease
+
+    def stock_level(self, master: str, slave: str) -> int:
+        """Keys ready for the pair: in its stock store and leased."""
+        lease = self._leases.get((master, slave))
+        return self.stock(master, slave).count() + (len(lease) if lease else 0)
 
     def _stocked_pairs(self) -> list[tuple[str, str]]:
         return [
@@ -586,8 +594,7 @@ class KmsNode:
         backoff = 0.1
         while True:
             short = [
-                (m, s, self.policy.stock - self.stock(m, s).count())
-                for m, s in self._stocked_pairs()
+                (m, s, self.policy.stock - self.stock_level(m, s)) for m, s in self._stocked_pairs()
             ]
             short = [x for x in short if x[2] > 0]
             if not short:
@@ -1059,7 +1066,7 @@ class UkmsKeyService:
     def stored(self, master: str, slave: str) -> int:
         if self.node.policy.stock <= 0 or self.node.sae_pair(master, slave) is None:
             return 0
-        return self.node.stock(master, slave).count()
+        return self.node.stock_level(master, slave)
 
     async def enc_keys(
         self, master: str, slave: str, number: int, size: int
@@ -1069,7 +1076,7 @@ class UkmsKeyService:
             raise KeyUnavailable("not a pair served as master here")
         if self.node.policy.stock > 0 and size == self.node.policy.key_size:
             try:
-                taken = await self.node.stock_taker(master, slave).take(number)
+                taken = await self.node.stock_lease(master, slave).take(number)
                 return [(k.key_id, bytes(k.material)) for k in taken]
             except KeyUnavailable:
                 pass  # stock too low right now: make them end to end

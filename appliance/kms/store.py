@@ -245,32 +245,18 @@ class KeyStore:
             for _, key_id, meta, record in rows
         ]
 
-    def take_next_for(self, wants: list[int]) -> list[list[StoredKey] | None]:
-        """Several takers at once, in one transaction (one fsync): each ``wants[i]`` oldest
-        keys, in order, for as many takers as the stock covers; None for the others."""
+    def take_up_to(self, n: int) -> list[StoredKey]:
+        """Remove and return the oldest unexpired keys, at most ``n`` (maybe none)."""
         now = self._clock()
         with self._transaction() as db:
             db.execute("DELETE FROM keys WHERE expires <= ?", (now,))
-            left = db.execute("SELECT COUNT(*) FROM keys").fetchone()[0]
-            plan: list[int | None] = []
-            for n in wants:
-                fits = 0 < n <= left
-                plan.append(n if fits else None)
-                left -= n if fits else 0
-            total = sum(n for n in plan if n)
             rows = db.execute(
                 "DELETE FROM keys WHERE seq IN (SELECT seq FROM keys ORDER BY seq LIMIT ?) "
                 "RETURNING seq, id, meta, record",
-                (total,),
+                (max(0, n),),
             ).fetchall()
         rows.sort()
-        keys = [StoredKey(k, self._key.open(self._aad(k), rec), meta) for _, k, meta, rec in rows]
-        out: list[list[StoredKey] | None] = []
-        at = 0
-        for want in plan:
-            out.append(keys[at : at + want] if want else None)
-            at += want or 0
-        return out
+        return [StoredKey(k, self._key.open(self._aad(k), rec), meta) for _, k, meta, rec in rows]
 
     # -- housekeeping -----------------------------------------------------------------
     def count(self) -> int:

@@ -189,25 +189,26 @@ def test_take_many_is_all_or_none(store):
     assert store.count() == 2
 
 
-def test_grouped_takes_share_one_transaction_and_get_their_own_keys(tmp_path):
-    """Concurrent stock takes: one transaction, each taker its own oldest keys in order,
-    those the stock cannot cover refused, nothing lost or given twice."""
+def test_a_stock_lease_hands_out_each_key_once_and_gives_the_rest_back(tmp_path):
+    """Keys leased from a stock are gone from the store before anyone gets one; takes
+    are served from memory, in order, one transaction per lease; the rest goes back."""
     import asyncio
     import os
 
-    from appliance.kms.grouptake import GroupTaker
+    from appliance.kms.grouptake import StockLease
 
     s = KeyStore(tmp_path / "stock.db", "stock/a/b", NodeKey(os.urandom(32)))
-    s.put_many([(f"k{i:03d}", bytes([i]) * 32) for i in range(10)])
-    taker = GroupTaker(s)
+    s.put_many([(f"k{i:03d}", bytes([i]) * 32) for i in range(20)])
+    lease = StockLease(s, lease=8)
 
     async def main() -> list:
-        return await asyncio.gather(*(taker.take(n) for n in (3, 4, 5, 2)), return_exceptions=True)
+        return await asyncio.gather(*(lease.take(n) for n in (3, 4, 2)))
 
-    first, second, third, fourth = asyncio.run(main())
-    assert [k.key_id for k in first] == ["k000", "k001", "k002"]
-    assert [k.key_id for k in second] == ["k003", "k004", "k005", "k006"]
-    assert isinstance(third, KeyUnavailable)  # 5 more do not fit in the 3 left
-    assert [k.key_id for k in fourth] == ["k007", "k008"]
-    assert taker.transactions == 1 and s.count() == 1
-    assert s.take_next_for([1, 1])[0][0].key_id == "k009"
+    taken = [k.key_id for batch in asyncio.run(main()) for k in batch]
+    assert taken == [f"k{i:03d}" for i in range(9)]
+    assert lease.transactions <= 2 and s.count() + len(lease) == 11
+    with pytest.raises(KeyUnavailable):
+        asyncio.run(lease.take(12))  # more than stock and lease hold together
+    assert lease.give_back() == 11  # the failed take leased all that was left
+    assert s.count() == 11 and len(lease) == 0
+    assert sorted(k.key_id for k in s.take_up_to(100)) == [f"k{i:03d}" for i in range(9, 20)]
