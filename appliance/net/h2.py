@@ -81,6 +81,7 @@ class _Session(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.peer: str | None = None
         self.closed = False
+        self._flush_pending = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -107,6 +108,17 @@ class _Session(asyncio.Protocol):
         data = self.core.data_to_send()
         if data and self.transport is not None and not self.closed:
             self.transport.write(data)
+
+    def flush_soon(self) -> None:
+        """Write once this round of the event loop is done: the messages that several tasks
+        produce in one round leave in one TLS record and one send()."""
+        if not self._flush_pending:
+            self._flush_pending = True
+            asyncio.get_running_loop().call_soon(self._deferred_flush)
+
+    def _deferred_flush(self) -> None:
+        self._flush_pending = False
+        self.flush()
 
     def close(self) -> None:
         """GOAWAY if the connection is still up, then close the socket."""
@@ -212,7 +224,10 @@ class _ServerSession(_Session):
         if response.headers:
             head.extend(response.headers.items())
         self.core.send(stream_id, head, response.body)  # a no-op if the stream is gone
-        self.flush()
+        if self.tasks:  # other answers are on their way: send them together
+            self.flush_soon()
+        else:
+            self.flush()
         if self.draining and not self.tasks:
             self.close()
 
@@ -350,7 +365,10 @@ class H2Client:
             head.extend(headers.items())
         timer = loop.call_later(self.timeout, _expire, future)
         session.core.send(stream_id, head, body)
-        session.flush()
+        if len(session.pending) > 1:  # others are sending too: one write for all
+            session.flush_soon()
+        else:
+            session.flush()
         try:
             return await future
         except ConnectionError as exc:
