@@ -248,10 +248,12 @@ class H2Server(TlsServer):
 
 
 class _ClientSession(_Session):
-    """The client's connection: each response completes the future of its stream."""
+    """The client's connection: each response completes the future of its stream; a failure
+    fails it with a TransportError (a reset stream or GOAWAY spares the other streams)."""
 
-    def __init__(self) -> None:
+    def __init__(self, authority: str) -> None:
         super().__init__(client_side=True)
+        self.authority = authority
         self.pending: dict[int, asyncio.Future[Response]] = {}
         self.draining = False
         """GOAWAY received: no new requests here."""
@@ -267,31 +269,32 @@ class _ClientSession(_Session):
             if future is not None and not future.done():
                 status = int(event.headers[":status"])
                 future.set_result(Response(status, event.body, event.headers))
+            if self.draining and not self.pending:
+                self.close()
         elif isinstance(event, StreamReset):
-            future = self.pending.pop(event.stream_id, None)
-            if future is not None and not future.done():
-                who = "peer" if event.remote else "us (malformed response)"
-                future.set_exception(ConnectionResetError(f"stream reset by {who}"))
+            who = "the peer" if event.remote else "us (malformed response)"
+            self.fail(event.stream_id, f"stream reset by {who} (error {event.error_code})")
         elif isinstance(event, ConnectionEnded):
             self._goaway(event)
+
+    def fail(self, stream_id: int, reason: str) -> None:
+        future = self.pending.pop(stream_id, None)
+        if future is not None and not future.done():
+            future.set_exception(TransportError(f"{self.authority}: {reason}"))
 
     def _goaway(self, event: ConnectionEnded) -> None:
         """Streams the peer will not answer fail now; the others may still complete."""
         self.draining = True
         self.failure = f"peer closed the connection (GOAWAY {event.error_code})"
         for stream_id in [s for s in self.pending if s > event.last_stream_id]:
-            future = self.pending.pop(stream_id)
-            if not future.done():
-                future.set_exception(ConnectionResetError(self.failure))
+            self.fail(stream_id, self.failure)
         if not self.pending:
             self.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
-        pending, self.pending = self.pending, {}
-        for future in pending.values():
-            if not future.done():
-                future.set_exception(ConnectionResetError(self.failure))
+        for stream_id in list(self.pending):
+            self.fail(stream_id, self.failure)
 
 
 class H2Client:
@@ -371,9 +374,6 @@ class H2Client:
             session.flush()
         try:
             return await future
-        except ConnectionError as exc:
-            self._drop(session)
-            raise TransportError(f"{self._authority}: {exc}") from None
         except TimeoutError:
             raise TransportError(f"{self._authority}: no response in {self.timeout} s") from None
         finally:
@@ -400,7 +400,12 @@ class H2Client:
             loop = asyncio.get_running_loop()
             try:
                 _, session = await asyncio.wait_for(
-                    loop.create_connection(_ClientSession, self.host, self.port, ssl=self.ssl_ctx),
+                    loop.create_connection(
+                        lambda: _ClientSession(self._authority),
+                        self.host,
+                        self.port,
+                        ssl=self.ssl_ctx,
+                    ),
                     self.timeout,
                 )
             except (OSError, ssl.SSLError, TimeoutError) as exc:

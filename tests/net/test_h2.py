@@ -280,10 +280,14 @@ class LibServer(asyncio.Protocol):
         for event in self.conn.receive_data(data):
             if isinstance(event, h2.events.RequestReceived):
                 self.bodies[event.stream_id] = bytearray()
+                if dict(event.headers)[":path"] == "/reset":
+                    self.conn.reset_stream(event.stream_id, 8)  # CANCEL
+                    del self.bodies[event.stream_id]
             elif isinstance(event, h2.events.DataReceived):
-                self.bodies[event.stream_id] += event.data
                 self.conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
-            elif isinstance(event, h2.events.StreamEnded):
+                if event.stream_id in self.bodies:
+                    self.bodies[event.stream_id] += event.data
+            elif isinstance(event, h2.events.StreamEnded) and event.stream_id in self.bodies:
                 answer = hashlib.sha256(self.bodies.pop(event.stream_id)).hexdigest().encode()
                 head = [(":status", "200"), ("x-peer", self.peer or ""), ("x-lib", "h2")]
                 self.conn.send_headers(event.stream_id, head)
@@ -375,5 +379,27 @@ def test_an_h2_library_client_against_our_server(pki):
             assert headers[":status"] == "200" and headers["x-peer"] == "node-b"
             assert answer == body[::-1]  # sent through their 1000-byte windows
         await server.close()
+
+    asyncio.run(main())
+
+
+def test_a_stream_reset_by_the_server_fails_that_request_only(pki):
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(
+            LibServer, "127.0.0.1", 0, ssl=ctx(pki, "node-a", server=True)
+        )
+        port = server.sockets[0].getsockname()[1]
+        client = H2Client("127.0.0.1", port, ctx(pki, "node-b"))
+        calls = [client.request("POST", "/reset" if i == 3 else "/ok", b"x") for i in range(8)]
+        results = await asyncio.gather(*calls, return_exceptions=True)
+        assert isinstance(results[3], TransportError) and "reset" in results[3].message
+        assert all(
+            isinstance(r, Response) and r.status == 200 for i, r in enumerate(results) if i != 3
+        )
+        assert (await client.request("POST", "/ok", b"again")).status == 200
+        await client.close()
+        server.close()
+        await server.wait_closed()
 
     asyncio.run(main())
