@@ -24,7 +24,7 @@ $(PY_STAMP): $(SYSTEM_STAMP) pyproject.toml constraints.txt
 	@touch $@
 
 demo: setup
-	$(BIN)/qkdn demo
+	$(BIN)/qkdn demo --requests 1000
 
 test: setup
 	$(BIN)/ruff check .

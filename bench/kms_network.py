@@ -160,7 +160,7 @@ def main() -> None:
             out["node_rss_mb"] = {"max": max(rss), "median": statistics.median(rss)}
         finally:
             net.bring_down(Path(tmp))
-        out["stock_enc_keys"] = stock_phase(Path(tmp), args.mode, 4, 1000)
+        out["stock_enc_keys"] = stock_phase(Path(tmp), args.mode, 2, 2000)
     print(json.dumps(out, indent=1))
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1))
