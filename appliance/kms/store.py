@@ -228,35 +228,33 @@ class KeyStore:
         """Remove and return the ``n`` oldest unexpired keys, all or none."""
         if n < 1:
             raise StoreError(f"store {self.name}: cannot take {n} keys")
-        now = self._clock()
         with self._transaction() as db:
-            db.execute("DELETE FROM keys WHERE expires <= ?", (now,))
-            rows = db.execute(
-                "DELETE FROM keys WHERE seq IN (SELECT seq FROM keys ORDER BY seq LIMIT ?) "
-                "RETURNING seq, id, meta, record",
-                (n,),
-            ).fetchall()
+            rows = self._oldest(db, n)
             if len(rows) < n:
                 db.execute("ROLLBACK")
                 raise KeyUnavailable(f"store {self.name}: {len(rows)} keys in stock, {n} needed")
-        rows.sort()
-        return [
-            StoredKey(key_id, self._key.open(self._aad(key_id), record), meta)
-            for _, key_id, meta, record in rows
-        ]
+        return self._opened(rows)
 
     def take_up_to(self, n: int) -> list[StoredKey]:
         """Remove and return the oldest unexpired keys, at most ``n`` (maybe none)."""
-        now = self._clock()
         with self._transaction() as db:
-            db.execute("DELETE FROM keys WHERE expires <= ?", (now,))
-            rows = db.execute(
-                "DELETE FROM keys WHERE seq IN (SELECT seq FROM keys ORDER BY seq LIMIT ?) "
-                "RETURNING seq, id, meta, record",
-                (max(0, n),),
-            ).fetchall()
-        rows.sort()
-        return [StoredKey(k, self._key.open(self._aad(k), rec), meta) for _, k, meta, rec in rows]
+            rows = self._oldest(db, max(0, n))
+        return self._opened(rows)
+
+    def _oldest(self, db: sqlite3.Connection, n: int) -> list[tuple[int, str, str, bytes]]:
+        """Inside a transaction: drop expired keys, then delete and return the n oldest."""
+        db.execute("DELETE FROM keys WHERE expires <= ?", (self._clock(),))
+        return db.execute(
+            "DELETE FROM keys WHERE seq IN (SELECT seq FROM keys ORDER BY seq LIMIT ?) "
+            "RETURNING seq, id, meta, record",
+            (n,),
+        ).fetchall()
+
+    def _opened(self, rows: list[tuple[int, str, str, bytes]]) -> list[StoredKey]:
+        return [
+            StoredKey(key_id, self._key.open(self._aad(key_id), record), meta)
+            for _, key_id, meta, record in sorted(rows)
+        ]
 
     # -- housekeeping -----------------------------------------------------------------
     def count(self) -> int:
