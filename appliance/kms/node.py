@@ -1025,9 +1025,9 @@ class KmsNode:
 
     async def _on_cn_abort(self, doc: dict[str, Any], caller: int) -> dict[str, Any]:
         """AKMS A: the CN key of one of our requests was lost on its way; fail it now."""
-        waiting = self._cn_waiting.get(_unb64(doc.get("request_id")))
         if "akms" not in self.topology.node(caller).roles:
             raise ProtocolError("only an access node aborts a CN request")
+        waiting = self._cn_waiting.get(_unb64(doc.get("request_id")))
         if waiting is not None and not waiting.done():
             waiting.set_exception(KeyUnavailable("the CN key was lost on its way"))
         return {"ok": True}
