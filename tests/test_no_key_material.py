@@ -72,6 +72,8 @@ def test_no_key_of_a_demo_run_appears_in_logs_or_output(tmp_path, capsys, caplog
             "1",
             "--seed",
             "canary",
+            "--requests",
+            "50",
             "--json",
             str(report),
         ]
