@@ -80,12 +80,22 @@ def measure(
     start = time.perf_counter()
     for i in range(requests):
         t0 = time.perf_counter()
-        status, issued = _call(a, f"/api/v1/keys/{slave.sae}/enc_keys?number={number}")
+        try:
+            status, issued = _call(a, f"/api/v1/keys/{slave.sae}/enc_keys?number={number}")
+        except (OSError, http.client.HTTPException, ValueError):  # timeout, reset, garbage
+            a.close()
+            a, failed = master.connect(), failed + 1
+            continue
         if status != 200:
             failed += 1
             continue
         ids = [{"key_ID": k["key_ID"]} for k in issued["keys"]]
-        status, got = _call(b, f"/api/v1/keys/{master.sae}/dec_keys", {"key_IDs": ids})
+        try:
+            status, got = _call(b, f"/api/v1/keys/{master.sae}/dec_keys", {"key_IDs": ids})
+        except (OSError, http.client.HTTPException, ValueError):
+            b.close()
+            b, failed = slave.connect(), failed + 1
+            continue
         latencies.append(time.perf_counter() - t0)
         if status == 200 and got["keys"] == issued["keys"]:
             matched += len(issued["keys"])

@@ -54,7 +54,7 @@ def register(sub: Any) -> None:
         type=float,
         default=10.0,
         metavar="S",
-        help="seconds a hop waits for link keys still being distilled; requests wait 3x this "
+        help="seconds a hop waits for link keys still being distilled; requests wait 2x this "
         "for their CN key (default: %(default)s)",
     )
     run.add_argument(
@@ -98,7 +98,7 @@ def register(sub: Any) -> None:
         "--patience",
         type=float,
         metavar="S",
-        help="seconds a hop waits for link keys still being distilled; requests wait 3x this "
+        help="seconds a hop waits for link keys still being distilled; requests wait 2x this "
         "for their CN key (default: 10, 120 with --rate-limited)",
     )
     up.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for readiness")

@@ -81,10 +81,17 @@ class LinkKeys:
             if self.role is Role.MASTER:
                 key = self.qkdm.get_key()
             elif self._granted_ids:
-                key = self.qkdm.get_key_by_id(self._granted_ids.pop(0))
+                try:
+                    key = self.qkdm.get_key_by_id(self._granted_ids[0])
+                except hal.KeyNotYetAvailable:
+                    raise  # not distilled at this end yet: keep the grant, try again later
+                except hal.HalError:
+                    self._granted_ids.pop(0)  # gone for good: skip it
+                    raise
+                self._granted_ids.pop(0)
             else:
                 raise KeyUnavailable(f"{self.link}: no granted link keys left; ask the master")
-        except (hal.NoKeyAvailable, hal.LinkDownError, hal.KeyNotYetAvailable) as exc:
+        except hal.HalError as exc:  # empty, down, not yet distilled, or gone: no key now
             raise KeyUnavailable(f"{self.link}: no link key ({exc.code})") from None
         return key.key_id, key.material
 

@@ -114,11 +114,12 @@ class Policy:
     """KSA keys each UKMS keeps ready per SAE pair it serves as master (0: none)."""
     patience: float = 10.0
     """Seconds a hop may wait for link keys still being distilled; a request waits up to
-    three times this for its CN key. Raise it for links running at their physical rates."""
+    twice this for its CN key (with the default, 20 s: a clean 503 before an SAE's usual
+    30 s client timeout). Raise it for links running at their physical rates."""
 
     @property
     def cn_timeout(self) -> float:
-        return 3 * self.patience
+        return 2 * self.patience
 
 
 def _b64(data: bytes | bytearray) -> str:
@@ -987,10 +988,13 @@ class KmsNode:
         """Relay on in the background; on failure, tell the path's start to give up."""
         try:
             await self.relay(request_id, path, index, cn_key, mode)
-        except (KmsError, TransportError) as exc:
-            log.warning(
+        except Exception as exc:  # whatever it was, the request must fail now, not hang
+            code = getattr(exc, "code", type(exc).__name__)
+            level = logging.WARNING if isinstance(exc, KmsError | TransportError) else logging.ERROR
+            log.log(
+                level,
                 "relay failed; aborting the request",
-                extra={"node": self.name, "request": request_id.hex(), "error": exc.code},
+                extra={"node": self.name, "request": request_id.hex(), "error": code},
             )
             await self._abort_back(request_id, path, index)
 
