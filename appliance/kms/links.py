@@ -78,22 +78,26 @@ class LinkKeys:
     def _next_key(self) -> tuple[str, bytearray]:
         """The next key this end may send with: taken in order (master) or granted (slave)."""
         try:
-            if self.role is Role.MASTER:
-                key = self.qkdm.get_key()
-            elif self._granted_ids:
-                try:
-                    key = self.qkdm.get_key_by_id(self._granted_ids[0])
-                except hal.KeyNotYetAvailable:
-                    raise  # not distilled at this end yet: keep the grant, try again later
-                except hal.HalError:
-                    self._granted_ids.pop(0)  # gone for good: skip it
-                    raise
-                self._granted_ids.pop(0)
-            else:
-                raise KeyUnavailable(f"{self.link}: no granted link keys left; ask the master")
+            key = self.qkdm.get_key() if self.role is Role.MASTER else self._next_granted()
         except hal.HalError as exc:  # empty, down, not yet distilled, or gone: no key now
             raise KeyUnavailable(f"{self.link}: no link key ({exc.code})") from None
         return key.key_id, key.material
+
+    def _next_granted(self) -> hal.QkdKey:
+        """Slave: the first granted key this end can still fetch. A grant may wait long in
+        GCM mode (one key serves 1,024 messages) and a full QKDM buffer drops its oldest
+        keys, so granted keys that are gone are skipped; one not distilled here yet is kept."""
+        while self._granted_ids:
+            try:
+                key = self.qkdm.get_key_by_id(self._granted_ids[0])
+            except hal.KeyNotYetAvailable:
+                raise
+            except hal.KeyNotFound:
+                self._granted_ids.pop(0)  # dropped by the module: never usable
+                continue
+            self._granted_ids.pop(0)
+            return key
+        raise KeyUnavailable(f"{self.link}: no granted link keys left; ask the master")
 
     # -- grants -------------------------------------------------------------------------
     def grant(self, n: int = GRANT_BATCH) -> list[str]:

@@ -147,3 +147,29 @@ def test_housekeeping_forgets_what_a_silent_peer_will_never_use():
     assert master.housekeeping(now + GRANT_TTL + 1) == 8
     slave.accept_grant(master.grant(4), master.epoch or "")  # and a fresh grant works
     assert otp(slave, master, b"after" * 10) == b"after" * 10
+
+
+def test_granted_keys_the_module_dropped_are_skipped(monkeypatch):
+    """A full QKDM buffer drops its oldest keys while a slave still holds their IDs as
+    grants (in GCM mode a key serves 1,024 messages): the slave skips the dropped ones
+    and sends with the first it can fetch, or asks for a new grant: no hang, no error."""
+    master, slave, _ = pair()
+    granted = master.grant(6)
+    dropped = set(granted[:4])
+    fetch = slave.qkdm.get_key_by_id
+
+    def get_key_by_id(key_id: str):
+        if key_id in dropped:
+            raise hal.KeyNotFound(f"{key_id} dropped from the buffer")
+        return fetch(key_id)
+
+    monkeypatch.setattr(slave.qkdm, "get_key_by_id", get_key_by_id)
+    slave.accept_grant(granted, master.epoch or "")
+    key_id, _, _ = slave.gcm()
+    assert key_id == granted[4] and slave.granted_left() == 1
+    dropped.add(granted[5])
+    slave.drop_sending()  # (as after a peer's refusal) the next send needs a fresh key
+    slave.accept_grant(granted[5:], master.epoch or "")
+    with pytest.raises(KeyUnavailable, match="ask the master"):
+        slave.gcm()
+    assert slave.granted_left() == 0
