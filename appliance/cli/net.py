@@ -75,12 +75,29 @@ def register(sub: Any) -> None:
     n = net.add_subparsers(dest="net_command", metavar="ACTION", parser_class=type(net))
     n.required = True
     up = n.add_parser("up", help="render, issue certificates, start every KMS node")
-    up.add_argument("topology", nargs="?", default="demoquandt", metavar="TOPOLOGY")
+    up.add_argument(
+        "topology",
+        nargs="?",
+        default="demoquandt",
+        metavar="TOPOLOGY",
+        help="a shipped topology name or a topology file (default: demoquandt)",
+    )
     up.add_argument(
         "--dir", type=Path, default=DEFAULT_DIR, help="network directory (default: %(default)s)"
     )
-    up.add_argument("--base-port", type=int, default=20000)
-    up.add_argument("--mode", default="gcm", choices=["gcm", "otp"])
+    up.add_argument(
+        "--base-port",
+        type=int,
+        default=20000,
+        help="port of service S of node N = base + offset(S) + N (default: %(default)s)",
+    )
+    up.add_argument(
+        "--mode",
+        default="gcm",
+        choices=["gcm", "otp"],
+        help="how CN keys cross each link: AES-256-GCM or one-time pad (default: gcm; "
+        "a contract's relay_mode overrides it for its users)",
+    )
     up.add_argument(
         "--rate-limited",
         action="store_true",
@@ -115,7 +132,7 @@ def register(sub: Any) -> None:
         action="store_true",
         help="run each access node's AKMS and CKMS as two processes (default: one)",
     )
-    up.add_argument("--json", action="store_true")
+    up.add_argument("--json", action="store_true", help="print the status document as JSON")
     up.set_defaults(func=cmd_net_up)
     status = n.add_parser("status", help="nodes, processes and endpoints")
     status.add_argument("--dir", type=Path, default=DEFAULT_DIR)
