@@ -19,10 +19,10 @@ Rules of this file:
   raised; the connection is dead and later calls do nothing). Never any other exception.
 * Flow control both ways: we open our receive windows to :data:`WINDOW` and top them up when
   half is used; we never send more DATA than the peer's stream and connection windows allow.
-* HPACK: received header blocks are decoded by the ``hpack`` library's Decoder (dynamic table,
-  Huffman). We encode by hand with static-table indices and literals without indexing, and
-  never use a dynamic table: our first header block sets its size to 0, so the peer's decoder
-  state never depends on ours (RFC 7541 §4.2, §6.3).
+* HPACK: received header blocks are decoded by :mod:`appliance.net.hpackdec` (dynamic table;
+  Huffman through the ``hpack`` library's table). We encode by hand with static-table indices
+  and literals without indexing, and never use a dynamic table: our first header block sets
+  its size to 0, so the peer's decoder state never depends on ours (RFC 7541 §4.2, §6.3).
 * A stream's state is two flags: ``remote_done`` (END_STREAM received) and ``local_done``
   (END_STREAM sent); with both set, or after RST_STREAM either way, it is closed and
   forgotten. An ID of the peer's parity at or below the highest it opened, or of ours below
