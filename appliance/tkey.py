@@ -50,7 +50,7 @@ def endpoints(status: dict[str, Any], master: str, slave: str) -> tuple[SaeEndpo
     return found[master], found[slave]
 
 
-def _call(
+def call(
     conn: http.client.HTTPSConnection, path: str, body: dict[str, Any] | None = None
 ) -> tuple[int, dict[str, Any]]:
     if body is None:
@@ -72,16 +72,16 @@ def measure(
     """Run ``requests`` key requests; return the report (T_key percentiles, matches, rate)."""
     a, b = master.connect(), slave.connect()
     for _ in range(WARMUP):  # opens the TLS connections along the whole chain; not counted
-        status, issued = _call(a, f"/api/v1/keys/{slave.sae}/enc_keys")
+        status, issued = call(a, f"/api/v1/keys/{slave.sae}/enc_keys")
         if status == 200:
-            _call(b, f"/api/v1/keys/{master.sae}/dec_keys?key_ID={issued['keys'][0]['key_ID']}")
+            call(b, f"/api/v1/keys/{master.sae}/dec_keys?key_ID={issued['keys'][0]['key_ID']}")
     latencies: list[float] = []
     matched = mismatched = failed = 0
     start = time.perf_counter()
     for i in range(requests):
         t0 = time.perf_counter()
         try:
-            status, issued = _call(a, f"/api/v1/keys/{slave.sae}/enc_keys?number={number}")
+            status, issued = call(a, f"/api/v1/keys/{slave.sae}/enc_keys?number={number}")
         except (OSError, http.client.HTTPException, ValueError):  # timeout, reset, garbage
             a.close()
             a, failed = master.connect(), failed + 1
@@ -91,7 +91,7 @@ def measure(
             continue
         ids = [{"key_ID": k["key_ID"]} for k in issued["keys"]]
         try:
-            status, got = _call(b, f"/api/v1/keys/{master.sae}/dec_keys", {"key_IDs": ids})
+            status, got = call(b, f"/api/v1/keys/{master.sae}/dec_keys", {"key_IDs": ids})
         except (OSError, http.client.HTTPException, ValueError):
             b.close()
             b, failed = slave.connect(), failed + 1

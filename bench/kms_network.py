@@ -23,7 +23,7 @@ from typing import Any
 
 from appliance.cli import net
 from appliance.config.render import find_free_base_port
-from appliance.tkey import _call, endpoints, measure
+from appliance.tkey import call, endpoints, measure
 
 
 def rss_mb(pid: int) -> float:
@@ -83,7 +83,7 @@ def _enc_only(master: Any, slave: Any, requests: int) -> list[float]:
     conn, out = master.connect(), []
     for _ in range(requests):
         t0 = time.perf_counter()
-        code, _ = _call(conn, f"/api/v1/keys/{slave.sae}/enc_keys")
+        code, _ = call(conn, f"/api/v1/keys/{slave.sae}/enc_keys")
         if code == 200:
             out.append((time.perf_counter() - t0) * 1000)
     return out
@@ -108,7 +108,7 @@ def stock_phase(tmp: Path, mode: str, workers: int, per_worker: int) -> dict[str
         master, slave = endpoints(status, "sae-berlin-1", "sae-bonn-1")
         conn, deadline = master.connect(), time.monotonic() + 120
         while time.monotonic() < deadline:
-            _, doc = _call(conn, f"/api/v1/keys/{slave.sae}/status")
+            _, doc = call(conn, f"/api/v1/keys/{slave.sae}/status")
             if doc.get("stored_key_count", 0) >= up.stock:
                 break
             time.sleep(0.5)

@@ -36,7 +36,7 @@ from appliance.kms.network import load_configs
 from appliance.kms.routing import shortest_path
 from appliance.net.h2 import H2Client
 from appliance.pki import client_context
-from appliance.tkey import _call, endpoints
+from appliance.tkey import call, endpoints
 
 PAIRS = [
     ("sae-berlin-1", "sae-bonn-1"),
@@ -52,7 +52,7 @@ def stocked_keys(status: dict[str, Any]) -> int:
     for master, slave in PAIRS:
         m, _ = endpoints(status, master, slave)
         conn = m.connect()
-        code, doc = _call(conn, f"/api/v1/keys/{slave}/status")
+        code, doc = call(conn, f"/api/v1/keys/{slave}/status")
         conn.close()
         if code == 200:
             total += int(doc["stored_key_count"])

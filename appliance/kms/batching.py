@@ -15,12 +15,17 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from appliance.kms.errors import KeyUnavailable, KmsError, StaleGrant, StaleKey
+from appliance.kms.errors import KeyUnavailable, KmsError, StaleGrant, StaleKey, UnknownChannel
 
 Send = Callable[[list[dict[str, Any]]], Awaitable[list[dict[str, Any]]]]
 
-ERRORS: dict[str, type[KmsError]] = {StaleGrant.code: StaleGrant, StaleKey.code: StaleKey}
-"""Error codes a sender reacts to (by dropping its link keys); any other is scarcity."""
+ERRORS: dict[str, type[KmsError]] = {
+    StaleGrant.code: StaleGrant,
+    StaleKey.code: StaleKey,
+    UnknownChannel.code: UnknownChannel,
+}
+"""Error codes a caller reacts to (dropping its link keys, or reopening its AKMS channel);
+any other is scarcity."""
 
 
 def error_from(code: Any, reason: str) -> KmsError:

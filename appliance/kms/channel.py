@@ -31,19 +31,13 @@ import hashlib
 import hmac
 from dataclasses import dataclass, field
 
-from appliance.kms.errors import IntegrityFailure, KmsError, ProtocolError
+from appliance.kms.errors import IntegrityFailure, KmsError, ProtocolError, UnknownChannel
 
 NONCE_BYTES = 16
 KEY_BYTES = 32
 REKEY_AFTER = 10_000
 """Requests under one key before the caller re-keys (also at every open)."""
 HEADER = "qkdn-channel"
-
-
-class UnknownChannel(KmsError):
-    """The callee has no such channel or epoch (it restarted, or the key was retired)."""
-
-    code = "KMS-CHANNEL"
 
 
 def context(caller: str, callee: str, channel_id: str) -> bytes:

@@ -53,6 +53,13 @@ class StaleGrant(IntegrityFailure):
     code = "KMS-STALE-GRANT"
 
 
+class UnknownChannel(KmsError):
+    """The callee has no such AKMS channel or epoch (it restarted, or the key was retired):
+    the caller opens the channel again."""
+
+    code = "KMS-CHANNEL"
+
+
 class StaleKey(IntegrityFailure):
     """The receiving end cannot fetch the link key a message names (its QKDM handed that
     key out already: the receiver restarted and lost it, or the ID is forged). The sender

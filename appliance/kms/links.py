@@ -90,8 +90,6 @@ class LinkKeys:
         while self._granted_ids:
             try:
                 key = self.qkdm.get_key_by_id(self._granted_ids[0])
-            except hal.KeyNotYetAvailable:
-                raise
             except hal.KeyNotFound:
                 self._granted_ids.pop(0)  # dropped by the module: never usable
                 continue

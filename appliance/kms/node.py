@@ -57,7 +57,7 @@ from appliance.config.render import SERVICE_OFFSETS
 from appliance.config.topology import Sae, Topology
 from appliance.kms import channel, ksa
 from appliance.kms.batching import RelayBatcher, error_from
-from appliance.kms.channel import CalleeChannel, CallerChannel, UnknownChannel
+from appliance.kms.channel import CalleeChannel, CallerChannel
 from appliance.kms.errors import (
     IntegrityFailure,
     KeyUnavailable,
@@ -65,9 +65,9 @@ from appliance.kms.errors import (
     ProtocolError,
     StaleGrant,
     StaleKey,
+    UnknownChannel,
 )
 from appliance.kms.etsi014 import Etsi014Api, Limits
-from appliance.kms.grouptake import StockLease
 from appliance.kms.links import GRANT_BATCH, LinkKeys, Role, role_of
 from appliance.kms.relay import (
     MAC_KEY_BYTES,
@@ -82,6 +82,7 @@ from appliance.kms.relay import (
     seal_otp,
 )
 from appliance.kms.routing import shortest_path
+from appliance.kms.stocklease import StockLease
 from appliance.kms.store import KeyStore, NodeKey, RecordKey
 from appliance.net.h2 import H2Client, H2Server, Request, Response, TransportError
 from appliance.net.http1 import H1Server
@@ -340,8 +341,6 @@ class KmsNode:
             raise ProtocolError(f"node {node_id}{path}: answer is not JSON") from None
         if response.status != 200:
             reason = f"node {node_id}{path}: {body.get('message', response.status)}"
-            if body.get("code") == UnknownChannel.code:
-                raise UnknownChannel(reason)
             raise error_from(body.get("code"), reason)
         return body, response
 
@@ -571,7 +570,7 @@ class KmsNode:
         return store
 
     def stock_lease(self, master: str, slave: str) -> StockLease:
-        """Keys of the pair's stock leased ahead, handed out from memory (grouptake.py)."""
+        """Keys of the pair's stock leased ahead, handed out from memory (stocklease.py)."""
         lease = self._leases.get((master, slave))
         if lease is None:
             lease = self._leases[(master, slave)] = StockLease(self.stock(master, slave))

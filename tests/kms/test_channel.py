@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from appliance.kms import channel
-from appliance.kms.channel import CalleeChannel, CallerChannel, UnknownChannel
-from appliance.kms.errors import IntegrityFailure, ProtocolError
+from appliance.kms.channel import CalleeChannel, CallerChannel
+from appliance.kms.errors import IntegrityFailure, ProtocolError, UnknownChannel
 from hsm.psk import FilePskSource, write_psk_file
 
 PATH = "/v1/cn"

@@ -195,7 +195,7 @@ def test_a_stock_lease_hands_out_each_key_once_and_gives_the_rest_back(tmp_path)
     import asyncio
     import os
 
-    from appliance.kms.grouptake import StockLease
+    from appliance.kms.stocklease import StockLease
 
     s = KeyStore(tmp_path / "stock.db", "stock/a/b", NodeKey(os.urandom(32)))
     s.put_many([(f"k{i:03d}", bytes([i]) * 32) for i in range(20)])
