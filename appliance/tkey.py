@@ -104,7 +104,9 @@ def measure(
         if progress:
             progress(i + 1)
     elapsed = time.perf_counter() - start
-    return report(latencies, requests, matched, mismatched, failed, elapsed)
+    doc = report(latencies, requests, matched, mismatched, failed, elapsed)
+    doc["window"] = [time.time() - elapsed, time.time()]
+    return doc
 
 
 def report(

@@ -6,7 +6,8 @@ Measures, in one run on a fresh network with full link key stores:
   * 256-bit keys/s end to end with batched requests (number = 1024, 4 requesters);
   * enc_keys served from a UKMS stock (a second network): requests/s and p50;
   * RSS of every node process.
-Usage: python bench/kms_network.py [--requests N] [--mode gcm|otp] [--json PATH]
+Usage: python bench/kms_network.py [--requests N] [--concurrent N] [--batches N]
+                                   [--mode gcm|otp] [--json PATH]
 """
 
 from __future__ import annotations
@@ -58,8 +59,10 @@ def concurrent(
     master: Any, slave: Any, workers: int, per_worker: int, number: int
 ) -> dict[str, float]:
     runs = in_processes(workers, _measure_n, (master, slave, per_worker, number))
-    elapsed = max(end for _, end, _ in runs) - min(start for start, _, _ in runs)
     results = [r for _, _, r in runs]
+    # from the first measured request to the last (connections and warm-up excluded; the
+    # rate is conservative: early on, some requesters are still warming up)
+    elapsed = max(r["window"][1] for r in results) - min(r["window"][0] for r in results)
     samples = sorted(x for r in results for x in r["samples_ms"])
     requests = sum(r["requests"] - r["failed_requests"] for r in results)
     return {
@@ -128,7 +131,13 @@ def stock_phase(tmp: Path, mode: str, workers: int, per_worker: int) -> dict[str
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--requests", type=int, default=500)
+    parser.add_argument("--requests", type=int, default=500, help="sequential requests")
+    parser.add_argument(
+        "--concurrent", type=int, default=1600, help="requests of the 16 concurrent requesters"
+    )
+    parser.add_argument(
+        "--batches", type=int, default=80, help="requests of 1024 keys (4 requesters)"
+    )
     parser.add_argument("--mode", default="gcm", choices=["gcm", "otp"])
     parser.add_argument("--json")
     args = parser.parse_args()
@@ -154,8 +163,9 @@ def main() -> None:
             seq = measure(master, slave, args.requests)
             seq.pop("samples_ms")
             out["sequential"] = seq
-            out["concurrent_16"] = concurrent(master, slave, 16, max(1, args.requests // 16), 1)
-            out["batched_1024"] = concurrent(master, slave, 4, 10, 1024)
+            per = max(1, args.concurrent // 16)
+            out["concurrent_16"] = concurrent(master, slave, 16, per, 1)
+            out["batched_1024"] = concurrent(master, slave, 4, args.batches // 4, 1024)
             rss = [rss_mb(n["pid"]) for n in net.status_doc(Path(tmp))["nodes"] if n["alive"]]
             out["node_rss_mb"] = {"max": max(rss), "median": statistics.median(rss)}
         finally:

@@ -18,12 +18,11 @@ only moves bytes between the TLS transport and the core, and runs handlers.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, cast
 
 from appliance.errors import ApplianceError
 from appliance.net.h2core import (
@@ -84,8 +83,7 @@ class _Session(asyncio.Protocol):
         self._flush_pending = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
         self.peer = peer_name(transport.get_extra_info("ssl_object"))
         self.flush()
 
@@ -137,9 +135,8 @@ class _Session(asyncio.Protocol):
 
 class TlsServer:
     """What every TLS server of the appliance shares: listening, its port, and a close()
-    that also drops open connections (asyncio keeps them otherwise). Stream-based
-    subclasses implement :meth:`_connection` for one accepted connection; protocol-based
-    ones override :meth:`_listen`."""
+    that also drops open connections (asyncio keeps them otherwise). Subclasses make the
+    protocol object of each accepted connection (:meth:`_session`)."""
 
     def __init__(self, handler: Handler, ssl_ctx: ssl.SSLContext) -> None:
         self.handler, self.ssl_ctx = handler, ssl_ctx
@@ -155,7 +152,11 @@ class TlsServer:
             ) from None
 
     async def _listen(self, host: str, port: int) -> asyncio.Server:
-        return await asyncio.start_server(self._serve, host, port, ssl=self.ssl_ctx)
+        loop = asyncio.get_running_loop()
+        return await loop.create_server(self._session, host, port, ssl=self.ssl_ctx)
+
+    def _session(self) -> asyncio.Protocol:
+        raise NotImplementedError
 
     @property
     def port(self) -> int:
@@ -168,20 +169,6 @@ class TlsServer:
             for conn in list(self._open):
                 conn.close()
             await self._server.wait_closed()
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self._open.add(writer)
-        try:
-            with contextlib.suppress(asyncio.CancelledError):  # shutdown ends connections
-                await self._connection(reader, writer)
-        finally:
-            self._open.discard(writer)
-            writer.close()
-            with contextlib.suppress(Exception, asyncio.CancelledError):
-                await writer.wait_closed()
-
-    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        raise NotImplementedError
 
 
 class _ServerSession(_Session):
@@ -242,9 +229,8 @@ class _ServerSession(_Session):
 class H2Server(TlsServer):
     """Serve ``handler`` on every HTTP/2 connection accepted with the given TLS context."""
 
-    async def _listen(self, host: str, port: int) -> asyncio.Server:
-        loop = asyncio.get_running_loop()
-        return await loop.create_server(lambda: _ServerSession(self), host, port, ssl=self.ssl_ctx)
+    def _session(self) -> asyncio.Protocol:
+        return _ServerSession(self)
 
 
 class _ClientSession(_Session):
