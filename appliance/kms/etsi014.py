@@ -18,11 +18,11 @@ from __future__ import annotations
 import base64
 import json
 import re
-import uuid
 from dataclasses import dataclass
 from typing import Any, Protocol
 from urllib.parse import parse_qs, urlsplit
 
+from appliance.kms import keyids
 from appliance.kms.errors import KeyUnavailable, KmsError
 from appliance.net.h2 import Request, Response
 
@@ -248,12 +248,10 @@ def _key_ids(params: dict[str, Any]) -> list[str]:
         raw_ids = [e.get("key_ID") if isinstance(e, dict) else None for e in entries]
     ids = []
     for raw_id in raw_ids:
-        try:
-            ids.append(str(uuid.UUID(str(raw_id))) if isinstance(raw_id, str) else "")
-        except ValueError:
-            ids.append("")
-        if not ids[-1] or len(str(raw_id)) != 36:
+        key_id = keyids.canonical(raw_id) if isinstance(raw_id, str) else None
+        if key_id is None:
             raise ApiError(400, f"key_ID {raw_id!r} is not a UUID")
+        ids.append(key_id)
     if len(set(ids)) != len(ids):
         raise ApiError(400, "a key_ID is listed twice")
     return ids

@@ -16,7 +16,6 @@ replayed into another request nor have its IDs swapped.
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Sequence
 
 from construct import Bytes, Int16ub, PrefixedArray, Struct, this
@@ -24,6 +23,7 @@ from cryptography.exceptions import InvalidSignature, InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.poly1305 import Poly1305
 
+from appliance.kms import keyids
 from appliance.kms.errors import IntegrityFailure, ProtocolError
 from appliance.kms.relay import MAC_KEY_BYTES, TAG_BYTES, Mode, xor
 
@@ -45,7 +45,7 @@ def encode_batch(keys: Sequence[tuple[str, bytes | bytearray]]) -> bytearray:
     out = bytearray(size.to_bytes(2, "big") + len(keys).to_bytes(2, "big"))
     try:
         for key_id, key in keys:
-            out += uuid.UUID(key_id).bytes
+            out += keyids.to_bytes(key_id)
             out += key
     except ValueError:
         raise ProtocolError("a KSA key ID is not a UUID") from None
@@ -64,7 +64,7 @@ def decode_batch(data: bytes | bytearray) -> list[tuple[str, bytearray]]:
         at = 4 + i * (16 + size)
         out.append(
             (
-                str(uuid.UUID(bytes=bytes(view[at : at + 16]))),
+                keyids.from_bytes(view[at : at + 16]),
                 bytearray(view[at + 16 : at + 16 + size]),
             )
         )

@@ -24,7 +24,6 @@ bits for different messages.
 from __future__ import annotations
 
 import struct
-import uuid
 from collections import deque
 from dataclasses import dataclass, field
 from enum import IntEnum
@@ -44,6 +43,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.poly1305 import Poly1305
 
+from appliance.kms import keyids
 from appliance.kms.errors import IntegrityFailure, KeyUnavailable, ProtocolError, ReplayDetected
 
 GCM_USES = 1024
@@ -125,7 +125,7 @@ def encode_header(hop: Hop, body_length: int) -> bytes:
             bytes([len(hop.segments)]),
         ]
         parts += [
-            _SEGMENT.pack(uuid.UUID(s.key_id).bytes, s.offset, s.length) for s in hop.segments
+            _SEGMENT.pack(keyids.to_bytes(s.key_id), s.offset, s.length) for s in hop.segments
         ]
         parts.append(_TAIL.pack(hop.counter, body_length))
     except (struct.error, ValueError, UnicodeEncodeError, OverflowError) as exc:
@@ -146,7 +146,7 @@ def decode(message: bytes) -> tuple[Hop, bytes, bytes]:
         segments = []
         for _ in range(count):
             key_id, offset, length = _SEGMENT.unpack_from(message, at)
-            segments.append(Segment(str(uuid.UUID(bytes=key_id)), offset, length))
+            segments.append(Segment(keyids.from_bytes(key_id), offset, length))
             at += _SEGMENT.size
         counter, body_length = _TAIL.unpack_from(message, at)
         at += _TAIL.size
