@@ -55,7 +55,7 @@ import hal
 from appliance.config.node import NodeConfig
 from appliance.config.render import SERVICE_OFFSETS
 from appliance.config.topology import Sae, Topology
-from appliance.kms import channel, ksa
+from appliance.kms import channel, keyids, ksa
 from appliance.kms.batching import RelayBatcher, error_from
 from appliance.kms.channel import CalleeChannel, CallerChannel
 from appliance.kms.errors import (
@@ -68,6 +68,7 @@ from appliance.kms.errors import (
     UnknownChannel,
 )
 from appliance.kms.etsi014 import Etsi014Api, Limits
+from appliance.kms.groupcommit import GroupCommitter
 from appliance.kms.links import GRANT_BATCH, LinkKeys, Role, role_of
 from appliance.kms.relay import (
     MAC_KEY_BYTES,
@@ -183,6 +184,9 @@ class KmsNode:
     _housekeeping: asyncio.Task[None] | None = field(init=False, default=None)
     _batchers: dict[int, RelayBatcher] = field(init=False, default_factory=dict)
     _leases: dict[tuple[str, str], StockLease] = field(init=False, default_factory=dict)
+    _routes: dict[int, list[int]] = field(init=False, default_factory=dict)
+    """Paths from here by destination node; under -ID, the AKMS of a UKMS (topology lookups)."""
+    _committers: dict[tuple[str, str], GroupCommitter] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         me = self.config.node.id
@@ -270,6 +274,8 @@ class KmsNode:
         for lease in self._leases.values():
             with contextlib.suppress(KmsError):
                 lease.give_back()  # a graceful stop keeps the leased keys
+        for committer in self._committers.values():
+            committer.close()  # runs the operations still queued, before the stores close
         for store in self._ksa_stores.values():
             with contextlib.suppress(KmsError):
                 store.checkpoint()  # the WAL's old page images go at shutdown too
@@ -511,7 +517,18 @@ class KmsNode:
         return m, s
 
     def _akms_of(self, ukms: int) -> int:
-        return next(peer.id for _, peer in self.topology.neighbours(ukms) if "akms" in peer.roles)
+        found = self._routes.get(-ukms)
+        if found is None:
+            nbs = self.topology.neighbours(ukms)
+            found = self._routes[-ukms] = [next(p.id for _, p in nbs if "akms" in p.roles)]
+        return found[0]
+
+    def _path_to(self, node: int) -> list[int]:
+        """The relay path from us to ``node`` (the topology is fixed while a node runs)."""
+        path = self._routes.get(node)
+        if path is None:
+            path = self._routes[node] = shortest_path(self.topology, self.config.node.id, node)
+        return path
 
     async def request_ksa(
         self, master: str, slave: str, number: int, size: int
@@ -547,7 +564,11 @@ class KmsNode:
         _, batch = self._open_from(caller, _unb64(doc.get("sealed")), doc.get("epoch"))
         keys = ksa.decode_batch(batch)
         batch[:] = bytes(len(batch))
-        await asyncio.to_thread(self._store(master, slave).put_many, keys)  # fsync off the loop
+        try:
+            await self.committer(master, slave).put_many(keys)  # fsync off the loop, grouped
+        finally:
+            for _, key in keys:
+                key[:] = bytes(len(key))
         return {"stored": len(keys)}
 
     def _store(self, master: str, slave: str) -> KeyStore:
@@ -558,6 +579,15 @@ class KmsNode:
                 path, f"ksa/{master}/{slave}", self.node_key
             )
         return store
+
+    def committer(self, master: str, slave: str) -> GroupCommitter:
+        """The pair's KSA store for the event loop: puts and takes queued together share one
+        transaction and one fsync (groupcommit.py)."""
+        committer = self._committers.get((master, slave))
+        if committer is None:
+            store = self._store(master, slave)
+            committer = self._committers[(master, slave)] = GroupCommitter(store)
+        return committer
 
     # -- UKMS: the KSA stock ("keys may be buffered in advance") --------------------------
     def stock(self, master: str, slave: str) -> KeyStore:
@@ -795,10 +825,13 @@ class KmsNode:
             raise ProtocolError("malformed CN request")
         mode = self.policy.mode if for_channel else self.mode_for(doc.get("master"))
         width = size // 8
-        drawn = self.rng(number * width)  # one PTG.3 request (and reseed) for the batch
-        keys = [(str(uuid.uuid4()), drawn[i * width : (i + 1) * width]) for i in range(number)]
-        cn_key = bytearray(self.rng(ksa.cn_key_bytes(mode, number, size // 8)))
-        path = shortest_path(self.topology, self.config.node.id, deliver_to)
+        # one PTG.3 request (one reseed) for the keys and the CN key that carries them
+        drawn = bytearray(self.rng(number * width + ksa.cn_key_bytes(mode, number, width)))
+        ids = keyids.new_ids(number)
+        keys = [(ids[i], bytes(drawn[i * width : (i + 1) * width])) for i in range(number)]
+        cn_key = drawn[number * width :]
+        drawn[:] = bytes(len(drawn))
+        path = self._path_to(deliver_to)
         steps = [self.relay(request_id, path, 0, bytearray(cn_key), mode)]
         if for_channel:
             chan.add_next(epoch, bytearray(keys[0][1]))
@@ -911,25 +944,21 @@ class KmsNode:
         return batcher
 
     async def _on_relay(self, doc: dict[str, Any], caller: int) -> dict[str, Any]:
-        """A batch of hop messages: each is opened and handled on its own."""
+        """A batch of hop messages: each is opened and handled on its own, in order (an
+        intermediate hop does not wait: it hands the message to a forwarding task)."""
         items = _field(doc, "items", list)
         if not 0 < len(items) <= RelayBatcher.MAX_ITEMS:
             raise ProtocolError("a relay batch holds 1 to 256 messages")
-        outcomes = await asyncio.gather(
-            *(self._relay_item(item, caller) for item in items), return_exceptions=True
-        )
-        if len(items) == 1 and isinstance(outcomes[0], BaseException):
-            raise outcomes[0]  # a batch of one fails as a whole: the usual error answer
         results = []
-        for outcome in outcomes:
-            if isinstance(outcome, IntegrityFailure):
-                log.error("integrity alarm", extra={"node": self.name, "error": outcome.code})
-            if isinstance(outcome, KmsError | TransportError):
-                results.append({"message": outcome.message, "code": outcome.code})
-            elif isinstance(outcome, BaseException):
-                raise outcome
-            else:
-                results.append(outcome)
+        for item in items:
+            try:
+                results.append(await self._relay_item(item, caller))
+            except (KmsError, TransportError) as exc:
+                if len(items) == 1:
+                    raise  # a batch of one fails as a whole: the usual error answer
+                if isinstance(exc, IntegrityFailure):
+                    log.error("integrity alarm", extra={"node": self.name, "error": exc.code})
+                results.append({"message": exc.message, "code": exc.code})
         return {"results": results}
 
     async def _relay_item(self, doc: Any, caller: int) -> dict[str, Any]:
@@ -1088,4 +1117,10 @@ class UkmsKeyService:
     async def dec_keys(
         self, slave: str, master: str, key_ids: list[str]
     ) -> list[tuple[str, bytes]]:
-        return await asyncio.to_thread(self.node.take_ksa, slave, master, key_ids)
+        """As :meth:`KmsNode.take_ksa`, through the store's group committer."""
+        taken = await self.node.committer(master, slave).take_many(key_ids)
+        try:
+            return [(k.key_id, bytes(k.material)) for k in taken]
+        finally:
+            for k in taken:
+                k.material[:] = bytes(len(k.material))

@@ -3,7 +3,9 @@
 One store file holds one kind of key: a link store (keys taken from one QKDM, awaiting
 relay use) or a KSA store (keys for one SAE pair at a UKMS). Every operation that
 changes the store is one SQLite transaction, so a crash leaves either the old or the new
-state, never half of one.
+state, never half of one. (:mod:`groupcommit` runs the puts and takes of many callers in
+one transaction, each in a savepoint of its own, through the ``_put_rows``/``_take_rows``
+helpers below.)
 
 * **Take** is an atomic, exactly-once consume: ``DELETE ... RETURNING`` in one
   transaction. Two takers of the same key ID: one gets it, the other ``KeyUnavailable``.
@@ -51,6 +53,9 @@ CREATE TABLE IF NOT EXISTS keys (
 );
 CREATE INDEX IF NOT EXISTS keys_expires ON keys (expires);
 """
+
+Row = tuple[str, float, str, bytes]
+"""A row to insert: key ID, expiry time, meta, sealed record."""
 
 
 class RecordKey(Protocol):
@@ -165,24 +170,32 @@ class KeyStore:
         ttl: float | None = None,
     ) -> int:
         """Add keys atomically: all of them, or none if the capacity would be exceeded."""
+        rows = self._sealed(keys, meta, ttl)
+        with self._transaction() as db:
+            return self._put_rows(db, rows)
+
+    def _sealed(
+        self, keys: Iterable[tuple[str, bytes | bytearray]], meta: str, ttl: float | None
+    ) -> list[Row]:
+        """The rows to insert, sealed outside the store lock (sealing may be an HSM call)."""
         expires = self._clock() + (self.ttl if ttl is None else ttl)
-        rows = [
+        return [
             (key_id, expires, meta, self._key.seal(self._aad(key_id), material))
             for key_id, material in keys
         ]
-        with self._transaction() as db:
-            count = db.execute("SELECT COUNT(*) FROM keys").fetchone()[0]
-            if count + len(rows) > self.capacity:
-                raise StoreFull(
-                    f"store {self.name}: {count} + {len(rows)} keys exceed the "
-                    f"capacity of {self.capacity}"
-                )
-            try:
-                db.executemany(
-                    "INSERT INTO keys (id, expires, meta, record) VALUES (?,?,?,?)", rows
-                )
-            except sqlite3.IntegrityError:
-                raise StoreError(f"store {self.name}: a key ID is already stored") from None
+
+    def _put_rows(self, db: sqlite3.Connection, rows: list[Row]) -> int:
+        """Inside a transaction (or savepoint): insert all rows, or raise and insert none."""
+        count = db.execute("SELECT COUNT(*) FROM keys").fetchone()[0]
+        if count + len(rows) > self.capacity:
+            raise StoreFull(
+                f"store {self.name}: {count} + {len(rows)} keys exceed the "
+                f"capacity of {self.capacity}"
+            )
+        try:
+            db.executemany("INSERT INTO keys (id, expires, meta, record) VALUES (?,?,?,?)", rows)
+        except sqlite3.IntegrityError:
+            raise StoreError(f"store {self.name}: a key ID is already stored") from None
         return len(rows)
 
     def put(
@@ -207,21 +220,37 @@ class KeyStore:
     def take_many(self, key_ids: list[str]) -> list[StoredKey]:
         """Remove and return the named keys, all or none (KeyUnavailable naming none of them)."""
         now = self._clock()
+        self._check_ids(key_ids)
+        with self._transaction() as db:
+            found = self._take_rows(db, key_ids, now)
+        return self._opened_as_named(key_ids, found)
+
+    def _check_ids(self, key_ids: list[str]) -> None:
+        """Refuse, before any transaction, a list no store could satisfy."""
         if not 0 < len(key_ids) <= 10_000 or len(set(key_ids)) != len(key_ids):
             raise KeyUnavailable(f"store {self.name}: not all {len(key_ids)} keys are here")
+
+    def _take_rows(
+        self, db: sqlite3.Connection, key_ids: list[str], now: float
+    ) -> dict[str, tuple[str, bytes]]:
+        """Inside a transaction (or savepoint): delete the named unexpired keys and return
+        ``{id: (meta, record)}``; KeyUnavailable if any is missing (the caller rolls back)."""
         marks = ",".join("?" * len(key_ids))
-        with self._transaction() as db:
-            found = db.execute(
-                f"DELETE FROM keys WHERE id IN ({marks}) AND expires > ? "  # placeholders only
-                "RETURNING id, meta, record",
-                (*key_ids, now),
-            ).fetchall()
-            if len(found) != len(key_ids):
-                db.execute("ROLLBACK")
-                raise KeyUnavailable(f"store {self.name}: not all {len(key_ids)} keys are here")
-        by_id = {key_id: (meta, record) for key_id, meta, record in found}
+        found = db.execute(
+            f"DELETE FROM keys WHERE id IN ({marks}) AND expires > ? "  # placeholders only
+            "RETURNING id, meta, record",
+            (*key_ids, now),
+        ).fetchall()
+        if len(found) != len(key_ids):
+            raise KeyUnavailable(f"store {self.name}: not all {len(key_ids)} keys are here")
+        return {key_id: (meta, record) for key_id, meta, record in found}
+
+    def _opened_as_named(
+        self, key_ids: list[str], found: dict[str, tuple[str, bytes]]
+    ) -> list[StoredKey]:
+        """Open taken records, outside the store lock, in the order they were named."""
         return [
-            StoredKey(k, self._key.open(self._aad(k), by_id[k][1]), by_id[k][0]) for k in key_ids
+            StoredKey(k, self._key.open(self._aad(k), found[k][1]), found[k][0]) for k in key_ids
         ]
 
     def take_next(self, n: int = 1) -> list[StoredKey]:
