@@ -13,8 +13,10 @@ operations of the event loop; its one worker thread runs *all* those queued when
 * If the transaction cannot begin, SQLite drops it half-way, or the COMMIT fails (disk
   full, busy), *every* operation of the group raises StoreError: nothing is reported
   stored or taken that was not committed.
-* Records are sealed before the store lock is taken and opened after it is released, as
-  in the synchronous calls; :func:`commit_group` is that whole step, without threads.
+* A put's batch is sealed before the store lock is taken; a take opens and re-seals its
+  batches inside the transaction, as in the synchronous calls. The bits of a take whose
+  transaction did not stand are erased. :func:`commit_group` is that whole step, without
+  threads.
 
 Cancellation, and what it costs. An operation whose caller was cancelled before its group
 began is skipped: nothing stored, nothing taken. One whose caller is cancelled later still
@@ -38,12 +40,10 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 from appliance.kms.errors import KmsError, StoreError
-from appliance.kms.store import KeyStore, StoredKey
+from appliance.kms.store import Found, KeyStore, StoredKey, erase_found
 
 log = logging.getLogger("qkdn.kms")
 
-Found = dict[str, tuple[str, bytes]]
-"""Taken rows before opening: ``{key ID: (meta, sealed record)}``."""
 Step = Callable[[sqlite3.Connection], int | Found]
 """What one operation does inside the group's transaction."""
 Outcome = int | list[StoredKey] | Exception
@@ -77,16 +77,21 @@ def commit_group(store: KeyStore, requests: Sequence[Request]) -> list[Outcome]:
     """Run ``requests`` in one transaction, each in its own savepoint: one outcome each."""
     now = store._clock()
     steps = [_step(store, request, now) for request in requests]
+    done: list[int | Found | Exception] = []
     try:
         with store._transaction() as db:
-            done = [s if isinstance(s, Exception) else _in_savepoint(store, db, s) for s in steps]
+            for step in steps:
+                done.append(step if isinstance(step, Exception) else _in_savepoint(store, db, step))
     except StoreError as exc:  # no BEGIN, a lost transaction, or no COMMIT: none stands
+        for taken in done:
+            if isinstance(taken, dict):
+                erase_found(taken)  # nobody gets bits whose take did not stand
         return [StoreError(str(exc)) for _ in requests]
     return [_finish(store, request, d) for request, d in zip(requests, done, strict=True)]
 
 
 def _step(store: KeyStore, request: Request, now: float) -> Step | Exception:
-    """The request's work in the transaction, prepared outside the lock (rows sealed)."""
+    """The request's work in the transaction, prepared outside the lock (a put's batch sealed)."""
     try:
         if isinstance(request, Put):
             rows = store._sealed(request.keys, request.meta, request.ttl)
@@ -113,13 +118,10 @@ def _in_savepoint(store: KeyStore, db: sqlite3.Connection, step: Step) -> int | 
 
 
 def _finish(store: KeyStore, request: Request, done: int | Found | Exception) -> Outcome:
-    """After the commit, outside the lock: open the records a take removed."""
+    """After the commit: the keys a take removed, in the order it named them."""
     if isinstance(done, dict):
         assert isinstance(request, Take)
-        try:
-            return store._opened_as_named(request.key_ids, done)
-        except Exception as exc:  # IntegrityFailure: the keys are gone, as in take_many
-            return exc
+        return store._as_named(request.key_ids, done)
     return done
 
 

@@ -7,22 +7,30 @@ state, never half of one. (:mod:`groupcommit` runs the puts and takes of many ca
 one transaction, each in a savepoint of its own, through the ``_put_rows``/``_take_rows``
 helpers below.)
 
-* **Take** is an atomic, exactly-once consume: ``DELETE ... RETURNING`` in one
-  transaction. Two takers of the same key ID: one gets it, the other ``KeyUnavailable``.
-* **Expiry**: each key has an expiry time; an expired key is deleted, never returned.
+Layout: the keys of one ``put_many`` form a **batch**: one sealed record holding, slot by
+slot, each key's ID and bits (a KSA delivery of 1,024 keys is one record, not 1,024), and
+one row per key in ``keys`` (ID -> batch, slot) to find it. A ``tally`` row counts the keys.
+Stores of the first layout (a sealed record per key) are upgraded when opened.
+
+* **Take** is an atomic, exactly-once consume: ``DELETE ... RETURNING`` of the keys' rows
+  in one transaction, and their batch re-sealed without them (or deleted when empty).
+  Two takers of the same key ID: one gets it, the other ``KeyUnavailable``.
+* **Expiry**: each batch has an expiry time; an expired key is deleted, never returned.
 * **Capacity**: ``put`` refuses keys beyond the capacity (``StoreFull``) as a whole.
 
-Encryption at rest: each record is sealed with AES-256-GCM-SIV under the node key, with
-the store name and key ID as associated data and a nonce derived from them. GCM-SIV is
-nonce-misuse resistant, so the deterministic nonce needs no random number per record; a
-record moved to another ID or store fails to open (``IntegrityFailure``).
+Encryption at rest: each batch record is sealed under the node key (:class:`RecordKey`),
+with the store name and the batch's random tag as associated data: AES-256-GCM-SIV with
+a nonce derived from them for a key file. A record moved to another batch or store fails
+to open, and a key row pointing at a slot that holds another ID fails the take
+(``IntegrityFailure``, nothing taken).
 
-Deletion, what is overwritten and when: ``secure_delete`` makes SQLite overwrite deleted
-record cells with zeros in the page it writes. Until the next WAL checkpoint the old page
-images (holding the sealed record, not the key) remain in the ``-wal`` file;
-:meth:`KeyStore.checkpoint` (``wal_checkpoint(TRUNCATE)``) folds them into the zeroed
-database and truncates the WAL. The node runs it periodically and at shutdown. Without
-the node key, no copy on disk reveals a key. Key bytes returned to callers are
+Deletion, what is overwritten and when: a take re-seals the rest of the batch under a
+fresh tag, so the taken bits are in no live record. ``secure_delete`` makes SQLite
+overwrite the old record's cells with zeros in the pages it writes. Until the next WAL
+checkpoint the old page images (holding sealed records, not keys) remain in the ``-wal``
+file; :meth:`KeyStore.checkpoint` (``wal_checkpoint(TRUNCATE)``) folds them into the
+zeroed database and truncates the WAL. The node runs it periodically and at shutdown.
+Without the node key, no copy on disk reveals a key. Key bytes returned to callers are
 ``bytearray``; callers erase them after use.
 """
 
@@ -31,6 +39,7 @@ from __future__ import annotations
 import hashlib
 import os
 import sqlite3
+import struct
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -43,19 +52,47 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCMSIV
 
 from appliance.kms.errors import IntegrityFailure, KeyExpired, KeyUnavailable, StoreError, StoreFull
 
+SCHEMA_VERSION = 2
 SCHEMA = """
-CREATE TABLE IF NOT EXISTS keys (
-    seq      INTEGER PRIMARY KEY AUTOINCREMENT,
-    id       TEXT NOT NULL UNIQUE,
+CREATE TABLE IF NOT EXISTS batches (
+    seq      INTEGER PRIMARY KEY,
+    tag      TEXT NOT NULL,
     expires  REAL NOT NULL,
     meta     TEXT NOT NULL DEFAULT '',
+    left     INTEGER NOT NULL,
     record   BLOB NOT NULL
 );
-CREATE INDEX IF NOT EXISTS keys_expires ON keys (expires);
+CREATE INDEX IF NOT EXISTS batches_expires ON batches (expires);
+CREATE TABLE IF NOT EXISTS keys (
+    id       TEXT PRIMARY KEY,
+    batch    INTEGER NOT NULL,
+    slot     INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS tally (
+    one      INTEGER PRIMARY KEY CHECK (one = 1),
+    keys     INTEGER NOT NULL
+);
+INSERT OR IGNORE INTO tally VALUES (1, 0);
 """
+TAG_BYTES = 16
+_COUNT = struct.Struct(">I")
+_SLOT = struct.Struct(">BH")  # key ID length (0: taken), key length
 
-Row = tuple[str, float, str, bytes]
-"""A row to insert: key ID, expiry time, meta, sealed record."""
+Entry = tuple[str, bytearray]
+"""One slot of a batch record: key ID ("" once taken) and key bits."""
+Found = dict[str, tuple[str, bytearray, float]]
+"""Keys taken in a transaction: ``{key ID: (meta, key bits, expiry time)}``."""
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """Keys put together, sealed as one record, ready to insert."""
+
+    tag: str
+    expires: float
+    meta: str
+    ids: list[str]
+    record: bytes
 
 
 class RecordKey(Protocol):
@@ -147,19 +184,32 @@ class KeyStore:
             self._db = sqlite3.connect(
                 path, isolation_level=None, check_same_thread=False, timeout=5.0
             )
-            for pragma in (
-                "journal_mode=WAL",
-                "synchronous=FULL",
-                "secure_delete=ON",
-                "foreign_keys=ON",
-            ):
+            for pragma in ("journal_mode=WAL", "synchronous=FULL", "secure_delete=ON"):
                 self._db.execute(f"PRAGMA {pragma}")
-            self._db.executescript(SCHEMA)
+            with self._transaction() as db:
+                self._upgrade(db)
         except sqlite3.Error as exc:
             raise StoreError(f"key store {path}: {exc}") from None
 
-    def _aad(self, key_id: str) -> bytes:
-        return f"{self.name}\0{key_id}".encode()
+    def _upgrade(self, db: sqlite3.Connection) -> None:
+        """Create the schema; a store of the first layout (one sealed record per key) has
+        each key moved into a batch of its own, keeping its expiry and meta."""
+        if db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION:
+            return
+        columns = {row[1] for row in db.execute("PRAGMA table_info(keys)")}
+        if "record" in columns:
+            db.execute("ALTER TABLE keys RENAME TO keys_v1")
+        for statement in SCHEMA.split(";"):
+            if statement.strip():
+                db.execute(statement)
+        if "record" in columns:
+            old = db.execute("SELECT id, expires, meta, record FROM keys_v1 ORDER BY seq")
+            for key_id, expires, meta, record in old.fetchall():
+                material = self._key.open(f"{self.name}\0{key_id}".encode(), record)
+                self._insert(db, self._batch([(key_id, material)], meta, expires))
+                _erase(material)
+            db.execute("DROP TABLE keys_v1")
+        db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     # -- writing ----------------------------------------------------------------------
     def put_many(
@@ -170,134 +220,249 @@ class KeyStore:
         ttl: float | None = None,
     ) -> int:
         """Add keys atomically: all of them, or none if the capacity would be exceeded."""
-        rows = self._sealed(keys, meta, ttl)
+        batch = self._sealed(keys, meta, ttl)
         with self._transaction() as db:
-            return self._put_rows(db, rows)
-
-    def _sealed(
-        self, keys: Iterable[tuple[str, bytes | bytearray]], meta: str, ttl: float | None
-    ) -> list[Row]:
-        """The rows to insert, sealed outside the store lock (sealing may be an HSM call)."""
-        expires = self._clock() + (self.ttl if ttl is None else ttl)
-        return [
-            (key_id, expires, meta, self._key.seal(self._aad(key_id), material))
-            for key_id, material in keys
-        ]
-
-    def _put_rows(self, db: sqlite3.Connection, rows: list[Row]) -> int:
-        """Inside a transaction (or savepoint): insert all rows, or raise and insert none."""
-        count = db.execute("SELECT COUNT(*) FROM keys").fetchone()[0]
-        if count + len(rows) > self.capacity:
-            raise StoreFull(
-                f"store {self.name}: {count} + {len(rows)} keys exceed the "
-                f"capacity of {self.capacity}"
-            )
-        try:
-            db.executemany("INSERT INTO keys (id, expires, meta, record) VALUES (?,?,?,?)", rows)
-        except sqlite3.IntegrityError:
-            raise StoreError(f"store {self.name}: a key ID is already stored") from None
-        return len(rows)
+            return self._put_rows(db, batch)
 
     def put(
         self, key_id: str, material: bytes | bytearray, *, meta: str = "", ttl: float | None = None
     ) -> None:
         self.put_many([(key_id, material)], meta=meta, ttl=ttl)
 
+    def _sealed(
+        self, keys: Iterable[tuple[str, bytes | bytearray]], meta: str, ttl: float | None
+    ) -> Batch:
+        """The batch to insert, sealed outside the store lock (sealing may be an HSM call)."""
+        return self._batch(keys, meta, self._clock() + (self.ttl if ttl is None else ttl))
+
+    def _batch(
+        self, keys: Iterable[tuple[str, bytes | bytearray]], meta: str, expires: float
+    ) -> Batch:
+        entries = [(key_id, bytearray(material)) for key_id, material in keys]
+        if len({key_id for key_id, _ in entries}) != len(entries):
+            raise StoreError(f"store {self.name}: a key ID is listed twice")
+        tag = os.urandom(TAG_BYTES).hex()
+        record = self._seal(tag, entries) if entries else b""
+        return Batch(tag, expires, meta, [key_id for key_id, _ in entries], record)
+
+    def _put_rows(self, db: sqlite3.Connection, batch: Batch) -> int:
+        """Inside a transaction (or savepoint): insert the batch, or raise and insert none."""
+        if not batch.ids:
+            return 0
+        count = db.execute("SELECT keys FROM tally").fetchone()[0]
+        if count + len(batch.ids) > self.capacity:
+            raise StoreFull(
+                f"store {self.name}: {count} + {len(batch.ids)} keys exceed the "
+                f"capacity of {self.capacity}"
+            )
+        try:
+            self._insert(db, batch)
+        except sqlite3.IntegrityError:
+            raise StoreError(f"store {self.name}: a key ID is already stored") from None
+        return len(batch.ids)
+
+    @staticmethod
+    def _insert(db: sqlite3.Connection, batch: Batch) -> None:
+        seq = db.execute(
+            "INSERT INTO batches (tag, expires, meta, left, record) VALUES (?,?,?,?,?)",
+            (batch.tag, batch.expires, batch.meta, len(batch.ids), batch.record),
+        ).lastrowid
+        db.executemany(
+            "INSERT INTO keys (id, batch, slot) VALUES (?,?,?)",
+            [(key_id, seq, slot) for slot, key_id in enumerate(batch.ids)],
+        )
+        db.execute("UPDATE tally SET keys = keys + ?", (len(batch.ids),))
+
     # -- taking -----------------------------------------------------------------------
     def take(self, key_id: str) -> StoredKey:
-        """Remove and return the key ``key_id``: exactly once, whoever asks."""
-        with self._transaction() as db:
-            row = db.execute(
-                "DELETE FROM keys WHERE id = ? RETURNING expires, meta, record", (key_id,)
-            ).fetchone()
-        if row is None:
-            raise KeyUnavailable(f"store {self.name}: no key {key_id}")
-        expires, meta, record = row
-        if expires <= self._clock():
+        """Remove and return the key ``key_id``: exactly once, whoever asks. An expired
+        key is removed too, and KeyExpired raised."""
+        now = self._clock()
+        try:
+            with self._transaction() as db:
+                found = self._take_rows(db, [key_id], None)
+        except KeyUnavailable:
+            raise KeyUnavailable(f"store {self.name}: no key {key_id}") from None
+        meta, material, expires = found[key_id]
+        if expires <= now:
+            _erase(material)
             raise KeyExpired(f"store {self.name}: key {key_id} expired")
-        return StoredKey(key_id, self._key.open(self._aad(key_id), record), meta)
+        return StoredKey(key_id, material, meta)
 
     def take_many(self, key_ids: list[str]) -> list[StoredKey]:
         """Remove and return the named keys, all or none (KeyUnavailable naming none of them)."""
         now = self._clock()
         self._check_ids(key_ids)
-        with self._transaction() as db:
-            found = self._take_rows(db, key_ids, now)
-        return self._opened_as_named(key_ids, found)
+        found: Found = {}
+        try:
+            with self._transaction() as db:
+                found = self._take_rows(db, key_ids, now)
+        except StoreError:  # the COMMIT failed: nothing was taken, nobody gets the bits
+            erase_found(found)
+            raise
+        return self._as_named(key_ids, found)
 
     def _check_ids(self, key_ids: list[str]) -> None:
         """Refuse, before any transaction, a list no store could satisfy."""
         if not 0 < len(key_ids) <= 10_000 or len(set(key_ids)) != len(key_ids):
             raise KeyUnavailable(f"store {self.name}: not all {len(key_ids)} keys are here")
 
-    def _take_rows(
-        self, db: sqlite3.Connection, key_ids: list[str], now: float
-    ) -> dict[str, tuple[str, bytes]]:
-        """Inside a transaction (or savepoint): delete the named unexpired keys and return
-        ``{id: (meta, record)}``; KeyUnavailable if any is missing (the caller rolls back)."""
+    def _take_rows(self, db: sqlite3.Connection, key_ids: list[str], now: float | None) -> Found:
+        """Inside a transaction (or savepoint): delete the named keys and return
+        ``{id: (meta, material, expires)}``; KeyUnavailable if any is missing or (with
+        ``now``) expired, IntegrityFailure if a record does not hold what its rows say: the
+        caller rolls back either way, so nothing is taken."""
         marks = ",".join("?" * len(key_ids))
-        found = db.execute(
-            f"DELETE FROM keys WHERE id IN ({marks}) AND expires > ? "  # placeholders only
-            "RETURNING id, meta, record",
-            (*key_ids, now),
+        rows = db.execute(
+            f"DELETE FROM keys WHERE id IN ({marks}) RETURNING id, batch, slot",  # marks only
+            key_ids,
         ).fetchall()
-        if len(found) != len(key_ids):
+        if len(rows) != len(key_ids):
             raise KeyUnavailable(f"store {self.name}: not all {len(key_ids)} keys are here")
-        return {key_id: (meta, record) for key_id, meta, record in found}
+        db.execute("UPDATE tally SET keys = keys - ?", (len(rows),))
+        slots: dict[int, list[tuple[str, int]]] = {}
+        for key_id, seq, slot in rows:
+            slots.setdefault(seq, []).append((key_id, slot))
+        found: Found = {}
+        for seq, wanted in slots.items():
+            expires, meta, entries = self._load(db, seq)
+            try:
+                if now is not None and expires <= now:
+                    raise KeyUnavailable(f"store {self.name}: not all {len(key_ids)} keys are here")
+                for key_id, slot in wanted:
+                    if not 0 <= slot < len(entries) or entries[slot][0] != key_id:
+                        raise IntegrityFailure("key record failed authentication (ID mismatch)")
+                    found[key_id] = (meta, entries[slot][1], expires)
+                    entries[slot] = ("", bytearray())
+                self._keep_rest(db, seq, entries)
+            except BaseException:
+                erase_found(found)
+                raise
+            finally:
+                for _, material in entries:
+                    _erase(material)
+        return found
 
-    def _opened_as_named(
-        self, key_ids: list[str], found: dict[str, tuple[str, bytes]]
-    ) -> list[StoredKey]:
-        """Open taken records, outside the store lock, in the order they were named."""
-        return [
-            StoredKey(k, self._key.open(self._aad(k), found[k][1]), found[k][0]) for k in key_ids
-        ]
+    def _as_named(self, key_ids: list[str], found: Found) -> list[StoredKey]:
+        """The taken keys in the order they were named."""
+        return [StoredKey(k, found[k][1], found[k][0]) for k in key_ids]
 
     def take_next(self, n: int = 1) -> list[StoredKey]:
         """Remove and return the ``n`` oldest unexpired keys, all or none."""
         if n < 1:
             raise StoreError(f"store {self.name}: cannot take {n} keys")
         with self._transaction() as db:
-            rows = self._oldest(db, n)
-            if len(rows) < n:
-                db.execute("ROLLBACK")
-                raise KeyUnavailable(f"store {self.name}: {len(rows)} keys in stock, {n} needed")
-        return self._opened(rows)
+            taken = self._oldest(db, n)
+            if len(taken) < n:
+                for key in taken:
+                    _erase(key.material)
+                raise KeyUnavailable(f"store {self.name}: {len(taken)} keys in stock, {n} needed")
+        return taken
 
     def take_up_to(self, n: int) -> list[StoredKey]:
         """Remove and return the oldest unexpired keys, at most ``n`` (maybe none)."""
         with self._transaction() as db:
-            rows = self._oldest(db, max(0, n))
-        return self._opened(rows)
+            return self._oldest(db, max(0, n))
 
-    def _oldest(self, db: sqlite3.Connection, n: int) -> list[tuple[int, str, str, bytes]]:
-        """Inside a transaction: drop expired keys, then delete and return the n oldest."""
-        db.execute("DELETE FROM keys WHERE expires <= ?", (self._clock(),))
-        return db.execute(
-            "DELETE FROM keys WHERE seq IN (SELECT seq FROM keys ORDER BY seq LIMIT ?) "
-            "RETURNING seq, id, meta, record",
-            (n,),
-        ).fetchall()
+    def _oldest(self, db: sqlite3.Connection, n: int) -> list[StoredKey]:
+        """Inside a transaction: drop expired keys, then take the n oldest."""
+        self._purge(db)
+        ids: list[str] = []
+        cursor = db.execute("SELECT seq FROM batches ORDER BY seq")
+        while len(ids) < n and (row := cursor.fetchone()) is not None:
+            _, _, entries = self._load(db, row[0])
+            ids += [key_id for key_id, _ in entries if key_id][: n - len(ids)]
+            for _, material in entries:
+                _erase(material)
+        cursor.close()
+        if not ids:
+            return []
+        return self._as_named(ids, self._take_rows(db, ids, None))
 
-    def _opened(self, rows: list[tuple[int, str, str, bytes]]) -> list[StoredKey]:
-        return [
-            StoredKey(key_id, self._key.open(self._aad(key_id), record), meta)
-            for _, key_id, meta, record in sorted(rows)
-        ]
+    def _load(self, db: sqlite3.Connection, seq: int) -> tuple[float, str, list[Entry]]:
+        """A batch's expiry time, meta and opened slots."""
+        tag, expires, meta, record = db.execute(
+            "SELECT tag, expires, meta, record FROM batches WHERE seq = ?", (seq,)
+        ).fetchone()
+        return expires, meta, self._open(tag, record)
+
+    def _keep_rest(self, db: sqlite3.Connection, seq: int, entries: list[Entry]) -> None:
+        """A batch after a take: deleted when no key is left, else re-sealed without the
+        taken keys' bits, under a fresh tag (the old cell is overwritten: secure_delete)."""
+        left = sum(1 for key_id, _ in entries if key_id)
+        if left == 0:
+            db.execute("DELETE FROM batches WHERE seq = ?", (seq,))
+            return
+        tag = os.urandom(TAG_BYTES).hex()
+        db.execute(
+            "UPDATE batches SET tag = ?, left = ?, record = ? WHERE seq = ?",
+            (tag, left, self._seal(tag, entries), seq),
+        )
+
+    # -- records ----------------------------------------------------------------------
+    def _seal(self, tag: str, entries: list[Entry]) -> bytes:
+        """A batch record: per slot, the key ID (empty once taken) and the key bits."""
+        plain = bytearray(_COUNT.pack(len(entries)))
+        try:
+            for key_id, material in entries:
+                raw_id = key_id.encode()
+                if len(raw_id) > 255 or len(material) > 0xFFFF:
+                    raise StoreError(f"store {self.name}: key ID or key too long")
+                plain += _SLOT.pack(len(raw_id), len(material))
+                plain += raw_id
+                plain += material
+            return self._key.seal(self._aad(tag), plain)
+        finally:
+            _erase(plain)
+
+    def _open(self, tag: str, record: bytes) -> list[Entry]:
+        plain = self._key.open(self._aad(tag), record)
+        try:
+            (count,), at, entries = _COUNT.unpack_from(plain), _COUNT.size, []
+            for _ in range(count):
+                id_len, size = _SLOT.unpack_from(plain, at)
+                at += _SLOT.size
+                key_id = plain[at : at + id_len].decode()
+                entries.append((key_id, plain[at + id_len : at + id_len + size]))
+                at += id_len + size
+        except (struct.error, UnicodeDecodeError):
+            raise IntegrityFailure("key record malformed") from None
+        finally:
+            _erase(plain)
+        return entries
+
+    def _aad(self, tag: str) -> bytes:
+        return f"{self.name}\0batch\0{tag}".encode()
 
     # -- housekeeping -----------------------------------------------------------------
     def count(self) -> int:
         """Unexpired keys in the store."""
         with self._lock:
             row = self._db.execute(
-                "SELECT COUNT(*) FROM keys WHERE expires > ?", (self._clock(),)
+                "SELECT keys - (SELECT COALESCE(SUM(left), 0) FROM batches WHERE expires <= ?) "
+                "FROM tally",
+                (self._clock(),),
             ).fetchone()
         return int(row[0])
 
     def purge_expired(self) -> int:
         """Delete expired keys; return how many."""
         with self._transaction() as db:
-            return db.execute("DELETE FROM keys WHERE expires <= ?", (self._clock(),)).rowcount
+            return self._purge(db)
+
+    def _purge(self, db: sqlite3.Connection) -> int:
+        now = self._clock()
+        gone = db.execute(
+            "SELECT COALESCE(SUM(left), 0) FROM batches WHERE expires <= ?", (now,)
+        ).fetchone()[0]
+        if gone:
+            db.execute(
+                "DELETE FROM keys WHERE batch IN (SELECT seq FROM batches WHERE expires <= ?)",
+                (now,),
+            )
+            db.execute("DELETE FROM batches WHERE expires <= ?", (now,))
+            db.execute("UPDATE tally SET keys = keys - ?", (gone,))
+        return int(gone)
 
     def checkpoint(self) -> None:
         """Fold the WAL into the database and truncate it (see the module docstring)."""
@@ -344,3 +509,13 @@ class _Transaction:
             self._store._lock.release()
         if isinstance(exc, sqlite3.Error):
             raise StoreError(f"store {name}: {exc}") from None
+
+
+def _erase(buf: bytearray) -> None:
+    buf[:] = bytes(len(buf))
+
+
+def erase_found(found: Found) -> None:
+    """Erase the bits of keys taken in a transaction that did not stand."""
+    for _, material, _ in found.values():
+        _erase(material)

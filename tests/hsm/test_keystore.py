@@ -103,7 +103,10 @@ def keys(n: int, prefix: str = "k") -> list[tuple[str, bytes]]:
 
 def record_of(path: Path, key_id: str) -> bytes:
     with sqlite3.connect(path) as db:
-        return bytes(db.execute("SELECT record FROM keys WHERE id = ?", (key_id,)).fetchone()[0])
+        row = db.execute(
+            "SELECT record FROM batches JOIN keys ON batch = seq WHERE id = ?", (key_id,)
+        ).fetchone()
+        return bytes(row[0])
 
 
 def rewrite(path: Path, sql: str, *params: object) -> None:
@@ -202,7 +205,8 @@ def test_records_are_randomised_and_hold_no_key_bytes(tmp_path: Path, store: Key
     store.put("b", CANARY)
     store.checkpoint()
     ra, rb = record_of(store.path, "a"), record_of(store.path, "b")
-    assert len(ra) == 32 + keystore.OVERHEAD and ra[0] == keystore.VERSION
+    batch_of_one = 4 + 3 + len("a") + 32  # slot count, then ID length, key length, ID, key
+    assert len(ra) == batch_of_one + keystore.OVERHEAD and ra[0] == keystore.VERSION
     assert ra[keystore.BODY :] != rb[keystore.BODY :]
     on_disk = b"".join(p.read_bytes() for p in tmp_path.glob("link.db*"))
     assert CANARY not in on_disk
@@ -213,14 +217,14 @@ def test_a_tampered_record_fails_to_open(store: KeyStore, where: int):
     store.put("k1", CANARY)
     record = bytearray(record_of(store.path, "k1"))
     record[where] ^= 0x01
-    rewrite(store.path, "UPDATE keys SET record = ? WHERE id = 'k1'", bytes(record))
+    rewrite(store.path, "UPDATE batches SET record = ?", bytes(record))
     with pytest.raises(IntegrityFailure):
         store.take("k1")
 
 
 def test_a_truncated_record_fails_to_open(store: KeyStore):
     store.put("k1", CANARY)
-    rewrite(store.path, "UPDATE keys SET record = substr(record, 1, 20) WHERE id = 'k1'")
+    rewrite(store.path, "UPDATE batches SET record = substr(record, 1, 20)")
     with pytest.raises(IntegrityFailure, match="too short"):
         store.take("k1")
 

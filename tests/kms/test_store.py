@@ -132,7 +132,7 @@ def test_taken_records_are_zeroed_after_checkpoint(store):
     store.put("gone", CANARY)
     sealed = (
         sqlite3.connect(store.path)
-        .execute("SELECT record FROM keys WHERE id = 'gone'")
+        .execute("SELECT record FROM batches JOIN keys ON batch = seq WHERE id = 'gone'")
         .fetchone()[0]
     )
     store.take("gone")
@@ -212,3 +212,65 @@ def test_a_stock_lease_hands_out_each_key_once_and_gives_the_rest_back(tmp_path)
     assert lease.give_back() == 11  # the failed take leased all that was left
     assert s.count() == 11 and len(lease) == 0
     assert sorted(k.key_id for k in s.take_up_to(100)) == [f"k{i:03d}" for i in range(9, 20)]
+
+
+# -- the batch layout: keys put together share one sealed record -------------------------
+
+
+def test_a_partial_take_reseals_the_rest_under_a_fresh_tag(store):
+    store.put_many(keys(3))
+    db = sqlite3.connect(store.path)
+    before = db.execute("SELECT tag, record FROM batches").fetchone()
+    assert bytes(store.take("k1").material) == bytes([1]) * 32
+    after = db.execute("SELECT tag, left, record FROM batches").fetchone()
+    assert after[0] != before[0] and after[1] == 2 and after[2] != before[1]
+    assert [bytes(k.material) for k in store.take_many(["k2", "k0"])] == [
+        bytes([2]) * 32,
+        bytes([0]) * 32,
+    ]
+    assert db.execute("SELECT COUNT(*) FROM batches").fetchone()[0] == 0
+
+
+def test_a_key_row_pointing_elsewhere_fails_and_takes_nothing(store):
+    store.put_many(keys(2))
+    db = sqlite3.connect(store.path)
+    with db:
+        db.execute("UPDATE keys SET slot = 1 WHERE id = 'k0'")
+    with pytest.raises(IntegrityFailure):
+        store.take_many(["k0"])
+    assert store.count() == 2
+    assert bytes(store.take("k1").material) == bytes([1]) * 32
+
+
+def test_oldest_keys_come_first_across_batches(store):
+    store.put_many(keys(2, "a"))
+    store.put_many(keys(1, "b"))
+    store.take("a0")
+    assert [k.key_id for k in store.take_next(2)] == ["a1", "b0"]
+    assert store.take_up_to(5) == [] and store.count() == 0
+
+
+def test_a_store_of_the_first_layout_is_upgraded_with_its_keys(tmp_path, clock):
+    path, node_key = tmp_path / "old.db", NodeKey(bytes(32))
+    db = sqlite3.connect(path)
+    db.executescript(
+        "CREATE TABLE keys (seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT NOT NULL UNIQUE,"
+        " expires REAL NOT NULL, meta TEXT NOT NULL DEFAULT '', record BLOB NOT NULL);"
+    )
+    for i, expires in enumerate([2000.0, 500.0, 3000.0]):
+        record = node_key.seal(f"s\0old{i}".encode(), bytes([i]) * 32)
+        db.execute(
+            "INSERT INTO keys (id, expires, meta, record) VALUES (?,?,?,?)",
+            (f"old{i}", expires, f"m{i}", record),
+        )
+    db.commit()
+    db.close()
+    store = KeyStore(path, "s", node_key, clock=clock)
+    assert store.count() == 2  # old1 had expired
+    taken = store.take_next(2)
+    assert [(k.key_id, k.meta, bytes(k.material)) for k in taken] == [
+        ("old0", "m0", bytes([0]) * 32),
+        ("old2", "m2", bytes([2]) * 32),
+    ]
+    again = KeyStore(path, "s", node_key, clock=clock)  # already upgraded: opens as is
+    assert again.count() == 0
