@@ -8,7 +8,6 @@ figure (DemoQuanDT, 10,000 requests, full key stores): 17.34 +- 1.62 s.
 
 from __future__ import annotations
 
-import http.client
 import json
 import ssl
 import statistics
@@ -17,6 +16,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from appliance.sae_http import HttpResponseError, HttpsConnection
 
 PAPER_T_KEY_S = (17.34, 1.62)
 WARMUP = 5
@@ -31,11 +32,12 @@ class SaeEndpoint:
     key: Path
     ca: Path
 
-    def connect(self) -> http.client.HTTPSConnection:
+    def connect(self) -> HttpsConnection:
+        """A keep-alive connection to this SAE's KME (opened on the first request)."""
         ctx = ssl.create_default_context(cafile=str(self.ca))
         ctx.check_hostname = False  # the private CA names nodes, not hosts
         ctx.load_cert_chain(self.cert, self.key)
-        return http.client.HTTPSConnection("127.0.0.1", self.port, context=ctx, timeout=30)
+        return HttpsConnection("127.0.0.1", self.port, ctx, timeout=30)
 
 
 def endpoints(status: dict[str, Any], master: str, slave: str) -> tuple[SaeEndpoint, SaeEndpoint]:
@@ -51,14 +53,17 @@ def endpoints(status: dict[str, Any], master: str, slave: str) -> tuple[SaeEndpo
 
 
 def call(
-    conn: http.client.HTTPSConnection, path: str, body: dict[str, Any] | None = None
+    conn: HttpsConnection, path: str, body: dict[str, Any] | None = None
 ) -> tuple[int, dict[str, Any]]:
+    """One 014 call: GET ``path``, or POST ``body`` as JSON; (status, the JSON answer).
+
+    Raises OSError (timeout, reset), HttpResponseError (not HTTP) or ValueError (not JSON).
+    """
     if body is None:
-        conn.request("GET", path)
+        response = conn.request("GET", path)
     else:
-        conn.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
-    response = conn.getresponse()
-    return response.status, json.loads(response.read())
+        response = conn.request("POST", path, json.dumps(body).encode())
+    return response.status, json.loads(response.body)
 
 
 def measure(
@@ -82,9 +87,9 @@ def measure(
         t0 = time.perf_counter()
         try:
             status, issued = call(a, f"/api/v1/keys/{slave.sae}/enc_keys?number={number}")
-        except (OSError, http.client.HTTPException, ValueError):  # timeout, reset, garbage
-            a.close()
-            a, failed = master.connect(), failed + 1
+        except (OSError, HttpResponseError, ValueError):  # timeout, reset, garbage
+            a.close()  # the next request opens a fresh connection
+            failed += 1
             continue
         if status != 200:
             failed += 1
@@ -92,9 +97,9 @@ def measure(
         ids = [{"key_ID": k["key_ID"]} for k in issued["keys"]]
         try:
             status, got = call(b, f"/api/v1/keys/{master.sae}/dec_keys", {"key_IDs": ids})
-        except (OSError, http.client.HTTPException, ValueError):
+        except (OSError, HttpResponseError, ValueError):
             b.close()
-            b, failed = slave.connect(), failed + 1
+            failed += 1
             continue
         latencies.append(time.perf_counter() - t0)
         if status == 200 and got["keys"] == issued["keys"]:
@@ -104,6 +109,8 @@ def measure(
         if progress:
             progress(i + 1)
     elapsed = time.perf_counter() - start
+    a.close()
+    b.close()
     doc = report(latencies, requests, matched, mismatched, failed, elapsed)
     doc["window"] = [time.time() - elapsed, time.time()]
     return doc

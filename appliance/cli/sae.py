@@ -9,9 +9,6 @@ from __future__ import annotations
 import argparse
 import base64
 import hashlib
-import http.client
-import json
-import ssl
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +17,8 @@ from rich.table import Table
 from appliance.cli.net import DEFAULT_DIR, status_doc
 from appliance.cli.output import console, print_json
 from appliance.errors import ApplianceError, UsageError
-from appliance.tkey import SaeEndpoint, endpoints
+from appliance.sae_http import HttpResponseError, Unanswered
+from appliance.tkey import SaeEndpoint, call, endpoints
 
 
 def register(sub: Any) -> None:
@@ -57,28 +55,23 @@ def register(sub: Any) -> None:
 
 def _request(sae: SaeEndpoint, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
     try:
-        conn = sae.connect()
-        if body is None:
-            conn.request("GET", path)
-        else:
-            conn.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
-        response = conn.getresponse()
-        answer = response.read()
-    except (OSError, ssl.SSLError, http.client.HTTPException) as exc:
+        with sae.connect() as conn:
+            status, doc = call(conn, path, body)
+    except (OSError, Unanswered) as exc:  # ssl.SSLError included; a hang-up before any answer
         raise ApplianceError(
             f"cannot reach the KME of {sae.sae} on port {sae.port}: {exc.__class__.__name__}",
             code="SAE-CONNECT",
         ) from None
-    try:
-        doc: dict[str, Any] = json.loads(answer)
-    except json.JSONDecodeError:
+    except HttpResponseError as exc:
+        raise ApplianceError(
+            f"the KME's answer is not valid HTTP: {exc}", code="SAE-PROTOCOL"
+        ) from None
+    except ValueError:
         raise ApplianceError(
             "the KME answered with something that is not JSON", code="SAE-PROTOCOL"
         ) from None
-    if response.status != 200:
-        raise ApplianceError(
-            f"{response.status}: {doc.get('message', '')}", code=f"SAE-HTTP-{response.status}"
-        )
+    if status != 200:
+        raise ApplianceError(f"{status}: {doc.get('message', '')}", code=f"SAE-HTTP-{status}")
     return doc
 
 
