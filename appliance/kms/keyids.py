@@ -17,12 +17,17 @@ _CANONICAL = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-
 _ANY_CASE = re.compile(r"[0-9a-fA-F]{8}-(?:[0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}")
 
 
-def new_ids(n: int) -> list[str]:
-    """``n`` random version-4 UUIDs (RFC 9562), from one ``os.urandom`` call."""
+def new_raw(n: int) -> bytes:
+    """``n`` random version-4 UUIDs (RFC 9562) as 16 bytes each, from one ``os.urandom``."""
     raw = bytearray(os.urandom(16 * n))
     raw[6::16] = bytes((b & 0x0F) | 0x40 for b in raw[6::16])  # version 4
     raw[8::16] = bytes((b & 0x3F) | 0x80 for b in raw[8::16])  # RFC variant
-    text = raw.hex()
+    return bytes(raw)
+
+
+def new_ids(n: int) -> list[str]:
+    """``n`` random version-4 UUIDs in text form."""
+    text = new_raw(n).hex()
     return [from_hex(text[i : i + 32]) for i in range(0, len(text), 32)]
 
 

@@ -41,14 +41,26 @@ def encode_batch(keys: Sequence[tuple[str, bytes | bytearray]]) -> bytearray:
     sizes = {len(k) for _, k in keys}
     if len(sizes) != 1 or len(keys) > 0xFFFF:
         raise ProtocolError("a KSA batch holds one or more keys of one size")
-    size = sizes.pop()
-    out = bytearray(size.to_bytes(2, "big") + len(keys).to_bytes(2, "big"))
     try:
-        for key_id, key in keys:
-            out += keyids.to_bytes(key_id)
-            out += key
+        raw_ids = b"".join(keyids.to_bytes(key_id) for key_id, _ in keys)
     except ValueError:
         raise ProtocolError("a KSA key ID is not a UUID") from None
+    material = bytearray(b"".join(key for _, key in keys))
+    try:
+        return pack_batch(raw_ids, material, sizes.pop())
+    finally:
+        material[:] = bytes(len(material))
+
+
+def pack_batch(raw_ids: bytes, material: bytes | bytearray | memoryview, size: int) -> bytearray:
+    """A batch from 16-byte key IDs and the keys' bits, ``size`` bytes each, in order."""
+    count = len(raw_ids) // 16
+    if len(raw_ids) != 16 * count or len(material) != count * size or not 0 < count <= 0xFFFF:
+        raise ProtocolError("a KSA batch holds one or more keys of one size")
+    out = bytearray(size.to_bytes(2, "big") + count.to_bytes(2, "big"))
+    for i in range(count):
+        out += raw_ids[16 * i : 16 * i + 16]
+        out += material[size * i : size * (i + 1)]
     return out
 
 
@@ -59,16 +71,13 @@ def decode_batch(data: bytes | bytearray) -> list[tuple[str, bytearray]]:
     size, count = int.from_bytes(data[0:2], "big"), int.from_bytes(data[2:4], "big")
     if count == 0 or size == 0 or len(data) != 4 + count * (16 + size):
         raise ProtocolError("malformed KSA batch")
-    view, out = memoryview(data), []
-    for i in range(count):
-        at = 4 + i * (16 + size)
-        out.append(
-            (
-                keyids.from_bytes(view[at : at + 16]),
-                bytearray(view[at + 16 : at + 16 + size]),
-            )
-        )
-    return out
+    step = 16 + size
+    starts = range(4, 4 + count * step, step)
+    text = b"".join(data[at : at + 16] for at in starts).hex()  # the IDs only, in one call
+    return [
+        (keyids.from_hex(text[32 * i : 32 * i + 32]), bytearray(data[at + 16 : at + step]))
+        for i, at in enumerate(starts)
+    ]
 
 
 def cn_key_bytes(mode: Mode, count: int, key_bytes: int) -> int:

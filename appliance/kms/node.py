@@ -827,36 +827,36 @@ class KmsNode:
         width = size // 8
         # one PTG.3 request (one reseed) for the keys and the CN key that carries them
         drawn = bytearray(self.rng(number * width + ksa.cn_key_bytes(mode, number, width)))
-        ids = keyids.new_ids(number)
-        keys = [(ids[i], bytes(drawn[i * width : (i + 1) * width])) for i in range(number)]
+        batch = ksa.pack_batch(keyids.new_raw(number), memoryview(drawn)[: number * width], width)
         cn_key = drawn[number * width :]
         drawn[:] = bytes(len(drawn))
         path = self._path_to(deliver_to)
         steps = [self.relay(request_id, path, 0, bytearray(cn_key), mode)]
         if for_channel:
-            chan.add_next(epoch, bytearray(keys[0][1]))
+            chan.add_next(epoch, batch[20 : 20 + width])  # the one key, after count and ID
         else:
-            steps.append(self._deliver(doc, request_id, keys, mode))
+            steps.append(self._deliver(doc, request_id, bytearray(batch), mode))
         try:
             for outcome in await asyncio.gather(*steps, return_exceptions=True):
                 if isinstance(outcome, BaseException):
                     raise outcome
-            batch = ksa.seal_batch(mode, cn_key, request_id, ksa.encode_batch(keys))
+            sealed = ksa.seal_batch(mode, cn_key, request_id, batch)  # erases both
         finally:
             cn_key[:] = bytes(len(cn_key))
-        return {"batch": _b64(batch)}
+            batch[:] = bytes(len(batch))
+        return {"batch": _b64(sealed)}
 
     async def _deliver(
-        self, doc: dict[str, Any], request_id: bytes, keys: list[tuple[str, bytes]], mode: Mode
+        self, doc: dict[str, Any], request_id: bytes, batch: bytearray, mode: Mode
     ) -> None:
-        """AKMS B: the slave's copies of the keys, to its UKMS under our link keys."""
-        master, slave = _field(doc, "master", str), _field(doc, "slave", str)
-        ukms_b = _field(doc, "ukms_b", int)
-        if ukms_b not in self.links:
-            raise ProtocolError("malformed CN request")
-        hop = self._hop(ukms_b, request_id, 0, mode)
-        batch = ksa.encode_batch(keys)
+        """AKMS B: the slave's copies of the keys (an encoded batch, erased here), to its
+        UKMS under our link keys."""
         try:
+            master, slave = _field(doc, "master", str), _field(doc, "slave", str)
+            ukms_b = _field(doc, "ukms_b", int)
+            if ukms_b not in self.links:
+                raise ProtocolError("malformed CN request")
+            hop = self._hop(ukms_b, request_id, 0, mode)
             fields = {"master": master, "slave": slave}
             await self._send_sealed(ukms_b, "ukms", "/v1/ksa/deliver", hop, batch, "sealed", fields)
         finally:
