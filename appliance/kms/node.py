@@ -641,11 +641,6 @@ class KmsNode:
                     await asyncio.sleep(backoff)
                     backoff = min(5.0, backoff * 2)
 
-    def take_ksa(self, slave: str, master: str, key_ids: list[str]) -> list[tuple[str, bytes]]:
-        """UKMS B: dec_keys, each key once, only for the pair it was made for."""
-        taken = self._store(master, slave).take_many(key_ids)
-        return [(k.key_id, bytes(k.material)) for k in taken]
-
     # -- AKMS A: the requesting side ----------------------------------------------------
     async def _on_ksa(self, doc: dict[str, Any], caller: int) -> dict[str, Any]:
         master, slave = _field(doc, "master", str), _field(doc, "slave", str)
@@ -1117,7 +1112,8 @@ class UkmsKeyService:
     async def dec_keys(
         self, slave: str, master: str, key_ids: list[str]
     ) -> list[tuple[str, bytes]]:
-        """As :meth:`KmsNode.take_ksa`, through the store's group committer."""
+        """UKMS B: each key once, only for the pair it was made for (the pair's store,
+        through its group committer)."""
         taken = await self.node.committer(master, slave).take_many(key_ids)
         try:
             return [(k.key_id, bytes(k.material)) for k in taken]
