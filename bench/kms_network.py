@@ -83,12 +83,13 @@ def _measure_n(master: Any, slave: Any, requests: int, number: int) -> dict[str,
 
 def _enc_only(master: Any, slave: Any, requests: int) -> list[float]:
     """enc_keys latencies (ms) on one keep-alive connection: served from the stock."""
-    conn, out = master.connect(), []
-    for _ in range(requests):
-        t0 = time.perf_counter()
-        code, _ = call(conn, f"/api/v1/keys/{slave.sae}/enc_keys")
-        if code == 200:
-            out.append((time.perf_counter() - t0) * 1000)
+    out = []
+    with master.connect() as conn:
+        for _ in range(requests):
+            t0 = time.perf_counter()
+            code, _ = call(conn, f"/api/v1/keys/{slave.sae}/enc_keys")
+            if code == 200:
+                out.append((time.perf_counter() - t0) * 1000)
     return out
 
 
@@ -109,12 +110,13 @@ def stock_phase(tmp: Path, mode: str, workers: int, per_worker: int) -> dict[str
     try:
         status = net.status_doc(net_dir)
         master, slave = endpoints(status, "sae-berlin-1", "sae-bonn-1")
-        conn, deadline = master.connect(), time.monotonic() + 120
-        while time.monotonic() < deadline:
-            _, doc = call(conn, f"/api/v1/keys/{slave.sae}/status")
-            if doc.get("stored_key_count", 0) >= up.stock:
-                break
-            time.sleep(0.5)
+        deadline = time.monotonic() + 120
+        with master.connect() as conn:
+            while time.monotonic() < deadline:
+                _, doc = call(conn, f"/api/v1/keys/{slave.sae}/status")
+                if doc.get("stored_key_count", 0) >= up.stock:
+                    break
+                time.sleep(0.5)
         runs = in_processes(workers, _enc_only, (master, slave, per_worker))
     finally:
         net.bring_down(net_dir)

@@ -372,6 +372,16 @@ def test_measure_compares_keys_and_counts_garbage_as_failed(server, sae):
     assert (result["keys_matched"], result["failed_requests"]) == (3, 1)
 
 
+def test_garbage_during_the_warm_up_is_not_counted_and_does_not_stop_the_run(server, sae):
+    def kme(request: bytes) -> Reply:
+        return ok({"keys": [{"key_ID": "id-1", "key": "a2V5"}]})
+
+    first = len(server.requests) + 1
+    server.handler = lambda r: Reply(b"garb\r\n\r\n") if len(server.requests) == first else kme(r)
+    result = measure(sae, sae, 3)
+    assert (result["keys_matched"], result["failed_requests"]) == (3, 0)
+
+
 # ---- the parser, fuzzed -----------------------------------------------------------------
 
 TOKEN = st.text("abcdefghijklmnopqrstuvwxyz-_", min_size=1, max_size=12).filter(
