@@ -166,7 +166,7 @@ def test_an_access_node_with_another_psk_is_refused_and_alarms(tmp_path, caplog)
 def test_a_contract_chooses_its_users_relay_mode(tmp_path, monkeypatch):
     """The network relays in GCM; the demo users' contract asks for OTP: their keys cross
     every hop under one-time pads, and the other user's keys under GCM."""
-    import appliance.kms.node as node_module
+    import appliance.kms.nodebase as node_module  # where _seal_for finds them
 
     sealed: list[Mode] = []
     for name, mode in (("seal_otp", Mode.OTP), ("seal_gcm", Mode.GCM)):
