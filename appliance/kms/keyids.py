@@ -25,12 +25,6 @@ def new_raw(n: int) -> bytes:
     return bytes(raw)
 
 
-def new_ids(n: int) -> list[str]:
-    """``n`` random version-4 UUIDs in text form."""
-    text = new_raw(n).hex()
-    return [from_hex(text[i : i + 32]) for i in range(0, len(text), 32)]
-
-
 def from_hex(h: str) -> str:
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:32]}"
 

@@ -78,6 +78,8 @@ TAG_BYTES = 16
 _COUNT = struct.Struct(">I")
 _SLOT = struct.Struct(">BH")  # key ID length (0: taken), key length
 
+Row = tuple[str, int, int]
+"""An index row: key ID, batch, slot."""
 Entry = tuple[str, bytearray]
 """One slot of a batch record: key ID ("" once taken) and key bits."""
 Found = dict[str, tuple[str, bytearray, float]]
@@ -312,6 +314,20 @@ class KeyStore:
         ``{id: (meta, material, expires)}``; KeyUnavailable if any is missing or (with
         ``now``) expired, IntegrityFailure if a record does not hold what its rows say: the
         caller rolls back either way, so nothing is taken."""
+        slots: dict[int, list[tuple[str, int]]] = {}
+        for key_id, seq, slot in self._delete_rows(db, key_ids):
+            slots.setdefault(seq, []).append((key_id, slot))
+        found: Found = {}
+        try:
+            for seq, wanted in slots.items():
+                self._take_slots(db, seq, wanted, self._load(db, seq), found, now)
+        except BaseException:
+            erase_found(found)
+            raise
+        return found
+
+    def _delete_rows(self, db: sqlite3.Connection, key_ids: list[str]) -> list[Row]:
+        """The keys' index rows, deleted: (ID, batch, slot); KeyUnavailable if any is missing."""
         marks = ",".join("?" * len(key_ids))
         rows = db.execute(
             f"DELETE FROM keys WHERE id IN ({marks}) RETURNING id, batch, slot",  # marks only
@@ -320,28 +336,33 @@ class KeyStore:
         if len(rows) != len(key_ids):
             raise KeyUnavailable(f"store {self.name}: not all {len(key_ids)} keys are here")
         db.execute("UPDATE tally SET keys = keys - ?", (len(rows),))
-        slots: dict[int, list[tuple[str, int]]] = {}
-        for key_id, seq, slot in rows:
-            slots.setdefault(seq, []).append((key_id, slot))
-        found: Found = {}
-        for seq, wanted in slots.items():
-            expires, meta, entries = self._load(db, seq)
-            try:
-                if now is not None and expires <= now:
-                    raise KeyUnavailable(f"store {self.name}: not all {len(key_ids)} keys are here")
-                for key_id, slot in wanted:
-                    if not 0 <= slot < len(entries) or entries[slot][0] != key_id:
-                        raise IntegrityFailure("key record failed authentication (ID mismatch)")
-                    found[key_id] = (meta, entries[slot][1], expires)
-                    entries[slot] = ("", bytearray())
-                self._keep_rest(db, seq, entries)
-            except BaseException:
-                erase_found(found)
-                raise
-            finally:
-                for _, material in entries:
-                    _erase(material)
-        return found
+        return rows
+
+    def _take_slots(
+        self,
+        db: sqlite3.Connection,
+        seq: int,
+        wanted: list[tuple[str, int]],
+        loaded: tuple[float, str, list[Entry]],
+        found: Found,
+        now: float | None = None,
+    ) -> None:
+        """Move the wanted slots of an opened batch into ``found`` and keep the rest
+        (KeyUnavailable if the batch expired by ``now``); the batch's opened copy is erased
+        whatever happens."""
+        expires, meta, entries = loaded
+        try:
+            if now is not None and expires <= now:
+                raise KeyUnavailable(f"store {self.name}: not all the keys named are here")
+            for key_id, slot in wanted:
+                if not 0 <= slot < len(entries) or entries[slot][0] != key_id:
+                    raise IntegrityFailure("key record failed authentication (ID mismatch)")
+                found[key_id] = (meta, entries[slot][1], expires)
+                entries[slot] = ("", bytearray())
+            self._keep_rest(db, seq, entries)
+        finally:
+            for _, material in entries:
+                _erase(material)
 
     def _as_named(self, key_ids: list[str], found: Found) -> list[StoredKey]:
         """The taken keys in the order they were named."""
@@ -365,19 +386,31 @@ class KeyStore:
             return self._oldest(db, max(0, n))
 
     def _oldest(self, db: sqlite3.Connection, n: int) -> list[StoredKey]:
-        """Inside a transaction: drop expired keys, then take the n oldest."""
+        """Inside a transaction: drop expired keys, then take the n oldest (each batch is
+        opened once; every batch holds a key, so at most n batches are read)."""
         self._purge(db)
         ids: list[str] = []
-        cursor = db.execute("SELECT seq FROM batches ORDER BY seq")
-        while len(ids) < n and (row := cursor.fetchone()) is not None:
-            _, _, entries = self._load(db, row[0])
-            ids += [key_id for key_id, _ in entries if key_id][: n - len(ids)]
-            for _, material in entries:
+        found: Found = {}
+        seqs = db.execute("SELECT seq FROM batches ORDER BY seq LIMIT ?", (n,)).fetchall()
+        entries: list[Entry] = []
+        try:
+            for (seq,) in seqs:
+                if len(ids) == n:
+                    break
+                loaded = self._load(db, seq)
+                entries = loaded[2]
+                wanted = [(k, slot) for slot, (k, _) in enumerate(entries) if k][: n - len(ids)]
+                rows = self._delete_rows(db, [k for k, _ in wanted]) if wanted else []
+                if not wanted or sorted(rows) != sorted((k, seq, s) for k, s in wanted):
+                    raise IntegrityFailure("key store index does not match its record")
+                self._take_slots(db, seq, wanted, loaded, found)
+                ids += [k for k, _ in wanted]
+        except BaseException:
+            erase_found(found)
+            for _, material in entries:  # a batch opened but not taken from
                 _erase(material)
-        cursor.close()
-        if not ids:
-            return []
-        return self._as_named(ids, self._take_rows(db, ids, None))
+            raise
+        return self._as_named(ids, found)
 
     def _load(self, db: sqlite3.Connection, seq: int) -> tuple[float, str, list[Entry]]:
         """A batch's expiry time, meta and opened slots."""

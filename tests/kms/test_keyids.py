@@ -12,7 +12,8 @@ from appliance.kms import keyids
 
 
 def test_new_ids_are_distinct_version_4_uuids():
-    ids = keyids.new_ids(2000)
+    raw = keyids.new_raw(2000)
+    ids = [keyids.from_bytes(raw[i : i + 16]) for i in range(0, len(raw), 16)]
     assert len(set(ids)) == 2000
     for key_id in ids:
         parsed = uuid.UUID(key_id)

@@ -238,6 +238,8 @@ def test_a_key_row_pointing_elsewhere_fails_and_takes_nothing(store):
         db.execute("UPDATE keys SET slot = 1 WHERE id = 'k0'")
     with pytest.raises(IntegrityFailure):
         store.take_many(["k0"])
+    with pytest.raises(IntegrityFailure):
+        store.take_next(1)  # the oldest key's row names the other slot
     assert store.count() == 2
     assert bytes(store.take("k1").material) == bytes([1]) * 32
 
