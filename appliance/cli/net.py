@@ -1,4 +1,8 @@
-"""``qkdn node run`` and ``qkdn net up|status|down``: nodes as processes on this machine."""
+"""``qkdn node run`` and ``qkdn net up|status|down``: nodes as processes on this machine.
+
+``node run`` is the node runtime: it must work on a base install (no extras), so nothing
+here imports rich or another extra at module level.
+"""
 
 from __future__ import annotations
 
@@ -13,8 +17,6 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
-
-from rich.table import Table
 
 from appliance.cli.output import console, print_json
 from appliance.errors import ApplianceError, UsageError
@@ -297,6 +299,8 @@ def _report(net_dir: Path, as_json: bool) -> int:
     if as_json:
         print_json(doc)
         return 0
+    from rich.table import Table  # the provisioning extra; a node never reports this way
+
     table = Table(title=f"network in {net_dir}")
     for col in ("node", "role", "pid", "restarts", "endpoints"):
         table.add_column(col)
