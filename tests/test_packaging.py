@@ -152,3 +152,24 @@ def test_nodes_run_on_the_base_install(base_site, tmp_path):
     for name, (status, err) in results.items():
         assert status == 0, (name, err[-2000:])
         assert "EXTRA-MISSING" not in err and "Traceback" not in err, (name, err[-2000:])
+
+
+def test_demo_plot_without_the_plots_extra_refuses_before_its_run(monkeypatch, capsys, tmp_path):
+    import importlib.util
+
+    from appliance import cli
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "matplotlib" else find_spec(name, *a),
+    )
+    argv = ["demo", "--skip-quantum", "--requests", "1", "--plot", str(tmp_path / "t.png")]
+    status = cli.main([*argv, "--net-dir", str(tmp_path / "n")])
+    assert status == 1
+    assert capsys.readouterr().err.splitlines() == [
+        "qkdn: error [EXTRA-MISSING]: this command needs the 'plots' extra "
+        "(matplotlib is not installed): pip install 'qkdn[plots]'"
+    ]
+    assert not any(tmp_path.iterdir()), "nothing ran"
