@@ -1,8 +1,8 @@
 """Plots people would rather look at than read: ``qkdn demo --plot PATH`` (PNG).
 
 Left: the T_key distribution of the run (log time axis) beside the paper's 17.34 ± 1.62 s.
-Right: each link's key count at its master end over the run, as the QKDN manager sampled
-it. matplotlib with the Agg backend (no display needed).
+Right: each link's key count at its master end over the run, sampled from the nodes'
+``/v1/status``. matplotlib (the ``plots`` extra) with the Agg backend (no display needed).
 """
 
 from __future__ import annotations
