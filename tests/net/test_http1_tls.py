@@ -10,6 +10,7 @@ import json
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -38,8 +39,14 @@ class Running:
         def move() -> None:
             self.loop.skew += seconds
 
-        asyncio.run_coroutine_threadsafe(asyncio.sleep(0), self.loop).result()
         self.loop.call_soon_threadsafe(move)
+
+    def wait_for_partial_request(self) -> None:
+        """Bounded polling until a session holds part of a request."""
+        deadline = time.monotonic() + 10
+        while not any(s.parser.in_request for s in list(self.server._open)):
+            assert time.monotonic() < deadline, "the server never saw the partial request"
+            time.sleep(0.01)
 
 
 @pytest.fixture
@@ -135,6 +142,7 @@ def test_a_half_sent_head_is_answered_408_when_the_loop_clock_passes_its_deadlin
     with connect(pki, "sae-1", srv.server.port) as tls:
         assert ask(tls) == 200  # the connection works
         tls.sendall(GET[:25])
+        srv.wait_for_partial_request()
         srv.advance(11.0)
         (reply,) = replies(read_to_close(tls))
     assert reply.status == 408
