@@ -259,7 +259,7 @@ def _resource(target: str) -> tuple[re.Match[str], str]:
     match = PATH.match(parts.path) if parts is not None else None
     if parts is None or match is None:
         raise bad(
-            "path",
+            "resource",
             f"Unknown resource {_show(target)}",
             "not /api/v1/keys/{SAE_ID}/status, enc_keys or dec_keys",
         )

@@ -8,6 +8,7 @@ import http.client
 import json
 import logging
 import os
+import re
 import ssl
 import threading
 import uuid
@@ -391,7 +392,7 @@ def test_huge_strings_are_not_echoed_whole(method, path, body):
 
 def test_a_target_urlsplit_cannot_read_is_a_400_not_an_internal_error():
     status, doc, _ = answer("GET", "//[::1/api/v1/keys/sae-2/status")
-    assert status == 400 and doc["details"][0]["parameter"] == "path"
+    assert status == 400 and doc["details"][0]["parameter"] == "resource"
 
 
 class FailingService(MemoryService):
@@ -430,7 +431,7 @@ ERRORS = [
     ("GET", "/api/v1/keys/sae-3/dec_keys?key_ID=x", "sae-2", "master_SAE_ID"),
     ("GET", "/api/v1/keys/sae-2/status", None, "client certificate"),
     ("POST", "/api/v1/keys/sae-2/status", "sae-1", "method"),
-    ("GET", "/api/v1/keys/sae-2/nonsense", "sae-1", "path"),
+    ("GET", "/api/v1/keys/sae-2/nonsense", "sae-1", "resource"),
     ("GET", "/api/v1/keys/sae-1/dec_keys?key_ID=not-a-uuid", "sae-2", "key_ID"),
     ("GET", "/api/v1/keys/sae-1/dec_keys", "sae-2", "key_IDs"),
     (
@@ -449,9 +450,13 @@ ERRORS = [
 ]
 
 
+ROUTE_WORDS = re.compile(r"\b(links?|hops?|routes?|path|relay\w*|carrier|ckms|akms)\b", re.I)
+
+
 @pytest.mark.parametrize("method, path, peer, parameter", ERRORS)
 def test_every_error_carries_details_naming_the_parameter(method, path, peer, parameter):
     status, doc, _ = answer(method, path, b"", peer)
+    assert not ROUTE_WORDS.search(json.dumps(doc))  # nor any word of the network's inside
     assert status in (400, 401) and isinstance(doc["message"], str)
     assert isinstance(doc["details"], list) and doc["details"]
     assert all(isinstance(d, dict) for d in doc["details"])
