@@ -4,10 +4,12 @@ Measures, in one run on a fresh network with full link key stores:
   * T_key, sequential requests SAE Berlin -> SAE Bonn (p50/p90/p99), next to the paper;
   * relays/s and T_key with 16 concurrent requesters (each request relays one CN key);
   * 256-bit keys/s end to end with batched requests (number = 1024, 4 requesters);
-  * enc_keys served from a UKMS stock (a second network): requests/s and p50;
+  * enc_keys served from a UKMS stock (a second network): requests/s, p50, and the CPU
+    time of the master's UKMS per request (robust to other load on the machine);
   * RSS of every node process.
 Usage: python bench/kms_network.py [--requests N] [--concurrent N] [--batches N]
-                                   [--mode gcm|otp] [--json PATH]
+                                   [--mode gcm|otp] [--stock-only] [--json PATH]
+(``--stock-only``: the stocked network alone, e.g. to compare the 014 server of two trees.)
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
+import os
 import platform
 import statistics
 import tempfile
@@ -32,6 +35,12 @@ def rss_mb(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return 0.0
+
+
+def cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) a process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _worker(fn: Any, args: tuple[Any, ...], barrier: Any, queue: Any) -> None:
@@ -117,7 +126,11 @@ def stock_phase(tmp: Path, mode: str, workers: int, per_worker: int) -> dict[str
                 if doc.get("stored_key_count", 0) >= up.stock:
                     break
                 time.sleep(0.5)
+        ukms = next(s["ukms"] for s in status["saes"] if s["id"] == master.sae)
+        pid = next(n["pid"] for n in status["nodes"] if n["name"] == ukms)
+        cpu_before = cpu_s(pid)
         runs = in_processes(workers, _enc_only, (master, slave, per_worker))
+        ukms_cpu = cpu_s(pid) - cpu_before
     finally:
         net.bring_down(net_dir)
     elapsed = max(end for _, end, _ in runs) - min(start for start, _, _ in runs)
@@ -128,7 +141,37 @@ def stock_phase(tmp: Path, mode: str, workers: int, per_worker: int) -> dict[str
         "requests_per_s": len(samples) / elapsed,
         "p50_ms": samples[len(samples) // 2],
         "p99_ms": samples[int(0.99 * (len(samples) - 1))],
+        "ukms_cpu_us_per_request": ukms_cpu / len(samples) * 1e6,
     }
+
+
+def full_network(tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """The first network: sequential, concurrent and batched requests, RSS."""
+    out: dict[str, Any] = {}
+    up = argparse.Namespace(
+        topology="demoquandt",
+        dir=tmp,
+        base_port=find_free_base_port(),
+        mode=args.mode,
+        rate_limited=False,
+        timeout=120.0,
+        json=False,
+    )
+    net.bring_up(up)
+    try:
+        status = net.status_doc(tmp)
+        master, slave = endpoints(status, "sae-berlin-1", "sae-bonn-1")
+        seq = measure(master, slave, args.requests)
+        seq.pop("samples_ms")
+        out["sequential"] = seq
+        per = max(1, args.concurrent // 16)
+        out["concurrent_16"] = concurrent(master, slave, 16, per, 1)
+        out["batched_1024"] = concurrent(master, slave, 4, args.batches // 4, 1024)
+        rss = [rss_mb(n["pid"]) for n in net.status_doc(tmp)["nodes"] if n["alive"]]
+        out["node_rss_mb"] = {"max": max(rss), "median": statistics.median(rss)}
+    finally:
+        net.bring_down(tmp)
+    return out
 
 
 def main() -> None:
@@ -141,6 +184,7 @@ def main() -> None:
         "--batches", type=int, default=80, help="requests of 1024 keys (4 requesters)"
     )
     parser.add_argument("--mode", default="gcm", choices=["gcm", "otp"])
+    parser.add_argument("--stock-only", action="store_true", help="only the stocked network")
     parser.add_argument("--json")
     args = parser.parse_args()
     out: dict[str, Any] = {
@@ -149,29 +193,8 @@ def main() -> None:
         "mode": args.mode,
     }
     with tempfile.TemporaryDirectory(prefix="qkdn-bench-") as tmp:
-        up = argparse.Namespace(
-            topology="demoquandt",
-            dir=Path(tmp),
-            base_port=find_free_base_port(),
-            mode=args.mode,
-            rate_limited=False,
-            timeout=120.0,
-            json=False,
-        )
-        net.bring_up(up)
-        try:
-            status = net.status_doc(Path(tmp))
-            master, slave = endpoints(status, "sae-berlin-1", "sae-bonn-1")
-            seq = measure(master, slave, args.requests)
-            seq.pop("samples_ms")
-            out["sequential"] = seq
-            per = max(1, args.concurrent // 16)
-            out["concurrent_16"] = concurrent(master, slave, 16, per, 1)
-            out["batched_1024"] = concurrent(master, slave, 4, args.batches // 4, 1024)
-            rss = [rss_mb(n["pid"]) for n in net.status_doc(Path(tmp))["nodes"] if n["alive"]]
-            out["node_rss_mb"] = {"max": max(rss), "median": statistics.median(rss)}
-        finally:
-            net.bring_down(Path(tmp))
+        if not args.stock_only:
+            out.update(full_network(Path(tmp), args))
         out["stock_enc_keys"] = stock_phase(Path(tmp), args.mode, 2, 2000)
     print(json.dumps(out, indent=1))
     if args.json:

@@ -6,7 +6,15 @@ the slave SAE with the master's ID). The caller's SAE ID is the CN of its TLS cl
 certificate, never anything it writes in the request. Responses: the Status object with
 its 11 fields plus ``status_extension``; the Key container ``{"keys": [{"key_ID", "key"}]}``
 with UUID key IDs and padded base64 keys; errors ``{"message", "details"}`` with 400, 401 or
-503 only.
+503 only, ``details`` always a list of objects (§6.5), most of them
+``{"parameter", "reason"}``.
+
+Inputs are bounded before they are used: ``number`` and ``size`` are ASCII digits only (no
+sign, no ``_``, no other script's digits) of at most :data:`MAX_DIGITS`; a POST body is UTF-8
+JSON whose arrays and objects nest at most :data:`MAX_DEPTH` deep (checked by a scan before
+the parser runs, so it never recurses far) and whose integers have at most
+:data:`MAX_DIGITS` digits (checked as the parser meets them); values echoed in messages are
+cut to a few dozen characters.
 
 What this module must never do: reveal a carrier node, link or route (errors say what was
 wrong with the request, not where in the network something failed), accept key material
@@ -27,6 +35,22 @@ from appliance.kms.errors import KeyUnavailable, KmsError
 from appliance.net.h2 import Request, Response
 
 PATH = re.compile(r"^/api/v1/keys/(?P<sae>[^/]+)/(?P<op>status|enc_keys|dec_keys)$")
+MAX_DEPTH = 16
+"""Arrays and objects in a request body nest at most this deep."""
+MAX_DIGITS = 18
+"""Digits of an integer in a request (query or body)."""
+_STRING = re.compile(r'"(?:[^"\\]++|\\.)*+"', re.DOTALL)
+_INNERMOST = re.compile(r"\[\]|\{\}")
+_NOT_BRACKET = re.compile(r"[^\[\]{}]++")
+_ASCII_NOT_BRACKET = {c: None for c in range(128) if chr(c) not in "[]{}"}
+_JSON_KINDS: dict[type, str] = {
+    list: "an array",
+    str: "a string",
+    int: "a number",
+    float: "a number",
+    bool: "true or false",
+    type(None): "null",
+}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -65,13 +89,23 @@ class KeyService(Protocol):
 
 
 class ApiError(Exception):
-    """An error response: status 400, 401 or 503, message and details."""
+    """An error response: status 400, 401 or 503, message and details (§6.5: a list of
+    objects; never empty here, never naming a carrier node, link or route)."""
 
-    def __init__(
-        self, status: int, message: str, details: list[dict[str, Any]] | None = None
-    ) -> None:
+    def __init__(self, status: int, message: str, details: list[dict[str, Any]]) -> None:
         super().__init__(message)
-        self.status, self.message, self.details = status, message, details or []
+        self.status, self.message, self.details = status, message, details
+
+
+def bad(parameter: str, message: str, reason: str, status: int = 400) -> ApiError:
+    """An error about one request parameter."""
+    return ApiError(status, message, [{"parameter": parameter, "reason": reason}])
+
+
+def _show(value: Any) -> str:
+    """``value`` for a message: its repr, cut to a few dozen characters."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _json(status: int, doc: dict[str, Any]) -> Response:
@@ -83,10 +117,7 @@ def _json(status: int, doc: dict[str, Any]) -> Response:
 
 
 def error_response(err: ApiError) -> Response:
-    doc: dict[str, Any] = {"message": err.message}
-    if err.details:
-        doc["details"] = err.details
-    return _json(err.status, doc)
+    return _json(err.status, {"message": err.message, "details": err.details})
 
 
 class Etsi014Api:
@@ -100,26 +131,42 @@ class Etsi014Api:
             return await self._route(request)
         except ApiError as err:
             return error_response(err)
-        except KeyUnavailable:
+        except KeyUnavailable:  # its text may name the network's parts: not shown
             return error_response(
-                ApiError(503, "Keys are not available at the moment; retry later")
+                ApiError(
+                    503,
+                    "Keys are not available at the moment; retry later",
+                    [{"reason": "no key is ready for this SAE pair yet"}],
+                )
             )
         except KmsError:
-            return error_response(ApiError(503, "The key management system is unavailable"))
+            return error_response(
+                ApiError(
+                    503,
+                    "The key management system is unavailable",
+                    [{"reason": "the KME cannot serve keys now; retry later"}],
+                )
+            )
 
     async def _route(self, request: Request) -> Response:
-        target = urlsplit(request.path)
-        match = PATH.match(target.path)
-        if match is None:
-            raise ApiError(400, f"Unknown resource {target.path!r}")
+        match, query = _resource(request.path)
         caller = request.peer
         if not caller:
-            raise ApiError(401, "A client certificate identifying the SAE is required")
+            raise bad(
+                "client certificate",
+                "A client certificate identifying the SAE is required",
+                "no certificate with a common name was presented",
+                401,
+            )
         sae, op = match["sae"], match["op"]
         allowed = ("GET",) if op == "status" else ("GET", "POST")
         if request.method not in allowed:
-            raise ApiError(400, f"Method {request.method} is not allowed for {op}")
-        params = _params(request, target.query)
+            raise bad(
+                "method",
+                f"Method {request.method} is not allowed for {op}",
+                f"{op} accepts {' or '.join(allowed)}",
+            )
+        params = _params(request, query)
         if op == "status":
             return self._status(caller, sae)
         if op == "enc_keys":
@@ -129,7 +176,12 @@ class Etsi014Api:
     def _limits(self, master: str, slave: str, *, caller_is_master: bool = True) -> Limits:
         limits = self.service.limits(master, slave, caller_is_master=caller_is_master)
         if limits is None:
-            raise ApiError(401, f"SAE {master!r} is not authorised to share keys with {slave!r}")
+            raise bad(
+                "slave_SAE_ID" if caller_is_master else "master_SAE_ID",
+                f"SAE {_show(master)} is not authorised to share keys with {_show(slave)}",
+                "this KME serves no such SAE pair for this caller",
+                401,
+            )
         return limits
 
     def _status(self, master: str, slave: str) -> Response:
@@ -157,31 +209,27 @@ class Etsi014Api:
         number = _int(params, "number", 1)
         size = _int(params, "size", lim.key_size)
         if number < 1 or number > lim.max_key_per_request:
-            raise ApiError(
-                400,
+            message = (
                 f"number must be between 1 and max_key_per_request "
-                f"({lim.max_key_per_request}), got {number}",
+                f"({lim.max_key_per_request}), got {number}"
             )
+            raise bad("number", message, "out of range")
         if size % 8 or not lim.min_key_size <= size <= lim.max_key_size:
-            raise ApiError(
-                400,
+            message = (
                 f"size must be a multiple of 8 between {lim.min_key_size} and "
-                f"{lim.max_key_size} bits, got {size}",
+                f"{lim.max_key_size} bits, got {size}"
             )
+            raise bad("size", message, "not a multiple of 8" if size % 8 else "out of range")
         extra = params.get("additional_slave_SAE_IDs", [])
         if not isinstance(extra, list) or not all(isinstance(x, str) for x in extra):
-            raise ApiError(400, "additional_slave_SAE_IDs must be a list of SAE IDs")
+            message = "additional_slave_SAE_IDs must be a list of SAE IDs"
+            raise bad("additional_slave_SAE_IDs", message, "not a list of strings")
         if len(extra) > lim.max_sae_id_count:
-            raise ApiError(
-                400, f"at most {lim.max_sae_id_count} additional slave SAE IDs are supported"
-            )
+            message = f"at most {lim.max_sae_id_count} additional slave SAE IDs are supported"
+            raise bad("additional_slave_SAE_IDs", message, f"{len(extra)} given")
         mandatory = params.get("extension_mandatory", [])
         if not isinstance(mandatory, list) or mandatory:
-            names = (
-                [next(iter(e), "?") if isinstance(e, dict) else "?" for e in mandatory]
-                if isinstance(mandatory, list)
-                else ["?"]
-            )
+            names = [_name(e) for e in mandatory[:16]] if isinstance(mandatory, list) else ["?"]
             raise ApiError(
                 400,
                 "not all mandatory extensions are supported",
@@ -202,6 +250,22 @@ class Etsi014Api:
         return _json(200, {"keys": [_key(k, v) for k, v in keys]})
 
 
+def _resource(target: str) -> tuple[re.Match[str], str]:
+    """The 014 resource named by the request target, and the query."""
+    try:
+        parts = urlsplit(target)
+    except ValueError:  # e.g. an unclosed "[" in an authority
+        parts = None
+    match = PATH.match(parts.path) if parts is not None else None
+    if parts is None or match is None:
+        raise bad(
+            "resource",
+            f"Unknown resource {_show(target)}",
+            "not /api/v1/keys/{SAE_ID}/status, enc_keys or dec_keys",
+        )
+    return match, parts.query
+
+
 def _key(key_id: str, material: bytes) -> dict[str, str]:
     return {"key_ID": key_id, "key": base64.b64encode(material).decode()}
 
@@ -213,27 +277,78 @@ def _params(request: Request, query: str) -> dict[str, Any]:
         return {k: v[0] if len(v) == 1 else v for k, v in raw.items()}
     if not request.body:
         return {}
-    try:
-        doc = json.loads(request.body)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise ApiError(400, "The request body is not valid JSON") from None
+    doc = _load_json(request.body)
     if not isinstance(doc, dict):
-        raise ApiError(400, "The request body must be a JSON object")
+        kind = _JSON_KINDS.get(type(doc), "another JSON value")
+        raise bad("body", "The request body must be a JSON object", f"it is {kind}")
     return doc
 
 
+def _load_json(body: bytes) -> Any:
+    """The JSON document, its nesting and integers bounded (no RecursionError, no int
+    conversion past Python's digit limit)."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise bad("body", "The request body is not valid JSON", "it is not UTF-8") from None
+    _check_nesting(text)
+    try:
+        return json.loads(text, parse_int=_bounded_int)
+    except json.JSONDecodeError as exc:
+        raise bad("body", "The request body is not valid JSON", str(exc)) from None
+
+
+def _check_nesting(text: str) -> None:
+    """Refuse ``text`` unless its arrays and objects balance within :data:`MAX_DEPTH`
+    levels: strings are removed, then the innermost pairs, one level per pass."""
+    if text.count("[") + text.count("{") <= MAX_DEPTH:
+        return
+    # without escapes, strings are exactly what lies between quotes (the fast way)
+    outside = _STRING.sub("", text) if "\\" in text else "".join(text.split('"')[::2])
+    brackets = outside.translate(_ASCII_NOT_BRACKET)
+    if not brackets.isascii():  # not JSON, but the parser may recurse before it sees that
+        brackets = _NOT_BRACKET.sub("", brackets)
+    for _ in range(MAX_DEPTH):
+        brackets, removed = _INNERMOST.subn("", brackets)
+        if not brackets:
+            return
+        if not removed:
+            raise bad("body", "The request body is not valid JSON", "its brackets do not balance")
+    raise bad(
+        "body",
+        "The request body is nested too deeply",
+        f"arrays and objects nest more than {MAX_DEPTH} deep",
+    )
+
+
+def _bounded_int(text: str) -> int:
+    if len(text) - text.startswith("-") > MAX_DIGITS:
+        raise bad(
+            "body",
+            "A number in the request body is too long",
+            f"integers have at most {MAX_DIGITS} digits",
+        )
+    return int(text)
+
+
 def _int(params: dict[str, Any], name: str, default: int) -> int:
+    """A count in ASCII digits (JSON integers are bounded by the parser)."""
     value = params.get(name, default)
-    if isinstance(value, bool):
-        raise ApiError(400, f"{name} must be an integer")
-    if isinstance(value, str):
-        try:
-            value = int(value)
-        except ValueError:
-            raise ApiError(400, f"{name} must be an integer, got {value!r}") from None
-    if not isinstance(value, int):
-        raise ApiError(400, f"{name} must be an integer")
-    return value
+    if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= MAX_DIGITS:
+        return int(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    raise bad(
+        name,
+        f"{name} must be an integer, got {_show(value)}",
+        f"a non-negative integer of at most {MAX_DIGITS} ASCII digits is required",
+    )
+
+
+def _name(extension: Any) -> str:
+    """The name of an extension parameter (the first key of its object), for a message."""
+    name = next(iter(extension), "?") if isinstance(extension, dict) else "?"
+    return name if len(name) <= 40 else name[:37] + "..."
 
 
 def _key_ids(params: dict[str, Any]) -> list[str]:
@@ -244,14 +359,15 @@ def _key_ids(params: dict[str, Any]) -> list[str]:
     else:
         entries = params.get("key_IDs")
         if not isinstance(entries, list) or not entries:
-            raise ApiError(400, "key_ID or a non-empty key_IDs list is required")
+            message = "key_ID or a non-empty key_IDs list is required"
+            raise bad("key_IDs", message, "missing, empty or not a list")
         raw_ids = [e.get("key_ID") if isinstance(e, dict) else None for e in entries]
     ids = []
     for raw_id in raw_ids:
         key_id = keyids.canonical(raw_id) if isinstance(raw_id, str) else None
         if key_id is None:
-            raise ApiError(400, f"key_ID {raw_id!r} is not a UUID")
+            raise bad("key_ID", f"key_ID {_show(raw_id)} is not a UUID", "not a UUID")
         ids.append(key_id)
     if len(set(ids)) != len(ids):
-        raise ApiError(400, "a key_ID is listed twice")
+        raise bad("key_IDs", "a key_ID is listed twice", "each key may be asked for once")
     return ids

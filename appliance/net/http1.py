@@ -1,16 +1,32 @@
 """HTTP/1.1 over mutual TLS (for ETSI GS QKD 014 clients), on asyncio.
 
 Same :class:`Request`/:class:`Response` types and handler signature as the HTTP/2 server.
-Connections are kept alive (HTTP/1.0 clients close unless they ask otherwise). A malformed
-request gets a JSON 400 (014 clients parse a JSON body on every non-200 reply) and the
-connection is closed; the handler is never called with an unparsed request.
+Connections are kept alive (HTTP/1.0 clients close unless they ask otherwise). A refused
+request gets a JSON error (014 clients parse a JSON body on every non-200 reply:
+``{"message", "details": [{"reason"}]}``) and the connection is closed after it; the
+handler is never called with an unparsed request.
 
-The parser is :class:`RequestParser`, sans-IO and strict (RFC 9112): a request line, header
-fields without folding, a body by ``Content-Length`` or ``chunked`` transfer coding, at most
-:data:`MAX_HEAD` bytes of head and :data:`MAX_BODY` of body. ``Expect: 100-continue`` is
-answered, so clients like curl do not pause before sending a large body. The session is an
-``asyncio.Protocol`` (no stream reader, no task per connection): on a UKMS the 014 server
-is on the path of every key request, and a general HTTP library cost several times more.
+The parser is :class:`RequestParser`, sans-IO (bytes in, :class:`Message` out) around
+llhttp (``httptools``, the parser of Node.js), used strictly: CRLF line ends only (a
+request with bare LF ends is refused with 400, not waited on), no obsolete line folding,
+one ``Content-Length`` of ASCII digits and never with ``Transfer-Encoding``, which must be
+exactly ``chunked``; HTTP/1.0 and 1.1 only, no protocol upgrade. Every byte it holds is
+bounded as it arrives: at most :data:`MAX_HEAD` bytes of head (431), at most
+:data:`MAX_BODY` bytes of body (413, for a ``Content-Length`` as soon as the head is read,
+for a chunked body as soon as the bytes received pass it: llhttp does not show a chunk's
+declared size). ``Expect: 100-continue`` is answered, so clients like curl do not pause
+before sending a body.
+
+The session is an ``asyncio.Protocol`` (no stream reader, no task per connection): on a
+UKMS the 014 server is on the path of every key request, and a general HTTP library cost
+several times more. It answers requests in order, at most :data:`MAX_PIPELINED` waiting; a
+request must arrive whole within ``request_timeout`` of its first byte (else 408), an idle
+connection is closed after ``idle_timeout``, and each client certificate (SAE) may hold at
+most ``max_per_sae`` connections: the next ones get 503 on their first request. Deadlines
+run on the event loop's clock (``loop.time``), the seam the tests move.
+
+What this module must never do: let a malformed request reach the handler, let an
+exception escape ``data_received``, or hold a byte it has not bounded.
 """
 
 from __future__ import annotations
@@ -18,21 +34,27 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import re
-from collections import deque
-from typing import cast
+import ssl
+from collections import Counter, deque
+from typing import NamedTuple, cast
 
-from appliance.net.h2 import Request, Response, TlsServer
+import httptools
+
+from appliance.net.h2 import Handler, Request, Response, TlsServer
 from appliance.pki import peer_name
 
 log = logging.getLogger("qkdn.net")
 MAX_BODY = 1 << 20
 MAX_HEAD = 1 << 16
+MAX_FRAMING = 1 << 16
+"""Bytes of chunk framing (size lines, extensions, trailers) between two pieces of data."""
 MAX_PIPELINED = 32
-_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-_REQUEST_LINE = re.compile(rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+) ([\x21-\x7e]+) HTTP/1\.([01])")
-_FIELD_VALUE = re.compile(rb"[\t\x20-\x7e\x80-\xff]*")
-_CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,8})(?:;[^\r\n]*)?")
+REQUEST_TIMEOUT = 10.0
+"""Seconds from a request's first byte to its last."""
+IDLE_TIMEOUT = 60.0
+"""Seconds a connection may wait for a request (after it opens or after a response)."""
+MAX_PER_SAE = 64
+"""Connections one client certificate may hold open at once."""
 REASONS = {
     100: "Continue",
     200: "OK",
@@ -40,129 +62,176 @@ REASONS = {
     401: "Unauthorized",
     404: "Not Found",
     405: "Method Not Allowed",
+    408: "Request Timeout",
+    413: "Content Too Large",
+    431: "Request Header Fields Too Large",
     500: "Internal Server Error",
     503: "Service Unavailable",
+    505: "HTTP Version Not Supported",
 }
+_IDLE, _HEAD, _BODY = 0, 1, 2  # what the parser is in the middle of
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+class Message(NamedTuple):
+    """A complete, accepted request."""
+
+    method: str
+    target: str
+    headers: dict[str, str]
+    """Lower-case names; repeated fields joined with ", "."""
+    body: bytes
+    keep_alive: bool
 
 
 class MalformedRequest(ValueError):
-    """The bytes received are not an acceptable HTTP/1.1 request."""
+    """The bytes received are not an acceptable HTTP/1.1 request: answer ``status``, close.
+    ``requests`` are the complete requests that came before the fault in the same feed."""
+
+    def __init__(self, reason: str, status: int = 400) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.requests: list[Message] = []
 
 
 class RequestParser:
-    """Sans-IO: :meth:`feed` bytes, get the complete requests (method, target, headers,
-    body, keep-alive); MalformedRequest on anything else. ``wants_continue`` is set once
-    when a request's head asks for ``100-continue`` and its body has not arrived."""
+    """Sans-IO: :meth:`feed` bytes, get the complete requests; :class:`MalformedRequest`
+    on anything else (after which the parser takes nothing more). ``wants_continue`` is
+    set when a request's head asks for ``100-continue`` and none of its body has arrived;
+    ``in_request`` while a request has begun and is not complete; ``started`` counts the
+    requests begun."""
 
     def __init__(self) -> None:
-        self._buf = bytearray()
-        self._head: tuple[str, str, dict[str, str], bool] | None = None
-        self._length = 0  # body bytes expected (Content-Length), or -1: chunked
-        self._body = bytearray()
+        self._llhttp = httptools.HttpRequestParser(self)
+        self._done: list[Message] = []
+        self._room = MAX_PIPELINED
+        self._phase = _IDLE
+        self._mark = 0  # moves when the head begins or ends, and at each piece of body
+        self._spanned = 0  # bytes of the feeds since the mark last moved
+        self._head_size = 0
+        self._url = b""
+        self._headers: dict[str, str] = {}
+        self._chunks: list[bytes] = []
+        self._body_size = 0
+        self._refusal: MalformedRequest | None = None
+        self.started = 0
         self.wants_continue = False
 
-    def feed(self, data: bytes) -> list[tuple[str, str, dict[str, str], bytes, bool]]:
-        self._buf += data
-        out = []
-        while True:
-            if self._head is None and not self._parse_head():
-                break
-            body = self._parse_body()
-            if body is None:
-                break
-            method, target, headers, keep_alive = cast(
-                tuple[str, str, dict[str, str], bool], self._head
-            )
-            out.append((method, target, headers, body, keep_alive))
-            self._head, self._body = None, bytearray()
+    @property
+    def in_request(self) -> bool:
+        return self._phase != _IDLE
+
+    def feed(self, data: bytes, room: int = MAX_PIPELINED) -> list[Message]:
+        """The requests completed by ``data``; at most ``room`` of them may be (the session's
+        queue of unanswered requests has the rest of :data:`MAX_PIPELINED`)."""
+        if self._refusal is not None:
+            raise MalformedRequest(str(self._refusal), self._refusal.status)
+        self._room, mark = room, self._mark
+        try:
+            self._llhttp.feed_data(data)
+            if self._phase != _IDLE and self._mark == mark:
+                self._spanned += len(data)  # all of data is head, or framing of the body
+                self._check_spanned()
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade, MalformedRequest) as exc:
+            refusal = self._refusal or MalformedRequest(_llhttp_reason(exc))
+            self._refusal, refusal.requests, self._done = refusal, self._done, []
+            raise refusal from (None if exc is refusal else exc)
+        out, self._done = self._done, []
         return out
 
-    def _parse_head(self) -> bool:
-        end = self._buf.find(b"\r\n\r\n")
-        if end < 0:
-            if len(self._buf) > MAX_HEAD:
-                raise MalformedRequest("request head too large")
-            return False
-        if end > MAX_HEAD:
-            raise MalformedRequest("request head too large")
-        lines = bytes(self._buf[:end]).split(b"\r\n")
-        del self._buf[: end + 4]
-        match = _REQUEST_LINE.fullmatch(lines[0])
-        if match is None:
-            raise MalformedRequest("bad request line")
-        headers: dict[str, str] = {}
-        for line in lines[1:]:
-            name, colon, value = line.partition(b":")
-            value = value.strip(b" \t")
-            if not colon or not _TOKEN.fullmatch(name) or not _FIELD_VALUE.fullmatch(value):
-                raise MalformedRequest("bad header field")
-            key = name.decode("ascii").lower()
-            text = value.decode("latin-1")
-            if key in headers:
-                if key in ("content-length", "host", "transfer-encoding"):
-                    raise MalformedRequest(f"repeated {key}")
-                text = f"{headers[key]}, {text}"
-            headers[key] = text
-        version = match.group(3)
-        connection = headers.get("connection", "").lower()
-        keep_alive = "close" not in connection and (version == b"1" or "keep-alive" in connection)
-        if version == b"1" and "host" not in headers:
-            raise MalformedRequest("missing Host header")
-        self._length = self._body_length(headers)
-        self.wants_continue = headers.get("expect", "").lower() == "100-continue" and (
-            self._length != 0 and not self._buf
-        )
-        method, target = match.group(1).decode("ascii"), match.group(2).decode("ascii")
-        self._head = (method, target, headers, keep_alive)
-        return True
+    def _check_spanned(self) -> None:
+        """Bound what llhttp's wrapper accumulates across feeds (a header or trailer field
+        arriving in pieces), which no callback reports until the field is complete: the
+        feeds since the head began, or since the last byte of body data."""
+        if self._phase == _HEAD and self._spanned > MAX_HEAD:
+            self._refuse("request head too large", 431)
+        if self._phase == _BODY and self._spanned > MAX_FRAMING:
+            self._refuse("chunked framing (extensions, trailers) too large", 413)
 
-    @staticmethod
-    def _body_length(headers: dict[str, str]) -> int:
+    def _refuse(self, reason: str, status: int = 400) -> None:
+        self._refusal = MalformedRequest(reason, status)
+        raise self._refusal
+
+    # -- llhttp callbacks ------------------------------------------------------------------
+    def on_message_begin(self) -> None:
+        self._phase, self._mark, self._spanned = _HEAD, self._mark + 1, 0
+        self.started += 1
+        self._head_size, self._url, self._headers, self._body_size = 0, b"", {}, 0
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        self._head_size += len(url)
+        if self._head_size > MAX_HEAD:
+            self._refuse("request head too large", 431)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self._phase != _HEAD:
+            return  # a trailer field of a chunked body: ignored (bounded by _check_spanned)
+        self._head_size += len(name) + len(value) + 4
+        if self._head_size > MAX_HEAD:
+            self._refuse("request head too large", 431)
+        key = name.decode("latin-1").lower()
+        text = value.decode("latin-1").rstrip(" \t")  # llhttp drops the leading blanks
+        headers = self._headers
+        if key in headers:
+            if key in ("content-length", "host", "transfer-encoding"):
+                self._refuse(f"repeated {key}")
+            text = f"{headers[key]}, {text}"
+        headers[key] = text
+
+    def on_headers_complete(self) -> None:
+        llhttp, headers = self._llhttp, self._headers
+        version = llhttp.get_http_version()
+        if version != "1.1" and version != "1.0":
+            self._refuse(f"HTTP/{version} is not supported", 505)
+        if llhttp.should_upgrade():
+            self._refuse("protocol upgrade (or CONNECT) is not supported")
+        if version == "1.1" and "host" not in headers:
+            self._refuse("missing Host header")
+        if "content-length" in headers or "transfer-encoding" in headers:
+            self._check_body_headers(headers)
+        self._phase, self._mark, self._spanned = _BODY, self._mark + 1, 0
+
+    def _check_body_headers(self, headers: dict[str, str]) -> None:
         coding = headers.get("transfer-encoding")
-        if coding is not None:
-            if coding.strip().lower() != "chunked" or "content-length" in headers:
-                raise MalformedRequest("unsupported transfer coding")
-            return -1
-        length = headers.get("content-length", "0").strip()
-        if not length.isdigit() or len(length) > 9:
-            raise MalformedRequest("bad Content-Length")
-        if int(length) > MAX_BODY:
-            raise MalformedRequest("request body too large")
-        return int(length)
+        if coding is not None and coding.lower() != "chunked":
+            self._refuse("unsupported transfer coding")
+        length = headers.get("content-length", "0")
+        if not (length.isascii() and length.isdigit()):  # llhttp refuses these first
+            self._refuse("bad Content-Length")
+        digits = length.lstrip("0")  # llhttp bounds the value, not the leading zeros
+        if len(digits) > 9 or int(digits or "0") > MAX_BODY:
+            self._refuse("request body too large", 413)
+        self.wants_continue = headers.get("expect", "").lower() == "100-continue" and (
+            digits != "" or coding is not None
+        )
 
-    def _parse_body(self) -> bytes | None:
-        if self._length >= 0:
-            if len(self._buf) < self._length:
-                return None
-            body = bytes(self._buf[: self._length])
-            del self._buf[: self._length]
-            return body
-        while True:  # chunked: size line, data, CRLF ... 0-size chunk, trailers, CRLF
-            end = self._buf.find(b"\r\n")
-            if end < 0:
-                if len(self._buf) > MAX_HEAD:
-                    raise MalformedRequest("chunk size line too long")
-                return None
-            match = _CHUNK_SIZE.fullmatch(bytes(self._buf[:end]))
-            if match is None:
-                raise MalformedRequest("bad chunk size")
-            size = int(match.group(1), 16)
-            if size == 0:  # the last chunk: trailer fields (ignored) up to an empty line
-                stop = self._buf.find(b"\r\n\r\n", end)
-                if stop < 0:
-                    if len(self._buf) > MAX_HEAD:
-                        raise MalformedRequest("chunked trailer too large")
-                    return None
-                del self._buf[: stop + 4]
-                return bytes(self._body)
-            if len(self._buf) < end + 2 + size + 2:
-                return None
-            if self._buf[end + 2 + size : end + 4 + size] != b"\r\n":
-                raise MalformedRequest("chunk not terminated by CRLF")
-            self._body += self._buf[end + 2 : end + 2 + size]
-            if len(self._body) > MAX_BODY:
-                raise MalformedRequest("request body too large")
-            del self._buf[: end + 4 + size]
+    def on_body(self, body: bytes) -> None:
+        self.wants_continue, self._mark, self._spanned = False, self._mark + 1, 0
+        self._body_size += len(body)
+        if self._body_size > MAX_BODY:
+            self._refuse("request body too large", 413)
+        self._chunks.append(body)
+
+    def on_message_complete(self) -> None:
+        if len(self._done) >= self._room:
+            self._refuse("too many pipelined requests")
+        self._done.append(
+            Message(
+                self._llhttp.get_method().decode("ascii"),
+                self._url.decode("latin-1"),
+                self._headers,
+                b"".join(self._chunks),
+                self._llhttp.should_keep_alive(),
+            )
+        )
+        self._phase, self.wants_continue, self._chunks = _IDLE, False, []
+
+
+def _llhttp_reason(exc: Exception) -> str:
+    if isinstance(exc, httptools.HttpParserUpgrade):
+        return "protocol upgrade is not supported"
+    return str(exc) or type(exc).__name__
 
 
 def encode_response(response: Response, *, close: bool) -> bytes:
@@ -174,63 +243,144 @@ def encode_response(response: Response, *, close: bool) -> bytes:
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + response.body
 
 
-def _json_error(status: int, message: str) -> Response:
-    body = json.dumps({"message": message}).encode()
+def json_error(status: int, message: str, reason: str) -> Response:
+    """An error in the 014 shape: ``{"message", "details": [{"reason"}]}``."""
+    body = json.dumps({"message": message, "details": [{"reason": reason}]}).encode()
     return Response(status, body, {"content-type": "application/json"})
 
 
+def _refusal_response(exc: MalformedRequest) -> Response:
+    titles = {413: "Request body too large", 431: "Request head too large"}
+    return json_error(exc.status, titles.get(exc.status, "Malformed HTTP request"), str(exc))
+
+
 class _H1Session(asyncio.Protocol):
-    """One connection: requests are answered in order, one at a time."""
+    """One connection: requests are answered in order, one at a time. The queue holds the
+    requests not yet answered and, last, the refusal that ends the connection."""
 
     def __init__(self, server: H1Server) -> None:
         self.server, self.parser = server, RequestParser()
         self.transport: asyncio.Transport | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
         self.peer: str | None = None
-        self.queue: deque[tuple[str, str, dict[str, str], bytes, bool]] = deque()
+        self.admitted = False  # counted against the server's cap for this SAE
+        self.queue: deque[Message | Response] = deque()
         self.task: asyncio.Task[None] | None = None
         self.closing = self.broken = False
+        self._timed: int | None = None  # the deadline's subject: -1 idle, else a request
+        self._deadline = 0.0
+        self._timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
+        self.loop = asyncio.get_running_loop()
         self.peer = peer_name(transport.get_extra_info("ssl_object"))
         self.server._open.add(self)
+        self.admitted = self.server._admit(self.peer)
+        self._watch()
 
     def data_received(self, data: bytes) -> None:
         if self.broken:
             return
         try:
-            self.queue.extend(self.parser.feed(data))
-            if len(self.queue) > MAX_PIPELINED:
-                raise MalformedRequest("too many pipelined requests")
+            self.queue.extend(self.parser.feed(data, MAX_PIPELINED - len(self.queue)))
         except MalformedRequest as exc:
-            self.broken = True  # answer what came before, then a 400, then close
-            self.queue.append(("", "", {}, str(exc).encode(), False))
-        if self.parser.wants_continue and self.transport is not None:
-            self.parser.wants_continue = False
-            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            self.queue.extend(exc.requests)
+            self._end_with(_refusal_response(exc))
         if self.queue and self.task is None:
-            self.task = asyncio.get_running_loop().create_task(self._answer())
+            self.task = cast(asyncio.AbstractEventLoop, self.loop).create_task(self._answer())
+        self._watch()
+        self._maybe_continue()
+
+    def _end_with(self, response: Response) -> None:
+        """Queue the response that ends the connection; read nothing more."""
+        self.broken = True
+        self.queue.append(response)
+        if self.task is None and self.loop is not None:
+            self.task = self.loop.create_task(self._answer())
 
     async def _answer(self) -> None:
         while self.queue and not self.closing:
-            method, target, headers, body, keep_alive = self.queue.popleft()
-            if not method:  # the parser refused the bytes: 400, and the connection ends
-                response = _json_error(400, f"malformed HTTP request: {body.decode()}")
+            item = self.queue.popleft()
+            if isinstance(item, Response):
+                response, keep_alive = item, False
+            elif not self.admitted:
+                response, keep_alive = self._too_many(), False
             else:
-                response = await self._handle(Request(method, target, body, headers, self.peer))
+                request = Request(item.method, item.target, item.body, item.headers, self.peer)
+                response, keep_alive = await self._handle(request), item.keep_alive
             if self.transport is None or self.transport.is_closing():
                 break
             self.transport.write(encode_response(response, close=not keep_alive))
             if not keep_alive:
                 self.close()
         self.task = None
+        self._watch()
+        self._maybe_continue()
+
+    def _too_many(self) -> Response:
+        log.warning(
+            "connection refused: too many from one SAE",
+            extra={"peer": self.peer, "limit": self.server.max_per_sae},
+        )
+        return json_error(
+            503,
+            "Too many connections from this SAE",
+            f"at most {self.server.max_per_sae} connections per client certificate",
+        )
 
     async def _handle(self, request: Request) -> Response:
         try:
             return await self.server.handler(request)
         except Exception:  # a handler bug must not kill the server, but must be seen
             log.exception("request handler failed", extra={"path": request.path})
-            return _json_error(503, "internal error")
+            return json_error(503, "internal error", "the request could not be served")
+
+    def _maybe_continue(self) -> None:
+        """100 Continue, once nothing before the request waits to be answered."""
+        if self.parser.wants_continue and not (self.queue or self.task or self.broken):
+            self.parser.wants_continue = False
+            if self.transport is not None and not self.closing:
+                self.transport.write(_CONTINUE)
+
+    # -- deadlines ------------------------------------------------------------------------
+    def _watch(self) -> None:
+        """Set the deadline for what the connection waits on from the client: the rest of a
+        begun request, or a next request; none while a response is being made."""
+        if self.closing:
+            return
+        if self.parser.in_request and not self.broken:
+            if self._timed != self.parser.started:
+                self._set_deadline(self.parser.started, self.server.request_timeout)
+        elif self.queue or self.task is not None or self.broken:
+            self._timed = None
+        elif self._timed != -1:
+            self._set_deadline(-1, self.server.idle_timeout)
+
+    def _set_deadline(self, subject: int, seconds: float) -> None:
+        loop = cast(asyncio.AbstractEventLoop, self.loop)
+        self._timed, self._deadline = subject, loop.time() + seconds
+        if self._timer is not None and self._timer.when() > self._deadline:
+            self._timer.cancel()
+            self._timer = None
+        if self._timer is None:  # a later deadline is seen when the timer fires
+            self._timer = loop.call_at(self._deadline, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if self.closing or self._timed is None:
+            return
+        loop = cast(asyncio.AbstractEventLoop, self.loop)
+        if loop.time() < self._deadline:
+            self._timer = loop.call_at(self._deadline, self._on_timer)
+        elif self._timed == -1:
+            self.close()  # idle: nothing is owed to the client
+        else:
+            self._timed = None
+            seconds = self.server.request_timeout
+            self._end_with(
+                json_error(408, "Request timeout", f"the request was not complete in {seconds} s")
+            )
 
     def close(self) -> None:
         self.closing = True
@@ -240,12 +390,42 @@ class _H1Session(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closing = True
         self.server._open.discard(self)
+        if self.admitted:
+            self.admitted = False
+            self.server._release(self.peer)
+        if self._timer is not None:
+            self._timer.cancel()
         if self.task is not None:
             self.task.cancel()
 
 
 class H1Server(TlsServer):
     """Serve ``handler`` over HTTP/1.1 with TLS."""
+
+    def __init__(
+        self,
+        handler: Handler,
+        ssl_ctx: ssl.SSLContext,
+        *,
+        request_timeout: float = REQUEST_TIMEOUT,
+        idle_timeout: float = IDLE_TIMEOUT,
+        max_per_sae: int = MAX_PER_SAE,
+    ) -> None:
+        super().__init__(handler, ssl_ctx)
+        self.request_timeout, self.idle_timeout = request_timeout, idle_timeout
+        self.max_per_sae = max_per_sae
+        self._per_sae: Counter[str | None] = Counter()
+
+    def _admit(self, peer: str | None) -> bool:
+        if self._per_sae[peer] >= self.max_per_sae:
+            return False
+        self._per_sae[peer] += 1
+        return True
+
+    def _release(self, peer: str | None) -> None:
+        self._per_sae[peer] -= 1
+        if self._per_sae[peer] <= 0:
+            del self._per_sae[peer]
 
     def _session(self) -> asyncio.Protocol:
         return _H1Session(self)

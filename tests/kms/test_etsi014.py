@@ -6,7 +6,9 @@ import asyncio
 import base64
 import http.client
 import json
+import logging
 import os
+import re
 import ssl
 import threading
 import uuid
@@ -16,11 +18,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from appliance.kms.errors import KeyUnavailable
-from appliance.kms.etsi014 import Etsi014Api, Limits
+from appliance.kms.errors import KeyUnavailable, KmsError
+from appliance.kms.etsi014 import MAX_DEPTH, Etsi014Api, Limits
 from appliance.net.h2 import Request
 from appliance.net.http1 import H1Server
 from appliance.pki import server_context
+from tests.net.h1_driver import exchange, replies, server, split
 
 LIMITS = Limits(
     source_kme="kme-berlin", target_kme="kme-bonn", max_key_per_request=16, max_key_count=1000
@@ -240,3 +243,297 @@ def test_fuzzed_requests_always_get_a_valid_014_answer(op, method, body, query, 
     assert response.status in (200, 400, 401, 503)
     doc = json.loads(response.body)
     assert "keys" in doc or "message" in doc or "source_KME_ID" in doc
+    if response.status != 200:
+        assert doc["details"] and all(isinstance(d, dict) for d in doc["details"])
+
+
+# -- bounded inputs and error details (issue 13, items 12, 14 and 15) -----------------------
+def answer(method: str, path: str, body: bytes = b"", peer: str | None = "sae-1") -> tuple:
+    """The API's answer to one request, without the network: (status, JSON document)."""
+    service = MemoryService()
+    response = asyncio.run(Etsi014Api(service).handle(Request(method, path, body, {}, peer)))
+    assert response.headers["content-type"] == "application/json"
+    return response.status, json.loads(response.body), len(response.body)
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "number=%D9%A2",  # an Arabic-Indic two
+        "number=1_0",
+        "number=%2B5",
+        "number=%205",
+        "number=5%20",
+        "number=0x10",
+        "number=" + "9" * 5000,
+        "size=%D9%A2%D9%A5%D9%A6",
+        "size=2_5_6",
+        "size=" + "9" * 5000,
+    ],
+)
+def test_numbers_in_the_query_are_ascii_digits_only(query):
+    status, doc, size = answer("GET", f"/api/v1/keys/sae-2/enc_keys?{query}")
+    name = query.partition("=")[0]
+    assert status == 400 and doc["details"][0]["parameter"] == name
+    assert "integer" in doc["message"] and size < 1000
+
+
+DEEP = 100_000
+
+
+@pytest.mark.parametrize(
+    "body, reason",
+    [
+        (b"[" * DEEP + b"]" * DEEP, "nest more than"),
+        (b"[" * DEEP, "balance"),
+        (b'{"a":' * DEEP + b"1" + b"}" * DEEP, "nest more than"),
+        (b'{"key_IDs":' + b"[" * 5000 + b"]" * 5000 + b"}", "nest more than"),
+        (b'{"number": ' + b"7" * 5000 + b"}", "digits"),
+        (b'{"size": ' + b"8" * 5000 + b"}", "digits"),
+        (b'{"size": -' + b"8" * 5000 + b"}", "digits"),
+        (b'{"extension_optional": [' + b"1" * 4301 + b"]}", "digits"),
+        (b"\xff\xfe{}", "UTF-8"),
+        (b"[1, 2]", "array"),
+        (b'"a string"', "string"),
+        (b"3", "a number"),
+        (b"null", "null"),
+        (b'{"number": 1', "Expecting"),
+    ],
+    ids=[
+        "deep-arrays",
+        "unbalanced",
+        "deep-objects",
+        "deep-key_IDs",
+        "long-number",
+        "long-size",
+        "long-negative",
+        "long-int-elsewhere",
+        "not-utf8",
+        "array",
+        "string",
+        "number",
+        "null",
+        "truncated",
+    ],
+)
+def test_bad_json_values_get_a_clear_400(body, reason):
+    if b"key_IDs" in body:
+        status, doc, size = answer("POST", "/api/v1/keys/sae-1/dec_keys", body, "sae-2")
+    else:
+        status, doc, size = answer("POST", "/api/v1/keys/sae-2/enc_keys", body)
+    assert status == 400 and doc["details"][0]["parameter"] == "body"
+    assert reason in doc["details"][0]["reason"] and size < 1000
+
+
+def test_nesting_at_the_bound_is_parsed_and_strings_do_not_count():
+    deep_ok = b'{"extension_optional": ' + b"[" * 15 + b"]" * 15 + b"}"
+    assert answer("POST", "/api/v1/keys/sae-2/enc_keys", deep_ok)[0] == 200
+    brackets_in_strings = json.dumps({"extension_optional": ["[{" * 1000 + '\\"]']}).encode()
+    assert answer("POST", "/api/v1/keys/sae-2/enc_keys", brackets_in_strings)[0] == 200
+
+
+def depth(value: object) -> int:
+    if isinstance(value, dict):
+        return 1 + max(map(depth, value.values()), default=0)
+    if isinstance(value, list):
+        return 1 + max(map(depth, value), default=0)
+    return 0
+
+
+tricky_text = st.text(alphabet='[]{}"\\:, ab\u00e9', max_size=12)
+
+
+@st.composite
+def nested(draw: st.DrawFn) -> object:
+    doc = draw(
+        st.recursive(
+            st.none() | st.integers(-(10**6), 10**6) | tricky_text,
+            lambda c: st.lists(c, max_size=3) | st.dictionaries(tricky_text, c, max_size=3),
+            max_leaves=12,
+        )
+    )
+    for key in draw(st.lists(st.none() | tricky_text, max_size=24)):
+        doc = [doc] if key is None else {key: doc}
+    return doc
+
+
+@settings(max_examples=300, deadline=None)
+@given(doc=nested())
+def test_the_nesting_bound_agrees_with_the_real_depth(doc):
+    body = json.dumps({"extension_optional": doc}).encode()
+    status, err, _ = answer("POST", "/api/v1/keys/sae-2/enc_keys", body)
+    if depth(doc) + 1 <= MAX_DEPTH:
+        assert status == 200
+    else:
+        assert status == 400 and "deep" in err["details"][0]["reason"]
+
+
+@pytest.mark.parametrize(
+    "method, path, body",
+    [
+        ("POST", "/api/v1/keys/sae-2/enc_keys", json.dumps({"number": "x" * 1_000_000})),
+        ("POST", "/api/v1/keys/sae-1/dec_keys", json.dumps({"key_IDs": [{"key_ID": "x" * 10**6}]})),
+        ("GET", "/api/v1/keys/sae-1/dec_keys?key_ID=" + "y" * 60_000, ""),
+        ("GET", "/api/v1/keys/" + "s" * 60_000 + "/status", ""),
+        ("GET", "/" + "p" * 60_000, ""),
+        (
+            "POST",
+            "/api/v1/keys/sae-2/enc_keys",
+            json.dumps({"extension_mandatory": [{"e" * 100_000: 1}] * 1000}),
+        ),
+    ],
+    ids=["number", "key_ID", "query-key_ID", "sae-id", "path", "extension-names"],
+)
+def test_huge_strings_are_not_echoed_whole(method, path, body):
+    peer = "sae-2" if "dec_keys" in path else "sae-1"
+    status, doc, size = answer(method, path, body.encode(), peer)
+    assert status in (400, 401) and size < 2000 and doc["details"]
+
+
+def test_a_target_urlsplit_cannot_read_is_a_400_not_an_internal_error():
+    status, doc, _ = answer("GET", "//[::1/api/v1/keys/sae-2/status")
+    assert status == 400 and doc["details"][0]["parameter"] == "resource"
+
+
+class FailingService(MemoryService):
+    """Fails as a relay through the network can: its error text names the network's parts."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__()
+        self.error = error
+
+    async def enc_keys(self, master, slave, number, size):
+        raise self.error
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        KeyUnavailable("no key: ckms-frankfurt link fra-ber down on route ber>fra>bon"),
+        KmsError("ckms-frankfurt refused: link fra-ber, route ber>fra>bon"),
+    ],
+)
+def test_a_failure_inside_the_network_is_a_503_that_names_no_part_of_it(error):
+    api = Etsi014Api(FailingService(error))
+    request = Request("GET", "/api/v1/keys/sae-2/enc_keys", b"", {}, "sae-1")
+    response = asyncio.run(api.handle(request))
+    doc = json.loads(response.body)
+    assert response.status == 503 and doc["details"] and doc["message"]
+    for word in ("ckms", "frankfurt", "fra-ber", "route", "ber>"):
+        assert word not in response.body.decode()
+
+
+ERRORS = [
+    ("GET", "/api/v1/keys/sae-2/enc_keys?size=100", "sae-1", "size"),
+    ("GET", "/api/v1/keys/sae-2/enc_keys?number=0", "sae-1", "number"),
+    ("GET", "/api/v1/keys/sae-2/enc_keys?number=zero", "sae-1", "number"),
+    ("GET", "/api/v1/keys/sae-3/enc_keys", "sae-1", "slave_SAE_ID"),
+    ("GET", "/api/v1/keys/sae-3/dec_keys?key_ID=x", "sae-2", "master_SAE_ID"),
+    ("GET", "/api/v1/keys/sae-2/status", None, "client certificate"),
+    ("POST", "/api/v1/keys/sae-2/status", "sae-1", "method"),
+    ("GET", "/api/v1/keys/sae-2/nonsense", "sae-1", "resource"),
+    ("GET", "/api/v1/keys/sae-1/dec_keys?key_ID=not-a-uuid", "sae-2", "key_ID"),
+    ("GET", "/api/v1/keys/sae-1/dec_keys", "sae-2", "key_IDs"),
+    (
+        "GET",
+        "/api/v1/keys/sae-1/dec_keys?key_ID=9e3d2c1b-0000-4000-8000-000000000000"
+        "&key_ID=9e3d2c1b-0000-4000-8000-000000000000",
+        "sae-2",
+        "key_IDs",
+    ),
+    (
+        "GET",
+        "/api/v1/keys/sae-2/enc_keys?additional_slave_SAE_IDs=x",
+        "sae-1",
+        "additional_slave_SAE_IDs",
+    ),
+]
+
+
+ROUTE_WORDS = re.compile(r"\b(links?|hops?|routes?|path|relay\w*|carrier|ckms|akms)\b", re.I)
+
+
+@pytest.mark.parametrize("method, path, peer, parameter", ERRORS)
+def test_every_error_carries_details_naming_the_parameter(method, path, peer, parameter):
+    status, doc, _ = answer(method, path, b"", peer)
+    assert not ROUTE_WORDS.search(json.dumps(doc))  # nor any word of the network's inside
+    assert status in (400, 401) and isinstance(doc["message"], str)
+    assert isinstance(doc["details"], list) and doc["details"]
+    assert all(isinstance(d, dict) for d in doc["details"])
+    if parameter is not None:
+        assert doc["details"][0]["parameter"] == parameter and doc["details"][0]["reason"]
+
+
+def test_not_found_keys_and_an_empty_stock_carry_details(pki, kme):
+    port, service = kme
+    missing = "9e3d2c1b-0000-4000-8000-000000000000"
+    status, doc = call(
+        sae(pki, "sae-2", port), "GET", f"/api/v1/keys/sae-1/dec_keys?key_ID={missing}"
+    )
+    assert status == 400 and doc["details"] == [{"key_IDs_not_found": [missing]}]
+    service.empty = True
+    status, doc = call(sae(pki, "sae-1", port), "GET", "/api/v1/keys/sae-2/enc_keys")
+    assert status == 503 and doc["details"]
+
+
+def test_bad_values_through_the_server_log_no_internal_error(pki, kme, caplog):
+    port, _ = kme
+    conn = sae(pki, "sae-1", port)
+    for body in (b"[" * DEEP + b"]" * DEEP, b'{"number": ' + b"7" * 5000 + b"}"):
+        conn.request("POST", "/api/v1/keys/sae-2/enc_keys", body=body)
+        response = conn.getresponse()
+        assert response.status == 400 and json.loads(response.read())["details"]
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+# -- the parser and the API together, fuzzed ------------------------------------------------
+REAL = [
+    b"GET /api/v1/keys/sae-2/status HTTP/1.1\r\nHost: kme\r\n\r\n",
+    b"GET /api/v1/keys/sae-2/enc_keys?number=3&size=512 HTTP/1.1\r\nHost: kme\r\n\r\n",
+    b"POST /api/v1/keys/sae-2/enc_keys HTTP/1.1\r\nHost: kme\r\nContent-Type: application/json"
+    b'\r\nContent-Length: 25\r\n\r\n{"number": 2, "size": 64}',
+    b"POST /api/v1/keys/sae-1/dec_keys HTTP/1.1\r\nHost: kme\r\nTransfer-Encoding: chunked\r\n\r\n"
+    b'1c\r\n{"key_IDs": [{"key_ID": "9e3\r\n'
+    b'1b\r\nd2c1b-0000-4000-8000-0000000\r\n9\r\n00000"}]}\r\n0\r\n\r\n',
+]
+
+
+@st.composite
+def mutated_014(draw: st.DrawFn) -> bytes:
+    raw = bytearray(b"".join(draw(st.lists(st.sampled_from(REAL), min_size=1, max_size=3))))
+    for _ in range(draw(st.integers(0, 4))):
+        at = draw(st.integers(0, len(raw)))
+        action = draw(st.sampled_from(["flip", "insert", "delete", "cut"]))
+        if action == "cut":
+            del raw[at:]
+        elif action == "delete":
+            del raw[at : at + draw(st.integers(1, 8))]
+        elif action == "insert":
+            raw[at:at] = draw(
+                st.sampled_from(
+                    [b"\r\n", b"\n", b" ", b"0", b"9" * 30, b"[" * 40, b"\xd9\xa2", b"%D9%A2", b'"']
+                )
+            )
+        elif raw:
+            raw[min(at, len(raw) - 1)] ^= 1 << draw(st.integers(0, 7))
+    return bytes(raw)
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    data=st.one_of(mutated_014(), st.binary(max_size=200)),
+    cuts=st.lists(st.integers(0, 600), max_size=6),
+    peer=st.sampled_from(["sae-1", "sae-2", None]),
+)
+def test_fuzzed_014_traffic_gets_well_formed_json_answers_or_a_clean_close(data, cuts, peer):
+    handler = Etsi014Api(MemoryService()).handle
+    transport = asyncio.run(exchange(server(handler), split(data, cuts), peer=peer))
+    for reply in replies(bytes(transport.out)):
+        if reply.status == 100:
+            continue
+        assert reply.status in (200, 400, 401, 408, 413, 431, 503, 505)
+        doc = reply.json()
+        assert isinstance(doc, dict)
+        if reply.status != 200:
+            assert isinstance(doc["message"], str) and doc["details"]
+            assert all(isinstance(d, dict) for d in doc["details"])
