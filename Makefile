@@ -19,7 +19,7 @@ $(SYSTEM_STAMP): packaging/apt-packages.txt scripts/ensure-system.sh
 	@rm -f $(VENV)/.system-* && touch $@
 
 $(PY_STAMP): $(SYSTEM_STAMP) pyproject.toml constraints.txt
-	@echo "setup: installing the package and its pinned dependencies into $(VENV)"
+	@echo "setup: installing the package, every extra and their pinned dependencies into $(VENV)"
 	@$(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[dev]'
 	@touch $@
 
@@ -49,12 +49,14 @@ bench: setup
 	$(BIN)/python bench/hal_drivers.py
 	$(BIN)/python bench/kms_network.py
 
-# Re-resolve the dependencies from pyproject.toml into constraints.txt (needs the registry).
+# Re-resolve the dependencies of pyproject.toml (the node runtime and every extra: .[dev]
+# pulls them all) into constraints.txt, in a private virtualenv (needs the registry).
 lock:
-	rm -rf /tmp/qkdn-lock && $(PYTHON) -m venv /tmp/qkdn-lock
-	/tmp/qkdn-lock/bin/pip install -q --disable-pip-version-check -e '.[dev]'
-	/tmp/qkdn-lock/bin/pip freeze --exclude-editable | grep -v '^qkdn' > constraints.txt
-	rm -rf /tmp/qkdn-lock
+	@d=$$(mktemp -d /tmp/qkdn-lock.XXXXXX) && trap 'rm -rf "$$d"' EXIT && \
+	$(PYTHON) -m venv "$$d" && \
+	"$$d/bin/pip" install -q --disable-pip-version-check -e '.[dev]' && \
+	"$$d/bin/pip" freeze --exclude-editable | grep -v '^qkdn' > constraints.txt.new && \
+	mv constraints.txt.new constraints.txt
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis

@@ -36,3 +36,16 @@ class UsageError(ApplianceError):
     """The command line asks for something impossible (caller misuse)."""
 
     code = "USAGE"
+
+
+class MissingExtra(ApplianceError):
+    """A command needs an optional dependency group (an extra) that is not installed."""
+
+    code = "EXTRA-MISSING"
+
+    def __init__(self, extra: str, module: str) -> None:
+        super().__init__(
+            f"this command needs the '{extra}' extra ({module} is not installed): "
+            f"pip install 'qkdn[{extra}]'"
+        )
+        self.extra, self.module = extra, module

@@ -1,18 +1,26 @@
 """Plots people would rather look at than read: ``qkdn demo --plot PATH`` (PNG).
 
 Left: the T_key distribution of the run (log time axis) beside the paper's 17.34 ± 1.62 s.
-Right: each link's key count at its master end over the run, as the QKDN manager sampled
-it. matplotlib with the Agg backend (no display needed).
+Right: each link's key count at its master end over the run, sampled from the nodes'
+``/v1/status``. matplotlib (the ``plots`` extra) with the Agg backend (no display needed).
 """
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Sequence
 from pathlib import Path
 
-from appliance.errors import ApplianceError
+from appliance.errors import ApplianceError, MissingExtra
 from appliance.kms.monitor import Sample
 from appliance.tkey import PAPER_T_KEY_S
+
+
+def require_plots() -> None:
+    """Raise :class:`MissingExtra` now if matplotlib (the ``plots`` extra) is not installed,
+    so that ``demo --plot`` refuses before its run instead of after it."""
+    if importlib.util.find_spec("matplotlib") is None:
+        raise MissingExtra("plots", "matplotlib")
 
 
 def demo_plot(path: Path, samples_ms: Sequence[float], levels: Sequence[Sample]) -> None:

@@ -7,7 +7,8 @@ run, in both directions. Over a window after a warm-up, the bench compares:
 
 * delivered: KSA key bits added to all stocks (the keys SAEs can take), per second;
 * bottleneck: key bits the slowest link on the relay path distilled, per second (its
-  QKDM's ``keys_produced`` counter, read over ``/v1/status`` as the QKDN manager).
+  QKDM's ``keys_produced`` counter, read over ``/v1/status`` with the manager node's
+  certificate).
 
 Target: delivered >= 95 % of the bottleneck's rate. ``--speedup X`` runs the emulated
 links X times faster than real time (the shortest Berlin-Bonn path crosses link 9-10 at

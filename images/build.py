@@ -8,8 +8,9 @@ so identical inputs give a byte-identical image and payload.
 The tree (the appliance's ``/``):
 
 - ``usr/lib/qkdn/site-packages``: the application, unpacked from a wheelhouse (the project
-  and its pinned runtime dependencies, see :func:`build_wheelhouse`); ``usr/lib/qkdn/bin/qkdn``
-  starts it with the system Python;
+  and its pinned base dependencies, the node runtime: no extra, so no rich, tomli-w or
+  matplotlib; see :func:`build_wheelhouse`); ``usr/lib/qkdn/bin/qkdn`` starts it with the
+  system Python;
 - ``etc/qkdn/node.toml``: the node's configuration (``render_node`` with appliance paths);
   ``etc/qkdn/pki``: the CA certificate, the node's certificate and its SAEs' certificates,
   whichever exist in ``--pki-dir`` (never a private key: those live in the node's token);

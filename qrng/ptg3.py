@@ -109,7 +109,7 @@ class Ptg3Generator:
         return self.monitor.state
 
     def health(self) -> dict[str, Any]:
-        """State, reason, counters and the tests' parameters, for status pages and SNMP."""
+        """State, reason, counters and the tests' parameters, for status reports."""
         m = self.monitor
         return {
             "state": str(m.state),

@@ -5,18 +5,24 @@ of the project become a single line ``qkdn: error [CODE]: message`` on stderr wi
 non-zero exit status; a traceback appears only with ``--debug``.
 
 Exit status: 0 success, 1 a reported error, 2 bad usage, 70 an internal error (a bug).
+
+A base install (``pip install qkdn``, what a node image carries) has no extras: ``node run``
+and ``qrng selftest --json`` work there, and a command that needs a missing extra ends in
+one line with the code EXTRA-MISSING naming the extra, never a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import logging
 import sys
 from collections.abc import Sequence
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from appliance import logs
-from appliance.errors import ApplianceError
+from appliance.errors import ApplianceError, MissingExtra
 from hal.errors import HalError
 from hsm.errors import HsmError
 from images.errors import ImageError
@@ -30,6 +36,12 @@ PROJECT_ERRORS: tuple[type[Exception], ...] = (
     HsmError,
 )
 """The error roots of the project's packages; later packages add theirs here."""
+
+COMMANDS = ("topology", "demo", "qrng", "image", "net", "sae", "keystore", "card")
+"""The subcommand modules of ``appliance.cli``, in the order ``qkdn --help`` lists them."""
+
+EXTRAS = {"rich": "provisioning", "tomli_w": "provisioning", "matplotlib": "plots"}
+"""Top-level modules of the optional dependencies, and the extra (pyproject.toml) of each."""
 
 EPILOG = """\
 examples:
@@ -51,10 +63,39 @@ class Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
-def build_parser() -> Parser:
-    from appliance.cli import card, demo, image, net, qrng, sae, topology
-    from appliance.cli import keystore as keystore_cli
+def missing_extra(exc: ModuleNotFoundError) -> MissingExtra | None:
+    """The extra to install if ``exc`` is an absent optional dependency, else None."""
+    module = (exc.name or "").partition(".")[0]
+    extra = EXTRAS.get(module)
+    if extra is None:
+        return None
+    try:
+        installed = importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        installed = False
+    return None if installed else MissingExtra(extra, module)
 
+
+def _register(sub: Any, name: str) -> None:
+    """Add the subcommand of module ``name``; without its extra, a stub that says so."""
+    try:
+        module = importlib.import_module(f"appliance.cli.{name}")
+    except ModuleNotFoundError as exc:
+        missing = missing_extra(exc)
+        if missing is None:
+            raise
+        stub = sub.add_parser(name, help=f"(needs the '{missing.extra}' extra)", add_help=False)
+        stub.add_argument("args", nargs=argparse.REMAINDER)
+        stub.set_defaults(func=_needs_extra, missing_extra=missing)
+        return
+    module.register(sub)
+
+
+def _needs_extra(args: argparse.Namespace) -> int:
+    raise args.missing_extra
+
+
+def build_parser() -> Parser:
     parser = Parser(
         prog="qkdn",
         description="Trusted-node appliance stack for carrier-grade QKD networks.",
@@ -76,14 +117,8 @@ def build_parser() -> Parser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     sub.required = True
-    topology.register(sub)
-    demo.register(sub)
-    qrng.register(sub)
-    image.register(sub)
-    net.register(sub)
-    sae.register(sub)
-    keystore_cli.register(sub)
-    card.register(sub)
+    for name in COMMANDS:
+        _register(sub, name)
     return parser
 
 
@@ -108,6 +143,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:
         if args.debug:
             raise
+        missing = missing_extra(exc) if isinstance(exc, ModuleNotFoundError) else None
+        if missing is not None:
+            print(f"qkdn: error [{missing.code}]: {missing}", file=sys.stderr)
+            return 1
         logging.getLogger("qkdn").debug("internal error", exc_info=True)
         print(
             f"qkdn: error [INTERNAL]: {type(exc).__name__}: {exc} "

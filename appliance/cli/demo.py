@@ -194,6 +194,10 @@ def report_table(report: dict[str, Any], roles: dict[int, str]) -> Table:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    if args.plot:
+        from appliance.plots import require_plots
+
+        require_plots()
     report: dict[str, Any] = {}
     ok = True
     if not args.skip_quantum:

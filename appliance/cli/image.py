@@ -115,7 +115,7 @@ def _register_build(isub: Any) -> None:
         action="append",
         default=[],
         metavar="CIDR",
-        help="networks allowed to reach the manager's web page (repeatable)",
+        help="networks allowed to reach a manager node's web port (repeatable)",
     )
     b.add_argument("--chunk-size", default="4M", help="digest/write unit (default: %(default)s)")
     b.add_argument("--json", action="store_true")

@@ -11,6 +11,9 @@ even by ``kill -9``. ``net down`` finds every process of the network by the mark
 environment, with or without ``run/state.json``. ``net status`` asks the running
 supervisor first, and shows its alarms (a state file it cannot write, NET-STATE-WRITE).
 
+``node run`` is the node runtime: it must work on a base install (no extras), so nothing
+here imports rich or another extra at module level.
+
 What it must never do: leave a process running behind a failed start, or signal a
 process that is not of the network it was asked about (:mod:`appliance.kms.netproc`).
 """
@@ -29,8 +32,6 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
-
-from rich.table import Table
 
 from appliance.cli.output import console, print_json
 from appliance.errors import ApplianceError, UsageError
@@ -292,6 +293,8 @@ def bring_up(args: argparse.Namespace) -> None:
     if not 0 < speedup <= 1000:
         raise UsageError(f"--speedup: expected 0 < X <= 1000, got {speedup:g}")
     topo = load_topology(args.topology)
+    import tomli_w  # noqa: F401 - rendering needs the provisioning extra: refused before any write
+
     lock = netproc.lock_dir(args.dir)
     try:
         _refuse_leftovers(args.dir)
@@ -532,6 +535,8 @@ def _report(net_dir: Path, as_json: bool) -> int:
     if as_json:
         print_json(doc)
         return 0
+    from rich.table import Table  # the provisioning extra; a node never reports this way
+
     table = Table(title=f"network in {net_dir}")
     for col in ("node", "role", "pid", "restarts", "endpoints"):
         table.add_column(col)

@@ -1,19 +1,26 @@
-"""Shared output helpers for qkdn subcommands: rich consoles and JSON documents."""
+"""Shared output helpers for qkdn subcommands: rich consoles and JSON documents.
+
+rich belongs to the ``provisioning`` extra, not to the node runtime: it is imported only when
+a console is asked for, so JSON output and ``qkdn node run`` work without it.
+"""
 
 from __future__ import annotations
 
 import json
 import sys
 from pathlib import Path
-from typing import Any
-
-from rich.console import Console
+from typing import TYPE_CHECKING, Any
 
 from appliance.errors import UsageError
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 
 def console() -> Console:
     """The console for human-readable output (stdout)."""
+    from rich.console import Console
+
     wide = None if sys.stdout.isatty() else 160  # files and pipes get full-width tables
     return Console(highlight=False, width=wide)
 

@@ -1,4 +1,8 @@
-"""``qkdn qrng``: run the PTG.3 generator, capture raw samples, assess them, self-test."""
+"""``qkdn qrng``: run the PTG.3 generator, capture raw samples, assess them, self-test.
+
+A node runs ``qkdn qrng selftest --json`` at boot from the node runtime alone: rich (the
+``provisioning`` extra) is imported only by the commands that draw tables or progress bars.
+"""
 
 from __future__ import annotations
 
@@ -8,15 +12,6 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TextColumn,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
-)
-from rich.table import Table
 
 import hal
 from appliance.cli.output import console, print_json
@@ -149,6 +144,15 @@ def _read_input(path: Path) -> bytes:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
     from qrng.ptg3 import Ptg3Generator
 
     total = parse_size(args.bytes, "--bytes")
@@ -220,6 +224,8 @@ def cmd_assess(args: argparse.Namespace) -> int:
     if args.json:
         print_json(report.to_json())
         return 0
+    from rich.table import Table
+
     table = Table(
         title=f"SP 800-90B non-IID assessment of {args.file} ({report.samples} "
         f"{report.bits_per_sample}-bit samples)"
@@ -246,6 +252,8 @@ def cmd_ais31(args: argparse.Namespace) -> int:
     if args.json:
         print_json(report.to_json())
         return 0 if report.passed else 1
+    from rich.table import Table
+
     table = Table(title=f"AIS 31 statistical tests of {args.file}")
     for col in ("procedure", "test", "value", "bounds", "result"):
         table.add_column(col)
@@ -286,6 +294,8 @@ def cmd_selftest(args: argparse.Namespace) -> int:
     if args.json:
         print_json({"passed": ok, "tests": results})
     else:
+        from rich.table import Table
+
         table = Table(title="qrng self-test")
         table.add_column("test")
         table.add_column("result")

@@ -2,7 +2,8 @@
 
 One TOML file per node: its identity and role, where it listens, who its neighbours are
 (with the URL of the QKD module on each link), where its certificates and data live, and
-the data-centre services it talks to. Node processes load it with :func:`load_node_config`.
+the addresses of the data-centre roles the topology declares (no process serves those
+yet, and no node calls them). Node processes load it with :func:`load_node_config`.
 """
 
 from __future__ import annotations
@@ -75,7 +76,8 @@ class NodeConfig(Strict):
     devices: Devices
     listen: dict[str, str] = Field(default_factory=dict)
     services: dict[str, str] = Field(default_factory=dict)
-    """host:port of the data-centre services this node uses (controller, manager, aaa)."""
+    """host:port of the data-centre roles (controller, manager, aaa) this node would use;
+    rendered from the topology, read by nothing yet."""
     neighbours: list[Neighbour] = Field(default_factory=list)
     saes: list[SaeEntry] = Field(default_factory=list)
     psk: dict[str, str] = Field(default_factory=dict)

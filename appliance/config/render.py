@@ -5,6 +5,9 @@ id``. Each link gets a secret for its emulated QKDM pair, created once and kept 
 renders (re-rendering must not change the keys a running pair agrees on), and a path for
 its shared fault schedule. ``network.toml`` records the emulation start time, which later
 renders reuse, and indexes the node files.
+
+Nodes import this module for the port plan; writing files needs ``tomli_w`` (the
+``provisioning`` extra), imported only by :func:`render`.
 """
 
 from __future__ import annotations
@@ -15,8 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
-
-import tomli_w
 
 from appliance.config.topology import Node, ResolvedLink, Topology
 from appliance.errors import ApplianceError, ConfigError, UsageError
@@ -253,6 +254,8 @@ def render(topo: Topology, plan: RenderPlan) -> list[Path]:
 
 
 def _render(topo: Topology, plan: RenderPlan) -> list[Path]:
+    import tomli_w  # the provisioning extra: nodes read configurations, never write them
+
     if not 1024 <= plan.base_port <= MAX_BASE_PORT:
         raise UsageError(f"--base-port: expected 1024..{MAX_BASE_PORT}, got {plan.base_port}")
     start = _start_time(plan)

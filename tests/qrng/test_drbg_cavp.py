@@ -1,5 +1,5 @@
-"""SP 800-90A DRBGs against the NIST CAVP vectors (CAVS 14.3, drbgtestvectors.zip) in
-``../shared/vectors/nist-cavp-drbg/{no_reseed,pr_false,pr_true}``.
+"""SP 800-90A DRBGs against the NIST CAVP vectors (CAVS 14.3, drbgtestvectors.zip), sections
+``nist-cavp-drbg/{no_reseed,pr_false,pr_true}`` of the test vectors (``tests/vectors.py``).
 
 Every vector of a supported mechanism runs; 3KeyTDEA CTR_DRBG is the only section not
 applicable (TDEA is not implemented, by design) and is counted as skipped.
