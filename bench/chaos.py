@@ -25,8 +25,12 @@ It reports:
     ``net up`` had started the network again);
   * processes left after ``qkdn net down`` (found by command line and by pid).
 
+If ``net up`` fails after a supervisor kill (on a shared machine another program may take
+the network's ports while they are free), it is tried again on a fresh port range (the
+requesters follow), up to 3 times; then the run is aborted and says so.
+
 Keys are compared by SHA-256 digest; no key is printed or kept. Exit status 1 when a key
-was lost, duplicated or mismatched, or a process was left behind.
+was lost, duplicated or mismatched, a process was left behind, or the run was aborted.
 Usage: python bench/chaos.py [--requests N] [--kills K] [--seed S] [--max-seconds T]
                              [--retry-window S] [--replay-every N] [--dir DIR] [--json]
 """
@@ -62,6 +66,8 @@ RESUME_TIMEOUT_S = 120.0
 """A kill not followed by a successful request within this long counts as not resumed."""
 BACKOFF_S = 0.25
 """A requester's pause after a failed call (an SAE does not hammer a KME that fails)."""
+RESTARTS = 3
+"""Attempts to start the network again after its supervisor was killed."""
 QKDN = [sys.executable, "-m", "appliance.cli"]
 
 
@@ -100,9 +106,21 @@ class Ledger:
     successes: list[tuple[float, float]] = field(default_factory=list)
     """(start, end) of every request that succeeded end to end."""
     kills: list[Kill] = field(default_factory=list)
+    endpoints: tuple[SaeEndpoint, SaeEndpoint] | None = None
+    base_port: int = 0
+    generation: int = 0
+    """Bumped when the network comes back on other ports (its old ones were taken)."""
+    aborted: str = ""
+    """Why the run stopped early (the network could not be started again)."""
+    unresolved: list[str] = field(default_factory=list)
+    """Keys at the master whose fetch an abort cut short (neither obtained nor lost)."""
     next_kill: int = 0
     resumed_upto: int = 0
     """Kills [0, resumed_upto) have resumed or timed out."""
+
+    def abort(self, reason: str) -> None:
+        with self.lock:
+            self.aborted, self.deadline = reason, time.monotonic()
 
     def take(self) -> int | None:
         """The next request number, or None when done; waits while a kill is due."""
@@ -149,29 +167,53 @@ def call(
         return exc
 
 
+class Client:
+    """One requester's connections to the two KMEs, opened again on the network's new
+    ports when it had to come back on others."""
+
+    def __init__(self, ledger: Ledger) -> None:
+        self.ledger, self.generation = ledger, -1
+        self.conns: tuple[HttpsConnection, HttpsConnection] | None = None
+
+    def enc(self) -> HttpsConnection:
+        return self._current()[0]
+
+    def dec(self) -> HttpsConnection:
+        return self._current()[1]
+
+    def _current(self) -> tuple[HttpsConnection, HttpsConnection]:
+        with self.ledger.lock:
+            generation, ends = self.ledger.generation, self.ledger.endpoints
+        if self.conns is None or generation != self.generation:
+            assert ends is not None
+            self.close()
+            self.conns, self.generation = (ends[0].connect(), ends[1].connect()), generation
+        return self.conns
+
+    def close(self) -> None:
+        for conn in self.conns or ():
+            conn.close()
+
+
 def digest(key: str) -> bytes:
     return hashlib.sha256(key.encode()).digest()
 
 
-def request_once(
-    ledger: Ledger, enc: HttpsConnection, dec: HttpsConnection, n: int, args: Any
-) -> None:
+def request_once(ledger: Ledger, client: Client, n: int, args: Any) -> None:
     try:
-        request_keys(ledger, enc, dec, n, args)
+        request_keys(ledger, client, n, args)
     finally:
         with ledger.lock:
             ledger.finished += 1
 
 
-def request_keys(
-    ledger: Ledger, enc: HttpsConnection, dec: HttpsConnection, n: int, args: Any
-) -> None:
+def request_keys(ledger: Ledger, client: Client, n: int, args: Any) -> None:
     """enc_keys at the master's KME, then dec_keys at the slave's, each retried as an SAE
     would (after a pause, for ``--retry-window`` seconds); the ledger kept."""
     until = min(time.monotonic() + args.retry_window, ledger.deadline)
     while True:
         t0 = time.monotonic()
-        got = call(enc, "GET", f"/api/v1/keys/{SLAVE}/enc_keys?number=1")
+        got = call(client.enc(), "GET", f"/api/v1/keys/{SLAVE}/enc_keys?number=1")
         if isinstance(got, Response) and got.status == 200:
             break
         with ledger.lock:
@@ -189,12 +231,12 @@ def request_keys(
             ledger.duplicated_ids.append(key_id)
         ledger.issued[key_id] = want
         ledger.delivered += 1
-    if not fetch(ledger, dec, key_id, want, args.retry_window):
+    if not fetch(ledger, client, key_id, want, args.retry_window):
         return
     with ledger.lock:
         ledger.successes.append((t0, time.monotonic()))
     if n % args.replay_every == 0:
-        again = call(dec, "POST", f"/api/v1/keys/{MASTER}/dec_keys", ids(key_id))
+        again = call(client.dec(), "POST", f"/api/v1/keys/{MASTER}/dec_keys", ids(key_id))
         if isinstance(again, Response) and again.status == 200:
             with ledger.lock:
                 ledger.redelivered.append(key_id)
@@ -204,12 +246,12 @@ def ids(key_id: str) -> dict[str, Any]:
     return {"key_IDs": [{"key_ID": key_id}]}
 
 
-def fetch(ledger: Ledger, dec: HttpsConnection, key_id: str, want: bytes, window: float) -> bool:
-    """dec_keys until the slave holds the key or ``window`` seconds pass; True if it got
-    the same bits."""
+def fetch(ledger: Ledger, client: Client, key_id: str, want: bytes, window: float) -> bool:
+    """dec_keys until the slave holds the key or ``window`` seconds pass (or the run is
+    aborted); True if it got the same bits."""
     issued, until, first = time.monotonic(), time.monotonic() + window, ""
     while True:
-        got = call(dec, "POST", f"/api/v1/keys/{MASTER}/dec_keys", ids(key_id))
+        got = call(client.dec(), "POST", f"/api/v1/keys/{MASTER}/dec_keys", ids(key_id))
         if isinstance(got, Response) and got.status == 200:
             keys = json.loads(got.body)["keys"]
             same = [k["key_ID"] for k in keys] == [key_id] and digest(keys[0]["key"]) == want
@@ -224,6 +266,10 @@ def fetch(ledger: Ledger, dec: HttpsConnection, key_id: str, want: bytes, window
         first = first or kind
         with ledger.lock:
             ledger.failures[f"dec {kind}"] += 1
+        if ledger.aborted:
+            with ledger.lock:
+                ledger.unresolved.append(key_id)
+            return False
         if time.monotonic() >= until:
             lost = {"key_ID": key_id, "issued_s": round(issued - ledger.start, 2)}
             with ledger.lock:
@@ -232,10 +278,13 @@ def fetch(ledger: Ledger, dec: HttpsConnection, key_id: str, want: bytes, window
         time.sleep(BACKOFF_S)
 
 
-def requester(ledger: Ledger, master: SaeEndpoint, slave: SaeEndpoint, args: Any) -> None:
-    with master.connect() as enc, slave.connect() as dec:
+def requester(ledger: Ledger, args: Any) -> None:
+    client = Client(ledger)
+    try:
         while (n := ledger.take()) is not None:
-            request_once(ledger, enc, dec, n, args)
+            request_once(ledger, client, n, args)
+    finally:
+        client.close()
 
 
 # -- the killer --------------------------------------------------------------------------
@@ -258,7 +307,7 @@ def _is(kind: str, role: str) -> bool:
     return "akms" in role if kind == "akms" else role == kind
 
 
-def killer(ledger: Ledger, net: Path, base_port: int, rng: random.Random, seen: set[int]) -> None:
+def killer(ledger: Ledger, net: Path, rng: random.Random, seen: set[int]) -> None:
     for i, kill in enumerate(ledger.kills):
         while time.monotonic() < ledger.deadline:
             with ledger.lock:
@@ -267,41 +316,64 @@ def killer(ledger: Ledger, net: Path, base_port: int, rng: random.Random, seen: 
             time.sleep(0.001)
         else:
             return
-        time.sleep(rng.uniform(0.0, 0.03))  # into the requests in flight
-        status = status_doc(net)
-        seen.update(pid for n in status["nodes"] for pid in n["pids"] if pid)
-        candidates = victims(status, kill.kind)
-        if not candidates:
-            kill.note = f"no live {kill.kind} to kill"
-            continue
-        kill.victim, kill.pid = rng.choice(candidates)
-        kill.t = time.monotonic()
-        os.kill(kill.pid, signal.SIGKILL)
-        with ledger.lock:
-            ledger.next_kill = i + 1
-        if kill.kind == "supervisor":
-            restart_network(kill, status, net, base_port)
-        else:
-            wait_restarted(kill, net)
-        wait_resumed(ledger, kill)
-        with ledger.lock:
-            ledger.resumed_upto = i + 1
+        try:
+            strike(ledger, kill, net, rng, seen)
+        finally:
+            with ledger.lock:
+                ledger.next_kill = ledger.resumed_upto = i + 1
 
 
-def restart_network(kill: Kill, before: dict[str, Any], net: Path, base_port: int) -> None:
-    """The nodes must die with their supervisor; then ``net up`` on the same directory."""
-    pids = {pid for n in before["nodes"] for pid in n["pids"] if pid}
-    left = netproc.wait_gone(pids, net, 15.0)
-    if left:
-        kill.note = f"{len(left)} nodes outlived their supervisor: {sorted(left)}"
-    up = subprocess.run(
+def strike(ledger: Ledger, kill: Kill, net: Path, rng: random.Random, seen: set[int]) -> None:
+    """One kill, into the requests in flight; then until the network has resumed."""
+    time.sleep(rng.uniform(0.0, 0.03))
+    status = status_doc(net)
+    seen.update(pid for n in status["nodes"] for pid in n["pids"] if pid)
+    candidates = victims(status, kill.kind)
+    if not candidates:
+        kill.note = f"no live {kill.kind} to kill"
+        return
+    kill.victim, kill.pid = rng.choice(candidates)
+    kill.t = time.monotonic()
+    os.kill(kill.pid, signal.SIGKILL)
+    with ledger.lock:
+        ledger.next_kill += 1  # the requesters go on while the network recovers
+    if kill.kind == "supervisor":
+        restart_network(ledger, kill, status, net)
+    else:
+        wait_restarted(kill, net)
+    wait_resumed(ledger, kill)
+
+
+def net_up(net: Path, base_port: int) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
         [*QKDN, "net", "up", "demoquandt", "--dir", str(net), "--base-port", str(base_port),
          "--stock", "0", "--timeout", "120"],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
-    if up.returncode != 0:
-        kill.note += f" net up failed: {up.stderr.strip()}"
+
+
+def restart_network(ledger: Ledger, kill: Kill, before: dict[str, Any], net: Path) -> None:
+    """The nodes must die with their supervisor; then ``net up`` on the same directory. If
+    that fails (on a shared machine another program may take the ports while they are
+    free), on a fresh port range, up to :data:`RESTARTS` times; then the run is aborted."""
+    pids = {pid for n in before["nodes"] for pid in n["pids"] if pid}
+    left = netproc.wait_gone(pids, net, 15.0)
+    if left:
+        kill.note = f"{len(left)} nodes outlived their supervisor: {sorted(left)}."
+    for _ in range(RESTARTS):
+        up = net_up(net, ledger.base_port)
+        if up.returncode == 0:
+            break
+        kill.note += f" net up on base port {ledger.base_port} failed: {up.stderr.strip()}."
+        ledger.base_port = find_free_base_port()
+    else:
+        ledger.abort(f"the network could not be started again after kill {kill.victim}")
+        return
     kill.restarted_s = time.monotonic() - kill.t
+    ends = endpoints(status_doc(net), MASTER, SLAVE)
+    with ledger.lock:
+        if ends != ledger.endpoints:
+            ledger.endpoints, ledger.generation = ends, ledger.generation + 1
 
 
 def wait_restarted(kill: Kill, net: Path) -> None:
@@ -353,24 +425,17 @@ def _running(pid: int) -> bool:
 
 def run(args: argparse.Namespace, net: Path) -> dict[str, Any]:
     base_port = find_free_base_port()
-    up = subprocess.run(
-        [*QKDN, "net", "up", "demoquandt", "--dir", str(net), "--base-port", str(base_port),
-         "--stock", "0", "--timeout", "120"],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    up = net_up(net, base_port)
     if up.returncode != 0:
         raise SystemExit(f"chaos: the network did not start: {up.stderr.strip()}")
     rng = random.Random(args.seed)
     t0 = time.monotonic()
     ledger = Ledger(args.requests, t0 + args.max_seconds)
     ledger.kills = plan_kills(args.requests, args.kills, rng)
-    master, slave = endpoints(status_doc(net), MASTER, SLAVE)
+    ledger.endpoints, ledger.base_port = endpoints(status_doc(net), MASTER, SLAVE), base_port
     seen: set[int] = set()
-    threads = [
-        threading.Thread(target=requester, args=(ledger, master, slave, args))
-        for _ in range(REQUESTERS)
-    ]
-    threads.append(threading.Thread(target=killer, args=(ledger, net, base_port, rng, seen)))
+    threads = [threading.Thread(target=requester, args=(ledger, args)) for _ in range(REQUESTERS)]
+    threads.append(threading.Thread(target=killer, args=(ledger, net, rng, seen)))
     try:
         for thread in threads:
             thread.start()
@@ -397,12 +462,14 @@ def report(
         "requested": args.requests,
         "seed": args.seed,
         "seconds": round(elapsed, 1),
+        "aborted": ledger.aborted,
         "keys": {
             "delivered_to_master": ledger.delivered,
             "obtained_by_slave": len(ledger.obtained),
             "lost": len(ledger.lost),
             "duplicated": len(ledger.duplicated_ids) + len(ledger.redelivered),
             "mismatched": len(ledger.mismatched),
+            "unresolved_by_the_abort": len(ledger.unresolved),
         },
         "lost_keys": ledger.lost,
         "failed_requests": ledger.failed_requests,
@@ -432,6 +499,8 @@ def show(doc: dict[str, Any]) -> None:
     keys = doc["keys"]
     print(f"chaos: {doc['requests']} of {doc['requested']} requests, {len(doc['kills'])} of "
           f"{doc['kills_planned']} kills, seed {doc['seed']}, {doc['seconds']} s")  # fmt: skip
+    if doc["aborted"]:
+        print(f"ABORTED: {doc['aborted']} ({keys['unresolved_by_the_abort']} keys unresolved)")
     print(
         f"keys: {keys['delivered_to_master']} delivered to the master, "
         f"{keys['obtained_by_slave']} obtained by the slave; lost {keys['lost']}, "
@@ -490,6 +559,7 @@ def main() -> None:
         show(doc)
     keys = doc["keys"]
     bad = keys["lost"] or keys["duplicated"] or keys["mismatched"] or doc["left_after_net_down"]
+    bad = bad or doc["aborted"]
     raise SystemExit(1 if bad else 0)
 
 
