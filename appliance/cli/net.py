@@ -1,13 +1,28 @@
 """``qkdn node run`` and ``qkdn net up|status|down``: nodes as processes on this machine.
 
+A network directory runs one network at a time, of one topology. ``net up`` takes the
+directory's lock (held by the supervisor afterwards: two starts cannot both succeed) and
+refuses at once, with a code, a directory that runs a network (NET-BUSY), processes left
+by an earlier run (NET-ORPHANS), a directory that holds a network of another topology
+(NET-DIR-TOPOLOGY: its stores and certificates belong to other nodes) and ports in use
+(NET-PORTS). A start that fails (timeout, the supervisor exits, a node keeps exiting)
+stops everything it started before it reports the error. Nodes die with their supervisor,
+even by ``kill -9``. ``net down`` finds every process of the network by the marker in its
+environment, with or without ``run/state.json``. ``net status`` asks the running
+supervisor first, and shows its alarms (a state file it cannot write, NET-STATE-WRITE).
+
 ``node run`` is the node runtime: it must work on a base install (no extras), so nothing
 here imports rich or another extra at module level.
+
+What it must never do: leave a process running behind a failed start, or signal a
+process that is not of the network it was asked about (:mod:`appliance.kms.netproc`).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -24,6 +39,18 @@ from appliance.errors import ApplianceError, UsageError
 DEFAULT_DIR = Path(".qkdn/net")
 FULL_STORE_S = 3600.0
 """``net up`` starts the emulated links this long in the past: their key buffers are full."""
+MAX_STATE = 1 << 20
+"""Longest ``run/state.json`` read."""
+CRASH_LOOP = 3
+"""A node that exits this many times while its network starts fails the start (NET-NODE)."""
+ORPHAN_WAIT_S = 5.0
+"""How long ``net up`` waits for nodes still dying with a supervisor that was just killed."""
+SUPERVISOR_STOP_S = 15.0
+"""How long a supervisor has to stop its nodes (it gives them 5 s) before it gets SIGKILL."""
+NODE_STOP_S = 5.0
+"""How long a process left without its supervisor has after SIGTERM before SIGKILL."""
+KILL_WAIT_S = 5.0
+"""How long a process has to vanish after SIGKILL."""
 
 
 def register(sub: Any) -> None:
@@ -76,7 +103,28 @@ def register(sub: Any) -> None:
     )
     n = net.add_subparsers(dest="net_command", metavar="ACTION", parser_class=type(net))
     n.required = True
-    up = n.add_parser("up", help="render, issue certificates, start every KMS node")
+    up = n.add_parser(
+        "up",
+        help="render, issue certificates, start every KMS node",
+        description="Render the topology into the network directory, issue its certificates "
+        "(once), start a supervisor that runs every KMS node as a process, and wait until "
+        "every node answers.",
+        epilog="""\
+One network per directory, of one topology:
+  NET-BUSY          the directory runs a network already, or one is starting there
+  NET-ORPHANS       processes of an earlier run still live (qkdn net down stops them)
+  NET-DIR-TOPOLOGY  the directory holds a network of another topology (other nodes,
+                    links or SAEs; rates may change): use another --dir or remove it
+  NET-PORTS         a port of the plan is in use: choose another --base-port
+A start that fails stops everything it started, then reports one of:
+  NET-TIMEOUT       not every node answered within --timeout seconds
+  NET-NODE          a node exited 3 times while starting (its last log error is shown)
+  NET-SUPERVISOR    the supervisor exited
+The supervisor holds the directory's lock for its whole life; its nodes die with it,
+even by kill -9. A state file it cannot write (full disk) is an alarm in
+'qkdn net status' (NET-STATE-WRITE), never a reason to stop the nodes.""",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     up.add_argument(
         "topology",
         nargs="?",
@@ -146,6 +194,10 @@ def register(sub: Any) -> None:
 
 
 def cmd_node_run(args: argparse.Namespace) -> int:
+    from appliance.kms.netproc import die_with_supervisor
+
+    die_with_supervisor()  # first of all: a node never outlives the supervisor that started it
+
     import qrng
     from appliance.config.node import load_node_config
     from appliance.config.topology import load_topology
@@ -200,25 +252,15 @@ def _ports_open(addresses: list[str], ca: Path) -> bool:
 
 
 def _state(net_dir: Path) -> dict[str, Any] | None:
+    """``run/state.json`` as the supervisor last wrote it; None if missing or damaged."""
     try:
-        doc: dict[str, Any] = json.loads((net_dir / "run" / "state.json").read_text())
-        return doc
-    except (OSError, json.JSONDecodeError):
+        with open(net_dir / "run" / "state.json", "rb") as fh:
+            doc = json.loads(fh.read(MAX_STATE + 1)[:MAX_STATE])
+    except (OSError, ValueError):  # ValueError: not UTF-8, not JSON, or cut at the bound
         return None
-
-
-def _alive(pid: int) -> bool:
-    """True while ``pid`` runs; a child of ours that exited is reaped (not a zombie)."""
-    try:
-        if os.waitpid(pid, os.WNOHANG)[0] == pid:
-            return False
-    except ChildProcessError:
-        pass  # not our child: init reaps it
-    try:
-        os.kill(pid, 0)
-    except OSError:
-        return False
-    return True
+    if not isinstance(doc, dict) or not isinstance(doc.get("nodes"), dict):
+        return None
+    return doc
 
 
 def _patience(args: argparse.Namespace) -> float:
@@ -236,21 +278,48 @@ def cmd_net_up(args: argparse.Namespace) -> int:
 
 
 def bring_up(args: argparse.Namespace) -> None:
-    """Render, issue certificates, start the supervisor, wait until every node listens."""
-    import qrng
-    from appliance.config.render import RenderPlan, render
+    """Render, issue certificates, start the supervisor, wait until every node listens.
+
+    Holds the directory's lock throughout and hands it to the supervisor. Refuses, before
+    it starts anything, a directory that runs a network (NET-BUSY) or holds another one
+    (NET-DIR-TOPOLOGY), processes left by an earlier run (NET-ORPHANS) and ports in use
+    (NET-PORTS). If the network does not come up (NET-TIMEOUT, NET-NODE, NET-SUPERVISOR,
+    or an interruption) it stops everything it started before it raises."""
     from appliance.config.topology import load_topology
-    from appliance.kms.network import is_kms, load_configs, make_pki, provision_psks
+    from appliance.kms import netproc
 
     patience = _patience(args)
-    state = _state(args.dir)
-    if state and _alive(int(state["supervisor_pid"])):
-        raise UsageError(f"a network is already running from {args.dir} (qkdn net down first)")
-    topo = load_topology(args.topology)
-    start = time.time() - (0.0 if args.rate_limited else FULL_STORE_S)
     speedup = float(getattr(args, "speedup", 1.0))
     if not 0 < speedup <= 1000:
         raise UsageError(f"--speedup: expected 0 < X <= 1000, got {speedup:g}")
+    topo = load_topology(args.topology)
+    import tomli_w  # noqa: F401 - rendering needs the provisioning extra: refused before any write
+
+    lock = netproc.lock_dir(args.dir)
+    try:
+        _refuse_leftovers(args.dir)
+        _refuse_other_topology(args.dir, topo)
+        configs = _prepare(args, topo, speedup)
+        addresses = _kms_addresses(configs)
+        _refuse_busy_ports(addresses)
+        supervisor = _start_supervisor(args, patience, lock)
+        try:
+            ca = Path(next(iter(configs.values())).paths.ca_cert)
+            _wait_ready(supervisor, args.dir, float(args.timeout), addresses, ca)
+        except BaseException:
+            _stop_started(supervisor, args.dir)
+            raise
+    finally:
+        os.close(lock)
+
+
+def _prepare(args: argparse.Namespace, topo: Any, speedup: float) -> dict[str, Any]:
+    """Render the node configurations; issue the PKI and PSKs a new directory lacks."""
+    import qrng
+    from appliance.config.render import RenderPlan, render
+    from appliance.kms.network import load_configs, make_pki, provision_psks
+
+    start = time.time() - (0.0 if args.rate_limited else FULL_STORE_S)
     plan = RenderPlan(out=args.dir, base_port=args.base_port, start=start, speedup=speedup)
     render(topo, plan)
     configs = load_configs(args.dir)
@@ -258,9 +327,115 @@ def bring_up(args: argparse.Namespace) -> None:
     if not (args.dir / "pki" / "ca.pem").exists():
         make_pki(topo, configs, provisioning)
     provision_psks(configs, provisioning)
+    return configs
+
+
+def _kms_addresses(configs: dict[str, Any]) -> list[str]:
+    from appliance.kms.network import is_kms
+
+    return [a for c in configs.values() if is_kms(c) for s, a in c.listen.items() if s != "snmp"]
+
+
+def _refuse_leftovers(net_dir: Path) -> None:
+    """Processes of this network with the lock free: a supervisor started by other means
+    (NET-BUSY), or nodes still dying with a supervisor just killed (waited for, a few
+    seconds), or nodes that outlived theirs (NET-ORPHANS)."""
+    from appliance.kms import netproc
+
+    found = netproc.find_processes(net_dir)
+    if netproc.SUPERVISOR in found.values():
+        raise ApplianceError(
+            f"a network is already running from {net_dir} (qkdn net down --dir {net_dir} first)",
+            code="NET-BUSY",
+        )
+    left = netproc.wait_gone(set(found), net_dir, ORPHAN_WAIT_S)
+    if left:
+        pids = " ".join(str(p) for p in sorted(left)[:8])
+        raise ApplianceError(
+            f"{len(left)} node processes of an earlier network still run from {net_dir} "
+            f"(pids {pids}); qkdn net down --dir {net_dir} stops them",
+            code="NET-ORPHANS",
+        )
+
+
+def _shape(topo: Any) -> dict[str, set[str]]:
+    """What a network directory is bound to: its name, nodes, links and SAEs (rates,
+    lengths and descriptions may change between two runs on one directory)."""
+    return {
+        "network": {topo.name},
+        "nodes": {f"{n.name} (id {n.id}, {n.role})" for n in topo.spec.nodes},
+        "links": {f"{x.a}-{x.b}" for x in topo.links},
+        "SAEs": {f"{s.id} at node {s.node}" for s in topo.spec.saes},
+    }
+
+
+def _refuse_other_topology(net_dir: Path, topo: Any) -> None:
+    """A directory holds one network: its stores, certificates and node files are bound
+    to the nodes of that network's topology. Another topology is refused (NET-DIR-TOPOLOGY)
+    before anything is written or started."""
+    from appliance.config.topology import load_topology
+
+    held = net_dir / "topology.toml"
+    advice = f"use another --dir, or remove {net_dir} (its key stores and certificates with it)"
+    if not held.is_file():
+        if any((net_dir / "nodes").glob("*.toml")):
+            raise ApplianceError(
+                f"{net_dir} holds node configurations but no topology.toml; {advice}",
+                code="NET-DIR-TOPOLOGY",
+            )
+        return
+    try:
+        old = load_topology(str(held))
+    except ApplianceError as exc:
+        raise ApplianceError(
+            f"{net_dir} holds a topology that cannot be read ({exc}); {advice}",
+            code="NET-DIR-TOPOLOGY",
+        ) from exc
+    before, after = _shape(old), _shape(topo)
+    diffs = []
+    for part in before:
+        gone, new = sorted(before[part] - after[part]), sorted(after[part] - before[part])
+        if gone or new:
+            listed = [f"-{x}" for x in gone[:3]] + [f"+{x}" for x in new[:3]]
+            diffs.append(f"{part} " + ", ".join(listed))
+    if diffs:
+        raise ApplianceError(
+            f"{net_dir} holds network '{old.name}', not the one {topo.source} describes "
+            f"({'; '.join(diffs)}): {advice}",
+            code="NET-DIR-TOPOLOGY",
+        )
+
+
+def _refuse_busy_ports(addresses: list[str]) -> None:
+    """Every port of the plan must be free before a node is started (NET-PORTS)."""
+    busy = []
+    for address in addresses:
+        host, port = address.rsplit(":", 1)
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind((host, int(port)))
+            except OSError:
+                busy.append(address)
+    if busy:
+        shown = ", ".join(busy[:4]) + (f" and {len(busy) - 4} more" if len(busy) > 4 else "")
+        raise ApplianceError(
+            f"ports of the network are in use: {shown} (another network or program listens "
+            "there; choose another --base-port)",
+            code="NET-PORTS",
+        )
+
+
+def _start_supervisor(args: argparse.Namespace, patience: float, lock: int) -> Any:
+    """The supervisor, detached, with the network's marker and our open lock file."""
+    from appliance.kms import netproc
+
     (args.dir / "logs").mkdir(exist_ok=True)
+    env = {**os.environ, netproc.ENV_NET: netproc.marker(args.dir)}
+    env.pop(netproc.ENV_NODE, None)
+    env.pop(netproc.ENV_SUPERVISOR, None)
     with open(args.dir / "logs" / "supervisor.log", "ab") as log:
-        subprocess.Popen(
+        return subprocess.Popen(
             [
                 sys.executable,
                 "-m",
@@ -272,26 +447,87 @@ def bring_up(args: argparse.Namespace) -> None:
                 str(getattr(args, "stock", 0)),
                 "--patience",
                 str(patience),
+                "--lock-fd",
+                str(lock),
                 *(["--split-access"] if getattr(args, "split_access", False) else []),
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             start_new_session=True,
+            pass_fds=(lock,),
+            env=env,
         )
-    kms_addresses = [
-        a for c in configs.values() if is_kms(c) for s, a in c.listen.items() if s != "snmp"
-    ]
-    deadline = time.monotonic() + args.timeout
-    ca = Path(next(iter(configs.values())).paths.ca_cert)
-    while not _ports_open(kms_addresses, ca):
-        if time.monotonic() > deadline:
-            bring_down(args.dir)  # leave nothing running behind a failed start
+
+
+def _wait_ready(
+    supervisor: Any, net_dir: Path, timeout: float, addresses: list[str], ca: Path
+) -> None:
+    """Until the supervisor reports every node started and every KMS endpoint completes a
+    TLS handshake with this network's CA. Fails fast when the supervisor exits or a node
+    keeps exiting, naming the last error in its log."""
+    from appliance.kms import netproc
+
+    deadline = time.monotonic() + timeout
+    while True:
+        status = supervisor.poll()
+        if status is not None:
+            log = net_dir / "logs" / "supervisor.log"
             raise ApplianceError(
-                f"the network did not come up within {args.timeout:g} s (see {args.dir / 'logs'})",
+                f"the supervisor exited (status {status}) while the network started: "
+                f"{_last_error(log)}",
+                code="NET-SUPERVISOR",
+            )
+        live = netproc.ask_supervisor(net_dir)
+        children = live.get("nodes") if live else None
+        if isinstance(children, dict):
+            _refuse_crash_loops(children)
+            started = all(isinstance(c, dict) and c.get("pid") for c in children.values())
+            if started and _ports_open(addresses, ca):
+                return
+        if time.monotonic() >= deadline:
+            raise ApplianceError(
+                f"the network did not come up within {timeout:g} s (see {net_dir / 'logs'})",
                 code="NET-TIMEOUT",
             )
         time.sleep(0.2)
+
+
+def _refuse_crash_loops(children: dict[str, Any]) -> None:
+    for name, child in children.items():
+        restarts = child.get("restarts") if isinstance(child, dict) else None
+        if isinstance(restarts, int) and restarts >= CRASH_LOOP:
+            log = Path(str(child.get("log", "")))
+            raise ApplianceError(
+                f"node {name} exited {restarts} times while the network started: "
+                f"{_last_error(log)}",
+                code="NET-NODE",
+            )
+
+
+def _last_error(log: Path) -> str:
+    """The last ``qkdn: error`` line of a log (else its last line), and where it is."""
+    try:
+        with open(log, "rb") as fh:
+            fh.seek(max(0, fh.seek(0, os.SEEK_END) - 16384))
+            lines = fh.read().decode(errors="replace").splitlines()
+    except OSError as exc:
+        return f"its log {log} cannot be read ({exc.strerror})"
+    errors = [x for x in lines if x.startswith("qkdn: error")] or [x for x in lines if x.strip()]
+    last = errors[-1].strip()[:400] if errors else "nothing logged"
+    return f"{last} (in {log})"
+
+
+def _stop_started(supervisor: Any, net_dir: Path) -> None:
+    """Stop a supervisor this process started, then whatever of its network is left."""
+    if supervisor.poll() is None:
+        supervisor.terminate()
+        try:
+            supervisor.wait(SUPERVISOR_STOP_S)
+        except subprocess.TimeoutExpired:
+            supervisor.kill()
+            supervisor.wait()
+    bring_down(net_dir)
 
 
 def _report(net_dir: Path, as_json: bool) -> int:
@@ -314,38 +550,53 @@ def _report(net_dir: Path, as_json: bool) -> int:
             " ".join(f"{k}={v}" for k, v in e["endpoints"].items()),
         )
     console().print(table)
+    if not doc["running"]:
+        console().print("[red]no supervisor runs for this network[/]")
+    for alarm in doc["alarms"]:
+        console().print(f"[red]alarm [{alarm.get('code')}][/]: {alarm.get('message')}")
     for sae in doc["saes"]:
         console().print(f"SAE {sae['id']}: {sae['etsi014_base_url']} cert {sae['cert']}")
     return 0
 
 
 def status_doc(net_dir: Path) -> dict[str, Any]:
-    """Every KMS node (process, endpoints) and every SAE (014 URL, credentials) of a network."""
+    """Every KMS node (process, endpoints) and every SAE (014 URL, credentials) of a network.
+
+    The running supervisor's live state comes first (it holds what a full disk kept out of
+    ``run/state.json``, and its alarms); without one, the state file. A process counts as
+    alive only if it carries this network's marker (a recycled pid does not)."""
+    from appliance.kms import netproc
     from appliance.kms.network import is_kms, load_configs
 
     configs = load_configs(net_dir)
-    state = _state(net_dir) or {"nodes": {}}
+    live = netproc.ask_supervisor(net_dir)
+    state = live or _state(net_dir) or {}
+    children = state.get("nodes") if isinstance(state.get("nodes"), dict) else {}
+    assert isinstance(children, dict)
+    procs = netproc.find_processes(net_dir)
+    alarms = live.get("alarms") if live else None
     doc: dict[str, Any] = {
         "dir": str(net_dir),
-        "running": bool(state["nodes"]),
+        "running": live is not None,
+        "supervisor_pid": int(state.get("supervisor_pid", 0) or 0) if live else 0,
+        "alarms": [a for a in alarms if isinstance(a, dict)] if isinstance(alarms, list) else [],
         "nodes": [],
         "saes": [],
     }
     for name, cfg in configs.items():
         if not is_kms(cfg):
             continue
-        procs = [
-            state["nodes"][k] for k in (name, f"{name}/akms", f"{name}/ckms") if k in state["nodes"]
-        ]
-        pids = [int(p.get("pid", 0)) for p in procs] or [0]
+        own = (name, f"{name}/akms", f"{name}/ckms")
+        keys = [k for k in own if isinstance(children.get(k), dict)]
+        pids = [int(children[k].get("pid", 0) or 0) for k in keys] or [0]
         entry = {
             "name": name,
             "id": cfg.node.id,
             "role": cfg.node.role,
             "pid": pids[0],
             "pids": pids,
-            "alive": all(pid and _alive(pid) for pid in pids),
-            "restarts": sum(p.get("restarts", 0) for p in procs),
+            "alive": bool(keys) and all(procs.get(p) == k for p, k in zip(pids, keys, strict=True)),
+            "restarts": sum(int(children[k].get("restarts", 0) or 0) for k in keys),
             "endpoints": {s: a for s, a in cfg.listen.items() if s != "snmp"},
         }
         if "etsi014" in cfg.listen:
@@ -379,15 +630,33 @@ def cmd_net_down(args: argparse.Namespace) -> int:
 
 
 def bring_down(net_dir: Path) -> bool:
-    """Stop the supervisor and its nodes; False if none was running."""
-    state = _state(net_dir)
-    if not state or not _alive(int(state["supervisor_pid"])):
+    """Stop every process of the network in ``net_dir``, found by its marker (the state
+    file may be missing or damaged): the supervisor first (it stops its nodes), then any
+    process left (SIGTERM, then SIGKILL). False if none was running; NET-STOP if one
+    survives SIGKILL."""
+    from appliance.kms import netproc
+
+    found = netproc.find_processes(net_dir)
+    if not found:
         return False
-    pid = int(state["supervisor_pid"])
-    os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + 15
-    while _alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    if _alive(pid):
-        raise ApplianceError(f"supervisor {pid} did not stop", code="NET-STOP")
+    supervisors = {pid for pid, name in found.items() if name == netproc.SUPERVISOR}
+    left = _stop(supervisors, net_dir, SUPERVISOR_STOP_S)
+    left |= _stop(set(netproc.find_processes(net_dir)), net_dir, NODE_STOP_S)
+    if left:
+        pids = " ".join(str(p) for p in sorted(left))
+        raise ApplianceError(f"processes {pids} of {net_dir} did not stop", code="NET-STOP")
+    with contextlib.suppress(OSError):
+        (net_dir / "run" / "state.json").unlink(missing_ok=True)  # it names dead pids
     return True
+
+
+def _stop(pids: set[int], net_dir: Path, grace: float) -> set[int]:
+    """SIGTERM, ``grace`` seconds, SIGKILL; the pids still running after that."""
+    from appliance.kms import netproc
+
+    for pid in pids:
+        netproc.signal_marked(pid, net_dir, signal.SIGTERM)
+    left = netproc.wait_gone(pids, net_dir, grace)
+    for pid in left:
+        netproc.signal_marked(pid, net_dir, signal.SIGKILL)
+    return netproc.wait_gone(left, net_dir, KILL_WAIT_S)
