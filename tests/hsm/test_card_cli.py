@@ -10,7 +10,6 @@ import json
 import logging
 import shutil
 import subprocess
-import time
 
 import pytest
 from cryptography.hazmat.primitives import serialization
@@ -96,12 +95,9 @@ def enroll_args(card_a, card_b, station, *extra: str) -> list[str]:
 
 def test_enrollment_end_to_end(capsys, card_a, card_b, station, caplog):
     caplog.set_level(logging.DEBUG)
-    started = time.perf_counter()
     status, out, err = run(capsys, "--log-level", "debug", *enroll_args(card_a, card_b, station))
-    took = time.perf_counter() - started
-    assert status == 0, err
+    assert status == 0, err  # its duration (target < 2 s) is measured by bench/card_derive.py
     assert "enrolled akms-1 (card" in out and "PSK zeroised" in out
-    assert took < 10  # the target (< 2 s) is measured by bench/card_derive.py
 
     # both cards hold one PSK (read from the emulators' insides: the test oracle)
     psk_a, psk_b = card_a.applet.state.slots[0], card_b.applet.state.slots[0]

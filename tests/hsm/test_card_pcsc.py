@@ -9,7 +9,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -26,7 +25,7 @@ from hsm.errors import (
 )
 from hsm.pcsc import PcscTransport, list_readers, parse_url
 from hsm.psk import kdf, open_psk_source, write_psk_file
-from hsm.testing import wait_for_card, wait_for_removal
+from hsm.testing import CardRack, card_events, wait_for_card, wait_for_removal
 from tests.hsm.conftest import PORT_A, PORT_B, url_of
 
 PSK = bytes.fromhex("5a" * 16 + "c3" * 16)
@@ -161,11 +160,9 @@ def test_change_pin_admin_pin_and_puk(card):
 def test_card_removed_mid_derive_gives_a_clean_error(card, card_a):
     personalise(card)
     card_a.remove_on = lambda apdu: apdu[1] == Ins.DERIVE  # pulled as DERIVE arrives
-    started = time.monotonic()
-    with pytest.raises(CardRemovedError) as err:
+    with pytest.raises(CardRemovedError) as err:  # not HSM-NO-CARD after a wait to reconnect
         card.derive(PIN, b"ctx", b"nonce")
     assert err.value.code == "HSM-CARD-REMOVED" and "removed" in err.value.message
-    assert time.monotonic() - started < 3
     with pytest.raises(CardRemovedError):
         card.info()
 
@@ -344,18 +341,19 @@ def test_emulator_subprocess_keeps_its_state_across_restarts(rack, tmp_path):
     command += ["--state", str(state), "--serial", "QKDN-TEST-B"]
     reader = "Virtual PCD 00 01"
 
-    def start() -> subprocess.Popen[str]:
+    def start() -> tuple[subprocess.Popen[str], int]:
+        """The emulator process, and pcscd's event count once it saw the card."""
+        before = card_events(reader)
         proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
         try:
             assert proc.stdout is not None and "QKDN-TEST-B" in proc.stdout.readline()
-            wait_for_card(reader)
+            return proc, wait_for_card(reader, after=before)
         except BaseException:
             proc.kill()
             proc.wait()
             raise
-        return proc
 
-    proc = start()
+    proc, seen = start()
     try:
         with Card.open(f"pcsc://{reader}") as c:
             personalise(c)
@@ -365,8 +363,8 @@ def test_emulator_subprocess_keeps_its_state_across_restarts(rack, tmp_path):
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(10) == 0
-    wait_for_removal(reader)
-    proc = start()
+    wait_for_removal(reader, after=seen)
+    proc, seen = start()
     try:
         with Card.open(f"pcsc://{reader}") as c:
             info = c.info()
@@ -378,7 +376,35 @@ def test_emulator_subprocess_keeps_its_state_across_restarts(rack, tmp_path):
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(10)
-    wait_for_removal(reader)
+    wait_for_removal(reader, after=seen)
+
+
+def test_a_card_replaced_at_once_is_the_card_pcscd_sees(rack):
+    """A slot takes its next card right after the last one goes: pulled by the rack, pulled
+    mid-command, or left in by a closed rack (a module's end). The next card must be the one
+    pcscd powers and reads (issue 13 item 23: a probe of a pulled card made vpcd drop it
+    unseen by pcscd's poller, which then never powered the next card: "no card in reader")."""
+
+    def serial_read(url: str) -> str:
+        with Card.open(url) as c:
+            return c.info().serial
+
+    for _ in range(2):
+        rack.release(PORT_A)
+        card = rack.fresh(PORT_A)
+        assert serial_read(url_of(card)) == card.serial
+    card.remove_on = lambda apdu: True  # pulled at its next command
+    with pytest.raises(CardRemovedError):
+        serial_read(url_of(card))
+    card = rack.fresh(PORT_A)
+    assert serial_read(url_of(card)) == card.serial
+    rack.close()
+    other = CardRack()
+    try:
+        card = other.fresh(PORT_A)
+        assert serial_read(url_of(card)) == card.serial
+    finally:
+        other.close()
 
 
 def test_sw_constants_match_the_wire():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 import pytest
 
@@ -11,19 +12,32 @@ from appliance.kms.errors import KeyUnavailable, StaleGrant
 
 
 class Peer:
-    """Records batches; answers each item, refusing those marked ``stale``."""
+    """Records batches; answers each item, refusing those marked ``stale``. A held peer
+    answers nothing until ``answer`` is set."""
 
-    def __init__(self, delay: float = 0.0) -> None:
+    def __init__(self, held: bool = False) -> None:
         self.batches: list[list[dict]] = []
-        self.delay = delay
+        self.answer = asyncio.Event()
+        if not held:
+            self.answer.set()
 
     async def send(self, items: list[dict]) -> list[dict]:
         self.batches.append(items)
-        await asyncio.sleep(self.delay)
+        await self.answer.wait()
         return [
             {"code": StaleGrant.code, "message": "old grant"} if i.get("stale") else {"ok": True}
             for i in items
         ]
+
+
+async def within_turns(done: Callable[[], bool], turns: int = 10) -> None:
+    """Yield to the event loop until ``done()``, at most ``turns`` times (no time passes: a
+    batch that waited for a timer would not go)."""
+    for _ in range(turns):
+        if done():
+            return
+        await asyncio.sleep(0)  # one turn of the loop
+    assert done(), f"not done within {turns} turns of the event loop"
 
 
 def test_messages_of_one_turn_go_together_and_a_lone_one_waits_for_nothing():
@@ -32,26 +46,27 @@ def test_messages_of_one_turn_go_together_and_a_lone_one_waits_for_nothing():
         batcher = RelayBatcher(peer.send)
         results = await asyncio.gather(*(batcher.submit({"n": i}) for i in range(10)))
         assert results == [{"ok": True}] * 10 and len(peer.batches) == 1
-        loop = asyncio.get_running_loop()
-        t0 = loop.time()
-        assert await batcher.submit({"n": 99}) == {"ok": True}
-        assert loop.time() - t0 < 0.05 and len(peer.batches) == 2
+        lone = asyncio.ensure_future(batcher.submit({"n": 99}))
+        await within_turns(lambda: len(peer.batches) == 2)
+        assert await lone == {"ok": True}
 
     asyncio.run(main())
 
 
 def test_while_batches_are_in_flight_new_messages_queue_and_go_together():
     async def main() -> None:
-        peer = Peer(delay=0.02)
+        peer = Peer(held=True)
         batcher = RelayBatcher(peer.send, depth=1)
         first = asyncio.ensure_future(batcher.submit({"n": 0}))
-        await asyncio.sleep(0.005)  # the first batch is in flight
+        await within_turns(lambda: len(peer.batches) == 1)  # the first batch is in flight
         rest = [asyncio.ensure_future(batcher.submit({"n": i})) for i in range(1, 6)]
         for i in range(6, 9):
-            await asyncio.sleep(0.001)
+            await asyncio.sleep(0)  # later turns, the first batch still unanswered
             rest.append(asyncio.ensure_future(batcher.submit({"n": i})))
+        assert len(peer.batches) == 1  # depth 1: nothing more leaves while one is in flight
+        peer.answer.set()
         await asyncio.gather(first, *rest)
-        assert [len(b) for b in peer.batches] == [1, 8]  # depth 1: one batch in flight
+        assert [len(b) for b in peer.batches] == [1, 8]
 
     asyncio.run(main())
 

@@ -222,8 +222,12 @@ def test_close_runs_the_queued_operations_then_refuses_more(store):
 
 
 async def begun(c: GroupCommitter, ops: int) -> None:
-    """Wait until the worker has begun a group holding the ``ops``-th operation."""
+    """Wait until the worker has begun a group holding the ``ops``-th operation (the worker
+    is a thread: bounded polling)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 10
     while c.ops < ops:
+        assert loop.time() < deadline, f"the worker never began operation {ops}"
         await asyncio.sleep(0.001)
 
 

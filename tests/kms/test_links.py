@@ -132,16 +132,18 @@ def test_a_restarted_master_refuses_old_grants_until_the_slave_asks_again():
     assert otp(slave, restarted, b"after restart" * 3) == b"after restart" * 3
 
 
-def test_housekeeping_forgets_what_a_silent_peer_will_never_use():
+def test_housekeeping_forgets_what_a_silent_peer_will_never_use(monkeypatch):
     """A master sweeps granted keys after GRANT_TTL (a restarted slave asks anew); a slave
     gives its grants up after half of it, so it never sends with a swept key."""
-    import time
+    from types import SimpleNamespace
 
+    from appliance.kms import links
     from appliance.kms.links import GRANT_TTL
 
+    now = 1000.0
+    monkeypatch.setattr(links, "time", SimpleNamespace(monotonic=lambda: now))  # the clock
     master, slave, _ = pair()
     slave.accept_grant(master.grant(8), master.epoch or "")
-    now = time.monotonic()
     assert master.housekeeping(now) == 0 and slave.housekeeping(now) == 0
     assert slave.housekeeping(now + GRANT_TTL / 2 + 1) == 8 and slave.granted_left() == 0
     assert master.housekeeping(now + GRANT_TTL + 1) == 8

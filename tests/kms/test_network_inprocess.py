@@ -201,10 +201,14 @@ def test_a_contract_chooses_its_users_relay_mode(tmp_path, monkeypatch):
 
 def test_a_hop_that_cannot_forward_fails_the_request_at_once(tmp_path, monkeypatch):
     """Hops answer before forwarding (a pipelined chain), so a hop that cannot forward
-    sends an abort back along the path: the SAE gets a clean 503 well before the CN-key
-    timeout, no key is issued, and requests succeed again once the link recovers."""
+    sends an abort back along the path: the SAE gets a clean 503 without the CN-key
+    timeout (made endless here: only the abort can end the request; the SAE's client
+    timeout turns a missing abort into a failure), no key is issued, and requests succeed
+    again once the link recovers."""
     from appliance.kms.errors import KeyUnavailable
     from appliance.kms.links import LinkKeys
+
+    monkeypatch.setattr(Policy, "cn_timeout", property(lambda _policy: 3600.0))
 
     broken = {"on": False}
     real_gcm = LinkKeys.gcm
@@ -220,12 +224,8 @@ def test_a_hop_that_cannot_forward_fails_the_request_at_once(tmp_path, monkeypat
         a = sae_conn(tmp_path, "sae-berlin-1", port_a)
         assert call(a, "GET", "/api/v1/keys/sae-bonn-1/enc_keys")[0] == 200
         broken["on"] = True
-        t0 = time.monotonic()
         status, doc = call(a, "GET", "/api/v1/keys/sae-bonn-1/enc_keys")
-        elapsed = time.monotonic() - t0
-        assert status == 503 and "message" in doc, doc
-        # the hop waits `patience` for keys, then aborts: well before the CN-key timeout
-        assert elapsed < 0.75 * policy.cn_timeout, f"took {elapsed:.1f} s: no abort came back"
+        assert status == 503 and "message" in doc, doc  # the hop waited `patience`, aborted
         assert "link" not in doc["message"] and "ckms" not in json.dumps(doc)
         broken["on"] = False
         status, doc = call(a, "GET", "/api/v1/keys/sae-bonn-1/enc_keys")
@@ -234,8 +234,7 @@ def test_a_hop_that_cannot_forward_fails_the_request_at_once(tmp_path, monkeypat
         path = f"/api/v1/keys/sae-berlin-1/dec_keys?key_ID={doc['keys'][0]['key_ID']}"
         assert call(b, "GET", path) == (200, doc)
 
-    policy = Policy(mode=Mode.GCM, patience=1.0)
-    run_network(tmp_path, policy, saes)
+    run_network(tmp_path, Policy(mode=Mode.GCM, patience=1.0), saes)
 
 
 @pytest.mark.parametrize("mode", [Mode.GCM, Mode.OTP])

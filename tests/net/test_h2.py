@@ -145,7 +145,7 @@ def test_a_request_that_times_out_is_reset_and_its_handler_cancelled(pki):
         async def slow(request: Request) -> Response:
             if request.path == "/slow":
                 try:
-                    await asyncio.sleep(30)
+                    await asyncio.Event().wait()  # never answers: only a cancel ends it
                 except asyncio.CancelledError:
                     cancelled.set()
                     raise
@@ -165,14 +165,20 @@ def test_a_request_that_times_out_is_reset_and_its_handler_cancelled(pki):
 
 def test_requests_in_flight_fail_cleanly_when_the_server_closes(pki):
     async def main() -> None:
+        arrived, all_in = 0, asyncio.Event()
+
         async def stuck(request: Request) -> Response:
-            await asyncio.sleep(30)
+            nonlocal arrived
+            arrived += 1
+            if arrived == 5:
+                all_in.set()
+            await asyncio.Event().wait()  # never answers
             raise AssertionError("not reached")
 
         server = await start(pki, stuck)
         client = H2Client("127.0.0.1", server.port, ctx(pki, "node-b"), timeout=5.0)
         calls = [asyncio.create_task(client.request("POST", "/x", b"1")) for _ in range(5)]
-        await asyncio.sleep(0.2)
+        await asyncio.wait_for(all_in.wait(), 5)  # all five are in the server's handler
         await server.close()
         for call in calls:
             with pytest.raises(TransportError):
@@ -196,6 +202,23 @@ async def raw_exchange(pki, port: int, data: bytes, wait: float = 5) -> bytes:
             received += chunk
     writer.close()
     return received
+
+
+async def send_and_hang_up(pki, server: H2Server, data: bytes) -> None:
+    """Send ``data`` after TLS, close, and return once the server has dropped the
+    connection: it has then handled every byte of ``data`` (a connection is lost only after
+    all it received was delivered)."""
+    _, writer = await asyncio.open_connection(
+        "127.0.0.1", server.port, ssl=ctx(pki, "node-b"), server_hostname="node-a"
+    )
+    writer.write(data)
+    writer.close()
+    with contextlib.suppress(ConnectionError, ssl.SSLError):
+        await writer.wait_closed()
+    deadline = asyncio.get_running_loop().time() + 5
+    while server._open:  # bounded: the server sees our close within a few loop turns
+        assert asyncio.get_running_loop().time() < deadline, "the server kept the connection"
+        await asyncio.sleep(0.01)
 
 
 def goaway_code(received: bytes) -> int | None:
@@ -251,7 +274,7 @@ def test_fuzzed_bytes_on_a_live_server_never_crash_it(pki, junk: bytes):
     async def main() -> None:
         server = await start(pki)
         opening = h2core.PREFACE + frame(h2core.SETTINGS, 0, 0)
-        await raw_exchange(pki, server.port, opening + junk, wait=0.05)
+        await send_and_hang_up(pki, server, opening + junk)
         client = H2Client("127.0.0.1", server.port, ctx(pki, "node-b"))
         assert (await client.request("POST", "/x", b"ok")).body == b"ko"
         await client.close()

@@ -1,5 +1,5 @@
-"""SP 800-90A DRBGs against the NIST CAVP vectors (CAVS 14.3, drbgtestvectors.zip), sections
-``nist-cavp-drbg/{no_reseed,pr_false,pr_true}`` of the test vectors (``tests/vectors.py``).
+"""SP 800-90A DRBGs against the NIST CAVP vectors (CAVS 14.3, drbgtestvectors.zip) in
+``tests/vectors/nist-cavp-drbg/{no_reseed,pr_false,pr_true}``.
 
 Every vector of a supported mechanism runs; 3KeyTDEA CTR_DRBG is the only section not
 applicable (TDEA is not implemented, by design) and is counted as skipped.
@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 
 from qrng.drbg import HASHES, CtrDrbg, Drbg, HashDrbg, HmacDrbg
-from tests.vectors import CavpCase, read_cavp, vectors_dir
+from tests.vectors import CavpCase, read_cavp, vector_file
 
 MODES = ("no_reseed", "pr_false", "pr_true")
 MECHANISMS = ("HMAC_DRBG", "Hash_DRBG", "CTR_DRBG")
@@ -47,7 +47,7 @@ def run_case(mode: str, drbg: Drbg, case: CavpCase) -> bytes:
 
 
 def load(mode: str, mechanism: str) -> list[CavpCase]:
-    return read_cavp(vectors_dir("nist-cavp-drbg", mode) / f"{mechanism}.rsp")
+    return read_cavp(vector_file(f"nist-cavp-drbg/{mode}/{mechanism}.rsp"))
 
 
 @pytest.fixture(scope="module")

@@ -1,9 +1,10 @@
 """SP 800-90B non-IID estimators (qrng.sp80090b) against NIST's reference tool.
 
-Every min-entropy that ``ea_non_iid -vv`` printed into the .res files of the shared test
-vectors (one .bin per file, one sample per byte) must be reproduced within 1e-6: each
-estimator on each track, H_original, H_bitstring and the assessed value. Each file is
-assessed once per test session (the 1,000,000-sample files dominate the run time).
+Every min-entropy that ``ea_non_iid -vv`` printed into the .res files of the official
+vectors in ``tests/vectors/sp800-90b`` (one .bin per file, one sample per byte) must be
+reproduced within 1e-6: each estimator on each track, H_original, H_bitstring and the
+assessed value. Each file is assessed once per test session (the 1,000,000-sample files
+dominate the run time).
 """
 
 from __future__ import annotations
@@ -33,8 +34,10 @@ from qrng.sp80090b import (
     estimate_multimcw,
     estimate_multimmc,
 )
+from tests.vectors import vector_file, vector_files
 
-VECTORS = Path(__file__).resolve().parents[2].parent / "shared" / "vectors" / "sp800-90b"
+FOLDER = "sp800-90b"
+RES_FILES = vector_files(FOLDER, ".res")  # at import: a missing file fails the collection
 TOLERANCE = 1e-6
 
 # the tool's estimator labels -> ours
@@ -92,13 +95,9 @@ def parse_res(path: Path) -> Expected:
     return Expected(samples, alphabet, width, estimates, finals)
 
 
-def vector_files() -> list[Path]:
-    return sorted(VECTORS.glob("*.res")) if VECTORS.is_dir() else []
-
-
 def comparison_cases() -> list[tuple[str, str, str]]:
     cases = []
-    for path in vector_files():
+    for path in RES_FILES:
         expected = parse_res(path)
         cases += [(path.stem, track, name) for track, name in expected.estimates]
         cases += [(path.stem, "final", key) for key in expected.finals]
@@ -108,19 +107,14 @@ def comparison_cases() -> list[tuple[str, str, str]]:
 CASES = comparison_cases()
 
 
-def need_vectors() -> None:
-    if not VECTORS.is_dir():
-        pytest.skip(f"SP 800-90B test vectors not found at {VECTORS}")
-
-
 @functools.cache
 def report_for(stem: str) -> NonIidReport:
-    return assess_non_iid((VECTORS / f"{stem}.bin").read_bytes())
+    return assess_non_iid(vector_file(f"{FOLDER}/{stem}.bin").read_bytes())
 
 
 @functools.cache
 def expected_for(stem: str) -> Expected:
-    return parse_res(VECTORS / f"{stem}.res")
+    return parse_res(vector_file(f"{FOLDER}/{stem}.res"))
 
 
 def ours(stem: str, track: str, name: str) -> float | None:
@@ -141,23 +135,21 @@ def reference(stem: str, track: str, name: str) -> float:
 # --- agreement with the NIST tool -----------------------------------------------------------
 
 
-def test_vectors_present() -> None:
-    need_vectors()
-    assert vector_files(), f"no .res files in {VECTORS}"
+def test_every_reference_output_has_its_samples() -> None:
+    stems = [p.stem for p in RES_FILES]
+    assert [p.stem for p in vector_files(FOLDER, ".bin")] == stems and len(stems) == 11
 
 
 @pytest.mark.parametrize(("stem", "track", "name"), CASES, ids=["/".join(c) for c in CASES])
 def test_matches_nist_tool(stem: str, track: str, name: str) -> None:
-    need_vectors()
     mine, theirs = ours(stem, track, name), reference(stem, track, name)
     assert mine is not None, f"{stem}: no {track} {name} result"
     assert abs(mine - theirs) <= TOLERANCE, f"{stem} {track} {name}: {mine!r} vs {theirs!r}"
 
 
-@pytest.mark.parametrize("stem", [p.stem for p in vector_files()])
+@pytest.mark.parametrize("stem", [p.stem for p in RES_FILES])
 def test_same_estimators_and_header(stem: str) -> None:
     """The report has exactly the estimators the tool ran, and the tool's sample width."""
-    need_vectors()
     expected, report = expected_for(stem), report_for(stem)
     assert {(r.track, r.name) for r in report.results} == set(expected.estimates)
     assert report.samples == expected.samples
@@ -167,19 +159,18 @@ def test_same_estimators_and_header(stem: str) -> None:
 
 def test_every_comparison_counted() -> None:
     """All comparisons at once (reports are cached): count and worst absolute difference."""
-    need_vectors()
     diffs = []
     for stem, track, name in CASES:
         mine = ours(stem, track, name)
         assert mine is not None
         diffs.append(abs(mine - reference(stem, track, name)))
     worst = max(diffs)
-    print(f"\n{len(diffs)} comparisons with the NIST tool over {len(vector_files())} files, ")
+    print(f"\n{len(diffs)} comparisons with the NIST tool over {len(RES_FILES)} files, ")
     print(f"{sum(d <= TOLERANCE for d in diffs)} within {TOLERANCE}; worst |diff| = {worst:.3g}")
     # every value line of every .res file is compared (counted without the parser)
     lines = [
         line
-        for path in vector_files()
+        for path in RES_FILES
         for line in path.read_text().splitlines()
         if "Estimate: min entropy =" in line
         or line.startswith(("H_original", "H_bitstring", "Assessed min entropy"))
@@ -192,7 +183,6 @@ def test_every_comparison_counted() -> None:
 
 
 def test_report_json_and_order() -> None:
-    need_vectors()
     report = report_for("rand4_short")
     doc = report.to_json()
     assert doc["min_entropy"] == report.min_entropy
@@ -209,8 +199,7 @@ def test_report_json_and_order() -> None:
 
 
 def test_numpy_input_and_explicit_width() -> None:
-    need_vectors()
-    raw = (VECTORS / "rand8_short.bin").read_bytes()
+    raw = vector_file(f"{FOLDER}/rand8_short.bin").read_bytes()
     from_array = assess_non_iid(np.frombuffer(raw, dtype=np.uint8).astype(np.int64), 8)
     assert from_array.min_entropy == report_for("rand8_short").min_entropy
 
