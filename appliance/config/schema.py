@@ -3,10 +3,9 @@
 Every model forbids unknown keys, coerces nothing (a string is not a number) and refuses
 ``inf`` and ``nan`` wherever a number is expected. Files are read up to
 :data:`MAX_CONFIG_FILE` bytes; deeper nesting or longer numbers than TOML parsing can
-take are syntax errors. An error
-names the file, the dotted key (with the item's id for array entries, e.g.
-``links[3] (4-5).skr_kbps``) and what was expected, including the allowed keys when a
-key is unknown.
+take are syntax errors. An error names the file, the dotted key (with the item's id for
+array entries, e.g. ``links[3] (4-5).skr_kbps``) and what was expected, including the
+allowed keys when a key is unknown.
 """
 
 from __future__ import annotations
