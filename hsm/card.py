@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from appliance.files import KiB, read_bounded
 from hsm.apdu import SW, Command, build_tlv, describe_sw, parse_response
 from hsm.applet import (
     AID,
@@ -70,6 +71,8 @@ KCV_CONTEXT = b"qkdn-kcv"
 """Key check value: the first 3 bytes of ``kdf(PSK, "qkdn-kcv", nonce="")``."""
 MAX_CONTEXT = 128
 MAX_NONCE = 64
+MAX_PIN_FILE = 4 * KiB
+"""PIN files hold one secret (``--*-pin-file``) or three lines (``--pins-a``)."""
 REF_NAMES = {Ref.USER_PIN: "PIN", Ref.ADMIN_PIN: "admin PIN", Ref.PUK: "PUK"}
 Secret = str | bytes | bytearray
 
@@ -421,8 +424,7 @@ def read_pin_file(path: Path) -> bytearray:
     """The first line of a PIN file readable by its owner only."""
     try:
         mode = path.stat().st_mode
-        with path.open("rb") as fh:
-            line = bytearray(fh.readline())
+        line = bytearray(read_bounded(path, MAX_PIN_FILE).partition(b"\n")[0])
     except OSError as exc:
         raise HsmError(
             f"PIN file {path}: unreadable ({exc.strerror})", code="HSM-PIN-FILE"

@@ -50,8 +50,9 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from appliance.files import KiB, MiB, read_bounded
 from hsm.applet import Lifecycle, Ref, pin_block
-from hsm.card import DEFAULT_SLOT, KCV_CONTEXT, Card, CardInfo, read_pin_file
+from hsm.card import DEFAULT_SLOT, KCV_CONTEXT, MAX_PIN_FILE, Card, CardInfo, read_pin_file
 from hsm.errors import EnrollmentError, HsmError
 from hsm.psk import PSK_BYTES, kdf
 
@@ -61,6 +62,9 @@ if TYPE_CHECKING:
 CHECK_CONTEXT = b"qkdn-enroll-check"
 RECORD_TYPE = "qkdn-card-enrollment"
 SECRET_NAMES = ("pin", "admin-pin", "puk")
+MAX_KEY_FILE = 64 * KiB
+MAX_AUDIT_FILE = 64 * MiB
+"""An audit log grows by one record (about 2 KiB) per enrollment."""
 
 
 def _wipe(*buffers: bytearray) -> None:
@@ -133,10 +137,14 @@ class CardSecrets:
 
 def read_pin_file_all(path: Path) -> bytearray:
     """A whole secrets file (owner-only, like a PIN file)."""
-    first = read_pin_file(path)  # checks the mode and readability
+    first = read_pin_file(path)  # checks the mode, readability and size
     _wipe(first)
-    with path.open("rb") as fh:
-        return bytearray(fh.read())
+    try:
+        return bytearray(read_bounded(path, MAX_PIN_FILE))
+    except OSError as exc:
+        raise HsmError(
+            f"PIN file {path}: unreadable ({exc.strerror})", code="HSM-PIN-FILE"
+        ) from None
 
 
 @dataclass(kw_only=True)
@@ -329,9 +337,10 @@ def verify_record(doc: dict[str, Any], trusted: Ed25519PublicKey) -> dict[str, A
 def load_signing_key(path: Path) -> Ed25519PrivateKey:
     """An Ed25519 private key from a PEM file."""
     try:
-        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+        key = serialization.load_pem_private_key(read_bounded(path, MAX_KEY_FILE), password=None)
     except (OSError, ValueError, TypeError) as exc:
-        raise HsmError(f"signing key {path}: unreadable ({exc})", code="HSM-AUDIT-KEY") from None
+        why = exc.strerror if isinstance(exc, OSError) else exc
+        raise HsmError(f"signing key {path}: unreadable ({why})", code="HSM-AUDIT-KEY") from None
     if not isinstance(key, Ed25519PrivateKey):
         raise HsmError(f"signing key {path}: not an Ed25519 key", code="HSM-AUDIT-KEY")
     return key
@@ -340,7 +349,7 @@ def load_signing_key(path: Path) -> Ed25519PrivateKey:
 def load_public_key(path: Path) -> Ed25519PublicKey:
     """An Ed25519 public key (PEM, or the public half of a private key PEM)."""
     try:
-        data = path.read_bytes()
+        data = read_bounded(path, MAX_KEY_FILE)
     except OSError as exc:
         raise HsmError(
             f"public key {path}: unreadable ({exc.strerror})", code="HSM-AUDIT-KEY"
@@ -372,15 +381,20 @@ def append_record(path: Path, doc: dict[str, Any]) -> None:
 def read_records(path: Path) -> list[dict[str, Any]]:
     """The records of an audit log (JSON lines) or of a single-record JSON file."""
     try:
-        text = path.read_text()
+        text = read_bounded(path, MAX_AUDIT_FILE).decode("utf-8")
     except OSError as exc:
         raise HsmError(f"audit log {path}: {exc.strerror}", code="HSM-AUDIT") from None
+    except UnicodeDecodeError:
+        raise HsmError(f"audit log {path}: not UTF-8 text", code="HSM-AUDIT") from None
     try:
         whole = json.loads(text)
-        return [whole] if isinstance(whole, dict) else list(whole)
-    except json.JSONDecodeError:
-        pass
-    try:
-        return [json.loads(line) for line in text.splitlines() if line.strip()]
-    except json.JSONDecodeError as exc:
-        raise HsmError(f"audit log {path}: not JSON ({exc.msg})", code="HSM-AUDIT") from None
+        docs = [whole] if isinstance(whole, dict) else whole
+    except (ValueError, RecursionError):
+        try:
+            docs = [json.loads(line) for line in text.splitlines() if line.strip()]
+        except (ValueError, RecursionError) as exc:
+            why = exc.msg if isinstance(exc, json.JSONDecodeError) else "nested too deep"
+            raise HsmError(f"audit log {path}: not JSON ({why})", code="HSM-AUDIT") from None
+    if not isinstance(docs, list) or not all(isinstance(d, dict) for d in docs):
+        raise HsmError(f"audit log {path}: expected JSON objects (records)", code="HSM-AUDIT")
+    return docs

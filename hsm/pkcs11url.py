@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import unquote, unquote_to_bytes
 
+from appliance.files import read_bounded
 from hsm.errors import HsmError
 
 SCHEME = "pkcs11:"
@@ -204,8 +205,7 @@ def read_pin_file(path: Path) -> str:
     """The PIN in ``path`` (one line; a final newline is dropped), owner-readable only."""
     try:
         info = path.stat()
-        with path.open("rb") as fh:
-            data = fh.read(MAX_PIN_FILE + 1)
+        data = read_bounded(path, MAX_PIN_FILE)
     except OSError as exc:
         raise Pkcs11UrlError(
             f"PIN file {path}: unreadable ({exc.strerror})", code=PIN_SOURCE
@@ -213,6 +213,6 @@ def read_pin_file(path: Path) -> str:
     if info.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
         raise Pkcs11UrlError(f"PIN file {path}: readable by others (chmod 600 it)", code=PIN_SOURCE)
     text = data.decode("utf-8", errors="replace").removesuffix("\n").removesuffix("\r")
-    if len(data) > MAX_PIN_FILE or not text or "\n" in text or "\ufffd" in text:
+    if not text or "\n" in text or "\ufffd" in text:
         raise Pkcs11UrlError(f"PIN file {path}: expected one line of UTF-8 text", code=PIN_SOURCE)
     return text

@@ -24,6 +24,7 @@ from urllib.parse import unquote, urlsplit
 from cryptography.hazmat.primitives.ciphers import algorithms
 from cryptography.hazmat.primitives.kdf.kbkdf import KBKDFCMAC, CounterLocation, Mode
 
+from appliance.files import read_bounded
 from hsm.errors import PskError
 
 LABEL = b"qkdn-psk-derive"
@@ -66,7 +67,7 @@ class FilePskSource:
         self.path = path
         try:
             mode = path.stat().st_mode
-            text = path.read_text().strip()
+            text = read_bounded(path, 4096).decode("ascii", "replace").strip()
         except OSError as exc:
             raise PskError(f"PSK file {path}: unreadable ({exc.strerror})") from None
         if mode & (stat.S_IRWXG | stat.S_IRWXO):

@@ -33,6 +33,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO
 
+from appliance.files import MiB, read_bounded
 from hsm.applet import ATR, Applet, CardState
 from hsm.errors import HsmError
 
@@ -45,6 +46,7 @@ READER_OF_PORT = {35963: "Virtual PCD 00 00", 35964: "Virtual PCD 00 01"}
 
 CTRL_OFF, CTRL_ON, CTRL_RESET, CTRL_ATR = 0, 1, 2, 4
 STATE_FILE = "card.json"
+MAX_STATE_FILE = MiB
 
 
 def new_serial() -> str:
@@ -78,8 +80,8 @@ class StateStore:
             self.save(state)
             return state
         try:
-            state = CardState.from_dict(json.loads(path.read_text()))
-        except (OSError, ValueError) as exc:
+            state = CardState.from_dict(json.loads(read_bounded(path, MAX_STATE_FILE)))
+        except (OSError, ValueError, RecursionError) as exc:
             raise HsmError(
                 f"card state {path}: unreadable ({exc})", code="HSM-CARD-STATE"
             ) from None

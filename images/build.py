@@ -39,14 +39,25 @@ import tomli_w
 
 from appliance.config.render import RenderPlan, render_node
 from appliance.config.topology import Node, Topology
+from appliance.errors import UsageError
+from appliance.files import MiB, read_bounded
 from images import hardening
 from images.bundle import envelope_bytes, write_bundle
-from images.errors import BuildError
-from images.manifest import BLOCK, Manifest, Verity
+from images.errors import BuildError, ImageUsageError
+from images.manifest import (
+    BLOCK,
+    MAX_CHUNK,
+    MAX_EPOCH,
+    MAX_SECURITY_VERSION,
+    TEXT,
+    Manifest,
+    Verity,
+)
 from images.signing import KeyPair
 
 DEFAULT_CHUNK = 4 << 20
 COMPATIBLE = "qkdn-appliance-x86_64"
+MAX_CERT = MiB
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -89,6 +100,28 @@ def _write(root: Path, rel: str, data: bytes | str, mode: int = 0o644) -> None:
 def node_document(spec: BuildSpec) -> dict[str, Any]:
     plan = _plan(spec)
     return render_node(spec.topology, spec.node, plan, float(spec.epoch))
+
+
+def check_spec(spec: BuildSpec) -> None:
+    """IMG-USAGE unless every value fits the port plan and what a device's manifest parser
+    accepts (an image it would refuse as malformed must never be signed)."""
+    try:
+        _plan(spec).check()
+    except UsageError as exc:
+        raise ImageUsageError(exc.message) from exc
+    for name, value, hi in (
+        ("--security-version", spec.security_version, MAX_SECURITY_VERSION),
+        ("--source-date-epoch", spec.epoch, MAX_EPOCH),
+    ):
+        if not 0 <= value <= hi:
+            raise ImageUsageError(f"{name}: expected 0..{hi}, got {value}")
+    if not BLOCK <= spec.chunk_size <= MAX_CHUNK or spec.chunk_size % BLOCK:
+        raise ImageUsageError(
+            f"--chunk-size: expected a multiple of {BLOCK} up to {MAX_CHUNK}, got {spec.chunk_size}"
+        )
+    for name, text in (("--version", spec.version), ("--compatible", spec.compatible)):
+        if not TEXT.fullmatch(text):
+            raise ImageUsageError(f"{name}: expected letters, digits and ._+:-, got {text!r}")
 
 
 def _plan(spec: BuildSpec) -> RenderPlan:
@@ -149,11 +182,18 @@ def _pki(spec: BuildSpec, root: Path, doc: dict[str, Any]) -> None:
         rel = PurePosixPath(target).relative_to("/etc/qkdn/pki")
         source = (spec.pki_dir / rel) if spec.pki_dir else None
         if source is not None and source.is_file():
-            _write(root, f"etc/qkdn/pki/{rel}", source.read_bytes())
+            _write(root, f"etc/qkdn/pki/{rel}", _certificate(source))
             shipped.append(str(rel))
     note = "Certificates shipped in this image: " + (", ".join(shipped) or "none yet") + ".\n"
     note += "Expected: " + ", ".join(wanted) + ".\nPrivate keys never ship in an image.\n"
     _write(root, "etc/qkdn/pki/README", note)
+
+
+def _certificate(path: Path) -> bytes:
+    try:
+        return read_bounded(path, MAX_CERT)
+    except OSError as exc:
+        raise ImageUsageError(f"cannot read certificate {path}: {exc.strerror}") from None
 
 
 def _profile(spec: BuildSpec, root: Path, doc: dict[str, Any]) -> None:
@@ -323,26 +363,47 @@ class BuildResult:
 def build(
     spec: BuildSpec, key: KeyPair, ring: dict[str, Any], out: Path, keep_image: bool = False
 ) -> BuildResult:
-    """Build, sign and write the bundle ``out``."""
-    with tempfile.TemporaryDirectory(prefix="qkdn-image-") as tmp:
-        work = Path(tmp)
-        root = work / "root"
-        old = os.umask(0o022)
-        try:
-            assemble(spec, root)
-        finally:
-            os.umask(old)
-        image, tree, payload = work / "image.squashfs", work / "image.verity", work / "payload"
-        mksquashfs(root, image, spec.epoch)
-        image_sha = _sha256_file(image)
-        verity = verity_format(image, tree, image_sha)
-        _payload(image, tree, payload)
-        manifest = _manifest(spec, image, image_sha, payload, verity)
-        write_bundle(out, envelope_bytes(manifest, key, ring), payload)
-        kept = out.with_name(out.name + ".squashfs")
-        if keep_image:
-            shutil.copyfile(image, kept)
+    """Build, sign and write the bundle ``out``: whole or not at all (it is written beside
+    ``out``, then renamed), and an unwritable ``out`` fails before anything is built."""
+    check_spec(spec)
+    staged = _stage(out)
+    try:
+        with tempfile.TemporaryDirectory(prefix="qkdn-image-") as tmp:
+            work = Path(tmp)
+            root = work / "root"
+            old = os.umask(0o022)
+            try:
+                assemble(spec, root)
+            finally:
+                os.umask(old)
+            image, tree, payload = work / "image.squashfs", work / "image.verity", work / "payload"
+            mksquashfs(root, image, spec.epoch)
+            image_sha = _sha256_file(image)
+            verity = verity_format(image, tree, image_sha)
+            _payload(image, tree, payload)
+            manifest = _manifest(spec, image, image_sha, payload, verity)
+            try:
+                write_bundle(staged, envelope_bytes(manifest, key, ring), payload)
+                staged.chmod(0o644)
+                staged.replace(out)
+            except OSError as exc:
+                raise ImageUsageError(f"cannot write {out}: {exc.strerror}") from None
+            kept = out.with_name(out.name + ".squashfs")
+            if keep_image:
+                shutil.copyfile(image, kept)
+    finally:
+        staged.unlink(missing_ok=True)
     return BuildResult(out, manifest, kept)
+
+
+def _stage(out: Path) -> Path:
+    """An empty private file beside ``out`` that the bundle is written into."""
+    try:
+        fd, name = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
+    except OSError as exc:
+        raise ImageUsageError(f"cannot write {out}: {exc.strerror}") from None
+    os.close(fd)
+    return Path(name)
 
 
 def _manifest(

@@ -19,16 +19,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import stat
 import struct
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from images import keyring as kr
-from images.errors import BundleRejected, ImageUsageError
+from images.errors import BuildError, BundleRejected, ImageUsageError
 from images.manifest import Manifest, parse_manifest
 from images.mapping import map_region
 from images.policy import DevicePolicy
@@ -64,6 +66,11 @@ def envelope_bytes(manifest: Manifest, key: KeyPair, ring: dict[str, Any]) -> by
 
 def write_bundle(out: Path, envelope: bytes, payload: Path) -> None:
     """Write header, envelope, padding and the payload file into ``out``."""
+    if len(envelope) > MAX_ENVELOPE:  # a device would refuse the bundle as malformed
+        raise BuildError(
+            f"the signed envelope is {len(envelope)} bytes, over the {MAX_ENVELOPE} a device "
+            "reads (a keyring with fewer certificates makes it smaller)"
+        )
     head = MAGIC + struct.pack(">I", len(envelope)) + envelope
     head += b"\0" * (payload_offset(len(envelope)) - len(head))
     with out.open("wb") as dst, payload.open("rb") as src:
@@ -85,10 +92,20 @@ class VerifiedBundle:
     trust: kr.Trust
 
 
+def _open_regular(path: Path) -> BinaryIO:
+    """``path`` opened for reading if it is a regular file (never waits on a FIFO)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ImageUsageError(f"{path}: a bundle is a regular file")
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
+
+
 def read_envelope(path: Path) -> tuple[dict[str, Any], int]:
     """The envelope (as JSON) and the payload offset; IMG-MALFORMED / IMG-TRUNCATED."""
     try:
-        with path.open("rb") as fh:
+        with _open_regular(path) as fh:
             head = fh.read(len(MAGIC) + 4)
             if len(head) < len(MAGIC) + 4 and MAGIC.startswith(head[: len(MAGIC)]) and head:
                 raise _reject("IMG-TRUNCATED", f"{path}: bundle is truncated (in the header)")

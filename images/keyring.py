@@ -24,7 +24,16 @@ from pathlib import Path
 from typing import Any
 
 from images.errors import BundleRejected, KeyFileError
-from images.signing import KeyPair, PublicKey, Signature, canonical, load_json, save_json, verify
+from images.signing import (
+    MAX_KEYRING_FILE,
+    KeyPair,
+    PublicKey,
+    Signature,
+    canonical,
+    load_json,
+    save_json,
+    verify,
+)
 
 FORMAT = "qkdn-keyring-1"
 PURPOSES = ("dev", "release")
@@ -71,7 +80,9 @@ def certify(ring: dict[str, Any], root: KeyPair, signer: PublicKey, purpose: str
 
 
 def revoke(ring: dict[str, Any], root: KeyPair, key_id: str) -> dict[str, Any]:
-    """A new revocation list (serial + 1) adding ``key_id``, signed by ``root``."""
+    """A new revocation list (serial + 1) adding ``key_id``, signed by the current root."""
+    if _roots(ring)[-1].key_id != root.public.key_id:
+        raise KeyFileError("revoke: the root key is not the keyring's current root")
     old = ring.get("revocations") or {"body": {"serial": 0, "revoked": []}}
     revoked = sorted({*old["body"]["revoked"], key_id})
     body = {"type": "revocations", "serial": old["body"]["serial"] + 1, "revoked": revoked}
@@ -83,10 +94,30 @@ def _roots(ring: dict[str, Any]) -> list[PublicKey]:
 
 
 def load_keyring(path: Path) -> dict[str, Any]:
-    ring = load_json(path, "keyring")
+    """A keyring file whose shape the operations here rely on (IMG-KEY otherwise)."""
+    ring = load_json(path, "keyring", MAX_KEYRING_FILE)
     if not isinstance(ring, dict) or ring.get("format") != FORMAT:
         raise KeyFileError(f"{path}: not a {FORMAT} keyring")
+    try:
+        _check_shape(ring)
+    except (KeyError, TypeError, IndexError, KeyFileError):
+        raise KeyFileError(f"{path}: a malformed {FORMAT} keyring") from None
     return ring
+
+
+def _check_shape(ring: dict[str, Any]) -> None:
+    if not _roots(ring) or not isinstance(ring["signers"], list):
+        raise KeyFileError("roots, signers")
+    for st in ring["signers"]:
+        PublicKey.from_json(st["body"]["key"])
+    revs = ring.get("revocations")
+    if revs is not None:
+        body = revs["body"]
+        ids = body["revoked"]
+        if type(body["serial"]) is not int or not isinstance(ids, list):
+            raise KeyFileError("revocations")
+        if not all(isinstance(i, str) for i in ids):
+            raise KeyFileError("revocations")
 
 
 def save_keyring(path: Path, ring: dict[str, Any]) -> None:

@@ -26,6 +26,10 @@ from images.signing import canonical
 FORMAT = "qkdn-manifest-1"
 BLOCK = 4096
 MAX_PAYLOAD = 1 << 40
+MAX_SECURITY_VERSION = 1 << 32
+MAX_CHUNK = 1 << 30
+MAX_EPOCH = (1 << 32) - 1
+"""The latest SOURCE_DATE_EPOCH an image can have: squashfs keeps 32-bit timestamps."""
 HEX64 = re.compile(r"^[0-9a-f]{64}$")
 TEXT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+:-]{0,127}$")
 UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
@@ -87,7 +91,7 @@ def _int(doc: dict[str, Any], key: str, lo: int = 0, hi: int = MAX_PAYLOAD) -> i
 
 def _str(doc: dict[str, Any], key: str, pattern: re.Pattern[str] = TEXT) -> str:
     value = doc.get(key)
-    if not isinstance(value, str) or not pattern.match(value):
+    if not isinstance(value, str) or not pattern.fullmatch(value):
         raise _malformed(f"'{key}' is missing or not of the expected form")
     return value
 
@@ -115,12 +119,12 @@ def parse_manifest(data: bytes) -> Manifest:
         node=_int(doc, "node", 1, 999),
         node_name=_str(doc, "node_name"),
         version=_str(doc, "version"),
-        security_version=_int(doc, "security_version", 0, 2**32),
+        security_version=_int(doc, "security_version", 0, MAX_SECURITY_VERSION),
         created=_int(doc, "created", 0, 2**40),
         image_size=_int(doc, "image_size", BLOCK),
         image_sha256=_str(doc, "image_sha256", HEX64),
         payload_size=_int(doc, "payload_size", BLOCK),
-        chunk_size=_int(doc, "chunk_size", BLOCK, 1 << 30),
+        chunk_size=_int(doc, "chunk_size", BLOCK, MAX_CHUNK),
         chunks=_chunks(doc["chunks"]),
         verity=verity,
     )
@@ -129,7 +133,9 @@ def parse_manifest(data: bytes) -> Manifest:
 
 
 def _chunks(value: Any) -> tuple[str, ...]:
-    if not isinstance(value, list) or not all(isinstance(c, str) and HEX64.match(c) for c in value):
+    if not isinstance(value, list) or not all(
+        isinstance(c, str) and HEX64.fullmatch(c) for c in value
+    ):
         raise _malformed("'chunks' must be a list of SHA-256 hex digests")
     return tuple(value)
 

@@ -30,11 +30,15 @@ from typing import Any
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import ed25519, mldsa
 
-from images.errors import KeyFileError
+from appliance.files import KiB, MiB, read_bounded
+from images.errors import ImageUsageError, KeyFileError
 
 DOMAIN = b"qkdn-image-v1\0"
 ED_PUB_LEN, ML_PUB_LEN, SEED_LEN = 32, 1952, 32
 ED_SIG_LEN, ML_SIG_LEN = 64, 3309
+MAX_KEY_FILE = 64 * KiB
+MAX_KEYRING_FILE = MiB
+"""A keyring travels in every bundle's envelope, which a device reads up to 1 MiB."""
 
 
 def canonical(doc: Any) -> bytes:
@@ -134,8 +138,14 @@ class KeyPair:
         msg = _message(purpose, body)
         return Signature(self._ed.sign(msg), self._ml.sign(msg, purpose.encode()))
 
-    def save(self, path: Path) -> None:
-        """Write the private key with mode 0600, then the public key beside it (``.pub``)."""
+    def save(self, path: Path, *, overwrite: bool = False) -> None:
+        """Write the private key with mode 0600, then the public key beside it (``.pub``).
+
+        An existing key or public key is never replaced unless ``overwrite`` (IMG-USAGE)."""
+        pub = path.with_suffix(".pub")
+        for existing in (path, pub):
+            if not overwrite and (existing.exists() or existing.is_symlink()):
+                raise ImageUsageError(f"{existing} exists; pass --force to overwrite it")
         doc = {
             "format": "qkdn-image-key-1",
             "name": self.name,
@@ -143,10 +153,11 @@ class KeyPair:
             "mldsa65": self._ml_seed.hex(),
         }
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            replace = os.O_TRUNC if overwrite else os.O_EXCL  # no race with another writer
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | replace, 0o600)
             with os.fdopen(fd, "w") as fh:
                 fh.write(json.dumps(doc) + "\n")
-            save_json(path.with_suffix(".pub"), self.public.to_json())
+            save_json(pub, self.public.to_json())
         except OSError as exc:
             raise KeyFileError(f"cannot write {path}: {exc.strerror}") from None
 
@@ -175,12 +186,13 @@ def verify(key: PublicKey, purpose: str, body: bytes, sig: Signature) -> bool:
     return True
 
 
-def load_json(path: Path, what: str) -> Any:
+def load_json(path: Path, what: str, limit: int = MAX_KEY_FILE) -> Any:
+    """A JSON document from a file of at most ``limit`` bytes (IMG-KEY otherwise)."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(read_bounded(path, limit).decode("utf-8"))
     except OSError as exc:
         raise KeyFileError(f"cannot read {what} {path}: {exc.strerror}") from None
-    except (UnicodeDecodeError, ValueError):
+    except (UnicodeDecodeError, ValueError, RecursionError):
         raise KeyFileError(f"{path}: {what} is not JSON") from None
 
 

@@ -111,6 +111,9 @@ def read_layout(path: Path) -> dict[str, Partition]:
     """The four partitions of a target, by role; IMG-TARGET when any is missing."""
     if not path.exists():
         raise TargetError(f"{path}: no such target (create one with 'qkdn image init-target')")
+    mode = path.stat().st_mode
+    if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+        raise TargetError(f"{path}: a target is a disk image file or a block device")
     try:
         out = subprocess.run(
             ["sfdisk", "--json", str(path)], capture_output=True, text=True, check=True
@@ -230,8 +233,11 @@ def init_target(
         raise ImageUsageError(f"{path} exists; pass --force to overwrite it")
     sizes = plan_layout(size, slot_size, data_size)
     if not block:
-        with path.open("wb") as fh:
-            fh.truncate(size)
+        try:
+            with path.open("wb") as fh:
+                fh.truncate(size)
+        except OSError as exc:
+            raise TargetError(f"cannot create target {path}: {exc.strerror}") from None
     _partition(path, sizes)
     target = Target(path)
     for name in REGIONS:  # a reused device must not keep records from an earlier life

@@ -9,6 +9,11 @@ Exit status: 0 success, 1 a reported error, 2 bad usage, 70 an internal error (a
 A base install (``pip install qkdn``, what a node image carries) has no extras: ``node run``
 and ``qrng selftest --json`` work there, and a command that needs a missing extra ends in
 one line with the code EXTRA-MISSING naming the extra, never a traceback.
+
+Every error is exactly one line: control characters in a message (a file name with a
+newline, say) are escaped. An :class:`OSError` that no command turned into its own error
+(a full disk, a vanished directory) is reported with the code IO; a reader that closes
+our standard output early (``qkdn net status --json | head``) gets the code PIPE.
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ import argparse
 import importlib
 import importlib.util
 import logging
+import os
+import select
 import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
@@ -59,7 +66,10 @@ class Parser(argparse.ArgumentParser):
     """argparse with one-line usage errors carrying the USAGE code."""
 
     def error(self, message: str) -> NoReturn:
-        print(f"{self.prog}: error [USAGE]: {message} (see '{self.prog} --help')", file=sys.stderr)
+        command = self.prog.removeprefix("qkdn").strip()
+        where = f"{command}: " if command else ""
+        hint = f" (see '{self.prog} --help')"
+        print(f"qkdn: error [USAGE]: {one_line(where + message)}{hint}", file=sys.stderr)
         raise SystemExit(2)
 
 
@@ -74,6 +84,38 @@ def missing_extra(exc: ModuleNotFoundError) -> MissingExtra | None:
     except (ImportError, ValueError):
         installed = False
     return None if installed else MissingExtra(extra, module)
+
+
+def one_line(message: str) -> str:
+    """``message`` with line breaks and other control characters escaped."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in message)
+
+
+def report(code: str, message: str) -> int:
+    """Print the one-line error and return the exit status 1."""
+    print(f"qkdn: error [{code}]: {one_line(message)}", file=sys.stderr)
+    return 1
+
+
+def _os_error(exc: OSError) -> str:
+    where = f"{exc.filename}: " if exc.filename else ""
+    return where + (exc.strerror or str(exc))
+
+
+def _broken_pipe(exc: BrokenPipeError) -> int:
+    """A closed standard output (its reader went away) is PIPE; any other pipe is IO."""
+    try:
+        fd = sys.stdout.fileno()
+    except (OSError, ValueError):  # stdout is not a file (tests capture it)
+        return report("IO", _os_error(exc))
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    if not any(events & select.POLLERR for _, events in poller.poll(0)):
+        return report("IO", _os_error(exc))
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fd)  # what is still buffered goes nowhere (Python would complain at exit)
+    os.close(devnull)
+    return report("PIPE", "standard output was closed before all output was written")
 
 
 def _register(sub: Any, name: str) -> None:
@@ -130,6 +172,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logs.configure(args.log_level, args.log_format)
     try:
         status: int = args.func(args)
+        sys.stdout.flush()  # a closed pipe shows here, not after main has returned
         return status
     except KeyboardInterrupt:
         print("qkdn: interrupted", file=sys.stderr)
@@ -137,9 +180,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PROJECT_ERRORS as exc:
         if args.debug:
             raise
-        code = getattr(exc, "code", "ERROR")
-        print(f"qkdn: error [{code}]: {exc}", file=sys.stderr)
-        return 1
+        return report(getattr(exc, "code", "ERROR"), str(exc))
+    except BrokenPipeError as exc:
+        if args.debug:
+            raise
+        return _broken_pipe(exc)
+    except OSError as exc:
+        if args.debug:
+            raise
+        return report("IO", _os_error(exc))
     except Exception as exc:
         if args.debug:
             raise

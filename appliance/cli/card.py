@@ -27,10 +27,14 @@ from typing import Any
 
 from rich.table import Table
 
+from appliance.cli import args as types
 from appliance.cli.output import console, print_json
+from appliance.config.addresses import join_host_port
 from appliance.errors import UsageError
 
 DEFAULT_QRNG = "emulated-qrng://provisioning?bits=16"
+MAX_WAIT_S = 3600.0
+WAIT = types.number(0, MAX_WAIT_S)
 HELP = """\
 Smartcards that carry the pre-shared key (PSK) bootstrapping the channel between two AKMS.
 A card never reveals its PSK: it derives session keys from it (SP 800-108 CMAC KDF) after
@@ -81,24 +85,28 @@ def register(sub: Any) -> None:
     en.add_argument("--pair", nargs=2, required=True, metavar=("NODE_A", "NODE_B"))
     en.add_argument("--card-a", default="pcsc://#0", metavar="URL", help="default: %(default)s")
     en.add_argument("--card-b", default="pcsc://#1", metavar="URL", help="default: %(default)s")
-    en.add_argument("--pins-a", type=Path, metavar="FILE", help="card A's secrets (else: prompt)")
-    en.add_argument("--pins-b", type=Path, metavar="FILE", help="card B's secrets (else: prompt)")
+    en.add_argument(
+        "--pins-a", type=types.path, metavar="FILE", help="card A's secrets (else: prompt)"
+    )
+    en.add_argument(
+        "--pins-b", type=types.path, metavar="FILE", help="card B's secrets (else: prompt)"
+    )
     en.add_argument(
         "--transport-pin-file",
-        type=Path,
+        type=types.path,
         metavar="FILE",
         help="the blank cards' admin PIN (default: the factory 12345678)",
     )
     en.add_argument(
         "--signing-key",
-        type=Path,
+        type=types.path,
         required=True,
         metavar="PEM",
         help="Ed25519 private key that signs the audit record",
     )
     en.add_argument(
         "--audit",
-        type=Path,
+        type=types.path,
         required=True,
         metavar="FILE",
         help="audit log (JSON lines) the record is appended to",
@@ -112,10 +120,10 @@ def register(sub: Any) -> None:
     )
     en.add_argument(
         "--timeout",
-        type=float,
+        type=WAIT,
         default=10.0,
         metavar="S",
-        help="how long to wait for each card (default: %(default)s s)",
+        help=f"how long to wait for each card, 0..{MAX_WAIT_S:g} (default: %(default)s s)",
     )
     en.add_argument("--json", action="store_true", help="print the signed record")
     en.set_defaults(func=cmd_enroll)
@@ -127,8 +135,8 @@ def register(sub: Any) -> None:
     )
     _reader_arg(ch)
     ch.add_argument("--which", choices=["pin", "admin-pin", "puk"], default="pin")
-    ch.add_argument("--old-pin-file", type=Path, metavar="FILE")
-    ch.add_argument("--new-pin-file", type=Path, metavar="FILE")
+    ch.add_argument("--old-pin-file", type=types.path, metavar="FILE")
+    ch.add_argument("--new-pin-file", type=types.path, metavar="FILE")
     ch.set_defaults(func=cmd_change_pin)
 
     ub = c.add_parser(
@@ -137,8 +145,8 @@ def register(sub: Any) -> None:
         description="Reset the PIN's retry counter with the PUK and set a new PIN.",
     )
     _reader_arg(ub)
-    ub.add_argument("--puk-file", type=Path, metavar="FILE")
-    ub.add_argument("--new-pin-file", type=Path, metavar="FILE")
+    ub.add_argument("--puk-file", type=types.path, metavar="FILE")
+    ub.add_argument("--new-pin-file", type=types.path, metavar="FILE")
     ub.set_defaults(func=cmd_unblock)
 
     for name, what in (
@@ -147,7 +155,7 @@ def register(sub: Any) -> None:
     ):
         x = c.add_parser(name, help=what, description=what[0].upper() + what[1:] + ".")
         _reader_arg(x)
-        x.add_argument("--admin-pin-file", type=Path, metavar="FILE")
+        x.add_argument("--admin-pin-file", type=types.path, metavar="FILE")
         x.add_argument("--yes", action="store_true", help="do not ask for confirmation")
         x.set_defaults(func=cmd_admin, action=name)
 
@@ -161,9 +169,9 @@ def register(sub: Any) -> None:
         "production image.",
         epilog="example: qkdn card emulate --port 35963 --state /var/tmp/card-a",
     )
-    em.add_argument("--port", type=int, default=35963)
-    em.add_argument("--host", default="127.0.0.1")
-    em.add_argument("--state", type=Path, metavar="DIR", help="persist the card here")
+    em.add_argument("--port", type=types.port, default=35963, help="vpcd's port, 1..65535")
+    em.add_argument("--host", type=types.host, default="127.0.0.1", help="vpcd's host")
+    em.add_argument("--state", type=types.path, metavar="DIR", help="persist the card here")
     em.add_argument("--serial", help="serial of a new card (default: random)")
     em.set_defaults(func=cmd_emulate)
 
@@ -172,10 +180,10 @@ def register(sub: Any) -> None:
         help="check the signatures of enrollment records",
         description="Verify every record of an audit log against a public key.",
     )
-    av.add_argument("file", type=Path, metavar="FILE")
+    av.add_argument("file", type=types.path, metavar="FILE")
     av.add_argument(
         "--public-key",
-        type=Path,
+        type=types.path,
         required=True,
         metavar="PEM",
         help="the station's Ed25519 public key (or its private key PEM)",
@@ -188,10 +196,10 @@ def _reader_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reader", default="pcsc://#0", metavar="URL", help="default: %(default)s")
     parser.add_argument(
         "--timeout",
-        type=float,
+        type=WAIT,
         default=5.0,
         metavar="S",
-        help="how long to wait for the card (default: %(default)s s)",
+        help=f"how long to wait for the card, 0..{MAX_WAIT_S:g} (default: %(default)s s)",
     )
 
 
@@ -388,7 +396,11 @@ def cmd_admin(args: argparse.Namespace) -> int:
 def cmd_emulate(args: argparse.Namespace) -> int:
     from hsm.vpcd import VirtualCard
 
-    card = VirtualCard(port=args.port, host=args.host, state_dir=args.state, serial=args.serial)
+    try:
+        card = VirtualCard(port=args.port, host=args.host, state_dir=args.state, serial=args.serial)
+    except OSError as exc:
+        where = exc.filename or args.state
+        raise UsageError(f"--state: cannot use {where}: {exc.strerror}") from None
     stop = threading.Event()
 
     def on_term(_signum: int, _frame: FrameType | None) -> None:
@@ -398,8 +410,8 @@ def cmd_emulate(args: argparse.Namespace) -> int:
     previous = signal.signal(signal.SIGTERM, on_term)
     where = f"state in {args.state}" if args.state else "state in memory only"
     print(
-        f"emulated card {card.serial} on vpcd {args.host}:{args.port} (reader {card.reader!r}), "
-        f"{where}; Ctrl-C removes it",
+        f"emulated card {card.serial} on vpcd {join_host_port(args.host, args.port)} "
+        f"(reader {card.reader!r}), {where}; Ctrl-C removes it",
         flush=True,
     )
     try:

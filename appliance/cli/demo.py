@@ -12,6 +12,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from appliance.cli import args as types
 from appliance.cli.output import console, write_json
 from appliance.errors import UsageError
 
@@ -44,20 +45,27 @@ def register(sub: Any) -> None:
     )
     p.add_argument(
         "--topology",
+        type=types.topology,
         default="demoquandt",
         metavar="TOPOLOGY",
         help="topology file or shipped name (default: %(default)s)",
     )
-    p.add_argument("--days", type=float, default=7.0, help="emulated days (default: 7)")
+    p.add_argument(
+        "--days",
+        type=types.number(0, 366, lo_open=True),
+        default=7.0,
+        help="emulated days, 0 < days <= 366 (default: 7)",
+    )
     p.add_argument(
         "--interval",
-        type=float,
+        type=types.number(1, 86400),
         default=30.0,
         metavar="SECONDS",
-        help="sampling interval in emulated seconds (default: 30)",
+        help="sampling interval in emulated seconds, 1..86400 (default: 30)",
     )
     p.add_argument(
         "--speedup",
+        type=types.speedup_or_max,
         default="max",
         metavar="FACTOR",
         help="emulated seconds per wall-clock second, or 'max' (default)",
@@ -69,13 +77,13 @@ def register(sub: Any) -> None:
     )
     p.add_argument(
         "--verify-every",
-        type=int,
+        type=types.integer(1, 1_000_000),
         default=10,
         metavar="N",
         help="check one key pair per link every N samples (default: 10)",
     )
     p.add_argument(
-        "--json", type=Path, metavar="PATH", help="write samples and per-link summary as JSON"
+        "--json", type=types.path, metavar="PATH", help="write samples and per-link summary as JSON"
     )
     p.add_argument(
         "--check",
@@ -84,7 +92,7 @@ def register(sub: Any) -> None:
     )
     p.add_argument(
         "--requests",
-        type=int,
+        type=types.integer(1, 10_000_000),
         default=10_000,
         metavar="N",
         help="key requests SAE Berlin -> SAE Bonn across the running network "
@@ -101,10 +109,12 @@ def register(sub: Any) -> None:
     )
     p.add_argument("--skip-quantum", action="store_true", help="skip the quantum-layer week")
     p.add_argument("--skip-network", action="store_true", help="skip the network T_key run")
-    p.add_argument("--net-dir", type=Path, help="network directory (default: a temporary one)")
+    p.add_argument(
+        "--net-dir", type=types.path, help="network directory (default: a temporary one)"
+    )
     p.add_argument(
         "--plot",
-        type=Path,
+        type=types.path,
         metavar="PATH",
         help="save a PNG: the T_key distribution beside the paper's, and each link's "
         "key-store level over the run",
@@ -115,28 +125,14 @@ def register(sub: Any) -> None:
 def _settings(args: argparse.Namespace) -> DemoSettings:
     from appliance.demo import DemoSettings
 
-    if not (0 < args.days <= 366):
-        raise UsageError(f"--days: expected 0 < days <= 366, got {args.days}")
-    if not (1 <= args.interval <= 86400) or args.interval > args.days * 86400:
-        raise UsageError(f"--interval: expected 1..86400 s and at most --days, got {args.interval}")
-    if args.verify_every < 1:
-        raise UsageError(f"--verify-every: expected a positive integer, got {args.verify_every}")
-    speedup: float | None = None
-    if args.speedup != "max":
-        try:
-            speedup = float(args.speedup)
-        except ValueError:
-            raise UsageError(
-                f"--speedup: expected a number or 'max', got {args.speedup!r}"
-            ) from None
-        if not (speedup > 0 and math.isfinite(speedup)):
-            raise UsageError(f"--speedup: expected a positive number, got {args.speedup!r}")
+    if args.interval > args.days * 86400:
+        raise UsageError(f"--interval: expected at most --days, got {args.interval:g} s")
     seed = args.seed if args.seed is not None else secrets.token_hex(8)
     return DemoSettings(
         days=args.days,
         interval_s=args.interval,
         seed=seed,
-        speedup=speedup,
+        speedup=args.speedup,
         verify_every=args.verify_every,
     )
 
@@ -220,8 +216,6 @@ def _network_stage(args: argparse.Namespace, out_report: dict[str, Any]) -> bool
     from appliance.plots import demo_plot
     from appliance.tkey import endpoints, measure
 
-    if args.requests < 1:
-        raise UsageError(f"--requests: expected a positive number, got {args.requests}")
     out = console()
     with tempfile.TemporaryDirectory(prefix="qkdn-demo-") as tmp:
         net_dir = args.net_dir or Path(tmp)

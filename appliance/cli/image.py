@@ -18,10 +18,11 @@ from typing import Any
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 from rich.table import Table
 
+from appliance.cli import args as types
 from appliance.cli.output import console, print_json
-from appliance.cli.qrng import parse_size
 from appliance.config.topology import load_topology
 from images.errors import ImageUsageError
+from images.manifest import BLOCK, MAX_CHUNK, MAX_EPOCH, MAX_SECURITY_VERSION, TEXT
 
 HELP = """\
 Signed, hardened appliance images on A/B slots with boot counting, rollback and
@@ -41,6 +42,13 @@ workflow:
   qkdn image status --target disk.img
 """
 CACHE_ENV = "QKDN_IMAGE_CACHE"
+MAX_DISK = 1 << 44
+"""16 TiB: the largest target disk image (and slot) ``init-target`` creates."""
+MAX_NODE_ID, MAX_ATTEMPTS = 999, 255
+EPOCH = types.integer(0, MAX_EPOCH)
+TOKEN = types.matching(TEXT, "at most 128 letters, digits and ._+:- (a letter or digit first)")
+"""Versions and compatible strings, as a device's manifest parser takes them."""
+DISK_SIZE = types.size(1, MAX_DISK)
 
 
 def register(sub: Any) -> None:
@@ -69,43 +77,51 @@ def _register_build(isub: Any) -> None:
     )
     b.add_argument("--role", required=True, help="the node's role (must match the topology)")
     b.add_argument("--node", required=True, help="node id or name")
-    b.add_argument("--topology", required=True, metavar="TOPOLOGY")
-    b.add_argument("--out", required=True, type=Path, metavar="FILE")
-    b.add_argument("--key", required=True, type=Path, help="signing key (.key)")
-    b.add_argument("--keyring", required=True, type=Path, help="keyring certifying the key")
-    b.add_argument("--version", default="0.1.0", help="image version (default: %(default)s)")
+    b.add_argument("--topology", required=True, type=types.topology, metavar="TOPOLOGY")
+    b.add_argument("--out", required=True, type=types.path, metavar="FILE")
+    b.add_argument("--key", required=True, type=types.path, help="signing key (.key)")
+    b.add_argument("--keyring", required=True, type=types.path, help="keyring certifying the key")
+    b.add_argument(
+        "--version",
+        default="0.1.0",
+        type=TOKEN,
+        help="image version (default: %(default)s)",
+    )
     b.add_argument(
         "--security-version",
-        type=int,
+        type=types.integer(0, MAX_SECURITY_VERSION),
         default=0,
         metavar="N",
-        help="anti-rollback counter (default: %(default)s)",
+        help=f"anti-rollback counter, 0..{MAX_SECURITY_VERSION} (default: %(default)s)",
     )
-    b.add_argument("--compatible", default="qkdn-appliance-x86_64")
+    b.add_argument("--compatible", type=TOKEN, default="qkdn-appliance-x86_64")
     b.add_argument(
         "--wheelhouse",
-        type=Path,
+        type=types.path,
         metavar="DIR",
         help="use these wheels as the application (default: build the project's)",
     )
     b.add_argument(
         "--cache-dir",
-        type=Path,
+        type=types.path,
         metavar="DIR",
         help=f"where the wheelhouse is cached (default: ${CACHE_ENV} or ~/.cache/qkdn-images)",
     )
-    b.add_argument("--pki-dir", type=Path, metavar="DIR", help="certificates to ship")
+    b.add_argument("--pki-dir", type=types.path, metavar="DIR", help="certificates to ship")
     b.add_argument(
         "--source-date-epoch",
-        type=int,
+        type=EPOCH,
         metavar="T",
-        help="timestamp of every file (default: $SOURCE_DATE_EPOCH, else 0)",
+        help=f"timestamp of every file, 0..{MAX_EPOCH} (default: $SOURCE_DATE_EPOCH, else 0)",
     )
-    b.add_argument("--host", default="127.0.0.1", help="address plan as in topology render")
-    b.add_argument("--base-port", type=int, default=20000)
+    b.add_argument(
+        "--host", type=types.host, default="127.0.0.1", help="address plan as in topology render"
+    )
+    b.add_argument("--base-port", type=types.base_port, default=20000)
     b.add_argument(
         "--sae-net",
         action="append",
+        type=types.cidr,
         default=[],
         metavar="CIDR",
         help="networks allowed to reach the ETSI 014 port (repeatable)",
@@ -113,11 +129,17 @@ def _register_build(isub: Any) -> None:
     b.add_argument(
         "--admin-net",
         action="append",
+        type=types.cidr,
         default=[],
         metavar="CIDR",
         help="networks allowed to reach a manager node's web port (repeatable)",
     )
-    b.add_argument("--chunk-size", default="4M", help="digest/write unit (default: %(default)s)")
+    b.add_argument(
+        "--chunk-size",
+        type=types.size(BLOCK, MAX_CHUNK, multiple_of=BLOCK),
+        default="4M",
+        help="digest/write unit, a multiple of 4K (default: %(default)s)",
+    )
     b.add_argument("--json", action="store_true")
     b.set_defaults(func=cmd_build)
 
@@ -129,8 +151,8 @@ def _register_device(isub: Any) -> None:
         description="Verify the bundle against the target's policy, write the "
         "inactive slot, read it back, and mark it trial with N boot attempts.",
     )
-    f.add_argument("bundle", type=Path, metavar="BUNDLE")
-    f.add_argument("--target", required=True, type=Path, metavar="DISK")
+    f.add_argument("bundle", type=types.path, metavar="BUNDLE")
+    f.add_argument("--target", required=True, type=types.path, metavar="DISK")
     f.add_argument("--json", action="store_true")
     f.set_defaults(func=cmd_flash)
 
@@ -142,7 +164,7 @@ def _register_device(isub: Any) -> None:
         "the health check: the node configuration and the node's self-tests "
         "from the slot's own application, then --health-hook if given.",
     )
-    bt.add_argument("--target", required=True, type=Path, metavar="DISK")
+    bt.add_argument("--target", required=True, type=types.path, metavar="DISK")
     bt.add_argument(
         "--health-hook",
         metavar="CMD",
@@ -158,11 +180,11 @@ def _register_device(isub: Any) -> None:
     bt.set_defaults(func=cmd_boot)
 
     c = isub.add_parser("commit", help="mark the booted trial slot good")
-    c.add_argument("--target", required=True, type=Path, metavar="DISK")
+    c.add_argument("--target", required=True, type=types.path, metavar="DISK")
     c.set_defaults(func=cmd_commit)
 
     s = isub.add_parser("status", help="slots, versions, states and the last rollback")
-    s.add_argument("--target", required=True, type=Path, metavar="DISK")
+    s.add_argument("--target", required=True, type=types.path, metavar="DISK")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_status)
 
@@ -172,9 +194,9 @@ def _register_device(isub: Any) -> None:
         description="Verify the bundle (signatures, keyring chain, payload) and "
         "print the manifest with the verity parameters for veritysetup verify.",
     )
-    i.add_argument("bundle", type=Path, metavar="BUNDLE")
-    i.add_argument("--keyring", type=Path, help="trust the first root of this keyring")
-    i.add_argument("--target", type=Path, metavar="DISK", help="trust this device's policy")
+    i.add_argument("bundle", type=types.path, metavar="BUNDLE")
+    i.add_argument("--keyring", type=types.path, help="trust the first root of this keyring")
+    i.add_argument("--target", type=types.path, metavar="DISK", help="trust this device's policy")
     i.add_argument("--json", action="store_true")
     i.set_defaults(func=cmd_inspect)
 
@@ -186,14 +208,32 @@ def _register_device(isub: Any) -> None:
         epilog="example: qkdn image init-target disk.img --size 512M "
         "--keyring keyring.json --node 5",
     )
-    t.add_argument("disk", type=Path, metavar="DISK")
-    t.add_argument("--size", required=True, help="disk size: 64M, 2G, ...")
-    t.add_argument("--slot-size", help="size of each slot (default: fills the disk)")
-    t.add_argument("--keyring", required=True, type=Path, help="its current root is the anchor")
-    t.add_argument("--compatible", default="qkdn-appliance-x86_64")
-    t.add_argument("--node", type=int, help="accept only images built for this node id")
-    t.add_argument("--floor", type=int, default=0, help="initial security-version floor")
-    t.add_argument("--attempts", type=int, default=3, help="boot attempts of a new image")
+    t.add_argument("disk", type=types.path, metavar="DISK")
+    t.add_argument("--size", required=True, type=DISK_SIZE, help="disk size: 64M, 2G, ...")
+    t.add_argument(
+        "--slot-size", type=DISK_SIZE, help="size of each slot (default: fills the disk)"
+    )
+    t.add_argument(
+        "--keyring", required=True, type=types.path, help="its current root is the anchor"
+    )
+    t.add_argument("--compatible", type=TOKEN, default="qkdn-appliance-x86_64")
+    t.add_argument(
+        "--node",
+        type=types.integer(1, MAX_NODE_ID),
+        help="accept only images built for this node id",
+    )
+    t.add_argument(
+        "--floor",
+        type=types.integer(0, MAX_SECURITY_VERSION),
+        default=0,
+        help="initial security-version floor",
+    )
+    t.add_argument(
+        "--attempts",
+        type=types.integer(1, MAX_ATTEMPTS),
+        default=3,
+        help=f"boot attempts of a new image, 1..{MAX_ATTEMPTS}",
+    )
     t.add_argument("--accept-dev", action="store_true", help="accept development-signed images")
     t.add_argument("--force", action="store_true", help="overwrite an existing DISK")
     t.set_defaults(func=cmd_init_target)
@@ -207,31 +247,34 @@ def _register_keys(isub: Any) -> None:
     g.add_argument(
         "--out",
         required=True,
-        type=Path,
+        type=types.path,
         metavar="PREFIX",
         help="writes PREFIX.key (mode 0600) and PREFIX.pub",
     )
     g.add_argument("--name", help="label (default: the file name)")
+    g.add_argument(
+        "--force", action="store_true", help="overwrite an existing PREFIX.key and PREFIX.pub"
+    )
     g.set_defaults(func=cmd_key_generate)
     i = ks.add_parser("init", help="a new keyring with one root")
-    i.add_argument("--root", required=True, type=Path)
-    i.add_argument("--out", required=True, type=Path)
+    i.add_argument("--root", required=True, type=types.path)
+    i.add_argument("--out", required=True, type=types.path)
     i.set_defaults(func=cmd_key_init)
     c = ks.add_parser("certify", help="certify a signing key with the current root")
-    c.add_argument("keyring", type=Path)
-    c.add_argument("--root", required=True, type=Path)
-    c.add_argument("--signer", required=True, type=Path, help="the signing key's .pub")
+    c.add_argument("keyring", type=types.path)
+    c.add_argument("--root", required=True, type=types.path)
+    c.add_argument("--signer", required=True, type=types.path, help="the signing key's .pub")
     c.add_argument("--purpose", required=True, choices=["dev", "release"])
     c.set_defaults(func=cmd_key_certify)
     r = ks.add_parser("rotate", help="replace the root; the old root signs the new one")
-    r.add_argument("keyring", type=Path)
-    r.add_argument("--old-root", required=True, type=Path)
-    r.add_argument("--new-root", required=True, type=Path)
+    r.add_argument("keyring", type=types.path)
+    r.add_argument("--old-root", required=True, type=types.path)
+    r.add_argument("--new-root", required=True, type=types.path)
     r.set_defaults(func=cmd_key_rotate)
     v = ks.add_parser("revoke", help="add a key id to the signed revocation list")
-    v.add_argument("keyring", type=Path)
-    v.add_argument("--root", required=True, type=Path)
-    v.add_argument("--key-id", required=True)
+    v.add_argument("keyring", type=types.path)
+    v.add_argument("--root", required=True, type=types.path, help="the keyring's current root")
+    v.add_argument("--key-id", required=True, type=types.key_id, help="32 hex digits")
     v.set_defaults(func=cmd_key_revoke)
 
 
@@ -243,6 +286,14 @@ def _node(topo: Any, text: str) -> Any:
         if str(n.id) == text or n.name == text:
             return n
     raise ImageUsageError(f"--node: no node {text!r} in topology {topo.name}")
+
+
+def _env_epoch() -> int:
+    text = os.environ.get("SOURCE_DATE_EPOCH", "0")
+    try:
+        return EPOCH(text)
+    except argparse.ArgumentTypeError as exc:
+        raise ImageUsageError(f"$SOURCE_DATE_EPOCH: {exc}") from None
 
 
 def _wheelhouse(args: argparse.Namespace) -> Path:
@@ -267,7 +318,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     key, ring = KeyPair.load(args.key), kr.load_keyring(args.keyring)
     epoch = args.source_date_epoch
     if epoch is None:
-        epoch = int(os.environ.get("SOURCE_DATE_EPOCH", "0"))
+        epoch = _env_epoch()
     start = time.perf_counter()
     spec = BuildSpec(
         topology=topo,
@@ -281,7 +332,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         host=args.host,
         base_port=args.base_port,
         client_nets={"etsi014": args.sae_net, "web": args.admin_net},
-        chunk_size=parse_size(args.chunk_size, "--chunk-size"),
+        chunk_size=args.chunk_size,
     )
     result = build(spec, key, ring, args.out)
     elapsed = time.perf_counter() - start
@@ -482,8 +533,6 @@ def cmd_init_target(args: argparse.Namespace) -> int:
 
     ring = kr.load_keyring(args.keyring)
     revoked = (ring.get("revocations") or {"body": {"revoked": []}})["body"]["revoked"]
-    if not 1 <= args.attempts <= 255 or args.floor < 0:
-        raise ImageUsageError("--attempts must be 1..255 and --floor at least 0")
     policy = DevicePolicy(
         compatible=args.compatible,
         anchor=kr.current_root(ring),
@@ -493,10 +542,7 @@ def cmd_init_target(args: argparse.Namespace) -> int:
         floor=args.floor,
         attempts=args.attempts,
     )
-    slot = None if args.slot_size is None else parse_size(args.slot_size, "--slot-size")
-    target = init_target(
-        args.disk, parse_size(args.size, "--size"), policy, slot_size=slot, force=args.force
-    )
+    target = init_target(args.disk, args.size, policy, slot_size=args.slot_size, force=args.force)
     sizes = target.slot_size("a")
     target.close()
     console().print(f"created {args.disk}: slots of {sizes} bytes, policy {args.compatible}")
@@ -510,7 +556,7 @@ def cmd_key_generate(args: argparse.Namespace) -> int:
     from images.signing import KeyPair
 
     key = KeyPair.generate(args.name or args.out.name)
-    key.save(args.out.with_suffix(".key"))
+    key.save(args.out.with_suffix(".key"), overwrite=args.force)
     console().print(f"wrote {args.out.with_suffix('.key')} and .pub (key id {key.public.key_id})")
     return 0
 

@@ -33,13 +33,16 @@ import time
 from pathlib import Path
 from typing import Any
 
+from appliance.cli import args as types
 from appliance.cli.output import console, print_json
+from appliance.config.addresses import split_host_port
 from appliance.errors import ApplianceError, UsageError
+from appliance.files import MiB, read_bounded
 
 DEFAULT_DIR = Path(".qkdn/net")
 FULL_STORE_S = 3600.0
 """``net up`` starts the emulated links this long in the past: their key buffers are full."""
-MAX_STATE = 1 << 20
+MAX_STATE = MiB
 """Longest ``run/state.json`` read."""
 CRASH_LOOP = 3
 """A node that exits this many times while its network starts fails the start (NET-NODE)."""
@@ -51,6 +54,9 @@ NODE_STOP_S = 5.0
 """How long a process left without its supervisor has after SIGTERM before SIGKILL."""
 KILL_WAIT_S = 5.0
 """How long a process has to vanish after SIGKILL."""
+MAX_STOCK = 100_000
+STOCK = types.integer(0, MAX_STOCK)
+PATIENCE = types.number(0, 3600, lo_open=True)
 
 
 def register(sub: Any) -> None:
@@ -64,7 +70,7 @@ def register(sub: Any) -> None:
     nsub = node.add_subparsers(dest="node_command", metavar="ACTION", parser_class=type(node))
     nsub.required = True
     run = nsub.add_parser("run", help="run one node in the foreground")
-    run.add_argument("--config", required=True, type=Path, metavar="NODE.toml")
+    run.add_argument("--config", required=True, type=types.path, metavar="NODE.toml")
     run.add_argument(
         "--mode",
         default="gcm",
@@ -73,14 +79,14 @@ def register(sub: Any) -> None:
     )
     run.add_argument(
         "--stock",
-        type=int,
+        type=STOCK,
         default=0,
         metavar="N",
-        help="KSA keys a UKMS keeps ready per SAE pair (default: 0)",
+        help=f"KSA keys a UKMS keeps ready per SAE pair, 0..{MAX_STOCK} (default: 0)",
     )
     run.add_argument(
         "--patience",
-        type=float,
+        type=PATIENCE,
         default=10.0,
         metavar="S",
         help="seconds a hop waits for link keys still being distilled; requests wait 2x this "
@@ -127,17 +133,21 @@ even by kill -9. A state file it cannot write (full disk) is an alarm in
     )
     up.add_argument(
         "topology",
+        type=types.topology,
         nargs="?",
         default="demoquandt",
         metavar="TOPOLOGY",
         help="a shipped topology name or a topology file (default: demoquandt)",
     )
     up.add_argument(
-        "--dir", type=Path, default=DEFAULT_DIR, help="network directory (default: %(default)s)"
+        "--dir",
+        type=types.path,
+        default=DEFAULT_DIR,
+        help="network directory (default: %(default)s)",
     )
     up.add_argument(
         "--base-port",
-        type=int,
+        type=types.base_port,
         default=20000,
         help="port of service S of node N = base + offset(S) + N (default: %(default)s)",
     )
@@ -156,22 +166,27 @@ even by kill -9. A state file it cannot write (full disk) is an alarm in
     )
     up.add_argument(
         "--speedup",
-        type=float,
+        type=types.number(0, 1000, lo_open=True),
         default=1.0,
         metavar="X",
         help="emulated links run X times faster than real time (benches of key rates)",
     )
     up.add_argument(
         "--patience",
-        type=float,
+        type=PATIENCE,
         metavar="S",
         help="seconds a hop waits for link keys still being distilled; requests wait 2x this "
         "for their CN key (default: 10, 120 with --rate-limited)",
     )
-    up.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for readiness")
+    up.add_argument(
+        "--timeout",
+        type=types.number(0, 86400),
+        default=60.0,
+        help="seconds to wait for readiness, 0..86400 (default: %(default)s)",
+    )
     up.add_argument(
         "--stock",
-        type=int,
+        type=STOCK,
         default=256,
         metavar="N",
         help="KSA keys each UKMS keeps ready per SAE pair (default: %(default)s; "
@@ -185,11 +200,11 @@ even by kill -9. A state file it cannot write (full disk) is an alarm in
     up.add_argument("--json", action="store_true", help="print the status document as JSON")
     up.set_defaults(func=cmd_net_up)
     status = n.add_parser("status", help="nodes, processes and endpoints")
-    status.add_argument("--dir", type=Path, default=DEFAULT_DIR)
+    status.add_argument("--dir", type=types.path, default=DEFAULT_DIR)
     status.add_argument("--json", action="store_true")
     status.set_defaults(func=cmd_net_status)
     down = n.add_parser("down", help="stop every node and the supervisor")
-    down.add_argument("--dir", type=Path, default=DEFAULT_DIR)
+    down.add_argument("--dir", type=types.path, default=DEFAULT_DIR)
     down.set_defaults(func=cmd_net_down)
 
 
@@ -239,10 +254,10 @@ def _ports_open(addresses: list[str], ca: Path) -> bool:
     ctx = ssl.create_default_context(cafile=str(ca))
     ctx.check_hostname = False
     for address in addresses:
-        host, port = address.rsplit(":", 1)
+        host, port = split_host_port(address)
         try:
             with (
-                socket.create_connection((host, int(port)), timeout=0.5) as raw,
+                socket.create_connection((host, port), timeout=0.5) as raw,
                 ctx.wrap_socket(raw),
             ):
                 pass
@@ -252,15 +267,31 @@ def _ports_open(addresses: list[str], ca: Path) -> bool:
 
 
 def _state(net_dir: Path) -> dict[str, Any] | None:
-    """``run/state.json`` as the supervisor last wrote it; None if missing or damaged."""
+    """The supervisor's state file; None when it is missing, unreadable or not its shape."""
     try:
-        with open(net_dir / "run" / "state.json", "rb") as fh:
-            doc = json.loads(fh.read(MAX_STATE + 1)[:MAX_STATE])
-    except (OSError, ValueError):  # ValueError: not UTF-8, not JSON, or cut at the bound
+        doc = json.loads(read_bounded(net_dir / "run" / "state.json", MAX_STATE))
+    except (OSError, ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
         return None
-    if not isinstance(doc, dict) or not isinstance(doc.get("nodes"), dict):
-        return None
-    return doc
+    return doc if _state_shape(doc) else None
+
+
+def _state_shape(doc: Any) -> bool:
+    """A supervisor pid above 1 (never 0, -1 or 1, which ``kill`` takes as our process
+    group, every process, or init); node records whose pid is 0 (not started) or above 1
+    and whose restarts is a count."""
+    if not isinstance(doc, dict) or not _pid(doc.get("supervisor_pid")):
+        return False
+    nodes = doc.get("nodes")
+    return isinstance(nodes, dict) and all(
+        isinstance(r, dict)
+        and (r.get("pid", 0) == 0 or _pid(r.get("pid")))
+        and type(r.get("restarts", 0)) is int
+        for r in nodes.values()
+    )
+
+
+def _pid(value: Any) -> bool:
+    return type(value) is int and value > 1
 
 
 def _patience(args: argparse.Namespace) -> float:

@@ -8,17 +8,26 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
 
 import hal
+from appliance.cli import args as types
 from appliance.cli.output import console, print_json
-from appliance.errors import UsageError
+from appliance.errors import ApplianceError, UsageError
+from appliance.files import MiB, read_bounded
 from qrng.errors import QrngUsageError
 
 DEFAULT_SOURCE = "emulated-qrng://bench?bits=16"
+MAX_OUTPUT = 1 << 40
+"""1 TiB: the most one ``run`` or ``raw`` writes (bytes, or samples)."""
+MAX_INPUT = 256 * MiB
+"""The largest sample file ``assess`` and ``ais31`` read (SP 800-90B asks for 1,000,000)."""
+AMOUNT = types.size(1, MAX_OUTPUT)
 HELP = """\
 The node's random number generator, functionality class PTG.3 (BSI AIS 20/31): a
 physical noise source (a QRNG opened by URL), health tests on every raw sample, vetted
@@ -49,13 +58,15 @@ def register(sub: Any) -> None:
         metavar="URL",
         help="noise source URL (default: %(default)s)",
     )
-    run.add_argument("--bytes", required=True, metavar="N", help="how much: 1000, 64K, 100M, 2G")
-    run.add_argument("--out", required=True, type=Path, metavar="FILE")
+    run.add_argument(
+        "--bytes", required=True, type=AMOUNT, metavar="N", help="how much: 1000, 64K, 100M, 2G"
+    )
+    run.add_argument("--out", required=True, type=types.path, metavar="FILE")
     run.add_argument(
         "--claimed-entropy",
-        type=float,
+        type=types.number(0, 16, lo_open=True),
         metavar="H",
-        help="min-entropy per sample to rely on (default: the source model's)",
+        help="min-entropy per sample to rely on, 0 < H <= 16 (default: the source model's)",
     )
     run.add_argument("--conditioner", default="cbcmac", choices=["cbcmac", "sha512"])
     run.add_argument("--json", action="store_true", help="print the health report as JSON")
@@ -70,8 +81,8 @@ def register(sub: Any) -> None:
         "--samples 1000000 --out raw.bin",
     )
     raw.add_argument("--source", default="emulated-qrng://raw", metavar="URL")
-    raw.add_argument("--samples", required=True, metavar="N")
-    raw.add_argument("--out", required=True, type=Path, metavar="FILE")
+    raw.add_argument("--samples", required=True, type=AMOUNT, metavar="N")
+    raw.add_argument("--out", required=True, type=types.path, metavar="FILE")
     raw.set_defaults(func=cmd_raw)
 
     assess = q.add_parser(
@@ -81,9 +92,12 @@ def register(sub: Any) -> None:
         "raw samples (one per byte) and print each estimate and the final "
         "min-entropy per sample.",
     )
-    assess.add_argument("file", type=Path, metavar="FILE")
+    assess.add_argument("file", type=types.path, metavar="FILE")
     assess.add_argument(
-        "--bits-per-sample", type=int, metavar="K", help="1..8 (default: from the data)"
+        "--bits-per-sample",
+        type=types.integer(1, 8),
+        metavar="K",
+        help="1..8 (default: from the data)",
     )
     assess.add_argument("--json", action="store_true")
     assess.set_defaults(func=cmd_assess)
@@ -94,7 +108,7 @@ def register(sub: Any) -> None:
         description="Run AIS 31 procedure A (T0-T5) and B (T6-T8) on a file of "
         "random bytes (bits taken MSB first).",
     )
-    ais.add_argument("file", type=Path, metavar="FILE")
+    ais.add_argument("file", type=types.path, metavar="FILE")
     ais.add_argument("--json", action="store_true")
     ais.set_defaults(func=cmd_ais31)
 
@@ -110,32 +124,23 @@ def register(sub: Any) -> None:
     st.set_defaults(func=cmd_selftest)
 
 
-def parse_size(text: str, what: str) -> int:
-    """``64K``, ``100M``, ``2G`` (powers of 1024) or a plain number; positive."""
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-    raw = text.strip().upper().removesuffix("B")
-    scale = units.get(raw[-1:], 1)
+@contextmanager
+def _open_out(path: Path) -> Iterator[BinaryIO]:
+    """``path`` open for writing: USAGE if it cannot be opened, IO if writing it fails."""
     try:
-        value = int(float(raw[:-1] if scale > 1 else raw) * scale)
-    except ValueError:
-        raise UsageError(
-            f"{what}: expected a number such as 1000, 64K or 100M, got {text!r}"
-        ) from None
-    if value <= 0:
-        raise UsageError(f"{what}: expected a positive amount, got {text!r}")
-    return value
-
-
-def _open_out(path: Path) -> BinaryIO:
-    try:
-        return path.open("wb")
+        fh = path.open("wb")
     except OSError as exc:
         raise UsageError(f"cannot write {path}: {exc.strerror}") from None
+    try:
+        with fh:
+            yield fh
+    except OSError as exc:  # a full disk (ENOSPC), an I/O error
+        raise ApplianceError(f"cannot write {path}: {exc.strerror}", code="IO") from None
 
 
 def _read_input(path: Path) -> bytes:
     try:
-        data = path.read_bytes()
+        data = read_bounded(path, MAX_INPUT)
     except OSError as exc:
         raise UsageError(f"cannot read {path}: {exc.strerror}") from None
     if not data:
@@ -155,7 +160,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from qrng.ptg3 import Ptg3Generator
 
-    total = parse_size(args.bytes, "--bytes")
+    total = args.bytes
     gen = Ptg3Generator(
         hal.open_entropy_source(args.source),
         claimed_entropy=args.claimed_entropy,
@@ -199,7 +204,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_raw(args: argparse.Namespace) -> int:
-    count = parse_size(args.samples, "--samples")
+    count = args.samples
     source = hal.open_entropy_source(args.source)
     dtype = "<u1" if source.bits_per_sample <= 8 else "<u2"
     with _open_out(args.out) as fh:

@@ -9,16 +9,20 @@ from __future__ import annotations
 import argparse
 import base64
 import hashlib
-from pathlib import Path
 from typing import Any
 
 from rich.table import Table
 
+from appliance.cli import args as types
 from appliance.cli.net import DEFAULT_DIR, status_doc
 from appliance.cli.output import console, print_json
 from appliance.errors import ApplianceError, UsageError
 from appliance.sae_http import HttpResponseError, Unanswered
 from appliance.tkey import SaeEndpoint, call, endpoints
+
+MAX_NUMBER = 100_000
+MAX_SIZE = 65536
+"""The largest key a contract can allow (appliance.config.topology.Contract.max_key_size)."""
 
 
 def register(sub: Any) -> None:
@@ -39,7 +43,7 @@ def register(sub: Any) -> None:
         ("get-by-id", "keys a master SAE obtained for us (dec_keys)"),
     ):
         c = s.add_parser(name, help=helptext, description=helptext)
-        c.add_argument("--dir", type=Path, default=DEFAULT_DIR, help="network directory")
+        c.add_argument("--dir", type=types.path, default=DEFAULT_DIR, help="network directory")
         c.add_argument("--sae", required=True, help="the SAE we act as (its certificate is used)")
         c.add_argument("--json", action="store_true", help="print the 014 response as JSON")
         if name == "get-by-id":
@@ -48,8 +52,17 @@ def register(sub: Any) -> None:
         else:
             c.add_argument("--slave", required=True, help="the slave SAE")
         if name == "get":
-            c.add_argument("--number", type=int, default=1)
-            c.add_argument("--size", type=int, help="bits per key (default: the KME's)")
+            c.add_argument(
+                "--number",
+                type=types.integer(1, MAX_NUMBER),
+                default=1,
+                help=f"how many keys, 1..{MAX_NUMBER} (default: 1)",
+            )
+            c.add_argument(
+                "--size",
+                type=types.integer(8, MAX_SIZE, multiple_of=8),
+                help=f"bits per key, a multiple of 8 up to {MAX_SIZE} (default: the KME's)",
+            )
         c.set_defaults(func=cmd_sae)
 
 
@@ -88,7 +101,7 @@ def cmd_sae(args: argparse.Namespace) -> int:
     if args.sae_command == "status":
         doc = _request(me, f"/api/v1/keys/{peer}/status")
     elif args.sae_command == "get":
-        size = f"&size={args.size}" if args.size else ""
+        size = "" if args.size is None else f"&size={args.size}"
         doc = _request(me, f"/api/v1/keys/{peer}/enc_keys?number={args.number}{size}")
     else:
         ids = {"key_IDs": [{"key_ID": k} for k in args.key_ids]}  # 014: GET takes one ID

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from typing import Any
 
 from rich.markup import escape
 from rich.table import Table
 
+from appliance.cli import args as types
 from appliance.cli.output import console, print_json
-from appliance.config.render import RenderPlan, render
+from appliance.config.render import MAX_BASE_PORT, MIN_BASE_PORT, RenderPlan, render
 from appliance.config.topology import Topology, load_topology, shipped_topologies
 
 HELP = """\
@@ -36,7 +36,7 @@ def register(sub: Any) -> None:
         help="print the node and link tables",
         description="Print the nodes and QKD links of a topology.",
     )
-    show.add_argument("topology", metavar="TOPOLOGY")
+    show.add_argument("topology", type=types.topology, metavar="TOPOLOGY")
     show.add_argument("--json", action="store_true", help="print JSON for scripts instead")
     show.set_defaults(func=cmd_show)
 
@@ -46,7 +46,7 @@ def register(sub: Any) -> None:
         description="Validate a topology file: syntax, keys, values, "
         "references. Exit status 0 when valid.",
     )
-    check.add_argument("topology", metavar="TOPOLOGY")
+    check.add_argument("topology", type=types.topology, metavar="TOPOLOGY")
     check.set_defaults(func=cmd_validate)
 
     rend = tsub.add_parser(
@@ -58,22 +58,31 @@ def register(sub: Any) -> None:
         epilog="example: qkdn topology render demoquandt --out /srv/qkdn --base-port 20000",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    rend.add_argument("topology", metavar="TOPOLOGY")
-    rend.add_argument("--out", required=True, type=Path, metavar="DIR", help="output directory")
+    rend.add_argument("topology", type=types.topology, metavar="TOPOLOGY")
     rend.add_argument(
-        "--host", default="127.0.0.1", help="address nodes listen on (default: %(default)s)"
+        "--out", required=True, type=types.path, metavar="DIR", help="output directory"
+    )
+    rend.add_argument(
+        "--host",
+        type=types.host,
+        default="127.0.0.1",
+        help="address nodes listen on: an IPv4 or IPv6 address or a DNS name "
+        "(default: %(default)s)",
     )
     rend.add_argument(
         "--base-port",
-        type=int,
+        type=types.base_port,
         default=20000,
-        help="port = base + service offset + node id (default: %(default)s)",
+        help=f"port = base + service offset + node id; {MIN_BASE_PORT}..{MAX_BASE_PORT} "
+        "(default: %(default)s)",
     )
-    rend.add_argument("--data-root", type=Path, help="parent of node data dirs (default: DIR/data)")
-    rend.add_argument("--pki-dir", type=Path, help="certificate directory (default: DIR/pki)")
+    rend.add_argument(
+        "--data-root", type=types.path, help="parent of node data dirs (default: DIR/data)"
+    )
+    rend.add_argument("--pki-dir", type=types.path, help="certificate directory (default: DIR/pki)")
     rend.add_argument(
         "--start",
-        type=float,
+        type=types.number(0, types.UNIX_TIME_MAX),
         help="emulated links' start time, Unix seconds (default: kept from an "
         "earlier render, else now)",
     )

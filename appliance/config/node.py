@@ -2,18 +2,34 @@
 
 One TOML file per node: its identity and role, where it listens, who its neighbours are
 (with the URL of the QKD module on each link), where its certificates and data live, and
-the addresses of the data-centre roles the topology declares (no process serves those
-yet, and no node calls them). Node processes load it with :func:`load_node_config`.
+the addresses of the data-centre roles the topology declares (no process serves those yet,
+and no node calls them). Node processes load it with :func:`load_node_config`, which
+checks every address (a real host, a port in 1..65535) and the port plan (every
+port derived from it fits) before a node binds anything.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
-from pydantic import Field
+from pydantic import AfterValidator, Field
 
+from appliance.config.addresses import check_host, check_host_port
+from appliance.config.render import MAX_BASE_PORT, MIN_BASE_PORT
 from appliance.config.schema import Strict, load_model, read_toml
 from appliance.config.topology import Name
+
+
+def _bare_host(text: str) -> str:
+    if check_host(text) != text:
+        raise ValueError("a host without brackets (the port plan adds them)")
+    return text
+
+
+HostPort = Annotated[str, AfterValidator(check_host_port)]
+"""``host:port`` with a port in 1..65535; an IPv6 host in brackets."""
+Host = Annotated[str, AfterValidator(_bare_host)]
 
 
 class NodeIdentity(Strict):
@@ -47,7 +63,7 @@ class Neighbour(Strict):
     node: int
     name: Name
     role: str
-    address: str
+    address: HostPort
     """host:port of the neighbour's KMS service that this node talks to."""
     link: str
     length_km: float
@@ -65,8 +81,8 @@ class SaeEntry(Strict):
 class PortPlan(Strict):
     """How every node's service addresses were assigned (see appliance.config.render)."""
 
-    host: str
-    base_port: int
+    host: Host
+    base_port: int = Field(ge=MIN_BASE_PORT, le=MAX_BASE_PORT)
 
 
 class NodeConfig(Strict):
@@ -74,8 +90,8 @@ class NodeConfig(Strict):
     paths: NodePaths
     plan: PortPlan
     devices: Devices
-    listen: dict[str, str] = Field(default_factory=dict)
-    services: dict[str, str] = Field(default_factory=dict)
+    listen: dict[str, HostPort] = Field(default_factory=dict)
+    services: dict[str, HostPort] = Field(default_factory=dict)
     """host:port of the data-centre roles (controller, manager, aaa) this node would use;
     rendered from the topology, read by nothing yet."""
     neighbours: list[Neighbour] = Field(default_factory=list)

@@ -19,8 +19,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
+from appliance.config.addresses import MAX_PORT, check_host, join_host_port
+from appliance.config.schema import MAX_CONFIG_FILE, read_toml
 from appliance.config.topology import Node, ResolvedLink, Topology
 from appliance.errors import ApplianceError, ConfigError, UsageError
+from appliance.files import read_bounded
 
 SERVICE_OFFSETS = {
     "ukms": 0,
@@ -34,7 +37,9 @@ SERVICE_OFFSETS = {
     "traps": 8000,
 }
 """Port = base + offset + node id (node ids are below 1000)."""
-MAX_BASE_PORT = 65535 - max(SERVICE_OFFSETS.values()) - 999
+MIN_BASE_PORT = 1024
+MAX_BASE_PORT = MAX_PORT - max(SERVICE_OFFSETS.values()) - 999
+"""The highest base port whose every derived port (node ids up to 999) is a real port."""
 EPHEMERAL_START = 32768
 
 ROLE_SERVICES = {
@@ -102,7 +107,20 @@ class RenderPlan:
     """Emulated link time runs this many times faster than the wall clock (benches)."""
 
     def address(self, node: Node, service: str) -> str:
-        return f"{self.host}:{self.base_port + SERVICE_OFFSETS[service] + node.id}"
+        """``host:port`` of a node's service; an IPv6 host in brackets."""
+        return join_host_port(self.host, self.base_port + SERVICE_OFFSETS[service] + node.id)
+
+    def check(self) -> None:
+        """UsageError unless every address of the plan is a real host and port."""
+        if not MIN_BASE_PORT <= self.base_port <= MAX_BASE_PORT:
+            raise UsageError(
+                f"--base-port: expected {MIN_BASE_PORT}..{MAX_BASE_PORT} (so that every "
+                f"derived port fits in 1..{MAX_PORT}), got {self.base_port}"
+            )
+        try:
+            check_host(self.host)
+        except ValueError as exc:
+            raise UsageError(f"--host: expected {exc}, got {self.host!r}") from None
 
 
 def services_of(node: Node) -> list[str]:
@@ -235,8 +253,6 @@ def _start_time(plan: RenderPlan) -> float:
         return plan.start
     index = plan.out / "network.toml"
     if index.exists():
-        from appliance.config.schema import read_toml
-
         value = read_toml(index).get("emulation_start")
         if isinstance(value, int | float):
             return float(value)
@@ -256,15 +272,14 @@ def render(topo: Topology, plan: RenderPlan) -> list[Path]:
 def _render(topo: Topology, plan: RenderPlan) -> list[Path]:
     import tomli_w  # the provisioning extra: nodes read configurations, never write them
 
-    if not 1024 <= plan.base_port <= MAX_BASE_PORT:
-        raise UsageError(f"--base-port: expected 1024..{MAX_BASE_PORT}, got {plan.base_port}")
+    plan.check()
     start = _start_time(plan)
     nodes_dir = plan.out / "nodes"
     nodes_dir.mkdir(parents=True, exist_ok=True)
     for link in topo.links:
         _ensure_secret(plan.out / "secrets" / f"{link.id}.secret")
     (plan.out / "faults").mkdir(exist_ok=True)
-    (plan.out / "topology.toml").write_bytes(Path(topo.source).read_bytes())
+    (plan.out / "topology.toml").write_bytes(read_bounded(Path(topo.source), MAX_CONFIG_FILE))
     written = []
     for node in topo.spec.nodes:
         path = nodes_dir / f"{node.name}.toml"

@@ -1,9 +1,11 @@
 """Strict TOML loading: pydantic models whose errors become one-line :class:`ConfigError`.
 
-Every model forbids unknown keys and coerces nothing (a string is not a number). An error
-names the file, the dotted key (with the item's id for array entries, e.g.
-``links[3] (4-5).skr_kbps``) and what was expected, including the allowed keys when a
-key is unknown.
+Every model forbids unknown keys, coerces nothing (a string is not a number) and refuses
+``inf`` and ``nan`` wherever a number is expected. Files are read up to
+:data:`MAX_CONFIG_FILE` bytes; deeper nesting or longer numbers than TOML parsing can
+take are syntax errors. An error names the file, the dotted key (with the item's id for
+array entries, e.g. ``links[3] (4-5).skr_kbps``) and what was expected, including the
+allowed keys when a key is unknown.
 """
 
 from __future__ import annotations
@@ -15,12 +17,15 @@ from typing import Any, TypeVar, get_args, get_origin
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from appliance.errors import ConfigError
+from appliance.files import MiB, read_bounded
+
+MAX_CONFIG_FILE = 4 * MiB
 
 
 class Strict(BaseModel):
     """Base of every configuration model: no unknown keys, no coercion, immutable."""
 
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)
 
 
 M = TypeVar("M", bound=Strict)
@@ -29,7 +34,7 @@ M = TypeVar("M", bound=Strict)
 def read_toml(path: Path) -> dict[str, Any]:
     """Parse a TOML file; unreadable or malformed files raise ConfigError."""
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_bounded(path, MAX_CONFIG_FILE).decode("utf-8")
     except FileNotFoundError:
         raise ConfigError(str(path), "", "no such file", code="CFG-FILE") from None
     except (OSError, UnicodeDecodeError) as exc:
@@ -37,8 +42,16 @@ def read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(str(path), "", f"cannot read: {reason}", code="CFG-FILE") from None
     try:
         return tomllib.loads(text)
+    except RecursionError:
+        raise ConfigError(
+            str(path), "", "invalid TOML: nested too deep", code="CFG-SYNTAX"
+        ) from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(str(path), "", f"invalid TOML: {exc}", code="CFG-SYNTAX") from None
+    except ValueError:  # an integer with more digits than Python converts
+        raise ConfigError(
+            str(path), "", "invalid TOML: a number too long", code="CFG-SYNTAX"
+        ) from None
 
 
 def load_model(model: type[M], data: dict[str, Any], file: str) -> M:
@@ -73,8 +86,10 @@ def _item_label(item: Any) -> str:
     if not isinstance(item, dict):
         return ""
     if "a" in item and "b" in item:
-        return f"{item['a']}-{item['b']}"
-    return str(item.get("id", item.get("name", "")))
+        label = f"{item['a']}-{item['b']}"
+    else:
+        label = str(item.get("id", item.get("name", "")))
+    return label if label.isprintable() else repr(label)  # messages stay one line
 
 
 def _describe_problem(model: type[BaseModel], err: Any) -> tuple[str, str]:
@@ -86,6 +101,8 @@ def _describe_problem(model: type[BaseModel], err: Any) -> tuple[str, str]:
         return "missing required key", "CFG-MISSING"
     got = err.get("input")
     shown = repr(got) if not isinstance(got, dict | list) else type(got).__name__
+    if kind == "value_error":  # our own validators say what they expect
+        return f"expected {err['ctx']['error']} (got {shown})", "CFG-VALUE"
     msg = err["msg"][0].lower() + err["msg"][1:]
     return f"expected: {msg} (got {shown})", "CFG-VALUE"
 

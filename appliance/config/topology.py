@@ -4,7 +4,10 @@ A topology is the operator's single description of a QKD network (see
 ``appliance/topologies/demoquandt.toml`` for a commented example). Loading checks, in
 order: TOML syntax, the shape of every table (unknown keys are errors), then the
 references and rules between tables (links between existing KMS nodes, roles that may
-share a node, SAEs attached to user nodes, contracts of the right user). Units are the
+share a node, SAEs attached to user nodes, contracts of the right user) and, last, that
+every pair of SAEs that may exchange keys (two SAEs of one user) has a path: each user
+node links to an access node, and the two access nodes are joined through carrier
+(CKMS) nodes. Numbers are finite (no ``inf`` or ``nan``) and bounded. Units are the
 operator's: kb/s for key rates, percent for QBER, km for lengths.
 """
 
@@ -22,6 +25,9 @@ from appliance.errors import ConfigError
 
 Name = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9-]{0,62}$")]
 Pct = Annotated[float, Field(ge=0.0, le=50.0)]
+MAX_SKR_KBPS = 1_000_000.0
+"""1 Gb/s: far above any QKD link, and far below where derived rates stop being finite."""
+Rate = Annotated[float, Field(ge=0.0, le=MAX_SKR_KBPS)]
 
 ROLES = ("ukms", "akms", "ckms", "controller", "manager", "aaa")
 KMS_ROLES = frozenset({"ukms", "akms", "ckms"})
@@ -49,19 +55,19 @@ class Network(Strict):
 class Emulator(Strict):
     """Parameters of the emulated QKDM pair of a link (see hal.emulated.driver)."""
 
-    skr_std_kbps: float = Field(0.0, ge=0.0)
+    skr_std_kbps: Rate = 0.0
     qber_std_pct: float = Field(0.0, ge=0.0, le=50.0)
-    tau_s: float = Field(300.0, ge=0.0)
+    tau_s: float = Field(300.0, ge=0.0, le=1e9)
     epoch_s: float = Field(1.0, ge=0.001, le=3600.0)
     buffer_keys: int = Field(100_000, ge=1, le=10_000_000)
     qber_abort_pct: float = Field(11.0, gt=0.0, le=50.0)
-    skr_max_kbps: float | None = Field(None, ge=0.0)
+    skr_max_kbps: Rate | None = None
 
 
 class LinkDefaults(Strict):
     """Values used by every link that does not give its own."""
 
-    skr_kbps: float = Field(10.0, ge=0.0)
+    skr_kbps: Rate = 10.0
     qber_pct: Pct = 1.0
     kind: Literal["vendor", "simulated"] = "simulated"
     emulator: Emulator = Emulator()
@@ -88,7 +94,7 @@ class Link(Strict):
     a: int
     b: int
     length_km: float = Field(gt=0.0, le=10_000.0)
-    skr_kbps: float | None = Field(None, ge=0.0)
+    skr_kbps: Rate | None = None
     qber_pct: Pct | None = None
     kind: Literal["vendor", "simulated"] | None = None
     key_size: int | None = Field(None, ge=64, le=65536, multiple_of=8)
@@ -109,7 +115,7 @@ class Contract(Strict):
     id: Name
     user: Name
     max_key_size: int = Field(256, ge=64, le=65536, multiple_of=8)
-    keys_per_day: int = Field(1_000_000, ge=1)
+    keys_per_day: int = Field(1_000_000, ge=1, le=2**53)
     valid_from: dt.date | None = None
     valid_until: dt.date | None = None
     relay_mode: Literal["otp", "gcm"] | None = None
@@ -230,6 +236,7 @@ def _check(spec: TopologyFile, file: str) -> None:
     _check_nodes(spec, file)
     _check_links(spec, file)
     _check_customers(spec, file)
+    _check_routes(spec, file)
 
 
 def _unique(items: list[str], file: str, what: str) -> None:
@@ -355,3 +362,55 @@ def _check_customers(spec: TopologyFile, file: str) -> None:
                 f"expected a contract of user {sae.user!r}, got {sae.contract!r}",
                 code="CFG-REF",
             )
+
+
+def _check_routes(spec: TopologyFile, file: str) -> None:
+    """Every two SAEs of one user reach each other: user node -> access node -> carrier
+    nodes -> access node -> user node, as the KMS routes a key request."""
+    nodes = {n.id: n for n in spec.nodes}
+    area = _carrier_areas(spec, nodes)
+    saes = sorted(spec.saes, key=lambda s: s.id)
+    for i, a in enumerate(saes):
+        for b in saes[i + 1 :]:
+            if a.user != b.user or a.node == b.node:
+                continue
+            ends = [_access_node(spec, nodes, sae, file) for sae in (a, b)]
+            if area[ends[0]] != area[ends[1]]:
+                raise ConfigError(
+                    file,
+                    f"saes {a.id} and {b.id}",
+                    f"no path between their access nodes {ends[0]} and {ends[1]} through "
+                    "carrier (ckms) nodes: their key requests could never be served",
+                    code="CFG-ROUTE",
+                )
+
+
+def _access_node(spec: TopologyFile, nodes: dict[int, Node], sae: Sae, file: str) -> int:
+    """The access node an SAE's user node hangs off (the first linked one, as the KMS)."""
+    for link in spec.links:
+        if sae.node in (link.a, link.b):
+            peer = link.b if link.a == sae.node else link.a
+            if "akms" in nodes[peer].roles:
+                return peer
+    raise ConfigError(
+        file,
+        f"saes ({sae.id}).node",
+        f"user node {sae.node} has no link to an access node (akms+ckms)",
+        code="CFG-ROUTE",
+    )
+
+
+def _carrier_areas(spec: TopologyFile, nodes: dict[int, Node]) -> dict[int, int]:
+    """For every CKMS node, the smallest node id joined to it by links between CKMS nodes."""
+    area = {n: n for n, node in nodes.items() if "ckms" in node.roles}
+
+    def root(n: int) -> int:
+        while area[n] != n:
+            n = area[n]
+        return n
+
+    for link in spec.links:
+        if link.a in area and link.b in area:
+            low, high = sorted((root(link.a), root(link.b)))
+            area[high] = low
+    return {n: root(n) for n in area}

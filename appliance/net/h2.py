@@ -24,6 +24,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Protocol, cast
 
+from appliance.config.addresses import join_host_port
 from appliance.errors import ApplianceError
 from appliance.net.h2core import (
     CANCEL,
@@ -300,7 +301,7 @@ class H2Client:
         self._session: _ClientSession | None = None
         self._connecting = asyncio.Lock()
         self._waiting: list[asyncio.Future[None]] = []
-        self._authority = f"{host}:{port}"
+        self._authority = join_host_port(host, port)  # an IPv6 host in brackets
 
     async def request(
         self, method: str, path: str, body: bytes = b"", headers: dict[str, str] | None = None

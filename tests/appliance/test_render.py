@@ -5,6 +5,7 @@ from __future__ import annotations
 import stat
 
 import pytest
+import tomli_w
 
 import hal
 from appliance.config.node import load_node_config
@@ -117,3 +118,56 @@ def test_access_nodes_share_one_provisioned_psk(rendered):
     assert provision_psks(configs, os.urandom) == [] and created[0].read_bytes() == before
     a, b = (open_psk_source(c.psk[p]) for c, p in ((berlin, "akms-bonn"), (bonn, "akms-berlin")))
     assert a.derive(b"ctx", b"nonce") == b.derive(b"ctx", b"nonce")
+
+
+def test_ipv6_hosts_are_written_in_brackets_and_parse_back(tmp_path):
+    """Item 19: ``--host ::1`` was written as ``::1:20001``."""
+    from appliance.config.addresses import split_host_port
+
+    render(load_topology("demoquandt"), RenderPlan(out=tmp_path, host="::1", start=0.0))
+    cfg = load_node_config(tmp_path / "nodes" / "ukms-berlin.toml")
+    assert cfg.plan.host == "::1" and cfg.listen["ukms"] == "[::1]:20001"
+    assert split_host_port(cfg.listen["etsi014"]) == ("::1", 23001)
+    assert [n.address for n in cfg.neighbours] == ["[::1]:21002"]
+
+
+@pytest.mark.parametrize("host", ["not a host", "", "[::1]x", "256.0.0.1", "a..b"])
+def test_plans_with_bad_hosts_are_refused(tmp_path, host):
+    with pytest.raises(UsageError, match="--host: expected"):
+        render(load_topology("demoquandt"), RenderPlan(out=tmp_path, host=host))
+    assert not (tmp_path / "nodes").exists()
+
+
+def _edit(doc, where, value):
+    *path, last = where
+    for part in path:
+        doc = doc[part]
+    doc[last] = value
+
+
+@pytest.mark.parametrize(
+    "where, value, key, expected",
+    [
+        (("listen", "ckms"), "127.0.0.1:99999", "listen.ckms", "a port in 1..65535, not 99999"),
+        (("listen", "ckms"), "127.0.0.1:0", "listen.ckms", "a port in 1..65535, not 0"),
+        (("listen", "snmp"), "::1:24005", "listen.snmp", "IPv6 host in brackets"),
+        (("listen", "ckms"), "not a host:22005", "listen.ckms", "an IP address or a DNS name"),
+        (("services", "manager"), "127.0.0.1:70000", "services.manager", "a port in 1..65535"),
+        (("neighbours", 0, "address"), "10.0.0.1:65536", "neighbours[0]", "a port in 1..65535"),
+        (("plan", "base_port"), 70000, "plan.base_port", "less than or equal to 56536"),
+        (("plan", "base_port"), 80, "plan.base_port", "greater than or equal to 1024"),
+        (("plan", "host"), "[::1]", "plan.host", "a host without brackets"),
+        (("plan", "host"), "not a host", "plan.host", "an IP address or a DNS name"),
+    ],
+)
+def test_node_config_ports_and_hosts_are_checked(rendered, tmp_path, where, value, key, expected):
+    """Item 17: ``ckms = "127.0.0.1:99999"`` made ``node run`` listen on port 34463."""
+    _, out, _ = rendered
+    doc = read_toml(out / "nodes" / "ckms-hagen.toml")
+    _edit(doc, where, value)
+    path = tmp_path / "ckms-hagen.toml"
+    path.write_text(tomli_w.dumps(doc))
+    with pytest.raises(ConfigError) as info:
+        load_node_config(path)
+    assert info.value.code == "CFG-VALUE"
+    assert str(info.value).startswith(f"{path}: {key}") and expected in str(info.value)

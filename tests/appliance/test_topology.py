@@ -78,6 +78,44 @@ def mutate(fn):
     return doc
 
 
+def _second_site(
+    doc: dict[str, Any],
+    *,
+    link_to_carrier: bool,
+    ukms_linked: bool = True,
+    via_user_node: bool = False,
+) -> None:
+    """A second user node (4) behind a second access node (5), with SAE s2 of user u."""
+    doc["nodes"] += [
+        {"id": 4, "name": "u4", "site": "C", "role": "ukms"},
+        {"id": 5, "name": "a5", "site": "C", "role": "akms+ckms"},
+    ]
+    if ukms_linked:
+        doc["links"].append({"a": 4, "b": 5, "length_km": 5.0})
+    if link_to_carrier:
+        doc["links"].append({"a": 3, "b": 5, "length_km": 40.0})
+    if via_user_node:  # a user node linked to both access nodes relays nothing
+        doc["nodes"].append({"id": 6, "name": "u6", "site": "D", "role": "ukms"})
+        doc["links"] += [{"a": 2, "b": 6, "length_km": 1.0}, {"a": 5, "b": 6, "length_km": 1.0}]
+    doc["saes"].append({"id": "s2", "node": 4, "user": "u", "contract": "c"})
+
+
+def test_sae_pairs_joined_through_carriers_are_valid(tmp_path):
+    """Two SAEs of one user behind two access nodes joined through a carrier node; an SAE
+    of another user with no path to them is fine (they never exchange keys)."""
+    doc = mutate(lambda d: _second_site(d, link_to_carrier=True))
+    doc["nodes"] += [
+        {"id": 7, "name": "u7", "site": "E", "role": "ukms"},
+        {"id": 8, "name": "a8", "site": "E", "role": "akms+ckms"},
+    ]
+    doc["links"].append({"a": 7, "b": 8, "length_km": 2.0})
+    doc["users"].append({"id": "w", "name": "Other"})
+    doc["contracts"].append({"id": "cw", "user": "w"})
+    doc["saes"].append({"id": "s3", "node": 7, "user": "w", "contract": "cw"})
+    topo = load_topology(str(write(tmp_path, doc)))
+    assert len(topo.spec.saes) == 3
+
+
 def test_minimal_topology_is_valid(tmp_path):
     topo = load_topology(str(write(tmp_path, BASE)))
     assert [link.id for link in topo.links] == ["link-1-2", "link-2-3"]
@@ -238,6 +276,62 @@ CASES = [
         "CFG-VALUE",
         "contracts[0] (c).valid_until",
         "on or after valid_from",
+    ),
+    (
+        "infinite key rate (item 19)",
+        lambda d: d["links"][1].update(skr_kbps=float("inf")),
+        "CFG-VALUE",
+        "links[1] (2-3).skr_kbps",
+        "finite number (got inf)",
+    ),
+    (
+        "infinite default key rate",
+        lambda d: d.update(link_defaults={"skr_kbps": float("inf")}),
+        "CFG-VALUE",
+        "link_defaults.skr_kbps",
+        "finite number",
+    ),
+    (
+        "key rate whose bit rate is not finite",
+        lambda d: d["links"][1].update(skr_kbps=1e308),
+        "CFG-VALUE",
+        "links[1] (2-3).skr_kbps",
+        "less than or equal to 1000000",
+    ),
+    (
+        "infinite emulator time constant",
+        lambda d: d["links"][1].update(emulator={"tau_s": float("inf")}),
+        "CFG-VALUE",
+        "links[1] (2-3).emulator.tau_s",
+        "finite number",
+    ),
+    (
+        "NaN fluctuation",
+        lambda d: d["links"][1].update(emulator={"skr_std_kbps": float("nan")}),
+        "CFG-VALUE",
+        "links[1] (2-3).emulator.skr_std_kbps",
+        "finite number",
+    ),
+    (
+        "SAE pair with no carrier path (item 19)",
+        lambda d: _second_site(d, link_to_carrier=False),
+        "CFG-ROUTE",
+        "saes s1 and s2",
+        "no path between their access nodes 2 and 5 through carrier (ckms) nodes",
+    ),
+    (
+        "SAE pair joined only through a user node",
+        lambda d: _second_site(d, link_to_carrier=False, via_user_node=True),
+        "CFG-ROUTE",
+        "saes s1 and s2",
+        "no path between their access nodes 2 and 5",
+    ),
+    (
+        "SAE on a user node without an access node",
+        lambda d: _second_site(d, link_to_carrier=True, ukms_linked=False),
+        "CFG-ROUTE",
+        "saes (s2).node",
+        "user node 4 has no link to an access node",
     ),
     (
         "key size not a multiple of 8",

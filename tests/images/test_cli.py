@@ -137,3 +137,65 @@ def test_errors_are_one_line_with_a_code(capsys, argv, code):
 def test_help_teaches_the_workflow(capsys):
     status, out, _ = qkdn(capsys, "image", "--help")
     assert status == 0 and "qkdn image flash" in out and "ML-DSA-65" in out
+
+
+def test_key_generate_never_overwrites_without_force(capsys, tmp_path: Path):
+    """Issue 13 item 20: a root key was lost to a second ``key generate --out``."""
+    prefix = tmp_path / "root"
+    assert qkdn(capsys, "image", "key", "generate", "--out", str(prefix))[0] == 0
+    key, pub = prefix.with_suffix(".key"), prefix.with_suffix(".pub")
+    before = key.read_bytes(), pub.read_bytes()
+    status, _, err = qkdn(capsys, "image", "key", "generate", "--out", str(prefix))
+    assert status == 1 and err == (
+        f"qkdn: error [IMG-USAGE]: {key} exists; pass --force to overwrite it\n"
+    )
+    assert (key.read_bytes(), pub.read_bytes()) == before
+    key.unlink()  # a lone public key is not replaced either
+    status, _, err = qkdn(capsys, "image", "key", "generate", "--out", str(prefix))
+    assert status == 1 and f"{pub} exists" in err and not key.exists()
+    status, _, _ = qkdn(capsys, "image", "key", "generate", "--out", str(prefix), "--force")
+    assert status == 0 and pub.read_bytes() != before[1]
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+
+
+def test_key_revoke_needs_the_current_root(capsys, tmp_path: Path):
+    """Issue 13 item 21: revoking with a key that is not the root broke the keyring."""
+    for name in ("root", "other", "release"):
+        assert qkdn(capsys, "image", "key", "generate", "--out", str(tmp_path / name))[0] == 0
+    ring = tmp_path / "ring.json"
+    assert (
+        qkdn(
+            capsys, "image", "key", "init", "--root", str(tmp_path / "root.key"), "--out", str(ring)
+        )[0]
+        == 0
+    )
+    before = ring.read_bytes()
+    key_id = "0" * 32
+    status, _, err = qkdn(
+        capsys,
+        "image",
+        "key",
+        "revoke",
+        str(ring),
+        "--root",
+        str(tmp_path / "other.key"),
+        "--key-id",
+        key_id,
+    )
+    assert status == 1 and err == (
+        "qkdn: error [IMG-KEY]: revoke: the root key is not the keyring's current root\n"
+    )
+    assert ring.read_bytes() == before
+    status, _, err = qkdn(
+        capsys,
+        "image",
+        "key",
+        "revoke",
+        str(ring),
+        "--root",
+        str(tmp_path / "root.key"),
+        "--key-id",
+        key_id,
+    )
+    assert status == 0, err
+    assert json.loads(ring.read_text())["revocations"]["body"]["revoked"] == [key_id]
