@@ -1,6 +1,6 @@
 """The official vectors are in the repository, and the loader fails (never skips) when one is
-missing, unlisted or changed (issue 13 item 22: on a clone without ``../shared`` every vector
-test was skipped and the suite still passed)."""
+missing, unlisted or changed (issue 13 item 22: when they were read from a folder beside
+the repository, a clone without it skipped every vector test and the suite still passed)."""
 
 from __future__ import annotations
 
