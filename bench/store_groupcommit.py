@@ -2,13 +2,17 @@
 
 16 asyncio tasks (the concurrent requesters) each store one key and then take it back by
 ID, N times, against one key store on disk (WAL, ``synchronous=FULL``, sealed records),
-as the UKMS of a slave SAE does per request (``_on_deliver``, then ``dec_keys``):
+as the UKMS of a slave SAE does per request (``_on_deliver``, then ``dec_keys``), all in
+one session; the take is released right after (a third call):
 
-* ``thread``: ``asyncio.to_thread(store.put_many / store.take_many)``, one transaction
-  and one fsync per call (what the node did);
-* ``group``: a :class:`GroupCommitter`, every call queued at once in one transaction.
+* ``thread``: ``asyncio.to_thread(store.put_many / take_many / release)``, one
+  transaction and one fsync per call;
+* ``group``: a :class:`GroupCommitter`, every call queued at once in one transaction
+  (the release queued, riding on the next group).
 
-An operation is one put_many or one take_many call. Reported, as medians over interleaved
+An operation is one put_many or one take_many call (the releases ride along, their cost
+included), as counted before takes became pending. ``bench/store_sessions.py`` measures
+the sharded store with many sessions. Reported, as medians over interleaved
 runs (a fresh store each): operations per second, process CPU per operation
 (``time.process_time``, every thread of the process), and for ``group`` the operations per
 commit. The loop is uvloop's, as in the running network.
@@ -33,11 +37,13 @@ from typing import Any
 
 import uvloop
 
+from appliance.kms import storeops
 from appliance.kms.groupcommit import GroupCommitter
 from appliance.kms.store import KeyStore, NodeKey
 
 Put = Callable[[list[tuple[str, bytes]]], Awaitable[int]]
 Take = Callable[[list[str]], Awaitable[list[Any]]]
+SESSION = "014:sae-a:sae-b"
 
 
 async def requester(put: Put, take: Take, me: int, n: int) -> None:
@@ -51,20 +57,29 @@ async def requester(put: Put, take: Take, me: int, n: int) -> None:
 async def one_run(mode: str, store: KeyStore, tasks: int, n: int) -> dict[str, float]:
     committer = GroupCommitter(store)
     if mode == "group":
-        put: Put = committer.put_many
-        take: Take = committer.take_many
+
+        async def put(keys: list[tuple[str, bytes]]) -> int:
+            return await committer.submit(storeops.Put(session=SESSION, keys=keys))  # type: ignore[return-value]
+
+        async def take(ids: list[str]) -> list[Any]:
+            got = await committer.submit(storeops.Take(session=SESSION, key_ids=ids))
+            committer.queue(storeops.Release(session=SESSION, key_ids=ids))
+            return got  # type: ignore[return-value]
+
     else:
 
         async def put(keys: list[tuple[str, bytes]]) -> int:
-            return await asyncio.to_thread(store.put_many, keys)
+            return await asyncio.to_thread(store.put_many, SESSION, keys)
 
         async def take(ids: list[str]) -> list[Any]:
-            return await asyncio.to_thread(store.take_many, ids)
+            got = await asyncio.to_thread(store.take_many, SESSION, ids)
+            await asyncio.to_thread(store.release, ids)
+            return got
 
     wall, cpu = time.perf_counter(), time.process_time()
     await asyncio.gather(*(requester(put, take, me, n) for me in range(tasks)))
+    committer.close()  # the last releases
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-    committer.close()
     ops = 2 * tasks * n
     return {
         "ops_per_s": ops / wall,

@@ -1,30 +1,37 @@
-"""Group commit for a key store: the puts and takes of many callers, one transaction.
+"""Group commit for a key store: the operations of many callers and sessions, one transaction.
 
 Every :class:`~appliance.kms.store.KeyStore` call is a transaction ending in an fsync
-(``synchronous=FULL``), and from the event loop one thread hand-off too. A UKMS serving a
-busy SAE pair stores and takes a few keys per request, hundreds of times a second, so the
-fsyncs and hand-offs cost more than the work. :class:`GroupCommitter` queues the
-operations of the event loop; its one worker thread runs *all* those queued when it looks
-(up to MAX_GROUP) in one ``BEGIN IMMEDIATE ... COMMIT``, each in a SAVEPOINT of its own.
+(``synchronous=FULL``), and from the event loop one thread hand-off too. A UKMS serving
+busy SAE pairs stores, takes and releases a few keys per request, hundreds of times a
+second, so the fsyncs and hand-offs cost more than the work. :class:`GroupCommitter` (one
+per store file: a shard serves many sessions) queues the operations of the event loop
+(:class:`~appliance.kms.storeops.Put`, ``Take``, ``TakeOldest``, ``Release``, of any
+session); its one worker thread runs *all* those queued when it looks (up to MAX_GROUP)
+in one ``BEGIN IMMEDIATE ... COMMIT``, each in a SAVEPOINT of its own.
 
 * An operation that fails (KeyUnavailable: not all its keys are there; StoreFull; a key
-  ID already stored) is rolled back to its savepoint and raises to its own caller only;
-  the rest of the group commits.
-* If the transaction cannot begin, SQLite drops it half-way, or the COMMIT fails (disk
-  full, busy), *every* operation of the group raises StoreError: nothing is reported
-  stored or taken that was not committed.
-* A put's batch is sealed before the store lock is taken; a take opens and re-seals its
-  batches inside the transaction, as in the synchronous calls. The bits of a take whose
-  transaction did not stand are erased. :func:`commit_group` is that whole step, without
-  threads.
+  ID already stored; IntegrityFailure: a record that does not open) is rolled back to its
+  savepoint and raises to its own caller only; the rest of the group commits.
+* If the transaction cannot begin, SQLite drops it half-way, an operation finds the file
+  damaged (StoreCorrupt), or the COMMIT fails (disk full, busy), *every* operation of the
+  group raises StoreError: nothing is reported stored or taken that was not committed.
+* A put's batch is sealed before the store lock is taken; takes open their batches inside
+  the transaction. The bits of a take whose transaction did not stand are erased.
+  :func:`commit_group` is that whole step, without threads.
+* ``on_error(store, error)`` is called by the worker, before the group's callers hear of
+  it, for each StoreCorrupt or IntegrityFailure outcome: :mod:`shards` raises its alarm
+  and quarantines a damaged file there, so that a caller's retry meets the fresh one.
+* :meth:`GroupCommitter.queue` queues an operation whose outcome nobody awaits (the
+  releases after an SAE's reply is written): it rides on the next group; a failure is
+  logged (the keys stay pending and are purged after the refetch window).
 
 Cancellation, and what it costs. An operation whose caller was cancelled before its group
 began is skipped: nothing stored, nothing taken. One whose caller is cancelled later still
-runs: a put's keys stay stored (taken later, or deleted when they expire, like any slave
-copy nobody claims); a take's keys are gone from the store, exactly once, and as nobody
-receives them their material is erased. :meth:`GroupCommitter.close` refuses new
-operations, runs those already queued and waits for the worker; a taken result whose
-event loop has closed meanwhile is erased likewise.
+runs: a put's keys stay stored (taken later, or deleted when they expire); a take's keys
+are taken and, as nobody receives them, their bits are erased (a pending take is purged
+after the refetch window; an oldest-take's keys are gone, exactly once).
+:meth:`GroupCommitter.close` refuses new operations, runs those already queued and waits
+for the worker; a taken result whose event loop has closed meanwhile is erased likewise.
 
 This module never logs or keeps key material: a result lives only in its caller's future.
 """
@@ -35,146 +42,126 @@ import asyncio
 import logging
 import sqlite3
 import threading
-from collections.abc import Callable, Iterable, Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
-from appliance.kms.errors import KmsError, StoreError
-from appliance.kms.store import Found, KeyStore, StoredKey, erase_found
+from appliance.kms.errors import IntegrityFailure, KmsError, StoreCorrupt, StoreError
+from appliance.kms.store import KeyStore, Step, erase_outcome, store_error
+from appliance.kms.storeops import Op, Outcome
 
 log = logging.getLogger("qkdn.kms")
 
-Step = Callable[[sqlite3.Connection], int | Found]
-"""What one operation does inside the group's transaction."""
-Outcome = int | list[StoredKey] | Exception
-"""What one operation's caller gets: keys stored, keys taken, or the error to raise."""
+Result = Outcome | KmsError
+"""What one operation's caller gets: keys stored or released, keys taken, or the error."""
+OnError = Callable[[KeyStore, KmsError], None]
+"""Told, from the worker thread, of a damaged file or a record that failed to open."""
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Put:
-    """Store keys, all or none, as :meth:`KeyStore.put_many`."""
-
-    keys: list[tuple[str, bytes | bytearray]]
-    """Key IDs and material."""
-    meta: str = ""
-    """Stored with each key."""
-    ttl: float | None = None
-    """Lifetime in seconds; None for the store's default."""
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Take:
-    """Take the named keys, all or none, as :meth:`KeyStore.take_many`."""
-
-    key_ids: list[str]
-    """The keys, in the order the result lists them."""
-
-
-Request = Put | Take
-
-
-def commit_group(store: KeyStore, requests: Sequence[Request]) -> list[Outcome]:
-    """Run ``requests`` in one transaction, each in its own savepoint: one outcome each."""
-    now = store._clock()
-    steps = [_step(store, request, now) for request in requests]
-    done: list[int | Found | Exception] = []
+def commit_group(store: KeyStore, ops: Sequence[Op]) -> list[Result]:
+    """Run ``ops`` in one transaction, each in its own savepoint: one result each."""
+    steps = [_prepared(store, op) for op in ops]
+    done: list[Result] = []
     try:
-        with store._transaction() as db:
+        with store.transaction() as db:
             for step in steps:
-                done.append(step if isinstance(step, Exception) else _in_savepoint(store, db, step))
-    except StoreError as exc:  # no BEGIN, a lost transaction, or no COMMIT: none stands
+                done.append(step if isinstance(step, KmsError) else _in_savepoint(store, db, step))
+    except StoreError as exc:  # no BEGIN, a lost transaction, a damaged file, or no COMMIT
         for taken in done:
-            if isinstance(taken, dict):
-                erase_found(taken)  # nobody gets bits whose take did not stand
-        return [StoreError(str(exc)) for _ in requests]
-    return [_finish(store, request, d) for request, d in zip(requests, done, strict=True)]
+            erase_outcome(taken)  # nobody gets bits whose take did not stand
+        return [_copy(exc) for _ in ops]
+    return done
 
 
-def _step(store: KeyStore, request: Request, now: float) -> Step | Exception:
-    """The request's work in the transaction, prepared outside the lock (a put's batch sealed)."""
+def _prepared(store: KeyStore, op: Op) -> Step | KmsError:
+    """The operation's work, prepared outside the lock, or its own error (bad arguments)."""
     try:
-        if isinstance(request, Put):
-            rows = store._sealed(request.keys, request.meta, request.ttl)
-            return lambda db: store._put_rows(db, rows)
-        store._check_ids(request.key_ids)
-        return lambda db: store._take_rows(db, request.key_ids, now)
-    except Exception as exc:  # the caller's own error, raised to it as the store would
+        return store.prepare(op)
+    except KmsError as exc:
         return exc
 
 
-def _in_savepoint(store: KeyStore, db: sqlite3.Connection, step: Step) -> int | Found | Exception:
-    """Run one step; on its failure undo it alone and return its error."""
+def _in_savepoint(store: KeyStore, db: sqlite3.Connection, step: Step) -> Result:
+    """Run one step; on its failure undo it alone and return its error (a damaged file or
+    a transaction SQLite dropped fails the whole group: raised)."""
     db.execute("SAVEPOINT op")
     try:
         result = step(db)
     except (KmsError, sqlite3.Error) as exc:
-        if not db.in_transaction:  # SQLite rolled back the whole group (disk full, I/O)
-            raise StoreError(f"store {store.name}: {exc}") from None
+        error = exc if isinstance(exc, KmsError) else store_error(f"store {store.name}", exc)
+        if isinstance(error, StoreCorrupt) or not db.in_transaction:  # SQLite dropped it all
+            raise (error if isinstance(error, StoreError) else StoreError(error.message)) from exc
         db.execute("ROLLBACK TO op")
         db.execute("RELEASE op")
-        return exc if isinstance(exc, KmsError) else StoreError(f"store {store.name}: {exc}")
+        return error
     db.execute("RELEASE op")
     return result
 
 
-def _finish(store: KeyStore, request: Request, done: int | Found | Exception) -> Outcome:
-    """After the commit: the keys a take removed, in the order it named them."""
-    if isinstance(done, dict):
-        assert isinstance(request, Take)
-        return store._as_named(request.key_ids, done)
-    return done
+def _copy(exc: StoreError) -> StoreError:
+    """One error per caller, of the same class and code, caused by the group's."""
+    error = type(exc)(exc.message, code=exc.code)
+    error.__cause__ = exc
+    return error
 
 
 @dataclass(frozen=True, slots=True)
 class _Op:
-    request: Request
-    future: asyncio.Future[Any]
-    loop: asyncio.AbstractEventLoop
+    op: Op
+    future: asyncio.Future[Any] | None
+    loop: asyncio.AbstractEventLoop | None
 
 
 class GroupCommitter:
-    """The puts and takes of one store's event-loop callers, committed in groups."""
+    """The operations of one store's event-loop callers, committed in groups."""
 
     MAX_GROUP = 256
     """Operations per transaction at most (bounds how long one holds the store lock)."""
+    LAZY_S = 1.0
+    """How long an operation nobody awaits (a release) may wait to ride in a group that
+    someone does await; then it goes alone. Its keys are pending meanwhile: fetchable by
+    nobody, and after a crash by their own slave only (see :mod:`store`)."""
 
-    def __init__(self, store: KeyStore) -> None:
+    def __init__(self, store: KeyStore, *, on_error: OnError | None = None) -> None:
         self.store = store
+        """The store the next group runs on (:mod:`shards` swaps in a fresh one)."""
+        self._on_error = on_error
         self._queue: list[_Op] = []
+        self._lazy_since: float | None = None  # when the oldest unawaited operation came
         self._wake = threading.Condition()
         self._worker: threading.Thread | None = None
         self._closed = False
         self.commits = self.ops = 0
         """Transactions run, and operations run in them, so far (the worker counts)."""
 
-    async def put_many(
-        self,
-        keys: Iterable[tuple[str, bytes | bytearray]],
-        *,
-        meta: str = "",
-        ttl: float | None = None,
-    ) -> int:
-        """Add keys, all or none, as :meth:`KeyStore.put_many`; how many."""
-        return cast(int, await self._submit(Put(keys=list(keys), meta=meta, ttl=ttl)))
-
-    async def take_many(self, key_ids: list[str]) -> list[StoredKey]:
-        """Remove and return the named keys, all or none, as :meth:`KeyStore.take_many`."""
-        return cast(list[StoredKey], await self._submit(Take(key_ids=list(key_ids))))
-
-    async def _submit(self, request: Request) -> Any:
+    async def submit(self, op: Op) -> Outcome:
+        """Run ``op`` in the next group; its outcome, or its error raised."""
         loop = asyncio.get_running_loop()
-        op = _Op(request, loop.create_future(), loop)
+        future: asyncio.Future[Any] = loop.create_future()
+        self._enqueue(_Op(op, future, loop))
+        result: Outcome = await future
+        return result
+
+    def queue(self, op: Op) -> None:
+        """Run ``op`` in a later group, nobody awaiting its outcome (a release): with the
+        next operation that someone awaits, or alone after LAZY_S (a transaction and an
+        fsync saved per lone dec_keys)."""
+        self._enqueue(_Op(op, None, None))
+
+    def _enqueue(self, item: _Op) -> None:
         with self._wake:
             if self._closed:
                 raise StoreError(f"store {self.store.name}: closed")
-            self._queue.append(op)
+            if item.future is None and self._lazy_since is None:
+                self._lazy_since = time.monotonic()
+            self._queue.append(item)
             if self._worker is None:
                 self._worker = threading.Thread(
                     target=self._run, name=f"groupcommit {self.store.name}", daemon=True
                 )
                 self._worker.start()
             self._wake.notify()
-        return await op.future
 
     def close(self) -> None:
         """Refuse new operations, run those queued, and wait for the worker to stop."""
@@ -187,49 +174,72 @@ class GroupCommitter:
 
     def _run(self) -> None:
         while group := self._next_group():
-            live = [op for op in group if not op.future.cancelled()]  # skip callers gone
+            live = [item for item in group if item.future is None or not item.future.cancelled()]
             if live:
-                for op, outcome in zip(live, self._commit(live), strict=True):
-                    _deliver(op, outcome)
+                for item, result in zip(live, self._commit(live), strict=True):
+                    _deliver(item, result)
 
     def _next_group(self) -> list[_Op]:
-        """Wait for operations and take those queued; none once closed and drained."""
+        """Wait for operations and take those queued; none once closed and drained. Only
+        unawaited operations queued: wait for an awaited one, or LAZY_S at most."""
         with self._wake:
-            while not self._queue and not self._closed:
-                self._wake.wait()
+            while not self._closed:
+                if any(item.future is not None for item in self._queue):
+                    break
+                since = self._lazy_since
+                if since is None:
+                    self._wake.wait()
+                    continue
+                left = since + self.LAZY_S - time.monotonic()
+                if left <= 0:
+                    break
+                self._wake.wait(left)
             group, self._queue = self._queue[: self.MAX_GROUP], self._queue[self.MAX_GROUP :]
+            lazy = [item for item in self._queue if item.future is None]
+            self._lazy_since = time.monotonic() if lazy else None
         return group
 
-    def _commit(self, live: list[_Op]) -> list[Outcome]:
+    def _commit(self, live: list[_Op]) -> list[Result]:
         self.commits += 1
         self.ops += len(live)
+        store = self.store
         try:
-            return commit_group(self.store, [op.request for op in live])
+            results = commit_group(store, [item.op for item in live])
         except Exception as exc:  # a bug: it escaped before any COMMIT, so none stands
             why = exc.__class__.__name__  # the class only: a message might quote an argument
-            log.error("group commit failed", extra={"store": self.store.name, "error": why})
-            return [StoreError(f"store {self.store.name}: group commit failed") for _ in live]
+            log.error("group commit failed", extra={"store": store.name, "error": why})
+            return [StoreError(f"store {store.name}: group commit failed") for _ in live]
+        for result in results:
+            if self._on_error is not None and isinstance(result, StoreCorrupt | IntegrityFailure):
+                try:
+                    self._on_error(store, result)
+                except Exception as exc:  # the hook's failure must not stop the worker
+                    log.error(
+                        "store error hook failed",
+                        extra={"store": store.name, "error": exc.__class__.__name__},
+                    )
+        return results
 
 
-def _deliver(op: _Op, outcome: Outcome) -> None:
-    """Hand an outcome to its caller's event loop, from the worker thread."""
+def _deliver(item: _Op, result: Result) -> None:
+    """Hand a result to its caller's event loop, from the worker thread."""
+    if item.future is None or item.loop is None:  # queued: nobody awaits it
+        if isinstance(result, KmsError):
+            log.warning("queued store operation failed", extra={"error": result.code})
+        else:
+            erase_outcome(result)
+        return
     try:
-        op.loop.call_soon_threadsafe(_settle, op.future, outcome)
+        item.loop.call_soon_threadsafe(_settle, item.future, result)
     except RuntimeError:  # that loop is closed: nobody will receive the keys
-        _erase(outcome)
+        erase_outcome(result)
 
 
-def _settle(future: asyncio.Future[Any], outcome: Outcome) -> None:
+def _settle(future: asyncio.Future[Any], result: Result) -> None:
     """On the caller's loop: its result, or its error; erased if it stopped waiting."""
     if future.cancelled():
-        _erase(outcome)
-    elif isinstance(outcome, Exception):
-        future.set_exception(outcome)
+        erase_outcome(result)
+    elif isinstance(result, KmsError):
+        future.set_exception(result)
     else:
-        future.set_result(outcome)
-
-
-def _erase(outcome: Outcome) -> None:
-    if isinstance(outcome, list):
-        for key in outcome:
-            key.material[:] = bytes(len(key.material))
+        future.set_result(result)

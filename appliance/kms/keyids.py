@@ -12,14 +12,16 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
 
 _CANONICAL = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 _ANY_CASE = re.compile(r"[0-9a-fA-F]{8}-(?:[0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}")
 
 
-def new_raw(n: int) -> bytes:
-    """``n`` random version-4 UUIDs (RFC 9562) as 16 bytes each, from one ``os.urandom``."""
-    raw = bytearray(os.urandom(16 * n))
+def new_raw(n: int, source: Callable[[int], bytes] = os.urandom) -> bytes:
+    """``n`` random version-4 UUIDs (RFC 9562) as 16 bytes each, from one draw of ``source``
+    (``os.urandom``; a seeded source in simulations)."""
+    raw = bytearray(source(16 * n))
     raw[6::16] = bytes((b & 0x0F) | 0x40 for b in raw[6::16])  # version 4
     raw[8::16] = bytes((b & 0x3F) | 0x80 for b in raw[8::16])  # RFC variant
     return bytes(raw)

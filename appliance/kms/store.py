@@ -1,47 +1,62 @@
-"""Key stores: SQLite (WAL, ``synchronous=FULL``), records encrypted at rest.
+"""A key store file: SQLite (WAL, ``synchronous=FULL``), keys grouped by session and kind,
+records sealed at rest, takes pending until released.
 
-One store file holds one kind of key: a link store (keys taken from one QKDM, awaiting
-relay use) or a KSA store (keys for one SAE pair at a UKMS). Every operation that
-changes the store is one SQLite transaction, so a crash leaves either the old or the new
-state, never half of one. (:mod:`groupcommit` runs the puts and takes of many callers in
-one transaction, each in a savepoint of its own, through the ``_put_rows``/``_take_rows``
-helpers below.)
+What it is for: keeping the keys a UKMS holds for its SAEs (slave copies awaiting
+dec_keys, a master's stock), exactly once, across crashes. :mod:`shards` spreads the
+sessions of a node over a few of these files; :mod:`groupcommit` runs the operations of
+many callers in one transaction. What it must never do: return a key twice to two
+parties, keep key bits in clear on disk, or report stored or taken what did not commit.
 
-Layout: the keys of one ``put_many`` form a **batch**: one sealed record holding, slot by
-slot, each key's ID and bits (a KSA delivery of 1,024 keys is one record, not 1,024), and
-one row per key in ``keys`` (ID -> batch, slot) to find it. A ``tally`` row counts the keys.
-Stores of the first layout (a sealed record per key) are upgraded when opened.
+Layout: the keys of one put form a **batch**: one sealed record holding, slot by slot,
+each key's ID and bits, and one row per key in ``keys`` ((ID, kind) -> batch, slot) to
+find it. Each batch belongs to one **session** (``014:MASTER:SLAVE`` for an ETSI 014 SAE
+pair) and one **kind** (``ksa``, ``stock``). ``tally`` counts each session's available
+keys per kind, ``total`` every key row (the capacity). Every call is one SQLite
+transaction, so a crash leaves the old state or the new, never half of one.
 
-* **Take** is an atomic, exactly-once consume: ``DELETE ... RETURNING`` of the keys' rows
-  in one transaction, and their batch re-sealed without them (or deleted when empty).
-  Two takers of the same key ID: one gets it, the other ``KeyUnavailable``.
-* **Expiry**: each batch has an expiry time; an expired key is deleted, never returned.
-* **Capacity**: ``put`` refuses keys beyond the capacity (``StoreFull``) as a whole.
+* **Take** (:meth:`KeyStore.take_many`, for dec_keys) is *pending*: the rows are marked
+  taken by this run (``run``, ``taken_at``) and the bits returned; the bits stay sealed on
+  disk until :meth:`KeyStore.release` deletes the rows (the adapter releases once the
+  SAE's reply is written). A crash between the take and the reply therefore loses no key:
+  after the restart (a new run ID) the **same session** may take the same IDs again and
+  gets the same bits, within :data:`REFETCH_WINDOW` seconds of the first take (the window
+  is counted from the first take: a take again does not extend it). Nobody else ever: a
+  second take in the same run, another session, or a take after the window is refused.
+  :meth:`KeyStore.purge_expired` deletes pending rows older than the window.
+* **Take oldest** (:meth:`KeyStore.take_oldest`, the stock lease) deletes at once.
+* All or none: a take naming a key that is not available raises KeyUnavailable, whose
+  ``missing`` lists the IDs not available, and takes nothing; a put beyond the capacity
+  raises StoreFull and stores nothing. Expired keys are never returned.
 
-Encryption at rest: each batch record is sealed under the node key (:class:`RecordKey`),
-with the store name and the batch's random tag as associated data: AES-256-GCM-SIV with
-a nonce derived from them for a key file. A record moved to another batch or store fails
-to open, and a key row pointing at a slot that holds another ID fails the take
-(``IntegrityFailure``, nothing taken).
+Encryption at rest: each batch record is sealed under the node key (:class:`RecordKey`)
+with the store name, the batch's session and kind and a random tag as associated data
+(AES-256-GCM-SIV with a nonce derived from them for a key file). A record moved to
+another batch, session, kind or store fails to open, and a key row naming a slot that
+holds another ID fails the take (IntegrityFailure, nothing taken). A key-check record
+sealed when the file is made tells at open a file sealed under another key
+(StoreKeyMismatch). SQLite's own errors become coded StoreErrors: busy (StoreBusy), disk
+full (StoreDiskFull), damaged file (StoreCorrupt).
 
-Deletion, what is overwritten and when: a take re-seals the rest of the batch under a
-fresh tag, so the taken bits are in no live record. ``secure_delete`` makes SQLite
-overwrite the old record's cells with zeros in the pages it writes. Until the next WAL
-checkpoint the old page images (holding sealed records, not keys) remain in the ``-wal``
-file; :meth:`KeyStore.checkpoint` (``wal_checkpoint(TRUNCATE)``) folds them into the
-zeroed database and truncates the WAL. The node runs it periodically and at shutdown.
-Without the node key, no copy on disk reveals a key. Key bytes returned to callers are
-``bytearray``; callers erase them after use.
+Deletion: a release or an oldest-take re-seals the rest of the batch under a fresh tag
+(the taken bits are in no live record) or deletes the batch; ``secure_delete`` makes
+SQLite overwrite the old cells with zeros. Old page images (sealed records, not keys) stay
+in the ``-wal`` file until :meth:`KeyStore.checkpoint` folds and truncates it (the node
+runs it periodically and at shutdown). Key bits returned are ``bytearray`` for the caller
+to erase; every copy the store makes is erased. Files are made mode 0600; the directory
+of a key file 0700.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import re
 import sqlite3
 import struct
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,51 +65,92 @@ from typing import Protocol
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCMSIV
 
-from appliance.kms.errors import IntegrityFailure, KeyExpired, KeyUnavailable, StoreError, StoreFull
+from appliance.kms.errors import (
+    IntegrityFailure,
+    KeyUnavailable,
+    NodeKeyMissing,
+    StoreBusy,
+    StoreCorrupt,
+    StoreDiskFull,
+    StoreError,
+    StoreFull,
+    StoreKeyMismatch,
+)
+from appliance.kms.storeops import (
+    KSA,
+    Op,
+    Outcome,
+    Put,
+    Release,
+    Restore,
+    StoredKey,
+    Take,
+    TakeOldest,
+)
 
-SCHEMA_VERSION = 2
+__all__ = ["REFETCH_WINDOW", "KeyStore", "NodeKey", "RecordKey", "StoredKey"]
+
+REFETCH_WINDOW = 300.0
+"""Seconds after its first take during which a pending key may be taken again by its own
+session after a restart. An SAE's HTTP client gives up on a dec_keys after tens of
+seconds and retries; a supervised UKMS is back within seconds; five minutes covers a
+restart and a few retries with back-off, and bounds how long taken bits stay on disk."""
+MAX_IDS = 10_000
+"""Key IDs one operation may name."""
+SCHEMA_VERSION = 3
 SCHEMA = """
-CREATE TABLE IF NOT EXISTS batches (
+CREATE TABLE meta (
+    name     TEXT PRIMARY KEY,
+    value    BLOB NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE batches (
     seq      INTEGER PRIMARY KEY,
+    session  TEXT NOT NULL,
+    kind     TEXT NOT NULL,
     tag      TEXT NOT NULL,
     expires  REAL NOT NULL,
-    meta     TEXT NOT NULL DEFAULT '',
     left     INTEGER NOT NULL,
     record   BLOB NOT NULL
 );
-CREATE INDEX IF NOT EXISTS batches_expires ON batches (expires);
-CREATE TABLE IF NOT EXISTS keys (
-    id       TEXT PRIMARY KEY,
+CREATE INDEX batches_session ON batches (session, kind);
+CREATE INDEX batches_expires ON batches (expires);
+CREATE TABLE keys (
+    id       TEXT NOT NULL,
+    kind     TEXT NOT NULL,
     batch    INTEGER NOT NULL,
-    slot     INTEGER NOT NULL
+    slot     INTEGER NOT NULL,
+    run      TEXT,
+    taken_at REAL,
+    PRIMARY KEY (id, kind)
 ) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS tally (
+CREATE INDEX keys_batch ON keys (batch);
+CREATE INDEX keys_pending ON keys (taken_at) WHERE run IS NOT NULL;
+CREATE TABLE tally (
+    session  TEXT NOT NULL,
+    kind     TEXT NOT NULL,
+    keys     INTEGER NOT NULL,
+    PRIMARY KEY (session, kind)
+) WITHOUT ROWID;
+CREATE TABLE total (
     one      INTEGER PRIMARY KEY CHECK (one = 1),
     keys     INTEGER NOT NULL
 );
-INSERT OR IGNORE INTO tally VALUES (1, 0);
+INSERT INTO total VALUES (1, 0)
 """
+"""``batches.left``: the batch's keys still available (neither taken nor pending);
+``keys.run``/``taken_at``: set while the key is pending; ``tally``: available keys per
+session and kind; ``total``: every key row, pending included (the capacity)."""
+KCV_PLAIN = b"qkdn key store key-check v1"
 TAG_BYTES = 16
 _COUNT = struct.Struct(">I")
 _SLOT = struct.Struct(">BH")  # key ID length (0: taken), key length
+_SESSION = re.compile(r"[\x21-\x7e]{1,256}")
+_KIND = re.compile(r"[a-z0-9]{1,16}")
 
-Row = tuple[str, int, int]
-"""An index row: key ID, batch, slot."""
 Entry = tuple[str, bytearray]
 """One slot of a batch record: key ID ("" once taken) and key bits."""
-Found = dict[str, tuple[str, bytearray, float]]
-"""Keys taken in a transaction: ``{key ID: (meta, key bits, expiry time)}``."""
-
-
-@dataclass(frozen=True, slots=True)
-class Batch:
-    """Keys put together, sealed as one record, ready to insert."""
-
-    tag: str
-    expires: float
-    meta: str
-    ids: list[str]
-    record: bytes
+Step = Callable[[sqlite3.Connection], Outcome]
+"""An operation's work inside a transaction (or savepoint)."""
 
 
 class RecordKey(Protocol):
@@ -118,7 +174,9 @@ class NodeKey:
 
     @classmethod
     def from_file(cls, path: Path, create_with: Callable[[int], bytes] | None = None) -> NodeKey:
-        """Load the key; create it (mode 0600) from ``create_with(32)`` if the file is absent."""
+        """Load the key. If the file is absent, create it (mode 0600, directory 0700) from
+        ``create_with(32)``, but only in a fresh directory: when key stores (``*.db``) exist
+        beside it, they were sealed under the missing key, and NodeKeyMissing is raised."""
         try:
             return cls(bytes.fromhex(path.read_text().strip()))
         except FileNotFoundError:
@@ -127,46 +185,104 @@ class NodeKey:
         except (OSError, ValueError) as exc:
             raise StoreError(
                 f"node key file {path}: unreadable ({exc.__class__.__name__})"
-            ) from None
-        key = create_with(32)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:  # the other process of a split node created it first
-            time.sleep(0.1)
-            return cls.from_file(path)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(key.hex() + "\n")
-        return cls(key)
+            ) from exc
+        stores = sorted(p.name for p in path.parent.glob("*.db"))
+        if stores:
+            raise NodeKeyMissing(
+                f"node key file {path} is missing but {len(stores)} key store file(s) sealed "
+                f"under it exist ({', '.join(stores[:3])}); restore the key file"
+            )
+        private_dir(path.parent)
+        _create_once(path, (create_with(32).hex() + "\n").encode())
+        return cls.from_file(path)
 
     def seal(self, aad: bytes, plaintext: bytes | bytearray) -> bytes:
-        return self._aead.encrypt(_nonce(aad), bytes(plaintext), aad)
+        return self._aead.encrypt(_nonce(aad), plaintext, aad)
 
     def open(self, aad: bytes, record: bytes) -> bytearray:
+        plain = bytearray(max(0, len(record) - 16))
         try:
-            return bytearray(self._aead.decrypt(_nonce(aad), record, aad))
-        except InvalidTag:
+            self._aead.decrypt_into(_nonce(aad), record, aad, plain)
+        except (InvalidTag, ValueError):
+            _erase(plain)
             raise IntegrityFailure("key record failed authentication") from None
+        return plain
 
 
 def _nonce(aad: bytes) -> bytes:
     return hashlib.sha256(b"qkdn/store-nonce\0" + aad).digest()[:12]
 
 
+def _create_once(path: Path, content: bytes) -> None:
+    """Write ``path`` (0600) whole or not at all: written beside it, then linked in; if
+    another process linked its own first, that one stands."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, content)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        pass
+    finally:
+        tmp.unlink()
+
+
+def private_dir(directory: Path) -> None:
+    """Make ``directory`` (and its parents) if needed, and make it 0700."""
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(directory, 0o700)
+
+
+def _private_file(path: Path) -> None:
+    """Create the database file 0600 before SQLite opens it (its -wal and -shm files then
+    take the same mode), and tighten the mode of files already there."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)
+    for suffix in ("-wal", "-shm"):
+        side = path.with_name(path.name + suffix)
+        if side.exists():
+            os.chmod(side, 0o600)
+
+
+def store_error(where: str, exc: sqlite3.Error) -> StoreError:
+    """The coded StoreError for an SQLite error: busy, disk full, damaged file, or other."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    primary = code & 0xFF if isinstance(code, int) else None
+    kinds: dict[int | None, type[StoreError]] = {
+        sqlite3.SQLITE_BUSY: StoreBusy,
+        sqlite3.SQLITE_LOCKED: StoreBusy,
+        sqlite3.SQLITE_FULL: StoreDiskFull,
+        sqlite3.SQLITE_CORRUPT: StoreCorrupt,
+        sqlite3.SQLITE_NOTADB: StoreCorrupt,
+    }
+    return kinds.get(primary, StoreError)(f"{where}: {exc}")
+
+
 @dataclass(frozen=True, slots=True)
-class StoredKey:
-    """A key taken from a store."""
+class Batch:
+    """Keys put together, sealed as one record, ready to insert."""
 
-    key_id: str
-    material: bytearray
-    meta: str = ""
-
-    def __repr__(self) -> str:
-        return f"StoredKey(key_id={self.key_id!r}, bits=<redacted>)"
+    session: str
+    kind: str
+    tag: str
+    expires: float
+    ids: list[str]
+    record: bytes
 
 
 class KeyStore:
-    """One SQLite key store. Thread-safe; each call is one transaction."""
+    """One SQLite key store file. Thread-safe; each call is one transaction.
+
+    ``run_id`` names this opening of the store (a fresh random one by default): pending
+    takes are marked with it. ``clock`` gives the time (seconds) for expiry and the
+    refetch window."""
 
     def __init__(
         self,
@@ -176,265 +292,387 @@ class KeyStore:
         *,
         capacity: int = 1_000_000,
         ttl: float = 7 * 86400.0,
+        refetch_window: float = REFETCH_WINDOW,
         clock: Callable[[], float] = time.time,
+        run_id: str | None = None,
     ) -> None:
         self.path, self.name, self.capacity, self.ttl = path, name, capacity, ttl
+        self.refetch_window = refetch_window
+        self.run_id = run_id or os.urandom(8).hex()
         self._key, self._clock = node_key, clock
         self._lock = threading.Lock()
-        path.parent.mkdir(parents=True, exist_ok=True)
+        self._closed = False
         try:
+            _private_file(path)
             self._db = sqlite3.connect(
                 path, isolation_level=None, check_same_thread=False, timeout=5.0
             )
+        except (OSError, sqlite3.Error) as exc:
+            raise StoreError(f"key store {path}: cannot open ({exc})") from exc
+        try:
             for pragma in ("journal_mode=WAL", "synchronous=FULL", "secure_delete=ON"):
                 self._db.execute(f"PRAGMA {pragma}")
-            with self._transaction() as db:
-                self._upgrade(db)
+            with self.transaction() as db:
+                self._check_schema(db)
         except sqlite3.Error as exc:
-            raise StoreError(f"key store {path}: {exc}") from None
+            self._db.close()
+            raise store_error(f"key store {path}", exc) from exc
+        except BaseException:
+            self._db.close()
+            raise
 
-    def _upgrade(self, db: sqlite3.Connection) -> None:
-        """Create the schema; a store of the first layout (one sealed record per key) has
-        each key moved into a batch of its own, keeping its expiry and meta."""
-        if db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION:
-            return
-        columns = {row[1] for row in db.execute("PRAGMA table_info(keys)")}
-        if "record" in columns:
-            db.execute("ALTER TABLE keys RENAME TO keys_v1")
-        for statement in SCHEMA.split(";"):
-            if statement.strip():
+    def _check_schema(self, db: sqlite3.Connection) -> None:
+        """Make the schema and the key-check record in a fresh file; in one made before,
+        check the schema version and that the key-check record opens under our key."""
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        if version == 0 and not db.execute("SELECT 1 FROM sqlite_master").fetchone():
+            for statement in SCHEMA.split(";"):
                 db.execute(statement)
-        if "record" in columns:
-            old = db.execute("SELECT id, expires, meta, record FROM keys_v1 ORDER BY seq")
-            for key_id, expires, meta, record in old.fetchall():
-                material = self._key.open(f"{self.name}\0{key_id}".encode(), record)
-                self._insert(db, self._batch([(key_id, material)], meta, expires))
-                _erase(material)
-            db.execute("DROP TABLE keys_v1")
-        db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            kcv = self._key.seal(self._kcv_aad(), KCV_PLAIN)
+            db.execute("INSERT INTO meta VALUES ('kcv', ?)", (kcv,))
+            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            return
+        if version != SCHEMA_VERSION:
+            raise StoreError(
+                f"key store {self.path}: layout version {version}, this release reads "
+                f"{SCHEMA_VERSION}",
+                code="KMS-STORE-VERSION",
+            )
+        row = db.execute("SELECT value FROM meta WHERE name = 'kcv'").fetchone()
+        try:
+            plain = self._key.open(self._kcv_aad(), row[0]) if row else bytearray()
+        except IntegrityFailure:
+            plain = bytearray()
+        if plain != KCV_PLAIN:
+            raise StoreKeyMismatch(
+                f"key store {self.path}: its key-check record does not open under this "
+                "node key (sealed under another key)"
+            )
 
-    # -- writing ----------------------------------------------------------------------
+    def _kcv_aad(self) -> bytes:
+        return f"{self.name}\0key-check".encode()
+
+    # -- the operations ----------------------------------------------------------------
     def put_many(
         self,
+        session: str,
         keys: Iterable[tuple[str, bytes | bytearray]],
         *,
-        meta: str = "",
+        kind: str = KSA,
         ttl: float | None = None,
     ) -> int:
-        """Add keys atomically: all of them, or none if the capacity would be exceeded."""
-        batch = self._sealed(keys, meta, ttl)
-        with self._transaction() as db:
-            return self._put_rows(db, batch)
+        """Add keys to a session, all or none (StoreFull; StoreError for an ID already
+        stored in this kind); how many."""
+        return _count(self.run(Put(session=session, keys=list(keys), kind=kind, ttl=ttl)))
 
-    def put(
-        self, key_id: str, material: bytes | bytearray, *, meta: str = "", ttl: float | None = None
-    ) -> None:
-        self.put_many([(key_id, material)], meta=meta, ttl=ttl)
+    def take_many(self, session: str, key_ids: list[str], *, kind: str = KSA) -> list[StoredKey]:
+        """The named keys of the session, in that order, all or none, as pending takes of
+        this run (see the module docstring); KeyUnavailable (with ``missing``) otherwise."""
+        return _keys(self.run(Take(session=session, key_ids=list(key_ids), kind=kind)))
 
-    def _sealed(
-        self, keys: Iterable[tuple[str, bytes | bytearray]], meta: str, ttl: float | None
-    ) -> Batch:
-        """The batch to insert, sealed outside the store lock (sealing may be an HSM call)."""
-        return self._batch(keys, meta, self._clock() + (self.ttl if ttl is None else ttl))
+    def release(self, key_ids: list[str]) -> int:
+        """Delete the named keys this run holds pending, their bits leaving the live
+        records; how many (IDs not pending under this run are ignored)."""
+        return _count(self.run(Release(session="-", key_ids=list(key_ids))))
 
-    def _batch(
-        self, keys: Iterable[tuple[str, bytes | bytearray]], meta: str, expires: float
-    ) -> Batch:
-        entries = [(key_id, bytearray(material)) for key_id, material in keys]
-        if len({key_id for key_id, _ in entries}) != len(entries):
-            raise StoreError(f"store {self.name}: a key ID is listed twice")
-        tag = os.urandom(TAG_BYTES).hex()
-        record = self._seal(tag, entries) if entries else b""
-        return Batch(tag, expires, meta, [key_id for key_id, _ in entries], record)
+    def take_oldest(self, session: str, kind: str, n: int) -> list[StoredKey]:
+        """Up to ``n`` of the session's oldest available keys of ``kind``, deleted at once."""
+        return _keys(self.run(TakeOldest(session=session, kind=kind, n=n)))
 
-    def _put_rows(self, db: sqlite3.Connection, batch: Batch) -> int:
-        """Inside a transaction (or savepoint): insert the batch, or raise and insert none."""
-        if not batch.ids:
-            return 0
-        count = db.execute("SELECT keys FROM tally").fetchone()[0]
-        if count + len(batch.ids) > self.capacity:
-            raise StoreFull(
-                f"store {self.name}: {count} + {len(batch.ids)} keys exceed the "
-                f"capacity of {self.capacity}"
-            )
+    def run(self, op: Op) -> Outcome:
+        """Run one operation in a transaction of its own; its outcome, or its error. The
+        bits of a take whose COMMIT fails are erased, and StoreError raised."""
+        step = self.prepare(op)
+        done: Outcome = 0
         try:
-            self._insert(db, batch)
-        except sqlite3.IntegrityError:
-            raise StoreError(f"store {self.name}: a key ID is already stored") from None
-        return len(batch.ids)
-
-    @staticmethod
-    def _insert(db: sqlite3.Connection, batch: Batch) -> None:
-        seq = db.execute(
-            "INSERT INTO batches (tag, expires, meta, left, record) VALUES (?,?,?,?,?)",
-            (batch.tag, batch.expires, batch.meta, len(batch.ids), batch.record),
-        ).lastrowid
-        db.executemany(
-            "INSERT INTO keys (id, batch, slot) VALUES (?,?,?)",
-            [(key_id, seq, slot) for slot, key_id in enumerate(batch.ids)],
-        )
-        db.execute("UPDATE tally SET keys = keys + ?", (len(batch.ids),))
-
-    # -- taking -----------------------------------------------------------------------
-    def take(self, key_id: str) -> StoredKey:
-        """Remove and return the key ``key_id``: exactly once, whoever asks. An expired
-        key is removed too, and KeyExpired raised."""
-        now = self._clock()
-        try:
-            with self._transaction() as db:
-                found = self._take_rows(db, [key_id], None)
-        except KeyUnavailable:
-            raise KeyUnavailable(f"store {self.name}: no key {key_id}") from None
-        meta, material, expires = found[key_id]
-        if expires <= now:
-            _erase(material)
-            raise KeyExpired(f"store {self.name}: key {key_id} expired")
-        return StoredKey(key_id, material, meta)
-
-    def take_many(self, key_ids: list[str]) -> list[StoredKey]:
-        """Remove and return the named keys, all or none (KeyUnavailable naming none of them)."""
-        now = self._clock()
-        self._check_ids(key_ids)
-        found: Found = {}
-        try:
-            with self._transaction() as db:
-                found = self._take_rows(db, key_ids, now)
-        except StoreError:  # the COMMIT failed: nothing was taken, nobody gets the bits
-            erase_found(found)
+            with self.transaction() as db:
+                done = step(db)
+        except BaseException:
+            erase_outcome(done)
             raise
-        return self._as_named(key_ids, found)
+        return done
+
+    def prepare(self, op: Op, now: float | None = None) -> Step:
+        """The operation's work, to run inside a transaction; what can be done before the
+        store lock is done here (arguments checked, a put's batch sealed). Raises the
+        operation's own error (a bad argument) at once."""
+        now = self._clock() if now is None else now
+        if isinstance(op, Release | Restore):
+            ids = list(dict.fromkeys(op.key_ids))
+            if len(ids) > MAX_IDS:
+                raise StoreError(f"store {self.name}: {len(ids)} keys to settle, at most {MAX_IDS}")
+            if isinstance(op, Restore):
+                return lambda db: self._restore_rows(db, ids)
+            return lambda db: self._release_rows(db, ids)
+        _check_names(op.session, op.kind)
+        if isinstance(op, Put):
+            ttl = self.ttl if op.ttl is None else op.ttl
+            batch = self._batch(op.session, op.kind, op.keys, now + ttl)
+            return lambda db: self._put_rows(db, batch)
+        if isinstance(op, Take):
+            self._check_ids(op.key_ids)
+            return lambda db: self._take_rows(db, op, now)
+        if not 0 <= op.n <= MAX_IDS:
+            raise StoreError(f"store {self.name}: cannot take {op.n} keys")
+        return lambda db: self._oldest_rows(db, op, now)
 
     def _check_ids(self, key_ids: list[str]) -> None:
         """Refuse, before any transaction, a list no store could satisfy."""
-        if not 0 < len(key_ids) <= 10_000 or len(set(key_ids)) != len(key_ids):
-            raise KeyUnavailable(f"store {self.name}: not all {len(key_ids)} keys are here")
+        doubles = sorted(k for k, n in Counter(key_ids).items() if n > 1)
+        if not 0 < len(key_ids) <= MAX_IDS or doubles:
+            raise KeyUnavailable(
+                f"store {self.name}: {len(key_ids)} key IDs asked for, {len(doubles)} twice",
+                missing=doubles,
+            )
 
-    def _take_rows(self, db: sqlite3.Connection, key_ids: list[str], now: float | None) -> Found:
-        """Inside a transaction (or savepoint): delete the named keys and return
-        ``{id: (meta, material, expires)}``; KeyUnavailable if any is missing or (with
-        ``now``) expired, IntegrityFailure if a record does not hold what its rows say: the
-        caller rolls back either way, so nothing is taken."""
-        slots: dict[int, list[tuple[str, int]]] = {}
-        for key_id, seq, slot in self._delete_rows(db, key_ids):
-            slots.setdefault(seq, []).append((key_id, slot))
-        found: Found = {}
+    # -- put ---------------------------------------------------------------------------
+    def _batch(
+        self, session: str, kind: str, keys: Iterable[tuple[str, bytes | bytearray]], expires: float
+    ) -> Batch:
+        entries = [(key_id, bytearray(material)) for key_id, material in keys]
         try:
-            for seq, wanted in slots.items():
-                self._take_slots(db, seq, wanted, self._load(db, seq), found, now)
-        except BaseException:
-            erase_found(found)
-            raise
-        return found
-
-    def _delete_rows(self, db: sqlite3.Connection, key_ids: list[str]) -> list[Row]:
-        """The keys' index rows, deleted: (ID, batch, slot); KeyUnavailable if any is missing."""
-        marks = ",".join("?" * len(key_ids))
-        rows = db.execute(
-            f"DELETE FROM keys WHERE id IN ({marks}) RETURNING id, batch, slot",  # marks only
-            key_ids,
-        ).fetchall()
-        if len(rows) != len(key_ids):
-            raise KeyUnavailable(f"store {self.name}: not all {len(key_ids)} keys are here")
-        db.execute("UPDATE tally SET keys = keys - ?", (len(rows),))
-        return rows
-
-    def _take_slots(
-        self,
-        db: sqlite3.Connection,
-        seq: int,
-        wanted: list[tuple[str, int]],
-        loaded: tuple[float, str, list[Entry]],
-        found: Found,
-        now: float | None = None,
-    ) -> None:
-        """Move the wanted slots of an opened batch into ``found`` and keep the rest
-        (KeyUnavailable if the batch expired by ``now``); the batch's opened copy is erased
-        whatever happens."""
-        expires, meta, entries = loaded
-        try:
-            if now is not None and expires <= now:
-                raise KeyUnavailable(f"store {self.name}: not all the keys named are here")
-            for key_id, slot in wanted:
-                if not 0 <= slot < len(entries) or entries[slot][0] != key_id:
-                    raise IntegrityFailure("key record failed authentication (ID mismatch)")
-                found[key_id] = (meta, entries[slot][1], expires)
-                entries[slot] = ("", bytearray())
-            self._keep_rest(db, seq, entries)
+            ids = [key_id for key_id, _ in entries]
+            if len(set(ids)) != len(ids):
+                raise StoreError(f"store {self.name}: a key ID is listed twice")
+            tag = os.urandom(TAG_BYTES).hex()
+            record = self._seal(session, kind, tag, entries) if entries else b""
+            return Batch(session, kind, tag, expires, ids, record)
         finally:
             for _, material in entries:
                 _erase(material)
 
-    def _as_named(self, key_ids: list[str], found: Found) -> list[StoredKey]:
-        """The taken keys in the order they were named."""
-        return [StoredKey(k, found[k][1], found[k][0]) for k in key_ids]
-
-    def take_next(self, n: int = 1) -> list[StoredKey]:
-        """Remove and return the ``n`` oldest unexpired keys, all or none."""
-        if n < 1:
-            raise StoreError(f"store {self.name}: cannot take {n} keys")
-        with self._transaction() as db:
-            taken = self._oldest(db, n)
-            if len(taken) < n:
-                for key in taken:
-                    _erase(key.material)
-                raise KeyUnavailable(f"store {self.name}: {len(taken)} keys in stock, {n} needed")
-        return taken
-
-    def take_up_to(self, n: int) -> list[StoredKey]:
-        """Remove and return the oldest unexpired keys, at most ``n`` (maybe none)."""
-        with self._transaction() as db:
-            return self._oldest(db, max(0, n))
-
-    def _oldest(self, db: sqlite3.Connection, n: int) -> list[StoredKey]:
-        """Inside a transaction: drop expired keys, then take the n oldest (each batch is
-        opened once; every batch holds a key, so at most n batches are read)."""
-        self._purge(db)
-        ids: list[str] = []
-        found: Found = {}
-        seqs = db.execute("SELECT seq FROM batches ORDER BY seq LIMIT ?", (n,)).fetchall()
-        entries: list[Entry] = []
+    def _put_rows(self, db: sqlite3.Connection, batch: Batch) -> int:
+        """Insert the batch, or raise and insert none (the caller rolls back)."""
+        n = len(batch.ids)
+        if n == 0:
+            return 0
+        total = db.execute("SELECT keys FROM total").fetchone()[0]
+        if total + n > self.capacity:
+            raise StoreFull(
+                f"store {self.name}: {total} + {n} keys exceed the capacity of {self.capacity}"
+            )
+        seq = db.execute(
+            "INSERT INTO batches (session, kind, tag, expires, left, record) VALUES (?,?,?,?,?,?)",
+            (batch.session, batch.kind, batch.tag, batch.expires, n, batch.record),
+        ).lastrowid
         try:
-            for (seq,) in seqs:
-                if len(ids) == n:
-                    break
-                loaded = self._load(db, seq)
-                entries = loaded[2]
-                wanted = [(k, slot) for slot, (k, _) in enumerate(entries) if k][: n - len(ids)]
-                rows = self._delete_rows(db, [k for k, _ in wanted]) if wanted else []
-                if not wanted or sorted(rows) != sorted((k, seq, s) for k, s in wanted):
-                    raise IntegrityFailure("key store index does not match its record")
-                self._take_slots(db, seq, wanted, loaded, found)
-                ids += [k for k, _ in wanted]
+            db.executemany(
+                "INSERT INTO keys (id, kind, batch, slot) VALUES (?,?,?,?)",
+                [(key_id, batch.kind, seq, slot) for slot, key_id in enumerate(batch.ids)],
+            )
+        except sqlite3.IntegrityError as exc:
+            raise StoreError(f"store {self.name}: a key ID is already stored") from exc
+        db.execute(
+            "INSERT INTO tally VALUES (?,?,?) "
+            "ON CONFLICT (session, kind) DO UPDATE SET keys = keys + excluded.keys",
+            (batch.session, batch.kind, n),
+        )
+        db.execute("UPDATE total SET keys = keys + ?", (n,))
+        return n
+
+    # -- take (pending) ----------------------------------------------------------------
+    def _take_rows(self, db: sqlite3.Connection, op: Take, now: float) -> list[StoredKey]:
+        """Mark the named keys pending under this run and return their bits; KeyUnavailable
+        if any is not available to this session now, IntegrityFailure if a record does not
+        hold what its rows say (the caller rolls back either way: nothing taken)."""
+        marks = ",".join("?" * len(op.key_ids))
+        rows = db.execute(
+            "SELECT k.id, k.batch, k.slot, k.run, k.taken_at, b.session, b.expires "
+            f"FROM keys AS k JOIN batches AS b ON b.seq = k.batch "
+            f"WHERE k.kind = ? AND k.id IN ({marks})",
+            [op.kind, *op.key_ids],
+        ).fetchall()
+        ok = {row[0]: row for row in rows if self._takeable(row, op.session, now)}
+        missing = [key_id for key_id in op.key_ids if key_id not in ok]
+        if missing:
+            raise KeyUnavailable(
+                f"store {self.name}: {len(missing)} of {len(op.key_ids)} keys not available",
+                missing=missing,
+            )
+        db.execute(
+            f"UPDATE keys SET run = ?, taken_at = COALESCE(taken_at, ?) "
+            f"WHERE kind = ? AND id IN ({marks})",
+            [self.run_id, now, op.kind, *op.key_ids],
+        )
+        fresh: dict[int, int] = {}
+        for _, seq, _, run, *_ in ok.values():
+            if run is None:
+                fresh[seq] = fresh.get(seq, 0) + 1
+        for seq, n in fresh.items():
+            db.execute("UPDATE batches SET left = left - ? WHERE seq = ?", (n, seq))
+        self._count_out(db, op.session, op.kind, sum(fresh.values()), total=False)
+        wanted: dict[int, list[tuple[str, int]]] = {}
+        for key_id, seq, slot, *_ in ok.values():
+            wanted.setdefault(seq, []).append((key_id, slot))
+        found: dict[str, bytearray] = {}
+        try:
+            for seq, slots in wanted.items():
+                _, _, entries = self._load(db, seq)
+                try:
+                    for key_id, slot in slots:
+                        found[key_id] = bytearray(_slot(entries, key_id, slot))
+                finally:
+                    _erase_entries(entries)
         except BaseException:
-            erase_found(found)
-            for _, material in entries:  # a batch opened but not taken from
+            for material in found.values():
                 _erase(material)
             raise
-        return self._as_named(ids, found)
+        return [StoredKey(key_id, found[key_id]) for key_id in op.key_ids]
 
-    def _load(self, db: sqlite3.Connection, seq: int) -> tuple[float, str, list[Entry]]:
-        """A batch's expiry time, meta and opened slots."""
-        tag, expires, meta, record = db.execute(
-            "SELECT tag, expires, meta, record FROM batches WHERE seq = ?", (seq,)
+    def _takeable(self, row: tuple[object, ...], session: str, now: float) -> bool:
+        """Available to ``session`` now: unexpired, and not pending, or pending under
+        another run since less than the refetch window (a crash between take and reply)."""
+        _, _, _, run, taken_at, owner, expires = row
+        if owner != session or not isinstance(expires, int | float) or expires <= now:
+            return False
+        if run is None:
+            return True
+        first = taken_at if isinstance(taken_at, int | float) else now - self.refetch_window
+        return run != self.run_id and now < first + self.refetch_window
+
+    # -- release -----------------------------------------------------------------------
+    def _release_rows(self, db: sqlite3.Connection, key_ids: list[str]) -> int:
+        """Delete the named rows pending under this run; re-seal their batches without them."""
+        if not key_ids:
+            return 0
+        marks = ",".join("?" * len(key_ids))
+        rows = db.execute(
+            f"DELETE FROM keys WHERE run = ? AND id IN ({marks}) RETURNING id, batch, slot",
+            [self.run_id, *key_ids],
+        ).fetchall()
+        self._drop_slots(db, rows)
+        db.execute("UPDATE total SET keys = keys - ?", (len(rows),))
+        return len(rows)
+
+    def _restore_rows(self, db: sqlite3.Connection, key_ids: list[str]) -> int:
+        """Make the named rows pending under this run available again, as before the take."""
+        if not key_ids:
+            return 0
+        marks = ",".join("?" * len(key_ids))
+        rows = db.execute(
+            f"UPDATE keys SET run = NULL, taken_at = NULL WHERE run = ? AND id IN ({marks}) "
+            "RETURNING batch, kind",
+            [self.run_id, *key_ids],
+        ).fetchall()
+        back: dict[int, int] = {}
+        for seq, _ in rows:
+            back[seq] = back.get(seq, 0) + 1
+        for seq, n in back.items():
+            db.execute("UPDATE batches SET left = left + ? WHERE seq = ?", (n, seq))
+            db.execute(  # an upsert: a purge deletes the rows of sessions counting 0
+                "INSERT INTO tally SELECT session, kind, ? FROM batches WHERE seq = ? "
+                "ON CONFLICT (session, kind) DO UPDATE SET keys = keys + excluded.keys",
+                (n, seq),
+            )
+        return len(rows)
+
+    def _drop_slots(self, db: sqlite3.Connection, rows: list[tuple[str, int, int]]) -> None:
+        """Blank the slots of deleted rows in their batches (re-sealed, or deleted when empty)."""
+        by_batch: dict[int, list[tuple[str, int]]] = {}
+        for key_id, seq, slot in rows:
+            by_batch.setdefault(seq, []).append((key_id, slot))
+        for seq, slots in by_batch.items():
+            if not db.execute("SELECT 1 FROM keys WHERE batch = ? LIMIT 1", (seq,)).fetchone():
+                db.execute("DELETE FROM batches WHERE seq = ?", (seq,))  # nothing left in it
+                continue
+            session, kind, entries = self._load(db, seq)
+            try:
+                for key_id, slot in slots:
+                    _slot(entries, key_id, slot)
+                    _erase(entries[slot][1])
+                    entries[slot] = ("", bytearray())
+                self._keep_rest(db, seq, session, kind, entries)
+            finally:
+                _erase_entries(entries)
+
+    # -- take oldest (deleted at once) -------------------------------------------------
+    def _oldest_rows(self, db: sqlite3.Connection, op: TakeOldest, now: float) -> list[StoredKey]:
+        """Delete and return up to n of the session's oldest available unexpired keys."""
+        found: list[StoredKey] = []
+        try:
+            seqs = db.execute(
+                "SELECT seq FROM batches WHERE session = ? AND kind = ? AND expires > ? "
+                "AND left > 0 ORDER BY seq LIMIT ?",
+                (op.session, op.kind, now, op.n),
+            ).fetchall()
+            for (seq,) in seqs:
+                if len(found) == op.n:
+                    break
+                found += self._take_from(db, seq, op.kind, op.n - len(found))
+            self._count_out(db, op.session, op.kind, len(found), total=True)
+        except BaseException:
+            erase_outcome(found)
+            raise
+        return found
+
+    def _take_from(self, db: sqlite3.Connection, seq: int, kind: str, n: int) -> list[StoredKey]:
+        """Delete and return up to n available keys of one batch, in slot order."""
+        rows = db.execute(
+            "SELECT id, slot FROM keys WHERE batch = ? AND run IS NULL ORDER BY slot LIMIT ?",
+            (seq, n),
+        ).fetchall()
+        if not rows:
+            raise IntegrityFailure("key store index does not match its record")
+        marks = ",".join("?" * len(rows))
+        db.execute(
+            f"DELETE FROM keys WHERE kind = ? AND id IN ({marks})",
+            [kind, *(key_id for key_id, _ in rows)],
+        )
+        db.execute("UPDATE batches SET left = left - ? WHERE seq = ?", (len(rows), seq))
+        session, _, entries = self._load(db, seq)
+        taken: list[StoredKey] = []
+        try:
+            for key_id, slot in rows:
+                taken.append(StoredKey(key_id, bytearray(_slot(entries, key_id, slot))))
+                _erase(entries[slot][1])
+                entries[slot] = ("", bytearray())
+            self._keep_rest(db, seq, session, kind, entries)
+        except BaseException:
+            erase_outcome(taken)
+            raise
+        finally:
+            _erase_entries(entries)
+        return taken
+
+    def _count_out(
+        self, db: sqlite3.Connection, session: str, kind: str, n: int, *, total: bool
+    ) -> None:
+        """``n`` keys of the session are no longer available (and, with ``total``, gone)."""
+        if n:
+            db.execute(
+                "UPDATE tally SET keys = keys - ? WHERE session = ? AND kind = ?",
+                (n, session, kind),
+            )
+            if total:
+                db.execute("UPDATE total SET keys = keys - ?", (n,))
+
+    # -- records -----------------------------------------------------------------------
+    def _load(self, db: sqlite3.Connection, seq: int) -> tuple[str, str, list[Entry]]:
+        """A batch's session, kind and opened slots."""
+        row = db.execute(
+            "SELECT session, kind, tag, record FROM batches WHERE seq = ?", (seq,)
         ).fetchone()
-        return expires, meta, self._open(tag, record)
+        if row is None:
+            raise IntegrityFailure("key store index names a missing record")
+        session, kind, tag, record = row
+        return session, kind, self._open(session, kind, tag, record)
 
-    def _keep_rest(self, db: sqlite3.Connection, seq: int, entries: list[Entry]) -> None:
-        """A batch after a take: deleted when no key is left, else re-sealed without the
-        taken keys' bits, under a fresh tag (the old cell is overwritten: secure_delete)."""
-        left = sum(1 for key_id, _ in entries if key_id)
-        if left == 0:
+    def _keep_rest(
+        self, db: sqlite3.Connection, seq: int, session: str, kind: str, entries: list[Entry]
+    ) -> None:
+        """A batch after keys left it: deleted when none is left, else re-sealed without
+        them under a fresh tag (the old cell is overwritten: secure_delete)."""
+        if not any(key_id for key_id, _ in entries):
             db.execute("DELETE FROM batches WHERE seq = ?", (seq,))
             return
         tag = os.urandom(TAG_BYTES).hex()
         db.execute(
-            "UPDATE batches SET tag = ?, left = ?, record = ? WHERE seq = ?",
-            (tag, left, self._seal(tag, entries), seq),
+            "UPDATE batches SET tag = ?, record = ? WHERE seq = ?",
+            (tag, self._seal(session, kind, tag, entries), seq),
         )
 
-    # -- records ----------------------------------------------------------------------
-    def _seal(self, tag: str, entries: list[Entry]) -> bytes:
-        """A batch record: per slot, the key ID (empty once taken) and the key bits."""
+    def _seal(self, session: str, kind: str, tag: str, entries: list[Entry]) -> bytes:
+        """A batch record: per slot, the key ID (empty once gone) and the key bits."""
         plain = bytearray(_COUNT.pack(len(entries)))
         try:
             for key_id, material in entries:
@@ -444,14 +682,15 @@ class KeyStore:
                 plain += _SLOT.pack(len(raw_id), len(material))
                 plain += raw_id
                 plain += material
-            return self._key.seal(self._aad(tag), plain)
+            return self._key.seal(self._aad(session, kind, tag), plain)
         finally:
             _erase(plain)
 
-    def _open(self, tag: str, record: bytes) -> list[Entry]:
-        plain = self._key.open(self._aad(tag), record)
+    def _open(self, session: str, kind: str, tag: str, record: bytes) -> list[Entry]:
+        plain = self._key.open(self._aad(session, kind, tag), record)
+        entries: list[Entry] = []
         try:
-            (count,), at, entries = _COUNT.unpack_from(plain), _COUNT.size, []
+            (count,), at = _COUNT.unpack_from(plain), _COUNT.size
             for _ in range(count):
                 id_len, size = _SLOT.unpack_from(plain, at)
                 at += _SLOT.size
@@ -459,96 +698,175 @@ class KeyStore:
                 entries.append((key_id, plain[at + id_len : at + id_len + size]))
                 at += id_len + size
         except (struct.error, UnicodeDecodeError):
+            _erase_entries(entries)
             raise IntegrityFailure("key record malformed") from None
         finally:
             _erase(plain)
         return entries
 
-    def _aad(self, tag: str) -> bytes:
-        return f"{self.name}\0batch\0{tag}".encode()
+    def _aad(self, session: str, kind: str, tag: str) -> bytes:
+        return f"{self.name}\0{session}\0{kind}\0batch\0{tag}".encode()
 
-    # -- housekeeping -----------------------------------------------------------------
-    def count(self) -> int:
-        """Unexpired keys in the store."""
-        with self._lock:
-            row = self._db.execute(
-                "SELECT keys - (SELECT COALESCE(SUM(left), 0) FROM batches WHERE expires <= ?) "
-                "FROM tally",
-                (self._clock(),),
+    # -- counts and housekeeping -------------------------------------------------------
+    def count(self, session: str, kind: str) -> int:
+        """The session's available (unexpired, not pending) keys of ``kind``."""
+        with self.transaction(write=False) as db:
+            row = db.execute(
+                "SELECT COALESCE((SELECT keys FROM tally WHERE session = ?1 AND kind = ?2), 0)"
+                " - (SELECT COALESCE(SUM(left), 0) FROM batches"
+                "    WHERE session = ?1 AND kind = ?2 AND expires <= ?3)",
+                (session, kind, self._clock()),
             ).fetchone()
         return int(row[0])
 
-    def purge_expired(self) -> int:
-        """Delete expired keys; return how many."""
-        with self._transaction() as db:
-            return self._purge(db)
+    def levels(self, kind: str) -> dict[str, int]:
+        """Available keys of ``kind`` per session holding any (for start-up)."""
+        with self.transaction(write=False) as db:
+            now = self._clock()
+            levels = dict(db.execute("SELECT session, keys FROM tally WHERE kind = ?", (kind,)))
+            for session, gone in db.execute(
+                "SELECT session, SUM(left) FROM batches WHERE kind = ? AND expires <= ? "
+                "GROUP BY session",
+                (kind, now),
+            ):
+                levels[session] = levels.get(session, 0) - gone
+        return {session: n for session, n in levels.items() if n > 0}
 
-    def _purge(self, db: sqlite3.Connection) -> int:
-        now = self._clock()
-        gone = db.execute(
-            "SELECT COALESCE(SUM(left), 0) FROM batches WHERE expires <= ?", (now,)
-        ).fetchone()[0]
-        if gone:
-            db.execute(
-                "DELETE FROM keys WHERE batch IN (SELECT seq FROM batches WHERE expires <= ?)",
-                (now,),
-            )
-            db.execute("DELETE FROM batches WHERE expires <= ?", (now,))
-            db.execute("UPDATE tally SET keys = keys - ?", (gone,))
-        return int(gone)
+    def purge_expired(self) -> int:
+        """Delete expired keys, and pending keys older than the refetch window; how many."""
+        with self.transaction() as db:
+            now = self._clock()
+            gone = self._purge_expired(db, now)
+            stale = db.execute(
+                "DELETE FROM keys WHERE run IS NOT NULL AND taken_at <= ? "
+                "RETURNING id, batch, slot",
+                (now - self.refetch_window,),
+            ).fetchall()
+            self._drop_slots(db, stale)
+            db.execute("UPDATE total SET keys = keys - ?", (gone + len(stale),))
+            db.execute("DELETE FROM tally WHERE keys = 0")
+        return gone + len(stale)
+
+    def _purge_expired(self, db: sqlite3.Connection, now: float) -> int:
+        """Delete the expired batches and their rows; how many rows (``total`` not updated)."""
+        expired = db.execute(
+            "SELECT seq, session, kind, left FROM batches WHERE expires <= ?", (now,)
+        ).fetchall()
+        gone = 0
+        for seq, session, kind, left in expired:
+            gone += db.execute("DELETE FROM keys WHERE batch = ?", (seq,)).rowcount
+            db.execute("DELETE FROM batches WHERE seq = ?", (seq,))
+            self._count_out(db, session, kind, left, total=False)
+        return gone
 
     def checkpoint(self) -> None:
         """Fold the WAL into the database and truncate it (see the module docstring)."""
-        with self._lock:
+        with self._locked() as db:
             try:
-                self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             except sqlite3.Error as exc:
-                raise StoreError(f"store {self.name}: checkpoint: {exc}") from None
+                raise store_error(f"store {self.name}: checkpoint", exc) from exc
 
     def close(self) -> None:
+        """Close the file; later calls raise StoreError (a plain one: the file is not at fault)."""
         with self._lock:
-            self._db.close()
+            if not self._closed:
+                self._closed = True
+                self._db.close()
 
-    def _transaction(self) -> _Transaction:
-        return _Transaction(self)
+    def transaction(self, *, write: bool = True) -> _Transaction:
+        """``BEGIN IMMEDIATE`` (``DEFERRED`` for reads) ... ``COMMIT`` under the store lock,
+        ROLLBACK on error; SQLite errors become coded StoreErrors."""
+        return _Transaction(self, "BEGIN IMMEDIATE" if write else "BEGIN")
+
+    def _locked(self) -> _Locked:
+        return _Locked(self)
 
 
-class _Transaction:
-    """``BEGIN IMMEDIATE`` ... ``COMMIT`` under the store lock; ROLLBACK on error."""
+class _Locked:
+    """The store lock, and the connection unless the store is closed."""
 
     def __init__(self, store: KeyStore) -> None:
         self._store = store
 
     def __enter__(self) -> sqlite3.Connection:
         self._store._lock.acquire()
-        try:
-            self._store._db.execute("BEGIN IMMEDIATE")
-        except sqlite3.Error as exc:
+        if self._store._closed:
             self._store._lock.release()
-            raise StoreError(f"store {self._store.name}: {exc}") from None
+            raise StoreError(f"store {self._store.name}: closed")
         return self._store._db
 
-    def __exit__(self, kind: object, exc: object, tb: object) -> None:
-        """Commit, or roll back; SQLite errors (disk full, busy) become StoreError."""
+    def __exit__(self, *_: object) -> None:
+        self._store._lock.release()
+
+
+class _Transaction:
+    def __init__(self, store: KeyStore, begin: str) -> None:
+        self._store, self._begin = store, begin
+        self._locked = _Locked(store)
+
+    def __enter__(self) -> sqlite3.Connection:
+        db = self._locked.__enter__()
+        try:
+            db.execute(self._begin)
+        except sqlite3.Error as exc:
+            self._locked.__exit__()
+            raise store_error(f"store {self._store.name}", exc) from exc
+        return db
+
+    def __exit__(self, kind: object, exc: BaseException | None, tb: object) -> None:
+        """Commit, or roll back; SQLite errors (disk full, busy, damage) become StoreError."""
         db, name = self._store._db, self._store.name
         try:
             if db.in_transaction:
                 db.execute("ROLLBACK" if kind is not None else "COMMIT")
         except sqlite3.Error as error:
-            if db.in_transaction:
-                db.execute("ROLLBACK")
-            raise StoreError(f"store {name}: {error}") from None
+            with contextlib.suppress(sqlite3.Error):
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+            raise store_error(f"store {name}", error) from error
         finally:
-            self._store._lock.release()
+            self._locked.__exit__()
         if isinstance(exc, sqlite3.Error):
-            raise StoreError(f"store {name}: {exc}") from None
+            raise store_error(f"store {name}", exc) from exc
+
+
+def _count(outcome: Outcome) -> int:
+    assert isinstance(outcome, int)
+    return outcome
+
+
+def _keys(outcome: Outcome) -> list[StoredKey]:
+    assert isinstance(outcome, list)
+    return outcome
+
+
+def _check_names(session: str, kind: str) -> None:
+    if not _SESSION.fullmatch(session):
+        raise StoreError("store: a session is 1 to 256 printable ASCII characters, no space")
+    if not _KIND.fullmatch(kind):
+        raise StoreError("store: a kind is 1 to 16 lower-case letters or digits")
+
+
+def _slot(entries: list[Entry], key_id: str, slot: int) -> bytearray:
+    """The bits in ``slot``, which must hold ``key_id`` (else the index lies)."""
+    if not 0 <= slot < len(entries) or entries[slot][0] != key_id:
+        raise IntegrityFailure("key record failed authentication (ID mismatch)")
+    return entries[slot][1]
 
 
 def _erase(buf: bytearray) -> None:
     buf[:] = bytes(len(buf))
 
 
-def erase_found(found: Found) -> None:
-    """Erase the bits of keys taken in a transaction that did not stand."""
-    for _, material, _ in found.values():
+def _erase_entries(entries: list[Entry]) -> None:
+    for _, material in entries:
         _erase(material)
+
+
+def erase_outcome(outcome: object) -> None:
+    """Erase the bits of keys taken (a list of StoredKey) that nobody will receive."""
+    if isinstance(outcome, list):
+        for key in outcome:
+            if isinstance(key, StoredKey):
+                _erase(key.material)

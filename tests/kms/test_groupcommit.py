@@ -21,11 +21,21 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from appliance.kms import groupcommit
-from appliance.kms.errors import KeyUnavailable, KmsError, StoreError, StoreFull
-from appliance.kms.groupcommit import GroupCommitter, Put, Take, commit_group
-from appliance.kms.store import KeyStore, NodeKey, StoredKey
+from appliance.kms.errors import (
+    IntegrityFailure,
+    KeyUnavailable,
+    KmsError,
+    StoreCorrupt,
+    StoreDiskFull,
+    StoreError,
+    StoreFull,
+)
+from appliance.kms.groupcommit import GroupCommitter, commit_group
+from appliance.kms.store import KeyStore, NodeKey
+from appliance.kms.storeops import Op, Put, Release, StoredKey, Take, TakeOldest
 
 NODE_KEY = NodeKey(bytes(range(32)))
+A, B = "014:a:b", "014:c:d"
 
 
 def material(key_id: str) -> bytes:
@@ -33,14 +43,18 @@ def material(key_id: str) -> bytes:
 
 
 def new_store(path: Path, capacity: int = 10_000) -> KeyStore:
-    return KeyStore(path, "ksa/a/b", NODE_KEY, capacity=capacity, clock=lambda: 1000.0)
+    return KeyStore(path, "keys-0", NODE_KEY, capacity=capacity, clock=lambda: 1000.0)
 
 
 @pytest.fixture
 def store(tmp_path: Path) -> Iterator[KeyStore]:
-    s = new_store(tmp_path / "ksa.db")
+    s = new_store(tmp_path / "keys.db")
     yield s
     s.close()
+
+
+def put(session: str, *ids: str, kind: str = "ksa") -> Put:
+    return Put(session=session, keys=[(k, material(k)) for k in ids], kind=kind)
 
 
 @contextmanager
@@ -53,22 +67,17 @@ def held(store: KeyStore) -> Iterator[None]:
         store._lock.release()
 
 
-async def submit(committer: GroupCommitter, request: Put | Take) -> Any:
-    if isinstance(request, Put):
-        return await committer.put_many(request.keys, meta=request.meta)
-    return await committer.take_many(request.key_ids)
-
-
-async def queued_together(committer: GroupCommitter, requests: list[Put | Take]) -> list[Any]:
-    """Submit in order while the worker waits; outcomes (results or exceptions) in order."""
-    with held(committer.store):
-        tasks = [asyncio.ensure_future(submit(committer, r)) for r in requests]
+async def queued_together(committer: GroupCommitter, ops: list[Op]) -> list[Any]:
+    """Submit in order while the worker waits, all in one group (the worker cannot take
+    the queue before all are in); outcomes (results or exceptions) in order."""
+    with held(committer.store), committer._wake:
+        tasks = [asyncio.ensure_future(committer.submit(op)) for op in ops]
         await asyncio.sleep(0)  # each task runs up to its await: its operation is queued
     return await asyncio.gather(*tasks, return_exceptions=True)
 
 
-def remaining(store: KeyStore) -> list[str]:
-    return sorted(k.key_id for k in store.take_up_to(100_000))
+def remaining(store: KeyStore, session: str = A, kind: str = "ksa") -> list[str]:
+    return sorted(k.key_id for k in store.take_oldest(session, kind, 10_000))
 
 
 # -- concurrency ------------------------------------------------------------------------
@@ -79,11 +88,14 @@ def test_two_hundred_callers_take_each_key_once_all_or_none(store):
     ids = [f"k{i:03d}" for i in range(200)]
 
     async def caller(c: GroupCommitter, i: int) -> list[StoredKey] | KmsError:
-        await c.put_many([(ids[i], material(ids[i]))])
+        await c.submit(put(A, ids[i]))
         try:
-            return await c.take_many([ids[i], ids[(i + 1) % 200]])
+            got = await c.submit(Take(session=A, key_ids=[ids[i], ids[(i + 1) % 200]]))
         except KeyUnavailable as exc:
             return exc
+        assert isinstance(got, list)
+        await c.submit(Release(session=A, key_ids=[k.key_id for k in got]))
+        return got
 
     async def main() -> tuple[GroupCommitter, list[list[StoredKey] | KmsError]]:
         c = GroupCommitter(store)
@@ -100,22 +112,73 @@ def test_two_hundred_callers_take_each_key_once_all_or_none(store):
     assert all(bytes(k.material) == material(k.key_id) for k in taken)
     assert len({k.key_id for k in taken}) == len(taken)  # exactly once
     assert sorted([*(k.key_id for k in taken), *remaining(store)]) == ids  # nothing lost
-    assert committer.ops == 400 and committer.commits < 400
+    assert committer.commits < committer.ops
 
 
-def test_a_group_of_n_operations_commits_fewer_than_n_times(store):
+def test_many_sessions_and_kinds_share_one_group(store):
+    async def main() -> tuple[GroupCommitter, list[Any]]:
+        c = GroupCommitter(store)
+        store.put_many(B, [("old", material("old"))], kind="stock")
+        got = await queued_together(
+            c,
+            [
+                *(put(f"014:m{i}:s", f"k{i}") for i in range(30)),
+                TakeOldest(session=B, kind="stock", n=5),
+                Take(session="014:m3:s", key_ids=["k3"]),
+                Release(session="014:m3:s", key_ids=["k3"]),
+            ],
+        )
+        c.close()
+        return c, got
+
+    committer, got = asyncio.run(main())
+    assert got[:30] == [1] * 30
+    assert [k.key_id for k in got[30]] == ["old"] and [k.key_id for k in got[31]] == ["k3"]
+    assert got[32] == 1
+    assert committer.ops == 33 and committer.commits == 1
+    assert store.count("014:m3:s", "ksa") == 0 and store.count("014:m4:s", "ksa") == 1
+
+
+def test_queued_releases_ride_on_the_next_group(store):
+    store.put_many(A, [(k, material(k)) for k in "abc"])
+
     async def main() -> GroupCommitter:
         c = GroupCommitter(store)
-        got = await queued_together(
-            c, [Put(keys=[(f"k{i}", material(f"k{i}"))]) for i in range(50)]
-        )
-        assert got == [1] * 50
+        taken = await c.submit(Take(session=A, key_ids=["a", "b"]))
+        assert [k.key_id for k in taken] == ["a", "b"]  # type: ignore[union-attr]
+        with held(store), c._wake:  # both in the next group
+            c.queue(Release(session=A, key_ids=["a", "b"]))
+            other = asyncio.ensure_future(c.submit(Take(session=A, key_ids=["c"])))
+            await asyncio.sleep(0)
+        assert [k.key_id for k in await other] == ["c"]  # type: ignore[union-attr]
         c.close()
         return c
 
     committer = asyncio.run(main())
-    assert committer.ops == 50 and committer.commits <= 2  # what the worker held, the rest
-    assert store.count() == 50
+    assert committer.ops == 3 and committer.commits == 2
+    rows = sqlite3.connect(store.path).execute("SELECT id FROM keys").fetchall()
+    assert rows == [("c",)]  # a and b released; c pending until its own release
+
+
+def test_a_lone_release_waits_for_an_awaited_operation_or_goes_alone_later(store):
+    """A release nobody awaits costs no transaction of its own while others come: it waits
+    (LAZY_S at most) and rides with the next awaited operation."""
+    store.put_many(A, [(k, material(k)) for k in "ab"])
+
+    async def main() -> GroupCommitter:
+        c = GroupCommitter(store)
+        c.LAZY_S = 3600.0  # longer than the test: only the awaited take can carry it
+        await c.submit(Take(session=A, key_ids=["a"]))
+        c.queue(Release(session=A, key_ids=["a"]))
+        await c.submit(Take(session=A, key_ids=["b"]))
+        assert c.commits == 2 and c.ops == 3  # the release went with the second take
+        c.LAZY_S = 0.0
+        c.queue(Release(session=A, key_ids=["b"]))
+        return c
+
+    committer = asyncio.run(main())
+    committer.close()
+    assert committer.commits == 3 and remaining(store) == []
 
 
 # -- failures stay with their operation --------------------------------------------------
@@ -123,30 +186,64 @@ def test_a_group_of_n_operations_commits_fewer_than_n_times(store):
 
 def test_a_failing_operation_leaves_the_rest_of_its_group_alone(tmp_path):
     store = new_store(tmp_path / "small.db", capacity=5)
-    store.put_many([(k, material(k)) for k in ("a", "b", "c")])
-    requests: list[Put | Take] = [
-        Take(key_ids=["a"]),
-        Take(key_ids=["b", "missing"]),  # all or none: b stays
-        Put(keys=[("d", material("d"))]),
-        Put(keys=[(f"x{i}", bytes(32)) for i in range(3)]),  # 3 + 3 > 5
-        Put(keys=[("c", bytes(32))]),  # c is already stored
-        Take(key_ids=["c", "d"]),  # sees d, put by this group
-        Take(key_ids=["a"]),  # taken above
+    store.put_many(A, [(k, material(k)) for k in ("a", "b", "c")])
+    ops: list[Op] = [
+        Take(session=A, key_ids=["a"]),
+        Take(session=A, key_ids=["b", "missing"]),  # all or none: b stays
+        put(A, "d"),
+        put(A, "x0", "x1", "x2"),  # 3 + 4 > 5
+        put(B, "c"),  # c is already stored
+        Take(session=A, key_ids=["c", "d"]),  # sees d, put by this group
+        Take(session=A, key_ids=["a"]),  # pending above
+        Release(session=A, key_ids=["a", "c"]),
+        TakeOldest(session=A, kind="ksa", n=0),
     ]
-    out = commit_group(store, requests)
+    out = commit_group(store, ops)
     assert [k.key_id for k in out[0]] == ["a"]
-    assert isinstance(out[1], KeyUnavailable) and isinstance(out[3], StoreFull)
-    assert out[2] == 1 and type(out[4]) is StoreError
+    assert isinstance(out[1], KeyUnavailable) and out[1].missing == ["missing"]
+    assert out[2] == 1 and isinstance(out[3], StoreFull) and type(out[4]) is StoreError
     assert [(k.key_id, bytes(k.material)) for k in out[5]] == [(k, material(k)) for k in "cd"]
-    assert isinstance(out[6], KeyUnavailable)
+    assert isinstance(out[6], KeyUnavailable) and out[7] == 2 and out[8] == []
     assert remaining(store) == ["b"]
 
 
 def test_bad_requests_fail_alone_before_the_transaction(store):
-    store.put("a", material("a"))
-    out = commit_group(store, [Take(key_ids=[]), Take(key_ids=["a", "a"]), Take(key_ids=["a"])])
+    store.put_many(A, [("a", material("a"))])
+    out = commit_group(
+        store,
+        [
+            Take(session=A, key_ids=[]),
+            Take(session=A, key_ids=["a", "a"]),
+            put("no session", "x"),
+            TakeOldest(session=A, kind="ksa", n=-1),
+            Take(session=A, key_ids=["a"]),
+        ],
+    )
     assert isinstance(out[0], KeyUnavailable) and isinstance(out[1], KeyUnavailable)
-    assert [k.key_id for k in out[2]] == ["a"]
+    assert type(out[2]) is StoreError and type(out[3]) is StoreError
+    assert [k.key_id for k in out[4]] == ["a"]
+
+
+def test_a_record_that_fails_to_open_fails_alone_and_is_reported(store):
+    store.put_many(A, [("a", material("a"))])
+    store.put_many(B, [("b", material("b"))])
+    db = sqlite3.connect(store.path)
+    with db:
+        db.execute("UPDATE batches SET tag = 'x' WHERE session = ?", (A,))
+    reported: list[tuple[KeyStore, KmsError]] = []
+
+    async def main() -> list[Any]:
+        c = GroupCommitter(store, on_error=lambda s, e: reported.append((s, e)))
+        try:
+            return await queued_together(
+                c, [Take(session=A, key_ids=["a"]), Take(session=B, key_ids=["b"])]
+            )
+        finally:
+            c.close()
+
+    got = asyncio.run(main())
+    assert isinstance(got[0], IntegrityFailure) and [k.key_id for k in got[1]] == ["b"]
+    assert reported == [(store, got[0])]
 
 
 def deny_commit(action: int, arg: str | None, *_: object) -> int:
@@ -155,15 +252,18 @@ def deny_commit(action: int, arg: str | None, *_: object) -> int:
     return sqlite3.SQLITE_OK
 
 
-def test_a_failed_commit_fails_every_operation_of_the_group(store):
-    store.put_many([(k, material(k)) for k in ("a", "b")])
+def test_a_failed_commit_fails_every_operation_of_the_group(store, monkeypatch):
+    store.put_many(A, [(k, material(k)) for k in ("a", "b")])
     store._db.set_authorizer(deny_commit)
+    erased: list[Any] = []
+    erase = groupcommit.erase_outcome
+    monkeypatch.setattr(groupcommit, "erase_outcome", lambda o: (erase(o), erased.append(o)))
 
     async def main() -> list[Any]:
         c = GroupCommitter(store)
         try:
             return await queued_together(
-                c, [Take(key_ids=["a"]), Put(keys=[("n", bytes(32))]), Take(key_ids=["zz"])]
+                c, [Take(session=A, key_ids=["a"]), put(A, "n"), Take(session=A, key_ids=["zz"])]
             )
         finally:
             c.close()
@@ -172,35 +272,70 @@ def test_a_failed_commit_fails_every_operation_of_the_group(store):
     assert [type(g) for g in got] == [StoreError] * 3
     store._db.set_authorizer(None)
     assert remaining(store) == ["a", "b"]  # nothing taken, nothing stored
+    [key] = next(o for o in erased if isinstance(o, list) and o)
+    assert key.key_id == "a" and key.material == bytearray(32)  # the bits nobody got
 
 
 def test_a_busy_database_fails_the_group_cleanly(store):
-    store.put("a", material("a"))
+    store.put_many(A, [("a", material("a"))])
     blocker = sqlite3.connect(store.path, timeout=0)
     blocker.execute("BEGIN EXCLUSIVE")
     store._db.execute("PRAGMA busy_timeout = 50")
-    out = commit_group(store, [Take(key_ids=["a"]), Put(keys=[("b", bytes(32))])])
-    assert all(type(o) is StoreError and "locked" in str(o) for o in out)
+    out = commit_group(store, [Take(session=A, key_ids=["a"]), put(A, "b")])
+    assert all(o.code == "KMS-STORE-BUSY" and "locked" in str(o) for o in out)
     blocker.rollback()
     assert remaining(store) == ["a"]
 
 
 def test_a_full_disk_reports_only_what_was_committed(store):
-    store.put("a", material("a"))
+    store.put_many(A, [("a", material("a"))])
     pages = store._db.execute("PRAGMA page_count").fetchone()[0]
     store._db.execute(f"PRAGMA max_page_count = {pages + 2}")
-    requests: list[Put | Take] = [
-        Put(keys=[("small", bytes(32))]),
-        Put(keys=[(f"big{i}", bytes(4000)) for i in range(20)]),
-        Take(key_ids=["a"]),
+    ops: list[Op] = [
+        put(A, "small"),
+        Put(session=A, keys=[(f"big{i}", bytes(4000)) for i in range(20)]),
+        Take(session=A, key_ids=["a"]),
     ]
-    out = commit_group(store, requests)
-    assert isinstance(out[1], StoreError) and "full" in str(out[1])
+    out = commit_group(store, ops)
+    assert isinstance(out[1], StoreDiskFull) and "full" in str(out[1])
     store._db.execute("PRAGMA max_page_count = 1073741823")
-    left = remaining(store)
-    assert ("small" in left) == (out[0] == 1)  # stored if and only if reported stored
-    assert ("a" in left) == isinstance(out[2], Exception)
-    assert not any(k.startswith("big") for k in left)
+    left = sqlite3.connect(store.path).execute("SELECT id, run FROM keys").fetchall()
+    ids = {key_id for key_id, run in left if run is None}
+    assert ("small" in ids) == (out[0] == 1)  # stored if and only if reported stored
+    assert ("a" in ids) == isinstance(out[2], Exception)  # pending if reported taken
+    assert not any(k.startswith("big") for k, _ in left)
+
+
+def test_a_damaged_file_fails_the_whole_group_and_is_reported_once(store):
+    """Damage found by one operation: no operation of the group is reported done."""
+    store.put_many(A, [("a", material("a"))])
+    original = store.prepare
+    corrupt = sqlite3.DatabaseError("database disk image is malformed")
+    corrupt.sqlite_errorcode = sqlite3.SQLITE_CORRUPT  # type: ignore[attr-defined]
+
+    def raise_corrupt(db: sqlite3.Connection) -> Any:
+        raise corrupt
+
+    store.prepare = lambda op, now=None: (  # type: ignore[method-assign]
+        raise_corrupt if isinstance(op, Take) else original(op, now)
+    )
+    reported: list[KmsError] = []
+
+    async def main() -> list[Any]:
+        c = GroupCommitter(store, on_error=lambda s, e: reported.append(e))
+        try:
+            return await queued_together(
+                c, [put(A, "b"), Take(session=A, key_ids=["a"]), put(B, "c")]
+            )
+        finally:
+            c.close()
+
+    got = asyncio.run(main())
+    assert [type(g) for g in got] == [StoreCorrupt] * 3
+    assert all(g.code == "KMS-STORE-CORRUPT" for g in got)
+    assert len(reported) == 3  # the hook hears of each; shards.py quarantines once
+    store.prepare = original  # type: ignore[method-assign]
+    assert remaining(store) == ["a"] and remaining(store, B) == []
 
 
 # -- close and cancellation --------------------------------------------------------------
@@ -210,15 +345,17 @@ def test_close_runs_the_queued_operations_then_refuses_more(store):
     async def main() -> list[Any]:
         c = GroupCommitter(store)
         with held(store):
-            tasks = [asyncio.ensure_future(c.put_many([(f"k{i}", bytes(32))])) for i in range(20)]
+            tasks = [asyncio.ensure_future(c.submit(put(A, f"k{i}"))) for i in range(20)]
             await asyncio.sleep(0)
         c.close()  # blocks until the worker has run them all
         with pytest.raises(StoreError, match="closed"):
-            await c.take_many(["k0"])
+            await c.submit(Take(session=A, key_ids=["k0"]))
+        with pytest.raises(StoreError, match="closed"):
+            c.queue(Release(session=A, key_ids=["k0"]))
         return await asyncio.gather(*tasks)
 
     assert asyncio.run(main()) == [1] * 20
-    assert store.count() == 20
+    assert store.count(A, "ksa") == 20
 
 
 async def begun(c: GroupCommitter, ops: int) -> None:
@@ -232,14 +369,14 @@ async def begun(c: GroupCommitter, ops: int) -> None:
 
 
 def test_a_take_cancelled_before_its_group_is_skipped(store):
-    store.put("k", material("k"))
+    store.put_many(A, [("k", material("k"))])
 
     async def main() -> GroupCommitter:
         c = GroupCommitter(store)
         with held(store):
-            first = asyncio.ensure_future(c.put_many([("other", bytes(32))]))
+            first = asyncio.ensure_future(c.submit(put(A, "other")))
             await begun(c, 1)  # the worker holds `first`, waiting for the lock
-            take = asyncio.ensure_future(c.take_many(["k"]))
+            take = asyncio.ensure_future(c.submit(Take(session=A, key_ids=["k"])))
             await asyncio.sleep(0)
             take.cancel()
         c.close()
@@ -251,16 +388,16 @@ def test_a_take_cancelled_before_its_group_is_skipped(store):
 
 
 def test_a_take_cancelled_after_its_group_began_erases_the_keys(store, monkeypatch):
-    """The keys are gone from the store (exactly once); nobody gets them: erased."""
-    store.put("k", material("k"))
+    """The keys are taken (pending); nobody gets them: erased."""
+    store.put_many(A, [("k", material("k"))])
     erased: list[Any] = []
-    erase = groupcommit._erase
-    monkeypatch.setattr(groupcommit, "_erase", lambda o: (erase(o), erased.append(o)))
+    erase = groupcommit.erase_outcome
+    monkeypatch.setattr(groupcommit, "erase_outcome", lambda o: (erase(o), erased.append(o)))
 
     async def main() -> None:
         c = GroupCommitter(store)
         with held(store):
-            take = asyncio.ensure_future(c.take_many(["k"]))
+            take = asyncio.ensure_future(c.submit(Take(session=A, key_ids=["k"])))
             await begun(c, 1)
             take.cancel()
         c.close()
@@ -268,14 +405,14 @@ def test_a_take_cancelled_after_its_group_began_erases_the_keys(store, monkeypat
         assert take.cancelled()
 
     asyncio.run(main())
-    assert store.count() == 0
+    assert store.count(A, "ksa") == 0
     [[key]] = erased
     assert key.key_id == "k" and key.material == bytearray(32)
 
 
 def test_a_result_for_a_closed_loop_is_erased():
     loop = asyncio.new_event_loop()
-    op = groupcommit._Op(Take(key_ids=["k"]), loop.create_future(), loop)
+    op = groupcommit._Op(Take(session=A, key_ids=["k"]), loop.create_future(), loop)
     loop.close()
     key = StoredKey("k", bytearray(material("k")))
     groupcommit._deliver(op, [key])
@@ -285,46 +422,63 @@ def test_a_result_for_a_closed_loop_is_erased():
 # -- the same outcomes as the synchronous store, one call at a time ---------------------
 
 IDS = st.sampled_from("abcdef")
+SESSIONS = st.sampled_from([A, B])
 PUTS = st.builds(
-    Put, keys=st.lists(IDS.map(lambda k: (k, material(k))), max_size=3), meta=st.sampled_from("xy")
+    Put,
+    session=SESSIONS,
+    keys=st.lists(IDS.map(lambda k: (k, material(k))), max_size=3),
+    kind=st.sampled_from(["ksa", "stock"]),
 )
-TAKES = st.builds(Take, key_ids=st.lists(IDS, max_size=3))
+TAKES = st.builds(Take, session=SESSIONS, key_ids=st.lists(IDS, max_size=3))
+OLDEST = st.builds(
+    TakeOldest, session=SESSIONS, kind=st.sampled_from(["ksa", "stock"]), n=st.integers(0, 3)
+)
+RELEASES = st.builds(Release, session=SESSIONS, key_ids=st.lists(IDS, max_size=3))
 
 
 def outcome(value: Any) -> Any:
-    """Comparable form: an error's class, or the keys taken with material and meta."""
+    """Comparable form: an error's class, or the keys taken with their bits."""
     if isinstance(value, BaseException):
         return type(value)
     if isinstance(value, list):
-        return [(k.key_id, bytes(k.material), k.meta) for k in value]
+        return [(k.key_id, bytes(k.material)) for k in value]
     return value
 
 
-def one_at_a_time(store: KeyStore, request: Put | Take) -> Any:
+def one_at_a_time(store: KeyStore, op: Op) -> Any:
     try:
-        if isinstance(request, Put):
-            return store.put_many(request.keys, meta=request.meta)
-        return store.take_many(request.key_ids)
+        return store.run(op)
     except KmsError as exc:
         return exc
 
 
+def everything(store: KeyStore) -> list[tuple[Any, ...]]:
+    db = sqlite3.connect(store.path)
+    rows = db.execute(
+        "SELECT k.id, k.kind, b.session, k.run IS NULL FROM keys k JOIN batches b ON seq = batch"
+        " ORDER BY 1, 2"
+    ).fetchall()
+    db.close()
+    return rows
+
+
 @settings(max_examples=40, deadline=None)
-@given(st.lists(st.one_of(PUTS, TAKES), min_size=1, max_size=16))
-def test_grouped_outcomes_equal_those_of_one_call_at_a_time(requests):
+@given(st.lists(st.one_of(PUTS, TAKES, OLDEST, RELEASES), min_size=1, max_size=16))
+def test_grouped_outcomes_equal_those_of_one_call_at_a_time(ops):
     with tempfile.TemporaryDirectory() as tmp:
         grouped, single = new_store(Path(tmp) / "g.db", 4), new_store(Path(tmp) / "s.db", 4)
+        single.run_id = grouped.run_id
 
         async def main() -> list[Any]:
             c = GroupCommitter(grouped)
             try:
-                return await queued_together(c, requests)
+                return await queued_together(c, ops)
             finally:
                 c.close()
 
         got = asyncio.run(main())
-        expected = [one_at_a_time(single, r) for r in requests]
+        expected = [one_at_a_time(single, op) for op in ops]
         assert [outcome(g) for g in got] == [outcome(e) for e in expected]
-        assert remaining(grouped) == remaining(single)
+        assert everything(grouped) == everything(single)
         grouped.close()
         single.close()

@@ -1,0 +1,102 @@
+"""The key store's operations and results as plain values, for the engines and the stores.
+
+An engine asks for store work by returning one of these operations; the adapter runs it on
+the session's shard (:mod:`shards`, :mod:`groupcommit`, :mod:`store`) and hands back the
+outcome: keys stored (``int``), keys taken (``list[StoredKey]``) or the error. This module
+imports nothing that does I/O, so the sans-IO engines may import it. It never holds key
+material beyond the :class:`StoredKey` values callers pass around (and erase).
+
+A **session** groups keys: for ETSI 014, one SAE pair, ``014:MASTER:SLAVE``. A **kind**
+says what the keys are for: :data:`KSA` (a slave's copies awaiting dec_keys) or
+:data:`STOCK` (a master's keys made ahead).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+KSA = "ksa"
+"""Kind: slave copies of KSA keys awaiting the slave SAE's dec_keys."""
+STOCK = "stock"
+"""Kind: a master's KSA keys made ahead of demand."""
+
+
+@dataclass(frozen=True, slots=True)
+class StoredKey:
+    """A key taken from a store; its bits are the caller's to erase after use."""
+
+    key_id: str
+    material: bytearray
+
+    def __repr__(self) -> str:
+        return f"StoredKey(key_id={self.key_id!r}, bits=<redacted>)"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Put:
+    """Store keys in a session, all or none (StoreFull; StoreError for a key ID already
+    stored in this kind). Outcome: how many."""
+
+    session: str
+    """The session the keys belong to."""
+    keys: Sequence[tuple[str, bytes | bytearray]]
+    """Key IDs and bits."""
+    kind: str = KSA
+    """What the keys are for."""
+    ttl: float | None = None
+    """Lifetime in seconds; None for the store's default."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Take:
+    """Take the named keys of a session, all or none, as **pending** takes (see
+    :meth:`store.KeyStore.take_many`). Outcome: the keys, in the order named."""
+
+    session: str
+    """The session the keys must belong to."""
+    key_ids: list[str]
+    """The keys, in the order the outcome lists them."""
+    kind: str = KSA
+    """The kind they must be of."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TakeOldest:
+    """Take up to ``n`` of a session's oldest keys of a kind, deleted at once (the stock
+    lease). Outcome: the keys, oldest first (maybe none)."""
+
+    session: str
+    """The session to take from."""
+    kind: str
+    """The kind to take."""
+    n: int
+    """How many at most."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Release:
+    """Delete keys this run took and holds pending: their bits leave the live records.
+    Outcome: how many were released."""
+
+    session: str
+    """The session they were taken from (it names the shard)."""
+    key_ids: list[str]
+    """The keys."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Restore:
+    """Make keys this run holds pending available to their session again: the answer that
+    carried them never left (the SAE's connection was gone). Outcome: how many."""
+
+    session: str
+    """The session they were taken from (it names the shard)."""
+    key_ids: list[str]
+    """The keys."""
+
+
+Op = Put | Take | TakeOldest | Release | Restore
+"""Any store operation."""
+Outcome = int | list[StoredKey]
+"""What a successful operation gives: keys stored or released, or keys taken."""
