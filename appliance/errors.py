@@ -28,7 +28,7 @@ class ConfigError(ApplianceError):
 
     def __init__(self, file: str, key: str, problem: str, *, code: str = "CFG-VALUE") -> None:
         where = f"{file}: {key}: " if key else f"{file}: "
-        super().__init__(where + problem, code=code)
+        super().__init__(printable(where + problem), code=code)
         self.file, self.key, self.problem = file, key, problem
 
 
@@ -49,3 +49,9 @@ class MissingExtra(ApplianceError):
             f"pip install 'qkdn[{extra}]'"
         )
         self.extra, self.module = extra, module
+
+
+def printable(text: str) -> str:
+    """``text`` with line breaks and other control characters escaped (messages are one
+    line: a key or a file name from a user's file may hold anything)."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)

@@ -8,7 +8,7 @@ Measures, in one run and on a private SoftHSM2 token made for the run:
     ``C_DecryptInit``/``C_Decrypt`` per record, random 96-bit IV): the design rejected
     for speed, measured here to show why;
   * ``open_node_key`` (load, log in, find the KEK, unwrap the DEK): a start-up cost;
-  * a ``KeyStore`` put_many + take_next of 1,000 keys with each node key (SQLite with
+  * a ``KeyStore`` put_many + take_oldest of 1,000 keys with each node key (SQLite with
     ``synchronous=FULL`` included), keys/s.
 32-byte keys; the three contenders run interleaved, one run of each per round, and rates
 are medians over ``--runs`` rounds of ``--records`` records (a quarter as many through the
@@ -121,7 +121,7 @@ def compare(contenders: dict[str, tuple[Ops, int]], runs: int) -> dict[str, dict
 
 
 def store_rates(root: Path, keys: dict[str, Any], runs: int) -> dict[str, int]:
-    """Keys/s through a KeyStore per node key: put_many(1000) then take_next(1000), both
+    """Keys/s through a KeyStore per node key: put_many(1000) then take_oldest(1000), both
     counted (SQLite commits with fsync included); interleaved rounds, medians."""
     from appliance.kms.store import KeyStore
 
@@ -135,8 +135,8 @@ def store_rates(root: Path, keys: dict[str, Any], runs: int) -> dict[str, int]:
         for name, store in stores.items():
 
             def cycle(count: int, store: KeyStore = store) -> None:
-                store.put_many([(f"k{next(counter)}", KEY) for _ in range(count)])
-                store.take_next(count)
+                store.put_many("s", [(f"k{next(counter)}", KEY) for _ in range(count)])
+                store.take_oldest("s", "ksa", count)
 
             rates[name].append(timed(cycle, 1000))
     for store in stores.values():

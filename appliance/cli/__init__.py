@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from typing import Any, NoReturn
 
 from appliance import logs
-from appliance.errors import ApplianceError, MissingExtra
+from appliance.errors import ApplianceError, MissingExtra, printable
 from hal.errors import HalError
 from hsm.errors import HsmError
 from images.errors import ImageError
@@ -88,7 +88,7 @@ def missing_extra(exc: ModuleNotFoundError) -> MissingExtra | None:
 
 def one_line(message: str) -> str:
     """``message`` with line breaks and other control characters escaped."""
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in message)
+    return printable(message)
 
 
 def report(code: str, message: str) -> int:

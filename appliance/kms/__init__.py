@@ -1,42 +1,60 @@
-"""The key management system: key stores, the UKMS/AKMS/CKMS engines, the relay protocol
-and the interfaces between them (DESIGN.md §2-3).
+"""The key management system: the UKMS, AKMS and CKMS roles as engines without I/O, the
+messages between nodes, the node adapter that runs them, and the key stores.
 
-Protocol pieces, without I/O: :mod:`store` (encrypted SQLite key stores, exactly-once
-take; :mod:`groupcommit` shares transactions), :mod:`relay` (one hop: OTP + one-time
-Poly1305 or AES-256-GCM, pad accounting, replay rejection), :mod:`links` (the key supply
-of one QKD link: master/slave roles, grants), :mod:`ksa` (key batches under a CN key),
-:mod:`channel` (the AKMS-AKMS channel), :mod:`etsi014` (the SAE-facing API). The node
-adapters: :mod:`node` composes :mod:`nodebase`, :mod:`ukms`, :mod:`akms` and :mod:`ckms`;
-:mod:`supervisor` runs a network of node processes. Transports are in
-:mod:`appliance.net`.
+**Engines** (:mod:`engines`): ``engine.handle(event, now) -> list[Action]`` is each role's
+whole interface (:mod:`events`). Inputs are requests and answers from other nodes, link
+keys read from a QKD module, store results, the seams' answers, timers and, at a UKMS, the
+SAEs' ETSI 014 calls; actions are calls and replies, link-key reads, store operations,
+questions to the seams, timers, answers to SAEs, alarms and notices. Each request's life is
+a state table (:mod:`engines.states`, :mod:`fsm`); an input its state does not allow is a
+coded error and a terminal state. The pieces they use are without I/O too: :mod:`relay`
+(one hop: OTP with a one-time Poly1305 key, or AES-256-GCM; pad accounting, replay
+refusal), :mod:`linkend` (a link end's keys: master/slave, grants, epochs), :mod:`ksa` (key
+batches under a CN key), :mod:`channel` (the PSK-bootstrapped AKMS-AKMS channel).
 
-The end-to-end flow these pieces implement:
+**Messages** (:mod:`messages`): every message between nodes is a typed, bounded,
+versioned msgspec Struct, carried as canonical MessagePack; decoding is strict and every
+failure a coded MessageError.
 
-1. SAE A -> UKMS A: ``enc_keys(slave=SAE B, number, size)`` over ETSI 014 (HTTP/1.1, mTLS).
-   With a KSA stock for the pair it is served at once; otherwise:
-2. UKMS A -> AKMS A, HTTP/2 ``POST /v1/ksa``: request ID, SAE IDs, number, size.
-3. AKMS A checks the contract (AAA over SNMPv3 once the mgmt issue lands; the topology's
-   contracts until then) and resolves SAE B -> UKMS B -> AKMS B.
-4. AKMS A -> AKMS B, HTTP/2 ``POST /v1/cn``: request ID, number, size, SAE IDs, UKMS B,
-   and the CKMS to deliver the CN key to (AKMS A's colocated CKMS).
-5. AKMS B draws the CN key from its PTG.3 generator (OTP mode: as long as the KSA payload;
-   GCM mode: 256 bits) and hands it to its colocated CKMS with the path (shortest by length
-   from the topology, until the controller issue lands: path selection moves there).
-6. CKMS B -> ... -> CKMS A, HTTP/2 ``POST /v1/relay``: one :mod:`relay` hop message per
-   link, decrypted and re-encrypted at each trusted node; a hop answers once it has
-   checked the message and forwards it in the background (a pipelined chain; a hop that
-   cannot forward aborts the request back along the path). CKMS A hands the CN key to
-   AKMS A.
-7. AKMS B draws the KSA keys (PTG.3, one request with the CN key), delivers them to UKMS
-   B under the B-side UKMS-AKMS link keys beside the relay (``POST /v1/ksa/deliver``;
-   UKMS B stores them for dec_keys), then answers
-   step 4 with the KSA keys encrypted under the CN key. AKMS A decrypts, erases the CN
-   key, and answers step 2 under the A-side UKMS-AKMS link keys; UKMS A answers step 1.
-8. SAE B -> UKMS B: ``dec_keys(master=SAE A, key_IDs)``: each key once, to SAE B only.
+**Seams** (:mod:`seams`): the path provider (shortest paths of the topology today), the
+request validator (the topology's contracts today) and the session registry (one ETSI 014
+session per SAE pair today).
 
-Link keys: on every QKD link the lower node ID is the master end of the QKDM pair and the
-only one that takes keys in order; it grants batches of key IDs to the other end for
-the opposite direction (:mod:`links`), so both ends never spend the same bits. Failures
-anywhere answer the SAE with 503 and deliver nothing; keys stored at UKMS B for a request
-that failed later are never handed out without their ID and expire.
+**The adapter** (:mod:`node`): one :class:`~node.KmsNode` per process composes the
+engines of its node's roles (an access node's AKMS and CKMS in one process, or split in
+two) and carries their actions out: HTTP/2 with mutual TLS between nodes (relay messages
+for one neighbour in batches, :mod:`batching`), ETSI GS QKD 014 for SAEs (:mod:`etsi014`),
+QKD modules through :mod:`hal`, PSK sources through :mod:`hsm.psk`, the key stores
+(:mod:`shards`, :mod:`store`, :mod:`groupcommit`: a few SQLite files per node, keys by
+session, takes pending until their answer has left), timers on the event loop.
+:mod:`supervisor` runs a network of node processes; :mod:`sim` runs every node's engines
+in one process on a seeded scheduler, with faults, and checks the invariants.
+
+The end-to-end flow:
+
+1. SAE A -> UKMS A: ``enc_keys(slave=SAE B, number, size)``. From the pair's stock when it
+   holds enough keys of the usual size; otherwise:
+2. UKMS A -> AKMS A: ``KsaRequest``. AKMS A asks the request validator, which names SAE
+   B's UKMS and its AKMS and the relay mode (the contract's, else the network's).
+3. AKMS A -> AKMS B: ``CnRequest`` in a ``Tagged`` envelope on their channel (opened
+   from the PSK, re-keyed over the QKDN; a request seen before is refused).
+4. AKMS B draws the keys and the CN key from its PTG.3 generator in one request, asks the
+   path provider for the path to AKMS A, and side by side hands the CN key to its CKMS
+   (``RelayLocal``) and delivers the slave's copies to UKMS B (``Deliver``, under that
+   link's keys; UKMS B stores them).
+5. CKMS B -> ... -> CKMS A: ``RelayItem`` per hop, opened and sealed again under each
+   link's keys; a hop answers once it has checked the message and forwards it (pipelined);
+   a hop that cannot forward aborts back along the path (``RelayAbort``, ``CnAbort``).
+   CKMS A hands the CN key to AKMS A (``CnLocal``).
+6. AKMS B answers step 3 with the keys sealed under the CN key; AKMS A opens them, erases
+   the CN key, and answers step 2 under the UKMS-AKMS link's keys; UKMS A answers SAE A.
+7. SAE B -> UKMS B: ``dec_keys(master=SAE A, key_IDs)``: the keys are taken pending,
+   answered, and released once the answer has left; after a crash in between, the same
+   slave may fetch them again (same IDs, same bits) within the store's refetch window.
+
+Link keys: on every QKD link the lower node ID is the master end; it alone takes keys in
+order and grants key IDs to the other end for the opposite direction, so both ends never
+spend the same bits. A restarted end is recognised by its epoch (or, at a UKMS, by the
+``fresh`` flag of its requests) and its peer resynchronises quietly. Failures answer the
+SAE with a clean 503 and deliver nothing. Nothing here logs key material.
 """

@@ -7,17 +7,20 @@ lets new messages queue and go together in the next one. A lone message on an id
 waits for nothing: it leaves at the end of the turn it was submitted in, so sequential
 latency is unchanged; under load a message waits at most one hop round trip, and each
 request then carries several. Each message keeps its own result or error.
+
+This is the node adapter's business (it decides when bytes leave); the engines see one
+call per hop message (:mod:`appliance.kms.engines.ckms`).
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from typing import Any
 
+from appliance.kms import messages as m
 from appliance.kms.errors import KeyUnavailable, KmsError, StaleGrant, StaleKey, UnknownChannel
 
-Send = Callable[[list[dict[str, Any]]], Awaitable[list[dict[str, Any]]]]
+Send = Callable[[list[m.RelayItem]], Awaitable[list[m.ItemResult]]]
 
 ERRORS: dict[str, type[KmsError]] = {
     StaleGrant.code: StaleGrant,
@@ -28,34 +31,31 @@ ERRORS: dict[str, type[KmsError]] = {
 any other is scarcity."""
 
 
-def error_from(code: Any, reason: str) -> KmsError:
+def error_from(code: str, reason: str) -> KmsError:
     """The exception a peer's error answer stands for."""
-    return ERRORS.get(str(code), KeyUnavailable)(reason)
+    return ERRORS.get(code, KeyUnavailable)(reason)
 
 
 class RelayBatcher:
     """Messages for one neighbour, sent in batches of up to MAX_ITEMS."""
 
-    MAX_ITEMS = 256
+    MAX_ITEMS = m.MAX_RELAY_ITEMS
 
     def __init__(self, send: Send, depth: int = 1) -> None:
         self._send, self.depth = send, depth
-        self._queue: list[tuple[dict[str, Any], asyncio.Future[dict[str, Any]]]] = []
+        self._queue: list[tuple[m.RelayItem, asyncio.Future[m.ItemResult]]] = []
         self._in_flight = 0
         self._scheduled = False
         self._tasks: set[asyncio.Task[None]] = set()
         self.batches = self.messages = 0
         """Requests and messages sent so far (``/v1/status`` reports them)."""
 
-    async def submit(self, doc: dict[str, Any]) -> dict[str, Any]:
-        """Send one message; its result, or the error its receiver answered."""
-        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        self._queue.append((doc, future))
+    def submit(self, item: m.RelayItem) -> asyncio.Future[m.ItemResult]:
+        """Queue one message; the future holds its result, or the whole request's error."""
+        future: asyncio.Future[m.ItemResult] = asyncio.get_running_loop().create_future()
+        self._queue.append((item, future))
         self._kick()
-        result = await future
-        if "code" in result and "ok" not in result:
-            raise error_from(result["code"], str(result.get("message", "refused")))
-        return result
+        return future
 
     def _kick(self) -> None:
         if self._queue and self._in_flight < self.depth and not self._scheduled:
@@ -75,14 +75,12 @@ class RelayBatcher:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _deliver(
-        self, items: list[tuple[dict[str, Any], asyncio.Future[dict[str, Any]]]]
-    ) -> None:
+    async def _deliver(self, items: list[tuple[m.RelayItem, asyncio.Future[m.ItemResult]]]) -> None:
         try:
-            results = await self._send([doc for doc, _ in items])
+            results = await self._send([item for item, _ in items])
             for (_, future), result in zip(items, results, strict=True):
                 if not future.done():
-                    future.set_result(result if isinstance(result, dict) else {"code": "KMS"})
+                    future.set_result(result)
         except BaseException as exc:  # the whole request failed: every message with it
             for _, future in items:
                 if not future.done():
@@ -92,3 +90,7 @@ class RelayBatcher:
         finally:
             self._in_flight -= 1
             self._kick()
+
+    def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()

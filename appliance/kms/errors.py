@@ -28,10 +28,50 @@ class StoreFull(StoreError):
     code = "KMS-STORE-FULL"
 
 
+class StoreDiskFull(StoreError):
+    """The disk (or the file's page limit) is full: nothing of the transaction stands."""
+
+    code = "KMS-STORE-FULL-DISK"
+
+
+class StoreBusy(StoreError):
+    """Another connection held the store past the busy timeout: nothing was done."""
+
+    code = "KMS-STORE-BUSY"
+
+
+class StoreCorrupt(StoreError):
+    """SQLite finds the store file damaged (not a database, malformed pages): an alarm; a
+    sharded store quarantines the file."""
+
+    code = "KMS-STORE-CORRUPT"
+
+
+class StoreKeyMismatch(StoreError):
+    """The store's key-check record does not open under this node key: the file was sealed
+    under another key (an alarm; a sharded store quarantines the file)."""
+
+    code = "KMS-STORE-KEY"
+
+
+class NodeKeyMissing(StoreError):
+    """The node key file is missing while key stores sealed under it exist: the node
+    refuses to start rather than make a key that cannot open them."""
+
+    code = "KMS-NODE-KEY-MISSING"
+
+
 class KeyUnavailable(KmsError):
-    """No such key (unknown, already taken) or no key in stock."""
+    """No such key (unknown, already taken) or no key in stock. ``missing`` lists the key
+    IDs asked for that are not available (ETSI 014's key_IDs_not_found), when known."""
 
     code = "KMS-NO-KEY"
+
+    def __init__(
+        self, message: str, *, code: str | None = None, missing: list[str] | None = None
+    ) -> None:
+        super().__init__(message, code=code)
+        self.missing: list[str] = missing or []
 
 
 class KeyExpired(KeyUnavailable):
@@ -46,7 +86,15 @@ class IntegrityFailure(KmsError):
     code = "KMS-INTEGRITY"
 
 
-class StaleGrant(IntegrityFailure):
+class Resync(KmsError):
+    """The two ends of a link disagree about which keys are live because one of them
+    restarted: routine after a crash, not an attack. The sender drops its link keys and
+    seals once more with fresh ones; nothing is raised as an alarm."""
+
+    code = "KMS-RESYNC"
+
+
+class StaleGrant(Resync):
     """The sender used link keys granted by an earlier run of the link's master end: it must
     drop them and ask for a fresh grant (no key was spent, the message was not opened)."""
 
@@ -60,7 +108,7 @@ class UnknownChannel(KmsError):
     code = "KMS-CHANNEL"
 
 
-class StaleKey(IntegrityFailure):
+class StaleKey(Resync):
     """The receiving end cannot fetch the link key a message names (its QKDM handed that
     key out already: the receiver restarted and lost it, or the ID is forged). The sender
     drops its current link keys and tries once more with fresh ones."""
@@ -78,3 +126,34 @@ class ProtocolError(KmsError):
     """A peer sent a malformed or out-of-order message."""
 
     code = "KMS-PROTOCOL"
+
+
+class MessageError(ProtocolError):
+    """An inter-node message could not be read (or, sending, would not be): see
+    :mod:`appliance.kms.messages`. The subclasses say which rule it broke."""
+
+    code = "KMS-MSG"
+
+
+class MessageSyntaxError(MessageError):
+    """Not MessagePack, not a map, trailing bytes, or not the canonical encoding."""
+
+    code = "KMS-MSG-SYNTAX"
+
+
+class MessageVersionError(MessageError):
+    """The message's version (``v``) is not one this node reads."""
+
+    code = "KMS-MSG-VERSION"
+
+
+class MessageTypeError(MessageError):
+    """The message's type (``type``) is missing, unknown, or not the one the endpoint takes."""
+
+    code = "KMS-MSG-TYPE"
+
+
+class MessageFieldError(MessageError):
+    """A field is unknown, missing, of the wrong type, or out of its bounds."""
+
+    code = "KMS-MSG-FIELD"

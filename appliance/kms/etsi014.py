@@ -26,6 +26,7 @@ from __future__ import annotations
 import base64
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 from urllib.parse import parse_qs, urlsplit
@@ -85,7 +86,18 @@ class KeyService(Protocol):
     async def dec_keys(
         self, slave: str, master: str, key_ids: list[str]
     ) -> list[tuple[str, bytes]]:
-        """The named keys, issued by ``master`` to ``slave``; each is handed out once."""
+        """The named keys, issued by ``master`` to ``slave``; each is handed out once. A
+        service that keeps taken keys until their answer has left returns a :class:`Taken`,
+        and hears whether it did."""
+
+
+class Taken(list[tuple[str, bytes]]):
+    """Keys from :meth:`KeyService.dec_keys`, with ``written(bool)``: called once the answer
+    carrying them was handed to the SAE's connection (True) or could not be (False)."""
+
+    def __init__(self, keys: list[tuple[str, bytes]], written: Callable[[bool], None]) -> None:
+        super().__init__(keys)
+        self.written = written
 
 
 class ApiError(Exception):
@@ -243,11 +255,16 @@ class Etsi014Api:
         ids = _key_ids(params)
         try:
             keys = await self.service.dec_keys(slave, master, ids)
-        except KeyUnavailable:  # unknown, already taken, or meant for another SAE: same answer
+        except KeyUnavailable as exc:  # unknown, taken, or meant for another SAE: one answer
+            missing = [k for k in ids if k in set(getattr(exc, "missing", ids))] or ids
             raise ApiError(
-                400, "One or more keys were not found for this SAE", [{"key_IDs_not_found": ids}]
+                400,
+                "One or more keys were not found for this SAE",
+                [{"key_IDs_not_found": missing}],
             ) from None
-        return _json(200, {"keys": [_key(k, v) for k, v in keys]})
+        response = _json(200, {"keys": [_key(k, v) for k, v in keys]})
+        response.on_written = getattr(keys, "written", None)
+        return response
 
 
 def _resource(target: str) -> tuple[re.Match[str], str]:

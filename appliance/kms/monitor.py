@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import ssl
 import threading
 import time
 from pathlib import Path
 
+from appliance.config.addresses import split_host_port
 from appliance.config.node import NodeConfig
+from appliance.kms import messages as m
+from appliance.kms.errors import KmsError
 from appliance.kms.network import is_kms, load_configs
+from appliance.kms.node import MSGPACK
 from appliance.net.h2 import H2Client, TransportError
 from appliance.pki import client_context
 
@@ -67,15 +70,12 @@ class LevelSampler:
     async def _levels(self, clients: dict[str, H2Client]) -> dict[str, int]:
         async def one(name: str, client: H2Client) -> dict[str, int]:
             try:
-                response = await client.request("POST", "/v1/status", b"{}")
-                doc = json.loads(response.body)
-            except (TransportError, ValueError):
+                body = m.encode(m.StatusRequest())
+                response = await client.request("POST", "/v1/status", body, MSGPACK)
+                answer = m.decode(response.body, m.StatusAnswer)
+            except (TransportError, KmsError):
                 return {}  # a node restarting: no sample from it this time
-            return {
-                link: int(entry["qkdm_keys"])
-                for link, entry in doc.get("links", {}).items()
-                if entry.get("role") == "master"
-            }
+            return {link.link: link.qkdm_keys for link in answer.links if link.role == "master"}
 
         levels: dict[str, int] = {}
         for part in await asyncio.gather(*(one(n, c) for n, c in clients.items())):
@@ -85,5 +85,5 @@ class LevelSampler:
 
 def _client(cfg: NodeConfig, ctx: ssl.SSLContext) -> H2Client:
     service = next(s for s in ("ukms", "akms", "ckms") if s in cfg.listen)
-    host, port = cfg.listen[service].rsplit(":", 1)
-    return H2Client(host, int(port), ctx, expect_peer=cfg.node.name, timeout=5.0)
+    host, port = split_host_port(cfg.listen[service])
+    return H2Client(host, port, ctx, expect_peer=cfg.node.name, timeout=5.0)

@@ -1,206 +1,738 @@
-"""A KMS node: the services of its roles (UKMS, AKMS, CKMS) over HTTP/2 and ETSI 014.
+"""A KMS node: the adapter that runs the role engines' actions over real I/O.
 
-This is the adapter layer: it owns sockets, TLS, stores and QKDM handles, and drives the
-protocol pieces (:mod:`relay`, :mod:`ksa`, :mod:`links`, :mod:`etsi014`) along the flow in
-the package docstring. It logs request IDs and key IDs, never key material.
+The protocol lives in the engines (:mod:`appliance.kms.engines`), which do no I/O. A
+:class:`KmsNode` composes the engines of its node's roles (a user node: a UKMS engine; an
+access node: an AKMS and a CKMS engine in one process, or one of them when the node runs
+split in two processes, ``only="akms"|"ckms"``; a carrier node: a CKMS engine) and does
+what their actions ask:
 
-:class:`KmsNode` is composed of role parts, dataclass mixins over :class:`nodebase.NodeBase`
-(configuration, calls between nodes, link keys, ``/v1/link/grant``): :mod:`ukms` (KSA
-stores and stock, ``/v1/ksa/deliver``, the ETSI 014 key service), :mod:`ckms` (the relay,
-its aborts and local hand-overs) and :mod:`akms` (both AKMS sides and their channel, on
-top of the relay part). This module adds the life cycle, ``/v1/status`` and the routing
-of the endpoints below to the parts.
+* calls to other nodes over HTTP/2 with mutual TLS, one self-reconnecting connection per
+  peer service; relay messages for one neighbour leave in batches (:mod:`batching`); a
+  call to an engine of this same process is handed over in memory;
+* requests from other nodes (one HTTP/2 server per service), decoded into typed messages
+  (:mod:`messages`) and answered with the engine's reply or refusal;
+* reads of the QKD modules (synchronous driver calls), derivations by the PSK sources
+  (in a thread: a smartcard may be slow), key-store operations (:mod:`shards`, group
+  committed), the seams (request validator, path provider), timers on the event loop;
+* ETSI GS QKD 014 for the SAEs at a UKMS (:mod:`etsi014` over :mod:`appliance.net.http1`).
 
-Endpoints (HTTP/2 between nodes, JSON bodies, binary fields in base64):
+Endpoints (``POST``, MessagePack bodies, see :data:`messages.ENDPOINTS`): ``/v1/ksa``,
+``/v1/cn``, ``/v1/relay``, ``/v1/relay/abort``, ``/v1/cn/abort``, ``/v1/ksa/deliver``,
+``/v1/link/grant``, ``/v1/channel/open``, ``/v1/relay/local``, ``/v1/cn/local`` (the two
+processes of a split access node) and ``/v1/status`` (key counts per link, answered here).
 
-* ``POST /v1/ksa``         UKMS A -> AKMS A: KSA keys for an SAE pair.
-* ``POST /v1/cn``          AKMS A -> AKMS B: make CN and KSA keys, relay the CN key towards
-  AKMS A, deliver the KSA keys to UKMS B, answer with the KSA batch under the CN key.
-* ``POST /v1/relay``       CKMS -> next CKMS: hops of CN keys along their paths, as
-  ``{"items": [...]}``: the messages for one neighbour that are ready in the same
-  event-loop turn, or while a batch is in flight, travel in one request (each item
-  keeps its own result; a batch of one answers with its item's status). A hop
-  answers once it has opened and checked the message, and forwards it in the background
-  (the chain is pipelined, not nested); a hop that cannot forward sends
-* ``POST /v1/relay/abort`` back along the path to the first hop, whose access node tells
-* ``POST /v1/cn/abort``    the requesting access node, which fails the request at once
-  (a clean 503) instead of waiting for a CN key that will not come.
-* ``POST /v1/ksa/deliver`` AKMS B -> UKMS B: the slave's KSA keys, under link keys.
-* ``POST /v1/link/grant``  slave -> master end of a link: key IDs for the slave's direction.
-* ``POST /v1/channel/open`` AKMS A -> AKMS B: open the PSK-bootstrapped channel
-  (:mod:`channel`); ``/v1/cn`` requests and answers carry its tags.
-* ``POST /v1/status``      the QKDN manager (or any node): key counts per link at this end.
+It logs request IDs, key IDs and codes, never key material.
 
-An access node runs its AKMS and CKMS in one process, or in two (``only="akms"`` /
-``only="ckms"``, same certificate and data directory): the AKMS process then owns the
-links to user nodes, the CKMS process the carrier links, and a CN key crosses between
-them in clear over the node's own mutual-TLS loopback connection (DESIGN.md, interfaces):
-
-* ``POST /v1/relay/local`` AKMS -> its CKMS: start relaying a CN key along a path;
-* ``POST /v1/cn/local``    CKMS -> its AKMS: a CN key arrived for a request of ours.
-
-Until the hsm issue lands the node key is a file; until the mgmt/controller issues land,
-contracts and SAE homes come from the topology and paths are shortest by length.
+**Test seam.** :data:`EXIT_AFTER_TAKE` (an environment variable, read at start) lets a
+test kill a UKMS at the worst moment of a dec_keys: right after the take has committed,
+before the answer is written. Unset in any real deployment, it costs nothing.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+import inspect
+import logging
+import os
+from collections import deque
+from collections.abc import Awaitable, Callable, Coroutine
+from pathlib import Path
 from typing import Any
 
 import hal
-from appliance.kms.akms import AkmsPart
-from appliance.kms.errors import IntegrityFailure, KmsError
-from appliance.kms.etsi014 import Etsi014Api
-from appliance.kms.nodebase import Policy, _body, _json, log
-from appliance.kms.ukms import UkmsKeyService, UkmsPart
-from appliance.net.h2 import H2Server, Request, Response, TransportError
+from appliance.config.addresses import join_host_port, split_host_port
+from appliance.config.node import NodeConfig
+from appliance.config.render import SERVICE_OFFSETS
+from appliance.config.topology import Topology
+from appliance.kms import messages as m
+from appliance.kms.batching import RelayBatcher, error_from
+from appliance.kms.engines import AkmsEngine, CkmsEngine, EngineBase, UkmsEngine
+from appliance.kms.engines.config import EngineConfig, Policy
+from appliance.kms.errors import (
+    IntegrityFailure,
+    KeyUnavailable,
+    KmsError,
+    MessageError,
+    ReplayDetected,
+)
+from appliance.kms.etsi014 import Etsi014Api, Limits, Taken
+from appliance.kms.events import (
+    Action,
+    Alarm,
+    Answered,
+    Call,
+    CallFailed,
+    CancelTimer,
+    DerivePsk,
+    FindPath,
+    Housekeep,
+    Input,
+    Levels,
+    LinkKeysRead,
+    Notice,
+    PathFound,
+    PskDerived,
+    ReadLinkKeys,
+    Received,
+    Refuse,
+    Reply,
+    SaeAnswerWritten,
+    SaeDecKeys,
+    SaeEncKeys,
+    SaeKeys,
+    SaeRefused,
+    SetTimer,
+    StoreDone,
+    StoreOp,
+    TimerFired,
+    Validate,
+    Validated,
+)
+from appliance.kms.seams import (
+    ContractValidator,
+    PathProvider,
+    RequestValidator,
+    SessionRegistry,
+    TopologyPaths,
+    TopologySessions,
+)
+from appliance.kms.shards import ShardedStore
+from appliance.kms.store import NodeKey, RecordKey, private_dir
+from appliance.kms.storeops import Release, Take
+from appliance.net.h2 import H2Client, H2Server, Request, Response, TransportError
 from appliance.net.http1 import H1Server
-from appliance.pki import server_context
+from appliance.pki import client_context, server_context
+from hsm.errors import HsmError
+from hsm.psk import PskSource, open_psk_source
 
-__all__ = ["KmsNode", "Policy", "UkmsKeyService"]
+__all__ = ["KmsNode", "Policy", "Unreachable"]
 
-HOUSEKEEPING_S = 60.0
-"""Period of the housekeeping task: store checkpoints and expiry, link ledger sweeps."""
+log = logging.getLogger("qkdn.kms")
+RandomBytes = Callable[[int], bytes]
+MSGPACK = {"content-type": "application/msgpack"}
+INTEGRITY_CODES = {IntegrityFailure.code, ReplayDetected.code}
+EXIT_AFTER_TAKE = "QKDN_TEST_EXIT_AFTER_TAKE"
+"""Test seam: a directory. A node started with it set exits at once (``os._exit``, as a
+crash: no clean-up, no release) right after a dec_keys take commits, whenever the file
+``<directory>/<node name>`` exists; it deletes the file first, so each file the test
+creates is one crash (the supervisor restarts the node with the same environment)."""
 
 
-@dataclass
-class KmsNode(UkmsPart, AkmsPart):
+class Unreachable(KmsError):
+    """A peer node could not be reached or broke the connection: the service is
+    unavailable for now (a clean 503 to an SAE, never an internal error)."""
+
+    code = "KMS-UNREACHABLE"
+
+
+class KmsNode:
     """One node's KMS services, wired to its QKDMs, PTG.3 generator and stores."""
 
-    _servers: list[H2Server | H1Server] = field(init=False, default_factory=list)
-    _housekeeping: asyncio.Task[None] | None = field(init=False, default=None)
-
-    # -- life cycle ---------------------------------------------------------------------
-    async def start(self) -> None:
-        if self.only != "ckms":
-            self._open_psk_sources()
+    def __init__(
+        self,
+        config: NodeConfig,
+        topology: Topology,
+        rng: RandomBytes,
+        qkdms: dict[str, hal.Qkdm],
+        policy: Policy | None = None,
+        only: str | None = None,
+        *,
+        nonce: RandomBytes = os.urandom,
+        validator: RequestValidator | None = None,
+        paths: PathProvider | None = None,
+    ) -> None:
+        self.config, self.topology, self.qkdms = config, topology, qkdms
+        self.policy = policy or Policy()
+        self.me, self.name = config.node.id, config.node.name
+        roles = config.node.role.split("+")
+        if only not in (None, "akms", "ckms") or (only and config.node.role != "akms+ckms"):
+            raise KmsError("only an access node (akms+ckms) splits, into akms or ckms")
+        self.only = only
+        self.sessions: SessionRegistry = TopologySessions(topology, self.me)
+        self.validator = validator or ContractValidator(
+            topology, mode=self.policy.mode, max_keys=self.policy.max_key_per_request
+        )
+        self.paths = paths or TopologyPaths(topology)
+        self.engines: dict[str, EngineBase] = {}
         for service in ("ukms", "akms", "ckms"):
-            if service in self.config.listen and self.only in (None, service):
-                server = H2Server(self._handle, server_context(*self._tls, ("h2",)))
-                await server.start(*self._host_port(self.config.listen[service]))
+            if service in roles and only in (None, service):
+                cfg = EngineConfig.of(topology, self.me, service, self.policy)
+                self.engines[service] = self._engine(cfg, rng, nonce)
+        paths_ = config.paths
+        self._tls = (Path(paths_.cert), Path(paths_.key), Path(paths_.ca_cert))
+        self._client_ctx = client_context(*self._tls, ("h2",))
+        self._data = Path(paths_.data_dir)
+        private_dir(self._data)  # every node keeps state there (QKD modules' at least): fail now
+        self.stores: ShardedStore | None = None
+        if "ukms" in self.engines:
+            self.stores = ShardedStore(self._data, self._record_key(rng), alarm=self._store_alarm)
+        self._names = {n.name: n.id for n in topology.spec.nodes}
+        self._psk: dict[str, PskSource] = {}
+        self._clients: dict[str, H2Client] = {}
+        self._batchers: dict[int, RelayBatcher] = {}
+        self._servers: list[H2Server | H1Server] = []
+        self._timers: dict[tuple[str, Any], asyncio.TimerHandle] = {}
+        self._replies: dict[int, asyncio.Future[Any] | tuple[str, int]] = {}
+        self._sae: dict[int, asyncio.Future[list[tuple[str, bytearray]]]] = {}
+        self._tasks: set[asyncio.Future[Input]] = set()
+        self._work: deque[tuple[str, Input]] = deque()
+        self._feeding = False
+        self._numbers = iter(range(1, 1 << 62))
+        self._loop: asyncio.AbstractEventLoop | None = None
+        seam = os.environ.get(EXIT_AFTER_TAKE)
+        self._exit_marker = Path(seam) / self.name if seam else None
+        self._runners: dict[type, Callable[[str, Any], None]] = {
+            Call: self._call,
+            Reply: self._answer,
+            Refuse: self._answer,
+            ReadLinkKeys: self._read_keys,
+            DerivePsk: self._derive,
+            StoreOp: self._store_op,
+            Validate: self._validate,
+            FindPath: self._find_path,
+            SetTimer: self._set_timer,
+            CancelTimer: self._cancel_timer,
+            SaeKeys: self._sae_answer,
+            SaeRefused: self._sae_answer,
+            Alarm: self._alarm,
+            Notice: self._notice,
+        }
+
+    def _engine(self, cfg: EngineConfig, rng: RandomBytes, nonce: RandomBytes) -> EngineBase:
+        if cfg.service == "ukms":
+            return UkmsEngine(cfg, rng, nonce, self.sessions)
+        if cfg.service == "akms":
+            return AkmsEngine(cfg, rng, nonce)
+        return CkmsEngine(cfg, rng, nonce)
+
+    def _record_key(self, rng: RandomBytes) -> RecordKey:
+        """The key sealing the stores at rest: the node's PKCS#11 token when configured
+        (``devices.keystore = "pkcs11:token=..."``), else a key file in the data directory,
+        created only for a fresh data directory."""
+        url = self.config.devices.keystore
+        if url is None:
+            return NodeKey.from_file(self._data / "node.key", create_with=rng)
+        from hsm.keystore import open_node_key
+
+        return open_node_key(url)
+
+    # -- life cycle -------------------------------------------------------------------------
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        if "akms" in self.engines:
+            self._open_psk_sources()
+        for service in self.engines:
+            if service in self.config.listen:
+                handler = self._handler(service)
+                server = H2Server(handler, server_context(*self._tls, ("h2",)))
+                await server.start(*split_host_port(self.config.listen[service]))
                 self._servers.append(server)
-        if "etsi014" in self.config.listen:
+        if "ukms" in self.engines and "etsi014" in self.config.listen:
             api = Etsi014Api(UkmsKeyService(self))
             h1 = H1Server(api.handle, server_context(*self._tls, ("http/1.1",)))
-            await h1.start(*self._host_port(self.config.listen["etsi014"]))
+            await h1.start(*split_host_port(self.config.listen["etsi014"]))
             self._servers.append(h1)
-            if self.policy.stock > 0:
-                self._stock_task = asyncio.create_task(self._keep_stock())
-        self._housekeeping = asyncio.create_task(self._keep_house())
+        now = self._loop.time()
+        for service, engine in self.engines.items():
+            self._run_all(service, engine.start(now))
         log.info("node started", extra={"node": self.name})
 
-    async def _keep_house(self) -> None:
-        """Every HOUSEKEEPING_S: delete expired keys and fold each store's WAL into its
-        zeroed database (see :mod:`store`), and sweep link keys a peer will never use."""
-        while True:
-            await asyncio.sleep(HOUSEKEEPING_S)
-            try:
-                await asyncio.to_thread(self._tidy_stores)
-            except KmsError as exc:
-                log.warning(
-                    "store housekeeping failed", extra={"node": self.name, "error": exc.code}
-                )
-            swept = sum(link.housekeeping() for link in self.links.values())
-            if swept:
-                log.info("link keys swept", extra={"node": self.name, "keys": swept})
-
-    def _tidy_stores(self) -> None:
-        for store in list(self._ksa_stores.values()):
-            store.purge_expired()
-            store.checkpoint()
-
     async def close(self) -> None:
-        for task in [*self._forwarding, *([self._housekeeping] if self._housekeeping else [])]:
+        ukms = self.engines.get("ukms")
+        if isinstance(ukms, UkmsEngine) and self.stores is not None:
+            for action in ukms.stop():  # a graceful stop gives the leased keys back
+                if isinstance(action, StoreOp) and not isinstance(action.op, Levels | Housekeep):
+                    with contextlib.suppress(KmsError):
+                        self.stores.run(action.op)
+        for handle in self._timers.values():
+            handle.cancel()
+        for task in list(self._tasks):
             task.cancel()
-        if self._stock_task is not None:
-            self._stock_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._stock_task
+        for batcher in self._batchers.values():
+            batcher.close()
         for server in self._servers:
             await server.close()
         for client in self._clients.values():
             await client.close()
-        for lease in self._leases.values():
-            with contextlib.suppress(KmsError):
-                lease.give_back()  # a graceful stop keeps the leased keys
-        for committer in self._committers.values():
-            committer.close()  # runs the operations still queued, before the stores close
-        for store in self._ksa_stores.values():
-            with contextlib.suppress(KmsError):
-                store.checkpoint()  # the WAL's old page images go at shutdown too
-            store.close()
-        for out in self._out_channels.values():
-            out.close()
-        for chans in self._in_channels.values():
-            for chan in chans.values():
-                chan.close()
+        if self.stores is not None:
+            self.stores.close()
+        akms = self.engines.get("akms")
+        if isinstance(akms, AkmsEngine):
+            akms.close()
         for source in self._psk.values():
             source.close()
 
-    # -- endpoints ----------------------------------------------------------------------
-    async def _handle(self, request: Request) -> Response:
-        routes: dict[str, Callable[[dict[str, Any], int], Awaitable[dict[str, Any]]]] = {
-            "/v1/ksa": self._on_ksa,
-            "/v1/relay": self._on_relay,
-            "/v1/relay/abort": self._on_relay_abort,
-            "/v1/cn/abort": self._on_cn_abort,
-            "/v1/ksa/deliver": self._on_deliver,
-            "/v1/link/grant": self._on_grant,
-            "/v1/channel/open": self._on_channel_open,
-            "/v1/status": self._on_status,
-            "/v1/relay/local": self._on_relay_local,
-            "/v1/cn/local": self._on_cn_local,
-        }
-        handler = routes.get(request.path)
-        if (handler is None and request.path != "/v1/cn") or request.method != "POST":
-            return _json(404, {"message": "no such endpoint"})
-        caller = self._node_named(request.peer)
-        if caller is None:  # e.g. an SAE certificate: authenticated, but not a node
-            return _json(403, {"message": "only nodes of this network may call this endpoint"})
-        try:
-            if request.path == "/v1/cn":
-                return await self._tagged(request, caller)
-            assert handler is not None
-            return _json(200, await handler(_body(request), caller))
-        except IntegrityFailure as exc:
-            log.error("integrity alarm", extra={"node": self.name, "error": exc.code})
-            return _json(400, {"message": exc.message, "code": exc.code})
-        except (KmsError, TransportError) as exc:
-            log.warning(
-                "request failed",
-                extra={
-                    "node": self.name,
-                    "path": request.path,
-                    "error": exc.code,
-                    "reason": exc.message,
-                },
-            )
-            return _json(503, {"message": exc.message, "code": exc.code})
-
-    async def _on_status(self, doc: dict[str, Any], caller: int) -> dict[str, Any]:
-        """Key counts of this end of each link (no key material, no key IDs)."""
-        links: dict[str, dict[str, Any]] = {}
-        for peer, link in self.links.items():
+    def _open_psk_sources(self) -> None:
+        """The PSK source of each peer AKMS; one that cannot be opened is an alarm, and the
+        channel to that peer stays closed (fail closed) until the node restarts."""
+        for peer, url in self.config.psk.items():
             try:
-                status = link.qkdm.status()
-                keys, produced, key_size = status.key_count, status.keys_produced, status.key_size
-            except hal.HalError:
-                keys = produced = key_size = -1
-            links[link.link] = {
-                "peer": peer,
-                "role": link.role.value,
-                "qkdm_keys": keys,
-                "keys_produced": produced,
-                "key_size": key_size,
-            }
-            batcher = self._batchers.get(peer)
-            if batcher is not None:
-                links[link.link]["relay_sent"] = {
-                    "batches": batcher.batches,
-                    "messages": batcher.messages,
-                }
-        return {"node": self.name, "links": links}
+                self._psk[peer] = open_psk_source(url, base=self._data)
+            except HsmError as exc:
+                extra = {"node": self.name, "peer": peer, "error": exc.code, "reason": exc.message}
+                log.error("PSK source unavailable", extra=extra)
+
+    # -- driving the engines ----------------------------------------------------------------
+    def feed(self, service: str, event: Input) -> None:
+        """Hand ``event`` to an engine and carry out its actions, and theirs in turn."""
+        self._work.append((service, event))
+        if self._feeding:
+            return
+        self._feeding = True
+        try:
+            while self._work:
+                svc, ev = self._work.popleft()
+                engine = self.engines[svc]
+                try:
+                    actions = engine.handle(ev, self._now())
+                except KmsError as exc:  # an engine refused an input it cannot place: a bug
+                    extra = {"node": self.name, "error": exc.code, "reason": exc.message}
+                    log.error("engine error", extra=extra)
+                    continue
+                self._run_all(svc, actions)
+        finally:
+            self._feeding = False
+
+    def _run_all(self, service: str, actions: list[Action]) -> None:
+        for action in actions:
+            self._runners[type(action)](service, action)
+        if not self._feeding and self._work:
+            self.feed(*self._work.popleft())
+
+    def _now(self) -> float:
+        return self._loop.time() if self._loop is not None else 0.0
+
+    def _later(self, service: str, work: Coroutine[Any, Any, Input]) -> None:
+        """Feed the outcome of ``work`` to an engine when it is done."""
+        task = asyncio.ensure_future(work)
+        self._tasks.add(task)
+        task.add_done_callback(lambda t: self._done(service, t))
+
+    def _done(self, service: str, task: asyncio.Future[Input]) -> None:
+        self._tasks.discard(task)
+        if task.cancelled():
+            return
+        error = task.exception()
+        if error is not None:  # a bug in an adapter step: its engine's request fails by timeout
+            log.error("adapter error", extra={"node": self.name, "error": repr(error)})
+            return
+        self.feed(service, task.result())
+
+    # -- calls between nodes ----------------------------------------------------------------
+    def _call(self, service: str, call: Call) -> None:
+        node, target = call.to
+        if node == self.me and target in self.engines:  # an engine of this process
+            req = next(self._numbers)
+            self._replies[req] = (service, call.call)
+            self._work.append((target, Received(req=req, caller=self.me, message=call.message)))
+            return
+        if isinstance(call.message, m.RelayItem):
+            future = self._batcher(node).submit(call.message)
+            future.add_done_callback(lambda f: self.feed(service, _relay_outcome(call.call, f)))
+            return
+        self._later(service, self._post(call))
+
+    async def _post(self, call: Call) -> Input:
+        node, service = call.to
+        assert isinstance(call.message, m.Message)  # relay items go through the batcher
+        try:
+            answer = await self.request(node, service, call.message)
+        except KmsError as exc:
+            return CallFailed(call=call.call, error=exc)
+        return Answered(call=call.call, message=answer)
+
+    async def request(self, node: int, service: str, message: m.Message) -> m.Message:
+        """POST ``message`` to a node's service; its answer (a refusal raises its error)."""
+        path, answer_type = m.endpoint_of(message)
+        client = self._client(node, service)
+        if message.holds_key:
+            buffer = bytearray()
+            m.encode_into(message, buffer)
+            body: bytes | bytearray = buffer
+        else:
+            body = buffer = m.encode(message)  # type: ignore[assignment]
+        try:
+            response = await client.request("POST", path, bytes(body), MSGPACK)
+        except TransportError as exc:
+            raise Unreachable(f"node {node} {service}: unreachable ({exc.code})") from exc
+        finally:
+            if isinstance(buffer, bytearray):
+                buffer[:] = bytes(len(buffer))
+        answer = m.decode_answer(response.body, answer_type)
+        if isinstance(answer, m.Refused):
+            raise error_from(answer.code, f"node {node}{path}: {answer.message}")
+        return answer
+
+    def _client(self, node: int, service: str) -> H2Client:
+        plan = self.config.plan
+        address = join_host_port(plan.host, plan.base_port + SERVICE_OFFSETS[service] + node)
+        client = self._clients.get(address)
+        if client is None:
+            host, port = split_host_port(address)
+            peer = self.topology.node(node).name
+            client = self._clients[address] = H2Client(
+                host, port, self._client_ctx, expect_peer=peer, timeout=self.policy.cn_timeout + 5
+            )
+        return client
+
+    def _batcher(self, peer: int) -> RelayBatcher:
+        batcher = self._batchers.get(peer)
+        if batcher is None:
+
+            async def send(items: list[m.RelayItem]) -> list[m.ItemResult]:
+                answer = await self.request(peer, "ckms", m.RelayBatch(items=items))
+                if not isinstance(answer, m.RelayResults) or len(answer.results) != len(items):
+                    raise Unreachable(f"node {peer}: relay batch answered out of step")
+                return list(answer.results)
+
+            batcher = self._batchers[peer] = RelayBatcher(send)
+        return batcher
+
+    # -- requests from other nodes ----------------------------------------------------------
+    def _handler(self, service: str) -> Callable[[Request], Awaitable[Response]]:
+        async def handle(request: Request) -> Response:
+            return await self._handle(service, request)
+
+        return handle
+
+    async def _handle(self, service: str, request: Request) -> Response:
+        endpoint = m.ENDPOINTS.get(request.path)
+        if endpoint is None or request.method != "POST":
+            return _refused(404, KmsError("no such endpoint"))
+        caller = self._names.get(request.peer or "")
+        if caller is None:  # e.g. an SAE certificate: authenticated, but not a node
+            return _refused(403, KmsError("only nodes of this network may call this endpoint"))
+        try:
+            message = m.decode(request.body, endpoint[0])
+        except MessageError as exc:
+            return _refused(400, exc)
+        if isinstance(message, m.StatusRequest):
+            return _ok(self._status())
+        if isinstance(message, m.RelayBatch):
+            return await self._relay_batch(service, caller, message)
+        outcome = await self._receive(service, caller, message)
+        if isinstance(outcome, KmsError):
+            self._log_refusal(request.path, outcome)
+            return _refused(400 if isinstance(outcome, IntegrityFailure) else 503, outcome)
+        return _ok(outcome)
+
+    def _receive(self, service: str, caller: int, message: m.Sendable) -> asyncio.Future[Any]:
+        assert self._loop is not None
+        future: asyncio.Future[Any] = self._loop.create_future()
+        req = next(self._numbers)
+        self._replies[req] = future
+        self.feed(service, Received(req=req, caller=caller, message=message))
+        return future
+
+    async def _relay_batch(self, service: str, caller: int, batch: m.RelayBatch) -> Response:
+        """Each item is handled on its own and keeps its own result (a batch of one that
+        fails answers with the usual error status)."""
+        futures = [self._receive(service, caller, item) for item in batch.items]
+        results: list[m.ItemResult] = []
+        for future in futures:
+            outcome = await future
+            if isinstance(outcome, KmsError):
+                self._log_refusal("/v1/relay", outcome)
+                if len(futures) == 1:
+                    return _refused(400 if isinstance(outcome, IntegrityFailure) else 503, outcome)
+                refused = m.refused(outcome)
+                results.append(m.ItemResult(ok=False, code=refused.code, message=refused.message))
+            else:
+                results.append(m.ItemResult(ok=True))
+        return _ok(m.RelayResults(results=results))
+
+    def _answer(self, service: str, action: Reply | Refuse) -> None:
+        waiting = self._replies.pop(action.req, None)
+        outcome = action.message if isinstance(action, Reply) else action.error
+        if isinstance(waiting, tuple):  # the caller is an engine of this process
+            origin, call = waiting
+            event: Input = (
+                Answered(call=call, message=action.message)
+                if isinstance(action, Reply)
+                else CallFailed(call=call, error=action.error)
+            )
+            self._work.append((origin, event))
+        elif waiting is not None and not waiting.done():
+            waiting.set_result(outcome)
+
+    def _log_refusal(self, path: str, error: KmsError) -> None:
+        extra = {"node": self.name, "path": path, "error": error.code, "reason": error.message}
+        log.warning("request failed", extra=extra)
+
+    def _status(self) -> m.StatusAnswer:
+        """Key counts of this end of each link (no key material, no key IDs)."""
+        links = []
+        for engine in self.engines.values():
+            for peer, link in engine.links.items():
+                try:
+                    status = self.qkdms[link.link].status()
+                    counts = (status.key_count, status.keys_produced, status.key_size)
+                except hal.HalError:
+                    counts = (-1, -1, -1)
+                batcher = self._batchers.get(peer)
+                links.append(
+                    m.LinkStatus(
+                        link=link.link,
+                        peer=peer,
+                        role=link.role.value,
+                        qkdm_keys=counts[0],
+                        keys_produced=counts[1],
+                        key_size=counts[2],
+                        relay_batches=batcher.batches if batcher else 0,
+                        relay_messages=batcher.messages if batcher else 0,
+                    )
+                )
+        return m.StatusAnswer(node=self.name, links=links)
+
+    # -- devices, stores, seams, timers -----------------------------------------------------
+    def _read_keys(self, service: str, read: ReadLinkKeys) -> None:
+        """Read the QKD module at once (its drivers answer from their key buffers)."""
+        qkdm = self.qkdms[read.link]
+        keys: list[tuple[str, bytearray]] = []
+        gone: list[str] = []
+        error: KmsError | None = None
+        try:
+            if read.count:
+                for _ in range(read.count):
+                    key = qkdm.get_key()
+                    keys.append((key.key_id, key.material))
+            for key_id in read.ids:
+                try:
+                    key = qkdm.get_key_by_id(key_id)
+                except hal.KeyNotFound:
+                    gone.append(key_id)
+                    continue
+                keys.append((key.key_id, key.material))
+        except hal.HalError as exc:  # empty, down, not yet distilled: what was read so far
+            error = KeyUnavailable(f"{read.link}: no link key ({exc.code})")
+        event = LinkKeysRead(ticket=read.ticket, keys=keys, gone=tuple(gone), error=error)
+        self._work.append((service, event))
+
+    def _derive(self, service: str, action: DerivePsk) -> None:
+        source = self._psk.get(action.peer)
+        if source is None:
+            error = KeyUnavailable(f"no PSK source for the channel to {action.peer}")
+            self._work.append((service, PskDerived(ticket=action.ticket, error=error)))
+            return
+
+        async def derive() -> Input:
+            try:
+                key = await asyncio.to_thread(source.derive, action.context, action.nonces)
+            except HsmError as exc:
+                log.error("PSK source failed", extra={"node": self.name, "error": exc.code})
+                error = KeyUnavailable(f"PSK source unavailable ({exc.code})")
+                return PskDerived(ticket=action.ticket, error=error)
+            return PskDerived(ticket=action.ticket, key=key)
+
+        self._later(service, derive())
+
+    def _store_op(self, service: str, action: StoreOp) -> None:
+        stores, op = self.stores, action.op
+        if stores is None:
+            error = KmsError("this node keeps no key stores")
+            self._work.append((service, StoreDone(ticket=action.ticket, result=error)))
+            return
+        if isinstance(op, Release):  # rides on the shard's next group; nobody waits
+            stores.queue(op)
+            self._work.append((service, StoreDone(ticket=action.ticket, result=0)))
+            return
+
+        async def run() -> Input:
+            try:
+                if isinstance(op, Levels):
+                    result: Any = await asyncio.to_thread(stores.levels, op.kind)
+                elif isinstance(op, Housekeep):
+                    result = await asyncio.to_thread(_housekeep, stores)
+                else:
+                    result = await stores.submit(op)
+            except KmsError as exc:
+                result = exc
+            if isinstance(op, Take) and self._exit_marker is not None:
+                _exit_if_marked(self._exit_marker)
+            return StoreDone(ticket=action.ticket, result=result)
+
+        self._later(service, run())
+
+    def _validate(self, service: str, action: Validate) -> None:
+        verdict = self.validator.validate(action.query)
+        if inspect.isawaitable(verdict):
+
+            async def later() -> Input:
+                return Validated(ticket=action.ticket, verdict=await verdict)
+
+            self._later(service, later())
+            return
+        self._work.append((service, Validated(ticket=action.ticket, verdict=verdict)))
+
+    def _find_path(self, service: str, action: FindPath) -> None:
+        try:
+            path = self.paths.find(action.src, action.dst)
+        except KmsError as exc:
+            self._work.append((service, PathFound(ticket=action.ticket, error=exc)))
+            return
+        if inspect.isawaitable(path):
+
+            async def later() -> Input:
+                try:
+                    return PathFound(ticket=action.ticket, path=tuple(await path))
+                except KmsError as exc:
+                    return PathFound(ticket=action.ticket, error=exc)
+
+            self._later(service, later())
+            return
+        self._work.append((service, PathFound(ticket=action.ticket, path=tuple(path))))
+
+    def _set_timer(self, service: str, action: SetTimer) -> None:
+        assert self._loop is not None
+        old = self._timers.pop((service, action.key), None)
+        if old is not None:
+            old.cancel()
+        self._timers[(service, action.key)] = self._loop.call_at(
+            action.at, self._fire, service, action.key
+        )
+
+    def _fire(self, service: str, key: Any) -> None:
+        self._timers.pop((service, key), None)
+        self.feed(service, TimerFired(key=key))
+
+    def _cancel_timer(self, service: str, action: CancelTimer) -> None:
+        handle = self._timers.pop((service, action.key), None)
+        if handle is not None:
+            handle.cancel()
+
+    def _alarm(self, service: str, alarm: Alarm) -> None:
+        event = "integrity alarm" if alarm.code in INTEGRITY_CODES else "alarm"
+        log.error(event, extra={"node": self.name, "error": alarm.code, "reason": alarm.reason})
+
+    def _store_alarm(self, code: str, reason: str) -> None:
+        self._alarm("ukms", Alarm(code=code, reason=reason))
+
+    def _notice(self, service: str, notice: Notice) -> None:
+        level = logging.WARNING if notice.warning else logging.INFO
+        log.log(level, notice.event, extra={"node": self.name, **notice.fields})
+
+    # -- the SAEs (ETSI 014) ------------------------------------------------------------------
+    async def sae(self, event: SaeEncKeys | SaeDecKeys) -> list[tuple[str, bytearray]]:
+        """Hand an SAE's request to the UKMS engine and wait for its keys (or its error)."""
+        assert self._loop is not None
+        future: asyncio.Future[list[tuple[str, bytearray]]] = self._loop.create_future()
+        self._sae[event.req] = future
+        self.feed("ukms", event)
+        try:
+            return await asyncio.wait_for(future, self.policy.cn_timeout + 10)
+        except TimeoutError:
+            raise KeyUnavailable("the keys did not come in time") from None
+
+    def _sae_answer(self, service: str, action: SaeKeys | SaeRefused) -> None:
+        future = self._sae.pop(action.req, None)
+        if future is None or future.done():  # the SAE gave up meanwhile
+            if isinstance(action, SaeKeys):
+                for _, material in action.keys:
+                    material[:] = bytes(len(material))
+                self._work.append((service, SaeAnswerWritten(req=action.req, ok=False)))
+            return
+        if isinstance(action, SaeKeys):
+            future.set_result(action.keys)
+        else:
+            future.set_exception(action.error)
+
+    def new_req(self) -> int:
+        return next(self._numbers)
+
+
+class UkmsKeyService:
+    """The ETSI 014 key service of a UKMS node (:class:`etsi014.KeyService`)."""
+
+    def __init__(self, node: KmsNode) -> None:
+        self.node = node
+        engine = node.engines["ukms"]
+        assert isinstance(engine, UkmsEngine)
+        self.engine = engine
+        self.saes = {s.id: s for s in node.topology.spec.saes}
+
+    def limits(self, master: str, slave: str, *, caller_is_master: bool) -> Limits | None:
+        sessions = self.node.sessions
+        if caller_is_master:
+            ok, other = sessions.session_014(master, slave), slave
+        else:
+            ok, other = sessions.session_014_slave(slave, master), master
+        if ok is None:
+            return None
+        target = self.node.topology.node(self.saes[other].node)
+        policy = self.node.policy
+        return Limits(
+            source_kme=self.node.name,
+            target_kme=target.name,
+            key_size=policy.key_size,
+            max_key_per_request=policy.max_key_per_request,
+        )
+
+    def stored(self, master: str, slave: str) -> int:
+        return self.engine.stored(master, slave)
+
+    async def enc_keys(
+        self, master: str, slave: str, number: int, size: int
+    ) -> list[tuple[str, bytes]]:
+        req = self.node.new_req()
+        event = SaeEncKeys(req=req, master=master, slave=slave, number=number, size=size)
+        return _copied(await self.node.sae(event))
+
+    async def dec_keys(
+        self, slave: str, master: str, key_ids: list[str]
+    ) -> list[tuple[str, bytes]]:
+        """The keys, pending in the store until the answer has left (then released) or
+        could not leave (then restored for the slave: its connection was gone)."""
+        req = self.node.new_req()
+        event = SaeDecKeys(req=req, slave=slave, master=master, key_ids=tuple(key_ids))
+        keys = _copied(await self.node.sae(event))
+
+        def written(ok: bool) -> None:
+            self.node.feed("ukms", SaeAnswerWritten(req=req, ok=ok))
+
+        return Taken(keys, written)
+
+
+def _copied(keys: list[tuple[str, bytearray]]) -> list[tuple[str, bytes]]:
+    """Keys for the 014 answer; the engine's copies are erased."""
+    try:
+        return [(key_id, bytes(material)) for key_id, material in keys]
+    finally:
+        for _, material in keys:
+            material[:] = bytes(len(material))
+
+
+def _relay_outcome(call: int, future: asyncio.Future[m.ItemResult]) -> Input:
+    try:
+        result = future.result()
+    except KmsError as exc:
+        return CallFailed(call=call, error=exc)
+    except (TransportError, asyncio.CancelledError) as exc:
+        return CallFailed(call=call, error=Unreachable(f"relay batch not delivered ({exc})"))
+    if result.ok:
+        return Answered(call=call, message=m.Ok())
+    return CallFailed(call=call, error=error_from(result.code, result.message))
+
+
+def _exit_if_marked(marker: Path) -> None:
+    """The :data:`EXIT_AFTER_TAKE` test seam: die now if the test left the marker."""
+    try:
+        marker.unlink()
+    except FileNotFoundError:
+        return
+    os._exit(75)
+
+
+def _housekeep(stores: ShardedStore) -> int:
+    """Delete expired keys and fold every shard's WAL (see :mod:`store`)."""
+    purged = stores.purge_expired()
+    stores.checkpoint()
+    return purged
+
+
+def _ok(message: m.Message) -> Response:
+    return Response(200, m.encode(message), dict(MSGPACK))
+
+
+def _refused(status: int, error: KmsError) -> Response:
+    return Response(status, m.encode(m.refused(error)), dict(MSGPACK))

@@ -236,6 +236,7 @@ class _Chunk:
     key_id: str
     material: bytearray
     used: int = 0
+    since: float = 0.0
 
 
 class PadStream:
@@ -244,12 +245,26 @@ class PadStream:
     def __init__(self) -> None:
         self._chunks: deque[_Chunk] = deque()
 
-    def feed(self, key_id: str, material: bytearray) -> None:
-        """Add a QKDM key (the stream owns and eventually erases ``material``)."""
-        self._chunks.append(_Chunk(key_id, material))
+    def feed(self, key_id: str, material: bytearray, since: float = 0.0) -> None:
+        """Add a QKDM key read at time ``since`` (the stream owns and erases ``material``)."""
+        self._chunks.append(_Chunk(key_id, material, since=since))
+
+    def drop_older(self, cutoff: float) -> None:
+        """Erase and forget keys read before ``cutoff``, used or not: the receiving end
+        forgets a key some time after it fetched it, so a key may serve only so long."""
+        while self._chunks and self._chunks[0].since < cutoff:
+            _erase(self._chunks.popleft().material)
 
     def available(self) -> int:
         return sum(len(c.material) - c.used for c in self._chunks)
+
+    def oldest_since(self) -> float:
+        """When the first key in the stream was read."""
+        return self._chunks[0].since if self._chunks else 0.0
+
+    def whole_key_ready(self) -> bool:
+        """Whether :meth:`take_key` has an unused key to give."""
+        return any(c.used == 0 for c in self._chunks)
 
     def allocate(self, n: int) -> tuple[tuple[Segment, ...], bytearray]:
         """``n`` fresh bytes and the segments that name them; KeyUnavailable if short."""
@@ -289,6 +304,8 @@ class GcmSender:
     key_id: str = ""
     key: bytearray = field(default_factory=bytearray)
     uses: int = GCM_USES
+    since: float = 0.0
+    """When the current key was read."""
 
     def clear(self) -> None:
         """Erase the current key; the next message takes a fresh one."""
@@ -299,6 +316,7 @@ class GcmSender:
         """(key ID, key, counter) for the next message; rotates after GCM_USES messages."""
         if self.uses >= GCM_USES:
             _erase(self.key)
+            self.since = stream.oldest_since()
             self.key_id, self.key = stream.take_key()
             self.uses = 0
         counter = self.uses

@@ -62,6 +62,9 @@ class Response:
     status: int
     body: bytes = b""
     headers: dict[str, str] = field(default_factory=dict)
+    on_written: Callable[[bool], None] | None = None
+    """Told ``True`` once the response is handed to its connection, ``False`` if the
+    connection was gone first (HTTP/1.1 server; a dec_keys answer releases its keys)."""
 
 
 Handler = Callable[[Request], Awaitable[Response]]

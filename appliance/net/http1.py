@@ -310,8 +310,10 @@ class _H1Session(asyncio.Protocol):
                 request = Request(item.method, item.target, item.body, item.headers, self.peer)
                 response, keep_alive = await self._handle(request), item.keep_alive
             if self.transport is None or self.transport.is_closing():
+                _written(response, False)
                 break
             self.transport.write(encode_response(response, close=not keep_alive))
+            _written(response, True)
             if not keep_alive:
                 self.close()
         self.task = None
@@ -429,3 +431,9 @@ class H1Server(TlsServer):
 
     def _session(self) -> asyncio.Protocol:
         return _H1Session(self)
+
+
+def _written(response: Response, written: bool) -> None:
+    """Tell a response's owner whether it left (see :attr:`Response.on_written`)."""
+    if response.on_written is not None:
+        response.on_written(written)

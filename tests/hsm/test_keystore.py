@@ -26,8 +26,8 @@ from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
 from pkcs11 import exceptions as p11
 
 from appliance import cli
-from appliance.kms.errors import IntegrityFailure
-from appliance.kms.store import KeyStore
+from appliance.kms.errors import IntegrityFailure, StoreKeyMismatch
+from appliance.kms.store import KeyStore, StoredKey
 from hsm import keystore
 from hsm.errors import HsmError
 from hsm.keystore import KeystoreError, Pkcs11NodeKey, open_node_key, provision
@@ -95,6 +95,18 @@ def store(tmp_path: Path, node_key: Pkcs11NodeKey) -> Iterator[KeyStore]:
     s = KeyStore(tmp_path / "link.db", "link-1-2", node_key)
     yield s
     s.close()
+
+
+SESSION = "014:sae-1:sae-2"
+
+
+def put(store: KeyStore, key_id: str, material: bytes) -> None:
+    store.put_many(SESSION, [(key_id, material)])
+
+
+def take(store: KeyStore, key_id: str) -> StoredKey:
+    [key] = store.take_many(SESSION, [key_id])
+    return key
 
 
 def keys(n: int, prefix: str = "k") -> list[tuple[str, bytes]]:
@@ -192,17 +204,17 @@ def test_pin_file_must_be_private_and_readable(tmp_path: Path):
 
 
 def test_key_store_round_trip_through_the_token(store: KeyStore):
-    store.put_many(keys(20))
-    assert bytes(store.take("k3").material) == bytes([3]) * 32
-    taken = store.take_many(["k1", "k2"])
+    store.put_many(SESSION, keys(20))
+    assert bytes(take(store, "k3").material) == bytes([3]) * 32
+    taken = store.take_many(SESSION, ["k1", "k2"])
     assert [bytes(k.material) for k in taken] == [bytes([1]) * 32, bytes([2]) * 32]
-    assert [k.key_id for k in store.take_next(2)] == ["k0", "k4"]
-    assert store.count() == 15
+    assert [k.key_id for k in store.take_oldest(SESSION, "ksa", 2)] == ["k0", "k4"]
+    assert store.count(SESSION, "ksa") == 15
 
 
 def test_records_are_randomised_and_hold_no_key_bytes(tmp_path: Path, store: KeyStore):
-    store.put("a", CANARY)
-    store.put("b", CANARY)
+    put(store, "a", CANARY)
+    put(store, "b", CANARY)
     store.checkpoint()
     ra, rb = record_of(store.path, "a"), record_of(store.path, "b")
     batch_of_one = 4 + 3 + len("a") + 32  # slot count, then ID length, key length, ID, key
@@ -214,31 +226,29 @@ def test_records_are_randomised_and_hold_no_key_bytes(tmp_path: Path, store: Key
 
 @pytest.mark.parametrize("where", [0, 1, keystore.HEADER_BYTES, keystore.BODY, -1])
 def test_a_tampered_record_fails_to_open(store: KeyStore, where: int):
-    store.put("k1", CANARY)
+    put(store, "k1", CANARY)
     record = bytearray(record_of(store.path, "k1"))
     record[where] ^= 0x01
     rewrite(store.path, "UPDATE batches SET record = ?", bytes(record))
     with pytest.raises(IntegrityFailure):
-        store.take("k1")
+        take(store, "k1")
 
 
 def test_a_truncated_record_fails_to_open(store: KeyStore):
-    store.put("k1", CANARY)
+    put(store, "k1", CANARY)
     rewrite(store.path, "UPDATE batches SET record = substr(record, 1, 20)")
     with pytest.raises(IntegrityFailure, match="too short"):
-        store.take("k1")
+        take(store, "k1")
 
 
 def test_a_record_moved_to_another_id_or_store_fails(tmp_path: Path, store: KeyStore, node_key):
-    store.put("k1", CANARY)
+    put(store, "k1", CANARY)
     rewrite(store.path, "UPDATE keys SET id = 'k2' WHERE id = 'k1'")
     with pytest.raises(IntegrityFailure, match="authentication"):
-        store.take("k2")
-    store.put("k3", CANARY)
-    other = KeyStore(store.path, "link-1-3", node_key)  # same file, another store name
-    with pytest.raises(IntegrityFailure):
-        other.take("k3")
-    other.close()
+        take(store, "k2")
+    put(store, "k3", CANARY)
+    with pytest.raises(StoreKeyMismatch):  # same file, another store name
+        KeyStore(store.path, "link-1-3", node_key)
 
 
 def test_concurrent_seal_and_open(node_key: Pkcs11NodeKey):
@@ -271,15 +281,16 @@ def test_a_record_of_another_tokens_keystore_fails(softhsm: SoftHsm, node_key: P
 def test_a_keystore_reopened_in_new_processes_opens_old_records(
     tmp_path: Path, softhsm: SoftHsm, node_url: str, store: KeyStore
 ):
-    store.put_many([("old", CANARY), ("mine", CANARY[::-1])])
+    store.put_many(SESSION, [("old", CANARY), ("mine", CANARY[::-1])])
     script = (
         "import sys\n"
         "from pathlib import Path\n"
         "from appliance.kms.store import KeyStore\n"
         "from hsm.keystore import open_node_key\n"
         "s = KeyStore(Path(sys.argv[1]), 'link-1-2', open_node_key(sys.argv[2]))\n"
-        "assert bytes(s.take('old').material) == bytes.fromhex(sys.argv[3])\n"
-        "s.put('new', bytes.fromhex(sys.argv[3]))\n"
+        "[old] = s.take_many('014:sae-1:sae-2', ['old'])\n"
+        "assert bytes(old.material) == bytes.fromhex(sys.argv[3])\n"
+        "s.put_many('014:sae-1:sae-2', [('new', bytes.fromhex(sys.argv[3]))])\n"
         "print('ok')\n"
     )
     env = {**os.environ, "SOFTHSM2_CONF": str(softhsm.conf)}
@@ -293,8 +304,8 @@ def test_a_keystore_reopened_in_new_processes_opens_old_records(
     )
     assert done.returncode == 0 and done.stdout == "ok\n", done.stderr
     fresh = KeyStore(store.path, "link-1-2", open_node_key(node_url))
-    assert bytes(fresh.take("new").material) == CANARY
-    assert bytes(fresh.take("mine").material) == CANARY[::-1]
+    assert bytes(take(fresh, "new").material) == CANARY
+    assert bytes(take(fresh, "mine").material) == CANARY[::-1]
     fresh.close()
 
 

@@ -81,7 +81,7 @@ def test_cards_open_the_channel_and_a_token_seals_the_slaves_keys(
         edit=nodes_with_cards(card_a, card_b, station, SECRETS_B["pin"], token_url),
     )
     bonn_data = net / "data" / "ukms-bonn"
-    assert list(bonn_data.glob("ksa-*.db")), "UKMS Bonn stored the slave's keys"
+    assert list(bonn_data.glob("keys-*.db")), "UKMS Bonn stored the slave's keys"
     assert not (bonn_data / "node.key").exists(), "the token, not a key file, sealed them"
     assert (net / "data" / "ukms-berlin" / "node.key").exists()  # the default elsewhere
 

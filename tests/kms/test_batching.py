@@ -5,29 +5,45 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
+import msgspec
 import pytest
 
-from appliance.kms.batching import RelayBatcher
-from appliance.kms.errors import KeyUnavailable, StaleGrant
+from appliance.kms import messages as m
+from appliance.kms.batching import RelayBatcher, error_from
+from appliance.kms.errors import KeyUnavailable, MessageError, StaleGrant
+
+OK = m.ItemResult(ok=True)
+STALE = "f" * 32
+"""An epoch that marks an item to be refused as stale."""
+
+
+def item(n: int, epoch: str | None = None) -> m.RelayItem:
+    return m.RelayItem(path=[3, 2], index=1, message=bytes([n % 256]) * 40, epoch=epoch)
 
 
 class Peer:
-    """Records batches; answers each item, refusing those marked ``stale``. A held peer
+    """Records batches; answers each item, refusing those marked stale. A held peer
     answers nothing until ``answer`` is set."""
 
     def __init__(self, held: bool = False) -> None:
-        self.batches: list[list[dict]] = []
+        self.batches: list[list[m.RelayItem]] = []
         self.answer = asyncio.Event()
         if not held:
             self.answer.set()
 
-    async def send(self, items: list[dict]) -> list[dict]:
+    async def send(self, items: list[m.RelayItem]) -> list[m.ItemResult]:
         self.batches.append(items)
         await self.answer.wait()
-        return [
-            {"code": StaleGrant.code, "message": "old grant"} if i.get("stale") else {"ok": True}
-            for i in items
-        ]
+        stale = m.ItemResult(ok=False, code=StaleGrant.code, message="old grant")
+        return [stale if i.epoch == STALE else OK for i in items]
+
+
+async def outcome(batcher: RelayBatcher, it: m.RelayItem) -> m.ItemResult:
+    """What the node adapter makes of an item's result: the result, or its error."""
+    result = await batcher.submit(it)
+    if not result.ok:
+        raise error_from(result.code, result.message)
+    return result
 
 
 async def within_turns(done: Callable[[], bool], turns: int = 10) -> None:
@@ -44,11 +60,11 @@ def test_messages_of_one_turn_go_together_and_a_lone_one_waits_for_nothing():
     async def main() -> None:
         peer = Peer()
         batcher = RelayBatcher(peer.send)
-        results = await asyncio.gather(*(batcher.submit({"n": i}) for i in range(10)))
-        assert results == [{"ok": True}] * 10 and len(peer.batches) == 1
-        lone = asyncio.ensure_future(batcher.submit({"n": 99}))
+        results = await asyncio.gather(*(outcome(batcher, item(i)) for i in range(10)))
+        assert results == [OK] * 10 and len(peer.batches) == 1
+        lone = asyncio.ensure_future(outcome(batcher, item(99)))
         await within_turns(lambda: len(peer.batches) == 2)
-        assert await lone == {"ok": True}
+        assert await lone == OK
 
     asyncio.run(main())
 
@@ -57,12 +73,12 @@ def test_while_batches_are_in_flight_new_messages_queue_and_go_together():
     async def main() -> None:
         peer = Peer(held=True)
         batcher = RelayBatcher(peer.send, depth=1)
-        first = asyncio.ensure_future(batcher.submit({"n": 0}))
+        first = asyncio.ensure_future(outcome(batcher, item(0)))
         await within_turns(lambda: len(peer.batches) == 1)  # the first batch is in flight
-        rest = [asyncio.ensure_future(batcher.submit({"n": i})) for i in range(1, 6)]
+        rest = [asyncio.ensure_future(outcome(batcher, item(i))) for i in range(1, 6)]
         for i in range(6, 9):
             await asyncio.sleep(0)  # later turns, the first batch still unanswered
-            rest.append(asyncio.ensure_future(batcher.submit({"n": i})))
+            rest.append(asyncio.ensure_future(outcome(batcher, item(i))))
         assert len(peer.batches) == 1  # depth 1: nothing more leaves while one is in flight
         peer.answer.set()
         await asyncio.gather(first, *rest)
@@ -76,16 +92,16 @@ def test_each_message_keeps_its_own_error_and_a_failed_request_fails_them_all():
         peer = Peer()
         batcher = RelayBatcher(peer.send)
         outcomes = await asyncio.gather(
-            batcher.submit({"n": 1}), batcher.submit({"stale": True}), return_exceptions=True
+            outcome(batcher, item(1)), outcome(batcher, item(2, STALE)), return_exceptions=True
         )
-        assert outcomes[0] == {"ok": True} and isinstance(outcomes[1], StaleGrant)
+        assert outcomes[0] == OK and isinstance(outcomes[1], StaleGrant)
 
-        async def broken(items: list[dict]) -> list[dict]:
+        async def broken(items: list[m.RelayItem]) -> list[m.ItemResult]:
             raise KeyUnavailable("peer unreachable")
 
         failing = RelayBatcher(broken)
         outcomes = await asyncio.gather(
-            *(failing.submit({"n": i}) for i in range(3)), return_exceptions=True
+            *(outcome(failing, item(i)) for i in range(3)), return_exceptions=True
         )
         assert all(isinstance(o, KeyUnavailable) for o in outcomes)
         assert failing._in_flight == 0  # and the batcher is ready for more
@@ -97,18 +113,17 @@ def test_batches_never_exceed_the_limit():
     async def main() -> None:
         peer = Peer()
         batcher = RelayBatcher(peer.send)
-        await asyncio.gather(*(batcher.submit({"n": i}) for i in range(600)))
+        await asyncio.gather(*(outcome(batcher, item(i)) for i in range(600)))
         assert max(len(b) for b in peer.batches) <= RelayBatcher.MAX_ITEMS
         assert sum(len(b) for b in peer.batches) == 600
 
     asyncio.run(main())
 
 
-@pytest.mark.parametrize("bad", [[], "x", [1] * 300])
+@pytest.mark.parametrize("bad", [[], "x", [msgspec.to_builtins(item(1))] * 300])
 def test_a_node_refuses_malformed_batches(bad):
-    from appliance.kms.errors import ProtocolError
-    from appliance.kms.node import KmsNode
-
-    node = KmsNode.__new__(KmsNode)  # only the batch check runs before any item
-    with pytest.raises(ProtocolError):
-        asyncio.run(node._on_relay({"items": bad}, 3))
+    """An empty batch, one that is not a list, one over the limit: refused as a whole by
+    the decoder, before any item is looked at."""
+    body = msgspec.msgpack.encode({"type": "RelayBatch", "v": 1, "items": bad})
+    with pytest.raises(MessageError):
+        m.decode(body, m.RelayBatch)

@@ -53,10 +53,9 @@ class MemoryService:
         return out
 
     async def dec_keys(self, slave, master, key_ids):
-        for key_id in key_ids:
-            entry = self.issued.get(key_id)
-            if entry is None or entry[:2] != (master, slave):
-                raise KeyUnavailable(key_id)
+        missing = [k for k in key_ids if self.issued.get(k, ("", "", b""))[:2] != (master, slave)]
+        if missing:
+            raise KeyUnavailable(f"{len(missing)} keys not here", missing=missing)
         return [(k, self.issued.pop(k)[2]) for k in key_ids]
 
 
@@ -471,6 +470,13 @@ def test_not_found_keys_and_an_empty_stock_carry_details(pki, kme):
         sae(pki, "sae-2", port), "GET", f"/api/v1/keys/sae-1/dec_keys?key_ID={missing}"
     )
     assert status == 400 and doc["details"] == [{"key_IDs_not_found": [missing]}]
+    status, doc = call(sae(pki, "sae-1", port), "GET", "/api/v1/keys/sae-2/enc_keys")
+    here = doc["keys"][0]["key_ID"]
+    body = {"key_IDs": [{"key_ID": here}, {"key_ID": missing}]}
+    status, doc = call(sae(pki, "sae-2", port), "POST", "/api/v1/keys/sae-1/dec_keys", body)
+    assert status == 400 and doc["details"] == [{"key_IDs_not_found": [missing]}]  # only it
+    status, doc = call(sae(pki, "sae-2", port), "GET", f"/api/v1/keys/sae-1/dec_keys?key_ID={here}")
+    assert status == 200 and doc["keys"][0]["key_ID"] == here  # and the other one is there
     service.empty = True
     status, doc = call(sae(pki, "sae-1", port), "GET", "/api/v1/keys/sae-2/enc_keys")
     assert status == 503 and doc["details"]

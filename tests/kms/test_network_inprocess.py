@@ -166,7 +166,7 @@ def test_an_access_node_with_another_psk_is_refused_and_alarms(tmp_path, caplog)
 def test_a_contract_chooses_its_users_relay_mode(tmp_path, monkeypatch):
     """The network relays in GCM; the demo users' contract asks for OTP: their keys cross
     every hop under one-time pads, and the other user's keys under GCM."""
-    import appliance.kms.nodebase as node_module  # where _seal_for finds them
+    import appliance.kms.engines.base as node_module  # where the engines find them
 
     sealed: list[Mode] = []
     for name, mode in (("seal_otp", Mode.OTP), ("seal_gcm", Mode.GCM)):
@@ -206,19 +206,29 @@ def test_a_hop_that_cannot_forward_fails_the_request_at_once(tmp_path, monkeypat
     timeout turns a missing abort into a failure), no key is issued, and requests succeed
     again once the link recovers."""
     from appliance.kms.errors import KeyUnavailable
-    from appliance.kms.links import LinkKeys
+    from appliance.kms.events import LinkKeysRead
+    from appliance.kms.linkend import LinkEnd
+    from appliance.kms.node import KmsNode
 
     monkeypatch.setattr(Policy, "cn_timeout", property(lambda _policy: 3600.0))
 
     broken = {"on": False}
-    real_gcm = LinkKeys.gcm
+    real_shortfall, real_read = LinkEnd.shortfall, KmsNode._read_keys
 
-    def gcm(self):
+    def shortfall(self, mode, payload, now):  # link 7-8 has no key left to send with...
         if broken["on"] and self.link == "link-7-8":
-            raise KeyUnavailable("link-7-8: no link key (test)")
-        return real_gcm(self)
+            return 32
+        return real_shortfall(self, mode, payload, now)
 
-    monkeypatch.setattr(LinkKeys, "gcm", gcm)
+    def read_keys(self, service, read):  # ...and its module none to give
+        if broken["on"] and read.link == "link-7-8":
+            error = KeyUnavailable("link-7-8: no link key (test)")
+            self._work.append((service, LinkKeysRead(ticket=read.ticket, error=error)))
+            return
+        real_read(self, service, read)
+
+    monkeypatch.setattr(LinkEnd, "shortfall", shortfall)
+    monkeypatch.setattr(KmsNode, "_read_keys", read_keys)
 
     def saes(port_a: int, port_b: int) -> None:
         a = sae_conn(tmp_path, "sae-berlin-1", port_a)

@@ -163,9 +163,25 @@ def test_a_kme_refuses_an_sae_it_does_not_serve(net):
 
 # -- relay messages, captured between two real nodes -------------------------------------
 def flip_a_sealed_bit(body: bytes) -> bytes:
-    """The body with one bit of its sealed part flipped: in the longest base64 string
-    anywhere in a JSON body (relay batches nest their messages), else in the last byte
-    (the authentication tag, whatever the encoding)."""
+    """The body with one bit of its sealed part flipped: the tag of the last hop message
+    of a relay batch (MessagePack), or the longest base64 string anywhere in a JSON body,
+    else the last byte (the authentication tag, whatever the encoding)."""
+    from appliance.kms import messages as m
+    from appliance.kms.errors import MessageError
+
+    try:
+        batch = m.decode(body, m.RelayBatch)
+    except MessageError:
+        pass
+    else:
+        last = batch.items[-1]
+        sealed = bytearray(last.message)
+        sealed[-1] ^= 0x01
+        items = [
+            *batch.items[:-1],
+            m.RelayItem(path=last.path, index=last.index, message=bytes(sealed), epoch=last.epoch),
+        ]
+        return m.encode(m.RelayBatch(items=items))
     try:
         doc: Any = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError):

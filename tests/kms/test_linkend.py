@@ -1,4 +1,9 @@
-"""One QKD link between two nodes: master/slave roles, grants, both directions, no reuse."""
+"""One QKD link between two nodes: master/slave roles, grants, both directions, no reuse.
+
+:class:`LinkEnd` never reads a QKD module itself; :class:`End` here does what an engine's
+adapter does for it (reads the keys it says it needs), so the tests speak of sending and
+receiving as before.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +11,7 @@ import pytest
 
 import hal
 from appliance.kms.errors import IntegrityFailure, KeyUnavailable, ReplayDetected, StaleGrant
-from appliance.kms.links import LinkKeys, Role, role_of
+from appliance.kms.linkend import GRANT_TTL, LinkEnd, Role, role_of
 from appliance.kms.relay import (
     MAC_KEY_BYTES,
     Direction,
@@ -21,16 +26,82 @@ from appliance.kms.relay import (
 )
 
 
-def pair(skr: float = 25600, seed: str = "links") -> tuple[LinkKeys, LinkKeys, hal.ManualClock]:
+class End:
+    """A link end with its QKD module: what the engines and the node adapter do together."""
+
+    def __init__(self, role: Role, qkdm: hal.Qkdm, epoch: str) -> None:
+        self.link = LinkEnd("link-2-3", role, epoch)
+        self.role, self.qkdm, self.now = role, qkdm, 0.0
+
+    @property
+    def epoch(self) -> str | None:
+        return self.link.epoch
+
+    def _read(self, count: int, ids: tuple[str, ...]) -> tuple[list, tuple[str, ...]]:
+        keys, gone = [], []
+        try:
+            for _ in range(count):
+                key = self.qkdm.get_key()
+                keys.append((key.key_id, key.material))
+            for key_id in ids:
+                try:
+                    key = self.qkdm.get_key_by_id(key_id)
+                except hal.KeyNotFound:
+                    gone.append(key_id)
+                    continue
+                keys.append((key.key_id, key.material))
+        except hal.HalError as exc:
+            if not keys and not gone:
+                raise KeyUnavailable(f"link-2-3: no link key ({exc.code})") from None
+        return keys, tuple(gone)
+
+    def _cover(self, mode: Mode, payload: int) -> None:
+        while (short := self.link.shortfall(mode, payload, self.now)) > 0:
+            plan = self.link.send_read(short, self.now)
+            if plan is None:
+                raise KeyUnavailable("link-2-3: no granted link keys left; ask the master")
+            keys, gone = self._read(*plan)
+            self.link.fed_for_sending(mode, keys, gone, self.now)
+
+    def pad(self, n: int) -> tuple[tuple[Segment, ...], bytearray]:
+        self._cover(Mode.OTP, n - MAC_KEY_BYTES)
+        segments, pad, _ = self.link.seal_material(Mode.OTP, n - MAC_KEY_BYTES)
+        return segments, pad
+
+    def gcm(self) -> tuple[str, bytearray, int]:
+        self._cover(Mode.GCM, 32)
+        (segment,), key, counter = self.link.seal_material(Mode.GCM, 32)
+        return segment.key_id, key, counter
+
+    def grant(self, n: int) -> list[str]:
+        keys, _ = self._read(n, ())
+        return self.link.grant(keys, self.now)
+
+    def accept_grant(self, ids: list[str], epoch: str) -> None:
+        self.link.accept_grant(ids, epoch, self.now)
+
+    def granted_left(self) -> int:
+        return self.link.granted_left()
+
+    def receive(self, hop: Hop) -> bytearray:
+        missing = self.link.missing(hop)
+        if missing:
+            keys, gone = self._read(0, tuple(missing))
+            assert not gone
+            self.link.add_received(keys, self.now)
+        return self.link.open_material(hop)
+
+
+def pair(skr: float = 25600, seed: str = "links") -> tuple[End, End, hal.ManualClock]:
     clock = hal.ManualClock(0)
     query = f"skr={skr}&seed={seed}"
     a = hal.open_qkdm(f"emulated://link-2-3?end=a&{query}", clock=clock)
     b = hal.open_qkdm(f"emulated://link-2-3?end=b&{query}", clock=clock)
     clock.advance(10)
-    return LinkKeys("link-2-3", Role.MASTER, a), LinkKeys("link-2-3", Role.SLAVE, b), clock
+    return End(Role.MASTER, a, "a" * 32), End(Role.SLAVE, b, "b" * 32), clock
 
 
-def otp(sender: LinkKeys, receiver: LinkKeys, cn: bytes, hop_no: int = 0) -> bytearray:
+def otp(sender: End, receiver: End, cn: bytes, hop_no: int = 0) -> bytearray:
     segments, pad = sender.pad(len(cn) + MAC_KEY_BYTES)
     hop = Hop(
         request_id=b"q" * 16,
@@ -121,32 +192,26 @@ def test_an_empty_link_is_key_unavailable():
 def test_a_restarted_master_refuses_old_grants_until_the_slave_asks_again():
     master, slave, _ = pair()
     slave.accept_grant(master.grant(8), master.epoch or "")
-    restarted = LinkKeys("link-2-3", Role.MASTER, master.qkdm)  # same QKDM end, new run
+    restarted = End(Role.MASTER, master.qkdm, "c" * 32)  # same QKDM end, new run
     assert restarted.epoch != master.epoch
     with pytest.raises(StaleGrant):
-        restarted.check_grant_epoch(slave.epoch)
-    slave.seen_master_epoch(restarted.epoch)  # the slave learns of the restart
+        restarted.link.check_epoch(slave.epoch)
+    slave.link.check_epoch(restarted.epoch)  # the slave learns of the restart
     assert slave.granted_left() == 0
     slave.accept_grant(restarted.grant(8), restarted.epoch or "")
-    restarted.check_grant_epoch(slave.epoch)
+    restarted.link.check_epoch(slave.epoch)
     assert otp(slave, restarted, b"after restart" * 3) == b"after restart" * 3
 
 
-def test_housekeeping_forgets_what_a_silent_peer_will_never_use(monkeypatch):
+def test_housekeeping_forgets_what_a_silent_peer_will_never_use():
     """A master sweeps granted keys after GRANT_TTL (a restarted slave asks anew); a slave
     gives its grants up after half of it, so it never sends with a swept key."""
-    from types import SimpleNamespace
-
-    from appliance.kms import links
-    from appliance.kms.links import GRANT_TTL
-
-    now = 1000.0
-    monkeypatch.setattr(links, "time", SimpleNamespace(monotonic=lambda: now))  # the clock
     master, slave, _ = pair()
     slave.accept_grant(master.grant(8), master.epoch or "")
-    assert master.housekeeping(now) == 0 and slave.housekeeping(now) == 0
-    assert slave.housekeeping(now + GRANT_TTL / 2 + 1) == 8 and slave.granted_left() == 0
-    assert master.housekeeping(now + GRANT_TTL + 1) == 8
+    now = 0.0
+    assert master.link.housekeeping(now) == 0 and slave.link.housekeeping(now) == 0
+    assert slave.link.housekeeping(now + GRANT_TTL / 2 + 1) == 8 and slave.granted_left() == 0
+    assert master.link.housekeeping(now + GRANT_TTL + 1) == 8
     slave.accept_grant(master.grant(4), master.epoch or "")  # and a fresh grant works
     assert otp(slave, master, b"after" * 10) == b"after" * 10
 
@@ -170,7 +235,7 @@ def test_granted_keys_the_module_dropped_are_skipped(monkeypatch):
     key_id, _, _ = slave.gcm()
     assert key_id == granted[4] and slave.granted_left() == 1
     dropped.add(granted[5])
-    slave.drop_sending()  # (as after a peer's refusal) the next send needs a fresh key
+    slave.link.drop_sending()  # (as after a peer's refusal) the next send needs a fresh key
     slave.accept_grant(granted[5:], master.epoch or "")
     with pytest.raises(KeyUnavailable, match="ask the master"):
         slave.gcm()

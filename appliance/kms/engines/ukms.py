@@ -1,0 +1,488 @@
+"""The UKMS engine: the keys of the SAEs served at a user node, without I/O.
+
+* **enc_keys** (the master SAE): from the pair's stock when it holds enough keys of the
+  usual size, else made through the network: a ``KsaRequest`` to our AKMS, whose answer
+  (the keys sealed under our link's keys) is opened here.
+* **dec_keys** (the slave SAE): the named keys are taken from the store, *pending*: they
+  stay in the store, fetchable by nobody, until the answer has been handed to the SAE's
+  connection (``SaeAnswerWritten``), then they are released. An answer that never left
+  (the connection was gone) restores them for the slave; a crash in between leaves them
+  pending, and the store lets the same slave take them again for a bounded window
+  (:mod:`appliance.kms.store`). No crash loses a key.
+* **Deliveries**: the slave's copies of new keys arrive from AKMS B (``Deliver``) under
+  our link's keys and are stored for dec_keys.
+* **The stock** ("keys may be buffered in advance"): for each pair whose master is served
+  here, up to ``policy.stock`` keys made ahead and kept in the store (on disk, not in
+  memory). Pairs short of keys queue for a refill and take turns, ``stock_parallel`` at a
+  time; a pair with a full stock costs nothing. Keys are taken from the store a lease at a
+  time (deleted at once, so never handed out twice) and served from memory; leases are
+  kept for at most ``MAX_LEASED`` pairs.
+
+Tables: ``UKMS_ENC``, ``REFILL``, ``UKMS_DEC``, ``DELIVERY`` (:mod:`states`). Key
+material is erased once handed on; nothing is logged.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from appliance.kms import ksa
+from appliance.kms import messages as m
+from appliance.kms.engines.base import EngineBase, RandomBytes, answer_or_fail, erase
+from appliance.kms.engines.config import EngineConfig
+from appliance.kms.engines.states import DELIVERY, REFILL, UKMS_DEC, UKMS_ENC, I, S
+from appliance.kms.errors import IntegrityFailure, KeyUnavailable, KmsError, ProtocolError
+from appliance.kms.events import (
+    Action,
+    Alarm,
+    Housekeep,
+    Input,
+    KeyBits,
+    Levels,
+    Received,
+    Refuse,
+    Reply,
+    SaeAnswerWritten,
+    SaeDecKeys,
+    SaeEncKeys,
+    SaeKeys,
+    SaeRefused,
+    StoreDone,
+    StoreOp,
+    StoreRequest,
+)
+from appliance.kms.relay import Hop
+from appliance.kms.seams import SessionRegistry
+from appliance.kms.storeops import Put, Release, Restore, StoredKey, Take, TakeOldest
+
+LEASE = 64
+"""Keys taken from a pair's stock ahead of demand, beyond the request that asked."""
+MAX_LEASED = 256
+"""Pairs whose leased keys are kept in memory at once (the least recently used give
+theirs back to the store)."""
+STOCK = "stock"
+KSA = "ksa"
+BACKOFF_FIRST, BACKOFF_MAX = 0.1, 5.0
+"""Seconds before a failed stock refill is tried again (doubling)."""
+
+
+@dataclass(eq=False, slots=True)
+class Enc:
+    """A master SAE's enc_keys."""
+
+    state: S
+    req: int
+    session: str
+    master: str
+    slave: str
+    number: int
+    size: int
+
+
+@dataclass(eq=False, slots=True)
+class Refill:
+    state: S
+    session: str
+    number: int
+
+
+@dataclass(eq=False, slots=True)
+class Dec:
+    state: S
+    req: int
+    session: str
+    key_ids: tuple[str, ...] = ()
+
+
+@dataclass(eq=False, slots=True)
+class Delivery:
+    state: S
+    req: int
+
+
+@dataclass(eq=False, slots=True)
+class Stock:
+    """One pair's stock: keys in the store, keys leased, requests waiting for a lease."""
+
+    master: str
+    slave: str
+    stored: int = 0
+    leased: deque[StoredKey] = field(default_factory=deque)
+    leasing: bool = False
+    waiting: list[Enc] = field(default_factory=list)
+    refilling: bool = False
+
+
+class UkmsEngine(EngineBase):
+    """The UKMS services of a node."""
+
+    def __init__(
+        self,
+        config: EngineConfig,
+        rng: RandomBytes,
+        nonce: RandomBytes,
+        sessions: SessionRegistry,
+    ) -> None:
+        super().__init__(config, rng, nonce)
+        if len(self.links) != 1:
+            raise ProtocolError(f"UKMS {self.name} must hang off exactly one AKMS")
+        self.akms = next(iter(self.links))
+        self.sessions = sessions
+        self._stocks: dict[str, Stock] = {}
+        self._leased: OrderedDict[str, None] = OrderedDict()  # sessions with a lease, LRU
+        self._short: deque[str] = deque()  # sessions queued for a refill
+        self._refills = 0
+        self._refill_backoff = BACKOFF_FIRST
+        self._dec: dict[int, Dec] = {}
+        self._fresh = True  # no answer of our AKMS opened yet in this run
+        if self.policy.stock > 0:
+            for master, slave in sessions.master_pairs():
+                session = sessions.session_014(master, slave)
+                if session is not None:
+                    self._stocks[session] = Stock(master, slave)
+
+    # -- life cycle ---------------------------------------------------------------------------
+    def start(self, now: float) -> list[Action]:
+        out = super().start(now)
+        if self._stocks:
+            out.append(self.store(Levels(kind=STOCK), self._levels))
+        return out
+
+    def stop(self) -> list[Action]:
+        """Give the leased keys back to the stock (a graceful stop keeps them)."""
+        out: list[Action] = []
+        for session in list(self._leased):
+            out += self._give_back(session)
+        return out
+
+    def housekeeping(self) -> list[Action]:
+        return [*super().housekeeping(), self.store(Housekeep(), lambda _: [])]
+
+    def stored(self, master: str, slave: str) -> int:
+        """Keys ready for a pair (ETSI 014 Status): in its stock and leased."""
+        session = self.sessions.session_014(master, slave)
+        stock = self._stocks.get(session or "")
+        return stock.stored + len(stock.leased) if stock is not None else 0
+
+    def store(self, op: StoreRequest, then: Callable[[Input], list[Action]]) -> StoreOp:
+        return StoreOp(ticket=self.number(then), op=op)
+
+    # -- inputs -------------------------------------------------------------------------------
+    def on_received(self, event: Received) -> list[Action]:
+        if isinstance(event.message, m.Deliver):
+            return self._on_deliver(event, event.message)
+        return super().on_received(event)
+
+    def on_other(self, event: Input) -> list[Action]:
+        if isinstance(event, SaeEncKeys):
+            return self._enc_keys(event)
+        if isinstance(event, SaeDecKeys):
+            return self._dec_keys(event)
+        if isinstance(event, SaeAnswerWritten):
+            return self._written(event)
+        return super().on_other(event)
+
+    # -- enc_keys -------------------------------------------------------------------------------
+    def _enc_keys(self, event: SaeEncKeys) -> list[Action]:
+        session = self.sessions.session_014(event.master, event.slave)
+        if session is None:
+            error = KeyUnavailable("not a pair served as master here")
+            return [SaeRefused(req=event.req, error=error)]
+        enc = Enc(S.ASKING, event.req, session, event.master, event.slave, event.number, event.size)
+        stock = self._stocks.get(session)
+        if stock is not None and event.size == self.policy.key_size:
+            enc.state = S.LEASING
+            if len(stock.leased) >= enc.number:
+                return self._from_lease(stock, enc)
+            if stock.stored + len(stock.leased) >= enc.number or stock.leasing:
+                stock.waiting.append(enc)
+                return self._lease(session, stock)
+            UKMS_ENC.advance(enc, I.SHORT)  # stock too low right now: make them end to end
+        return self._ask(enc)
+
+    def _from_lease(self, stock: Stock, enc: Enc) -> list[Action]:
+        UKMS_ENC.advance(enc, I.LEASED)
+        keys = [stock.leased.popleft() for _ in range(enc.number)]
+        out: list[Action] = [SaeKeys(req=enc.req, keys=[(k.key_id, k.material) for k in keys])]
+        return out + self._want_stock(enc.session)
+
+    def _lease(self, session: str, stock: Stock) -> list[Action]:
+        """Take keys from the pair's stock store ahead of demand (one take at a time)."""
+        if stock.leasing:
+            return []
+        stock.leasing = True
+        want = sum(e.number for e in stock.waiting) - len(stock.leased) + LEASE
+        self._leased[session] = None
+        self._leased.move_to_end(session)
+        out: list[Action] = [
+            self.store(
+                TakeOldest(session=session, kind=STOCK, n=want),
+                functools.partial(self._leased_in, session, want),
+            )
+        ]
+        while len(self._leased) > MAX_LEASED:
+            out += self._give_back(next(iter(self._leased)))
+        return out
+
+    def _leased_in(self, session: str, want: int, event: Input) -> list[Action]:
+        assert isinstance(event, StoreDone)
+        stock = self._stocks[session]
+        stock.leasing = False
+        if isinstance(event.result, list):
+            if event.result:
+                self._leased[session] = None
+                stock.leased.extend(event.result)
+            # fewer than asked: the store holds no more (keys expired there, say)
+            got = len(event.result)
+            stock.stored = max(0, stock.stored - got) if got == want else 0
+        waiting, stock.waiting = stock.waiting, []
+        out: list[Action] = []
+        for enc in waiting:
+            if len(stock.leased) >= enc.number:
+                out += self._from_lease(stock, enc)
+            else:
+                UKMS_ENC.advance(enc, I.SHORT)
+                out += self._ask(enc)
+        return out + self._want_stock(session)
+
+    def _give_back(self, session: str) -> list[Action]:
+        self._leased.pop(session, None)
+        stock = self._stocks.get(session)
+        if stock is None or not stock.leased:
+            return []
+        keys, stock.leased = list(stock.leased), deque()
+        stock.stored += len(keys)
+        pairs = [(k.key_id, k.material) for k in keys]
+        return [
+            self.store(Put(session=session, kind=STOCK, keys=pairs), lambda _: _erase_keys(pairs))
+        ]
+
+    def _ksa_request(self, master: str, slave: str, number: int, size: int) -> m.KsaRequest:
+        return m.KsaRequest(
+            master=master,
+            slave=slave,
+            number=number,
+            size=size,
+            epoch=self.links[self.akms].epoch,
+            fresh=self._fresh,
+        )
+
+    def _ask(self, enc: Enc) -> list[Action]:
+        """Make keys end to end: our AKMS asks the network."""
+        request = self._ksa_request(enc.master, enc.slave, enc.number, enc.size)
+        then = answer_or_fail(
+            lambda msg: self._answered(enc, msg), lambda e: self._enc_failed(enc, e)
+        )
+        return [self.call((self.akms, "akms"), request, then)]
+
+    def _answered(self, enc: Enc, answer: m.Message) -> list[Action]:
+        if not isinstance(answer, m.KsaAnswer):
+            return self._enc_failed(
+                enc, ProtocolError("a KSA request answered with another message")
+            )
+        UKMS_ENC.advance(enc, I.ANSWER)
+        return self.open_from(
+            self.akms,
+            answer.sealed,
+            answer.epoch,
+            lambda hop, batch: self._opened(enc, hop, batch),
+            lambda exc: self._enc_failed(enc, exc),
+        )
+
+    def _opened(self, enc: Enc, hop: Hop, batch: bytearray) -> list[Action]:
+        self._fresh = False
+        try:
+            keys = ksa.decode_batch(batch)
+        except KmsError as exc:
+            return self._enc_failed(enc, exc)
+        finally:
+            erase(batch)
+        if len(keys) != enc.number or any(len(k) * 8 != enc.size for _, k in keys):
+            _erase_keys(keys)
+            return self._enc_failed(enc, IntegrityFailure("keys other than those asked for"))
+        UKMS_ENC.advance(enc, I.OPENED)
+        return [SaeKeys(req=enc.req, keys=keys)]
+
+    def _enc_failed(self, enc: Enc, error: KmsError) -> list[Action]:
+        UKMS_ENC.advance(enc, I.REFUSED)
+        out: list[Action] = [SaeRefused(req=enc.req, error=error)]
+        if isinstance(error, IntegrityFailure):
+            out.insert(0, Alarm(code=error.code, reason=error.message))
+        return out
+
+    # -- the stock --------------------------------------------------------------------------
+    def _levels(self, event: Input) -> list[Action]:
+        assert isinstance(event, StoreDone)
+        if isinstance(event.result, dict):
+            for session, n in event.result.items():
+                if session in self._stocks:
+                    self._stocks[session].stored = n
+        out: list[Action] = []
+        for session in self._stocks:
+            out += self._want_stock(session, start=False)
+        return out + self._refill_next()
+
+    def _want_stock(self, session: str, *, start: bool = True) -> list[Action]:
+        """Queue a pair for a refill when its stock is short (once)."""
+        stock = self._stocks.get(session)
+        if stock is None or stock.refilling or session in self._short:
+            return []
+        if stock.stored + len(stock.leased) >= self.policy.stock:
+            return []
+        self._short.append(session)
+        return self._refill_next() if start else []
+
+    def _refill_next(self) -> list[Action]:
+        out: list[Action] = []
+        while self._short and self._refills < self.policy.stock_parallel:
+            session = self._short.popleft()
+            stock = self._stocks[session]
+            missing = self.policy.stock - stock.stored - len(stock.leased)
+            if missing <= 0:
+                continue
+            refill = Refill(S.ASKING, session, min(missing, self.policy.stock_batch))
+            stock.refilling = True
+            self._refills += 1
+            request = self._ksa_request(
+                stock.master, stock.slave, refill.number, self.policy.key_size
+            )
+            then = answer_or_fail(
+                functools.partial(self._refill_answer, refill),
+                functools.partial(self._refill_failed, refill),
+            )
+            out.append(self.call((self.akms, "akms"), request, then))
+        return out
+
+    def _refill_answer(self, refill: Refill, answer: m.Message) -> list[Action]:
+        if not isinstance(answer, m.KsaAnswer):
+            return self._refill_failed(refill, ProtocolError("a KSA request answered otherwise"))
+        REFILL.advance(refill, I.ANSWER)
+        return self.open_from(
+            self.akms,
+            answer.sealed,
+            answer.epoch,
+            lambda hop, batch: self._refill_opened(refill, batch),
+            lambda exc: self._refill_failed(refill, exc),
+        )
+
+    def _refill_opened(self, refill: Refill, batch: bytearray) -> list[Action]:
+        self._fresh = False
+        try:
+            keys = ksa.decode_batch(batch)
+        except KmsError as exc:
+            return self._refill_failed(refill, exc)
+        finally:
+            erase(batch)
+        REFILL.advance(refill, I.OPENED)
+        put = Put(session=refill.session, kind=STOCK, keys=keys)
+        return [self.store(put, lambda e: self._refill_stored(refill, keys, e))]
+
+    def _refill_stored(self, refill: Refill, keys: list[KeyBits], event: Input) -> list[Action]:
+        assert isinstance(event, StoreDone)
+        _erase_keys(keys)
+        if isinstance(event.result, KmsError):
+            return self._refill_failed(refill, event.result)
+        REFILL.advance(refill, I.STORED)
+        stock = self._stocks[refill.session]
+        stock.stored += len(keys)
+        stock.refilling = False
+        self._refills -= 1
+        self._refill_backoff = BACKOFF_FIRST
+        return self._want_stock(refill.session, start=False) + self._refill_next()
+
+    def _refill_failed(self, refill: Refill, error: KmsError) -> list[Action]:
+        REFILL.advance(refill, I.REFUSED)
+        stock = self._stocks[refill.session]
+        stock.refilling = False
+        self._refills -= 1
+        pause = self._refill_backoff
+        self._refill_backoff = min(BACKOFF_MAX, pause * 2)
+        out: list[Action] = []
+        if isinstance(error, IntegrityFailure):
+            out.append(Alarm(code=error.code, reason=error.message))
+        key = ("refill", refill.session)
+        out.append(self.timer(key, self.now + pause, lambda: self._want_stock(refill.session)))
+        return out
+
+    # -- dec_keys -------------------------------------------------------------------------------
+    def _dec_keys(self, event: SaeDecKeys) -> list[Action]:
+        session = self.sessions.session_014_slave(event.slave, event.master)
+        if session is None:
+            return [SaeRefused(req=event.req, error=KeyUnavailable("not a pair served here"))]
+        dec = Dec(S.TAKING, event.req, session)
+        take = Take(session=session, key_ids=list(event.key_ids))
+        return [self.store(take, lambda e: self._taken(dec, e))]
+
+    def _taken(self, dec: Dec, event: Input) -> list[Action]:
+        assert isinstance(event, StoreDone)
+        if not isinstance(event.result, list):
+            UKMS_DEC.advance(dec, I.REFUSED)
+            error = event.result if isinstance(event.result, KmsError) else KeyUnavailable("")
+            return [SaeRefused(req=dec.req, error=error)]  # the store raised its own alarm
+        UKMS_DEC.advance(dec, I.TAKEN)
+        dec.key_ids = tuple(k.key_id for k in event.result)
+        self._dec[dec.req] = dec
+        return [SaeKeys(req=dec.req, keys=[(k.key_id, k.material) for k in event.result])]
+
+    def _written(self, event: SaeAnswerWritten) -> list[Action]:
+        """The answer to a dec_keys left (release the keys) or could not (restore them)."""
+        dec = self._dec.pop(event.req, None)
+        if dec is None:
+            return []
+        if event.ok:
+            UKMS_DEC.advance(dec, I.WRITTEN)
+            op: StoreRequest = Release(session=dec.session, key_ids=list(dec.key_ids))
+        else:
+            UKMS_DEC.advance(dec, I.REFUSED)
+            op = Restore(session=dec.session, key_ids=list(dec.key_ids))
+        return [self.store(op, lambda _: [])]
+
+    # -- deliveries from AKMS B -------------------------------------------------------------------
+    def _on_deliver(self, event: Received, deliver: m.Deliver) -> list[Action]:
+        session = self.sessions.session_014_slave(deliver.slave, deliver.master)
+        if event.caller not in self.links or session is None:
+            error = ProtocolError("delivery for an SAE that is not served here")
+            return [Refuse(req=event.req, error=error)]
+        delivery = Delivery(S.OPENING, event.req)
+        return self.open_from(
+            event.caller,
+            deliver.sealed,
+            deliver.epoch,
+            lambda hop, batch: self._delivered(delivery, session, batch),
+            lambda exc: self._delivery_failed(delivery, exc),
+        )
+
+    def _delivered(self, delivery: Delivery, session: str, batch: bytearray) -> list[Action]:
+        try:
+            keys = ksa.decode_batch(batch)
+        except KmsError as exc:
+            return self._delivery_failed(delivery, exc)
+        finally:
+            erase(batch)
+        DELIVERY.advance(delivery, I.OPENED)
+        put = Put(session=session, kind=KSA, keys=keys)
+        return [self.store(put, lambda e: self._stored(delivery, keys, e))]
+
+    def _stored(self, delivery: Delivery, keys: list[KeyBits], event: Input) -> list[Action]:
+        assert isinstance(event, StoreDone)
+        _erase_keys(keys)
+        if isinstance(event.result, KmsError):
+            return self._delivery_failed(delivery, event.result)
+        DELIVERY.advance(delivery, I.STORED)
+        return [Reply(req=delivery.req, message=m.Delivered(stored=len(keys)))]
+
+    def _delivery_failed(self, delivery: Delivery, error: KmsError) -> list[Action]:
+        DELIVERY.advance(delivery, I.REFUSED)
+        out: list[Action] = [Refuse(req=delivery.req, error=error)]
+        if isinstance(error, IntegrityFailure):
+            out.insert(0, Alarm(code=error.code, reason=error.message))
+        return out
+
+
+def _erase_keys(keys: list[KeyBits]) -> list[Action]:
+    for _, material in keys:
+        erase(material)
+    return []
