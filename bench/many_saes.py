@@ -28,6 +28,7 @@ import multiprocessing
 import os
 import platform
 import random
+import shutil
 import sqlite3
 import sys
 import tempfile
@@ -251,6 +252,7 @@ def run(args: argparse.Namespace, net_dir: Path) -> dict[str, Any]:
         json=False,
     )
     out: dict[str, Any] = {"pairs": args.pairs, "stock": args.stock}
+    shutil.rmtree(net_dir / "data", ignore_errors=True)  # fresh stores; PKI kept for reuse
     t0 = time.monotonic()
     net.bring_up(up)
     out["up_s"] = round(time.monotonic() - t0, 1)
