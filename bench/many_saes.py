@@ -1,23 +1,30 @@
 """Scale benchmark (issue 12, "scale with users"): N SAE pairs on one UKMS pair.
 
-Generates a topology of four KMS nodes, ``ukms-a - akms-a - akms-b - ukms-b`` (the access
-nodes run AKMS and CKMS), with N users, each with one contract and two SAEs (one at each
-UKMS): N pairs stocked at each UKMS. Starts the network as OS processes (as ``qkdn net
-up`` does), waits until every stock is full, and reports per UKMS:
+For each N of ``--pairs``, generates a topology of four KMS nodes, ``ukms-a - akms-a -
+akms-b - ukms-b`` (the access nodes run AKMS and CKMS), with N users, each with one
+contract and two SAEs (one at each UKMS): N pairs stocked at each UKMS. Starts each
+network as OS processes (as ``qkdn net up`` does) and waits until its stocks are full
+before it starts the next, then reports per UKMS:
 
-  * RSS (``VmRSS``), open descriptors (all, and those of key stores: ``keys-*.db*``);
-  * idle CPU: the share of one core the process used over ``--idle-window`` seconds with
-    every stock full and no request (from ``/proc/<pid>/stat``);
+  * RSS (``VmRSS``), open descriptors (all, and those of key stores: ``keys-*.db*``),
+    after the fill and after the load;
+  * idle CPU: the share of one core each UKMS used over ``--idle-window`` seconds with
+    every stock full and no request, every network idle in the same window (from
+    ``/proc/<pid>/stat``; the default window spans the 60 s housekeeping);
   * the time to fill every stock (from the network answering until the stores hold
     N x stock keys; read from the shard files, read-only);
   * T_key (enc_keys at the master, dec_keys of the same key at the slave, both 014 over
-    HTTPS) for one pair while ``--load`` other processes request keys for other pairs
-    picked at random (a few requests each, each pair on its own SAE connections).
+    HTTPS) for one pair while ``--load`` processes request keys for other pairs picked at
+    random (a few requests each, each pair on its own SAE connections): ``--rounds``
+    rounds per network, interleaved across the networks in a rotating order so that every
+    N sees the same machine; the medians of the rounds' p50 and p99.
 
-Every phase is bounded in time (``--fill-timeout``, ``--idle-window``, ``--requests``),
-and the network is stopped at the end, whatever happens.
-Usage: python bench/many_saes.py --pairs N [--stock S] [--requests R] [--load W]
-                                 [--idle-window S] [--fill-timeout S] [--dir DIR] [--json]
+Every phase is bounded in time (``--up-timeout``, ``--fill-timeout``, ``--idle-window``,
+``--requests`` x ``--rounds``), and every network is stopped at the end, whatever happens.
+With ``--dir`` the networks' directories (and their PKI, slow to issue for 10,000 pairs)
+are kept for the next run; the stores are made afresh each run.
+Usage: python bench/many_saes.py [--pairs 2,200,10000] [--stock S] [--requests R]
+         [--rounds K] [--load W] [--idle-window S] [--fill-timeout S] [--dir DIR] [--json]
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ import platform
 import random
 import shutil
 import sqlite3
+import statistics
 import sys
 import tempfile
 import time
@@ -207,18 +215,21 @@ def idle_cpu(pids: dict[str, int], window: float) -> dict[str, float]:
     }
 
 
-def t_key_under_load(net_dir: Path, ports: tuple[int, int], args: argparse.Namespace) -> Any:
+def t_key_under_load(net: Network, args: argparse.Namespace) -> dict[str, Any]:
+    """T_key of pair 0 while ``args.load`` processes serve pairs picked at random."""
     ctx = multiprocessing.get_context("fork")
     stop, counter = ctx.Event(), ctx.Value("q", 0)
     workers = [
-        ctx.Process(target=_load, args=(str(net_dir), ports, args.pairs, 1000 + w, stop, counter))
-        for w in range(args.load if args.pairs > 1 else 0)
+        ctx.Process(
+            target=_load, args=(str(net.dir), net.ports, net.pairs, 1000 + w, stop, counter)
+        )
+        for w in range(args.load if net.pairs > 1 else 0)
     ]
     for w in workers:
         w.start()
     try:
-        master = _endpoint(net_dir, "sae-a-0", ports[0])
-        slave = _endpoint(net_dir, "sae-b-0", ports[1])
+        master = _endpoint(net.dir, "sae-a-0", net.ports[0])
+        slave = _endpoint(net.dir, "sae-b-0", net.ports[1])
         t0 = time.monotonic()
         result = measure(master, slave, args.requests)
         elapsed = time.monotonic() - t0
@@ -228,82 +239,139 @@ def t_key_under_load(net_dir: Path, ports: tuple[int, int], args: argparse.Names
             w.join(timeout=60)
             if w.is_alive():
                 w.kill()
-    result.pop("samples_ms", None)
-    result.pop("paper_t_key_s", None)
-    result.pop("speedup_vs_paper", None)
-    result.pop("window", None)
-    result["load_requests"] = counter.value
-    result["load_requests_per_s"] = round(counter.value / elapsed, 1)
-    return result
+    return {
+        **result["t_key_ms"],
+        "failed": result["failed_requests"],
+        "mismatched": result["keys_mismatched"],
+        "load_per_s": round(counter.value / elapsed, 1),
+    }
 
 
-def run(args: argparse.Namespace, net_dir: Path) -> dict[str, Any]:
-    topo = net_dir.parent / f"many-saes-{args.pairs}.toml"
-    if not topo.exists():
-        topo.write_text(topology_toml(args.pairs))
-    up = argparse.Namespace(
-        topology=str(topo),
-        dir=net_dir,
-        base_port=find_free_base_port(range(1, 5)),
-        mode="gcm",
-        rate_limited=False,
-        stock=args.stock,
-        timeout=args.up_timeout,
-        json=False,
-    )
-    out: dict[str, Any] = {"pairs": args.pairs, "stock": args.stock}
-    shutil.rmtree(net_dir / "data", ignore_errors=True)  # fresh stores; PKI kept for reuse
-    t0 = time.monotonic()
-    net.bring_up(up)
-    out["up_s"] = round(time.monotonic() - t0, 1)
+class Network:
+    """One benchmark network: its directory, its UKMS processes and 014 ports."""
+
+    def __init__(self, root: Path, pairs: int, args: argparse.Namespace) -> None:
+        self.pairs, self.dir = pairs, root / f"net-{pairs}"
+        self.report: dict[str, Any] = {"pairs": pairs, "stock": args.stock, "t_key": []}
+        self.pids: dict[str, int] = {}
+        self.data = {name: self.dir / "data" / name for name in UKMS}
+        self.ports = (0, 0)
+        self.up = False
+
+    def start(self, args: argparse.Namespace) -> None:
+        """Start the network on fresh stores (the PKI of an earlier run is kept), and wait
+        until every stock is full."""
+        topo = self.dir.parent / f"many-saes-{self.pairs}.toml"
+        if not topo.exists():
+            topo.write_text(topology_toml(self.pairs))
+        shutil.rmtree(self.dir / "data", ignore_errors=True)
+        up = argparse.Namespace(
+            topology=str(topo),
+            dir=self.dir,
+            base_port=find_free_base_port(range(1, 5)),
+            mode="gcm",
+            rate_limited=False,
+            stock=args.stock,
+            timeout=args.up_timeout,
+            json=False,
+        )
+        t0 = time.monotonic()
+        net.bring_up(up)
+        self.up = True
+        self.report["up_s"] = round(time.monotonic() - t0, 1)
+        nodes = {n["name"]: n for n in net.status_doc(self.dir)["nodes"]}
+        self.pids = {name: nodes[name]["pid"] for name in UKMS}
+        a, b = (int(nodes[name]["endpoints"]["etsi014"].rsplit(":", 1)[1]) for name in UKMS)
+        self.ports = (a, b)
+        self.report["started"] = self.measure()
+        self.report["fill"] = wait_filled(self.data, self.pairs * args.stock, args.fill_timeout)
+        self.report["filled"] = self.measure()
+
+    def measure(self) -> dict[str, Any]:
+        return per_ukms(self.pids, self.data)
+
+    def stop(self) -> None:
+        if self.up:
+            self.report["restarts"] = sum(n["restarts"] for n in net.status_doc(self.dir)["nodes"])
+            net.bring_down(self.dir)
+            self.up = False
+
+
+def run(args: argparse.Namespace, root: Path) -> list[dict[str, Any]]:
+    """Each network started and filled in turn (the others idle meanwhile), the idle CPU of
+    all in one window, then T_key rounds interleaved across the networks (each round in
+    another order), so that every N sees the same machine."""
+    nets = [Network(root, n, args) for n in args.pairs]
     try:
-        status = net.status_doc(net_dir)
-        nodes = {n["name"]: n for n in status["nodes"]}
-        pids = {name: nodes[name]["pid"] for name in UKMS}
-        data = {name: net_dir / "data" / name for name in UKMS}
-        ports = tuple(int(nodes[name]["endpoints"]["etsi014"].rsplit(":", 1)[1]) for name in UKMS)
-        out["started"] = per_ukms(pids, data)
-        out["fill"] = wait_filled(data, args.pairs * args.stock, args.fill_timeout)
-        out["filled"] = per_ukms(pids, data)
-        out["idle_cpu_pct"] = idle_cpu(pids, args.idle_window)
-        out["t_key"] = t_key_under_load(net_dir, (ports[0], ports[1]), args)
-        out["after_load"] = per_ukms(pids, data)
-        out["restarts"] = sum(n["restarts"] for n in net.status_doc(net_dir)["nodes"])
+        for n in nets:
+            n.start(args)
+        pids = {f"{n.pairs}/{name}": pid for n in nets for name, pid in n.pids.items()}
+        idle = idle_cpu(pids, args.idle_window)
+        for n in nets:
+            n.report["idle_cpu_pct"] = {name: idle[f"{n.pairs}/{name}"] for name in UKMS}
+        for r in range(args.rounds):
+            order = nets[r % len(nets) :] + nets[: r % len(nets)]
+            for n in order:
+                n.report["t_key"].append(t_key_under_load(n, args))
+        for n in nets:
+            n.report["after_load"] = n.measure()
+            rounds = n.report["t_key"]
+            n.report["t_key_p50_median_ms"] = statistics.median(t["p50"] for t in rounds)
+            n.report["t_key_p99_median_ms"] = statistics.median(t["p99"] for t in rounds)
     finally:
-        net.bring_down(net_dir)
-    return out
+        for n in nets:
+            n.stop()
+    return [n.report for n in nets]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--pairs", type=int, default=200, help=f"SAE pairs, 2..{MAX_PAIRS}")
+    parser.add_argument(
+        "--pairs", default="2,200", help=f"SAE pair counts, comma-separated, each 2..{MAX_PAIRS}"
+    )
     parser.add_argument("--stock", type=int, default=256, help="stock keys per pair")
-    parser.add_argument("--requests", type=int, default=300, help="timed T_key requests")
+    parser.add_argument("--requests", type=int, default=300, help="timed requests per round")
+    parser.add_argument("--rounds", type=int, default=3, help="T_key rounds per network")
     parser.add_argument("--load", type=int, default=2, help="processes serving other pairs")
-    parser.add_argument("--idle-window", type=float, default=20.0, help="seconds")
+    parser.add_argument("--idle-window", type=float, default=65.0, help="seconds")
     parser.add_argument("--fill-timeout", type=float, default=900.0, help="seconds")
-    parser.add_argument("--up-timeout", type=float, default=300.0, help="seconds")
-    parser.add_argument("--dir", type=Path, help="keep the network here (default: a temp dir)")
+    parser.add_argument("--up-timeout", type=float, default=600.0, help="seconds")
+    parser.add_argument("--dir", type=Path, help="keep the networks here (default: a temp dir)")
     parser.add_argument("--json", action="store_true", help="print JSON only")
     args = parser.parse_args()
-    if not 2 <= args.pairs <= MAX_PAIRS or not 1 <= args.stock <= 100_000:
-        parser.error(f"--pairs 2..{MAX_PAIRS}, --stock 1..100000")
-    if not (0 < args.requests <= 100_000 and 0 <= args.load <= 8):
-        parser.error("--requests 1..100000, --load 0..8")
+    try:
+        args.pairs = [int(x) for x in args.pairs.split(",")]
+    except ValueError:
+        parser.error("--pairs: comma-separated integers")
+    if not all(2 <= n <= MAX_PAIRS for n in args.pairs) or len(set(args.pairs)) != len(args.pairs):
+        parser.error(f"--pairs: distinct counts, each 2..{MAX_PAIRS}")
+    if not (1 <= args.stock <= 100_000 and 1 <= args.rounds <= 20):
+        parser.error("--stock 1..100000, --rounds 1..20")
+    if not (0 < args.requests <= 100_000 and 0 <= args.load <= 8 and args.idle_window > 0):
+        parser.error("--requests 1..100000, --load 0..8, --idle-window > 0")
     out: dict[str, Any] = {
         "machine": f"{os.cpu_count()} cores, {platform.system()}, "
         f"Python {platform.python_version()}",
         "date": time.strftime("%Y-%m-%d %H:%M"),
+        "command": " ".join(sys.argv),
     }
     if args.dir is not None:
         args.dir.mkdir(parents=True, exist_ok=True)
-        out.update(run(args, args.dir.resolve() / "net"))
+        out["networks"] = run(args, args.dir.resolve())
     else:
         with tempfile.TemporaryDirectory(prefix="qkdn-many-") as tmp:
-            out.update(run(args, Path(tmp) / "net"))
+            out["networks"] = run(args, Path(tmp))
     text = json.dumps(out, indent=1)
     if not args.json:
-        print(f"many_saes: {args.pairs} pairs", file=sys.stderr)
+        for n in out["networks"]:
+            print(
+                f"N={n['pairs']}: RSS {[u['rss_mb'] for u in n['after_load'].values()]} MB, "
+                f"store fds {[u['store_fds'] for u in n['after_load'].values()]}, "
+                f"idle CPU {list(n['idle_cpu_pct'].values())} %, "
+                f"fill {list(n['fill']['fill_s'].values())} s, "
+                f"T_key p50 median {n['t_key_p50_median_ms']} ms",
+                file=sys.stderr,
+            )
     print(text)
 
 
