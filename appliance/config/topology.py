@@ -14,13 +14,14 @@ operator's: kb/s for key rates, percent for QBER, km for lengths.
 from __future__ import annotations
 
 import datetime as dt
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import Field, StringConstraints
 
-from appliance.config.schema import Strict, load_model, read_toml
+from appliance.config.schema import Lean, Strict, load_model, read_toml
 from appliance.errors import ConfigError
 
 Name = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9-]{0,62}$")]
@@ -106,12 +107,12 @@ class Link(Strict):
         return f"link-{lo}-{hi}"
 
 
-class User(Strict):
+class UserEntry(Strict):
     id: Name
     name: str = Field(min_length=1)
 
 
-class Contract(Strict):
+class ContractEntry(Strict):
     id: Name
     user: Name
     max_key_size: int = Field(256, ge=64, le=65536, multiple_of=8)
@@ -122,11 +123,41 @@ class Contract(Strict):
     """How this user's keys cross the network; unset: the network's policy."""
 
 
-class Sae(Strict):
+class SaeEntry(Strict):
     id: Name
     node: int
     user: Name
     contract: Name
+
+
+# The customer tables may hold tens of thousands of rows: each row is checked as the
+# model above and kept as the lean record below (see schema.Lean).
+@dataclass(frozen=True, slots=True)
+class User(Lean):
+    entry = UserEntry
+    id: str
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class Contract(Lean):
+    entry = ContractEntry
+    id: str
+    user: str
+    max_key_size: int = 256
+    keys_per_day: int = 1_000_000
+    valid_from: dt.date | None = None
+    valid_until: dt.date | None = None
+    relay_mode: Literal["otp", "gcm"] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Sae(Lean):
+    entry = SaeEntry
+    id: str
+    node: int
+    user: str
+    contract: str
 
 
 class TopologyFile(Strict):
