@@ -22,8 +22,9 @@ in one ``BEGIN IMMEDIATE ... COMMIT``, each in a SAVEPOINT of its own.
   it, for each StoreCorrupt or IntegrityFailure outcome: :mod:`shards` raises its alarm
   and quarantines a damaged file there, so that a caller's retry meets the fresh one.
 * :meth:`GroupCommitter.queue` queues an operation whose outcome nobody awaits (the
-  releases after an SAE's reply is written): it rides on the next group; a failure is
-  logged (the keys stay pending and are purged after the refetch window).
+  releases after an SAE's reply is written): it goes in the next group, at once, with
+  whatever else is queued; a failure is logged (the keys stay pending and are purged
+  after the refetch window).
 
 Cancellation, and what it costs. An operation whose caller was cancelled before its group
 began is skipped: nothing stored, nothing taken. One whose caller is cancelled later still
@@ -42,7 +43,6 @@ import asyncio
 import logging
 import sqlite3
 import threading
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -118,17 +118,12 @@ class GroupCommitter:
 
     MAX_GROUP = 256
     """Operations per transaction at most (bounds how long one holds the store lock)."""
-    LAZY_S = 1.0
-    """How long an operation nobody awaits (a release) may wait to ride in a group that
-    someone does await; then it goes alone. Its keys are pending meanwhile: fetchable by
-    nobody, and after a crash by their own slave only (see :mod:`store`)."""
 
     def __init__(self, store: KeyStore, *, on_error: OnError | None = None) -> None:
         self.store = store
         """The store the next group runs on (:mod:`shards` swaps in a fresh one)."""
         self._on_error = on_error
         self._queue: list[_Op] = []
-        self._lazy_since: float | None = None  # when the oldest unawaited operation came
         self._wake = threading.Condition()
         self._worker: threading.Thread | None = None
         self._closed = False
@@ -144,17 +139,15 @@ class GroupCommitter:
         return result
 
     def queue(self, op: Op) -> None:
-        """Run ``op`` in a later group, nobody awaiting its outcome (a release): with the
-        next operation that someone awaits, or alone after LAZY_S (a transaction and an
-        fsync saved per lone dec_keys)."""
+        """Run ``op`` in the next group, nobody awaiting its outcome (a release). It does
+        not wait for company: a release that waited would leave its keys pending, and a
+        crash meanwhile would let their slave fetch them again (see :mod:`store`)."""
         self._enqueue(_Op(op, None, None))
 
     def _enqueue(self, item: _Op) -> None:
         with self._wake:
             if self._closed:
                 raise StoreError(f"store {self.store.name}: closed")
-            if item.future is None and self._lazy_since is None:
-                self._lazy_since = time.monotonic()
             self._queue.append(item)
             if self._worker is None:
                 self._worker = threading.Thread(
@@ -180,23 +173,11 @@ class GroupCommitter:
                     _deliver(item, result)
 
     def _next_group(self) -> list[_Op]:
-        """Wait for operations and take those queued; none once closed and drained. Only
-        unawaited operations queued: wait for an awaited one, or LAZY_S at most."""
+        """Wait for operations and take those queued; none once closed and drained."""
         with self._wake:
-            while not self._closed:
-                if any(item.future is not None for item in self._queue):
-                    break
-                since = self._lazy_since
-                if since is None:
-                    self._wake.wait()
-                    continue
-                left = since + self.LAZY_S - time.monotonic()
-                if left <= 0:
-                    break
-                self._wake.wait(left)
+            while not self._queue and not self._closed:
+                self._wake.wait()
             group, self._queue = self._queue[: self.MAX_GROUP], self._queue[self.MAX_GROUP :]
-            lazy = [item for item in self._queue if item.future is None]
-            self._lazy_since = time.monotonic() if lazy else None
         return group
 
     def _commit(self, live: list[_Op]) -> list[Result]:

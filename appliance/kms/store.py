@@ -22,6 +22,10 @@ transaction, so a crash leaves the old state or the new, never half of one.
   gets the same bits, within :data:`REFETCH_WINDOW` seconds of the first take (the window
   is counted from the first take: a take again does not extend it). Nobody else ever: a
   second take in the same run, another session, or a take after the window is refused.
+  The release commits a few milliseconds after the reply is written; a crash in that
+  window too lets the same slave fetch the same bits again (once more, never another SAE):
+  with no acknowledgement in ETSI 014, a UKMS cannot tell a reply received from one lost,
+  and it chooses a repeat to the named slave over a lost key.
   :meth:`KeyStore.purge_expired` deletes pending rows older than the window.
 * **Take oldest** (:meth:`KeyStore.take_oldest`, the stock lease) deletes at once.
 * All or none: a take naming a key that is not available raises KeyUnavailable, whose
