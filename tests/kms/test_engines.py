@@ -30,9 +30,9 @@ from appliance.kms import messages as m
 from appliance.kms.engines import AkmsEngine
 from appliance.kms.engines import states as st
 from appliance.kms.engines.base import RETRY_MAX
-from appliance.kms.engines.ukms import REFILL_PAUSE
 from appliance.kms.engines.config import Policy
 from appliance.kms.engines.states import TABLES, I, S
+from appliance.kms.engines.ukms import REFILL_PAUSE
 from appliance.kms.errors import (
     KeyUnavailable,
     KmsError,
