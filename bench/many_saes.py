@@ -230,9 +230,11 @@ def t_key_under_load(net: Network, args: argparse.Namespace) -> dict[str, Any]:
     try:
         master = _endpoint(net.dir, "sae-a-0", net.ports[0])
         slave = _endpoint(net.dir, "sae-b-0", net.ports[1])
+        cpu0 = {name: cpu_s(pid) for name, pid in net.nodes.items()}
         t0 = time.monotonic()
         result = measure(master, slave, args.requests)
         elapsed = time.monotonic() - t0
+        cpu = {name: cpu_s(pid) - cpu0[name] for name, pid in net.nodes.items()}
     finally:
         stop.set()
         for w in workers:
@@ -244,6 +246,12 @@ def t_key_under_load(net: Network, args: argparse.Namespace) -> dict[str, Any]:
         "failed": result["failed_requests"],
         "mismatched": result["keys_mismatched"],
         "load_per_s": round(counter.value / elapsed, 1),
+        # CPU of every node process per request served in the round (measured and load):
+        # what the load makes the network do beside the measured pair
+        "node_cpu_ms_per_request": {
+            name: round(1000 * used / (args.requests + counter.value), 2)
+            for name, used in cpu.items()
+        },
     }
 
 
@@ -254,6 +262,7 @@ class Network:
         self.pairs, self.dir = pairs, root / f"net-{pairs}"
         self.report: dict[str, Any] = {"pairs": pairs, "stock": args.stock, "t_key": []}
         self.pids: dict[str, int] = {}
+        self.nodes: dict[str, int] = {}  # every node process (UKMSes and access nodes)
         self.data = {name: self.dir / "data" / name for name in UKMS}
         self.ports = (0, 0)
         self.up = False
@@ -281,6 +290,7 @@ class Network:
         self.report["up_s"] = round(time.monotonic() - t0, 1)
         nodes = {n["name"]: n for n in net.status_doc(self.dir)["nodes"]}
         self.pids = {name: nodes[name]["pid"] for name in UKMS}
+        self.nodes = {name: node["pid"] for name, node in nodes.items()}
         a, b = (int(nodes[name]["endpoints"]["etsi014"].rsplit(":", 1)[1]) for name in UKMS)
         self.ports = (a, b)
         self.report["started"] = self.measure()
