@@ -49,6 +49,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,9 @@ from appliance.config.render import find_free_base_port
 from appliance.kms import netproc
 from appliance.sae_http import HttpResponseError, HttpsConnection, Response
 from appliance.tkey import SaeEndpoint, endpoints
+
+Seen = dict[int, int | None]
+"""Pids of the network seen during the run, each with its start time (None: gone already)."""
 
 MASTER, SLAVE = "sae-berlin-1", "sae-bonn-1"
 REQUESTERS = 4
@@ -307,7 +311,7 @@ def _is(kind: str, role: str) -> bool:
     return "akms" in role if kind == "akms" else role == kind
 
 
-def killer(ledger: Ledger, net: Path, rng: random.Random, seen: set[int]) -> None:
+def killer(ledger: Ledger, net: Path, rng: random.Random, seen: Seen) -> None:
     for i, kill in enumerate(ledger.kills):
         while time.monotonic() < ledger.deadline:
             with ledger.lock:
@@ -323,11 +327,11 @@ def killer(ledger: Ledger, net: Path, rng: random.Random, seen: set[int]) -> Non
                 ledger.next_kill = ledger.resumed_upto = i + 1
 
 
-def strike(ledger: Ledger, kill: Kill, net: Path, rng: random.Random, seen: set[int]) -> None:
+def strike(ledger: Ledger, kill: Kill, net: Path, rng: random.Random, seen: Seen) -> None:
     """One kill, into the requests in flight; then until the network has resumed."""
     time.sleep(rng.uniform(0.0, 0.03))
     status = status_doc(net)
-    seen.update(pid for n in status["nodes"] for pid in n["pids"] if pid)
+    remember(seen, (pid for n in status["nodes"] for pid in n["pids"]))
     candidates = victims(status, kill.kind)
     if not candidates:
         kill.note = f"no live {kill.kind} to kill"
@@ -398,8 +402,9 @@ def wait_resumed(ledger: Ledger, kill: Kill) -> None:
 
 
 # -- the run -----------------------------------------------------------------------------
-def left_behind(net: Path, pids: set[int]) -> list[int]:
-    """Processes still running after net down: by marker, command line or known pid."""
+def left_behind(net: Path, seen: Seen) -> list[int]:
+    """Processes still running after net down: by marker, command line or known pid (the
+    same process: its start time as when it was seen; pids are recycled)."""
     found = set(netproc.find_processes(net))
     for entry in os.scandir("/proc"):
         if entry.name.isdigit():
@@ -411,16 +416,24 @@ def left_behind(net: Path, pids: set[int]) -> list[int]:
             mark = str(net).encode()
             if any(a == mark or a.startswith(mark + b"/") for a in argv):
                 found.add(int(entry.name))
-    found |= {pid for pid in pids if _running(pid)}
+    found |= {pid for pid, start in seen.items() if start is not None and _started(pid) == start}
     return sorted(found)
 
 
-def _running(pid: int) -> bool:
+def remember(seen: Seen, pids: Iterable[int]) -> None:
+    for pid in pids:
+        if pid and pid not in seen:
+            seen[pid] = _started(pid)
+
+
+def _started(pid: int) -> int | None:
+    """When a live (not zombie) process started, in clock ticks since boot; None if none."""
     try:
         with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+            fields = fh.read().rsplit(")", 1)[1].split()
     except OSError:
-        return False
+        return None
+    return None if fields[0] == "Z" else int(fields[19])
 
 
 def run(args: argparse.Namespace, net: Path) -> dict[str, Any]:
@@ -433,7 +446,7 @@ def run(args: argparse.Namespace, net: Path) -> dict[str, Any]:
     ledger = Ledger(args.requests, t0 + args.max_seconds)
     ledger.kills = plan_kills(args.requests, args.kills, rng)
     ledger.endpoints, ledger.base_port = endpoints(status_doc(net), MASTER, SLAVE), base_port
-    seen: set[int] = set()
+    seen: Seen = {}
     threads = [threading.Thread(target=requester, args=(ledger, args)) for _ in range(REQUESTERS)]
     threads.append(threading.Thread(target=killer, args=(ledger, net, rng, seen)))
     try:
@@ -443,12 +456,11 @@ def run(args: argparse.Namespace, net: Path) -> dict[str, Any]:
             thread.join()
     finally:
         status = status_doc(net)
-        seen.update(pid for n in status["nodes"] for pid in n["pids"] if pid)
-        seen.add(int(status.get("supervisor_pid") or 0))
+        remember(seen, (pid for n in status["nodes"] for pid in n["pids"]))
+        remember(seen, [int(status.get("supervisor_pid") or 0)])
         down = subprocess.run(
             [*QKDN, "net", "down", "--dir", str(net)], capture_output=True, text=True
         )
-    seen.discard(0)
     return report(ledger, args, time.monotonic() - t0, left_behind(net, seen), down.returncode)
 
 
