@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from typing import Any
 
 from rich.markup import escape
@@ -97,7 +98,7 @@ def topology_doc(topo: Topology) -> dict[str, Any]:
         "source": topo.source,
         "nodes": [n.model_dump() for n in topo.spec.nodes],
         "links": [link.model_dump() for link in topo.links],
-        "saes": [s.model_dump() for s in topo.spec.saes],
+        "saes": [dataclasses.asdict(s) for s in topo.spec.saes],
     }
 
 

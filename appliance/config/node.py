@@ -19,6 +19,7 @@ from appliance.config.addresses import check_host, check_host_port
 from appliance.config.render import MAX_BASE_PORT, MIN_BASE_PORT
 from appliance.config.schema import Strict, load_model, read_toml
 from appliance.config.topology import Name
+from appliance.errors import ConfigError
 
 
 def _bare_host(text: str) -> str:
@@ -101,6 +102,26 @@ class NodeConfig(Strict):
     ``file:PATH`` (a provisioning file) or ``pcsc://READER?...`` (a smartcard)."""
 
 
-def load_node_config(path: Path) -> NodeConfig:
-    """Read and validate one node configuration file."""
-    return load_model(NodeConfig, read_toml(path), str(path))
+def load_node_config(path: Path, *, keep_saes: bool = True) -> NodeConfig:
+    """Read and validate one node configuration file.
+
+    ``keep_saes=False`` (the node runtime, which finds its SAEs in the topology): the SAE
+    entries are checked one by one as strictly, then dropped, so a UKMS serving 10,000
+    SAEs does not hold 10,000 entries it never reads (their certificates' paths are for
+    provisioning and ``qkdn net status``)."""
+    data = read_toml(path)
+    if keep_saes:
+        return load_model(NodeConfig, data, str(path))
+    saes = data.pop("saes", [])
+    config = load_model(NodeConfig, data, str(path))
+    if not isinstance(saes, list):
+        raise ConfigError(str(path), "saes", f"expected a list (got {type(saes).__name__})")
+    for i, entry in enumerate(saes):
+        try:
+            load_model(SaeEntry, entry, str(path))
+        except ConfigError as exc:
+            label = entry.get("id") if isinstance(entry, dict) else None
+            where = f"saes[{i}]" + (f" ({label})" if isinstance(label, str) else "")
+            key = f"{where}.{exc.key}" if exc.key else where
+            raise ConfigError(str(path), key, exc.problem, code=exc.code) from None
+    return config

@@ -14,13 +14,14 @@ operator's: kb/s for key rates, percent for QBER, km for lengths.
 from __future__ import annotations
 
 import datetime as dt
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import Field, StringConstraints
 
-from appliance.config.schema import Strict, load_model, read_toml
+from appliance.config.schema import Lean, Strict, load_model, read_toml
 from appliance.errors import ConfigError
 
 Name = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9-]{0,62}$")]
@@ -106,12 +107,12 @@ class Link(Strict):
         return f"link-{lo}-{hi}"
 
 
-class User(Strict):
+class UserEntry(Strict):
     id: Name
     name: str = Field(min_length=1)
 
 
-class Contract(Strict):
+class ContractEntry(Strict):
     id: Name
     user: Name
     max_key_size: int = Field(256, ge=64, le=65536, multiple_of=8)
@@ -122,11 +123,41 @@ class Contract(Strict):
     """How this user's keys cross the network; unset: the network's policy."""
 
 
-class Sae(Strict):
+class SaeEntry(Strict):
     id: Name
     node: int
     user: Name
     contract: Name
+
+
+# The customer tables may hold tens of thousands of rows: each row is checked as the
+# model above and kept as the lean record below (see schema.Lean).
+@dataclass(frozen=True, slots=True)
+class User(Lean):
+    entry = UserEntry
+    id: str
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class Contract(Lean):
+    entry = ContractEntry
+    id: str
+    user: str
+    max_key_size: int = 256
+    keys_per_day: int = 1_000_000
+    valid_from: dt.date | None = None
+    valid_until: dt.date | None = None
+    relay_mode: Literal["otp", "gcm"] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Sae(Lean):
+    entry = SaeEntry
+    id: str
+    node: int
+    user: str
+    contract: str
 
 
 class TopologyFile(Strict):
@@ -366,23 +397,32 @@ def _check_customers(spec: TopologyFile, file: str) -> None:
 
 def _check_routes(spec: TopologyFile, file: str) -> None:
     """Every two SAEs of one user reach each other: user node -> access node -> carrier
-    nodes -> access node -> user node, as the KMS routes a key request."""
+    nodes -> access node -> user node, as the KMS routes a key request. Linear in the
+    number of SAEs (SAEs are grouped by user, access nodes looked up once per node)."""
     nodes = {n.id: n for n in spec.nodes}
     area = _carrier_areas(spec, nodes)
-    saes = sorted(spec.saes, key=lambda s: s.id)
-    for i, a in enumerate(saes):
-        for b in saes[i + 1 :]:
-            if a.user != b.user or a.node == b.node:
-                continue
-            ends = [_access_node(spec, nodes, sae, file) for sae in (a, b)]
-            if area[ends[0]] != area[ends[1]]:
-                raise ConfigError(
-                    file,
-                    f"saes {a.id} and {b.id}",
-                    f"no path between their access nodes {ends[0]} and {ends[1]} through "
-                    "carrier (ckms) nodes: their key requests could never be served",
-                    code="CFG-ROUTE",
-                )
+    by_user: dict[str, list[Sae]] = {}
+    for sae in sorted(spec.saes, key=lambda s: s.id):
+        by_user.setdefault(sae.user, []).append(sae)
+    access: dict[int, int] = {}
+    for saes in by_user.values():
+        for i, a in enumerate(saes):
+            for b in saes[i + 1 :]:
+                if a.node == b.node:
+                    continue
+                ends = []
+                for sae in (a, b):
+                    if sae.node not in access:
+                        access[sae.node] = _access_node(spec, nodes, sae, file)
+                    ends.append(access[sae.node])
+                if area[ends[0]] != area[ends[1]]:
+                    raise ConfigError(
+                        file,
+                        f"saes {a.id} and {b.id}",
+                        f"no path between their access nodes {ends[0]} and {ends[1]} through "
+                        "carrier (ckms) nodes: their key requests could never be served",
+                        code="CFG-ROUTE",
+                    )
 
 
 def _access_node(spec: TopologyFile, nodes: dict[int, Node], sae: Sae, file: str) -> int:

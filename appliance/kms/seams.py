@@ -103,6 +103,11 @@ class SessionRegistry(Protocol):
         """Every (master, slave) pair whose master is served here (the stocked pairs)."""
         ...
 
+    def pair_of(self, session: str) -> tuple[str, str] | None:
+        """The (master, slave) of an ETSI 014 session whose master is served here, or None
+        (so that a caller keeps session IDs only, not a pair object each)."""
+        ...
+
 
 def session_id(master: str, slave: str) -> str:
     """The ETSI 014 session of an SAE pair: the store's key for the pair's keys."""
@@ -196,3 +201,10 @@ class TopologySessions:
 
     def master_pairs(self) -> list[tuple[str, str]]:
         return list(self._pairs)
+
+    def pair_of(self, session: str) -> tuple[str, str] | None:
+        kind, _, rest = session.partition(":")
+        master, _, slave = rest.partition(":")
+        if kind != "014" or self.session_014(master, slave) != session:
+            return None
+        return master, slave

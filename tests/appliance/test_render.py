@@ -171,3 +171,21 @@ def test_node_config_ports_and_hosts_are_checked(rendered, tmp_path, where, valu
         load_node_config(path)
     assert info.value.code == "CFG-VALUE"
     assert str(info.value).startswith(f"{path}: {key}") and expected in str(info.value)
+
+
+def test_the_node_runtime_checks_its_sae_entries_and_keeps_none(tmp_path):
+    """``node run`` finds its SAEs in the topology: the config's entries are checked as
+    strictly as ever (an unknown key names its entry), then not kept."""
+    render(load_topology("demoquandt"), RenderPlan(out=tmp_path, start=0.0))
+    path = tmp_path / "nodes" / "ukms-berlin.toml"
+    full = load_node_config(path)
+    lean = load_node_config(path, keep_saes=False)
+    assert [s.id for s in full.saes] == ["sae-berlin-1", "sae-berlin-2"]
+    assert lean.saes == [] and lean.model_dump(exclude={"saes"}) == full.model_dump(
+        exclude={"saes"}
+    )
+    doc = read_toml(path)
+    doc["saes"][1]["colour"] = "red"
+    path.write_text(tomli_w.dumps(doc))
+    with pytest.raises(ConfigError, match=r"saes\[1\] \(sae-berlin-2\)\.colour: unknown key"):
+        load_node_config(path, keep_saes=False)

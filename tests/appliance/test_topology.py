@@ -12,7 +12,7 @@ import tomli_w
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from appliance.config.topology import load_topology
+from appliance.config.topology import load_topology, resolve_path
 from appliance.errors import ConfigError
 
 TABLE_3 = {  # link: (SKR kb/s, QBER %), from the paper
@@ -429,3 +429,20 @@ def test_random_bytes_are_a_clean_error(tmp_path, blob):
         load_topology(str(path))
     except ConfigError as err:
         assert err.code.startswith("CFG")
+
+
+def test_customer_rows_are_kept_lean_and_checked_as_strictly(tmp_path):
+    """SAEs, users and contracts (a network may list tens of thousands) are slotted records
+    without a per-row ``__dict__``; a bad row is still named, with the keys allowed."""
+    topo = load_topology("demoquandt")
+    for row in (topo.spec.saes[0], topo.spec.users[0], topo.spec.contracts[0]):
+        assert not hasattr(row, "__dict__")
+    text = resolve_path("demoquandt").read_text()
+    path = tmp_path / "t.toml"
+    path.write_text(text.replace('id = "sae-bonn-1"\n', 'id = "sae-bonn-1"\ncolour = "red"\n'))
+    with pytest.raises(
+        ConfigError,
+        match=r"saes\[1\] \(sae-bonn-1\)\.colour: unknown key "
+        r"\(allowed here: contract, id, node, user\)",
+    ):
+        load_topology(str(path))

@@ -13,10 +13,18 @@
   our link's keys and are stored for dec_keys.
 * **The stock** ("keys may be buffered in advance"): for each pair whose master is served
   here, up to ``policy.stock`` keys made ahead and kept in the store (on disk, not in
-  memory). Pairs short of keys queue for a refill and take turns, ``stock_parallel`` at a
-  time; a pair with a full stock costs nothing. Keys are taken from the store a lease at a
-  time (deleted at once, so never handed out twice) and served from memory; leases are
-  kept for at most ``MAX_LEASED`` pairs.
+  memory). Pairs short of keys queue for a refill and take turns (first short, first
+  served; a refilled pair still short goes to the back), ``stock_parallel`` at a time. A
+  failed refill sends its pair to the back of the queue and pauses every refill for a
+  back-off (one timer for the engine, never one per pair). Keys are taken from the store a
+  lease at a time (deleted at once, so never handed out twice) and served from memory;
+  leases are kept for at most ``MAX_LEASED`` pairs.
+
+  What a pair costs here is bounded by what it does, not by how many pairs there are: an
+  idle pair with a full stock is one count in :attr:`UkmsEngine._levels` (keys in its
+  stock, as the store last told) and nothing else: no timer, no object. A pair gets a
+  :class:`Stock` (its lease, its waiting requests) only while it leases, waits or
+  refills, and loses it when it settles.
 
 Tables: ``UKMS_ENC``, ``REFILL``, ``UKMS_DEC``, ``DELIVERY`` (:mod:`states`). Key
 material is erased once handed on; nothing is logged.
@@ -66,7 +74,9 @@ theirs back to the store)."""
 STOCK = "stock"
 KSA = "ksa"
 BACKOFF_FIRST, BACKOFF_MAX = 0.1, 5.0
-"""Seconds before a failed stock refill is tried again (doubling)."""
+"""Seconds the refills pause after a failed one (doubling while they keep failing)."""
+REFILL_PAUSE = "refill-pause"
+"""The key of the engine's one refill back-off timer."""
 
 
 @dataclass(eq=False, slots=True)
@@ -105,15 +115,16 @@ class Delivery:
 
 @dataclass(eq=False, slots=True)
 class Stock:
-    """One pair's stock: keys in the store, keys leased, requests waiting for a lease."""
+    """What an active pair holds in memory: keys leased, requests waiting for a lease,
+    whether a lease or a refill is under way (an idle pair has none of this)."""
 
-    master: str
-    slave: str
-    stored: int = 0
     leased: deque[StoredKey] = field(default_factory=deque)
     leasing: bool = False
     waiting: list[Enc] = field(default_factory=list)
     refilling: bool = False
+
+    def idle(self) -> bool:
+        return not (self.leased or self.leasing or self.waiting or self.refilling)
 
 
 class UkmsEngine(EngineBase):
@@ -131,9 +142,11 @@ class UkmsEngine(EngineBase):
             raise ProtocolError(f"UKMS {self.name} must hang off exactly one AKMS")
         self.akms = next(iter(self.links))
         self.sessions = sessions
-        self._stocks: dict[str, Stock] = {}
+        self._levels: dict[str, int] = {}  # stocked session -> keys in its stock (store)
+        self._stocks: dict[str, Stock] = {}  # the active pairs only
         self._leased: OrderedDict[str, None] = OrderedDict()  # sessions with a lease, LRU
-        self._short: deque[str] = deque()  # sessions queued for a refill
+        self._short: deque[str] = deque()  # sessions queued for a refill, in turn
+        self._queued: set[str] = set()  # the same sessions, to look up
         self._refills = 0
         self._refill_backoff = BACKOFF_FIRST
         self._dec: dict[int, Dec] = {}
@@ -142,13 +155,13 @@ class UkmsEngine(EngineBase):
             for master, slave in sessions.master_pairs():
                 session = sessions.session_014(master, slave)
                 if session is not None:
-                    self._stocks[session] = Stock(master, slave)
+                    self._levels[session] = 0
 
     # -- life cycle ---------------------------------------------------------------------------
     def start(self, now: float) -> list[Action]:
         out = super().start(now)
-        if self._stocks:
-            out.append(self.store(Levels(kind=STOCK), self._levels))
+        if self._levels:
+            out.append(self.store(Levels(kind=STOCK), self._levels_read))
         return out
 
     def stop(self) -> list[Action]:
@@ -163,9 +176,27 @@ class UkmsEngine(EngineBase):
 
     def stored(self, master: str, slave: str) -> int:
         """Keys ready for a pair (ETSI 014 Status): in its stock and leased."""
-        session = self.sessions.session_014(master, slave)
-        stock = self._stocks.get(session or "")
-        return stock.stored + len(stock.leased) if stock is not None else 0
+        session = self.sessions.session_014(master, slave) or ""
+        if session not in self._levels:
+            return 0
+        return self._levels[session] + self._leased_count(session)
+
+    def _leased_count(self, session: str) -> int:
+        stock = self._stocks.get(session)
+        return len(stock.leased) if stock is not None else 0
+
+    def _active(self, session: str) -> Stock:
+        """The pair's in-memory part, made when it becomes active."""
+        stock = self._stocks.get(session)
+        if stock is None:
+            stock = self._stocks[session] = Stock()
+        return stock
+
+    def _settle(self, session: str) -> None:
+        """Forget the in-memory part of a pair that has become idle again."""
+        stock = self._stocks.get(session)
+        if stock is not None and stock.idle():
+            del self._stocks[session]
 
     def store(self, op: StoreRequest, then: Callable[[Input], list[Action]]) -> StoreOp:
         return StoreOp(ticket=self.number(then), op=op)
@@ -192,12 +223,14 @@ class UkmsEngine(EngineBase):
             error = KeyUnavailable("not a pair served as master here")
             return [SaeRefused(req=event.req, error=error)]
         enc = Enc(S.ASKING, event.req, session, event.master, event.slave, event.number, event.size)
-        stock = self._stocks.get(session)
-        if stock is not None and event.size == self.policy.key_size:
+        if session in self._levels and event.size == self.policy.key_size:
             enc.state = S.LEASING
-            if len(stock.leased) >= enc.number:
+            stock = self._stocks.get(session)
+            leased = len(stock.leased) if stock is not None else 0
+            if stock is not None and leased >= enc.number:
                 return self._from_lease(stock, enc)
-            if stock.stored + len(stock.leased) >= enc.number or stock.leasing:
+            if self._levels[session] + leased >= enc.number or (stock and stock.leasing):
+                stock = self._active(session)
                 stock.waiting.append(enc)
                 return self._lease(session, stock)
             UKMS_ENC.advance(enc, I.SHORT)  # stock too low right now: make them end to end
@@ -207,7 +240,11 @@ class UkmsEngine(EngineBase):
         UKMS_ENC.advance(enc, I.LEASED)
         keys = [stock.leased.popleft() for _ in range(enc.number)]
         out: list[Action] = [SaeKeys(req=enc.req, keys=[(k.key_id, k.material) for k in keys])]
-        return out + self._want_stock(enc.session)
+        if not stock.leased:
+            self._leased.pop(enc.session, None)
+        out += self._want_stock(enc.session)
+        self._settle(enc.session)
+        return out
 
     def _lease(self, session: str, stock: Stock) -> list[Action]:
         """Take keys from the pair's stock store ahead of demand (one take at a time)."""
@@ -229,7 +266,7 @@ class UkmsEngine(EngineBase):
 
     def _leased_in(self, session: str, want: int, event: Input) -> list[Action]:
         assert isinstance(event, StoreDone)
-        stock = self._stocks[session]
+        stock = self._active(session)
         stock.leasing = False
         if isinstance(event.result, list):
             if event.result:
@@ -237,7 +274,9 @@ class UkmsEngine(EngineBase):
                 stock.leased.extend(event.result)
             # fewer than asked: the store holds no more (keys expired there, say)
             got = len(event.result)
-            stock.stored = max(0, stock.stored - got) if got == want else 0
+            self._levels[session] = max(0, self._levels[session] - got) if got == want else 0
+        if not stock.leased:
+            self._leased.pop(session, None)
         waiting, stock.waiting = stock.waiting, []
         out: list[Action] = []
         for enc in waiting:
@@ -246,7 +285,9 @@ class UkmsEngine(EngineBase):
             else:
                 UKMS_ENC.advance(enc, I.SHORT)
                 out += self._ask(enc)
-        return out + self._want_stock(session)
+        out += self._want_stock(session)
+        self._settle(session)
+        return out
 
     def _give_back(self, session: str) -> list[Action]:
         self._leased.pop(session, None)
@@ -254,7 +295,8 @@ class UkmsEngine(EngineBase):
         if stock is None or not stock.leased:
             return []
         keys, stock.leased = list(stock.leased), deque()
-        stock.stored += len(keys)
+        self._levels[session] += len(keys)
+        self._settle(session)
         pairs = [(k.key_id, k.material) for k in keys]
         return [
             self.store(Put(session=session, kind=STOCK, keys=pairs), lambda _: _erase_keys(pairs))
@@ -314,41 +356,47 @@ class UkmsEngine(EngineBase):
         return out
 
     # -- the stock --------------------------------------------------------------------------
-    def _levels(self, event: Input) -> list[Action]:
+    def _levels_read(self, event: Input) -> list[Action]:
         assert isinstance(event, StoreDone)
         if isinstance(event.result, dict):
             for session, n in event.result.items():
-                if session in self._stocks:
-                    self._stocks[session].stored = n
+                if session in self._levels:
+                    self._levels[session] = n
         out: list[Action] = []
-        for session in self._stocks:
+        for session in self._levels:
             out += self._want_stock(session, start=False)
         return out + self._refill_next()
 
+    def _missing(self, session: str) -> int:
+        return self.policy.stock - self._levels[session] - self._leased_count(session)
+
     def _want_stock(self, session: str, *, start: bool = True) -> list[Action]:
         """Queue a pair for a refill when its stock is short (once)."""
-        stock = self._stocks.get(session)
-        if stock is None or stock.refilling or session in self._short:
+        if session not in self._levels or session in self._queued:
             return []
-        if stock.stored + len(stock.leased) >= self.policy.stock:
+        stock = self._stocks.get(session)
+        if (stock is not None and stock.refilling) or self._missing(session) <= 0:
             return []
         self._short.append(session)
+        self._queued.add(session)
         return self._refill_next() if start else []
 
     def _refill_next(self) -> list[Action]:
+        """Start the refills of the pairs next in turn, unless the refills pause."""
         out: list[Action] = []
         while self._short and self._refills < self.policy.stock_parallel:
+            if REFILL_PAUSE in self._timers:
+                break
             session = self._short.popleft()
-            stock = self._stocks[session]
-            missing = self.policy.stock - stock.stored - len(stock.leased)
-            if missing <= 0:
+            self._queued.discard(session)
+            missing = self._missing(session)
+            pair = self.sessions.pair_of(session)
+            if missing <= 0 or pair is None:
                 continue
             refill = Refill(S.ASKING, session, min(missing, self.policy.stock_batch))
-            stock.refilling = True
+            self._active(session).refilling = True
             self._refills += 1
-            request = self._ksa_request(
-                stock.master, stock.slave, refill.number, self.policy.key_size
-            )
+            request = self._ksa_request(*pair, refill.number, self.policy.key_size)
             then = answer_or_fail(
                 functools.partial(self._refill_answer, refill),
                 functools.partial(self._refill_failed, refill),
@@ -386,25 +434,31 @@ class UkmsEngine(EngineBase):
         if isinstance(event.result, KmsError):
             return self._refill_failed(refill, event.result)
         REFILL.advance(refill, I.STORED)
-        stock = self._stocks[refill.session]
-        stock.stored += len(keys)
-        stock.refilling = False
-        self._refills -= 1
+        self._levels[refill.session] += len(keys)
+        self._refill_done(refill.session)
         self._refill_backoff = BACKOFF_FIRST
-        return self._want_stock(refill.session, start=False) + self._refill_next()
+        out = self._want_stock(refill.session, start=False) + self._refill_next()
+        self._settle(refill.session)
+        return out
+
+    def _refill_done(self, session: str) -> None:
+        self._active(session).refilling = False
+        self._refills -= 1
 
     def _refill_failed(self, refill: Refill, error: KmsError) -> list[Action]:
+        """The pair goes to the back of the queue; every refill pauses for the back-off
+        (doubling while refills keep failing), on the engine's one refill timer."""
         REFILL.advance(refill, I.REFUSED)
-        stock = self._stocks[refill.session]
-        stock.refilling = False
-        self._refills -= 1
-        pause = self._refill_backoff
-        self._refill_backoff = min(BACKOFF_MAX, pause * 2)
+        self._refill_done(refill.session)
         out: list[Action] = []
         if isinstance(error, IntegrityFailure):
             out.append(Alarm(code=error.code, reason=error.message))
-        key = ("refill", refill.session)
-        out.append(self.timer(key, self.now + pause, lambda: self._want_stock(refill.session)))
+        out += self._want_stock(refill.session, start=False)
+        self._settle(refill.session)
+        if REFILL_PAUSE not in self._timers:
+            pause = self._refill_backoff
+            self._refill_backoff = min(BACKOFF_MAX, pause * 2)
+            out.append(self.timer(REFILL_PAUSE, self.now + pause, self._refill_next))
         return out
 
     # -- dec_keys -------------------------------------------------------------------------------
