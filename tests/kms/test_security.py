@@ -46,6 +46,7 @@ ENC = f"/api/v1/keys/{SLAVE}/enc_keys"
 DEC = f"/api/v1/keys/{MASTER}/dec_keys"
 NODE_PATHS = ("/v1/ksa", "/v1/cn", "/v1/relay", "/v1/ksa/deliver", "/v1/link/grant")
 """The node-to-node endpoints (appliance.kms.node)."""
+LOGGED_ERROR = re.compile(r'"level": ?"(error|critical)"|^\S+ (error|critical) |handler failed')
 H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
 
@@ -159,6 +160,28 @@ def test_a_kme_refuses_an_sae_it_does_not_serve(net):
     for path in (f"/api/v1/keys/{MASTER}/status", f"/api/v1/keys/{MASTER}/enc_keys"):
         got = exchange(at_berlin, "GET", path)
         assert got.status == 401, (path, got.status, got.body)
+
+
+def test_an_sae_naming_itself_as_its_peer_is_refused_like_any_pair_not_served(net):
+    """Issue 16 A2: no Status for a pair of one SAE (it once got 200, then 503 from
+    enc_keys with an internal failure logged): the 401 of a pair the KME does not serve."""
+    key_id = next(iter(issue_keys(net, 1)))
+    mark = net.log_mark("ukms-berlin")
+    conn = net.connect(MASTER)
+    unserved = exchange(conn, "GET", f"/api/v1/keys/{OTHER_SLAVE}/status")
+    assert unserved.status == 401
+    for method, path in (
+        ("GET", f"/api/v1/keys/{MASTER}/status"),
+        ("GET", f"/api/v1/keys/{MASTER}/enc_keys"),
+        ("POST", f"/api/v1/keys/{MASTER}/enc_keys"),
+        ("GET", f"/api/v1/keys/{MASTER}/dec_keys?key_ID={key_id}"),
+    ):
+        got = exchange(conn, method, path, {} if method == "POST" else None)
+        assert got.status == 401, (method, path, got.status, got.body)
+        assert set(got.json()) == {"message", "details"}
+        assert "keys" not in got.json() and "source_KME_ID" not in got.json()
+    failures = [line for line in net.log_since("ukms-berlin", mark) if LOGGED_ERROR.search(line)]
+    assert not failures, failures
 
 
 # -- relay messages, captured between two real nodes -------------------------------------
