@@ -7,7 +7,9 @@ certificate, never anything it writes in the request. Responses: the Status obje
 its 11 fields plus ``status_extension``; the Key container ``{"keys": [{"key_ID", "key"}]}``
 with UUID key IDs and padded base64 keys; errors ``{"message", "details"}`` with 400, 401 or
 503 only, ``details`` always a list of objects (§6.5), most of them
-``{"parameter", "reason"}``.
+``{"parameter", "reason"}``. ``dec_keys`` answers 401 for any key ID not held for the
+caller's pair (never issued, another SAE's, already handed out: one answer, §5.4) and 400
+with ``key_IDs_not_found`` for keys held for the pair but not servable now.
 
 Inputs are bounded before they are used: ``number`` and ``size`` are ASCII digits only (no
 sign, no ``_``, no other script's digits) of at most :data:`MAX_DIGITS`; a POST body is UTF-8
@@ -255,16 +257,40 @@ class Etsi014Api:
         ids = _key_ids(params)
         try:
             keys = await self.service.dec_keys(slave, master, ids)
-        except KeyUnavailable as exc:  # unknown, taken, or meant for another SAE: one answer
-            missing = [k for k in ids if k in set(getattr(exc, "missing", ids))] or ids
-            raise ApiError(
-                400,
-                "One or more keys were not found for this SAE",
-                [{"key_IDs_not_found": missing}],
-            ) from None
+        except KeyUnavailable as exc:
+            raise _not_served(ids, exc) from None
         response = _json(200, {"keys": [_key(k, v) for k, v in keys]})
         response.on_written = getattr(keys, "written", None)
         return response
+
+
+def _not_served(ids: list[str], exc: KeyUnavailable) -> Exception:
+    """The answer to a dec_keys whose keys could not all be served (§5.4): 401 if any ID
+    is not held for this SAE pair, whether it was never issued, issued to another SAE, or
+    already handed out, one answer for all (so that a 401 never says whether an ID exists
+    elsewhere); 400 if every missing ID is held for the pair but not available now. An
+    error that names no key (the key service failed) stays what it is: 503, retry."""
+    if not exc.missing:
+        return exc
+    missing, held = set(exc.missing), set(exc.held)
+    not_given = [k for k in ids if k in missing and k not in held]
+    if not_given:
+        return ApiError(
+            401,
+            "The requesting SAE was not given one or more of the keys requested",
+            [
+                {
+                    "parameter": "key_IDs",
+                    "reason": "not issued to this SAE by this master SAE, or already delivered",
+                    "key_IDs": not_given,
+                }
+            ],
+        )
+    return ApiError(
+        400,
+        "One or more keys were not found for this SAE",
+        [{"key_IDs_not_found": [k for k in ids if k in missing]}],
+    )
 
 
 def _resource(target: str) -> tuple[re.Match[str], str]:

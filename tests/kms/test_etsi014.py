@@ -31,11 +31,14 @@ LIMITS = Limits(
 
 
 class MemoryService:
-    """Keys issued by enc_keys wait for their one slave; each goes out once."""
+    """Keys issued by enc_keys wait for their one slave; each goes out once. Both SAEs
+    have a pair with the other (as a user's SAEs do); ``expired`` keys are still held for
+    their pair but cannot be served."""
 
     def __init__(self) -> None:
-        self.pairs = {("sae-1", "sae-2")}
+        self.pairs = {("sae-1", "sae-2"), ("sae-2", "sae-1")}
         self.issued: dict[str, tuple[str, str, bytes]] = {}
+        self.expired: set[str] = set()
         self.empty = False
 
     def limits(self, master: str, slave: str, *, caller_is_master: bool) -> Limits | None:
@@ -53,9 +56,11 @@ class MemoryService:
         return out
 
     async def dec_keys(self, slave, master, key_ids):
-        missing = [k for k in key_ids if self.issued.get(k, ("", "", b""))[:2] != (master, slave)]
+        held = {k for k in key_ids if self.issued.get(k, ("", "", b""))[:2] == (master, slave)}
+        missing = [k for k in key_ids if k not in held or k in self.expired]
         if missing:
-            raise KeyUnavailable(f"{len(missing)} keys not here", missing=missing)
+            mine = [k for k in missing if k in held]
+            raise KeyUnavailable(f"{len(missing)} keys not here", missing=missing, held=mine)
         return [(k, self.issued.pop(k)[2]) for k in key_ids]
 
 
@@ -140,7 +145,7 @@ def test_master_gets_keys_and_slave_gets_the_same_once(pki, kme, method):
     )
     assert status == 200 and got["keys"] == doc["keys"][1:]
     status, err = call(slave, "GET", f"/api/v1/keys/sae-1/dec_keys?key_ID={ids[0]}")
-    assert status == 400 and "not found" in err["message"]
+    assert status == 401 and err["details"][0]["key_IDs"] == ids[:1]  # handed out already
 
 
 def test_roles_are_enforced(pki, kme):
@@ -148,9 +153,29 @@ def test_roles_are_enforced(pki, kme):
     master, slave = sae(pki, "sae-1", port), sae(pki, "sae-2", port)
     _, doc = call(master, "GET", "/api/v1/keys/sae-2/enc_keys")
     key_id = doc["keys"][0]["key_ID"]
-    assert call(slave, "GET", "/api/v1/keys/sae-1/enc_keys")[0] == 401  # slave is not a master
+    assert call(slave, "GET", "/api/v1/keys/sae-3/enc_keys")[0] == 401  # no such pair
     assert call(master, "GET", f"/api/v1/keys/sae-1/dec_keys?key_ID={key_id}")[0] == 401
+    # §5.4: the master, a slave of the reverse pair, was not given the key: 401, not 400
+    assert call(master, "GET", f"/api/v1/keys/sae-2/dec_keys?key_ID={key_id}")[0] == 401
     assert call(slave, "GET", f"/api/v1/keys/sae-1/dec_keys?key_ID={key_id}")[0] == 200
+
+
+def test_a_401_for_a_key_id_never_tells_whether_it_exists(pki, kme):
+    """§5.4's 401 for an SAE that was not given a key: the same answer, whether the ID was
+    issued to another SAE or never issued; only the ID itself differs."""
+    port, _ = kme
+    master, slave = sae(pki, "sae-1", port), sae(pki, "sae-2", port)
+    issued = call(master, "GET", "/api/v1/keys/sae-2/enc_keys")[1]["keys"][0]["key_ID"]
+    never = str(uuid.uuid4())
+    answers = []
+    for key_id in (issued, never):
+        status, err = call(master, "GET", f"/api/v1/keys/sae-2/dec_keys?key_ID={key_id}")
+        answers.append((status, json.dumps(err).replace(key_id, "ID")))
+    status, err = call(slave, "GET", f"/api/v1/keys/sae-1/dec_keys?key_ID={never}")
+    answers.append((status, json.dumps(err).replace(never, "ID")))
+    assert answers[0][0] == 401 and len(set(answers)) == 1, answers
+    status, _ = call(slave, "GET", f"/api/v1/keys/sae-1/dec_keys?key_ID={issued}")
+    assert status == 200  # none of that took it
 
 
 @pytest.mark.parametrize(
@@ -465,13 +490,13 @@ def test_every_error_carries_details_naming_the_parameter(method, path, peer, pa
 
 def test_not_found_keys_and_an_empty_stock_carry_details(pki, kme):
     port, service = kme
-    missing = "9e3d2c1b-0000-4000-8000-000000000000"
+    status, doc = call(sae(pki, "sae-1", port), "GET", "/api/v1/keys/sae-2/enc_keys?number=2")
+    here, missing = (k["key_ID"] for k in doc["keys"])
+    service.expired.add(missing)  # held for the pair, but it cannot be served
     status, doc = call(
         sae(pki, "sae-2", port), "GET", f"/api/v1/keys/sae-1/dec_keys?key_ID={missing}"
     )
     assert status == 400 and doc["details"] == [{"key_IDs_not_found": [missing]}]
-    status, doc = call(sae(pki, "sae-1", port), "GET", "/api/v1/keys/sae-2/enc_keys")
-    here = doc["keys"][0]["key_ID"]
     body = {"key_IDs": [{"key_ID": here}, {"key_ID": missing}]}
     status, doc = call(sae(pki, "sae-2", port), "POST", "/api/v1/keys/sae-1/dec_keys", body)
     assert status == 400 and doc["details"] == [{"key_IDs_not_found": [missing]}]  # only it

@@ -141,4 +141,4 @@ def test_curl_gets_the_same_keys_at_both_ends(saes):
     code, rest = curl(slave, f"/{MASTER}/dec_keys", {"key_IDs": [{"key_ID": i} for i in ids[1:]]})
     assert code == 200 and rest["keys"] == issued["keys"][1:]
     code, again = curl(slave, f"/{MASTER}/dec_keys?key_ID={ids[0]}")
-    assert code == 400 and set(again) <= {"message", "details"}, again
+    assert code == 401 and set(again) <= {"message", "details"}, again  # handed out: §5.4

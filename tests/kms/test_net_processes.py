@@ -236,7 +236,7 @@ def test_the_sae_command_gets_keys_and_reports_errors_in_one_line(net):
         "sae-berlin-1",
         ids[0],
     )
-    assert again.returncode == 1 and again.stderr.startswith("qkdn: error [SAE-HTTP-400]: ")
+    assert again.returncode == 1 and again.stderr.startswith("qkdn: error [SAE-HTTP-401]: ")
     assert again.stderr.count("\n") == 1
     unknown = qkdn("sae", "status", "--dir", str(out), "--sae", "sae-nowhere", "--slave", "x")
     assert unknown.returncode == 1 and "unknown SAE" in unknown.stderr
