@@ -38,6 +38,12 @@ from appliance.kms.errors import KeyUnavailable, KmsError
 from appliance.net.h2 import Request, Response
 
 PATH = re.compile(r"^/api/v1/keys/(?P<sae>[^/]+)/(?P<op>status|enc_keys|dec_keys)$")
+MSG_SIZE_MULTIPLE_OF_8 = "size shall be a multiple of 8"
+MSG_EXTENSIONS = "not all extension_mandatory parameters are supported"
+MSG_KEYS_NOT_FOUND = "one or more keys specified are not found on KME"
+"""Messages §6.2 and §6.4 fix word for word (what else there is to say goes in details).
+§6.2's "not all extension_mandatory request options could be met" is never sent: this
+KME supports no extension parameter, so any mandatory one is unsupported."""
 MAX_DEPTH = 16
 """Arrays and objects in a request body nest at most this deep."""
 MAX_DIGITS = 18
@@ -228,12 +234,13 @@ class Etsi014Api:
                 f"({lim.max_key_per_request}), got {number}"
             )
             raise bad("number", message, "out of range")
-        if size % 8 or not lim.min_key_size <= size <= lim.max_key_size:
+        if size % 8:
+            raise bad("size", MSG_SIZE_MULTIPLE_OF_8, f"got {size}, not a multiple of 8")
+        if not lim.min_key_size <= size <= lim.max_key_size:
             message = (
-                f"size must be a multiple of 8 between {lim.min_key_size} and "
-                f"{lim.max_key_size} bits, got {size}"
+                f"size must be between {lim.min_key_size} and {lim.max_key_size} bits, got {size}"
             )
-            raise bad("size", message, "not a multiple of 8" if size % 8 else "out of range")
+            raise bad("size", message, "out of range")
         extra = params.get("additional_slave_SAE_IDs", [])
         if not isinstance(extra, list) or not all(isinstance(x, str) for x in extra):
             message = "additional_slave_SAE_IDs must be a list of SAE IDs"
@@ -242,13 +249,12 @@ class Etsi014Api:
             message = f"at most {lim.max_sae_id_count} additional slave SAE IDs are supported"
             raise bad("additional_slave_SAE_IDs", message, f"{len(extra)} given")
         mandatory = params.get("extension_mandatory", [])
-        if not isinstance(mandatory, list) or mandatory:
-            names = [_name(e) for e in mandatory[:16]] if isinstance(mandatory, list) else ["?"]
-            raise ApiError(
-                400,
-                "not all mandatory extensions are supported",
-                [{"extension_mandatory_unsupported": names}],
-            )
+        if not isinstance(mandatory, list):
+            message = "extension_mandatory must be a list of objects"
+            raise bad("extension_mandatory", message, "not a list")
+        if mandatory:  # this KME supports no extension parameter
+            names = [_name(e) for e in mandatory[:16]]
+            raise ApiError(400, MSG_EXTENSIONS, [{"extension_mandatory_unsupported": names}])
         keys = await self.service.enc_keys(master, slave, number, size)
         return _json(200, {"keys": [_key(k, v) for k, v in keys]})
 
@@ -287,9 +293,7 @@ def _not_served(ids: list[str], exc: KeyUnavailable) -> Exception:
             ],
         )
     return ApiError(
-        400,
-        "One or more keys were not found for this SAE",
-        [{"key_IDs_not_found": [k for k in ids if k in missing]}],
+        400, MSG_KEYS_NOT_FOUND, [{"key_IDs_not_found": [k for k in ids if k in missing]}]
     )
 
 

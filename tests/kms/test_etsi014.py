@@ -188,7 +188,7 @@ def test_a_401_for_a_key_id_never_tells_whether_it_exists(pki, kme):
         (
             "/api/v1/keys/sae-2/enc_keys",
             {"extension_mandatory": [{"abc_route_type": "direct"}]},
-            "mandatory extensions",
+            "extension_mandatory parameters",
         ),
         ("/api/v1/keys/sae-2/enc_keys", {"additional_slave_SAE_IDs": ["sae-3"]}, "additional"),
         ("/api/v1/keys/sae-2/enc_keys", [1, 2], "JSON object"),
@@ -203,6 +203,56 @@ def test_bad_requests_get_a_clear_400(pki, kme, path, body, fragment):
     method = "GET" if body is None else "POST"
     status, err = call(sae(pki, who, port), method, path, body)
     assert status == 400 and fragment in err["message"] + json.dumps(err.get("details", []))
+
+
+@pytest.mark.parametrize(
+    "method, path, body, message, detail",
+    [
+        (
+            "GET",
+            "/api/v1/keys/sae-2/enc_keys?size=100",
+            None,
+            "size shall be a multiple of 8",
+            "100",
+        ),
+        (
+            "POST",
+            "/api/v1/keys/sae-2/enc_keys",
+            {"number": 1, "size": 257},
+            "size shall be a multiple of 8",
+            "257",
+        ),
+        (
+            "POST",
+            "/api/v1/keys/sae-2/enc_keys",
+            {"extension_mandatory": [{"abc_route_type": "direct"}, {"abc_transfer_method": "qkd"}]},
+            "not all extension_mandatory parameters are supported",
+            '"extension_mandatory_unsupported": ["abc_route_type", "abc_transfer_method"]',
+        ),
+    ],
+)
+def test_the_messages_the_standard_fixes_are_sent_word_for_word(
+    pki, kme, method, path, body, message, detail
+):
+    """§6.2 and §6.4 fix these messages; the rest goes in details."""
+    port, _ = kme
+    status, err = call(sae(pki, "sae-1", port), method, path, body)
+    assert status == 400 and err["message"] == message
+    assert detail in json.dumps(err["details"])
+
+
+def test_keys_not_found_get_the_standard_message(pki, kme):
+    port, service = kme
+    _, doc = call(sae(pki, "sae-1", port), "GET", "/api/v1/keys/sae-2/enc_keys")
+    key_id = doc["keys"][0]["key_ID"]
+    service.expired.add(key_id)
+    status, err = call(
+        sae(pki, "sae-2", port), "GET", f"/api/v1/keys/sae-1/dec_keys?key_ID={key_id}"
+    )
+    assert status == 400 and err == {
+        "message": "one or more keys specified are not found on KME",
+        "details": [{"key_IDs_not_found": [key_id]}],
+    }
 
 
 def test_an_empty_stock_is_a_503_with_json(pki, kme):
