@@ -11,6 +11,10 @@ with UUID key IDs and padded base64 keys; errors ``{"message", "details"}`` with
 caller's pair (never issued, another SAE's, already handed out: one answer, §5.4) and 400
 with ``key_IDs_not_found`` for keys held for the pair but not servable now.
 
+The SAE ID in the path is URL-encoded (``sae%2Dbonn%2D1`` is ``sae-bonn-1``) and decoded
+strictly: a bad escape, bytes that are not UTF-8 or a control character get 400 with the
+code ``SAE-ID-ENCODING`` in ``details``.
+
 Inputs are bounded before they are used: ``number`` and ``size`` are ASCII digits only (no
 sign, no ``_``, no other script's digits) of at most :data:`MAX_DIGITS`; a POST body is UTF-8
 JSON whose arrays and objects nest at most :data:`MAX_DEPTH` deep (checked by a scan before
@@ -31,7 +35,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, unquote_to_bytes, urlsplit
 
 from appliance.kms import keyids
 from appliance.kms.errors import KeyUnavailable, KmsError
@@ -44,6 +48,10 @@ MSG_KEYS_NOT_FOUND = "one or more keys specified are not found on KME"
 """Messages §6.2 and §6.4 fix word for word (what else there is to say goes in details).
 §6.2's "not all extension_mandatory request options could be met" is never sent: this
 KME supports no extension parameter, so any mandatory one is unsupported."""
+MAX_SAE_ID = 256
+"""Characters of an SAE ID in a path, once decoded."""
+_BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 MAX_DEPTH = 16
 """Arrays and objects in a request body nest at most this deep."""
 MAX_DIGITS = 18
@@ -178,7 +186,8 @@ class Etsi014Api:
                 "no certificate with a common name was presented",
                 401,
             )
-        sae, op = match["sae"], match["op"]
+        op = match["op"]
+        sae = _sae_id(match["sae"], "master_SAE_ID" if op == "dec_keys" else "slave_SAE_ID")
         allowed = ("GET",) if op == "status" else ("GET", "POST")
         if request.method not in allowed:
             raise bad(
@@ -311,6 +320,34 @@ def _resource(target: str) -> tuple[re.Match[str], str]:
             "not /api/v1/keys/{SAE_ID}/status, enc_keys or dec_keys",
         )
     return match, parts.query
+
+
+def _sae_id(raw: str, parameter: str) -> str:
+    """The SAE ID a path segment names: a URL-encoded SAE ID (Tables 3, 5, 7), decoded
+    strictly: ASCII only, each ``%`` followed by two hex digits, UTF-8 once decoded, no
+    control character, at most :data:`MAX_SAE_ID` characters."""
+    if len(raw) > 3 * MAX_SAE_ID or not raw.isascii():
+        raise _encoding(parameter, "at most 256 characters, URL-encoded in ASCII")
+    if "%" not in raw:
+        text = raw
+    elif _BAD_ESCAPE.search(raw):
+        raise _encoding(parameter, "each '%' must be followed by two hexadecimal digits")
+    else:
+        try:
+            text = unquote_to_bytes(raw).decode("utf-8")
+        except UnicodeDecodeError:
+            raise _encoding(parameter, "the decoded bytes are not UTF-8") from None
+    if len(text) > MAX_SAE_ID or _CONTROL.search(text):
+        raise _encoding(parameter, "at most 256 characters, none of them a control character")
+    return text
+
+
+def _encoding(parameter: str, reason: str) -> ApiError:
+    return ApiError(
+        400,
+        f"{parameter} is not a correctly URL-encoded SAE ID",
+        [{"parameter": parameter, "reason": reason, "code": "SAE-ID-ENCODING"}],
+    )
 
 
 def _key(key_id: str, material: bytes) -> dict[str, str]:

@@ -255,6 +255,45 @@ def test_keys_not_found_get_the_standard_message(pki, kme):
     }
 
 
+def test_sae_ids_in_the_path_are_url_decoded(pki, kme):
+    """Tables 3, 5 and 7: the path holds URL-encoded SAE IDs."""
+    port, _ = kme
+    master, slave = sae(pki, "sae-1", port), sae(pki, "sae-2", port)
+    for encoded in ("sae%2D2", "sae%2d2", "%73%61%65%2D%32"):
+        status, doc = call(master, "GET", f"/api/v1/keys/{encoded}/status")
+        assert status == 200 and doc["slave_SAE_ID"] == "sae-2", (encoded, doc)
+    status, doc = call(master, "GET", "/api/v1/keys/sae%2D2/enc_keys")
+    assert status == 200
+    key_id = doc["keys"][0]["key_ID"]
+    status, got = call(slave, "GET", f"/api/v1/keys/sae%2D1/dec_keys?key_ID={key_id}")
+    assert status == 200 and got["keys"] == doc["keys"]
+
+
+@pytest.mark.parametrize(
+    "segment",
+    [
+        "sae%2",  # cut short
+        "sae%zz-2",
+        "sae-2%",
+        "sae%2-2",
+        "sae%C3%28",  # not UTF-8
+        "sae%00-2",  # a control character
+        "sae%0A-2",
+        "sae%C2%85",  # C1 control
+        "s" * 769,
+        "%41" * 257,  # 257 characters once decoded
+        "sa\xe9",
+    ],
+)
+def test_a_badly_encoded_sae_id_is_a_400_with_a_code(segment):
+    for op, parameter in (("status", "slave_SAE_ID"), ("dec_keys", "master_SAE_ID")):
+        status, doc, _ = answer("GET", f"/api/v1/keys/{segment}/{op}")
+        assert status == 400, (segment, doc)
+        assert doc["details"][0]["parameter"] == parameter
+        assert doc["details"][0]["code"] == "SAE-ID-ENCODING"
+        assert len(doc["message"]) < 100
+
+
 def test_an_empty_stock_is_a_503_with_json(pki, kme):
     port, service = kme
     service.empty = True
