@@ -171,3 +171,15 @@ def test_node_config_ports_and_hosts_are_checked(rendered, tmp_path, where, valu
         load_node_config(path)
     assert info.value.code == "CFG-VALUE"
     assert str(info.value).startswith(f"{path}: {key}") and expected in str(info.value)
+
+
+def test_the_sae_edge_takes_tls_12_and_13_unless_a_node_says_otherwise(rendered, tmp_path):
+    _, out, configs = rendered
+    assert configs["ukms-berlin"].etsi014.tls_versions == ["1.2", "1.3"]
+    path = tmp_path / "ukms-berlin.toml"
+    text = (out / "nodes" / "ukms-berlin.toml").read_text()
+    path.write_text(text + '\n[etsi014]\ntls_versions = ["1.3"]\n')
+    assert load_node_config(path).etsi014.tls_versions == ["1.3"]
+    path.write_text(text + '\n[etsi014]\ntls_versions = ["1.1"]\n')
+    with pytest.raises(ConfigError, match=r"etsi014\.tls_versions"):
+        load_node_config(path)
