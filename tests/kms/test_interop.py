@@ -167,3 +167,23 @@ def test_curl_sees_the_014_rules_to_the_letter(saes):
     assert code == 400 and err["details"][0]["code"] == "SAE-ID-ENCODING", err
     code, got = curl(slave, f"/{MASTER.replace('-', '%2d')}/dec_keys?key_ID={key_id}")
     assert code == 200 and got["keys"] == issued["keys"], got
+
+
+def curl_tls(sae: dict[str, Any], *options: str, cert: bool = True) -> subprocess.CompletedProcess:
+    """curl with TLS ``options`` for the SAE's status (with or without its certificate)."""
+    args = ["curl", "--silent", "--show-error", "--max-time", "30", "--cacert", sae["ca_cert"]]
+    if cert:
+        args += ["--cert", sae["cert"], "--key", sae["key"]]
+    url = sae["etsi014_base_url"] + f"/{SLAVE}/status"
+    return subprocess.run([*args, *options, url], capture_output=True, text=True, timeout=60)
+
+
+def test_curl_speaks_tls_12_and_13_and_hears_why_it_is_refused(saes):
+    """Issue 16 A8 on a running network: TLS 1.2 and 1.3 both served by default; no
+    certificate: the certificate_required alert, which curl reports."""
+    master = saes[MASTER]
+    for options in (("--tlsv1.2", "--tls-max", "1.2"), ("--tlsv1.3",)):
+        done = curl_tls(master, *options)
+        assert done.returncode == 0 and json.loads(done.stdout)["slave_SAE_ID"] == SLAVE, done
+    refused = curl_tls(master, "--tlsv1.3", cert=False)
+    assert refused.returncode != 0 and "certificate required" in refused.stderr, refused.stderr
