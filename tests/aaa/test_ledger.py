@@ -146,7 +146,7 @@ op = st.one_of(
     st.tuples(st.just("spend"), st.integers(0, 3), st.integers(0, 40), st.integers(0, 1)),
     st.tuples(st.just("close"), st.integers(0, 3), st.integers(0, 0), st.integers(0, 0)),
     st.tuples(st.just("revoke"), st.integers(0, 0), st.integers(0, 0), st.integers(0, 0)),
-    st.tuples(st.just("tick"), st.integers(0, 0), st.integers(1, 20_000), st.integers(0, 0)),
+    st.tuples(st.just("tick"), st.integers(0, 0), st.sampled_from([1, 5, 11, 45, 86_400]), st.just(0)),
 )
 
 
@@ -218,3 +218,11 @@ def _periods(now: float) -> list[str]:
 def test_contract_dataclass_is_frozen():
     c = _snapshot().contracts["c"]
     assert dataclasses.replace(c, priority=3).priority == 3 and c.priority == 0
+
+
+def test_the_monthly_key_limit_binds(registry):
+    snap, ledger = registry.snapshot(), Ledger()
+    for day in range(3):
+        g = ask(snap, ledger, day, keys=1000, bits=256, now=NOW + day * 86_400)
+        assert isinstance(g, Grant) and g.keys == 1000
+    assert ask(snap, ledger, 9, keys=1, bits=8, now=NOW + 3 * 86_400).reason == Reason.QUOTA
