@@ -307,3 +307,41 @@ def export(rows: list[Row], fmt: str, billing: dict[str, str]) -> str:
     writer.writeheader()
     writer.writerows(docs)
     return out.getvalue()
+
+
+GRANTS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS grants (
+  id INTEGER PRIMARY KEY, month TEXT NOT NULL, body TEXT NOT NULL,
+  used_keys INTEGER, used_bits INTEGER);
+"""
+
+
+class GrantStore:
+    """Grants survive a restart of the AAA service: each is committed before its AKMS
+    hears of it, and settled when closed, so a restarted ledger charges what it charged
+    before and never grants twice what a contract allows."""
+
+    def __init__(self, accounting: Accounting) -> None:
+        self.db = accounting.db
+        self.db.executescript(GRANTS_SCHEMA)
+
+    def save(self, body: dict[str, object]) -> None:
+        self.db.execute(
+            "INSERT INTO grants (id, month, body) VALUES (?,?,?)",
+            (body["id"], str(body["day"])[:7], json.dumps(body)),
+        )
+
+    def settle(self, grant_id: int, keys: int, bits: int) -> None:
+        self.db.execute(
+            "UPDATE grants SET used_keys=?, used_bits=? WHERE id=?", (keys, bits, grant_id)
+        )
+
+    def load(self, month: str) -> list[tuple[dict[str, object], tuple[int, int] | None]]:
+        """Grants charged to ``month`` (YYYY-MM) or later, each with its use if settled."""
+        rows = self.db.execute(
+            "SELECT body, used_keys, used_bits FROM grants WHERE month >= ? ORDER BY id", (month,)
+        )
+        return [(json.loads(b), None if k is None else (k, u)) for b, k, u in rows]
+
+    def next_id(self) -> int:
+        return int(self.db.execute("SELECT coalesce(max(id), 0) + 1 FROM grants").fetchone()[0])

@@ -76,6 +76,8 @@ class Grant:
     id: int
     contract: str
     akms: int
+    ukms: int
+    """The UKMS it was asked for (the grant table's index)."""
     keys: int
     bits: int
     issued: float
@@ -155,6 +157,7 @@ class Ledger:
             id=self.next_id,
             contract=contract.id,
             akms=ask.akms,
+            ukms=ask.ukms,
             keys=keys,
             bits=bits,
             issued=now,
