@@ -139,8 +139,18 @@ class Accounting:
     def record(self, report: Report, now: float) -> bool:
         """Append ``report``; False if the same report was recorded before."""
         report.check()
-        fields = (report.request, report.contract, report.user, report.master, report.slave,
-                  report.outcome, int(report.reason), report.keys, report.bits, report.grant)  # fmt: skip
+        fields = (
+            report.request,
+            report.contract,
+            report.user,
+            report.master,
+            report.slave,
+            report.outcome,
+            int(report.reason),
+            report.keys,
+            report.bits,
+            report.grant,
+        )
         try:
             self.db.execute("BEGIN IMMEDIATE")
             try:
@@ -181,8 +191,12 @@ class Accounting:
     def seal(self, key: Ed25519PrivateKey, *, before: str) -> list[str]:
         """Sign the head of every day before ``before`` (ISO date) not yet sealed."""
         sealed = {r[0] for r in self.db.execute("SELECT day FROM heads")}
-        days = [r[0] for r in self.db.execute(
-            "SELECT DISTINCT day FROM records WHERE day < ? ORDER BY day", (before,))]  # fmt: skip
+        days = [
+            r[0]
+            for r in self.db.execute(
+                "SELECT DISTINCT day FROM records WHERE day < ? ORDER BY day", (before,)
+            )
+        ]
         out = []
         for day in days:
             if day in sealed:
@@ -229,8 +243,18 @@ class Accounting:
         ).fetchone()
         if r is None:
             return None
-        return Report(request=r[0], contract=r[1], user=r[2], master=r[3], slave=r[4],
-                      outcome=r[5], reason=Reason(r[6]), keys=r[7], bits=r[8], grant=r[9])  # fmt: skip
+        return Report(
+            request=r[0],
+            contract=r[1],
+            user=r[2],
+            master=r[3],
+            slave=r[4],
+            outcome=r[5],
+            reason=Reason(r[6]),
+            keys=r[7],
+            bits=r[8],
+            grant=r[9],
+        )
 
     def count(self) -> int:
         return int(self.db.execute("SELECT count(*) FROM records").fetchone()[0])
@@ -240,9 +264,21 @@ def _fold(cursor: Iterable[tuple[object, ...]]) -> list[Row]:
     acc: dict[tuple[str, ...], dict[str, int]] = {}
     for period, contract, user, master, slave, outcome, reason, n, keys, bits in cursor:
         key = (str(period), str(contract), str(user), str(master), str(slave))
-        c = acc.setdefault(key, dict.fromkeys(
-            ("allowed", "refused_limits", "refused_unauthorised", "refused_quota", "keys",
-             "bits", "failed"), 0))  # fmt: skip
+        c = acc.setdefault(
+            key,
+            dict.fromkeys(
+                (
+                    "allowed",
+                    "refused_limits",
+                    "refused_unauthorised",
+                    "refused_quota",
+                    "keys",
+                    "bits",
+                    "failed",
+                ),
+                0,
+            ),
+        )
         count = int(n)  # type: ignore[call-overload]
         if outcome == "refused":
             c["refused_" + CATEGORY[Reason(int(reason))]] += count  # type: ignore[call-overload]
@@ -269,7 +305,7 @@ def verify(path: Path, public_key: Ed25519PublicKey) -> Verified:
             seq, request, at, day, *fields, prev, digest = row
             if prev != last or _digest(prev, (at, day, request, *fields)) != digest:
                 raise AccountingError(f"record {seq} ({request}) breaks the hash chain")
-            hashes[seq] = (day, digest)
+            hashes[int(seq)] = (str(day), str(digest))  # type: ignore[call-overload]
             last, count = digest, count + 1
         heads = db.execute("SELECT day, seq, hash, signature FROM heads ORDER BY day").fetchall()
         for day, seq, digest, signature in heads:

@@ -144,8 +144,12 @@ class Agent:
         default = ctx.get_mib_instrum(b"")
         ctx.unregister_context_name(b"")
         ctx.register_context_name(b"", Instrumentation(self, default))
-        for responder in (cmdrsp.GetCommandResponder, cmdrsp.NextCommandResponder,
-                          cmdrsp.BulkCommandResponder, cmdrsp.SetCommandResponder):  # fmt: skip
+        for responder in (
+            cmdrsp.GetCommandResponder,
+            cmdrsp.NextCommandResponder,
+            cmdrsp.BulkCommandResponder,
+            cmdrsp.SetCommandResponder,
+        ):
             responder(self.engine, ctx)
         self._notifier_setup()
         self._poller = asyncio.create_task(self._poll())
@@ -166,16 +170,34 @@ class Agent:
         config.add_context(self.engine, "")
         config.add_v3_user(self.engine, op.user, AUTH, op.auth, PRIV, op.priv)
         config.add_vacm_group(self.engine, "operator", 3, op.user)
-        config.add_vacm_access(self.engine, "operator", "", 3, "authPriv", "exact",
-                               "operator-read", "operator-write", "none")  # fmt: skip
+        config.add_vacm_access(
+            self.engine,
+            "operator",
+            "",
+            3,
+            "authPriv",
+            "exact",
+            "operator-read",
+            "operator-write",
+            "none",
+        )
         config.add_vacm_view(self.engine, "operator-read", "included", (1, 3, 6, 1), "")
         for subtree in ("aaaDirectory", "aaaContracts"):
             config.add_vacm_view(self.engine, "operator-write", "included", mib.oid(subtree), "")
         for a in self.cfg.akms:
             config.add_v3_user(self.engine, a.user, AUTH, a.auth, PRIV, a.priv)
             config.add_vacm_group(self.engine, f"akms-{a.id}", 3, a.user)
-            config.add_vacm_access(self.engine, f"akms-{a.id}", "", 3, "authPriv", "exact",
-                                   f"akms-{a.id}-read", f"akms-{a.id}-write", "none")  # fmt: skip
+            config.add_vacm_access(
+                self.engine,
+                f"akms-{a.id}",
+                "",
+                3,
+                "authPriv",
+                "exact",
+                f"akms-{a.id}-read",
+                f"akms-{a.id}-write",
+                "none",
+            )
         self._akms_views()
 
     def _akms_views(self) -> None:
@@ -227,18 +249,25 @@ class Agent:
         task.add_done_callback(self._tasks.discard)
 
     def _notifier_setup(self) -> None:
-        config.add_transport(self.notifier, config.SNMP_UDP_DOMAIN,
-                             udp.UdpAsyncioTransport().open_client_mode())  # fmt: skip
+        config.add_transport(
+            self.notifier, config.SNMP_UDP_DOMAIN, udp.UdpAsyncioTransport().open_client_mode()
+        )
         for a in self.cfg.akms:
             if a.inform is None:
                 continue
             name = f"akms-{a.id}"
             config.add_v3_user(self.notifier, a.user, AUTH, a.auth, PRIV, a.priv)
             config.add_target_parameters(self.notifier, name, a.user, "authPriv")
-            config.add_target_address(self.notifier, name, config.SNMP_UDP_DOMAIN,
-                                      host_port(a.inform), name,
-                                      timeout=int(INFORM_TIMEOUT_S * 100),
-                                      retryCount=INFORM_RETRIES, tagList=name)  # fmt: skip
+            config.add_target_address(
+                self.notifier,
+                name,
+                config.SNMP_UDP_DOMAIN,
+                host_port(a.inform),
+                name,
+                timeout=int(INFORM_TIMEOUT_S * 100),
+                retryCount=INFORM_RETRIES,
+                tagList=name,
+            )
             config.add_notification_target(self.notifier, name, name, name, "inform")
             config.add_vacm_user(self.notifier, 3, a.user, "authPriv", notifySubTree=(1, 3, 6, 1))
 
@@ -255,16 +284,17 @@ class Agent:
 
         binds = [
             (SNMP_TRAP_OID, rfc1902.ObjectIdentifier(mib.oid("aaaQuotaRevoked"))),
-            (mib.oid("aaaNotifyContract") + (0,), rfc1902.OctetString(grant.contract)),
-            (mib.oid("aaaNotifyGrant") + (0,), rfc1902.Unsigned32(grant.id)),
+            ((*mib.oid("aaaNotifyContract"), 0), rfc1902.OctetString(grant.contract)),
+            ((*mib.oid("aaaNotifyGrant"), 0), rfc1902.Unsigned32(grant.id)),
         ]
         self._informer.send_varbinds(self.notifier, f"akms-{target.id}", None, "", binds, acked)
         self.service.counters.informs_sent += 1
         if await done:
             self.service.counters.informs_acked += 1
         else:
-            log.warning("aaa: AKMS %d did not acknowledge the revocation of grant %d",
-                        grant.akms, grant.id)  # fmt: skip
+            log.warning(
+                "aaa: AKMS %d did not acknowledge the revocation of grant %d", grant.akms, grant.id
+            )
         self.service.generation += 1
 
 
@@ -318,8 +348,9 @@ class Instrumentation:
         for i, (name, val) in enumerate(binds):
             theirs = self.default.read_next_variables((name, val), **ctx)[0]
             ours = self._next(tuple(name), i, ctx)
-            if ours is not None and (theirs[1] is rfc1905.endOfMibView or
-                                     ours[0] < tuple(theirs[0])):  # fmt: skip
+            if ours is not None and (
+                theirs[1] is rfc1905.endOfMibView or ours[0] < tuple(theirs[0])
+            ):
                 out.append((rfc1902.ObjectName(ours[0]), _typed(ours[1])))
             else:
                 out.append(theirs)

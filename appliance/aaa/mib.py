@@ -29,7 +29,9 @@ MAX_STRING = 128
 
 _COMMENT = re.compile(r"--.*?(?:--|$)", re.MULTILINE)
 _STRING = re.compile(r'"[^"]*"', re.DOTALL)
-_OID_ASSIGN = re.compile(r"(?<![\w-])([a-z][\w-]*)\s+OBJECT IDENTIFIER\s*::=\s*\{\s*([a-z][\w-]*)\s+(\d+)\s*\}")
+_OID_ASSIGN = re.compile(
+    r"(?<![\w-])([a-z][\w-]*)\s+OBJECT IDENTIFIER\s*::=\s*\{\s*([a-z][\w-]*)\s+(\d+)\s*\}"
+)
 _MACRO = re.compile(
     r"(?<![\w-])([a-z][\w-]*)\s+(OBJECT-TYPE|MODULE-IDENTITY|NOTIFICATION-TYPE|OBJECT-GROUP|"
     r"NOTIFICATION-GROUP|MODULE-COMPLIANCE)\b(.*?)::=\s*\{\s*([a-z][\w-]*)((?:\s+\d+)+)\s*\}",
@@ -147,7 +149,7 @@ def oid(name: str) -> tuple[int, ...]:
 # -- index encoding (RFC 2578 section 7.7) ---------------------------------------------
 def encode_index(kinds: list[MibObject], values: list[int | bytes]) -> tuple[int, ...]:
     out: list[int] = []
-    for kind, value in zip(kinds, values, strict=True):
+    for _kind, value in zip(kinds, values, strict=True):
         if isinstance(value, bytes):
             out += [len(value), *value]
         else:

@@ -359,8 +359,10 @@ class Registry:
 
     def snapshot(self) -> Snapshot:
         db = self.db
-        users = {r[0]: User(id=r[0], customer=r[1], billing=r[2], suspended=bool(r[3]))
-                 for r in db.execute("SELECT * FROM users")}  # fmt: skip
+        users = {
+            r[0]: User(id=r[0], customer=r[1], billing=r[2], suspended=bool(r[3]))
+            for r in db.execute("SELECT * FROM users")
+        }
         saes = {r[0]: _sae(r) for r in db.execute("SELECT * FROM saes")}
         pairs: dict[tuple[str, str], str] = {}
         by_contract: dict[str, list[tuple[str, str]]] = {}

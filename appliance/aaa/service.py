@@ -108,8 +108,12 @@ class AaaService:
 
     def change(self, kind: str, name: str, **changes: Any) -> list[Grant]:
         """An operator's change (from SNMP): applied to the registry, then taken in."""
-        setter = {"user": self.registry.set_user, "sae": self.registry.set_sae,
-                  "contract": self.registry.set_contract}[kind]  # fmt: skip
+        setters: dict[str, Callable[..., object]] = {
+            "user": self.registry.set_user,
+            "sae": self.registry.set_sae,
+            "contract": self.registry.set_contract,
+        }
+        setter = setters[kind]
         setter(name, **changes)
         return self.refresh(force=True)
 

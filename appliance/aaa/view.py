@@ -91,8 +91,15 @@ class MibView:
         if values is None or akms is None:
             return None
         ukms, rid, master, slave, keys, bits = values
-        ask = Ask(akms=akms, ukms=int(ukms), request_id=int(rid), master=_text(master),
-                  slave=_text(slave), keys=int(keys), bits=int(bits))  # fmt: skip
+        ask = Ask(
+            akms=akms,
+            ukms=int(ukms),
+            request_id=int(rid),
+            master=_text(master),
+            slave=_text(slave),
+            keys=int(keys),
+            bits=int(bits),
+        )
         answer = self.service.ask(ask)
         return (obj.syntax, quota_columns(answer, self.service.clock())[obj.name])
 
@@ -136,37 +143,71 @@ class MibView:
                     obj = self.m[name]
                     values[obj.oid + suffix] = (obj.syntax, value)
         c = self.service.counters
-        for name, value in (("aaaGrantsIssued", c.issued), ("aaaGrantsRefused", c.refused),
-                            ("aaaGrantsRevoked", c.revoked), ("aaaInformsSent", c.informs_sent),
-                            ("aaaInformsAcknowledged", c.informs_acked)):  # fmt: skip
-            values[self.m[name].oid + (0,)] = ("Counter64", value)
+        for name, value in (
+            ("aaaGrantsIssued", c.issued),
+            ("aaaGrantsRefused", c.refused),
+            ("aaaGrantsRevoked", c.revoked),
+            ("aaaInformsSent", c.informs_sent),
+            ("aaaInformsAcknowledged", c.informs_acked),
+        ):
+            values[(*self.m[name].oid, 0)] = ("Counter64", value)
         self._values, self._oids = values, sorted(values)
         self._built = self.service.generation
 
     def _rows(self) -> dict[str, list[tuple[list[int | bytes], dict[str, int | bytes]]]]:
         s = self.service.snap
         return {
-            "aaaUserEntry": [([u.id.encode()], {
-                "aaaUserCustomer": u.customer.encode(), "aaaUserBilling": u.billing.encode(),
-                "aaaUserSuspended": TRUTH[u.suspended]}) for u in s.users.values()],
-            "aaaSaeEntry": [([x.id.encode()], {
-                "aaaSaeUser": x.user.encode(), "aaaSaeUkms": x.ukms,
-                "aaaSaeFingerprint": x.fingerprint.encode(),
-                "aaaSaeSuspended": TRUTH[x.suspended]}) for x in s.saes.values()],
+            "aaaUserEntry": [
+                (
+                    [u.id.encode()],
+                    {
+                        "aaaUserCustomer": u.customer.encode(),
+                        "aaaUserBilling": u.billing.encode(),
+                        "aaaUserSuspended": TRUTH[u.suspended],
+                    },
+                )
+                for u in s.users.values()
+            ],
+            "aaaSaeEntry": [
+                (
+                    [x.id.encode()],
+                    {
+                        "aaaSaeUser": x.user.encode(),
+                        "aaaSaeUkms": x.ukms,
+                        "aaaSaeFingerprint": x.fingerprint.encode(),
+                        "aaaSaeSuspended": TRUTH[x.suspended],
+                    },
+                )
+                for x in s.saes.values()
+            ],
             "aaaUkmsEntry": [([u], {"aaaUkmsAkms": a}) for u, a in s.ukms.items()],
-            "aaaContractEntry": [([c.id.encode()], contract_columns(c))
-                                 for c in s.contracts.values()],
-            "aaaPairEntry": [([m.encode(), sl.encode()], {"aaaPairContract": cid.encode()})
-                             for (m, sl), cid in s.pairs.items()],
-            "aaaGrantEntry": [([g.ukms, g.id], self._grant_columns(g))
-                              for g in self.service.ledger.open_grants()],
-            "aaaAcctEntry": [([r.contract.encode(), r.master.encode(), r.slave.encode()], {
-                "aaaAcctAllowed": r.allowed, "aaaAcctRefusedLimits": r.refused_limits,
-                "aaaAcctRefusedUnauthorised": r.refused_unauthorised,
-                "aaaAcctRefusedQuota": r.refused_quota, "aaaAcctKeys": r.keys,
-                "aaaAcctBits": r.bits, "aaaAcctFailed": r.failed})
-                for r in self.service.totals() if r.contract],
-        }  # fmt: skip
+            "aaaContractEntry": [
+                ([c.id.encode()], contract_columns(c)) for c in s.contracts.values()
+            ],
+            "aaaPairEntry": [
+                ([m.encode(), sl.encode()], {"aaaPairContract": cid.encode()})
+                for (m, sl), cid in s.pairs.items()
+            ],
+            "aaaGrantEntry": [
+                ([g.ukms, g.id], self._grant_columns(g)) for g in self.service.ledger.open_grants()
+            ],
+            "aaaAcctEntry": [
+                (
+                    [r.contract.encode(), r.master.encode(), r.slave.encode()],
+                    {
+                        "aaaAcctAllowed": r.allowed,
+                        "aaaAcctRefusedLimits": r.refused_limits,
+                        "aaaAcctRefusedUnauthorised": r.refused_unauthorised,
+                        "aaaAcctRefusedQuota": r.refused_quota,
+                        "aaaAcctKeys": r.keys,
+                        "aaaAcctBits": r.bits,
+                        "aaaAcctFailed": r.failed,
+                    },
+                )
+                for r in self.service.totals()
+                if r.contract
+            ],
+        }
 
     def _grant_columns(self, g: Grant) -> dict[str, int | bytes]:
         held = self.service.ledger.grants[g.id]
@@ -204,8 +245,9 @@ class MibView:
             revoked += plan()
         return revoked
 
-    def _plan(self, entry: str, suffix: Oid, cols: dict[str, tuple[int, int | bytes]],
-              akms: int | None) -> Callable[[], list[Grant]]:  # fmt: skip
+    def _plan(
+        self, entry: str, suffix: Oid, cols: dict[str, tuple[int, int | bytes]], akms: int | None
+    ) -> Callable[[], list[Grant]]:
         """Check one row's SET completely; return what applies it."""
         first = min(i for i, _ in cols.values())
         index = mib.decode_index(self._index_kinds(entry), suffix)
@@ -218,16 +260,21 @@ class MibView:
             return self._plan_close(index, vals, first)
         return self._plan_registry(entry, _text(index[0]), vals, first)
 
-    def _plan_usage(self, index: list[int | bytes], vals: dict[str, int | bytes],
-                    at: int) -> Callable[[], list[Grant]]:  # fmt: skip
+    def _plan_usage(
+        self, index: list[int | bytes], vals: dict[str, int | bytes], at: int
+    ) -> Callable[[], list[Grant]]:
         if not {"aaaUsageMaster", "aaaUsageSlave", "aaaUsageOutcome"} <= vals.keys():
             raise SetFailure("inconsistentValue", at, "a report needs master, slave, outcome")
         outcome = {v: k for k, v in self.m["aaaUsageOutcome"].enums.items()}
-        fields = dict(master=_text(vals["aaaUsageMaster"]), slave=_text(vals["aaaUsageSlave"]),
-                      outcome=outcome[int(vals["aaaUsageOutcome"])],
-                      reason=Reason(int(vals.get("aaaUsageReason", 0))),
-                      keys=int(vals.get("aaaUsageKeys", 0)), bits=int(vals.get("aaaUsageBits", 0)),
-                      grant=int(vals.get("aaaUsageGrant", 0)))  # fmt: skip
+        fields = dict(
+            master=_text(vals["aaaUsageMaster"]),
+            slave=_text(vals["aaaUsageSlave"]),
+            outcome=outcome[int(vals["aaaUsageOutcome"])],
+            reason=Reason(int(vals.get("aaaUsageReason", 0))),
+            keys=int(vals.get("aaaUsageKeys", 0)),
+            bits=int(vals.get("aaaUsageBits", 0)),
+            grant=int(vals.get("aaaUsageGrant", 0)),
+        )
         ukms, request = int(index[0]), _text(index[1])
 
         def apply() -> list[Grant]:
@@ -239,8 +286,9 @@ class MibView:
 
         return apply
 
-    def _plan_close(self, index: list[int | bytes], vals: dict[str, int | bytes],
-                    at: int) -> Callable[[], list[Grant]]:  # fmt: skip
+    def _plan_close(
+        self, index: list[int | bytes], vals: dict[str, int | bytes], at: int
+    ) -> Callable[[], list[Grant]]:
         if vals.get("aaaGrantState") != 3:
             raise SetFailure("wrongValue", at, "only closed(3) may be set")
         ukms, gid = int(index[0]), int(index[1])
@@ -255,12 +303,17 @@ class MibView:
 
         return apply
 
-    def _plan_registry(self, entry: str, name: str, vals: dict[str, int | bytes],
-                       at: int) -> Callable[[], list[Grant]]:  # fmt: skip
+    def _plan_registry(
+        self, entry: str, name: str, vals: dict[str, int | bytes], at: int
+    ) -> Callable[[], list[Grant]]:
         kind = {"aaaUserEntry": "user", "aaaSaeEntry": "sae", "aaaContractEntry": "contract"}
         snap = self.service.snap
-        table: dict[str, Any] = {"user": snap.users, "sae": snap.saes,
-                                 "contract": snap.contracts}[kind[entry]]  # fmt: skip
+        tables: dict[str, dict[str, Any]] = {
+            "user": snap.users,
+            "sae": snap.saes,
+            "contract": snap.contracts,
+        }
+        table = tables[kind[entry]]
         if name not in table:
             raise SetFailure("noCreation", at)
         changes: dict[str, Any] = {}
@@ -339,10 +392,19 @@ def quota_columns(answer: Grant | Refusal, now: float) -> dict[str, int | bytes]
 
 
 QUOTA_COLUMNS = (
-    "aaaQuotaReason", "aaaQuotaGrant", "aaaQuotaGrantKeys", "aaaQuotaGrantBits",
-    "aaaQuotaLifetime", "aaaQuotaUkmsB", "aaaQuotaAkmsB", "aaaQuotaRelayMode",
-    "aaaQuotaMaxKeySize", "aaaQuotaKeysPerRequest", "aaaQuotaMaxRate", "aaaQuotaContract",
-)  # fmt: skip
+    "aaaQuotaReason",
+    "aaaQuotaGrant",
+    "aaaQuotaGrantKeys",
+    "aaaQuotaGrantBits",
+    "aaaQuotaLifetime",
+    "aaaQuotaUkmsB",
+    "aaaQuotaAkmsB",
+    "aaaQuotaRelayMode",
+    "aaaQuotaMaxKeySize",
+    "aaaQuotaKeysPerRequest",
+    "aaaQuotaMaxRate",
+    "aaaQuotaContract",
+)
 """The answer's columns, in the order a client asks for them."""
 
 

@@ -17,8 +17,14 @@ DAY = 86_400.0
 
 
 def report(rid: str, outcome: str = "delivered", **kw: object) -> Report:
-    fields: dict[str, object] = dict(request=rid, contract="alice-2026", user="alice",
-                                     master="alice-a", slave="alice-b", outcome=outcome)  # fmt: skip
+    fields: dict[str, object] = dict(
+        request=rid,
+        contract="alice-2026",
+        user="alice",
+        master="alice-a",
+        slave="alice-b",
+        outcome=outcome,
+    )
     if outcome == "delivered":
         fields.update(keys=2, bits=512, grant=1)
     fields.update(kw)

@@ -33,7 +33,13 @@ def ask(reg: Snapshot, ledger: Ledger, rid: int, **kw: object) -> Grant | Refusa
 def test_a_grant_carries_the_directory_and_the_terms(registry):
     g = ask(registry.snapshot(), Ledger(), 1)
     assert isinstance(g, Grant)
-    assert (g.ukms_b, g.akms_b, g.mode, g.max_key_size, g.keys_per_request) == (15, 14, "gcm", 256, 16)
+    assert (g.ukms_b, g.akms_b, g.mode, g.max_key_size, g.keys_per_request) == (
+        15,
+        14,
+        "gcm",
+        256,
+        16,
+    )
     assert (g.keys, g.bits) == (100, 25_600)
     assert g.expires == NOW + VALIDITY_S
     b = ask(registry.snapshot(), Ledger(), 2, master="bob-b", slave="bob-a", ukms=15, akms=14)
@@ -96,7 +102,9 @@ def test_bits_and_month_limits_bind_too(registry):
     assert isinstance(g, Grant) and g.bits == 256_000
     assert ask(snap, ledger, 2).reason == Reason.QUOTA
     for day in (1, 2):
-        assert isinstance(ask(snap, ledger, 10 + day, keys=9, bits=256_000, now=NOW + day * 86_400), Grant)
+        assert isinstance(
+            ask(snap, ledger, 10 + day, keys=9, bits=256_000, now=NOW + day * 86_400), Grant
+        )
     # three days' worth is the month's limit: the fourth day of June has nothing left
     assert ask(snap, ledger, 20, keys=1, now=NOW + 3 * 86_400).reason == Reason.QUOTA
 
@@ -146,13 +154,22 @@ op = st.one_of(
     st.tuples(st.just("spend"), st.integers(0, 3), st.integers(0, 40), st.integers(0, 1)),
     st.tuples(st.just("close"), st.integers(0, 3), st.integers(0, 0), st.integers(0, 0)),
     st.tuples(st.just("revoke"), st.integers(0, 0), st.integers(0, 0), st.integers(0, 0)),
-    st.tuples(st.just("tick"), st.integers(0, 0), st.sampled_from([1, 5, 11, 45, 86_400]), st.just(0)),
+    st.tuples(
+        st.just("tick"), st.integers(0, 0), st.sampled_from([1, 5, 11, 45, 86_400]), st.just(0)
+    ),
 )
 
 
 def _snapshot() -> Snapshot:
-    contract = Contract(id="c", user="u", max_key_size=256, keys_per_request=40,
-                        max_rate=1000, pairs=(("m", "s"),), **LIMITS)  # fmt: skip
+    contract = Contract(
+        id="c",
+        user="u",
+        max_key_size=256,
+        keys_per_request=40,
+        max_rate=1000,
+        pairs=(("m", "s"),),
+        **LIMITS,
+    )
     return Snapshot(
         users={"u": User(id="u", customer="U")},
         saes={"m": Sae(id="m", user="u", ukms=1), "s": Sae(id="s", user="u", ukms=15)},
@@ -175,8 +192,11 @@ def test_interleaved_asks_spends_closes_and_revocations_never_over_grant(ops):
     for kind, w, a, b in ops:
         if kind == "ask":
             rid += 1
-            g = ledger.ask(snap, Ask(akms=2, ukms=1, request_id=rid, master="m", slave="s",
-                                     keys=a, bits=b), now)  # fmt: skip
+            g = ledger.ask(
+                snap,
+                Ask(akms=2, ukms=1, request_id=rid, master="m", slave="s", keys=a, bits=b),
+                now,
+            )
             if isinstance(g, Grant):
                 assert g.keys <= a and g.bits <= b
                 held[w].append([g.id, g.keys, g.bits, int(g.expires), g.day])
