@@ -7,7 +7,7 @@
   readable by the operator.
 * VACM: the operator's user reads everything and writes the directory and contracts; the
   SNMP user of each AKMS reads the quota rows and writes the grant and usage rows whose
-  first index is one of its own UKMSs (view families with a wildcard column), nothing
+  first index is one of its own UKMSs (one view family per column and UKMS), nothing
   else. The views follow the registry's UKMS -> AKMS attachments.
 * The MIB instances come from :class:`appliance.aaa.view.MibView`; OIDs outside the AAA
   arc go to pysnmp's own instrumentation (SNMP engine and USM counters).
@@ -201,19 +201,24 @@ class Agent:
         self._akms_views()
 
     def _akms_views(self) -> None:
-        """Each AKMS may touch rows of its own UKMSs only (the registry decides which)."""
+        """Each AKMS may touch rows of its own UKMSs only (the registry decides which).
+
+        One view family per column and UKMS, without masks: pysnmp 7.1's masked families
+        fail on OIDs shorter than the mask (IndexError in its VACM)."""
         wanted: set[tuple[str, tuple[int, ...]]] = set()
+        m = mib.load()
         for ukms, akms in self.service.snap.ukms.items():
             for entry in ("aaaQuotaEntry", "aaaGrantEntry", "aaaUsageEntry"):
-                subtree = (*mib.oid(entry), 0, ukms)
-                wanted.add((f"akms-{akms}-read", subtree))
-                if entry != "aaaQuotaEntry":
-                    wanted.add((f"akms-{akms}-write", subtree))
+                for col in m.values():
+                    if col.oid[:-1] != m[entry].oid or col.access == "not-accessible":
+                        continue
+                    wanted.add((f"akms-{akms}-read", (*col.oid, ukms)))
+                    if col.access == "read-write":
+                        wanted.add((f"akms-{akms}-write", (*col.oid, ukms)))
         for name, subtree in self._views - wanted:
             config.delete_vacm_view(self.engine, name, subtree)
         for name, subtree in wanted - self._views:
-            mask = ".".join("0" if i == len(subtree) - 2 else "1" for i in range(len(subtree)))
-            config.add_vacm_view(self.engine, name, "included", subtree, mask)
+            config.add_vacm_view(self.engine, name, "included", subtree, "")
         self._views = wanted
 
     def who(self) -> int | None:
@@ -278,7 +283,7 @@ class Agent:
             return
         done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
 
-        def acked(_engine: Any, _handle: Any, error: Any, _pdu: Any, _ctx: Any) -> None:
+        def acked(_e: Any, _h: Any, error: Any, _st: Any, _ix: Any, _vb: Any, _c: Any) -> None:
             if not done.done():
                 done.set_result(error is None)
 
@@ -287,7 +292,7 @@ class Agent:
             ((*mib.oid("aaaNotifyContract"), 0), rfc1902.OctetString(grant.contract)),
             ((*mib.oid("aaaNotifyGrant"), 0), rfc1902.Unsigned32(grant.id)),
         ]
-        self._informer.send_varbinds(self.notifier, f"akms-{target.id}", None, "", binds, acked)
+        self._informer.send_varbinds(self.notifier, f"akms-{target.id}", None, b"", binds, acked)
         self.service.counters.informs_sent += 1
         if await done:
             self.service.counters.informs_acked += 1
@@ -371,7 +376,7 @@ class Instrumentation:
             found = self.view._object(oid)
             if found is None:
                 raise smi_error.NoCreationError(name=name, idx=i)
-            if not isinstance(val, SYNTAX[found[0].syntax]):
+            if val.tagSet != SYNTAX[found[0].syntax].tagSet:
                 raise smi_error.WrongTypeError(name=name, idx=i)
             plain.append((oid, bytes(val) if found[0].syntax == "OCTET STRING" else int(val)))
         try:
