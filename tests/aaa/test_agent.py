@@ -56,7 +56,7 @@ def test_an_operator_suspends_a_user_with_snmpset_and_the_akms_is_told(aaa):
     reg.close()
     again = aaa.call(client.ask(1, "alice-a", "alice-b", 10, 2560))
     assert isinstance(again, Refusal) and again.reason == Reason.SUSPENDED
-    assert counter(aaa, dotted(mib.oid("aaaInformsAcknowledged") + (0,))) == 1
+    assert counter(aaa, dotted((*mib.oid("aaaInformsAcknowledged"), 0))) == 1
 
 
 @needs_netsnmp
@@ -77,7 +77,7 @@ def test_v1_v2c_noauth_wrong_keys_and_unknown_users_are_refused_and_counted(aaa)
     before = {n: counter(aaa, f".{usm}.{n}.0") for n in (1, 3, 5)}
     bad_community = counter(aaa, ".1.3.6.1.2.1.11.4.0")
     target = f"127.0.0.1:{aaa.port}"
-    oid = dotted(mib.oid("aaaUkmsAkms") + (1,))
+    oid = dotted((*mib.oid("aaaUkmsAkms"), 1))
     for version in ("1", "2c"):
         assert aaa.raw("snmpget", "-v", version, "-c", "public", target, oid).returncode != 0
     no_auth = aaa.raw("snmpget", "-v3", "-l", "noAuthNoPriv", "-u", "operator", target, oid)
