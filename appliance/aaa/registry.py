@@ -223,7 +223,7 @@ class Registry:
             raise RegistryError(f"{self.path}: {exc}", code="AAA-DB") from exc
 
     # -- writes ----------------------------------------------------------------------------
-    def add_user(self, user: User) -> None:
+    def add_user(self, user: User) -> User:
         check_name("user", user.id)
         check_text("customer", user.customer)
         check_text("billing", user.billing)
@@ -234,6 +234,7 @@ class Registry:
                 "INSERT INTO users VALUES (?,?,?,?)",
                 (user.id, user.customer, user.billing, int(user.suspended)),
             )
+        return user
 
     def set_user(self, user_id: str, **changes: Any) -> User:
         user = dataclasses.replace(self.user(user_id), **changes)
@@ -258,7 +259,7 @@ class Registry:
             db.execute("INSERT OR IGNORE INTO akms VALUES (?)", (akms,))
             db.execute("INSERT OR REPLACE INTO ukms VALUES (?,?)", (ukms, akms))
 
-    def add_sae(self, sae: Sae) -> None:
+    def add_sae(self, sae: Sae) -> Sae:
         self._check_sae(sae)
         with self._tx() as db:
             if db.execute("SELECT 1 FROM saes WHERE id=?", (sae.id,)).fetchone():
@@ -267,6 +268,7 @@ class Registry:
                 "INSERT INTO saes VALUES (?,?,?,?,?)",
                 (sae.id, sae.user, sae.ukms, sae.fingerprint, int(sae.suspended)),
             )
+        return sae
 
     def set_sae(self, sae_id: str, **changes: Any) -> Sae:
         sae = dataclasses.replace(self.sae(sae_id), **changes)
@@ -288,12 +290,13 @@ class Registry:
         if not self.db.execute("SELECT 1 FROM ukms WHERE id=?", (sae.ukms,)).fetchone():
             raise NotFound(f"UKMS {sae.ukms} is not attached to an AKMS (qkdn aaa ukms attach)")
 
-    def add_contract(self, contract: Contract) -> None:
+    def add_contract(self, contract: Contract) -> Contract:
         check_contract(contract)
         with self._tx() as db:
             if db.execute("SELECT 1 FROM contracts WHERE id=?", (contract.id,)).fetchone():
                 raise RegistryError(f"contract {contract.id} exists", code="AAA-EXISTS")
             self._write_contract(db, contract)
+        return contract
 
     def set_contract(self, contract_id: str, **changes: Any) -> Contract:
         contract = check_contract(dataclasses.replace(self.contract(contract_id), **changes))

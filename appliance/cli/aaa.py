@@ -206,7 +206,9 @@ def _with(args: argparse.Namespace, act: Callable[[Registry], Any]) -> int:
 def _doc(item: Any) -> Any:
     if isinstance(item, list):
         return [_doc(x) for x in item]
-    return dataclasses.asdict(item) if dataclasses.is_dataclass(item) else item
+    if dataclasses.is_dataclass(item) and not isinstance(item, type):
+        return dataclasses.asdict(item)
+    return item
 
 
 def _one_line(item: Any) -> str:
@@ -228,7 +230,7 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 def cmd_user_add(args: argparse.Namespace) -> int:
     user = User(id=args.id, customer=args.customer, billing=args.billing or "")
-    return _with(args, lambda reg: (reg.add_user(user), reg.user(user.id))[1])
+    return _with(args, lambda reg: reg.add_user(user))
 
 
 def cmd_user_set(args: argparse.Namespace) -> int:
@@ -238,7 +240,7 @@ def cmd_user_set(args: argparse.Namespace) -> int:
 
 def cmd_sae_add(args: argparse.Namespace) -> int:
     sae = Sae(id=args.id, user=args.user, ukms=args.ukms, fingerprint=args.fingerprint or "")
-    return _with(args, lambda reg: (reg.add_sae(sae), reg.sae(sae.id))[1])
+    return _with(args, lambda reg: reg.add_sae(sae))
 
 
 def cmd_sae_set(args: argparse.Namespace) -> int:
@@ -267,7 +269,7 @@ def cmd_contract_add(args: argparse.Namespace) -> int:
     if "keys_per_month" in changes:
         changes.setdefault("bits_per_month", min(changes["keys_per_month"] * size, 2**53))
     contract = Contract(id=args.id, **changes)
-    return _with(args, lambda reg: (reg.add_contract(contract), reg.contract(contract.id))[1])
+    return _with(args, lambda reg: reg.add_contract(contract))
 
 
 def cmd_contract_set(args: argparse.Namespace) -> int:
@@ -277,7 +279,11 @@ def cmd_contract_set(args: argparse.Namespace) -> int:
 
 def cmd_switch(args: argparse.Namespace) -> int:
     def act(reg: Registry) -> Any:
-        setter = {"user": reg.set_user, "sae": reg.set_sae, "contract": reg.set_contract}
+        setter: dict[str, Callable[..., Any]] = {
+            "user": reg.set_user,
+            "sae": reg.set_sae,
+            "contract": reg.set_contract,
+        }
         return setter[args.kind](args.id, suspended=args.suspended)
 
     return _with(args, act)
@@ -350,8 +356,10 @@ def cmd_accounting(args: argparse.Namespace) -> int:
         if args.public_key is None:
             raise UsageError("accounting verify needs --public-key PEM")
         done = verify(path, _public_key(args.public_key))
-        print(f"aaa: accounting verified: {done.records} records, {done.heads} signed heads, "
-              f"chain head {done.last[:16]}")  # fmt: skip
+        print(
+            f"aaa: accounting verified: {done.records} records, {done.heads} signed heads, "
+            f"chain head {done.last[:16]}"
+        )
         return 0
     if not path.is_file():
         raise AaaError(f"{path}: no accounting yet", code="AAA-DB")

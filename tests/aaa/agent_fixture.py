@@ -57,9 +57,31 @@ class Running:
         self, tool: str, *args: str, user: Credentials = OPERATOR
     ) -> subprocess.CompletedProcess[str]:
         """A net-snmp command as ``user`` (authPriv, SHA-256, AES-128)."""
-        cmd = [tool, "-v3", "-l", "authPriv", "-u", user.user, "-a", "SHA-256", "-A", user.auth,
-               "-x", "AES", "-X", user.priv, "-m", "", "-On", "-t", "2", "-r", "1",
-               f"127.0.0.1:{self.port}", *args]  # fmt: skip
+        cmd = [
+            tool,
+            "-v3",
+            "-l",
+            "authPriv",
+            "-u",
+            user.user,
+            "-a",
+            "SHA-256",
+            "-A",
+            user.auth,
+            "-x",
+            "AES",
+            "-X",
+            user.priv,
+            "-m",
+            "",
+            "-On",
+            "-t",
+            "2",
+            "-r",
+            "1",
+            f"127.0.0.1:{self.port}",
+            *args,
+        ]
         return subprocess.run(cmd, capture_output=True, text=True, timeout=30)
 
     def raw(self, tool: str, *args: str) -> subprocess.CompletedProcess[str]:

@@ -82,11 +82,43 @@ def test_v1_v2c_noauth_wrong_keys_and_unknown_users_are_refused_and_counted(aaa)
         assert aaa.raw("snmpget", "-v", version, "-c", "public", target, oid).returncode != 0
     no_auth = aaa.raw("snmpget", "-v3", "-l", "noAuthNoPriv", "-u", "operator", target, oid)
     assert no_auth.returncode != 0
-    wrong = aaa.raw("snmpget", "-v3", "-l", "authPriv", "-u", "operator", "-a", "SHA-256",
-                    "-A", "not-the-key", "-x", "AES", "-X", "not-the-key", target, oid)  # fmt: skip
+    wrong = aaa.raw(
+        "snmpget",
+        "-v3",
+        "-l",
+        "authPriv",
+        "-u",
+        "operator",
+        "-a",
+        "SHA-256",
+        "-A",
+        "not-the-key",
+        "-x",
+        "AES",
+        "-X",
+        "not-the-key",
+        target,
+        oid,
+    )
     assert wrong.returncode != 0
-    nobody = aaa.raw("snmpget", "-v3", "-l", "authPriv", "-u", "nobody", "-a", "SHA-256",
-                     "-A", "whatever1", "-x", "AES", "-X", "whatever1", target, oid)  # fmt: skip
+    nobody = aaa.raw(
+        "snmpget",
+        "-v3",
+        "-l",
+        "authPriv",
+        "-u",
+        "nobody",
+        "-a",
+        "SHA-256",
+        "-A",
+        "whatever1",
+        "-x",
+        "AES",
+        "-X",
+        "whatever1",
+        target,
+        oid,
+    )
     assert nobody.returncode != 0
     after = {n: counter(aaa, f".{usm}.{n}.0") for n in (1, 3, 5)}
     assert after[1] > before[1]  # usmStatsUnsupportedSecLevels
@@ -123,10 +155,23 @@ def test_reports_are_counted_once_and_closing_settles_the_grant(aaa):
     client = aaa.client(2)
     t = aaa.call(client.ask(1, "alice-a", "alice-b", 10, 2560))
     for _ in range(2):  # a retried report
-        aaa.call(client.report(1, "req-1", master="alice-a", slave="alice-b",
-                               outcome="delivered", keys=2, bits=512, grant=t.grant))  # fmt: skip
-    aaa.call(client.report(1, "req-2", master="alice-a", slave="alice-b", outcome="refused",
-                           reason=Reason.LIMITS))  # fmt: skip
+        aaa.call(
+            client.report(
+                1,
+                "req-1",
+                master="alice-a",
+                slave="alice-b",
+                outcome="delivered",
+                keys=2,
+                bits=512,
+                grant=t.grant,
+            )
+        )
+    aaa.call(
+        client.report(
+            1, "req-2", master="alice-a", slave="alice-b", outcome="refused", reason=Reason.LIMITS
+        )
+    )
     aaa.call(client.close_grant(1, t.grant, 2, 512))
     walk = aaa.snmp("snmpwalk", dotted(mib.oid("aaaAcctTable")))
     index = name_index("alice-2026") + name_index("alice-a") + name_index("alice-b")
@@ -167,5 +212,12 @@ async def _retarget(client) -> None:
     """Point a client at a port where nothing answers (the discard port)."""
     from pysnmp.entity import config
 
-    config.add_target_address(client.engine, "aaa", config.SNMP_UDP_DOMAIN, ("127.0.0.1", 9),
-                              "aaa-params", timeout=20, retryCount=0)  # fmt: skip
+    config.add_target_address(
+        client.engine,
+        "aaa",
+        config.SNMP_UDP_DOMAIN,
+        ("127.0.0.1", 9),
+        "aaa-params",
+        timeout=20,
+        retryCount=0,
+    )

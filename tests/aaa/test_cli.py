@@ -31,9 +31,24 @@ def test_an_operator_adds_a_contract_and_suspends_a_user(capsys, d):
     assert aaa(capsys, d, "user", "add", "acme", "--customer", "ACME", "--billing", "A-1")[0] == 0
     for sae, ukms in (("acme-a", "1"), ("acme-b", "15")):
         assert aaa(capsys, d, "sae", "add", sae, "--user", "acme", "--ukms", ukms)[0] == 0
-    status, out, _ = aaa(capsys, d, "contract", "add", "acme-2027", "--user", "acme",
-                         "--pair", "acme-a:acme-b", "--keys-per-day", "50000",
-                         "--max-key-size", "512", "--relay-mode", "otp", "--json")  # fmt: skip
+    status, out, _ = aaa(
+        capsys,
+        d,
+        "contract",
+        "add",
+        "acme-2027",
+        "--user",
+        "acme",
+        "--pair",
+        "acme-a:acme-b",
+        "--keys-per-day",
+        "50000",
+        "--max-key-size",
+        "512",
+        "--relay-mode",
+        "otp",
+        "--json",
+    )
     doc = json.loads(out)
     assert status == 0 and doc["keys_per_day"] == 50000 and doc["bits_per_day"] == 25_600_000
     assert doc["relay_mode"] == "otp" and doc["pairs"] == [["acme-a", "acme-b"]]
@@ -42,8 +57,10 @@ def test_an_operator_adds_a_contract_and_suspends_a_user(capsys, d):
     assert json.loads(out)[0]["suspended"] is True
     assert aaa(capsys, d, "user", "resume", "acme")[0] == 0
     status, out, _ = aaa(capsys, d, "contract", "show", "demo-2026", "--json")
-    assert json.loads(out)[0]["pairs"] == [["sae-berlin-1", "sae-bonn-1"],
-                                           ["sae-bonn-1", "sae-berlin-1"]]  # fmt: skip
+    assert json.loads(out)[0]["pairs"] == [
+        ["sae-berlin-1", "sae-bonn-1"],
+        ["sae-bonn-1", "sae-berlin-1"],
+    ]
 
 
 @pytest.mark.parametrize(
@@ -75,12 +92,32 @@ def test_bad_input_is_one_coded_line(capsys, d, argv, code):
 def _accounting(d: str) -> Accounting:
     acct = Accounting(__import__("pathlib").Path(d) / "accounting.db")
     for i in range(3):
-        acct.record(Report(request=f"1:{i}", contract="bank-2026", user="example-bank",
-                           master="sae-berlin-2", slave="sae-bonn-2", outcome="delivered",
-                           keys=4, bits=1024, grant=1), NOW + i * 86_400)  # fmt: skip
-    acct.record(Report(request="1:9", contract="bank-2026", user="example-bank",
-                       master="sae-berlin-2", slave="sae-bonn-2", outcome="refused",
-                       reason=Reason.QUOTA), NOW)  # fmt: skip
+        acct.record(
+            Report(
+                request=f"1:{i}",
+                contract="bank-2026",
+                user="example-bank",
+                master="sae-berlin-2",
+                slave="sae-bonn-2",
+                outcome="delivered",
+                keys=4,
+                bits=1024,
+                grant=1,
+            ),
+            NOW + i * 86_400,
+        )
+    acct.record(
+        Report(
+            request="1:9",
+            contract="bank-2026",
+            user="example-bank",
+            master="sae-berlin-2",
+            slave="sae-bonn-2",
+            outcome="refused",
+            reason=Reason.QUOTA,
+        ),
+        NOW,
+    )
     return acct
 
 
@@ -90,25 +127,57 @@ def test_a_month_of_accounting_exports_and_verifies(capsys, d, tmp_path):
     acct.close()
     key = Ed25519PrivateKey.generate()
     priv, pub = tmp_path / "dc.pem", tmp_path / "dc.pub.pem"
-    priv.write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                       serialization.PrivateFormat.PKCS8,
-                                       serialization.NoEncryption()))  # fmt: skip
-    pub.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM,
-                                                  serialization.PublicFormat.SubjectPublicKeyInfo))  # fmt: skip
-    status, out, _ = aaa(capsys, d, "accounting", "--from", "2026-06-01", "--to", "2026-06-30",
-                         "--by", "month", "--format", "csv")  # fmt: skip
+    priv.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    pub.write_bytes(
+        key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+    status, out, _ = aaa(
+        capsys,
+        d,
+        "accounting",
+        "--from",
+        "2026-06-01",
+        "--to",
+        "2026-06-30",
+        "--by",
+        "month",
+        "--format",
+        "csv",
+    )
     lines = out.splitlines()
     assert status == 0 and len(lines) == 2
     assert lines[1] == "2026-06,bank-2026,example-bank,sae-berlin-2,sae-bonn-2,3,0,0,1,12,3072,0,"
-    status, out, _ = aaa(capsys, d, "accounting", "--from", "2026-06-15", "--to", "2026-06-15",
-                         "--user", "example-bank", "--format", "json")  # fmt: skip
+    status, out, _ = aaa(
+        capsys,
+        d,
+        "accounting",
+        "--from",
+        "2026-06-15",
+        "--to",
+        "2026-06-15",
+        "--user",
+        "example-bank",
+        "--format",
+        "json",
+    )
     assert json.loads(out)[0]["keys"] == 4
     assert aaa(capsys, d, "accounting", "seal", "--key", str(priv))[0] == 0
     status, out, _ = aaa(capsys, d, "accounting", "verify", "--public-key", str(pub))
     assert status == 0 and "4 records, 3 signed heads" in out
     other = tmp_path / "other.pem"
-    other.write_bytes(Ed25519PrivateKey.generate().public_key().public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))  # fmt: skip
+    other.write_bytes(
+        Ed25519PrivateKey.generate()
+        .public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
     status, _, err = aaa(capsys, d, "accounting", "verify", "--public-key", str(other))
     assert status == 1 and "[AAA-ACCOUNTING]" in err and "signature" in err
 
