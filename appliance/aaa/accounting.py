@@ -355,11 +355,24 @@ CREATE TABLE IF NOT EXISTS grants (
 class GrantStore:
     """Grants survive a restart of the AAA service: each is committed before its AKMS
     hears of it, and settled when closed, so a restarted ledger charges what it charged
-    before and never grants twice what a contract allows."""
+    before and never grants twice what a contract allows.
 
-    def __init__(self, accounting: Accounting) -> None:
-        self.db = accounting.db
-        self.db.executescript(GRANTS_SCHEMA)
+    Its own file, in WAL mode with ``synchronous=NORMAL``: a commit is in the operating
+    system's hands before the answer leaves, so it survives ``kill -9`` of the service
+    (not a power cut of the machine); an fsync per grant (~5 ms here) would cap the
+    service at ~200 grants per second."""
+
+    def __init__(self, path: Path) -> None:
+        try:
+            self.db = sqlite3.connect(path, isolation_level=None, timeout=10.0)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=NORMAL")
+            self.db.executescript(GRANTS_SCHEMA)
+        except sqlite3.Error as exc:
+            raise AccountingError(f"{path}: cannot open: {exc}", code="AAA-DB") from exc
+
+    def close(self) -> None:
+        self.db.close()
 
     def save(self, body: dict[str, object]) -> None:
         self.db.execute(

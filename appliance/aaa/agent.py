@@ -240,13 +240,14 @@ class Agent:
                 log.error("aaa: %s [%s]", exc.message, exc.code)
 
     def revoked(self, grants: list[Grant]) -> None:
-        """Registry changed: refresh the views, tell each AKMS which grants it lost."""
-        if not grants:
-            self._akms_views()
-            return
+        """Registry changed: refresh the views; tell each AKMS which quota it lost, one
+        INFORM per AKMS and contract (naming the grant, or 0 for all of the contract's)."""
         self._akms_views()
+        lost: dict[tuple[int, str], list[int]] = {}
         for grant in grants:
-            self._spawn(self._inform(grant))
+            lost.setdefault((grant.akms, grant.contract), []).append(grant.id)
+        for (akms, contract), ids in lost.items():
+            self._spawn(self._inform(akms, contract, ids[0] if len(ids) == 1 else 0))
 
     def _spawn(self, coro: Awaitable[None]) -> None:
         task = asyncio.ensure_future(coro)
@@ -276,9 +277,9 @@ class Agent:
             config.add_notification_target(self.notifier, name, name, name, "inform")
             config.add_vacm_user(self.notifier, 3, a.user, "authPriv", notifySubTree=(1, 3, 6, 1))
 
-    async def _inform(self, grant: Grant) -> None:
-        """One aaaQuotaRevoked INFORM to the grant's AKMS; the ack is counted."""
-        target = next((a for a in self.cfg.akms if a.id == grant.akms and a.inform), None)
+    async def _inform(self, akms: int, contract: str, grant: int) -> None:
+        """One aaaQuotaRevoked INFORM to an AKMS; the ack is counted."""
+        target = next((a for a in self.cfg.akms if a.id == akms and a.inform), None)
         if target is None:
             return
         done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
@@ -289,17 +290,15 @@ class Agent:
 
         binds = [
             (SNMP_TRAP_OID, rfc1902.ObjectIdentifier(mib.oid("aaaQuotaRevoked"))),
-            ((*mib.oid("aaaNotifyContract"), 0), rfc1902.OctetString(grant.contract)),
-            ((*mib.oid("aaaNotifyGrant"), 0), rfc1902.Unsigned32(grant.id)),
+            ((*mib.oid("aaaNotifyContract"), 0), rfc1902.OctetString(contract)),
+            ((*mib.oid("aaaNotifyGrant"), 0), rfc1902.Unsigned32(grant)),
         ]
         self._informer.send_varbinds(self.notifier, f"akms-{target.id}", None, b"", binds, acked)
         self.service.counters.informs_sent += 1
         if await done:
             self.service.counters.informs_acked += 1
         else:
-            log.warning(
-                "aaa: AKMS %d did not acknowledge the revocation of grant %d", grant.akms, grant.id
-            )
+            log.warning("aaa: AKMS %d did not acknowledge a revocation (%s)", akms, contract)
         self.service.generation += 1
 
 
@@ -336,17 +335,32 @@ class Instrumentation:
 
     def read_variables(self, *binds: Any, **ctx: Any) -> list[Any]:
         out = []
+        rows: dict[tuple[int, ...], bool] = {}
         for i, (name, val) in enumerate(binds):
             oid = tuple(name)
             if not _in_arc(oid):
                 out += self.default.read_variables((name, val), **ctx)
                 continue
-            if self._denied("read", oid, i, ctx):
+            if self._row_denied(oid, i, ctx, rows):
                 out.append((name, rfc1905.noSuchObject))
                 continue
             value = self.view.get(oid, self.agent.who())
             out.append((name, rfc1905.noSuchInstance if value is None else _typed(value)))
         return out
+
+    def _row_denied(
+        self, oid: tuple[int, ...], i: int, ctx: dict[str, Any], rows: dict[tuple[int, ...], bool]
+    ) -> bool:
+        """Access to a quota column, checked once per row and PDU: an ask reads a dozen
+        columns of one row, and every column of a quota row is in the same views (one
+        family per column and UKMS, all built together in Agent._akms_views)."""
+        quota = mib.oid("aaaQuotaEntry")
+        if oid[: len(quota)] != quota:
+            return self._denied("read", oid, i, ctx)
+        row = oid[len(quota) + 1 :]
+        if row not in rows:
+            rows[row] = self._denied("read", oid, i, ctx)
+        return rows[row]
 
     def read_next_variables(self, *binds: Any, **ctx: Any) -> list[Any]:
         out = []

@@ -55,7 +55,7 @@ class AaaService:
 
     def __post_init__(self) -> None:
         self.snap = self.registry.snapshot()
-        self.grants = GrantStore(self.accounting)
+        self.grants = GrantStore(self.accounting.path.with_name("grants.db"))
         month = dt.datetime.fromtimestamp(self.clock(), dt.UTC).date().isoformat()[:7]
         for body, used in self.grants.load(month):
             self.ledger.admit(Grant(**body), used=used)  # type: ignore[arg-type]
