@@ -26,7 +26,6 @@ import json
 import os
 import platform
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -115,6 +114,12 @@ def start_agent(folder: Path) -> tuple[subprocess.Popen[str], int]:
         proc.kill()
         raise SystemExit(f"bench: the agent did not start: {line!r}")
     return proc, int(line.split()[-1])
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def pct(values: list[float], p: float) -> float:
@@ -215,7 +220,11 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     proc, port = start_agent(folder)
     try:
         clients = [AaaClient(f"127.0.0.1:{port}", a) for a in AKMS for _ in range(2)]
+        cpu0 = cpu_seconds(proc.pid)
         result = {"asks": await asks(clients, args.asks, args.concurrency)}
+        cpu = cpu_seconds(proc.pid) - cpu0
+        result["asks"]["agent_cpu_ms_per_ask"] = cpu / args.asks * 1e3
+        result["asks"]["agent_capacity_per_core_s"] = args.asks / cpu if cpu else 0.0
         akms2 = AaaClient(f"127.0.0.1:{port}", AKMS[0])
         result["suspension"] = await suspensions(
             folder / "registry.db", akms2, got, args.suspensions
@@ -251,7 +260,9 @@ def cli() -> None:
     a, s, v = result["asks"], result["suspension"], result["validation"]
     print(
         f"asks: {a['per_s']:.0f}/s at {a['concurrency']} in flight, "
-        f"p50 {a['p50_ms']:.1f} ms, p99 {a['p99_ms']:.1f} ms"
+        f"p50 {a['p50_ms']:.1f} ms, p99 {a['p99_ms']:.1f} ms; agent CPU "
+        f"{a['agent_cpu_ms_per_ask']:.2f} ms per ask (= {a['agent_capacity_per_core_s']:.0f}/s "
+        "per core)"
     )
     print(
         f"suspension -> INFORM: p50 {s['p50_ms']:.0f} ms, p99 {s['p99_ms']:.0f} ms, "

@@ -30,7 +30,7 @@ from appliance.aaa import mib
 from appliance.aaa.agent import AUTH, PRIV, Credentials, bind_udp, host_port
 from appliance.aaa.errors import SnmpError
 from appliance.aaa.ledger import Reason, Refusal
-from appliance.aaa.view import QUOTA_COLUMNS, U32
+from appliance.aaa.view import U32
 from appliance.aaa.wallet import Spent, Terms, Wallet
 from appliance.kms.relay import Mode
 from appliance.kms.seams import Denial, Denied, ValidationQuery, Verdict
@@ -40,6 +40,7 @@ log = logging.getLogger("qkdn.aaa.client")
 TIMEOUT_S, RETRIES = 0.5, 2
 ASK_KEYS = 1000
 """Keys a wallet asks for at a time (AAA may grant less)."""
+NULL = rfc1902.Null("")
 MISSING = (rfc1905.noSuchObject.tagSet, rfc1905.noSuchInstance.tagSet, rfc1905.endOfMibView.tagSet)
 DENIAL = {
     Reason.LIMITS: Denial.LIMITS,
@@ -108,28 +109,10 @@ class AaaClient:
         suffix = mib.encode_index(
             self._quota_index, [ukms, rid, master.encode(), slave.encode(), keys, bits]
         )
-        binds = [(self.m[c].oid + suffix, rfc1902.Null("")) for c in QUOTA_COLUMNS]
-        values = await self._call(self._get, binds)
-        cols = {c: v for c, (_, v) in zip(QUOTA_COLUMNS, values, strict=True)}
-        if any(v.tagSet in MISSING for v in cols.values()):
+        values = await self._call(self._get, [(self.m["aaaQuotaAnswer"].oid + suffix, NULL)])
+        if values[0][1].tagSet in MISSING:
             raise SnmpError("AAA gave no answer for this ask (not in our view?)", code="AAA-DENIED")
-        reason = Reason(int(cols["aaaQuotaReason"]))
-        if reason != Reason.NONE:
-            return Refusal(reason=reason, message=f"AAA refused: {reason.name.lower()}")
-        return Terms(
-            ukms=ukms,
-            grant=int(cols["aaaQuotaGrant"]),
-            contract=bytes(cols["aaaQuotaContract"]).decode(),
-            keys=int(cols["aaaQuotaGrantKeys"]),
-            bits=int(cols["aaaQuotaGrantBits"]),
-            lifetime_s=int(cols["aaaQuotaLifetime"]) / 1000,
-            ukms_b=int(cols["aaaQuotaUkmsB"]),
-            akms_b=int(cols["aaaQuotaAkmsB"]),
-            mode={1: "gcm", 2: "otp"}[int(cols["aaaQuotaRelayMode"])],
-            max_key_size=int(cols["aaaQuotaMaxKeySize"]),
-            keys_per_request=int(cols["aaaQuotaKeysPerRequest"]),
-            max_rate=int(cols["aaaQuotaMaxRate"]),
-        )
+        return parse_answer(ukms, bytes(values[0][1]))
 
     async def close_grant(self, ukms: int, grant: int, used_keys: int, used_bits: int) -> None:
         suffix = (ukms, grant)
@@ -198,6 +181,33 @@ class AaaClient:
 
         ntfrcv.NotificationReceiver(rx, received)
         return port
+
+
+def parse_answer(ukms: int, text: bytes) -> Terms | Refusal:
+    """aaaQuotaAnswer: eleven decimal numbers (QUOTA_COLUMNS' order), then the contract."""
+    fields = text.decode("ascii", "replace").split(" ")
+    try:
+        n = [int(x) for x in fields[:11]]
+        contract = fields[11] if len(fields) > 11 else ""
+        reason = Reason(n[0])
+    except (ValueError, IndexError) as exc:
+        raise SnmpError("AAA's answer is malformed", code="AAA-ANSWER") from exc
+    if reason != Reason.NONE:
+        return Refusal(reason=reason, message=f"AAA refused: {reason.name.lower()}")
+    return Terms(
+        ukms=ukms,
+        grant=n[1],
+        contract=contract,
+        keys=n[2],
+        bits=n[3],
+        lifetime_s=n[4] / 1000,
+        ukms_b=n[5],
+        akms_b=n[6],
+        mode={1: "gcm", 2: "otp"}.get(n[7], "gcm"),
+        max_key_size=n[8],
+        keys_per_request=n[9],
+        max_rate=n[10],
+    )
 
 
 class AaaValidator:

@@ -369,7 +369,16 @@ def contract_columns(c: Any) -> dict[str, int | bytes]:
 
 
 def quota_columns(answer: Grant | Refusal, now: float) -> dict[str, int | bytes]:
-    """An answer as the aaaQuotaTable columns carry it."""
+    """An answer as the aaaQuotaTable columns carry it (aaaQuotaAnswer: all in one)."""
+    cols = _quota_columns(answer, now)
+    numbers = [str(cols[c]).encode() for c in QUOTA_COLUMNS if c != "aaaQuotaContract"]
+    contract = cols["aaaQuotaContract"]
+    assert isinstance(contract, bytes)
+    cols["aaaQuotaAnswer"] = b" ".join([*numbers, contract]).rstrip()
+    return cols
+
+
+def _quota_columns(answer: Grant | Refusal, now: float) -> dict[str, int | bytes]:
     if isinstance(answer, Refusal):
         g: dict[str, int | bytes] = dict.fromkeys(QUOTA_COLUMNS, 0)
         g["aaaQuotaReason"] = int(answer.reason)
