@@ -7,7 +7,7 @@ import asyncio
 import shutil
 import subprocess
 import threading
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +42,8 @@ class Running:
     db: Path
     revoked: dict[int, list[tuple[str, int]]] = field(default_factory=dict)
     events: dict[int, threading.Event] = field(default_factory=dict)
+    hooks: dict[int, list[Callable[[str, int], None]]] = field(default_factory=dict)
+    """Called in the agent's loop when AKMS n receives an INFORM (add before use)."""
 
     def call(self, coro: Coroutine[Any, Any, T], timeout: float = 20.0) -> T:
         fut: Future[T] = asyncio.run_coroutine_threadsafe(coro, self.loop)
@@ -99,6 +101,7 @@ def start(tmp: Path, *, receivers: bool = True) -> Running:
     thread.start()
     revoked: dict[int, list[tuple[str, int]]] = {2: [], 14: []}
     events = {2: threading.Event(), 14: threading.Event()}
+    hooks: dict[int, list[Callable[[str, int], None]]] = {2: [], 14: []}
 
     async def boot() -> tuple[Agent, int, list[AaaClient]]:
         listeners, akms = [], []
@@ -109,6 +112,8 @@ def start(tmp: Path, *, receivers: bool = True) -> Running:
 
                 def got(contract: str, grant: int, n: int = n) -> None:
                     revoked[n].append((contract, grant))
+                    for hook in hooks[n]:
+                        hook(contract, grant)
                     events[n].set()
 
                 inform = f"127.0.0.1:{rx.listen('127.0.0.1:0', got)}"
@@ -121,7 +126,7 @@ def start(tmp: Path, *, receivers: bool = True) -> Running:
 
     fut = asyncio.run_coroutine_threadsafe(boot(), loop)
     agent, port, listeners = fut.result(30)
-    running = Running(loop, thread, agent, port, db, revoked, events)
+    running = Running(loop, thread, agent, port, db, revoked, events, hooks)
     running.listeners = listeners  # type: ignore[attr-defined]
     return running
 

@@ -4,6 +4,8 @@ real peers: the directory, an operator's suspension (revoked by INFORM), the ref
 
 from __future__ import annotations
 
+import asyncio
+
 from appliance.aaa import mib
 from appliance.aaa.client import AaaValidator
 from appliance.aaa.ledger import Reason, Refusal
@@ -221,3 +223,38 @@ async def _retarget(client) -> None:
         timeout=20,
         retryCount=0,
     )
+
+
+def test_the_suspension_race_nothing_passes_once_the_inform_arrived(aaa):
+    """Requesters hammer the validator while the operator suspends the user: every
+    request validated after the AKMS received the INFORM is refused."""
+    validator = AaaValidator(aaa.client(2))
+    informed: list[bool] = []
+    aaa.hooks[2].append(
+        lambda contract, grant: (validator.revoked(contract, grant), informed.append(True))
+    )
+    q = ValidationQuery(master="alice-a", slave="alice-b", number=1, size=256, ukms=1)
+    assert aaa.call(validator.validate(q)).denied is None
+
+    async def hammer() -> list[tuple[bool, bool]]:
+        out: list[tuple[bool, bool]] = []
+        for _ in range(5000):
+            after = bool(informed)
+            verdict = await validator.validate(q)
+            out.append((after, verdict.denied is None))
+            if informed and len(out) > 50 and out[-50][0]:
+                break
+            await asyncio.sleep(0.001)  # let the INFORM in; bounded by the loop
+        return out
+
+    import concurrent.futures as cf
+
+    with cf.ThreadPoolExecutor(1) as pool:
+        suspend = pool.submit(
+            aaa.snmp, "snmpset", dotted(mib.oid("aaaUserSuspended") + name_index("alice")), "i", "1"
+        )
+        results = aaa.call(hammer(), timeout=60)
+        assert suspend.result(30).returncode == 0
+    assert informed, "the INFORM never arrived"
+    assert any(allowed for after, allowed in results if not after)
+    assert not [r for r in results if r[0] and r[1]], "a request passed after the INFORM"
