@@ -255,8 +255,10 @@ def cli() -> None:
         p.error("a count out of range")
     result = asyncio.run(main(args))
     result["machine"] = (
-        f"{platform.machine()} {os.cpu_count()} CPUs, Python {platform.python_version()}"
+        f"{platform.machine()} {os.cpu_count()} CPUs, Python {platform.python_version()}, "
+        f"load average {os.getloadavg()[0]:.1f} after the run"
     )
+    print(result["machine"])
     a, s, v = result["asks"], result["suspension"], result["validation"]
     print(
         f"asks: {a['per_s']:.0f}/s at {a['concurrency']} in flight, "
