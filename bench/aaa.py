@@ -160,6 +160,30 @@ async def asks(clients: list[AaaClient], n: int, concurrency: int) -> dict[str, 
     }
 
 
+async def baseline(port: int, n: int, concurrency: int) -> dict[str, float]:
+    """The floor: plain authPriv GETs of one scalar (aaaGrantsIssued.0) as the operator,
+    same agent, same concurrency: what pysnmp costs without any AAA decision."""
+    from pysnmp.proto import rfc1902
+
+    from appliance.aaa import mib
+
+    client = AaaClient(f"127.0.0.1:{port}", OPERATOR)
+    oid = (*mib.oid("aaaGrantsIssued"), 0)
+    await client._call(client._get, [(oid, rfc1902.Null(""))])
+    remaining = [n]
+
+    async def worker() -> None:
+        while remaining[0] > 0:
+            remaining[0] -= 1
+            await client._call(client._get, [(oid, rfc1902.Null(""))])
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    took = time.perf_counter() - t0
+    client.close()
+    return {"gets": n, "per_s": n / took}
+
+
 async def suspensions(
     db: Path, client: AaaClient, got: asyncio.Queue[float], n: int
 ) -> dict[str, float]:
@@ -220,8 +244,9 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     proc, port = start_agent(folder)
     try:
         clients = [AaaClient(f"127.0.0.1:{port}", a) for a in AKMS for _ in range(2)]
+        result: dict[str, Any] = {"baseline": await baseline(port, args.asks, args.concurrency)}
         cpu0 = cpu_seconds(proc.pid)
-        result = {"asks": await asks(clients, args.asks, args.concurrency)}
+        result["asks"] = await asks(clients, args.asks, args.concurrency)
         cpu = cpu_seconds(proc.pid) - cpu0
         result["asks"]["agent_cpu_ms_per_ask"] = cpu / args.asks * 1e3
         result["asks"]["agent_capacity_per_core_s"] = args.asks / cpu if cpu else 0.0
@@ -260,6 +285,11 @@ def cli() -> None:
     )
     print(result["machine"])
     a, s, v = result["asks"], result["suspension"], result["validation"]
+    b = result["baseline"]
+    print(
+        f"baseline: {b['per_s']:.0f} plain authPriv GETs/s; asks are "
+        f"{a['per_s'] / b['per_s']:.2f}x that"
+    )
     print(
         f"asks: {a['per_s']:.0f}/s at {a['concurrency']} in flight, "
         f"p50 {a['p50_ms']:.1f} ms, p99 {a['p99_ms']:.1f} ms; agent CPU "

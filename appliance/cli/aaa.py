@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import dataclasses
 import datetime as dt
+import os
 import re
 import sys
 from collections.abc import Callable
@@ -221,11 +222,47 @@ def cmd_init(args: argparse.Namespace) -> int:
     from appliance.config.topology import load_topology
 
     def act(reg: Registry) -> Any:
-        if args.topology:
-            return seed(reg, load_topology(args.topology))
-        return f"registry at {reg.path}"
+        done = seed(reg, load_topology(args.topology)) if args.topology else None
+        wrote = _agent_config(args.dir / "aaa.toml", sorted(reg.snapshot().akms))
+        if wrote:
+            print(f"aaa: wrote {wrote} (SNMPv3 credentials: keep it private)")
+        return done or f"registry at {reg.path}"
 
     return _with(args, act)
+
+
+def _agent_config(path: Path, akms: list[int]) -> Path | None:
+    """A first aaa.toml for ``qkdn aaa run``: an operator and one SNMP user per AKMS,
+    each with random passphrases; never overwrites an existing file."""
+    import secrets
+
+    if path.exists():
+        return None
+    lines = [
+        'listen = "127.0.0.1:16161"',
+        'registry = "registry.db"',
+        'accounting = "accounting.db"',
+        "",
+        "[operator]",
+        'user = "aaa-operator"',
+        f'auth = "{secrets.token_urlsafe(24)}"',
+        f'priv = "{secrets.token_urlsafe(24)}"',
+    ]
+    for n in akms:
+        lines += [
+            "",
+            "[[akms]]",
+            f"id = {n}",
+            f'user = "akms-{n}"',
+            f'auth = "{secrets.token_urlsafe(24)}"',
+            f'priv = "{secrets.token_urlsafe(24)}"',
+            f'# inform = "HOST:PORT"  (where AKMS {n} receives aaaQuotaRevoked INFORMs)',
+        ]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w", encoding="ascii") as out:
+        out.write("\n".join(lines) + "\n")
+    return path
 
 
 def cmd_user_add(args: argparse.Namespace) -> int:
