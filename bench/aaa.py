@@ -15,7 +15,7 @@ process plays the AKMSs (AaaClient, pysnmp, authPriv SHA-256/AES-128).
    the AKMS does not wait on AAA.
 
 Usage: python bench/aaa.py [--asks 2000] [--concurrency 16] [--suspensions 40]
-       [--validations 100000] [--json PATH]
+       [--validations 100000] [--agent-loop uvloop|asyncio] [--json PATH]
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ def config_text(informs: dict[int, int]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def start_agent(folder: Path) -> tuple[subprocess.Popen[str], int]:
+def start_agent(folder: Path, loop: str) -> tuple[subprocess.Popen[str], int]:
     profile = (
         ["-m", "cProfile", "-o", os.environ["AAA_PROFILE"]] if "AAA_PROFILE" in os.environ else []
     )
@@ -104,6 +104,8 @@ def start_agent(folder: Path) -> tuple[subprocess.Popen[str], int]:
             "run",
             "--config",
             str(folder / "aaa.toml"),
+            "--loop",
+            loop,
         ],
         stdout=subprocess.PIPE,
         text=True,
@@ -241,7 +243,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         for i, c in listeners.items()
     }
     (folder / "aaa.toml").write_text(config_text(ports))
-    proc, port = start_agent(folder)
+    proc, port = start_agent(folder, args.agent_loop)
     try:
         clients = [AaaClient(f"127.0.0.1:{port}", a) for a in AKMS for _ in range(2)]
         result: dict[str, Any] = {"baseline": await baseline(port, args.asks, args.concurrency)}
@@ -269,6 +271,7 @@ def cli() -> None:
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--suspensions", type=int, default=40)
     p.add_argument("--validations", type=int, default=100_000)
+    p.add_argument("--agent-loop", choices=("uvloop", "asyncio"), default="uvloop")
     p.add_argument("--json", type=Path)
     args = p.parse_args()
     if not (

@@ -94,6 +94,9 @@ def register(sub: Any) -> None:
     ukms.set_defaults(func=cmd_attach)
     run = a.add_parser("run", help="the SNMPv3 agent (until interrupted)")
     run.add_argument("--config", type=types.path, required=True, help="the agent's TOML file")
+    run.add_argument(
+        "--loop", choices=("uvloop", "asyncio"), default="uvloop", help="default: %(default)s"
+    )
     run.set_defaults(func=cmd_run)
     _accounting(a)
 
@@ -379,7 +382,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     from appliance.aaa.agent import serve
 
     try:
-        asyncio.run(serve(args.config))
+        if args.loop == "uvloop":
+            import uvloop
+
+            uvloop.run(serve(args.config))
+        else:
+            asyncio.run(serve(args.config))
     except KeyboardInterrupt:
         return 0
     return 0
