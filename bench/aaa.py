@@ -165,19 +165,17 @@ async def asks(clients: list[AaaClient], n: int, concurrency: int) -> dict[str, 
 async def baseline(port: int, n: int, concurrency: int) -> dict[str, float]:
     """The floor: plain authPriv GETs of one scalar (aaaGrantsIssued.0) as the operator,
     same agent, same concurrency: what pysnmp costs without any AAA decision."""
-    from pysnmp.proto import rfc1902
-
     from appliance.aaa import mib
 
     client = AaaClient(f"127.0.0.1:{port}", OPERATOR)
     oid = (*mib.oid("aaaGrantsIssued"), 0)
-    await client._call(client._get, [(oid, rfc1902.Null(""))])
+    await client.get([oid])
     remaining = [n]
 
     async def worker() -> None:
         while remaining[0] > 0:
             remaining[0] -= 1
-            await client._call(client._get, [(oid, rfc1902.Null(""))])
+            await client.get([oid])
 
     t0 = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))

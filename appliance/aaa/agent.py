@@ -387,7 +387,7 @@ class Instrumentation:
             oid = tuple(name)
             if not _in_arc(oid) or self._denied("write", oid, i, ctx):
                 raise smi_error.NoAccessError(name=name, idx=i)
-            found = self.view._object(oid)
+            found = self.view.locate(oid)
             if found is None:
                 raise smi_error.NoCreationError(name=name, idx=i)
             if val.tagSet != SYNTAX[found[0].syntax].tagSet:

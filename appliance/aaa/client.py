@@ -40,6 +40,8 @@ log = logging.getLogger("qkdn.aaa.client")
 TIMEOUT_S, RETRIES = 0.5, 2
 ASK_KEYS = 1000
 """Keys a wallet asks for at a time (AAA may grant less)."""
+MAX_KEY_BITS = 8192
+"""Bits per key a first ask reserves, before the contract's largest key is known."""
 NULL = rfc1902.Null("")
 MISSING = (rfc1905.noSuchObject.tagSet, rfc1905.noSuchInstance.tagSet, rfc1905.endOfMibView.tagSet)
 DENIAL = {
@@ -100,6 +102,10 @@ class AaaClient:
 
         generator.send_varbinds(self.engine, "aaa", None, "", binds, answered)
         return await done
+
+    async def get(self, oids: list[tuple[int, ...]]) -> list[Any]:
+        """A plain GET of ``oids`` (values in order)."""
+        return [v for _, v in await self._call(self._get, [(o, NULL) for o in oids])]
 
     async def ask(
         self, ukms: int, master: str, slave: str, keys: int, bits: int
@@ -217,6 +223,8 @@ class AaaValidator:
         self.client, self.clock = client, clock
         self.wallet = Wallet()
         self._asking: dict[tuple[str, str], asyncio.Task[None]] = {}
+        self._size: dict[tuple[str, str], int] = {}
+        """The contract's largest key per pair, once known: asks reserve no more bits."""
         self._tasks: set[asyncio.Task[None]] = set()
         self.alarms = 0
 
@@ -259,11 +267,14 @@ class AaaValidator:
     async def _fetch(self, ukms: int, pair: tuple[str, str]) -> None:
         sent = self.clock()
         try:
-            answer = await self.client.ask(ukms, *pair, ASK_KEYS, ASK_KEYS * 8192)
+            size = self._size.get(pair, MAX_KEY_BITS)
+            answer = await self.client.ask(ukms, *pair, ASK_KEYS, ASK_KEYS * size)
         except SnmpError as exc:
             self.alarms += 1
             log.error("aaa: unreachable, failing closed for new quota: %s", exc.message)
             answer = Refusal(reason=Reason.UNREACHABLE, message="the AAA device is unreachable")
+        if isinstance(answer, Terms):
+            self._size[pair] = answer.max_key_size
         self.wallet.add(pair, answer, sent)
 
     def _settle(self) -> None:

@@ -85,6 +85,12 @@ class AaaService:
     def report(self, ukms: int, request: str, fields: dict[str, Any]) -> bool:
         """Record one request's outcome; False if it was recorded before."""
         master, slave = fields["master"], fields["slave"]
+        home = self.snap.saes.get(master)
+        if home is not None and home.ukms != ukms:
+            raise AccountingError(
+                f"SAE {master} is not served by UKMS {ukms}: not its AKMS's to report",
+                code="AAA-VALUE",
+            )
         contract = self.snap.pairs.get((master, slave), "")
         user = self.snap.saes[master].user if master in self.snap.saes else ""
         rep = Report(request=f"{ukms}:{request}", contract=contract, user=user, **fields)

@@ -59,7 +59,8 @@ class MibView:
         self._values: dict[Oid, Value] = {}
 
     # -- lookups -------------------------------------------------------------------------
-    def _object(self, oid: Oid) -> tuple[mib.MibObject, Oid] | None:
+    def locate(self, oid: Oid) -> tuple[mib.MibObject, Oid] | None:
+        """The MIB object (column or scalar) ``oid`` names, and the index after it."""
         for n in self._lengths:
             obj = self._columns.get(oid[:n])
             if obj is not None:
@@ -75,7 +76,7 @@ class MibView:
 
     # -- GET ---------------------------------------------------------------------------------
     def get(self, oid: Oid, akms: int | None) -> Value | None:
-        found = self._object(oid)
+        found = self.locate(oid)
         if found is None:
             return None
         obj, suffix = found
@@ -225,7 +226,7 @@ class MibView:
         """Apply a SET PDU (all or nothing per row); the grants it revoked."""
         rows: dict[tuple[str, Oid], dict[str, tuple[int, int | bytes]]] = {}
         for i, (oid, value) in enumerate(binds):
-            found = self._object(oid)
+            found = self.locate(oid)
             if found is None:
                 raise SetFailure("noCreation", i)
             obj, suffix = found
