@@ -27,7 +27,7 @@ from typing import Annotated, Any
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from pydantic import Field, StringConstraints
+from pydantic import Field, StringConstraints, model_validator
 from pysnmp.carrier.asyncio.dgram import udp
 from pysnmp.entity import config, engine
 from pysnmp.entity.rfc3413 import cmdrsp, context, ntforg
@@ -76,6 +76,15 @@ class AgentConfig(Strict):
     """Ed25519 private key (PEM) that signs the accounting's daily heads."""
     operator: Credentials
     akms: list[AkmsUser] = Field(default_factory=list, max_length=999)
+
+    @model_validator(mode="after")
+    def _distinct(self) -> AgentConfig:
+        users = [self.operator.user, *(a.user for a in self.akms)]
+        if len(set(users)) != len(users):
+            raise ValueError("every SNMP user name must be distinct")
+        if len({a.id for a in self.akms}) != len(self.akms):
+            raise ValueError("every AKMS may appear once")
+        return self
 
 
 def load_config(path: Path) -> tuple[AgentConfig, Path]:

@@ -135,3 +135,27 @@ def test_a_bad_config_is_one_coded_line(tmp_path):
     )
     assert out.returncode == 1 and out.stderr.count("\n") == 1
     assert "[CFG-" in out.stderr and "operator.auth" in out.stderr
+
+
+def test_snmp_user_names_must_be_distinct(tmp_path):
+    text = CONFIG.format(o=OPERATOR, a=AKMS[2]).replace(
+        'user = "akms-2"', f'user = "{OPERATOR.user}"'
+    )
+    (tmp_path / "aaa.toml").write_text(text)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "appliance.cli",
+            "aaa",
+            "--dir",
+            str(tmp_path),
+            "run",
+            "--config",
+            str(tmp_path / "aaa.toml"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 1 and "distinct" in out.stderr and out.stderr.count("\n") == 1
