@@ -7,7 +7,9 @@ more bits than the curve order, reduced), never from another RNG. Curve: P-256, 
 widely supported for TLS by ETSI 014 clients.
 
 TLS contexts require TLS 1.3 and a peer certificate from the same CA on both sides; the
-peer's identity is the ``CN`` of its certificate (:func:`peer_name`).
+peer's identity is the ``CN`` of its certificate (:func:`peer_name`). The SAE edge
+(:func:`sae_server_context`) also takes TLS 1.2, as ETSI 014 asks ("TLS version 1.2 or
+higher"), with forward-secret AEAD suites only (ECDHE with AES-GCM or ChaCha20-Poly1305).
 """
 
 from __future__ import annotations
@@ -148,6 +150,27 @@ def server_context(cert: Path, key: Path, ca: Path, alpn: tuple[str, ...]) -> ss
     """TLS 1.3 server that requires a client certificate from ``ca``."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     return _configure(ctx, cert, key, ca, alpn)
+
+
+TLS_VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
+TLS12_SUITES = "ECDHE+AESGCM:ECDHE+CHACHA20"
+"""TLS 1.2 suites at the SAE edge: ephemeral ECDH (forward secrecy) and an AEAD cipher.
+TLS 1.3 suites are all of that kind."""
+
+
+def sae_server_context(
+    cert: Path, key: Path, ca: Path, alpn: tuple[str, ...], versions: tuple[str, ...]
+) -> ssl.SSLContext:
+    """The SAE edge's server context: ``versions`` (a non-empty subset of ``"1.2"``,
+    ``"1.3"``), and a client certificate from ``ca`` required as everywhere."""
+    chosen = sorted(TLS_VERSIONS[v] for v in set(versions))
+    if not chosen:
+        raise PkiError("no TLS version for the SAE edge")
+    ctx = _configure(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER), cert, key, ca, alpn)
+    ctx.minimum_version, ctx.maximum_version = chosen[0], chosen[-1]
+    ctx.set_ciphers(TLS12_SUITES)
+    ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION | ssl.OP_CIPHER_SERVER_PREFERENCE
+    return ctx
 
 
 def client_context(cert: Path, key: Path, ca: Path, alpn: tuple[str, ...]) -> ssl.SSLContext:

@@ -8,7 +8,8 @@ Measures, on this machine and in one run:
     interleaved pairs, the medians reported;
   * the USB driver's sample throughput over the fake pyusb backend (in-process: no bus);
   * keys per second through serial over a pty, USB over the fake backend, and ETSI 014 over
-    mutual TLS (a fresh TLS connection per request);
+    mutual TLS (the driver's defaults: one kept-alive connection, 32 keys per enc_keys;
+    ``bench/etsi014_driver.py`` measures that driver on its own);
   * the frame codec alone (encode + decode of 64 KiB frames).
 With ``--fuzz N`` it instead runs N Hypothesis cases against each of the frame parsers
 (host and firmware) and the ETSI 014 JSON parsers, and reports any crash (an exception

@@ -17,22 +17,35 @@ size        key size to ask for, bits                                      KME d
 timeout     seconds for connecting and for each answer                     5
 retries     extra attempts where a retry is safe (see :mod:`hal.etsi014`)  2
 backoff     first wait before a retry, s (doubles each time)               0.2
+batch       keys asked for per ``enc_keys`` (``number``), 1..128           32
+idle        seconds a kept-alive connection may rest before it is replaced 4
 =========== ============================================================== ==========
 
-:meth:`get_key` is ``enc_keys`` for ``peer_sae`` (this end is the master);
-:meth:`get_key_by_id` is ``dec_keys`` from ``peer_sae`` (this end is the slave). Mutual
-TLS: the KME must present a certificate from ``ca`` for the URL's host, and this end
-presents ``cert``. Retries: a refused connection and a 503 are retried with backoff
-(nothing was served); a lost answer is retried only for ``status`` and ``dec_keys``. A
-lost ``enc_keys`` answer raises KeyOutcomeUnknown, never a second request, so no key is
-delivered twice. A KME that cannot be reached yields a ``down`` status, not an exception.
+:meth:`get_key` hands out keys of the master end, taken from the KME ``batch`` at a time
+with ``enc_keys`` for ``peer_sae`` (fewer when the KME holds fewer, down to one) and held
+in memory until handed out (erased by :meth:`close`); :meth:`get_key_by_id` is ``dec_keys``
+from ``peer_sae`` (this end is the slave). Mutual TLS: the KME must present a certificate
+from ``ca`` for the URL's host, and this end presents ``cert``.
+
+One connection is kept alive and reused. Before a request goes out on it, a connection
+the KME has closed (readable, or idle longer than ``idle``) is replaced, so a request is
+only ever lost with a connection that fails under it. Retries: a refused connection and a
+503 are retried with backoff (nothing was served); a lost answer is retried only for
+``status`` and ``dec_keys``. A lost ``enc_keys`` answer raises KeyOutcomeUnknown, never a
+second request, so no key is delivered twice: the keys it may have drawn (up to
+``batch``) are given up. A KME that cannot be reached yields a ``down`` status, not an
+exception. Calls are serialised by a lock (the connection and the held keys are shared).
 """
 
 from __future__ import annotations
 
 import http.client
+import select
+import socket
 import ssl
+import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from urllib.parse import urlsplit
 
@@ -47,6 +60,7 @@ from hal.errors import (
     HalError,
     KeyNotFound,
     KeyOutcomeUnknown,
+    NoKeyAvailable,
     TrustError,
 )
 from hal.qkdm import LinkState, QkdKey, Qkdm, QkdmStatus
@@ -72,33 +86,70 @@ class Etsi014Qkdm(Qkdm):
         timeout: float = 5.0,
         retries: int = 2,
         backoff: float = 0.2,
+        batch: int = 32,
+        idle: float = 4.0,
         sleep: Callable[[float], None] = time.sleep,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.host, self.port, self.sae, self.peer_sae = host, port, sae, peer_sae
         self.name = f"etsi014:{sae}@{host}:{port}"
         self._ctx, self._size, self._timeout = context, size, timeout
         self._retries, self._backoff, self._sleep = retries, backoff, sleep
+        self._batch, self._idle, self._monotonic = batch, idle, monotonic
         self._last: etsi014.KmeStatus | None = None
+        self._held: deque[QkdKey] = deque()
+        self._conn: http.client.HTTPSConnection | None = None
+        self._rested_since = 0.0
+        self._lock = threading.RLock()
 
     # -- the Qkdm interface ---------------------------------------------------------------
     def get_key(self) -> QkdKey:
-        request = etsi014.enc_keys_request(self.peer_sae, 1, self._size)
-        body = self._call(request)
-        return etsi014.parse_keys(body, number=1, size_bits=self._expected_size())[0]
+        with self._lock:
+            if not self._held:
+                self._held.extend(self._draw())
+            return self._held.popleft()
 
     def get_key_by_id(self, key_id: str) -> QkdKey:
-        request = etsi014.dec_keys_request(self.peer_sae, [key_id])
-        body = self._call(request)
-        return etsi014.parse_keys(body, number=1, size_bits=None)[0]
+        with self._lock:
+            request = etsi014.dec_keys_request(self.peer_sae, [key_id])
+            body = self._call(request)
+            return etsi014.parse_keys(body, number=1, size_bits=None)[0]
 
     def key_count(self) -> int:
-        return self._status().stored_key_count
+        with self._lock:
+            return self._status().stored_key_count + len(self._held)
+
+    def close(self) -> None:
+        """Erase the keys held and close the connection."""
+        with self._lock:
+            while self._held:
+                self._held.popleft().erase()
+            self._drop_connection()
+
+    def _draw(self) -> list[QkdKey]:
+        """One ``enc_keys`` of up to ``batch`` keys (and at most the KME's
+        ``max_key_per_request``, read once from its status first); fewer, down to one,
+        while the KME says it holds too few (a definite answer: nothing was drawn)."""
+        last = self._last if self._last is not None or self._batch == 1 else self._status()
+        number = min(self._batch, last.max_key_per_request if last is not None else 1)
+        while True:
+            request = etsi014.enc_keys_request(self.peer_sae, number, self._size)
+            try:
+                body = self._call(request)
+            except NoKeyAvailable:
+                if number == 1:
+                    raise
+                number = max(1, number // 4)
+                continue
+            return etsi014.parse_keys(body, number=number, size_bits=self._expected_size())
 
     def status(self) -> QkdmStatus:
-        try:
-            kme = self._status()
-        except DeviceError as exc:
-            return self._down(exc.message)
+        with self._lock:
+            try:
+                kme = self._status()
+            except DeviceError as exc:
+                return self._down(exc.message)
+            held = len(self._held)
         ext = kme.extension
         state = kme.link_state()
         reading = QkdmStatus(
@@ -106,7 +157,7 @@ class Etsi014Qkdm(Qkdm):
             state=state,
             skr_bps=etsi014.finite_or_none(ext.get("skr_bps")) or 0.0,
             qber=etsi014.finite_or_none(ext.get("qber")),
-            key_count=kme.stored_key_count,
+            key_count=kme.stored_key_count + held,
             max_key_count=kme.max_key_count,
             key_size=kme.key_size,
             keys_produced=int(etsi014.finite_or_none(ext.get("keys_produced")) or 0),
@@ -187,34 +238,78 @@ class Etsi014Qkdm(Qkdm):
         )
 
     def _once(self, request: etsi014.Request) -> tuple[int, bytes]:
+        """One exchange on the kept-alive connection (opened first if need be); the
+        connection is dropped after any failure and after an answer that ends it."""
+        conn = self._connection()
+        headers = {"Accept": "application/json"}
+        if request.body is not None:
+            headers["Content-Type"] = "application/json"
+        reusable = False
+        try:
+            conn.request(request.method, request.path, body=request.body, headers=headers)
+            response = conn.getresponse()
+            body = response.read(etsi014.MAX_BODY + 1)
+            if len(body) > etsi014.MAX_BODY:
+                raise DeviceError(f"{self.name}: KME answer larger than {etsi014.MAX_BODY} bytes")
+            reusable = not response.will_close and response.isclosed()
+            return response.status, body
+        except ssl.SSLError as exc:
+            if "CERTIFICATE" in str(exc.reason or "").upper():
+                raise TrustError(f"{self.name}: KME refused our certificate") from None
+            raise
+        finally:
+            if reusable:
+                self._rested_since = self._monotonic()
+            else:
+                self._drop_connection()
+
+    def _connection(self) -> http.client.HTTPSConnection:
+        """The kept-alive connection if the KME has not closed it and it has not rested
+        longer than ``idle``; else a new one (a failure here sent nothing: _NotSent)."""
+        conn = self._conn
+        if conn is not None and (
+            self._monotonic() - self._rested_since > self._idle or _closed_by_peer(conn)
+        ):
+            self._drop_connection()
+            conn = None
+        if conn is not None:
+            return conn
         conn = http.client.HTTPSConnection(
             self.host, self.port, context=self._ctx, timeout=self._timeout
         )
         try:
-            try:
-                conn.connect()
-            except ssl.SSLCertVerificationError as exc:
-                raise TrustError(f"{self.name}: KME certificate rejected: {exc.reason}") from None
-            except ssl.SSLError as exc:
-                raise TrustError(f"{self.name}: TLS handshake failed: {exc.reason}") from None
-            except OSError as exc:
-                raise _NotSent(exc.strerror or type(exc).__name__) from None
-            headers = {"Accept": "application/json"}
-            if request.body is not None:
-                headers["Content-Type"] = "application/json"
-            try:
-                conn.request(request.method, request.path, body=request.body, headers=headers)
-                response = conn.getresponse()
-                body = response.read(etsi014.MAX_BODY + 1)
-            except ssl.SSLError as exc:
-                if "CERTIFICATE" in str(exc.reason or "").upper():
-                    raise TrustError(f"{self.name}: KME refused our certificate") from None
-                raise
-            if len(body) > etsi014.MAX_BODY:
-                raise DeviceError(f"{self.name}: KME answer larger than {etsi014.MAX_BODY} bytes")
-            return response.status, body
-        finally:
+            conn.connect()
+        except ssl.SSLCertVerificationError as exc:
             conn.close()
+            raise TrustError(f"{self.name}: KME certificate rejected: {exc.reason}") from None
+        except ssl.SSLError as exc:
+            conn.close()
+            raise TrustError(f"{self.name}: TLS handshake failed: {exc.reason}") from None
+        except OSError as exc:
+            conn.close()
+            raise _NotSent(exc.strerror or type(exc).__name__) from None
+        if conn.sock is not None:  # small requests go out at once (no Nagle wait)
+            conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._conn = conn
+        return conn
+
+    def _drop_connection(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+
+def _closed_by_peer(conn: http.client.HTTPSConnection) -> bool:
+    """Whether a resting connection has something to read: the KME closed it (EOF or a
+    TLS close_notify), or sent what no request asked for. Either way it is not reused."""
+    sock = conn.sock
+    if sock is None:
+        return True
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+    except (OSError, ValueError):
+        return True
+    return bool(readable)
 
 
 def client_context(cert: str, key: str | None, ca: str | None) -> ssl.SSLContext:
@@ -244,6 +339,8 @@ def open_qkdm(url: DeviceUrl, clock: Clock | None = None) -> Etsi014Qkdm:
     timeout = url.take_float("timeout", 5.0, lo=0.001, hi=600.0)
     retries = url.take_int("retries", 2, lo=0, hi=20)
     backoff = url.take_float("backoff", 0.2, lo=0.0, hi=60.0)
+    batch = url.take_int("batch", 32, lo=1, hi=128)
+    idle = url.take_float("idle", 4.0, lo=0.0, hi=3600.0)
     url.finish()
     size = None
     if size_raw is not None:
@@ -260,4 +357,6 @@ def open_qkdm(url: DeviceUrl, clock: Clock | None = None) -> Etsi014Qkdm:
         timeout=timeout,
         retries=retries,
         backoff=backoff,
+        batch=batch,
+        idle=idle,
     )

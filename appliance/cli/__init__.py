@@ -29,6 +29,7 @@ from collections.abc import Sequence
 from typing import Any, NoReturn
 
 from appliance import logs
+from appliance.aaa.errors import AaaError
 from appliance.errors import ApplianceError, MissingExtra, printable
 from hal.errors import HalError
 from hsm.errors import HsmError
@@ -41,10 +42,11 @@ PROJECT_ERRORS: tuple[type[Exception], ...] = (
     QrngError,
     ImageError,
     HsmError,
+    AaaError,
 )
 """The error roots of the project's packages; later packages add theirs here."""
 
-COMMANDS = ("topology", "demo", "qrng", "image", "net", "sae", "keystore", "card")
+COMMANDS = ("topology", "demo", "qrng", "image", "net", "sae", "keystore", "card", "aaa")
 """The subcommand modules of ``appliance.cli``, in the order ``qkdn --help`` lists them."""
 
 EXTRAS = {"rich": "provisioning", "tomli_w": "provisioning", "matplotlib": "plots"}

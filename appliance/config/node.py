@@ -11,7 +11,7 @@ port derived from it fits) before a node binds anything.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import AfterValidator, Field
 
@@ -86,6 +86,23 @@ class PortPlan(Strict):
     base_port: int = Field(ge=MIN_BASE_PORT, le=MAX_BASE_PORT)
 
 
+TlsVersion = Literal["1.2", "1.3"]
+
+
+def _both_tls_versions() -> list[TlsVersion]:
+    return ["1.2", "1.3"]
+
+
+class Etsi014Edge(Strict):
+    """The ETSI 014 server of a UKMS (the SAE edge)."""
+
+    tls_versions: list[TlsVersion] = Field(
+        default_factory=_both_tls_versions, min_length=1, max_length=2
+    )
+    """TLS versions SAEs may use (014 asks for "1.2 or higher"); TLS 1.2 with forward-secret
+    AEAD suites only."""
+
+
 class NodeConfig(Strict):
     node: NodeIdentity
     paths: NodePaths
@@ -95,6 +112,7 @@ class NodeConfig(Strict):
     services: dict[str, HostPort] = Field(default_factory=dict)
     """host:port of the data-centre roles (controller, manager, aaa) this node would use;
     rendered from the topology, read by nothing yet."""
+    etsi014: Etsi014Edge = Field(default_factory=Etsi014Edge)
     neighbours: list[Neighbour] = Field(default_factory=list)
     saes: list[SaeEntry] = Field(default_factory=list)
     psk: dict[str, str] = Field(default_factory=dict)

@@ -63,15 +63,23 @@ class NodeKeyMissing(StoreError):
 
 class KeyUnavailable(KmsError):
     """No such key (unknown, already taken) or no key in stock. ``missing`` lists the key
-    IDs asked for that are not available (ETSI 014's key_IDs_not_found), when known."""
+    IDs asked for that are not available, when known; ``held`` those of them that are held
+    for the asking session but not available now (expired, or being served). The others
+    are not held for it: never issued, issued to another session, or already handed out."""
 
     code = "KMS-NO-KEY"
 
     def __init__(
-        self, message: str, *, code: str | None = None, missing: list[str] | None = None
+        self,
+        message: str,
+        *,
+        code: str | None = None,
+        missing: list[str] | None = None,
+        held: list[str] | None = None,
     ) -> None:
         super().__init__(message, code=code)
         self.missing: list[str] = missing or []
+        self.held: list[str] = held or []
 
 
 class KeyExpired(KeyUnavailable):

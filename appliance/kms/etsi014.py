@@ -7,7 +7,13 @@ certificate, never anything it writes in the request. Responses: the Status obje
 its 11 fields plus ``status_extension``; the Key container ``{"keys": [{"key_ID", "key"}]}``
 with UUID key IDs and padded base64 keys; errors ``{"message", "details"}`` with 400, 401 or
 503 only, ``details`` always a list of objects (§6.5), most of them
-``{"parameter", "reason"}``.
+``{"parameter", "reason"}``. ``dec_keys`` answers 401 for any key ID not held for the
+caller's pair (never issued, another SAE's, already handed out: one answer, §5.4) and 400
+with ``key_IDs_not_found`` for keys held for the pair but not servable now.
+
+The SAE ID in the path is URL-encoded (``sae%2Dbonn%2D1`` is ``sae-bonn-1``) and decoded
+strictly: a bad escape, bytes that are not UTF-8 or a control character get 400 with the
+code ``SAE-ID-ENCODING`` in ``details``.
 
 Inputs are bounded before they are used: ``number`` and ``size`` are ASCII digits only (no
 sign, no ``_``, no other script's digits) of at most :data:`MAX_DIGITS`; a POST body is UTF-8
@@ -29,13 +35,23 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, unquote_to_bytes, urlsplit
 
 from appliance.kms import keyids
 from appliance.kms.errors import KeyUnavailable, KmsError
 from appliance.net.h2 import Request, Response
 
 PATH = re.compile(r"^/api/v1/keys/(?P<sae>[^/]+)/(?P<op>status|enc_keys|dec_keys)$")
+MSG_SIZE_MULTIPLE_OF_8 = "size shall be a multiple of 8"
+MSG_EXTENSIONS = "not all extension_mandatory parameters are supported"
+MSG_KEYS_NOT_FOUND = "one or more keys specified are not found on KME"
+"""Messages §6.2 and §6.4 fix word for word (what else there is to say goes in details).
+§6.2's "not all extension_mandatory request options could be met" is never sent: this
+KME supports no extension parameter, so any mandatory one is unsupported."""
+MAX_SAE_ID = 256
+"""Characters of an SAE ID in a path, once decoded."""
+_BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 MAX_DEPTH = 16
 """Arrays and objects in a request body nest at most this deep."""
 MAX_DIGITS = 18
@@ -170,7 +186,8 @@ class Etsi014Api:
                 "no certificate with a common name was presented",
                 401,
             )
-        sae, op = match["sae"], match["op"]
+        op = match["op"]
+        sae = _sae_id(match["sae"], "master_SAE_ID" if op == "dec_keys" else "slave_SAE_ID")
         allowed = ("GET",) if op == "status" else ("GET", "POST")
         if request.method not in allowed:
             raise bad(
@@ -226,12 +243,13 @@ class Etsi014Api:
                 f"({lim.max_key_per_request}), got {number}"
             )
             raise bad("number", message, "out of range")
-        if size % 8 or not lim.min_key_size <= size <= lim.max_key_size:
+        if size % 8:
+            raise bad("size", MSG_SIZE_MULTIPLE_OF_8, f"got {size}, not a multiple of 8")
+        if not lim.min_key_size <= size <= lim.max_key_size:
             message = (
-                f"size must be a multiple of 8 between {lim.min_key_size} and "
-                f"{lim.max_key_size} bits, got {size}"
+                f"size must be between {lim.min_key_size} and {lim.max_key_size} bits, got {size}"
             )
-            raise bad("size", message, "not a multiple of 8" if size % 8 else "out of range")
+            raise bad("size", message, "out of range")
         extra = params.get("additional_slave_SAE_IDs", [])
         if not isinstance(extra, list) or not all(isinstance(x, str) for x in extra):
             message = "additional_slave_SAE_IDs must be a list of SAE IDs"
@@ -240,13 +258,12 @@ class Etsi014Api:
             message = f"at most {lim.max_sae_id_count} additional slave SAE IDs are supported"
             raise bad("additional_slave_SAE_IDs", message, f"{len(extra)} given")
         mandatory = params.get("extension_mandatory", [])
-        if not isinstance(mandatory, list) or mandatory:
-            names = [_name(e) for e in mandatory[:16]] if isinstance(mandatory, list) else ["?"]
-            raise ApiError(
-                400,
-                "not all mandatory extensions are supported",
-                [{"extension_mandatory_unsupported": names}],
-            )
+        if not isinstance(mandatory, list):
+            message = "extension_mandatory must be a list of objects"
+            raise bad("extension_mandatory", message, "not a list")
+        if mandatory:  # this KME supports no extension parameter
+            names = [_name(e) for e in mandatory[:16]]
+            raise ApiError(400, MSG_EXTENSIONS, [{"extension_mandatory_unsupported": names}])
         keys = await self.service.enc_keys(master, slave, number, size)
         return _json(200, {"keys": [_key(k, v) for k, v in keys]})
 
@@ -255,16 +272,38 @@ class Etsi014Api:
         ids = _key_ids(params)
         try:
             keys = await self.service.dec_keys(slave, master, ids)
-        except KeyUnavailable as exc:  # unknown, taken, or meant for another SAE: one answer
-            missing = [k for k in ids if k in set(getattr(exc, "missing", ids))] or ids
-            raise ApiError(
-                400,
-                "One or more keys were not found for this SAE",
-                [{"key_IDs_not_found": missing}],
-            ) from None
+        except KeyUnavailable as exc:
+            raise _not_served(ids, exc) from None
         response = _json(200, {"keys": [_key(k, v) for k, v in keys]})
         response.on_written = getattr(keys, "written", None)
         return response
+
+
+def _not_served(ids: list[str], exc: KeyUnavailable) -> Exception:
+    """The answer to a dec_keys whose keys could not all be served (§5.4): 401 if any ID
+    is not held for this SAE pair, whether it was never issued, issued to another SAE, or
+    already handed out, one answer for all (so that a 401 never says whether an ID exists
+    elsewhere); 400 if every missing ID is held for the pair but not available now. An
+    error that names no key (the key service failed) stays what it is: 503, retry."""
+    if not exc.missing:
+        return exc
+    missing, held = set(exc.missing), set(exc.held)
+    not_given = [k for k in ids if k in missing and k not in held]
+    if not_given:
+        return ApiError(
+            401,
+            "The requesting SAE was not given one or more of the keys requested",
+            [
+                {
+                    "parameter": "key_IDs",
+                    "reason": "not issued to this SAE by this master SAE, or already delivered",
+                    "key_IDs": not_given,
+                }
+            ],
+        )
+    return ApiError(
+        400, MSG_KEYS_NOT_FOUND, [{"key_IDs_not_found": [k for k in ids if k in missing]}]
+    )
 
 
 def _resource(target: str) -> tuple[re.Match[str], str]:
@@ -281,6 +320,34 @@ def _resource(target: str) -> tuple[re.Match[str], str]:
             "not /api/v1/keys/{SAE_ID}/status, enc_keys or dec_keys",
         )
     return match, parts.query
+
+
+def _sae_id(raw: str, parameter: str) -> str:
+    """The SAE ID a path segment names: a URL-encoded SAE ID (Tables 3, 5, 7), decoded
+    strictly: ASCII only, each ``%`` followed by two hex digits, UTF-8 once decoded, no
+    control character, at most :data:`MAX_SAE_ID` characters."""
+    if len(raw) > 3 * MAX_SAE_ID or not raw.isascii():
+        raise _encoding(parameter, "at most 256 characters, URL-encoded in ASCII")
+    if "%" not in raw:
+        text = raw
+    elif _BAD_ESCAPE.search(raw):
+        raise _encoding(parameter, "each '%' must be followed by two hexadecimal digits")
+    else:
+        try:
+            text = unquote_to_bytes(raw).decode("utf-8")
+        except UnicodeDecodeError:
+            raise _encoding(parameter, "the decoded bytes are not UTF-8") from None
+    if len(text) > MAX_SAE_ID or _CONTROL.search(text):
+        raise _encoding(parameter, "at most 256 characters, none of them a control character")
+    return text
+
+
+def _encoding(parameter: str, reason: str) -> ApiError:
+    return ApiError(
+        400,
+        f"{parameter} is not a correctly URL-encoded SAE ID",
+        [{"parameter": parameter, "reason": reason, "code": "SAE-ID-ENCODING"}],
+    )
 
 
 def _key(key_id: str, material: bytes) -> dict[str, str]:

@@ -102,7 +102,7 @@ from appliance.kms.store import NodeKey, RecordKey, private_dir
 from appliance.kms.storeops import Release, Take
 from appliance.net.h2 import H2Client, H2Server, Request, Response, TransportError
 from appliance.net.http1 import H1Server
-from appliance.pki import client_context, server_context
+from appliance.pki import client_context, sae_server_context, server_context
 from hsm.errors import HsmError
 from hsm.psk import PskSource, open_psk_source
 
@@ -230,7 +230,8 @@ class KmsNode:
                 self._servers.append(server)
         if "ukms" in self.engines and "etsi014" in self.config.listen:
             api = Etsi014Api(UkmsKeyService(self))
-            h1 = H1Server(api.handle, server_context(*self._tls, ("http/1.1",)))
+            versions = tuple(self.config.etsi014.tls_versions)
+            h1 = H1Server(api.handle, sae_server_context(*self._tls, ("http/1.1",), versions))
             await h1.start(*split_host_port(self.config.listen["etsi014"]))
             self._servers.append(h1)
         now = self._loop.time()

@@ -489,9 +489,11 @@ class KeyStore:
         ok = {row[0]: row for row in rows if self._takeable(row, op.session, now)}
         missing = [key_id for key_id in op.key_ids if key_id not in ok]
         if missing:
+            mine = {row[0] for row in rows if row[5] == op.session}
             raise KeyUnavailable(
                 f"store {self.name}: {len(missing)} of {len(op.key_ids)} keys not available",
                 missing=missing,
+                held=[key_id for key_id in missing if key_id in mine],
             )
         db.execute(
             f"UPDATE keys SET run = ?, taken_at = COALESCE(taken_at, ?) "

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+from asyncio import sslproto
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Protocol, cast
@@ -137,6 +138,20 @@ class _Session(asyncio.Protocol):
         raise NotImplementedError
 
 
+class _AlertingTls(sslproto.SSLProtocol):
+    """asyncio's TLS layer, but a failed handshake sends the alert OpenSSL wrote (e.g.
+    ``certificate_required``, ``unknown_ca``) before the connection is closed: asyncio
+    closes it with the alert still unsent, and a refused client cannot tell why."""
+
+    def _on_handshake_complete(self, handshake_exc: BaseException | None) -> None:
+        if handshake_exc is not None:
+            try:
+                self._process_outgoing()  # type: ignore[attr-defined]
+            except Exception:
+                log.debug("TLS alert not sent", exc_info=True)
+        super()._on_handshake_complete(handshake_exc)
+
+
 class TlsServer:
     """What every TLS server of the appliance shares: listening, its port, and a close()
     that also drops open connections (asyncio keeps them otherwise). Subclasses make the
@@ -157,7 +172,12 @@ class TlsServer:
 
     async def _listen(self, host: str, port: int) -> asyncio.Server:
         loop = asyncio.get_running_loop()
-        return await loop.create_server(self._session, host, port, ssl=self.ssl_ctx)
+
+        def tls_session() -> asyncio.BaseProtocol:
+            no_waiter = cast("asyncio.Future[None]", None)  # nobody awaits the handshake
+            return _AlertingTls(loop, self._session(), self.ssl_ctx, no_waiter, server_side=True)
+
+        return await loop.create_server(tls_session, host, port)
 
     def _session(self) -> asyncio.Protocol:
         raise NotImplementedError

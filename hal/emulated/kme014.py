@@ -18,6 +18,7 @@ import json
 import socket
 import ssl
 import threading
+from collections import Counter
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -60,6 +61,8 @@ class EmulatedKme:
         self.master_sae, self.slave_sae = master_sae, slave_sae
         self.faults = KmeFaults()
         self.served = 0  # keys drawn from the module (including dropped answers)
+        self.connections = 0  # TLS connections accepted
+        self.calls: Counter[str] = Counter()  # requests by operation (status, enc_keys, ...)
         self.lock = threading.Lock()
         self.release = threading.Event()
         self.port = port
@@ -80,14 +83,21 @@ class EmulatedKme:
         return self
 
     def stop(self) -> None:
-        """Stop listening; hanging requests are released."""
+        """Stop listening and drop the open connections (kept alive by clients), as a KME
+        that goes away does; hanging requests are released."""
         self.release.set()
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
+            self._server.drop_connections()
             self._server = None
         if self._thread is not None:
             self._thread.join(5)
+
+    def drop_connections(self) -> None:
+        """Close every open connection, as a KME closes the idle ones."""
+        if self._server is not None:
+            self._server.drop_connections()
 
     def __enter__(self) -> EmulatedKme:
         return self.start()
@@ -102,6 +112,7 @@ class EmulatedKme:
         if len(parts) != 5 or parts[:3] != ["api", "v1", "keys"]:
             return 404, {"message": "no such resource"}
         sae, call = unquote(parts[3]), parts[4]
+        self.calls[call] += 1
         if caller not in (self.master_sae, self.slave_sae):
             return 401, {"message": "unknown SAE (client certificate)"}
         if call == "status":
@@ -195,17 +206,35 @@ class _Server(ThreadingHTTPServer):
 
     def __init__(self, address: tuple[str, int], handler: Any, kme: EmulatedKme) -> None:
         self.kme = kme
+        self.open: set[socket.socket] = set()
+        self.open_lock = threading.Lock()
         super().__init__(address, handler)
 
     def finish_request(self, request: Any, client_address: Any) -> None:
         # The TLS handshake runs here, in the request's own thread, so a client that never
         # completes it cannot stall the accept loop.
         request.settimeout(10)
+        # answers go out as two writes (head, body): without this, Nagle's algorithm holds
+        # the body until the client's delayed ACK, some 40 ms per request
+        request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
             tls = self.kme.context.wrap_socket(request, server_side=True)
         except (ssl.SSLError, OSError):
             return
-        self.RequestHandlerClass(tls, client_address, self)  # type: ignore[arg-type]
+        with self.open_lock:
+            self.open.add(tls)
+            self.kme.connections += 1
+        try:
+            self.RequestHandlerClass(tls, client_address, self)  # type: ignore[arg-type]
+        finally:
+            with self.open_lock:
+                self.open.discard(tls)
+
+    def drop_connections(self) -> None:
+        with self.open_lock:
+            for sock in self.open:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
 
 
 class _Handler(BaseHTTPRequestHandler):

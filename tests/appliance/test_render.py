@@ -189,3 +189,15 @@ def test_the_node_runtime_checks_its_sae_entries_and_keeps_none(tmp_path):
     path.write_text(tomli_w.dumps(doc))
     with pytest.raises(ConfigError, match=r"saes\[1\] \(sae-berlin-2\)\.colour: unknown key"):
         load_node_config(path, keep_saes=False)
+
+
+def test_the_sae_edge_takes_tls_12_and_13_unless_a_node_says_otherwise(rendered, tmp_path):
+    _, out, configs = rendered
+    assert configs["ukms-berlin"].etsi014.tls_versions == ["1.2", "1.3"]
+    path = tmp_path / "ukms-berlin.toml"
+    text = (out / "nodes" / "ukms-berlin.toml").read_text()
+    path.write_text(text + '\n[etsi014]\ntls_versions = ["1.3"]\n')
+    assert load_node_config(path).etsi014.tls_versions == ["1.3"]
+    path.write_text(text + '\n[etsi014]\ntls_versions = ["1.1"]\n')
+    with pytest.raises(ConfigError, match=r"etsi014\.tls_versions"):
+        load_node_config(path)

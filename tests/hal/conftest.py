@@ -80,9 +80,16 @@ def kme(bench: Bench, pki: Pki) -> Iterator[EmulatedKme]:
 
 
 def etsi_url(
-    kme: EmulatedKme, pki: Pki, sae: str, peer: str, cert: str | None = None, timeout: float = 1
+    kme: EmulatedKme,
+    pki: Pki,
+    sae: str,
+    peer: str,
+    cert: str | None = None,
+    timeout: float = 1,
+    batch: int = 32,
 ) -> str:
     return (
         f"etsi014+https://127.0.0.1:{kme.port}?sae={sae}&peer_sae={peer}"
         f"&cert={pki.clients[cert or sae]}&ca={pki.ca}&timeout={timeout}&backoff=0.01"
+        f"&batch={batch}"
     )

@@ -31,10 +31,12 @@ from hal.qkdm import LinkState
 from tests.hal.conftest import etsi_url
 
 
-def ends(kme, pki, timeout=1.0):
-    return hal.open_qkdm(etsi_url(kme, pki, "kms-a", "kms-b", timeout=timeout)), hal.open_qkdm(
-        etsi_url(kme, pki, "kms-b", "kms-a", timeout=timeout)
-    )
+def ends(kme, pki, timeout=1.0, batch=32):
+    """The master and slave ends; ``batch=1``: one enc_keys per key, so that each
+    get_key is a request of its own."""
+    return hal.open_qkdm(
+        etsi_url(kme, pki, "kms-a", "kms-b", timeout=timeout, batch=batch)
+    ), hal.open_qkdm(etsi_url(kme, pki, "kms-b", "kms-a", timeout=timeout))
 
 
 def test_status_maps_the_eleven_fields_and_the_extension(kme, pki, bench):
@@ -46,7 +48,7 @@ def test_status_maps_the_eleven_fields_and_the_extension(kme, pki, bench):
 
 
 def test_503_is_retried_with_backoff(kme, pki):
-    master, slave = ends(kme, pki)
+    master, slave = ends(kme, pki, batch=1)
     kme.faults.unavailable = 2
     key = master.get_key()
     assert slave.get_key_by_id(key.key_id).material == key.material
@@ -64,17 +66,21 @@ def test_malformed_json_is_a_protocol_error_and_draws_no_key(kme, pki, bench):
     assert bench.a.key_count() == before
 
 
-def test_lost_enc_keys_answer_is_never_retried(kme, pki, bench):
-    """The KME drew a key and the answer was lost: no second request, so no duplicate."""
-    master, slave = ends(kme, pki)
+@pytest.mark.parametrize("batch", [1, 32])
+def test_lost_enc_keys_answer_is_never_retried(kme, pki, bench, batch):
+    """The KME drew keys and the answer was lost: no second request, so no duplicate; the
+    keys it drew (a whole batch) are given up."""
+    master, slave = ends(kme, pki, batch=batch)
+    master.status()
     kme.faults.drop_after_draw = 1
     served = kme.served
     with pytest.raises(KeyOutcomeUnknown):
         master.get_key()
-    assert kme.served == served + 1
-    key = master.get_key()
-    assert kme.served == served + 2
-    assert slave.get_key_by_id(key.key_id).material == key.material
+    assert kme.served == served + batch
+    keys = [master.get_key() for _ in range(batch)]  # one request for all of them
+    assert kme.served == served + 2 * batch
+    for key in keys:
+        assert slave.get_key_by_id(key.key_id).material == key.material
 
 
 def test_lost_dec_keys_answer_is_retried_and_reported(kme, pki):
@@ -111,6 +117,7 @@ class CountingEvent(threading.Event):
 
 def test_kme_that_stops_answering_times_out_then_recovers(kme, pki):
     master, _ = ends(kme, pki, timeout=0.3)
+    master.status()  # the driver knows the KME's limits: get_key sends enc_keys at once
     kme.faults.hang = True
     kme.release = hung = CountingEvent()
     with pytest.raises(KeyOutcomeUnknown):
@@ -125,7 +132,7 @@ def test_kme_that_stops_answering_times_out_then_recovers(kme, pki):
 
 
 def test_kme_gone_and_back(kme, pki):
-    master, slave = ends(kme, pki)
+    master, slave = ends(kme, pki, batch=1)
     states = []
     master.subscribe(lambda event: states.append(event.new))
     master.status()
@@ -182,6 +189,79 @@ def test_concurrent_masters_never_share_a_key(kme, pki):
     for t in threads:
         t.join()
     assert len(seen) == len(set(seen)) == 20
+
+
+def test_one_connection_is_kept_alive_for_every_request(kme, pki):
+    master, slave = ends(kme, pki, batch=1)
+    keys = [master.get_key() for _ in range(50)]
+    for key in keys:
+        assert slave.get_key_by_id(key.key_id).material == key.material
+    assert kme.calls["enc_keys"] == 50 and kme.calls["dec_keys"] == 50
+    assert kme.connections == 2  # one per end
+
+
+def test_enc_keys_takes_a_batch_with_number(kme, pki):
+    master, slave = ends(kme, pki, batch=32)
+    keys = [master.get_key() for _ in range(100)]
+    assert len({k.key_id for k in keys}) == 100
+    assert kme.calls["enc_keys"] == 4 and kme.served == 128  # ceil(100 / 32) requests
+    assert master.key_count() == master.status().key_count
+    for key in keys[:3] + keys[-3:]:
+        assert slave.get_key_by_id(key.key_id).material == key.material
+
+
+def test_a_kme_holding_fewer_keys_than_a_batch_gives_what_it_has(kme, pki, bench):
+    master, _ = ends(kme, pki, batch=32)
+    while bench.a.key_count() > 5:
+        bench.a.get_key().erase()
+    keys = [master.get_key() for _ in range(5)]
+    assert len({k.key_id for k in keys}) == 5 and bench.a.key_count() == 0
+    with pytest.raises(NoKeyAvailable):
+        master.get_key()
+
+
+def test_close_erases_the_keys_held(kme, pki):
+    master, _ = ends(kme, pki, batch=8)
+    master.get_key()
+    held = list(master._held)
+    assert len(held) == 7 and all(k.material for k in held)
+    master.close()
+    assert all(not k.material for k in held)
+
+
+def test_a_connection_the_kme_closed_is_replaced_before_enc_keys_goes_out(kme, pki):
+    """A KME closes idle connections: the next enc_keys must not be lost with it (a lost
+    enc_keys answer costs its keys, KeyOutcomeUnknown)."""
+    master, slave = ends(kme, pki, batch=1)
+    master.get_key()
+    for _ in range(3):
+        kme.drop_connections()
+        key = master.get_key()  # not KeyOutcomeUnknown
+        assert slave.get_key_by_id(key.key_id).material == key.material
+    assert kme.connections == 4 + 3  # each end opens a new one after each drop
+
+
+def test_a_connection_that_rested_too_long_is_replaced(kme, pki):
+    from hal.etsi014_driver import Etsi014Qkdm, client_context
+
+    now = [0.0]
+    master = Etsi014Qkdm(
+        host="127.0.0.1",
+        port=kme.port,
+        sae="kms-a",
+        peer_sae="kms-b",
+        context=client_context(str(pki.clients["kms-a"]), None, str(pki.ca)),
+        batch=1,
+        idle=4.0,
+        monotonic=lambda: now[0],
+    )
+    master.get_key()
+    now[0] += 4.0
+    master.get_key()  # rested exactly the limit: reused
+    assert kme.connections == 1
+    now[0] += 4.5
+    master.get_key()
+    assert kme.connections == 2
 
 
 def test_url_errors(pki):

@@ -31,11 +31,14 @@ LIMITS = Limits(
 
 
 class MemoryService:
-    """Keys issued by enc_keys wait for their one slave; each goes out once."""
+    """Keys issued by enc_keys wait for their one slave; each goes out once. Both SAEs
+    have a pair with the other (as a user's SAEs do); ``expired`` keys are still held for
+    their pair but cannot be served."""
 
     def __init__(self) -> None:
-        self.pairs = {("sae-1", "sae-2")}
+        self.pairs = {("sae-1", "sae-2"), ("sae-2", "sae-1")}
         self.issued: dict[str, tuple[str, str, bytes]] = {}
+        self.expired: set[str] = set()
         self.empty = False
 
     def limits(self, master: str, slave: str, *, caller_is_master: bool) -> Limits | None:
@@ -53,9 +56,11 @@ class MemoryService:
         return out
 
     async def dec_keys(self, slave, master, key_ids):
-        missing = [k for k in key_ids if self.issued.get(k, ("", "", b""))[:2] != (master, slave)]
+        held = {k for k in key_ids if self.issued.get(k, ("", "", b""))[:2] == (master, slave)}
+        missing = [k for k in key_ids if k not in held or k in self.expired]
         if missing:
-            raise KeyUnavailable(f"{len(missing)} keys not here", missing=missing)
+            mine = [k for k in missing if k in held]
+            raise KeyUnavailable(f"{len(missing)} keys not here", missing=missing, held=mine)
         return [(k, self.issued.pop(k)[2]) for k in key_ids]
 
 
@@ -140,7 +145,7 @@ def test_master_gets_keys_and_slave_gets_the_same_once(pki, kme, method):
     )
     assert status == 200 and got["keys"] == doc["keys"][1:]
     status, err = call(slave, "GET", f"/api/v1/keys/sae-1/dec_keys?key_ID={ids[0]}")
-    assert status == 400 and "not found" in err["message"]
+    assert status == 401 and err["details"][0]["key_IDs"] == ids[:1]  # handed out already
 
 
 def test_roles_are_enforced(pki, kme):
@@ -148,9 +153,29 @@ def test_roles_are_enforced(pki, kme):
     master, slave = sae(pki, "sae-1", port), sae(pki, "sae-2", port)
     _, doc = call(master, "GET", "/api/v1/keys/sae-2/enc_keys")
     key_id = doc["keys"][0]["key_ID"]
-    assert call(slave, "GET", "/api/v1/keys/sae-1/enc_keys")[0] == 401  # slave is not a master
+    assert call(slave, "GET", "/api/v1/keys/sae-3/enc_keys")[0] == 401  # no such pair
     assert call(master, "GET", f"/api/v1/keys/sae-1/dec_keys?key_ID={key_id}")[0] == 401
+    # §5.4: the master, a slave of the reverse pair, was not given the key: 401, not 400
+    assert call(master, "GET", f"/api/v1/keys/sae-2/dec_keys?key_ID={key_id}")[0] == 401
     assert call(slave, "GET", f"/api/v1/keys/sae-1/dec_keys?key_ID={key_id}")[0] == 200
+
+
+def test_a_401_for_a_key_id_never_tells_whether_it_exists(pki, kme):
+    """§5.4's 401 for an SAE that was not given a key: the same answer, whether the ID was
+    issued to another SAE or never issued; only the ID itself differs."""
+    port, _ = kme
+    master, slave = sae(pki, "sae-1", port), sae(pki, "sae-2", port)
+    issued = call(master, "GET", "/api/v1/keys/sae-2/enc_keys")[1]["keys"][0]["key_ID"]
+    never = str(uuid.uuid4())
+    answers = []
+    for key_id in (issued, never):
+        status, err = call(master, "GET", f"/api/v1/keys/sae-2/dec_keys?key_ID={key_id}")
+        answers.append((status, json.dumps(err).replace(key_id, "ID")))
+    status, err = call(slave, "GET", f"/api/v1/keys/sae-1/dec_keys?key_ID={never}")
+    answers.append((status, json.dumps(err).replace(never, "ID")))
+    assert answers[0][0] == 401 and len(set(answers)) == 1, answers
+    status, _ = call(slave, "GET", f"/api/v1/keys/sae-1/dec_keys?key_ID={issued}")
+    assert status == 200  # none of that took it
 
 
 @pytest.mark.parametrize(
@@ -163,7 +188,7 @@ def test_roles_are_enforced(pki, kme):
         (
             "/api/v1/keys/sae-2/enc_keys",
             {"extension_mandatory": [{"abc_route_type": "direct"}]},
-            "mandatory extensions",
+            "extension_mandatory parameters",
         ),
         ("/api/v1/keys/sae-2/enc_keys", {"additional_slave_SAE_IDs": ["sae-3"]}, "additional"),
         ("/api/v1/keys/sae-2/enc_keys", [1, 2], "JSON object"),
@@ -178,6 +203,95 @@ def test_bad_requests_get_a_clear_400(pki, kme, path, body, fragment):
     method = "GET" if body is None else "POST"
     status, err = call(sae(pki, who, port), method, path, body)
     assert status == 400 and fragment in err["message"] + json.dumps(err.get("details", []))
+
+
+@pytest.mark.parametrize(
+    "method, path, body, message, detail",
+    [
+        (
+            "GET",
+            "/api/v1/keys/sae-2/enc_keys?size=100",
+            None,
+            "size shall be a multiple of 8",
+            "100",
+        ),
+        (
+            "POST",
+            "/api/v1/keys/sae-2/enc_keys",
+            {"number": 1, "size": 257},
+            "size shall be a multiple of 8",
+            "257",
+        ),
+        (
+            "POST",
+            "/api/v1/keys/sae-2/enc_keys",
+            {"extension_mandatory": [{"abc_route_type": "direct"}, {"abc_transfer_method": "qkd"}]},
+            "not all extension_mandatory parameters are supported",
+            '"extension_mandatory_unsupported": ["abc_route_type", "abc_transfer_method"]',
+        ),
+    ],
+)
+def test_the_messages_the_standard_fixes_are_sent_word_for_word(
+    pki, kme, method, path, body, message, detail
+):
+    """§6.2 and §6.4 fix these messages; the rest goes in details."""
+    port, _ = kme
+    status, err = call(sae(pki, "sae-1", port), method, path, body)
+    assert status == 400 and err["message"] == message
+    assert detail in json.dumps(err["details"])
+
+
+def test_keys_not_found_get_the_standard_message(pki, kme):
+    port, service = kme
+    _, doc = call(sae(pki, "sae-1", port), "GET", "/api/v1/keys/sae-2/enc_keys")
+    key_id = doc["keys"][0]["key_ID"]
+    service.expired.add(key_id)
+    status, err = call(
+        sae(pki, "sae-2", port), "GET", f"/api/v1/keys/sae-1/dec_keys?key_ID={key_id}"
+    )
+    assert status == 400 and err == {
+        "message": "one or more keys specified are not found on KME",
+        "details": [{"key_IDs_not_found": [key_id]}],
+    }
+
+
+def test_sae_ids_in_the_path_are_url_decoded(pki, kme):
+    """Tables 3, 5 and 7: the path holds URL-encoded SAE IDs."""
+    port, _ = kme
+    master, slave = sae(pki, "sae-1", port), sae(pki, "sae-2", port)
+    for encoded in ("sae%2D2", "sae%2d2", "%73%61%65%2D%32"):
+        status, doc = call(master, "GET", f"/api/v1/keys/{encoded}/status")
+        assert status == 200 and doc["slave_SAE_ID"] == "sae-2", (encoded, doc)
+    status, doc = call(master, "GET", "/api/v1/keys/sae%2D2/enc_keys")
+    assert status == 200
+    key_id = doc["keys"][0]["key_ID"]
+    status, got = call(slave, "GET", f"/api/v1/keys/sae%2D1/dec_keys?key_ID={key_id}")
+    assert status == 200 and got["keys"] == doc["keys"]
+
+
+@pytest.mark.parametrize(
+    "segment",
+    [
+        "sae%2",  # cut short
+        "sae%zz-2",
+        "sae-2%",
+        "sae%2-2",
+        "sae%C3%28",  # not UTF-8
+        "sae%00-2",  # a control character
+        "sae%0A-2",
+        "sae%C2%85",  # C1 control
+        "s" * 769,
+        "%41" * 257,  # 257 characters once decoded
+        "sa\xe9",
+    ],
+)
+def test_a_badly_encoded_sae_id_is_a_400_with_a_code(segment):
+    for op, parameter in (("status", "slave_SAE_ID"), ("dec_keys", "master_SAE_ID")):
+        status, doc, _ = answer("GET", f"/api/v1/keys/{segment}/{op}")
+        assert status == 400, (segment, doc)
+        assert doc["details"][0]["parameter"] == parameter
+        assert doc["details"][0]["code"] == "SAE-ID-ENCODING"
+        assert len(doc["message"]) < 100
 
 
 def test_an_empty_stock_is_a_503_with_json(pki, kme):
@@ -465,13 +579,13 @@ def test_every_error_carries_details_naming_the_parameter(method, path, peer, pa
 
 def test_not_found_keys_and_an_empty_stock_carry_details(pki, kme):
     port, service = kme
-    missing = "9e3d2c1b-0000-4000-8000-000000000000"
+    status, doc = call(sae(pki, "sae-1", port), "GET", "/api/v1/keys/sae-2/enc_keys?number=2")
+    here, missing = (k["key_ID"] for k in doc["keys"])
+    service.expired.add(missing)  # held for the pair, but it cannot be served
     status, doc = call(
         sae(pki, "sae-2", port), "GET", f"/api/v1/keys/sae-1/dec_keys?key_ID={missing}"
     )
     assert status == 400 and doc["details"] == [{"key_IDs_not_found": [missing]}]
-    status, doc = call(sae(pki, "sae-1", port), "GET", "/api/v1/keys/sae-2/enc_keys")
-    here = doc["keys"][0]["key_ID"]
     body = {"key_IDs": [{"key_ID": here}, {"key_ID": missing}]}
     status, doc = call(sae(pki, "sae-2", port), "POST", "/api/v1/keys/sae-1/dec_keys", body)
     assert status == 400 and doc["details"] == [{"key_IDs_not_found": [missing]}]  # only it

@@ -141,4 +141,49 @@ def test_curl_gets_the_same_keys_at_both_ends(saes):
     code, rest = curl(slave, f"/{MASTER}/dec_keys", {"key_IDs": [{"key_ID": i} for i in ids[1:]]})
     assert code == 200 and rest["keys"] == issued["keys"][1:]
     code, again = curl(slave, f"/{MASTER}/dec_keys?key_ID={ids[0]}")
-    assert code == 400 and set(again) <= {"message", "details"}, again
+    assert code == 401 and set(again) <= {"message", "details"}, again  # handed out: §5.4
+
+
+def test_curl_sees_the_014_rules_to_the_letter(saes):
+    """Issue 16 A2-A5 through curl: URL-encoded SAE IDs, the 401s of §5.4 and of a pair
+    not served, and the messages the standard fixes."""
+    master, slave = saes[MASTER], saes[SLAVE]
+    encoded = SLAVE.replace("-", "%2D")
+    code, status = curl(master, f"/{encoded}/status")
+    assert code == 200 and status["slave_SAE_ID"] == SLAVE, status
+    code, issued = curl(master, f"/{encoded}/enc_keys")
+    assert code == 200, issued
+    key_id = issued["keys"][0]["key_ID"]
+    code, err = curl(master, f"/{MASTER}/status")  # itself as its slave
+    assert code == 401 and set(err) == {"message", "details"}, err
+    code, err = curl(master, f"/{SLAVE}/dec_keys?key_ID={key_id}")  # not the slave of it
+    assert code == 401, err
+    code, err = curl(master, f"/{SLAVE}/enc_keys?size=100")
+    assert code == 400 and err["message"] == "size shall be a multiple of 8", err
+    code, err = curl(master, f"/{SLAVE}/enc_keys", {"extension_mandatory": [{"x_route": 1}]})
+    assert code == 400, err
+    assert err["message"] == "not all extension_mandatory parameters are supported", err
+    code, err = curl(master, "/sae%2/status")
+    assert code == 400 and err["details"][0]["code"] == "SAE-ID-ENCODING", err
+    code, got = curl(slave, f"/{MASTER.replace('-', '%2d')}/dec_keys?key_ID={key_id}")
+    assert code == 200 and got["keys"] == issued["keys"], got
+
+
+def curl_tls(sae: dict[str, Any], *options: str, cert: bool = True) -> subprocess.CompletedProcess:
+    """curl with TLS ``options`` for the SAE's status (with or without its certificate)."""
+    args = ["curl", "--silent", "--show-error", "--max-time", "30", "--cacert", sae["ca_cert"]]
+    if cert:
+        args += ["--cert", sae["cert"], "--key", sae["key"]]
+    url = sae["etsi014_base_url"] + f"/{SLAVE}/status"
+    return subprocess.run([*args, *options, url], capture_output=True, text=True, timeout=60)
+
+
+def test_curl_speaks_tls_12_and_13_and_hears_why_it_is_refused(saes):
+    """Issue 16 A8 on a running network: TLS 1.2 and 1.3 both served by default; no
+    certificate: the certificate_required alert, which curl reports."""
+    master = saes[MASTER]
+    for options in (("--tlsv1.2", "--tls-max", "1.2"), ("--tlsv1.3",)):
+        done = curl_tls(master, *options)
+        assert done.returncode == 0 and json.loads(done.stdout)["slave_SAE_ID"] == SLAVE, done
+    refused = curl_tls(master, "--tlsv1.3", cert=False)
+    assert refused.returncode != 0 and "certificate required" in refused.stderr, refused.stderr

@@ -165,7 +165,7 @@ def test_a_third_party_014_client_gets_the_same_key_at_both_ends(net):
     pa, pb = ports(doc)
     saes = out / "pki" / "saes"
 
-    def run(sae: str, port: int, *args: str) -> str:
+    def run(sae: str, port: int, *args: str, code: int = 200) -> str:
         result = subprocess.run(
             [
                 str(client),
@@ -183,7 +183,8 @@ def test_a_third_party_014_client_gets_the_same_key_at_both_ends(net):
             text=True,
             timeout=60,
         )
-        assert result.returncode == 0 and "Response code : 200" in result.stdout, result.stdout
+        assert f"Response code : {code}" in result.stdout, (result.stdout, result.stderr)
+        assert code != 200 or result.returncode == 0, result.stderr
         return result.stdout
 
     assert "target_KME_ID : ukms-bonn" in run("sae-berlin-1", pa, "get_status", "sae-bonn-1")
@@ -192,6 +193,10 @@ def test_a_third_party_014_client_gets_the_same_key_at_both_ends(net):
     key = issued.split("Key : ")[1].split()[0]
     fetched = run("sae-bonn-1", pb, "get_key_with_id", key_id, "sae-berlin-1")
     assert f"Key id : {key_id}" in fetched and f"Key : {key}" in fetched
+    # issue 16 A2, A3: itself as its peer, and a key it was not given (or not any more)
+    run("sae-berlin-1", pa, "get_status", "sae-berlin-1", code=401)
+    run("sae-berlin-1", pa, "get_key_with_id", key_id, "sae-bonn-1", code=401)
+    run("sae-bonn-1", pb, "get_key_with_id", key_id, "sae-berlin-1", code=401)
 
 
 def test_the_sae_command_gets_keys_and_reports_errors_in_one_line(net):
@@ -236,7 +241,7 @@ def test_the_sae_command_gets_keys_and_reports_errors_in_one_line(net):
         "sae-berlin-1",
         ids[0],
     )
-    assert again.returncode == 1 and again.stderr.startswith("qkdn: error [SAE-HTTP-400]: ")
+    assert again.returncode == 1 and again.stderr.startswith("qkdn: error [SAE-HTTP-401]: ")
     assert again.stderr.count("\n") == 1
     unknown = qkdn("sae", "status", "--dir", str(out), "--sae", "sae-nowhere", "--slave", "x")
     assert unknown.returncode == 1 and "unknown SAE" in unknown.stderr

@@ -108,7 +108,7 @@ def test_keys_cross_the_whole_network(tmp_path, mode):
         )
         assert status == 200 and got["keys"] == doc["keys"]
         assert all(len(base64.b64decode(k["key"])) == 32 for k in got["keys"])
-        assert call(b, "GET", f"/api/v1/keys/sae-berlin-1/dec_keys?key_ID={ids[0]}")[0] == 400
+        assert call(b, "GET", f"/api/v1/keys/sae-berlin-1/dec_keys?key_ID={ids[0]}")[0] == 401
         other = sae_conn(tmp_path, "sae-bonn-2", port_b)  # another user's SAE
         path = f"/api/v1/keys/sae-berlin-1/dec_keys?key_ID={ids[1]}"
         assert call(other, "GET", path)[0] in (400, 401)

@@ -46,6 +46,7 @@ ENC = f"/api/v1/keys/{SLAVE}/enc_keys"
 DEC = f"/api/v1/keys/{MASTER}/dec_keys"
 NODE_PATHS = ("/v1/ksa", "/v1/cn", "/v1/relay", "/v1/ksa/deliver", "/v1/link/grant")
 """The node-to-node endpoints (appliance.kms.node)."""
+LOGGED_ERROR = re.compile(r'"level": ?"(error|critical)"|^\S+ (error|critical) |handler failed')
 H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
 
@@ -138,7 +139,7 @@ def test_an_sae_cannot_take_keys_meant_for_another(net):
         conn = net.connect(who, ports[kme], cert=cert)
         body = {"key_IDs": [{"key_ID": key_id}]} if method == "POST" else None
         got = exchange(conn, method, path, body)
-        assert got.status in (400, 401), (who, kme, path, got.status, got.body)
+        assert got.status == 401, (who, kme, path, got.status, got.body)  # §5.4
         assert "keys" not in got.json(), (who, path, got.body)
     for who, kme, slave in (  # enc_keys for pairs the caller is not the master of
         (OTHER_MASTER, "berlin", SLAVE),
@@ -154,11 +155,51 @@ def test_an_sae_cannot_take_keys_meant_for_another(net):
     assert taken.status == 200 and {k["key_ID"]: k["key"] for k in taken.json()["keys"]} == issued
 
 
+def test_a_401_for_a_key_never_says_whether_it_exists(net):
+    """§5.4: an SAE that was not given a key gets 401, and the same 401 (but for the ID)
+    whether the key was issued to another SAE or never issued."""
+    key_id = next(iter(issue_keys(net, 1)))
+    never = str(uuid.uuid4())
+    answers = set()
+    for who, master, asked in (
+        (MASTER, SLAVE, key_id),  # the master, on its own KME
+        (MASTER, SLAVE, never),
+        (SLAVE, MASTER, never),  # the right slave, an ID never issued
+    ):
+        got = exchange(net.connect(who), "GET", f"/api/v1/keys/{master}/dec_keys?key_ID={asked}")
+        answers.add((got.status, got.body.decode().replace(asked, "ID")))
+    assert len(answers) == 1 and next(iter(answers))[0] == 401, answers
+    taken = net.dec_keys(SLAVE, MASTER, [key_id])
+    assert taken.status == 200, taken.body
+
+
 def test_a_kme_refuses_an_sae_it_does_not_serve(net):
     at_berlin = net.connect(SLAVE, net.kme_port(MASTER))
     for path in (f"/api/v1/keys/{MASTER}/status", f"/api/v1/keys/{MASTER}/enc_keys"):
         got = exchange(at_berlin, "GET", path)
         assert got.status == 401, (path, got.status, got.body)
+
+
+def test_an_sae_naming_itself_as_its_peer_is_refused_like_any_pair_not_served(net):
+    """Issue 16 A2: no Status for a pair of one SAE (it once got 200, then 503 from
+    enc_keys with an internal failure logged): the 401 of a pair the KME does not serve."""
+    key_id = next(iter(issue_keys(net, 1)))
+    mark = net.log_mark("ukms-berlin")
+    conn = net.connect(MASTER)
+    unserved = exchange(conn, "GET", f"/api/v1/keys/{OTHER_SLAVE}/status")
+    assert unserved.status == 401
+    for method, path in (
+        ("GET", f"/api/v1/keys/{MASTER}/status"),
+        ("GET", f"/api/v1/keys/{MASTER}/enc_keys"),
+        ("POST", f"/api/v1/keys/{MASTER}/enc_keys"),
+        ("GET", f"/api/v1/keys/{MASTER}/dec_keys?key_ID={key_id}"),
+    ):
+        got = exchange(conn, method, path, {} if method == "POST" else None)
+        assert got.status == 401, (method, path, got.status, got.body)
+        assert set(got.json()) == {"message", "details"}
+        assert "keys" not in got.json() and "source_KME_ID" not in got.json()
+    failures = [line for line in net.log_since("ukms-berlin", mark) if LOGGED_ERROR.search(line)]
+    assert not failures, failures
 
 
 # -- relay messages, captured between two real nodes -------------------------------------
@@ -394,7 +435,7 @@ def test_no_endpoint_takes_key_material_from_an_sae(net):
         exchange(slave, "GET", f"{DEC}?key_ID={planted_id}&key={quote(planted)}"),
     ]
     for got in answers:
-        assert got.status in (200, 400), got.body
+        assert got.status in (200, 400, 401), got.body  # 401: the planted ID was not given
         assert planted.encode() not in got.body
         if got.status == 200:
             assert planted_id not in {k["key_ID"] for k in got.json()["keys"]}
@@ -434,7 +475,7 @@ def test_no_endpoint_takes_key_material_from_an_sae(net):
     for where, status, answer in knocked:
         assert status != 200, f"{where} took a request from an SAE: {answer!r}"
         assert planted.encode() not in answer
-    assert net.dec_keys(SLAVE, MASTER, [planted_id]).status == 400  # stored nowhere
+    assert net.dec_keys(SLAVE, MASTER, [planted_id]).status == 401  # stored nowhere
 
 
 # -- what an SAE can learn -------------------------------------------------------------------

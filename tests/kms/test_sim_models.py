@@ -68,6 +68,15 @@ def bits(key_id: str, n: int) -> bytes:
     return hashlib.sha256(f"{key_id}/{n}".encode()).digest()
 
 
+def held(run: Callable[[], Any]) -> list[str]:
+    """The keys a refused take says are held for its session (it changes nothing)."""
+    try:
+        run()
+    except KeyUnavailable as exc:
+        return sorted(exc.held)
+    raise AssertionError("the take was refused a moment ago")
+
+
 def outcome(run: Callable[[], Any]) -> tuple[str, Any]:
     """An operation's outcome in comparable form: the value, or the error's kind."""
     try:
@@ -109,6 +118,8 @@ class Pair:
     def both(self, op: Any) -> tuple[tuple[str, Any], tuple[str, Any]]:
         real = outcome(lambda: self.real.run(op))
         model = outcome(lambda: self.model.apply(op))
+        if isinstance(op, Take) and real == model and real[0] == "unavailable":
+            assert held(lambda: self.real.run(op)) == held(lambda: self.model.apply(op)), op
         if isinstance(op, Take) and len(set(op.key_ids)) < len(op.key_ids):
             real, model = (real[0], None), (model[0], None)  # refused; "missing" says why
         return real, model

@@ -194,6 +194,20 @@ def test_take_many_is_all_or_none_and_names_what_is_missing(store):
     assert caught.value.missing == ["a"]
 
 
+def test_a_refused_take_says_which_keys_are_held_for_the_session(store, clock):
+    """``held``: keys of the asking session that cannot be taken now (expired, or pending
+    under this run); keys of another session look exactly like keys never stored."""
+    store.put_many(S, [("old", CANARY)], ttl=1.0)
+    store.put_many(S, [("busy", CANARY), ("free", CANARY)])
+    store.put_many(OTHER, [("theirs", CANARY)])
+    store.take_many(S, ["busy"])
+    clock.now += 2
+    with pytest.raises(KeyUnavailable) as caught:
+        store.take_many(S, ["free", "theirs", "old", "never", "busy"])
+    assert caught.value.missing == ["theirs", "old", "never", "busy"]
+    assert caught.value.held == ["old", "busy"]
+
+
 # -- oldest takes, capacity, expiry ----------------------------------------------------------
 
 

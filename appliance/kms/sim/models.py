@@ -79,6 +79,11 @@ class ModelStore:
             return True
         return row.run != self.run and now < row.taken_at + self.refetch_window
 
+    @staticmethod
+    def _held(row: _Row | None, op: Take) -> bool:
+        """Held for the taking session (though perhaps not takeable now)."""
+        return row is not None and row.session == op.session and row.kind == op.kind
+
     def _take(self, op: Take, now: float) -> list[StoredKey]:
         doubles = sorted({k for k in op.key_ids if op.key_ids.count(k) > 1})
         if doubles or not op.key_ids:  # refused before looking, as the store does
@@ -89,6 +94,7 @@ class ModelStore:
         if missing:
             error = KeyUnavailable(f"{len(missing)} of {len(op.key_ids)} keys are not here")
             error.missing = missing
+            error.held = [k for k in missing if self._held(self._rows.get(k), op)]
             raise error
         taken = []
         for key_id in op.key_ids:

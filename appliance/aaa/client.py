@@ -1,0 +1,301 @@
+"""The AKMS's SNMPv3 client of the AAA device, and a request validator on top of it.
+
+:class:`AaaClient` speaks QKDN-AAA-MIB with pysnmp's low-level command generator (raw
+OIDs, no MIB resolution per call): an *ask* is one GET of the aaaQuotaTable row whose
+index is the question, a *close* and a *report* are one SET each. It also runs a
+notification receiver for the AAA's ``aaaQuotaRevoked`` INFORMs (port 0 by default).
+
+:class:`AaaValidator` implements the key path's :class:`RequestValidator` seam
+(``appliance.kms.seams``) with a :class:`~appliance.aaa.wallet.Wallet`: it allows from
+quota held locally, asks ahead of need in the background, settles finished grants and
+reports each request's outcome for accounting. It is not wired into the key path yet.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from typing import Any
+
+from pysnmp.carrier.asyncio.dgram import udp
+from pysnmp.entity import config, engine
+from pysnmp.entity.rfc3413 import cmdgen, ntfrcv
+from pysnmp.proto import rfc1902, rfc1905
+
+from appliance.aaa import mib
+from appliance.aaa.agent import AUTH, PRIV, Credentials, bind_udp, host_port
+from appliance.aaa.errors import SnmpError
+from appliance.aaa.ledger import Reason, Refusal
+from appliance.aaa.view import U32
+from appliance.aaa.wallet import Spent, Terms, Wallet
+from appliance.kms.relay import Mode
+from appliance.kms.seams import Denial, Denied, ValidationQuery, Verdict
+
+log = logging.getLogger("qkdn.aaa.client")
+
+TIMEOUT_S, RETRIES = 0.5, 2
+ASK_KEYS = 1000
+"""Keys a wallet asks for at a time (AAA may grant less)."""
+MAX_KEY_BITS = 8192
+"""Bits per key a first ask reserves, before the contract's largest key is known."""
+NULL = rfc1902.Null("")
+MISSING = (rfc1905.noSuchObject.tagSet, rfc1905.noSuchInstance.tagSet, rfc1905.endOfMibView.tagSet)
+DENIAL = {
+    Reason.LIMITS: Denial.LIMITS,
+    Reason.QUOTA: Denial.QUOTA,
+    Reason.RATE: Denial.QUOTA,
+    Reason.UNREACHABLE: Denial.QUOTA,
+}
+"""How a reason reaches the SAE (ETSI 014 status 400/401/503); any other reason: 401."""
+
+
+class AaaClient:
+    def __init__(self, address: str, creds: Credentials) -> None:
+        self.creds = creds
+        self.engine = engine.SnmpEngine()
+        config.add_v3_user(self.engine, creds.user, AUTH, creds.auth, PRIV, creds.priv)
+        config.add_target_parameters(self.engine, "aaa-params", creds.user, "authPriv")
+        config.add_transport(
+            self.engine, config.SNMP_UDP_DOMAIN, udp.UdpAsyncioTransport().open_client_mode()
+        )
+        config.add_target_address(
+            self.engine,
+            "aaa",
+            config.SNMP_UDP_DOMAIN,
+            host_port(address),
+            "aaa-params",
+            timeout=int(TIMEOUT_S * 100),
+            retryCount=RETRIES,
+        )
+        self._get, self._set = cmdgen.GetCommandGenerator(), cmdgen.SetCommandGenerator()
+        self._rx: engine.SnmpEngine | None = None
+        self.m = mib.load()
+        self._quota_index = [self.m[n] for n in self.m["aaaQuotaEntry"].index]
+        self._ids = itertools.count(secrets.randbelow(2**31))
+
+    def close(self) -> None:
+        for eng in (self.engine, self._rx):
+            if eng is not None and eng.transport_dispatcher is not None:
+                eng.close_dispatcher()
+
+    # -- commands -------------------------------------------------------------------------
+    async def _call(self, generator: Any, binds: list[tuple[tuple[int, ...], Any]]) -> list[Any]:
+        done: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
+
+        def answered(
+            _e: Any, _h: Any, error: Any, status: Any, index: Any, vbs: Any, _c: Any
+        ) -> None:
+            if done.done():
+                return
+            if error:
+                done.set_exception(
+                    SnmpError(f"AAA did not answer: {error}", code="AAA-UNREACHABLE")
+                )
+            elif status:
+                done.set_exception(SnmpError(f"AAA refused: {status.prettyPrint()} at {index}"))
+            else:
+                done.set_result(list(vbs))
+
+        generator.send_varbinds(self.engine, "aaa", None, "", binds, answered)
+        return await done
+
+    async def get(self, oids: list[tuple[int, ...]]) -> list[Any]:
+        """A plain GET of ``oids`` (values in order)."""
+        return [v for _, v in await self._call(self._get, [(o, NULL) for o in oids])]
+
+    async def ask(
+        self, ukms: int, master: str, slave: str, keys: int, bits: int
+    ) -> Terms | Refusal:
+        """Ask for quota for one SAE pair (one GET)."""
+        rid = next(self._ids) % 2**32
+        suffix = mib.encode_index(
+            self._quota_index, [ukms, rid, master.encode(), slave.encode(), keys, bits]
+        )
+        values = await self._call(self._get, [(self.m["aaaQuotaAnswer"].oid + suffix, NULL)])
+        if values[0][1].tagSet in MISSING:
+            raise SnmpError("AAA gave no answer for this ask (not in our view?)", code="AAA-DENIED")
+        return parse_answer(ukms, bytes(values[0][1]))
+
+    async def close_grant(self, ukms: int, grant: int, used_keys: int, used_bits: int) -> None:
+        suffix = (ukms, grant)
+        await self._call(
+            self._set,
+            [
+                (self.m["aaaGrantUsedKeys"].oid + suffix, rfc1902.Unsigned32(used_keys)),
+                (
+                    self.m["aaaGrantUsedBits"].oid + suffix,
+                    rfc1902.Unsigned32(min(used_bits, U32)),
+                ),
+                (self.m["aaaGrantState"].oid + suffix, rfc1902.Integer32(3)),
+            ],
+        )
+
+    async def report(
+        self,
+        ukms: int,
+        request: str,
+        *,
+        master: str,
+        slave: str,
+        outcome: str,
+        reason: Reason = Reason.NONE,
+        keys: int = 0,
+        bits: int = 0,
+        grant: int = 0,
+    ) -> None:
+        """One request's outcome, for accounting (a retry with the same ID counts once)."""
+        rid = request.encode()
+        suffix = (ukms, len(rid), *rid)
+        m = self.m
+        await self._call(
+            self._set,
+            [
+                (m["aaaUsageMaster"].oid + suffix, rfc1902.OctetString(master)),
+                (m["aaaUsageSlave"].oid + suffix, rfc1902.OctetString(slave)),
+                (
+                    m["aaaUsageOutcome"].oid + suffix,
+                    rfc1902.Integer32(m["aaaUsageOutcome"].enums[outcome]),
+                ),
+                (m["aaaUsageReason"].oid + suffix, rfc1902.Integer32(int(reason))),
+                (m["aaaUsageKeys"].oid + suffix, rfc1902.Unsigned32(keys)),
+                (m["aaaUsageBits"].oid + suffix, rfc1902.Unsigned32(bits)),
+                (m["aaaUsageGrant"].oid + suffix, rfc1902.Unsigned32(grant)),
+            ],
+        )
+
+    # -- revocations ----------------------------------------------------------------------
+    def listen(self, address: str, on_revoke: Callable[[str, int], None]) -> int:
+        """Receive aaaQuotaRevoked INFORMs on ``address``; return the UDP port."""
+        sock = bind_udp(address)
+        port = int(sock.getsockname()[1])
+        self._rx = rx = engine.SnmpEngine()
+        config.add_transport(
+            rx, config.SNMP_UDP_DOMAIN, udp.UdpAsyncioTransport().open_server_mode(sock=sock)
+        )
+        config.add_v3_user(rx, self.creds.user, AUTH, self.creds.auth, PRIV, self.creds.priv)
+        contract_oid = (*self.m["aaaNotifyContract"].oid, 0)
+        grant_oid = (*self.m["aaaNotifyGrant"].oid, 0)
+
+        def received(_e: Any, _s: Any, _ce: Any, _cn: Any, binds: Any, _c: Any) -> None:
+            got = {tuple(name): value for name, value in binds}
+            if contract_oid in got and grant_oid in got:
+                on_revoke(bytes(got[contract_oid]).decode("ascii", "replace"), int(got[grant_oid]))
+
+        ntfrcv.NotificationReceiver(rx, received)
+        return port
+
+
+def parse_answer(ukms: int, text: bytes) -> Terms | Refusal:
+    """aaaQuotaAnswer: eleven decimal numbers (QUOTA_COLUMNS' order), then the contract."""
+    fields = text.decode("ascii", "replace").split(" ")
+    try:
+        n = [int(x) for x in fields[:11]]
+        contract = fields[11] if len(fields) > 11 else ""
+        reason = Reason(n[0])
+    except (ValueError, IndexError) as exc:
+        raise SnmpError("AAA's answer is malformed", code="AAA-ANSWER") from exc
+    if reason != Reason.NONE:
+        return Refusal(reason=reason, message=f"AAA refused: {reason.name.lower()}")
+    return Terms(
+        ukms=ukms,
+        grant=n[1],
+        contract=contract,
+        keys=n[2],
+        bits=n[3],
+        lifetime_s=n[4] / 1000,
+        ukms_b=n[5],
+        akms_b=n[6],
+        mode={1: "gcm", 2: "otp"}.get(n[7], "gcm"),
+        max_key_size=n[8],
+        keys_per_request=n[9],
+        max_rate=n[10],
+    )
+
+
+class AaaValidator:
+    """A RequestValidator for the AKMS: allow from local quota, ask ahead, fail closed."""
+
+    def __init__(self, client: AaaClient, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self.client, self.clock = client, clock
+        self.wallet = Wallet()
+        self._asking: dict[tuple[str, str], asyncio.Task[None]] = {}
+        self._size: dict[tuple[str, str], int] = {}
+        """The contract's largest key per pair, once known: asks reserve no more bits."""
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.alarms = 0
+
+    def revoked(self, contract: str, grant: int) -> None:
+        """An INFORM arrived: drop the grant (0: every grant of the contract) at once."""
+        self.wallet.revoke(grant=grant or None, contract=contract if grant == 0 else None)
+        self._settle()
+
+    async def validate(self, query: ValidationQuery) -> Verdict:
+        pair = (query.master, query.slave)
+        result = self.wallet.spend(
+            query.master, query.slave, query.number, query.size, self.clock()
+        )
+        if result is None:
+            await self._ask(query.ukms, pair)
+            result = self.wallet.spend(*pair, query.number, query.size, self.clock())
+            if result is None:
+                result = Refusal(reason=Reason.QUOTA, message="no quota left for this request")
+        elif self.wallet.wants(*pair, self.clock()):
+            self._ask_soon(query.ukms, pair)
+        self._settle()
+        return verdict(result)
+
+    def _ask_soon(self, ukms: int, pair: tuple[str, str]) -> None:
+        if pair not in self._asking:
+            self._spawn(self._ask(ukms, pair))
+
+    async def _ask(self, ukms: int, pair: tuple[str, str]) -> None:
+        running = self._asking.get(pair)
+        if running is not None:
+            await asyncio.shield(running)
+            return
+        task = asyncio.ensure_future(self._fetch(ukms, pair))
+        self._asking[pair] = task
+        try:
+            await asyncio.shield(task)
+        finally:
+            self._asking.pop(pair, None)
+
+    async def _fetch(self, ukms: int, pair: tuple[str, str]) -> None:
+        sent = self.clock()
+        try:
+            size = self._size.get(pair, MAX_KEY_BITS)
+            answer = await self.client.ask(ukms, *pair, ASK_KEYS, ASK_KEYS * size)
+        except SnmpError as exc:
+            self.alarms += 1
+            log.error("aaa: unreachable, failing closed for new quota: %s", exc.message)
+            answer = Refusal(reason=Reason.UNREACHABLE, message="the AAA device is unreachable")
+        if isinstance(answer, Terms):
+            self._size[pair] = answer.max_key_size
+        self.wallet.add(pair, answer, sent)
+
+    def _settle(self) -> None:
+        for _master, _slave, held in self.wallet.to_close(self.clock()):
+            t = held.terms
+            self._spawn(self.client.close_grant(t.ukms, t.grant, held.used_keys, held.used_bits))
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("aaa: %s", task.exception())
+
+
+def verdict(result: Spent | Refusal) -> Verdict:
+    """A wallet's answer as the key path's seam takes it."""
+    if isinstance(result, Refusal):
+        why = DENIAL.get(result.reason, Denial.UNAUTHORISED)
+        return Verdict(denied=Denied(result.message, why=why))
+    return Verdict(mode=Mode[result.mode.upper()], ukms_b=result.ukms_b, akms_b=result.akms_b)
