@@ -204,7 +204,11 @@ class Net:
             if n["role"] != "ukms"
             for a in n["endpoints"].values()
         }
-        patterns = [re.compile(re.escape(w), re.IGNORECASE) for w in sorted(words)]
+        # whole words: the AAA node's name "aaa" is also hex, and turns up inside key IDs
+        patterns = [
+            re.compile(rf"(?<![0-9a-z]){re.escape(w)}(?![0-9a-z])", re.IGNORECASE)
+            for w in sorted(words)
+        ]
         patterns += [re.compile(rf":{p}\b") for p in sorted(ports)]
         patterns += [
             re.compile(r"\bnode\s*#?\d+", re.IGNORECASE),
