@@ -157,6 +157,12 @@ class TlsServer:
     that also drops open connections (asyncio keeps them otherwise). Subclasses make the
     protocol object of each accepted connection (:meth:`_session`)."""
 
+    ALERTS = False
+    """Whether a refused handshake sends its TLS alert (:class:`_AlertingTls`). It costs:
+    that TLS layer is asyncio's, in Python, where the event loop's own (uvloop's, in C)
+    cannot send the alert; so the SAE edge, whose clients are not ours, has it, and the
+    servers between nodes (every relay hop) keep the loop's own."""
+
     def __init__(self, handler: Handler, ssl_ctx: ssl.SSLContext) -> None:
         self.handler, self.ssl_ctx = handler, ssl_ctx
         self._server: asyncio.Server | None = None
@@ -172,6 +178,8 @@ class TlsServer:
 
     async def _listen(self, host: str, port: int) -> asyncio.Server:
         loop = asyncio.get_running_loop()
+        if not self.ALERTS:
+            return await loop.create_server(self._session, host, port, ssl=self.ssl_ctx)
 
         def tls_session() -> asyncio.BaseProtocol:
             no_waiter = cast("asyncio.Future[None]", None)  # nobody awaits the handshake

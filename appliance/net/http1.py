@@ -404,6 +404,8 @@ class _H1Session(asyncio.Protocol):
 class H1Server(TlsServer):
     """Serve ``handler`` over HTTP/1.1 with TLS."""
 
+    ALERTS = True  # the SAE edge: a refused SAE is told why (certificate_required, unknown_ca)
+
     def __init__(
         self,
         handler: Handler,
