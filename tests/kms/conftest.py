@@ -20,11 +20,11 @@ import subprocess
 import sys
 import time
 import tomllib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 
@@ -34,6 +34,24 @@ from tests.pki_fixture import pki  # noqa: F401 - the shared PKI fixture
 
 QKDN = [sys.executable, "-m", "appliance.cli"]
 ROOT = Path(__file__).parents[2]
+
+
+T = TypeVar("T")
+POLL_S = 0.1
+"""Pause between two looks of :func:`poll`."""
+
+
+def poll(condition: Callable[[], T], what: str, timeout: float = 60.0) -> T:
+    """The first truthy value of ``condition()``, looked at every POLL_S until ``timeout``
+    seconds have passed; then the test fails naming ``what``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"not within {timeout:g} s: {what}")
+        time.sleep(POLL_S)
 
 
 def qkdn(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -109,11 +127,13 @@ class Net:
         return tomllib.loads((self.dir / "nodes" / f"{node}.toml").read_text())
 
     # -- key requests ------------------------------------------------------------------
-    def enc_keys(self, master: str, slave: str, number: int = 1) -> Reply:
-        """One enc_keys request as ``master``, on a connection of its own."""
+    def enc_keys(self, master: str, slave: str, number: int = 1, size: int | None = None) -> Reply:
+        """One enc_keys request as ``master``, on a connection of its own (``size``: a key
+        size the stock does not hold makes the request cross the network)."""
         conn = self.connect(master)
+        query = f"number={number}" + (f"&size={size}" if size is not None else "")
         try:
-            return exchange(conn, "GET", f"/api/v1/keys/{slave}/enc_keys?number={number}")
+            return exchange(conn, "GET", f"/api/v1/keys/{slave}/enc_keys?{query}")
         finally:
             conn.close()
 
@@ -126,17 +146,21 @@ class Net:
         finally:
             conn.close()
 
-    def wait_for_relays(self, master: str, slave: str, timeout: float = 60) -> None:
-        """Until one key crosses the network from ``master`` to ``slave`` again."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            got = self.enc_keys(master, slave)
-            if got.status == 200:
-                ids = [k["key_ID"] for k in got.json()["keys"]]
-                assert self.dec_keys(slave, master, ids).json() == got.json()
-                return
-            time.sleep(0.3)
-        pytest.fail(f"keys from {master} to {slave} did not flow again within {timeout:g} s")
+    def wait_for_relays(
+        self, master: str, slave: str, timeout: float = 60, size: int | None = None
+    ) -> None:
+        """Until one key crosses the network from ``master`` to ``slave`` again, and the
+        slave gets the same."""
+
+        def once() -> bool:
+            got = self.enc_keys(master, slave, size=size)
+            if got.status != 200:
+                return False
+            ids = [k["key_ID"] for k in got.json()["keys"]]
+            assert self.dec_keys(slave, master, ids).json() == got.json()
+            return True
+
+        poll(once, f"keys from {master} to {slave} flowing again", timeout)
 
     # -- processes ---------------------------------------------------------------------
     def kill(self, name: str) -> int:
@@ -149,14 +173,14 @@ class Net:
     def wait_restarted(self, name: str, old_pid: int, timeout: float = 60) -> None:
         """Until the supervisor has restarted ``name`` and every endpoint of it answers a
         TLS handshake with a certificate of this network's CA."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+
+        def restarted() -> bool:
             node = self.node(name)
-            restarted = node["alive"] and node["pid"] not in (0, old_pid)
-            if restarted and all(self._handshakes(a) for a in node["endpoints"].values()):
-                return
-            time.sleep(0.2)
-        pytest.fail(f"{name} was not restarted within {timeout:g} s")
+            if not node["alive"] or node["pid"] in (0, old_pid):
+                return False
+            return all(self._handshakes(a) for a in node["endpoints"].values())
+
+        poll(restarted, f"{name} restarted", timeout)
 
     def _handshakes(self, address: str) -> bool:
         ctx = ssl.create_default_context(cafile=str(self.dir / "pki" / "ca.pem"))

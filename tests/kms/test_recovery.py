@@ -14,7 +14,6 @@ import os
 import signal
 import sqlite3
 import stat
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from appliance.kms.shards import shard_index
-from tests.kms.conftest import Net, Reply, exchange, running_net
+from tests.kms.conftest import Net, poll, running_net
 
 BERLIN, BONN = "sae-berlin-1", "sae-bonn-1"
 BANK_BERLIN, BANK_BONN = "sae-berlin-2", "sae-bonn-2"
@@ -51,41 +50,6 @@ def supervisor_held(net: Net) -> Iterator[None]:
         os.kill(pid, signal.SIGCONT)
 
 
-def poll(condition, what: str, timeout: float = 60.0):  # type: ignore[no-untyped-def]
-    """The first truthy value of ``condition()``, polled until ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.2)
-    pytest.fail(f"{what}: not within {timeout:g} s")
-
-
-def across(net: Net, master: str, slave: str) -> Reply:
-    """An enc_keys the stock cannot serve (another key size): it crosses the network."""
-    conn = net.connect(master)
-    try:
-        return exchange(conn, "GET", f"/api/v1/keys/{slave}/enc_keys?size=512")
-    finally:
-        conn.close()
-
-
-def keys_flow(net: Net, master: str = BERLIN, slave: str = BONN, timeout: float = 60) -> None:
-    """Until new keys cross the network from master to slave and the slave gets them
-    (keys of the stock made before a store was damaged may be gone: not these)."""
-
-    def once() -> bool:
-        got = across(net, master, slave)
-        if got.status != 200:
-            return False
-        ids = [k["key_ID"] for k in got.json()["keys"]]
-        assert net.dec_keys(slave, master, ids).json() == got.json()
-        return True
-
-    poll(once, f"keys from {master} to {slave}", timeout)
-
-
 def logged(net: Net, node: str, mark: int, needle: str) -> list[str]:
     return [line for line in net.log_since(node, mark) if needle in line]
 
@@ -96,7 +60,7 @@ def test_a_peer_that_is_down_is_a_clean_503_not_an_internal_error(net):
     mark = net.log_mark("ukms-berlin")
     with supervisor_held(net):
         pid = net.kill("akms-berlin")
-        got = across(net, BERLIN, BONN)
+        got = net.enc_keys(BERLIN, BONN, size=512)
     assert got.status == 503, got.body
     doc = got.json()
     assert "message" in doc and "internal" not in doc["message"].lower(), doc
@@ -125,7 +89,7 @@ def test_an_ordinary_crash_is_recovered_without_an_integrity_alarm(net):
 def test_a_tampered_key_record_is_an_alarm_and_gives_no_key(net):
     """Item 8: one flipped byte in a sealed record: dec_keys gets no key, and the UKMS
     raises an integrity alarm with its code (not a silent 503)."""
-    got = across(net, BERLIN, BONN)
+    got = net.enc_keys(BERLIN, BONN, size=512)
     assert got.status == 200, got.body
     ids = [k["key_ID"] for k in got.json()["keys"]]
     shard = data_dir(net, SLAVE_UKMS) / f"keys-{shard_index(f'014:{BERLIN}:{BONN}', 8)}.db"
@@ -146,13 +110,13 @@ def test_a_tampered_key_record_is_an_alarm_and_gives_no_key(net):
     assert got.status != 200 and "keys" not in got.json(), got.body
     alarm = poll(lambda: logged(net, SLAVE_UKMS, mark, "KMS-INTEGRITY"), "integrity alarm")
     assert len(alarm) == 1 and "integrity alarm" in alarm[0], alarm
-    keys_flow(net)
+    net.wait_for_relays(BERLIN, BONN, size=512)
 
 
 def test_a_corrupt_store_is_quarantined_and_the_other_pairs_go_on(net):
     """Item 7: a shard whose SQLite header is overwritten is set aside with an alarm;
     pairs kept in other shards still get their keys, and new keys flow for all pairs."""
-    got = across(net, BANK_BERLIN, BANK_BONN)
+    got = net.enc_keys(BANK_BERLIN, BANK_BONN, size=512)
     assert got.status == 200, got.body
     bank_ids = [k["key_ID"] for k in got.json()["keys"]]
     demo = shard_index(f"014:{BERLIN}:{BONN}", 8)
@@ -170,8 +134,8 @@ def test_a_corrupt_store_is_quarantined_and_the_other_pairs_go_on(net):
     assert list(shard.parent.glob(f"{shard.name}.quarantined-*")), "nothing set aside"
     got = net.dec_keys(BANK_BONN, BANK_BERLIN, bank_ids)
     assert got.status == 200, got.body  # another shard: untouched
-    keys_flow(net)  # the fresh shard takes the pair's new keys
-    keys_flow(net, BANK_BERLIN, BANK_BONN)
+    net.wait_for_relays(BERLIN, BONN, size=512)  # the fresh shard takes the pair's new keys
+    net.wait_for_relays(BANK_BERLIN, BANK_BONN, size=512)
 
 
 def test_a_node_without_its_key_refuses_to_start_and_another_key_is_an_alarm(net):
@@ -192,7 +156,7 @@ def test_a_node_without_its_key_refuses_to_start_and_another_key_is_an_alarm(net
         key.write_bytes(original)
         os.chmod(key, 0o600)
     net.wait_restarted(SLAVE_UKMS, pid)
-    keys_flow(net)
+    net.wait_for_relays(BERLIN, BONN, size=512)
 
     mark = net.log_mark(SLAVE_UKMS)
     with supervisor_held(net):
@@ -200,7 +164,7 @@ def test_a_node_without_its_key_refuses_to_start_and_another_key_is_an_alarm(net
         key.write_text(os.urandom(32).hex() + "\n")
     net.wait_restarted(SLAVE_UKMS, pid)
     poll(lambda: logged(net, SLAVE_UKMS, mark, "KMS-STORE-KEY"), "store-key alarm")
-    keys_flow(net)
+    net.wait_for_relays(BERLIN, BONN, size=512)
 
 
 def test_store_files_are_private(net):

@@ -19,7 +19,6 @@ import http.client
 import itertools
 import sqlite3
 import threading
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -27,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.kms.conftest import Net, Reply, exchange, running_net
+from tests.kms.conftest import Net, Reply, exchange, poll, running_net
 
 MASTER, SLAVE = "sae-berlin-1", "sae-bonn-1"
 ENC = f"/api/v1/keys/{SLAVE}/enc_keys"
@@ -121,11 +120,7 @@ class Workers:
         return sum(1 for o in self.outcomes if o.start >= t and o.reply and o.reply.status == 200)
 
     def wait(self, what: str, done: Callable[[], bool], timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while not done():
-            if time.monotonic() > deadline:
-                pytest.fail(f"{what} within {timeout:g} s")
-            time.sleep(0.05)
+        poll(done, what, timeout)
 
 
 @pytest.mark.parametrize("victim", ["ckms-magdeburg", "akms-bonn"])
@@ -196,17 +191,20 @@ def wait_released(net: Net, key_id: str) -> None:
     The release follows the written answer by a commit: a crash in between leaves the key
     pending, fetchable again by the same slave for the refetch window (store.py)."""
     data = Path(net.config(net.sae(SLAVE)["ukms"])["paths"]["data_dir"])
-    for _ in range(1000):
-        rows = 0
-        for path in sorted(data.glob("*.db")):
-            with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as db:
-                rows += db.execute("SELECT count(*) FROM keys WHERE id = ?", (key_id,)).fetchone()[
-                    0
-                ]
-        if rows == 0:
-            return
-        time.sleep(0.01)
-    raise AssertionError(f"the release of {key_id} was not committed")
+
+    def gone() -> bool:
+        return all(stored(path, key_id) == 0 for path in sorted(data.glob("*.db")))
+
+    poll(gone, f"the release of {key_id} committed", timeout=10)
+
+
+def stored(path: Path, key_id: str) -> int:
+    """Rows of ``key_id`` in one store file (read only)."""
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        return int(db.execute("SELECT count(*) FROM keys WHERE id = ?", (key_id,)).fetchone()[0])
+    finally:
+        db.close()
 
 
 @pytest.fixture(scope="module")

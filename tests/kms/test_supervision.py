@@ -19,7 +19,6 @@ import json
 import os
 import signal
 import subprocess
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +28,7 @@ import pytest
 from appliance.cli.net import DEFAULT_DIR, bring_down
 from appliance.config.render import RenderPlan, find_free_base_port, render
 from appliance.config.topology import load_topology
-from tests.kms.conftest import QKDN, ROOT, Net, qkdn
+from tests.kms.conftest import QKDN, ROOT, Net, poll, qkdn
 from tests.kms.test_interop import MASTER, SLAVE, TOPOLOGY
 
 
@@ -101,15 +100,6 @@ def processes_naming(path: Path) -> list[int]:
     return found
 
 
-def wait_until(condition, timeout: float, what: str) -> None:
-    """Poll ``condition`` until it holds; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"not within {timeout:g} s: {what}")
-        time.sleep(0.1)
-
-
 def node_pids(net: Net) -> dict[str, int]:
     return {n["name"]: n["pid"] for n in net.status()["nodes"]}
 
@@ -125,10 +115,10 @@ def test_a_killed_supervisor_takes_its_nodes_and_the_directory_starts_again(site
     net = site.ensure_up()
     pids = node_pids(net)
     os.kill(site.state()["supervisor_pid"], signal.SIGKILL)
-    wait_until(
+    poll(
         lambda: not any(running(p) for p in pids.values()),
-        15,
         f"the nodes {sorted(pids.values())} die with their supervisor",
+        timeout=15,
     )
     down = qkdn("net", "down", "--dir", str(site.dir))
     assert down.returncode == 0 and "no network running" in down.stdout
@@ -245,7 +235,7 @@ def test_a_state_file_the_disk_refuses_keeps_the_nodes_and_is_reported(site: Sit
             fresh = west["alive"] and west["pid"] not in (0, before["ukms-west"])
             return bool(fresh and "NET-STATE-WRITE" in codes)
 
-        wait_until(restarted_and_reported, 30, "ukms-west restarted and the alarm in status")
+        poll(restarted_and_reported, "ukms-west restarted and the alarm in status", timeout=30)
         others = {n: p for n, p in before.items() if n != "ukms-west"}
         assert all(running(p) for p in others.values())
         assert {n: p for n, p in node_pids(net).items() if n != "ukms-west"} == others
@@ -258,13 +248,13 @@ def test_a_state_file_the_disk_refuses_keeps_the_nodes_and_is_reported(site: Sit
         )
     finally:
         tmp.unlink()
-    wait_until(
+    poll(
         lambda: (
             site.state()["nodes"]["ukms-west"]["pid"] == node_pids(net)["ukms-west"]
             and not net.status()["alarms"]
         ),
-        15,
         "the state written again and the alarm cleared",
+        timeout=15,
     )
     net.wait_for_relays(MASTER, SLAVE)
 
