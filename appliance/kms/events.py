@@ -27,7 +27,7 @@ from appliance.kms.errors import KmsError
 from appliance.kms.storeops import Op, StoredKey
 
 if TYPE_CHECKING:
-    from appliance.kms.messages import Message, Sendable
+    from appliance.kms.messages import Message, Sendable, StreamTag
     from appliance.kms.seams import ValidationQuery, Verdict
 
 Address = tuple[int, str]
@@ -119,13 +119,15 @@ class TimerFired:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class SaeEncKeys:
-    """ETSI 014 enc_keys at a UKMS: ``number`` keys of ``size`` bits for master -> slave."""
+    """ETSI 014 enc_keys at a UKMS: ``number`` keys of ``size`` bits for master -> slave
+    (with ``stream``: the next chunks of an ETSI 004 key stream, made end to end)."""
 
     req: int
     master: str
     slave: str
     number: int
     size: int
+    stream: StreamTag | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -10,6 +10,7 @@ produces, so IDs made either way compare equal. Key IDs are not secret: they com
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from collections.abc import Callable
@@ -48,3 +49,20 @@ def canonical(key_id: str) -> str | None:
     if _CANONICAL.fullmatch(key_id):
         return key_id
     return key_id.lower() if _ANY_CASE.fullmatch(key_id) else None
+
+
+def stream_raw(ksid: bytes, first: int, n: int) -> bytes:
+    """The key IDs of ``n`` chunks of an ETSI 004 key stream from index ``first``, 16 bytes
+    each: version-8 UUIDs (RFC 9562) from SHA-256 of the Key_stream_ID and the index, so
+    both UKMSs of a stream name chunk (KSID, index) alike without telling each other."""
+    out = bytearray()
+    for index in range(first, first + n):
+        out += hashlib.sha256(b"qkdn/004-chunk\0" + ksid + index.to_bytes(4, "big")).digest()[:16]
+    out[6::16] = bytes((b & 0x0F) | 0x80 for b in out[6::16])  # version 8
+    out[8::16] = bytes((b & 0x3F) | 0x80 for b in out[8::16])  # RFC variant
+    return bytes(out)
+
+
+def stream_id(ksid: bytes, index: int) -> str:
+    """The key ID of chunk ``index`` of stream ``ksid`` (see :func:`stream_raw`)."""
+    return from_bytes(stream_raw(ksid, index, 1))

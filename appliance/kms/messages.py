@@ -132,6 +132,19 @@ class Part(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
 
 
 # -- UKMS A -> AKMS A: /v1/ksa ------------------------------------------------------------------
+class StreamTag(Part, frozen=True, kw_only=True):
+    """The ETSI 004 key stream a request's KSA keys are for: their key IDs derive from the
+    stream and each key's index (:func:`appliance.kms.keyids.stream_raw`), so both UKMSs
+    file them as chunks of that stream."""
+
+    ksid: Annotated[bytes, Meta(min_length=16, max_length=16)]
+    """The Key_stream_ID."""
+    first: Annotated[int, Meta(ge=0, le=(1 << 32) - 1)]
+    """The index of the first key of the request (the others follow in order)."""
+    ttl: Annotated[int, Meta(ge=1, le=(1 << 32) - 1)]
+    """Seconds the slave's UKMS keeps the chunks (the stream's TTL)."""
+
+
 class KsaRequest(Message, frozen=True, kw_only=True):
     """UKMS A asks its AKMS for KSA keys for an SAE pair."""
 
@@ -148,6 +161,8 @@ class KsaRequest(Message, frozen=True, kw_only=True):
     fresh: bool = False
     """The caller started anew and holds no link key it received before: the answer must
     be sealed with keys it can still read (the AKMS drops the ones it was sending with)."""
+    stream: StreamTag | None = None
+    """For an ETSI 004 key stream: which, and the index of the first key."""
 
 
 class KsaAnswer(Message, frozen=True, kw_only=True):
@@ -194,6 +209,8 @@ class CnRequest(Message, frozen=True, kw_only=True):
     """The slave's UKMS, to deliver its copies to (``ksa`` only)."""
     deliver_to: NodeId
     """The access node the CN key is relayed to (the caller)."""
+    stream: StreamTag | None = None
+    """For an ETSI 004 key stream (``ksa`` only): key IDs derive from it."""
 
     def __post_init__(self) -> None:
         named = [x is not None for x in (self.master, self.slave, self.ukms_b)]
@@ -285,6 +302,8 @@ class Deliver(Message, frozen=True, kw_only=True):
     """A hop message whose payload is the encoded batch."""
     epoch: LinkEpoch | None
     """The sender's epoch of the link (None: no grant held)."""
+    stream: StreamTag | None = None
+    """For an ETSI 004 key stream: the keys are its chunks, kept for ``stream.ttl``."""
 
 
 class Delivered(Message, frozen=True, kw_only=True):

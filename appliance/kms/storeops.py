@@ -6,9 +6,10 @@ outcome: keys stored (``int``), keys taken (``list[StoredKey]``) or the error. T
 imports nothing that does I/O, so the sans-IO engines may import it. It never holds key
 material beyond the :class:`StoredKey` values callers pass around (and erase).
 
-A **session** groups keys: for ETSI 014, one SAE pair, ``014:MASTER:SLAVE``. A **kind**
-says what the keys are for: :data:`KSA` (a slave's copies awaiting dec_keys) or
-:data:`STOCK` (a master's keys made ahead).
+A **session** groups keys: for ETSI 014, one SAE pair, ``014:MASTER:SLAVE``; for an ETSI
+004 key stream, ``004:KSID`` (hex). A **kind** says what the keys are for: :data:`KSA` (a
+slave's copies awaiting dec_keys), :data:`STOCK` (a master's keys made ahead), or a
+stream's chunks, :data:`SRC004` and :data:`DST004` (one copy for each end).
 """
 
 from __future__ import annotations
@@ -20,6 +21,15 @@ KSA = "ksa"
 """Kind: slave copies of KSA keys awaiting the slave SAE's dec_keys."""
 STOCK = "stock"
 """Kind: a master's KSA keys made ahead of demand."""
+SRC004 = "s004src"
+"""Kind: the source application's copies of an ETSI 004 stream's chunks."""
+DST004 = "s004dst"
+"""Kind: the destination application's copies of an ETSI 004 stream's chunks."""
+
+
+def stream_session(ksid: bytes) -> str:
+    """The session of an ETSI 004 key stream: its chunks' key in the store."""
+    return f"004:{ksid.hex()}"
 
 
 @dataclass(frozen=True, slots=True)

@@ -197,6 +197,7 @@ class AkmsEngine(EngineBase):
             size=request.size,
             ukms_b=verdict.ukms_b,
             deliver_to=self.me,
+            stream=request.stream,
         )
         self._asking[a.request_id] = a
         timeout = self.timer(
@@ -499,7 +500,9 @@ class AkmsEngine(EngineBase):
         n = request.number
         # one PTG.3 request (one reseed) for the keys and the CN key that carries them
         drawn = bytearray(self.rng(n * width + ksa.cn_key_bytes(mode, n, width)))
-        batch = ksa.pack_batch(keyids.new_raw(n, self.nonce), memoryview(drawn)[: n * width], width)
+        tag = request.stream  # a 004 stream's chunks: IDs from (KSID, index), not random
+        ids = keyids.stream_raw(tag.ksid, tag.first, n) if tag else keyids.new_raw(n, self.nonce)
+        batch = ksa.pack_batch(ids, memoryview(drawn)[: n * width], width)
         cn_key = drawn[n * width :]
         erase(drawn)
         b = Answering(S.PATHING, event.req, event.caller, request, chan, epoch, mode, batch, cn_key)
@@ -560,6 +563,7 @@ class AkmsEngine(EngineBase):
                 slave=slave,
                 sealed=message,
                 epoch=self.links[ukms_b].epoch,
+                stream=b.request.stream,
             )
             return [self.call((ukms_b, "ukms"), deliver, answered)]
 

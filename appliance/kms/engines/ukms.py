@@ -37,7 +37,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from appliance.kms import ksa
+from appliance.kms import keyids, ksa
 from appliance.kms import messages as m
 from appliance.kms.engines.base import EngineBase, RandomBytes, answer_or_fail, erase
 from appliance.kms.engines.config import EngineConfig
@@ -64,7 +64,16 @@ from appliance.kms.events import (
 )
 from appliance.kms.relay import Hop
 from appliance.kms.seams import SessionRegistry
-from appliance.kms.storeops import Put, Release, Restore, StoredKey, Take, TakeOldest
+from appliance.kms.storeops import (
+    DST004,
+    Put,
+    Release,
+    Restore,
+    StoredKey,
+    Take,
+    TakeOldest,
+    stream_session,
+)
 
 LEASE = 64
 """Keys taken from a pair's stock ahead of demand, beyond the request that asked."""
@@ -90,6 +99,7 @@ class Enc:
     slave: str
     number: int
     size: int
+    stream: m.StreamTag | None = None
 
 
 @dataclass(eq=False, slots=True)
@@ -223,7 +233,8 @@ class UkmsEngine(EngineBase):
             error = KeyUnavailable("not a pair served as master here")
             return [SaeRefused(req=event.req, error=error)]
         enc = Enc(S.ASKING, event.req, session, event.master, event.slave, event.number, event.size)
-        if session in self._levels and event.size == self.policy.key_size:
+        enc.stream = event.stream
+        if session in self._levels and event.size == self.policy.key_size and not enc.stream:
             enc.state = S.LEASING
             stock = self._stocks.get(session)
             leased = len(stock.leased) if stock is not None else 0
@@ -302,7 +313,9 @@ class UkmsEngine(EngineBase):
             self.store(Put(session=session, kind=STOCK, keys=pairs), lambda _: _erase_keys(pairs))
         ]
 
-    def _ksa_request(self, master: str, slave: str, number: int, size: int) -> m.KsaRequest:
+    def _ksa_request(
+        self, master: str, slave: str, number: int, size: int, stream: m.StreamTag | None = None
+    ) -> m.KsaRequest:
         return m.KsaRequest(
             master=master,
             slave=slave,
@@ -310,11 +323,12 @@ class UkmsEngine(EngineBase):
             size=size,
             epoch=self.links[self.akms].epoch,
             fresh=self._fresh,
+            stream=stream,
         )
 
     def _ask(self, enc: Enc) -> list[Action]:
         """Make keys end to end: our AKMS asks the network."""
-        request = self._ksa_request(enc.master, enc.slave, enc.number, enc.size)
+        request = self._ksa_request(enc.master, enc.slave, enc.number, enc.size, enc.stream)
         then = answer_or_fail(
             lambda msg: self._answered(enc, msg), lambda e: self._enc_failed(enc, e)
         )
@@ -342,7 +356,11 @@ class UkmsEngine(EngineBase):
             return self._enc_failed(enc, exc)
         finally:
             erase(batch)
-        if len(keys) != enc.number or any(len(k) * 8 != enc.size for _, k in keys):
+        if (
+            len(keys) != enc.number
+            or any(len(k) * 8 != enc.size for _, k in keys)
+            or (enc.stream is not None and not _stream_ids(enc.stream, keys))
+        ):
             _erase_keys(keys)
             return self._enc_failed(enc, IntegrityFailure("keys other than those asked for"))
         UKMS_ENC.advance(enc, I.OPENED)
@@ -505,19 +523,26 @@ class UkmsEngine(EngineBase):
             event.caller,
             deliver.sealed,
             deliver.epoch,
-            lambda hop, batch: self._delivered(delivery, session, batch),
+            lambda hop, batch: self._delivered(delivery, session, batch, deliver.stream),
             lambda exc: self._delivery_failed(delivery, exc),
         )
 
-    def _delivered(self, delivery: Delivery, session: str, batch: bytearray) -> list[Action]:
+    def _delivered(
+        self, delivery: Delivery, session: str, batch: bytearray, stream: m.StreamTag | None
+    ) -> list[Action]:
         try:
             keys = ksa.decode_batch(batch)
         except KmsError as exc:
             return self._delivery_failed(delivery, exc)
         finally:
             erase(batch)
+        if stream is not None and not _stream_ids(stream, keys):
+            _erase_keys(keys)
+            return self._delivery_failed(delivery, IntegrityFailure("stream chunks misnamed"))
         DELIVERY.advance(delivery, I.OPENED)
         put = Put(session=session, kind=KSA, keys=keys)
+        if stream is not None:  # an ETSI 004 stream's chunks, for its destination end
+            put = Put(session=stream_session(stream.ksid), kind=DST004, keys=keys, ttl=stream.ttl)
         return [self.store(put, lambda e: self._stored(delivery, keys, e))]
 
     def _stored(self, delivery: Delivery, keys: list[KeyBits], event: Input) -> list[Action]:
@@ -540,3 +565,11 @@ def _erase_keys(keys: list[KeyBits]) -> list[Action]:
     for _, material in keys:
         erase(material)
     return []
+
+
+def _stream_ids(stream: m.StreamTag, keys: list[KeyBits]) -> bool:
+    """The keys carry the IDs of the stream's chunks from ``stream.first``, in order."""
+    raw = keyids.stream_raw(stream.ksid, stream.first, len(keys))
+    return [k for k, _ in keys] == [
+        keyids.from_bytes(raw[16 * i : 16 * i + 16]) for i in range(len(keys))
+    ]
