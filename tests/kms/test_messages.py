@@ -771,6 +771,7 @@ def _example(cls: type) -> Message:
         "deliver_to": 3,
         "purpose": "ksa",
         "fresh": False,
+        "stream": messages.StreamTag(ksid=os.urandom(16), first=7, ttl=60),
     }
     kw = {f.name: fills[f.name] for f in info(cls).fields if f.name != "v"}
     if cls is Tagged:
