@@ -638,6 +638,8 @@ def status_doc(net_dir: Path) -> dict[str, Any]:
         }
         if "etsi014" in cfg.listen:
             entry["etsi014_base_url"] = f"https://{cfg.listen['etsi014']}/api/v1/keys"
+        if "etsi004" in cfg.listen:
+            entry["etsi004"] = cfg.listen["etsi004"]  # host:port of the 004 key streams
         doc["nodes"].append(entry)
         for sae in cfg.saes:
             doc["saes"].append(
@@ -648,6 +650,7 @@ def status_doc(net_dir: Path) -> dict[str, Any]:
                     "key": str(Path(sae.cert).with_suffix(".key")),
                     "ca_cert": cfg.paths.ca_cert,
                     "etsi014_base_url": entry.get("etsi014_base_url"),
+                    "etsi004": entry.get("etsi004"),
                 }
             )
     return doc

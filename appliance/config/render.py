@@ -35,6 +35,7 @@ SERVICE_OFFSETS = {
     "gnmi": 6000,
     "web": 7000,
     "traps": 8000,
+    "etsi004": 9000,
 }
 """Port = base + offset + node id (node ids are below 1000)."""
 MIN_BASE_PORT = 1024
@@ -43,7 +44,7 @@ MAX_BASE_PORT = MAX_PORT - max(SERVICE_OFFSETS.values()) - 999
 EPHEMERAL_START = 32768
 
 ROLE_SERVICES = {
-    "ukms": ("ukms", "etsi014", "snmp"),
+    "ukms": ("ukms", "etsi014", "etsi004", "snmp"),
     "akms": ("akms", "snmp"),
     "ckms": ("ckms", "snmp"),
     "controller": ("api", "gnmi"),

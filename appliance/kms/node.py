@@ -14,7 +14,8 @@ what their actions ask:
 * reads of the QKD modules (synchronous driver calls), derivations by the PSK sources
   (in a thread: a smartcard may be slow), key-store operations (:mod:`shards`, group
   committed), the seams (request validator, path provider), timers on the event loop;
-* ETSI GS QKD 014 for the SAEs at a UKMS (:mod:`etsi014` over :mod:`appliance.net.http1`).
+* ETSI GS QKD 014 for the SAEs at a UKMS (:mod:`etsi014` over :mod:`appliance.net.http1`),
+  and ETSI GS QKD 004 key streams on a port of their own (:mod:`etsi004`).
 
 Endpoints (``POST``, MessagePack bodies, see :data:`messages.ENDPOINTS`): ``/v1/ksa``,
 ``/v1/cn``, ``/v1/relay``, ``/v1/relay/abort``, ``/v1/cn/abort``, ``/v1/ksa/deliver``,
@@ -38,7 +39,7 @@ import os
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import hal
 from appliance.config.addresses import join_host_port, split_host_port
@@ -99,12 +100,15 @@ from appliance.kms.seams import (
 )
 from appliance.kms.shards import ShardedStore
 from appliance.kms.store import NodeKey, RecordKey, private_dir
-from appliance.kms.storeops import Release, Take
-from appliance.net.h2 import H2Client, H2Server, Request, Response, TransportError
+from appliance.kms.storeops import Put, Release, Take
+from appliance.net.h2 import H2Client, H2Server, Request, Response, TlsServer, TransportError
 from appliance.net.http1 import H1Server
 from appliance.pki import client_context, sae_server_context, server_context
 from hsm.errors import HsmError
 from hsm.psk import PskSource, open_psk_source
+
+if TYPE_CHECKING:
+    from appliance.kms.etsi004 import StreamService
 
 __all__ = ["KmsNode", "Policy", "Unreachable"]
 
@@ -171,7 +175,10 @@ class KmsNode:
         self._psk: dict[str, PskSource] = {}
         self._clients: dict[str, H2Client] = {}
         self._batchers: dict[int, RelayBatcher] = {}
-        self._servers: list[H2Server | H1Server] = []
+        self._servers: list[TlsServer] = []
+        self.streams: StreamService | None = None
+        self.on_put: Callable[[Put], None] | None = None
+        """Told of every put that committed (the 004 streams wake their waiting GET_KEYs)."""
         self._timers: dict[tuple[str, Any], asyncio.TimerHandle] = {}
         self._replies: dict[int, asyncio.Future[Any] | tuple[str, int]] = {}
         self._sae: dict[int, asyncio.Future[list[tuple[str, bytearray]]]] = {}
@@ -228,6 +235,8 @@ class KmsNode:
                 server = H2Server(handler, server_context(*self._tls, ("h2",)))
                 await server.start(*split_host_port(self.config.listen[service]))
                 self._servers.append(server)
+        if "ukms" in self.engines and "etsi004" in self.config.listen:
+            await self._start_etsi004(self.config.listen["etsi004"])
         if "ukms" in self.engines and "etsi014" in self.config.listen:
             api = Etsi014Api(UkmsKeyService(self))
             versions = tuple(self.config.etsi014.tls_versions)
@@ -239,7 +248,23 @@ class KmsNode:
             self._run_all(service, engine.start(now))
         log.info("node started", extra={"node": self.name})
 
+    async def _start_etsi004(self, address: str) -> None:
+        """ETSI 004 key streams for the SAEs (:mod:`etsi004`), on their own port."""
+        from appliance.kms.etsi004 import Etsi004Server, StreamService
+        from appliance.kms.streamstore import StreamStore
+
+        self.streams = StreamService(self, StreamStore(self._data))
+        self.on_put = self.streams.stored
+        await self.streams.start()
+        versions = tuple(self.config.etsi014.tls_versions)
+        server = Etsi004Server(self.streams, sae_server_context(*self._tls, (), versions))
+        await server.start(*split_host_port(address))
+        self._servers.append(server)
+
     async def close(self) -> None:
+        if self.streams is not None:
+            await self.streams.close()
+            self.streams.store.close()
         ukms = self.engines.get("ukms")
         if isinstance(ukms, UkmsEngine) and self.stores is not None:
             for action in ukms.stop():  # a graceful stop gives the leased keys back
@@ -547,6 +572,8 @@ class KmsNode:
                     result = await asyncio.to_thread(_housekeep, stores)
                 else:
                     result = await stores.submit(op)
+                    if isinstance(op, Put) and self.on_put is not None:
+                        self.on_put(op)
             except KmsError as exc:
                 result = exc
             if isinstance(op, Take) and self._exit_marker is not None:
