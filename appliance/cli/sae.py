@@ -1,4 +1,5 @@
-"""``qkdn sae``: a small ETSI 014 client acting as one SAE of a running network.
+"""``qkdn sae``: a small ETSI 014 client acting as one SAE of a running network (and, with
+``qkdn sae stream``, an ETSI 004 one: :mod:`appliance.cli.sae_stream`).
 
 For people: key IDs and key fingerprints (SHA-256, 8 bytes), never the keys themselves. For
 scripts: ``--json`` prints the 014 response as is, keys included (that is what it is for).
@@ -14,6 +15,7 @@ from typing import Any
 from rich.table import Table
 
 from appliance.cli import args as types
+from appliance.cli import sae_stream
 from appliance.cli.net import DEFAULT_DIR, status_doc
 from appliance.cli.output import console, print_json
 from appliance.errors import ApplianceError, UsageError
@@ -64,6 +66,7 @@ def register(sub: Any) -> None:
                 help=f"bits per key, a multiple of 8 up to {MAX_SIZE} (default: the KME's)",
             )
         c.set_defaults(func=cmd_sae)
+    sae_stream.register(s)
 
 
 def _request(sae: SaeEndpoint, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -146,8 +146,13 @@ class StreamService:
             ksid = bytes.fromhex(op.session[4:])
         except ValueError:
             return
-        if op.kind == DST004:
+        stream = self.table.streams.get(ksid)
+        if op.kind == DST004 and op.keys:
             self._arrived.add(ksid)
+            if stream is not None:
+                first = _locate(stream, op.keys[0][0])
+                if first is not None:
+                    stream.high = max(stream.high, first + len(op.keys))
         self._notify(ksid)
 
     def _notify(self, ksid: bytes) -> None:
@@ -263,14 +268,19 @@ class StreamService:
             else:
                 assert isinstance(keys, list)
                 return keys[0]
-            if caller == stream.source and self._gone(stream, index):
-                return f.Status.INSUFFICIENT_KEY  # asked for once already: taken or failed
+            if self._gone(caller, stream, index):
+                return f.Status.INSUFFICIENT_KEY  # came (or was asked for) once: taken or lost
             left = deadline - loop.time()
             if left <= 0 or self.table.of(caller, stream.ksid) is None:
                 return self._timed_out(caller, stream)
             await self._arrival(stream.ksid, min(left, MAX_WAIT))
 
-    def _gone(self, stream: Stream, index: int) -> bool:
+    def _gone(self, caller: str, stream: Stream, index: int) -> bool:
+        """Whether chunk ``index`` will not come to the caller's copies any more: the
+        source's UKMS asked for it already (and not now), or the destination's received
+        chunks past it in this run (deliveries of a stream come in order)."""
+        if caller == stream.destination:
+            return index < stream.high
         first, end = self._inflight.get(stream.ksid, (0, 0))
         return index < stream.next and not first <= index < end
 
@@ -427,6 +437,24 @@ class StreamService:
             self._notify(stream.ksid)
         stream.high = max(stream.high, first + n)
         return True
+
+
+LOCATE_SPAN = 1 << 16
+"""Indices past the highest known that a delivery's first key ID is looked for among."""
+
+
+def _locate(stream: Stream, key_id: str) -> int | None:
+    """The index of the chunk named ``key_id`` (looked for from ``stream.high`` on: the
+    next delivery usually starts there), or None."""
+    if keyids.stream_id(stream.ksid, stream.high) == key_id:
+        return stream.high
+    raw = keyids.to_bytes(key_id)
+    for start in range(stream.high, stream.high + LOCATE_SPAN, 1024):
+        ids = keyids.stream_raw(stream.ksid, start, 1024)
+        at = ids.find(raw)
+        if at >= 0 and at % 16 == 0:
+            return start + at // 16
+    return None
 
 
 def _new_ksid(table: StreamTable) -> bytes:
