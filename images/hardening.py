@@ -233,7 +233,7 @@ def input_rules(
     for service in services_of(node):
         _, port = _host_port(plan.address(node, service))
         proto = "udp" if service in UDP_SERVICES else "tcp"
-        if service in ("etsi014", "web"):
+        if service in ("etsi014", "etsi004", "web"):
             hosts = tuple(client_nets.get(service, []))
             comment = f"{service} from operator-given networks"
         else:

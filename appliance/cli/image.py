@@ -124,7 +124,7 @@ def _register_build(isub: Any) -> None:
         type=types.cidr,
         default=[],
         metavar="CIDR",
-        help="networks allowed to reach the ETSI 014 port (repeatable)",
+        help="networks allowed to reach the ETSI 014 and 004 ports (repeatable)",
     )
     b.add_argument(
         "--admin-net",
@@ -331,7 +331,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         pki_dir=args.pki_dir,
         host=args.host,
         base_port=args.base_port,
-        client_nets={"etsi014": args.sae_net, "web": args.admin_net},
+        client_nets={"etsi014": args.sae_net, "etsi004": args.sae_net, "web": args.admin_net},
         chunk_size=args.chunk_size,
     )
     result = build(spec, key, ring, args.out)

@@ -27,7 +27,7 @@ def test_one_config_per_node_with_role_services(rendered):
     topo, _, configs = rendered
     assert set(configs) == {n.name for n in topo.spec.nodes}
     ukms = configs["ukms-berlin"]
-    assert set(ukms.listen) == {"ukms", "etsi014", "snmp"}
+    assert set(ukms.listen) == {"ukms", "etsi014", "etsi004", "snmp"}
     assert [s.id for s in ukms.saes] == ["sae-berlin-1", "sae-berlin-2"]
     assert ukms.services == {}  # a user node reaches nothing in the data centre
     akms = configs["akms-berlin"]
@@ -154,7 +154,7 @@ def _edit(doc, where, value):
         (("listen", "ckms"), "not a host:22005", "listen.ckms", "an IP address or a DNS name"),
         (("services", "manager"), "127.0.0.1:70000", "services.manager", "a port in 1..65535"),
         (("neighbours", 0, "address"), "10.0.0.1:65536", "neighbours[0]", "a port in 1..65535"),
-        (("plan", "base_port"), 70000, "plan.base_port", "less than or equal to 56536"),
+        (("plan", "base_port"), 70000, "plan.base_port", "less than or equal to 55536"),
         (("plan", "base_port"), 80, "plan.base_port", "greater than or equal to 1024"),
         (("plan", "host"), "[::1]", "plan.host", "a host without brackets"),
         (("plan", "host"), "not a host", "plan.host", "an IP address or a DNS name"),
