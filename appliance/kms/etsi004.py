@@ -54,8 +54,8 @@ import os
 import ssl
 import time
 from collections import Counter, deque
-from collections.abc import Callable
-from typing import TYPE_CHECKING, cast
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any, cast
 
 from appliance.kms import frames004 as f
 from appliance.kms import keyids
@@ -118,12 +118,17 @@ class StreamService:
         self._arrived: set[bytes] = set()  # destination side: a chunk came in this run
         self._tasks: dict[bytes, asyncio.Task[None]] = {}
         self._sweeper: asyncio.Task[None] | None = None
+        self._pending: set[asyncio.Future[None]] = set()
 
     # -- life cycle ---------------------------------------------------------------------
     async def start(self) -> None:
         now = self.clock()
         for stream in await asyncio.to_thread(self.store.load, now):
             self.table.streams[stream.ksid] = stream
+            if stream.destination in stream.opened and stream.source not in stream.opened:
+                stream.high = stream.next  # what this run's deliveries will continue from
+                if stream.high:
+                    self._arrived.add(stream.ksid)
             if stream.expired(now):
                 await self._expire(stream)
             elif stream.source in stream.opened:
@@ -151,9 +156,17 @@ class StreamService:
             self._arrived.add(ksid)
             if stream is not None:
                 first = _locate(stream, op.keys[0][0])
-                if first is not None:
-                    stream.high = max(stream.high, first + len(op.keys))
+                if first is not None and first + len(op.keys) > stream.high:
+                    stream.high = first + len(op.keys)
+                    if stream.high > stream.next:  # the destination's record remembers it
+                        stream.next = stream.high
+                        self._later(self._save(stream))
         self._notify(ksid)
+
+    def _later(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(work)
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
 
     def _notify(self, ksid: bytes) -> None:
         event = self._events.pop(ksid, None)
@@ -403,10 +416,12 @@ class StreamService:
     async def _supply_once(self, stream: Stream, n: int, now: float) -> bool:
         first = stream.next
         stream.next = first + n
+        self._inflight[stream.ksid] = (first, first + n)
         try:  # reserve the indices on disk first: a crash never asks for one twice
             await asyncio.to_thread(self.store.save, stream)
         except KmsError:
             stream.next = first
+            self._inflight.pop(stream.ksid, None)
             return False
         ttl = max(1, int(stream.expires - now) + 1)
         tag = StreamTag(ksid=stream.ksid, first=first, ttl=ttl)
@@ -419,7 +434,6 @@ class StreamService:
             size=size,
             stream=tag,
         )
-        self._inflight[stream.ksid] = (first, first + n)
         try:
             keys = await self.node.sae(event)
             put = Put(session=stream_session(stream.ksid), kind=SRC004, keys=keys, ttl=ttl)

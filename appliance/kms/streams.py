@@ -117,7 +117,8 @@ class Stream:
     """The ends (SAE IDs) that opened it here and have not closed it."""
     next: int = 0
     """Source side: the first index not yet asked of the network (indices below it were
-    asked for, once: a failed request's indices are never asked again)."""
+    asked for, once: a failed request's indices are never asked again). Destination side:
+    one past the highest index received (a restart goes on from there)."""
     active: float = 0.0
     """Memory: the last call of an end (an idle stream expires after its timeout)."""
     high: int = 0

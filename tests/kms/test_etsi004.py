@@ -140,8 +140,10 @@ def test_ttl_expires_a_stream_and_erases_it(net):
         ksid = a.open_connect(SOURCE, DESTINATION, f.Qos(ttl=1, timeout=1000)).ksid
         assert a.get_key(ksid, 0).status is f.Status.SUCCESS
 
+        indices = iter(range(1, 1 << 20))
+
         def expired() -> bool:
-            status = a.get_key(ksid, 1).status
+            status = a.get_key(ksid, next(indices)).status
             assert status in (
                 f.Status.SUCCESS,
                 f.Status.TIMEOUT,
@@ -150,11 +152,11 @@ def test_ttl_expires_a_stream_and_erases_it(net):
             return status is not f.Status.SUCCESS
 
         poll(expired, "the stream expired after its TTL", timeout=30)
-        assert a.get_key(ksid, 2).status is f.Status.GET_KEY_PEER_NOT_CONNECTED  # gone
+        assert a.get_key(ksid, 0).status is f.Status.GET_KEY_PEER_NOT_CONNECTED  # gone
 
 
 def test_a_stream_survives_a_restart_of_the_destination_ukms(net):
-    a, b, ksid = open_both(net, f.Qos(key_chunk_size=32, timeout=60_000, metadata_mimetype=JSON))
+    a, b, ksid = open_both(net, f.Qos(key_chunk_size=32, timeout=30_000, metadata_mimetype=JSON))
     with a:
         first = a.get_key(ksid, 0)
         with b:
@@ -169,7 +171,7 @@ def test_a_stream_survives_a_restart_of_the_destination_ukms(net):
             assert after.status is f.Status.SUCCESS
             assert after.key == source_side[4].key  # index 5, the same bits at both ends
             # index 1 was handed out and released before the crash: never again
-            assert b2.get_key(ksid, 1).status in (f.Status.INSUFFICIENT_KEY, f.Status.TIMEOUT)
+            assert b2.get_key(ksid, 1).status is f.Status.INSUFFICIENT_KEY
             assert b2.close(ksid).status is f.Status.SUCCESS
         a.close(ksid)
 
