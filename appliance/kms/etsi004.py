@@ -88,6 +88,12 @@ MAX_QUEUED = 64
 MAX_PER_SAE = 64
 DEFAULT_CAPACITY_BPS = 100_000_000
 """Stream capacity of a UKMS (bit/s) that ``min_bps`` reservations may add up to."""
+LEASE = 128
+"""Chunks of one end of a stream taken ahead (pending) and served from memory."""
+RELEASE_BATCH = 64
+"""Chunks served before their release is queued (the sweep releases the rest)."""
+MAX_LEASED = 1 << 16
+"""Chunks held in leases over all streams."""
 SUPPLY_BACKOFF = 0.5
 SWEEP = 0.5
 """Seconds between two looks for expired streams and rate-driven supply."""
@@ -119,6 +125,10 @@ class StreamService:
         self._tasks: dict[bytes, asyncio.Task[None]] = {}
         self._sweeper: asyncio.Task[None] | None = None
         self._pending: set[asyncio.Future[None]] = set()
+        self._leases: dict[tuple[bytes, str], dict[str, bytearray]] = {}
+        self._leasing: dict[tuple[bytes, str], asyncio.Future[None]] = {}
+        self._leased_total = 0
+        self._served: dict[str, list[str]] = {}  # session -> chunks served, to release
 
     # -- life cycle ---------------------------------------------------------------------
     async def start(self) -> None:
@@ -136,6 +146,9 @@ class StreamService:
         self._sweeper = asyncio.ensure_future(self._sweep())
 
     async def close(self) -> None:
+        self._release()
+        for stream in list(self.table.streams.values()):
+            self._unlease(stream, restore=True)  # a graceful stop keeps every chunk
         tasks = [*self._tasks.values(), *([self._sweeper] if self._sweeper else [])]
         for task in tasks:
             task.cancel()
@@ -269,6 +282,9 @@ class StreamService:
             key_ids=[keyids.stream_id(stream.ksid, index)],
             kind=stream.kind_for(caller),
         )
+        leased = await self._from_lease(stream, take.kind, index, take.key_ids[0])
+        if leased is not None:
+            return leased
         deadline = loop.time() + stream.wait_for()
         while True:
             try:
@@ -288,6 +304,85 @@ class StreamService:
                 return self._timed_out(caller, stream)
             await self._arrival(stream.ksid, min(left, MAX_WAIT))
 
+    # -- leases: chunks taken ahead, pending, served from memory --------------------------------
+    async def _from_lease(
+        self, stream: Stream, kind: str, index: int, key_id: str
+    ) -> StoredKey | None:
+        """Chunk ``index`` from this end's lease; the lease is taken (again) from the store
+        when it does not hold it: the chunks from ``index`` on that are there, pending."""
+        where = (stream.ksid, kind)
+        lease = self._leases.setdefault(where, {})
+        material = lease.pop(key_id, None)
+        if material is None:
+            await self._lease(stream, kind, index)
+            material = lease.pop(key_id, None)
+        if material is None:
+            return None
+        self._leased_total -= 1
+        return StoredKey(key_id, material)
+
+    async def _lease(self, stream: Stream, kind: str, index: int) -> None:
+        where = (stream.ksid, kind)
+        busy = self._leasing.get(where)
+        if busy is not None:
+            await busy
+            return
+        room = min(LEASE, MAX_LEASED - self._leased_total, f.U32_MAX + 1 - index)
+        if room <= 0:
+            return
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._leasing[where] = done
+        try:
+            raw = keyids.stream_raw(stream.ksid, index, room)
+            ids = [keyids.from_bytes(raw[i : i + 16]) for i in range(0, len(raw), 16)]
+            keys = await self._take_present(stream_session(stream.ksid), kind, ids)
+            lease = self._leases.setdefault(where, {})
+            for key in keys:
+                lease[key.key_id] = key.material
+            self._leased_total += len(keys)
+        finally:
+            del self._leasing[where]
+            done.set_result(None)
+
+    async def _take_present(self, session: str, kind: str, ids: list[str]) -> list[StoredKey]:
+        """Those of ``ids`` the store holds for the session, taken pending (two tries: the
+        first names what is missing)."""
+        stores = self.node.stores
+        assert stores is not None
+        for _ in range(2):
+            try:
+                keys = await stores.submit(Take(session=session, key_ids=ids, kind=kind))
+            except KeyUnavailable as exc:
+                missing = set(exc.missing)
+                ids = [key_id for key_id in ids if key_id not in missing]
+                if not ids or not missing:
+                    return []
+                continue
+            except KmsError:
+                return []
+            assert isinstance(keys, list)
+            return keys
+        return []
+
+    def _unlease(
+        self, stream: Stream, kinds: tuple[str, ...] = (SRC004, DST004), *, restore: bool = False
+    ) -> None:
+        """Forget this UKMS's leases of the stream: their chunks deleted (released), or made
+        available again (restored, at a graceful stop)."""
+        stores = self.node.stores
+        assert stores is not None
+        for kind in kinds:
+            lease = self._leases.pop((stream.ksid, kind), {})
+            if not lease:
+                continue
+            self._leased_total -= len(lease)
+            ids = list(lease)
+            for material in lease.values():
+                material[:] = bytes(len(material))
+            op = Restore if restore else Release
+            with contextlib.suppress(KmsError):
+                stores.queue(op(session=stream_session(stream.ksid), key_ids=ids))
+
     def _gone(self, caller: str, stream: Stream, index: int) -> bool:
         """Whether chunk ``index`` will not come to the caller's copies any more: the
         source's UKMS asked for it already (and not now), or the destination's received
@@ -303,7 +398,8 @@ class StreamService:
         return f.Status.TIMEOUT
 
     def _settle(self, stream: Stream, caller: str, key: StoredKey) -> Written:
-        """Once the answer is written: release the chunk (or restore it if it never left)."""
+        """Once the answer is written: the chunk is released with the next batch of its
+        stream (or restored if it never left)."""
         stores = self.node.stores
         assert stores is not None
         session = stream_session(stream.ksid)
@@ -311,13 +407,27 @@ class StreamService:
         def written(ok: bool) -> None:
             key.material[:] = bytes(len(key.material))
             if ok:
-                stores.queue(Release(session=session, key_ids=[key.key_id]))
+                served = self._served.setdefault(session, [])
+                served.append(key.key_id)
+                if len(served) >= RELEASE_BATCH:
+                    self._release(session)
                 return
             if caller == stream.source:
                 stream.served -= 1
             stores.queue(Restore(session=session, key_ids=[key.key_id]))
 
         return written
+
+    def _release(self, session: str | None = None) -> None:
+        """Release the chunks served (of one session, or of all): one store operation per
+        session, which re-seals each batch once, not once per chunk."""
+        stores = self.node.stores
+        assert stores is not None
+        for name in [session] if session is not None else list(self._served):
+            ids = self._served.pop(name, [])
+            if ids:
+                with contextlib.suppress(KmsError):
+                    stores.queue(Release(session=name, key_ids=ids))
 
     # -- CLOSE and expiry ---------------------------------------------------------------------
     async def close_stream(self, caller: str, req: f.Close) -> f.CloseAnswer:
@@ -330,6 +440,7 @@ class StreamService:
             await self._drop(stream)
         else:
             await self._save(stream)
+            self._unlease(stream, (kind,))
             await self._erase(stream, (kind,))
         log.info(
             "004 stream closed",
@@ -350,6 +461,8 @@ class StreamService:
         for table in (self._asked, self._inflight, self._wake):
             table.pop(stream.ksid, None)
         self._arrived.discard(stream.ksid)
+        self._unlease(stream)
+        self._release(stream_session(stream.ksid))
         self._notify(stream.ksid)
         with contextlib.suppress(KmsError):
             await asyncio.to_thread(self.store.delete, stream.ksid)
@@ -380,6 +493,7 @@ class StreamService:
     async def _sweep(self) -> None:
         while True:
             await asyncio.sleep(SWEEP)
+            self._release()
             now = self.clock()
             for stream in self.table.expired(now):
                 await self._expire(stream)
