@@ -698,7 +698,12 @@ class _Session004(asyncio.Protocol):
                 ok = self.transport is not None and not self.transport.is_closing()
                 if ok:
                     assert self.transport is not None
-                    self.transport.write(f.encode(answer))
+                    out = f.encode(answer)
+                    # the transport may hold what it is given until sent: it gets a copy
+                    # (like the 014 server's answers, not erased); ours is erased
+                    self.transport.write(bytes(out))
+                    if isinstance(out, bytearray):
+                        out[:] = bytes(len(out))
                 written(ok)
         finally:
             self.task = None

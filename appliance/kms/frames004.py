@@ -17,9 +17,11 @@ framing existing 004 clients speak. Every message is an 8-byte header, then its 
   size (uint32), the metadata;
 * CLOSE request: Key_stream_ID; CLOSE response: status.
 
-The layouts are ``construct`` structures (the header compiled; the payloads not: the
-compiled form does not check that a fixed-size field was read whole; a GET_KEY parses in
-about 30 µs).
+The layouts are ``construct`` structures (the payloads not compiled: the compiled form
+does not check that a fixed-size field was read whole). The hot path of a key stream, the
+header, a GET_KEY request and its answer, is packed and unpacked by hand with ``struct``
+(a few µs, where construct takes 30 to 70): the tests check both give the same bytes and
+values, and construct still judges every payload the fast path does not take.
 :class:`FrameReader` cuts a byte stream into frames (sans-IO: bytes in, frames out);
 :func:`decode_request` / :func:`decode_response` turn a frame into its typed message,
 :func:`encode` a message into a frame.
@@ -36,6 +38,7 @@ logs, and a message holding key bits prints without them.
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass, field
 from enum import IntEnum
 
@@ -170,6 +173,13 @@ CLOSE = Struct("ksid" / Bytes(KSID_BYTES), Terminated)
 CLOSE_RESPONSE = Struct("status" / Int32ub, Terminated)
 
 
+_HEADER = struct.Struct(">BBBbI")
+"""The header, as :data:`HEADER` (by hand: the hot path)."""
+_GET_KEY = struct.Struct(">16sII")
+_GET_KEY_ANSWER_HEAD = struct.Struct(">BBBbIIII")
+"""Header, then status, index and key_chunk_size of a GET_KEY answer."""
+
+
 # -- messages ----------------------------------------------------------------------------------
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Qos:
@@ -290,21 +300,20 @@ class FrameReader:
         self._buf += data
         frames: list[Frame] = []
         while len(self._buf) >= HEADER_BYTES:
-            head = HEADER.parse(bytes(self._buf[:HEADER_BYTES]))
-            if head.major != VERSION[0]:
-                self._failed = FrameError(f"004 version {head.major}.x is not served (2.x)")
-            elif head.length > self.max_payload:
+            major, minor, patch, service, length = _HEADER.unpack_from(self._buf)
+            if major != VERSION[0]:
+                self._failed = FrameError(f"004 version {major}.x is not served (2.x)")
+            elif length > self.max_payload:
                 self._failed = FrameError(
-                    f"a payload of {head.length} bytes (at most {self.max_payload})"
+                    f"a payload of {length} bytes (at most {self.max_payload})"
                 )
             if self._failed is not None:
                 self._buf.clear()
                 raise self._failed
-            end = HEADER_BYTES + head.length
+            end = HEADER_BYTES + length
             if len(self._buf) < end:
                 break
-            version = (head.major, head.minor, head.patch)
-            frames.append(Frame(version, head.service, bytes(self._buf[HEADER_BYTES:end])))
+            frames.append(Frame((major, minor, patch), service, bytes(self._buf[HEADER_BYTES:end])))
             del self._buf[:end]
         return frames
 
@@ -316,6 +325,9 @@ def decode_request(frame: Frame) -> Request:
     service = frame.service
     if service not in REQUESTS:
         raise FrameError(f"service type {service:#04x} is not a request this KME serves")
+    if service == Service.GET_KEY and len(frame.payload) == _GET_KEY.size:  # the hot path
+        ksid, index, metadata_size = _GET_KEY.unpack(frame.payload)
+        return GetKey(ksid=ksid, index=index, metadata_size=metadata_size)
     try:
         if service == Service.GET_KEY:
             c = GET_KEY.parse(frame.payload)
@@ -381,8 +393,11 @@ def _qos(c: object) -> Qos:
 
 
 # -- encoding ------------------------------------------------------------------------------------
-def encode(message: Request | Response) -> bytes:
-    """The frame (header and payload) of a message."""
+def encode(message: Request | Response) -> bytes | bytearray:
+    """The frame (header and payload) of a message (a GET_KEY answer's in a bytearray, for
+    its key bits to be erased once written)."""
+    if isinstance(message, GetKeyAnswer):  # the hot path
+        return encode_key_answer(message)
     service, payload = _payload(message)
     head: bytes = HEADER.build(
         {
@@ -394,6 +409,23 @@ def encode(message: Request | Response) -> bytes:
         }
     )
     return head + payload
+
+
+def encode_key_answer(message: GetKeyAnswer) -> bytearray:
+    """A GET_KEY answer's frame, by hand (equal to :data:`GET_KEY_RESPONSE` after
+    :data:`HEADER`), in a buffer the caller erases once written (and ``message.key``)."""
+    key, metadata = message.key, message.metadata
+    if len(key) > U32_MAX or len(metadata) > U32_MAX:
+        raise ValueError("a key chunk or metadata too long")
+    length = 12 + len(key) + 4 + len(metadata)
+    head = _GET_KEY_ANSWER_HEAD.pack(
+        *VERSION, Service.GET_KEY_RESPONSE, length, int(message.status), message.index, len(key)
+    )
+    frame = bytearray(head)
+    frame += key
+    frame += len(metadata).to_bytes(4, "big")
+    frame += metadata
+    return frame
 
 
 def _payload(message: Request | Response) -> tuple[Service, bytes]:
