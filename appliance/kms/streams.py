@@ -60,6 +60,8 @@ MIN_AHEAD, MAX_AHEAD = 64, 16_384
 """Chunks the source's UKMS keeps made ahead of what is asked, at least and at most."""
 MAX_STREAMS = 10_000
 """Streams one UKMS keeps open at once."""
+MAX_STREAMS_PER_SAE = 256
+"""Streams one SAE may have open at its UKMS (so that one cannot take them all)."""
 _NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 
 
@@ -214,7 +216,8 @@ class StreamTable:
             both = {found.source, found.destination} <= found.opened
             status = Status.SUCCESS if both or found.high else Status.PEER_NOT_CONNECTED
             return Opened(status=status, qos=found.qos, ksid=ksid, stream=found)
-        if len(self.streams) >= MAX_STREAMS:
+        mine = sum(1 for s in self.streams.values() if caller in s.opened)
+        if len(self.streams) >= MAX_STREAMS or mine >= MAX_STREAMS_PER_SAE:
             return Opened(status=Status.NO_QKD_CONNECTION, qos=asked)
         qos, met = grant(asked, self.capacity_bps - self.reserved())
         if not met:

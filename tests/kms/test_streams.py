@@ -14,6 +14,7 @@ from appliance.kms.streams import (
     DEFAULT_TIMEOUT_MS,
     DEFAULT_TTL,
     MAX_AHEAD,
+    MAX_STREAMS_PER_SAE,
     MAX_TTL,
     MIN_AHEAD,
     Stream,
@@ -161,3 +162,12 @@ def test_records_survive_a_reopening(tmp_path):
     (back,) = StreamStore(tmp_path).load(now=99)
     assert (back.ksid, back.source, back.destination, back.qos) == (K1, "a", "b", qos)
     assert (back.created, back.opened, back.next, back.active) == (12.5, {"a", "b"}, 42, 99)
+
+
+def test_one_sae_cannot_take_every_stream():
+    table = StreamTable(capacity_bps=10**9)
+    for i in range(MAX_STREAMS_PER_SAE):
+        assert table.open("a", "a", "b", Qos(), i.to_bytes(16, "big"), now=0).stream is not None
+    refused = table.open("a", "a", "b", Qos(), b"\xff" * 16, now=0)
+    assert refused.status is Status.NO_QKD_CONNECTION
+    assert table.open("c", "c", "d", Qos(), b"\xff" * 16, now=0).stream is not None
