@@ -180,6 +180,25 @@ def test_a_stream_survives_a_restart_of_the_destination_ukms(net):
         a.close(ksid)
 
 
+def test_the_source_ukms_supplies_on_after_a_restart(net):
+    a, b, ksid = open_both(net, f.Qos(key_chunk_size=32, timeout=30_000, metadata_mimetype=JSON))
+    with b:
+        with a:
+            before = a.get_key(ksid, 0)
+            assert before.status is f.Status.SUCCESS
+        pid = net.kill("ukms-berlin")
+        net.wait_restarted("ukms-berlin", pid)
+        with client(net, SOURCE) as a2:
+            # past what was asked before the crash: the restarted UKMS asks the network for
+            # it, under indices never asked for before (no key ID twice at either end)
+            later = a2.get_key(ksid, 300)
+            assert later.status is f.Status.SUCCESS, later
+            assert b.get_key(ksid, 300).key == later.key
+            assert b.get_key(ksid, 0).key == before.key
+            a2.close(ksid)
+        b.close(ksid)
+
+
 # -- malformed frames ---------------------------------------------------------------------
 def raw_connection(net: Net, sae: str = SOURCE) -> ssl.SSLSocket:
     entry = net.sae(sae)
