@@ -8,7 +8,9 @@ chunks already relayed:
 
 * **latency**: one GET_KEY at a time (``--chunk-size 32`` bytes), p50/p90 over ``--gets``;
 * **throughput**: GET_KEYs pipelined ``--window`` deep on one connection, chunks of 1,024
-  bytes (the largest), key bits per second over ``--chunks`` chunks.
+  bytes (the largest), key bits per second over ``--chunks`` chunks; and key bits per CPU
+  second of the serving UKMS process (``/proc``), which the other work on a shared machine
+  does not change.
 
 Baselines in the same minutes, on the same connection pattern: an ETSI 014 ``status`` call
 (one mutual-TLS HTTP round trip, no key store work) and an ETSI 014 ``dec_keys`` of one
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -78,8 +81,17 @@ def latency_004(status: dict[str, Any], gets: int) -> list[float]:
     return times
 
 
-def throughput_004(status: dict[str, Any], chunks: int, window: int) -> float:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def throughput_004(status: dict[str, Any], chunks: int, window: int) -> tuple[float, float]:
+    """(key bits per second, key bits per CPU second of UKMS Bonn, which serves them)."""
     dst, ksid = relayed_stream(status, f.MAX_CHUNK, chunks)
+    ukms = next(n for n in status["nodes"] if n["name"] == "ukms-bonn")["pid"]
+    cpu = cpu_seconds(ukms)
     t = time.perf_counter()
     bits = 0
     for start in range(0, chunks, window):
@@ -87,9 +99,10 @@ def throughput_004(status: dict[str, Any], chunks: int, window: int) -> float:
             assert answer.status is f.Status.SUCCESS, answer
             bits += len(answer.key) * 8
     elapsed = time.perf_counter() - t
+    cpu = cpu_seconds(ukms) - cpu
     dst.close(ksid)
     dst.sock.close()
-    return bits / elapsed
+    return bits / elapsed, bits / max(cpu, 1e-9)
 
 
 def latency_014(status: dict[str, Any], n: int) -> tuple[list[float], list[float]]:
@@ -142,17 +155,18 @@ def main() -> int:
             return 1
     try:
         status = status_doc(net_dir)
-        rows: dict[str, list[float]] = {k: [] for k in ("p50_004", "p90_004", "p50_status",
-                                                         "p50_dec", "mbps_004")}  # fmt: skip
+        names = ("p50_004", "p90_004", "p50_status", "p50_dec", "mbps_004", "mbps_per_ukms_cpu")
+        rows: dict[str, list[float]] = {k: [] for k in names}
         for run in range(args.runs):
             st, dec = latency_014(status, args.gets)
             lat = latency_004(status, args.gets)
-            rate = throughput_004(status, args.chunks, args.window)
+            rate, per_cpu = throughput_004(status, args.chunks, args.window)
             rows["p50_004"].append(ms(lat))
             rows["p90_004"].append(ms(lat, 0.9))
             rows["p50_status"].append(ms(st))
             rows["p50_dec"].append(ms(dec))
             rows["mbps_004"].append(rate / 1e6)
+            rows["mbps_per_ukms_cpu"].append(per_cpu / 1e6)
             print(f"run {run + 1}: " + ", ".join(f"{k} {v[-1]:.3f}" for k, v in rows.items()))
         medians = {k: statistics.median(v) for k, v in rows.items()}
         medians["ratio_get_to_status"] = medians["p50_004"] / medians["p50_status"]

@@ -128,6 +128,7 @@ class StreamService:
         self._leases: dict[tuple[bytes, str], dict[str, bytearray]] = {}
         self._leasing: dict[tuple[bytes, str], asyncio.Future[None]] = {}
         self._leased_total = 0
+        self._lease_end: dict[tuple[bytes, str], int] = {}  # the index after the last lease
         self._served: dict[str, list[str]] = {}  # session -> chunks served, to release
 
     # -- life cycle ---------------------------------------------------------------------
@@ -319,6 +320,9 @@ class StreamService:
         if material is None:
             return None
         self._leased_total -= 1
+        end = self._lease_end.get(where, 0)
+        if len(lease) < LEASE // 2 and where not in self._leasing and end > index:
+            self._later(self._lease(stream, kind, end))  # the next lease, ahead of need
         return StoredKey(key_id, material)
 
     async def _lease(self, stream: Stream, kind: str, index: int) -> None:
@@ -336,10 +340,19 @@ class StreamService:
             raw = keyids.stream_raw(stream.ksid, index, room)
             ids = [keyids.from_bytes(raw[i : i + 16]) for i in range(0, len(raw), 16)]
             keys = await self._take_present(stream_session(stream.ksid), kind, ids)
+            if self.table.streams.get(stream.ksid) is not stream:  # dropped meanwhile
+                self._served.setdefault(stream_session(stream.ksid), []).extend(
+                    key.key_id for key in keys
+                )
+                self._release(stream_session(stream.ksid))
+                for key in keys:
+                    key.material[:] = bytes(len(key.material))
+                return
             lease = self._leases.setdefault(where, {})
             for key in keys:
                 lease[key.key_id] = key.material
             self._leased_total += len(keys)
+            self._lease_end[where] = index + room
         finally:
             del self._leasing[where]
             done.set_result(None)
@@ -372,6 +385,7 @@ class StreamService:
         stores = self.node.stores
         assert stores is not None
         for kind in kinds:
+            self._lease_end.pop((stream.ksid, kind), None)
             lease = self._leases.pop((stream.ksid, kind), {})
             if not lease:
                 continue
