@@ -130,6 +130,7 @@ class StreamService:
         self._leased_total = 0
         self._lease_end: dict[tuple[bytes, str], int] = {}  # the index after the last lease
         self._served: dict[str, list[str]] = {}  # session -> chunks served, to release
+        self.closed = False
 
     # -- life cycle ---------------------------------------------------------------------
     async def start(self) -> None:
@@ -147,6 +148,7 @@ class StreamService:
         self._sweeper = asyncio.ensure_future(self._sweep())
 
     async def close(self) -> None:
+        self.closed = True  # from now on no chunk is taken
         self._release()
         for stream in list(self.table.streams.values()):
             self._unlease(stream, restore=True)  # a graceful stop keeps every chunk
@@ -196,7 +198,9 @@ class StreamService:
     async def open(self, caller: str, req: f.OpenConnect) -> f.OpenConnectAnswer:
         source, destination = sae_of(req.source), sae_of(req.destination)
         sessions = self.node.sessions
-        if source is None or destination is None or caller not in (source, destination):
+        if self.closed or source is None or destination is None:
+            return _no_connection(req.qos)
+        if caller not in (source, destination):
             return _no_connection(req.qos)
         if caller == source and sessions.session_014(source, destination) is None:
             return _no_connection(req.qos)
@@ -244,6 +248,8 @@ class StreamService:
     # -- GET_KEY --------------------------------------------------------------------------
     async def get_key(self, caller: str, req: f.GetKey) -> tuple[f.GetKeyAnswer, Written]:
         stream = self.table.of(caller, req.ksid)
+        if self.closed:  # the node stops
+            return _key_refused(f.Status.INSUFFICIENT_KEY, req), _nothing
         if stream is None:
             return _key_refused(f.Status.GET_KEY_PEER_NOT_CONNECTED, req), _nothing
         now = self.clock()
@@ -428,7 +434,8 @@ class StreamService:
                 return
             if caller == stream.source:
                 stream.served -= 1
-            stores.queue(Restore(session=session, key_ids=[key.key_id]))
+            with contextlib.suppress(KmsError):  # the stores closed: it stays pending
+                stores.queue(Restore(session=session, key_ids=[key.key_id]))
 
         return written
 
