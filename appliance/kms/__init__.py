@@ -23,7 +23,10 @@ session per SAE pair today).
 **The adapter** (:mod:`node`): one :class:`~node.KmsNode` per process composes the
 engines of its node's roles (an access node's AKMS and CKMS in one process, or split in
 two) and carries their actions out: HTTP/2 with mutual TLS between nodes (relay messages
-for one neighbour in batches, :mod:`batching`), ETSI GS QKD 014 for SAEs (:mod:`etsi014`),
+for one neighbour in batches, :mod:`batching`), ETSI GS QKD 014 for SAEs (:mod:`etsi014`)
+and ETSI GS QKD 004 key streams (:mod:`etsi004`: frames, stream decisions and records in
+:mod:`frames004`, :mod:`streams`, :mod:`streamstore`; chunks are KSA keys whose IDs derive
+from the stream and the index),
 QKD modules through :mod:`hal`, PSK sources through :mod:`hsm.psk`, the key stores
 (:mod:`shards`, :mod:`store`, :mod:`groupcommit`: a few SQLite files per node, keys by
 session, takes pending until their answer has left), timers on the event loop.

@@ -9,8 +9,10 @@ Three questions the engines ask and do not answer themselves (DESIGN: seams, not
   :class:`RequestValidator`; today :class:`ContractValidator` (the topology's SAEs and
   contracts), later the AAA device.
 * **Which session** do keys belong to? A :class:`SessionRegistry`; today
-  :class:`TopologySessions`: one ETSI 014 session per registered SAE pair, so that ETSI 004
-  key streams can later live in the same key store under sessions of their own.
+  :class:`TopologySessions`: one ETSI 014 session per registered SAE pair. ETSI 004 key
+  streams live in the same key store under sessions of their own (``004:KSID``,
+  :func:`appliance.kms.storeops.stream_session`), opened only for a pair this registry
+  serves (:mod:`appliance.kms.etsi004`).
 
 An implementation may answer at once or return an awaitable; the engines never wait on it
 themselves: they emit ``Validate`` / ``FindPath`` actions and take ``Validated`` /
