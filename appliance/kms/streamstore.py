@@ -1,12 +1,14 @@
 """The ETSI 004 key streams of a UKMS on disk, so that a stream survives a restart.
 
-One SQLite file, ``streams.db`` in the node's data directory (WAL, ``synchronous=FULL``,
-mode 0600), one row per stream: KSID, the two SAE IDs, the granted QoS, when it was opened
-here, which ends have it open, and (source side) the first index not yet asked of the
-network. It holds no key material: the chunks themselves live in the node's key stores
-(:mod:`shards`), sealed, under the stream's session ``004:KSID``. Rows change on OPEN,
-CLOSE, expiry and before each supply request (the reserved indices are written first, so
-a crash never asks for an index twice). Thread-safe; each call one transaction.
+One SQLite file, ``streams.sqlite`` in the node's data directory (WAL, ``synchronous=FULL``,
+mode 0600; not ``*.db``, the name of the files sealed under the node key), one row per
+stream: KSID, the two SAE IDs, the granted QoS, when it was opened here, which ends have
+it open, and the next index (source side: the first not yet asked of the network;
+destination side: one past the highest received). It holds no key material: the chunks
+live in the node's key stores (:mod:`shards`), sealed, under the stream's session
+``004:KSID``. Rows change on OPEN, CLOSE, expiry, before each supply request (the reserved
+indices are written first, so a crash never asks for an index twice) and as deliveries
+arrive. Thread-safe; each call one transaction.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ class StreamStore:
 
     def __init__(self, directory: Path) -> None:
         private_dir(directory)
-        self.path = directory / "streams.db"
+        self.path = directory / "streams.sqlite"
         self._lock = threading.Lock()
         try:
             self.path.touch(mode=0o600, exist_ok=True)

@@ -40,7 +40,7 @@ def spec(topo: Any, tmp_path: Path) -> BuildSpec:
 @pytest.mark.parametrize(
     "change, fragment",
     [
-        ({"base_port": 70000}, "--base-port: expected 1024..56536"),
+        ({"base_port": 70000}, "--base-port: expected 1024..55536"),
         ({"base_port": 56537}, "--base-port"),  # base + 8000 + 999 > 65535
         ({"host": "not a host"}, "--host"),
         ({"security_version": -1}, "--security-version: expected 0..4294967296, got -1"),

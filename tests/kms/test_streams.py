@@ -158,7 +158,7 @@ def test_records_survive_a_reopening(tmp_path):
     store.save(Stream(ksid=K2, source="c", destination="d", qos=Qos(), created=1))
     store.delete(K2)
     store.close()
-    assert oct((tmp_path / "streams.db").stat().st_mode & 0o777) == "0o600"
+    assert oct((tmp_path / "streams.sqlite").stat().st_mode & 0o777) == "0o600"
     (back,) = StreamStore(tmp_path).load(now=99)
     assert (back.ksid, back.source, back.destination, back.qos) == (K1, "a", "b", qos)
     assert (back.created, back.opened, back.next, back.active) == (12.5, {"a", "b"}, 42, 99)
