@@ -25,7 +25,10 @@ transaction, so a crash leaves the old state or the new, never half of one.
   The release commits a few milliseconds after the reply is written; a crash in that
   window too lets the same slave fetch the same bits again (once more, never another SAE):
   with no acknowledgement in ETSI 014, a UKMS cannot tell a reply received from one lost,
-  and it chooses a repeat to the named slave over a lost key.
+  and it chooses a repeat to the named slave over a lost key. For the same reason a take
+  and a release commit without an fsync (``synchronous=NORMAL``; every other operation
+  with one): a process crash loses neither, and a power cut that undoes them leaves the
+  keys available to the same session again, as before the take.
   :meth:`KeyStore.purge_expired` deletes pending rows older than the window.
 * **Take oldest** (:meth:`KeyStore.take_oldest`, the stock lease) deletes at once.
 * All or none: a take naming a key that is not available raises KeyUnavailable, whose
@@ -90,6 +93,7 @@ from appliance.kms.storeops import (
     StoredKey,
     Take,
     TakeOldest,
+    needs_fsync,
 )
 
 __all__ = ["REFETCH_WINDOW", "KeyStore", "NodeKey", "RecordKey", "StoredKey"]
@@ -306,6 +310,8 @@ class KeyStore:
         self._key, self._clock = node_key, clock
         self._lock = threading.Lock()
         self._closed = False
+        self._fsync = True
+        """The connection's ``synchronous`` setting: FULL (True) or NORMAL."""
         try:
             _private_file(path)
             self._db = sqlite3.connect(
@@ -389,7 +395,7 @@ class KeyStore:
         step = self.prepare(op)
         done: Outcome = 0
         try:
-            with self.transaction() as db:
+            with self.transaction(fsync=needs_fsync(op)) as db:
                 done = step(db)
         except BaseException:
             erase_outcome(done)
@@ -780,10 +786,12 @@ class KeyStore:
                 self._closed = True
                 self._db.close()
 
-    def transaction(self, *, write: bool = True) -> _Transaction:
+    def transaction(self, *, write: bool = True, fsync: bool = True) -> _Transaction:
         """``BEGIN IMMEDIATE`` (``DEFERRED`` for reads) ... ``COMMIT`` under the store lock,
-        ROLLBACK on error; SQLite errors become coded StoreErrors."""
-        return _Transaction(self, "BEGIN IMMEDIATE" if write else "BEGIN")
+        ROLLBACK on error; SQLite errors become coded StoreErrors. ``fsync=False`` commits
+        with ``synchronous=NORMAL``: durable against a process crash, not a power cut, until
+        the next full commit or checkpoint syncs the WAL (:func:`storeops.needs_fsync`)."""
+        return _Transaction(self, "BEGIN IMMEDIATE" if write else "BEGIN", fsync)
 
     def _locked(self) -> _Locked:
         return _Locked(self)
@@ -807,13 +815,16 @@ class _Locked:
 
 
 class _Transaction:
-    def __init__(self, store: KeyStore, begin: str) -> None:
-        self._store, self._begin = store, begin
+    def __init__(self, store: KeyStore, begin: str, fsync: bool) -> None:
+        self._store, self._begin, self._fsync = store, begin, fsync
         self._locked = _Locked(store)
 
     def __enter__(self) -> sqlite3.Connection:
         db = self._locked.__enter__()
         try:
+            if self._fsync != self._store._fsync:  # the connection keeps the last setting
+                db.execute(f"PRAGMA synchronous={'FULL' if self._fsync else 'NORMAL'}")
+                self._store._fsync = self._fsync
             db.execute(self._begin)
         except sqlite3.Error as exc:
             self._locked.__exit__()
