@@ -132,11 +132,16 @@ class GroupCommitter:
 
     async def submit(self, op: Op) -> Outcome:
         """Run ``op`` in the next group; its outcome, or its error raised."""
+        result: Outcome = await self.start(op)
+        return result
+
+    def start(self, op: Op) -> asyncio.Future[Any]:
+        """Run ``op`` in the next group; a future of the running loop for its outcome (or
+        its error), for a caller that takes it by callback rather than by a task."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         self._enqueue(_Op(op, future, loop))
-        result: Outcome = await future
-        return result
+        return future
 
     def queue(self, op: Op) -> None:
         """Run ``op`` in the next group, nobody awaiting its outcome (a release). It does
