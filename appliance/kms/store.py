@@ -513,23 +513,48 @@ class KeyStore:
         for seq, n in fresh.items():
             db.execute("UPDATE batches SET left = left - ? WHERE seq = ?", (n, seq))
         self._count_out(db, op.session, op.kind, sum(fresh.values()), total=False)
-        wanted: dict[int, list[tuple[str, int]]] = {}
+        wanted: dict[int, dict[int, str]] = {}
         for key_id, seq, slot, *_ in ok.values():
-            wanted.setdefault(seq, []).append((key_id, slot))
+            wanted.setdefault(seq, {})[slot] = key_id
         found: dict[str, bytearray] = {}
         try:
             for seq, slots in wanted.items():
-                _, _, entries = self._load(db, seq)
-                try:
-                    for key_id, slot in slots:
-                        found[key_id] = bytearray(_slot(entries, key_id, slot))
-                finally:
-                    _erase_entries(entries)
+                self._copy_slots(db, seq, slots, found)
         except BaseException:
             for material in found.values():
                 _erase(material)
             raise
         return [StoredKey(key_id, found[key_id]) for key_id in op.key_ids]
+
+    def _copy_slots(
+        self, db: sqlite3.Connection, seq: int, slots: dict[int, str], into: dict[str, bytearray]
+    ) -> None:
+        """Copy the bits of the wanted ``slots`` (slot -> the key ID it must hold) of a batch
+        into ``into``, straight from the opened record (a take: nothing else is copied)."""
+        row = db.execute(
+            "SELECT session, kind, tag, record FROM batches WHERE seq = ?", (seq,)
+        ).fetchone()
+        if row is None:
+            raise IntegrityFailure("key store index names a missing record")
+        session, kind, tag, record = row
+        plain = self._key.open(self._aad(session, kind, tag), record)
+        try:
+            (count,), at = _COUNT.unpack_from(plain), _COUNT.size
+            if max(slots) >= count:
+                raise IntegrityFailure("key record failed authentication (ID mismatch)")
+            for slot in range(max(slots) + 1):
+                id_len, size = _SLOT.unpack_from(plain, at)
+                at += _SLOT.size
+                key_id = slots.get(slot)
+                if key_id is not None:
+                    if plain[at : at + id_len] != key_id.encode():
+                        raise IntegrityFailure("key record failed authentication (ID mismatch)")
+                    into[key_id] = plain[at + id_len : at + id_len + size]
+                at += id_len + size
+        except struct.error:
+            raise IntegrityFailure("key record malformed") from None
+        finally:
+            _erase(plain)
 
     def _takeable(self, row: tuple[object, ...], session: str, now: float) -> bool:
         """Available to ``session`` now: unexpired, and not pending, or pending under
