@@ -8,17 +8,21 @@ notification receiver for the AAA's ``aaaQuotaRevoked`` INFORMs (port 0 by defau
 :class:`AaaValidator` implements the key path's :class:`RequestValidator` seam
 (``appliance.kms.seams``) with a :class:`~appliance.aaa.wallet.Wallet`: it allows from
 quota held locally, asks ahead of need in the background, settles finished grants and
-reports each request's outcome for accounting. It is not wired into the key path yet.
+reports each request's outcome for accounting: :meth:`AaaValidator.completed` commits
+it to a durable :class:`~appliance.aaa.outbox.Outbox` before the AKMS answers its UKMS, and
+a sender replays the outbox to AAA until each report is acknowledged.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import secrets
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from pysnmp.carrier.asyncio.dgram import udp
@@ -28,16 +32,21 @@ from pysnmp.proto import rfc1902, rfc1905
 
 from appliance.aaa import mib
 from appliance.aaa.agent import AUTH, PRIV, Credentials, bind_udp, host_port
-from appliance.aaa.errors import SnmpError
+from appliance.aaa.errors import AaaError, SnmpError
 from appliance.aaa.ledger import Reason, Refusal
+from appliance.aaa.outbox import Outbox, Pending
 from appliance.aaa.view import U32
 from appliance.aaa.wallet import Spent, Terms, Wallet
+from appliance.config.schema import load_model, read_toml
 from appliance.kms.relay import Mode
 from appliance.kms.seams import Denial, Denied, ValidationQuery, Verdict
 
 log = logging.getLogger("qkdn.aaa.client")
 
 TIMEOUT_S, RETRIES = 0.5, 2
+REPORTS_IN_FLIGHT = 16
+"""Accounting reports the sender keeps in flight to AAA at once."""
+SEND_IDLE_S, SEND_BACKOFF_MAX_S = 0.05, 2.0
 ASK_KEYS = 1000
 """Keys a wallet asks for at a time (AAA may grant less)."""
 MAX_KEY_BITS = 8192
@@ -51,6 +60,19 @@ DENIAL = {
     Reason.UNREACHABLE: Denial.QUOTA,
 }
 """How a reason reaches the SAE (ETSI 014 status 400/401/503); any other reason: 401."""
+
+
+class AkmsAaaConfig(Credentials):
+    """What one AKMS needs to reach AAA (``qkdn node run --aaa FILE``; ``qkdn net up``
+    writes one per AKMS, mode 0600): its SNMPv3 user, where AAA listens, and where this
+    AKMS receives AAA's revocation INFORMs."""
+
+    aaa: str
+    inform: str
+
+
+def load_akms_config(path: Path) -> AkmsAaaConfig:
+    return load_model(AkmsAaaConfig, read_toml(path), str(path))
 
 
 class AaaClient:
@@ -217,11 +239,24 @@ def parse_answer(ukms: int, text: bytes) -> Terms | Refusal:
 
 
 class AaaValidator:
-    """A RequestValidator for the AKMS: allow from local quota, ask ahead, fail closed."""
+    """A RequestValidator for the AKMS: allow from local quota, ask ahead, fail closed;
+    account for every request it decided (through ``outbox``, when given)."""
 
-    def __init__(self, client: AaaClient, *, clock: Callable[[], float] = time.monotonic) -> None:
-        self.client, self.clock = client, clock
+    def __init__(
+        self,
+        client: AaaClient,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        outbox: Outbox | None = None,
+    ) -> None:
+        self.client, self.clock, self.outbox = client, clock, outbox
         self.wallet = Wallet()
+        self._open: dict[int, tuple[ValidationQuery, Spent]] = {}
+        """Requests allowed and not yet completed, by the AKMS's request number."""
+        self._sending: set[tuple[int, str]] = set()
+        self._wake = asyncio.Event()
+        self._sender: asyncio.Task[None] | None = None
+        self.reported = 0
         self._asking: dict[tuple[str, str], asyncio.Task[None]] = {}
         self._size: dict[tuple[str, str], int] = {}
         """The contract's largest key per pair, once known: asks reserve no more bits."""
@@ -246,7 +281,111 @@ class AaaValidator:
         elif self.wallet.wants(*pair, self.clock()):
             self._ask_soon(query.ukms, pair)
         self._settle()
+        if self.outbox is not None:
+            result = self._account(query, result)
         return verdict(result)
+
+    # -- accounting --------------------------------------------------------------------------
+    def _account(self, query: ValidationQuery, result: Spent | Refusal) -> Spent | Refusal:
+        """A refusal is reported at once; an allowed request when it completes. If the
+        outbox cannot take the report, the request is refused (no unaccounted keys)."""
+        if isinstance(result, Spent):
+            self._open[query.req] = (query, result)
+            return result
+        try:
+            self._report(query, "refused", reason=result.reason)
+        except AaaError as exc:
+            log.error("aaa: cannot account for a refusal: %s [%s]", exc.message, exc.code)
+        return result
+
+    def completed(self, req: int, ok: bool) -> None:
+        """The AKMS is about to answer request ``req``: with keys (``ok``) or an error.
+        Called before the answer leaves, so that the report is on disk first."""
+        found = self._open.pop(req, None)
+        if found is None or self.outbox is None:
+            return
+        query, spent = found
+        if not ok:
+            self.wallet.unspend(query.master, query.slave, spent, query.number, query.size)
+        try:
+            if ok:
+                bits = query.number * query.size
+                self._report(query, "delivered", keys=query.number, bits=bits, grant=spent.grant)
+            else:
+                self._report(query, "failed", grant=spent.grant)
+        except AaaError as exc:  # a full or failing disk: an alarm; the answer still leaves
+            self.alarms += 1
+            log.error("aaa: cannot account for a request: %s [%s]", exc.message, exc.code)
+
+    def _report(self, query: ValidationQuery, outcome: str, **fields: Any) -> None:
+        assert self.outbox is not None
+        self.outbox.add(
+            Pending(
+                ukms=query.ukms,
+                request=secrets.token_hex(8),
+                master=query.master,
+                slave=query.slave,
+                outcome=outcome,
+                **fields,
+            )
+        )
+        self._wake.set()
+
+    def start(self) -> None:
+        """Start replaying the outbox to AAA (what an earlier run left there first)."""
+        if self.outbox is not None and self._sender is None:
+            self._sender = asyncio.ensure_future(self._send_loop())
+
+    async def close(self) -> None:
+        if self._sender is not None:
+            self._sender.cancel()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.sleep(0)  # let the cancelled tasks unwind before the outbox closes
+        if self.outbox is not None:
+            self.outbox.close()
+
+    async def _send_loop(self) -> None:
+        assert self.outbox is not None
+        backoff = SEND_IDLE_S
+        while True:
+            rows = self.outbox.due(REPORTS_IN_FLIGHT - len(self._sending), self._sending)
+            if not rows:
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), 1.0)
+                continue
+            results = await asyncio.gather(*(self._send(p) for p in rows))
+            if all(results):
+                backoff = SEND_IDLE_S
+                continue
+            await asyncio.sleep(backoff)
+            backoff = min(SEND_BACKOFF_MAX_S, backoff * 2)
+
+    async def _send(self, p: Pending) -> bool:
+        assert self.outbox is not None
+        key = (p.ukms, p.request)
+        self._sending.add(key)
+        try:
+            await self.client.report(
+                p.ukms,
+                p.request,
+                master=p.master,
+                slave=p.slave,
+                outcome=p.outcome,
+                reason=p.reason,
+                keys=p.keys,
+                bits=p.bits,
+                grant=p.grant,
+            )
+        except SnmpError as exc:
+            log.warning("aaa: report %s not acknowledged yet: %s", p.request, exc.message)
+            return False
+        finally:
+            self._sending.discard(key)
+        self.outbox.done(*key)
+        self.reported += 1
+        return True
 
     def _ask_soon(self, ukms: int, pair: tuple[str, str]) -> None:
         if pair not in self._asking:

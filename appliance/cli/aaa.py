@@ -380,6 +380,9 @@ def cmd_attach(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from appliance.aaa.agent import serve
+    from appliance.kms.netproc import die_with_supervisor
+
+    die_with_supervisor()  # started by a network's supervisor: never outlive it
 
     try:
         if args.loop == "uvloop":

@@ -39,12 +39,22 @@ from urllib.parse import parse_qs, unquote_to_bytes, urlsplit
 
 from appliance.kms import keyids
 from appliance.kms.errors import KeyUnavailable, KmsError
+from appliance.kms.seams import Denial, Denied
 from appliance.net.h2 import Request, Response
 
 PATH = re.compile(r"^/api/v1/keys/(?P<sae>[^/]+)/(?P<op>status|enc_keys|dec_keys)$")
 MSG_SIZE_MULTIPLE_OF_8 = "size shall be a multiple of 8"
 MSG_EXTENSIONS = "not all extension_mandatory parameters are supported"
 MSG_KEYS_NOT_FOUND = "one or more keys specified are not found on KME"
+DENIAL_STATUS = {Denial.LIMITS: 400, Denial.UNAUTHORISED: 401, Denial.QUOTA: 503}
+"""A request the contract does not allow: above its size or count limits 400; a suspended
+user, an unknown pair or a day outside the validity window 401; a quota or rate exceeded
+(or no quota to be had: the AAA device unreachable) 503."""
+DENIAL_MESSAGE = {
+    Denial.LIMITS: "The request exceeds the limits of the SAE pair's contract",
+    Denial.UNAUTHORISED: "The SAE pair is not authorised to get keys now",
+    Denial.QUOTA: "The contract's quota or rate does not allow more keys now; retry later",
+}
 """Messages §6.2 and §6.4 fix word for word (what else there is to say goes in details).
 §6.2's "not all extension_mandatory request options could be met" is never sent: this
 KME supports no extension parameter, so any mandatory one is unsupported."""
@@ -159,6 +169,10 @@ class Etsi014Api:
             return await self._route(request)
         except ApiError as err:
             return error_response(err)
+        except Denied as exc:  # the contract's rule, in words that name no part of the network
+            return error_response(
+                ApiError(DENIAL_STATUS[exc.why], DENIAL_MESSAGE[exc.why], [{"reason": exc.message}])
+            )
         except KeyUnavailable:  # its text may name the network's parts: not shown
             return error_response(
                 ApiError(

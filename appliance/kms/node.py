@@ -91,6 +91,7 @@ from appliance.kms.events import (
 )
 from appliance.kms.seams import (
     ContractValidator,
+    Denied,
     PathProvider,
     RequestValidator,
     SessionRegistry,
@@ -154,6 +155,11 @@ class KmsNode:
             topology, mode=self.policy.mode, max_keys=self.policy.max_key_per_request
         )
         self.paths = paths or TopologyPaths(topology)
+        self._completed: Callable[[int, bool], None] | None = getattr(
+            self.validator, "completed", None
+        )
+        """A validator that accounts for requests hears how each one it allowed ended,
+        before the answer leaves (:class:`appliance.aaa.client.AaaValidator`)."""
         self.engines: dict[str, EngineBase] = {}
         for service in ("ukms", "akms", "ckms"):
             if service in roles and only in (None, service):
@@ -362,6 +368,9 @@ class KmsNode:
                 buffer[:] = bytes(len(buffer))
         answer = m.decode_answer(response.body, answer_type)
         if isinstance(answer, m.Refused):
+            denied = Denied.from_code(answer.code, answer.message)  # for the SAE: no node named
+            if denied is not None:
+                raise denied
             raise error_from(answer.code, f"node {node}{path}: {answer.message}")
         return answer
 
@@ -444,6 +453,8 @@ class KmsNode:
         return _ok(m.RelayResults(results=results))
 
     def _answer(self, service: str, action: Reply | Refuse) -> None:
+        if self._completed is not None and service == "akms":
+            self._completed(action.req, isinstance(action, Reply))
         waiting = self._replies.pop(action.req, None)
         outcome = action.message if isinstance(action, Reply) else action.error
         if isinstance(waiting, tuple):  # the caller is an engine of this process
