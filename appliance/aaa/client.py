@@ -260,6 +260,7 @@ class AaaValidator:
         self._asking: dict[tuple[str, str], asyncio.Task[None]] = {}
         self._size: dict[tuple[str, str], int] = {}
         """The contract's largest key per pair, once known: asks reserve no more bits."""
+        self._per_request: dict[tuple[str, str], int] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self.alarms = 0
 
@@ -284,6 +285,26 @@ class AaaValidator:
         if self.outbox is not None:
             result = self._account(query, result)
         return verdict(result)
+
+    async def terms(self, ukms: int, master: str, slave: str) -> tuple[int, int]:
+        """The contract's (max key size, keys per request) for a pair: from a grant held,
+        else from a fresh ask (which the next requests spend). Denied if AAA refuses."""
+        pair = (master, slave)
+        held = self.wallet.terms(*pair, self.clock())
+        if held is None:
+            await self._ask(ukms, pair)
+            held = self.wallet.terms(*pair, self.clock())
+        if held is None:
+            refused = self.wallet.refusals.get(pair)
+            result = refused[1] if refused else Refusal(reason=Reason.QUOTA, message="no quota")
+            if result.reason in (Reason.QUOTA, Reason.RATE):  # the terms stand; only the
+                size = self._size.get(pair)  # quota is spent
+                if size is not None:
+                    return size, self._per_request.get(pair, 1)
+            denied = verdict(result).denied
+            assert denied is not None
+            raise denied
+        return held.max_key_size, held.keys_per_request
 
     # -- accounting --------------------------------------------------------------------------
     def _account(self, query: ValidationQuery, result: Spent | Refusal) -> Spent | Refusal:
@@ -414,6 +435,7 @@ class AaaValidator:
             answer = Refusal(reason=Reason.UNREACHABLE, message="the AAA device is unreachable")
         if isinstance(answer, Terms):
             self._size[pair] = answer.max_key_size
+            self._per_request[pair] = answer.keys_per_request
         self.wallet.add(pair, answer, sent)
 
     def _settle(self) -> None:

@@ -106,6 +106,12 @@ def register(sub: Any) -> None:
         help="an access node's link to the AAA device (address, SNMPv3 user, INFORM "
         "address): requests are validated and accounted by AAA, not the topology's contracts",
     )
+    run.add_argument(
+        "--terms-from-akms",
+        action="store_true",
+        help="a UKMS under AAA: ETSI 014 Status and request limits follow each pair's "
+        "contract, as the node's AKMS answers it",
+    )
     run.set_defaults(func=cmd_node_run)
 
     net = sub.add_parser(
@@ -245,7 +251,12 @@ def cmd_node_run(args: argparse.Namespace) -> int:
             cfg,
             topo,
             generator.random_bytes,
-            policy=Policy(mode=Mode[args.mode.upper()], stock=args.stock, patience=args.patience),
+            policy=Policy(
+                mode=Mode[args.mode.upper()],
+                stock=args.stock,
+                patience=args.patience,
+                terms_from_akms=args.terms_from_akms,
+            ),
             only=args.only,
             validator=aaa[0] if aaa else None,
         )

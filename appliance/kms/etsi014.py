@@ -30,9 +30,10 @@ from a caller (invariant 3), or serve a key to an SAE other than the named one.
 from __future__ import annotations
 
 import base64
+import inspect
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 from urllib.parse import parse_qs, unquote_to_bytes, urlsplit
@@ -97,9 +98,12 @@ class Limits:
 class KeyService(Protocol):
     """What the UKMS provides behind the API."""
 
-    def limits(self, master: str, slave: str, *, caller_is_master: bool) -> Limits | None:
+    def limits(
+        self, master: str, slave: str, *, caller_is_master: bool
+    ) -> Limits | Awaitable[Limits | None] | None:
         """The limits for this SAE pair, or None if the pair is not registered, or if the
-        calling end (master for status and enc_keys, slave for dec_keys) is not served here."""
+        calling end (master for status and enc_keys, slave for dec_keys) is not served here
+        (at once, or awaitable: the contract's terms may have to be asked for)."""
 
     def stored(self, master: str, slave: str) -> int:
         """Keys ready for this pair."""
@@ -211,13 +215,14 @@ class Etsi014Api:
             )
         params = _params(request, query)
         if op == "status":
-            return self._status(caller, sae)
+            return await self._status(caller, sae)
         if op == "enc_keys":
             return await self._enc_keys(caller, sae, params)
         return await self._dec_keys(caller, sae, params)
 
-    def _limits(self, master: str, slave: str, *, caller_is_master: bool = True) -> Limits:
-        limits = self.service.limits(master, slave, caller_is_master=caller_is_master)
+    async def _limits(self, master: str, slave: str, *, caller_is_master: bool = True) -> Limits:
+        found = self.service.limits(master, slave, caller_is_master=caller_is_master)
+        limits = await found if inspect.isawaitable(found) else found
         if limits is None:
             raise bad(
                 "slave_SAE_ID" if caller_is_master else "master_SAE_ID",
@@ -227,8 +232,8 @@ class Etsi014Api:
             )
         return limits
 
-    def _status(self, master: str, slave: str) -> Response:
-        lim = self._limits(master, slave)
+    async def _status(self, master: str, slave: str) -> Response:
+        lim = await self._limits(master, slave)
         return _json(
             200,
             {
@@ -248,7 +253,7 @@ class Etsi014Api:
         )
 
     async def _enc_keys(self, master: str, slave: str, params: dict[str, Any]) -> Response:
-        lim = self._limits(master, slave)
+        lim = await self._limits(master, slave)
         number = _int(params, "number", 1)
         size = _int(params, "size", lim.key_size)
         if number < 1 or number > lim.max_key_per_request:
@@ -282,7 +287,7 @@ class Etsi014Api:
         return _json(200, {"keys": [_key(k, v) for k, v in keys]})
 
     async def _dec_keys(self, slave: str, master: str, params: dict[str, Any]) -> Response:
-        self._limits(master, slave, caller_is_master=False)
+        await self._limits(master, slave, caller_is_master=False)
         ids = _key_ids(params)
         try:
             keys = await self.service.dec_keys(slave, master, ids)

@@ -32,9 +32,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import inspect
 import logging
 import os
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
@@ -113,6 +115,10 @@ log = logging.getLogger("qkdn.kms")
 RandomBytes = Callable[[int], bytes]
 MSGPACK = {"content-type": "application/msgpack"}
 INTEGRITY_CODES = {IntegrityFailure.code, ReplayDetected.code}
+TERMS_TTL_S = 2.0
+"""How long a UKMS keeps a pair's contract terms before it asks its AKMS again (a changed
+contract shows in Status within this; the AKMS enforces it at once)."""
+MAX_TERMS = 100_000
 EXIT_AFTER_TAKE = "QKDN_TEST_EXIT_AFTER_TAKE"
 """Test seam: a directory. A node started with it set exits at once (``os._exit``, as a
 crash: no clean-up, no release) right after a dec_keys take commits, whenever the file
@@ -419,6 +425,8 @@ class KmsNode:
             return _refused(400, exc)
         if isinstance(message, m.StatusRequest):
             return _ok(self._status())
+        if isinstance(message, m.TermsRequest):
+            return await self._terms(service, caller, message)
         if isinstance(message, m.RelayBatch):
             return await self._relay_batch(service, caller, message)
         outcome = await self._receive(service, caller, message)
@@ -426,6 +434,25 @@ class KmsNode:
             self._log_refusal(request.path, outcome)
             return _refused(400 if isinstance(outcome, IntegrityFailure) else 503, outcome)
         return _ok(outcome)
+
+    async def _terms(self, service: str, caller: int, ask: m.TermsRequest) -> Response:
+        """A UKMS of ours asks for the terms of a pair it serves (its ETSI 014 Status): the
+        validator's, when it knows contracts (AAA), else the network's limits."""
+        engine = self.engines.get("akms")
+        if service != "akms" or engine is None or caller not in engine.links:
+            return _refused(403, KmsError("only a UKMS of this access node asks for terms"))
+        terms = getattr(self.validator, "terms", None)
+        if terms is None:
+            answer = m.TermsAnswer(
+                max_key_size=Limits.max_key_size,
+                max_key_per_request=self.policy.max_key_per_request,
+            )
+            return _ok(answer)
+        try:
+            size, number = await terms(caller, ask.master, ask.slave)
+        except KmsError as exc:
+            return _refused(503, exc)
+        return _ok(m.TermsAnswer(max_key_size=size, max_key_per_request=number))
 
     def _receive(self, service: str, caller: int, message: m.Sendable) -> asyncio.Future[Any]:
         assert self._loop is not None
@@ -662,8 +689,13 @@ class UkmsKeyService:
         assert isinstance(engine, UkmsEngine)
         self.engine = engine
         self.saes = {s.id: s for s in node.topology.spec.saes}
+        self._terms: dict[tuple[str, str], tuple[float, m.TermsAnswer]] = {}
 
-    def limits(self, master: str, slave: str, *, caller_is_master: bool) -> Limits | None:
+    def limits(
+        self, master: str, slave: str, *, caller_is_master: bool
+    ) -> Limits | Awaitable[Limits] | None:
+        """The pair's limits: the network's, or (``policy.terms_from_akms``) the contract's
+        as our AKMS answers them, kept for TERMS_TTL_S."""
         sessions = self.node.sessions
         if caller_is_master:
             ok, other = sessions.session_014(master, slave), slave
@@ -673,12 +705,31 @@ class UkmsKeyService:
             return None
         target = self.node.topology.node(self.saes[other].node)
         policy = self.node.policy
-        return Limits(
+        limits = Limits(
             source_kme=self.node.name,
             target_kme=target.name,
             key_size=policy.key_size,
             max_key_per_request=policy.max_key_per_request,
         )
+        if not (policy.terms_from_akms and caller_is_master):
+            return limits
+        cached = self._terms.get((master, slave))
+        now = time.monotonic()
+        if cached is not None and now - cached[0] < TERMS_TTL_S:
+            return _contract_limits(limits, cached[1])
+        return self._fetch_terms(limits, master, slave, now)
+
+    async def _fetch_terms(self, limits: Limits, master: str, slave: str, now: float) -> Limits:
+        """Ask our AKMS for the pair's terms (a denial reaches the SAE as such)."""
+        answer = await self.node.request(
+            self.engine.akms, "akms", m.TermsRequest(master=master, slave=slave)
+        )
+        if not isinstance(answer, m.TermsAnswer):
+            raise KeyUnavailable("the terms were answered with another message")
+        if len(self._terms) >= MAX_TERMS:
+            self._terms.clear()
+        self._terms[(master, slave)] = (now, answer)
+        return _contract_limits(limits, answer)
 
     def stored(self, master: str, slave: str) -> int:
         return self.engine.stored(master, slave)
@@ -703,6 +754,19 @@ class UkmsKeyService:
             self.node.feed("ukms", SaeAnswerWritten(req=req, ok=ok))
 
         return Taken(keys, written)
+
+
+def _contract_limits(limits: Limits, terms: m.TermsAnswer) -> Limits:
+    """The network's limits narrowed to a contract's terms (Status stays consistent:
+    min_key_size <= key_size <= max_key_size)."""
+    size = terms.max_key_size
+    return dataclasses.replace(
+        limits,
+        max_key_size=size,
+        key_size=min(limits.key_size, size),
+        min_key_size=min(limits.min_key_size, size),
+        max_key_per_request=min(limits.max_key_per_request, terms.max_key_per_request),
+    )
 
 
 def _copied(keys: list[tuple[str, bytearray]]) -> list[tuple[str, bytes]]:

@@ -62,6 +62,8 @@ class Child:
     """An AKMS's link file to the AAA device (``node run --aaa``); for the AAA device
     itself (``kind == "aaa"``), its folder."""
     kind: str = "node"
+    terms: bool = False
+    """A UKMS under AAA: it asks its AKMS for the contracts' terms (``--terms-from-akms``)."""
     pid: int = 0
     restarts: int = 0
     started: float = 0.0
@@ -108,7 +110,8 @@ class Supervisor:
                     self.children[child.name] = child
             else:
                 log_file = str(self.dir / "logs" / f"{name}.log")
-                self.children[name] = Child(name, config, log_file, aaa=link_file)
+                terms = aaa and "ukms" in cfg.node.role.split("+")
+                self.children[name] = Child(name, config, log_file, aaa=link_file, terms=terms)
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.stopping = False
         self.alarm: dict[str, Any] | None = None
@@ -156,6 +159,7 @@ class Supervisor:
             str(self.patience),
             *(["--only", child.only] if child.only else []),
             *(["--aaa", child.aaa] if child.aaa else []),
+            *(["--terms-from-akms"] if child.terms else []),
         ]
 
     def spawn(self, child: Child) -> None:
