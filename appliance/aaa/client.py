@@ -60,6 +60,17 @@ DENIAL = {
     Reason.UNREACHABLE: Denial.QUOTA,
 }
 """How a reason reaches the SAE (ETSI 014 status 400/401/503); any other reason: 401."""
+REASON_TEXT = {
+    Reason.UNKNOWN_PAIR: "no contract covers this SAE pair",
+    Reason.WRONG_NODE: "the master SAE is not served by this KME",
+    Reason.SUSPENDED: "the user's service is suspended",
+    Reason.OUTSIDE_WINDOW: "outside the contract's validity window",
+    Reason.QUOTA: "the contract's quota is used up for now",
+    Reason.LIMITS: "outside the contract's size or count limits",
+    Reason.RATE: "the contract's rate is exceeded",
+    Reason.UNREACHABLE: "keys cannot be authorised at the moment",
+}
+"""What the SAE reads for each reason: the contract's rule, never a device or node."""
 
 
 class AkmsAaaConfig(Credentials):
@@ -221,7 +232,7 @@ def parse_answer(ukms: int, text: bytes) -> Terms | Refusal:
     except (ValueError, IndexError) as exc:
         raise SnmpError("AAA's answer is malformed", code="AAA-ANSWER") from exc
     if reason != Reason.NONE:
-        return Refusal(reason=reason, message=f"AAA refused: {reason.name.lower()}")
+        return Refusal(reason=reason, message=REASON_TEXT.get(reason, "not authorised"))
     return Terms(
         ukms=ukms,
         grant=n[1],
@@ -432,7 +443,7 @@ class AaaValidator:
         except SnmpError as exc:
             self.alarms += 1
             log.error("aaa: unreachable, failing closed for new quota: %s", exc.message)
-            answer = Refusal(reason=Reason.UNREACHABLE, message="the AAA device is unreachable")
+            answer = Refusal(reason=Reason.UNREACHABLE, message=REASON_TEXT[Reason.UNREACHABLE])
         if isinstance(answer, Terms):
             self._size[pair] = answer.max_key_size
             self._per_request[pair] = answer.keys_per_request
