@@ -87,28 +87,48 @@ def load_akms_config(path: Path) -> AkmsAaaConfig:
 
 
 class AaaClient:
+    """Commands to AAA from one SNMP engine; after a timeout the next command uses a fresh
+    engine (a restarted AAA has a new engine ID and clock: the old engine's discovered
+    ones would keep its requests unanswered)."""
+
     def __init__(self, address: str, creds: Credentials) -> None:
-        self.creds = creds
-        self.engine = engine.SnmpEngine()
-        config.add_v3_user(self.engine, creds.user, AUTH, creds.auth, PRIV, creds.priv)
-        config.add_target_parameters(self.engine, "aaa-params", creds.user, "authPriv")
-        config.add_transport(
-            self.engine, config.SNMP_UDP_DOMAIN, udp.UdpAsyncioTransport().open_client_mode()
-        )
-        config.add_target_address(
-            self.engine,
-            "aaa",
-            config.SNMP_UDP_DOMAIN,
-            host_port(address),
-            "aaa-params",
-            timeout=int(TIMEOUT_S * 100),
-            retryCount=RETRIES,
-        )
+        self.creds, self.address = creds, address
+        self.engine = self._engine()
+        self._stale = False
         self._get, self._set = cmdgen.GetCommandGenerator(), cmdgen.SetCommandGenerator()
         self._rx: engine.SnmpEngine | None = None
         self.m = mib.load()
         self._quota_index = [self.m[n] for n in self.m["aaaQuotaEntry"].index]
         self._ids = itertools.count(secrets.randbelow(2**31))
+
+    def _engine(self) -> engine.SnmpEngine:
+        eng = engine.SnmpEngine()
+        creds = self.creds
+        config.add_v3_user(eng, creds.user, AUTH, creds.auth, PRIV, creds.priv)
+        config.add_target_parameters(eng, "aaa-params", creds.user, "authPriv")
+        config.add_transport(
+            eng, config.SNMP_UDP_DOMAIN, udp.UdpAsyncioTransport().open_client_mode()
+        )
+        config.add_target_address(
+            eng,
+            "aaa",
+            config.SNMP_UDP_DOMAIN,
+            host_port(self.address),
+            "aaa-params",
+            timeout=int(TIMEOUT_S * 100),
+            retryCount=RETRIES,
+        )
+        return eng
+
+    def _fresh(self) -> engine.SnmpEngine:
+        """The engine for the next command: a new one after a timeout (the old one is
+        closed once the commands still in flight on it have timed out too)."""
+        if self._stale:
+            self._stale = False
+            old, self.engine = self.engine, self._engine()
+            grace = TIMEOUT_S * (RETRIES + 1) + 1
+            asyncio.get_running_loop().call_later(grace, _close_engine, old)
+        return self.engine
 
     def close(self) -> None:
         for eng in (self.engine, self._rx):
@@ -125,6 +145,7 @@ class AaaClient:
             if done.done():
                 return
             if error:
+                self._stale = True
                 done.set_exception(
                     SnmpError(f"AAA did not answer: {error}", code="AAA-UNREACHABLE")
                 )
@@ -133,7 +154,7 @@ class AaaClient:
             else:
                 done.set_result(list(vbs))
 
-        generator.send_varbinds(self.engine, "aaa", None, "", binds, answered)
+        generator.send_varbinds(self._fresh(), "aaa", None, "", binds, answered)
         return await done
 
     async def get(self, oids: list[tuple[int, ...]]) -> list[Any]:
@@ -220,6 +241,11 @@ class AaaClient:
 
         ntfrcv.NotificationReceiver(rx, received)
         return port
+
+
+def _close_engine(eng: engine.SnmpEngine) -> None:
+    if eng.transport_dispatcher is not None:
+        eng.close_dispatcher()
 
 
 def parse_answer(ukms: int, text: bytes) -> Terms | Refusal:
