@@ -21,6 +21,7 @@ import itertools
 import logging
 import secrets
 import time
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,7 @@ TIMEOUT_S, RETRIES = 0.5, 2
 REPORTS_IN_FLIGHT = 16
 """Accounting reports the sender keeps in flight to AAA at once."""
 SEND_IDLE_S, SEND_BACKOFF_MAX_S = 0.05, 2.0
+WAITS_KEPT = 100_000
 ASK_KEYS = 1000
 """Keys a wallet asks for at a time (AAA may grant less)."""
 MAX_KEY_BITS = 8192
@@ -294,6 +296,8 @@ class AaaValidator:
         self._wake = asyncio.Event()
         self._sender: asyncio.Task[None] | None = None
         self.reported = 0
+        self.waits: deque[float] = deque(maxlen=WAITS_KEPT)
+        """Seconds each recent validation waited on AAA (0: served from held quota)."""
         self._asking: dict[tuple[str, str], asyncio.Task[None]] = {}
         self._size: dict[tuple[str, str], int] = {}
         """The contract's largest key per pair, once known: asks reserve no more bits."""
@@ -303,7 +307,8 @@ class AaaValidator:
 
     def revoked(self, contract: str, grant: int) -> None:
         """An INFORM arrived: drop the grant (0: every grant of the contract) at once."""
-        self.wallet.revoke(grant=grant or None, contract=contract if grant == 0 else None)
+        dropped = self.wallet.revoke(grant=grant or None, contract=contract if grant == 0 else None)
+        log.info("aaa: quota revoked", extra={"contract": contract, "grants": dropped})
         self._settle()
 
     async def validate(self, query: ValidationQuery) -> Verdict:
@@ -312,12 +317,16 @@ class AaaValidator:
             query.master, query.slave, query.number, query.size, self.clock()
         )
         if result is None:
+            began = time.perf_counter()
             await self._ask(query.ukms, pair)
+            self.waits.append(time.perf_counter() - began)
             result = self.wallet.spend(*pair, query.number, query.size, self.clock())
             if result is None:
                 result = Refusal(reason=Reason.QUOTA, message="no quota left for this request")
-        elif self.wallet.wants(*pair, self.clock()):
-            self._ask_soon(query.ukms, pair)
+        else:
+            self.waits.append(0.0)
+            if self.wallet.wants(*pair, self.clock()):
+                self._ask_soon(query.ukms, pair)
         self._settle()
         if self.outbox is not None:
             result = self._account(query, result)
@@ -394,7 +403,25 @@ class AaaValidator:
         if self.outbox is not None and self._sender is None:
             self._sender = asyncio.ensure_future(self._send_loop())
 
+    def wait_summary(self) -> dict[str, float]:
+        """How long recent validations waited on AAA: count, waits, p50, p99, max (ms)."""
+        waits = sorted(self.waits)
+        if not waits:
+            return {"validations": 0}
+
+        def at(q: float) -> float:
+            return round(waits[min(len(waits) - 1, int(q * len(waits)))] * 1000, 3)
+
+        return {
+            "validations": len(waits),
+            "waited": sum(1 for w in waits if w > 0),
+            "p50_ms": at(0.50),
+            "p99_ms": at(0.99),
+            "max_ms": round(waits[-1] * 1000, 3),
+        }
+
     async def close(self) -> None:
+        log.info("aaa: validations", extra=self.wait_summary())
         if self._sender is not None:
             self._sender.cancel()
         for task in list(self._tasks):
