@@ -36,6 +36,8 @@ from appliance.tkey import call, endpoints, measure
 DEMO = ("sae-berlin-1", "sae-bonn-1")
 BANK = ("sae-berlin-2", "sae-bonn-2")
 AKMS = ("akms-berlin", "akms-bonn")
+REVOKED = ("aaa: quota revoked", "demo-2026")
+WAITS = "aaa: validations"
 
 
 def up(folder: Path, aaa: bool) -> None:
@@ -185,6 +187,14 @@ def suspensions(folder: Path, times: int) -> dict[str, Any]:
         }
         for n, v in lat.items()
     }
+
+
+def waits(folder: Path, node: str) -> dict[str, Any] | None:
+    """The AKMS's last "aaa: validations" summary (logged when it stops)."""
+    found = [r for r in log_lines(folder / "logs" / f"{node}.log") if r.get("msg") == WAITS]
+    if not found:
+        return None
+    return {k: v for k, v in found[-1].items() if k not in ("ts", "level", "logger", "msg")}
 
 
 def main() -> None:

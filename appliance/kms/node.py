@@ -729,10 +729,15 @@ class UkmsKeyService:
         return self._fetch_terms(limits, master, slave, now)
 
     async def _fetch_terms(self, limits: Limits, master: str, slave: str, now: float) -> Limits:
-        """Ask our AKMS for the pair's terms (a denial reaches the SAE as such)."""
-        answer = await self.node.request(
-            self.engine.akms, "akms", m.TermsRequest(master=master, slave=slave)
-        )
+        """Ask our AKMS for the pair's terms. If it denies the pair (suspended, unknown,
+        outside its window), the network's limits stand: the request itself then goes to
+        the AKMS, which refuses it *and accounts for the refusal*."""
+        try:
+            answer = await self.node.request(
+                self.engine.akms, "akms", m.TermsRequest(master=master, slave=slave)
+            )
+        except Denied:
+            return limits
         if not isinstance(answer, m.TermsAnswer):
             raise KeyUnavailable("the terms were answered with another message")
         if len(self._terms) >= MAX_TERMS:
