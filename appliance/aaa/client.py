@@ -45,8 +45,10 @@ from appliance.kms.seams import Denial, Denied, ValidationQuery, Verdict
 log = logging.getLogger("qkdn.aaa.client")
 
 TIMEOUT_S, RETRIES = 0.5, 2
-REPORTS_IN_FLIGHT = 16
-"""Accounting reports the sender keeps in flight to AAA at once."""
+REPORT_BATCH = 16
+"""Accounting reports per SET (7 variable bindings at most each)."""
+SEND_BATCH_S = 0.2
+"""How long the sender lets reports gather before it sends them."""
 SEND_IDLE_S, SEND_BACKOFF_MAX_S = 0.05, 2.0
 WAITS_KEPT = 100_000
 ASK_KEYS = 1000
@@ -190,38 +192,33 @@ class AaaClient:
             ],
         )
 
-    async def report(
-        self,
-        ukms: int,
-        request: str,
-        *,
-        master: str,
-        slave: str,
-        outcome: str,
-        reason: Reason = Reason.NONE,
-        keys: int = 0,
-        bits: int = 0,
-        grant: int = 0,
-    ) -> None:
+    async def report(self, ukms: int, request: str, **fields: Any) -> None:
         """One request's outcome, for accounting (a retry with the same ID counts once)."""
-        rid = request.encode()
-        suffix = (ukms, len(rid), *rid)
+        await self.report_many([Pending(ukms=ukms, request=request, **fields)])
+
+    async def report_many(self, reports: list[Pending]) -> None:
+        """Several requests' outcomes in one SET (a row each; columns at 0 left out)."""
         m = self.m
-        await self._call(
-            self._set,
-            [
-                (m["aaaUsageMaster"].oid + suffix, rfc1902.OctetString(master)),
-                (m["aaaUsageSlave"].oid + suffix, rfc1902.OctetString(slave)),
-                (
-                    m["aaaUsageOutcome"].oid + suffix,
-                    rfc1902.Integer32(m["aaaUsageOutcome"].enums[outcome]),
-                ),
-                (m["aaaUsageReason"].oid + suffix, rfc1902.Integer32(int(reason))),
-                (m["aaaUsageKeys"].oid + suffix, rfc1902.Unsigned32(keys)),
-                (m["aaaUsageBits"].oid + suffix, rfc1902.Unsigned32(bits)),
-                (m["aaaUsageGrant"].oid + suffix, rfc1902.Unsigned32(grant)),
-            ],
-        )
+        binds: list[tuple[tuple[int, ...], Any]] = []
+        for p in reports:
+            rid = p.request.encode()
+            suffix = (p.ukms, len(rid), *rid)
+            outcome = m["aaaUsageOutcome"].enums[p.outcome]
+            binds += [
+                (m["aaaUsageMaster"].oid + suffix, rfc1902.OctetString(p.master)),
+                (m["aaaUsageSlave"].oid + suffix, rfc1902.OctetString(p.slave)),
+                (m["aaaUsageOutcome"].oid + suffix, rfc1902.Integer32(outcome)),
+            ]
+            if p.reason:
+                binds.append((m["aaaUsageReason"].oid + suffix, rfc1902.Integer32(int(p.reason))))
+            for column, value in (
+                ("aaaUsageKeys", p.keys),
+                ("aaaUsageBits", min(p.bits, U32)),
+                ("aaaUsageGrant", p.grant),
+            ):
+                if value:
+                    binds.append((m[column].oid + suffix, rfc1902.Unsigned32(value)))
+        await self._call(self._set, binds)
 
     # -- revocations ----------------------------------------------------------------------
     def listen(self, address: str, on_revoke: Callable[[str, int], None]) -> int:
@@ -292,7 +289,6 @@ class AaaValidator:
         self.wallet = Wallet()
         self._open: dict[int, tuple[ValidationQuery, Spent]] = {}
         """Requests allowed and not yet completed, by the AKMS's request number."""
-        self._sending: set[tuple[int, str]] = set()
         self._wake = asyncio.Event()
         self._sender: asyncio.Task[None] | None = None
         self.reported = 0
@@ -431,45 +427,38 @@ class AaaValidator:
             self.outbox.close()
 
     async def _send_loop(self) -> None:
+        """Reports leave in batches, a little after they are committed (accounting is not
+        on the key path: one SET of many rows costs the AKMS's loop far less than one
+        each); a batch AAA refuses is retried row by row, a silent AAA with back-off."""
         assert self.outbox is not None
         backoff = SEND_IDLE_S
         while True:
-            rows = self.outbox.due(REPORTS_IN_FLIGHT - len(self._sending), self._sending)
+            rows = self.outbox.due(REPORT_BATCH)
             if not rows:
                 self._wake.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), 1.0)
+                await asyncio.sleep(SEND_BATCH_S)  # let the batch fill
                 continue
-            results = await asyncio.gather(*(self._send(p) for p in rows))
-            if all(results):
+            if await self._send(rows) or (len(rows) > 1 and await self._one_by_one(rows)):
                 backoff = SEND_IDLE_S
                 continue
             await asyncio.sleep(backoff)
             backoff = min(SEND_BACKOFF_MAX_S, backoff * 2)
 
-    async def _send(self, p: Pending) -> bool:
+    async def _one_by_one(self, rows: list[Pending]) -> bool:
+        sent = [await self._send([p]) for p in rows]
+        return any(sent)
+
+    async def _send(self, rows: list[Pending]) -> bool:
         assert self.outbox is not None
-        key = (p.ukms, p.request)
-        self._sending.add(key)
         try:
-            await self.client.report(
-                p.ukms,
-                p.request,
-                master=p.master,
-                slave=p.slave,
-                outcome=p.outcome,
-                reason=p.reason,
-                keys=p.keys,
-                bits=p.bits,
-                grant=p.grant,
-            )
+            await self.client.report_many(rows)
         except SnmpError as exc:
-            log.warning("aaa: report %s not acknowledged yet: %s", p.request, exc.message)
+            log.warning("aaa: %d report(s) not acknowledged yet: %s", len(rows), exc.message)
             return False
-        finally:
-            self._sending.discard(key)
-        self.outbox.done(*key)
-        self.reported += 1
+        self.outbox.done([(p.ukms, p.request) for p in rows])
+        self.reported += len(rows)
         return True
 
     def _ask_soon(self, ukms: int, pair: tuple[str, str]) -> None:

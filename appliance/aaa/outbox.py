@@ -79,12 +79,12 @@ class Outbox:
             raise AccountingError(f"{self.path}: {exc}", code="AAA-OUTBOX") from exc
         self.count += cur.rowcount
 
-    def due(self, limit: int, skip: set[tuple[int, str]]) -> list[Pending]:
-        """Up to ``limit`` reports not yet acknowledged, oldest first, except ``skip``."""
+    def due(self, limit: int) -> list[Pending]:
+        """Up to ``limit`` reports not yet acknowledged, oldest first."""
         rows = self.db.execute(
             "SELECT ukms, request, master, slave, outcome, reason, keys, bits, grant_id"
             " FROM outbox ORDER BY rowid LIMIT ?",
-            (limit + len(skip),),
+            (limit,),
         ).fetchall()
         out = [
             Pending(
@@ -99,17 +99,23 @@ class Outbox:
                 grant=r[8],
             )
             for r in rows
-            if (r[0], r[1]) not in skip
         ]
-        return out[:limit]
+        return out
 
-    def done(self, ukms: int, request: str) -> None:
-        """AAA has the report: forget it."""
+    def done(self, keys: list[tuple[int, str]]) -> None:
+        """AAA has these reports (ukms, request): forget them, in one transaction."""
+        gone = 0
         try:
-            cur = self.db.execute("DELETE FROM outbox WHERE ukms=? AND request=?", (ukms, request))
+            self.db.execute("BEGIN")
+            for ukms, request in keys:
+                cur = self.db.execute(
+                    "DELETE FROM outbox WHERE ukms=? AND request=?", (ukms, request)
+                )
+                gone += cur.rowcount
+            self.db.execute("COMMIT")
         except sqlite3.Error as exc:
             raise AccountingError(f"{self.path}: {exc}", code="AAA-OUTBOX") from exc
-        self.count -= cur.rowcount
+        self.count -= gone
 
     def close(self) -> None:
         self.db.close()
