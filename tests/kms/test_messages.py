@@ -771,6 +771,8 @@ def _example(cls: type) -> Message:
         "deliver_to": 3,
         "purpose": "ksa",
         "fresh": False,
+        "max_key_size": 256,
+        "max_key_per_request": 128,
     }
     kw = {f.name: fills[f.name] for f in info(cls).fields if f.name != "v"}
     if cls is Tagged:
