@@ -11,8 +11,12 @@ side, one without AAA (the topology's contracts, the baseline) and one with
    registry commit, as ``qkdn aaa user suspend`` does); the time from the commit to the
    revocation's arrival at *each* access node (its log line), p50/p99; then resumed.
 
+4. ``--one-at-a-time N``: instead of all the above, each network alone (the other one
+   down), 20 warm-up then N T_key requests, and the CPU time (utime + stime) every process
+   of the network spent on them: what AAA costs per request, and where.
+
 Usage: python bench/aaa_path.py [--rounds 5] [--requests 40] [--load 800] [--suspensions 10]
-       [--json PATH]
+       [--one-at-a-time N] [--json PATH]
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from typing import Any
 from appliance.aaa.registry import Registry
 from appliance.cli import net
 from appliance.config.render import find_free_base_port
+from appliance.kms import netproc
 from appliance.tkey import call, endpoints, measure
 
 DEMO = ("sae-berlin-1", "sae-bonn-1")
@@ -189,6 +194,41 @@ def suspensions(folder: Path, times: int) -> dict[str, Any]:
     }
 
 
+def cpu_seconds(folder: Path) -> dict[str, float]:
+    """utime + stime of every process of the network, by name."""
+    out = {}
+    for pid, name in netproc.find_processes(folder).items():
+        try:
+            with open(f"/proc/{pid}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        out[name] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return out
+
+
+def one_at_a_time(tmp: Path, requests: int) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, aaa in (("without", False), ("with", True)):
+        folder = tmp / name
+        up(folder, aaa)
+        try:
+            master, slave = endpoints(net.status_doc(folder), *DEMO)
+            measure(master, slave, 20)
+            before = cpu_seconds(folder)
+            doc = measure(master, slave, requests)
+            after = cpu_seconds(folder)
+        finally:
+            net.bring_down(folder)
+        per = {k: round((v - before.get(k, 0.0)) / requests * 1000, 2) for k, v in after.items()}
+        out[name] = {
+            "t_key_ms": doc["t_key_ms"],
+            "cpu_ms_per_request": {k: v for k, v in per.items() if v > 0.5},
+            "cpu_ms_per_request_total": round(sum(per.values()), 2),
+        }
+    return out
+
+
 def waits(folder: Path, node: str) -> dict[str, Any] | None:
     """The AKMS's last "aaa: validations" summary (logged when it stops)."""
     found = [r for r in log_lines(folder / "logs" / f"{node}.log") if r.get("msg") == WAITS]
@@ -203,6 +243,7 @@ def main() -> None:
     p.add_argument("--requests", type=int, default=40)
     p.add_argument("--load", type=int, default=800)
     p.add_argument("--suspensions", type=int, default=10)
+    p.add_argument("--one-at-a-time", type=int, metavar="N")
     p.add_argument("--json", type=Path)
     args = p.parse_args()
     doc: dict[str, Any] = {
@@ -210,6 +251,11 @@ def main() -> None:
         "load_average": os.getloadavg(),
     }
     with tempfile.TemporaryDirectory(prefix="qkdn-aaa-path-") as tmp:
+        if args.one_at_a_time:
+            doc["one_at_a_time"] = one_at_a_time(Path(tmp), args.one_at_a_time)
+            doc["load_average_after"] = os.getloadavg()
+            print(json.dumps(doc, indent=1))
+            return
         base, aaa = Path(tmp) / "without", Path(tmp) / "with"
         up(base, False)
         try:
