@@ -49,7 +49,7 @@ from typing import Any
 
 from appliance.kms.errors import IntegrityFailure, KmsError, StoreCorrupt, StoreError
 from appliance.kms.store import KeyStore, Step, erase_outcome, store_error
-from appliance.kms.storeops import Op, Outcome
+from appliance.kms.storeops import Op, Outcome, needs_fsync
 
 log = logging.getLogger("qkdn.kms")
 
@@ -64,7 +64,7 @@ def commit_group(store: KeyStore, ops: Sequence[Op]) -> list[Result]:
     steps = [_prepared(store, op) for op in ops]
     done: list[Result] = []
     try:
-        with store.transaction() as db:
+        with store.transaction(fsync=any(needs_fsync(op) for op in ops)) as db:
             for step in steps:
                 done.append(step if isinstance(step, KmsError) else _in_savepoint(store, db, step))
     except StoreError as exc:  # no BEGIN, a lost transaction, a damaged file, or no COMMIT
@@ -132,11 +132,16 @@ class GroupCommitter:
 
     async def submit(self, op: Op) -> Outcome:
         """Run ``op`` in the next group; its outcome, or its error raised."""
+        result: Outcome = await self.start(op)
+        return result
+
+    def start(self, op: Op) -> asyncio.Future[Any]:
+        """Run ``op`` in the next group; a future of the running loop for its outcome (or
+        its error), for a caller that takes it by callback rather than by a task."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         self._enqueue(_Op(op, future, loop))
-        result: Outcome = await future
-        return result
+        return future
 
     def queue(self, op: Op) -> None:
         """Run ``op`` in the next group, nobody awaiting its outcome (a release). It does

@@ -586,21 +586,35 @@ class KmsNode:
             self._work.append((service, StoreDone(ticket=action.ticket, result=0)))
             return
 
-        async def run() -> Input:
-            try:
-                if isinstance(op, Levels):
-                    result: Any = await asyncio.to_thread(stores.levels, op.kind)
-                elif isinstance(op, Housekeep):
-                    result = await asyncio.to_thread(_housekeep, stores)
-                else:
-                    result = await stores.submit(op)
-            except KmsError as exc:
-                result = exc
-            if isinstance(op, Take) and self._exit_marker is not None:
-                _exit_if_marked(self._exit_marker)
-            return StoreDone(ticket=action.ticket, result=result)
+        if isinstance(op, Levels | Housekeep):
 
-        self._later(service, run())
+            async def run() -> Input:
+                try:
+                    if isinstance(op, Levels):
+                        result: Any = await asyncio.to_thread(stores.levels, op.kind)
+                    else:
+                        result = await asyncio.to_thread(_housekeep, stores)
+                except KmsError as exc:
+                    result = exc
+                return StoreDone(ticket=action.ticket, result=result)
+
+            self._later(service, run())
+            return
+        # the key path's operations: a callback on the group commit's future, no task
+        future = stores.start(op)
+        future.add_done_callback(lambda f: self._stored(service, action, f))
+
+    def _stored(self, service: str, action: StoreOp, future: asyncio.Future[Any]) -> None:
+        if future.cancelled():  # the node is closing
+            return
+        error = future.exception()
+        if error is not None and not isinstance(error, KmsError):  # a bug in the store
+            log.error("adapter error", extra={"node": self.name, "error": repr(error)})
+            return
+        if isinstance(action.op, Take) and self._exit_marker is not None:
+            _exit_if_marked(self._exit_marker)
+        result = error if error is not None else future.result()
+        self.feed(service, StoreDone(ticket=action.ticket, result=result))
 
     def _validate(self, service: str, action: Validate) -> None:
         verdict = self.validator.validate(action.query)
@@ -667,10 +681,11 @@ class KmsNode:
         future: asyncio.Future[list[tuple[str, bytearray]]] = self._loop.create_future()
         self._sae[event.req] = future
         self.feed("ukms", event)
+        expiry = self._loop.call_later(self.policy.cn_timeout + 10, _too_late, future)
         try:
-            return await asyncio.wait_for(future, self.policy.cn_timeout + 10)
-        except TimeoutError:
-            raise KeyUnavailable("the keys did not come in time") from None
+            return await future
+        finally:
+            expiry.cancel()
 
     def _sae_answer(self, service: str, action: SaeKeys | SaeRefused) -> None:
         future = self._sae.pop(action.req, None)
@@ -790,6 +805,12 @@ def _copied(keys: list[tuple[str, bytearray]]) -> list[tuple[str, bytes]]:
     finally:
         for _, material in keys:
             material[:] = bytes(len(material))
+
+
+def _too_late(future: asyncio.Future[Any]) -> None:
+    """An SAE's keys did not come in time: it is told so (keys coming later are erased)."""
+    if not future.done():
+        future.set_exception(KeyUnavailable("the keys did not come in time"))
 
 
 def _relay_outcome(call: int, future: asyncio.Future[m.ItemResult]) -> Input:

@@ -26,6 +26,7 @@ lose their keys. Messages and alarms name files and codes, never key material.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import logging
@@ -35,7 +36,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from appliance.kms.errors import (
     IntegrityFailure,
@@ -114,6 +115,10 @@ class ShardedStore:
     async def submit(self, op: Op) -> Outcome:
         """Run one operation in the next group commit of its shard."""
         return await self._committer(self.shard_of(op.session)).submit(op)
+
+    def start(self, op: Op) -> asyncio.Future[Any]:
+        """:meth:`submit`, its outcome as a future of the running loop (no task)."""
+        return self._committer(self.shard_of(op.session)).start(op)
 
     def queue(self, op: Op) -> None:
         """Queue an operation nobody awaits (a release) for its shard's next group."""

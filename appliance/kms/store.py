@@ -25,7 +25,10 @@ transaction, so a crash leaves the old state or the new, never half of one.
   The release commits a few milliseconds after the reply is written; a crash in that
   window too lets the same slave fetch the same bits again (once more, never another SAE):
   with no acknowledgement in ETSI 014, a UKMS cannot tell a reply received from one lost,
-  and it chooses a repeat to the named slave over a lost key.
+  and it chooses a repeat to the named slave over a lost key. For the same reason a take
+  and a release commit without an fsync (``synchronous=NORMAL``; every other operation
+  with one): a process crash loses neither, and a power cut that undoes them leaves the
+  keys available to the same session again, as before the take.
   :meth:`KeyStore.purge_expired` deletes pending rows older than the window.
 * **Take oldest** (:meth:`KeyStore.take_oldest`, the stock lease) deletes at once.
 * All or none: a take naming a key that is not available raises KeyUnavailable, whose
@@ -90,6 +93,7 @@ from appliance.kms.storeops import (
     StoredKey,
     Take,
     TakeOldest,
+    needs_fsync,
 )
 
 __all__ = ["REFETCH_WINDOW", "KeyStore", "NodeKey", "RecordKey", "StoredKey"]
@@ -306,6 +310,8 @@ class KeyStore:
         self._key, self._clock = node_key, clock
         self._lock = threading.Lock()
         self._closed = False
+        self._fsync = True
+        """The connection's ``synchronous`` setting: FULL (True) or NORMAL."""
         try:
             _private_file(path)
             self._db = sqlite3.connect(
@@ -389,7 +395,7 @@ class KeyStore:
         step = self.prepare(op)
         done: Outcome = 0
         try:
-            with self.transaction() as db:
+            with self.transaction(fsync=needs_fsync(op)) as db:
                 done = step(db)
         except BaseException:
             erase_outcome(done)
@@ -507,23 +513,48 @@ class KeyStore:
         for seq, n in fresh.items():
             db.execute("UPDATE batches SET left = left - ? WHERE seq = ?", (n, seq))
         self._count_out(db, op.session, op.kind, sum(fresh.values()), total=False)
-        wanted: dict[int, list[tuple[str, int]]] = {}
+        wanted: dict[int, dict[int, str]] = {}
         for key_id, seq, slot, *_ in ok.values():
-            wanted.setdefault(seq, []).append((key_id, slot))
+            wanted.setdefault(seq, {})[slot] = key_id
         found: dict[str, bytearray] = {}
         try:
             for seq, slots in wanted.items():
-                _, _, entries = self._load(db, seq)
-                try:
-                    for key_id, slot in slots:
-                        found[key_id] = bytearray(_slot(entries, key_id, slot))
-                finally:
-                    _erase_entries(entries)
+                self._copy_slots(db, seq, slots, found)
         except BaseException:
             for material in found.values():
                 _erase(material)
             raise
         return [StoredKey(key_id, found[key_id]) for key_id in op.key_ids]
+
+    def _copy_slots(
+        self, db: sqlite3.Connection, seq: int, slots: dict[int, str], into: dict[str, bytearray]
+    ) -> None:
+        """Copy the bits of the wanted ``slots`` (slot -> the key ID it must hold) of a batch
+        into ``into``, straight from the opened record (a take: nothing else is copied)."""
+        row = db.execute(
+            "SELECT session, kind, tag, record FROM batches WHERE seq = ?", (seq,)
+        ).fetchone()
+        if row is None:
+            raise IntegrityFailure("key store index names a missing record")
+        session, kind, tag, record = row
+        plain = self._key.open(self._aad(session, kind, tag), record)
+        try:
+            (count,), at = _COUNT.unpack_from(plain), _COUNT.size
+            if max(slots) >= count:
+                raise IntegrityFailure("key record failed authentication (ID mismatch)")
+            for slot in range(max(slots) + 1):
+                id_len, size = _SLOT.unpack_from(plain, at)
+                at += _SLOT.size
+                key_id = slots.get(slot)
+                if key_id is not None:
+                    if plain[at : at + id_len] != key_id.encode():
+                        raise IntegrityFailure("key record failed authentication (ID mismatch)")
+                    into[key_id] = plain[at + id_len : at + id_len + size]
+                at += id_len + size
+        except struct.error:
+            raise IntegrityFailure("key record malformed") from None
+        finally:
+            _erase(plain)
 
     def _takeable(self, row: tuple[object, ...], session: str, now: float) -> bool:
         """Available to ``session`` now: unexpired, and not pending, or pending under
@@ -780,10 +811,12 @@ class KeyStore:
                 self._closed = True
                 self._db.close()
 
-    def transaction(self, *, write: bool = True) -> _Transaction:
+    def transaction(self, *, write: bool = True, fsync: bool = True) -> _Transaction:
         """``BEGIN IMMEDIATE`` (``DEFERRED`` for reads) ... ``COMMIT`` under the store lock,
-        ROLLBACK on error; SQLite errors become coded StoreErrors."""
-        return _Transaction(self, "BEGIN IMMEDIATE" if write else "BEGIN")
+        ROLLBACK on error; SQLite errors become coded StoreErrors. ``fsync=False`` commits
+        with ``synchronous=NORMAL``: durable against a process crash, not a power cut, until
+        the next full commit or checkpoint syncs the WAL (:func:`storeops.needs_fsync`)."""
+        return _Transaction(self, "BEGIN IMMEDIATE" if write else "BEGIN", fsync)
 
     def _locked(self) -> _Locked:
         return _Locked(self)
@@ -807,13 +840,16 @@ class _Locked:
 
 
 class _Transaction:
-    def __init__(self, store: KeyStore, begin: str) -> None:
-        self._store, self._begin = store, begin
+    def __init__(self, store: KeyStore, begin: str, fsync: bool) -> None:
+        self._store, self._begin, self._fsync = store, begin, fsync
         self._locked = _Locked(store)
 
     def __enter__(self) -> sqlite3.Connection:
         db = self._locked.__enter__()
         try:
+            if self._fsync != self._store._fsync:  # the connection keeps the last setting
+                db.execute(f"PRAGMA synchronous={'FULL' if self._fsync else 'NORMAL'}")
+                self._store._fsync = self._fsync
             db.execute(self._begin)
         except sqlite3.Error as exc:
             self._locked.__exit__()

@@ -98,5 +98,18 @@ class Restore:
 
 Op = Put | Take | TakeOldest | Release | Restore
 """Any store operation."""
+
+
+def needs_fsync(op: Op) -> bool:
+    """Whether ``op`` must reach the disk before its caller hears of it (``synchronous=FULL``).
+
+    A slave's pending take and its release need not: undone by a power cut (a process crash
+    loses neither: the WAL is written at COMMIT), they only let the same slave fetch the same
+    bits again, which a crash before the reply allows anyway (see :mod:`store`). Every other
+    operation does: a put is acknowledged upstream, which then erases its copy; an oldest-take
+    hands stock to a master once; a restore keeps keys that would otherwise be purged."""
+    return not isinstance(op, Take | Release)
+
+
 Outcome = int | list[StoredKey]
 """What a successful operation gives: keys stored or released, or keys taken."""

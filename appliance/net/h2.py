@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
-from asyncio import sslproto
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Protocol, cast
@@ -37,6 +36,7 @@ from appliance.net.h2core import (
     MessageReceived,
     StreamReset,
 )
+from appliance.net.tls import AlertingTls
 from appliance.pki import peer_name
 
 log = logging.getLogger("qkdn.net")
@@ -141,30 +141,16 @@ class _Session(asyncio.Protocol):
         raise NotImplementedError
 
 
-class _AlertingTls(sslproto.SSLProtocol):
-    """asyncio's TLS layer, but a failed handshake sends the alert OpenSSL wrote (e.g.
-    ``certificate_required``, ``unknown_ca``) before the connection is closed: asyncio
-    closes it with the alert still unsent, and a refused client cannot tell why."""
-
-    def _on_handshake_complete(self, handshake_exc: BaseException | None) -> None:
-        if handshake_exc is not None:
-            try:
-                self._process_outgoing()  # type: ignore[attr-defined]
-            except Exception:
-                log.debug("TLS alert not sent", exc_info=True)
-        super()._on_handshake_complete(handshake_exc)
-
-
 class TlsServer:
     """What every TLS server of the appliance shares: listening, its port, and a close()
     that also drops open connections (asyncio keeps them otherwise). Subclasses make the
     protocol object of each accepted connection (:meth:`_session`)."""
 
     ALERTS = False
-    """Whether a refused handshake sends its TLS alert (:class:`_AlertingTls`). It costs:
-    that TLS layer is asyncio's, in Python, where the event loop's own (uvloop's, in C)
-    cannot send the alert; so the SAE edge, whose clients are not ours, has it, and the
-    servers between nodes (every relay hop) keep the loop's own."""
+    """Whether a refused handshake sends its TLS alert (:class:`tls.AlertingTls`). It
+    costs: that TLS layer is in Python, where the event loop's own (uvloop's, in C) cannot
+    send the alert; so the SAE edge, whose clients are not ours, has it, and the servers
+    between nodes (every relay hop) keep the loop's own."""
 
     def __init__(self, handler: Handler, ssl_ctx: ssl.SSLContext) -> None:
         self.handler, self.ssl_ctx = handler, ssl_ctx
@@ -184,11 +170,9 @@ class TlsServer:
         if not self.ALERTS:
             return await loop.create_server(self._session, host, port, ssl=self.ssl_ctx)
 
-        def tls_session() -> asyncio.BaseProtocol:
-            no_waiter = cast("asyncio.Future[None]", None)  # nobody awaits the handshake
-            return _AlertingTls(loop, self._session(), self.ssl_ctx, no_waiter, server_side=True)
-
-        return await loop.create_server(tls_session, host, port)
+        return await loop.create_server(
+            lambda: AlertingTls(self._session(), self.ssl_ctx), host, port
+        )
 
     def _session(self) -> asyncio.Protocol:
         raise NotImplementedError

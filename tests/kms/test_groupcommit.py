@@ -482,3 +482,35 @@ def test_grouped_outcomes_equal_those_of_one_call_at_a_time(ops):
         assert everything(grouped) == everything(single)
         grouped.close()
         single.close()
+
+
+# -- which groups reach the disk before their callers hear of them -------------------------
+def _synchronous(store: KeyStore) -> int:
+    """The connection's setting the last group committed under (2 FULL, 1 NORMAL)."""
+    with store.transaction(write=False, fsync=store._fsync) as db:
+        value: int = db.execute("PRAGMA synchronous").fetchone()[0]
+    return value
+
+
+def test_a_group_of_slave_takes_and_releases_commits_without_fsync(store: KeyStore) -> None:
+    assert commit_group(store, [put(A, "k1", "k2")]) == [2]
+    assert _synchronous(store) == 2
+    taken = commit_group(store, [Take(session=A, key_ids=["k1"])])
+    assert [k.key_id for k in taken[0]] == ["k1"]  # type: ignore[union-attr]
+    assert _synchronous(store) == 1
+    assert commit_group(store, [Release(session=A, key_ids=["k1"])]) == [1]
+    assert _synchronous(store) == 1
+
+
+@pytest.mark.parametrize(
+    "durable",
+    [put(B, "s1"), TakeOldest(session=A, kind="ksa", n=1)],
+    ids=["put", "oldest-take"],
+)
+def test_any_durable_operation_makes_its_group_fsync(store: KeyStore, durable: Op) -> None:
+    assert commit_group(store, [put(A, "k1", "k2")]) == [2]
+    commit_group(store, [Take(session=A, key_ids=["k1"])])
+    assert _synchronous(store) == 1
+    results = commit_group(store, [Release(session=A, key_ids=["k1"]), durable])
+    assert not any(isinstance(r, KmsError) for r in results)
+    assert _synchronous(store) == 2

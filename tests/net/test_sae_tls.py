@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from appliance.config.node import Etsi014Edge
+from appliance.net import tls
 from appliance.net.h2 import Request, Response
 from appliance.net.http1 import H1Server
 from appliance.pki import sae_server_context
@@ -168,3 +169,20 @@ def test_openssl_s_client_with_its_certificate_gets_an_answer(pki, edge, version
     out = s_client(pki, edge(), "sae-1", version)
     assert f"Protocol  : TLSv{version}" in out or f"TLSv{version}" in out
     assert "HTTP/1.1 200" in out
+
+
+def test_a_client_that_never_finishes_its_handshake_is_dropped(pki, edge, monkeypatch):
+    monkeypatch.setattr(tls, "HANDSHAKE_TIMEOUT", 0.05)
+    port = edge()
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(b"\x16\x03\x01")  # the start of a ClientHello, and no more
+        assert sock.recv(100) == b""  # the server closed (the timeout bounds the wait)
+
+
+def test_a_client_that_closes_with_close_notify_ends_cleanly(pki, edge):
+    port = edge()
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as raw:
+        tls_sock = client(pki, "sae-1", "1.3").wrap_socket(raw)
+        tls_sock.sendall(GET)
+        assert tls_sock.recv(4096).startswith(b"HTTP/1.1 200")
+        tls_sock.unwrap()  # close_notify both ways: the server answers with its own
