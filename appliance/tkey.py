@@ -76,8 +76,9 @@ def measure(
 ) -> dict[str, Any]:
     """Run ``requests`` key requests; return the report (T_key percentiles, matches, rate)."""
     a, b = master.connect(), slave.connect()
+    warm = 0
     for _ in range(WARMUP):  # opens the TLS connections along the whole chain; not counted
-        _warm_up(a, b, master.sae, slave.sae)
+        warm += _warm_up(a, b, master.sae, slave.sae)
     latencies: list[float] = []
     matched = mismatched = failed = 0
     start = time.perf_counter()
@@ -112,19 +113,23 @@ def measure(
     doc = report(latencies, requests, matched, mismatched, failed, elapsed)
     end = time.time()
     doc["window"] = [end - elapsed, end]  # wall-clock span of the timed requests
+    doc["warmup_keys"] = warm  # issued to the SAE too (accounting counts them)
     return doc
 
 
-def _warm_up(a: HttpsConnection, b: HttpsConnection, master: str, slave: str) -> None:
+def _warm_up(a: HttpsConnection, b: HttpsConnection, master: str, slave: str) -> int:
     """One uncounted request; a failure only closes the connections (the next call opens
-    them again), as a timed request's would."""
+    them again), as a timed request's would. Returns the keys the master SAE got."""
+    got = 0
     try:
         status, issued = call(a, f"/api/v1/keys/{slave}/enc_keys")
         if status == 200:
+            got = len(issued["keys"])
             call(b, f"/api/v1/keys/{master}/dec_keys?key_ID={issued['keys'][0]['key_ID']}")
     except (OSError, HttpResponseError, ValueError, LookupError, TypeError):
         a.close()
         b.close()
+    return got
 
 
 def report(

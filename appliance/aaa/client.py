@@ -8,17 +8,22 @@ notification receiver for the AAA's ``aaaQuotaRevoked`` INFORMs (port 0 by defau
 :class:`AaaValidator` implements the key path's :class:`RequestValidator` seam
 (``appliance.kms.seams``) with a :class:`~appliance.aaa.wallet.Wallet`: it allows from
 quota held locally, asks ahead of need in the background, settles finished grants and
-reports each request's outcome for accounting. It is not wired into the key path yet.
+reports each request's outcome for accounting: :meth:`AaaValidator.completed` commits
+it to a durable :class:`~appliance.aaa.outbox.Outbox` before the AKMS answers its UKMS, and
+a sender replays the outbox to AAA until each report is acknowledged.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import secrets
 import time
+from collections import deque
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from pysnmp.carrier.asyncio.dgram import udp
@@ -28,16 +33,24 @@ from pysnmp.proto import rfc1902, rfc1905
 
 from appliance.aaa import mib
 from appliance.aaa.agent import AUTH, PRIV, Credentials, bind_udp, host_port
-from appliance.aaa.errors import SnmpError
+from appliance.aaa.errors import AaaError, SnmpError
 from appliance.aaa.ledger import Reason, Refusal
+from appliance.aaa.outbox import Outbox, Pending
 from appliance.aaa.view import U32
 from appliance.aaa.wallet import Spent, Terms, Wallet
+from appliance.config.schema import load_model, read_toml
 from appliance.kms.relay import Mode
 from appliance.kms.seams import Denial, Denied, ValidationQuery, Verdict
 
 log = logging.getLogger("qkdn.aaa.client")
 
 TIMEOUT_S, RETRIES = 0.5, 2
+REPORT_BATCH = 16
+"""Accounting reports per SET (7 variable bindings at most each)."""
+SEND_BATCH_S = 0.2
+"""How long the sender lets reports gather before it sends them."""
+SEND_IDLE_S, SEND_BACKOFF_MAX_S = 0.05, 2.0
+WAITS_KEPT = 100_000
 ASK_KEYS = 1000
 """Keys a wallet asks for at a time (AAA may grant less)."""
 MAX_KEY_BITS = 8192
@@ -51,31 +64,75 @@ DENIAL = {
     Reason.UNREACHABLE: Denial.QUOTA,
 }
 """How a reason reaches the SAE (ETSI 014 status 400/401/503); any other reason: 401."""
+REASON_TEXT = {
+    Reason.UNKNOWN_PAIR: "no contract covers this SAE pair",
+    Reason.WRONG_NODE: "the master SAE is not served by this KME",
+    Reason.SUSPENDED: "the user's service is suspended",
+    Reason.OUTSIDE_WINDOW: "outside the contract's validity window",
+    Reason.QUOTA: "the contract's quota is used up for now",
+    Reason.LIMITS: "outside the contract's size or count limits",
+    Reason.RATE: "the contract's rate is exceeded",
+    Reason.UNREACHABLE: "keys cannot be authorised at the moment",
+}
+"""What the SAE reads for each reason: the contract's rule, never a device or node."""
+
+
+class AkmsAaaConfig(Credentials):
+    """What one AKMS needs to reach AAA (``qkdn node run --aaa FILE``; ``qkdn net up``
+    writes one per AKMS, mode 0600): its SNMPv3 user, where AAA listens, and where this
+    AKMS receives AAA's revocation INFORMs."""
+
+    aaa: str
+    inform: str
+
+
+def load_akms_config(path: Path) -> AkmsAaaConfig:
+    return load_model(AkmsAaaConfig, read_toml(path), str(path))
 
 
 class AaaClient:
+    """Commands to AAA from one SNMP engine; after a timeout the next command uses a fresh
+    engine (a restarted AAA has a new engine ID and clock: the old engine's discovered
+    ones would keep its requests unanswered)."""
+
     def __init__(self, address: str, creds: Credentials) -> None:
-        self.creds = creds
-        self.engine = engine.SnmpEngine()
-        config.add_v3_user(self.engine, creds.user, AUTH, creds.auth, PRIV, creds.priv)
-        config.add_target_parameters(self.engine, "aaa-params", creds.user, "authPriv")
-        config.add_transport(
-            self.engine, config.SNMP_UDP_DOMAIN, udp.UdpAsyncioTransport().open_client_mode()
-        )
-        config.add_target_address(
-            self.engine,
-            "aaa",
-            config.SNMP_UDP_DOMAIN,
-            host_port(address),
-            "aaa-params",
-            timeout=int(TIMEOUT_S * 100),
-            retryCount=RETRIES,
-        )
+        self.creds, self.address = creds, address
+        self.engine = self._engine()
+        self._stale = False
         self._get, self._set = cmdgen.GetCommandGenerator(), cmdgen.SetCommandGenerator()
         self._rx: engine.SnmpEngine | None = None
         self.m = mib.load()
         self._quota_index = [self.m[n] for n in self.m["aaaQuotaEntry"].index]
         self._ids = itertools.count(secrets.randbelow(2**31))
+
+    def _engine(self) -> engine.SnmpEngine:
+        eng = engine.SnmpEngine()
+        creds = self.creds
+        config.add_v3_user(eng, creds.user, AUTH, creds.auth, PRIV, creds.priv)
+        config.add_target_parameters(eng, "aaa-params", creds.user, "authPriv")
+        config.add_transport(
+            eng, config.SNMP_UDP_DOMAIN, udp.UdpAsyncioTransport().open_client_mode()
+        )
+        config.add_target_address(
+            eng,
+            "aaa",
+            config.SNMP_UDP_DOMAIN,
+            host_port(self.address),
+            "aaa-params",
+            timeout=int(TIMEOUT_S * 100),
+            retryCount=RETRIES,
+        )
+        return eng
+
+    def _fresh(self) -> engine.SnmpEngine:
+        """The engine for the next command: a new one after a timeout (the old one is
+        closed once the commands still in flight on it have timed out too)."""
+        if self._stale:
+            self._stale = False
+            old, self.engine = self.engine, self._engine()
+            grace = TIMEOUT_S * (RETRIES + 1) + 1
+            asyncio.get_running_loop().call_later(grace, _close_engine, old)
+        return self.engine
 
     def close(self) -> None:
         for eng in (self.engine, self._rx):
@@ -92,6 +149,7 @@ class AaaClient:
             if done.done():
                 return
             if error:
+                self._stale = True
                 done.set_exception(
                     SnmpError(f"AAA did not answer: {error}", code="AAA-UNREACHABLE")
                 )
@@ -100,7 +158,7 @@ class AaaClient:
             else:
                 done.set_result(list(vbs))
 
-        generator.send_varbinds(self.engine, "aaa", None, "", binds, answered)
+        generator.send_varbinds(self._fresh(), "aaa", None, "", binds, answered)
         return await done
 
     async def get(self, oids: list[tuple[int, ...]]) -> list[Any]:
@@ -134,38 +192,33 @@ class AaaClient:
             ],
         )
 
-    async def report(
-        self,
-        ukms: int,
-        request: str,
-        *,
-        master: str,
-        slave: str,
-        outcome: str,
-        reason: Reason = Reason.NONE,
-        keys: int = 0,
-        bits: int = 0,
-        grant: int = 0,
-    ) -> None:
+    async def report(self, ukms: int, request: str, **fields: Any) -> None:
         """One request's outcome, for accounting (a retry with the same ID counts once)."""
-        rid = request.encode()
-        suffix = (ukms, len(rid), *rid)
+        await self.report_many([Pending(ukms=ukms, request=request, **fields)])
+
+    async def report_many(self, reports: list[Pending]) -> None:
+        """Several requests' outcomes in one SET (a row each; columns at 0 left out)."""
         m = self.m
-        await self._call(
-            self._set,
-            [
-                (m["aaaUsageMaster"].oid + suffix, rfc1902.OctetString(master)),
-                (m["aaaUsageSlave"].oid + suffix, rfc1902.OctetString(slave)),
-                (
-                    m["aaaUsageOutcome"].oid + suffix,
-                    rfc1902.Integer32(m["aaaUsageOutcome"].enums[outcome]),
-                ),
-                (m["aaaUsageReason"].oid + suffix, rfc1902.Integer32(int(reason))),
-                (m["aaaUsageKeys"].oid + suffix, rfc1902.Unsigned32(keys)),
-                (m["aaaUsageBits"].oid + suffix, rfc1902.Unsigned32(bits)),
-                (m["aaaUsageGrant"].oid + suffix, rfc1902.Unsigned32(grant)),
-            ],
-        )
+        binds: list[tuple[tuple[int, ...], Any]] = []
+        for p in reports:
+            rid = p.request.encode()
+            suffix = (p.ukms, len(rid), *rid)
+            outcome = m["aaaUsageOutcome"].enums[p.outcome]
+            binds += [
+                (m["aaaUsageMaster"].oid + suffix, rfc1902.OctetString(p.master)),
+                (m["aaaUsageSlave"].oid + suffix, rfc1902.OctetString(p.slave)),
+                (m["aaaUsageOutcome"].oid + suffix, rfc1902.Integer32(outcome)),
+            ]
+            if p.reason:
+                binds.append((m["aaaUsageReason"].oid + suffix, rfc1902.Integer32(int(p.reason))))
+            for column, value in (
+                ("aaaUsageKeys", p.keys),
+                ("aaaUsageBits", min(p.bits, U32)),
+                ("aaaUsageGrant", p.grant),
+            ):
+                if value:
+                    binds.append((m[column].oid + suffix, rfc1902.Unsigned32(value)))
+        await self._call(self._set, binds)
 
     # -- revocations ----------------------------------------------------------------------
     def listen(self, address: str, on_revoke: Callable[[str, int], None]) -> int:
@@ -189,6 +242,11 @@ class AaaClient:
         return port
 
 
+def _close_engine(eng: engine.SnmpEngine) -> None:
+    if eng.transport_dispatcher is not None:
+        eng.close_dispatcher()
+
+
 def parse_answer(ukms: int, text: bytes) -> Terms | Refusal:
     """aaaQuotaAnswer: eleven decimal numbers (QUOTA_COLUMNS' order), then the contract."""
     fields = text.decode("ascii", "replace").split(" ")
@@ -199,7 +257,7 @@ def parse_answer(ukms: int, text: bytes) -> Terms | Refusal:
     except (ValueError, IndexError) as exc:
         raise SnmpError("AAA's answer is malformed", code="AAA-ANSWER") from exc
     if reason != Reason.NONE:
-        return Refusal(reason=reason, message=f"AAA refused: {reason.name.lower()}")
+        return Refusal(reason=reason, message=REASON_TEXT.get(reason, "not authorised"))
     return Terms(
         ukms=ukms,
         grant=n[1],
@@ -217,20 +275,36 @@ def parse_answer(ukms: int, text: bytes) -> Terms | Refusal:
 
 
 class AaaValidator:
-    """A RequestValidator for the AKMS: allow from local quota, ask ahead, fail closed."""
+    """A RequestValidator for the AKMS: allow from local quota, ask ahead, fail closed;
+    account for every request it decided (through ``outbox``, when given)."""
 
-    def __init__(self, client: AaaClient, *, clock: Callable[[], float] = time.monotonic) -> None:
-        self.client, self.clock = client, clock
+    def __init__(
+        self,
+        client: AaaClient,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        outbox: Outbox | None = None,
+    ) -> None:
+        self.client, self.clock, self.outbox = client, clock, outbox
         self.wallet = Wallet()
+        self._open: dict[int, tuple[ValidationQuery, Spent]] = {}
+        """Requests allowed and not yet completed, by the AKMS's request number."""
+        self._wake = asyncio.Event()
+        self._sender: asyncio.Task[None] | None = None
+        self.reported = 0
+        self.waits: deque[float] = deque(maxlen=WAITS_KEPT)
+        """Seconds each recent validation waited on AAA (0: served from held quota)."""
         self._asking: dict[tuple[str, str], asyncio.Task[None]] = {}
         self._size: dict[tuple[str, str], int] = {}
         """The contract's largest key per pair, once known: asks reserve no more bits."""
+        self._per_request: dict[tuple[str, str], int] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self.alarms = 0
 
     def revoked(self, contract: str, grant: int) -> None:
         """An INFORM arrived: drop the grant (0: every grant of the contract) at once."""
-        self.wallet.revoke(grant=grant or None, contract=contract if grant == 0 else None)
+        dropped = self.wallet.revoke(grant=grant or None, contract=contract if grant == 0 else None)
+        log.info("aaa: quota revoked", extra={"contract": contract, "grants": dropped})
         self._settle()
 
     async def validate(self, query: ValidationQuery) -> Verdict:
@@ -239,14 +313,153 @@ class AaaValidator:
             query.master, query.slave, query.number, query.size, self.clock()
         )
         if result is None:
+            began = time.perf_counter()
             await self._ask(query.ukms, pair)
+            self.waits.append(time.perf_counter() - began)
             result = self.wallet.spend(*pair, query.number, query.size, self.clock())
             if result is None:
                 result = Refusal(reason=Reason.QUOTA, message="no quota left for this request")
-        elif self.wallet.wants(*pair, self.clock()):
-            self._ask_soon(query.ukms, pair)
+        else:
+            self.waits.append(0.0)
+            if self.wallet.wants(*pair, self.clock()):
+                self._ask_soon(query.ukms, pair)
         self._settle()
+        if self.outbox is not None:
+            result = self._account(query, result)
         return verdict(result)
+
+    async def terms(self, ukms: int, master: str, slave: str) -> tuple[int, int]:
+        """The contract's (max key size, keys per request) for a pair: from a grant held,
+        else from a fresh ask (which the next requests spend). Denied if AAA refuses."""
+        pair = (master, slave)
+        held = self.wallet.terms(*pair, self.clock())
+        if held is None:
+            await self._ask(ukms, pair)
+            held = self.wallet.terms(*pair, self.clock())
+        if held is None:
+            refused = self.wallet.refusals.get(pair)
+            result = refused[1] if refused else Refusal(reason=Reason.QUOTA, message="no quota")
+            if result.reason in (Reason.QUOTA, Reason.RATE):  # the terms stand; only the
+                size = self._size.get(pair)  # quota is spent
+                if size is not None:
+                    return size, self._per_request.get(pair, 1)
+            denied = verdict(result).denied
+            assert denied is not None
+            raise denied
+        return held.max_key_size, held.keys_per_request
+
+    # -- accounting --------------------------------------------------------------------------
+    def _account(self, query: ValidationQuery, result: Spent | Refusal) -> Spent | Refusal:
+        """A refusal is reported at once; an allowed request when it completes. If the
+        outbox cannot take the report, the request is refused (no unaccounted keys)."""
+        if isinstance(result, Spent):
+            self._open[query.req] = (query, result)
+            return result
+        try:
+            self._report(query, "refused", reason=result.reason)
+        except AaaError as exc:
+            log.error("aaa: cannot account for a refusal: %s [%s]", exc.message, exc.code)
+        return result
+
+    def completed(self, req: int, ok: bool) -> None:
+        """The AKMS is about to answer request ``req``: with keys (``ok``) or an error.
+        Called before the answer leaves, so that the report is on disk first."""
+        found = self._open.pop(req, None)
+        if found is None or self.outbox is None:
+            return
+        query, spent = found
+        if not ok:
+            self.wallet.unspend(query.master, query.slave, spent, query.number, query.size)
+        try:
+            if ok:
+                bits = query.number * query.size
+                self._report(query, "delivered", keys=query.number, bits=bits, grant=spent.grant)
+            else:
+                self._report(query, "failed", grant=spent.grant)
+        except AaaError as exc:  # a full or failing disk: an alarm; the answer still leaves
+            self.alarms += 1
+            log.error("aaa: cannot account for a request: %s [%s]", exc.message, exc.code)
+
+    def _report(self, query: ValidationQuery, outcome: str, **fields: Any) -> None:
+        assert self.outbox is not None
+        self.outbox.add(
+            Pending(
+                ukms=query.ukms,
+                request=secrets.token_hex(8),
+                master=query.master,
+                slave=query.slave,
+                outcome=outcome,
+                **fields,
+            )
+        )
+        self._wake.set()
+
+    def start(self) -> None:
+        """Start replaying the outbox to AAA (what an earlier run left there first)."""
+        if self.outbox is not None and self._sender is None:
+            self._sender = asyncio.ensure_future(self._send_loop())
+
+    def wait_summary(self) -> dict[str, float]:
+        """How long recent validations waited on AAA: count, waits, p50, p99, max (ms)."""
+        waits = sorted(self.waits)
+        if not waits:
+            return {"validations": 0}
+
+        def at(q: float) -> float:
+            return round(waits[min(len(waits) - 1, int(q * len(waits)))] * 1000, 3)
+
+        return {
+            "validations": len(waits),
+            "waited": sum(1 for w in waits if w > 0),
+            "p50_ms": at(0.50),
+            "p99_ms": at(0.99),
+            "max_ms": round(waits[-1] * 1000, 3),
+        }
+
+    async def close(self) -> None:
+        log.info("aaa: validations", extra=self.wait_summary())
+        if self._sender is not None:
+            self._sender.cancel()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.sleep(0)  # let the cancelled tasks unwind before the outbox closes
+        if self.outbox is not None:
+            self.outbox.close()
+
+    async def _send_loop(self) -> None:
+        """Reports leave in batches, a little after they are committed (accounting is not
+        on the key path: one SET of many rows costs the AKMS's loop far less than one
+        each); a batch AAA refuses is retried row by row, a silent AAA with back-off."""
+        assert self.outbox is not None
+        backoff = SEND_IDLE_S
+        while True:
+            rows = self.outbox.due(REPORT_BATCH)
+            if not rows:
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), 1.0)
+                await asyncio.sleep(SEND_BATCH_S)  # let the batch fill
+                continue
+            if await self._send(rows) or (len(rows) > 1 and await self._one_by_one(rows)):
+                backoff = SEND_IDLE_S
+                continue
+            await asyncio.sleep(backoff)
+            backoff = min(SEND_BACKOFF_MAX_S, backoff * 2)
+
+    async def _one_by_one(self, rows: list[Pending]) -> bool:
+        sent = [await self._send([p]) for p in rows]
+        return any(sent)
+
+    async def _send(self, rows: list[Pending]) -> bool:
+        assert self.outbox is not None
+        try:
+            await self.client.report_many(rows)
+        except SnmpError as exc:
+            log.warning("aaa: %d report(s) not acknowledged yet: %s", len(rows), exc.message)
+            return False
+        self.outbox.done([(p.ukms, p.request) for p in rows])
+        self.reported += len(rows)
+        return True
 
     def _ask_soon(self, ukms: int, pair: tuple[str, str]) -> None:
         if pair not in self._asking:
@@ -272,9 +485,10 @@ class AaaValidator:
         except SnmpError as exc:
             self.alarms += 1
             log.error("aaa: unreachable, failing closed for new quota: %s", exc.message)
-            answer = Refusal(reason=Reason.UNREACHABLE, message="the AAA device is unreachable")
+            answer = Refusal(reason=Reason.UNREACHABLE, message=REASON_TEXT[Reason.UNREACHABLE])
         if isinstance(answer, Terms):
             self._size[pair] = answer.max_key_size
+            self._per_request[pair] = answer.keys_per_request
         self.wallet.add(pair, answer, sent)
 
     def _settle(self) -> None:

@@ -109,6 +109,10 @@ class _Open:
     grant: Grant
     used_keys: int = 0
     used_bits: int = 0
+    reported_keys: int = 0
+    """Keys of the accounting reports under this grant (a subset of what its AKMS states
+    at the close: a report may arrive before or after the close)."""
+    reported_bits: int = 0
     revoked: bool = False
     closed: bool = False
 
@@ -201,10 +205,14 @@ class Ledger:
         held = self.grants.get(grant_id)
         if held is None:
             return
-        held.used_keys += keys
-        held.used_bits += bits
-        if held.closed:  # a late report: the keys were delivered, so they are charged
-            self._charge(held.grant, keys, bits)
+        held.reported_keys += keys
+        held.reported_bits += bits
+        extra_keys = max(0, held.reported_keys - held.used_keys)
+        extra_bits = max(0, held.reported_bits - held.used_bits)
+        held.used_keys += extra_keys
+        held.used_bits += extra_bits
+        if held.closed:  # reports beyond what the close stated: delivered, so charged
+            self._charge(held.grant, extra_keys, extra_bits)
 
     def close(self, grant_id: int, used_keys: int = 0, used_bits: int = 0) -> bool:
         """Settle a grant at its use (the larger of reported and stated); False if unknown

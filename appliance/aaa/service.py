@@ -91,7 +91,11 @@ class AaaService:
                 f"SAE {master} is not served by UKMS {ukms}: not its AKMS's to report",
                 code="AAA-VALUE",
             )
-        contract = self.snap.pairs.get((master, slave), "")
+        held = self.ledger.grants.get(int(fields.get("grant", 0) or 0))
+        if held is not None and held.grant.ukms == ukms:  # billed under the grant's contract,
+            contract = held.grant.contract  # even if the pair has left it since
+        else:
+            contract = self.snap.pairs.get((master, slave), "")
         user = self.snap.saes[master].user if master in self.snap.saes else ""
         rep = Report(request=f"{ukms}:{request}", contract=contract, user=user, **fields)
         if not self.accounting.record(rep, self.clock()):

@@ -148,6 +148,11 @@ class Wallet:
             bucket = self.buckets[t.contract] = _Bucket(float(t.max_rate), float(t.max_rate), now)
         return bucket.take(number, now)
 
+    def terms(self, master: str, slave: str, now: float) -> Terms | None:
+        """The terms of a usable grant held for the pair (None: none held)."""
+        held = [h for h in self.grants.get((master, slave), ()) if h.usable(now)]
+        return held[-1].terms if held else None
+
     def unspend(self, master: str, slave: str, spent: Spent, number: int, size: int) -> None:
         """Give back what a request took when it failed before delivery (not billed)."""
         for h in self.grants.get((master, slave), ()):

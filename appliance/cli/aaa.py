@@ -30,7 +30,7 @@ DEFAULT_DIR = Path(".qkdn/aaa")
 HELP = """\
 The AAA device of the data centre: users, the SAE directory (SAE -> UKMS -> AKMS),
 contracts and accounting. 'qkdn aaa run' is its SNMPv3 agent (QKDN-AAA-MIB,
-appliance/aaa/mib/). It is not on the key path yet: see docs/aaa.md.
+appliance/aaa/mib/). 'qkdn net up --aaa' runs it on the key path (docs/aaa.md).
 """
 EPILOG = """\
 examples:
@@ -380,6 +380,9 @@ def cmd_attach(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from appliance.aaa.agent import serve
+    from appliance.kms.netproc import die_with_supervisor
+
+    die_with_supervisor()  # started by a network's supervisor: never outlive it
 
     try:
         if args.loop == "uvloop":

@@ -110,6 +110,12 @@ def register(sub: Any) -> None:
     p.add_argument("--skip-quantum", action="store_true", help="skip the quantum-layer week")
     p.add_argument("--skip-network", action="store_true", help="skip the network T_key run")
     p.add_argument(
+        "--contracts",
+        action="store_true",
+        help="after T_key: one user runs out of its daily quota, another is suspended "
+        "mid-run; every refusal is shown with its reason (the AAA device)",
+    )
+    p.add_argument(
         "--net-dir", type=types.path, help="network directory (default: a temporary one)"
     )
     p.add_argument(
@@ -228,6 +234,7 @@ def _network_stage(args: argparse.Namespace, out_report: dict[str, Any]) -> bool
             stock=0,  # T_key measures the whole chain, not a stock lookup
             timeout=90.0,
             json=False,
+            aaa=True,  # every request validated and accounted by the data centre's AAA
         )
         out.print(f"starting the {args.topology} network as separate processes in {net_dir} ...")
         net.bring_up(up)
@@ -254,6 +261,7 @@ def _network_stage(args: argparse.Namespace, out_report: dict[str, Any]) -> bool
                     )
                 finally:
                     levels = sampler.stop() if sampler else []
+            accounted = _accounting_stage(args, status, net_dir, result, out_report)
         finally:
             net.bring_down(net_dir)
     if args.plot:
@@ -261,7 +269,54 @@ def _network_stage(args: argparse.Namespace, out_report: dict[str, Any]) -> bool
         out.print(f"plot written to {args.plot}")
     out.print(tkey_table(result, args.requests, len(status["nodes"])))
     out_report["network"] = result
-    return bool(result["keys_mismatched"] == 0 and result["failed_requests"] == 0)
+    clean = result["keys_mismatched"] == 0 and result["failed_requests"] == 0
+    return bool(clean and accounted)
+
+
+def _accounting_stage(
+    args: argparse.Namespace,
+    status: dict[str, Any],
+    net_dir: Path,
+    result: dict[str, Any],
+    out_report: dict[str, Any],
+) -> bool:
+    """AAA's accounting of the run per contract, beside what the SAEs received (with
+    ``--contracts``, after the quota and suspension scenario)."""
+    from appliance.aaa import demo as aaa_demo
+
+    out = console()
+    issued = result["keys_matched"] + result["keys_mismatched"] + result["warmup_keys"]
+    received = {"demo-2026": aaa_demo.Received(keys=issued, bits=issued * aaa_demo.KEY_BITS)}
+    if args.contracts:
+        out.print(
+            "contracts: example-bank runs out of its daily quota, demo-encryptors is "
+            "suspended half way ..."
+        )
+        scenario = aaa_demo.contracts_scenario(status, net_dir)
+        for contract, got in scenario.items():
+            mine = received.setdefault(contract, aaa_demo.Received())
+            mine.keys += got.keys
+            mine.bits += got.bits
+            mine.refusals.update(got.refusals)
+        out.print(aaa_demo.refusals_table(scenario))
+    table, ok = aaa_demo.accounting_table(received, net_dir)
+    out.print(table)
+    out_report["accounting"] = {
+        "billed": aaa_demo.billed(net_dir),
+        "received": {
+            c: {
+                "keys": r.keys,
+                "bits": r.bits,
+                "refusals": [
+                    {"status": code, "reason": why, "requests": n}
+                    for (code, why), n in r.refusals.items()
+                ],
+            }
+            for c, r in received.items()
+        },
+        "equal": ok,
+    }
+    return ok
 
 
 def tkey_table(result: dict[str, Any], requests: int, nodes: int) -> Table:

@@ -56,6 +56,7 @@ NODE_STOP_S = 5.0
 KILL_WAIT_S = 5.0
 """How long a process has to vanish after SIGKILL."""
 MAX_STOCK = 100_000
+DEFAULT_STOCK = 256
 STOCK = types.integer(0, MAX_STOCK)
 PATIENCE = types.number(0, 3600, lo_open=True)
 
@@ -97,6 +98,19 @@ def register(sub: Any) -> None:
         "--only",
         choices=["akms", "ckms"],
         help="run one service of an access node (its other service runs in another process)",
+    )
+    run.add_argument(
+        "--aaa",
+        type=types.path,
+        metavar="AKMS.toml",
+        help="an access node's link to the AAA device (address, SNMPv3 user, INFORM "
+        "address): requests are validated and accounted by AAA, not the topology's contracts",
+    )
+    run.add_argument(
+        "--terms-from-akms",
+        action="store_true",
+        help="a UKMS under AAA: ETSI 014 Status and request limits follow each pair's "
+        "contract, as the node's AKMS answers it",
     )
     run.set_defaults(func=cmd_node_run)
 
@@ -188,10 +202,16 @@ even by kill -9. A state file it cannot write (full disk) is an alarm in
     up.add_argument(
         "--stock",
         type=STOCK,
-        default=256,
+        default=None,
         metavar="N",
-        help="KSA keys each UKMS keeps ready per SAE pair (default: %(default)s; "
-        "0 makes every enc_keys cross the network)",
+        help=f"KSA keys each UKMS keeps ready per SAE pair (default: {DEFAULT_STOCK}, 0 with "
+        "--aaa; 0 makes every enc_keys cross the network)",
+    )
+    up.add_argument(
+        "--aaa",
+        action="store_true",
+        help="start the data centre's AAA device (<dir>/aaa, seeded from the topology's "
+        "contracts): every request is validated and accounted by it (docs/aaa.md)",
     )
     up.add_argument(
         "--split-access",
@@ -226,12 +246,19 @@ def cmd_node_run(args: argparse.Namespace) -> int:
     generator = qrng.node_generator(cfg.devices.qrng)
 
     async def main() -> None:
+        aaa = _aaa_validator(args, cfg) if args.aaa is not None else None
         node = build_node(
             cfg,
             topo,
             generator.random_bytes,
-            policy=Policy(mode=Mode[args.mode.upper()], stock=args.stock, patience=args.patience),
+            policy=Policy(
+                mode=Mode[args.mode.upper()],
+                stock=args.stock,
+                patience=args.patience,
+                terms_from_akms=args.terms_from_akms,
+            ),
             only=args.only,
+            validator=aaa[0] if aaa else None,
         )
         await node.start()
         # What start-up built (the topology, the SAE directory, the engines) lives as long
@@ -245,11 +272,37 @@ def cmd_node_run(args: argparse.Namespace) -> int:
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
         await node.close()
+        if aaa is not None:
+            await aaa[0].close()
+            aaa[1].close()
 
     import uvloop  # libuv's loop and its Cython TLS: ~25 % less CPU per relay hop than asyncio's
 
     uvloop.run(main())
     return 0
+
+
+def _aaa_validator(args: argparse.Namespace, cfg: Any) -> tuple[Any, Any]:
+    """The AAA validator of an access node, its client listening for revocations, and
+    its accounting outbox (in the node's data directory), replaying what is left there."""
+    from appliance.aaa.agent import Credentials
+    from appliance.aaa.client import AaaClient, AaaValidator, load_akms_config
+    from appliance.aaa.outbox import Outbox
+
+    if "akms" not in cfg.node.role.split("+") or args.only == "ckms":
+        raise UsageError("--aaa: only a process running an AKMS talks to the AAA device")
+    link = load_akms_config(args.aaa)
+    creds = Credentials(user=link.user, auth=link.auth, priv=link.priv)
+    client = AaaClient(link.aaa, creds)
+    from appliance.kms.store import private_dir
+
+    data = Path(cfg.paths.data_dir)
+    private_dir(data)
+    outbox = Outbox(data / "aaa-outbox.db")
+    validator = AaaValidator(client, outbox=outbox)
+    client.listen(link.inform, validator.revoked)
+    validator.start()
+    return validator, client
 
 
 def _ports_open(addresses: list[str], ca: Path) -> bool:
@@ -330,6 +383,15 @@ def bring_up(args: argparse.Namespace) -> None:
     if not 0 < speedup <= 1000:
         raise UsageError(f"--speedup: expected 0 < X <= 1000, got {speedup:g}")
     topo = load_topology(args.topology)
+    aaa = bool(getattr(args, "aaa", False))
+    args.stock = getattr(args, "stock", 0)  # callers that name none mean 0, as before
+    if args.stock is None:  # `net up` without --stock
+        args.stock = 0 if aaa else DEFAULT_STOCK
+    elif aaa and args.stock:
+        raise UsageError(
+            "--stock with --aaa: a key made ahead would be billed before the request that "
+            "carries it; under AAA every enc_keys crosses the network (--stock 0)"
+        )
     import tomli_w  # noqa: F401 - rendering needs the provisioning extra: refused before any write
 
     lock = netproc.lock_dir(args.dir)
@@ -339,10 +401,11 @@ def bring_up(args: argparse.Namespace) -> None:
         configs = _prepare(args, topo, speedup)
         addresses = _kms_addresses(configs)
         _refuse_busy_ports(addresses)
+        aaa_log = _prepare_aaa(args.dir, topo, configs) if aaa else None
         supervisor = _start_supervisor(args, patience, lock)
         try:
             ca = Path(next(iter(configs.values())).paths.ca_cert)
-            _wait_ready(supervisor, args.dir, float(args.timeout), addresses, ca)
+            _wait_ready(supervisor, args.dir, float(args.timeout), addresses, ca, aaa_log)
         except BaseException:
             _stop_started(supervisor, args.dir)
             raise
@@ -365,6 +428,25 @@ def _prepare(args: argparse.Namespace, topo: Any, speedup: float) -> dict[str, A
         make_pki(topo, configs, provisioning)
     provision_psks(configs, provisioning)
     return configs
+
+
+def _prepare_aaa(net_dir: Path, topo: Any, configs: dict[str, Any]) -> tuple[Path, int]:
+    """Make ``<dir>/aaa`` ready (:mod:`appliance.aaa.netsetup`); the AAA log and where it
+    ends now (readiness is its "listening" line after that point)."""
+    from appliance.aaa.netsetup import prepare
+
+    prepare(net_dir, topo, configs)
+    log = net_dir / "logs" / "aaa.log"
+    return log, log.stat().st_size if log.exists() else 0
+
+
+def _aaa_listening(mark: tuple[Path, int]) -> bool:
+    try:
+        with open(mark[0], "rb") as fh:
+            fh.seek(mark[1])
+            return b"aaa: listening on udp port" in fh.read(1 << 20)
+    except OSError:
+        return False
 
 
 def _kms_addresses(configs: dict[str, Any]) -> list[str]:
@@ -487,6 +569,7 @@ def _start_supervisor(args: argparse.Namespace, patience: float, lock: int) -> A
                 "--lock-fd",
                 str(lock),
                 *(["--split-access"] if getattr(args, "split_access", False) else []),
+                *(["--aaa"] if getattr(args, "aaa", False) else []),
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -498,7 +581,12 @@ def _start_supervisor(args: argparse.Namespace, patience: float, lock: int) -> A
 
 
 def _wait_ready(
-    supervisor: Any, net_dir: Path, timeout: float, addresses: list[str], ca: Path
+    supervisor: Any,
+    net_dir: Path,
+    timeout: float,
+    addresses: list[str],
+    ca: Path,
+    aaa_log: tuple[Path, int] | None = None,
 ) -> None:
     """Until the supervisor reports every node started and every KMS endpoint completes a
     TLS handshake with this network's CA. Fails fast when the supervisor exits or a node
@@ -520,7 +608,8 @@ def _wait_ready(
         if isinstance(children, dict):
             _refuse_crash_loops(children)
             started = all(isinstance(c, dict) and c.get("pid") for c in children.values())
-            if started and _ports_open(addresses, ca):
+            aaa_ready = aaa_log is None or _aaa_listening(aaa_log)
+            if started and aaa_ready and _ports_open(addresses, ca):
                 return
         if time.monotonic() >= deadline:
             raise ApplianceError(

@@ -30,9 +30,10 @@ from a caller (invariant 3), or serve a key to an SAE other than the named one.
 from __future__ import annotations
 
 import base64
+import inspect
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 from urllib.parse import parse_qs, unquote_to_bytes, urlsplit
@@ -41,12 +42,22 @@ import msgspec
 
 from appliance.kms import keyids
 from appliance.kms.errors import KeyUnavailable, KmsError
+from appliance.kms.seams import Denial, Denied
 from appliance.net.h2 import Request, Response
 
 PATH = re.compile(r"^/api/v1/keys/(?P<sae>[^/]+)/(?P<op>status|enc_keys|dec_keys)$")
 MSG_SIZE_MULTIPLE_OF_8 = "size shall be a multiple of 8"
 MSG_EXTENSIONS = "not all extension_mandatory parameters are supported"
 MSG_KEYS_NOT_FOUND = "one or more keys specified are not found on KME"
+DENIAL_STATUS = {Denial.LIMITS: 400, Denial.UNAUTHORISED: 401, Denial.QUOTA: 503}
+"""A request the contract does not allow: above its size or count limits 400; a suspended
+user, an unknown pair or a day outside the validity window 401; a quota or rate exceeded
+(or no quota to be had: the AAA device unreachable) 503."""
+DENIAL_MESSAGE = {
+    Denial.LIMITS: "The request exceeds the limits of the SAE pair's contract",
+    Denial.UNAUTHORISED: "The SAE pair is not authorised to get keys now",
+    Denial.QUOTA: "The contract's quota or rate does not allow more keys now; retry later",
+}
 """Messages §6.2 and §6.4 fix word for word (what else there is to say goes in details).
 §6.2's "not all extension_mandatory request options could be met" is never sent: this
 KME supports no extension parameter, so any mandatory one is unsupported."""
@@ -89,9 +100,12 @@ class Limits:
 class KeyService(Protocol):
     """What the UKMS provides behind the API."""
 
-    def limits(self, master: str, slave: str, *, caller_is_master: bool) -> Limits | None:
+    def limits(
+        self, master: str, slave: str, *, caller_is_master: bool
+    ) -> Limits | Awaitable[Limits | None] | None:
         """The limits for this SAE pair, or None if the pair is not registered, or if the
-        calling end (master for status and enc_keys, slave for dec_keys) is not served here."""
+        calling end (master for status and enc_keys, slave for dec_keys) is not served here
+        (at once, or awaitable: the contract's terms may have to be asked for)."""
 
     def stored(self, master: str, slave: str) -> int:
         """Keys ready for this pair."""
@@ -165,6 +179,10 @@ class Etsi014Api:
             return await self._route(request)
         except ApiError as err:
             return error_response(err)
+        except Denied as exc:  # the contract's rule, in words that name no part of the network
+            return error_response(
+                ApiError(DENIAL_STATUS[exc.why], DENIAL_MESSAGE[exc.why], [{"reason": exc.message}])
+            )
         except KeyUnavailable:  # its text may name the network's parts: not shown
             return error_response(
                 ApiError(
@@ -203,13 +221,14 @@ class Etsi014Api:
             )
         params = _params(request, query)
         if op == "status":
-            return self._status(caller, sae)
+            return await self._status(caller, sae)
         if op == "enc_keys":
             return await self._enc_keys(caller, sae, params)
         return await self._dec_keys(caller, sae, params)
 
-    def _limits(self, master: str, slave: str, *, caller_is_master: bool = True) -> Limits:
-        limits = self.service.limits(master, slave, caller_is_master=caller_is_master)
+    async def _limits(self, master: str, slave: str, *, caller_is_master: bool = True) -> Limits:
+        found = self.service.limits(master, slave, caller_is_master=caller_is_master)
+        limits = await found if inspect.isawaitable(found) else found
         if limits is None:
             raise bad(
                 "slave_SAE_ID" if caller_is_master else "master_SAE_ID",
@@ -219,8 +238,8 @@ class Etsi014Api:
             )
         return limits
 
-    def _status(self, master: str, slave: str) -> Response:
-        lim = self._limits(master, slave)
+    async def _status(self, master: str, slave: str) -> Response:
+        lim = await self._limits(master, slave)
         return _json(
             200,
             {
@@ -240,7 +259,7 @@ class Etsi014Api:
         )
 
     async def _enc_keys(self, master: str, slave: str, params: dict[str, Any]) -> Response:
-        lim = self._limits(master, slave)
+        lim = await self._limits(master, slave)
         number = _int(params, "number", 1)
         size = _int(params, "size", lim.key_size)
         if number < 1 or number > lim.max_key_per_request:
@@ -274,7 +293,7 @@ class Etsi014Api:
         return _json(200, {"keys": [_key(k, v) for k, v in keys]})
 
     async def _dec_keys(self, slave: str, master: str, params: dict[str, Any]) -> Response:
-        self._limits(master, slave, caller_is_master=False)
+        await self._limits(master, slave, caller_is_master=False)
         ids = _key_ids(params)
         try:
             keys = await self.service.dec_keys(slave, master, ids)

@@ -386,6 +386,25 @@ class StatusAnswer(Message, frozen=True, kw_only=True):
     """Its links."""
 
 
+# -- UKMS -> its AKMS: /v1/terms ---------------------------------------------------------------
+class TermsRequest(Message, frozen=True, kw_only=True):
+    """Ask the AKMS for the contract's terms of an SAE pair (for ETSI 014 Status)."""
+
+    master: Name
+    """SAE ID of the master."""
+    slave: Name
+    """SAE ID of the slave."""
+
+
+class TermsAnswer(Message, frozen=True, kw_only=True):
+    """The contract's limits for the pair, as the AKMS's validator knows them."""
+
+    max_key_size: KeyBits
+    """Largest key the contract allows, in bits."""
+    max_key_per_request: Number
+    """Most keys one request may ask for."""
+
+
 # -- the two processes of a split access node: /v1/relay/local, /v1/cn/local --------------------
 class RelayLocal(Message, frozen=True, kw_only=True):
     """AKMS -> its own CKMS: relay this CN key along a path (in clear, over loopback TLS)."""
@@ -442,6 +461,8 @@ AnyMessage = (
     | ChannelOpened
     | StatusRequest
     | StatusAnswer
+    | TermsRequest
+    | TermsAnswer
     | RelayLocal
     | CnLocal
     | Refused
@@ -461,6 +482,7 @@ ENDPOINTS: dict[str, tuple[type[Message], type[Message]]] = {
     "/v1/link/grant": (GrantRequest, Grant),
     "/v1/channel/open": (ChannelOpen, ChannelOpened),
     "/v1/status": (StatusRequest, StatusAnswer),
+    "/v1/terms": (TermsRequest, TermsAnswer),
     "/v1/relay/local": (RelayLocal, Ok),
     "/v1/cn/local": (CnLocal, Ok),
 }

@@ -15,6 +15,7 @@ import hal
 from appliance.config.node import NodeConfig, load_node_config
 from appliance.config.topology import Topology
 from appliance.kms.node import KmsNode, Policy
+from appliance.kms.seams import RequestValidator
 from appliance.pki import CertificateAuthority, write_pair
 from hsm.psk import PSK_BYTES, write_psk_file
 
@@ -75,6 +76,7 @@ def build_node(
     clock: hal.Clock | None = None,
     policy: Policy | None = None,
     only: str | None = None,
+    validator: RequestValidator | None = None,
 ) -> KmsNode:
     """A KMS node with its QKDM ends opened from the config's device URLs (``only``: one
     service of an access node, with the links that service owns)."""
@@ -83,4 +85,4 @@ def build_node(
         for nb in cfg.neighbours
         if only is None or (only == "akms") == ("ukms" in nb.role.split("+"))
     }
-    return KmsNode(cfg, topo, rng, qkdms, policy or Policy(), only=only)
+    return KmsNode(cfg, topo, rng, qkdms, policy or Policy(), only=only, validator=validator)

@@ -33,9 +33,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import inspect
 import logging
 import os
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
@@ -92,6 +94,7 @@ from appliance.kms.events import (
 )
 from appliance.kms.seams import (
     ContractValidator,
+    Denied,
     PathProvider,
     RequestValidator,
     SessionRegistry,
@@ -116,6 +119,10 @@ log = logging.getLogger("qkdn.kms")
 RandomBytes = Callable[[int], bytes]
 MSGPACK = {"content-type": "application/msgpack"}
 INTEGRITY_CODES = {IntegrityFailure.code, ReplayDetected.code}
+TERMS_TTL_S = 2.0
+"""How long a UKMS keeps a pair's contract terms before it asks its AKMS again (a changed
+contract shows in Status within this; the AKMS enforces it at once)."""
+MAX_TERMS = 100_000
 EXIT_AFTER_TAKE = "QKDN_TEST_EXIT_AFTER_TAKE"
 """Test seam: a directory. A node started with it set exits at once (``os._exit``, as a
 crash: no clean-up, no release) right after a dec_keys take commits, whenever the file
@@ -158,6 +165,11 @@ class KmsNode:
             topology, mode=self.policy.mode, max_keys=self.policy.max_key_per_request
         )
         self.paths = paths or TopologyPaths(topology)
+        self._completed: Callable[[int, bool], None] | None = getattr(
+            self.validator, "completed", None
+        )
+        """A validator that accounts for requests hears how each one it allowed ended,
+        before the answer leaves (:class:`appliance.aaa.client.AaaValidator`)."""
         self.engines: dict[str, EngineBase] = {}
         for service in ("ukms", "akms", "ckms"):
             if service in roles and only in (None, service):
@@ -387,6 +399,9 @@ class KmsNode:
                 buffer[:] = bytes(len(buffer))
         answer = m.decode_answer(response.body, answer_type)
         if isinstance(answer, m.Refused):
+            denied = Denied.from_code(answer.code, answer.message)  # for the SAE: no node named
+            if denied is not None:
+                raise denied
             raise error_from(answer.code, f"node {node}{path}: {answer.message}")
         return answer
 
@@ -435,18 +450,50 @@ class KmsNode:
             return _refused(400, exc)
         if isinstance(message, m.StatusRequest):
             return _ok(self._status())
+        if isinstance(message, m.TermsRequest):
+            return await self._terms(service, caller, message)
         if isinstance(message, m.RelayBatch):
             return await self._relay_batch(service, caller, message)
-        outcome = await self._receive(service, caller, message)
+        req = next(self._numbers)
+        outcome = await self._receive(service, caller, message, req)
         if isinstance(outcome, KmsError):
             self._log_refusal(request.path, outcome)
-            return _refused(400 if isinstance(outcome, IntegrityFailure) else 503, outcome)
-        return _ok(outcome)
+            response = _refused(400 if isinstance(outcome, IntegrityFailure) else 503, outcome)
+        else:
+            response = _ok(outcome)
+        if self._completed is not None and isinstance(message, m.KsaRequest):
+            # the request's report is on disk before its answer leaves, and the answer
+            # leaves in this same step (no other task runs in between): only a kill -9
+            # within these microseconds bills an answer that never left
+            self._completed(req, not isinstance(outcome, KmsError))
+            response.at_once = True
+        return response
 
-    def _receive(self, service: str, caller: int, message: m.Sendable) -> asyncio.Future[Any]:
+    async def _terms(self, service: str, caller: int, ask: m.TermsRequest) -> Response:
+        """A UKMS of ours asks for the terms of a pair it serves (its ETSI 014 Status): the
+        validator's, when it knows contracts (AAA), else the network's limits."""
+        engine = self.engines.get("akms")
+        if service != "akms" or engine is None or caller not in engine.links:
+            return _refused(403, KmsError("only a UKMS of this access node asks for terms"))
+        terms = getattr(self.validator, "terms", None)
+        if terms is None:
+            answer = m.TermsAnswer(
+                max_key_size=Limits.max_key_size,
+                max_key_per_request=self.policy.max_key_per_request,
+            )
+            return _ok(answer)
+        try:
+            size, number = await terms(caller, ask.master, ask.slave)
+        except KmsError as exc:
+            return _refused(503, exc)
+        return _ok(m.TermsAnswer(max_key_size=size, max_key_per_request=number))
+
+    def _receive(
+        self, service: str, caller: int, message: m.Sendable, req: int | None = None
+    ) -> asyncio.Future[Any]:
         assert self._loop is not None
         future: asyncio.Future[Any] = self._loop.create_future()
-        req = next(self._numbers)
+        req = next(self._numbers) if req is None else req
         self._replies[req] = future
         self.feed(service, Received(req=req, caller=caller, message=message))
         return future
@@ -693,8 +740,13 @@ class UkmsKeyService:
         assert isinstance(engine, UkmsEngine)
         self.engine = engine
         self.saes = {s.id: s for s in node.topology.spec.saes}
+        self._terms: dict[tuple[str, str], tuple[float, m.TermsAnswer]] = {}
 
-    def limits(self, master: str, slave: str, *, caller_is_master: bool) -> Limits | None:
+    def limits(
+        self, master: str, slave: str, *, caller_is_master: bool
+    ) -> Limits | Awaitable[Limits] | None:
+        """The pair's limits: the network's, or (``policy.terms_from_akms``) the contract's
+        as our AKMS answers them, kept for TERMS_TTL_S."""
         sessions = self.node.sessions
         if caller_is_master:
             ok, other = sessions.session_014(master, slave), slave
@@ -704,12 +756,36 @@ class UkmsKeyService:
             return None
         target = self.node.topology.node(self.saes[other].node)
         policy = self.node.policy
-        return Limits(
+        limits = Limits(
             source_kme=self.node.name,
             target_kme=target.name,
             key_size=policy.key_size,
             max_key_per_request=policy.max_key_per_request,
         )
+        if not (policy.terms_from_akms and caller_is_master):
+            return limits
+        cached = self._terms.get((master, slave))
+        now = time.monotonic()
+        if cached is not None and now - cached[0] < TERMS_TTL_S:
+            return _contract_limits(limits, cached[1])
+        return self._fetch_terms(limits, master, slave, now)
+
+    async def _fetch_terms(self, limits: Limits, master: str, slave: str, now: float) -> Limits:
+        """Ask our AKMS for the pair's terms. If it denies the pair (suspended, unknown,
+        outside its window), the network's limits stand: the request itself then goes to
+        the AKMS, which refuses it *and accounts for the refusal*."""
+        try:
+            answer = await self.node.request(
+                self.engine.akms, "akms", m.TermsRequest(master=master, slave=slave)
+            )
+        except Denied:
+            return limits
+        if not isinstance(answer, m.TermsAnswer):
+            raise KeyUnavailable("the terms were answered with another message")
+        if len(self._terms) >= MAX_TERMS:
+            self._terms.clear()
+        self._terms[(master, slave)] = (now, answer)
+        return _contract_limits(limits, answer)
 
     def stored(self, master: str, slave: str) -> int:
         return self.engine.stored(master, slave)
@@ -734,6 +810,19 @@ class UkmsKeyService:
             self.node.feed("ukms", SaeAnswerWritten(req=req, ok=ok))
 
         return Taken(keys, written)
+
+
+def _contract_limits(limits: Limits, terms: m.TermsAnswer) -> Limits:
+    """The network's limits narrowed to a contract's terms (Status stays consistent:
+    min_key_size <= key_size <= max_key_size)."""
+    size = terms.max_key_size
+    return dataclasses.replace(
+        limits,
+        max_key_size=size,
+        key_size=min(limits.key_size, size),
+        min_key_size=min(limits.min_key_size, size),
+        max_key_per_request=min(limits.max_key_per_request, terms.max_key_per_request),
+    )
 
 
 def _copied(keys: list[tuple[str, bytearray]]) -> list[tuple[str, bytes]]:

@@ -46,14 +46,31 @@ class Denial(StrEnum):
     """Rate or quota exceeded (503)."""
 
 
+DENIAL_CODES = {
+    Denial.UNAUTHORISED: "KMS-DENIED",
+    Denial.LIMITS: "KMS-DENIED-LIMITS",
+    Denial.QUOTA: "KMS-DENIED-QUOTA",
+}
+"""The error code of each denial, so that the reason survives the UKMS <- AKMS answer."""
+
+
 class Denied(KmsError):
-    """The request validator refused the request."""
+    """The request validator refused the request. Its message is for the SAE: it names the
+    contract's rule, never a node, link or route."""
 
     code = "KMS-DENIED"
 
     def __init__(self, message: str, *, why: Denial = Denial.UNAUTHORISED) -> None:
-        super().__init__(message)
+        super().__init__(message, code=DENIAL_CODES[why])
         self.why = why
+
+    @classmethod
+    def from_code(cls, code: str, message: str) -> Denied | None:
+        """The denial a peer's error answer stands for (None: not a denial)."""
+        for why, known in DENIAL_CODES.items():
+            if code == known:
+                return cls(message, why=why)
+        return None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -67,6 +84,9 @@ class ValidationQuery:
     """Bits per key."""
     ukms: int
     """The node ID of the UKMS that asks (the master SAE must be served there)."""
+    req: int = 0
+    """The asking AKMS's number for this request (a validator that accounts for requests
+    hears how it ended under this number: ``completed(req, ok)``)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

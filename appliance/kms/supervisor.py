@@ -1,7 +1,9 @@
 """Runs every KMS node of a rendered network as its own OS process, and restarts crashed ones.
 
 Started by ``qkdn net up`` as a detached process, with the network directory's lock
-(:mod:`netproc`), which it holds for its whole life. It restarts a node that exits, with
+(:mod:`netproc`), which it holds for its whole life. With ``--aaa`` it also runs the data
+centre's AAA device (``qkdn aaa run``, ``<dir>/aaa``) and starts each AKMS with its link to
+it. It restarts a node (or AAA) that exits, with
 a back-off (1 s doubling to 10 s, reset once a node has run for a minute). Every node it
 starts carries the network's marker in its environment and dies with the supervisor, even
 when the supervisor is killed with SIGKILL (:func:`netproc.die_with_supervisor`).
@@ -56,6 +58,12 @@ class Child:
     log: str
     only: str | None = None
     """``akms`` or ``ckms`` when an access node runs as two processes."""
+    aaa: str | None = None
+    """An AKMS's link file to the AAA device (``node run --aaa``); for the AAA device
+    itself (``kind == "aaa"``), its folder."""
+    kind: str = "node"
+    terms: bool = False
+    """A UKMS under AAA: it asks its AKMS for the contracts' terms (``--terms-from-akms``)."""
     pid: int = 0
     restarts: int = 0
     started: float = 0.0
@@ -72,6 +80,7 @@ class Supervisor:
         patience: float = 10.0,
         split_access: bool = False,
         lock_fd: int | None = None,
+        aaa: bool = False,
     ) -> None:
         self.dir, self.mode, self.stock, self.patience = net_dir.resolve(), mode, stock, patience
         if lock_fd is None:
@@ -82,18 +91,27 @@ class Supervisor:
         (self.dir / "logs").mkdir(exist_ok=True)
         (self.dir / "run").mkdir(exist_ok=True)
         self.children: dict[str, Child] = {}
+        aaa_dir = self.dir / "aaa"
+        if aaa:  # the data centre's AAA device, before the nodes that ask it
+            log_file = str(self.dir / "logs" / "aaa.log")
+            config = str(aaa_dir / "aaa.toml")
+            self.children["aaa"] = Child("aaa", config, log_file, aaa=str(aaa_dir), kind="aaa")
         for name, cfg in load_configs(self.dir).items():
             if not is_kms(cfg):
                 continue
             config = str(self.dir / "nodes" / f"{name}.toml")
+            link = aaa_dir / f"akms-{cfg.node.id}.toml"
+            link_file = str(link) if aaa and "akms" in cfg.node.role.split("+") else None
             if split_access and cfg.node.role == "akms+ckms":
                 for only in ("akms", "ckms"):
                     log_file = str(self.dir / "logs" / f"{name}.{only}.log")
-                    child = Child(f"{name}/{only}", config, log_file, only)
+                    own = link_file if only == "akms" else None
+                    child = Child(f"{name}/{only}", config, log_file, only, aaa=own)
                     self.children[child.name] = child
             else:
                 log_file = str(self.dir / "logs" / f"{name}.log")
-                self.children[name] = Child(name, config, log_file)
+                terms = aaa and "ukms" in cfg.node.role.split("+")
+                self.children[name] = Child(name, config, log_file, aaa=link_file, terms=terms)
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.stopping = False
         self.alarm: dict[str, Any] | None = None
@@ -104,6 +122,23 @@ class Supervisor:
 
     # -- nodes -------------------------------------------------------------------------
     def command(self, child: Child) -> list[str]:
+        if child.kind == "aaa":
+            assert child.aaa is not None
+            return [
+                sys.executable,
+                "-m",
+                "appliance.cli",
+                "--log-level",
+                "info",
+                "--log-format",
+                "json",
+                "aaa",
+                "--dir",
+                child.aaa,
+                "run",
+                "--config",
+                child.config,
+            ]
         return [
             sys.executable,
             "-m",
@@ -123,6 +158,8 @@ class Supervisor:
             "--patience",
             str(self.patience),
             *(["--only", child.only] if child.only else []),
+            *(["--aaa", child.aaa] if child.aaa else []),
+            *(["--terms-from-akms"] if child.terms else []),
         ]
 
     def spawn(self, child: Child) -> None:
@@ -289,6 +326,7 @@ def main() -> None:
     parser.add_argument("--stock", type=int, default=0)
     parser.add_argument("--patience", type=float, default=10.0)
     parser.add_argument("--split-access", action="store_true")
+    parser.add_argument("--aaa", action="store_true", help="run the AAA device (<dir>/aaa)")
     parser.add_argument(
         "--lock-fd", type=int, help="an open file holding the directory's lock (net up's)"
     )
@@ -303,7 +341,13 @@ def main() -> None:
     logging.raiseExceptions = False  # a log line lost to a full disk is not an error
     try:
         supervisor = Supervisor(
-            args.dir, args.mode, args.stock, args.patience, args.split_access, args.lock_fd
+            args.dir,
+            args.mode,
+            args.stock,
+            args.patience,
+            args.split_access,
+            args.lock_fd,
+            aaa=args.aaa,
         )
         raise SystemExit(supervisor.run())
     except ApplianceError as exc:

@@ -66,6 +66,9 @@ class Response:
     on_written: Callable[[bool], None] | None = None
     """Told ``True`` once the response is handed to its connection, ``False`` if the
     connection was gone first (HTTP/1.1 server; a dec_keys answer releases its keys)."""
+    at_once: bool = False
+    """Write it in this very step, not with the answers of this round (HTTP/2 server): an
+    answer whose accounting was just committed leaves before anything else can run."""
 
 
 Handler = Callable[[Request], Awaitable[Response]]
@@ -227,7 +230,7 @@ class _ServerSession(_Session):
         if response.headers:
             head.extend(response.headers.items())
         self.core.send(stream_id, head, response.body)  # a no-op if the stream is gone
-        if self.tasks:  # other answers are on their way: send them together
+        if self.tasks and not response.at_once:  # other answers on their way: send together
             self.flush_soon()
         else:
             self.flush()

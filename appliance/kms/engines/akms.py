@@ -174,6 +174,7 @@ class AkmsEngine(EngineBase):
             number=request.number,
             size=request.size,
             ukms=event.caller,
+            req=event.req,
         )
         a = Asking(S.VALIDATING, AKMS_A, keyids.new_raw(1, self.nonce), 0, req=event.req)
         a.ukms = event.caller

@@ -39,6 +39,10 @@ class Policy:
     twice this for its CN key (with the default, 20 s: a clean 503 before an SAE's usual
     30 s client timeout). Raise it for links running at their physical rates."""
 
+    terms_from_akms: bool = False
+    """A UKMS asks its AKMS for each pair's contract terms (ETSI 014 Status and request
+    limits), as it does under the AAA device; else the network's limits apply."""
+
     @property
     def cn_timeout(self) -> float:
         return 2 * self.patience

@@ -1,0 +1,297 @@
+"""Benchmark of the AAA device on the key path (issue 14): two demoquandt networks side by
+side, one without AAA (the topology's contracts, the baseline) and one with
+(``qkdn net up --aaa``), both without stock (every enc_keys crosses the network).
+
+1. T_key p50 (enc_keys + dec_keys, one key) in alternating rounds on the two networks,
+   so that both see the same machine load: the ratio and the difference per round.
+2. 16 concurrent requesters on the AAA network (both directions, both contracts): how
+   long the AKMSs' validations waited on AAA (each AKMS logs its validations' waits when
+   it stops: count, how many waited at all, p50, p99, max), and the refusals, if any.
+3. Suspensions: both AKMSs hold quota for the demo contract; the user is suspended (a
+   registry commit, as ``qkdn aaa user suspend`` does); the time from the commit to the
+   revocation's arrival at *each* access node (its log line), p50/p99; then resumed.
+
+4. ``--one-at-a-time N``: instead of all the above, each network alone (the other one
+   down), 20 warm-up then N T_key requests, and the CPU time (utime + stime) every process
+   of the network spent on them: what AAA costs per request, and where.
+
+Usage: python bench/aaa_path.py [--rounds 5] [--requests 40] [--load 800] [--suspensions 10]
+       [--one-at-a-time N] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from appliance.aaa.registry import Registry
+from appliance.cli import net
+from appliance.config.render import find_free_base_port
+from appliance.kms import netproc
+from appliance.tkey import call, endpoints, measure
+
+DEMO = ("sae-berlin-1", "sae-bonn-1")
+BANK = ("sae-berlin-2", "sae-bonn-2")
+AKMS = ("akms-berlin", "akms-bonn")
+REVOKED = ("aaa: quota revoked", "demo-2026")
+WAITS = "aaa: validations"
+
+
+def up(folder: Path, aaa: bool) -> None:
+    args = argparse.Namespace(
+        topology="demoquandt",
+        dir=folder,
+        base_port=find_free_base_port(),
+        mode="gcm",
+        rate_limited=False,
+        stock=0,
+        timeout=300.0,
+        json=False,
+        aaa=aaa,
+    )
+    net.bring_up(args)
+
+
+def pct(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
+def log_lines(path: Path, start: int = 0) -> list[dict[str, Any]]:
+    with open(path, "rb") as fh:
+        fh.seek(start)
+        out = []
+        for line in fh.read().decode(errors="replace").splitlines():
+            if line.startswith("{"):
+                try:
+                    out.append(json.loads(line))
+                except ValueError:
+                    continue
+        return out
+
+
+def tkey_rounds(base: Path, aaa: Path, rounds: int, requests: int) -> dict[str, Any]:
+    pairs = {
+        name: endpoints(net.status_doc(folder), *DEMO)
+        for name, folder in (("without", base), ("with", aaa))
+    }
+    p50: dict[str, list[float]] = {"without": [], "with": []}
+    failed = 0
+    for _ in range(rounds):
+        for name in ("without", "with"):
+            doc = measure(*pairs[name], requests)
+            p50[name].append(doc["t_key_ms"]["p50"])
+            failed += doc["failed_requests"]
+    diffs = [w - b for w, b in zip(p50["with"], p50["without"], strict=True)]
+    return {
+        "p50_ms_without": p50["without"],
+        "p50_ms_with": p50["with"],
+        "median_p50_without": statistics.median(p50["without"]),
+        "median_p50_with": statistics.median(p50["with"]),
+        "median_difference_ms": statistics.median(diffs),
+        "ratio": statistics.median(p50["with"]) / statistics.median(p50["without"]),
+        "failed": failed,
+    }
+
+
+def load(folder: Path, total: int, workers: int = 16) -> dict[str, Any]:
+    status = net.status_doc(folder)
+    pairs = [DEMO, BANK, DEMO[::-1], BANK[::-1]]
+    counts: dict[int, int] = {}
+    lock = threading.Lock()
+    left = [total]
+
+    def work(i: int) -> None:
+        master, slave = endpoints(status, *pairs[i % len(pairs)])
+        conn = master.connect()
+        while True:
+            with lock:
+                if left[0] <= 0:
+                    break
+                left[0] -= 1
+            try:
+                code, _ = call(conn, f"/api/v1/keys/{slave.sae}/enc_keys?number=1")
+            except (OSError, ValueError):
+                conn.close()
+                code = 0
+            with lock:
+                counts[code] = counts.get(code, 0) + 1
+        conn.close()
+
+    began = time.perf_counter()
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(workers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - began
+    return {"requests": total, "statuses": counts, "per_s": round(total / elapsed, 1)}
+
+
+def keys_flow(folder: Path) -> None:
+    """One key each way for the demo contract (both AKMSs then hold its quota)."""
+    status = net.status_doc(folder)
+    for pair in (DEMO, DEMO[::-1]):
+        master, slave = endpoints(status, *pair)
+        conn = master.connect()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                code, _ = call(conn, f"/api/v1/keys/{slave.sae}/enc_keys?number=1")
+            except (OSError, ValueError):
+                conn.close()
+                code = 0
+            if code == 200:
+                break
+            time.sleep(0.05)
+        conn.close()
+
+
+def suspensions(folder: Path, times: int) -> dict[str, Any]:
+    lat: dict[str, list[float]] = {n: [] for n in AKMS}
+    logs = {n: folder / "logs" / f"{n}.log" for n in AKMS}
+    for _ in range(times):
+        keys_flow(folder)
+        marks = {n: p.stat().st_size for n, p in logs.items()}
+        reg = Registry(folder / "aaa" / "registry.db")
+        t0 = time.time()
+        reg.set_user("demo-encryptors", suspended=True)
+        seen: dict[str, float] = {}
+        deadline = time.monotonic() + 10
+        while len(seen) < len(AKMS) and time.monotonic() < deadline:
+            for n in AKMS:
+                if n in seen:
+                    continue
+                for rec in log_lines(logs[n], marks[n]):
+                    if (
+                        rec.get("msg") == "aaa: quota revoked"
+                        and rec.get("contract") == "demo-2026"
+                    ):
+                        seen[n] = rec["ts"] - t0
+                        break
+            time.sleep(0.01)
+        for n, s in seen.items():
+            lat[n].append(s)
+        reg.set_user("demo-encryptors", suspended=False)
+        reg.close()
+        time.sleep(0.3)
+    return {
+        n: {
+            "seen": len(v),
+            "of": times,
+            "p50_ms": round(pct(v, 0.5) * 1000, 1) if v else None,
+            "p99_ms": round(pct(v, 0.99) * 1000, 1) if v else None,
+        }
+        for n, v in lat.items()
+    }
+
+
+def cpu_seconds(folder: Path) -> dict[str, float]:
+    """utime + stime of every process of the network, by name."""
+    out = {}
+    for pid, name in netproc.find_processes(folder).items():
+        try:
+            with open(f"/proc/{pid}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        out[name] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return out
+
+
+def one_at_a_time(tmp: Path, requests: int) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, aaa in (("without", False), ("with", True)):
+        folder = tmp / name
+        up(folder, aaa)
+        try:
+            master, slave = endpoints(net.status_doc(folder), *DEMO)
+            measure(master, slave, 20)
+            before = cpu_seconds(folder)
+            doc = measure(master, slave, requests)
+            after = cpu_seconds(folder)
+        finally:
+            net.bring_down(folder)
+        per = {k: round((v - before.get(k, 0.0)) / requests * 1000, 2) for k, v in after.items()}
+        out[name] = {
+            "t_key_ms": doc["t_key_ms"],
+            "cpu_ms_per_request": {k: v for k, v in per.items() if v > 0.5},
+            "cpu_ms_per_request_total": round(sum(per.values()), 2),
+        }
+    return out
+
+
+def waits(folder: Path, node: str) -> dict[str, Any] | None:
+    """The AKMS's last "aaa: validations" summary (logged when it stops)."""
+    found = [r for r in log_lines(folder / "logs" / f"{node}.log") if r.get("msg") == WAITS]
+    if not found:
+        return None
+    return {k: v for k, v in found[-1].items() if k not in ("ts", "level", "logger", "msg")}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--requests", type=int, default=40)
+    p.add_argument("--load", type=int, default=800)
+    p.add_argument("--suspensions", type=int, default=10)
+    p.add_argument("--one-at-a-time", type=int, metavar="N")
+    p.add_argument("--json", type=Path)
+    args = p.parse_args()
+    doc: dict[str, Any] = {
+        "machine": f"{platform.machine()} {os.cpu_count()} cpu",
+        "load_average": os.getloadavg(),
+    }
+    with tempfile.TemporaryDirectory(prefix="qkdn-aaa-path-") as tmp:
+        if args.one_at_a_time:
+            doc["one_at_a_time"] = one_at_a_time(Path(tmp), args.one_at_a_time)
+            doc["load_average_after"] = os.getloadavg()
+            print(json.dumps(doc, indent=1))
+            return
+        base, aaa = Path(tmp) / "without", Path(tmp) / "with"
+        up(base, False)
+        try:
+            up(aaa, True)
+            try:
+                doc["t_key"] = tkey_rounds(base, aaa, args.rounds, args.requests)
+                net.bring_down(base)
+                doc["suspension"] = suspensions(aaa, args.suspensions)
+                doc["load16"] = load(aaa, args.load)
+            finally:
+                net.bring_down(aaa)
+            waits = {}
+            for n in AKMS:
+                found = [
+                    r
+                    for r in log_lines(aaa / "logs" / f"{n}.log")
+                    if r.get("msg") == "aaa: validations"
+                ]
+                waits[n] = (
+                    {
+                        k: v
+                        for k, v in found[-1].items()
+                        if k not in ("ts", "level", "logger", "msg")
+                    }
+                    if found
+                    else None
+                )
+            doc["akms_wait_on_aaa"] = waits
+        finally:
+            net.bring_down(base)
+    doc["load_average_after"] = os.getloadavg()
+    text = json.dumps(doc, indent=1)
+    print(text)
+    if args.json:
+        args.json.write_text(text)
+
+
+if __name__ == "__main__":
+    main()
