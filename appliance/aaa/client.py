@@ -248,12 +248,14 @@ def _close_engine(eng: engine.SnmpEngine) -> None:
 
 
 def parse_answer(ukms: int, text: bytes) -> Terms | Refusal:
-    """aaaQuotaAnswer: eleven decimal numbers (QUOTA_COLUMNS' order), then the contract."""
+    """aaaQuotaAnswer: twelve decimal numbers (QUOTA_COLUMNS' order), then the contract."""
     fields = text.decode("ascii", "replace").split(" ")
     try:
-        n = [int(x) for x in fields[:11]]
-        contract = fields[11] if len(fields) > 11 else ""
+        n = [int(x) for x in fields[:12]]
+        contract = fields[12] if len(fields) > 12 else ""
         reason = Reason(n[0])
+        if len(n) < 12:
+            raise ValueError("short")
     except (ValueError, IndexError) as exc:
         raise SnmpError("AAA's answer is malformed", code="AAA-ANSWER") from exc
     if reason != Reason.NONE:
@@ -271,6 +273,7 @@ def parse_answer(ukms: int, text: bytes) -> Terms | Refusal:
         max_key_size=n[8],
         keys_per_request=n[9],
         max_rate=n[10],
+        keys_per_period=n[11],
     )
 
 
@@ -295,9 +298,9 @@ class AaaValidator:
         self.waits: deque[float] = deque(maxlen=WAITS_KEPT)
         """Seconds each recent validation waited on AAA (0: served from held quota)."""
         self._asking: dict[tuple[str, str], asyncio.Task[None]] = {}
-        self._size: dict[tuple[str, str], int] = {}
-        """The contract's largest key per pair, once known: asks reserve no more bits."""
-        self._per_request: dict[tuple[str, str], int] = {}
+        self._known: dict[tuple[str, str], Terms] = {}
+        """The terms AAA last granted per pair: asks reserve no more bits than its largest
+        key, and Status keeps its terms while only the quota is spent."""
         self._tasks: set[asyncio.Task[None]] = set()
         self.alarms = 0
 
@@ -328,9 +331,9 @@ class AaaValidator:
             result = self._account(query, result)
         return verdict(result)
 
-    async def terms(self, ukms: int, master: str, slave: str) -> tuple[int, int]:
-        """The contract's (max key size, keys per request) for a pair: from a grant held,
-        else from a fresh ask (which the next requests spend). Denied if AAA refuses."""
+    async def terms(self, ukms: int, master: str, slave: str) -> Terms:
+        """The contract's terms for a pair: from a grant held, else from a fresh ask (which
+        the next requests spend). Denied if AAA refuses."""
         pair = (master, slave)
         held = self.wallet.terms(*pair, self.clock())
         if held is None:
@@ -340,13 +343,13 @@ class AaaValidator:
             refused = self.wallet.refusals.get(pair)
             result = refused[1] if refused else Refusal(reason=Reason.QUOTA, message="no quota")
             if result.reason in (Reason.QUOTA, Reason.RATE):  # the terms stand; only the
-                size = self._size.get(pair)  # quota is spent
-                if size is not None:
-                    return size, self._per_request.get(pair, 1)
+                known = self._known.get(pair)  # quota is spent
+                if known is not None:
+                    return known
             denied = verdict(result).denied
             assert denied is not None
             raise denied
-        return held.max_key_size, held.keys_per_request
+        return held
 
     # -- accounting --------------------------------------------------------------------------
     def _account(self, query: ValidationQuery, result: Spent | Refusal) -> Spent | Refusal:
@@ -480,15 +483,15 @@ class AaaValidator:
     async def _fetch(self, ukms: int, pair: tuple[str, str]) -> None:
         sent = self.clock()
         try:
-            size = self._size.get(pair, MAX_KEY_BITS)
+            known = self._known.get(pair)
+            size = known.max_key_size if known else MAX_KEY_BITS
             answer = await self.client.ask(ukms, *pair, ASK_KEYS, ASK_KEYS * size)
         except SnmpError as exc:
             self.alarms += 1
             log.error("aaa: unreachable, failing closed for new quota: %s", exc.message)
             answer = Refusal(reason=Reason.UNREACHABLE, message=REASON_TEXT[Reason.UNREACHABLE])
         if isinstance(answer, Terms):
-            self._size[pair] = answer.max_key_size
-            self._per_request[pair] = answer.keys_per_request
+            self._known[pair] = answer
         self.wallet.add(pair, answer, sent)
 
     def _settle(self) -> None:

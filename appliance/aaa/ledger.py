@@ -93,6 +93,9 @@ class Grant:
     max_key_size: int
     keys_per_request: int
     max_rate: int
+    keys_per_period: int = 0
+    """The contract's most keys per day or per month, whichever is smaller (ETSI 014
+    Status's ``max_key_count``; 0 in a grant stored before this field existed: unknown)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -173,6 +176,7 @@ class Ledger:
             max_key_size=contract.max_key_size,
             keys_per_request=contract.keys_per_request,
             max_rate=contract.max_rate,
+            keys_per_period=min(contract.keys_per_day, contract.keys_per_month),
         )
         self.next_id += 1
         self.admit(grant)

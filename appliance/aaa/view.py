@@ -397,6 +397,7 @@ def _quota_columns(answer: Grant | Refusal, now: float) -> dict[str, int | bytes
         "aaaQuotaMaxKeySize": answer.max_key_size,
         "aaaQuotaKeysPerRequest": answer.keys_per_request,
         "aaaQuotaMaxRate": answer.max_rate,
+        "aaaQuotaKeysPerPeriod": _sat(answer.keys_per_period),
         "aaaQuotaContract": answer.contract.encode(),
     }
 
@@ -413,6 +414,7 @@ QUOTA_COLUMNS = (
     "aaaQuotaMaxKeySize",
     "aaaQuotaKeysPerRequest",
     "aaaQuotaMaxRate",
+    "aaaQuotaKeysPerPeriod",
     "aaaQuotaContract",
 )
 """The answer's columns, in the order a client asks for them."""

@@ -45,6 +45,8 @@ class Terms:
     max_key_size: int
     keys_per_request: int
     max_rate: int
+    keys_per_period: int
+    """The contract's most keys per day or month (0: not known)."""
 
 
 @dataclass(slots=True)

@@ -403,6 +403,8 @@ class TermsAnswer(Message, frozen=True, kw_only=True):
     """Largest key the contract allows, in bits."""
     max_key_per_request: Number
     """Most keys one request may ask for."""
+    max_key_count: Annotated[int, Meta(ge=0, le=INT64_MAX)] = 0
+    """Most keys the contract allows per day or month (0: no contract bound)."""
 
 
 # -- the two processes of a split access node: /v1/relay/local, /v1/cn/local --------------------

@@ -483,10 +483,15 @@ class KmsNode:
             )
             return _ok(answer)
         try:
-            size, number = await terms(caller, ask.master, ask.slave)
+            held = await terms(caller, ask.master, ask.slave)
         except KmsError as exc:
             return _refused(503, exc)
-        return _ok(m.TermsAnswer(max_key_size=size, max_key_per_request=number))
+        answer = m.TermsAnswer(
+            max_key_size=held.max_key_size,
+            max_key_per_request=held.keys_per_request,
+            max_key_count=held.keys_per_period,
+        )
+        return _ok(answer)
 
     def _receive(
         self, service: str, caller: int, message: m.Sendable, req: int | None = None
@@ -822,6 +827,7 @@ def _contract_limits(limits: Limits, terms: m.TermsAnswer) -> Limits:
         key_size=min(limits.key_size, size),
         min_key_size=min(limits.min_key_size, size),
         max_key_per_request=min(limits.max_key_per_request, terms.max_key_per_request),
+        max_key_count=min(limits.max_key_count, terms.max_key_count or limits.max_key_count),
     )
 
 

@@ -46,6 +46,14 @@ def change(net: Net, kind: str, name: str, **changes: Any) -> None:
         reg.close()
 
 
+def registry_contract(net: Net, name: str) -> Any:
+    reg = registry(net)
+    try:
+        return reg.contract(name)
+    finally:
+        reg.close()
+
+
 def keys(net: Net, pair: tuple[str, str], number: int = 1, size: int = 256) -> Any:
     return net.enc_keys(*pair, number=number, size=size)
 
@@ -116,17 +124,30 @@ def test_status_reflects_the_contract_and_follows_a_change(net: Net) -> None:
 
     first = status()
     assert (first["max_key_size"], first["max_key_per_request"]) == (256, 128)
-    change(net, "contract", "demo-2026", max_key_size=128, keys_per_request=4)
+    # the contract allows 10 million keys a day: the KME's own bound is the smaller
+    store_bound = first["max_key_count"]
+    assert 0 < store_bound < 10_000_000
+    was = registry_contract(net, "demo-2026")
+    change(net, "contract", "demo-2026", max_key_size=128, keys_per_request=4, keys_per_day=5000)
     try:
         poll(lambda: status()["max_key_size"] == 128, "Status showing the new size", 30)
         now = status()
         assert now["max_key_per_request"] == 4 and now["key_size"] == 128
+        assert now["max_key_count"] == 5000 and now["stored_key_count"] <= 5000
         # the AKMS enforces it at once, whatever the UKMS still shows
         refused(net, DEMO, 400, size=256)
         assert len(ok(net, DEMO, number=4, size=128)) == 4
     finally:
-        change(net, "contract", "demo-2026", max_key_size=256, keys_per_request=128)
+        change(
+            net,
+            "contract",
+            "demo-2026",
+            max_key_size=256,
+            keys_per_request=128,
+            keys_per_day=was.keys_per_day,
+        )
     poll(lambda: status()["max_key_size"] == 256, "Status back to the contract", 30)
+    assert status()["max_key_count"] == store_bound
 
 
 def test_a_suspended_user_gets_401_and_keys_again_when_resumed(net: Net) -> None:

@@ -3,7 +3,10 @@ limits and rate, before expiry, never after a revocation; asks ahead; settles on
 
 from __future__ import annotations
 
+import pytest
+
 from appliance.aaa.client import parse_answer, verdict
+from appliance.aaa.errors import SnmpError
 from appliance.aaa.ledger import Reason, Refusal
 from appliance.aaa.wallet import REFUSAL_TTL_S, Spent, Terms, Wallet
 from appliance.kms.relay import Mode
@@ -26,6 +29,7 @@ def terms(**kw: object) -> Terms:
         max_key_size=256,
         keys_per_request=4,
         max_rate=1000,
+        keys_per_period=100_000,
     )
     fields.update(kw)
     return Terms(**fields)  # type: ignore[arg-type]
@@ -96,16 +100,21 @@ def test_a_failed_request_gives_its_keys_back():
 
 
 def test_answers_and_verdicts():
-    t = parse_answer(1, b"0 9 100 25600 9500 15 14 2 256 16 1000 bank-2026")
+    t = parse_answer(1, b"0 9 100 25600 9500 15 14 2 256 16 1000 5000 bank-2026")
     assert isinstance(t, Terms) and (t.grant, t.mode, t.contract, t.lifetime_s) == (
         9,
         "otp",
         "bank-2026",
         9.5,
     )
-    r = parse_answer(1, b"3 0 0 0 0 0 0 0 0 0 0")
+    assert t.keys_per_period == 5000
+    r = parse_answer(1, b"3 0 0 0 0 0 0 0 0 0 0 0")
     assert isinstance(r, Refusal) and r.reason == Reason.SUSPENDED
     assert verdict(r).denied.why == Denial.UNAUTHORISED
+    for short in (b"0 9 100 25600 9500 15 14 2 256 16 1000", b"3 0 0", b""):
+        with pytest.raises(SnmpError) as caught:
+            parse_answer(1, short)
+        assert caught.value.code == "AAA-ANSWER"
     assert verdict(Refusal(reason=Reason.RATE, message="")).denied.why == Denial.QUOTA
     assert verdict(Refusal(reason=Reason.LIMITS, message="")).denied.why == Denial.LIMITS
     ok = verdict(Spent(grant=1, contract="c", mode="otp", ukms_b=15, akms_b=14))

@@ -774,6 +774,7 @@ def _example(cls: type) -> Message:
         "stream": messages.StreamTag(ksid=os.urandom(16), first=7, ttl=60),
         "max_key_size": 256,
         "max_key_per_request": 128,
+        "max_key_count": 5000,
     }
     kw = {f.name: fills[f.name] for f in info(cls).fields if f.name != "v"}
     if cls is Tagged:
