@@ -21,6 +21,7 @@ Keys, CN keys and channel keys are erased once used and never logged.
 
 from __future__ import annotations
 
+import functools
 import hmac
 from collections import OrderedDict
 from collections.abc import Callable
@@ -61,7 +62,7 @@ from appliance.kms.events import (
 from appliance.kms.fsm import Table
 from appliance.kms.linkend import Role
 from appliance.kms.relay import Mode
-from appliance.kms.seams import ValidationQuery, Verdict
+from appliance.kms.seams import Denial, Denied, ValidationQuery, Verdict
 
 CALLER_CHANNELS = 4
 """Open channels a callee keeps per calling access node (older ones are closed)."""
@@ -122,6 +123,8 @@ class Answering:
     batch: bytearray
     cn_key: bytearray
     error: KmsError | None = None
+    deliveries: int = 0
+    """Slaves' copies not yet stored at their UKMSs."""
 
 
 class AkmsEngine(EngineBase):
@@ -168,24 +171,58 @@ class AkmsEngine(EngineBase):
             link.seen_master_epoch(request.epoch)
         elif request.fresh:  # the UKMS restarted: it can no longer read what we sent with
             link.drop_sending()
-        query = ValidationQuery(
-            master=request.master,
-            slave=request.slave,
-            number=request.number,
-            size=request.size,
-            ukms=event.caller,
-            req=event.req,
-        )
         a = Asking(S.VALIDATING, AKMS_A, keyids.new_raw(1, self.nonce), 0, req=event.req)
         a.ukms = event.caller
-        ticket = self.number(lambda e: self._validated(a, request, e))
-        return [Validate(ticket=ticket, query=query)]
+        slaves = [request.slave, *request.also]  # each one checked against the contract
+        verdicts: list[Verdict | None] = [None] * len(slaves)
+        out: list[Action] = []
+        for i, slave in enumerate(slaves):
+            query = ValidationQuery(
+                master=request.master,
+                slave=slave,
+                number=request.number,
+                size=request.size,
+                ukms=event.caller,
+                req=event.req,
+            )
+            then = functools.partial(self._verdict, a, request, verdicts, i)
+            out.append(Validate(ticket=self.number(then), query=query))
+        return out
 
-    def _validated(self, a: Asking, request: m.KsaRequest, event: Input) -> list[Action]:
+    def _verdict(
+        self,
+        a: Asking,
+        request: m.KsaRequest,
+        verdicts: list[Verdict | None],
+        i: int,
+        event: Input,
+    ) -> list[Action]:
+        """One slave's verdict; once all are in, the request goes on or is refused."""
         assert isinstance(event, Validated)
-        verdict: Verdict = event.verdict
-        if verdict.denied is not None:
-            return self._a_failed(a, verdict.denied)
+        verdicts[i] = event.verdict
+        if any(v is None for v in verdicts) or a.state is not S.VALIDATING:
+            return []
+        done = [v for v in verdicts if v is not None]
+        denied = next((v.denied for v in done if v.denied is not None), None)
+        if denied is None and any(
+            (v.akms_b, v.mode) != (done[0].akms_b, done[0].mode) for v in done
+        ):
+            # keys are made at one access node and cross the network once: every slave's
+            # copies leave from there, so the slaves' UKMSs must all hang off it
+            denied = Denied(
+                "the slave SAEs of one request must be served through one access point",
+                why=Denial.LIMITS,
+            )
+        if denied is not None:
+            return self._a_failed(a, denied)
+        extra = [
+            m.SlaveAt(slave=s, ukms=v.ukms_b) for s, v in zip(request.also, done[1:], strict=True)
+        ]
+        return self._validated(a, request, done[0], extra)
+
+    def _validated(
+        self, a: Asking, request: m.KsaRequest, verdict: Verdict, extra: list[m.SlaveAt]
+    ) -> list[Action]:
         AKMS_A.advance(a, I.VALID)
         a.peer, a.mode = verdict.akms_b, verdict.mode
         a.request = m.CnRequest(
@@ -199,6 +236,7 @@ class AkmsEngine(EngineBase):
             ukms_b=verdict.ukms_b,
             deliver_to=self.me,
             stream=request.stream,
+            also=extra,
         )
         self._asking[a.request_id] = a
         timeout = self.timer(
@@ -526,6 +564,7 @@ class AkmsEngine(EngineBase):
             or request.number > self.policy.max_key_per_request
             or (request.purpose == "channel" and not channel_key)
             or (request.purpose == "ksa" and request.ukms_b not in self.links)
+            or any(extra.ukms not in self.links for extra in request.also)
         ):
             raise ProtocolError("malformed CN request")
 
@@ -545,16 +584,23 @@ class AkmsEngine(EngineBase):
         relayed = answer_or_fail(
             lambda _: self._b_step(b, I.RELAYED), lambda e: self._b_failed(b, e)
         )
-        out = [self.call((self.me, "ckms"), local, relayed)]
+        out: list[Action] = [self.call((self.me, "ckms"), local, relayed)]
         if r.purpose == "channel":
             b.chan.add_next(b.epoch, bytearray(b.batch[20 : 20 + channel.KEY_BYTES]))
             return out + self._b_step(b, I.DELIVERED)
-        return out + self._deliver(b, bytearray(b.batch), resealed=False)
+        assert r.ukms_b is not None and r.slave is not None  # purpose ksa
+        slaves = [(r.ukms_b, r.slave), *((x.ukms, x.slave) for x in r.also)]
+        b.deliveries = len(slaves)
+        for ukms, slave in slaves:  # each slave's copies to its own UKMS, side by side
+            out += self._deliver(b, ukms, slave, bytearray(b.batch), resealed=False)
+        return out
 
-    def _deliver(self, b: Answering, copy: bytearray, *, resealed: bool) -> list[Action]:
-        """The slave's copies of the keys, to its UKMS under our link keys."""
-        ukms_b, master, slave = b.request.ukms_b, b.request.master, b.request.slave
-        assert ukms_b is not None and master is not None and slave is not None  # purpose ksa
+    def _deliver(
+        self, b: Answering, ukms_b: int, slave: str, copy: bytearray, *, resealed: bool
+    ) -> list[Action]:
+        """One slave's copies of the keys, to its UKMS under our link keys."""
+        master = b.request.master
+        assert master is not None  # purpose ksa
         sealed_gen = [-1]  # the link's sending generation the copy was sealed under
 
         def sealed(message: bytes) -> list[Action]:
@@ -571,13 +617,14 @@ class AkmsEngine(EngineBase):
         def answered(event: Input) -> list[Action]:
             if isinstance(event, Answered):
                 erase(copy)
-                return self._b_step(b, I.DELIVERED)
+                b.deliveries -= 1
+                return self._b_step(b, I.DELIVERED) if b.deliveries == 0 else []
             assert isinstance(event, CallFailed)
             if isinstance(event.error, Resync) and not resealed:  # UKMS B restarted
                 link = self.links[ukms_b]
                 if link.generation == sealed_gen[0]:  # else another refusal renewed it
                     link.drop_sending()
-                return self._deliver(b, copy, resealed=True)
+                return self._deliver(b, ukms_b, slave, copy, resealed=True)
             erase(copy)
             return self._b_failed(b, event.error)
 
