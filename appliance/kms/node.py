@@ -761,6 +761,7 @@ class UkmsKeyService:
             target_kme=target.name,
             key_size=policy.key_size,
             max_key_per_request=policy.max_key_per_request,
+            max_sae_id_count=m.MAX_SLAVES,
         )
         if not (policy.terms_from_akms and caller_is_master):
             return limits
@@ -791,10 +792,10 @@ class UkmsKeyService:
         return self.engine.stored(master, slave)
 
     async def enc_keys(
-        self, master: str, slave: str, number: int, size: int
+        self, master: str, slave: str, number: int, size: int, *, also: tuple[str, ...] = ()
     ) -> list[tuple[str, bytes]]:
         req = self.node.new_req()
-        event = SaeEncKeys(req=req, master=master, slave=slave, number=number, size=size)
+        event = SaeEncKeys(req=req, master=master, slave=slave, number=number, size=size, also=also)
         return _copied(await self.node.sae(event))
 
     async def dec_keys(

@@ -204,13 +204,10 @@ class AkmsEngine(EngineBase):
             return []
         done = [v for v in verdicts if v is not None]
         denied = next((v.denied for v in done if v.denied is not None), None)
-        if denied is None and any(
-            (v.akms_b, v.mode) != (done[0].akms_b, done[0].mode) for v in done
-        ):
-            # keys are made at one access node and cross the network once: every slave's
-            # copies leave from there, so the slaves' UKMSs must all hang off it
+        if denied is None and not _can_share(done):
             denied = Denied(
-                "the slave SAEs of one request must be served through one access point",
+                "the slave SAEs of one request must be served through one access point, "
+                "each at a user node of its own",
                 why=Denial.LIMITS,
             )
         if denied is not None:
@@ -668,6 +665,16 @@ class AkmsEngine(EngineBase):
 @dataclass(eq=False, slots=True)
 class _Opening:
     state: S
+
+
+def _can_share(verdicts: list[Verdict]) -> bool:
+    """Whether the slaves of one request can share its keys. The keys are made at one
+    access node and cross the network once, so every slave's copies leave from there: the
+    slaves' UKMSs must all hang off it, with one relay mode. And each slave's UKMS must be
+    its own: a UKMS's store holds a key ID once (one session per key)."""
+    first = verdicts[0]
+    same = all((v.akms_b, v.mode) == (first.akms_b, first.mode) for v in verdicts)
+    return same and len({v.ukms_b for v in verdicts}) == len(verdicts)
 
 
 def _wire_mode(mode: Mode) -> Literal["OTP", "GCM"]:
