@@ -20,41 +20,8 @@ from appliance.kms import messages as m
 from appliance.kms.errors import KeyUnavailable, StoreFull
 from appliance.kms.events import Refuse, SaeEncKeys, SaeKeys, SaeRefused, Validate
 from appliance.kms.seams import Denial, Denied
-from tests.kms.engine_bench import MINI, Bench
+from tests.kms.engine_bench import SHARED, Bench
 
-SHARED = (
-    MINI
-    + """
-[[nodes]]
-id = 6
-name = "ukms-b2"
-site = "B2 (user site)"
-role = "ukms"
-
-[[links]]
-a = 4
-b = 6
-length_km = 10.0
-
-[[saes]]
-id = "sae-e"
-node = 5
-user = "user-gcm"
-contract = "contract-gcm"
-
-[[saes]]
-id = "sae-f"
-node = 6
-user = "user-gcm"
-contract = "contract-gcm"
-
-[[saes]]
-id = "sae-g"
-node = 1
-user = "user-gcm"
-contract = "contract-gcm"
-"""
-)
 UKMS_A, AKMS_A, AKMS_B, UKMS_B, UKMS_B2 = 1, 2, 4, 5, 6
 
 
