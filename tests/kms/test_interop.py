@@ -6,8 +6,9 @@ the KME's certificate (with its host name) against the network's CA. The third-p
 client ``etsi-qkd-014-client`` is exercised in ``test_net_processes.py``.
 
 The network is the smallest with a relay between two user sites (UKMS, AKMS, AKMS, UKMS),
-started by ``qkdn net up`` like DemoQuanDT: the 014 server is the same, and four processes
-start faster than sixteen.
+plus a second user site behind the western access node (for keys shared with two slave
+SAEs, Annex B), started by ``qkdn net up`` like DemoQuanDT: the 014 server is the same, and
+five processes start faster than sixteen.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -23,6 +26,9 @@ import pytest
 from tests.kms.conftest import Net, qkdn, running_net
 
 MASTER, SLAVE = "sae-east-1", "sae-west-1"
+SLAVE_2, THIRD = "sae-west-2", "sae-west-3"
+"""A second slave at another UKMS behind the same access node; a third SAE of the user
+at the first slave's UKMS."""
 TOPOLOGY = """
 [network]
 name = "two-sites"
@@ -73,6 +79,17 @@ a = 3
 b = 4
 length_km = 10.0
 
+[[nodes]]
+id = 5
+name = "ukms-west2"
+site = "West 2 (user site)"
+role = "ukms"
+
+[[links]]
+a = 3
+b = 5
+length_km = 10.0
+
 [[users]]
 id = "encryptors"
 name = "one SAE at each site"
@@ -91,6 +108,18 @@ contract = "encryptors-2026"
 
 [[saes]]
 id = "sae-west-1"
+node = 4
+user = "encryptors"
+contract = "encryptors-2026"
+
+[[saes]]
+id = "sae-west-2"
+node = 5
+user = "encryptors"
+contract = "encryptors-2026"
+
+[[saes]]
+id = "sae-west-3"
 node = 4
 user = "encryptors"
 contract = "encryptors-2026"
@@ -187,3 +216,44 @@ def test_curl_speaks_tls_12_and_13_and_hears_why_it_is_refused(saes):
         assert done.returncode == 0 and json.loads(done.stdout)["slave_SAE_ID"] == SLAVE, done
     refused = curl_tls(master, "--tlsv1.3", cert=False)
     assert refused.returncode != 0 and "certificate required" in refused.stderr, refused.stderr
+
+
+def test_keys_shared_with_two_slaves_are_fetched_once_by_each_and_by_no_one_else(saes):
+    """Issue 16 A7 (Annex B): the master names a second slave at another UKMS; both slaves
+    fetch identical bits (one with curl, one with etsi-qkd-014-client), each once; a third
+    SAE of the user gets 401 (§5.4), and so does a slave asking twice."""
+    master, slave, slave_2, third = saes[MASTER], saes[SLAVE], saes[SLAVE_2], saes[THIRD]
+    code, status = curl(master, f"/{SLAVE}/status")
+    assert code == 200 and status["max_SAE_ID_count"] >= 1, status
+    body = {"number": 2, "size": 256, "additional_slave_SAE_IDs": [SLAVE_2]}
+    code, issued = curl(master, f"/{SLAVE}/enc_keys", body)
+    assert code == 200 and len(issued["keys"]) == 2, issued
+    ids = [k["key_ID"] for k in issued["keys"]]
+    wanted = {"key_IDs": [{"key_ID": i} for i in ids]}
+    code, first = curl(slave, f"/{MASTER}/dec_keys", wanted)
+    assert code == 200 and first["keys"] == issued["keys"], first
+    for key in issued["keys"]:  # the second slave, through its own UKMS, unmodified client
+        out = qkd014(slave_2, "get_key_with_id", key["key_ID"], MASTER)
+        assert f"Key id : {key['key_ID']}" in out and f"Key : {key['key']}" in out, out
+    code, err = curl(third, f"/{MASTER}/dec_keys", wanted)
+    assert code == 401 and set(err) == {"message", "details"}, err
+    for who in (slave, slave_2):
+        code, err = curl(who, f"/{MASTER}/dec_keys?key_ID={ids[0]}")
+        assert code == 401, err  # each slave fetches a key once
+    assert "Response code : 401" in qkd014(slave_2, "get_key_with_id", ids[1], MASTER)
+    # a slave the master is not paired with, or named twice: refused before any key is made
+    for also, status_code in (([MASTER], 400), ([SLAVE_2, SLAVE_2], 400), (["sae-nowhere"], 401)):
+        body = {"additional_slave_SAE_IDs": also}
+        code, err = curl(master, f"/{SLAVE}/enc_keys", body)
+        assert code == status_code and set(err) == {"message", "details"}, (also, err)
+
+
+def qkd014(sae: dict[str, Any], *args: str) -> str:
+    """``etsi-qkd-014-client`` (PyPI), unmodified, as ``sae``; its standard output."""
+    client = Path(sys.executable).with_name("qkd014-client")
+    if not client.exists():
+        pytest.fail("etsi-qkd-014-client is a dev dependency; it should be installed")
+    host = sae["etsi014_base_url"].split("://", 1)[1].split("/", 1)[0]
+    command = [str(client), "-H", host, "-c", sae["cert"], "-k", sae["key"], "-r", sae["ca_cert"]]
+    done = subprocess.run([*command, *args], capture_output=True, text=True, timeout=60)
+    return done.stdout
