@@ -252,7 +252,9 @@ class KmsNode:
         if "ukms" in self.engines and "etsi014" in self.config.listen:
             api = Etsi014Api(UkmsKeyService(self))
             versions = tuple(self.config.etsi014.tls_versions)
-            h1 = H1Server(api.handle, sae_server_context(*self._tls, ("http/1.1",), versions))
+            alpn = ("h2", "http/1.1")  # HTTP/2 for SAEs that multiplex, on the same port
+            ctx = sae_server_context(*self._tls, alpn, versions)
+            h1 = H1Server(api.handle, ctx, h2=True)
             await h1.start(*split_host_port(self.config.listen["etsi014"]))
             self._servers.append(h1)
         now = self._loop.time()

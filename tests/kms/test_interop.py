@@ -17,6 +17,7 @@ import json
 import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -257,3 +258,47 @@ def qkd014(sae: dict[str, Any], *args: str) -> str:
     command = [str(client), "-H", host, "-c", sae["cert"], "-k", sae["key"], "-r", sae["ca_cert"]]
     done = subprocess.run([*command, *args], capture_output=True, text=True, timeout=60)
     return done.stdout
+
+
+def curl_many(sae: dict[str, Any], paths: list[str], *options: str) -> list[tuple[str, int, Any]]:
+    """Requests as ``sae`` in one curl run (with ``--parallel``: streams of one connection
+    when HTTP/2 is chosen); (HTTP version, status, parsed JSON body) for each, in order."""
+    args = ["curl", "--silent", "--show-error", "--max-time", "30", *options]
+    args += ["--cert", sae["cert"], "--key", sae["key"], "--cacert", sae["ca_cert"]]
+    args += ["--write-out", "%{filename_effective} %{http_version} %{http_code}\n"]
+    with tempfile.TemporaryDirectory() as tmp:
+        for n, path in enumerate(paths):
+            args += ["--output", f"{tmp}/{n}.json", sae["etsi014_base_url"] + path]
+        done = subprocess.run(args, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, f"curl exit {done.returncode}: {done.stderr}"
+        seen = dict(line.split(" ", 1) for line in done.stdout.splitlines())
+        out = []
+        for n in range(len(paths)):
+            name = f"{tmp}/{n}.json"
+            version, code = seen[name].split()
+            out.append((version, int(code), json.loads(Path(name).read_text())))
+    return out
+
+
+def test_curl_speaks_http2_and_http11_on_the_same_port(saes):
+    """Issue 16 A9: HTTP/2 by ALPN beside HTTP/1.1 on the 014 port. Several enc_keys on
+    the streams of one HTTP/2 connection; the slave fetches over HTTP/2 and over HTTP/1.1,
+    the same bits, each key once."""
+    master, slave = saes[MASTER], saes[SLAVE]
+    paths = [f"/{SLAVE}/enc_keys?number={n}" for n in (1, 2, 3, 2)]
+    issued = curl_many(master, paths, "--http2", "--parallel", "--parallel-immediate")
+    assert [(v, c) for v, c, _ in issued] == [("2", 200)] * 4, issued
+    keys = [k for _, _, doc in issued for k in doc["keys"]]
+    assert len({k["key_ID"] for k in keys}) == 8
+    h2_half, h1_half = keys[:4], keys[4:]
+    fetched = curl_many(slave, [f"/{MASTER}/dec_keys?key_ID={k['key_ID']}" for k in h2_half],
+                        "--http2", "--parallel")  # fmt: skip
+    assert [(v, c) for v, c, _ in fetched] == [("2", 200)] * 4, fetched
+    assert [doc["keys"][0] for _, _, doc in fetched] == h2_half
+    for key in h1_half:
+        ((version, code, doc),) = curl_many(
+            slave, [f"/{MASTER}/dec_keys?key_ID={key['key_ID']}"], "--http1.1"
+        )
+        assert (version, code, doc["keys"]) == ("1.1", 200, [key]), doc
+    again = curl_many(slave, [f"/{MASTER}/dec_keys?key_ID={h2_half[0]['key_ID']}"], "--http2")
+    assert [(v, c) for v, c, _ in again] == [("2", 401)]  # released once written over HTTP/2
