@@ -458,3 +458,22 @@ class OneSlaveWorld(World):
 def test_an_additional_slave_left_without_its_copies_is_flagged(shared_topology: Any) -> None:
     _, found = first_flagged(lambda seed: OneSlaveWorld(seed, topology=shared_topology, shared=1.0))
     assert any("lost" in f for f in found), found
+
+
+def test_a_stock_with_two_saes_of_a_user_at_one_ukms_settles(shared_topology: Any) -> None:
+    """Two SAEs of a user at one UKMS (and two UKMSs behind one access node): the network
+    makes no keys between them, so they get no stock. Before, their refills failed and were
+    tried again for ever, each failure pausing every refill: the UKMS never settled (it
+    still waited when the schedule ended) and other pairs' stocks refilled late."""
+    failures = []
+    for seed in range(24):
+        policy = Policy(patience=2.0, stock=4, mode=(Mode.GCM, Mode.OTP)[seed % 2])
+        world = World(seed, topology=shared_topology, policy=policy)
+        found = violations(world.run(), world.faults)
+        if found:
+            failures.append(f"seed {seed}: {found[:2]}")
+    assert not failures, "\n".join(failures)
+    sessions = world.net.sessions[1]  # ukms-a serves sae-a and sae-g
+    assert ("sae-a", "sae-g") not in sessions.master_pairs()
+    assert ("sae-a", "sae-b") in sessions.master_pairs()
+    assert sessions.session_014("sae-a", "sae-g") is not None  # still a pair, unstocked
