@@ -19,6 +19,8 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from appliance.net import h2core
 from appliance.net.h2 import EDGE, EdgeSession, H2Client, Request, Response, TransportError
@@ -268,3 +270,32 @@ def test_the_project_client_fails_cleanly_on_a_refused_stream(pki):
             await server.close()
 
     asyncio.run(run())
+
+
+# -- fuzzing -----------------------------------------------------------------------------------
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.binary(max_size=64), max_size=8), st.booleans())
+def test_arbitrary_bytes_after_the_preface_never_raise_out_of_the_session(pieces, settings_first):
+    """Whatever an SAE sends on an HTTP/2 connection, the session answers, resets streams
+    or closes the connection with GOAWAY: nothing escapes ``data_received``."""
+
+    async def run() -> None:
+        server = edge_server_plain()
+        transport = FakeTransport("sae-1")
+        session = EdgeSession(server, server)
+        session.connection_made(transport)
+        empty_settings = b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+        session.data_received(h2core.PREFACE + (empty_settings if settings_first else b""))
+        for piece in pieces:
+            if transport.closed:
+                break
+            session.data_received(piece)
+        for _ in range(5):
+            await asyncio.sleep(0)
+        session.connection_lost(None)
+
+    asyncio.run(run())
+
+
+def edge_server_plain() -> H1Server:
+    return H1Server(whoami, ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER), h2=True)
