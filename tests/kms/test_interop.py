@@ -27,9 +27,9 @@ import pytest
 from tests.kms.conftest import Net, qkdn, running_net
 
 MASTER, SLAVE = "sae-east-1", "sae-west-1"
-SLAVE_2, THIRD = "sae-west-2", "sae-west-3"
-"""A second slave at another UKMS behind the same access node; a third SAE of the user
-at the first slave's UKMS."""
+SLAVE_2, SLAVE_3, THIRD = "sae-west-2", "sae-east-2", "sae-west-3"
+"""Additional slaves: one at another UKMS behind the first slave's access node, one at the
+master's own UKMS; and a third SAE of the user at the first slave's UKMS, never named."""
 TOPOLOGY = """
 [network]
 name = "two-sites"
@@ -122,6 +122,12 @@ contract = "encryptors-2026"
 [[saes]]
 id = "sae-west-3"
 node = 4
+user = "encryptors"
+contract = "encryptors-2026"
+
+[[saes]]
+id = "sae-east-2"
+node = 1
 user = "encryptors"
 contract = "encryptors-2026"
 """
@@ -219,26 +225,27 @@ def test_curl_speaks_tls_12_and_13_and_hears_why_it_is_refused(saes):
     assert refused.returncode != 0 and "certificate required" in refused.stderr, refused.stderr
 
 
-def test_keys_shared_with_two_slaves_are_fetched_once_by_each_and_by_no_one_else(saes):
-    """Issue 16 A7 (Annex B): the master names a second slave at another UKMS; both slaves
-    fetch identical bits (one with curl, one with etsi-qkd-014-client), each once; a third
-    SAE of the user gets 401 (§5.4), and so does a slave asking twice."""
+def test_keys_shared_with_more_slaves_are_fetched_once_by_each_and_by_no_one_else(saes):
+    """Issue 16 A7 (Annex B): the master names two more slaves, at two other UKMSs (one of
+    them its own); all three fetch identical bits (with curl and with etsi-qkd-014-client),
+    each once; a third SAE of the user gets 401 (§5.4), and so does a slave asking twice."""
     master, slave, slave_2, third = saes[MASTER], saes[SLAVE], saes[SLAVE_2], saes[THIRD]
     code, status = curl(master, f"/{SLAVE}/status")
-    assert code == 200 and status["max_SAE_ID_count"] >= 1, status
-    body = {"number": 2, "size": 256, "additional_slave_SAE_IDs": [SLAVE_2]}
+    assert code == 200 and status["max_SAE_ID_count"] >= 2, status
+    body = {"number": 2, "size": 256, "additional_slave_SAE_IDs": [SLAVE_2, SLAVE_3]}
     code, issued = curl(master, f"/{SLAVE}/enc_keys", body)
     assert code == 200 and len(issued["keys"]) == 2, issued
     ids = [k["key_ID"] for k in issued["keys"]]
     wanted = {"key_IDs": [{"key_ID": i} for i in ids]}
-    code, first = curl(slave, f"/{MASTER}/dec_keys", wanted)
-    assert code == 200 and first["keys"] == issued["keys"], first
+    for who in (slave, saes[SLAVE_3]):
+        code, got = curl(who, f"/{MASTER}/dec_keys", wanted)
+        assert code == 200 and got["keys"] == issued["keys"], got
     for key in issued["keys"]:  # the second slave, through its own UKMS, unmodified client
         out = qkd014(slave_2, "get_key_with_id", key["key_ID"], MASTER)
         assert f"Key id : {key['key_ID']}" in out and f"Key : {key['key']}" in out, out
     code, err = curl(third, f"/{MASTER}/dec_keys", wanted)
     assert code == 401 and set(err) == {"message", "details"}, err
-    for who in (slave, slave_2):
+    for who in (slave, slave_2, saes[SLAVE_3]):
         code, err = curl(who, f"/{MASTER}/dec_keys?key_ID={ids[0]}")
         assert code == 401, err  # each slave fetches a key once
     assert "Response code : 401" in qkd014(slave_2, "get_key_with_id", ids[1], MASTER)

@@ -78,11 +78,10 @@ def test_a_plain_request_still_names_no_additional_slave(bench):
     assert [len(m.decode(t.body, m.CnRequest).also) for t in b.sent(m.Tagged, AKMS_A)] == [0, 0]
 
 
-@pytest.mark.parametrize("also", [("sae-g",), ("sae-e",), ("sae-f", "sae-e")])
+@pytest.mark.parametrize("also", [("sae-e",), ("sae-f", "sae-e")])
 def test_slaves_that_cannot_share_are_refused_before_anything_is_drawn(bench, also):
-    """Keys are made at one access node and cross the network once: slaves whose UKMSs
-    hang off different access nodes (sae-g), or two slaves at one UKMS (sae-b, sae-e: its
-    store holds a key ID once) cannot share a request (400, the contract's limits)."""
+    """Two slaves at one UKMS (sae-b, sae-e: its store holds a key ID once) cannot share a
+    request (400, the contract's limits)."""
     b = bench
     req = enc(b, "sae-b", also)
     assert isinstance(b.outcome("sae-a", req), SaeRefused)
@@ -108,3 +107,38 @@ def test_one_slave_whose_copies_cannot_be_stored_fails_the_request(bench):
     req = enc(b, "sae-b", ("sae-f",))
     assert isinstance(b.outcome("sae-a", req), SaeRefused)
     assert b.waiting() == {}
+
+
+def test_a_slave_behind_the_masters_access_node_gets_its_copies_from_there(bench):
+    """sae-g sits at the master's own UKMS: AKMS A delivers its copies (the keys crossed
+    the network once, to AKMS A) before it answers the master's UKMS."""
+    b = bench
+    req = enc(b, "sae-b", ("sae-f", "sae-g"))
+    keys = b.keys("sae-a", req)
+    ids = [k for k, _ in keys]
+    (tagged,) = [t for t in b.sent(m.Tagged, AKMS_A) if m.decode(t.body, m.CnRequest).also]
+    assert [x.slave for x in m.decode(tagged.body, m.CnRequest).also] == ["sae-f"]
+    (here,) = b.sent(m.Deliver, AKMS_A, "akms")
+    assert (here.master, here.slave) == ("sae-a", "sae-g")
+    for slave in ("sae-b", "sae-f", "sae-g"):
+        assert b.keys(slave, b.dec(slave, "sae-a", ids)) == keys
+    assert b.waiting() == {}
+
+
+def test_a_local_slave_whose_copies_cannot_be_stored_fails_the_request(bench):
+    b = bench
+    b.refuse(b.request_to(UKMS_A, "ukms", m.Deliver), StoreFull("full"))
+    req = enc(b, "sae-b", ("sae-g",))
+    assert isinstance(b.outcome("sae-a", req), SaeRefused)
+    assert b.sent(m.KsaAnswer) == []  # the master's UKMS got nothing
+    assert b.waiting() == {}
+
+
+def test_a_first_slave_behind_the_masters_access_node_shares_with_no_one(bench):
+    """Keys for sae-g (the master's UKMS) cross no network: no slave can share them."""
+    b = bench
+    req = enc(b, "sae-g", ("sae-b",))
+    assert isinstance(b.outcome("sae-a", req), SaeRefused)
+    (denial,) = b.actions(Refuse, AKMS_A, "akms")
+    assert isinstance(denial.error, Denied) and denial.error.why is Denial.LIMITS
+    assert b.draws == []

@@ -26,7 +26,7 @@ import hmac
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from appliance.kms import channel, keyids, ksa
 from appliance.kms import messages as m
@@ -95,6 +95,10 @@ class Asking:
     reopened: bool = False
     then: Callable[[bytearray | KmsError], list[Action]] | None = None
     """A re-key's continuation: the new channel key, or why there is none."""
+    local: list[m.SlaveAt] = field(default_factory=list)
+    """Additional slaves behind this access node: their copies are delivered from here."""
+    deliveries: int = 0
+    """Of those, copies not yet stored at their UKMSs."""
 
 
 @dataclass(eq=False, slots=True)
@@ -204,10 +208,10 @@ class AkmsEngine(EngineBase):
             return []
         done = [v for v in verdicts if v is not None]
         denied = next((v.denied for v in done if v.denied is not None), None)
-        if denied is None and not _can_share(done):
+        if denied is None and not _can_share(done, self.me):
             denied = Denied(
-                "the slave SAEs of one request must be served through one access point, "
-                "each at a user node of its own",
+                "the slave SAEs of one request must be served through the access point of "
+                "the first slave or of the master, each at a user node of its own",
                 why=Denial.LIMITS,
             )
         if denied is not None:
@@ -215,7 +219,9 @@ class AkmsEngine(EngineBase):
         extra = [
             m.SlaveAt(slave=s, ukms=v.ukms_b) for s, v in zip(request.also, done[1:], strict=True)
         ]
-        return self._validated(a, request, done[0], extra)
+        a.local = [x for x, v in zip(extra, done[1:], strict=True) if v.akms_b == self.me]
+        remote = [x for x in extra if x not in a.local]
+        return self._validated(a, request, done[0], remote)
 
     def _validated(
         self, a: Asking, request: m.KsaRequest, verdict: Verdict, extra: list[m.SlaveAt]
@@ -311,6 +317,57 @@ class AkmsEngine(EngineBase):
             return out + self._a_failed(a, exc)
         if a.table is REKEY:
             return out + self._rekeyed(a)
+        if a.local:
+            return out + self._deliver_here(a)
+        return out + self._seal_for_ukms(a)
+
+    def _deliver_here(self, a: Asking) -> list[Action]:
+        """Additional slaves behind this access node: their copies go to their UKMSs from
+        here, side by side, before the master's UKMS gets the keys."""
+        assert a.request is not None and a.request.master is not None and a.batch is not None
+        master, out = a.request.master, []
+        a.deliveries = len(a.local)
+        for extra in a.local:
+            copy = bytearray(a.batch)
+
+            def answered(event: Input, copy: bytearray = copy) -> list[Action]:
+                erase(copy)
+                if a.state is not S.SEALING:  # failed meanwhile
+                    return []
+                if isinstance(event, CallFailed):
+                    return self._a_failed(a, event.error)
+                a.deliveries -= 1
+                return self._seal_for_ukms(a) if a.deliveries == 0 else []
+
+            def sealed(
+                message: bytes, extra: m.SlaveAt = extra, then: Any = answered
+            ) -> list[Action]:
+                deliver = m.Deliver(
+                    master=master,
+                    slave=extra.slave,
+                    sealed=message,
+                    epoch=self.links[extra.ukms].epoch,
+                )
+                return [self.call((extra.ukms, "ukms"), deliver, then)]
+
+            def failed(exc: KmsError, copy: bytearray = copy) -> list[Action]:
+                erase(copy)
+                return self._a_failed(a, exc)
+
+            job = SealJob(
+                peer=extra.ukms,
+                hop=self.hop(extra.ukms, a.request_id, 0, a.mode),
+                payload=copy,
+                deadline=self.now + self.policy.patience,
+                then=sealed,
+                fail=failed,
+            )
+            out += self.seal_for(job)
+        return out
+
+    def _seal_for_ukms(self, a: Asking) -> list[Action]:
+        """The keys, sealed for the master's UKMS under our link's keys."""
+        assert a.batch is not None
         job = SealJob(
             peer=a.ukms,
             hop=self.hop(a.ukms, a.request_id, 0, a.mode),
@@ -319,7 +376,7 @@ class AkmsEngine(EngineBase):
             then=lambda sealed: self._a_sealed(a, sealed),
             fail=lambda exc: self._a_failed(a, exc),
         )
-        return out + self.seal_for(job)
+        return self.seal_for(job)
 
     def _a_sealed(self, a: Asking, sealed: bytes) -> list[Action]:
         AKMS_A.advance(a, I.SEALED)
@@ -667,14 +724,17 @@ class _Opening:
     state: S
 
 
-def _can_share(verdicts: list[Verdict]) -> bool:
-    """Whether the slaves of one request can share its keys. The keys are made at one
-    access node and cross the network once, so every slave's copies leave from there: the
-    slaves' UKMSs must all hang off it, with one relay mode. And each slave's UKMS must be
-    its own: a UKMS's store holds a key ID once (one session per key)."""
+def _can_share(verdicts: list[Verdict], me: int) -> bool:
+    """Whether the slaves of one request can share its keys. The keys are made at the
+    first slave's access node and cross the network once, to the master's (``me``): every
+    slave's copies leave from one of the two, so each slave's UKMS must hang off one of
+    them (the first slave's across the network), with one relay mode. And each slave's UKMS
+    must be its own: a UKMS's store holds a key ID once (one session per key)."""
     first = verdicts[0]
-    same = all((v.akms_b, v.mode) == (first.akms_b, first.mode) for v in verdicts)
-    return same and len({v.ukms_b for v in verdicts}) == len(verdicts)
+    ends = (first.akms_b, me)
+    fits = all(v.akms_b in ends and v.mode == first.mode for v in verdicts)
+    crosses = len(verdicts) == 1 or first.akms_b != me
+    return fits and crosses and len({v.ukms_b for v in verdicts}) == len(verdicts)
 
 
 def _wire_mode(mode: Mode) -> Literal["OTP", "GCM"]:

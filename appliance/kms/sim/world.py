@@ -667,14 +667,15 @@ class World:
 
     def _also(self, master: str, slave: str) -> tuple[str, ...]:
         """Additional slaves for master -> slave: SAEs of the user at other UKMSs behind
-        the slave's access node (at most one per UKMS), sometimes one it cannot share."""
+        the slave's or the master's access node (at most one per UKMS)."""
         akms_of = self.validator.akms_of
         first = self.saes[slave]
+        ends = (akms_of(first.node), akms_of(self.saes[master].node))
         taken, also = {first.node}, []
         for sae in self.saes.values():
             if sae.user != first.user or sae.id in (master, slave) or sae.node in taken:
                 continue
-            if akms_of(sae.node) == akms_of(first.node) and self.rand.random() < 0.8:
+            if akms_of(sae.node) in ends and self.rand.random() < 0.8:
                 taken.add(sae.node)
                 also.append(sae.id)
         return tuple(also)
