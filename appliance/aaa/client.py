@@ -290,8 +290,9 @@ class AaaValidator:
     ) -> None:
         self.client, self.clock, self.outbox = client, clock, outbox
         self.wallet = Wallet()
-        self._open: dict[int, tuple[ValidationQuery, Spent]] = {}
-        """Requests allowed and not yet completed, by the AKMS's request number."""
+        self._open: dict[int, list[tuple[ValidationQuery, Spent]]] = {}
+        """Requests allowed and not yet completed, by the AKMS's request number (one
+        entry per slave: a request with additional slaves is validated for each)."""
         self._wake = asyncio.Event()
         self._sender: asyncio.Task[None] | None = None
         self.reported = 0
@@ -356,7 +357,7 @@ class AaaValidator:
         """A refusal is reported at once; an allowed request when it completes. If the
         outbox cannot take the report, the request is refused (no unaccounted keys)."""
         if isinstance(result, Spent):
-            self._open[query.req] = (query, result)
+            self._open.setdefault(query.req, []).append((query, result))
             return result
         try:
             self._report(query, "refused", reason=result.reason)
@@ -367,10 +368,13 @@ class AaaValidator:
     def completed(self, req: int, ok: bool) -> None:
         """The AKMS is about to answer request ``req``: with keys (``ok``) or an error.
         Called before the answer leaves, so that the report is on disk first."""
-        found = self._open.pop(req, None)
-        if found is None or self.outbox is None:
+        found = self._open.pop(req, [])
+        if self.outbox is None:
             return
-        query, spent = found
+        for query, spent in found:  # each slave's pair is accounted for
+            self._completed(query, spent, ok)
+
+    def _completed(self, query: ValidationQuery, spent: Spent, ok: bool) -> None:
         if not ok:
             self.wallet.unspend(query.master, query.slave, spent, query.number, query.size)
         try:

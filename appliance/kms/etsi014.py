@@ -95,6 +95,7 @@ class Limits:
     max_key_size: int = 1024
     min_key_size: int = 64
     max_sae_id_count: int = 0
+    """Additional slave SAEs an enc_keys may name (Annex B)."""
 
 
 class KeyService(Protocol):
@@ -111,9 +112,10 @@ class KeyService(Protocol):
         """Keys ready for this pair."""
 
     async def enc_keys(
-        self, master: str, slave: str, number: int, size: int
+        self, master: str, slave: str, number: int, size: int, *, also: tuple[str, ...] = ()
     ) -> list[tuple[str, bytes]]:
-        """``number`` new keys of ``size`` bits for master -> slave (KeyUnavailable if none)."""
+        """``number`` new keys of ``size`` bits for master -> slave, and the same keys for
+        each slave in ``also`` (KeyUnavailable if none)."""
 
     async def dec_keys(
         self, slave: str, master: str, key_ids: list[str]
@@ -275,13 +277,7 @@ class Etsi014Api:
                 f"size must be between {lim.min_key_size} and {lim.max_key_size} bits, got {size}"
             )
             raise bad("size", message, "out of range")
-        extra = params.get("additional_slave_SAE_IDs", [])
-        if not isinstance(extra, list) or not all(isinstance(x, str) for x in extra):
-            message = "additional_slave_SAE_IDs must be a list of SAE IDs"
-            raise bad("additional_slave_SAE_IDs", message, "not a list of strings")
-        if len(extra) > lim.max_sae_id_count:
-            message = f"at most {lim.max_sae_id_count} additional slave SAE IDs are supported"
-            raise bad("additional_slave_SAE_IDs", message, f"{len(extra)} given")
+        extra = await self._additional_slaves(master, slave, params, lim, number, size)
         mandatory = params.get("extension_mandatory", [])
         if not isinstance(mandatory, list):
             message = "extension_mandatory must be a list of objects"
@@ -289,8 +285,36 @@ class Etsi014Api:
         if mandatory:  # this KME supports no extension parameter
             names = [_name(e) for e in mandatory[:16]]
             raise ApiError(400, MSG_EXTENSIONS, [{"extension_mandatory_unsupported": names}])
-        keys = await self.service.enc_keys(master, slave, number, size)
+        if extra:
+            keys = await self.service.enc_keys(master, slave, number, size, also=tuple(extra))
+        else:
+            keys = await self.service.enc_keys(master, slave, number, size)
         return _json(200, {"keys": [_key(k, v) for k, v in keys]})
+
+    async def _additional_slaves(
+        self, master: str, slave: str, params: dict[str, Any], lim: Limits, number: int, size: int
+    ) -> list[str]:
+        """Annex B's ``additional_slave_SAE_IDs``: at most ``max_SAE_ID_count`` SAE IDs,
+        none of them the master, the slave or another twice, each paired with the master
+        under a contract that allows this request (else 401, as for the slave itself)."""
+        name = "additional_slave_SAE_IDs"
+        extra = params.get(name, [])
+        if not isinstance(extra, list) or not all(isinstance(x, str) for x in extra):
+            raise bad(name, f"{name} must be a list of SAE IDs", "not a list of strings")
+        if len(extra) > lim.max_sae_id_count:
+            message = f"at most {lim.max_sae_id_count} additional slave SAE IDs are supported"
+            raise bad(name, message, f"{len(extra)} given")
+        if len({master, slave, *extra}) != len(extra) + 2:
+            message = f"{name} repeats an SAE ID, or names the master or the slave"
+            raise bad(name, message, "each additional slave SAE must be another SAE, once")
+        for other in extra:
+            if len(other) > MAX_SAE_ID or _CONTROL.search(other):
+                raise bad(name, f"{name} holds a malformed SAE ID", "at most 256 characters")
+            theirs = await self._limits(master, other)
+            if number > theirs.max_key_per_request or not size <= theirs.max_key_size:
+                message = f"the request exceeds the limits of SAE {_show(other)}'s contract"
+                raise bad(name, message, "out of range")
+        return extra
 
     async def _dec_keys(self, slave: str, master: str, params: dict[str, Any]) -> Response:
         await self._limits(master, slave, caller_is_master=False)

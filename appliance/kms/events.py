@@ -120,7 +120,8 @@ class TimerFired:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class SaeEncKeys:
     """ETSI 014 enc_keys at a UKMS: ``number`` keys of ``size`` bits for master -> slave
-    (with ``stream``: the next chunks of an ETSI 004 key stream, made end to end)."""
+        (with ``stream``: the next chunks of an ETSI 004 key stream; with ``also``: keys shared
+    with more slaves; both made end to end, never from the stock)."""
 
     req: int
     master: str
@@ -128,6 +129,8 @@ class SaeEncKeys:
     number: int
     size: int
     stream: StreamTag | None = None
+    also: tuple[str, ...] = ()
+    """Additional slaves that get copies of the same keys (ETSI 014 Annex B)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -30,6 +30,14 @@ canonical: the type first, then the fields in declaration order, every one prese
 whose key order could vary), so one message has one encoding, and a decoder accepts only
 that one.
 
+**Versions.** A field added to a message comes after the existing ones, with a default
+that means what the message meant before it (``None``, ``False``, an empty list: ``stream``,
+``also``), and ``v`` stays 1: a message that does not use the new field means exactly what
+it did. Every node encodes every field, so a node of an older release refuses a message
+with the new field (``KMS-MSG-FIELD``, an unknown field): it fails closed, never reading a
+request for one slave where several were meant. A change that alters what an existing
+field means needs ``v`` 2.
+
 **Never.** Key material travels only in the fields that hold sealed bytes (under link keys
 or a CN key) and in ``cn_key`` of the two local hand-overs between the processes of one
 access node (:class:`RelayLocal`, :class:`CnLocal`): those decode to ``bytearray`` so the
@@ -78,6 +86,8 @@ TAGGED_BODY_MAX = SEALED_BATCH_MAX + 64
 """The encoded :class:`CnAnswer` (or :class:`CnRequest`) inside a :class:`Tagged`."""
 MAX_RELAY_ITEMS = 256
 """Hop messages in one relay batch (``RelayBatcher.MAX_ITEMS``)."""
+MAX_SLAVES = 8
+"""Additional slave SAEs one request may name (ETSI 014 Annex B ``max_SAE_ID_count``)."""
 MAX_GRANT = 4096
 """Link key IDs a master grants in one answer."""
 MAX_LINKS = 1024
@@ -145,6 +155,15 @@ class StreamTag(Part, frozen=True, kw_only=True):
     """Seconds the slave's UKMS keeps the chunks (the stream's TTL)."""
 
 
+Slaves = Annotated[list[Name], Meta(max_length=MAX_SLAVES)]
+
+
+def _distinct_slaves(master: str | None, slave: str | None, also: list[str]) -> None:
+    """The additional slaves differ from each other, from the slave and from the master."""
+    if also and len({master, slave, *also}) != len(also) + 2:
+        raise ValueError("additional slaves repeat an SAE of the request")
+
+
 class KsaRequest(Message, frozen=True, kw_only=True):
     """UKMS A asks its AKMS for KSA keys for an SAE pair."""
 
@@ -163,6 +182,15 @@ class KsaRequest(Message, frozen=True, kw_only=True):
     be sealed with keys it can still read (the AKMS drops the ones it was sending with)."""
     stream: StreamTag | None = None
     """For an ETSI 004 key stream: which, and the index of the first key."""
+    also: Slaves = []
+    """Additional slave SAEs that receive copies of the same keys (ETSI 014 Annex B
+    ``additional_slave_SAE_IDs``), none of them the master, the slave or another twice;
+    never with ``stream``."""
+
+    def __post_init__(self) -> None:
+        _distinct_slaves(self.master, self.slave, self.also)
+        if self.also and self.stream is not None:
+            raise ValueError("a 004 stream has one slave")
 
 
 class KsaAnswer(Message, frozen=True, kw_only=True):
@@ -188,6 +216,15 @@ class Tagged(Message, frozen=True, kw_only=True):
     """The encoded inner message (:class:`CnRequest` or :class:`CnAnswer`)."""
 
 
+class SlaveAt(Part, frozen=True, kw_only=True):
+    """An additional slave SAE of a request, and the UKMS that serves it."""
+
+    slave: Name
+    """Its SAE ID."""
+    ukms: NodeId
+    """Its UKMS, to deliver its copies to."""
+
+
 class CnRequest(Message, frozen=True, kw_only=True):
     """AKMS A asks AKMS B to make keys and relay their CN key back to it."""
 
@@ -211,11 +248,16 @@ class CnRequest(Message, frozen=True, kw_only=True):
     """The access node the CN key is relayed to (the caller)."""
     stream: StreamTag | None = None
     """For an ETSI 004 key stream (``ksa`` only): key IDs derive from it."""
+    also: Annotated[list[SlaveAt], Meta(max_length=MAX_SLAVES)] = []
+    """Additional slaves that receive copies of the same keys (``ksa`` only, no stream)."""
 
     def __post_init__(self) -> None:
         named = [x is not None for x in (self.master, self.slave, self.ukms_b)]
         if named != [self.purpose == "ksa"] * 3:
             raise ValueError("a ksa CnRequest names master, slave and ukms_b; a channel one none")
+        if self.also and (self.purpose != "ksa" or self.stream is not None):
+            raise ValueError("only a ksa CnRequest without a stream has additional slaves")
+        _distinct_slaves(self.master, self.slave, [a.slave for a in self.also])
 
 
 class CnAnswer(Message, frozen=True, kw_only=True):

@@ -252,7 +252,9 @@ class KmsNode:
         if "ukms" in self.engines and "etsi014" in self.config.listen:
             api = Etsi014Api(UkmsKeyService(self))
             versions = tuple(self.config.etsi014.tls_versions)
-            h1 = H1Server(api.handle, sae_server_context(*self._tls, ("http/1.1",), versions))
+            alpn = ("h2", "http/1.1")  # HTTP/2 for SAEs that multiplex, on the same port
+            ctx = sae_server_context(*self._tls, alpn, versions)
+            h1 = H1Server(api.handle, ctx, h2=True)
             await h1.start(*split_host_port(self.config.listen["etsi014"]))
             self._servers.append(h1)
         now = self._loop.time()
@@ -766,6 +768,7 @@ class UkmsKeyService:
             target_kme=target.name,
             key_size=policy.key_size,
             max_key_per_request=policy.max_key_per_request,
+            max_sae_id_count=m.MAX_SLAVES,
         )
         if not (policy.terms_from_akms and caller_is_master):
             return limits
@@ -796,10 +799,10 @@ class UkmsKeyService:
         return self.engine.stored(master, slave)
 
     async def enc_keys(
-        self, master: str, slave: str, number: int, size: int
+        self, master: str, slave: str, number: int, size: int, *, also: tuple[str, ...] = ()
     ) -> list[tuple[str, bytes]]:
         req = self.node.new_req()
-        event = SaeEncKeys(req=req, master=master, slave=slave, number=number, size=size)
+        event = SaeEncKeys(req=req, master=master, slave=slave, number=number, size=size, also=also)
         return _copied(await self.node.sae(event))
 
     async def dec_keys(

@@ -122,7 +122,8 @@ class SessionRegistry(Protocol):
         ...
 
     def master_pairs(self) -> list[tuple[str, str]]:
-        """Every (master, slave) pair whose master is served here (the stocked pairs)."""
+        """Every (master, slave) pair whose master is served here and whose keys cross the
+        network (the stocked pairs)."""
         ...
 
     def pair_of(self, session: str) -> tuple[str, str] | None:
@@ -191,6 +192,14 @@ def _limits(message: str) -> Verdict:
     return Verdict(denied=Denied(message, why=Denial.LIMITS))
 
 
+def _access_nodes(topology: Topology) -> dict[int, int]:
+    """The access node (AKMS) each UKMS hangs off."""
+    return {
+        ukms.id: next((p.id for _, p in topology.neighbours(ukms.id) if "akms" in p.roles), 0)
+        for ukms in topology.nodes_with("ukms")
+    }
+
+
 class TopologySessions:
     """One ETSI 014 session per SAE pair of a user, as the topology registers them."""
 
@@ -200,13 +209,14 @@ class TopologySessions:
         by_user: dict[str, list[Sae]] = {}
         for sae in topology.spec.saes:
             by_user.setdefault(sae.user, []).append(sae)
-        self._pairs = [
-            (m.id, s.id)
+        access = _access_nodes(topology)
+        self._pairs = [  # only pairs whose keys cross the network: a stock for any other
+            (m.id, s.id)  # could never fill, and its refills would retry for ever
             for saes in by_user.values()
             for m in saes
             if m.node == node
             for s in saes
-            if s.id != m.id
+            if s.id != m.id and access.get(s.node) != access.get(m.node)
         ]
 
     def session_014(self, master: str, slave: str) -> str | None:
@@ -222,6 +232,8 @@ class TopologySessions:
         return session_id(master, slave)
 
     def master_pairs(self) -> list[tuple[str, str]]:
+        """The pairs whose master is served here and whose slave sits behind another
+        access node (the pairs keys can be made for ahead of demand)."""
         return list(self._pairs)
 
     def pair_of(self, session: str) -> tuple[str, str] | None:

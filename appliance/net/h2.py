@@ -29,10 +29,12 @@ from appliance.errors import ApplianceError
 from appliance.net.h2core import (
     CANCEL,
     MAX_STREAMS,
+    NODES,
     Connection,
     ConnectionEnded,
     Event,
     H2ProtocolError,
+    Limits,
     MessageReceived,
     StreamReset,
 )
@@ -83,8 +85,8 @@ class _Session(asyncio.Protocol):
     """An HTTP/2 connection on an asyncio TLS transport: feeds the core, writes what it
     produces (one write per batch of received frames), and closes on protocol errors."""
 
-    def __init__(self, *, client_side: bool) -> None:
-        self.core = Connection(client_side=client_side)
+    def __init__(self, *, client_side: bool, limits: Limits = NODES) -> None:
+        self.core = Connection(client_side=client_side, limits=limits)
         self.transport: asyncio.Transport | None = None
         self.peer: str | None = None
         self.closed = False
@@ -193,8 +195,8 @@ class TlsServer:
 class _ServerSession(_Session):
     """One accepted connection: a handler task per complete request."""
 
-    def __init__(self, server: H2Server) -> None:
-        super().__init__(client_side=False)
+    def __init__(self, server: TlsServer, limits: Limits = NODES) -> None:
+        super().__init__(client_side=False, limits=limits)
         self.server = server
         self.tasks: dict[int, asyncio.Task[None]] = {}
         self.draining = False
@@ -229,11 +231,14 @@ class _ServerSession(_Session):
         head = [(":status", str(response.status)), ("content-length", str(len(response.body)))]
         if response.headers:
             head.extend(response.headers.items())
+        written = self.core.answerable(stream_id) and not self.closed
         self.core.send(stream_id, head, response.body)  # a no-op if the stream is gone
         if self.tasks and not response.at_once:  # other answers on their way: send together
             self.flush_soon()
         else:
             self.flush()
+        if response.on_written is not None:
+            response.on_written(written)
         if self.draining and not self.tasks:
             self.close()
 
@@ -429,3 +434,91 @@ class H2Client:
 def _expire(future: asyncio.Future[Response]) -> None:
     if not future.done():
         future.set_exception(TimeoutError())
+
+
+# -- the SAE edge ----------------------------------------------------------------------------
+EDGE = Limits(streams=32, body=1 << 20, header_list=1 << 16, window=1 << 20)
+"""What an SAE's HTTP/2 connection may hold, as its HTTP/1.1 connection may
+(:mod:`appliance.net.http1`): 32 requests at once, 1 MiB of body and 64 KiB of header
+each, and a 1 MiB receive window per stream and for the connection."""
+
+
+class Gate(Protocol):
+    """What the SAE edge server keeps for all its connections (:class:`http1.H1Server`)."""
+
+    request_timeout: float
+    idle_timeout: float
+
+    def admit(self, peer: str | None) -> bool:
+        """Count a connection of ``peer`` (False: it already holds as many as allowed)."""
+        ...
+
+    def release(self, peer: str | None) -> None: ...
+
+    def too_many(self) -> Response:
+        """The answer to every request of a connection beyond the SAE's cap."""
+        ...
+
+
+class EdgeSession(_ServerSession):
+    """An SAE's HTTP/2 connection at the ETSI 014 edge (chosen by ALPN beside HTTP/1.1).
+
+    Bounded like an HTTP/1.1 connection: :data:`EDGE` limits; a connection beyond the
+    SAE's cap answers its first request with the gate's 503 and closes; a connection that
+    sends nothing for ``request_timeout`` while a request is incomplete, or for
+    ``idle_timeout`` while nothing is under way, gets GOAWAY and is closed. A dec_keys
+    answer hears whether it was handed to the connection (``Response.on_written``)."""
+
+    def __init__(self, server: TlsServer, gate: Gate) -> None:
+        super().__init__(server, EDGE)
+        self.gate = gate
+        self.admitted = False
+        self._last = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self.admitted = self.gate.admit(self.peer)
+        self._last = asyncio.get_running_loop().time()
+        self._arm()
+
+    def data_received(self, data: bytes) -> None:
+        self._last = asyncio.get_running_loop().time()
+        super().data_received(data)
+
+    def on_event(self, event: Event) -> None:
+        if isinstance(event, MessageReceived) and not self.admitted:
+            response = self.gate.too_many()
+            head = [(":status", str(response.status)), ("content-type", "application/json")]
+            self.core.send(event.stream_id, head, response.body)
+            self.close()
+            return
+        super().on_event(event)
+
+    def _arm(self) -> None:
+        if not self.closed:
+            wait = min(self.gate.request_timeout, self.gate.idle_timeout)
+            self._timer = asyncio.get_running_loop().call_later(wait, self._check)
+
+    def _check(self) -> None:
+        """Close a connection that keeps a request incomplete, or sits idle, too long."""
+        self._timer = None
+        if self.closed:
+            return
+        quiet = asyncio.get_running_loop().time() - self._last
+        receiving = self.core.open_streams > len(self.tasks)
+        if (receiving and quiet >= self.gate.request_timeout) or (
+            not self.core.open_streams and quiet >= self.gate.idle_timeout
+        ):
+            log.info("SAE HTTP/2 connection closed: too slow or idle", extra={"peer": self.peer})
+            self.close()
+            return
+        self._arm()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        if self._timer is not None:
+            self._timer.cancel()
+        if self.admitted:
+            self.admitted = False
+            self.gate.release(self.peer)

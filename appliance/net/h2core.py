@@ -17,8 +17,9 @@ Rules of this file:
 * Every fault of the peer is either a stream error (RST_STREAM sent, a :class:`StreamReset`
   event, the connection goes on) or a connection error (GOAWAY queued, :class:`H2ProtocolError`
   raised; the connection is dead and later calls do nothing). Never any other exception.
-* Flow control both ways: we open our receive windows to :data:`WINDOW` and top them up when
-  half is used; we never send more DATA than the peer's stream and connection windows allow.
+* Flow control both ways: we open our receive windows to :data:`WINDOW` (or the window of
+  the connection's :class:`Limits`) and top them up when half is used; we never send more
+  DATA than the peer's stream and connection windows allow.
 * HPACK: received header blocks are decoded by :mod:`appliance.net.hpackdec` (dynamic table;
   Huffman through the ``hpack`` library's table). We encode by hand with static-table indices
   and literals without indexing, and never use a dynamic table: our first header block sets
@@ -52,6 +53,24 @@ MAX_STREAM_ID = (1 << 31) - 1
 MAX_WINDOW = (1 << 31) - 1
 DEFAULT_WINDOW = 65_535
 DEFAULT_FRAME = 16_384
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """What a connection accepts from its peer: the defaults suit trusted nodes; the SAE
+    edge, whose clients are not ours, passes tighter ones."""
+
+    streams: int = MAX_STREAMS
+    """Concurrent streams (SETTINGS_MAX_CONCURRENT_STREAMS; more are refused)."""
+    body: int = MAX_BODY
+    """Bytes of one message body (more: the stream is refused or cancelled)."""
+    header_list: int = MAX_HEADER_LIST
+    """Bytes of one decoded header list, and of a header block in transit."""
+    window: int = WINDOW
+    """Our receive window, per stream and for the connection (at least 65,535)."""
+
+
+NODES = Limits()
 
 # Frame types (RFC 9113 §6) and flags.
 DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS = 0, 1, 2, 3, 4
@@ -148,12 +167,12 @@ class _Stream:
         "send_window",
     )
 
-    def __init__(self, send_window: int) -> None:
+    def __init__(self, send_window: int, recv_window: int) -> None:
         self.headers: dict[str, str] | None = None
         self.chunks: list[bytes] = []
         self.received = 0
         self.send_window = send_window
-        self.recv_window = WINDOW
+        self.recv_window = recv_window
         self.remote_done = False
         self.local_done = False
 
@@ -194,8 +213,9 @@ def encode_field(name: str, value: str) -> bytes:
 class Connection:
     """One HTTP/2 connection, client or server side, without I/O (see the rules above)."""
 
-    def __init__(self, *, client_side: bool) -> None:
+    def __init__(self, *, client_side: bool, limits: Limits = NODES) -> None:
         self.client_side = client_side
+        self.limits = limits
         self.closed = False
         self.peer_max_streams = 100
         """What the peer allows; RFC 9113's recommended minimum until its SETTINGS arrive."""
@@ -203,7 +223,7 @@ class Connection:
         self._in = b""
         self._preface = not client_side  # a server first expects the client's preface
         self._settings_seen = False
-        self._decoder = Decoder(max_list_size=MAX_HEADER_LIST)
+        self._decoder = Decoder(max_list_size=limits.header_list)
         self._first_block = True
         self._encoded: dict[tuple[str, str], bytes] = {}
         self._checked: dict[int, tuple[list[tuple[bytes, bytes]], dict[str, str]]] = {}
@@ -215,7 +235,7 @@ class Connection:
         self._send_window = DEFAULT_WINDOW
         self._peer_initial_window = DEFAULT_WINDOW
         self._peer_max_frame = DEFAULT_FRAME
-        self._recv_window = WINDOW  # the default 65,535 plus our first WINDOW_UPDATE
+        self._recv_window = limits.window  # the default 65,535 plus our first WINDOW_UPDATE
         self._recv_unacked = 0
         self._block: tuple[int, int, list[bytes], int] | None = None  # stream, flags, parts, size
         self._handlers = (
@@ -237,15 +257,16 @@ class Connection:
             _SETTING.pack(*pair)
             for pair in (
                 (ENABLE_PUSH, 0),
-                (MAX_CONCURRENT_STREAMS, MAX_STREAMS),
-                (INITIAL_WINDOW_SIZE, WINDOW),
-                (MAX_HEADER_LIST_SIZE, MAX_HEADER_LIST),
+                (MAX_CONCURRENT_STREAMS, self.limits.streams),
+                (INITIAL_WINDOW_SIZE, self.limits.window),
+                (MAX_HEADER_LIST_SIZE, self.limits.header_list),
             )
         )
         if self.client_side:
             self._out.append(PREFACE)
         self._frame(SETTINGS, 0, 0, settings)
-        self._frame(WINDOW_UPDATE, 0, 0, _U32.pack(WINDOW - DEFAULT_WINDOW))
+        if self.limits.window > DEFAULT_WINDOW:
+            self._frame(WINDOW_UPDATE, 0, 0, _U32.pack(self.limits.window - DEFAULT_WINDOW))
 
     # -- what the adapter calls -------------------------------------------------------------
     def data_to_send(self) -> bytes:
@@ -269,7 +290,9 @@ class Connection:
             if stream_id != self._next_id or stream_id > MAX_STREAM_ID:
                 raise ValueError(f"stream {stream_id} is not the next one ({self._next_id})")
             self._next_id += 2
-            stream = self._streams[stream_id] = _Stream(self._peer_initial_window)
+            stream = self._streams[stream_id] = _Stream(
+                self._peer_initial_window, self.limits.window
+            )
         else:
             found = self._streams.get(stream_id)
             if found is None or found.local_done:
@@ -281,6 +304,11 @@ class Connection:
             self._pump(stream_id, stream)
         else:
             self._local_done(stream_id, stream)
+
+    def answerable(self, stream_id: int) -> bool:
+        """Whether a response can still be sent on the peer's stream ``stream_id``."""
+        found = self._streams.get(stream_id)
+        return not self.closed and found is not None and not found.local_done
 
     def reset(self, stream_id: int, error_code: int = CANCEL) -> None:
         """Abandon a stream (RST_STREAM); nothing more is sent or reported for it."""
@@ -397,15 +425,16 @@ class Connection:
         if stream.recv_window < 0:
             raise _StreamError(stream_id, FLOW_CONTROL_ERROR)
         stream.received += len(data)
-        if stream.received > MAX_BODY:
+        if stream.received > self.limits.body:
             raise _StreamError(stream_id, CANCEL if self.client_side else REFUSED_STREAM)
         if data:
             stream.chunks.append(data)
         if flags & END_STREAM:
             self._remote_done(stream_id, stream, out)
-        elif stream.recv_window <= WINDOW // 2:
-            self._frame(WINDOW_UPDATE, 0, stream_id, _U32.pack(WINDOW - stream.recv_window))
-            stream.recv_window = WINDOW
+        elif stream.recv_window <= self.limits.window // 2:
+            top_up = self.limits.window - stream.recv_window
+            self._frame(WINDOW_UPDATE, 0, stream_id, _U32.pack(top_up))
+            stream.recv_window = self.limits.window
 
     def _consume(self, length: int) -> None:
         self._recv_window -= length
@@ -414,7 +443,7 @@ class Connection:
         self._recv_unacked += length
 
     def _top_up_connection(self) -> None:
-        if self._recv_unacked >= WINDOW // 2 and not self.closed:
+        if self._recv_unacked >= self.limits.window // 2 and not self.closed:
             self._frame(WINDOW_UPDATE, 0, 0, _U32.pack(self._recv_unacked))
             self._recv_window += self._recv_unacked
             self._recv_unacked = 0
@@ -442,7 +471,7 @@ class Connection:
         first, first_flags, parts, size = self._block
         parts.append(payload)
         size += len(payload)
-        if size > MAX_HEADER_LIST:
+        if size > self.limits.header_list:
             raise H2ProtocolError(ENHANCE_YOUR_CALM, "header block too large")
         if flags & END_HEADERS:
             self._block = None
@@ -476,9 +505,9 @@ class Connection:
                 raise H2ProtocolError(STREAM_CLOSED, f"HEADERS on closed stream {stream_id}")
             return None
         self._highest_peer_id = stream_id
-        if len(self._streams) >= MAX_STREAMS:
+        if len(self._streams) >= self.limits.streams:
             raise _StreamError(stream_id, REFUSED_STREAM)
-        stream = self._streams[stream_id] = _Stream(self._peer_initial_window)
+        stream = self._streams[stream_id] = _Stream(self._peer_initial_window, self.limits.window)
         return stream
 
     def _on_fields(

@@ -25,6 +25,13 @@ connection is closed after ``idle_timeout``, and each client certificate (SAE) m
 most ``max_per_sae`` connections: the next ones get 503 on their first request. Deadlines
 run on the event loop's clock (``loop.time``), the seam the tests move.
 
+**HTTP/2 on the same port.** When the server is made with ``h2=True``, its TLS context
+offers ``h2`` by ALPN and the client chooses it, the connection is an HTTP/2 one
+(:class:`appliance.net.h2.EdgeSession`, on the project's sans-IO core), bounded alike:
+32 streams at once, 1 MiB of body and 64 KiB of header per request, 1 MiB receive
+windows, the same cap of connections per SAE, and the same request and idle deadlines.
+The handler cannot tell the two apart.
+
 What this module must never do: let a malformed request reach the handler, let an
 exception escape ``data_received``, or hold a byte it has not bounded.
 """
@@ -40,7 +47,7 @@ from typing import NamedTuple, cast
 
 import httptools
 
-from appliance.net.h2 import Handler, Request, Response, TlsServer
+from appliance.net.h2 import EdgeSession, Handler, Request, Response, TlsServer
 from appliance.pki import peer_name
 
 log = logging.getLogger("qkdn.net")
@@ -276,7 +283,7 @@ class _H1Session(asyncio.Protocol):
         self.loop = asyncio.get_running_loop()
         self.peer = peer_name(transport.get_extra_info("ssl_object"))
         self.server._open.add(self)
-        self.admitted = self.server._admit(self.peer)
+        self.admitted = self.server.admit(self.peer)
         self._watch()
 
     def data_received(self, data: bytes) -> None:
@@ -305,7 +312,7 @@ class _H1Session(asyncio.Protocol):
             if isinstance(item, Response):
                 response, keep_alive = item, False
             elif not self.admitted:
-                response, keep_alive = self._too_many(), False
+                response, keep_alive = self.server.too_many(), False
             else:
                 request = Request(item.method, item.target, item.body, item.headers, self.peer)
                 response, keep_alive = await self._handle(request), item.keep_alive
@@ -319,17 +326,6 @@ class _H1Session(asyncio.Protocol):
         self.task = None
         self._watch()
         self._maybe_continue()
-
-    def _too_many(self) -> Response:
-        log.warning(
-            "connection refused: too many from one SAE",
-            extra={"peer": self.peer, "limit": self.server.max_per_sae},
-        )
-        return json_error(
-            503,
-            "Too many connections from this SAE",
-            f"at most {self.server.max_per_sae} connections per client certificate",
-        )
 
     async def _handle(self, request: Request) -> Response:
         try:
@@ -394,7 +390,7 @@ class _H1Session(asyncio.Protocol):
         self.server._open.discard(self)
         if self.admitted:
             self.admitted = False
-            self.server._release(self.peer)
+            self.server.release(self.peer)
         if self._timer is not None:
             self._timer.cancel()
         if self.task is not None:
@@ -414,25 +410,77 @@ class H1Server(TlsServer):
         request_timeout: float = REQUEST_TIMEOUT,
         idle_timeout: float = IDLE_TIMEOUT,
         max_per_sae: int = MAX_PER_SAE,
+        h2: bool = False,
     ) -> None:
+        """``h2``: serve HTTP/2 to clients that choose it by ALPN (the context must offer
+        ``h2`` beside ``http/1.1``)."""
         super().__init__(handler, ssl_ctx)
+        self.h2 = h2
         self.request_timeout, self.idle_timeout = request_timeout, idle_timeout
         self.max_per_sae = max_per_sae
         self._per_sae: Counter[str | None] = Counter()
 
-    def _admit(self, peer: str | None) -> bool:
+    def admit(self, peer: str | None) -> bool:
+        """Count a connection of ``peer`` (HTTP/1.1 or HTTP/2) against its cap."""
         if self._per_sae[peer] >= self.max_per_sae:
+            log.warning(
+                "connection refused: too many from one SAE",
+                extra={"peer": peer, "limit": self.max_per_sae},
+            )
             return False
         self._per_sae[peer] += 1
         return True
 
-    def _release(self, peer: str | None) -> None:
+    def release(self, peer: str | None) -> None:
         self._per_sae[peer] -= 1
         if self._per_sae[peer] <= 0:
             del self._per_sae[peer]
 
+    def too_many(self) -> Response:
+        return json_error(
+            503,
+            "Too many connections from this SAE",
+            f"at most {self.max_per_sae} connections per client certificate",
+        )
+
     def _session(self) -> asyncio.Protocol:
-        return _H1Session(self)
+        return _ByAlpn(self) if self.h2 else _H1Session(self)
+
+
+class _ByAlpn(asyncio.Protocol):
+    """The protocol the client and the TLS context agreed on by ALPN: HTTP/2 (``h2``) for
+    clients that multiplex, else HTTP/1.1; it then gets every call of the connection."""
+
+    def __init__(self, server: H1Server) -> None:
+        self.server = server
+        self.app: asyncio.Protocol | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        ssl_object = transport.get_extra_info("ssl_object")
+        chosen = ssl_object.selected_alpn_protocol() if ssl_object is not None else None
+        self.app = (
+            EdgeSession(self.server, self.server) if chosen == "h2" else _H1Session(self.server)
+        )
+        self.app.connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        if self.app is not None:
+            self.app.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self.app.eof_received() if self.app is not None else None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.app is not None:
+            self.app.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        if self.app is not None:
+            self.app.pause_writing()
+
+    def resume_writing(self) -> None:
+        if self.app is not None:
+            self.app.resume_writing()
 
 
 def _written(response: Response, written: bool) -> None:

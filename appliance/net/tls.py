@@ -27,6 +27,8 @@ log = logging.getLogger("qkdn.net")
 
 HANDSHAKE_TIMEOUT = 30.0
 """Seconds a client has from its connection to the end of its handshake."""
+LINGER = 2.0
+"""Seconds a refused connection is kept half-closed for its alert to be read."""
 READ_CHUNK = 256 * 1024
 """Plaintext bytes taken from OpenSSL per read call."""
 
@@ -86,7 +88,7 @@ class AlertingTls(asyncio.Protocol):
         except ssl.SSLError as exc:  # refused: the alert OpenSSL wrote goes out first
             log.debug("TLS handshake refused", extra={"reason": exc.reason or exc.__class__})
             self._flush()
-            self._close_tcp()
+            self._linger()
             return False
         self._flush()  # the end of the handshake, and TLS 1.3 session tickets
         if self._timer is not None:
@@ -136,6 +138,20 @@ class AlertingTls(asyncio.Protocol):
                 self._ssl.unwrap()
             self._flush()
         self._close_tcp()
+
+    def _linger(self) -> None:
+        """After a refused handshake: the alert leaves with a FIN, and what the client still
+        sends (an HTTP/2 client's preface follows its Finished at once) is read and dropped
+        until it closes, for at most :data:`LINGER` seconds. Closing with bytes unread
+        would send a reset, which can destroy the alert before the client reads it."""
+        self._closing = True
+        if self._timer is not None:
+            self._timer.cancel()
+        if self._tcp is None or self._tcp.is_closing() or not self._tcp.can_write_eof():
+            self._close_tcp()
+            return
+        self._tcp.write_eof()
+        self._timer = asyncio.get_running_loop().call_later(LINGER, self._close_tcp)
 
     def _close_tcp(self) -> None:
         self._closing = True

@@ -9,6 +9,7 @@ import asyncio
 from appliance.aaa import mib
 from appliance.aaa.client import AaaValidator
 from appliance.aaa.ledger import Reason, Refusal
+from appliance.aaa.outbox import Outbox
 from appliance.aaa.registry import Registry
 from appliance.aaa.wallet import Terms
 from appliance.kms.relay import Mode
@@ -258,3 +259,18 @@ def test_the_suspension_race_nothing_passes_once_the_inform_arrived(aaa):
     assert informed, "the INFORM never arrived"
     assert any(allowed for after, allowed in results if not after)
     assert not [r for r in results if r[0] and r[1]], "a request passed after the INFORM"
+
+
+def test_each_slave_of_a_request_with_additional_slaves_is_accounted_for(aaa, tmp_path):
+    """An AKMS validates a request once per slave (ETSI 014 Annex B), under the request's
+    one number: every allowed slave's pair is reported when the request completes."""
+    outbox = Outbox(tmp_path / "aaa-outbox.db")
+    validator = AaaValidator(aaa.client(2), outbox=outbox)
+    q = ValidationQuery(master="alice-a", slave="alice-b", number=2, size=256, ukms=1, req=7)
+    for _ in range(2):  # the slave, then (here the same pair again) an additional slave
+        assert aaa.call(validator.validate(q)).denied is None
+    assert outbox.count == 0
+    validator.completed(7, True)
+    assert outbox.count == 2
+    validator.completed(7, True)  # reported once
+    assert outbox.count == 2

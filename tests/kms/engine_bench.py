@@ -173,6 +173,39 @@ node = 5
 user = "user-otp"
 contract = "contract-otp"
 """
+SHARED = (  # a second UKMS under B: slaves of one request at two UKMSs
+    MINI
+    + """
+[[nodes]]
+id = 6
+name = "ukms-b2"
+site = "B2 (user site)"
+role = "ukms"
+
+[[links]]
+a = 4
+b = 6
+length_km = 10.0
+
+[[saes]]
+id = "sae-e"
+node = 5
+user = "user-gcm"
+contract = "contract-gcm"
+
+[[saes]]
+id = "sae-f"
+node = 6
+user = "user-gcm"
+contract = "contract-gcm"
+
+[[saes]]
+id = "sae-g"
+node = 1
+user = "user-gcm"
+contract = "contract-gcm"
+"""
+)
 START = 3600.0
 """Seconds the QKD links have been distilling when a bench starts."""
 PSK = bytes(range(32))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import http.client
 import json
 import logging
@@ -657,3 +658,52 @@ def test_fuzzed_014_traffic_gets_well_formed_json_answers_or_a_clean_close(data,
         if reply.status != 200:
             assert isinstance(doc["message"], str) and doc["details"]
             assert all(isinstance(d, dict) for d in doc["details"])
+
+
+class SharingService(MemoryService):
+    """Pairs sae-1 with sae-2, sae-3 and sae-4 (up to 2 additional slaves); remembers who
+    each enc_keys named."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pairs |= {("sae-1", "sae-3"), ("sae-1", "sae-4")}
+        self.asked: list[tuple[str, tuple[str, ...]]] = []
+
+    def limits(self, master: str, slave: str, *, caller_is_master: bool) -> Limits | None:
+        found = super().limits(master, slave, caller_is_master=caller_is_master)
+        return None if found is None else dataclasses.replace(found, max_sae_id_count=2)
+
+    async def enc_keys(self, master, slave, number, size, *, also=()):
+        self.asked.append((slave, also))
+        return await super().enc_keys(master, slave, number, size)
+
+
+@pytest.mark.parametrize(
+    "also, status, fragment",
+    [
+        (["sae-3", "sae-4"], 200, ""),
+        (["sae-3", "sae-3"], 400, "repeats an SAE ID"),
+        (["sae-2"], 400, "repeats an SAE ID"),
+        (["sae-1"], 400, "repeats an SAE ID"),
+        (["sae-3", "sae-4", "sae-5"], 400, "at most 2 additional"),
+        (["sae-9"], 401, "not authorised"),
+        ("sae-3", 400, "list of SAE IDs"),
+        ([3], 400, "list of SAE IDs"),
+        (["x" * 300], 400, "malformed SAE ID"),
+    ],
+)
+def test_additional_slaves_are_checked_before_any_key_is_asked_for(also, status, fragment):
+    service = SharingService()
+    body = json.dumps({"number": 2, "additional_slave_SAE_IDs": also}).encode()
+    request = Request("POST", "/api/v1/keys/sae-2/enc_keys", body, {}, "sae-1")
+    response = asyncio.run(Etsi014Api(service).handle(request))
+    doc = json.loads(response.body)
+    assert response.status == status, doc
+    if status == 200:
+        assert service.asked == [("sae-2", ("sae-3", "sae-4"))] and len(doc["keys"]) == 2
+    else:
+        assert service.asked == [] and fragment in doc["message"], doc
+    status_doc = asyncio.run(
+        Etsi014Api(service).handle(Request("GET", "/api/v1/keys/sae-2/status", b"", {}, "sae-1"))
+    )
+    assert json.loads(status_doc.body)["max_SAE_ID_count"] == 2

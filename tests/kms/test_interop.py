@@ -6,8 +6,9 @@ the KME's certificate (with its host name) against the network's CA. The third-p
 client ``etsi-qkd-014-client`` is exercised in ``test_net_processes.py``.
 
 The network is the smallest with a relay between two user sites (UKMS, AKMS, AKMS, UKMS),
-started by ``qkdn net up`` like DemoQuanDT: the 014 server is the same, and four processes
-start faster than sixteen.
+plus a second user site behind the western access node (for keys shared with two slave
+SAEs, Annex B), started by ``qkdn net up`` like DemoQuanDT: the 014 server is the same, and
+five processes start faster than sixteen.
 """
 
 from __future__ import annotations
@@ -15,7 +16,10 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import sys
+import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -23,6 +27,9 @@ import pytest
 from tests.kms.conftest import Net, qkdn, running_net
 
 MASTER, SLAVE = "sae-east-1", "sae-west-1"
+SLAVE_2, SLAVE_3, THIRD = "sae-west-2", "sae-east-2", "sae-west-3"
+"""Additional slaves: one at another UKMS behind the first slave's access node, one at the
+master's own UKMS; and a third SAE of the user at the first slave's UKMS, never named."""
 TOPOLOGY = """
 [network]
 name = "two-sites"
@@ -73,6 +80,17 @@ a = 3
 b = 4
 length_km = 10.0
 
+[[nodes]]
+id = 5
+name = "ukms-west2"
+site = "West 2 (user site)"
+role = "ukms"
+
+[[links]]
+a = 3
+b = 5
+length_km = 10.0
+
 [[users]]
 id = "encryptors"
 name = "one SAE at each site"
@@ -92,6 +110,24 @@ contract = "encryptors-2026"
 [[saes]]
 id = "sae-west-1"
 node = 4
+user = "encryptors"
+contract = "encryptors-2026"
+
+[[saes]]
+id = "sae-west-2"
+node = 5
+user = "encryptors"
+contract = "encryptors-2026"
+
+[[saes]]
+id = "sae-west-3"
+node = 4
+user = "encryptors"
+contract = "encryptors-2026"
+
+[[saes]]
+id = "sae-east-2"
+node = 1
 user = "encryptors"
 contract = "encryptors-2026"
 """
@@ -187,3 +223,89 @@ def test_curl_speaks_tls_12_and_13_and_hears_why_it_is_refused(saes):
         assert done.returncode == 0 and json.loads(done.stdout)["slave_SAE_ID"] == SLAVE, done
     refused = curl_tls(master, "--tlsv1.3", cert=False)
     assert refused.returncode != 0 and "certificate required" in refused.stderr, refused.stderr
+
+
+def test_keys_shared_with_more_slaves_are_fetched_once_by_each_and_by_no_one_else(saes):
+    """Issue 16 A7 (Annex B): the master names two more slaves, at two other UKMSs (one of
+    them its own); all three fetch identical bits (with curl and with etsi-qkd-014-client),
+    each once; a third SAE of the user gets 401 (§5.4), and so does a slave asking twice."""
+    master, slave, slave_2, third = saes[MASTER], saes[SLAVE], saes[SLAVE_2], saes[THIRD]
+    code, status = curl(master, f"/{SLAVE}/status")
+    assert code == 200 and status["max_SAE_ID_count"] >= 2, status
+    body = {"number": 2, "size": 256, "additional_slave_SAE_IDs": [SLAVE_2, SLAVE_3]}
+    code, issued = curl(master, f"/{SLAVE}/enc_keys", body)
+    assert code == 200 and len(issued["keys"]) == 2, issued
+    ids = [k["key_ID"] for k in issued["keys"]]
+    wanted = {"key_IDs": [{"key_ID": i} for i in ids]}
+    for who in (slave, saes[SLAVE_3]):
+        code, got = curl(who, f"/{MASTER}/dec_keys", wanted)
+        assert code == 200 and got["keys"] == issued["keys"], got
+    for key in issued["keys"]:  # the second slave, through its own UKMS, unmodified client
+        out = qkd014(slave_2, "get_key_with_id", key["key_ID"], MASTER)
+        assert f"Key id : {key['key_ID']}" in out and f"Key : {key['key']}" in out, out
+    code, err = curl(third, f"/{MASTER}/dec_keys", wanted)
+    assert code == 401 and set(err) == {"message", "details"}, err
+    for who in (slave, slave_2, saes[SLAVE_3]):
+        code, err = curl(who, f"/{MASTER}/dec_keys?key_ID={ids[0]}")
+        assert code == 401, err  # each slave fetches a key once
+    assert "Response code : 401" in qkd014(slave_2, "get_key_with_id", ids[1], MASTER)
+    # a slave the master is not paired with, or named twice: refused before any key is made
+    for also, status_code in (([MASTER], 400), ([SLAVE_2, SLAVE_2], 400), (["sae-nowhere"], 401)):
+        body = {"additional_slave_SAE_IDs": also}
+        code, err = curl(master, f"/{SLAVE}/enc_keys", body)
+        assert code == status_code and set(err) == {"message", "details"}, (also, err)
+
+
+def qkd014(sae: dict[str, Any], *args: str) -> str:
+    """``etsi-qkd-014-client`` (PyPI), unmodified, as ``sae``; its standard output."""
+    client = Path(sys.executable).with_name("qkd014-client")
+    if not client.exists():
+        pytest.fail("etsi-qkd-014-client is a dev dependency; it should be installed")
+    host = sae["etsi014_base_url"].split("://", 1)[1].split("/", 1)[0]
+    command = [str(client), "-H", host, "-c", sae["cert"], "-k", sae["key"], "-r", sae["ca_cert"]]
+    done = subprocess.run([*command, *args], capture_output=True, text=True, timeout=60)
+    return done.stdout
+
+
+def curl_many(sae: dict[str, Any], paths: list[str], *options: str) -> list[tuple[str, int, Any]]:
+    """Requests as ``sae`` in one curl run (with ``--parallel``: streams of one connection
+    when HTTP/2 is chosen); (HTTP version, status, parsed JSON body) for each, in order."""
+    args = ["curl", "--silent", "--show-error", "--max-time", "30", *options]
+    args += ["--cert", sae["cert"], "--key", sae["key"], "--cacert", sae["ca_cert"]]
+    args += ["--write-out", "%{filename_effective} %{http_version} %{http_code}\n"]
+    with tempfile.TemporaryDirectory() as tmp:
+        for n, path in enumerate(paths):
+            args += ["--output", f"{tmp}/{n}.json", sae["etsi014_base_url"] + path]
+        done = subprocess.run(args, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, f"curl exit {done.returncode}: {done.stderr}"
+        seen = dict(line.split(" ", 1) for line in done.stdout.splitlines())
+        out = []
+        for n in range(len(paths)):
+            name = f"{tmp}/{n}.json"
+            version, code = seen[name].split()
+            out.append((version, int(code), json.loads(Path(name).read_text())))
+    return out
+
+
+def test_curl_speaks_http2_and_http11_on_the_same_port(saes):
+    """Issue 16 A9: HTTP/2 by ALPN beside HTTP/1.1 on the 014 port. Several enc_keys on
+    the streams of one HTTP/2 connection; the slave fetches over HTTP/2 and over HTTP/1.1,
+    the same bits, each key once."""
+    master, slave = saes[MASTER], saes[SLAVE]
+    paths = [f"/{SLAVE}/enc_keys?number={n}" for n in (1, 2, 3, 2)]
+    issued = curl_many(master, paths, "--http2", "--parallel", "--parallel-immediate")
+    assert [(v, c) for v, c, _ in issued] == [("2", 200)] * 4, issued
+    keys = [k for _, _, doc in issued for k in doc["keys"]]
+    assert len({k["key_ID"] for k in keys}) == 8
+    h2_half, h1_half = keys[:4], keys[4:]
+    fetched = curl_many(slave, [f"/{MASTER}/dec_keys?key_ID={k['key_ID']}" for k in h2_half],
+                        "--http2", "--parallel")  # fmt: skip
+    assert [(v, c) for v, c, _ in fetched] == [("2", 200)] * 4, fetched
+    assert [doc["keys"][0] for _, _, doc in fetched] == h2_half
+    for key in h1_half:
+        ((version, code, doc),) = curl_many(
+            slave, [f"/{MASTER}/dec_keys?key_ID={key['key_ID']}"], "--http1.1"
+        )
+        assert (version, code, doc["keys"]) == ("1.1", 200, [key]), doc
+    again = curl_many(slave, [f"/{MASTER}/dec_keys?key_ID={h2_half[0]['key_ID']}"], "--http2")
+    assert [(v, c) for v, c, _ in again] == [("2", 401)]  # released once written over HTTP/2

@@ -105,7 +105,31 @@ def values(t: mi.Type) -> st.SearchStrategy[Any]:
     raise AssertionError(f"no strategy for {t}")
 
 
+_NAME = st.from_regex(messages.NAME_PATTERN, fullmatch=True)
+_ALSO = st.lists(st.integers(0, 99), unique=True, max_size=messages.MAX_SLAVES)
+
+
+def _shared(kw: dict[str, Any]) -> bool:
+    """Additional slaves (``also-N``) that repeat no SAE of the request."""
+    return not kw["also"] or (
+        kw["master"] != kw["slave"] and not {kw["master"], kw["slave"]} & set(kw["also"])
+    )
+
+
 SPECIAL: dict[type, st.SearchStrategy[Any]] = {
+    KsaRequest: st.fixed_dictionaries(
+        {
+            "master": _NAME,
+            "slave": _NAME,
+            "number": st.integers(1, 1024),
+            "size": st.integers(1, 1024).map(lambda k: 8 * k),
+            "epoch": st.none() | st.from_regex(r"\A[0-9a-f]{32}\Z", fullmatch=True),
+            "fresh": st.booleans(),
+            "also": _ALSO.map(lambda xs: [f"also-{x}" for x in xs]),
+        }
+    )
+    .filter(_shared)
+    .map(lambda kw: KsaRequest(**kw)),
     CnRequest: st.one_of(
         st.builds(
             CnRequest,
@@ -377,6 +401,13 @@ def fields_with_edges() -> list[tuple[type, str, Any, Any]]:
     return out
 
 
+def _numbered(entry: Any, i: int) -> Any:
+    """The ``i``-th of a list of distinct slaves (an SAE ID, or a SlaveAt's map)."""
+    if isinstance(entry, dict):
+        return {**entry, "slave": f"{entry['slave']}-{i}"}
+    return f"{entry}-{i}"
+
+
 @pytest.mark.parametrize(
     ("cls", "name", "largest", "too_large"),
     fields_with_edges(),
@@ -388,6 +419,8 @@ def test_every_bound_holds_at_its_edge(cls, name, largest, too_large):
     def with_value(value: Any) -> bytes:
         if isinstance(value, tuple) and value[0] == "repeat":
             value = [base[name][0]] * value[1]
+            if name == "also":  # additional slaves are distinct
+                value = [_numbered(x, i) for i, x in enumerate(value)]
         return raw({**base, name: value})
 
     ok = getattr(decode(with_value(largest), cls), name)
@@ -776,6 +809,11 @@ def _example(cls: type) -> Message:
         "max_key_per_request": 128,
         "max_key_count": 5000,
     }
+    fills["also"] = ["sae-c", "sae-d"]
+    if cls is messages.CnRequest:
+        fills["also"] = [messages.SlaveAt(slave="sae-c", ukms=9)]
+    if cls in (messages.KsaRequest, messages.CnRequest):
+        fills["stream"] = None  # a 004 stream has one slave (Deliver keeps its stream)
     kw = {f.name: fills[f.name] for f in info(cls).fields if f.name != "v"}
     if cls is Tagged:
         kw["epoch"] = 2
@@ -849,3 +887,28 @@ def test_relay_items_have_the_path_bounds_too():
         assert (got == code) if code else isinstance(got, RelayBatch)
     base["items"] = base["items"] * 257
     assert outcome(raw(base), RelayBatch) == FIELD
+
+
+def test_additional_slaves_are_distinct_and_never_on_a_stream_or_a_channel_request():
+    """Annex B's additional slaves: a field added with a default (a request without them
+    encodes as before plus an empty list), each slave once, none of them the master."""
+    plain_request = KsaRequest(master="a", slave="b", number=1, size=8, epoch=None)
+    assert plain_request.also == [] and plain(plain_request)["also"] == []
+    shared = KsaRequest(master="a", slave="b", number=1, size=8, epoch=None, also=["c", "d"])
+    assert decode(encode(shared), KsaRequest) == shared
+    for also in (["b"], ["a"], ["c", "c"], [f"s{i}" for i in range(messages.MAX_SLAVES + 1)]):
+        assert outcome(raw({**plain(shared), "also": also}), KsaRequest) == FIELD, also
+    tag = messages.StreamTag(ksid=bytes(16), first=0, ttl=1)
+    with pytest.raises(ValueError):
+        KsaRequest(master="a", slave="b", number=1, size=8, epoch=None, also=["c"], stream=tag)
+    at = [messages.SlaveAt(slave="c", ukms=4)]
+    with pytest.raises(ValueError):
+        messages.CnRequest(
+            request_id=bytes(16),
+            purpose="channel",
+            mode="GCM",
+            number=1,
+            size=256,
+            deliver_to=2,
+            also=at,
+        )

@@ -21,6 +21,7 @@ from typing import Any, ClassVar
 
 import pytest
 
+from appliance.config.topology import load_topology
 from appliance.kms import messages as m
 from appliance.kms.engines import AkmsEngine, EngineBase, UkmsEngine
 from appliance.kms.engines.config import Policy
@@ -33,6 +34,7 @@ from appliance.kms.sim.scenarios import crash_after, steps_of
 from appliance.kms.storeops import Put
 from hal.errors import LinkDownError, NoKeyAvailable
 from hal.testing import check_qkdm
+from tests.kms.engine_bench import SHARED
 
 ROOT = Path(__file__).parents[2]
 SWEEP = 300
@@ -405,3 +407,73 @@ def test_the_bench_gives_the_same_results_on_two_jobs(capsys: pytest.CaptureFixt
     assert bench.main(["--schedules", "4", "--seed", "30", "--jobs", "2", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["schedules"] == 4 and report["violations"] == []
+
+
+# -- keys shared with several slaves (ETSI 014 Annex B) ---------------------------------------
+SHARED_SEEDS = 60
+
+
+@pytest.fixture(scope="module")
+def shared_topology(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    path = tmp_path_factory.mktemp("shared") / "shared.toml"
+    path.write_text(SHARED)
+    return load_topology(str(path))
+
+
+def test_keys_shared_with_several_slaves_reach_each_once_and_no_one_else(
+    shared_topology: Any,
+) -> None:
+    """Seeded schedules (faults, crashes, probes by every other SAE) whose requests name
+    additional slaves at other UKMSs: each slave fetches the same bits exactly once, no
+    key is lost or goes to an SAE not named (:func:`violations`)."""
+    failures, fetched_by_extra = [], 0
+    for seed in range(SHARED_SEEDS):
+        mode = (Mode.GCM, Mode.OTP)[seed % 2]
+        policy = Policy(patience=2.0, stock=0, mode=mode)  # shared keys are never stocked
+        world = World(seed, topology=shared_topology, shared=0.7, policy=policy)
+        obs = world.run()
+        found = violations(obs, world.faults)
+        if found:
+            failures.append(f"seed {seed}: {found[:3]}")
+        shared = [t for t in world.txns if t.of is not None]
+        fetched_by_extra += sum(1 for t in shared if t.outcome == "fetched")
+    assert not failures, "\n".join(failures)
+    assert fetched_by_extra >= SHARED_SEEDS // 4  # the property was exercised
+
+
+class OneSlaveAkms(AkmsEngine):
+    """Forgets the additional slaves when it asks AKMS B for the keys."""
+
+    def _validated(self, a: Any, request: Any, verdict: Any, extra: Any) -> list[Action]:
+        return super()._validated(a, request, verdict, [])
+
+
+class OneSlaveWorld(World):
+    engine_classes: ClassVar[dict[str, type[EngineBase]]] = {
+        **World.engine_classes,
+        "akms": OneSlaveAkms,
+    }
+
+
+def test_an_additional_slave_left_without_its_copies_is_flagged(shared_topology: Any) -> None:
+    _, found = first_flagged(lambda seed: OneSlaveWorld(seed, topology=shared_topology, shared=1.0))
+    assert any("lost" in f for f in found), found
+
+
+def test_a_stock_with_two_saes_of_a_user_at_one_ukms_settles(shared_topology: Any) -> None:
+    """Two SAEs of a user at one UKMS (and two UKMSs behind one access node): the network
+    makes no keys between them, so they get no stock. Before, their refills failed and were
+    tried again for ever, each failure pausing every refill: the UKMS never settled (it
+    still waited when the schedule ended) and other pairs' stocks refilled late."""
+    failures = []
+    for seed in range(24):
+        policy = Policy(patience=2.0, stock=4, mode=(Mode.GCM, Mode.OTP)[seed % 2])
+        world = World(seed, topology=shared_topology, policy=policy)
+        found = violations(world.run(), world.faults)
+        if found:
+            failures.append(f"seed {seed}: {found[:2]}")
+    assert not failures, "\n".join(failures)
+    sessions = world.net.sessions[1]  # ukms-a serves sae-a and sae-g
+    assert ("sae-a", "sae-g") not in sessions.master_pairs()
+    assert ("sae-a", "sae-b") in sessions.master_pairs()
+    assert sessions.session_014("sae-a", "sae-g") is not None  # still a pair, unstocked

@@ -21,11 +21,12 @@ Keys, CN keys and channel keys are erased once used and never logged.
 
 from __future__ import annotations
 
+import functools
 import hmac
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from appliance.kms import channel, keyids, ksa
 from appliance.kms import messages as m
@@ -61,7 +62,7 @@ from appliance.kms.events import (
 from appliance.kms.fsm import Table
 from appliance.kms.linkend import Role
 from appliance.kms.relay import Mode
-from appliance.kms.seams import ValidationQuery, Verdict
+from appliance.kms.seams import Denial, Denied, ValidationQuery, Verdict
 
 CALLER_CHANNELS = 4
 """Open channels a callee keeps per calling access node (older ones are closed)."""
@@ -94,6 +95,10 @@ class Asking:
     reopened: bool = False
     then: Callable[[bytearray | KmsError], list[Action]] | None = None
     """A re-key's continuation: the new channel key, or why there is none."""
+    local: list[m.SlaveAt] = field(default_factory=list)
+    """Additional slaves behind this access node: their copies are delivered from here."""
+    deliveries: int = 0
+    """Of those, copies not yet stored at their UKMSs."""
 
 
 @dataclass(eq=False, slots=True)
@@ -122,6 +127,8 @@ class Answering:
     batch: bytearray
     cn_key: bytearray
     error: KmsError | None = None
+    deliveries: int = 0
+    """Slaves' copies not yet stored at their UKMSs."""
 
 
 class AkmsEngine(EngineBase):
@@ -168,24 +175,57 @@ class AkmsEngine(EngineBase):
             link.seen_master_epoch(request.epoch)
         elif request.fresh:  # the UKMS restarted: it can no longer read what we sent with
             link.drop_sending()
-        query = ValidationQuery(
-            master=request.master,
-            slave=request.slave,
-            number=request.number,
-            size=request.size,
-            ukms=event.caller,
-            req=event.req,
-        )
         a = Asking(S.VALIDATING, AKMS_A, keyids.new_raw(1, self.nonce), 0, req=event.req)
         a.ukms = event.caller
-        ticket = self.number(lambda e: self._validated(a, request, e))
-        return [Validate(ticket=ticket, query=query)]
+        slaves = [request.slave, *request.also]  # each one checked against the contract
+        verdicts: list[Verdict | None] = [None] * len(slaves)
+        out: list[Action] = []
+        for i, slave in enumerate(slaves):
+            query = ValidationQuery(
+                master=request.master,
+                slave=slave,
+                number=request.number,
+                size=request.size,
+                ukms=event.caller,
+                req=event.req,
+            )
+            then = functools.partial(self._verdict, a, request, verdicts, i)
+            out.append(Validate(ticket=self.number(then), query=query))
+        return out
 
-    def _validated(self, a: Asking, request: m.KsaRequest, event: Input) -> list[Action]:
+    def _verdict(
+        self,
+        a: Asking,
+        request: m.KsaRequest,
+        verdicts: list[Verdict | None],
+        i: int,
+        event: Input,
+    ) -> list[Action]:
+        """One slave's verdict; once all are in, the request goes on or is refused."""
         assert isinstance(event, Validated)
-        verdict: Verdict = event.verdict
-        if verdict.denied is not None:
-            return self._a_failed(a, verdict.denied)
+        verdicts[i] = event.verdict
+        if any(v is None for v in verdicts) or a.state is not S.VALIDATING:
+            return []
+        done = [v for v in verdicts if v is not None]
+        denied = next((v.denied for v in done if v.denied is not None), None)
+        if denied is None and not _can_share(done, self.me):
+            denied = Denied(
+                "the slave SAEs of one request must be served through the access point of "
+                "the first slave or of the master, each at a user node of its own",
+                why=Denial.LIMITS,
+            )
+        if denied is not None:
+            return self._a_failed(a, denied)
+        extra = [
+            m.SlaveAt(slave=s, ukms=v.ukms_b) for s, v in zip(request.also, done[1:], strict=True)
+        ]
+        a.local = [x for x, v in zip(extra, done[1:], strict=True) if v.akms_b == self.me]
+        remote = [x for x in extra if x not in a.local]
+        return self._validated(a, request, done[0], remote)
+
+    def _validated(
+        self, a: Asking, request: m.KsaRequest, verdict: Verdict, extra: list[m.SlaveAt]
+    ) -> list[Action]:
         AKMS_A.advance(a, I.VALID)
         a.peer, a.mode = verdict.akms_b, verdict.mode
         a.request = m.CnRequest(
@@ -199,6 +239,7 @@ class AkmsEngine(EngineBase):
             ukms_b=verdict.ukms_b,
             deliver_to=self.me,
             stream=request.stream,
+            also=extra,
         )
         self._asking[a.request_id] = a
         timeout = self.timer(
@@ -276,6 +317,57 @@ class AkmsEngine(EngineBase):
             return out + self._a_failed(a, exc)
         if a.table is REKEY:
             return out + self._rekeyed(a)
+        if a.local:
+            return out + self._deliver_here(a)
+        return out + self._seal_for_ukms(a)
+
+    def _deliver_here(self, a: Asking) -> list[Action]:
+        """Additional slaves behind this access node: their copies go to their UKMSs from
+        here, side by side, before the master's UKMS gets the keys."""
+        assert a.request is not None and a.request.master is not None and a.batch is not None
+        master, out = a.request.master, []
+        a.deliveries = len(a.local)
+        for extra in a.local:
+            copy = bytearray(a.batch)
+
+            def answered(event: Input, copy: bytearray = copy) -> list[Action]:
+                erase(copy)
+                if a.state is not S.SEALING:  # failed meanwhile
+                    return []
+                if isinstance(event, CallFailed):
+                    return self._a_failed(a, event.error)
+                a.deliveries -= 1
+                return self._seal_for_ukms(a) if a.deliveries == 0 else []
+
+            def sealed(
+                message: bytes, extra: m.SlaveAt = extra, then: Any = answered
+            ) -> list[Action]:
+                deliver = m.Deliver(
+                    master=master,
+                    slave=extra.slave,
+                    sealed=message,
+                    epoch=self.links[extra.ukms].epoch,
+                )
+                return [self.call((extra.ukms, "ukms"), deliver, then)]
+
+            def failed(exc: KmsError, copy: bytearray = copy) -> list[Action]:
+                erase(copy)
+                return self._a_failed(a, exc)
+
+            job = SealJob(
+                peer=extra.ukms,
+                hop=self.hop(extra.ukms, a.request_id, 0, a.mode),
+                payload=copy,
+                deadline=self.now + self.policy.patience,
+                then=sealed,
+                fail=failed,
+            )
+            out += self.seal_for(job)
+        return out
+
+    def _seal_for_ukms(self, a: Asking) -> list[Action]:
+        """The keys, sealed for the master's UKMS under our link's keys."""
+        assert a.batch is not None
         job = SealJob(
             peer=a.ukms,
             hop=self.hop(a.ukms, a.request_id, 0, a.mode),
@@ -284,7 +376,7 @@ class AkmsEngine(EngineBase):
             then=lambda sealed: self._a_sealed(a, sealed),
             fail=lambda exc: self._a_failed(a, exc),
         )
-        return out + self.seal_for(job)
+        return self.seal_for(job)
 
     def _a_sealed(self, a: Asking, sealed: bytes) -> list[Action]:
         AKMS_A.advance(a, I.SEALED)
@@ -526,6 +618,7 @@ class AkmsEngine(EngineBase):
             or request.number > self.policy.max_key_per_request
             or (request.purpose == "channel" and not channel_key)
             or (request.purpose == "ksa" and request.ukms_b not in self.links)
+            or any(extra.ukms not in self.links for extra in request.also)
         ):
             raise ProtocolError("malformed CN request")
 
@@ -545,16 +638,23 @@ class AkmsEngine(EngineBase):
         relayed = answer_or_fail(
             lambda _: self._b_step(b, I.RELAYED), lambda e: self._b_failed(b, e)
         )
-        out = [self.call((self.me, "ckms"), local, relayed)]
+        out: list[Action] = [self.call((self.me, "ckms"), local, relayed)]
         if r.purpose == "channel":
             b.chan.add_next(b.epoch, bytearray(b.batch[20 : 20 + channel.KEY_BYTES]))
             return out + self._b_step(b, I.DELIVERED)
-        return out + self._deliver(b, bytearray(b.batch), resealed=False)
+        assert r.ukms_b is not None and r.slave is not None  # purpose ksa
+        slaves = [(r.ukms_b, r.slave), *((x.ukms, x.slave) for x in r.also)]
+        b.deliveries = len(slaves)
+        for ukms, slave in slaves:  # each slave's copies to its own UKMS, side by side
+            out += self._deliver(b, ukms, slave, bytearray(b.batch), resealed=False)
+        return out
 
-    def _deliver(self, b: Answering, copy: bytearray, *, resealed: bool) -> list[Action]:
-        """The slave's copies of the keys, to its UKMS under our link keys."""
-        ukms_b, master, slave = b.request.ukms_b, b.request.master, b.request.slave
-        assert ukms_b is not None and master is not None and slave is not None  # purpose ksa
+    def _deliver(
+        self, b: Answering, ukms_b: int, slave: str, copy: bytearray, *, resealed: bool
+    ) -> list[Action]:
+        """One slave's copies of the keys, to its UKMS under our link keys."""
+        master = b.request.master
+        assert master is not None  # purpose ksa
         sealed_gen = [-1]  # the link's sending generation the copy was sealed under
 
         def sealed(message: bytes) -> list[Action]:
@@ -571,13 +671,14 @@ class AkmsEngine(EngineBase):
         def answered(event: Input) -> list[Action]:
             if isinstance(event, Answered):
                 erase(copy)
-                return self._b_step(b, I.DELIVERED)
+                b.deliveries -= 1
+                return self._b_step(b, I.DELIVERED) if b.deliveries == 0 else []
             assert isinstance(event, CallFailed)
             if isinstance(event.error, Resync) and not resealed:  # UKMS B restarted
                 link = self.links[ukms_b]
                 if link.generation == sealed_gen[0]:  # else another refusal renewed it
                     link.drop_sending()
-                return self._deliver(b, copy, resealed=True)
+                return self._deliver(b, ukms_b, slave, copy, resealed=True)
             erase(copy)
             return self._b_failed(b, event.error)
 
@@ -621,6 +722,19 @@ class AkmsEngine(EngineBase):
 @dataclass(eq=False, slots=True)
 class _Opening:
     state: S
+
+
+def _can_share(verdicts: list[Verdict], me: int) -> bool:
+    """Whether the slaves of one request can share its keys. The keys are made at the
+    first slave's access node and cross the network once, to the master's (``me``): every
+    slave's copies leave from one of the two, so each slave's UKMS must hang off one of
+    them (the first slave's across the network), with one relay mode. And each slave's UKMS
+    must be its own: a UKMS's store holds a key ID once (one session per key)."""
+    first = verdicts[0]
+    ends = (first.akms_b, me)
+    fits = all(v.akms_b in ends and v.mode == first.mode for v in verdicts)
+    crosses = len(verdicts) == 1 or first.akms_b != me
+    return fits and crosses and len({v.ukms_b for v in verdicts}) == len(verdicts)
 
 
 def _wire_mode(mode: Mode) -> Literal["OTP", "GCM"]:

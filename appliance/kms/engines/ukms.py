@@ -100,6 +100,7 @@ class Enc:
     number: int
     size: int
     stream: m.StreamTag | None = None
+    also: tuple[str, ...] = ()
 
 
 @dataclass(eq=False, slots=True)
@@ -232,9 +233,14 @@ class UkmsEngine(EngineBase):
         if session is None:
             error = KeyUnavailable("not a pair served as master here")
             return [SaeRefused(req=event.req, error=error)]
+        for extra in event.also:
+            if self.sessions.session_014(event.master, extra) is None:
+                error = KeyUnavailable("an additional slave is not paired with the master here")
+                return [SaeRefused(req=event.req, error=error)]
         enc = Enc(S.ASKING, event.req, session, event.master, event.slave, event.number, event.size)
-        enc.stream = event.stream
-        if session in self._levels and event.size == self.policy.key_size and not enc.stream:
+        enc.stream, enc.also = event.stream, event.also
+        shared = enc.stream is not None or bool(enc.also)  # never from the pair's stock
+        if session in self._levels and event.size == self.policy.key_size and not shared:
             enc.state = S.LEASING
             stock = self._stocks.get(session)
             leased = len(stock.leased) if stock is not None else 0
@@ -314,7 +320,13 @@ class UkmsEngine(EngineBase):
         ]
 
     def _ksa_request(
-        self, master: str, slave: str, number: int, size: int, stream: m.StreamTag | None = None
+        self,
+        master: str,
+        slave: str,
+        number: int,
+        size: int,
+        stream: m.StreamTag | None = None,
+        also: tuple[str, ...] = (),
     ) -> m.KsaRequest:
         return m.KsaRequest(
             master=master,
@@ -324,11 +336,14 @@ class UkmsEngine(EngineBase):
             epoch=self.links[self.akms].epoch,
             fresh=self._fresh,
             stream=stream,
+            also=list(also),
         )
 
     def _ask(self, enc: Enc) -> list[Action]:
         """Make keys end to end: our AKMS asks the network."""
-        request = self._ksa_request(enc.master, enc.slave, enc.number, enc.size, enc.stream)
+        request = self._ksa_request(
+            enc.master, enc.slave, enc.number, enc.size, enc.stream, enc.also
+        )
         then = answer_or_fail(
             lambda msg: self._answered(enc, msg), lambda e: self._enc_failed(enc, e)
         )

@@ -5,9 +5,9 @@ and slave SAEs, the outputs of the random generators, every message that crossed
 network, the CN keys handed over inside access nodes, alarms and crashes.
 :func:`violations` then checks, for the whole schedule:
 
-1. each key handed to a master SAE is fetched by the named slave, exactly once, with the
-   same bits, and by no other SAE (a request whose keys the slave could not fetch is a
-   *lost* key);
+1. each key handed to a master SAE is fetched by the named slave (and by each additional
+   slave named with it), exactly once each, with the same bits, and by no other SAE (a
+   request whose keys a slave could not fetch is a *lost* key);
 2. every key's bits come out of a node's random generator (nothing a user sent is key
    material);
 3. every SAE request ended (keys, or a clean refusal with a code), no engine still waits
@@ -39,6 +39,8 @@ class Observations:
     drawn: list[bytes] = field(default_factory=list)
     masters: dict[str, tuple[int, str, str, bytes]] = field(default_factory=dict)
     """Key ID -> (transaction, master, slave, bits) as the master got it."""
+    shared: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    """Key ID -> the additional slaves named with it (ETSI 014 Annex B), if any."""
     slaves: dict[str, list[tuple[str, bytes]]] = field(default_factory=dict)
     """Key ID -> (SAE, bits) for every time an SAE got it from dec_keys."""
     otp: dict[tuple[str, str], list[tuple[int, int, bytes]]] = field(default_factory=dict)
@@ -66,6 +68,7 @@ class Observations:
         for part in (
             self.drawn,
             sorted(self.masters.items()),
+            sorted(self.shared.items()),
             sorted(self.slaves.items()),
             sorted(self.otp.items()),
             sorted(self.gcm.items()),
@@ -92,6 +95,8 @@ class Observations:
             if key_id in self.masters:
                 self.violations.append(f"key {key_id} handed to a master twice")
             self.masters[key_id] = (txn.id, txn.master, txn.slave, bits)
+            if txn.also:
+                self.shared[key_id] = txn.also
 
     def slave_got(self, sae: str, keys: list[tuple[str, bytes]]) -> None:
         """``sae`` read these keys in a dec_keys answer."""
@@ -166,13 +171,16 @@ def _deliveries(obs: Observations) -> list[str]:
     found = []
     for key_id, (txn, _, slave, bits) in obs.masters.items():
         got = obs.slaves.get(key_id, [])
-        if not got:
-            found.append(f"key {key_id} of transaction {txn} lost: the slave never got it")
-        if len(got) > 1:
-            found.append(f"key {key_id} delivered {len(got)} times")
+        named = (slave, *obs.shared.get(key_id, ()))
+        for sae in named:
+            times = sum(1 for s, _ in got if s == sae)
+            if not times:
+                found.append(f"key {key_id} of transaction {txn} lost: {sae} never got it")
+            if times > 1:
+                found.append(f"key {key_id} delivered {times} times to {sae}")
         for sae, other in got:
-            if sae != slave:
-                found.append(f"key {key_id} delivered to {sae}, not to {slave}")
+            if sae not in named:
+                found.append(f"key {key_id} delivered to {sae}, not to {' or '.join(named)}")
             if other != bits:
                 found.append(f"key {key_id}: the two ends got different bits")
     for key_id in obs.slaves.keys() - obs.masters.keys():

@@ -144,11 +144,12 @@ class Network:
         kms = [n for n in topology.spec.nodes if n.is_kms]
         self.nodes = {n.id: (n.name, tuple(s for s in SERVICES if s in n.roles)) for n in kms}
         self.saes: dict[str, Sae] = {s.id: s for s in topology.spec.saes}
-        self.pairs = [
+        access = ContractValidator(topology, mode=Mode.GCM, max_keys=1).akms_of
+        self.pairs = [  # across access nodes (keys for a pair behind one cross no network)
             (a.id, b.id)
             for a in topology.spec.saes
             for b in topology.spec.saes
-            if a.user == b.user and a.id != b.id and a.node != b.node
+            if a.user == b.user and a.id != b.id and access(a.node) != access(b.node)
         ]
         self.links: list[ResolvedLink] = [
             link for link in topology.links if link.a in self.nodes and link.b in self.nodes
@@ -220,6 +221,11 @@ class Txn:
     outcome: str = ""
     must_succeed: bool = False
     """Asked once every fault is over: the network must have recovered."""
+    also: tuple[str, ...] = ()
+    """Additional slaves of the enc_keys (ETSI 014 Annex B); each fetches the keys in a
+    transaction of its own (``of`` names the one that got them from the master, and its
+    ``also`` the request's other slaves, whom no probe impersonates)."""
+    of: int | None = None
 
 
 StepHook = Callable[["World", int, Callable[..., None], tuple[Any, ...]], None]
@@ -255,6 +261,7 @@ class World:
         twins: float = 0.2,
         story: bool = False,
         step_hook: StepHook | None = None,
+        shared: float = 0.0,
     ) -> None:
         self.seed, self.rand = seed, random.Random(seed)
         self.net = network_of(topology or _demoquandt())
@@ -265,7 +272,7 @@ class World:
             mode=self.rand.choice((Mode.GCM, Mode.GCM, Mode.OTP)),
         )
         self.faults = faults if faults is not None else Faults.pick(self.rand)
-        self.probes, self.twins = probes, twins
+        self.probes, self.twins, self.shared = probes, twins, shared
         self.story: list[str] | None = [] if story else None
         self.step_hook = step_hook
         self.now = 0.0
@@ -646,6 +653,8 @@ class World:
             master, slave = self.rand.choice(pairs)
             size = self.rand.choice((self.policy.key_size, self.policy.key_size, 512))
             txn = Txn(i, master, slave, self.rand.choice((1, 1, 2, 5)), size)
+            if self.shared and self.rand.random() < self.shared:
+                txn.also = self._also(master, slave)
             txns.append(txn)
             self.at(self.rand.random() * (2.0 if i % 2 else 20.0), self._enc, txn)
         if must_succeed:  # once every fault is over, the network must serve again
@@ -655,6 +664,21 @@ class World:
                 self.at(RECOVERED, self._enc, txn)
         self._open = len(txns)
         return txns
+
+    def _also(self, master: str, slave: str) -> tuple[str, ...]:
+        """Additional slaves for master -> slave: SAEs of the user at other UKMSs behind
+        the slave's or the master's access node (at most one per UKMS)."""
+        akms_of = self.validator.akms_of
+        first = self.saes[slave]
+        ends = (akms_of(first.node), akms_of(self.saes[master].node))
+        taken, also = {first.node}, []
+        for sae in self.saes.values():
+            if sae.user != first.user or sae.id in (master, slave) or sae.node in taken:
+                continue
+            if akms_of(sae.node) in ends and self.rand.random() < 0.8:
+                taken.add(sae.node)
+                also.append(sae.id)
+        return tuple(also)
 
     def _finish(self, txn: Txn, outcome: str) -> None:
         if not txn.done:
@@ -670,7 +694,12 @@ class World:
         req = next(self._numbers)
         self._saes[(node.id, req)] = (txn, "enc", node.gen)
         event = SaeEncKeys(
-            req=req, master=txn.master, slave=txn.slave, number=txn.number, size=txn.size
+            req=req,
+            master=txn.master,
+            slave=txn.slave,
+            number=txn.number,
+            size=txn.size,
+            also=txn.also,
         )
         self._feed(node, "ukms", event)
 
@@ -708,7 +737,8 @@ class World:
     def _probe(self, txn: Txn, ids: tuple[str, ...]) -> None:
         """Someone else asks for the keys: another SAE at the slave's node, or the master
         (with ``probes`` at 1, every other SAE of the network)."""
-        others = [s for s in self.saes.values() if s.id != txn.slave]
+        named = (txn.slave, *txn.also)
+        others = [s for s in self.saes.values() if s.id not in named]
         thieves = others if self.probes >= 1.0 else [self.rand.choice(others)]
         for thief in thieves:
             node = self.nodes[thief.node]
@@ -757,6 +787,13 @@ class World:
             txn.keys = keys
             self.obs.master_got(txn, keys)
             self.after(0.01 + self.rand.random(), self._dec, txn)
+            for extra in txn.also:  # each additional slave fetches them too, on its own
+                other = Txn(len(self.txns), txn.master, extra, txn.number, txn.size, keys=keys)
+                other.must_succeed, other.of = txn.must_succeed, txn.id
+                other.also = tuple(x for x in (txn.slave, *txn.also) if x != extra)
+                self.txns.append(other)
+                self._open += 1
+                self.after(0.01 + self.rand.random(), self._dec, other)
             return
         if op == "dec" and self.now < FAULTS_END and self.rand.random() < self.faults.sae_drops:
             self.tell(f"answer to {txn.slave} LOST with its connection (txn {txn.id})")
