@@ -285,9 +285,9 @@ def cmd_node_run(args: argparse.Namespace) -> int:
 def _aaa_validator(args: argparse.Namespace, cfg: Any) -> tuple[Any, Any]:
     """The AAA validator of an access node, its client listening for revocations, and
     its accounting outbox (in the node's data directory), replaying what is left there."""
-    from appliance.aaa.agent import Credentials
     from appliance.aaa.client import AaaClient, AaaValidator, load_akms_config
     from appliance.aaa.outbox import Outbox
+    from appliance.snmp.usm import Credentials
 
     if "akms" not in cfg.node.role.split("+") or args.only == "ckms":
         raise UsageError("--aaa: only a process running an AKMS talks to the AAA device")
