@@ -41,7 +41,11 @@ KINDS = {
     "qkdnCardRemoved": "card",
     "qkdnIntegrityAlarm": "integrity",
     "qkdnSlotRollback": "rollback",
+    "qkdnNodeUnreachable": "node",
+    "qkdnNodeReachable": "node",
 }
+"""Notification -> alarm kind; the last two are the manager's own (an agent that stops or
+starts answering its polls)."""
 LINK_KINDS = {"link", "qber", "keys"}
 SEVERITIES = ("cleared", "indeterminate", "critical", "major", "minor", "warning")
 MAX_TEXT = 255
@@ -175,7 +179,7 @@ class Store:
             "SELECT id FROM alarms WHERE kind = ? AND resource = ? AND cleared IS NULL",
             (kind, key),
         ).fetchone()
-        if severity == "cleared" or notification == "qkdnLinkUp":
+        if severity == "cleared" or notification in ("qkdnLinkUp", "qkdnNodeReachable"):
             if row is None:
                 return None
             self.db.execute(
