@@ -83,6 +83,14 @@ class Operator(Strict):
     """``scrypt$N$r$p$salt$hash`` (hex), :func:`appliance.mgmt.web.hash_password`."""
 
 
+class MapLink(Strict):
+    """A link of the topology, for the map."""
+
+    a: int = Field(ge=1, le=999)
+    b: int = Field(ge=1, le=999)
+    name: str = Field(max_length=32)
+
+
 class ManagerConfig(Strict):
     traps: str = "127.0.0.1:0"
     web: str | None = None
@@ -95,7 +103,7 @@ class ManagerConfig(Strict):
     agents: list[AgentEntry] = Field(default_factory=list, max_length=999)
     senders: list[Sender] = Field(default_factory=list, max_length=32)
     operators: list[Operator] = Field(default_factory=list, max_length=32)
-    links: list[tuple[int, int, str]] = Field(default_factory=list, max_length=4000)
+    links: list[MapLink] = Field(default_factory=list, max_length=4000)
     """The topology's links (node ID, node ID, name) for the map."""
 
 

@@ -65,14 +65,16 @@ def prepare(net_dir: Path, topo: Topology, configs: dict[str, Any]) -> dict[str,
         f"key = {_q(str(mcfg.paths.key))}",
         'db = "manager.db"',
         "poll_s = 5.0",
-        "links = [" + ", ".join(f"[{x.a}, {x.b}, {_q(x.id)}]" for x in topo.links) + "]",
+        "links = ["
+        + ", ".join(f"{{a = {x.a}, b = {x.b}, name = {_q(x.id)}}}" for x in topo.links)
+        + "]",
     ]
     out = {}
     for name, cfg in sorted(configs.items(), key=lambda kv: kv[1].node.id):
         if "snmp" not in cfg.listen or not set(cfg.node.role.split("+")) & {"ukms", "akms", "ckms"}:
             continue
-        poll = ("qkdn-manager", _secret(), _secret())
-        monitor = ("qkdn-monitor", _secret(), _secret())
+        poll = (f"manager-{cfg.node.id}", _secret(), _secret())
+        monitor = (f"monitor-{cfg.node.id}", _secret(), _secret())
         notify = (f"notify-{cfg.node.id}", _secret(), _secret())
         lines += [
             "",

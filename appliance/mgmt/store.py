@@ -183,7 +183,8 @@ class Store:
             if row is None:
                 return None
             self.db.execute(
-                "UPDATE alarms SET cleared = ?, updated = ?, text = ? WHERE id = ?",
+                "UPDATE alarms SET cleared = ?, updated = ?, text = ?, severity = 'cleared' "
+                "WHERE id = ?",
                 (now, now, text, row["id"]),
             )
             return int(row["id"])

@@ -233,7 +233,7 @@ class WebApp:
             "role": session.role,
             "nodes": self.store.inventory(),
             "links": self.store.links(),
-            "topology": [list(x) for x in self.cfg.links],
+            "topology": [[x.a, x.b, x.name] for x in self.cfg.links],
             "alarms": [a.to_json() for a in self.store.alarms()],
             "time": time.time(),
         }
