@@ -140,6 +140,7 @@ class Agent:
     async def close(self) -> None:
         for task in self._tasks:
             task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         for eng in (self.engine, self.notifier):
             if eng.transport_dispatcher is not None:
                 eng.close_dispatcher()

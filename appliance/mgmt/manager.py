@@ -198,11 +198,13 @@ class Manager:
         for a in self.cfg.agents:
             n = a.notify
             config.add_v3_user(self.rx, n.user, AUTH, n.auth, PRIV, n.priv)
-        for s in self.cfg.senders:
-            extra = {}
+        for s in self.cfg.senders:  # INFORMs: our engine is authoritative; traps: theirs
+            config.add_v3_user(self.rx, s.user, AUTH, s.auth, PRIV, s.priv)
             if s.engine:
-                extra["securityEngineId"] = rfc1902.OctetString(hexValue=s.engine)
-            config.add_v3_user(self.rx, s.user, AUTH, s.auth, PRIV, s.priv, **extra)
+                theirs = rfc1902.OctetString(hexValue=s.engine)
+                config.add_v3_user(
+                    self.rx, s.user, AUTH, s.auth, PRIV, s.priv, securityEngineId=theirs
+                )
         ntfrcv.NotificationReceiver(self.rx, self._received)
         self._tasks.append(asyncio.ensure_future(self._poll_loop()))
         return self.port
@@ -210,6 +212,7 @@ class Manager:
     async def close(self) -> None:
         for task in self._tasks:
             task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         for eng in (self.rx, self.poller):
             if eng.transport_dispatcher is not None:
                 eng.close_dispatcher()

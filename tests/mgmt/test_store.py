@@ -69,9 +69,16 @@ def test_history_folds_old_samples_into_buckets(tmp_path: Path):
     store = Store(tmp_path / "m.db", clock=clock)
     for i in range(60):
         sample = LinkSample(
-            node="ckms-8", link="link-8-9", peer=9, state="up", skr=1000 + i,
-            qber_ppm=20_000, level=100 - i, capacity=1000, consumed=i,
-        )  # fmt: skip
+            node="ckms-8",
+            link="link-8-9",
+            peer=9,
+            state="up",
+            skr=1000 + i,
+            qber_ppm=20_000,
+            level=100 - i,
+            capacity=1000,
+            consumed=i,
+        )
         store.record([sample])
         clock.t += 30
     clock.t += RAW_KEEP_S
