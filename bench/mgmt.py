@@ -340,7 +340,7 @@ def bench_informs(total: int, agents: int) -> dict[str, Any]:
         received = port_q.get(timeout=60)
         mproc.join(60)
         store = Store(Path(db))
-        alarms = len(store.alarms(limit=100_000))
+        alarms = sum(a.resource.startswith("link-b-") for a in store.alarms(limit=100_000))
         store.close()
     return {
         **doc,
