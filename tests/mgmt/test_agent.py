@@ -13,6 +13,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
@@ -257,3 +258,42 @@ def test_the_manager_takes_net_snmp_notifications_from_authorised_senders_only(p
     assert _send("snmptrap", peers, SENDER, "qkdnSlotRollback", *engine).returncode == 0
     _wait(lambda: any(a.kind == "rollback" for a in peers.call(peers.store.alarms)))
     assert peers.call(lambda: peers.manager.received) == received + 1
+
+
+def test_an_inform_is_retried_until_a_manager_acknowledges_it(peers: Peers, tmp_path: Path):
+    """The manager is not there when the fault happens; it starts later, on the address
+    the agent informs, and still gets the alarm."""
+    port = free_udp_port()
+    store = Store(tmp_path / "late.db")
+    user = Credentials(user="notify-late", auth="notify-late-1", priv="notify-late-2")
+    acfg = AgentConfig(
+        users=[MANAGER], inform=Receiver(**user.model_dump(), address=f"127.0.0.1:{port}")
+    )
+    state = {"reads": 0, "link": "down"}
+
+    async def boot() -> Agent:
+        agent = Agent("ckms-late", _reading(state), acfg)
+        await agent.start()
+        return agent
+
+    agent = asyncio.run_coroutine_threadsafe(boot(), peers.loop).result(30)
+    _wait(lambda: peers.call(lambda: agent.sent) >= 2)  # tried, unanswered, tried again
+    assert peers.call(lambda: agent.acked) == 0 and peers.call(lambda: len(agent.pending)) == 1
+    entry = AgentEntry(
+        name="ckms-late", id=3, role="ckms", address="127.0.0.1:9", poll=MANAGER, notify=user
+    )
+    manager = Manager(ManagerConfig(traps=f"127.0.0.1:{port}", poll_s=3600, agents=[entry]), store)
+
+    async def start() -> None:
+        await manager.start()
+
+    asyncio.run_coroutine_threadsafe(start(), peers.loop).result(30)
+    _wait(lambda: any(a.resource == "link-8-9" for a in peers.call(store.alarms)))
+    assert peers.call(lambda: agent.acked) == 1 and not peers.call(lambda: agent.pending)
+
+    async def stop() -> None:
+        await agent.close()
+        await manager.close()
+
+    asyncio.run_coroutine_threadsafe(stop(), peers.loop).result(30)
+    store.close()
