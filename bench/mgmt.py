@@ -353,6 +353,20 @@ def bench_informs(total: int, agents: int) -> dict[str, Any]:
 
 
 # -- 3. T_key with and without management -------------------------------------------------
+def cpu_seconds(folder: Path) -> dict[str, float]:
+    """CPU seconds (user + system) each child of a network's supervisor has used so far."""
+    state = json.loads((folder / "run" / "state.json").read_text())
+    tick = os.sysconf("SC_CLK_TCK")
+    out = {}
+    for name, child in state["nodes"].items():
+        try:
+            fields = Path(f"/proc/{child['pid']}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        out[name] = (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
 def bench_tkey(rounds: int, requests: int) -> dict[str, Any]:
     from appliance.cli import net
     from appliance.config.render import find_free_base_port
@@ -381,12 +395,19 @@ def bench_tkey(rounds: int, requests: int) -> dict[str, Any]:
             }
             p50: dict[str, list[float]] = {"with": [], "without": []}
             failed = 0
+            cpu0 = {n: cpu_seconds(f) for n, f in folders.items()}
+            t0 = time.monotonic()
             for _ in range(rounds):
                 for name in ("without", "with"):
                     doc = measure(*pairs[name], requests)
                     p50[name].append(doc["t_key_ms"]["p50"])
                     failed += doc["failed_requests"]
             mgmt_running = (folders["with"] / "mgmt" / "manager.db").exists()
+            wall = time.monotonic() - t0
+            cpu = {}
+            for n, f in folders.items():
+                now = cpu_seconds(f)
+                cpu[n] = {k: now[k] - cpu0[n].get(k, 0.0) for k in now}
         finally:
             for folder in folders.values():
                 net.bring_down(folder)
@@ -399,6 +420,10 @@ def bench_tkey(rounds: int, requests: int) -> dict[str, Any]:
         "median_difference_ms": round(statistics.median(diffs), 3),
         "failed_requests": failed,
         "manager_database_written": mgmt_running,
+        "wall_s": round(wall, 1),
+        "cpu_s_nodes_with": round(sum(v for k, v in cpu["with"].items() if k != "manager"), 2),
+        "cpu_s_nodes_without": round(sum(cpu["without"].values()), 2),
+        "cpu_s_manager": round(cpu["with"].get("manager", 0.0), 2),
         "rounds": rounds,
         "requests_per_round": requests,
     }

@@ -20,7 +20,9 @@ function cell(row, text, cls) {
   return td;
 }
 
-function linkClass(ends) {
+function linkClass(name, ends) {
+  // an open link alarm (pushed at once) wins over the last poll (every few seconds)
+  if (state.alarms.some((a) => a.kind === "link" && a.resource === name)) return "down";
   if (!ends.length) return "unknown";
   if (ends.some((l) => l.state !== "up")) return ends.some((l) => l.state === "unknown") ? "unknown" : "down";
   if (ends.some((l) => l.level < 8)) return "low";
@@ -42,7 +44,7 @@ function drawMap() {
   for (const l of state.links) (byName[l.link] = byName[l.link] || []).push(l);
   for (const [a, b, name] of state.topology) {
     if (!pos[a] || !pos[b]) continue;
-    const cls = linkClass(byName[name] || []);
+    const cls = linkClass(name, byName[name] || []);
     const line = el("line", { x1: pos[a][0], y1: pos[a][1], x2: pos[b][0], y2: pos[b][1],
       stroke: COLOURS[cls], "data-link": name, "data-state": cls, class: "link " + cls });
     line.appendChild(el("title", {}, name + ": " + cls));
