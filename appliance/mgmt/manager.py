@@ -45,6 +45,8 @@ from appliance.snmp.usm import AUTH, PRIV, SNMP_TRAP_OID, Credentials, bind_udp,
 
 log = logging.getLogger("qkdn.mgmt")
 POLL_TIMEOUT_S, POLL_RETRIES = 1.0, 1
+RETRY_SILENT_S = 2.0
+"""Seconds to the next poll round while an agent does not answer."""
 MANAGER_REFUSALS = (
     (1, 3, 6, 1, 6, 3, 15, 1, 1, 1, 0),
     (1, 3, 6, 1, 6, 3, 15, 1, 1, 3, 0),
@@ -244,6 +246,10 @@ class Manager:
             self.store.security(who, "snmp-refused", text)
         else:
             self.store.notify(name, who, severity, resource, text)
+        column = m["qkdnLinkState"].oid
+        for oid, value in got.items():
+            if oid[:-1] == column and isinstance(_plain(value), int):
+                self.store.link_state(who, oid[-1], mib.enum("qkdnLinkState", int(value)))
         log.info("mgmt: %s from %s: %s %s (%s)", name, who, resource, severity, text)
         self._tell("alarms")
 
@@ -258,7 +264,10 @@ class Manager:
                     self.store.downsample()
             except Exception as exc:  # one failed round must not end polling
                 log.error("mgmt: poll round failed: %s", exc)
-            await asyncio.sleep(self.cfg.poll_s)
+            # a silent agent is looked for again soon (a node starting or restarting)
+            await asyncio.sleep(
+                min(self.cfg.poll_s, RETRY_SILENT_S) if self._down else self.cfg.poll_s
+            )
 
     async def poll_all(self) -> None:
         results = await asyncio.gather(*(self.poll(a) for a in self.cfg.agents))

@@ -64,7 +64,7 @@ def prepare(net_dir: Path, topo: Topology, configs: dict[str, Any]) -> dict[str,
         f"cert = {_q(str(mcfg.paths.cert))}",
         f"key = {_q(str(mcfg.paths.key))}",
         'db = "manager.db"',
-        "poll_s = 10.0",
+        "poll_s = 30.0",
         "links = ["
         + ", ".join(f"{{a = {x.a}, b = {x.b}, name = {_q(x.id)}}}" for x in topo.links)
         + "]",

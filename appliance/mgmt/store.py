@@ -278,6 +278,13 @@ class Store:
             self.db.execute("ROLLBACK")
             raise
 
+    def link_state(self, node: str, peer: int, state: str) -> None:
+        """A link end's state as a notification reports it (between two polls)."""
+        self.db.execute(
+            "UPDATE links SET state = ?, seen = ? WHERE node = ? AND peer = ?",
+            (state[:16], self.clock(), node, peer),
+        )
+
     def links(self) -> list[dict[str, Any]]:
         return [dict(r) for r in self.db.execute("SELECT * FROM links ORDER BY link, node")]
 
