@@ -165,6 +165,8 @@ class WebApp:
         self.cfg, self.store, self.sessions = cfg, store, sessions
         self.operators = {o.name: o for o in cfg.operators}
         self.assets = resources.files("appliance.mgmt") / "web"
+        self.on_change: Callable[[str], None] = lambda _what: None
+        """Told when a request changed the records (an acknowledgement)."""
 
     def handle(self, msg: Message) -> Reply:
         url = urlsplit(msg.target)
@@ -225,6 +227,7 @@ class WebApp:
             return _error(400, "MGMT-VALUE", "expected an alarm number")
         if not self.store.ack(int(raw), session.user):
             return _error(404, "MGMT-ALARM", "no such unacknowledged alarm")
+        self.on_change("alarms")
         return _json(200, {"acked": int(raw), "by": session.user})
 
     def state(self, session: Session) -> dict[str, Any]:
@@ -324,6 +327,7 @@ class WebServer:
         self.server: asyncio.Server | None = None
         self.port = 0
         manager.changed.append(self.changed)
+        self.app.on_change = self.changed
 
     def tls(self) -> ssl.SSLContext:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)

@@ -153,12 +153,16 @@ def test_the_operator_page_shows_a_link_fault_and_takes_an_acknowledgement(net: 
             _login(page, net, "operator", "not-the-password")
             page.wait_for_selector("#error", timeout=30_000)
             _login(page, net, "operator", pw["operator"])
-            page.wait_for_selector(f'line[data-link="{FAULTY}"][data-state="up"]', timeout=60_000)
+            page.wait_for_selector(
+                f'line[data-link="{FAULTY}"][data-state="up"]', timeout=60_000, state="attached"
+            )
             assert page.locator("line.link").count() == 4
             set_link(net.dir, FAULTY, up=False)
             row = f'#alarms tr[data-resource="{FAULTY}"]'
             page.wait_for_selector(row, timeout=20_000)  # pushed by server-sent events
-            page.wait_for_selector(f'line[data-link="{FAULTY}"][data-state="down"]', timeout=20_000)
+            page.wait_for_selector(
+                f'line[data-link="{FAULTY}"][data-state="down"]', timeout=20_000, state="attached"
+            )
             assert "major" in page.inner_text(row)
             page.click(f"{row} button.ack")
             page.wait_for_selector(f"{row}.acked", timeout=20_000)
@@ -175,7 +179,9 @@ def test_the_operator_page_shows_a_link_fault_and_takes_an_acknowledgement(net: 
             assert fetch(net, "/api/state", old)[0] == 401  # a closed session is refused
             set_link(net.dir, FAULTY, up=True)
             _login(page, net, "viewer", pw["viewer"])
-            page.wait_for_selector(f'line[data-link="{FAULTY}"][data-state="up"]', timeout=60_000)
+            page.wait_for_selector(
+                f'line[data-link="{FAULTY}"][data-state="up"]', timeout=60_000, state="attached"
+            )
             assert page.locator("button.ack").count() == 0
         finally:
             ctx.close()
