@@ -16,7 +16,7 @@ from typing import Any
 
 from appliance.cli import args as types
 from appliance.cli.output import print_json
-from appliance.errors import ApplianceError
+from appliance.mgmt.errors import MgmtError
 
 DEFAULT_DIR = Path(".qkdn/net")
 EPILOG = """\
@@ -88,7 +88,7 @@ def _store(net_dir: Path) -> Any:
 
     path = net_dir / "mgmt" / "manager.db"
     if not path.is_file():
-        raise ApplianceError(
+        raise MgmtError(
             f"{path}: no manager database (is the network up with its manager?)", code="MGMT-DB"
         )
     return Store(path)
@@ -149,9 +149,7 @@ def cmd_ack(args: argparse.Namespace) -> int:
     store = _store(args.dir)
     try:
         if not store.ack(args.alarm, args.who):
-            raise ApplianceError(
-                f"alarm {args.alarm}: no such unacknowledged alarm", code="MGMT-ALARM"
-            )
+            raise MgmtError(f"alarm {args.alarm}: no such unacknowledged alarm", code="MGMT-ALARM")
     finally:
         store.close()
     print(f"manager: alarm {args.alarm} acknowledged by {args.who}")

@@ -14,8 +14,8 @@ import time
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
-from appliance.errors import ApplianceError
 from appliance.kms.network import load_configs
+from appliance.mgmt.errors import MgmtError
 from hal.emulated import Fault, read_faults, write_faults
 
 LEAD_S = 0.2
@@ -32,7 +32,7 @@ def link_clock(net_dir: Path, link: str) -> float:
                 start = float(query.get("start", ["0"])[0])
                 now = time.time()
                 return now if speedup == 1.0 else start + (now - start) * speedup
-    raise ApplianceError(f"no link {link!r} in {net_dir}", code="MGMT-LINK")
+    raise MgmtError(f"no link {link!r} in {net_dir}", code="MGMT-LINK")
 
 
 def set_link(net_dir: Path, link: str, *, up: bool) -> None:

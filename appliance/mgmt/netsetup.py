@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from appliance.config.topology import Topology
-from appliance.errors import ApplianceError
+from appliance.mgmt.errors import MgmtError
 from appliance.mgmt.web import hash_password
 
 OPERATORS = (("operator", "ack"), ("viewer", "read"))
@@ -51,7 +51,7 @@ def prepare(net_dir: Path, topo: Topology, configs: dict[str, Any]) -> dict[str,
     """Make ``<net>/mgmt`` ready; return each KMS node's agent file by node name."""
     managers = topo.nodes_with("manager")
     if not managers:
-        raise ApplianceError(
+        raise MgmtError(
             f"topology {topo.name} declares no node with the manager role", code="MGMT-TOPOLOGY"
         )
     mcfg = configs[managers[0].name]

@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from appliance.errors import ApplianceError
+from appliance.mgmt.errors import StoreError
 
 RAW_KEEP_S = 3600.0
 BUCKET_S = 900.0
@@ -110,10 +110,6 @@ CREATE TABLE IF NOT EXISTS security (
     text TEXT NOT NULL
 );
 """
-
-
-class StoreError(ApplianceError):
-    code = "MGMT-STORE"
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
