@@ -13,8 +13,11 @@
    the agents (the default) and one with ``--no-mgmt``; T_key p50 (enc_keys + dec_keys,
    one key) in alternating rounds; the median difference.
 
-Usage: python bench/mgmt.py [agent|informs|tkey|all] [--seconds 10] [--clients 2]
-       [--rounds 5] [--requests 40] [--json PATH]
+4. ``latency``: a demoquandt network with its manager; link 8-9 cut and restored N times:
+   from the fault's start to the alarm's row in the manager's database, and to its clear.
+
+Usage: python bench/mgmt.py [agent|informs|tkey|latency|all] [--seconds 10] [--clients 2]
+       [--rounds 5] [--requests 40] [--faults 10] [--json PATH]
 """
 
 from __future__ import annotations
@@ -429,10 +432,67 @@ def bench_tkey(rounds: int, requests: int) -> dict[str, Any]:
     }
 
 
+# -- 4. link fault to alarm ------------------------------------------------------------------
+def bench_latency(faults: int) -> dict[str, Any]:
+    """A demoquandt network with its manager; link 8-9 cut and restored ``faults`` times:
+    from the fault's start (in the modules' clock) to the alarm's row in the manager's
+    database (raised), and to its clear. The page is told of the row at once (SSE)."""
+    from appliance.cli import net
+    from appliance.config.render import find_free_base_port
+    from appliance.mgmt.linkfault import LEAD_S, link_clock, set_link
+
+    raised: list[float] = []
+    cleared: list[float] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "net"
+        args = argparse.Namespace(
+            topology="demoquandt",
+            dir=folder,
+            base_port=find_free_base_port(),
+            mode="gcm",
+            rate_limited=False,
+            stock=0,
+            timeout=300.0,
+            json=False,
+            aaa=False,
+            mgmt=True,
+        )
+        try:
+            net.bring_up(args)
+            store = Store(folder / "mgmt" / "manager.db")
+            for _ in range(faults):
+                for up, out in ((False, raised), (True, cleared)):
+                    start = link_clock(folder, "link-8-9") + LEAD_S
+                    set_link(folder, "link-8-9", up=up)
+                    out.append(wait_alarm(store, up) - start)
+            store.close()
+        finally:
+            net.bring_down(folder)
+    return {
+        "faults": faults,
+        "raise_ms_p50": round(statistics.median(raised) * 1000, 1),
+        "raise_ms_p99": round(pct(raised, 0.99) * 1000, 1),
+        "raise_ms_max": round(max(raised) * 1000, 1),
+        "clear_ms_p50": round(statistics.median(cleared) * 1000, 1),
+        "clear_ms_max": round(max(cleared) * 1000, 1),
+    }
+
+
+def wait_alarm(store: Store, cleared: bool) -> float:
+    """When the link-8-9 alarm was raised (or cleared), once it is."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        found = [a for a in store.alarms(include_cleared=True, limit=5) if a.resource == "link-8-9"]
+        if found and (found[0].cleared is not None) == cleared:
+            return float(found[0].cleared if cleared else found[0].raised)
+        time.sleep(0.02)
+    raise RuntimeError("no alarm within 60 s")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "what", nargs="?", default="all", choices=["agent", "informs", "tkey", "all"]
+        "what", nargs="?", default="all", choices=["agent", "informs", "tkey", "latency", "all"]
     )
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--clients", type=int, default=2)
@@ -441,6 +501,7 @@ def main() -> None:
     parser.add_argument("--agents", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--requests", type=int, default=40)
+    parser.add_argument("--faults", type=int, default=10)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     doc: dict[str, Any] = {
@@ -457,6 +518,9 @@ def main() -> None:
     if args.what in ("tkey", "all"):
         doc["tkey"] = bench_tkey(args.rounds, args.requests)
         print(json.dumps(doc["tkey"]), flush=True)
+    if args.what in ("latency", "all"):
+        doc["latency"] = bench_latency(args.faults)
+        print(json.dumps(doc["latency"]), flush=True)
     doc["load_after"] = os.getloadavg()
     print(json.dumps(doc, indent=1))
     if args.json:
