@@ -16,7 +16,10 @@
 4. ``latency``: a demoquandt network with its manager; link 8-9 cut and restored N times:
    from the fault's start to the alarm's row in the manager's database, and to its clear.
 
-Usage: python bench/mgmt.py [agent|informs|tkey|latency|all] [--seconds 10] [--clients 2]
+5. ``week``: the manager's store after a simulated week of 30 s polls of 32 link ends:
+   peak RSS (pysnmp imported), database size, a week's history query.
+
+Usage: python bench/mgmt.py [agent|informs|tkey|latency|week|all] [--seconds 10] [--clients 2]
        [--rounds 5] [--requests 40] [--faults 10] [--json PATH]
 """
 
@@ -53,7 +56,7 @@ from appliance.mgmt.agent import Agent, AgentConfig, AgentUser, Receiver
 from appliance.mgmt.detect import Notice
 from appliance.mgmt.manager import AgentEntry, Manager, ManagerConfig
 from appliance.mgmt.nodeview import LinkReading, NodeReading
-from appliance.mgmt.store import Store
+from appliance.mgmt.store import LinkSample, Store
 from appliance.snmp import smi
 from appliance.snmp.usm import AUTH, PRIV, Credentials
 
@@ -489,10 +492,66 @@ def wait_alarm(store: Store, cleared: bool) -> float:
     raise RuntimeError("no alarm within 60 s")
 
 
+# -- 5. a week of history -------------------------------------------------------------------
+def bench_week(link_ends: int) -> dict[str, Any]:
+    """The manager's store (and pysnmp, imported here) after a simulated week of polls
+    every 30 s of ``link_ends`` link ends, folded as the manager folds them (every 100
+    rounds); the process's peak RSS, the database's size, a week's history query."""
+    import resource
+
+    clock = [1_800_000_000.0]
+    rounds = 7 * 86400 // 30
+    folder = Path("/dev/shm") if Path("/dev/shm").is_dir() else None
+    with tempfile.TemporaryDirectory(dir=folder) as tmp:
+        store = Store(Path(tmp) / "manager.db", clock=lambda: clock[0])
+        t0 = time.perf_counter()
+        for r in range(rounds):
+            store.record(
+                [
+                    LinkSample(
+                        node=f"node-{i // 2}",
+                        link=f"link-{i // 2}-{i // 2 + 1}",
+                        peer=i % 2 + 1,
+                        state="up",
+                        skr=10_000 + r % 7,
+                        qber_ppm=10_000,
+                        level=50_000 + r % 11,
+                        capacity=100_000,
+                        consumed=r,
+                    )
+                    for i in range(link_ends)
+                ]
+            )
+            if r % 100 == 99:
+                store.downsample()
+            clock[0] += 30
+        store.downsample()
+        elapsed = time.perf_counter() - t0
+        q0 = time.perf_counter()
+        week = store.history("link-3-4")
+        query_ms = (time.perf_counter() - q0) * 1000
+        rows = store.db.execute("SELECT COUNT(*) FROM samples").fetchone()[0]
+        size = (Path(tmp) / "manager.db").stat().st_size
+        store.close()
+    return {
+        "rounds": rounds,
+        "link_ends": link_ends,
+        "samples_rows_left": rows,
+        "db_mb": round(size / 1e6, 1),
+        "seconds_to_write": round(elapsed, 1),
+        "history_query_rows": len(week),
+        "history_query_ms": round(query_ms, 1),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "what", nargs="?", default="all", choices=["agent", "informs", "tkey", "latency", "all"]
+        "what",
+        nargs="?",
+        default="all",
+        choices=["agent", "informs", "tkey", "latency", "week", "all"],
     )
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--clients", type=int, default=2)
@@ -502,6 +561,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--requests", type=int, default=40)
     parser.add_argument("--faults", type=int, default=10)
+    parser.add_argument("--link-ends", type=int, default=32)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     doc: dict[str, Any] = {
@@ -521,6 +581,9 @@ def main() -> None:
     if args.what in ("latency", "all"):
         doc["latency"] = bench_latency(args.faults)
         print(json.dumps(doc["latency"]), flush=True)
+    if args.what in ("week", "all"):
+        doc["week"] = bench_week(args.link_ends)
+        print(json.dumps(doc["week"]), flush=True)
     doc["load_after"] = os.getloadavg()
     print(json.dumps(doc, indent=1))
     if args.json:
