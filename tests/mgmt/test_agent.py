@@ -297,3 +297,42 @@ def test_an_inform_is_retried_until_a_manager_acknowledges_it(peers: Peers, tmp_
 
     asyncio.run_coroutine_threadsafe(stop(), peers.loop).result(30)
     store.close()
+
+
+def test_a_silent_agent_is_an_alarm_until_its_restarted_node_answers(peers: Peers, tmp_path: Path):
+    """The node's agent stops (its node died) and comes back on the same address with the
+    same engine ID and a fresh engine clock: the manager raises a node alarm, then clears
+    it once it polls the new agent."""
+    store = Store(tmp_path / "restart.db")
+    state = {"reads": 0, "link": "up"}
+    acfg = AgentConfig(listen="127.0.0.1:0", users=[MANAGER])
+
+    async def start_agent(listen: str) -> Agent:
+        agent = Agent("ckms-again", _reading(state), acfg.model_copy(update={"listen": listen}))
+        await agent.start()
+        return agent
+
+    def run(coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, peers.loop).result(30)
+
+    agent = run(start_agent("127.0.0.1:0"))
+    address = f"127.0.0.1:{agent.port}"
+    entry = AgentEntry(
+        name="ckms-again", id=4, role="ckms", address=address, poll=MANAGER, notify=NOTIFY
+    )
+    manager = Manager(ManagerConfig(traps="127.0.0.1:0", poll_s=0.2, agents=[entry]), store)
+    run(manager.start())
+
+    def node_alarms(cleared: bool) -> list[Any]:
+        rows = peers.call(lambda: store.alarms(include_cleared=True))
+        return [a for a in rows if a.kind == "node" and (a.cleared is not None) == cleared]
+
+    _wait(lambda: bool(peers.call(store.inventory)) and peers.call(store.inventory)[0]["reachable"])
+    run(agent.close())
+    _wait(lambda: len(node_alarms(cleared=False)) == 1)
+    agent = run(start_agent(address))
+    _wait(lambda: len(node_alarms(cleared=True)) == 1)
+    assert node_alarms(cleared=False) == [] and peers.call(store.inventory)[0]["reachable"] == 1
+    run(agent.close())
+    run(manager.close())
+    store.close()
