@@ -23,11 +23,11 @@ import logging
 import socket
 from collections.abc import Awaitable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from pydantic import Field, StringConstraints, model_validator
+from pydantic import Field, model_validator
 from pysnmp.carrier.asyncio.dgram import udp
 from pysnmp.entity import config, engine
 from pysnmp.entity.rfc3413 import cmdrsp, context, ntforg
@@ -41,25 +41,13 @@ from appliance.aaa.ledger import Grant
 from appliance.aaa.registry import Registry
 from appliance.aaa.service import POLL_S, AaaService
 from appliance.aaa.view import MibView, SetFailure
-from appliance.config.addresses import check_host
 from appliance.config.schema import Strict, load_model, read_toml
+from appliance.snmp import usm
+from appliance.snmp.usm import AUTH, PRIV, SNMP_TRAP_OID, Credentials
 
 log = logging.getLogger("qkdn.aaa")
 
-AUTH = config.USM_AUTH_HMAC192_SHA256
-PRIV = config.USM_PRIV_CFB128_AES
 INFORM_TIMEOUT_S, INFORM_RETRIES = 0.25, 3
-SNMP_TRAP_OID = (1, 3, 6, 1, 6, 3, 1, 1, 4, 1, 0)
-Secret = Annotated[str, StringConstraints(min_length=8, max_length=64, pattern=r"^[!-~]+$")]
-UserName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$")]
-
-
-class Credentials(Strict):
-    """An SNMPv3 user: name, authentication and privacy passphrases (8..64 characters)."""
-
-    user: UserName
-    auth: Secret
-    priv: Secret
 
 
 class AkmsUser(Credentials):
@@ -104,26 +92,18 @@ def signing_key(path: Path) -> Ed25519PrivateKey:
 
 def host_port(address: str) -> tuple[str, int]:
     """``host:port`` or ``[v6]:port``; port 0 (any free port) is allowed."""
-    host, _, port = address.rpartition(":")
     try:
-        if not port.isdigit() or not 0 <= int(port) <= 65535:
-            raise ValueError(f"a port in 0..65535, not {port[:8]!r}")
-        return check_host(host), int(port)
-    except ValueError as exc:
-        raise SnmpError(f"{address[:80]!r}: expected host:port ({exc})", code="AAA-VALUE") from exc
+        return usm.host_port(address)
+    except usm.UdpError as exc:
+        raise SnmpError(exc.message, code="AAA-VALUE") from exc
 
 
 def bind_udp(address: str) -> socket.socket:
-    host, port = host_port(address)
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_DGRAM)
     try:
-        sock.bind((host, port))
-    except OSError as exc:
-        sock.close()
-        raise SnmpError(f"cannot listen on {address}: {exc.strerror}", code="AAA-LISTEN") from exc
-    sock.setblocking(False)
-    return sock
+        return usm.bind_udp(address)
+    except usm.UdpError as exc:
+        code = "AAA-LISTEN" if exc.code == "SNMP-LISTEN" else "AAA-VALUE"
+        raise SnmpError(exc.message, code=code) from exc
 
 
 class Agent:

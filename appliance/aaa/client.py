@@ -32,7 +32,7 @@ from pysnmp.entity.rfc3413 import cmdgen, ntfrcv
 from pysnmp.proto import rfc1902, rfc1905
 
 from appliance.aaa import mib
-from appliance.aaa.agent import AUTH, PRIV, Credentials, bind_udp, host_port
+from appliance.aaa.agent import bind_udp, host_port
 from appliance.aaa.errors import AaaError, SnmpError
 from appliance.aaa.ledger import Reason, Refusal
 from appliance.aaa.outbox import Outbox, Pending
@@ -41,6 +41,7 @@ from appliance.aaa.wallet import Spent, Terms, Wallet
 from appliance.config.schema import load_model, read_toml
 from appliance.kms.relay import Mode
 from appliance.kms.seams import Denial, Denied, ValidationQuery, Verdict
+from appliance.snmp.usm import AUTH, PRIV, Credentials
 
 log = logging.getLogger("qkdn.aaa.client")
 

@@ -112,6 +112,13 @@ def register(sub: Any) -> None:
         help="a UKMS under AAA: ETSI 014 Status and request limits follow each pair's "
         "contract, as the node's AKMS answers it",
     )
+    run.add_argument(
+        "--mgmt",
+        type=types.path,
+        metavar="AGENT.toml",
+        help="run the node's SNMPv3 agent (QKDN-MIB) with this configuration: its address, "
+        "users and the manager it informs (docs/mgmt.md)",
+    )
     run.set_defaults(func=cmd_node_run)
 
     net = sub.add_parser(
@@ -214,6 +221,13 @@ even by kill -9. A state file it cannot write (full disk) is an alarm in
         "contracts): every request is validated and accounted by it (docs/aaa.md)",
     )
     up.add_argument(
+        "--no-mgmt",
+        dest="mgmt",
+        action="store_false",
+        help="start neither the QKDN Manager nor the nodes' SNMP agents (default: both run "
+        "when the topology has a manager node; docs/mgmt.md)",
+    )
+    up.add_argument(
         "--split-access",
         action="store_true",
         help="run each access node's AKMS and CKMS as two processes (default: one)",
@@ -261,6 +275,7 @@ def cmd_node_run(args: argparse.Namespace) -> int:
             validator=aaa[0] if aaa else None,
         )
         await node.start()
+        agent = await _mgmt_agent(args, node, generator) if args.mgmt is not None else None
         # What start-up built (the topology, the SAE directory, the engines) lives as long
         # as the process: out of the collector's sight, a full collection does not walk
         # it again and again (idle CPU and RSS independent of the number of SAEs).
@@ -271,6 +286,8 @@ def cmd_node_run(args: argparse.Namespace) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
+        if agent is not None:
+            await agent.close()
         await node.close()
         if aaa is not None:
             await aaa[0].close()
@@ -282,12 +299,24 @@ def cmd_node_run(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _mgmt_agent(args: argparse.Namespace, node: Any, generator: Any) -> Any:
+    """The node's SNMPv3 agent, reading the node live (:mod:`appliance.mgmt.agent`)."""
+    from appliance.mgmt.agent import Agent, load_config
+    from appliance.mgmt.nodestate import NodeReader
+
+    reader = NodeReader(node, generator)
+    name = f"{node.name}-{args.only}" if args.only else node.name
+    agent = Agent(name, reader.read, load_config(args.mgmt))
+    await agent.start()
+    return agent
+
+
 def _aaa_validator(args: argparse.Namespace, cfg: Any) -> tuple[Any, Any]:
     """The AAA validator of an access node, its client listening for revocations, and
     its accounting outbox (in the node's data directory), replaying what is left there."""
-    from appliance.aaa.agent import Credentials
     from appliance.aaa.client import AaaClient, AaaValidator, load_akms_config
     from appliance.aaa.outbox import Outbox
+    from appliance.snmp.usm import Credentials
 
     if "akms" not in cfg.node.role.split("+") or args.only == "ckms":
         raise UsageError("--aaa: only a process running an AKMS talks to the AAA device")
@@ -402,6 +431,7 @@ def bring_up(args: argparse.Namespace) -> None:
         addresses = _kms_addresses(configs)
         _refuse_busy_ports(addresses)
         aaa_log = _prepare_aaa(args.dir, topo, configs) if aaa else None
+        args.mgmt = _prepare_mgmt(args, topo, configs)
         supervisor = _start_supervisor(args, patience, lock)
         try:
             ca = Path(next(iter(configs.values())).paths.ca_cert)
@@ -438,6 +468,17 @@ def _prepare_aaa(net_dir: Path, topo: Any, configs: dict[str, Any]) -> tuple[Pat
     prepare(net_dir, topo, configs)
     log = net_dir / "logs" / "aaa.log"
     return log, log.stat().st_size if log.exists() else 0
+
+
+def _prepare_mgmt(args: argparse.Namespace, topo: Any, configs: dict[str, Any]) -> bool:
+    """``<dir>/mgmt`` (:mod:`appliance.mgmt.netsetup`) unless ``--no-mgmt`` or the topology
+    has no manager node; whether the manager and the agents run."""
+    if not getattr(args, "mgmt", True) or not topo.nodes_with("manager"):
+        return False
+    from appliance.mgmt.netsetup import prepare
+
+    prepare(args.dir, topo, configs)
+    return True
 
 
 def _aaa_listening(mark: tuple[Path, int]) -> bool:
@@ -570,6 +611,7 @@ def _start_supervisor(args: argparse.Namespace, patience: float, lock: int) -> A
                 str(lock),
                 *(["--split-access"] if getattr(args, "split_access", False) else []),
                 *(["--aaa"] if getattr(args, "aaa", False) else []),
+                *(["--mgmt"] if getattr(args, "mgmt", False) else []),
             ],
             stdout=log,
             stderr=subprocess.STDOUT,

@@ -50,6 +50,7 @@ from appliance.config.render import SERVICE_OFFSETS
 from appliance.config.topology import Topology
 from appliance.kms import messages as m
 from appliance.kms.batching import RelayBatcher, error_from
+from appliance.kms.counters import NodeCounters
 from appliance.kms.engines import AkmsEngine, CkmsEngine, EngineBase, UkmsEngine
 from appliance.kms.engines.config import EngineConfig, Policy
 from appliance.kms.errors import (
@@ -185,6 +186,8 @@ class KmsNode:
             self.stores = ShardedStore(self._data, self._record_key(rng), alarm=self._store_alarm)
         self._names = {n.name: n.id for n in topology.spec.nodes}
         self._psk: dict[str, PskSource] = {}
+        self.counters = NodeCounters()
+        """What the management agent reads (:mod:`appliance.mgmt.agent`)."""
         self._clients: dict[str, H2Client] = {}
         self._batchers: dict[int, RelayBatcher] = {}
         self._servers: list[TlsServer] = []
@@ -312,6 +315,16 @@ class KmsNode:
             except HsmError as exc:
                 extra = {"node": self.name, "peer": peer, "error": exc.code, "reason": exc.message}
                 log.error("PSK source unavailable", extra=extra)
+
+    def psk_state(self) -> tuple[int, int, int]:
+        """PSK sources opened, configured, and configured on a smartcard (``pcsc://``):
+        what the management agent reports as the card's state."""
+        cards = sum(1 for url in self.config.psk.values() if url.startswith("pcsc:"))
+        return len(self._psk), len(self.config.psk), cards
+
+    def relay_messages(self) -> int:
+        """Relay messages sent to neighbours so far (the batchers' counts)."""
+        return sum(b.messages for b in self._batchers.values())
 
     # -- driving the engines ----------------------------------------------------------------
     def feed(self, service: str, event: Input) -> None:
@@ -446,6 +459,7 @@ class KmsNode:
         caller = self._names.get(request.peer or "")
         if caller is None:  # e.g. an SAE certificate: authenticated, but not a node
             return _refused(403, KmsError("only nodes of this network may call this endpoint"))
+        self.counters.requests += 1
         try:
             message = m.decode(request.body, endpoint[0])
         except MessageError as exc:
@@ -537,6 +551,7 @@ class KmsNode:
             waiting.set_result(outcome)
 
     def _log_refusal(self, path: str, error: KmsError) -> None:
+        self.counters.failed(error.code)
         extra = {"node": self.name, "path": path, "error": error.code, "reason": error.message}
         log.warning("request failed", extra=extra)
 
@@ -586,6 +601,7 @@ class KmsNode:
                 keys.append((key.key_id, key.material))
         except hal.HalError as exc:  # empty, down, not yet distilled: what was read so far
             error = KeyUnavailable(f"{read.link}: no link key ({exc.code})")
+        self.counters.keys_taken[read.link] += len(keys)
         event = LinkKeysRead(ticket=read.ticket, keys=keys, gone=tuple(gone), error=error)
         self._work.append((service, event))
 
@@ -699,6 +715,7 @@ class KmsNode:
 
     def _alarm(self, service: str, alarm: Alarm) -> None:
         event = "integrity alarm" if alarm.code in INTEGRITY_CODES else "alarm"
+        self.counters.alarm(alarm.code, alarm.reason, integrity=alarm.code in INTEGRITY_CODES)
         log.error(event, extra={"node": self.name, "error": alarm.code, "reason": alarm.reason})
 
     def _store_alarm(self, code: str, reason: str) -> None:

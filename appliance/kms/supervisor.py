@@ -3,7 +3,8 @@
 Started by ``qkdn net up`` as a detached process, with the network directory's lock
 (:mod:`netproc`), which it holds for its whole life. With ``--aaa`` it also runs the data
 centre's AAA device (``qkdn aaa run``, ``<dir>/aaa``) and starts each AKMS with its link to
-it. It restarts a node (or AAA) that exits, with
+it; with ``--mgmt``, the QKDN Manager (``qkdn manager run``, ``<dir>/mgmt``) and each node
+with its SNMP agent. It restarts a node (or AAA) that exits, with
 a back-off (1 s doubling to 10 s, reset once a node has run for a minute). Every node it
 starts carries the network's marker in its environment and dies with the supervisor, even
 when the supervisor is killed with SIGKILL (:func:`netproc.die_with_supervisor`).
@@ -64,6 +65,8 @@ class Child:
     kind: str = "node"
     terms: bool = False
     """A UKMS under AAA: it asks its AKMS for the contracts' terms (``--terms-from-akms``)."""
+    mgmt: str | None = None
+    """The node's SNMP agent file (``node run --mgmt``); for the manager, its config."""
     pid: int = 0
     restarts: int = 0
     started: float = 0.0
@@ -81,6 +84,7 @@ class Supervisor:
         split_access: bool = False,
         lock_fd: int | None = None,
         aaa: bool = False,
+        mgmt: bool = False,
     ) -> None:
         self.dir, self.mode, self.stock, self.patience = net_dir.resolve(), mode, stock, patience
         if lock_fd is None:
@@ -96,9 +100,15 @@ class Supervisor:
             log_file = str(self.dir / "logs" / "aaa.log")
             config = str(aaa_dir / "aaa.toml")
             self.children["aaa"] = Child("aaa", config, log_file, aaa=str(aaa_dir), kind="aaa")
+        if mgmt:  # the data centre's QKDN Manager, before the agents that inform it
+            config = str(self.dir / "mgmt" / "manager.toml")
+            log_file = str(self.dir / "logs" / "manager.log")
+            self.children["manager"] = Child("manager", config, log_file, kind="manager")
         for name, cfg in load_configs(self.dir).items():
             if not is_kms(cfg):
                 continue
+            agent = self.dir / "mgmt" / f"node-{name}.toml"
+            agent_file = str(agent) if mgmt and agent.exists() else None
             config = str(self.dir / "nodes" / f"{name}.toml")
             link = aaa_dir / f"akms-{cfg.node.id}.toml"
             link_file = str(link) if aaa and "akms" in cfg.node.role.split("+") else None
@@ -107,11 +117,14 @@ class Supervisor:
                     log_file = str(self.dir / "logs" / f"{name}.{only}.log")
                     own = link_file if only == "akms" else None
                     child = Child(f"{name}/{only}", config, log_file, only, aaa=own)
+                    child.mgmt = agent_file if only == "akms" else None
                     self.children[child.name] = child
             else:
                 log_file = str(self.dir / "logs" / f"{name}.log")
                 terms = aaa and "ukms" in cfg.node.role.split("+")
-                self.children[name] = Child(name, config, log_file, aaa=link_file, terms=terms)
+                self.children[name] = Child(
+                    name, config, log_file, aaa=link_file, terms=terms, mgmt=agent_file
+                )
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.stopping = False
         self.alarm: dict[str, Any] | None = None
@@ -122,6 +135,20 @@ class Supervisor:
 
     # -- nodes -------------------------------------------------------------------------
     def command(self, child: Child) -> list[str]:
+        if child.kind == "manager":
+            return [
+                sys.executable,
+                "-m",
+                "appliance.cli",
+                "--log-level",
+                "info",
+                "--log-format",
+                "json",
+                "manager",
+                "run",
+                "--config",
+                child.config,
+            ]
         if child.kind == "aaa":
             assert child.aaa is not None
             return [
@@ -160,6 +187,7 @@ class Supervisor:
             *(["--only", child.only] if child.only else []),
             *(["--aaa", child.aaa] if child.aaa else []),
             *(["--terms-from-akms"] if child.terms else []),
+            *(["--mgmt", child.mgmt] if child.mgmt else []),
         ]
 
     def spawn(self, child: Child) -> None:
@@ -328,6 +356,11 @@ def main() -> None:
     parser.add_argument("--split-access", action="store_true")
     parser.add_argument("--aaa", action="store_true", help="run the AAA device (<dir>/aaa)")
     parser.add_argument(
+        "--mgmt",
+        action="store_true",
+        help="run the QKDN Manager and the nodes' agents (<dir>/mgmt)",
+    )
+    parser.add_argument(
         "--lock-fd", type=int, help="an open file holding the directory's lock (net up's)"
     )
     args = parser.parse_args()
@@ -348,6 +381,7 @@ def main() -> None:
             args.split_access,
             args.lock_fd,
             aaa=args.aaa,
+            mgmt=args.mgmt,
         )
         raise SystemExit(supervisor.run())
     except ApplianceError as exc:

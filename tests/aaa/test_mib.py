@@ -10,8 +10,10 @@ from pathlib import Path
 import pytest
 
 from appliance.aaa import mib
+from appliance.snmp import smi
 
 MIB_DIR = Path(mib.__file__).parent / "mib"
+SMI_DIR = smi.MIB_DIR
 needs_smilint = pytest.mark.skipif(shutil.which("smilint") is None, reason="smitools missing")
 needs_netsnmp = pytest.mark.skipif(shutil.which("snmptranslate") is None, reason="snmp missing")
 
@@ -20,7 +22,7 @@ needs_netsnmp = pytest.mark.skipif(shutil.which("snmptranslate") is None, reason
 def test_smilint_level_3_is_silent():
     out = subprocess.run(
         ["smilint", "-l", "3", "-s", str(MIB_DIR / "QKDN-AAA-MIB.txt")],
-        env={"SMIPATH": str(MIB_DIR), "PATH": "/usr/bin:/bin"},
+        env={"SMIPATH": f"{MIB_DIR}:{SMI_DIR}", "PATH": "/usr/bin:/bin"},
         capture_output=True,
         text=True,
         timeout=60,
@@ -30,7 +32,7 @@ def test_smilint_level_3_is_silent():
 
 def _translate(*args: str) -> str:
     out = subprocess.run(
-        ["snmptranslate", "-M", f"+:{MIB_DIR}", "-m", "+QKDN-AAA-MIB", *args],
+        ["snmptranslate", "-M", f"+:{MIB_DIR}:{SMI_DIR}", "-m", "+QKDN-AAA-MIB", *args],
         capture_output=True,
         text=True,
         timeout=60,

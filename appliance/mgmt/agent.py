@@ -1,0 +1,317 @@
+"""The SNMPv3 agent of a KMS node (QKDN-MIB), a thin pysnmp 7 (asyncio) adapter.
+
+It runs in the node's process (``qkdn node run --mgmt FILE``), on the node's ``snmp``
+address, beside the KMS services on the same event loop:
+
+* SNMPv3 only, authPriv only (HMAC-SHA-256, AES-128, :mod:`appliance.snmp.usm`). No
+  community is configured: v1/v2c requests are dropped and counted
+  (snmpInBadCommunityNames); noAuth requests, unknown users and wrong keys are refused by
+  USM and counted (usmStatsUnsupportedSecLevels, usmStatsUnknownUserNames,
+  usmStatsWrongDigests).
+* VACM per role: a ``manager`` user reads QKDN-MIB and the SNMP engine's own counters; a
+  ``monitor`` user reads the node's identity and its link table only. Nobody writes.
+* Values are live: each PDU takes a fresh reading of the node
+  (:class:`appliance.mgmt.nodestate.NodeReader`) and answers from it.
+* Every :data:`POLL_S` the agent compares the node's reading with the last one
+  (:mod:`appliance.mgmt.detect`) and sends each notice as an INFORM to the manager,
+  retried until acknowledged (a bounded queue), and as a trap to every other receiver.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field
+from pysnmp.carrier.asyncio.dgram import udp
+from pysnmp.entity import config, engine
+from pysnmp.entity.rfc3413 import cmdrsp, context, ntforg
+from pysnmp.proto import rfc1902, rfc1905
+
+from appliance.config.schema import Strict, load_model, read_toml
+from appliance.mgmt import mib
+from appliance.mgmt.detect import Detector, Notice
+from appliance.mgmt.nodeview import NodeReading, Snapshot, Value
+from appliance.snmp.usm import AUTH, PRIV, SNMP_TRAP_OID, Credentials, bind_udp, host_port
+
+log = logging.getLogger("qkdn.mgmt")
+
+POLL_S = 0.5
+"""Seconds between two looks for faults (the alarm reaches the manager within ~1 s)."""
+INFORM_TIMEOUT_S, INFORM_RETRIES = 0.5, 2
+"""One INFORM attempt: pysnmp's own retransmissions; then :data:`RETRY_S` and again."""
+RETRY_S = 1.0
+MAX_PENDING = 1000
+"""Notifications waiting for the manager's acknowledgement; the oldest go beyond this."""
+REFUSALS = (
+    (1, 3, 6, 1, 6, 3, 15, 1, 1, 1, 0),  # usmStatsUnsupportedSecLevels
+    (1, 3, 6, 1, 6, 3, 15, 1, 1, 3, 0),  # usmStatsUnknownUserNames
+    (1, 3, 6, 1, 6, 3, 15, 1, 1, 5, 0),  # usmStatsWrongDigests
+    (1, 3, 6, 1, 6, 3, 15, 1, 1, 6, 0),  # usmStatsDecryptionErrors
+    (1, 3, 6, 1, 2, 1, 11, 4, 0),  # snmpInBadCommunityNames
+)
+MONITOR_VIEW = ("qkdnNode", "qkdnLinks")
+SYNTAX: dict[str, Any] = {
+    "Unsigned32": rfc1902.Unsigned32,
+    "Gauge32": rfc1902.Gauge32,
+    "Counter64": rfc1902.Counter64,
+    "OCTET STRING": rfc1902.OctetString,
+    "INTEGER": rfc1902.Integer32,
+}
+
+
+class AgentUser(Credentials):
+    role: Literal["manager", "monitor"] = "manager"
+
+
+class Receiver(Credentials):
+    """Where notifications go: ``host:port`` and the SNMPv3 user to send them as."""
+
+    address: str
+
+
+class AgentConfig(Strict):
+    listen: str = "127.0.0.1:0"
+    users: list[AgentUser] = Field(min_length=1, max_length=16)
+    inform: Receiver | None = None
+    """The QKDN Manager: INFORMs, retried until acknowledged."""
+    traps: list[Receiver] = Field(default_factory=list, max_length=8)
+    """Other receivers: traps (the node's notifier engine is authoritative)."""
+
+
+def load_config(path: Path) -> AgentConfig:
+    return load_model(AgentConfig, read_toml(path), str(path))
+
+
+def engine_id(name: str, kind: str = "a") -> bytes:
+    """An RFC 3411 snmpEngineID for a node: enterprise 32473, format 4 (text), the node
+    name; ``kind`` ``a`` for the agent, ``n`` for its notifier (receivers of its traps
+    configure users under this ID)."""
+    return bytes.fromhex("80007ed904") + f"qkdn-{kind}-{name}".encode()[:27]
+
+
+def _typed(value: Value) -> Any:
+    return SYNTAX[value[0]](value[1])
+
+
+class Agent:
+    """QKDN-MIB over SNMPv3 for one node; ``reader`` reads the node now."""
+
+    def __init__(self, name: str, reader: Callable[[], NodeReading], cfg: AgentConfig) -> None:
+        self.name, self.reader, self.cfg = name, reader, cfg
+        self.engine = engine.SnmpEngine(snmpEngineID=rfc1902.OctetString(engine_id(name)))
+        self.notifier = engine.SnmpEngine(snmpEngineID=rfc1902.OctetString(engine_id(name, "n")))
+        self.detector = Detector()
+        self.port = 0
+        self.sent = self.acked = self.dropped = 0
+        self.pending: deque[list[Any]] = deque()
+        self._wake = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._originator = ntforg.NotificationOriginator()
+        self._default: Any = None
+
+    # -- start and stop ------------------------------------------------------------------
+    async def start(self) -> int:
+        sock = bind_udp(self.cfg.listen)
+        self.port = int(sock.getsockname()[1])
+        transport = udp.UdpAsyncioTransport().open_server_mode(sock=sock)
+        config.add_transport(self.engine, config.SNMP_UDP_DOMAIN, transport)
+        self._users()
+        ctx = context.SnmpContext(self.engine)
+        self._default = ctx.get_mib_instrum(b"")
+        ctx.unregister_context_name(b"")
+        ctx.register_context_name(b"", Instrumentation(self, self._default))
+        for responder in (
+            cmdrsp.GetCommandResponder,
+            cmdrsp.NextCommandResponder,
+            cmdrsp.BulkCommandResponder,
+        ):
+            responder(self.engine, ctx)
+        self._receivers()
+        self._tasks = [asyncio.ensure_future(self._watch())]
+        if self.cfg.inform is not None:
+            self._tasks.append(asyncio.ensure_future(self._deliver()))
+        return self.port
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for eng in (self.engine, self.notifier):
+            if eng.transport_dispatcher is not None:
+                eng.close_dispatcher()
+
+    def _users(self) -> None:
+        config.add_context(self.engine, "")
+        config.add_vacm_view(self.engine, "manager", "included", mib.QKDN_ARC, "")
+        config.add_vacm_view(self.engine, "manager", "included", (1, 3, 6, 1, 6, 3), "")
+        config.add_vacm_view(self.engine, "manager", "included", (1, 3, 6, 1, 2, 1, 11), "")
+        for subtree in MONITOR_VIEW:
+            config.add_vacm_view(self.engine, "monitor", "included", mib.oid(subtree), "")
+        for role in ("manager", "monitor"):
+            config.add_vacm_access(self.engine, role, "", 3, "authPriv", "exact", role, "", "none")
+        for user in self.cfg.users:
+            config.add_v3_user(self.engine, user.user, AUTH, user.auth, PRIV, user.priv)
+            config.add_vacm_group(self.engine, user.role, 3, user.user)
+
+    def _receivers(self) -> None:
+        config.add_transport(
+            self.notifier, config.SNMP_UDP_DOMAIN, udp.UdpAsyncioTransport().open_client_mode()
+        )
+        targets = [("inform", self.cfg.inform)] if self.cfg.inform else []
+        targets += [(f"trap-{i}", r) for i, r in enumerate(self.cfg.traps)]
+        for name, rx in targets:
+            kind = "inform" if name == "inform" else "trap"
+            config.add_v3_user(self.notifier, rx.user, AUTH, rx.auth, PRIV, rx.priv)
+            config.add_target_parameters(self.notifier, name, rx.user, "authPriv")
+            config.add_target_address(
+                self.notifier,
+                name,
+                config.SNMP_UDP_DOMAIN,
+                host_port(rx.address),
+                name,
+                timeout=int(INFORM_TIMEOUT_S * 100),
+                retryCount=INFORM_RETRIES,
+                tagList=name,
+            )
+            config.add_notification_target(self.notifier, name, name, name, kind)
+            config.add_vacm_user(self.notifier, 3, rx.user, "authPriv", notifySubTree=(1, 3, 6, 1))
+
+    # -- faults ------------------------------------------------------------------------
+    def refusals(self) -> int:
+        """The engine's refusal counters (USM and SNMP), summed."""
+        total = 0
+        for oid in REFUSALS:
+            ((_name, value),) = self._default.read_variables((oid, None))
+            try:
+                total += int(value)
+            except (ValueError, TypeError):  # not instantiated yet: nothing counted
+                continue
+        return total
+
+    async def _watch(self) -> None:
+        while True:
+            try:
+                self.check()
+            except Exception as exc:  # a reading that fails must not stop the watch
+                log.error("mgmt: reading the node failed: %s", exc, exc_info=True)
+            await asyncio.sleep(POLL_S)
+
+    def check(self) -> list[Notice]:
+        """Read the node now; send what changed."""
+        notices = self.detector.observe(self.reader(), self.refusals())
+        for notice in notices:
+            self.notify(notice)
+        return notices
+
+    def notify(self, notice: Notice) -> None:
+        binds = self.varbinds(notice)
+        for i in range(len(self.cfg.traps)):
+            self._originator.send_varbinds(self.notifier, f"trap-{i}", None, b"", binds)
+        if self.cfg.inform is None:
+            return
+        if len(self.pending) >= MAX_PENDING:
+            self.pending.popleft()
+            self.dropped += 1
+            log.error("mgmt: notification queue full, the oldest is dropped")
+        self.pending.append(binds)
+        self._wake.set()
+
+    def varbinds(self, notice: Notice) -> list[Any]:
+        m = mib.load()
+        binds: list[Any] = [
+            (SNMP_TRAP_OID, rfc1902.ObjectIdentifier(m[notice.name].oid)),
+        ]
+        reading = self.detector.last
+        if notice.peer and reading is not None:
+            snap = Snapshot(reading)
+            for column in ("qkdnLinkName", "qkdnLinkState", "qkdnLinkQber", "qkdnLinkKeyLevel"):
+                oid = (*m[column].oid, notice.peer)
+                value = snap.get(oid)
+                if value is not None:
+                    binds.append((oid, _typed(value)))
+        severity = m["qkdnNotifySeverity"].enums[notice.severity]
+        binds += [
+            ((*m["qkdnNotifySeverity"].oid, 0), rfc1902.Integer32(severity)),
+            ((*m["qkdnNotifyResource"].oid, 0), rfc1902.OctetString(notice.resource[:64])),
+            ((*m["qkdnNotifyText"].oid, 0), rfc1902.OctetString(notice.text[:255])),
+        ]
+        return binds
+
+    async def _deliver(self) -> None:
+        """INFORMs to the manager in order, each until acknowledged."""
+        while True:
+            while not self.pending:
+                self._wake.clear()
+                await self._wake.wait()
+            binds = self.pending[0]
+            if await self._inform(binds):
+                self.acked += 1
+                if self.pending and self.pending[0] is binds:
+                    self.pending.popleft()
+            else:
+                await asyncio.sleep(RETRY_S)
+
+    async def _inform(self, binds: list[Any]) -> bool:
+        done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+
+        def acked(_e: Any, _h: Any, error: Any, _st: Any, _ix: Any, _vb: Any, _c: Any) -> None:
+            if not done.done():
+                done.set_result(error is None)
+
+        self.sent += 1
+        self._originator.send_varbinds(self.notifier, "inform", None, b"", binds, acked)
+        return await done
+
+
+class Instrumentation:
+    """pysnmp's MIB instrumentation interface (read, next) over one reading per PDU;
+    OIDs outside QKDN-MIB go to pysnmp's own (SNMP engine and USM counters)."""
+
+    def __init__(self, agent: Agent, default: Any) -> None:
+        self.agent, self.default = agent, default
+
+    def _denied(self, oid: tuple[int, ...], i: int, ctx: dict[str, Any]) -> bool:
+        verdict = ctx["acFun"]("read", (rfc1902.ObjectName(oid), None), **{**ctx, "idx": i})
+        return bool(verdict)
+
+    def read_variables(self, *binds: Any, **ctx: Any) -> list[Any]:
+        snap: Snapshot | None = None
+        out = []
+        for i, (name, val) in enumerate(binds):
+            oid = tuple(name)
+            if oid[: len(mib.QKDN_ARC)] != mib.QKDN_ARC:
+                out += self.default.read_variables((name, val), **ctx)
+                continue
+            if self._denied(oid, i, ctx):
+                out.append((name, rfc1905.noSuchObject))
+                continue
+            snap = snap or Snapshot(self.agent.reader())
+            value = snap.get(oid)
+            out.append((name, rfc1905.noSuchInstance if value is None else _typed(value)))
+        return out
+
+    def read_next_variables(self, *binds: Any, **ctx: Any) -> list[Any]:
+        snap = Snapshot(self.agent.reader())
+        out = []
+        for i, (name, val) in enumerate(binds):
+            theirs = self.default.read_next_variables((name, val), **ctx)[0]
+            ours = snap.next(tuple(name))
+            while ours is not None and self._denied(ours[0], i, ctx):
+                ours = snap.next(ours[0])
+            if ours is not None and (
+                theirs[1] is rfc1905.endOfMibView or ours[0] < tuple(theirs[0])
+            ):
+                out.append((rfc1902.ObjectName(ours[0]), _typed(ours[1])))
+            else:
+                out.append(theirs)
+        return out
+
+    def write_variables(self, *binds: Any, **ctx: Any) -> list[Any]:
+        from pysnmp.smi import error as smi_error
+
+        raise smi_error.NoAccessError(name=binds[0][0], idx=0)

@@ -1,0 +1,387 @@
+"""``qkdn manager run``: the QKDN Manager process (FCAPS over SNMPv3).
+
+* It receives the nodes' INFORMs and traps on its ``traps`` address (pysnmp's notification
+  receiver; INFORMs are acknowledged by it). Only configured SNMPv3 users are accepted, in
+  authPriv: each agent's notify user, and the operator's extra ``senders``. A refused
+  sender is counted by USM; the manager records the counters' growth as security events.
+* It polls every agent (a GETBULK walk of ``qkdnObjects``) every ``poll_s`` seconds: link
+  states and levels go to the history, identity and software to the inventory; an agent
+  that does not answer raises a ``node`` alarm, cleared when it answers again.
+* It keeps everything in SQLite (:mod:`appliance.mgmt.store`) and tells its web page
+  (:mod:`appliance.mgmt.web`) of every change.
+
+It never sees a key or a key ID: QKDN-MIB carries none.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from cryptography import x509
+from pydantic import Field
+from pysnmp.carrier.asyncio.dgram import udp
+from pysnmp.entity import config, engine
+from pysnmp.entity.rfc3413 import ntfrcv
+from pysnmp.hlapi.v3arch.asyncio import (
+    ContextData,
+    ObjectIdentity,
+    ObjectType,
+    UdpTransportTarget,
+    UsmUserData,
+    bulk_walk_cmd,
+)
+from pysnmp.proto import rfc1902
+
+from appliance.config.schema import Strict, load_model, read_toml
+from appliance.mgmt import mib
+from appliance.mgmt.store import LinkSample, Store
+from appliance.snmp.usm import AUTH, PRIV, SNMP_TRAP_OID, Credentials, bind_udp, host_port
+
+log = logging.getLogger("qkdn.mgmt")
+POLL_TIMEOUT_S, POLL_RETRIES = 1.0, 1
+RETRY_SILENT_S = 2.0
+"""Seconds to the next poll round while an agent does not answer."""
+MANAGER_REFUSALS = (
+    (1, 3, 6, 1, 6, 3, 15, 1, 1, 1, 0),
+    (1, 3, 6, 1, 6, 3, 15, 1, 1, 3, 0),
+    (1, 3, 6, 1, 6, 3, 15, 1, 1, 5, 0),
+    (1, 3, 6, 1, 6, 3, 15, 1, 1, 6, 0),
+    (1, 3, 6, 1, 2, 1, 11, 4, 0),
+)
+
+
+class AgentEntry(Strict):
+    """One node's agent, as the manager reaches it."""
+
+    name: str = Field(max_length=64)
+    id: int = Field(ge=1, le=999)
+    role: str = Field(max_length=16)
+    address: str
+    poll: Credentials
+    """The manager's user at the agent (role manager)."""
+    notify: Credentials
+    """The user the agent sends its INFORMs as."""
+    cert: str | None = None
+    """The node's certificate (its expiry goes to the inventory)."""
+
+
+class Sender(Credentials):
+    """Another authorised sender of notifications (an operator's tool)."""
+
+    engine: str | None = Field(default=None, pattern=r"^([0-9a-fA-F]{2}){5,32}$")
+    """The sender's snmpEngineID in hex, needed for its traps (not for its INFORMs)."""
+
+
+class Operator(Strict):
+    name: str = Field(pattern=r"^[a-z][a-z0-9_.-]{0,31}$")
+    role: Literal["read", "ack"]
+    password: str = Field(max_length=256)
+    """``scrypt$N$r$p$salt$hash`` (hex), :func:`appliance.mgmt.web.hash_password`."""
+
+
+class MapLink(Strict):
+    """A link of the topology, for the map."""
+
+    a: int = Field(ge=1, le=999)
+    b: int = Field(ge=1, le=999)
+    name: str = Field(max_length=32)
+
+
+class ManagerConfig(Strict):
+    traps: str = "127.0.0.1:0"
+    web: str | None = None
+    """HTTPS address of the operator's page and /metrics; none: no web server."""
+    cert: str | None = None
+    key: str | None = None
+    db: str = "manager.db"
+    poll_s: float = Field(default=5.0, ge=0.2, le=3600)
+    session_s: float = Field(default=8 * 3600, ge=1, le=7 * 86400)
+    agents: list[AgentEntry] = Field(default_factory=list, max_length=999)
+    senders: list[Sender] = Field(default_factory=list, max_length=32)
+    operators: list[Operator] = Field(default_factory=list, max_length=32)
+    links: list[MapLink] = Field(default_factory=list, max_length=4000)
+    """The topology's links (node ID, node ID, name) for the map."""
+
+
+def load_config(path: Path) -> tuple[ManagerConfig, Path]:
+    return load_model(ManagerConfig, read_toml(path), str(path)), path.parent
+
+
+@dataclass
+class Polled:
+    """What one walk of an agent returned, by MIB name (links by peer)."""
+
+    scalars: dict[str, Any] = field(default_factory=dict)
+    links: dict[int, dict[str, Any]] = field(default_factory=dict)
+
+
+def parse_walk(binds: list[tuple[tuple[int, ...], Any]]) -> Polled:
+    out = Polled()
+    m = mib.load()
+    entry = m["qkdnLinkEntry"].oid
+    for oid, value in binds:
+        if oid[: len(entry)] == entry and len(oid) == len(entry) + 2:
+            column = mib.name_of(oid[:-1])
+            if column:
+                out.links.setdefault(oid[-1], {})[column] = _plain(value)
+        elif oid[-1] == 0:
+            name = mib.name_of(oid[:-1])
+            if name:
+                out.scalars[name] = _plain(value)
+    return out
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, rfc1902.OctetString):
+        return bytes(value).decode("ascii", "replace")
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def samples(node: str, polled: Polled) -> list[LinkSample]:
+    out = []
+    for peer, cols in sorted(polled.links.items()):
+        out.append(
+            LinkSample(
+                node=node,
+                link=str(cols.get("qkdnLinkName", f"peer-{peer}")),
+                peer=peer,
+                state=mib.enum("qkdnLinkState", int(cols.get("qkdnLinkState", 4))),
+                skr=int(cols.get("qkdnLinkSkr", 0)),
+                qber_ppm=int(cols.get("qkdnLinkQber", 0)),
+                level=int(cols.get("qkdnLinkKeyLevel", 0)),
+                capacity=int(cols.get("qkdnLinkKeyCapacity", 0)),
+                consumed=int(cols.get("qkdnLinkKeysConsumed", 0)),
+            )
+        )
+    return out
+
+
+def cert_expiry(path: str | None) -> float | None:
+    if not path:
+        return None
+    try:
+        cert = x509.load_pem_x509_certificate(Path(path).read_bytes())
+    except (OSError, ValueError):
+        return None
+    return cert.not_valid_after_utc.timestamp()
+
+
+class Manager:
+    """The manager's SNMP side over a :class:`Store`; ``changed`` hears of every change."""
+
+    def __init__(self, cfg: ManagerConfig, store: Store) -> None:
+        self.cfg, self.store = cfg, store
+        self.changed: list[Callable[[str], None]] = []
+        self.rx = engine.SnmpEngine()
+        self.poller = engine.SnmpEngine()
+        self.users = {a.notify.user: a.name for a in cfg.agents}
+        self.users.update({s.user: f"sender:{s.user}" for s in cfg.senders})
+        self.received = 0
+        self.port = 0
+        self._refusals = 0
+        self._down: set[str] = set()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> int:
+        sock = bind_udp(self.cfg.traps)
+        self.port = int(sock.getsockname()[1])
+        config.add_transport(
+            self.rx, config.SNMP_UDP_DOMAIN, udp.UdpAsyncioTransport().open_server_mode(sock=sock)
+        )
+        for a in self.cfg.agents:
+            n = a.notify
+            config.add_v3_user(self.rx, n.user, AUTH, n.auth, PRIV, n.priv)
+        for s in self.cfg.senders:  # INFORMs: our engine is authoritative; traps: theirs
+            config.add_v3_user(self.rx, s.user, AUTH, s.auth, PRIV, s.priv)
+            if s.engine:
+                theirs = rfc1902.OctetString(hexValue=s.engine)
+                config.add_v3_user(
+                    self.rx, s.user, AUTH, s.auth, PRIV, s.priv, securityEngineId=theirs
+                )
+        ntfrcv.NotificationReceiver(self.rx, self._received)
+        self._tasks.append(asyncio.ensure_future(self._poll_loop()))
+        return self.port
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for eng in (self.rx, self.poller):
+            if eng.transport_dispatcher is not None:
+                eng.close_dispatcher()
+
+    def _tell(self, what: str) -> None:
+        for hook in self.changed:
+            hook(what)
+
+    # -- notifications -----------------------------------------------------------------
+    def _received(self, eng: Any, _ref: Any, _ce: Any, _cn: Any, binds: Any, _c: Any) -> None:
+        ctx = eng.observer.get_execution_context("rfc3412.receiveMessage:request")
+        who = self.users.get(str(ctx.get("securityName", "")), "unknown")
+        got = {tuple(name): value for name, value in binds}
+        trap = got.get(SNMP_TRAP_OID)
+        name = mib.name_of(tuple(trap)) if trap is not None else None
+        self.received += 1
+        if name is None:
+            self.store.security(who, "unknown-notification", str(trap)[:64])
+            return
+        self.handle(who, name, got)
+
+    def handle(self, who: str, name: str, got: dict[tuple[int, ...], Any]) -> None:
+        m = mib.load()
+        sev = _plain(got.get((*m["qkdnNotifySeverity"].oid, 0)))
+        severity = mib.enum("qkdnNotifySeverity", sev) if isinstance(sev, int) else "indeterminate"
+        resource = str(_plain(got.get((*m["qkdnNotifyResource"].oid, 0))) or who)
+        text = str(_plain(got.get((*m["qkdnNotifyText"].oid, 0))) or name)
+        if name == "qkdnAuthFailure":
+            self.store.security(who, "snmp-refused", text)
+        else:
+            self.store.notify(name, who, severity, resource, text)
+        column = m["qkdnLinkState"].oid
+        for oid, value in got.items():
+            if oid[:-1] == column and isinstance(_plain(value), int):
+                self.store.link_state(who, oid[-1], mib.enum("qkdnLinkState", int(value)))
+        log.info("mgmt: %s from %s: %s %s (%s)", name, who, resource, severity, text)
+        self._tell("alarms")
+
+    # -- polling -------------------------------------------------------------------------
+    async def _poll_loop(self) -> None:
+        rounds = 0
+        while True:
+            try:
+                await self.poll_all()
+                rounds += 1
+                if rounds % 100 == 0:
+                    self.store.downsample()
+            except Exception as exc:  # one failed round must not end polling
+                log.error("mgmt: poll round failed: %s", exc)
+            # a silent agent is looked for again soon (a node starting or restarting)
+            await asyncio.sleep(
+                min(self.cfg.poll_s, RETRY_SILENT_S) if self._down else self.cfg.poll_s
+            )
+
+    async def poll_all(self) -> None:
+        results = await asyncio.gather(*(self.poll(a) for a in self.cfg.agents))
+        rows = [s for r in results if r is not None for s in r]
+        self.store.record(rows)
+        self._own_refusals()
+        self._tell("links")
+
+    async def poll(self, agent: AgentEntry) -> list[LinkSample] | None:
+        try:
+            binds = await self.walk(agent, mib.oid("qkdnObjects"))
+        except (OSError, RuntimeError, ValueError) as exc:
+            binds, why = [], str(exc)
+        else:
+            why = "no answer"
+        if not binds:
+            self._unreachable(agent, why)
+            return None
+        polled = parse_walk(binds)
+        self._reachable(agent, polled)
+        return samples(agent.name, polled)
+
+    async def walk(self, agent: AgentEntry, root: tuple[int, ...]) -> list[Any]:
+        p = agent.poll
+        auth = UsmUserData(p.user, p.auth, p.priv, authProtocol=AUTH, privProtocol=PRIV)
+        target = await UdpTransportTarget.create(
+            host_port(agent.address), timeout=POLL_TIMEOUT_S, retries=POLL_RETRIES
+        )
+        out = []
+        async for error, status, _index, binds in bulk_walk_cmd(
+            self.poller,
+            auth,
+            target,
+            ContextData(),
+            0,
+            40,
+            ObjectType(ObjectIdentity(root)),
+            lexicographicMode=False,
+            lookupMib=False,
+        ):
+            if error or status:
+                return []
+            out += [(tuple(name), value) for name, value in binds]
+        return out
+
+    def _reachable(self, agent: AgentEntry, polled: Polled) -> None:
+        s = polled.scalars
+        self.store.seen(
+            agent.name,
+            id=agent.id,
+            role=mib.enum("qkdnNodeRole", int(s.get("qkdnNodeRole", 0))),
+            software=str(s.get("qkdnNodeSoftware", "")),
+            slot=mib.enum("qkdnNodeImageSlot", int(s.get("qkdnNodeImageSlot", 3))),
+            address=agent.address,
+            cert_expiry=cert_expiry(agent.cert),
+            reachable=1,
+        )
+        if agent.name in self._down:
+            self._down.discard(agent.name)
+            self.store.notify("qkdnNodeReachable", agent.name, "cleared", agent.name, "answers")
+            self._tell("alarms")
+
+    def _unreachable(self, agent: AgentEntry, why: str) -> None:
+        self.store.seen(
+            agent.name,
+            id=agent.id,
+            role=agent.role,
+            software="",
+            slot="none",
+            address=agent.address,
+            cert_expiry=cert_expiry(agent.cert),
+            reachable=0,
+        )
+        if agent.name not in self._down:
+            self._down.add(agent.name)
+            text = f"the node's agent does not answer ({why[:80]})"
+            self.store.notify("qkdnNodeUnreachable", agent.name, "major", agent.name, text)
+            self._tell("alarms")
+
+    def _own_refusals(self) -> None:
+        """USM's counters of the receiver: refused senders become a security event."""
+        total = 0
+        instrum = self.rx.message_dispatcher.mib_instrum_controller
+        for oid in MANAGER_REFUSALS:
+            with contextlib.suppress(Exception):
+                total += int(instrum.read_variables((oid, None))[0][1])
+        if total > self._refusals:
+            self.store.security(
+                "snmp", "refused-sender", f"{total - self._refusals} notification(s) refused"
+            )
+            self._tell("security")
+        self._refusals = total
+
+
+async def serve(config_path: Path, *, ready: asyncio.Event | None = None) -> None:
+    """Run the manager of a configuration file until cancelled."""
+    cfg, base = load_config(config_path)
+    store = Store(base / cfg.db)
+    manager = Manager(cfg, store)
+    port = await manager.start()
+    web = None
+    if cfg.web is not None:
+        from appliance.mgmt.web import WebServer
+
+        web = WebServer(cfg, base, store, manager)
+        await web.start()
+    print(f"manager: listening on udp port {port}", flush=True)
+    log.info("mgmt: manager receiving on %s (udp %d)", cfg.traps, port)
+    if ready is not None:
+        ready.set()
+    try:
+        await asyncio.Event().wait()
+    finally:
+        if web is not None:
+            await web.close()
+        await manager.close()
+        store.close()

@@ -1,0 +1,121 @@
+"""The management plane of a network started by ``qkdn net up``: ``<net>/mgmt``, made ready.
+
+* ``manager.toml``: the QKDN Manager's configuration (``qkdn manager run``): its INFORM
+  address (the topology's manager node's ``traps`` address), its HTTPS address (``web``)
+  with the manager node's certificate, every KMS node's agent (its ``snmp`` address, the
+  manager's polling user there, the user the agent sends INFORMs as), the topology's links
+  for the map, and two operators' password hashes;
+* ``node-<name>.toml``: each KMS node's agent (``qkdn node run --mgmt``);
+* ``operators.txt``: the two operators' passwords, for the person who started the
+  network (``operator`` may acknowledge alarms, ``viewer`` only reads).
+
+Fresh random SNMP passphrases and operator passwords at every start; every file is mode
+0600 in a 0700 folder.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+from typing import Any
+
+from appliance.config.topology import Topology
+from appliance.mgmt.errors import MgmtError
+from appliance.mgmt.web import hash_password
+
+OPERATORS = (("operator", "ack"), ("viewer", "read"))
+
+
+def mgmt_dir(net_dir: Path) -> Path:
+    return net_dir / "mgmt"
+
+
+def node_file(net_dir: Path, name: str) -> Path:
+    return mgmt_dir(net_dir) / f"node-{name}.toml"
+
+
+def _secret() -> str:
+    return secrets.token_urlsafe(24)
+
+
+def _q(value: str) -> str:
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _creds(prefix: str, user: str, auth: str, priv: str) -> list[str]:
+    return [f"[{prefix}]", f"user = {_q(user)}", f"auth = {_q(auth)}", f"priv = {_q(priv)}"]
+
+
+def prepare(net_dir: Path, topo: Topology, configs: dict[str, Any]) -> dict[str, Path]:
+    """Make ``<net>/mgmt`` ready; return each KMS node's agent file by node name."""
+    managers = topo.nodes_with("manager")
+    if not managers:
+        raise MgmtError(
+            f"topology {topo.name} declares no node with the manager role", code="MGMT-TOPOLOGY"
+        )
+    mcfg = configs[managers[0].name]
+    folder = mgmt_dir(net_dir)
+    folder.mkdir(mode=0o700, exist_ok=True)
+    traps = mcfg.listen["traps"]
+    lines = [
+        f"traps = {_q(traps)}",
+        f"web = {_q(mcfg.listen['web'])}",
+        f"cert = {_q(str(mcfg.paths.cert))}",
+        f"key = {_q(str(mcfg.paths.key))}",
+        'db = "manager.db"',
+        "poll_s = 30.0",
+        "links = ["
+        + ", ".join(f"{{a = {x.a}, b = {x.b}, name = {_q(x.id)}}}" for x in topo.links)
+        + "]",
+    ]
+    out = {}
+    for name, cfg in sorted(configs.items(), key=lambda kv: kv[1].node.id):
+        if "snmp" not in cfg.listen or not set(cfg.node.role.split("+")) & {"ukms", "akms", "ckms"}:
+            continue
+        poll = (f"manager-{cfg.node.id}", _secret(), _secret())
+        monitor = (f"monitor-{cfg.node.id}", _secret(), _secret())
+        notify = (f"notify-{cfg.node.id}", _secret(), _secret())
+        lines += [
+            "",
+            "[[agents]]",
+            f"name = {_q(name)}",
+            f"id = {cfg.node.id}",
+            f"role = {_q(cfg.node.role)}",
+            f"address = {_q(cfg.listen['snmp'])}",
+            f"cert = {_q(str(cfg.paths.cert))}",
+            *_creds("agents.poll", *poll),
+            *_creds("agents.notify", *notify),
+        ]
+        out[name] = node_file(net_dir, name)
+        agent = [f"listen = {_q(cfg.listen['snmp'])}", ""]
+        for (user, auth, priv), role in ((poll, "manager"), (monitor, "monitor")):
+            agent += ["[[users]]", *_creds("", user, auth, priv)[1:], f"role = {_q(role)}", ""]
+        agent += [*_creds("inform", *notify), f"address = {_q(traps)}"]
+        _private(out[name], agent)
+    passwords = {name: _secret() for name, _ in OPERATORS}
+    for name, role in OPERATORS:
+        lines += [
+            "",
+            "[[operators]]",
+            f"name = {_q(name)}",
+            f"role = {_q(role)}",
+            f"password = {_q(hash_password(passwords[name]))}",
+        ]
+    _private(folder / "manager.toml", lines)
+    web = mcfg.listen["web"]
+    _private(
+        folder / "operators.txt",
+        [f"# https://{web}/ (the network's CA: pki/ca.pem)"]
+        + [f"{name} {passwords[name]} {role}" for name, role in OPERATORS],
+    )
+    return out
+
+
+def _private(path: Path, lines: list[str]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as out:
+        out.write("\n".join(lines) + "\n")
+    os.replace(tmp, path)

@@ -1,0 +1,114 @@
+"""Reads a running KMS node into a :class:`appliance.mgmt.nodeview.NodeReading`.
+
+The link columns come from the QKD modules' own status readings (a synchronous driver call
+that answers from the driver's state), the counters from the node's
+:class:`appliance.kms.counters.NodeCounters`, the generator's health from its monitor.
+It reads states and counts, never keys.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from importlib import metadata
+from typing import Any
+
+import hal
+from appliance.kms.node import KmsNode
+from appliance.mgmt.nodeview import LinkReading, NodeReading
+
+ROLES = {"ukms": "ukms", "akms": "akms", "ckms": "ckms", "akms+ckms": "akmsCkms"}
+RNG_STATES = {"starting", "healthy", "degraded", "failed"}
+
+
+def software_version() -> str:
+    try:
+        return f"qkdn {metadata.version('qkdn')}"
+    except metadata.PackageNotFoundError:
+        return "qkdn (unpackaged)"
+
+
+def read_link(peer: int, link: str, qkdm: hal.Qkdm | None, consumed: int) -> LinkReading:
+    """One link's row; a module that does not answer is ``unknown``."""
+    if qkdm is None:
+        return LinkReading(peer=peer, name=link, state="unknown", consumed=consumed)
+    try:
+        st = qkdm.status()
+    except hal.HalError:
+        return LinkReading(peer=peer, name=link, state="unknown", consumed=consumed)
+    return LinkReading(
+        peer=peer,
+        name=link,
+        state=str(st.state),
+        skr=round(st.skr_bps),
+        qber_ppm=round((st.qber or 0.0) * 1_000_000),
+        level=st.key_count,
+        capacity=st.max_key_count,
+        key_size=st.key_size,
+        produced=st.keys_produced,
+        consumed=consumed,
+    )
+
+
+class NodeReader:
+    """Reads one node (and its PTG.3 generator, if given) on demand."""
+
+    def __init__(
+        self,
+        node: KmsNode,
+        generator: Any = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.node, self.generator, self.clock = node, generator, clock
+        self.started = clock()
+        self.software = software_version()
+        role = node.only or node.config.node.role
+        self.role = ROLES.get(role, "ckms")
+
+    def links(self) -> tuple[LinkReading, ...]:
+        rows: dict[int, LinkReading] = {}
+        taken = self.node.counters.keys_taken
+        for engine in self.node.engines.values():
+            for peer, end in engine.links.items():
+                if peer not in rows:
+                    qkdm = self.node.qkdms.get(end.link)
+                    rows[peer] = read_link(peer, end.link, qkdm, taken[end.link])
+        return tuple(rows[p] for p in sorted(rows))
+
+    def read(self) -> NodeReading:
+        node, counters = self.node, self.node.counters
+        opened, configured, cards = node.psk_state()
+        keystore = "none"
+        if node.stores is not None:
+            keystore = "pkcs11" if node.config.devices.keystore else "file"
+        return NodeReading(
+            id=node.me,
+            name=node.name,
+            role=self.role,
+            software=self.software,
+            uptime=int(self.clock() - self.started),
+            links=self.links(),
+            requests=counters.requests,
+            relays=node.relay_messages(),
+            integrity=counters.integrity,
+            failures=dict(counters.failures),
+            **self._rng(),
+            card="notUsed" if not cards else ("present" if opened == configured else "absent"),
+            card_locked=opened < configured,
+            card_sources=opened,
+            keystore=keystore,
+            keystore_open=node.stores is not None,
+        )
+
+    def _rng(self) -> dict[str, Any]:
+        gen = self.generator
+        if gen is None:
+            return {}
+        state = str(gen.state)
+        return {
+            "rng_health": state if state in RNG_STATES else "failed",
+            "rng_bytes": int(gen.bytes_out),
+            "rng_requests": int(gen.requests),
+            "rng_reseeds": int(gen.reseeds),
+        }

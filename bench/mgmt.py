@@ -1,0 +1,594 @@
+"""Benchmark of the management plane (issue 17).
+
+1. ``agent``: one node agent (QKDN-MIB over a CKMS-like reading with two links) in a
+   process of its own; authPriv GETs per second from C client processes (pysnmp, W GETs in
+   flight each, engine discovery done before the clock starts), and the time of a full
+   walk of the node's MIB (a GETBULK walk of ``qkdnMIB`` from a warm pysnmp client; and
+   net-snmp's ``snmpbulkwalk`` as a new process, discovery included).
+2. ``informs``: a manager (SQLite store) in a process of its own, and 16 agents in another
+   process, each sending its share of a burst of 1,000 INFORMs (distinct link alarms) at
+   once; the time until every INFORM is acknowledged, and how many alarms the manager
+   holds then (none may be lost).
+3. ``tkey``: two demoquandt networks side by side in the same run, one with the manager and
+   the agents (the default) and one with ``--no-mgmt``; T_key p50 (enc_keys + dec_keys,
+   one key) in alternating rounds; the median difference.
+
+4. ``latency``: a demoquandt network with its manager; link 8-9 cut and restored N times:
+   from the fault's start to the alarm's row in the manager's database, and to its clear.
+
+5. ``week``: the manager's store after a simulated week of 30 s polls of 32 link ends:
+   peak RSS (pysnmp imported), database size, a week's history query.
+
+Usage: python bench/mgmt.py [agent|informs|tkey|latency|week|all] [--seconds 10] [--clients 2]
+       [--rounds 5] [--requests 40] [--faults 10] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing as mp
+import os
+import platform
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from pysnmp.carrier.asyncio.dgram import udp
+from pysnmp.entity import config, engine
+from pysnmp.entity.rfc3413 import cmdgen
+from pysnmp.hlapi.v3arch.asyncio import (
+    ContextData,
+    ObjectIdentity,
+    ObjectType,
+    UdpTransportTarget,
+    UsmUserData,
+    bulk_walk_cmd,
+)
+from pysnmp.proto import rfc1905
+
+from appliance.mgmt import mib
+from appliance.mgmt.agent import Agent, AgentConfig, AgentUser, Receiver
+from appliance.mgmt.detect import Notice
+from appliance.mgmt.manager import AgentEntry, Manager, ManagerConfig
+from appliance.mgmt.nodeview import LinkReading, NodeReading
+from appliance.mgmt.store import LinkSample, Store
+from appliance.snmp import smi
+from appliance.snmp.usm import AUTH, PRIV, Credentials
+
+USER = AgentUser(user="manager-8", auth="manager-auth-8", priv="manager-priv-8")
+LINKS = tuple(
+    LinkReading(
+        peer=p,
+        name=f"link-8-{p}",
+        state="up",
+        skr=22_700,
+        qber_ppm=17_000,
+        level=5000,
+        capacity=100_000,
+        key_size=256,
+        produced=90_000,
+        consumed=1_200,
+    )
+    for p in (7, 9)
+)
+
+
+def reading() -> NodeReading:
+    return NodeReading(
+        id=8,
+        name="ckms-minden",
+        role="ckms",
+        software="qkdn 0.1.0",
+        links=LINKS,
+        requests=10,
+        failures={"KMS-UNREACHABLE": 2},
+    )
+
+
+def pct(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
+# -- 1. one agent ---------------------------------------------------------------------------
+def run_agent(port_out: Any, stop: Any, mark: Any) -> None:
+    """The agent; its CPU seconds go to ``port_out`` when ``mark`` is set and cleared."""
+
+    async def main() -> None:
+        agent = Agent("ckms-minden", reading, AgentConfig(users=[USER]))
+        port_out.put(await agent.start())
+        marks = 0
+        while not stop.is_set():
+            if (mark.is_set() and marks == 0) or (not mark.is_set() and marks == 1):
+                t = os.times()
+                port_out.put(t.user + t.system)
+                marks += 1
+            await asyncio.sleep(0.01)
+        await agent.close()
+
+    asyncio.run(main())
+
+
+def client_engine(port: int) -> engine.SnmpEngine:
+    eng = engine.SnmpEngine()
+    config.add_v3_user(eng, USER.user, AUTH, USER.auth, PRIV, USER.priv)
+    config.add_target_parameters(eng, "p", USER.user, "authPriv")
+    config.add_transport(eng, config.SNMP_UDP_DOMAIN, udp.UdpAsyncioTransport().open_client_mode())
+    config.add_target_address(
+        eng, "a", config.SNMP_UDP_DOMAIN, ("127.0.0.1", port), "p", timeout=300, retryCount=2
+    )
+    return eng
+
+
+def run_getters(port: int, seconds: float, window: int, out: Any) -> None:
+    oid = (*mib.oid("qkdnLinkKeyLevel"), 9)
+
+    async def main() -> tuple[int, int]:
+        eng = client_engine(port)
+        gen = cmdgen.GetCommandGenerator()
+        done = errors = 0
+
+        async def one() -> bool:
+            fut: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+
+            def cb(_e: Any, _h: Any, err: Any, status: Any, _i: Any, vbs: Any, _c: Any) -> None:
+                fut.set_result(not err and not status and vbs[0][1] is not rfc1905.noSuchInstance)
+
+            gen.send_varbinds(eng, "a", None, "", [(oid, None)], cb)
+            return await fut
+
+        await one()  # engine discovery, before the clock
+        end = time.monotonic() + seconds
+
+        async def worker() -> None:
+            nonlocal done, errors
+            while time.monotonic() < end:
+                if await one():
+                    done += 1
+                else:
+                    errors += 1
+
+        await asyncio.gather(*(worker() for _ in range(window)))
+        eng.close_dispatcher()
+        return done, errors
+
+    out.put(asyncio.run(main()))
+
+
+async def walk_once(eng: engine.SnmpEngine, port: int) -> tuple[float, int]:
+    auth = UsmUserData(USER.user, USER.auth, USER.priv, authProtocol=AUTH, privProtocol=PRIV)
+    target = await UdpTransportTarget.create(("127.0.0.1", port), timeout=2, retries=1)
+    t0 = time.perf_counter()
+    n = 0
+    async for err, status, _i, binds in bulk_walk_cmd(
+        eng,
+        auth,
+        target,
+        ContextData(),
+        0,
+        50,
+        ObjectType(ObjectIdentity(mib.QKDN_ARC)),
+        lexicographicMode=False,
+        lookupMib=False,
+    ):
+        if err or status:
+            raise RuntimeError(f"walk failed: {err or status}")
+        n += len(binds)
+    return (time.perf_counter() - t0) * 1000, n
+
+
+def bench_agent(seconds: float, clients: int, window: int) -> dict[str, Any]:
+    ctx = mp.get_context("spawn")
+    port_q, stop, mark = ctx.Queue(), ctx.Event(), ctx.Event()
+    proc = ctx.Process(target=run_agent, args=(port_q, stop, mark))
+    proc.start()
+    port = port_q.get(timeout=60)
+    try:
+        out = ctx.Queue()
+        getters = [
+            ctx.Process(target=run_getters, args=(port, seconds, window, out))
+            for _ in range(clients)
+        ]
+        for g in getters:
+            g.start()
+        mark.set()
+        cpu0 = port_q.get(timeout=60)
+        results = [out.get(timeout=seconds + 120) for _ in getters]
+        mark.clear()
+        cpu = port_q.get(timeout=60) - cpu0
+        for g in getters:
+            g.join()
+        gets = sum(r[0] for r in results)
+
+        async def walks() -> list[tuple[float, int]]:
+            eng = engine.SnmpEngine()
+            await walk_once(eng, port)  # discovery
+            got = [await walk_once(eng, port) for _ in range(20)]
+            eng.close_dispatcher()
+            return got
+
+        walked = asyncio.run(walks())
+        cli = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            subprocess.run(
+                [
+                    "snmpbulkwalk",
+                    "-v3",
+                    "-l",
+                    "authPriv",
+                    "-u",
+                    USER.user,
+                    "-a",
+                    "SHA-256",
+                    "-A",
+                    USER.auth,
+                    "-x",
+                    "AES",
+                    "-X",
+                    USER.priv,
+                    "-M",
+                    f"+:{smi.MIB_DIR}",
+                    "-m",
+                    "QKDN-MIB",
+                    f"127.0.0.1:{port}",
+                    "QKDN-MIB::qkdnMIB",
+                ],
+                check=True,
+                capture_output=True,
+                timeout=60,
+            )
+            cli.append((time.perf_counter() - t0) * 1000)
+    finally:
+        stop.set()
+        proc.join(30)
+    return {
+        "gets_per_s": round(gets / seconds, 1),
+        "get_errors": sum(r[1] for r in results),
+        "agent_cpu_ms_per_get": round(cpu * 1000 / max(gets, 1), 3),
+        "gets_per_agent_cpu_second": round(gets / cpu, 1) if cpu else None,
+        "clients": clients,
+        "in_flight_per_client": window,
+        "walk_varbinds": walked[0][1],
+        "walk_ms_p50": round(statistics.median(w[0] for w in walked), 2),
+        "walk_ms_max": round(max(w[0] for w in walked), 2),
+        "snmpbulkwalk_process_ms_p50": round(statistics.median(cli), 1),
+    }
+
+
+# -- 2. a burst of INFORMs --------------------------------------------------------------
+def notify_user(i: int) -> Credentials:
+    return Credentials(user=f"notify-{i}", auth=f"notify-auth-{i:03d}", priv=f"notify-priv-{i:03d}")
+
+
+def run_manager(db: str, agents: int, port_out: Any, stop: Any) -> None:
+    entries = [
+        AgentEntry(
+            name=f"node-{i}",
+            id=i,
+            role="ckms",
+            address="127.0.0.1:9",
+            poll=notify_user(i),
+            notify=notify_user(i),
+        )
+        for i in range(1, agents + 1)
+    ]
+
+    async def main() -> None:
+        store = Store(Path(db))
+        manager = Manager(ManagerConfig(poll_s=3600, agents=entries), store)
+        port_out.put(await manager.start())
+        while not stop.is_set():
+            await asyncio.sleep(0.1)
+        port_out.put(manager.received)
+        await manager.close()
+        store.close()
+
+    asyncio.run(main())
+
+
+def run_informers(port: int, agents: int, total: int, out: Any) -> None:
+    async def main() -> dict[str, Any]:
+        fleet = []
+        for i in range(1, agents + 1):
+            rx = Receiver(**notify_user(i).model_dump(), address=f"127.0.0.1:{port}")
+            agent = Agent(f"node-{i}", reading, AgentConfig(users=[USER], inform=rx))
+            await agent.start()
+            fleet.append(agent)
+        t0 = time.perf_counter()
+        for n in range(total):
+            agent = fleet[n % agents]
+            agent.notify(
+                Notice(
+                    name="qkdnLinkDown",
+                    severity="major",
+                    resource=f"link-b-{n}",
+                    text="burst",
+                    peer=0,
+                )
+            )
+        deadline = time.monotonic() + 300
+        while any(a.pending for a in fleet) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        elapsed = time.perf_counter() - t0
+        doc = {
+            "acknowledged": sum(a.acked for a in fleet),
+            "sent_attempts": sum(a.sent for a in fleet),
+            "dropped": sum(a.dropped for a in fleet),
+            "left_pending": sum(len(a.pending) for a in fleet),
+            "seconds_to_all_acknowledged": round(elapsed, 2),
+        }
+        for a in fleet:
+            await a.close()
+        return doc
+
+    out.put(asyncio.run(main()))
+
+
+def bench_informs(total: int, agents: int) -> dict[str, Any]:
+    ctx = mp.get_context("spawn")
+    with tempfile.TemporaryDirectory() as tmp:
+        db = str(Path(tmp) / "manager.db")
+        port_q, stop, out = ctx.Queue(), ctx.Event(), ctx.Queue()
+        mproc = ctx.Process(target=run_manager, args=(db, agents, port_q, stop))
+        mproc.start()
+        port = port_q.get(timeout=60)
+        iproc = ctx.Process(target=run_informers, args=(port, agents, total, out))
+        iproc.start()
+        doc = out.get(timeout=600)
+        iproc.join(60)
+        stop.set()
+        received = port_q.get(timeout=60)
+        mproc.join(60)
+        store = Store(Path(db))
+        alarms = sum(a.resource.startswith("link-b-") for a in store.alarms(limit=100_000))
+        store.close()
+    return {
+        **doc,
+        "informs": total,
+        "agents": agents,
+        "manager_received": received,
+        "manager_alarms": alarms,
+        "lost": total - alarms,
+    }
+
+
+# -- 3. T_key with and without management -------------------------------------------------
+def cpu_seconds(folder: Path) -> dict[str, float]:
+    """CPU seconds (user + system) each child of a network's supervisor has used so far."""
+    state = json.loads((folder / "run" / "state.json").read_text())
+    tick = os.sysconf("SC_CLK_TCK")
+    out = {}
+    for name, child in state["nodes"].items():
+        try:
+            fields = Path(f"/proc/{child['pid']}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        out[name] = (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
+def bench_tkey(rounds: int, requests: int) -> dict[str, Any]:
+    from appliance.cli import net
+    from appliance.config.render import find_free_base_port
+    from appliance.tkey import endpoints, measure
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folders = {"with": Path(tmp) / "with", "without": Path(tmp) / "without"}
+        try:
+            for name, folder in folders.items():
+                args = argparse.Namespace(
+                    topology="demoquandt",
+                    dir=folder,
+                    base_port=find_free_base_port(),
+                    mode="gcm",
+                    rate_limited=False,
+                    stock=0,
+                    timeout=300.0,
+                    json=False,
+                    aaa=False,
+                    mgmt=name == "with",
+                )
+                net.bring_up(args)
+            pairs = {
+                n: endpoints(net.status_doc(f), "sae-berlin-1", "sae-bonn-1")
+                for n, f in folders.items()
+            }
+            p50: dict[str, list[float]] = {"with": [], "without": []}
+            failed = 0
+            cpu0 = {n: cpu_seconds(f) for n, f in folders.items()}
+            t0 = time.monotonic()
+            for _ in range(rounds):
+                for name in ("without", "with"):
+                    doc = measure(*pairs[name], requests)
+                    p50[name].append(doc["t_key_ms"]["p50"])
+                    failed += doc["failed_requests"]
+            mgmt_running = (folders["with"] / "mgmt" / "manager.db").exists()
+            wall = time.monotonic() - t0
+            cpu = {}
+            for n, f in folders.items():
+                now = cpu_seconds(f)
+                cpu[n] = {k: now[k] - cpu0[n].get(k, 0.0) for k in now}
+        finally:
+            for folder in folders.values():
+                net.bring_down(folder)
+    diffs = [w - b for w, b in zip(p50["with"], p50["without"], strict=True)]
+    return {
+        "p50_ms_with": p50["with"],
+        "p50_ms_without": p50["without"],
+        "median_p50_with": statistics.median(p50["with"]),
+        "median_p50_without": statistics.median(p50["without"]),
+        "median_difference_ms": round(statistics.median(diffs), 3),
+        "failed_requests": failed,
+        "manager_database_written": mgmt_running,
+        "wall_s": round(wall, 1),
+        "cpu_s_nodes_with": round(sum(v for k, v in cpu["with"].items() if k != "manager"), 2),
+        "cpu_s_nodes_without": round(sum(cpu["without"].values()), 2),
+        "cpu_s_manager": round(cpu["with"].get("manager", 0.0), 2),
+        "rounds": rounds,
+        "requests_per_round": requests,
+    }
+
+
+# -- 4. link fault to alarm ------------------------------------------------------------------
+def bench_latency(faults: int) -> dict[str, Any]:
+    """A demoquandt network with its manager; link 8-9 cut and restored ``faults`` times:
+    from the fault's start (in the modules' clock) to the alarm's row in the manager's
+    database (raised), and to its clear. The page is told of the row at once (SSE)."""
+    from appliance.cli import net
+    from appliance.config.render import find_free_base_port
+    from appliance.mgmt.linkfault import LEAD_S, link_clock, set_link
+
+    raised: list[float] = []
+    cleared: list[float] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "net"
+        args = argparse.Namespace(
+            topology="demoquandt",
+            dir=folder,
+            base_port=find_free_base_port(),
+            mode="gcm",
+            rate_limited=False,
+            stock=0,
+            timeout=300.0,
+            json=False,
+            aaa=False,
+            mgmt=True,
+        )
+        try:
+            net.bring_up(args)
+            store = Store(folder / "mgmt" / "manager.db")
+            for _ in range(faults):
+                for up, out in ((False, raised), (True, cleared)):
+                    start = link_clock(folder, "link-8-9") + LEAD_S
+                    set_link(folder, "link-8-9", up=up)
+                    out.append(wait_alarm(store, up) - start)
+            store.close()
+        finally:
+            net.bring_down(folder)
+    return {
+        "faults": faults,
+        "raise_ms_p50": round(statistics.median(raised) * 1000, 1),
+        "raise_ms_p99": round(pct(raised, 0.99) * 1000, 1),
+        "raise_ms_max": round(max(raised) * 1000, 1),
+        "clear_ms_p50": round(statistics.median(cleared) * 1000, 1),
+        "clear_ms_max": round(max(cleared) * 1000, 1),
+    }
+
+
+def wait_alarm(store: Store, cleared: bool) -> float:
+    """When the link-8-9 alarm was raised (or cleared), once it is."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        found = [a for a in store.alarms(include_cleared=True, limit=5) if a.resource == "link-8-9"]
+        if found and (found[0].cleared is not None) == cleared:
+            return float(found[0].cleared if cleared else found[0].raised)
+        time.sleep(0.02)
+    raise RuntimeError("no alarm within 60 s")
+
+
+# -- 5. a week of history -------------------------------------------------------------------
+def bench_week(link_ends: int) -> dict[str, Any]:
+    """The manager's store (and pysnmp, imported here) after a simulated week of polls
+    every 30 s of ``link_ends`` link ends, folded as the manager folds them (every 100
+    rounds); the process's peak RSS, the database's size, a week's history query."""
+    import resource
+
+    clock = [1_800_000_000.0]
+    rounds = 7 * 86400 // 30
+    folder = Path("/dev/shm") if Path("/dev/shm").is_dir() else None
+    with tempfile.TemporaryDirectory(dir=folder) as tmp:
+        store = Store(Path(tmp) / "manager.db", clock=lambda: clock[0])
+        t0 = time.perf_counter()
+        for r in range(rounds):
+            store.record(
+                [
+                    LinkSample(
+                        node=f"node-{i // 2}",
+                        link=f"link-{i // 2}-{i // 2 + 1}",
+                        peer=i % 2 + 1,
+                        state="up",
+                        skr=10_000 + r % 7,
+                        qber_ppm=10_000,
+                        level=50_000 + r % 11,
+                        capacity=100_000,
+                        consumed=r,
+                    )
+                    for i in range(link_ends)
+                ]
+            )
+            if r % 100 == 99:
+                store.downsample()
+            clock[0] += 30
+        store.downsample()
+        elapsed = time.perf_counter() - t0
+        q0 = time.perf_counter()
+        week = store.history("link-3-4")
+        query_ms = (time.perf_counter() - q0) * 1000
+        rows = store.db.execute("SELECT COUNT(*) FROM samples").fetchone()[0]
+        size = (Path(tmp) / "manager.db").stat().st_size
+        store.close()
+    return {
+        "rounds": rounds,
+        "link_ends": link_ends,
+        "samples_rows_left": rows,
+        "db_mb": round(size / 1e6, 1),
+        "seconds_to_write": round(elapsed, 1),
+        "history_query_rows": len(week),
+        "history_query_ms": round(query_ms, 1),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "what",
+        nargs="?",
+        default="all",
+        choices=["agent", "informs", "tkey", "latency", "week", "all"],
+    )
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--clients", type=int, default=2)
+    parser.add_argument("--window", type=int, default=8)
+    parser.add_argument("--informs", type=int, default=1000)
+    parser.add_argument("--agents", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--requests", type=int, default=40)
+    parser.add_argument("--faults", type=int, default=10)
+    parser.add_argument("--link-ends", type=int, default=32)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    doc: dict[str, Any] = {
+        "machine": f"{platform.machine()} {os.cpu_count()} CPUs, {platform.python_version()}",
+        "load_before": os.getloadavg(),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
+    if args.what in ("agent", "all"):
+        doc["agent"] = bench_agent(args.seconds, args.clients, args.window)
+        print(json.dumps(doc["agent"]), flush=True)
+    if args.what in ("informs", "all"):
+        doc["informs"] = bench_informs(args.informs, args.agents)
+        print(json.dumps(doc["informs"]), flush=True)
+    if args.what in ("tkey", "all"):
+        doc["tkey"] = bench_tkey(args.rounds, args.requests)
+        print(json.dumps(doc["tkey"]), flush=True)
+    if args.what in ("latency", "all"):
+        doc["latency"] = bench_latency(args.faults)
+        print(json.dumps(doc["latency"]), flush=True)
+    if args.what in ("week", "all"):
+        doc["week"] = bench_week(args.link_ends)
+        print(json.dumps(doc["week"]), flush=True)
+    doc["load_after"] = os.getloadavg()
+    print(json.dumps(doc, indent=1))
+    if args.json:
+        args.json.write_text(json.dumps(doc, indent=1))
+
+
+if __name__ == "__main__":
+    main()
