@@ -263,6 +263,11 @@ class Core:
             nbs.sort()
         return adj
 
+    def set_link(self, link: str, a: int, b: int, weight: float) -> None:
+        """A usable link of the given weight, without telemetry (benches, offline graphs)."""
+        self.links[link] = _Link(a, b, usable=True, weight=weight)
+        self.cache.clear()
+
     def usable(self, a: int, b: int) -> bool:
         return any(x.usable and {x.a, x.b} == {a, b} for x in self.links.values())
 
