@@ -13,7 +13,13 @@ It serves the node's document (:mod:`model`) at ETSI GS QKD 015 paths in JSON_IE
 Bad requests end with a gRPC status whose message starts with our error code: a path
 that names nothing is ``NOT_FOUND`` (``CTL-PATH-NOT-FOUND``), a malformed one or another
 encoding ``INVALID_ARGUMENT``, too many streams ``RESOURCE_EXHAUSTED`` (grpcio's own).
-``Set`` is not served (``UNIMPLEMENTED``, from the stubs). ``qos`` is ignored.
+``Set`` installs and removes routes, when the agent has a :class:`RouteTable`: an update or
+replace of ``/qkd_node/qkd_links/qkd_link[qkdl_id=ID]`` with a VIRT link (015
+``qkdl_local`` = source, ``qkdl_remote`` = destination, ``virt_prev_hop`` /
+``virt_next_hop`` = this node's neighbours on the path; ``ID`` must be the route's UUID,
+:func:`model.route_uuid`), or a delete of that path. The whole Set applies or nothing does;
+its answer is the hop's confirmation. Any other Set path is ``INVALID_ARGUMENT``
+(``CTL-SET-BAD``); without a route table, ``UNIMPLEMENTED``. ``qos`` is ignored.
 
 The node publishes its telemetry (:meth:`Telemetry.publish`); the document changes, and
 ON_CHANGE streams wake, only when a served value changed. Every request is bounded:
@@ -93,11 +99,59 @@ class _Sub:
     last: Any = _MISSING
 
 
-class GnmiAgent(pb_grpc.gNMIServicer):  # type: ignore[misc]
-    """The gNMI service of one node over its :class:`Telemetry`."""
+class RouteTable:
+    """The routes installed through this node, written by gNMI Set (thread-safe)."""
 
-    def __init__(self, telemetry: Telemetry, *, clock: Callable[[], float] = time.monotonic):
-        self.telemetry, self.clock = telemetry, clock
+    def __init__(self, node: int) -> None:
+        self.node = node
+        self._lock = threading.Lock()
+        self._routes: dict[tuple[int, int], model.Route] = {}
+
+    def apply(self, install: list[model.Route], remove: list[str]) -> None:
+        """Install and remove (by route UUID) in one step."""
+        with self._lock:
+            for route in install:
+                self._routes[(route.src, route.dst)] = route
+            for key in [k for k in self._routes if model.route_uuid(*k) in remove]:
+                del self._routes[key]
+
+    def routes(self) -> tuple[model.Route, ...]:
+        with self._lock:
+            return tuple(self._routes[k] for k in sorted(self._routes))
+
+
+class GnmiAgent(pb_grpc.gNMIServicer):  # type: ignore[misc]
+    """The gNMI service of one node over its :class:`Telemetry` (and routes, if given)."""
+
+    def __init__(
+        self,
+        telemetry: Telemetry,
+        *,
+        routes: RouteTable | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.telemetry, self.routes, self.clock = telemetry, routes, clock
+
+    def Set(self, request: Any, context: Any) -> Any:
+        if self.routes is None:
+            context.abort(grpc.StatusCode.UNIMPLEMENTED, "CTL-SET: this agent takes no Set")
+            return None
+        changes = [*request.update, *request.replace]
+        if not 0 < len(changes) + len(request.delete) <= MAX_PATHS:
+            _abort(context, ControlError(f"expected 1..{MAX_PATHS} changes", code="CTL-SET-BAD"))
+        install, remove, results = [], [], []
+        try:
+            for update in changes:
+                install.append(_route_of(self.routes.node, _route_id(request.prefix, update.path),
+                                         update.val.json_ietf_val))  # fmt: skip
+                results.append(pb.UpdateResult(path=update.path, op=pb.UpdateResult.UPDATE))
+            for path in request.delete:
+                remove.append(_route_id(request.prefix, path))
+                results.append(pb.UpdateResult(path=path, op=pb.UpdateResult.DELETE))
+        except ControlError as exc:
+            _abort(context, exc)
+        self.routes.apply(install, remove)
+        return pb.SetResponse(response=results, timestamp=time.time_ns())
 
     def Capabilities(self, request: Any, context: Any) -> Any:
         models = [pb.ModelData(name=n, organization=o, version=v) for n, o, v in model.MODELS]
@@ -209,6 +263,50 @@ def _update(sub: _Sub, doc: dict[str, Any], *, only_changed: bool = False) -> It
         yield pb.SubscribeResponse(update=note)
     else:
         yield pb.SubscribeResponse(update=_notification(sub.path, value))
+
+
+MAX_SET_VALUE = 4096
+_ROUTE_PATH = ("qkd_node", "qkd_links", "qkd_link")
+
+
+def _route_id(prefix: Any, path: Any) -> str:
+    """The route UUID a Set path names (CTL-SET-BAD unless it is a qkd_link entry)."""
+    elems = _elems(prefix, path)
+    if tuple(e.name for e in elems) != _ROUTE_PATH or [k for k, _ in elems[-1].keys] != ["qkdl_id"]:
+        raise ControlError("Set takes /qkd_node/qkd_links/qkd_link[qkdl_id=ID]", code="CTL-SET-BAD")
+    return elems[-1].keys[0][1]
+
+
+def _route_of(node: int, route_id: str, raw: bytes) -> model.Route:
+    """The route a Set value installs at ``node`` (CTL-SET-BAD if it is not one)."""
+    if len(raw) > MAX_SET_VALUE:
+        raise ControlError("Set value too long", code="CTL-SET-BAD")
+    try:
+        value = json.loads(raw)
+        if not str(value["qkdl_type"]).endswith(":VIRT"):
+            raise ControlError("only VIRT links are installed", code="CTL-SET-BAD")
+        src = model.node_of(value["qkdl_local"]["qkdn_id"])
+        dst = model.node_of(value["qkdl_remote"]["qkdn_id"])
+        prev = value.get("virt_prev_hop")
+        nxt = value.get("virt_next_hop", [])
+        route = model.Route(
+            src=src, dst=dst, prev_hop=None if prev is None else model.node_of(prev),
+            next_hop=model.node_of(nxt[0]) if nxt else None,
+        )  # fmt: skip
+    except (ValueError, KeyError, TypeError, IndexError) as exc:
+        raise ControlError("Set value is not a VIRT qkd_link", code="CTL-SET-BAD") from exc
+    if route_id != model.route_uuid(src, dst) or node in (route.prev_hop, route.next_hop):
+        raise ControlError("route ID or hops do not fit this node", code="CTL-SET-BAD")
+    if (route.prev_hop is None) != (node == src) or (route.next_hop is None) != (node == dst):
+        raise ControlError("a route's ends have no previous / next hop", code="CTL-SET-BAD")
+    return route
+
+
+def route_value(route: model.Route) -> bytes:
+    """The JSON_IETF value of a Set that installs ``route`` at a node."""
+    doc = model.document(model.NodeTelemetry(node=route.src, routes=(route,)))
+    (entry,) = doc[f"{model.SDN}:qkd_node"]["qkd_links"]["qkd_link"]
+    return json.dumps(entry, separators=(",", ":")).encode()
 
 
 def _notification(path: Any, value: Any) -> Any:

@@ -103,6 +103,23 @@ class AgentClient:
             raise _error(exc) from exc
         return [json.loads(n.update[0].val.json_ietf_val) for n in answer.notification]
 
+    def set_route(self, route: model.Route) -> None:
+        """Install ``route`` at this agent's node (AgentUnavailable if it refuses)."""
+        from appliance.control.agent import route_value
+
+        path = parse_path(_route_path(route.src, route.dst))
+        update = pb.Update(path=path, val=pb.TypedValue(json_ietf_val=route_value(route)))
+        self._set(pb.SetRequest(update=[update]))
+
+    def delete_route(self, src: int, dst: int) -> None:
+        self._set(pb.SetRequest(delete=[parse_path(_route_path(src, dst))]))
+
+    def _set(self, request: Any) -> None:
+        try:
+            self.stub.Set(request, timeout=self.timeout)
+        except grpc.RpcError as exc:
+            raise _error(exc) from exc
+
     def subscribe(
         self,
         *paths: str,
@@ -185,6 +202,10 @@ def _events(answer: Any) -> Iterator[Event]:
         yield Event(path_text(update.path), json.loads(update.val.json_ietf_val))
     for path in note.delete:
         yield Event(path_text(path), deleted=True)
+
+
+def _route_path(src: int, dst: int) -> str:
+    return f"/qkd_node/qkd_links/qkd_link[qkdl_id={model.route_uuid(src, dst)}]"
 
 
 def path_text(path: Any) -> str:

@@ -77,8 +77,8 @@ class NodeAgent:
         counters: Callable[[], tuple[int, int]],
     ) -> None:
         self.node, self.links, self.qkdms, self.counters = node, links, qkdms, counters
-        self.routes: dict[tuple[int, int], model.Route] = {}
-        """Routes installed through this node, by (source, destination)."""
+        self.routes = agent.RouteTable(node)
+        """Routes the controller installed through this node (gNMI Set)."""
         self.started = time.monotonic()
         self._bits: dict[str, int] = {}
         self._at = self.started
@@ -88,8 +88,8 @@ class NodeAgent:
 
     def start(self, address: str, tls: tuple[Path, Path, Path]) -> None:
         cert, key, ca = tls
-        self._server = agent.serve(agent.GnmiAgent(self.telemetry), address, cert=cert,
-                                   key=key, ca=ca)  # fmt: skip
+        service = agent.GnmiAgent(self.telemetry, routes=self.routes)
+        self._server = agent.serve(service, address, cert=cert, key=key, ca=ca)
         self._tick()
 
     def _tick(self) -> None:
@@ -111,7 +111,7 @@ class NodeAgent:
             links.append(phys)
         relayed, batches = self.counters()
         return model.NodeTelemetry(
-            node=self.node, links=tuple(links), routes=tuple(self.routes.values()),
+            node=self.node, links=tuple(links), routes=self.routes.routes(),
             relayed=relayed, batches=batches, uptime_s=int(now - self.started),
             modules_down=down, health=model.Health.DEGRADED if down else model.Health.OK,
         )  # fmt: skip

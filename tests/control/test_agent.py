@@ -7,7 +7,7 @@ import grpc
 import pytest
 from pygnmi.spec.v080 import gnmi_pb2 as pb
 
-from appliance.control import model
+from appliance.control import agent, model
 from appliance.control.client import AgentClient, AgentUnavailable, Event, parse_path
 from tests.control.agentfix import Served, data_model, free_port, telemetry, validate
 
@@ -207,3 +207,41 @@ def test_subscribe_to_a_bad_path_ends_with_a_code(served):
         assert caught.value.code == "CTL-PATH-NOT-FOUND"
     finally:
         sub.close()
+
+
+def test_set_installs_and_deletes_a_route_and_refuses_bad_ones(pki):
+    telemetry_ = agent.Telemetry(telemetry())
+    table = agent.RouteTable(4)
+    port = free_port()
+    me = pki["node-a"]
+    service = agent.GnmiAgent(telemetry_, routes=table)
+    server = agent.serve(service, f"127.0.0.1:{port}", cert=me.cert, key=me.key, ca=me.ca)
+    who = pki["node-b"]
+    c = AgentClient(f"127.0.0.1:{port}", cert=who.cert, key=who.key, ca=who.ca, timeout=WAIT)
+    try:
+        route = model.Route(src=1, dst=5, prev_hop=3, next_hop=16)
+        c.set_route(route)
+        assert table.routes() == (route,)
+        telemetry_.publish(telemetry(routes=table.routes()))
+        got = c.get(f"/qkd_node/qkd_links/qkd_link[qkdl_id={model.route_uuid(1, 5)}]/virt_prev_hop")
+        assert got == [model.node_uuid(3)]
+        for bad in (
+            model.Route(src=1, dst=5, prev_hop=None, next_hop=16),  # node 4 is not the source
+            model.Route(src=4, dst=5, prev_hop=3, next_hop=16),  # the source has no previous
+            model.Route(src=1, dst=5, prev_hop=4, next_hop=16),  # a hop to itself
+        ):
+            with pytest.raises(AgentUnavailable) as caught:
+                c.set_route(bad)
+            assert caught.value.code == "CTL-SET-BAD"
+        assert table.routes() == (route,)
+        c.delete_route(1, 5)
+        assert table.routes() == ()
+    finally:
+        c.close()
+        server.stop(grace=None)
+
+
+def test_set_without_a_route_table_is_unimplemented(served):
+    with pytest.raises(AgentUnavailable) as caught:
+        served.client.set_route(model.Route(src=1, dst=5, prev_hop=3, next_hop=16))
+    assert caught.value.message.startswith("UNIMPLEMENTED")
