@@ -46,7 +46,9 @@ PROJECT_ERRORS: tuple[type[Exception], ...] = (
 )
 """The error roots of the project's packages; later packages add theirs here."""
 
-COMMANDS = ("topology", "demo", "qrng", "image", "net", "sae", "keystore", "card", "aaa")
+COMMANDS = (
+    "topology", "demo", "qrng", "image", "net", "sae", "keystore", "card", "aaa", "controller",
+)  # fmt: skip
 """The subcommand modules of ``appliance.cli``, in the order ``qkdn --help`` lists them."""
 
 EXTRAS = {"rich": "provisioning", "tomli_w": "provisioning", "matplotlib": "plots"}

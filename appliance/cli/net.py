@@ -112,6 +112,12 @@ def register(sub: Any) -> None:
         help="a UKMS under AAA: ETSI 014 Status and request limits follow each pair's "
         "contract, as the node's AKMS answers it",
     )
+    run.add_argument(
+        "--controller",
+        action="store_true",
+        help="an access node's CKMS asks the QKDN Controller for every relay path "
+        "(services.controller of its configuration; docs/control.md)",
+    )
     run.set_defaults(func=cmd_node_run)
 
     net = sub.add_parser(
@@ -214,6 +220,12 @@ even by kill -9. A state file it cannot write (full disk) is an alarm in
         "contracts): every request is validated and accounted by it (docs/aaa.md)",
     )
     up.add_argument(
+        "--controller",
+        action="store_true",
+        help="start the QKDN Controller: access nodes ask it for every relay path, it "
+        "installs them hop by hop from the SDN agents' telemetry (docs/control.md)",
+    )
+    up.add_argument(
         "--split-access",
         action="store_true",
         help="run each access node's AKMS and CKMS as two processes (default: one)",
@@ -224,9 +236,30 @@ even by kill -9. A state file it cannot write (full disk) is an alarm in
     status.add_argument("--dir", type=types.path, default=DEFAULT_DIR)
     status.add_argument("--json", action="store_true")
     status.set_defaults(func=cmd_net_status)
+    fault = n.add_parser(
+        "fault",
+        help="inject an emulated QKD link fault into a running network",
+        description="Take an emulated QKD link down (no signal, no keys) or bring it back "
+        "up, at both ends, now.",
+        epilog="example: qkdn net fault link 8-9 down",
+    )
+    fault.add_argument("what", choices=["link"], help="what fails (a QKD link)")
+    fault.add_argument("pair", metavar="A-B", help="the link, by its two node IDs")
+    fault.add_argument("state", choices=["down", "up"])
+    fault.add_argument("--dir", type=types.path, default=DEFAULT_DIR)
+    fault.set_defaults(func=cmd_net_fault)
     down = n.add_parser("down", help="stop every node and the supervisor")
     down.add_argument("--dir", type=types.path, default=DEFAULT_DIR)
     down.set_defaults(func=cmd_net_down)
+
+
+def cmd_net_fault(args: argparse.Namespace) -> int:
+    from appliance.control.linkfault import inject, parse_pair
+
+    a, b = parse_pair(args.pair)
+    inject(args.dir, a, b, args.state)
+    print(f"link {a}-{b} {args.state}")
+    return 0
 
 
 def cmd_node_run(args: argparse.Namespace) -> int:
@@ -259,6 +292,7 @@ def cmd_node_run(args: argparse.Namespace) -> int:
             ),
             only=args.only,
             validator=aaa[0] if aaa else None,
+            paths=_controller_paths(cfg) if getattr(args, "controller", False) else None,
         )
         await node.start()
         # What start-up built (the topology, the SAE directory, the engines) lives as long
@@ -280,6 +314,19 @@ def cmd_node_run(args: argparse.Namespace) -> int:
 
     uvloop.run(main())
     return 0
+
+
+def _controller_paths(cfg: Any) -> Any:
+    """The path provider that asks the QKDN Controller (an access node's CKMS only)."""
+    from appliance.control.paths import ControllerPaths
+    from appliance.pki import client_context
+
+    if cfg.node.role != "akms+ckms" or "controller" not in cfg.services:
+        raise UsageError("--controller: only an access node's CKMS asks the controller")
+    tls = (Path(cfg.paths.cert), Path(cfg.paths.key), Path(cfg.paths.ca_cert))
+    return ControllerPaths(
+        cfg.services["controller"], client_context(*tls, ("h2",)), expect_peer=None
+    )
 
 
 def _aaa_validator(args: argparse.Namespace, cfg: Any) -> tuple[Any, Any]:
@@ -399,7 +446,7 @@ def bring_up(args: argparse.Namespace) -> None:
         _refuse_leftovers(args.dir)
         _refuse_other_topology(args.dir, topo)
         configs = _prepare(args, topo, speedup)
-        addresses = _kms_addresses(configs)
+        addresses = _kms_addresses(configs) + _controller_addresses(args, configs)
         _refuse_busy_ports(addresses)
         aaa_log = _prepare_aaa(args.dir, topo, configs) if aaa else None
         supervisor = _start_supervisor(args, patience, lock)
@@ -447,6 +494,18 @@ def _aaa_listening(mark: tuple[Path, int]) -> bool:
             return b"aaa: listening on udp port" in fh.read(1 << 20)
     except OSError:
         return False
+
+
+def _controller_addresses(args: argparse.Namespace, configs: dict[str, Any]) -> list[str]:
+    """The controller's API address under ``--controller`` (waited for like a node's)."""
+    if not getattr(args, "controller", False):
+        return []
+    if getattr(args, "split_access", False):
+        raise UsageError("--controller with --split-access: not supported yet")
+    found = [c.listen["api"] for c in configs.values() if "controller" in c.node.role.split("+")]
+    if not found:
+        raise UsageError("--controller: the topology has no controller node")
+    return found[:1]
 
 
 def _kms_addresses(configs: dict[str, Any]) -> list[str]:
@@ -570,6 +629,7 @@ def _start_supervisor(args: argparse.Namespace, patience: float, lock: int) -> A
                 str(lock),
                 *(["--split-access"] if getattr(args, "split_access", False) else []),
                 *(["--aaa"] if getattr(args, "aaa", False) else []),
+                *(["--controller"] if getattr(args, "controller", False) else []),
             ],
             stdout=log,
             stderr=subprocess.STDOUT,

@@ -64,6 +64,9 @@ class Child:
     kind: str = "node"
     terms: bool = False
     """A UKMS under AAA: it asks its AKMS for the contracts' terms (``--terms-from-akms``)."""
+    controller: bool = False
+    """An access node that asks the QKDN Controller for paths (``node run --controller``);
+    ``kind == "controller"`` is the controller itself (``qkdn controller run``)."""
     pid: int = 0
     restarts: int = 0
     started: float = 0.0
@@ -81,6 +84,7 @@ class Supervisor:
         split_access: bool = False,
         lock_fd: int | None = None,
         aaa: bool = False,
+        controller: bool = False,
     ) -> None:
         self.dir, self.mode, self.stock, self.patience = net_dir.resolve(), mode, stock, patience
         if lock_fd is None:
@@ -111,7 +115,15 @@ class Supervisor:
             else:
                 log_file = str(self.dir / "logs" / f"{name}.log")
                 terms = aaa and "ukms" in cfg.node.role.split("+")
-                self.children[name] = Child(name, config, log_file, aaa=link_file, terms=terms)
+                asks = controller and "akms" in cfg.node.role.split("+")
+                self.children[name] = Child(
+                    name, config, log_file, aaa=link_file, terms=terms, controller=asks
+                )
+        if controller:  # the QKDN Controller (appliance/control), in the data centre
+            log_file = str(self.dir / "logs" / "controller.log")
+            self.children["controller"] = Child(
+                "controller", str(self.dir), log_file, kind="controller"
+            )
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.stopping = False
         self.alarm: dict[str, Any] | None = None
@@ -122,6 +134,11 @@ class Supervisor:
 
     # -- nodes -------------------------------------------------------------------------
     def command(self, child: Child) -> list[str]:
+        if child.kind == "controller":
+            return [
+                *(sys.executable, "-m", "appliance.cli", "--log-level", "info"),
+                *("--log-format", "json", "controller", "run", "--dir", child.config),
+            ]
         if child.kind == "aaa":
             assert child.aaa is not None
             return [
@@ -160,6 +177,7 @@ class Supervisor:
             *(["--only", child.only] if child.only else []),
             *(["--aaa", child.aaa] if child.aaa else []),
             *(["--terms-from-akms"] if child.terms else []),
+            *(["--controller"] if child.controller else []),
         ]
 
     def spawn(self, child: Child) -> None:
@@ -327,6 +345,7 @@ def main() -> None:
     parser.add_argument("--patience", type=float, default=10.0)
     parser.add_argument("--split-access", action="store_true")
     parser.add_argument("--aaa", action="store_true", help="run the AAA device (<dir>/aaa)")
+    parser.add_argument("--controller", action="store_true", help="run the QKDN Controller")
     parser.add_argument(
         "--lock-fd", type=int, help="an open file holding the directory's lock (net up's)"
     )
@@ -348,6 +367,7 @@ def main() -> None:
             args.split_access,
             args.lock_fd,
             aaa=args.aaa,
+            controller=args.controller,
         )
         raise SystemExit(supervisor.run())
     except ApplianceError as exc:
