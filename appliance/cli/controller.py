@@ -115,7 +115,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_routes(args: argparse.Namespace) -> int:
-    doc = asyncio.run(_ask_routes(args.dir))
+    doc = asyncio.run(ask_routes(args.dir))
     if args.json:
         print_json(doc)
         return 0
@@ -130,7 +130,7 @@ def cmd_routes(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _ask_routes(net_dir: Path) -> dict[str, Any]:
+async def ask_routes(net_dir: Path) -> dict[str, Any]:
     from appliance.config.addresses import split_host_port
     from appliance.net.h2 import H2Client, TransportError
     from appliance.pki import client_context

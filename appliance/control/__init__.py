@@ -11,6 +11,12 @@ mutual TLS, ETSI GS QKD 015 paths) and the controller's sans-IO routing core.
 See docs/control.md.
 """
 
+import os
+
 from appliance.control.errors import ControlError
+
+# grpcio's C core logs every failed TLS handshake (a port probe of `net up`, a peer of
+# another CA) to stderr at INFO; the agent and the controller report what matters.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 __all__ = ["ControlError"]

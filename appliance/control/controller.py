@@ -14,8 +14,9 @@
   path (cached; a backup kept), installed hop by hop, source first, by a gNMI Set at
   each hop's agent; the answer ``{"path": [...], "backup": [...]}`` leaves only after
   every hop confirmed. A path already installed is answered at once. No path, or a hop
-  that refused: 503 with the code. ``POST /v1/routes``: the installed routes, the links
-  with their weights, and the protection switches so far.
+  that refused: 503 with the code. ``POST /v1/routes``: the installed routes (those this
+  controller installed, and those every hop's agent reports), the links with their
+  weights, and the protection switches so far.
 
 Logs carry node IDs, link IDs and codes; there is no key material here to log.
 """
@@ -208,7 +209,10 @@ class Controller:
             for x in sorted(self.core.links.values(), key=lambda x: (x.a, x.b))
         ]
         routes = []
-        for (s, d), p in sorted(self.confirmed.items()):
+        for s, d in sorted(set(self.confirmed) | set(self.core.hops)):
+            p = self.confirmed.get((s, d)) or self.core.installed(s, d)
+            if p is None:
+                continue
             cached = self.core.cache.get((s, d))
             backup = list(cached.backup or ()) if cached is not None else []
             routes.append({"src": s, "dst": d, "path": list(p), "backup": backup})
