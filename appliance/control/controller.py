@@ -12,9 +12,11 @@
   a CKMS node of the network, or the controller itself for ``qkdn controller routes``;
   anyone else gets 403). ``POST /v1/path`` with ``{"src": N, "dst": M}``: the core's
   path (cached; a backup kept), installed hop by hop, source first, by a gNMI Set at
-  each hop's agent; the answer ``{"path": [...], "backup": [...]}`` leaves only after
-  every hop confirmed. A path already installed is answered at once. No path, or a hop
-  that refused: 503 with the code. ``POST /v1/routes``: the installed routes (those this
+  each hop's agent (a route a link failure broke is installed again on its backup at
+  once, without waiting for the next request); the answer ``{"path": [...],
+  "backup": [...]}`` leaves only after every hop confirmed. A path already installed is
+  answered at once. No path, or a hop that refused: 503 with the code.
+  ``POST /v1/routes``: the installed routes (those this
   controller installed, and those every hop's agent reports), the links with their
   weights, and the protection switches so far.
 
@@ -79,6 +81,7 @@ class Controller:
         self._threads: list[threading.Thread] = []
         self._server: H2Server | None = None
         self._ticker: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
 
     async def start(self, api: str) -> None:
         loop = asyncio.get_running_loop()
@@ -151,6 +154,21 @@ class Controller:
                 for key, path in list(self.confirmed.items()):
                     if _uses(path, link.a, link.b):
                         del self.confirmed[key]
+                        self._reinstall(*key)
+
+    def _reinstall(self, src: int, dst: int) -> None:
+        """Install the new path of a route a failure broke now (the core switched it to its
+        backup), not when the next request for it comes."""
+
+        async def run() -> None:
+            try:
+                await self.path(src, dst)
+            except ControlError as exc:
+                log.warning("no new path yet", extra={"src": src, "dst": dst, "code": exc.code})
+
+        task = asyncio.get_running_loop().create_task(run())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     # -- requests -------------------------------------------------------------------------
     async def _handle(self, request: Request) -> Response:

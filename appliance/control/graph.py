@@ -5,7 +5,8 @@ drive it with an injected clock.
 
 **Telemetry in.** :meth:`Core.telemetry` takes a node's 015 document (as its agent serves
 ``/qkd_node``), :meth:`Core.tick` lets time pass. A link is *usable* when both of its ends
-report it ACTIVE (or PASSIVE with keys left), its QBER is at most ``qber_max``, and both
+report it ACTIVE (a PASSIVE link, down with keys left, carries the relays already on it
+but no new path), its QBER is at most ``qber_max``, and both
 nodes were heard within ``dead_after`` seconds (telemetry is the heartbeat). A change of
 usability takes effect only once it has held for ``hold_off`` seconds (0.1 by default):
 a link that flaps faster never changes state.
@@ -92,7 +93,7 @@ class EndReport:
     node: int
     peer: int
     good: bool
-    """Status ACTIVE, or PASSIVE with keys left."""
+    """Status ACTIVE (a PASSIVE link takes no new path)."""
     bits: int
     eskr: int
     qber: float
@@ -347,7 +348,7 @@ def _report(node: int, e: dict[str, Any]) -> EndReport:
         (float(p["value"]) for p in perf.get("phys_perf", []) if p["perf_type"].endswith("QBER")),
         0.5,
     )
-    good = status == "ACTIVE" or (status == "PASSIVE" and bits > 0)
+    good = status == "ACTIVE"  # PASSIVE: not distilling; its keys serve relays in flight
     return EndReport(
         link=str(e["qkdl_id"]), node=node, peer=model.node_of(e["qkdl_remote"]["qkdn_id"]),
         good=good, bits=bits, eskr=int(perf.get("eskr", 0)), qber=qber,
