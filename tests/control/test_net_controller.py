@@ -59,6 +59,15 @@ def primary(net: Net) -> list[int]:
     return poll(found, "a path installed between 2 and 14")
 
 
+def installed(net: Net) -> dict[tuple[int, int], tuple[int, ...]]:
+    """Every installed route the controller knows, by (source, destination)."""
+    try:
+        doc = routes(net)
+    except ApplianceError:  # the controller is (re)starting
+        return {}
+    return {(r["src"], r["dst"]): tuple(r["path"]) for r in doc["routes"]}
+
+
 def round_8(path: list[int]) -> int:
     """The node the path takes between 8 and 10: 9, or virtual node 16."""
     return next(n for n in path if n in (9, 16))
@@ -123,7 +132,8 @@ def controller_pid(net: Net) -> int:
 
 def test_installed_routes_go_on_without_the_controller_and_it_rebuilds_them(net):
     net.wait_for_relays(MASTER, SLAVE)
-    path = primary(net)
+    primary(net)
+    before = installed(net)
     pid = controller_pid(net)
     assert pid > 0
     os.kill(pid, 9)
@@ -132,8 +142,7 @@ def test_installed_routes_go_on_without_the_controller_and_it_rebuilds_them(net)
     assert report["statuses"] == {200: 20}, report["failed"]
     assert report["lost"] == report["duplicated"] == report["mismatched"] == 0
     poll(lambda: controller_pid(net) not in (0, pid) or None, "the controller restarted")
-    rebuilt = poll(lambda: primary(net), "routes rebuilt from the agents")
-    assert rebuilt == path
+    poll(lambda: installed(net).items() >= before.items() or None, "routes rebuilt from agents")
 
 
 def test_no_ukms_is_connected_to_the_controller_or_let_in(net):
@@ -208,13 +217,19 @@ def test_every_ckms_node_serves_a_valid_015_document(net):
         doc = read(net, name, address)
         validate(dm, {"etsi-qkd-sdn-node:qkd_node": doc})
         assert doc["qkdn_id"] == model.node_uuid(node)
-        links = doc["qkd_links"]["qkd_link"]
+        links = phys(doc)
         assert links and all(x["qkdl_local"]["qkdn_id"] == model.node_uuid(node) for x in links)
         statuses = {x["qkdl_status"] for x in links}
         assert statuses <= {f"etsi-qkd-node-types:{s}" for s in ("ACTIVE", "PASSIVE", "OFF")}
     virtual = read(net, "ckms-virtual", found["ckms-virtual"][1])
-    peers = {x["qkdl_remote"]["qkdn_id"] for x in virtual["qkd_links"]["qkd_link"]}
+    peers = {x["qkdl_remote"]["qkdn_id"] for x in phys(virtual)}
     assert peers == {model.node_uuid(8), model.node_uuid(10)}
+
+
+def phys(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    """The physical links of a node's document (its VIRT links are installed routes)."""
+    links = doc["qkd_links"]["qkd_link"]
+    return [x for x in links if x["qkdl_type"] == "etsi-qkd-node-types:PHYS"]
 
 
 def read(net: Net, name: str, address: str):  # type: ignore[no-untyped-def]
