@@ -280,6 +280,7 @@ def cmd_node_run(args: argparse.Namespace) -> int:
 
     async def main() -> None:
         aaa = _aaa_validator(args, cfg) if args.aaa is not None else None
+        paths = _controller_paths(cfg) if getattr(args, "controller", False) else None
         node = build_node(
             cfg,
             topo,
@@ -292,8 +293,10 @@ def cmd_node_run(args: argparse.Namespace) -> int:
             ),
             only=args.only,
             validator=aaa[0] if aaa else None,
-            paths=_controller_paths(cfg) if getattr(args, "controller", False) else None,
+            paths=paths,
         )
+        if paths is not None:  # a path learnt stays good while the node's routes stand
+            paths.table = lambda: node.agent.routes if node.agent else None
         await node.start()
         # What start-up built (the topology, the SAE directory, the engines) lives as long
         # as the process: out of the collector's sight, a full collection does not walk

@@ -106,10 +106,14 @@ class RouteTable:
         self.node = node
         self._lock = threading.Lock()
         self._routes: dict[tuple[int, int], model.Route] = {}
+        self.version = 0
+        """Bumped by every Set: a path learnt before is still the installed one while the
+        version has not moved (the controller installs a changed path at its source too)."""
 
     def apply(self, install: list[model.Route], remove: list[str]) -> None:
         """Install and remove (by route UUID) in one step."""
         with self._lock:
+            self.version += 1
             for route in install:
                 self._routes[(route.src, route.dst)] = route
             for key in [k for k in self._routes if model.route_uuid(*k) in remove]:

@@ -74,3 +74,35 @@ def test_paths_refusals_and_an_unreachable_controller(pki):
 def test_a_malformed_answer_is_a_coded_error(pki, body):
     (out, *_) = run(pki, [(200, body)])
     assert out.code == "KMS-CONTROLLER"
+
+
+def test_a_learnt_path_is_used_without_asking_while_the_route_table_stands(pki):
+    from appliance.control.agent import RouteTable
+
+    async def main():  # type: ignore[no-untyped-def]
+        asked = []
+
+        async def handle(request: Request) -> Response:
+            asked.append(1)
+            path = [2, 3, 14] if len(asked) == 1 else [2, 16, 14]
+            return Response(200, json.dumps({"path": path}).encode())
+
+        me, peer = pki["node-a"], pki["node-b"]
+        port = free_port()
+        server = H2Server(handle, server_context(me.cert, me.key, me.ca, ("h2",)))
+        await server.start("127.0.0.1", port)
+        paths = ControllerPaths(f"127.0.0.1:{port}", client_context(peer.cert, peer.key,
+                                peer.ca, ("h2",)), expect_peer="node-a")  # fmt: skip
+        table = RouteTable(2)
+        paths.table = lambda: table
+        try:
+            first = await paths.find(2, 14)
+            again = paths.find(2, 14)  # answered at once: no awaitable, no request
+            table.apply([], [])  # the controller installed something here
+            changed = await paths.find(2, 14)
+        finally:
+            await paths.close()
+            await server.close()
+        return first, again, changed, len(asked)
+
+    assert asyncio.run(main()) == ((2, 3, 14), (2, 3, 14), (2, 16, 14), 2)
