@@ -13,7 +13,7 @@ mutual TLS, emulated QKD links; ``--stock 0``: every enc_keys crosses the networ
    first request that succeeded after that). The link comes back up between repeats.
 
 Usage: python bench/control_switch.py [--requests 200] [--rounds 3] [--switches 5]
-       [--json PATH]
+       [--switch-requests 240] [--json PATH]
 """
 
 from __future__ import annotations
@@ -75,6 +75,11 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=200)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--switches", type=int, default=5)
+    ap.add_argument(
+        "--switch-requests", type=int, default=240,
+        help="requests per switch, the fault before the middle one: the second half must "
+        "outlast an emulated epoch (1 s), or the link never goes down",
+    )  # fmt: skip
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     report: dict[str, Any] = {
@@ -106,7 +111,9 @@ def main() -> None:
             for _ in range(args.switches):
                 all_up(dirs["controller"])
                 path = installed_path(dirs["controller"], *eps["controller"])
-                got = measure_with_fault(*eps["controller"], 60, dirs["controller"], cut_of(path))
+                got = measure_with_fault(
+                    *eps["controller"], args.switch_requests, dirs["controller"], cut_of(path)
+                )
                 seen = detected(dirs["controller"], got["fault_at"])
                 done = got["new_path_installed_at"]
                 switches.append({
