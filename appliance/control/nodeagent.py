@@ -1,7 +1,8 @@
 """The SDN agent inside a CKMS node process: what the node reads, turned into telemetry.
 
 :class:`NodeAgent` runs the gNMI server (:mod:`agent`) next to the node's KMS services and
-publishes the node's telemetry every :data:`PUBLISH_S` seconds from the node's event loop:
+publishes the node's telemetry every :data:`PUBLISH_S` seconds from the node's event loop
+(link status at once; rates, stored bits and counters refreshed every :data:`FIGURES_S`):
 each link's QKD module status (one driver call per link, answered from the driver's own
 buffers), the relay counters, and the routes the controller installed
 (:attr:`NodeAgent.routes`). ON_CHANGE subscribers hear a change within one period.
@@ -21,6 +22,7 @@ A module that does not answer counts in ``modules_down`` and makes the node DEGR
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,6 +34,7 @@ import hal
 from appliance.control import agent, model
 
 PUBLISH_S = 0.05
+FIGURES_S = 1.0
 NO_SIGNAL_QBER = 0.5
 
 
@@ -81,6 +84,8 @@ class NodeAgent:
         """Routes the controller installed through this node (gNMI Set)."""
         self.started = time.monotonic()
         self._bits: dict[str, int] = {}
+        self._last: dict[str, model.PhysLink] = {}
+        self._counters = (0, 0)
         self._at = self.started
         self.telemetry = agent.Telemetry(self.reading())
         self._server: grpc.Server | None = None
@@ -97,9 +102,13 @@ class NodeAgent:
         self._timer = asyncio.get_running_loop().call_later(PUBLISH_S, self._tick)
 
     def reading(self) -> model.NodeTelemetry:
-        """The node's telemetry now."""
+        """The node's telemetry now: link status and health as read; the figures (rates,
+        stored bits, QBER, counters) as of the last full reading, at most
+        :data:`FIGURES_S` old (so that ON_CHANGE streams carry a status change at once but
+        not a counter's every tick)."""
         now = time.monotonic()
-        dt, self._at = now - self._at, now
+        full = now - self._at >= FIGURES_S or not self._last
+        dt = now - self._at
         links, down = [], 0
         for link, peer in self.links:
             try:
@@ -107,12 +116,18 @@ class NodeAgent:
             except hal.HalError:
                 status, down = None, down + 1
             phys = link_of(Reading(link, peer, status), self._bits.get(link), dt)
-            self._bits[link] = phys.available_bits
+            if full:
+                self._bits[link] = phys.available_bits
+                self._last[link] = phys
+            else:
+                phys = dataclasses.replace(self._last.get(link, phys), status=phys.status)
             links.append(phys)
-        relayed, batches = self.counters()
+        if full:
+            self._at, self._counters = now, self.counters()
+        relayed, batches = self._counters
         return model.NodeTelemetry(
             node=self.node, links=tuple(links), routes=self.routes.routes(),
-            relayed=relayed, batches=batches, uptime_s=int(now - self.started),
+            relayed=relayed, batches=batches, uptime_s=int(self._at - self.started),
             modules_down=down, health=model.Health.DEGRADED if down else model.Health.OK,
         )  # fmt: skip
 
