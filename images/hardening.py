@@ -219,7 +219,9 @@ def _callers(topo: Topology, node: Node, service: str) -> list[Node]:
         "snmp": [n for n in others if "manager" in n.roles]
         + ([n for n in others if "akms" in n.roles] if "aaa" in node.roles else []),
         "api": [n for n in others if "ckms" in n.roles],
-        "gnmi": [n for n in others if "ckms" in n.roles],
+        "gnmi": [
+            n for n in others if ("controller" if "ckms" in node.roles else "ckms") in n.roles
+        ],
         "traps": [n for n in others if services_of(n) and "snmp" in services_of(n)],
     }
     return sorted(set(wanted.get(service, [])), key=lambda n: n.id)

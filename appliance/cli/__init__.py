@@ -56,6 +56,7 @@ COMMANDS = (
     "keystore",
     "card",
     "aaa",
+    "controller",
     "manager",
 )
 """The subcommand modules of ``appliance.cli``, in the order ``qkdn --help`` lists them."""

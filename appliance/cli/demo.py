@@ -32,6 +32,7 @@ examples:
   qkdn demo --days 1 --speedup 86400     one emulated day in about one second per day
   qkdn demo --seed lab-7 --json out.json reproducible run, samples saved for plotting
   qkdn demo --skip-quantum --requests 1000 --plot tkey.png   T_key histogram and store levels
+  qkdn demo --skip-quantum --fault --requests 1000 --json f.json   link failure halfway
 """
 
 
@@ -109,6 +110,13 @@ def register(sub: Any) -> None:
     )
     p.add_argument("--skip-quantum", action="store_true", help="skip the quantum-layer week")
     p.add_argument("--skip-network", action="store_true", help="skip the network T_key run")
+    p.add_argument(
+        "--fault",
+        action="store_true",
+        help="run the network under its QKDN Controller and take the path's link next to "
+        "node 8 down halfway: the report adds switch_ms, keys_lost, keys_duplicated, "
+        "keys_mismatched and the failed requests (docs/control.md)",
+    )
     p.add_argument(
         "--contracts",
         action="store_true",
@@ -235,12 +243,15 @@ def _network_stage(args: argparse.Namespace, out_report: dict[str, Any]) -> bool
             timeout=90.0,
             json=False,
             aaa=True,  # every request validated and accounted by the data centre's AAA
+            controller=bool(getattr(args, "fault", False)),
         )
         out.print(f"starting the {args.topology} network as separate processes in {net_dir} ...")
         net.bring_up(up)
         try:
             status = net.status_doc(net_dir)
             master, slave = endpoints(status, "sae-berlin-1", "sae-bonn-1")
+            if getattr(args, "fault", False):
+                return _fault_stage(args, net_dir, master, slave, out_report)
             sampler = LevelSampler(net_dir).start() if args.plot else None
             with Progress(
                 TextColumn("key requests"),
@@ -271,6 +282,24 @@ def _network_stage(args: argparse.Namespace, out_report: dict[str, Any]) -> bool
     out_report["network"] = result
     clean = result["keys_mismatched"] == 0 and result["failed_requests"] == 0
     return bool(clean and accounted)
+
+
+def _fault_stage(
+    args: argparse.Namespace, net_dir: Path, master: Any, slave: Any, out_report: dict[str, Any]
+) -> bool:
+    """Key requests with a link failure halfway (appliance/control/faultrun.py)."""
+    from appliance.control.faultrun import cut_of, installed_path, measure_with_fault
+
+    out = console()
+    path = installed_path(net_dir, master, slave)
+    cut = cut_of(path)
+    out.print(f"path {'-'.join(map(str, path))}; link {cut[0]}-{cut[1]} fails halfway ...")
+    result = measure_with_fault(master, slave, args.requests, net_dir, cut)
+    out_report["fault"] = result
+    for key in ("switch_ms", "keys_lost", "keys_duplicated", "keys_mismatched", "failed_requests"):
+        out.print(f"{key}: {result[key]}")
+    lost = result["keys_lost"] + result["keys_duplicated"] + result["keys_mismatched"]
+    return lost == 0 and all(f["status"] == 503 for f in result["failed"])
 
 
 def _accounting_stage(

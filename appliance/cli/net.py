@@ -119,6 +119,12 @@ def register(sub: Any) -> None:
         help="run the node's SNMPv3 agent (QKDN-MIB) with this configuration: its address, "
         "users and the manager it informs (docs/mgmt.md)",
     )
+    run.add_argument(
+        "--controller",
+        action="store_true",
+        help="an access node's CKMS asks the QKDN Controller for every relay path "
+        "(services.controller of its configuration; docs/control.md)",
+    )
     run.set_defaults(func=cmd_node_run)
 
     net = sub.add_parser(
@@ -228,6 +234,12 @@ even by kill -9. A state file it cannot write (full disk) is an alarm in
         "when the topology has a manager node; docs/mgmt.md)",
     )
     up.add_argument(
+        "--controller",
+        action="store_true",
+        help="start the QKDN Controller: access nodes ask it for every relay path, it "
+        "installs them hop by hop from the SDN agents' telemetry (docs/control.md)",
+    )
+    up.add_argument(
         "--split-access",
         action="store_true",
         help="run each access node's AKMS and CKMS as two processes (default: one)",
@@ -238,9 +250,30 @@ even by kill -9. A state file it cannot write (full disk) is an alarm in
     status.add_argument("--dir", type=types.path, default=DEFAULT_DIR)
     status.add_argument("--json", action="store_true")
     status.set_defaults(func=cmd_net_status)
+    fault = n.add_parser(
+        "fault",
+        help="inject an emulated QKD link fault into a running network",
+        description="Take an emulated QKD link down (no signal, no keys) or bring it back "
+        "up, at both ends, now.",
+        epilog="example: qkdn net fault link 8-9 down",
+    )
+    fault.add_argument("what", choices=["link"], help="what fails (a QKD link)")
+    fault.add_argument("pair", metavar="A-B", help="the link, by its two node IDs")
+    fault.add_argument("state", choices=["down", "up"])
+    fault.add_argument("--dir", type=types.path, default=DEFAULT_DIR)
+    fault.set_defaults(func=cmd_net_fault)
     down = n.add_parser("down", help="stop every node and the supervisor")
     down.add_argument("--dir", type=types.path, default=DEFAULT_DIR)
     down.set_defaults(func=cmd_net_down)
+
+
+def cmd_net_fault(args: argparse.Namespace) -> int:
+    from appliance.control.linkfault import inject, parse_pair
+
+    a, b = parse_pair(args.pair)
+    inject(args.dir, a, b, args.state)
+    print(f"link {a}-{b} {args.state}")
+    return 0
 
 
 def cmd_node_run(args: argparse.Namespace) -> int:
@@ -261,6 +294,7 @@ def cmd_node_run(args: argparse.Namespace) -> int:
 
     async def main() -> None:
         aaa = _aaa_validator(args, cfg) if args.aaa is not None else None
+        paths = _controller_paths(cfg) if getattr(args, "controller", False) else None
         node = build_node(
             cfg,
             topo,
@@ -273,7 +307,10 @@ def cmd_node_run(args: argparse.Namespace) -> int:
             ),
             only=args.only,
             validator=aaa[0] if aaa else None,
+            paths=paths,
         )
+        if paths is not None:  # a path learnt stays good while the node's routes stand
+            paths.table = lambda: node.agent.routes if node.agent else None
         await node.start()
         agent = await _mgmt_agent(args, node, generator) if args.mgmt is not None else None
         # What start-up built (the topology, the SAE directory, the engines) lives as long
@@ -309,6 +346,19 @@ async def _mgmt_agent(args: argparse.Namespace, node: Any, generator: Any) -> An
     agent = Agent(name, reader.read, load_config(args.mgmt))
     await agent.start()
     return agent
+
+
+def _controller_paths(cfg: Any) -> Any:
+    """The path provider that asks the QKDN Controller (an access node's CKMS only)."""
+    from appliance.control.paths import ControllerPaths
+    from appliance.pki import client_context
+
+    if cfg.node.role != "akms+ckms" or "controller" not in cfg.services:
+        raise UsageError("--controller: only an access node's CKMS asks the controller")
+    tls = (Path(cfg.paths.cert), Path(cfg.paths.key), Path(cfg.paths.ca_cert))
+    return ControllerPaths(
+        cfg.services["controller"], client_context(*tls, ("h2",)), expect_peer=None
+    )
 
 
 def _aaa_validator(args: argparse.Namespace, cfg: Any) -> tuple[Any, Any]:
@@ -428,7 +478,7 @@ def bring_up(args: argparse.Namespace) -> None:
         _refuse_leftovers(args.dir)
         _refuse_other_topology(args.dir, topo)
         configs = _prepare(args, topo, speedup)
-        addresses = _kms_addresses(configs)
+        addresses = _kms_addresses(configs) + _controller_addresses(args, configs)
         _refuse_busy_ports(addresses)
         aaa_log = _prepare_aaa(args.dir, topo, configs) if aaa else None
         args.mgmt = _prepare_mgmt(args, topo, configs)
@@ -488,6 +538,18 @@ def _aaa_listening(mark: tuple[Path, int]) -> bool:
             return b"aaa: listening on udp port" in fh.read(1 << 20)
     except OSError:
         return False
+
+
+def _controller_addresses(args: argparse.Namespace, configs: dict[str, Any]) -> list[str]:
+    """The controller's API address under ``--controller`` (waited for like a node's)."""
+    if not getattr(args, "controller", False):
+        return []
+    if getattr(args, "split_access", False):
+        raise UsageError("--controller with --split-access: not supported yet")
+    found = [c.listen["api"] for c in configs.values() if "controller" in c.node.role.split("+")]
+    if not found:
+        raise UsageError("--controller: the topology has no controller node")
+    return found[:1]
 
 
 def _kms_addresses(configs: dict[str, Any]) -> list[str]:
@@ -612,6 +674,7 @@ def _start_supervisor(args: argparse.Namespace, patience: float, lock: int) -> A
                 *(["--split-access"] if getattr(args, "split_access", False) else []),
                 *(["--aaa"] if getattr(args, "aaa", False) else []),
                 *(["--mgmt"] if getattr(args, "mgmt", False) else []),
+                *(["--controller"] if getattr(args, "controller", False) else []),
             ],
             stdout=log,
             stderr=subprocess.STDOUT,

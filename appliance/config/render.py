@@ -46,7 +46,7 @@ EPHEMERAL_START = 32768
 ROLE_SERVICES = {
     "ukms": ("ukms", "etsi014", "etsi004", "snmp"),
     "akms": ("akms", "snmp"),
-    "ckms": ("ckms", "snmp"),
+    "ckms": ("ckms", "snmp", "gnmi"),
     "controller": ("api", "gnmi"),
     "manager": ("web", "traps"),
     "aaa": ("snmp",),

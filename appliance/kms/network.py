@@ -15,7 +15,7 @@ import hal
 from appliance.config.node import NodeConfig, load_node_config
 from appliance.config.topology import Topology
 from appliance.kms.node import KmsNode, Policy
-from appliance.kms.seams import RequestValidator
+from appliance.kms.seams import PathProvider, RequestValidator
 from appliance.pki import CertificateAuthority, write_pair
 from hsm.psk import PSK_BYTES, write_psk_file
 
@@ -77,6 +77,7 @@ def build_node(
     policy: Policy | None = None,
     only: str | None = None,
     validator: RequestValidator | None = None,
+    paths: PathProvider | None = None,
 ) -> KmsNode:
     """A KMS node with its QKDM ends opened from the config's device URLs (``only``: one
     service of an access node, with the links that service owns)."""
@@ -85,4 +86,6 @@ def build_node(
         for nb in cfg.neighbours
         if only is None or (only == "akms") == ("ukms" in nb.role.split("+"))
     }
-    return KmsNode(cfg, topo, rng, qkdms, policy or Policy(), only=only, validator=validator)
+    return KmsNode(
+        cfg, topo, rng, qkdms, policy or Policy(), only=only, validator=validator, paths=paths
+    )

@@ -112,6 +112,7 @@ from hsm.errors import HsmError
 from hsm.psk import PskSource, open_psk_source
 
 if TYPE_CHECKING:
+    from appliance.control.nodeagent import NodeAgent
     from appliance.kms.etsi004 import StreamService
 
 __all__ = ["KmsNode", "Policy", "Unreachable"]
@@ -192,6 +193,8 @@ class KmsNode:
         self._batchers: dict[int, RelayBatcher] = {}
         self._servers: list[TlsServer] = []
         self.streams: StreamService | None = None
+        self.agent: NodeAgent | None = None
+        """The SDN agent (gNMI) of a CKMS node whose config has a ``gnmi`` address."""
         self.on_put: Callable[[Put], None] | None = None
         """Told of every put that committed (the 004 streams wake their waiting GET_KEYs)."""
         self._timers: dict[tuple[str, Any], asyncio.TimerHandle] = {}
@@ -260,6 +263,8 @@ class KmsNode:
             h1 = H1Server(api.handle, ctx, h2=True)
             await h1.start(*split_host_port(self.config.listen["etsi014"]))
             self._servers.append(h1)
+        if "ckms" in self.engines and "gnmi" in self.config.listen:
+            self._start_agent(self.config.listen["gnmi"])
         now = self._loop.time()
         for service, engine in self.engines.items():
             self._run_all(service, engine.start(now))
@@ -278,7 +283,21 @@ class KmsNode:
         await server.start(*split_host_port(address))
         self._servers.append(server)
 
+    def _start_agent(self, address: str) -> None:
+        from appliance.control.nodeagent import NodeAgent
+
+        links = [(link.link, peer) for peer, link in self.engines["ckms"].links.items()]
+        self.agent = NodeAgent(self.me, links, self.qkdms, self.relay_counters)
+        self.agent.start(address, self._tls)
+
+    def relay_counters(self) -> tuple[int, int]:
+        """Relay messages and batches this node has sent to its neighbours."""
+        batchers = self._batchers.values()
+        return sum(b.messages for b in batchers), sum(b.batches for b in batchers)
+
     async def close(self) -> None:
+        if self.agent is not None:
+            self.agent.close()
         if self.streams is not None:
             await self.streams.close()
             self.streams.store.close()

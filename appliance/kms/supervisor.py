@@ -52,6 +52,10 @@ STOP_S = 5.0
 log = logging.getLogger("qkdn.supervisor")
 
 
+_CLI = (sys.executable, "-m", "appliance.cli", "--log-level", "info", "--log-format", "json")
+"""How the supervisor runs ``qkdn``: its own interpreter, JSON logs at level info."""
+
+
 @dataclass
 class Child:
     name: str
@@ -67,6 +71,9 @@ class Child:
     """A UKMS under AAA: it asks its AKMS for the contracts' terms (``--terms-from-akms``)."""
     mgmt: str | None = None
     """The node's SNMP agent file (``node run --mgmt``); for the manager, its config."""
+    controller: bool = False
+    """An access node that asks the QKDN Controller for paths (``node run --controller``);
+    ``kind == "controller"`` is the controller itself (``qkdn controller run``)."""
     pid: int = 0
     restarts: int = 0
     started: float = 0.0
@@ -85,6 +92,7 @@ class Supervisor:
         lock_fd: int | None = None,
         aaa: bool = False,
         mgmt: bool = False,
+        controller: bool = False,
     ) -> None:
         self.dir, self.mode, self.stock, self.patience = net_dir.resolve(), mode, stock, patience
         if lock_fd is None:
@@ -122,9 +130,21 @@ class Supervisor:
             else:
                 log_file = str(self.dir / "logs" / f"{name}.log")
                 terms = aaa and "ukms" in cfg.node.role.split("+")
+                asks = controller and "akms" in cfg.node.role.split("+")
                 self.children[name] = Child(
-                    name, config, log_file, aaa=link_file, terms=terms, mgmt=agent_file
+                    name,
+                    config,
+                    log_file,
+                    aaa=link_file,
+                    terms=terms,
+                    mgmt=agent_file,
+                    controller=asks,
                 )
+        if controller:  # the QKDN Controller (appliance/control), in the data centre
+            log_file = str(self.dir / "logs" / "controller.log")
+            self.children["controller"] = Child(
+                "controller", str(self.dir), log_file, kind="controller"
+            )
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.stopping = False
         self.alarm: dict[str, Any] | None = None
@@ -136,58 +156,21 @@ class Supervisor:
     # -- nodes -------------------------------------------------------------------------
     def command(self, child: Child) -> list[str]:
         if child.kind == "manager":
-            return [
-                sys.executable,
-                "-m",
-                "appliance.cli",
-                "--log-level",
-                "info",
-                "--log-format",
-                "json",
-                "manager",
-                "run",
-                "--config",
-                child.config,
-            ]
+            return [*_CLI, "manager", "run", "--config", child.config]
+        if child.kind == "controller":
+            return [*_CLI, "controller", "run", "--dir", child.config]
         if child.kind == "aaa":
             assert child.aaa is not None
-            return [
-                sys.executable,
-                "-m",
-                "appliance.cli",
-                "--log-level",
-                "info",
-                "--log-format",
-                "json",
-                "aaa",
-                "--dir",
-                child.aaa,
-                "run",
-                "--config",
-                child.config,
-            ]
+            return [*_CLI, "aaa", "--dir", child.aaa, "run", "--config", child.config]
         return [
-            sys.executable,
-            "-m",
-            "appliance.cli",
-            "--log-level",
-            "info",
-            "--log-format",
-            "json",
-            "node",
-            "run",
-            "--config",
-            child.config,
-            "--mode",
-            self.mode,
-            "--stock",
-            str(self.stock),
-            "--patience",
-            str(self.patience),
+            *_CLI,
+            *("node", "run", "--config", child.config, "--mode", self.mode),
+            *("--stock", str(self.stock), "--patience", str(self.patience)),
             *(["--only", child.only] if child.only else []),
             *(["--aaa", child.aaa] if child.aaa else []),
             *(["--terms-from-akms"] if child.terms else []),
             *(["--mgmt", child.mgmt] if child.mgmt else []),
+            *(["--controller"] if child.controller else []),
         ]
 
     def spawn(self, child: Child) -> None:
@@ -355,6 +338,7 @@ def main() -> None:
     parser.add_argument("--patience", type=float, default=10.0)
     parser.add_argument("--split-access", action="store_true")
     parser.add_argument("--aaa", action="store_true", help="run the AAA device (<dir>/aaa)")
+    parser.add_argument("--controller", action="store_true", help="run the QKDN Controller")
     parser.add_argument(
         "--mgmt",
         action="store_true",
@@ -382,6 +366,7 @@ def main() -> None:
             args.lock_fd,
             aaa=args.aaa,
             mgmt=args.mgmt,
+            controller=args.controller,
         )
         raise SystemExit(supervisor.run())
     except ApplianceError as exc:

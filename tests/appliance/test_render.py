@@ -31,7 +31,7 @@ def test_one_config_per_node_with_role_services(rendered):
     assert [s.id for s in ukms.saes] == ["sae-berlin-1", "sae-berlin-2"]
     assert ukms.services == {}  # a user node reaches nothing in the data centre
     akms = configs["akms-berlin"]
-    assert set(akms.listen) == {"akms", "ckms", "snmp"}
+    assert set(akms.listen) == {"akms", "ckms", "snmp", "gnmi"}
     assert set(akms.services) == {"manager", "controller", "aaa"}
     assert set(configs["ckms-hamm"].services) == {"manager", "controller"}
     assert set(configs["qkdn-controller"].listen) == {"api", "gnmi"}

@@ -1,0 +1,362 @@
+"""The SDN agent of a CKMS node: a gNMI server over mutual TLS (grpcio, pygnmi's stubs).
+
+It serves the node's document (:mod:`model`) at ETSI GS QKD 015 paths in JSON_IETF:
+
+* ``Capabilities``: the 015 modules and our augment, JSON_IETF only, gNMI 0.8.0;
+* ``Get``: one notification per path (a container's value is its JSON_IETF subtree);
+* ``Subscribe``: ONCE (everything, ``sync_response``, end), POLL (the same again on each
+  poll), STREAM with SAMPLE (every ``sample_interval``, at least :data:`MIN_SAMPLE_NS`)
+  and ON_CHANGE (whenever the value changes, and every ``heartbeat_interval`` if one is
+  given); TARGET_DEFINED is ON_CHANGE. A path that disappears (a route removed) is sent
+  once as a ``delete``.
+
+Bad requests end with a gRPC status whose message starts with our error code: a path
+that names nothing is ``NOT_FOUND`` (``CTL-PATH-NOT-FOUND``), a malformed one or another
+encoding ``INVALID_ARGUMENT``, too many streams ``RESOURCE_EXHAUSTED`` (grpcio's own).
+``Set`` installs and removes routes, when the agent has a :class:`RouteTable`: an update or
+replace of ``/qkd_node/qkd_links/qkd_link[qkdl_id=ID]`` with a VIRT link (015
+``qkdl_local`` = source, ``qkdl_remote`` = destination, ``virt_prev_hop`` /
+``virt_next_hop`` = this node's neighbours on the path; ``ID`` must be the route's UUID,
+:func:`model.route_uuid`), or a delete of that path. The whole Set applies or nothing does;
+its answer is the hop's confirmation. Any other Set path is ``INVALID_ARGUMENT``
+(``CTL-SET-BAD``); without a route table, ``UNIMPLEMENTED``. ``qos`` is ignored.
+
+The node publishes its telemetry (:meth:`Telemetry.publish`); the document changes, and
+ON_CHANGE streams wake, only when a served value changed. Every request is bounded:
+:data:`MAX_PATHS` paths, :data:`model.MAX_PATH_ELEMS` elements each, names and keys of
+:data:`model.MAX_NAME` characters, :data:`MAX_STREAMS` concurrent calls.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent import futures
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+from pygnmi.spec.v080 import gnmi_pb2 as pb
+from pygnmi.spec.v080 import gnmi_pb2_grpc as pb_grpc
+
+from appliance.control import model
+from appliance.control.errors import ControlError, PathError
+
+GNMI_VERSION = "0.8.0"
+MAX_PATHS = 32
+MAX_STREAMS = 14
+WORKERS = MAX_STREAMS + 2
+MIN_SAMPLE_NS = 10_000_000
+MAX_SAMPLE_NS = 3_600_000_000_000
+DEFAULT_SAMPLE_NS = 1_000_000_000
+WAKE_S = 0.25
+"""How often a STREAM checks that its client is still there when nothing is due."""
+ORIGINS = ("", model.SDN, "rfc7951")
+_MISSING = object()
+
+
+class Telemetry:
+    """The node's latest document, published by the node and read by the gNMI calls."""
+
+    def __init__(self, first: model.NodeTelemetry) -> None:
+        self._cond = threading.Condition()
+        self._doc = model.document(first)
+        self._version = 0
+
+    def publish(self, telemetry: model.NodeTelemetry) -> bool:
+        """Replace the document; True (and ON_CHANGE streams wake) if a value changed."""
+        doc = model.document(telemetry)
+        with self._cond:
+            if doc == self._doc:
+                return False
+            self._doc, self._version = doc, self._version + 1
+            self._cond.notify_all()
+            return True
+
+    def snapshot(self) -> tuple[int, dict[str, Any]]:
+        with self._cond:
+            return self._version, self._doc
+
+    def wait_change(self, version: int, timeout: float) -> tuple[int, dict[str, Any]]:
+        """The document once its version differs from ``version``, or after ``timeout`` s."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._version != version, timeout=max(timeout, 0.0))
+            return self._version, self._doc
+
+
+@dataclass(slots=True)
+class _Sub:
+    """One subscription of a STREAM: its path, mode, and when it is next due."""
+
+    path: pb.Path
+    elems: tuple[model.Elem, ...]
+    sample: bool
+    interval_s: float
+    next_due: float
+    last: Any = _MISSING
+
+
+class RouteTable:
+    """The routes installed through this node, written by gNMI Set (thread-safe)."""
+
+    def __init__(self, node: int) -> None:
+        self.node = node
+        self._lock = threading.Lock()
+        self._routes: dict[tuple[int, int], model.Route] = {}
+        self.version = 0
+        """Bumped by every Set: a path learnt before is still the installed one while the
+        version has not moved (the controller installs a changed path at its source too)."""
+
+    def apply(self, install: list[model.Route], remove: list[str]) -> None:
+        """Install and remove (by route UUID) in one step."""
+        with self._lock:
+            self.version += 1
+            for route in install:
+                self._routes[(route.src, route.dst)] = route
+            for key in [k for k in self._routes if model.route_uuid(*k) in remove]:
+                del self._routes[key]
+
+    def routes(self) -> tuple[model.Route, ...]:
+        with self._lock:
+            return tuple(self._routes[k] for k in sorted(self._routes))
+
+
+class GnmiAgent(pb_grpc.gNMIServicer):  # type: ignore[misc]
+    """The gNMI service of one node over its :class:`Telemetry` (and routes, if given)."""
+
+    def __init__(
+        self,
+        telemetry: Telemetry,
+        *,
+        routes: RouteTable | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.telemetry, self.routes, self.clock = telemetry, routes, clock
+
+    def Set(self, request: Any, context: Any) -> Any:
+        if self.routes is None:
+            context.abort(grpc.StatusCode.UNIMPLEMENTED, "CTL-SET: this agent takes no Set")
+            return None
+        changes = [*request.update, *request.replace]
+        if not 0 < len(changes) + len(request.delete) <= MAX_PATHS:
+            _abort(context, ControlError(f"expected 1..{MAX_PATHS} changes", code="CTL-SET-BAD"))
+        install, remove, results = [], [], []
+        try:
+            for update in changes:
+                install.append(_route_of(self.routes.node, _route_id(request.prefix, update.path),
+                                         update.val.json_ietf_val))  # fmt: skip
+                results.append(pb.UpdateResult(path=update.path, op=pb.UpdateResult.UPDATE))
+            for path in request.delete:
+                remove.append(_route_id(request.prefix, path))
+                results.append(pb.UpdateResult(path=path, op=pb.UpdateResult.DELETE))
+        except ControlError as exc:
+            _abort(context, exc)
+        self.routes.apply(install, remove)
+        return pb.SetResponse(response=results, timestamp=time.time_ns())
+
+    def Capabilities(self, request: Any, context: Any) -> Any:
+        models = [pb.ModelData(name=n, organization=o, version=v) for n, o, v in model.MODELS]
+        models.append(
+            pb.ModelData(name=model.AUGMENT, organization="qkdn appliance", version="2026-12-01")
+        )
+        return pb.CapabilityResponse(
+            supported_models=models,
+            supported_encodings=[pb.Encoding.JSON_IETF],
+            gNMI_version=GNMI_VERSION,
+        )
+
+    def Get(self, request: Any, context: Any) -> Any:
+        _check_encoding(request.encoding, context)
+        if not 0 < len(request.path) <= MAX_PATHS:
+            _abort(context, PathError(f"expected 1..{MAX_PATHS} paths", code="CTL-PATH-BAD"))
+        _, doc = self.telemetry.snapshot()
+        notes = []
+        for path in request.path:
+            try:
+                value = model.select(doc, _elems(request.prefix, path))
+            except PathError as exc:
+                _abort(context, exc)
+            notes.append(_notification(path, value))
+        return pb.GetResponse(notification=notes)
+
+    def Subscribe(self, request_iterator: Iterator[Any], context: Any) -> Iterator[Any]:
+        first: Any = next(request_iterator, None)
+        if first is None or not first.HasField("subscribe"):
+            _abort(
+                context, ControlError("the first request must be a subscribe", code="CTL-SUB-BAD")
+            )
+        sublist = first.subscribe
+        _check_encoding(sublist.encoding, context)
+        if not 0 < len(sublist.subscription) <= MAX_PATHS:
+            _abort(
+                context, PathError(f"expected 1..{MAX_PATHS} subscriptions", code="CTL-PATH-BAD")
+            )
+        subs = self._subs(sublist, context)
+        if sublist.mode == pb.SubscriptionList.Mode.ONCE:
+            yield from self._all(subs)
+        elif sublist.mode == pb.SubscriptionList.Mode.POLL:
+            yield from self._poll(subs, request_iterator, context)
+        else:
+            yield from self._stream(subs, context)
+
+    def _subs(self, sublist: Any, context: Any) -> list[_Sub]:
+        _, doc = self.telemetry.snapshot()
+        now, subs = self.clock(), []
+        for sub in sublist.subscription:
+            try:
+                elems = _elems(sublist.prefix, sub.path)
+                model.select(doc, elems)
+            except PathError as exc:
+                _abort(context, exc)
+            sample = sub.mode == pb.SubscriptionMode.SAMPLE
+            ns = sub.sample_interval if sample else sub.heartbeat_interval
+            if sample and ns == 0:
+                ns = DEFAULT_SAMPLE_NS
+            interval = min(max(ns, MIN_SAMPLE_NS), MAX_SAMPLE_NS) / 1e9 if ns else 0.0
+            subs.append(_Sub(sub.path, elems, sample, interval, now + interval))
+        return subs
+
+    def _all(self, subs: list[_Sub]) -> Iterator[Any]:
+        _, doc = self.telemetry.snapshot()
+        for sub in subs:
+            yield from _update(sub, doc)
+        yield pb.SubscribeResponse(sync_response=True)
+
+    def _poll(self, subs: list[_Sub], requests: Iterator[Any], context: Any) -> Iterator[Any]:
+        yield from self._all(subs)
+        for request in requests:
+            if not request.HasField("poll"):
+                _abort(context, ControlError("a POLL stream takes polls only", code="CTL-SUB-BAD"))
+            yield from self._all(subs)
+
+    def _stream(self, subs: list[_Sub], context: Any) -> Iterator[Any]:
+        version, doc = self.telemetry.snapshot()
+        yield from self._all(subs)
+        while context.is_active():
+            now = self.clock()
+            due = [s.next_due for s in subs if s.interval_s]
+            wait = min([WAKE_S, *(d - now for d in due)])
+            changed, doc = self.telemetry.wait_change(version, wait)
+            now, fresh = self.clock(), changed != version
+            version = changed
+            for sub in subs:
+                beat = bool(sub.interval_s) and now >= sub.next_due
+                if beat:
+                    sub.next_due = max(sub.next_due + sub.interval_s, now)
+                if beat or (fresh and not sub.sample):
+                    yield from _update(sub, doc, only_changed=not beat)
+
+
+def _update(sub: _Sub, doc: dict[str, Any], *, only_changed: bool = False) -> Iterator[Any]:
+    """The subscription's value as a SubscribeResponse (none if unchanged and so asked)."""
+    try:
+        value = model.select(doc, sub.elems)
+    except PathError:
+        value = _MISSING
+    if only_changed and value == sub.last:
+        return
+    gone = value is _MISSING
+    if gone and sub.last is _MISSING:
+        return
+    sub.last = value
+    if gone:
+        note = pb.Notification(timestamp=time.time_ns(), delete=[sub.path])
+        yield pb.SubscribeResponse(update=note)
+    else:
+        yield pb.SubscribeResponse(update=_notification(sub.path, value))
+
+
+MAX_SET_VALUE = 4096
+_ROUTE_PATH = ("qkd_node", "qkd_links", "qkd_link")
+
+
+def _route_id(prefix: Any, path: Any) -> str:
+    """The route UUID a Set path names (CTL-SET-BAD unless it is a qkd_link entry)."""
+    elems = _elems(prefix, path)
+    if tuple(e.name for e in elems) != _ROUTE_PATH or [k for k, _ in elems[-1].keys] != ["qkdl_id"]:
+        raise ControlError("Set takes /qkd_node/qkd_links/qkd_link[qkdl_id=ID]", code="CTL-SET-BAD")
+    return elems[-1].keys[0][1]
+
+
+def _route_of(node: int, route_id: str, raw: bytes) -> model.Route:
+    """The route a Set value installs at ``node`` (CTL-SET-BAD if it is not one)."""
+    if len(raw) > MAX_SET_VALUE:
+        raise ControlError("Set value too long", code="CTL-SET-BAD")
+    try:
+        value = json.loads(raw)
+        if not str(value["qkdl_type"]).endswith(":VIRT"):
+            raise ControlError("only VIRT links are installed", code="CTL-SET-BAD")
+        src = model.node_of(value["qkdl_local"]["qkdn_id"])
+        dst = model.node_of(value["qkdl_remote"]["qkdn_id"])
+        prev = value.get("virt_prev_hop")
+        nxt = value.get("virt_next_hop", [])
+        route = model.Route(
+            src=src, dst=dst, prev_hop=None if prev is None else model.node_of(prev),
+            next_hop=model.node_of(nxt[0]) if nxt else None,
+        )  # fmt: skip
+    except (ValueError, KeyError, TypeError, IndexError) as exc:
+        raise ControlError("Set value is not a VIRT qkd_link", code="CTL-SET-BAD") from exc
+    if route_id != model.route_uuid(src, dst) or node in (route.prev_hop, route.next_hop):
+        raise ControlError("route ID or hops do not fit this node", code="CTL-SET-BAD")
+    if (route.prev_hop is None) != (node == src) or (route.next_hop is None) != (node == dst):
+        raise ControlError("a route's ends have no previous / next hop", code="CTL-SET-BAD")
+    return route
+
+
+def route_value(route: model.Route) -> bytes:
+    """The JSON_IETF value of a Set that installs ``route`` at a node."""
+    doc = model.document(model.NodeTelemetry(node=route.src, routes=(route,)))
+    (entry,) = doc[f"{model.SDN}:qkd_node"]["qkd_links"]["qkd_link"]
+    return json.dumps(entry, separators=(",", ":")).encode()
+
+
+def _notification(path: Any, value: Any) -> Any:
+    val = pb.TypedValue(json_ietf_val=json.dumps(value, separators=(",", ":")).encode())
+    return pb.Notification(timestamp=time.time_ns(), update=[pb.Update(path=path, val=val)])
+
+
+def _elems(prefix: Any, path: Any) -> tuple[model.Elem, ...]:
+    for origin in (prefix.origin, path.origin):
+        if origin not in ORIGINS:
+            raise PathError(f"unknown origin {origin[:40]!r}", code="CTL-PATH-BAD")
+    raw = [(e.name, dict(e.key)) for e in (*prefix.elem, *path.elem)]
+    return model.elems(raw)
+
+
+def _check_encoding(encoding: int, context: Any) -> None:
+    if encoding not in (pb.Encoding.JSON_IETF, pb.Encoding.JSON):
+        _abort(context, ControlError("only JSON_IETF is served", code="CTL-ENCODING"))
+
+
+def _abort(context: Any, exc: ControlError) -> None:
+    """End the call with a status whose message starts with the error's code."""
+    status = grpc.StatusCode.INVALID_ARGUMENT
+    if exc.code == "CTL-PATH-NOT-FOUND":
+        status = grpc.StatusCode.NOT_FOUND
+    context.abort(status, f"{exc.code}: {exc.message}")
+
+
+def serve(agent: GnmiAgent, address: str, *, cert: Path, key: Path, ca: Path) -> grpc.Server:
+    """Start the agent's gNMI server on ``address`` with mutual TLS (clients need a
+    certificate of the network's CA). ControlError if the address cannot be bound."""
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="gnmi"),
+        maximum_concurrent_rpcs=MAX_STREAMS,
+    )
+    pb_grpc.add_gNMIServicer_to_server(agent, server)
+    creds = grpc.ssl_server_credentials(
+        [(key.read_bytes(), cert.read_bytes())],
+        root_certificates=ca.read_bytes(),
+        require_client_auth=True,
+    )
+    try:
+        port = server.add_secure_port(address, creds)
+    except RuntimeError as exc:
+        raise ControlError(f"gNMI: cannot listen on {address}", code="CTL-LISTEN") from exc
+    if port == 0:
+        raise ControlError(f"gNMI: cannot listen on {address}", code="CTL-LISTEN")
+    server.start()
+    return server

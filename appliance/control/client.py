@@ -1,0 +1,223 @@
+"""A gNMI client of the SDN agents (grpcio, mutual TLS), with every read bounded.
+
+Used by the controller and ``qkdn`` commands. A Subscribe stream is read by a thread of
+its own into a queue, so that :meth:`Subscription.next` waits at most its timeout: reading
+past a closed or silent stream would otherwise block until the call's deadline.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import re
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+from pygnmi.spec.v080 import gnmi_pb2 as pb
+from pygnmi.spec.v080 import gnmi_pb2_grpc as pb_grpc
+
+from appliance.control import model
+from appliance.control.errors import ControlError, PathError
+
+MAX_PATH_TEXT = 1024
+MAX_MESSAGE = 4 << 20
+_ELEM = re.compile(r"([^/\[\]]+)((?:\[[^=\[\]]+=[^\]]*\])*)")
+_KEY = re.compile(r"\[([^=\[\]]+)=([^\]]*)\]")
+_END = object()
+
+
+class AgentUnavailable(ControlError):
+    """The agent did not answer, refused the call, or the stream ended."""
+
+    code = "CTL-AGENT"
+
+
+def parse_path(text: str) -> Any:
+    """A gNMI Path from ``/a/b[k=v]/c`` (PathError if malformed or too long)."""
+    if len(text) > MAX_PATH_TEXT or not text.startswith("/"):
+        raise PathError("a path is '/elem[key=value]/...' of at most 1024 characters")
+    elems = []
+    for part in _split(text[1:]) if text != "/" else []:
+        match = _ELEM.fullmatch(part)
+        if match is None:
+            raise PathError(f"bad path element {part[:40]!r}", code="CTL-PATH-BAD")
+        keys = dict(_KEY.findall(match.group(2)))
+        elems.append(pb.PathElem(name=match.group(1), key=keys))
+    model.elems([(e.name, dict(e.key)) for e in elems])  # the agent's bounds, checked here
+    return pb.Path(elem=elems)
+
+
+def _split(text: str) -> list[str]:
+    """``text`` split at the slashes outside brackets (key values may hold slashes)."""
+    parts, depth, start = [], 0, 0
+    for i, c in enumerate(text):
+        depth += (c == "[") - (c == "]")
+        if c == "/" and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    parts.append(text[start:])
+    return parts
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One message of a Subscribe stream: an update, a delete, or the sync marker."""
+
+    path: str
+    value: Any = None
+    deleted: bool = False
+    sync: bool = False
+
+
+class AgentClient:
+    def __init__(self, address: str, *, cert: Path, key: Path, ca: Path, timeout: float = 5.0):
+        creds = grpc.ssl_channel_credentials(
+            root_certificates=ca.read_bytes(),
+            private_key=key.read_bytes(),
+            certificate_chain=cert.read_bytes(),
+        )
+        options = [("grpc.max_receive_message_length", MAX_MESSAGE)]
+        self.channel = grpc.secure_channel(address, creds, options=options)
+        self.stub = pb_grpc.gNMIStub(self.channel)
+        self.timeout = timeout
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def capabilities(self) -> Any:
+        try:
+            return self.stub.Capabilities(pb.CapabilityRequest(), timeout=self.timeout)
+        except grpc.RpcError as exc:
+            raise _error(exc) from exc
+
+    def get(self, *paths: str) -> list[Any]:
+        """The JSON_IETF value at each path."""
+        request = pb.GetRequest(path=[parse_path(p) for p in paths], encoding=pb.JSON_IETF)
+        try:
+            answer = self.stub.Get(request, timeout=self.timeout)
+        except grpc.RpcError as exc:
+            raise _error(exc) from exc
+        return [json.loads(n.update[0].val.json_ietf_val) for n in answer.notification]
+
+    def set_route(self, route: model.Route) -> None:
+        """Install ``route`` at this agent's node (AgentUnavailable if it refuses)."""
+        from appliance.control.agent import route_value
+
+        path = parse_path(_route_path(route.src, route.dst))
+        update = pb.Update(path=path, val=pb.TypedValue(json_ietf_val=route_value(route)))
+        self._set(pb.SetRequest(update=[update]))
+
+    def delete_route(self, src: int, dst: int) -> None:
+        self._set(pb.SetRequest(delete=[parse_path(_route_path(src, dst))]))
+
+    def _set(self, request: Any) -> None:
+        try:
+            self.stub.Set(request, timeout=self.timeout)
+        except grpc.RpcError as exc:
+            raise _error(exc) from exc
+
+    def subscribe(
+        self,
+        *paths: str,
+        mode: str = "stream",
+        on_change: bool = True,
+        sample_ms: int = 0,
+        heartbeat_ms: int = 0,
+    ) -> Subscription:
+        """A Subscribe call (``mode``: stream, once or poll); read it with ``next``."""
+        sub_mode = pb.SubscriptionMode.ON_CHANGE if on_change else pb.SubscriptionMode.SAMPLE
+        subs = [
+            pb.Subscription(
+                path=parse_path(p),
+                mode=sub_mode,
+                sample_interval=sample_ms * 1_000_000,
+                heartbeat_interval=heartbeat_ms * 1_000_000,
+            )
+            for p in paths
+        ]
+        modes = {"stream": 0, "once": 1, "poll": 2}
+        request = pb.SubscribeRequest(
+            subscribe=pb.SubscriptionList(
+                subscription=subs, mode=modes[mode], encoding=pb.JSON_IETF
+            )
+        )
+        return Subscription(self.stub, request)
+
+
+class Subscription:
+    """A running Subscribe call; :meth:`next` waits at most its timeout."""
+
+    def __init__(self, stub: Any, first: Any) -> None:
+        self._requests: queue.Queue[Any] = queue.Queue()
+        self._requests.put(first)
+        self._events: queue.Queue[Any] = queue.Queue()
+        self._call = stub.Subscribe(self._outgoing())
+        self._thread = threading.Thread(target=self._read, daemon=True, name="gnmi-sub")
+        self._thread.start()
+
+    def _outgoing(self) -> Iterator[Any]:
+        while (request := self._requests.get()) is not _END:
+            yield request
+
+    def _read(self) -> None:
+        try:
+            for answer in self._call:
+                for event in _events(answer):
+                    self._events.put(event)
+            self._events.put(AgentUnavailable("the stream ended"))
+        except grpc.RpcError as exc:
+            self._events.put(_error(exc))
+
+    def next(self, timeout: float) -> Event:
+        """The next event; AgentUnavailable if none came within ``timeout`` seconds or the
+        stream ended (the error the agent gave, with its code)."""
+        try:
+            item = self._events.get(timeout=timeout)
+        except queue.Empty:
+            raise AgentUnavailable(f"no gNMI message within {timeout} s") from None
+        if isinstance(item, ControlError):
+            self._events.put(item)  # every later read sees the end too
+            raise item
+        event: Event = item
+        return event
+
+    def poll(self) -> None:
+        self._requests.put(pb.SubscribeRequest(poll=pb.Poll()))
+
+    def close(self) -> None:
+        self._requests.put(_END)
+        self._call.cancel()
+
+
+def _events(answer: Any) -> Iterator[Event]:
+    if answer.HasField("sync_response"):
+        yield Event("", sync=True)
+        return
+    note = answer.update
+    for update in note.update:
+        yield Event(path_text(update.path), json.loads(update.val.json_ietf_val))
+    for path in note.delete:
+        yield Event(path_text(path), deleted=True)
+
+
+def _route_path(src: int, dst: int) -> str:
+    return f"/qkd_node/qkd_links/qkd_link[qkdl_id={model.route_uuid(src, dst)}]"
+
+
+def path_text(path: Any) -> str:
+    """``/a/b[k=v]`` of a gNMI Path."""
+    parts = [e.name + "".join(f"[{k}={v}]" for k, v in sorted(e.key.items())) for e in path.elem]
+    return "/" + "/".join(parts)
+
+
+def _error(exc: grpc.RpcError) -> AgentUnavailable:
+    details = str(exc.details() or "") if hasattr(exc, "details") else ""
+    status = exc.code().name if hasattr(exc, "code") else "UNKNOWN"
+    code, sep, message = details.partition(": ")
+    if sep and code.startswith("CTL-"):
+        return AgentUnavailable(f"{status}: {message}"[:300], code=code)
+    return AgentUnavailable(f"{status}: {details}"[:300])

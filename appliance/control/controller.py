@@ -1,0 +1,259 @@
+"""The QKDN Controller process (``qkdn controller run``): telemetry in, paths out.
+
+* **Telemetry.** One thread per SDN agent holds a gNMI STREAM subscription to
+  ``/qkd_node`` (ON_CHANGE, heartbeat every :data:`HEARTBEAT_MS`; every read bounded) and
+  hands each document to the event loop, which feeds the sans-IO core (:mod:`graph`) and
+  ticks it every :data:`TICK_S` (the hold-off and the heartbeat deadline need time to
+  pass). A lost subscription is opened again after :data:`RETRY_S`. The first document
+  of each agent carries the routes installed there: a restarted controller knows them
+  without anyone telling it (and never removes one it did not replace).
+* **Path requests** arrive over HTTP/2 with mutual TLS on the controller's ``api``
+  address, from the CKMS of a source access node only (the peer's certificate must name
+  a CKMS node of the network, or the controller itself for ``qkdn controller routes``;
+  anyone else gets 403). ``POST /v1/path`` with ``{"src": N, "dst": M}``: the core's
+  path (cached; a backup kept), installed hop by hop, source first, by a gNMI Set at
+  each hop's agent (a route a link failure broke is installed again on its backup at
+  once, without waiting for the next request); the answer ``{"path": [...],
+  "backup": [...]}`` leaves only after every hop confirmed. A path already installed is
+  answered at once. No path, or a hop that refused: 503 with the code.
+  ``POST /v1/routes``: the installed routes (those this
+  controller installed, and those every hop's agent reports), the links with their
+  weights, and the protection switches so far.
+
+Logs carry node IDs, link IDs and codes; there is no key material here to log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from appliance.config.addresses import split_host_port
+from appliance.control import model
+from appliance.control.client import AgentClient
+from appliance.control.errors import ControlError
+from appliance.control.graph import Change, Core, Weights
+from appliance.net.h2 import H2Server, Request, Response
+from appliance.pki import server_context
+
+log = logging.getLogger("qkdn.controller")
+HEARTBEAT_MS = 200
+TICK_S = 0.02
+RETRY_S = 0.5
+READ_S = 2.0
+"""Longest wait for one gNMI message (heartbeats come every HEARTBEAT_MS)."""
+MAX_BODY = 1024
+JSON = {"content-type": "application/json"}
+
+
+@dataclass(frozen=True, slots=True)
+class Agent:
+    node: int
+    name: str
+    address: str
+
+
+class Controller:
+    def __init__(
+        self,
+        agents: list[Agent],
+        tls: tuple[Path, Path, Path],
+        *,
+        allowed: set[str],
+        weights: Weights | None = None,
+        hold_off: float = 0.1,
+    ) -> None:
+        self.agents = {a.node: a for a in agents}
+        self.tls, self.allowed = tls, allowed
+        self.core = Core(weights=weights or Weights(), hold_off=hold_off)
+        self.confirmed: dict[tuple[int, int], tuple[int, ...]] = {}
+        self._locks: dict[tuple[int, int], asyncio.Lock] = {}
+        self._clients: dict[int, AgentClient] = {}
+        self._clients_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._server: H2Server | None = None
+        self._ticker: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self, api: str) -> None:
+        loop = asyncio.get_running_loop()
+        for agent in self.agents.values():
+            thread = threading.Thread(
+                target=self._follow, args=(agent, loop), daemon=True, name=f"gnmi-{agent.node}"
+            )
+            thread.start()
+            self._threads.append(thread)
+        self._ticker = asyncio.create_task(self._tick())
+        self._server = H2Server(self._handle, server_context(*self.tls, ("h2",)))
+        await self._server.start(*split_host_port(api))
+        log.info("controller listening", extra={"address": api, "agents": len(self.agents)})
+
+    async def close(self) -> None:
+        self._stop.set()
+        if self._ticker is not None:
+            self._ticker.cancel()
+        if self._server is not None:
+            await self._server.close()
+        for client in self._clients.values():
+            client.close()
+
+    # -- telemetry ------------------------------------------------------------------------
+    def _client(self, node: int) -> AgentClient:
+        with self._clients_lock:
+            client = self._clients.get(node)
+            if client is None:
+                cert, key, ca = self.tls
+                address = self.agents[node].address
+                client = self._clients[node] = AgentClient(address, cert=cert, key=key, ca=ca)
+            return client
+
+    def _follow(self, agent: Agent, loop: asyncio.AbstractEventLoop) -> None:
+        """The agent's telemetry, for as long as the controller runs (its own thread)."""
+        cert, key, ca = self.tls
+        while not self._stop.is_set():
+            client = AgentClient(agent.address, cert=cert, key=key, ca=ca, timeout=READ_S)
+            sub = client.subscribe("/qkd_node", heartbeat_ms=HEARTBEAT_MS)
+            try:
+                while not self._stop.is_set():
+                    event = sub.next(READ_S)
+                    if not event.sync and not event.deleted:
+                        loop.call_soon_threadsafe(self._document, event.value)
+            except ControlError as exc:
+                log.warning("agent lost", extra={"node": agent.node, "code": exc.code})
+            finally:
+                sub.close()
+                client.close()
+            self._stop.wait(RETRY_S)
+
+    def _document(self, doc: Any) -> None:
+        try:
+            self._report(self.core.telemetry(time.monotonic(), doc))
+        except ControlError as exc:
+            log.warning("bad agent document", extra={"code": exc.code})
+
+    async def _tick(self) -> None:
+        while True:
+            await asyncio.sleep(TICK_S)
+            self._report(self.core.tick(time.monotonic()))
+
+    def _report(self, changes: list[Change]) -> None:
+        for change in changes:
+            link = self.core.links[change.link]
+            what = "link up" if change.up else "link down"
+            code = "CTL-LINK-UP" if change.up else "CTL-LINK-DOWN"
+            log.warning(what, extra={"code": code, "a": link.a, "b": link.b})
+            if not change.up:
+                for key, path in list(self.confirmed.items()):
+                    if _uses(path, link.a, link.b):
+                        del self.confirmed[key]
+                        self._reinstall(*key)
+
+    def _reinstall(self, src: int, dst: int) -> None:
+        """Install the new path of a route a failure broke now (the core switched it to its
+        backup), not when the next request for it comes."""
+
+        async def run() -> None:
+            try:
+                await self.path(src, dst)
+            except ControlError as exc:
+                log.warning("no new path yet", extra={"src": src, "dst": dst, "code": exc.code})
+
+        task = asyncio.get_running_loop().create_task(run())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- requests -------------------------------------------------------------------------
+    async def _handle(self, request: Request) -> Response:
+        if request.peer not in self.allowed:
+            return _error(403, ControlError("not a CKMS of this network", code="CTL-DENIED"))
+        if request.method != "POST" or request.path not in ("/v1/path", "/v1/routes"):
+            return _error(404, ControlError("no such endpoint", code="CTL-ENDPOINT"))
+        if request.path == "/v1/routes":
+            return Response(200, json.dumps(self.routes()).encode(), JSON)
+        try:
+            src, dst = _pair(request.body)
+            path, backup = await self.path(src, dst)
+        except ControlError as exc:
+            return _error(503 if exc.code != "CTL-REQUEST" else 400, exc)
+        body = {"path": list(path), "backup": list(backup or ())}
+        return Response(200, json.dumps(body).encode(), JSON)
+
+    async def path(self, src: int, dst: int) -> tuple[tuple[int, ...], tuple[int, ...] | None]:
+        """The path from ``src`` to ``dst``, installed at every hop before it is returned."""
+        lock = self._locks.setdefault((src, dst), asyncio.Lock())
+        async with lock:
+            route = self.core.path(src, dst)
+            if self.confirmed.get((src, dst)) != route.primary:
+                if self.core.installed(src, dst) != route.primary:
+                    old = self.confirmed.get((src, dst)) or self.core.installed(src, dst) or ()
+                    await asyncio.to_thread(self._install, src, dst, route.primary, old)
+                self.confirmed[(src, dst)] = route.primary
+            return route.primary, route.backup
+
+    def _install(self, src: int, dst: int, path: tuple[int, ...], old: tuple[int, ...]) -> None:
+        """A gNMI Set at each hop, source first; then the old path's other nodes forget
+        the route (best effort). ControlError if a hop refused or did not answer."""
+        for i, node in enumerate(path):
+            if node not in self.agents:
+                raise ControlError(f"node {node} has no agent", code="CTL-INSTALL")
+            route = model.Route(
+                src=src, dst=dst, prev_hop=path[i - 1] if i else None,
+                next_hop=path[i + 1] if i + 1 < len(path) else None,
+            )  # fmt: skip
+            try:
+                self._client(node).set_route(route)
+            except ControlError as exc:
+                raise ControlError(
+                    f"hop {node} did not confirm: {exc.code}", code="CTL-INSTALL"
+                ) from exc
+        for node in set(old) - set(path):
+            try:
+                self._client(node).delete_route(src, dst)
+            except ControlError as exc:
+                log.warning("stale route left", extra={"node": node, "code": exc.code})
+        log.info("route installed", extra={"src": src, "dst": dst, "hops": len(path)})
+
+    def routes(self) -> dict[str, Any]:
+        links = [
+            {"a": x.a, "b": x.b, "usable": x.usable, "weight": round(x.weight, 4)}
+            for x in sorted(self.core.links.values(), key=lambda x: (x.a, x.b))
+        ]
+        routes = []
+        for s, d in sorted(set(self.confirmed) | set(self.core.hops)):
+            p = self.confirmed.get((s, d)) or self.core.installed(s, d)
+            if p is None:
+                continue
+            cached = self.core.cache.get((s, d))
+            backup = list(cached.backup or ()) if cached is not None else []
+            routes.append({"src": s, "dst": d, "path": list(p), "backup": backup})
+        return {"routes": routes, "links": links, "switches": self.core.switches}
+
+
+def _uses(path: tuple[int, ...], a: int, b: int) -> bool:
+    return any({x, y} == {a, b} for x, y in itertools.pairwise(path))
+
+
+def _pair(body: bytes) -> tuple[int, int]:
+    if len(body) > MAX_BODY:
+        raise ControlError("request body too long", code="CTL-REQUEST")
+    try:
+        doc = json.loads(body)
+        src, dst = doc["src"], doc["dst"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ControlError('expected {"src": N, "dst": M}', code="CTL-REQUEST") from exc
+    if not all(isinstance(n, int) and 0 < n < 1000 for n in (src, dst)) or src == dst:
+        raise ControlError("src and dst: two different node IDs", code="CTL-REQUEST")
+    return src, dst
+
+
+def _error(status: int, exc: ControlError) -> Response:
+    body = {"code": exc.code, "message": exc.message}
+    return Response(status, json.dumps(body).encode(), JSON)

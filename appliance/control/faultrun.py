@@ -1,0 +1,148 @@
+"""Key requests across a network with a link failure halfway (``qkdn demo --fault``, the
+switching bench).
+
+:func:`measure_with_fault` runs ``requests`` enc_keys from the master SAE, each followed by
+the slave's dec_keys of the same keys, as :func:`appliance.tkey.measure` does; before
+request ``requests // 2`` it takes down the link next to node ``pivot`` on the installed
+path (:func:`appliance.control.linkfault.inject`). The report adds:
+
+* ``keys_lost`` (the master got them, the slave could not), ``keys_duplicated`` (a key ID
+  handed out twice), ``keys_mismatched`` (the slave got other bits);
+* ``failed``: each failed request with its index, HTTP status and error message;
+* ``switch_ms``: from the fault's injection to the end of the first request that
+  succeeded after the controller installed the new path (the controller's log gives
+  when, ``route installed``), i.e. the first relay known to have used the new path;
+  None if none did.
+
+Afterwards the link is brought up again. Nothing here logs or keeps key material beyond
+the comparison of the two ends' answers.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from appliance.control.linkfault import inject
+from appliance.sae_http import HttpResponseError
+from appliance.tkey import SaeEndpoint, call
+
+MAX_LOG = 16 << 20
+
+
+def measure_with_fault(
+    master: SaeEndpoint, slave: SaeEndpoint, requests: int, net_dir: Path, cut: tuple[int, int]
+) -> dict[str, Any]:
+    a, b = master.connect(), slave.connect()
+    issued_ids: set[str] = set()
+    failed: list[dict[str, Any]] = []
+    done: list[tuple[float, float]] = []  # (start, end) of each successful request
+    lost = duplicated = mismatched = matched = 0
+    fault_at = 0.0
+    try:
+        for i in range(requests):
+            if i == requests // 2:
+                fault_at = inject(net_dir, *cut, "down")
+            t0 = time.time()
+            try:
+                status, issued = call(a, f"/api/v1/keys/{slave.sae}/enc_keys")
+            except (OSError, HttpResponseError, ValueError):
+                a.close()
+                failed.append({"request": i, "status": 0, "message": "connection failed"})
+                continue
+            if status != 200:
+                failed.append({"request": i, "status": status, "message": _message(issued)})
+                continue
+            keys = issued["keys"]
+            duplicated += sum(1 for k in keys if k["key_ID"] in issued_ids)
+            issued_ids.update(k["key_ID"] for k in keys)
+            ids = [{"key_ID": k["key_ID"]} for k in keys]
+            try:
+                status, got = call(b, f"/api/v1/keys/{master.sae}/dec_keys", {"key_IDs": ids})
+            except (OSError, HttpResponseError, ValueError):
+                b.close()
+                status, got = 0, {}
+            if status != 200:
+                lost += len(keys)
+                continue
+            same = got.get("keys") == keys
+            matched += len(keys) if same else 0
+            mismatched += 0 if same else len(keys)
+            done.append((t0, time.time()))
+    finally:
+        a.close()
+        b.close()
+        inject(net_dir, *cut, "up")
+    installed = _installed_after(net_dir / "logs" / "controller.log", fault_at)
+    switch = next((end for start, end in done if installed and start >= installed), None)
+    return {
+        "requests": requests,
+        "cut": f"{cut[0]}-{cut[1]}",
+        "keys_matched": matched,
+        "keys_lost": lost,
+        "keys_duplicated": duplicated,
+        "keys_mismatched": mismatched,
+        "failed": failed,
+        "failed_requests": len(failed),
+        "switch_ms": round((switch - fault_at) * 1000, 1) if switch else None,
+        "fault_at": fault_at,
+        "new_path_installed_at": installed,
+    }
+
+
+def _message(answer: Any) -> str:
+    return str(answer.get("message", ""))[:200] if isinstance(answer, dict) else ""
+
+
+def _installed_after(log: Path, since: float) -> float | None:
+    """When the controller first installed a route after ``since`` (its JSON log)."""
+    try:
+        with open(log, "rb") as fh:
+            lines = fh.read(MAX_LOG).splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if entry.get("msg") == "route installed" and float(entry.get("ts", 0)) >= since:
+            return float(entry["ts"])
+    return None
+
+
+def cut_of(path: list[int], pivot: int = 8, around: tuple[int, ...] = (9, 16)) -> tuple[int, int]:
+    """The link of ``path`` between ``pivot`` and the one of ``around`` it goes through
+    (DemoQuanDT: 8-9 or 8-16, the two ways from node 8 to node 10)."""
+    i = path.index(pivot)
+    nbs = [path[j] for j in (i - 1, i + 1) if 0 <= j < len(path) and path[j] in around]
+    if not nbs:
+        raise ValueError(f"the path does not go from {pivot} through any of {around}")
+    return pivot, nbs[0]
+
+
+def installed_path(net_dir: Path, master: SaeEndpoint, slave: SaeEndpoint) -> list[int]:
+    """The path the controller installs between the two SAEs' access nodes: one key
+    request makes it, then the controller names it (ControlError if it never does)."""
+    import asyncio
+
+    from appliance.cli.controller import ask_routes
+    from appliance.control.errors import ControlError
+
+    a, b = master.connect(), slave.connect()
+    try:
+        for _ in range(50):
+            status, issued = call(a, f"/api/v1/keys/{slave.sae}/enc_keys")
+            if status == 200:
+                ids = [{"key_ID": k["key_ID"]} for k in issued["keys"]]
+                call(b, f"/api/v1/keys/{master.sae}/dec_keys", {"key_IDs": ids})
+                routes = asyncio.run(ask_routes(net_dir))["routes"]
+                if routes:
+                    return list(routes[0]["path"])
+            time.sleep(0.2)
+    finally:
+        a.close()
+        b.close()
+    raise ControlError("the controller installed no path", code="CTL-NO-PATH")

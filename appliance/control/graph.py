@@ -1,0 +1,355 @@
+"""The QKDN Controller's sans-IO core: the live graph, link weights, paths and protection.
+
+No I/O and no clock of its own: every call takes ``now`` (seconds, monotonic), so tests
+drive it with an injected clock.
+
+**Telemetry in.** :meth:`Core.telemetry` takes a node's 015 document (as its agent serves
+``/qkd_node``), :meth:`Core.tick` lets time pass. A link is *usable* when both of its ends
+report it ACTIVE (a PASSIVE link, down with keys left, carries the relays already on it
+but no new path), its QBER is at most ``qber_max``, and both
+nodes were heard within ``dead_after`` seconds (telemetry is the heartbeat). A change of
+usability takes effect only once it has held for ``hold_off`` seconds (0.1 by default):
+a link that flaps faster never changes state.
+
+**Weights.** A usable link's weight is (:meth:`Weights.of`)::
+
+    w = hop + availability * B / (B + bits) + rate * R / (R + eskr)
+
+with ``bits`` the key bits stored at the poorer end, ``eskr`` the poorer end's effective
+key rate (bit/s), ``B`` = ``reference_bits`` and ``R`` = ``reference_bps``. Every term is
+positive and falls as keys pile up or flow faster, so a path's weight is at least its hop
+count x ``hop``; with ``availability = rate = 0`` routing is by hop count. All five numbers
+are configurable (``qkdn controller run --weights``).
+
+**Paths.** :meth:`Core.path` answers from the cache or computes a primary path
+(Dijkstra, ties towards lower node IDs) and a backup that avoids the primary's links
+(each shared link costs :data:`SHARE_PENALTY` more, so the backup shares a link only
+where no disjoint way exists; ``shared`` counts them). When a link of a cached primary
+goes down, the backup becomes the primary at once (protection switching: no computation
+on the fault's path) and a new backup is computed lazily. A link coming up, or a weight
+moving by more than ``reweigh`` of itself, empties the cache.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from dataclasses import dataclass, field
+from typing import Any
+
+from appliance.control import model
+from appliance.control.errors import ControlError, NoPath
+
+SHARE_PENALTY = 1e6
+MAX_LINKS_PER_NODE = 256
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Weights:
+    hop: float = 1.0
+    availability: float = 1.0
+    rate: float = 1.0
+    reference_bits: int = 1 << 20
+    reference_bps: int = 10_000
+
+    def of(self, bits: int, eskr: int) -> float:
+        b, r = self.reference_bits, self.reference_bps
+        return self.hop + self.availability * b / (b + bits) + self.rate * r / (r + eskr)
+
+    @classmethod
+    def parse(cls, text: str) -> Weights:
+        """``hop=1,availability=2,...`` (ControlError on an unknown name or a bad value)."""
+        values: dict[str, float] = {}
+        for item in filter(None, text.split(",")):
+            name, _, raw = item.partition("=")
+            if name not in cls.__dataclass_fields__:
+                raise ControlError(f"unknown weight {name[:40]!r}", code="CTL-WEIGHTS")
+            try:
+                value = float(raw)
+            except ValueError:
+                raise ControlError(f"weight {name}: not a number", code="CTL-WEIGHTS") from None
+            if not 0 <= value <= 1e12:
+                raise ControlError(f"weight {name}: expected 0..1e12", code="CTL-WEIGHTS")
+            values[name] = value
+        base = cls()
+        w = cls(
+            hop=values.get("hop", base.hop),
+            availability=values.get("availability", base.availability),
+            rate=values.get("rate", base.rate),
+            reference_bits=int(values.get("reference_bits", base.reference_bits)),
+            reference_bps=int(values.get("reference_bps", base.reference_bps)),
+        )
+        if w.hop <= 0 or w.reference_bits <= 0 or w.reference_bps <= 0:
+            raise ControlError("hop and the references must be positive", code="CTL-WEIGHTS")
+        return w
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EndReport:
+    """One end's view of a physical link, from its node's document."""
+
+    link: str
+    """The link's 015 UUID."""
+    node: int
+    peer: int
+    good: bool
+    """Status ACTIVE (a PASSIVE link takes no new path)."""
+    bits: int
+    eskr: int
+    qber: float
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """A link became usable (``up``) or unusable, effective at ``at``."""
+
+    link: str
+    up: bool
+    at: float
+
+
+@dataclass(slots=True)
+class _Link:
+    a: int
+    b: int
+    ends: dict[int, EndReport] = field(default_factory=dict)
+    usable: bool = False
+    pending_since: float | None = None
+    """When the reports started to disagree with ``usable`` (the hold-off's start)."""
+    weight: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """A cached path pair between two nodes."""
+
+    primary: tuple[int, ...]
+    backup: tuple[int, ...] | None
+    shared: int
+    """Links the backup shares with the primary."""
+    weight: float
+
+
+@dataclass(slots=True)
+class Core:
+    weights: Weights = field(default_factory=Weights)
+    hold_off: float = 0.1
+    dead_after: float = 1.0
+    qber_max: float = 0.11
+    reweigh: float = 0.5
+    links: dict[str, _Link] = field(default_factory=dict)
+    heard: dict[int, float] = field(default_factory=dict)
+    cache: dict[tuple[int, int], Route] = field(default_factory=dict)
+    hops: dict[tuple[int, int], dict[int, tuple[int | None, int | None]]] = field(
+        default_factory=dict
+    )
+    """Installed routes as the agents report them: (src, dst) -> node -> (prev, next)."""
+    switches: int = 0
+
+    # -- telemetry --------------------------------------------------------------------
+    def telemetry(self, now: float, doc: dict[str, Any]) -> list[Change]:
+        """Take one node's ``/qkd_node`` document (ControlError if malformed)."""
+        node, reports, routes = parse(doc)
+        self.heard[node] = now
+        for report in reports:
+            link = self.links.setdefault(report.link, _Link(report.node, report.peer))
+            link.ends[node] = report
+        for entries in self.hops.values():
+            entries.pop(node, None)
+        for src, dst, prev, nxt in routes:
+            self.hops.setdefault((src, dst), {})[node] = (prev, nxt)
+        return self.tick(now)
+
+    def installed(self, src: int, dst: int) -> tuple[int, ...] | None:
+        """The installed path from ``src`` to ``dst`` if every hop reports it, else None."""
+        entries = self.hops.get((src, dst), {})
+        path, node = [src], src
+        while node != dst and len(path) <= len(entries):
+            nxt = entries.get(node, (None, None))[1]
+            if nxt is None or entries.get(nxt, (None, None))[0] != node:
+                return None
+            path.append(node := nxt)
+        return tuple(path) if node == dst and dst in entries else None
+
+    def tick(self, now: float) -> list[Change]:
+        """Apply what held for the hold-off; the changes, in link order."""
+        changes = []
+        for lid in sorted(self.links):
+            link = self.links[lid]
+            good = self._good(link, now)
+            if good == link.usable:
+                link.pending_since = None
+            elif link.pending_since is None:
+                link.pending_since = now
+            if link.pending_since is not None and now - link.pending_since >= self.hold_off:
+                link.usable, link.pending_since = good, None
+                changes.append(Change(lid, good, now))
+            self._reweigh(link)
+        for change in changes:
+            self._apply(change)
+        return changes
+
+    def next_due(self) -> float | None:
+        """When :meth:`tick` may next change something (None: only on telemetry)."""
+        starts = [x.pending_since for x in self.links.values() if x.pending_since is not None]
+        return min(starts) + self.hold_off if starts else None
+
+    def _good(self, link: _Link, now: float) -> bool:
+        ends = [link.ends.get(link.a), link.ends.get(link.b)]
+        if any(e is None for e in ends):
+            return False
+        alive = all(now - self.heard.get(n, -1e18) <= self.dead_after for n in (link.a, link.b))
+        return alive and all(e is not None and e.good and e.qber <= self.qber_max for e in ends)
+
+    def _reweigh(self, link: _Link) -> None:
+        ends = list(link.ends.values())
+        bits = min((e.bits for e in ends), default=0)
+        eskr = min((e.eskr for e in ends), default=0)
+        weight = self.weights.of(bits, eskr)
+        if link.usable and abs(weight - link.weight) > self.reweigh * link.weight:
+            self.cache.clear()
+        link.weight = weight
+
+    def _apply(self, change: Change) -> None:
+        if change.up:
+            self.cache.clear()
+            return
+        link = self.links[change.link]
+        for key, route in list(self.cache.items()):
+            if _uses(route.primary, link.a, link.b):
+                if route.backup is not None and not _uses(route.backup, link.a, link.b):
+                    self.cache[key] = Route(route.backup, None, 0, route.weight)
+                    self.switches += 1
+                else:
+                    del self.cache[key]
+            elif route.backup is not None and _uses(route.backup, link.a, link.b):
+                self.cache[key] = Route(route.primary, None, 0, route.weight)
+
+    # -- paths ------------------------------------------------------------------------
+    def path(self, src: int, dst: int, *, backup: bool = True) -> Route:
+        """The route from ``src`` to ``dst`` (cached); NoPath if there is none."""
+        cached = self.cache.get((src, dst))
+        if cached is not None and (cached.backup is not None or not backup):
+            return cached
+        adj = self.adjacency()
+        primary, weight = shortest(adj, src, dst)
+        second: tuple[int, ...] | None = None
+        shared = 0
+        if backup:
+            used = set(itertools.pairwise(primary))
+            used |= {(b, a) for a, b in used}
+            penalised = {
+                a: [(b, w + SHARE_PENALTY if (a, b) in used else w) for b, w in nbs]
+                for a, nbs in adj.items()
+            }
+            try:
+                second, cost = shortest(penalised, src, dst)
+                shared = int(cost // SHARE_PENALTY)
+                if second == primary:
+                    second = None
+            except NoPath:
+                second = None
+        route = Route(primary, second, shared, weight)
+        self.cache[(src, dst)] = route
+        return route
+
+    def adjacency(self) -> dict[int, list[tuple[int, float]]]:
+        """Usable links as neighbour lists, sorted by neighbour ID."""
+        adj: dict[int, list[tuple[int, float]]] = {}
+        for link in self.links.values():
+            if link.usable:
+                adj.setdefault(link.a, []).append((link.b, link.weight))
+                adj.setdefault(link.b, []).append((link.a, link.weight))
+        for nbs in adj.values():
+            nbs.sort()
+        return adj
+
+    def set_link(self, link: str, a: int, b: int, weight: float) -> None:
+        """A usable link of the given weight, without telemetry (benches, offline graphs)."""
+        self.links[link] = _Link(a, b, usable=True, weight=weight)
+        self.cache.clear()
+
+    def usable(self, a: int, b: int) -> bool:
+        return any(x.usable and {x.a, x.b} == {a, b} for x in self.links.values())
+
+
+def shortest(
+    adj: dict[int, list[tuple[int, float]]], src: int, dst: int
+) -> tuple[tuple[int, ...], float]:
+    """Dijkstra from ``src`` to ``dst``: the node IDs and the weight (NoPath if none)."""
+    best = {src: 0.0}
+    previous: dict[int, int] = {}
+    queue = [(0.0, src)]
+    done: set[int] = set()
+    while queue:
+        dist, node = heapq.heappop(queue)
+        if node == dst:
+            break
+        if node in done:
+            continue
+        done.add(node)
+        for peer, w in adj.get(node, ()):
+            cand = dist + w
+            if cand < best.get(peer, float("inf")):
+                best[peer], previous[peer] = cand, node
+                heapq.heappush(queue, (cand, peer))
+    if dst not in best:
+        raise NoPath(f"no usable path from node {src} to node {dst}")
+    path = [dst]
+    while path[-1] != src:
+        path.append(previous[path[-1]])
+    return tuple(reversed(path)), best[dst]
+
+
+def _uses(path: tuple[int, ...], a: int, b: int) -> bool:
+    return any({x, y} == {a, b} for x, y in itertools.pairwise(path))
+
+
+# -- documents --------------------------------------------------------------------------
+Hop = tuple[int, int, int | None, int | None]
+
+
+def parse(doc: dict[str, Any]) -> tuple[int, list[EndReport], list[Hop]]:
+    """(node, physical link reports, installed route hops) of a ``/qkd_node`` document.
+
+    An installed route shows at a node as a VIRT link: (source, destination, previous
+    hop, next hop), None where the node is the route's end."""
+    try:
+        node = model.node_of(doc["qkdn_id"])
+        entries = doc["qkd_links"]["qkd_link"]
+        if not isinstance(entries, list) or len(entries) > MAX_LINKS_PER_NODE:
+            raise ControlError("qkd_link: expected a list", code="CTL-DOC")
+        reports, routes = [], []
+        for e in entries:
+            if e["qkdl_type"].endswith(":VIRT"):
+                prev = e.get("virt_prev_hop")
+                nxt = e.get("virt_next_hop", [])[:1]
+                routes.append((
+                    model.node_of(e["qkdl_local"]["qkdn_id"]),
+                    model.node_of(e["qkdl_remote"]["qkdn_id"]),
+                    None if prev is None else model.node_of(prev),
+                    model.node_of(nxt[0]) if nxt else None,
+                ))  # fmt: skip
+                continue
+            reports.append(_report(node, e))
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+        raise ControlError(
+            f"malformed node document ({type(exc).__name__})", code="CTL-DOC"
+        ) from exc
+    return node, reports, routes
+
+
+def _report(node: int, e: dict[str, Any]) -> EndReport:
+    status = e["qkdl_status"].rpartition(":")[2]
+    store = e.get(f"{model.AUGMENT}:key_store", {})
+    bits = int(store.get("available_bits", "0"))
+    perf = e.get("qkdl_performance", {})
+    qber = next(
+        (float(p["value"]) for p in perf.get("phys_perf", []) if p["perf_type"].endswith("QBER")),
+        0.5,
+    )
+    good = status == "ACTIVE"  # PASSIVE: not distilling; its keys serve relays in flight
+    return EndReport(
+        link=str(e["qkdl_id"]), node=node, peer=model.node_of(e["qkdl_remote"]["qkdn_id"]),
+        good=good, bits=bits, eskr=int(perf.get("eskr", 0)), qber=qber,
+    )  # fmt: skip

@@ -1,0 +1,90 @@
+"""The path provider of a CKMS under a QKDN Controller (the seam of appliance/kms/seams.py).
+
+:class:`ControllerPaths` asks the controller for a path (``POST /v1/path`` over HTTP/2
+with mutual TLS, from the source access node's CKMS): the controller answers only once
+the path is installed at every hop. It remembers the last path it was given for each
+pair. While this node's route table (:class:`appliance.control.agent.RouteTable`, written
+only by the controller's gNMI Sets) has not changed since, that path is still the
+installed one and is used without asking (the controller installs every changed path at
+its source too, a failed link's at once). While the controller is unreachable, relays on
+installed routes go on over the last path; a pair it never had a path for gets
+:class:`~appliance.kms.node.Unreachable` (a clean 503 to the SAE). A controller that has
+no path answers 503 ``CTL-NO-PATH``: that is :class:`~appliance.kms.routing.NoRoute`.
+"""
+
+from __future__ import annotations
+
+import json
+import ssl
+from collections.abc import Awaitable, Callable
+
+from appliance.config.addresses import split_host_port
+from appliance.control.agent import RouteTable
+from appliance.kms.errors import KmsError
+from appliance.kms.node import Unreachable
+from appliance.kms.routing import NoRoute
+from appliance.net.h2 import H2Client, TransportError
+
+TIMEOUT_S = 2.0
+MAX_PATH = 64
+
+
+class ControllerPaths:
+    def __init__(self, address: str, ctx: ssl.SSLContext, *, expect_peer: str | None) -> None:
+        host, port = split_host_port(address)
+        self.client = H2Client(host, port, ctx, expect_peer=expect_peer, timeout=TIMEOUT_S)
+        self.last: dict[tuple[int, int], tuple[int, ...]] = {}
+        self.table: Callable[[], RouteTable | None] = lambda: None
+        """This node's route table, once its agent runs (set by whoever starts the node)."""
+        self._learnt: dict[tuple[int, int], int] = {}
+
+    def find(self, src: int, dst: int) -> tuple[int, ...] | Awaitable[tuple[int, ...]]:
+        table = self.table()
+        known = self.last.get((src, dst))
+        if (
+            table is not None
+            and known is not None
+            and self._learnt.get((src, dst)) == table.version
+        ):
+            return known
+        return self._ask(src, dst, table)
+
+    async def _ask(self, src: int, dst: int, table: RouteTable | None) -> tuple[int, ...]:
+        version = table.version if table is not None else -1
+        body = json.dumps({"src": src, "dst": dst}).encode()
+        try:
+            answer = await self.client.request("POST", "/v1/path", body)
+        except TransportError as exc:
+            known = self.last.get((src, dst))
+            if known is not None:
+                return known
+            raise Unreachable("the QKDN controller is unreachable") from exc
+        if answer.status == 200:
+            path = _path(answer.body)
+            self.last[(src, dst)] = path
+            self._learnt[(src, dst)] = version
+            return path
+        code = _code(answer.body)
+        if code == "CTL-NO-PATH":
+            raise NoRoute(f"no carrier path between nodes {src} and {dst}")
+        raise Unreachable(f"the QKDN controller refused the path ({code})")
+
+    async def close(self) -> None:
+        await self.client.close()
+
+
+def _path(body: bytes) -> tuple[int, ...]:
+    try:
+        path = json.loads(body)["path"]
+        if not (0 < len(path) <= MAX_PATH and all(isinstance(n, int) for n in path)):
+            raise ValueError("bad path")
+    except (ValueError, KeyError, TypeError) as exc:
+        raise KmsError("the controller's answer is malformed", code="KMS-CONTROLLER") from exc
+    return tuple(path)
+
+
+def _code(body: bytes) -> str:
+    try:
+        return str(json.loads(body)["code"])[:40]
+    except (ValueError, KeyError, TypeError):
+        return "CTL"

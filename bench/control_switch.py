@@ -1,0 +1,139 @@
+"""Benchmark of the QKDN Controller on a running DemoQuanDT network (separate processes,
+mutual TLS, emulated QKD links; ``--stock 0``: every enc_keys crosses the network).
+
+1. T_key with the controller in the loop against without, in the same run: two networks
+   (``net up --controller`` and plain ``net up``), ``--rounds`` rounds of ``--requests``
+   key requests on each in turn (appliance.tkey.measure: enc_keys + dec_keys); medians
+   of the per-round p50s, and their difference. The path is installed before the timed
+   requests (a warm path: the access node still asks the controller every time).
+2. Protection switching, ``--switches`` times on the controller's network: requests run
+   while the path's link next to node 8 (8-9 or 8-16) is taken down halfway
+   (appliance.control.faultrun); from the injection: when the controller declared the
+   link down (its log), when it had installed the new path, and switch_ms (the end of the
+   first request that succeeded after that). The link comes back up between repeats.
+
+Usage: python bench/control_switch.py [--requests 200] [--rounds 3] [--switches 5]
+       [--switch-requests 240] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from appliance.cli import net
+from appliance.config.render import find_free_base_port
+from appliance.control.faultrun import cut_of, installed_path, measure_with_fault
+from appliance.tkey import endpoints, measure
+
+
+def up(net_dir: Path, controller: bool) -> None:
+    net.bring_up(argparse.Namespace(
+        topology="demoquandt", dir=net_dir, base_port=find_free_base_port(), mode="gcm",
+        rate_limited=False, stock=0, timeout=120.0, json=False, aaa=False,
+        controller=controller,
+    ))  # fmt: skip
+
+
+def all_up(net_dir: Path, timeout: float = 20.0) -> None:
+    """Until the controller sees every link usable again (the last repeat's link is back)."""
+    import asyncio
+
+    from appliance.cli.controller import ask_routes
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if all(x["usable"] for x in asyncio.run(ask_routes(net_dir))["links"]):
+            return
+        time.sleep(0.2)
+
+
+def detected(net_dir: Path, since: float) -> float | None:
+    with open(net_dir / "logs" / "controller.log", "rb") as fh:
+        for line in fh.read(16 << 20).splitlines():
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue
+            if entry.get("msg") == "link down" and float(entry.get("ts", 0)) >= since:
+                return float(entry["ts"])
+    return None
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--requests", type=int, default=200)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--switches", type=int, default=5)
+    ap.add_argument(
+        "--switch-requests", type=int, default=240,
+        help="requests per switch, the fault before the middle one: the second half must "
+        "outlast an emulated epoch (1 s), or the link never goes down",
+    )  # fmt: skip
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    report: dict[str, Any] = {
+        "machine": f"{platform.machine()} {os.cpu_count()} cpu, Python {platform.python_version()}",
+        "load_before": os.getloadavg(),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
+    with tempfile.TemporaryDirectory(prefix="bench-ctl-") as tmp:
+        dirs = {"controller": Path(tmp) / "ctl", "plain": Path(tmp) / "plain"}
+        for name, d in dirs.items():
+            up(d, name == "controller")
+        try:
+            eps = {
+                n: endpoints(net.status_doc(d), "sae-berlin-1", "sae-bonn-1")
+                for n, d in dirs.items()
+            }
+            installed_path(dirs["controller"], *eps["controller"])
+            p50s: dict[str, list[float]] = {"controller": [], "plain": []}
+            for _ in range(args.rounds):
+                for name in ("plain", "controller"):
+                    got = measure(*eps[name], args.requests)
+                    p50s[name].append(got["t_key_ms"]["p50"])
+            report["t_key_p50_ms"] = {n: statistics.median(v) for n, v in p50s.items()}
+            report["t_key_p50_rounds_ms"] = p50s
+            report["t_key_p50_added_ms"] = round(
+                report["t_key_p50_ms"]["controller"] - report["t_key_p50_ms"]["plain"], 3
+            )
+            switches = []
+            for _ in range(args.switches):
+                all_up(dirs["controller"])
+                path = installed_path(dirs["controller"], *eps["controller"])
+                got = measure_with_fault(
+                    *eps["controller"], args.switch_requests, dirs["controller"], cut_of(path)
+                )
+                seen = detected(dirs["controller"], got["fault_at"])
+                done = got["new_path_installed_at"]
+                switches.append({
+                    "cut": got["cut"], "switch_ms": got["switch_ms"],
+                    "detected_ms": round((seen - got["fault_at"]) * 1000, 1) if seen else None,
+                    "installed_ms": round((done - got["fault_at"]) * 1000, 1) if done else None,
+                    "failed": got["failed_requests"], "lost": got["keys_lost"],
+                    "duplicated": got["keys_duplicated"], "mismatched": got["keys_mismatched"],
+                })  # fmt: skip
+            report["switches"] = switches
+            ms = [s["switch_ms"] for s in switches if s["switch_ms"] is not None]
+            report["switch_ms_p50"] = statistics.median(ms) if ms else None
+        finally:
+            for d in dirs.values():
+                net.bring_down(d)
+    report["load_after"] = os.getloadavg()
+    print(json.dumps(report, indent=1))
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()

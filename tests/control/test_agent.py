@@ -1,0 +1,247 @@
+"""The SDN agent's gNMI service over mutual TLS: Capabilities, Get, Subscribe modes, coded
+errors, and every served document valid under the ETSI 015 model and our augment."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+from pygnmi.spec.v080 import gnmi_pb2 as pb
+
+from appliance.control import agent, model
+from appliance.control.client import AgentClient, AgentUnavailable, Event, parse_path
+from tests.control.agentfix import Served, data_model, free_port, telemetry, validate
+
+LINK = f"/qkd_node/qkd_links/qkd_link[qkdl_id={model.link_uuid('L3-4')}]"
+ROUTE = model.Route(src=1, dst=5, prev_hop=3, next_hop=16)
+WAIT = 30.0
+
+
+@pytest.fixture
+def fresh(pki):
+    s = Served(pki, free_port())
+    yield s
+    s.client.close()
+    s.server.stop(grace=None)
+
+
+def until(sub, want) -> Event:  # type: ignore[no-untyped-def]
+    """The first event for which ``want`` holds (bounded reads; AgentUnavailable if none)."""
+    for _ in range(200):
+        event = sub.next(WAIT)
+        if want(event):
+            return event
+    raise AssertionError("no such event in 200 messages")
+
+
+def test_capabilities_name_the_015_models_and_the_augment(served):
+    caps = served.client.capabilities()
+    names = {(m.name, m.version) for m in caps.supported_models}
+    assert ("etsi-qkd-sdn-node", "2022-01-30") in names
+    assert ("etsi-qkd-node-types", "2022-01-30") in names
+    assert ("qkdn-control", "2026-12-01") in names
+    assert list(caps.supported_encodings) == [pb.Encoding.JSON_IETF]
+    assert caps.gNMI_version == "0.8.0"
+
+
+def test_get_serves_015_leaves_in_json_ietf(served):
+    got = served.client.get(
+        "/qkd_node/qkdn_id",
+        f"{LINK}/qkdl_status",
+        f"{LINK}/qkdl_remote/qkdn_id",
+        f"{LINK}/qkdl_performance/skr",
+        f"{LINK}/qkdl_performance/eskr",
+        f"{LINK}/qkdl_performance/phys_perf[perf_type=QBER]/value",
+        f"{LINK}/key_store/available_bits",
+        "/qkd_node/node_health/status",
+    )
+    assert got == [
+        model.node_uuid(4),
+        "etsi-qkd-node-types:ACTIVE",
+        model.node_uuid(3),
+        1000,
+        900,
+        "0.031",
+        "8192",
+        "ok",
+    ]
+
+
+def test_a_module_qualified_path_names_the_same_node(served):
+    got = served.client.get("/etsi-qkd-sdn-node:qkd_node/qkdn_id")
+    assert got == [model.node_uuid(4)]
+
+
+def test_the_whole_document_validates_against_the_models(served):
+    dm = data_model()
+    (whole,) = served.client.get("/qkd_node")
+    validate(dm, {"etsi-qkd-sdn-node:qkd_node": whole})
+    validate(dm, model.document(telemetry(routes=(ROUTE,), status=model.LinkStatus.OFF)))
+
+
+def test_the_validator_rejects_a_bad_identity_and_a_bad_uuid():
+    dm = data_model()
+    doc = model.document(telemetry())
+    doc["etsi-qkd-sdn-node:qkd_node"]["qkd_links"]["qkd_link"][0]["qkdl_status"] = "ACTIVE"
+    with pytest.raises(Exception, match="invalid-type"):
+        validate(dm, doc)
+    doc = model.document(telemetry())
+    doc["etsi-qkd-sdn-node:qkd_node"]["qkdn_id"] = "node-4"
+    with pytest.raises(Exception, match="invalid-type"):
+        validate(dm, doc)
+
+
+@pytest.mark.parametrize(
+    ("path", "code"),
+    [
+        ("/qkd_node/no_such_leaf", "CTL-PATH-NOT-FOUND"),
+        (
+            "/qkd_node/qkd_links/qkd_link[qkdl_id=00000000-0000-0000-0000-000000000000]",
+            "CTL-PATH-NOT-FOUND",
+        ),
+        ("/qkd_node/qkdn_id[k=v]", "CTL-PATH-BAD"),
+        ("/qkd_node/qkd_links/qkd_link/qkdl_status", "CTL-PATH-BAD"),
+    ],
+)
+def test_bad_paths_get_coded_errors(served, path, code):
+    with pytest.raises(AgentUnavailable) as caught:
+        served.client.get(path)
+    assert caught.value.code == code
+    assert caught.value.message.split(":")[0] in ("NOT_FOUND", "INVALID_ARGUMENT")
+
+
+def test_another_encoding_is_refused_with_a_code(served):
+    request = pb.GetRequest(path=[parse_path("/qkd_node/qkdn_id")], encoding=pb.Encoding.PROTO)
+    with pytest.raises(grpc.RpcError) as caught:
+        served.client.stub.Get(request, timeout=WAIT)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert caught.value.details().startswith("CTL-ENCODING: ")
+
+
+def test_a_client_of_another_ca_is_refused(served, pki):
+    who = pki["intruder"]
+    intruder = AgentClient(
+        served.address, cert=who.cert, key=who.key, ca=pki["node-a"].ca, timeout=5.0
+    )
+    try:
+        with pytest.raises(AgentUnavailable) as caught:
+            intruder.get("/qkd_node/qkdn_id")
+        assert caught.value.message.startswith("UNAVAILABLE")
+    finally:
+        intruder.close()
+
+
+def test_once_sends_every_path_then_sync_then_ends(served):
+    sub = served.client.subscribe("/qkd_node/qkdn_id", f"{LINK}/qkdl_status", mode="once")
+    try:
+        events = [sub.next(WAIT), sub.next(WAIT), sub.next(WAIT)]
+        assert [e.value for e in events[:2]] == [model.node_uuid(4), "etsi-qkd-node-types:ACTIVE"]
+        assert events[0].path == "/qkd_node/qkdn_id"
+        assert events[2].sync
+        with pytest.raises(AgentUnavailable, match="ended"):
+            sub.next(WAIT)
+    finally:
+        sub.close()
+
+
+def test_poll_answers_each_poll_with_the_current_value(fresh):
+    sub = fresh.client.subscribe(f"{LINK}/key_store/available_bits", mode="poll")
+    try:
+        assert sub.next(WAIT).value == "8192"
+        assert sub.next(WAIT).sync
+        fresh.telemetry.publish(telemetry(bits=4096))
+        sub.poll()
+        assert sub.next(WAIT).value == "4096"
+        assert sub.next(WAIT).sync
+    finally:
+        sub.close()
+
+
+def test_stream_on_change_sends_changes_and_deletes(fresh):
+    fresh.telemetry.publish(telemetry(routes=(ROUTE,)))
+    route = f"/qkd_node/qkd_links/qkd_link[qkdl_id={model.route_uuid(1, 5)}]"
+    sub = fresh.client.subscribe(f"{LINK}/qkdl_status", f"{route}/virt_next_hop")
+    try:
+        first = [sub.next(WAIT), sub.next(WAIT), sub.next(WAIT)]
+        assert [e.value for e in first[:2]] == ["etsi-qkd-node-types:ACTIVE", [model.node_uuid(16)]]
+        assert first[2].sync
+        assert fresh.telemetry.publish(telemetry(status=model.LinkStatus.OFF, routes=(ROUTE,)))
+        event = sub.next(WAIT)
+        assert (event.path, event.value) == (f"{LINK}/qkdl_status", "etsi-qkd-node-types:OFF")
+        fresh.telemetry.publish(telemetry(status=model.LinkStatus.OFF))
+        event = sub.next(WAIT)
+        assert event.deleted and event.path == f"{route}/virt_next_hop"
+    finally:
+        sub.close()
+
+
+def test_republishing_the_same_values_is_no_change(fresh):
+    assert not fresh.telemetry.publish(telemetry())
+    assert fresh.telemetry.publish(telemetry(bits=1))
+
+
+def test_stream_sample_repeats_the_value_every_interval(fresh):
+    sub = fresh.client.subscribe("/qkd_node/qkdn_id", on_change=False, sample_ms=20)
+    try:
+        assert sub.next(WAIT).value == model.node_uuid(4)
+        assert sub.next(WAIT).sync
+        repeats = [sub.next(WAIT) for _ in range(3)]
+        assert all(e.value == model.node_uuid(4) for e in repeats)
+    finally:
+        sub.close()
+
+
+def test_stream_on_change_with_heartbeat_repeats_an_unchanged_value(fresh):
+    sub = fresh.client.subscribe(f"{LINK}/qkdl_status", heartbeat_ms=20)
+    try:
+        values = [until(sub, lambda e: not e.sync).value for _ in range(3)]
+        assert values == ["etsi-qkd-node-types:ACTIVE"] * 3
+    finally:
+        sub.close()
+
+
+def test_subscribe_to_a_bad_path_ends_with_a_code(served):
+    sub = served.client.subscribe("/qkd_node/nothing")
+    try:
+        with pytest.raises(AgentUnavailable) as caught:
+            sub.next(WAIT)
+        assert caught.value.code == "CTL-PATH-NOT-FOUND"
+    finally:
+        sub.close()
+
+
+def test_set_installs_and_deletes_a_route_and_refuses_bad_ones(pki):
+    telemetry_ = agent.Telemetry(telemetry())
+    table = agent.RouteTable(4)
+    port = free_port()
+    me = pki["node-a"]
+    service = agent.GnmiAgent(telemetry_, routes=table)
+    server = agent.serve(service, f"127.0.0.1:{port}", cert=me.cert, key=me.key, ca=me.ca)
+    who = pki["node-b"]
+    c = AgentClient(f"127.0.0.1:{port}", cert=who.cert, key=who.key, ca=who.ca, timeout=WAIT)
+    try:
+        route = model.Route(src=1, dst=5, prev_hop=3, next_hop=16)
+        c.set_route(route)
+        assert table.routes() == (route,)
+        telemetry_.publish(telemetry(routes=table.routes()))
+        got = c.get(f"/qkd_node/qkd_links/qkd_link[qkdl_id={model.route_uuid(1, 5)}]/virt_prev_hop")
+        assert got == [model.node_uuid(3)]
+        for bad in (
+            model.Route(src=1, dst=5, prev_hop=None, next_hop=16),  # node 4 is not the source
+            model.Route(src=4, dst=5, prev_hop=3, next_hop=16),  # the source has no previous
+            model.Route(src=1, dst=5, prev_hop=4, next_hop=16),  # a hop to itself
+        ):
+            with pytest.raises(AgentUnavailable) as caught:
+                c.set_route(bad)
+            assert caught.value.code == "CTL-SET-BAD"
+        assert table.routes() == (route,)
+        c.delete_route(1, 5)
+        assert table.routes() == ()
+    finally:
+        c.close()
+        server.stop(grace=None)
+
+
+def test_set_without_a_route_table_is_unimplemented(served):
+    with pytest.raises(AgentUnavailable) as caught:
+        served.client.set_route(model.Route(src=1, dst=5, prev_hop=3, next_hop=16))
+    assert caught.value.message.startswith("UNIMPLEMENTED")

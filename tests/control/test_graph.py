@@ -1,0 +1,211 @@
+"""The controller's sans-IO core with an injected clock: graph from agent documents,
+weights, primary and backup paths, hold-off, protection switching, cache invalidation,
+and installed routes rebuilt from the agents' VIRT links."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from appliance.control import model
+from appliance.control.errors import ControlError, NoPath
+from appliance.control.graph import Core, Weights, parse, shortest
+
+# The carrier part of DemoQuanDT: a chain 2..14 with the bypass 8-16-10 beside 8-9-10.
+CHAIN = [(n, n + 1) for n in range(2, 14)]
+LINKS = [*CHAIN, (8, 16), (16, 10)]
+
+
+class Net:
+    """Documents of every node, as their agents would serve them, built from link states."""
+
+    def __init__(self) -> None:
+        self.status = {link: model.LinkStatus.ACTIVE for link in LINKS}
+        self.bits = dict.fromkeys(LINKS, 1 << 20)
+        self.qber = dict.fromkeys(LINKS, 0.02)
+        self.routes: dict[int, list[model.Route]] = {}
+
+    def doc(self, node: int) -> dict:  # type: ignore[type-arg]
+        links = tuple(
+            model.PhysLink(
+                link=f"L{a}-{b}", peer=b if a == node else a, status=self.status[(a, b)],
+                skr=10_000, eskr=10_000, qber=self.qber[(a, b)],
+                available_bits=self.bits[(a, b)], rate_bps=0,
+            )
+            for a, b in LINKS
+            if node in (a, b)
+        )  # fmt: skip
+        t = model.NodeTelemetry(node=node, links=links, routes=tuple(self.routes.get(node, [])))
+        return model.document(t)["etsi-qkd-sdn-node:qkd_node"]
+
+    def nodes(self) -> list[int]:
+        return sorted({n for link in LINKS for n in link})
+
+    def feed(self, core: Core, now: float) -> list:  # type: ignore[type-arg]
+        changes = []
+        for node in self.nodes():
+            changes += core.telemetry(now, self.doc(node))
+        return changes
+
+
+def started(net: Net, **kw) -> Core:  # type: ignore[no-untyped-def]
+    core = Core(**kw)
+    net.feed(core, 0.0)
+    net.feed(core, 0.1)  # the hold-off applies to coming up too
+    return core
+
+
+def test_links_come_up_only_after_the_hold_off():
+    net, core = Net(), Core()
+    assert net.feed(core, 0.0) == []
+    assert core.next_due() == pytest.approx(0.1)
+    assert core.tick(0.05) == []
+    changes = core.tick(0.1)
+    assert len(changes) == len(LINKS) and all(c.up for c in changes)
+
+
+def test_the_primary_goes_through_9_and_the_backup_through_16():
+    core = started(Net())
+    route = core.path(3, 13)
+    assert route.primary == (3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13)
+    assert route.backup == (3, 4, 5, 6, 7, 8, 16, 10, 11, 12, 13)
+    assert route.shared == 8  # the chain has no way around its other links
+
+
+def test_a_failed_link_switches_to_the_backup_after_the_hold_off_without_recomputing():
+    net = Net()
+    core = started(net)
+    before = core.path(3, 13)
+    net.status[(8, 9)] = model.LinkStatus.OFF
+    net.bits[(8, 9)] = 0
+    assert net.feed(core, 1.0) == []  # reported, not yet held
+    changes = core.tick(1.1)
+    assert [(c.link, c.up) for c in changes] == [(model.link_uuid("L8-9"), False)]
+    assert core.switches == 1
+    assert core.cache[(3, 13)].primary == before.backup
+    assert core.path(3, 13).primary == before.backup
+
+
+def test_a_flap_shorter_than_the_hold_off_changes_nothing():
+    net = Net()
+    core = started(net)
+    net.status[(8, 9)] = model.LinkStatus.OFF
+    net.bits[(8, 9)] = 0
+    net.feed(core, 1.0)
+    net.status[(8, 9)] = model.LinkStatus.ACTIVE
+    net.bits[(8, 9)] = 1 << 20
+    assert net.feed(core, 1.05) == []
+    assert core.tick(1.2) == [] and core.usable(8, 9)
+
+
+def test_a_qber_above_threshold_takes_the_link_down():
+    net = Net()
+    core = started(net)
+    net.qber[(9, 10)] = 0.2
+    net.feed(core, 1.0)
+    assert [c.up for c in core.tick(1.1)] == [False]
+    assert 9 not in core.path(8, 10).primary
+
+
+def test_a_silent_node_takes_its_links_down():
+    net = Net()
+    core = started(net, dead_after=0.5)
+    for node in net.nodes():
+        if node != 9:
+            core.telemetry(1.0, net.doc(node))
+    changes = core.tick(1.1)
+    assert {c.link for c in changes} == {model.link_uuid("L8-9"), model.link_uuid("L9-10")}
+    assert core.path(8, 10).primary == (8, 16, 10)
+
+
+def test_a_passive_link_takes_no_new_path_even_with_keys_left():
+    net = Net()
+    core = started(net)
+    net.status[(4, 5)] = model.LinkStatus.PASSIVE
+    net.feed(core, 1.0)
+    assert [c.up for c in core.tick(1.1)] == [False]
+    with pytest.raises(NoPath):
+        core.path(3, 13)
+
+
+def test_key_availability_steers_the_path_when_weighted():
+    net = Net()
+    net.bits[(8, 9)] = 0  # still ACTIVE, but its store is empty
+    core = started(net, weights=Weights(availability=10.0, rate=0.0))
+    assert core.path(8, 10).primary == (8, 16, 10)
+    core = started(net, weights=Weights(availability=0.0, rate=0.0))
+    assert core.path(8, 10).primary == (8, 9, 10)
+
+
+def test_a_link_coming_back_empties_the_cache():
+    net = Net()
+    core = started(net)
+    net.status[(8, 9)] = model.LinkStatus.OFF
+    net.bits[(8, 9)] = 0
+    net.feed(core, 1.0)
+    core.tick(1.1)
+    assert core.path(3, 13).primary[6] == 16
+    net.status[(8, 9)] = model.LinkStatus.ACTIVE
+    net.bits[(8, 9)] = 1 << 20
+    net.feed(core, 2.0)
+    net.feed(core, 2.1)
+    assert (3, 13) not in core.cache
+    assert core.path(3, 13).primary[6] == 9
+
+
+def test_installed_routes_are_rebuilt_from_the_agents():
+    net = Net()
+    path = (7, 8, 16, 10, 11)
+    for i, node in enumerate(path):
+        prev = path[i - 1] if i else None
+        nxt = path[i + 1] if i + 1 < len(path) else None
+        net.routes[node] = [model.Route(src=7, dst=11, prev_hop=prev, next_hop=nxt)]
+    core = started(net)
+    assert core.installed(7, 11) == path
+    del net.routes[16]
+    net.feed(core, 1.0)
+    assert core.installed(7, 11) is None  # a hop that does not confirm is no route
+
+
+def test_weights_parse_and_refuse_bad_input():
+    assert Weights.parse("hop=2,availability=0.5") == Weights(hop=2.0, availability=0.5)
+    for bad in ("speed=1", "hop=x", "hop=-1", "hop=0", "reference_bits=0"):
+        with pytest.raises(ControlError):
+            Weights.parse(bad)
+
+
+def test_weights_fall_with_more_keys_and_more_rate():
+    w = Weights()
+    assert w.of(0, 0) > w.of(1 << 20, 0) > w.of(1 << 20, 10_000) > w.hop
+
+
+def test_a_malformed_document_is_a_coded_error():
+    for doc in ({}, {"qkdn_id": "x"}, {"qkdn_id": model.node_uuid(3), "qkd_links": 5}):
+        with pytest.raises(ControlError) as caught:
+            parse(doc)
+        assert caught.value.code in ("CTL-DOC", "CTL-BAD-UUID")
+
+
+EDGES = st.lists(st.tuples(st.integers(0, 30), st.floats(0.1, 10)), max_size=4)
+
+
+@given(
+    st.dictionaries(st.integers(0, 30), EDGES, max_size=30), st.integers(0, 30), st.integers(0, 30)
+)
+def test_dijkstra_finds_a_connected_minimal_path(adj, src, dst):
+    both: dict[int, list[tuple[int, float]]] = {}
+    for a, nbs in adj.items():
+        for b, w in nbs:
+            if a != b:
+                both.setdefault(a, []).append((b, w))
+                both.setdefault(b, []).append((a, w))
+    try:
+        path, cost = shortest(both, src, dst)
+    except NoPath:
+        return
+    assert path[0] == src and path[-1] == dst
+    total = sum(min(w for n, w in both[a] if n == b) for a, b in itertools.pairwise(path))
+    assert total == pytest.approx(cost)

@@ -1,0 +1,108 @@
+"""ControllerPaths, the path provider of an access node's CKMS under the controller: the
+controller's answers, its refusals, and what happens while it cannot be reached."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from appliance.control.paths import ControllerPaths
+from appliance.kms.node import Unreachable
+from appliance.kms.routing import NoRoute
+from appliance.net.h2 import H2Server, Request, Response
+from appliance.pki import client_context, server_context
+from tests.control.agentfix import free_port
+
+
+def run(pki, answers):  # type: ignore[no-untyped-def]
+    """Ask a stand-in controller that gives ``answers`` in turn; the results or errors."""
+
+    async def main():  # type: ignore[no-untyped-def]
+        queue = list(answers)
+
+        async def handle(request: Request) -> Response:
+            status, body = queue.pop(0)
+            assert json.loads(request.body) == {"src": 2, "dst": 14}
+            return Response(status, json.dumps(body).encode())
+
+        me, peer = pki["node-a"], pki["node-b"]
+        port = free_port()
+        server = H2Server(handle, server_context(me.cert, me.key, me.ca, ("h2",)))
+        await server.start("127.0.0.1", port)
+        ctx = client_context(peer.cert, peer.key, peer.ca, ("h2",))
+        paths = ControllerPaths(f"127.0.0.1:{port}", ctx, expect_peer="node-a")
+        out = []
+        try:
+            for _ in answers:
+                try:
+                    out.append(await paths.find(2, 14))
+                except Exception as exc:
+                    out.append(exc)
+            await server.close()
+            try:  # the controller gone: the last path given for the pair carries on
+                out.append(await paths.find(2, 14))
+            except Exception as exc:
+                out.append(exc)
+            paths.last.clear()
+            try:
+                out.append(await paths.find(2, 14))
+            except Exception as exc:
+                out.append(exc)
+        finally:
+            await paths.close()
+        return out
+
+    return asyncio.run(main())
+
+
+def test_paths_refusals_and_an_unreachable_controller(pki):
+    out = run(pki, [
+        (200, {"path": [2, 3, 14], "backup": []}),
+        (503, {"code": "CTL-NO-PATH", "message": "none"}),
+        (503, {"code": "CTL-INSTALL", "message": "hop 3 did not confirm"}),
+    ])  # fmt: skip
+    assert out[0] == (2, 3, 14)
+    assert isinstance(out[1], NoRoute)
+    assert isinstance(out[2], Unreachable) and "CTL-INSTALL" in out[2].message
+    assert out[3] == (2, 3, 14)
+    assert isinstance(out[4], Unreachable) and out[4].code == "KMS-UNREACHABLE"
+
+
+@pytest.mark.parametrize("body", [{"path": []}, {"path": ["x"]}, {"nopath": 1}])
+def test_a_malformed_answer_is_a_coded_error(pki, body):
+    (out, *_) = run(pki, [(200, body)])
+    assert out.code == "KMS-CONTROLLER"
+
+
+def test_a_learnt_path_is_used_without_asking_while_the_route_table_stands(pki):
+    from appliance.control.agent import RouteTable
+
+    async def main():  # type: ignore[no-untyped-def]
+        asked = []
+
+        async def handle(request: Request) -> Response:
+            asked.append(1)
+            path = [2, 3, 14] if len(asked) == 1 else [2, 16, 14]
+            return Response(200, json.dumps({"path": path}).encode())
+
+        me, peer = pki["node-a"], pki["node-b"]
+        port = free_port()
+        server = H2Server(handle, server_context(me.cert, me.key, me.ca, ("h2",)))
+        await server.start("127.0.0.1", port)
+        paths = ControllerPaths(f"127.0.0.1:{port}", client_context(peer.cert, peer.key,
+                                peer.ca, ("h2",)), expect_peer="node-a")  # fmt: skip
+        table = RouteTable(2)
+        paths.table = lambda: table
+        try:
+            first = await paths.find(2, 14)
+            again = paths.find(2, 14)  # answered at once: no awaitable, no request
+            table.apply([], [])  # the controller installed something here
+            changed = await paths.find(2, 14)
+        finally:
+            await paths.close()
+            await server.close()
+        return first, again, changed, len(asked)
+
+    assert asyncio.run(main()) == ((2, 3, 14), (2, 3, 14), (2, 16, 14), 2)
