@@ -32,36 +32,37 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
-FAULTY = "link-2-5"
+FAULTY = "link-2-8"
 TOPOLOGY = (
-    INTEROP.replace("[[links]]\na = 2\nb = 3\n", "[[links]]\na = 2\nb = 5\n")
+    INTEROP.replace("[[links]]\na = 2\nb = 3\n", "[[links]]\na = 2\nb = 8\n")
     + """
 [[links]]
-a = 5
+a = 8
 b = 3
 length_km = 20.0
 
 [[nodes]]
-id = 5
+id = 8
 name = "ckms-middle"
 site = "Middle"
 role = "ckms"
 
 [[nodes]]
-id = 6
+id = 9
 name = "qkdn-manager"
 site = "Data centre"
 role = "manager"
 """
 )
-NODES = 5
+NODES = TOPOLOGY.count("[[nodes]]") - 1
+"""The KMS nodes (every node but the manager): the inventory lists each."""
 
 
 @pytest.fixture(scope="module")
 def net(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Net]:
     folder = tmp_path_factory.mktemp("topology")
-    (folder / "five.toml").write_text(TOPOLOGY)
-    topology = str(folder / "five.toml")
+    (folder / "mgmt.toml").write_text(TOPOLOGY)
+    topology = str(folder / "mgmt.toml")
     with running_net(tmp_path_factory, "--timeout", "240", topology=topology) as running:
         yield running
 
@@ -156,7 +157,7 @@ def test_the_operator_page_shows_a_link_fault_and_takes_an_acknowledgement(net: 
             page.wait_for_selector(
                 f'line[data-link="{FAULTY}"][data-state="up"]', timeout=60_000, state="attached"
             )
-            assert page.locator("line.link").count() == 4
+            assert page.locator("line.link").count() == TOPOLOGY.count("[[links]]")
             set_link(net.dir, FAULTY, up=False)
             row = f'#alarms tr[data-resource="{FAULTY}"]'
             page.wait_for_selector(row, timeout=20_000)  # pushed by server-sent events
