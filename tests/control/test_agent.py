@@ -3,8 +3,12 @@ errors, and every served document valid under the ETSI 015 model and our augment
 
 from __future__ import annotations
 
+import json
+
 import grpc
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from pygnmi.spec.v080 import gnmi_pb2 as pb
 
 from appliance.control import agent, model
@@ -22,6 +26,31 @@ def fresh(pki):
     yield s
     s.client.close()
     s.server.stop(grace=None)
+
+
+JSONISH = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=40)
+    | st.sampled_from(["etsi-qkd-node-types:VIRT", model.node_uuid(1), model.node_uuid(5)]),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(
+        st.sampled_from(["qkdl_type", "qkdl_local", "qkdl_remote", "qkdn_id",
+                         "virt_prev_hop", "virt_next_hop"]), inner, max_size=5),
+    max_leaves=12,
+)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def routed(pki):
+    """An agent with a route table, for node 4, and a client."""
+    table = agent.RouteTable(4)
+    me, who = pki["node-a"], pki["node-b"]
+    port = free_port()
+    service = agent.GnmiAgent(agent.Telemetry(telemetry()), routes=table)
+    server = agent.serve(service, f"127.0.0.1:{port}", cert=me.cert, key=me.key, ca=me.ca)
+    client = AgentClient(f"127.0.0.1:{port}", cert=who.cert, key=who.key, ca=who.ca,
+                         timeout=WAIT)  # fmt: skip
+    yield client, table
+    client.close()
+    server.stop(grace=None)
 
 
 def until(sub, want) -> Event:  # type: ignore[no-untyped-def]
@@ -245,3 +274,20 @@ def test_set_without_a_route_table_is_unimplemented(served):
     with pytest.raises(AgentUnavailable) as caught:
         served.client.set_route(model.Route(src=1, dst=5, prev_hop=3, next_hop=16))
     assert caught.value.message.startswith("UNIMPLEMENTED")
+
+
+@given(st.binary(max_size=300) | st.builds(lambda d: json.dumps(d).encode(), JSONISH))
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+def test_any_set_value_installs_a_route_or_is_refused_with_a_code(routed, raw):
+    client, table = routed
+    path = parse_path(f"/qkd_node/qkd_links/qkd_link[qkdl_id={model.route_uuid(1, 5)}]")
+    request = pb.SetRequest(update=[pb.Update(path=path, val=pb.TypedValue(json_ietf_val=raw))])
+    try:
+        client.stub.Set(request, timeout=WAIT)
+    except grpc.RpcError as exc:
+        assert exc.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert exc.details().startswith("CTL-SET-BAD: ")
+        return
+    assert any((r.src, r.dst) == (1, 5) for r in table.routes())  # accepted: installed

@@ -209,3 +209,27 @@ def test_dijkstra_finds_a_connected_minimal_path(adj, src, dst):
     assert path[0] == src and path[-1] == dst
     total = sum(min(w for n, w in both[a] if n == b) for a, b in itertools.pairwise(path))
     assert total == pytest.approx(cost)
+
+
+LEAF = (
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.text(max_size=30)
+    | st.sampled_from(
+        [model.node_uuid(3), "etsi-qkd-node-types:ACTIVE", "etsi-qkd-node-types:VIRT", "0.1"]
+    )
+)
+DOCS = st.recursive(LEAF, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(
+    st.sampled_from(["qkdn_id", "qkd_links", "qkd_link", "qkdl_id", "qkdl_type", "qkdl_status",
+                     "qkdl_local", "qkdl_remote", "virt_next_hop", "qkdl_performance"]),
+    inner, max_size=6), max_leaves=20)  # fmt: skip
+
+
+@given(DOCS)
+def test_any_document_is_taken_or_refused_with_a_code(doc):
+    core = Core()
+    try:
+        core.telemetry(0.0, doc)
+    except ControlError as exc:
+        assert exc.code in ("CTL-DOC", "CTL-BAD-UUID")
