@@ -182,13 +182,14 @@ class KmsNode:
         self._client_ctx = client_context(*self._tls, ("h2",))
         self._data = Path(paths_.data_dir)
         private_dir(self._data)  # every node keeps state there (QKD modules' at least): fail now
+        self.counters = NodeCounters()
+        """What the management agent reads (:mod:`appliance.mgmt.agent`); before the stores,
+        whose opening may already raise an alarm."""
         self.stores: ShardedStore | None = None
         if "ukms" in self.engines:
             self.stores = ShardedStore(self._data, self._record_key(rng), alarm=self._store_alarm)
         self._names = {n.name: n.id for n in topology.spec.nodes}
         self._psk: dict[str, PskSource] = {}
-        self.counters = NodeCounters()
-        """What the management agent reads (:mod:`appliance.mgmt.agent`)."""
         self._clients: dict[str, H2Client] = {}
         self._batchers: dict[int, RelayBatcher] = {}
         self._servers: list[TlsServer] = []
