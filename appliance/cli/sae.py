@@ -23,6 +23,8 @@ from appliance.sae_http import HttpResponseError, Unanswered
 from appliance.tkey import SaeEndpoint, call, endpoints
 
 MAX_NUMBER = 100_000
+MAX_ALSO = 8
+"""Additional slave SAEs one request may name (the KME's ``max_SAE_ID_count``)."""
 MAX_SIZE = 65536
 """The largest key a contract can allow (appliance.config.topology.Contract.max_key_size)."""
 
@@ -34,7 +36,8 @@ def register(sub: Any) -> None:
         description="Act as one SAE of a network started with 'qkdn net up'.",
         epilog="examples:\n  qkdn sae get --sae sae-berlin-1 --slave sae-bonn-1 "
         "--number 2\n  qkdn sae get-by-id --sae sae-bonn-1 --master sae-berlin-1 "
-        "KEY_ID",
+        "KEY_ID\n  qkdn sae get --sae sae-east-1 --slave sae-west-1 --also sae-west-2   "
+        "# the same keys for two slaves",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     s = p.add_subparsers(dest="sae_command", metavar="ACTION", parser_class=type(p))
@@ -64,6 +67,14 @@ def register(sub: Any) -> None:
                 "--size",
                 type=types.integer(8, MAX_SIZE, multiple_of=8),
                 help=f"bits per key, a multiple of 8 up to {MAX_SIZE} (default: the KME's)",
+            )
+            c.add_argument(
+                "--also",
+                action="append",
+                default=[],
+                metavar="SAE",
+                help=f"an additional slave SAE that gets the same keys (ETSI 014 Annex B; "
+                f"repeat for more, up to {MAX_ALSO}); each fetches them with get-by-id",
             )
         c.set_defaults(func=cmd_sae)
     sae_stream.register(s)
@@ -97,12 +108,20 @@ def cmd_sae(args: argparse.Namespace) -> int:
     status = status_doc(args.dir)
     known = {s["id"] for s in status["saes"]}
     peer: str = getattr(args, "slave", None) or args.master
-    for name in (args.sae, peer):
+    also: list[str] = getattr(args, "also", [])
+    if len(also) > MAX_ALSO:
+        raise UsageError(f"--also: at most {MAX_ALSO} additional slave SAEs")
+    for name in (args.sae, peer, *also):
         if name not in known:
             raise UsageError(f"unknown SAE {name!r} (known: {', '.join(sorted(known))})")
     me, _ = endpoints(status, args.sae, peer)
     if args.sae_command == "status":
         doc = _request(me, f"/api/v1/keys/{peer}/status")
+    elif args.sae_command == "get" and also:  # 014 takes additional slaves in a POST only
+        body: dict[str, Any] = {"number": args.number, "additional_slave_SAE_IDs": also}
+        if args.size is not None:
+            body["size"] = args.size
+        doc = _request(me, f"/api/v1/keys/{peer}/enc_keys", body)
     elif args.sae_command == "get":
         size = "" if args.size is None else f"&size={args.size}"
         doc = _request(me, f"/api/v1/keys/{peer}/enc_keys?number={args.number}{size}")

@@ -134,14 +134,19 @@ contract = "encryptors-2026"
 
 
 @pytest.fixture(scope="module")
-def saes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, dict[str, Any]]]:
-    """Each SAE's entry of ``qkdn net status --json`` (014 base URL and credentials)."""
+def net(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Net]:
     if shutil.which("curl") is None:
         pytest.fail("curl not found: the interoperability test needs it (apt-get install curl)")
     topology = tmp_path_factory.mktemp("topology") / "two-sites.toml"
     topology.write_text(TOPOLOGY)
-    with running_net(tmp_path_factory, topology=str(topology)) as net:
-        yield _status(net)
+    with running_net(tmp_path_factory, topology=str(topology)) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def saes(net: Net) -> dict[str, dict[str, Any]]:
+    """Each SAE's entry of ``qkdn net status --json`` (014 base URL and credentials)."""
+    return _status(net)
 
 
 def _status(net: Net) -> dict[str, dict[str, Any]]:
@@ -309,3 +314,18 @@ def test_curl_speaks_http2_and_http11_on_the_same_port(saes):
         assert (version, code, doc["keys"]) == ("1.1", 200, [key]), doc
     again = curl_many(slave, [f"/{MASTER}/dec_keys?key_ID={h2_half[0]['key_ID']}"], "--http2")
     assert [(v, c) for v, c, _ in again] == [("2", 401)]  # released once written over HTTP/2
+
+
+def test_the_sae_command_gets_keys_for_additional_slaves(net, saes):
+    """``qkdn sae get --also``: the same keys for a second slave, which fetches them with
+    ``qkdn sae get-by-id``; an unknown SAE is a usage error in one line."""
+    base = ("--dir", str(net.dir), "--json")
+    got = qkdn("sae", "get", *base, "--sae", MASTER, "--slave", SLAVE, "--also", SLAVE_2)
+    assert got.returncode == 0, got.stderr
+    keys = json.loads(got.stdout)["keys"]
+    fetched = qkdn("sae", "get-by-id", *base, "--sae", SLAVE_2, "--master", MASTER,
+                   keys[0]["key_ID"])  # fmt: skip
+    assert fetched.returncode == 0 and json.loads(fetched.stdout)["keys"] == keys, fetched.stderr
+    bad = qkdn("sae", "get", *base, "--sae", MASTER, "--slave", SLAVE, "--also", "sae-nowhere")
+    assert bad.returncode != 0 and "[USAGE]" in bad.stderr, bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1, bad.stderr

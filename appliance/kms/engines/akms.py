@@ -26,7 +26,7 @@ import hmac
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal
 
 from appliance.kms import channel, keyids, ksa
 from appliance.kms import messages as m
@@ -325,45 +325,22 @@ class AkmsEngine(EngineBase):
         """Additional slaves behind this access node: their copies go to their UKMSs from
         here, side by side, before the master's UKMS gets the keys."""
         assert a.request is not None and a.request.master is not None and a.batch is not None
-        master, out = a.request.master, []
-        a.deliveries = len(a.local)
-        for extra in a.local:
+        a.deliveries, out = len(a.local), []
+        done = functools.partial(self._delivered_here, a)
+        for x in a.local:
             copy = bytearray(a.batch)
-
-            def answered(event: Input, copy: bytearray = copy) -> list[Action]:
-                erase(copy)
-                if a.state is not S.SEALING:  # failed meanwhile
-                    return []
-                if isinstance(event, CallFailed):
-                    return self._a_failed(a, event.error)
-                a.deliveries -= 1
-                return self._seal_for_ukms(a) if a.deliveries == 0 else []
-
-            def sealed(
-                message: bytes, extra: m.SlaveAt = extra, then: Any = answered
-            ) -> list[Action]:
-                deliver = m.Deliver(
-                    master=master,
-                    slave=extra.slave,
-                    sealed=message,
-                    epoch=self.links[extra.ukms].epoch,
-                )
-                return [self.call((extra.ukms, "ukms"), deliver, then)]
-
-            def failed(exc: KmsError, copy: bytearray = copy) -> list[Action]:
-                erase(copy)
-                return self._a_failed(a, exc)
-
-            job = SealJob(
-                peer=extra.ukms,
-                hop=self.hop(extra.ukms, a.request_id, 0, a.mode),
-                payload=copy,
-                deadline=self.now + self.policy.patience,
-                then=sealed,
-                fail=failed,
+            out += self._copy_to(
+                x.ukms, a.request.master, x.slave, copy, a.request_id, a.mode, None, done
             )
-            out += self.seal_for(job)
         return out
+
+    def _delivered_here(self, a: Asking, error: KmsError | None) -> list[Action]:
+        if a.state is not S.SEALING:  # failed meanwhile
+            return []
+        if error is not None:
+            return self._a_failed(a, error)
+        a.deliveries -= 1
+        return self._seal_for_ukms(a) if a.deliveries == 0 else []
 
     def _seal_for_ukms(self, a: Asking) -> list[Action]:
         """The keys, sealed for the master's UKMS under our link's keys."""
@@ -646,49 +623,73 @@ class AkmsEngine(EngineBase):
         slaves = [(r.ukms_b, r.slave), *((x.ukms, x.slave) for x in r.also)]
         b.deliveries = len(slaves)
         for ukms, slave in slaves:  # each slave's copies to its own UKMS, side by side
-            out += self._deliver(b, ukms, slave, bytearray(b.batch), resealed=False)
+            out += self._deliver(b, ukms, slave, bytearray(b.batch))
         return out
 
-    def _deliver(
-        self, b: Answering, ukms_b: int, slave: str, copy: bytearray, *, resealed: bool
-    ) -> list[Action]:
-        """One slave's copies of the keys, to its UKMS under our link keys."""
+    def _deliver(self, b: Answering, ukms_b: int, slave: str, copy: bytearray) -> list[Action]:
+        """One slave's copies of the keys, to its UKMS (AKMS B)."""
         master = b.request.master
         assert master is not None  # purpose ksa
+
+        def done(error: KmsError | None) -> list[Action]:
+            if error is not None:
+                return self._b_failed(b, error)
+            b.deliveries -= 1
+            return self._b_step(b, I.DELIVERED) if b.deliveries == 0 else []
+
+        r = b.request
+        return self._copy_to(ukms_b, master, slave, copy, r.request_id, b.mode, r.stream, done)
+
+    def _copy_to(
+        self,
+        ukms: int,
+        master: str,
+        slave: str,
+        copy: bytearray,
+        request_id: bytes,
+        mode: Mode,
+        stream: m.StreamTag | None,
+        done: Callable[[KmsError | None], list[Action]],
+        *,
+        resealed: bool = False,
+    ) -> list[Action]:
+        """A slave's copies of keys, to its UKMS under our link keys: ``done(None)`` once
+        stored there, ``done(error)`` if not; ``copy`` is erased either way. A UKMS that
+        restarted (``Resync``) gets them sealed once more, with link keys it can read."""
         sealed_gen = [-1]  # the link's sending generation the copy was sealed under
 
         def sealed(message: bytes) -> list[Action]:
-            sealed_gen[0] = self.links[ukms_b].generation
+            sealed_gen[0] = self.links[ukms].generation
             deliver = m.Deliver(
                 master=master,
                 slave=slave,
                 sealed=message,
-                epoch=self.links[ukms_b].epoch,
-                stream=b.request.stream,
+                epoch=self.links[ukms].epoch,
+                stream=stream,
             )
-            return [self.call((ukms_b, "ukms"), deliver, answered)]
+            return [self.call((ukms, "ukms"), deliver, answered)]
 
         def answered(event: Input) -> list[Action]:
             if isinstance(event, Answered):
                 erase(copy)
-                b.deliveries -= 1
-                return self._b_step(b, I.DELIVERED) if b.deliveries == 0 else []
+                return done(None)
             assert isinstance(event, CallFailed)
-            if isinstance(event.error, Resync) and not resealed:  # UKMS B restarted
-                link = self.links[ukms_b]
+            if isinstance(event.error, Resync) and not resealed:  # the UKMS restarted
+                link = self.links[ukms]
                 if link.generation == sealed_gen[0]:  # else another refusal renewed it
                     link.drop_sending()
-                return self._deliver(b, ukms_b, slave, copy, resealed=True)
+                again = (ukms, master, slave, copy, request_id, mode, stream, done)
+                return self._copy_to(*again, resealed=True)
             erase(copy)
-            return self._b_failed(b, event.error)
+            return done(event.error)
 
         def failed(exc: KmsError) -> list[Action]:
             erase(copy)
-            return self._b_failed(b, exc)
+            return done(exc)
 
         job = SealJob(
-            peer=ukms_b,
-            hop=self.hop(ukms_b, b.request.request_id, 0, b.mode),
+            peer=ukms,
+            hop=self.hop(ukms, request_id, 0, mode),
             payload=copy,
             deadline=self.now + self.policy.patience,
             then=sealed,
