@@ -291,9 +291,10 @@ class AaaValidator:
     ) -> None:
         self.client, self.clock, self.outbox = client, clock, outbox
         self.wallet = Wallet()
-        self._open: dict[int, list[tuple[ValidationQuery, Spent]]] = {}
-        """Requests allowed and not yet completed, by the AKMS's request number (one
-        entry per slave: a request with additional slaves is validated for each)."""
+        self._open: dict[int, dict[str, tuple[ValidationQuery, Spent]]] = {}
+        """Requests allowed and not yet completed, by the AKMS's request number, then by
+        slave (a request with additional slaves is validated for each; a pair validated
+        again for the same request replaces its entry, so it is accounted once)."""
         self._wake = asyncio.Event()
         self._sender: asyncio.Task[None] | None = None
         self.reported = 0
@@ -358,7 +359,7 @@ class AaaValidator:
         """A refusal is reported at once; an allowed request when it completes. If the
         outbox cannot take the report, the request is refused (no unaccounted keys)."""
         if isinstance(result, Spent):
-            self._open.setdefault(query.req, []).append((query, result))
+            self._open.setdefault(query.req, {})[query.slave] = (query, result)
             return result
         try:
             self._report(query, "refused", reason=result.reason)
@@ -369,7 +370,7 @@ class AaaValidator:
     def completed(self, req: int, ok: bool) -> None:
         """The AKMS is about to answer request ``req``: with keys (``ok``) or an error.
         Called before the answer leaves, so that the report is on disk first."""
-        found = self._open.pop(req, [])
+        found = self._open.pop(req, {}).values()
         if self.outbox is None:
             return
         for query, spent in found:  # each slave's pair is accounted for

@@ -261,16 +261,17 @@ def test_the_suspension_race_nothing_passes_once_the_inform_arrived(aaa):
     assert not [r for r in results if r[0] and r[1]], "a request passed after the INFORM"
 
 
-def test_each_slave_of_a_request_with_additional_slaves_is_accounted_for(aaa, tmp_path):
+def test_a_pair_validated_again_under_one_request_is_accounted_once(aaa, tmp_path):
     """An AKMS validates a request once per slave (ETSI 014 Annex B), under the request's
-    one number: every allowed slave's pair is reported when the request completes."""
+    one number, and reports each slave's pair when the request completes; the same pair
+    validated again under that number replaces its entry: it is billed once."""
     outbox = Outbox(tmp_path / "aaa-outbox.db")
     validator = AaaValidator(aaa.client(2), outbox=outbox)
     q = ValidationQuery(master="alice-a", slave="alice-b", number=2, size=256, ukms=1, req=7)
-    for _ in range(2):  # the slave, then (here the same pair again) an additional slave
+    for _ in range(2):
         assert aaa.call(validator.validate(q)).denied is None
     assert outbox.count == 0
     validator.completed(7, True)
-    assert outbox.count == 2
+    assert outbox.count == 1
     validator.completed(7, True)  # reported once
-    assert outbox.count == 2
+    assert outbox.count == 1
