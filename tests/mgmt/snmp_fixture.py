@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import socket
 import subprocess
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -13,6 +12,7 @@ from pathlib import Path
 
 from appliance.snmp import smi
 from appliance.snmp.usm import Credentials
+from tests.kms.conftest import poll
 
 
 def free_udp_port() -> int:
@@ -76,13 +76,12 @@ class TrapDaemon:
 
     def wait_for(self, needle: str, timeout: float = 20.0) -> str:
         """Bounded polling of the daemon's log for ``needle``."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+
+        def logged() -> str | None:
             text = self.text()
-            if needle in text:
-                return text
-            time.sleep(0.1)
-        raise AssertionError(f"snmptrapd never logged {needle!r}: {self.text()[-2000:]}")
+            return text if needle in text else None
+
+        return poll(logged, f"snmptrapd logging {needle!r}", timeout)
 
 
 @contextmanager

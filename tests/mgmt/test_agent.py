@@ -11,7 +11,6 @@ import asyncio
 import dataclasses
 import subprocess
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -24,6 +23,7 @@ from appliance.mgmt.manager import AgentEntry, Manager, ManagerConfig, Sender
 from appliance.mgmt.nodeview import LinkReading, NodeReading
 from appliance.mgmt.store import Store
 from appliance.snmp.usm import Credentials
+from tests.kms.conftest import poll
 from tests.mgmt.snmp_fixture import TrapDaemon, free_udp_port, snmp, snmptrapd
 
 T = TypeVar("T")
@@ -205,10 +205,7 @@ def test_v2c_noauth_and_wrong_keys_are_refused_and_counted(peers: Peers):
 
 
 def _wait(condition: Callable[[], bool], timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.05)
+    poll(condition, "the awaited condition", timeout)
 
 
 def test_a_link_fault_informs_the_manager_and_traps_snmptrapd_then_clears(peers: Peers):
