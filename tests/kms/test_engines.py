@@ -377,15 +377,18 @@ def test_enc_keys_from_the_stock_and_through_the_network_when_it_is_short(bench)
     leases = [op.op for op in b.actions(StoreOp, UKMS_A) if isinstance(op.op, TakeOldest)]
     assert leases == [TakeOldest(session=SESSION_AB, kind=STOCK, n=1 + 64)]
     refills = b.sent(m.KsaRequest, UKMS_A)[asked:]
-    assert [(r.number, r.fresh) for r in refills] == [(1, False)]  # topping the stock up
+    # one key short: topped up by a whole batch (a batch less one beyond the stock at most)
+    assert [(r.number, r.fresh) for r in refills] == [(4, False)]
+    assert ukms.stored("sae-a", "sae-b") == 3 + 4
 
-    req = b.enc(*GCM_PAIR, number=5)  # more than the stock holds: through the network
-    assert len(fetch(b, *GCM_PAIR, req)) == 5
-    assert b.sent(m.KsaRequest, UKMS_A)[-1].number == 5
-    assert ukms.stored("sae-a", "sae-b") == 4
+    req = b.enc(*GCM_PAIR, number=8)  # more than the stock holds: through the network
+    assert len(fetch(b, *GCM_PAIR, req)) == 8
+    assert b.sent(m.KsaRequest, UKMS_A)[-1].number == 8
+    assert ukms.stored("sae-a", "sae-b") == 7
+    assert len(b.sent(m.KsaRequest, UKMS_A)) == asked + 2  # and no refill: the stock is full
 
     served = [k for (node, _), got in b.sae_bits.items() if node == UKMS_A for k, _ in got]
-    assert len(served) == len(set(served)) == 6  # no key handed to the master twice
+    assert len(served) == len(set(served)) == 9  # no key handed to the master twice
 
 
 @takes("ukms-enc LEASING SHORT", "ukms-enc ASKING ANSWER")
@@ -424,7 +427,8 @@ def test_a_stopping_ukms_gives_its_leased_keys_back_to_the_stock(bench):
         [k.key_id for k in leased],
     )
     assert all(zero(k.material) for k in leased)  # the store has them; memory does not
-    assert len(b.stores[UKMS_A].apply(TakeOldest(session=SESSION_AB, kind=STOCK, n=100))) == 4
+    # the three given back and the whole batch (4) that had topped the stock up
+    assert len(b.stores[UKMS_A].apply(TakeOldest(session=SESSION_AB, kind=STOCK, n=100))) == 7
 
 
 def tampered(message: m.KsaAnswer) -> m.KsaAnswer:
@@ -464,7 +468,7 @@ def test_a_failed_refill_backs_off_and_tries_again(bench):
     assert put.kind == STOCK and all(zero(bits) for _, bits in put.keys)
     assert ukms.stored("sae-a", "sae-b") == 3
     b.advance(0.4)
-    assert ukms.stored("sae-a", "sae-b") == 4
+    assert ukms.stored("sae-a", "sae-b") == 3 + 4  # topped up by a whole batch
     assert b.waiting() == {}
 
 

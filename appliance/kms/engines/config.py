@@ -28,10 +28,13 @@ class Policy:
     """Keys one enc_keys may ask for (ETSI 014's max_key_per_request); one CN key carries
     them all (an OTP CN key for 1024 keys of 256 bits is 32 KiB)."""
     stock_batch: int = 128
-    """Keys per request when a UKMS refills a stock (smaller: a batch waits for the
-    slowest link's keys as a whole)."""
+    """Keys per request when a UKMS refills a stock (the stock itself when smaller):
+    every refill asks for a whole batch, so a stock holds up to a batch less one beyond
+    ``stock``. Smaller batches wait less for the slowest link's keys; larger ones cost
+    fewer relays per key."""
     stock: int = 0
-    """KSA keys each UKMS keeps ready per SAE pair it serves as master (0: none)."""
+    """KSA keys each UKMS keeps ready (at least) per SAE pair it serves as master (0:
+    none); a refill starts when a pair holds fewer."""
     stock_parallel: int = 2
     """Stock refill requests a UKMS keeps in flight at once (pairs take turns)."""
     patience: float = 10.0

@@ -14,7 +14,9 @@
 * **The stock** ("keys may be buffered in advance"): for each pair whose master is served
   here, up to ``policy.stock`` keys made ahead and kept in the store (on disk, not in
   memory). Pairs short of keys queue for a refill and take turns (first short, first
-  served; a refilled pair still short goes to the back), ``stock_parallel`` at a time. A
+  served; a refilled pair still short goes to the back), ``stock_parallel`` at a time;
+  a refill always asks for a whole batch (so a stock holds at most a batch less one
+  beyond ``policy.stock``, and a busy pair costs one relay per batch, not per key). A
   failed refill sends its pair to the back of the queue and pauses every refill for a
   back-off (one timer for the engine, never one per pair). Keys are taken from the store a
   lease at a time (deleted at once, so never handed out twice) and served from memory;
@@ -403,6 +405,13 @@ class UkmsEngine(EngineBase):
     def _missing(self, session: str) -> int:
         return self.policy.stock - self._levels[session] - self._leased_count(session)
 
+    def _refill_size(self) -> int:
+        """Keys one refill asks for: always a whole batch (``stock_batch``, or the stock
+        itself when smaller), so that a stock drawn on all the time is topped up by full
+        batches, not by one relay per key served; a stock may thus hold up to a batch less
+        one beyond ``policy.stock``."""
+        return min(self.policy.stock_batch, self.policy.stock)
+
     def _want_stock(self, session: str, *, start: bool = True) -> list[Action]:
         """Queue a pair for a refill when its stock is short (once)."""
         if session not in self._levels or session in self._queued:
@@ -426,7 +435,7 @@ class UkmsEngine(EngineBase):
             pair = self.sessions.pair_of(session)
             if missing <= 0 or pair is None:
                 continue
-            refill = Refill(S.ASKING, session, min(missing, self.policy.stock_batch))
+            refill = Refill(S.ASKING, session, self._refill_size())
             self._active(session).refilling = True
             self._refills += 1
             request = self._ksa_request(*pair, refill.number, self.policy.key_size)
