@@ -28,9 +28,8 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pydantic import Field, model_validator
-from pysnmp.carrier.asyncio.dgram import udp
 from pysnmp.entity import config, engine
-from pysnmp.entity.rfc3413 import cmdrsp, context, ntforg
+from pysnmp.entity.rfc3413 import ntforg
 from pysnmp.proto import rfc1902, rfc1905
 from pysnmp.smi import error as smi_error
 
@@ -42,7 +41,7 @@ from appliance.aaa.registry import Registry
 from appliance.aaa.service import POLL_S, AaaService
 from appliance.aaa.view import MibView, SetFailure
 from appliance.config.schema import Strict, load_model, read_toml
-from appliance.snmp import usm
+from appliance.snmp import responder, usm
 from appliance.snmp.usm import AUTH, PRIV, SNMP_TRAP_OID, Credentials
 
 log = logging.getLogger("qkdn.aaa")
@@ -126,20 +125,14 @@ class Agent:
         """Listen; return the UDP port (useful with port 0)."""
         sock = bind_udp(self.cfg.listen)
         self.port = sock.getsockname()[1]
-        transport = udp.UdpAsyncioTransport().open_server_mode(sock=sock)
-        config.add_transport(self.engine, config.SNMP_UDP_DOMAIN, transport)
         self._users()
-        ctx = context.SnmpContext(self.engine)
-        default = ctx.get_mib_instrum(b"")
-        ctx.unregister_context_name(b"")
-        ctx.register_context_name(b"", Instrumentation(self, default))
-        for responder in (
-            cmdrsp.GetCommandResponder,
-            cmdrsp.NextCommandResponder,
-            cmdrsp.BulkCommandResponder,
-            cmdrsp.SetCommandResponder,
-        ):
-            responder(self.engine, ctx)
+        responder.serve(
+            self.engine,
+            sock,
+            [self.cfg.operator, *self.cfg.akms],
+            lambda default: Instrumentation(self, default),
+            writable=True,
+        )
         self._notifier_setup()
         self._poller = asyncio.create_task(self._poll())
         return self.port
@@ -244,27 +237,18 @@ class Agent:
         task.add_done_callback(self._tasks.discard)
 
     def _notifier_setup(self) -> None:
-        config.add_transport(
-            self.notifier, config.SNMP_UDP_DOMAIN, udp.UdpAsyncioTransport().open_client_mode()
-        )
+        responder.client_transport(self.notifier)
         for a in self.cfg.akms:
-            if a.inform is None:
-                continue
-            name = f"akms-{a.id}"
-            config.add_v3_user(self.notifier, a.user, AUTH, a.auth, PRIV, a.priv)
-            config.add_target_parameters(self.notifier, name, a.user, "authPriv")
-            config.add_target_address(
-                self.notifier,
-                name,
-                config.SNMP_UDP_DOMAIN,
-                host_port(a.inform),
-                name,
-                timeout=int(INFORM_TIMEOUT_S * 100),
-                retryCount=INFORM_RETRIES,
-                tagList=name,
-            )
-            config.add_notification_target(self.notifier, name, name, name, "inform")
-            config.add_vacm_user(self.notifier, 3, a.user, "authPriv", notifySubTree=(1, 3, 6, 1))
+            if a.inform is not None:
+                responder.add_notification_target(
+                    self.notifier,
+                    f"akms-{a.id}",
+                    "inform",
+                    a,
+                    host_port(a.inform),
+                    timeout_s=INFORM_TIMEOUT_S,
+                    retries=INFORM_RETRIES,
+                )
 
     async def _inform(self, akms: int, contract: str, grant: int) -> None:
         """One aaaQuotaRevoked INFORM to an AKMS; the ack is counted."""

@@ -1,0 +1,220 @@
+"""What every SNMPv3 agent of the project sets up the same way, over pysnmp 7 (asyncio).
+
+* :func:`serve`: the command responder on a bound UDP socket: the engine's transport, the
+  default context's instrumentation (the agent's own, over pysnmp's for the SNMP engine's
+  and USM's counters), the GET/GETNEXT/GETBULK (and, if writable, SET) responders.
+* The fast path (:class:`FastGetTransport`): an authPriv GET for the default context is
+  opened, answered and sealed by :mod:`appliance.snmp.fastget` without pyasn1's coder,
+  under the same rules: the user and its keys are the engine's USM users', the time
+  window is the engine's, the values come from the same instrumentation and VACM decides
+  every variable as it does for pysnmp (the same ``acFun``, with the request's security
+  name, level and context in the engine's execution context, where agents look up who is
+  asking). snmpInPkts counts these messages too. Everything else, and any GET that the
+  fast path cannot take or whose reading raises, goes to pysnmp unchanged.
+* :func:`add_notification_target`: one INFORM or trap receiver of a notifier engine.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from pysnmp.carrier.asyncio.dgram import udp
+from pysnmp.entity import config, engine
+from pysnmp.entity.rfc3413 import cmdrsp, context
+from pysnmp.proto import rfc1902, rfc1905
+from pysnmp.proto.secmod.rfc3826.priv.aes import Aes
+from pysnmp.proto.secmod.rfc7860.auth.hmacsha2 import HmacSha2
+
+from appliance.snmp import fastget
+from appliance.snmp.usm import AUTH, PRIV, Credentials
+
+log = logging.getLogger("qkdn.snmp")
+
+REQUEST = "rfc3412.receiveMessage:request"
+"""The execution point where pysnmp (and the agents' ``who``) find the request's sender."""
+_GET_PDU = rfc1905.GetRequestPDU()
+INTEGERS = frozenset((0x02, 0x41, 0x42, 0x43, 0x46))
+"""INTEGER, Counter32, Gauge32 (Unsigned32), TimeTicks, Counter64 (RFC 2578, RFC 3416)."""
+STRINGS = frozenset((0x04, 0x40, 0x44))
+"""OCTET STRING, IpAddress, Opaque."""
+EMPTY = frozenset((0x05, 0x80, 0x81, 0x82))
+"""NULL, noSuchObject, noSuchInstance, endOfMibView."""
+
+
+def localised(creds: Credentials, engine_id: Any) -> fastget.UserKeys:
+    """A user's keys localised to ``engine_id`` (snmpEngineID), by pysnmp's USM services."""
+    auth = HmacSha2(AUTH)
+    key = auth.localize_key(auth.hash_passphrase(creds.auth), engine_id)
+    aes = Aes()
+    priv = aes.localize_key(AUTH, aes.hash_passphrase(AUTH, creds.priv), engine_id)
+    return fastget.UserKeys(creds.user.encode(), bytes(key), bytes(priv))
+
+
+def encoded(value: Any) -> tuple[int, bytes]:
+    """A pysnmp value as (BER identifier octet, content octets)."""
+    tag = value.tagSet[-1]
+    ident = tag.tagClass | tag.tagFormat | tag.tagId
+    if ident in INTEGERS:
+        return ident, fastget.integer(int(value))
+    if ident in STRINGS:
+        return ident, value.asOctets()
+    if ident == 0x06:
+        return ident, fastget.oid_content(tuple(value))
+    if ident in EMPTY:
+        return ident, b""
+    raise TypeError(f"no fast coding for {type(value).__name__} (tag {ident:#x})")
+
+
+class FastGet:
+    """The fast path of one engine: opens a datagram, reads, answers (or returns None)."""
+
+    def __init__(self, eng: engine.SnmpEngine, users: Sequence[Credentials]) -> None:
+        builder = eng.get_mib_builder()
+        framework: list[Any] = builder.import_symbols(
+            "__SNMP-FRAMEWORK-MIB",
+            "snmpEngineID",
+            "snmpEngineMaxMessageSize",
+            "snmpEngineBoots",
+            "snmpEngineTime",
+        )
+        engine_id, max_size, self._boots, self._start = framework
+        (self._in_pkts,) = builder.import_symbols("__SNMPv2-MIB", "snmpInPkts")
+        eid = bytes(engine_id.syntax)
+        self.engine = fastget.Engine(
+            eid,
+            {u.user.encode(): localised(u, engine_id.syntax) for u in users},
+            int(max_size.syntax),
+        )
+        self.eng = eng
+        self.instrum: Any = None
+        self._names = {u.user.encode(): rfc1902.OctetString(u.user) for u in users}
+        self._salt = secrets.randbits(64)
+        self.answered = 0
+
+    def _clock(self) -> tuple[int, int]:
+        return int(self._boots.syntax), int(time.time() - int(self._start.syntax))
+
+    def answer(self, data: bytes) -> bytes | None:
+        if self.instrum is None:
+            return None
+        boots, now = self._clock()
+        get = fastget.open_get(data, self.engine, boots, now)
+        if get is None:
+            return None
+        binds = [(rfc1902.ObjectName(oid), rfc1902.Null()) for oid in get.oids]
+        observer = self.eng.observer
+        observer.store_execution_context(
+            self.eng,
+            REQUEST,
+            {
+                "securityModel": 3,
+                "securityName": self._names[get.user.name],
+                "securityLevel": 3,
+                "contextName": b"",
+                "contextEngineId": get.context_engine,
+                "pdu": _GET_PDU,
+            },
+        )
+        try:
+            read = self.instrum.read_variables(
+                *binds,
+                snmpEngine=self.eng,
+                acFun=cmdrsp.GetCommandResponder.verify_access,
+                cbCtx=None,
+            )
+            values = [(tuple(name), encoded(value)) for name, value in read]
+        except Exception as exc:  # pysnmp answers it, with its own error mapping
+            log.debug("snmp: fast GET left to pysnmp: %r", exc)
+            return None
+        finally:
+            observer.clear_execution_context(self.eng, REQUEST)
+        self._salt = (self._salt + 1) % 2**64
+        self._in_pkts.syntax += 1
+        self.answered += 1
+        salt = self._salt.to_bytes(fastget.SALT, "big")
+        return fastget.response(get, self.engine, boots, now, salt, values)
+
+
+class FastGetTransport(udp.UdpAsyncioTransport):  # type: ignore[misc]
+    """pysnmp's UDP transport with the fast path in front of the engine."""
+
+    fast: FastGet | None = None
+
+    def datagram_received(self, datagram: bytes, address: Any) -> None:
+        reply = self.fast.answer(datagram) if self.fast is not None else None
+        if reply is None or self.transport is None:
+            super().datagram_received(datagram, address)
+        else:
+            self.transport.sendto(reply, address)
+
+
+RESPONDERS = (
+    cmdrsp.GetCommandResponder,
+    cmdrsp.NextCommandResponder,
+    cmdrsp.BulkCommandResponder,
+)
+
+
+def serve(
+    eng: engine.SnmpEngine,
+    sock: Any,
+    users: Sequence[Credentials],
+    instrumentation: Callable[[Any], Any],
+    *,
+    writable: bool = False,
+    fast: bool = True,
+) -> Any:
+    """Answer commands on ``sock`` (bound) with ``instrumentation(default)``, where
+    ``default`` is pysnmp's own instrumentation, which is returned. ``users`` are the
+    engine's USM users (added by the caller, with its VACM)."""
+    transport = FastGetTransport().open_server_mode(sock=sock)
+    config.add_transport(eng, config.SNMP_UDP_DOMAIN, transport)
+    ctx = context.SnmpContext(eng)
+    default = ctx.get_mib_instrum(b"")
+    ctx.unregister_context_name(b"")
+    instrum = instrumentation(default)
+    ctx.register_context_name(b"", instrum)
+    for responder in (*RESPONDERS, cmdrsp.SetCommandResponder) if writable else RESPONDERS:
+        responder(eng, ctx)
+    if fast:
+        transport.fast = FastGet(eng, users)
+        transport.fast.instrum = instrum
+    return default
+
+
+def add_notification_target(
+    notifier: engine.SnmpEngine,
+    name: str,
+    kind: str,
+    creds: Credentials,
+    address: tuple[str, int],
+    *,
+    timeout_s: float,
+    retries: int,
+) -> None:
+    """A receiver ``name`` of ``kind`` ``inform`` or ``trap`` at ``address`` (host, port),
+    reached as the SNMPv3 user ``creds`` (authPriv). The notifier needs a client transport
+    (:func:`client_transport`)."""
+    config.add_v3_user(notifier, creds.user, AUTH, creds.auth, PRIV, creds.priv)
+    config.add_target_parameters(notifier, name, creds.user, "authPriv")
+    config.add_target_address(
+        notifier,
+        name,
+        config.SNMP_UDP_DOMAIN,
+        address,
+        name,
+        timeout=int(timeout_s * 100),
+        retryCount=retries,
+        tagList=name,
+    )
+    config.add_notification_target(notifier, name, name, name, kind)
+    config.add_vacm_user(notifier, 3, creds.user, "authPriv", notifySubTree=(1, 3, 6, 1))
+
+
+def client_transport(eng: engine.SnmpEngine) -> None:
+    """A UDP client transport (any local port) for an engine that sends."""
+    config.add_transport(eng, config.SNMP_UDP_DOMAIN, udp.UdpAsyncioTransport().open_client_mode())
