@@ -273,6 +273,7 @@ def start_aaa(source: Path | None, loop: str, folder: Path) -> tuple[subprocess.
 
     reg = Registry(folder / "registry.db")
     reg.attach(1, 2)
+    reg.attach(15, 2)
     reg.add_user(User(id="alice", customer="alice"))
     reg.add_sae(Sae(id="alice-a", user="alice", ukms=1))
     reg.add_sae(Sae(id="alice-b", user="alice", ukms=15))
@@ -285,7 +286,7 @@ def start_aaa(source: Path | None, loop: str, folder: Path) -> tuple[subprocess.
             bits_per_day=big,
             keys_per_month=big,
             bits_per_month=big,
-            max_rate=10_000_000,
+            max_rate=1_000_000,
             pairs=(("alice-a", "alice-b"),),
         )
     )

@@ -119,6 +119,7 @@ class Agent:
         self._tasks: set[asyncio.Task[None]] = set()
         self._poller: asyncio.Task[None] | None = None
         self._informer = ntforg.NotificationOriginator()
+        self.served: responder.Served | None = None
 
     # -- start and stop ------------------------------------------------------------------
     async def start(self) -> int:
@@ -126,7 +127,7 @@ class Agent:
         sock = bind_udp(self.cfg.listen)
         self.port = sock.getsockname()[1]
         self._users()
-        responder.serve(
+        self.served = responder.serve(
             self.engine,
             sock,
             [self.cfg.operator, *self.cfg.akms],

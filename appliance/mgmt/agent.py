@@ -113,15 +113,17 @@ class Agent:
         self._tasks: list[asyncio.Task[None]] = []
         self._originator = ntforg.NotificationOriginator()
         self._default: Any = None
+        self.served: responder.Served | None = None
 
     # -- start and stop ------------------------------------------------------------------
     async def start(self) -> int:
         sock = bind_udp(self.cfg.listen)
         self.port = int(sock.getsockname()[1])
         self._users()
-        self._default = responder.serve(
+        self.served = responder.serve(
             self.engine, sock, self.cfg.users, lambda default: Instrumentation(self, default)
         )
+        self._default = self.served.default
         self._receivers()
         self._tasks = [asyncio.ensure_future(self._watch())]
         if self.cfg.inform is not None:

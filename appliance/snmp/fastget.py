@@ -103,7 +103,7 @@ def _octets(data: bytes, pos: int, end: int) -> tuple[bytes, int]:
     return data[start:stop], stop
 
 
-def _oid(raw: bytes) -> tuple[int, ...]:
+def decode_oid(raw: bytes) -> tuple[int, ...]:
     if not raw or raw[-1] & 0x80:
         raise Malformed("object identifier")
     subs: list[int] = []
@@ -229,7 +229,7 @@ def _scoped(plain: bytes, msg_id: int, user: UserKeys, engine: Engine) -> Get | 
         bstart, bend = _expect(plain, p, vend, 0x30)
         ostart, ostop = _expect(plain, bstart, bend, 0x06)
         _tlv(plain, ostop, bend)  # the value (NULL from every client; any is allowed)
-        oids.append(_oid(plain[ostart:ostop]))
+        oids.append(decode_oid(plain[ostart:ostop]))
         p = bend
     if status or index or not 0 < len(oids) <= MAX_BINDS:
         return None

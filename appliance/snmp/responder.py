@@ -20,6 +20,7 @@ import logging
 import secrets
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from pysnmp.carrier.asyncio.dgram import udp
@@ -95,13 +96,15 @@ class FastGet:
         self._salt = secrets.randbits(64)
         self.answered = 0
 
-    def _clock(self) -> tuple[int, int]:
+    def clock(self) -> tuple[int, int]:
+        """This engine's snmpEngineBoots and snmpEngineTime now."""
         return int(self._boots.syntax), int(time.time() - int(self._start.syntax))
 
-    def answer(self, data: bytes) -> bytes | None:
+    def answer(self, data: bytes, address: Any = None) -> bytes | None:
+        """The sealed response to ``data`` from ``address``, or None: pysnmp's to take."""
         if self.instrum is None:
             return None
-        boots, now = self._clock()
+        boots, now = self.clock()
         get = fastget.open_get(data, self.engine, boots, now)
         if get is None:
             return None
@@ -111,6 +114,9 @@ class FastGet:
             self.eng,
             REQUEST,
             {
+                "transportDomain": config.SNMP_UDP_DOMAIN,
+                "transportAddress": address,
+                "messageProcessingModel": 3,
                 "securityModel": 3,
                 "securityName": self._names[get.user.name],
                 "securityLevel": 3,
@@ -145,11 +151,18 @@ class FastGetTransport(udp.UdpAsyncioTransport):  # type: ignore[misc]
     fast: FastGet | None = None
 
     def datagram_received(self, datagram: bytes, address: Any) -> None:
-        reply = self.fast.answer(datagram) if self.fast is not None else None
+        reply = self.fast.answer(datagram, address) if self.fast is not None else None
         if reply is None or self.transport is None:
             super().datagram_received(datagram, address)
         else:
             self.transport.sendto(reply, address)
+
+
+@dataclass(frozen=True, slots=True)
+class Served:
+    default: Any
+    """pysnmp's instrumentation of the default context (the engine's own counters)."""
+    fast: FastGet | None
 
 
 RESPONDERS = (
@@ -167,10 +180,10 @@ def serve(
     *,
     writable: bool = False,
     fast: bool = True,
-) -> Any:
+) -> Served:
     """Answer commands on ``sock`` (bound) with ``instrumentation(default)``, where
-    ``default`` is pysnmp's own instrumentation, which is returned. ``users`` are the
-    engine's USM users (added by the caller, with its VACM)."""
+    ``default`` is pysnmp's own instrumentation. ``users`` are the engine's USM users
+    (added by the caller, with its VACM); ``fast=False`` leaves every message to pysnmp."""
     transport = FastGetTransport().open_server_mode(sock=sock)
     config.add_transport(eng, config.SNMP_UDP_DOMAIN, transport)
     ctx = context.SnmpContext(eng)
@@ -183,7 +196,7 @@ def serve(
     if fast:
         transport.fast = FastGet(eng, users)
         transport.fast.instrum = instrum
-    return default
+    return Served(default, transport.fast)
 
 
 def add_notification_target(
