@@ -24,9 +24,10 @@ utime + stime from ``/proc/PID/stat`` over the timed phase.
 
 Targets:
 * ``node``: a node's QKDN-MIB agent (appliance.mgmt.agent, a reading with two links);
-  GETs of qkdnLinkKeyLevel.9.
+  GETs of qkdnLinkKeyLevel.9 (a checked answer must be the reading's 5000).
 * ``aaa``: the AAA agent (``qkdn aaa run``); quota asks, one GET of an aaaQuotaAnswer row
-  each (every ask a distinct request number, so a grant is decided and committed).
+  each (every ask a distinct request number, so a grant is decided and committed; a
+  checked answer must be a grant, not a refusal).
 
 Usage: python bench/snmp_load.py node|aaa [--requests 6000] [--window 32] [--rounds 1]
        [--source DIR] [--loop asyncio|uvloop] [--json PATH]
@@ -140,8 +141,9 @@ class Prebuilt:
             raise SystemExit(f"bench: built {len(captured)} messages for {len(oids)} GETs")
         return [(msg_id(m), m) for m in captured]
 
-    def check(self, answers: list[bytes]) -> tuple[int, int]:
-        """Feed answers to the engine (HMAC check, decryption, PDU): (good, bad)."""
+    def check(self, answers: list[bytes], valid: Any = lambda _value: True) -> tuple[int, int]:
+        """Feed answers to the engine (HMAC check, decryption, PDU): (good, bad); a good
+        one holds a value (not an error, not noSuch*) that ``valid`` accepts."""
         self.answers.clear()
         receive = self.eng.transport_dispatcher._callback_function  # what the socket calls
         for data in answers:
@@ -149,7 +151,7 @@ class Prebuilt:
         good = sum(
             1
             for err, status, vbs in self.answers.values()
-            if not err and not status and vbs and vbs[0][1] not in MISSING
+            if not err and not status and vbs and vbs[0][1] not in MISSING and valid(vbs[0][1])
         )
         return good, len(answers) - good
 
@@ -332,6 +334,18 @@ def aaa_oids(n: int) -> tuple[Credentials, list[tuple[int, ...]]]:
     ]
 
 
+def _granted(value: Any) -> bool:
+    """An aaaQuotaAnswer that grants quota (not a refusal)."""
+    from appliance.aaa.client import parse_answer
+    from appliance.aaa.wallet import Terms
+
+    return isinstance(parse_answer(1, bytes(value)), Terms)
+
+
+VALID = {"node": lambda value: int(value) == 5000, "aaa": _granted}
+"""What a checked answer must hold: the reading's key level; a grant."""
+
+
 async def one_round(port: int, pid: int, target: str, args: argparse.Namespace) -> dict[str, Any]:
     creds, oids = (node_oids if target == "node" else aaa_oids)(args.requests)
     client = Prebuilt(port, creds)
@@ -345,7 +359,7 @@ async def one_round(port: int, pid: int, target: str, args: argparse.Namespace) 
     cpu = cpu_seconds(pid) - cpu0
     answers = list(sent.pop("answers").values())
     step = max(1, len(answers) // max(1, args.check))
-    good, bad = client.check(answers[::step][: args.check])
+    good, bad = client.check(answers[::step][: args.check], VALID[target])
     client.close()
     return {
         **{k: round(v, 3) if isinstance(v, float) else v for k, v in sent.items()},

@@ -116,6 +116,8 @@ class Agent:
         self.notifier = engine.SnmpEngine()
         self.port = 0
         self._views: set[tuple[str, tuple[int, ...]]] = set()
+        self.quota_access: dict[tuple[int | None, int], bool] = {}
+        """VACM's read decision for the quota rows of a UKMS, by AKMS (None: the operator)."""
         self._tasks: set[asyncio.Task[None]] = set()
         self._poller: asyncio.Task[None] | None = None
         self._informer = ntforg.NotificationOriginator()
@@ -198,6 +200,7 @@ class Agent:
                     wanted.add((f"akms-{akms}-read", (*col.oid, ukms)))
                     if col.access == "read-write":
                         wanted.add((f"akms-{akms}-write", (*col.oid, ukms)))
+        self.quota_access.clear()
         for name, subtree in self._views - wanted:
             config.delete_vacm_view(self.engine, name, subtree)
         for name, subtree in wanted - self._views:
@@ -309,32 +312,34 @@ class Instrumentation:
 
     def read_variables(self, *binds: Any, **ctx: Any) -> list[Any]:
         out = []
-        rows: dict[tuple[int, ...], bool] = {}
+        who = self.agent.who()
         for i, (name, val) in enumerate(binds):
             oid = tuple(name)
             if not _in_arc(oid):
                 out += self.default.read_variables((name, val), **ctx)
                 continue
-            if self._row_denied(oid, i, ctx, rows):
+            if self._row_denied(oid, i, ctx, who):
                 out.append((name, rfc1905.noSuchObject))
                 continue
-            value = self.view.get(oid, self.agent.who())
+            value = self.view.get(oid, who)
             out.append((name, rfc1905.noSuchInstance if value is None else _typed(value)))
         return out
 
     def _row_denied(
-        self, oid: tuple[int, ...], i: int, ctx: dict[str, Any], rows: dict[tuple[int, ...], bool]
+        self, oid: tuple[int, ...], i: int, ctx: dict[str, Any], who: int | None
     ) -> bool:
-        """Access to a quota column, checked once per row and PDU: an ask reads a dozen
-        columns of one row, and every column of a quota row is in the same views (one
-        family per column and UKMS, all built together in Agent._akms_views)."""
+        """Access to a quota column, checked once per user and UKMS while the views stay
+        the same (an ask reads one column of a new row every time, and every column of a
+        UKMS's quota rows is in the same views: one family per column and UKMS, all built
+        together and the decisions forgotten in Agent._akms_views)."""
         quota = mib.oid("aaaQuotaEntry")
-        if oid[: len(quota)] != quota:
+        if len(oid) <= len(quota) + 1 or oid[: len(quota)] != quota:
             return self._denied("read", oid, i, ctx)
-        row = oid[len(quota) + 1 :]
-        if row not in rows:
-            rows[row] = self._denied("read", oid, i, ctx)
-        return rows[row]
+        key = (who, oid[len(quota) + 1])
+        known = self.agent.quota_access.get(key)
+        if known is None:
+            known = self.agent.quota_access[key] = self._denied("read", oid, i, ctx)
+        return known
 
     def read_next_variables(self, *binds: Any, **ctx: Any) -> list[Any]:
         out = []
