@@ -346,12 +346,7 @@ class Instrumentation:
         for i, (name, val) in enumerate(binds):
             theirs = self.default.read_next_variables((name, val), **ctx)[0]
             ours = self._next(tuple(name), i, ctx)
-            if ours is not None and (
-                theirs[1] is rfc1905.endOfMibView or ours[0] < tuple(theirs[0])
-            ):
-                out.append((rfc1902.ObjectName(ours[0]), _typed(ours[1])))
-            else:
-                out.append(theirs)
+            out.append(responder.next_of(theirs, ours, _typed))
         return out
 
     def _next(self, oid: tuple[int, ...], i: int, ctx: dict[str, Any]) -> Any:

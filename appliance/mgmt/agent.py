@@ -289,12 +289,7 @@ class Instrumentation:
             ours = snap.next(tuple(name))
             while ours is not None and self._denied(ours[0], i, ctx):
                 ours = snap.next(ours[0])
-            if ours is not None and (
-                theirs[1] is rfc1905.endOfMibView or ours[0] < tuple(theirs[0])
-            ):
-                out.append((rfc1902.ObjectName(ours[0]), _typed(ours[1])))
-            else:
-                out.append(theirs)
+            out.append(responder.next_of(theirs, ours, _typed))
         return out
 
     def write_variables(self, *binds: Any, **ctx: Any) -> list[Any]:

@@ -73,7 +73,7 @@ def encoded(value: Any) -> tuple[int, bytes]:
 class FastGet:
     """The fast path of one engine: opens a datagram, reads, answers (or returns None)."""
 
-    def __init__(self, eng: engine.SnmpEngine, users: Sequence[Credentials]) -> None:
+    def __init__(self, eng: engine.SnmpEngine, users: Sequence[Credentials], instrum: Any) -> None:
         builder = eng.get_mib_builder()
         framework: list[Any] = builder.import_symbols(
             "__SNMP-FRAMEWORK-MIB",
@@ -91,7 +91,7 @@ class FastGet:
             int(max_size.syntax),
         )
         self.eng = eng
-        self.instrum: Any = None
+        self.instrum = instrum
         self._names = {u.user.encode(): rfc1902.OctetString(u.user) for u in users}
         self._salt = secrets.randbits(64)
         self.answered = 0
@@ -102,8 +102,6 @@ class FastGet:
 
     def answer(self, data: bytes, address: Any = None) -> bytes | None:
         """The sealed response to ``data`` from ``address``, or None: pysnmp's to take."""
-        if self.instrum is None:
-            return None
         boots, now = self.clock()
         get = fastget.open_get(data, self.engine, boots, now)
         if get is None:
@@ -162,7 +160,7 @@ class FastGetTransport(udp.UdpAsyncioTransport):  # type: ignore[misc]
 class Served:
     default: Any
     """pysnmp's instrumentation of the default context (the engine's own counters)."""
-    fast: FastGet | None
+    fast: FastGet
 
 
 RESPONDERS = (
@@ -179,11 +177,10 @@ def serve(
     instrumentation: Callable[[Any], Any],
     *,
     writable: bool = False,
-    fast: bool = True,
 ) -> Served:
     """Answer commands on ``sock`` (bound) with ``instrumentation(default)``, where
     ``default`` is pysnmp's own instrumentation. ``users`` are the engine's USM users
-    (added by the caller, with its VACM); ``fast=False`` leaves every message to pysnmp."""
+    (added by the caller, with its VACM); the fast path answers their GETs."""
     transport = FastGetTransport().open_server_mode(sock=sock)
     config.add_transport(eng, config.SNMP_UDP_DOMAIN, transport)
     ctx = context.SnmpContext(eng)
@@ -193,10 +190,18 @@ def serve(
     ctx.register_context_name(b"", instrum)
     for responder in (*RESPONDERS, cmdrsp.SetCommandResponder) if writable else RESPONDERS:
         responder(eng, ctx)
-    if fast:
-        transport.fast = FastGet(eng, users)
-        transport.fast.instrum = instrum
+    transport.fast = FastGet(eng, users, instrum)
     return Served(default, transport.fast)
+
+
+def next_of(
+    theirs: Any, ours: tuple[tuple[int, ...], Any] | None, typed: Callable[[Any], Any]
+) -> Any:
+    """A GETNEXT's answer: the lesser of pysnmp's next variable binding (``theirs``: the
+    engine's own counters) and the agent's (``ours``, an OID and a value for ``typed``)."""
+    if ours is not None and (theirs[1] is rfc1905.endOfMibView or ours[0] < tuple(theirs[0])):
+        return (rfc1902.ObjectName(ours[0]), typed(ours[1]))
+    return theirs
 
 
 def add_notification_target(

@@ -25,30 +25,24 @@ from pysnmp.entity import config, engine
 from pysnmp.entity.rfc3413 import cmdgen
 
 from appliance.mgmt import mib
-from appliance.mgmt.agent import Agent, AgentConfig, AgentUser
-from appliance.mgmt.nodeview import LinkReading, NodeReading
+from appliance.mgmt.agent import Agent, AgentConfig
+from appliance.mgmt.nodeview import NodeReading
 from appliance.snmp import fastget, responder
 from appliance.snmp.usm import AUTH, PRIV
+from tests.mgmt.test_agent import LINK
+from tests.mgmt.test_agent import MANAGER as USER
 
-USER = AgentUser(user="manager-8", auth="manager-auth-8", priv="manager-priv-8")
 LEVEL = (*mib.oid("qkdnLinkKeyLevel"), 9)
-LINK = LinkReading(
-    peer=9,
-    name="link-8-9",
-    state="up",
-    skr=22_700,
-    qber_ppm=17_000,
-    level=4242,
-    capacity=100_000,
-    key_size=256,
-    produced=9_000,
-    consumed=12,
-)
 
 
 def _reading() -> NodeReading:
     return NodeReading(
-        id=8, name="ckms-minden", role="ckms", software="qkdn 0.1.0", links=(LINK,), requests=3
+        id=8,
+        name="ckms-minden",
+        role="ckms",
+        software="qkdn 0.1.0",
+        links=(dataclasses.replace(LINK, level=4242),),
+        requests=3,
     )
 
 
@@ -112,7 +106,7 @@ def peer() -> Iterator[Peer]:
         agent = Agent("ckms-minden", _reading, AgentConfig(users=[USER]))
         port = await agent.start()
         client, transport = await _client(port, answers)
-        assert agent.served is not None and agent.served.fast is not None
+        assert agent.served is not None
         get, nxt = cmdgen.GetCommandGenerator(), cmdgen.NextCommandGenerator()
 
         def cb(_e: Any, _h: Any, err: Any, status: Any, _i: Any, vbs: Any, key: Any) -> None:
