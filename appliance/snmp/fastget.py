@@ -178,8 +178,9 @@ def open_get(data: bytes, engine: Engine, boots: int, now: int) -> Get | None:
 
 
 def _open(data: bytes, engine: Engine, boots: int, now: int) -> Get | None:
-    end = len(data)
-    start, end = _expect(data, 0, end, 0x30)
+    start, end = _expect(data, 0, len(data), 0x30)
+    if end != len(data):
+        return None  # octets after the message: the digest would not cover them
     version, pos = _int(data, start, end)
     hstart, hend = _expect(data, pos, end, 0x30)
     msg_id, p = _int(data, hstart, hend)

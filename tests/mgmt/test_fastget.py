@@ -171,6 +171,7 @@ def test_other_pdus_and_untimely_messages_are_left_to_pysnmp(peer: Peer):
     assert fastget.open_get(peer.next, peer.fast.engine, boots, now) is None
     assert fastget.open_get(peer.get, peer.fast.engine, boots, now + fastget.WINDOW_S + 5) is None
     assert fastget.open_get(peer.get, peer.fast.engine, boots + 1, now) is None
+    assert fastget.open_get(peer.get + b"\x00", peer.fast.engine, boots, now) is None
     stranger = dataclasses.replace(peer.fast.engine, users={})
     assert fastget.open_get(peer.get, stranger, boots, now) is None
 
