@@ -25,11 +25,14 @@ utime + stime from ``/proc/PID/stat`` over the timed phase.
 Targets:
 * ``node``: a node's QKDN-MIB agent (appliance.mgmt.agent, a reading with two links);
   GETs of qkdnLinkKeyLevel.9 (a checked answer must be the reading's 5000).
+* ``reports``: the AAA agent; SETs of ``--rows`` usage reports each (an AKMS's
+  accounting, as its outbox sends it), every report a new request ID; CPU per SET.
 * ``aaa``: the AAA agent (``qkdn aaa run``); quota asks, one GET of an aaaQuotaAnswer row
   each (every ask a distinct request number, so a grant is decided and committed; a
   checked answer must be a grant, not a refusal).
 
-Usage: python bench/snmp_load.py node|aaa [--requests 6000] [--window 32] [--rounds 1]
+Usage: python bench/snmp_load.py node|aaa|reports [--requests 6000] [--window 32] [--rounds 1]
+       [--rows 16]
        [--source DIR] [--loop asyncio|uvloop] [--json PATH]
 """
 
@@ -47,13 +50,15 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pysnmp.carrier.asyncio.dgram import udp
 from pysnmp.entity import config, engine
 from pysnmp.entity.rfc3413 import cmdgen
-from pysnmp.proto import rfc1905
+from pysnmp.proto import rfc1902, rfc1905
 
 from appliance.snmp.usm import AUTH, PRIV, Credentials
 
@@ -111,6 +116,7 @@ class Prebuilt:
             retryCount=0,
         )
         self.gen = cmdgen.GetCommandGenerator()
+        self.setter = cmdgen.SetCommandGenerator()
         self.answers: dict[int, Any] = {}
 
     def _cb(self, _e: Any, _h: Any, err: Any, status: Any, _i: Any, vbs: Any, key: Any) -> None:
@@ -127,18 +133,20 @@ class Prebuilt:
         if err or status:
             raise SystemExit(f"bench: discovery failed: {err or status}")
 
-    def build(self, oids: list[tuple[int, ...]]) -> list[tuple[int, bytes]]:
-        """One authPriv GET per OID, encoded and encrypted: (msgID, datagram)."""
+    def build(self, requests: list[list[Any]], write: bool) -> list[tuple[int, bytes]]:
+        """One authPriv GET (or SET) per list of variable bindings, encoded and encrypted:
+        (msgID, datagram)."""
         captured: list[bytes] = []
         real = self.transport.send_message
         self.transport.send_message = lambda msg, _addr: captured.append(bytes(msg))
+        gen = self.setter if write else self.gen
         try:
-            for i, oid in enumerate(oids):
-                self.gen.send_varbinds(self.eng, "a", None, "", [(oid, None)], self._cb, i)
+            for i, binds in enumerate(requests):
+                gen.send_varbinds(self.eng, "a", None, "", binds, self._cb, i)
         finally:
             self.transport.send_message = real
-        if len(captured) != len(oids):
-            raise SystemExit(f"bench: built {len(captured)} messages for {len(oids)} GETs")
+        if len(captured) != len(requests):
+            raise SystemExit(f"bench: built {len(captured)} messages for {len(requests)}")
         return [(msg_id(m), m) for m in captured]
 
     def check(self, answers: list[bytes], valid: Any = lambda _value: True) -> tuple[int, int]:
@@ -316,22 +324,31 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def node_oids(n: int) -> tuple[Credentials, list[tuple[int, ...]]]:
+@dataclass(frozen=True)
+class Workload:
+    creds: Credentials
+    requests: list[list[Any]]
+    """Variable bindings of each request."""
+    write: bool
+    valid: Callable[[Any], bool]
+    """What a checked answer's first value must satisfy."""
+    discover: tuple[int, ...]
+
+
+def node_work(n: int, _rows: int) -> Workload:
     from appliance.mgmt import mib
 
-    return NODE_USER, [(*mib.oid("qkdnLinkKeyLevel"), 9)] * n
+    oid = (*mib.oid("qkdnLinkKeyLevel"), 9)
+    return Workload(NODE_USER, [[(oid, None)]] * n, False, lambda v: int(v) == 5000, oid)
 
 
-def aaa_oids(n: int) -> tuple[Credentials, list[tuple[int, ...]]]:
+def _ask_oid(rid: int) -> tuple[int, ...]:
     from appliance.aaa import mib
 
     m = mib.load()
     kinds = [m[name] for name in m["aaaQuotaEntry"].index]
-    base = m["aaaQuotaAnswer"].oid
-    return AKMS, [
-        (*base, *mib.encode_index(kinds, [1, 1000 + i, b"alice-a", b"alice-b", 1, 256]))
-        for i in range(n + 1)
-    ]
+    index = mib.encode_index(kinds, [1, rid, b"alice-a", b"alice-b", 1, 256])
+    return (*m["aaaQuotaAnswer"].oid, *index)
 
 
 def _granted(value: Any) -> bool:
@@ -342,16 +359,47 @@ def _granted(value: Any) -> bool:
     return isinstance(parse_answer(1, bytes(value)), Terms)
 
 
-VALID = {"node": lambda value: int(value) == 5000, "aaa": _granted}
-"""What a checked answer must hold: the reading's key level; a grant."""
+def aaa_work(n: int, _rows: int) -> Workload:
+    asks = [[(_ask_oid(1000 + i), None)] for i in range(n)]
+    return Workload(AKMS, asks, False, _granted, _ask_oid(999))
+
+
+def reports_work(n: int, rows: int) -> Workload:
+    """SETs of ``rows`` usage reports each (as an AKMS's outbox sends them): master,
+    slave, outcome delivered, keys, bits; every report a new request ID."""
+    from appliance.aaa import mib
+
+    m = mib.load()
+    out = []
+    for i in range(n):
+        binds: list[Any] = []
+        for j in range(rows):
+            rid = f"{i:08x}{j:08x}".encode()
+            suffix = (1, len(rid), *rid)
+            binds += [
+                ((*m["aaaUsageMaster"].oid, *suffix), rfc1902.OctetString(b"alice-a")),
+                ((*m["aaaUsageSlave"].oid, *suffix), rfc1902.OctetString(b"alice-b")),
+                ((*m["aaaUsageOutcome"].oid, *suffix), rfc1902.Integer32(1)),
+                ((*m["aaaUsageKeys"].oid, *suffix), rfc1902.Unsigned32(1)),
+                ((*m["aaaUsageBits"].oid, *suffix), rfc1902.Unsigned32(256)),
+            ]
+        out.append(binds)
+    return Workload(AKMS, out, True, lambda _v: True, _ask_oid(999))
+
+
+WORKLOADS: dict[str, Callable[[int, int], Workload]] = {
+    "node": node_work,
+    "aaa": aaa_work,
+    "reports": reports_work,
+}
 
 
 async def one_round(port: int, pid: int, target: str, args: argparse.Namespace) -> dict[str, Any]:
-    creds, oids = (node_oids if target == "node" else aaa_oids)(args.requests)
-    client = Prebuilt(port, creds)
-    await client.discover(oids[-1])
+    work = WORKLOADS[target](args.requests, args.rows)
+    client = Prebuilt(port, work.creds)
+    await client.discover(work.discover)
     t0 = time.perf_counter()
-    messages = client.build(oids[: args.requests])
+    messages = client.build(work.requests, work.write)
     built = time.perf_counter() - t0
     load0 = os.getloadavg()[0]
     cpu0 = cpu_seconds(pid)
@@ -359,7 +407,7 @@ async def one_round(port: int, pid: int, target: str, args: argparse.Namespace) 
     cpu = cpu_seconds(pid) - cpu0
     answers = list(sent.pop("answers").values())
     step = max(1, len(answers) // max(1, args.check))
-    good, bad = client.check(answers[::step][: args.check], VALID[target])
+    good, bad = client.check(answers[::step][: args.check], work.valid)
     client.close()
     return {
         **{k: round(v, 3) if isinstance(v, float) else v for k, v in sent.items()},
@@ -399,7 +447,8 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
 
 def cli() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("target", choices=("node", "aaa"))
+    p.add_argument("target", choices=tuple(WORKLOADS))
+    p.add_argument("--rows", type=int, default=16, help="reports per SET (reports)")
     p.add_argument("--requests", type=int, default=6000)
     p.add_argument("--window", type=int, default=32)
     p.add_argument("--rounds", type=int, default=1)
@@ -409,7 +458,12 @@ def cli() -> None:
     p.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio")
     p.add_argument("--json", type=Path)
     args = p.parse_args()
-    if not (0 < args.requests <= 100_000 and 0 < args.window <= 512 and 0 < args.rounds <= 20):
+    if not (
+        0 < args.requests <= 100_000
+        and 0 < args.window <= 512
+        and 0 < args.rounds <= 20
+        and 0 < args.rows <= 64
+    ):
         p.error("a count out of range")
     result = asyncio.run(main(args))
     for r in result["rounds"]:
