@@ -149,7 +149,7 @@ def _ok(out: subprocess.CompletedProcess[str]) -> str:
 
 
 def _fast(peers: Peers) -> int:
-    """GETs the agent answered on its fast path (appliance.snmp.fastget)."""
+    """GETs the agent answered on its fast path (appliance.snmp.fastpath)."""
     served = peers.agent.served
     assert served is not None
     return served.fast.answered

@@ -1,4 +1,4 @@
-"""The common SNMPv3 request, coded without pyasn1: an authPriv GET and its response.
+"""The common SNMPv3 requests, coded without pyasn1: an authPriv GET or SET, its response.
 
 Every agent of the project answers far more authPriv GETs (a manager's polls, an AKMS's
 quota asks) than anything else, and pysnmp spends most of its time on one in pyasn1's
@@ -7,15 +7,16 @@ core of the agents' fast path (:mod:`appliance.snmp.responder` is its adapter): 
 checks and opens one kind of message, and codes the response, with the USM processing of
 RFC 3414 and RFC 3826 done in full:
 
-* :func:`open_get`: an SNMPv3 message (version 3, USM, flags auth + priv) addressed to
-  this engine (msgAuthoritativeEngineID), from a known user, inside the time window
+* :func:`open_request`: an SNMPv3 message (version 3, USM, flags auth + priv) addressed
+  to this engine (msgAuthoritativeEngineID), from a known user, inside the time window
   (same boots, time within 150 s), whose HMAC-SHA-256-192 digest is right, whose scoped
-  PDU decrypts (AES-128-CFB, IV = boots, time, salt) to a GetRequest-PDU for this
-  engine's default context with at most :data:`MAX_BINDS` variable bindings.
+  PDU decrypts (AES-128-CFB, IV = boots, time, salt) to a GetRequest-PDU or a
+  SetRequest-PDU for this engine's default context with at most :data:`MAX_BINDS`
+  variable bindings.
 * :func:`response`: the Response-PDU in a message of the same msgID, encrypted under a
   fresh salt and authenticated, carrying this engine's boots and time.
 
-Anything else returns None from :func:`open_get` and is left to pysnmp, which answers it
+Anything else returns None from :func:`open_request` and is left to pysnmp, which answers it
 (or refuses, reports and counts it) as before: engine discovery, wrong digests, unknown
 users, time-window reports, other PDU types, non-default contexts, malformed BER.
 """
@@ -34,11 +35,11 @@ DIGEST = 24
 SALT = 8
 WINDOW_S = 150
 """RFC 3414 3.2.7: a message more than 150 s from this engine's time is not timely."""
-MAX_BINDS = 8
-"""Variable bindings answered on the fast path: a response to this many bounded values
-fits any request's msgMaxSize of at least :data:`MIN_MAX_SIZE`."""
+GET, SET, RESPONSE = 0xA0, 0xA3, 0xA2
+MAX_BINDS = {GET: 8, SET: 128}
+"""Variable bindings taken on the fast path: a GET's response to 8 bounded values fits any
+request's msgMaxSize of at least :data:`MIN_MAX_SIZE`; a SET's (an echo) is checked."""
 MIN_MAX_SIZE = 4096
-GET, RESPONSE = 0xA0, 0xA2
 NULL = (0x05, b"")
 
 
@@ -56,14 +57,20 @@ class UserKeys:
 
 
 @dataclass(frozen=True, slots=True)
-class Get:
-    """An authenticated, decrypted GetRequest."""
+class Request:
+    """An authenticated, decrypted GetRequest or SetRequest."""
 
     msg_id: int
+    max_size: int
+    """The requester's msgMaxSize: no response may be longer."""
     user: UserKeys
     context_engine: bytes
+    pdu: int
+    """:data:`GET` or :data:`SET`."""
     request_id: int
     oids: list[tuple[int, ...]]
+    values: list[tuple[int, bytes]]
+    """Each binding's value: BER identifier octet and content octets (NULL in a GET)."""
 
 
 # -- BER (X.690), the subset SNMP uses --------------------------------------------------
@@ -169,15 +176,15 @@ class Engine:
     max_size: int
 
 
-def open_get(data: bytes, engine: Engine, boots: int, now: int) -> Get | None:
-    """The authPriv GetRequest in ``data``, checked; None for anything else."""
+def open_request(data: bytes, engine: Engine, boots: int, now: int) -> Request | None:
+    """The authPriv GetRequest or SetRequest in ``data``, checked; None for anything else."""
     try:
         return _open(data, engine, boots, now)
     except (Malformed, IndexError, ValueError):
         return None
 
 
-def _open(data: bytes, engine: Engine, boots: int, now: int) -> Get | None:
+def _open(data: bytes, engine: Engine, boots: int, now: int) -> Request | None:
     start, end = _expect(data, 0, len(data), 0x30)
     if end != len(data):
         return None  # octets after the message: the digest would not cover them
@@ -210,35 +217,38 @@ def _open(data: bytes, engine: Engine, boots: int, now: int) -> Get | None:
     encrypted, _p = _octets(data, send, end)
     dec = _cfb(user.priv, msg_boots, msg_time, salt).decryptor()
     plain = dec.update(encrypted) + dec.finalize()
-    return _scoped(plain, msg_id, user, engine)
+    return _scoped(plain, msg_id, max_size, user, engine)
 
 
-def _scoped(plain: bytes, msg_id: int, user: UserKeys, engine: Engine) -> Get | None:
+def _scoped(
+    plain: bytes, msg_id: int, max_size: int, user: UserKeys, engine: Engine
+) -> Request | None:
     start, end = _expect(plain, 0, len(plain), 0x30)  # padding after it is ignored
     context_engine, p = _octets(plain, start, end)
     context_name, p = _octets(plain, p, end)
     tag, pstart, pend = _tlv(plain, p, end)
-    if tag != GET or context_name or context_engine != engine.engine_id:
+    if tag not in MAX_BINDS or context_name or context_engine != engine.engine_id:
         return None
     request_id, p = _int(plain, pstart, pend)
     status, p = _int(plain, p, pend)
     index, p = _int(plain, p, pend)
     vstart, vend = _expect(plain, p, pend, 0x30)
-    oids = []
+    oids, values = [], []
     p = vstart
     while p < vend:
         bstart, bend = _expect(plain, p, vend, 0x30)
         ostart, ostop = _expect(plain, bstart, bend, 0x06)
-        _tlv(plain, ostop, bend)  # the value (NULL from every client; any is allowed)
+        vtag, vstart_, vstop = _tlv(plain, ostop, bend)
         oids.append(decode_oid(plain[ostart:ostop]))
+        values.append((vtag, plain[vstart_:vstop]))
         p = bend
-    if status or index or not 0 < len(oids) <= MAX_BINDS:
+    if status or index or not 0 < len(oids) <= MAX_BINDS[tag]:
         return None
-    return Get(msg_id, user, context_engine, request_id, oids)
+    return Request(msg_id, max_size, user, context_engine, tag, request_id, oids, values)
 
 
 def response(
-    get: Get,
+    get: Request,
     engine: Engine,
     boots: int,
     now: int,
