@@ -1,7 +1,9 @@
 """Accounting: what each contract and SAE pair was allowed, refused and delivered.
 
 Records are appended to SQLite (WAL, ``synchronous=FULL``: a committed record survives
-``kill -9``) by the AAA service only, one per reported request:
+``kill -9``) by the AAA service only, one per reported request; the reports of one SET
+are committed together (:meth:`Accounting.batch`: one fsync, not one per record), before
+the SET is answered:
 
 * a request counts once: its ID (the UKMS and the AKMS's request ID) is unique, so a
   retried report is a no-op, and the same ID with other content is a conflict;
@@ -22,6 +24,7 @@ import io
 import json
 import sqlite3
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -132,9 +135,32 @@ class Accounting:
             self.db.executescript(SCHEMA)
         except (sqlite3.Error, OSError) as exc:
             raise AccountingError(f"{path}: cannot open: {exc}", code="AAA-DB") from exc
+        self._batch = False
 
     def close(self) -> None:
         self.db.close()
+
+    @contextmanager
+    def batch(self) -> Iterator[None]:
+        """Records appended inside the block are committed together when it ends, also
+        when it ends in an error: exactly the records :meth:`record` accepted (what the
+        service counted), as if each had been committed on its own."""
+        if self._batch:
+            yield
+            return
+        try:
+            self.db.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            raise AccountingError(f"{self.path}: {exc}", code="AAA-DB") from exc
+        self._batch = True
+        try:
+            yield
+        finally:
+            self._batch = False
+            try:
+                self.db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                raise AccountingError(f"{self.path}: {exc}", code="AAA-DB") from exc
 
     def record(self, report: Report, now: float) -> bool:
         """Append ``report``; False if the same report was recorded before."""
@@ -151,6 +177,11 @@ class Accounting:
             report.bits,
             report.grant,
         )
+        if self._batch:
+            try:
+                return self._append(fields, now)
+            except sqlite3.Error as exc:
+                raise AccountingError(f"{self.path}: {exc}", code="AAA-DB") from exc
         try:
             self.db.execute("BEGIN IMMEDIATE")
             try:

@@ -28,9 +28,8 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pydantic import Field, model_validator
-from pysnmp.carrier.asyncio.dgram import udp
 from pysnmp.entity import config, engine
-from pysnmp.entity.rfc3413 import cmdrsp, context, ntforg
+from pysnmp.entity.rfc3413 import ntforg
 from pysnmp.proto import rfc1902, rfc1905
 from pysnmp.smi import error as smi_error
 
@@ -42,7 +41,7 @@ from appliance.aaa.registry import Registry
 from appliance.aaa.service import POLL_S, AaaService
 from appliance.aaa.view import MibView, SetFailure
 from appliance.config.schema import Strict, load_model, read_toml
-from appliance.snmp import usm
+from appliance.snmp import responder, usm
 from appliance.snmp.usm import AUTH, PRIV, SNMP_TRAP_OID, Credentials
 
 log = logging.getLogger("qkdn.aaa")
@@ -117,29 +116,30 @@ class Agent:
         self.notifier = engine.SnmpEngine()
         self.port = 0
         self._views: set[tuple[str, tuple[int, ...]]] = set()
+        self.access: dict[tuple[int | None, str, tuple[int, ...]], bool] = {}
+        """VACM's decisions while the views stay the same, by AKMS (None: the operator),
+        kind (read, write) and the first :attr:`view_depth` sub-identifiers of the OID."""
+        self.view_depth = 0
+        """The longest subtree of any view family: VACM's decision for an OID (families
+        without masks) depends on no sub-identifier beyond it."""
         self._tasks: set[asyncio.Task[None]] = set()
         self._poller: asyncio.Task[None] | None = None
         self._informer = ntforg.NotificationOriginator()
+        self.served: responder.Served | None = None
 
     # -- start and stop ------------------------------------------------------------------
     async def start(self) -> int:
         """Listen; return the UDP port (useful with port 0)."""
         sock = bind_udp(self.cfg.listen)
         self.port = sock.getsockname()[1]
-        transport = udp.UdpAsyncioTransport().open_server_mode(sock=sock)
-        config.add_transport(self.engine, config.SNMP_UDP_DOMAIN, transport)
         self._users()
-        ctx = context.SnmpContext(self.engine)
-        default = ctx.get_mib_instrum(b"")
-        ctx.unregister_context_name(b"")
-        ctx.register_context_name(b"", Instrumentation(self, default))
-        for responder in (
-            cmdrsp.GetCommandResponder,
-            cmdrsp.NextCommandResponder,
-            cmdrsp.BulkCommandResponder,
-            cmdrsp.SetCommandResponder,
-        ):
-            responder(self.engine, ctx)
+        self.served = responder.serve(
+            self.engine,
+            sock,
+            [self.cfg.operator, *self.cfg.akms],
+            lambda default: Instrumentation(self, default),
+            writable=True,
+        )
         self._notifier_setup()
         self._poller = asyncio.create_task(self._poll())
         return self.port
@@ -204,6 +204,9 @@ class Agent:
                     wanted.add((f"akms-{akms}-read", (*col.oid, ukms)))
                     if col.access == "read-write":
                         wanted.add((f"akms-{akms}-write", (*col.oid, ukms)))
+        self.access.clear()
+        fixed = [(1, 3, 6, 1), mib.oid("aaaDirectory"), mib.oid("aaaContracts")]
+        self.view_depth = max(len(s) for s in [*fixed, *(sub for _name, sub in wanted)])
         for name, subtree in self._views - wanted:
             config.delete_vacm_view(self.engine, name, subtree)
         for name, subtree in wanted - self._views:
@@ -244,27 +247,18 @@ class Agent:
         task.add_done_callback(self._tasks.discard)
 
     def _notifier_setup(self) -> None:
-        config.add_transport(
-            self.notifier, config.SNMP_UDP_DOMAIN, udp.UdpAsyncioTransport().open_client_mode()
-        )
+        responder.client_transport(self.notifier)
         for a in self.cfg.akms:
-            if a.inform is None:
-                continue
-            name = f"akms-{a.id}"
-            config.add_v3_user(self.notifier, a.user, AUTH, a.auth, PRIV, a.priv)
-            config.add_target_parameters(self.notifier, name, a.user, "authPriv")
-            config.add_target_address(
-                self.notifier,
-                name,
-                config.SNMP_UDP_DOMAIN,
-                host_port(a.inform),
-                name,
-                timeout=int(INFORM_TIMEOUT_S * 100),
-                retryCount=INFORM_RETRIES,
-                tagList=name,
-            )
-            config.add_notification_target(self.notifier, name, name, name, "inform")
-            config.add_vacm_user(self.notifier, 3, a.user, "authPriv", notifySubTree=(1, 3, 6, 1))
+            if a.inform is not None:
+                responder.add_notification_target(
+                    self.notifier,
+                    f"akms-{a.id}",
+                    "inform",
+                    a,
+                    host_port(a.inform),
+                    timeout_s=INFORM_TIMEOUT_S,
+                    retries=INFORM_RETRIES,
+                )
 
     async def _inform(self, akms: int, contract: str, grant: int) -> None:
         """One aaaQuotaRevoked INFORM to an AKMS; the ack is counted."""
@@ -318,50 +312,39 @@ class Instrumentation:
         self.agent, self.view, self.default = agent, agent.view, default
 
     def _denied(self, kind: str, oid: tuple[int, ...], i: int, ctx: dict[str, Any]) -> bool:
-        """True if ``oid`` is outside the user's view (raises on other ACM refusals)."""
-        verdict = ctx["acFun"](kind, (rfc1902.ObjectName(oid), None), **{**ctx, "idx": i})
-        return bool(verdict)
+        """True if ``oid`` is outside the user's view (raises on other ACM refusals).
+
+        Decided by pysnmp's VACM once per user, kind and OID prefix while the views stay
+        the same (Agent._akms_views forgets them): an ask reads a new row every time, and
+        pysnmp's VACM walking one family per column and UKMS was a quarter of its cost."""
+        key = (self.agent.who(), kind, oid[: self.agent.view_depth])
+        known = self.agent.access.get(key)
+        if known is None:
+            verdict = ctx["acFun"](kind, (rfc1902.ObjectName(oid), None), **{**ctx, "idx": i})
+            known = self.agent.access[key] = bool(verdict)
+        return known
 
     def read_variables(self, *binds: Any, **ctx: Any) -> list[Any]:
         out = []
-        rows: dict[tuple[int, ...], bool] = {}
+        who = self.agent.who()
         for i, (name, val) in enumerate(binds):
             oid = tuple(name)
             if not _in_arc(oid):
                 out += self.default.read_variables((name, val), **ctx)
                 continue
-            if self._row_denied(oid, i, ctx, rows):
+            if self._denied("read", oid, i, ctx):
                 out.append((name, rfc1905.noSuchObject))
                 continue
-            value = self.view.get(oid, self.agent.who())
+            value = self.view.get(oid, who)
             out.append((name, rfc1905.noSuchInstance if value is None else _typed(value)))
         return out
-
-    def _row_denied(
-        self, oid: tuple[int, ...], i: int, ctx: dict[str, Any], rows: dict[tuple[int, ...], bool]
-    ) -> bool:
-        """Access to a quota column, checked once per row and PDU: an ask reads a dozen
-        columns of one row, and every column of a quota row is in the same views (one
-        family per column and UKMS, all built together in Agent._akms_views)."""
-        quota = mib.oid("aaaQuotaEntry")
-        if oid[: len(quota)] != quota:
-            return self._denied("read", oid, i, ctx)
-        row = oid[len(quota) + 1 :]
-        if row not in rows:
-            rows[row] = self._denied("read", oid, i, ctx)
-        return rows[row]
 
     def read_next_variables(self, *binds: Any, **ctx: Any) -> list[Any]:
         out = []
         for i, (name, val) in enumerate(binds):
             theirs = self.default.read_next_variables((name, val), **ctx)[0]
             ours = self._next(tuple(name), i, ctx)
-            if ours is not None and (
-                theirs[1] is rfc1905.endOfMibView or ours[0] < tuple(theirs[0])
-            ):
-                out.append((rfc1902.ObjectName(ours[0]), _typed(ours[1])))
-            else:
-                out.append(theirs)
+            out.append(responder.next_of(theirs, ours, _typed))
         return out
 
     def _next(self, oid: tuple[int, ...], i: int, ctx: dict[str, Any]) -> Any:

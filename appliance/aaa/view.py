@@ -242,8 +242,9 @@ class MibView:
             rows.setdefault((self._entry_of(obj), suffix), {})[obj.name] = (i, value)
         plans = [self._plan(entry, suffix, cols, akms) for (entry, suffix), cols in rows.items()]
         revoked: list[Grant] = []
-        for plan in plans:
-            revoked += plan()
+        with self.service.accounting.batch():  # a SET's reports: one commit
+            for plan in plans:
+                revoked += plan()
         return revoked
 
     def _plan(

@@ -27,15 +27,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field
-from pysnmp.carrier.asyncio.dgram import udp
 from pysnmp.entity import config, engine
-from pysnmp.entity.rfc3413 import cmdrsp, context, ntforg
+from pysnmp.entity.rfc3413 import ntforg
 from pysnmp.proto import rfc1902, rfc1905
 
 from appliance.config.schema import Strict, load_model, read_toml
 from appliance.mgmt import mib
 from appliance.mgmt.detect import Detector, Notice
 from appliance.mgmt.nodeview import NodeReading, Snapshot, Value
+from appliance.snmp import responder
 from appliance.snmp.usm import AUTH, PRIV, SNMP_TRAP_OID, Credentials, bind_udp, host_port
 
 log = logging.getLogger("qkdn.mgmt")
@@ -113,24 +113,17 @@ class Agent:
         self._tasks: list[asyncio.Task[None]] = []
         self._originator = ntforg.NotificationOriginator()
         self._default: Any = None
+        self.served: responder.Served | None = None
 
     # -- start and stop ------------------------------------------------------------------
     async def start(self) -> int:
         sock = bind_udp(self.cfg.listen)
         self.port = int(sock.getsockname()[1])
-        transport = udp.UdpAsyncioTransport().open_server_mode(sock=sock)
-        config.add_transport(self.engine, config.SNMP_UDP_DOMAIN, transport)
         self._users()
-        ctx = context.SnmpContext(self.engine)
-        self._default = ctx.get_mib_instrum(b"")
-        ctx.unregister_context_name(b"")
-        ctx.register_context_name(b"", Instrumentation(self, self._default))
-        for responder in (
-            cmdrsp.GetCommandResponder,
-            cmdrsp.NextCommandResponder,
-            cmdrsp.BulkCommandResponder,
-        ):
-            responder(self.engine, ctx)
+        self.served = responder.serve(
+            self.engine, sock, self.cfg.users, lambda default: Instrumentation(self, default)
+        )
+        self._default = self.served.default
         self._receivers()
         self._tasks = [asyncio.ensure_future(self._watch())]
         if self.cfg.inform is not None:
@@ -159,27 +152,20 @@ class Agent:
             config.add_vacm_group(self.engine, user.role, 3, user.user)
 
     def _receivers(self) -> None:
-        config.add_transport(
-            self.notifier, config.SNMP_UDP_DOMAIN, udp.UdpAsyncioTransport().open_client_mode()
-        )
+        responder.client_transport(self.notifier)
         targets = [("inform", self.cfg.inform)] if self.cfg.inform else []
         targets += [(f"trap-{i}", r) for i, r in enumerate(self.cfg.traps)]
         for name, rx in targets:
             kind = "inform" if name == "inform" else "trap"
-            config.add_v3_user(self.notifier, rx.user, AUTH, rx.auth, PRIV, rx.priv)
-            config.add_target_parameters(self.notifier, name, rx.user, "authPriv")
-            config.add_target_address(
+            responder.add_notification_target(
                 self.notifier,
                 name,
-                config.SNMP_UDP_DOMAIN,
+                kind,
+                rx,
                 host_port(rx.address),
-                name,
-                timeout=int(INFORM_TIMEOUT_S * 100),
-                retryCount=INFORM_RETRIES,
-                tagList=name,
+                timeout_s=INFORM_TIMEOUT_S,
+                retries=INFORM_RETRIES,
             )
-            config.add_notification_target(self.notifier, name, name, name, kind)
-            config.add_vacm_user(self.notifier, 3, rx.user, "authPriv", notifySubTree=(1, 3, 6, 1))
 
     # -- faults ------------------------------------------------------------------------
     def refusals(self) -> int:
@@ -303,12 +289,7 @@ class Instrumentation:
             ours = snap.next(tuple(name))
             while ours is not None and self._denied(ours[0], i, ctx):
                 ours = snap.next(ours[0])
-            if ours is not None and (
-                theirs[1] is rfc1905.endOfMibView or ours[0] < tuple(theirs[0])
-            ):
-                out.append((rfc1902.ObjectName(ours[0]), _typed(ours[1])))
-            else:
-                out.append(theirs)
+            out.append(responder.next_of(theirs, ours, _typed))
         return out
 
     def write_variables(self, *binds: Any, **ctx: Any) -> list[Any]:

@@ -113,3 +113,18 @@ def test_export_csv_and_json_carry_the_billing_reference(acct):
     assert text.splitlines()[0].startswith("period,contract,user,master,slave,allowed")
     assert text.splitlines()[1].endswith(",2,512,0,B-77")
     assert '"billing": "B-77"' in export(rows, "json", {"alice": "B-77"})
+
+
+def test_a_batch_commits_once_and_keeps_what_it_accepted_before_an_error(acct):
+    other = sqlite3.connect(acct.path)
+    with pytest.raises(AccountingError), acct.batch():
+        assert acct.record(report("1:1"), NOW)
+        assert acct.record(report("1:2"), NOW)
+        assert not acct.record(report("1:1"), NOW)  # a retry inside the batch: once
+        assert other.execute("SELECT count(*) FROM records").fetchone()[0] == 0  # not yet
+        acct.record(report("1:2", keys=9), NOW)  # a conflict ends the batch
+    assert other.execute("SELECT count(*) FROM records").fetchone()[0] == 2
+    assert acct.record(report("1:3"), NOW)  # outside a batch: committed on its own
+    assert other.execute("SELECT count(*) FROM records").fetchone()[0] == 3
+    assert verify(acct.path, Ed25519PrivateKey.generate().public_key()).records == 3  # chain
+    other.close()

@@ -50,8 +50,10 @@ def test_an_operator_suspends_a_user_with_snmpset_and_the_akms_is_told(aaa):
     terms = aaa.call(client.ask(1, "alice-a", "alice-b", 10, 2560))
     assert isinstance(terms, Terms) and terms.keys == 10
     oid = dotted(mib.oid("aaaUserSuspended") + name_index("alice"))
+    fast = aaa.agent.served.fast.answered
     out = aaa.snmp("snmpset", oid, "i", "1")
     assert out.returncode == 0, out.stderr
+    assert aaa.agent.served.fast.answered == fast + 1  # net-snmp's SET took the fast path
     assert aaa.events[2].wait(5.0), "no aaaQuotaRevoked INFORM within 5 s"
     assert aaa.revoked[2] == [("alice-2026", terms.grant)]
     reg = Registry(aaa.db)

@@ -148,10 +148,19 @@ def _ok(out: subprocess.CompletedProcess[str]) -> str:
     return out.stdout
 
 
+def _fast(peers: Peers) -> int:
+    """GETs the agent answered on its fast path (appliance.snmp.fastpath)."""
+    served = peers.agent.served
+    assert served is not None
+    return served.fast.answered
+
+
 def test_manager_role_gets_live_values_and_walks_the_whole_mib(peers: Peers):
+    fast = peers.call(lambda: _fast(peers))
     first = _ok(snmp("snmpget", peers.address, "QKDN-MIB::qkdnLinkKeyLevel.9", user=MANAGER))
     second = _ok(snmp("snmpget", peers.address, "QKDN-MIB::qkdnLinkKeyLevel.9", user=MANAGER))
     assert first != second  # every GET reads the node again
+    assert peers.call(lambda: _fast(peers)) >= fast + 2  # net-snmp's GETs took the fast path
     walk = _ok(snmp("snmpwalk", peers.address, "QKDN-MIB::qkdnMIB", user=MANAGER))
     bulk = _ok(snmp("snmpbulkwalk", peers.address, "QKDN-MIB::qkdnMIB", user=MANAGER))
     for text in (walk, bulk):
@@ -168,8 +177,10 @@ def test_monitor_role_sees_identity_and_links_only(peers: Peers):
     walk = _ok(snmp("snmpbulkwalk", peers.address, "QKDN-MIB::qkdnMIB", user=MONITOR))
     assert "qkdnLinkSkr.9" in walk and "qkdnNodeRole.0" in walk
     assert "qkdnKms" not in walk and "qkdnRng" not in walk and "qkdnFailure" not in walk
+    fast = peers.call(lambda: _fast(peers))
     got = _ok(snmp("snmpget", peers.address, "QKDN-MIB::qkdnKmsRequests.0", user=MONITOR))
-    assert "No Such Object" in got
+    assert "No Such Object" in got  # VACM on the fast path: not in the monitor's view
+    assert peers.call(lambda: _fast(peers)) > fast
 
 
 def _counters(peers: Peers) -> list[int]:
