@@ -11,6 +11,12 @@ quota held locally, asks ahead of need in the background, settles finished grant
 reports each request's outcome for accounting: :meth:`AaaValidator.completed` commits
 it to a durable :class:`~appliance.aaa.outbox.Outbox` before the AKMS answers its UKMS, and
 a sender replays the outbox to AAA until each report is acknowledged.
+
+UKMS stocks: a request served from a stock is validated and accounted exactly as one that
+crosses the network (the UKMS asks with a ``KsaStocked`` before the keys leave; the AKMS
+answers from the wallet and commits the report before its ``Ok``). A refill of a stock
+(``ValidationQuery.refill``) is only looked up: it spends no quota and is never billed,
+since no SAE holds its keys until a request carries them.
 """
 
 from __future__ import annotations
@@ -314,6 +320,8 @@ class AaaValidator:
         self._settle()
 
     async def validate(self, query: ValidationQuery) -> Verdict:
+        if query.refill:
+            return await self._route(query)
         pair = (query.master, query.slave)
         result = self.wallet.spend(
             query.master, query.slave, query.number, query.size, self.clock()
@@ -333,6 +341,17 @@ class AaaValidator:
         if self.outbox is not None:
             result = self._account(query, result)
         return verdict(result)
+
+    async def _route(self, query: ValidationQuery) -> Verdict:
+        """A stock refill: where the slave is and how keys cross, from the pair's terms
+        (a grant held, else a fresh ask); nothing spent, nothing accounted. A pair AAA
+        refuses (suspended, unknown, outside its window) gets no stock; a pair whose quota
+        is used up keeps its stock (its requests are refused one by one)."""
+        try:
+            t = await self.terms(query.ukms, query.master, query.slave)
+        except Denied as exc:
+            return Verdict(denied=exc)
+        return Verdict(mode=Mode[t.mode.upper()], ukms_b=t.ukms_b, akms_b=t.akms_b)
 
     async def terms(self, ukms: int, master: str, slave: str) -> Terms:
         """The contract's terms for a pair: from a grant held, else from a fresh ask (which
