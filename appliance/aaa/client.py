@@ -45,8 +45,9 @@ from appliance.aaa.outbox import Outbox, Pending
 from appliance.aaa.view import U32
 from appliance.aaa.wallet import Spent, Terms, Wallet
 from appliance.config.schema import load_model, read_toml
+from appliance.config.topology import Topology
 from appliance.kms.relay import Mode
-from appliance.kms.seams import Denial, Denied, ValidationQuery, Verdict
+from appliance.kms.seams import Denial, Denied, TopologySessions, ValidationQuery, Verdict
 from appliance.snmp.usm import AUTH, PRIV, Credentials
 
 log = logging.getLogger("qkdn.aaa.client")
@@ -60,6 +61,8 @@ SEND_IDLE_S, SEND_BACKOFF_MAX_S = 0.05, 2.0
 WAITS_KEPT = 100_000
 ASK_KEYS = 1000
 """Keys a wallet asks for at a time (AAA may grant less)."""
+ASK_AHEAD = 256
+"""Pairs an AKMS asks quota for when it starts (the others ask at their first request)."""
 MAX_KEY_BITS = 8192
 """Bits per key a first ask reserves, before the contract's largest key is known."""
 NULL = rfc1902.Null("")
@@ -249,6 +252,17 @@ class AaaClient:
         return port
 
 
+def served_pairs(topology: Topology, akms: int) -> list[tuple[int, str, str]]:
+    """(UKMS, master, slave) of every pair whose master sits at a UKMS of this AKMS and
+    whose keys cross the network: what the AKMS will validate."""
+    ukms = [p.id for _, p in topology.neighbours(akms) if "ukms" in p.roles]
+    return [
+        (u, master, slave)
+        for u in ukms
+        for master, slave in TopologySessions(topology, u).master_pairs()
+    ]
+
+
 def _close_engine(eng: engine.SnmpEngine) -> None:
     if eng.transport_dispatcher is not None:
         eng.close_dispatcher()
@@ -312,6 +326,12 @@ class AaaValidator:
         key, and Status keeps its terms while only the quota is spent."""
         self._tasks: set[asyncio.Task[None]] = set()
         self.alarms = 0
+
+    def ask_ahead(self, pairs: list[tuple[int, str, str]]) -> None:
+        """Ask for quota for these (UKMS, master, slave) pairs now, in the background, so
+        that a pair's first request does not wait on AAA (at most :data:`ASK_AHEAD`)."""
+        for ukms, master, slave in pairs[:ASK_AHEAD]:
+            self._ask_soon(ukms, (master, slave))
 
     def revoked(self, contract: str, grant: int) -> None:
         """An INFORM arrived: drop the grant (0: every grant of the contract) at once."""

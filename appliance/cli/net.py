@@ -324,6 +324,10 @@ def cmd_node_run(args: argparse.Namespace) -> int:
         if paths is not None:  # a path learnt stays good while the node's routes stand
             paths.table = lambda: node.agent.routes if node.agent else None
         await node.start()
+        if aaa is not None:  # quota ahead of need: a pair's first request does not wait
+            from appliance.aaa.client import served_pairs
+
+            aaa[0].ask_ahead(served_pairs(topo, cfg.node.id))
         agent = await _mgmt_agent(args, node, generator) if args.mgmt is not None else None
         # What start-up built (the topology, the SAE directory, the engines) lives as long
         # as the process: out of the collector's sight, a full collection does not walk

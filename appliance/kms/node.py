@@ -776,6 +776,12 @@ class KmsNode:
     def new_req(self) -> int:
         return next(self._numbers)
 
+    def ukms_akms(self) -> int:
+        """The AKMS this node's UKMS hangs off."""
+        engine = self.engines["ukms"]
+        assert isinstance(engine, UkmsEngine)
+        return engine.akms
+
 
 class UkmsKeyService:
     """The ETSI 014 key service of a UKMS node (:class:`etsi014.KeyService`)."""
