@@ -102,13 +102,16 @@ def test_a_killed_node_is_restarted_and_relays_resume(net):
 
 
 def test_down_stops_every_process(tmp_path):
+    """(Started with --no-aaa: the operator's opt-out leaves the AAA device out.)"""
     base = free_base_port()
     up = qkdn(
-        "net", "up", "--dir", str(tmp_path), "--base-port", str(base), "--json",
+        "net", "up", "--dir", str(tmp_path), "--base-port", str(base), "--json", "--no-aaa",
         *SLOW_START, timeout=300,
     )  # fmt: skip
     assert up.returncode == 0, up.stderr
-    pids = [n["pid"] for n in json.loads(up.stdout)["nodes"]]
+    doc = json.loads(up.stdout)
+    assert doc["aaa"] is None and not (tmp_path / "aaa").exists()
+    pids = [n["pid"] for n in doc["nodes"]]
     again = qkdn("net", "up", "--dir", str(tmp_path), "--base-port", str(base))
     assert again.returncode == 1 and "already running" in again.stderr
     assert qkdn("net", "down", "--dir", str(tmp_path)).returncode == 0
