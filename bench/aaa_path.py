@@ -15,8 +15,12 @@ side, one without AAA (the topology's contracts, the baseline) and one with
    down), 20 warm-up then N T_key requests, and the CPU time (utime + stime) every process
    of the network spent on them: what AAA costs per request, and where.
 
+``--stock N`` starts both networks with UKMS stocks of N keys per pair: T_key then times
+requests served from the stock (each allowed and accounted by the AKMS under AAA: one
+UKMS -> AKMS round trip). ``--tkey-only`` runs step 1 alone.
+
 Usage: python bench/aaa_path.py [--rounds 5] [--requests 40] [--load 800] [--suspensions 10]
-       [--one-at-a-time N] [--json PATH]
+       [--one-at-a-time N] [--stock N] [--tkey-only] [--json PATH]
 """
 
 from __future__ import annotations
@@ -45,14 +49,14 @@ REVOKED = ("aaa: quota revoked", "demo-2026")
 WAITS = "aaa: validations"
 
 
-def up(folder: Path, aaa: bool) -> None:
+def up(folder: Path, aaa: bool, stock: int = 0) -> None:
     args = argparse.Namespace(
         topology="demoquandt",
         dir=folder,
         base_port=find_free_base_port(),
         mode="gcm",
         rate_limited=False,
-        stock=0,
+        stock=stock,
         timeout=300.0,
         json=False,
         aaa=aaa,
@@ -244,6 +248,8 @@ def main() -> None:
     p.add_argument("--load", type=int, default=800)
     p.add_argument("--suspensions", type=int, default=10)
     p.add_argument("--one-at-a-time", type=int, metavar="N")
+    p.add_argument("--stock", type=int, default=0, metavar="N")
+    p.add_argument("--tkey-only", action="store_true")
     p.add_argument("--json", type=Path)
     args = p.parse_args()
     doc: dict[str, Any] = {
@@ -257,14 +263,16 @@ def main() -> None:
             print(json.dumps(doc, indent=1))
             return
         base, aaa = Path(tmp) / "without", Path(tmp) / "with"
-        up(base, False)
+        doc["stock"] = args.stock
+        up(base, False, args.stock)
         try:
-            up(aaa, True)
+            up(aaa, True, args.stock)
             try:
                 doc["t_key"] = tkey_rounds(base, aaa, args.rounds, args.requests)
                 net.bring_down(base)
-                doc["suspension"] = suspensions(aaa, args.suspensions)
-                doc["load16"] = load(aaa, args.load)
+                if not args.tkey_only:
+                    doc["suspension"] = suspensions(aaa, args.suspensions)
+                    doc["load16"] = load(aaa, args.load)
             finally:
                 net.bring_down(aaa)
             waits = {}

@@ -11,6 +11,12 @@ quota held locally, asks ahead of need in the background, settles finished grant
 reports each request's outcome for accounting: :meth:`AaaValidator.completed` commits
 it to a durable :class:`~appliance.aaa.outbox.Outbox` before the AKMS answers its UKMS, and
 a sender replays the outbox to AAA until each report is acknowledged.
+
+UKMS stocks: a request served from a stock is validated and accounted exactly as one that
+crosses the network (the UKMS asks with a ``KsaStocked`` before the keys leave; the AKMS
+answers from the wallet and commits the report before its ``Ok``). A refill of a stock
+(``ValidationQuery.refill``) is only looked up: it spends no quota and is never billed,
+since no SAE holds its keys until a request carries them.
 """
 
 from __future__ import annotations
@@ -39,8 +45,9 @@ from appliance.aaa.outbox import Outbox, Pending
 from appliance.aaa.view import U32
 from appliance.aaa.wallet import Spent, Terms, Wallet
 from appliance.config.schema import load_model, read_toml
+from appliance.config.topology import Topology
 from appliance.kms.relay import Mode
-from appliance.kms.seams import Denial, Denied, ValidationQuery, Verdict
+from appliance.kms.seams import Denial, Denied, TopologySessions, ValidationQuery, Verdict
 from appliance.snmp.usm import AUTH, PRIV, Credentials
 
 log = logging.getLogger("qkdn.aaa.client")
@@ -54,6 +61,8 @@ SEND_IDLE_S, SEND_BACKOFF_MAX_S = 0.05, 2.0
 WAITS_KEPT = 100_000
 ASK_KEYS = 1000
 """Keys a wallet asks for at a time (AAA may grant less)."""
+ASK_AHEAD = 256
+"""Pairs an AKMS asks quota for when it starts (the others ask at their first request)."""
 MAX_KEY_BITS = 8192
 """Bits per key a first ask reserves, before the contract's largest key is known."""
 NULL = rfc1902.Null("")
@@ -243,6 +252,17 @@ class AaaClient:
         return port
 
 
+def served_pairs(topology: Topology, akms: int) -> list[tuple[int, str, str]]:
+    """(UKMS, master, slave) of every pair whose master sits at a UKMS of this AKMS and
+    whose keys cross the network: what the AKMS will validate."""
+    ukms = [p.id for _, p in topology.neighbours(akms) if "ukms" in p.roles]
+    return [
+        (u, master, slave)
+        for u in ukms
+        for master, slave in TopologySessions(topology, u).master_pairs()
+    ]
+
+
 def _close_engine(eng: engine.SnmpEngine) -> None:
     if eng.transport_dispatcher is not None:
         eng.close_dispatcher()
@@ -307,6 +327,12 @@ class AaaValidator:
         self._tasks: set[asyncio.Task[None]] = set()
         self.alarms = 0
 
+    def ask_ahead(self, pairs: list[tuple[int, str, str]]) -> None:
+        """Ask for quota for these (UKMS, master, slave) pairs now, in the background, so
+        that a pair's first request does not wait on AAA (at most :data:`ASK_AHEAD`)."""
+        for ukms, master, slave in pairs[:ASK_AHEAD]:
+            self._ask_soon(ukms, (master, slave))
+
     def revoked(self, contract: str, grant: int) -> None:
         """An INFORM arrived: drop the grant (0: every grant of the contract) at once."""
         dropped = self.wallet.revoke(grant=grant or None, contract=contract if grant == 0 else None)
@@ -314,6 +340,8 @@ class AaaValidator:
         self._settle()
 
     async def validate(self, query: ValidationQuery) -> Verdict:
+        if query.refill:
+            return await self._route(query)
         pair = (query.master, query.slave)
         result = self.wallet.spend(
             query.master, query.slave, query.number, query.size, self.clock()
@@ -333,6 +361,17 @@ class AaaValidator:
         if self.outbox is not None:
             result = self._account(query, result)
         return verdict(result)
+
+    async def _route(self, query: ValidationQuery) -> Verdict:
+        """A stock refill: where the slave is and how keys cross, from the pair's terms
+        (a grant held, else a fresh ask); nothing spent, nothing accounted. A pair AAA
+        refuses (suspended, unknown, outside its window) gets no stock; a pair whose quota
+        is used up keeps its stock (its requests are refused one by one)."""
+        try:
+            t = await self.terms(query.ukms, query.master, query.slave)
+        except Denied as exc:
+            return Verdict(denied=exc)
+        return Verdict(mode=Mode[t.mode.upper()], ukms_b=t.ukms_b, akms_b=t.akms_b)
 
     async def terms(self, ukms: int, master: str, slave: str) -> Terms:
         """The contract's terms for a pair: from a grant held, else from a fresh ask (which

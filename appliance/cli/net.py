@@ -217,14 +217,26 @@ even by kill -9. A state file it cannot write (full disk) is an alarm in
         type=STOCK,
         default=None,
         metavar="N",
-        help=f"KSA keys each UKMS keeps ready per SAE pair (default: {DEFAULT_STOCK}, 0 with "
-        "--aaa; 0 makes every enc_keys cross the network)",
+        help=f"KSA keys each UKMS keeps ready per SAE pair (default: {DEFAULT_STOCK}; 0 makes "
+        "every enc_keys cross the network; under AAA a request served from the stock is "
+        "validated and accounted like any other)",
     )
-    up.add_argument(
+    aaa = up.add_mutually_exclusive_group()
+    aaa.add_argument(
         "--aaa",
+        dest="aaa",
         action="store_true",
+        default=None,
         help="start the data centre's AAA device (<dir>/aaa, seeded from the topology's "
-        "contracts): every request is validated and accounted by it (docs/aaa.md)",
+        "contracts): every request is validated and accounted by it (docs/aaa.md); the "
+        "default when the topology has an AAA node",
+    )
+    aaa.add_argument(
+        "--no-aaa",
+        dest="aaa",
+        action="store_false",
+        help="no AAA device: requests are checked against the topology's contracts only, "
+        "and nothing is accounted",
     )
     up.add_argument(
         "--no-mgmt",
@@ -312,6 +324,10 @@ def cmd_node_run(args: argparse.Namespace) -> int:
         if paths is not None:  # a path learnt stays good while the node's routes stand
             paths.table = lambda: node.agent.routes if node.agent else None
         await node.start()
+        if aaa is not None:  # quota ahead of need: a pair's first request does not wait
+            from appliance.aaa.client import served_pairs
+
+            aaa[0].ask_ahead(served_pairs(topo, cfg.node.id))
         agent = await _mgmt_agent(args, node, generator) if args.mgmt is not None else None
         # What start-up built (the topology, the SAE directory, the engines) lives as long
         # as the process: out of the collector's sight, a full collection does not walk
@@ -462,15 +478,10 @@ def bring_up(args: argparse.Namespace) -> None:
     if not 0 < speedup <= 1000:
         raise UsageError(f"--speedup: expected 0 < X <= 1000, got {speedup:g}")
     topo = load_topology(args.topology)
-    aaa = bool(getattr(args, "aaa", False))
+    args.aaa = _wants_aaa(args, topo)
     args.stock = getattr(args, "stock", 0)  # callers that name none mean 0, as before
     if args.stock is None:  # `net up` without --stock
-        args.stock = 0 if aaa else DEFAULT_STOCK
-    elif aaa and args.stock:
-        raise UsageError(
-            "--stock with --aaa: a key made ahead would be billed before the request that "
-            "carries it; under AAA every enc_keys crosses the network (--stock 0)"
-        )
+        args.stock = DEFAULT_STOCK
     import tomli_w  # noqa: F401 - rendering needs the provisioning extra: refused before any write
 
     lock = netproc.lock_dir(args.dir)
@@ -480,7 +491,7 @@ def bring_up(args: argparse.Namespace) -> None:
         configs = _prepare(args, topo, speedup)
         addresses = _kms_addresses(configs) + _controller_addresses(args, configs)
         _refuse_busy_ports(addresses)
-        aaa_log = _prepare_aaa(args.dir, topo, configs) if aaa else None
+        aaa_log = _prepare_aaa(args.dir, topo, configs) if args.aaa else None
         args.mgmt = _prepare_mgmt(args, topo, configs)
         supervisor = _start_supervisor(args, patience, lock)
         try:
@@ -508,6 +519,16 @@ def _prepare(args: argparse.Namespace, topo: Any, speedup: float) -> dict[str, A
         make_pki(topo, configs, provisioning)
     provision_psks(configs, provisioning)
     return configs
+
+
+def _wants_aaa(args: argparse.Namespace, topo: Any) -> bool:
+    """Whether the network runs its AAA device: ``net up`` does by default when the
+    topology has an AAA node (``--no-aaa``: no; ``--aaa`` without one: an error, later,
+    AAA-TOPOLOGY). Callers whose arguments name nothing (``bring_up`` from code) get none."""
+    wanted = getattr(args, "aaa", False)
+    if wanted is None:  # `net up` without --aaa or --no-aaa
+        return bool(topo.nodes_with("aaa"))
+    return bool(wanted)
 
 
 def _prepare_aaa(net_dir: Path, topo: Any, configs: dict[str, Any]) -> tuple[Path, int]:
@@ -785,6 +806,13 @@ def _report(net_dir: Path, as_json: bool) -> int:
         console().print("[red]no supervisor runs for this network[/]")
     for alarm in doc["alarms"]:
         console().print(f"[red]alarm [{alarm.get('code')}][/]: {alarm.get('message')}")
+    aaa = doc["aaa"]
+    if aaa is not None:
+        state = f"pid {aaa['pid']}" if aaa["alive"] else "[red]down[/]"
+        console().print(
+            f"AAA: {state}, restarts {aaa['restarts']}, snmp={aaa['snmp']} "
+            f"(operator credentials in {aaa['config']}; qkdn aaa --dir {aaa['dir']} ...)"
+        )
     for sae in doc["saes"]:
         console().print(f"SAE {sae['id']}: {sae['etsi014_base_url']} cert {sae['cert']}")
     return 0
@@ -813,6 +841,7 @@ def status_doc(net_dir: Path) -> dict[str, Any]:
         "alarms": [a for a in alarms if isinstance(a, dict)] if isinstance(alarms, list) else [],
         "nodes": [],
         "saes": [],
+        "aaa": _aaa_status(net_dir, configs, children.get("aaa"), procs),
     }
     for name, cfg in configs.items():
         if not is_kms(cfg):
@@ -848,6 +877,24 @@ def status_doc(net_dir: Path) -> dict[str, Any]:
                 }
             )
     return doc
+
+
+def _aaa_status(
+    net_dir: Path, configs: dict[str, Any], child: Any, procs: dict[int, str]
+) -> dict[str, Any] | None:
+    """The AAA device's process and SNMP address (None: the network runs without it)."""
+    if not isinstance(child, dict):
+        return None
+    pid = int(child.get("pid", 0) or 0)
+    snmp = next((c.listen.get("snmp") for c in configs.values() if c.node.role == "aaa"), None)
+    return {
+        "pid": pid,
+        "alive": pid > 0 and procs.get(pid) == "aaa",
+        "restarts": int(child.get("restarts", 0) or 0),
+        "snmp": snmp,
+        "dir": str(net_dir / "aaa"),
+        "config": str(net_dir / "aaa" / "aaa.toml"),
+    }
 
 
 def cmd_net_status(args: argparse.Namespace) -> int:

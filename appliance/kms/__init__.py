@@ -36,7 +36,8 @@ in one process on a seeded scheduler, with faults, and checks the invariants.
 The end-to-end flow:
 
 1. SAE A -> UKMS A: ``enc_keys(slave=SAE B, number, size)``. From the pair's stock when it
-   holds enough keys of the usual size; otherwise:
+   holds enough keys of the usual size (when the contracts live at the AKMS, under AAA,
+   once AKMS A has allowed and accounted for the request: ``KsaStocked``); otherwise:
 2. UKMS A -> AKMS A: ``KsaRequest``. AKMS A asks the request validator, which names SAE
    B's UKMS and its AKMS and the relay mode (the contract's, else the network's).
 3. AKMS A -> AKMS B: ``CnRequest`` in a ``Tagged`` envelope on their channel (opened

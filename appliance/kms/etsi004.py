@@ -32,7 +32,8 @@ The service (:class:`StreamService`) carries out what :mod:`streams` decides:
   answer. The source's UKMS then supplies chunks.
 * **Supply** (source side): one task per stream asks its AKMS for the next chunks through
   the UKMS engine (an ``enc_keys`` made end to end with a :class:`StreamTag`, at most
-  ``max_key_per_request`` per request), after writing the indices it reserves; the AKMS
+  ``max_key_per_request`` per request, and under AAA at most the contract's keys per
+  request), after writing the indices it reserves; the AKMS
   pair derives the chunks' key IDs from (KSID, index) and delivers the destination's copies
   to its UKMS, which files them under the stream's session. The source's copies are filed
   here the same way. A failed request's indices are never asked again (two draws for one
@@ -61,7 +62,7 @@ from appliance.kms import frames004 as f
 from appliance.kms import keyids
 from appliance.kms.errors import KeyUnavailable, KmsError
 from appliance.kms.events import SaeEncKeys
-from appliance.kms.messages import StreamTag
+from appliance.kms.messages import StreamTag, TermsAnswer, TermsRequest
 from appliance.kms.storeops import (
     DST004,
     SRC004,
@@ -535,7 +536,6 @@ class StreamService:
 
     async def _supply(self, stream: Stream) -> None:
         """Keep the stream's chunks asked for ahead of its ends (see StreamTable)."""
-        limit = self.node.policy.max_key_per_request
         while stream.ksid in self.table.streams:
             now = self.clock()
             want = self.table.supply_wanted(stream, self._asked.get(stream.ksid, -1), now)
@@ -545,8 +545,27 @@ class StreamService:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(wake.wait(), SWEEP * 4)
                 continue
+            limit = await self._per_request(stream)
             if not await self._supply_once(stream, min(limit, want - stream.next), now):
                 await asyncio.sleep(SUPPLY_BACKOFF)
+
+    async def _per_request(self, stream: Stream) -> int:
+        """Chunks one supply request may ask for: the network's bound, and when the
+        contracts live at the AKMS (AAA) the pair's contract's keys per request, as the
+        AKMS answers its terms (a request above it would be refused and its indices
+        burnt). Terms it cannot answer leave the network's bound (the AKMS then refuses
+        the request itself, and accounts for the refusal)."""
+        limit = self.node.policy.max_key_per_request
+        if not self.node.policy.terms_from_akms:
+            return limit
+        ask = TermsRequest(master=stream.source, slave=stream.destination)
+        try:
+            answer = await self.node.request(self.node.ukms_akms(), "akms", ask)
+        except KmsError:
+            return limit
+        if isinstance(answer, TermsAnswer):
+            return min(limit, answer.max_key_per_request)
+        return limit
 
     async def _supply_once(self, stream: Stream, n: int, now: float) -> bool:
         first = stream.next

@@ -186,11 +186,34 @@ class KsaRequest(Message, frozen=True, kw_only=True):
     """Additional slave SAEs that receive copies of the same keys (ETSI 014 Annex B
     ``additional_slave_SAE_IDs``), none of them the master, the slave or another twice;
     never with ``stream``."""
+    refill: bool = False
+    """Keys for the pair's stock at the UKMS, not for an SAE's request: under AAA the AKMS
+    only looks the pair up (where the slave is, how keys cross) and charges nothing; each
+    request later served from the stock is allowed and accounted by a :class:`KsaStocked`.
+    Never with ``stream`` or ``also``."""
 
     def __post_init__(self) -> None:
         _distinct_slaves(self.master, self.slave, self.also)
         if self.also and self.stream is not None:
             raise ValueError("a 004 stream has one slave")
+        if self.refill and (self.also or self.stream is not None):
+            raise ValueError("a stock refill is for one pair, never a stream")
+
+
+class KsaStocked(Message, frozen=True, kw_only=True):
+    """UKMS A asks its AKMS to allow (and account for) an SAE's request it will serve from
+    the pair's stock: the same contract rules as a :class:`KsaRequest`, nothing drawn. The
+    answer is :class:`Ok` (the AKMS has committed the request's accounting: the UKMS hands
+    the keys out) or a refusal (the UKMS keeps the keys in the stock)."""
+
+    master: Name
+    """SAE ID of the master (the caller of enc_keys)."""
+    slave: Name
+    """SAE ID of the slave."""
+    number: Number
+    """Keys the SAE asked for."""
+    size: KeyBits
+    """Bits per key."""
 
 
 class KsaAnswer(Message, frozen=True, kw_only=True):
@@ -489,6 +512,7 @@ class Refused(Message, frozen=True, kw_only=True):
 AnyMessage = (
     KsaRequest
     | KsaAnswer
+    | KsaStocked
     | Tagged
     | CnRequest
     | CnAnswer
@@ -518,6 +542,7 @@ Sendable = Message | RelayItem
 
 ENDPOINTS: dict[str, tuple[type[Message], type[Message]]] = {
     "/v1/ksa": (KsaRequest, KsaAnswer),
+    "/v1/ksa/stocked": (KsaStocked, Ok),
     "/v1/cn": (Tagged, Tagged),
     "/v1/relay": (RelayBatch, RelayResults),
     "/v1/relay/abort": (RelayAbort, Ok),

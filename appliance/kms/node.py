@@ -18,7 +18,8 @@ what their actions ask:
   and ETSI GS QKD 004 key streams on a port of their own (:mod:`etsi004`).
 
 Endpoints (``POST``, MessagePack bodies, see :data:`messages.ENDPOINTS`): ``/v1/ksa``,
-``/v1/cn``, ``/v1/relay``, ``/v1/relay/abort``, ``/v1/cn/abort``, ``/v1/ksa/deliver``,
+``/v1/ksa/stocked`` (a request served from a UKMS's stock, allowed by its AKMS), ``/v1/cn``,
+``/v1/relay``, ``/v1/relay/abort``, ``/v1/cn/abort``, ``/v1/ksa/deliver``,
 ``/v1/link/grant``, ``/v1/channel/open``, ``/v1/relay/local``, ``/v1/cn/local`` (the two
 processes of a split access node) and ``/v1/status`` (key counts per link, answered here).
 
@@ -497,7 +498,8 @@ class KmsNode:
             response = _refused(400 if isinstance(outcome, IntegrityFailure) else 503, outcome)
         else:
             response = _ok(outcome)
-        if self._completed is not None and isinstance(message, m.KsaRequest):
+        if self._completed is not None and isinstance(message, (m.KsaRequest, m.KsaStocked)):
+            # (a request that crossed the network, or one served from the UKMS's stock)
             # the request's report is on disk before its answer leaves, and the answer
             # leaves in this same step (no other task runs in between): only a kill -9
             # within these microseconds bills an answer that never left
@@ -773,6 +775,12 @@ class KmsNode:
 
     def new_req(self) -> int:
         return next(self._numbers)
+
+    def ukms_akms(self) -> int:
+        """The AKMS this node's UKMS hangs off."""
+        engine = self.engines["ukms"]
+        assert isinstance(engine, UkmsEngine)
+        return engine.akms
 
 
 class UkmsKeyService:

@@ -87,6 +87,10 @@ class ValidationQuery:
     req: int = 0
     """The asking AKMS's number for this request (a validator that accounts for requests
     hears how it ended under this number: ``completed(req, ok)``)."""
+    refill: bool = False
+    """Keys for a UKMS's stock, not an SAE's request: a validator that keeps quota only
+    looks the pair up (a refused pair gets no stock) and charges and accounts nothing; the
+    requests later served from the stock are validated one by one, as any request."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

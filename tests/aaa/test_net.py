@@ -1,7 +1,10 @@
-"""The AAA device on the key path of a running network (``qkdn net up --aaa``, one network
-for the module): every contract rule both ways as an SAE sees it (ETSI 014 status and
-message), Status following the contract, the suspension race, accounting equal to what
-the SAEs received, no key material in AAA, and no carrier detail either.
+"""The AAA device on the key path of a running network (``qkdn net up``, AAA and the UKMS
+stocks on by default; one network for the module): every contract rule both ways as an
+SAE sees it (ETSI 014 status and message), for a request served from the pair's stock
+(256-bit keys, with the stock holding enough: allowed and accounted by the AKMS before the
+keys leave) and for one that crosses the network (128-bit keys, never stocked); Status
+following the contract, the suspension race, accounting equal to what the SAEs received
+with the stock on, no key material in AAA, and no carrier detail either.
 
 Contract changes are made on the registry the agent serves (as ``qkdn aaa`` does); the
 agent takes them in within 0.1 s and revokes the quota granted under them.
@@ -11,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import json
 import sqlite3
 import tomllib
 from collections.abc import Iterator
@@ -21,17 +25,43 @@ import pytest
 from appliance.aaa.accounting import Accounting
 from appliance.aaa.registry import Registry
 from appliance.kms import netproc
-from tests.kms.conftest import Net, exchange, poll, running_net
+from tests.kms.conftest import Net, exchange, poll, qkdn, running_net
 
 DEMO = ("sae-berlin-1", "sae-bonn-1")
 BANK = ("sae-berlin-2", "sae-bonn-2")
 AKMS_NODES = ("akms-berlin", "akms-bonn")
 
 
+PATHS = {"stocked": 256, "relayed": 128}
+"""Key size per path: the stock holds keys of the network's size (256 bits) only."""
+
+
 @pytest.fixture(scope="module")
 def net(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Net]:
-    with running_net(tmp_path_factory, "--aaa", "--timeout", "240") as running:
+    with running_net(tmp_path_factory, "--timeout", "240") as running:  # AAA by default
         yield running
+
+
+@pytest.fixture(params=list(PATHS))
+def size(request: pytest.FixtureRequest) -> int:
+    """The key size that takes the path under test."""
+    return PATHS[request.param]
+
+
+def status(net: Net, pair: tuple[str, str]) -> dict[str, Any]:
+    conn = net.connect(pair[0])
+    try:
+        return exchange(conn, "GET", f"/api/v1/keys/{pair[1]}/status").json()
+    finally:
+        conn.close()
+
+
+def stocked(net: Net, pair: tuple[str, str], size: int, number: int = 1) -> None:
+    """For 256-bit keys: wait until the pair's stock holds ``number`` keys, so that the next
+    request is served from it (a UKMS serves a request of the stock's size from the stock
+    whenever it holds enough)."""
+    if size == PATHS["stocked"]:
+        poll(lambda: status(net, pair)["stored_key_count"] >= number, f"{pair}'s stock", 30)
 
 
 def registry(net: Net) -> Registry:
@@ -115,14 +145,10 @@ def test_size_and_number_within_the_contract_pass_above_it_400(net: Net) -> None
 
 
 def test_status_reflects_the_contract_and_follows_a_change(net: Net) -> None:
-    def status() -> dict[str, Any]:
-        conn = net.connect(DEMO[0])
-        try:
-            return exchange(conn, "GET", f"/api/v1/keys/{DEMO[1]}/status").json()
-        finally:
-            conn.close()
+    def status_demo() -> dict[str, Any]:
+        return status(net, DEMO)
 
-    first = status()
+    first = status_demo()
     assert (first["max_key_size"], first["max_key_per_request"]) == (256, 128)
     # the contract allows 10 million keys a day: the KME's own bound is the smaller
     store_bound = first["max_key_count"]
@@ -130,8 +156,8 @@ def test_status_reflects_the_contract_and_follows_a_change(net: Net) -> None:
     was = registry_contract(net, "demo-2026")
     change(net, "contract", "demo-2026", max_key_size=128, keys_per_request=4, keys_per_day=5000)
     try:
-        poll(lambda: status()["max_key_size"] == 128, "Status showing the new size", 30)
-        now = status()
+        poll(lambda: status_demo()["max_key_size"] == 128, "Status showing the new size", 30)
+        now = status_demo()
         assert now["max_key_per_request"] == 4 and now["key_size"] == 128
         assert now["max_key_count"] == 5000 and now["stored_key_count"] <= 5000
         # the AKMS enforces it at once, whatever the UKMS still shows
@@ -146,51 +172,58 @@ def test_status_reflects_the_contract_and_follows_a_change(net: Net) -> None:
             keys_per_request=128,
             keys_per_day=was.keys_per_day,
         )
-    poll(lambda: status()["max_key_size"] == 256, "Status back to the contract", 30)
-    assert status()["max_key_count"] == store_bound
+    poll(lambda: status_demo()["max_key_size"] == 256, "Status back to the contract", 30)
+    assert status_demo()["max_key_count"] == store_bound
 
 
-def test_a_suspended_user_gets_401_and_keys_again_when_resumed(net: Net) -> None:
-    ok(net, BANK)
+def test_a_suspended_user_gets_401_and_keys_again_when_resumed(net: Net, size: int) -> None:
+    ok(net, BANK, size=size)
+    stocked(net, BANK, size)
     change(net, "user", "example-bank", suspended=True)
     try:
-        body = refused(net, BANK, 401)
+        body = refused(net, BANK, 401, size=size)
         assert "suspended" in body["details"][0]["reason"]
-        ok(net, DEMO)  # another user is not concerned
+        ok(net, DEMO, size=size)  # another user is not concerned
     finally:
         change(net, "user", "example-bank", suspended=False)
-    ok(net, BANK)
+    stocked(net, BANK, size)
+    ok(net, BANK, size=size)
 
 
-def test_a_pair_the_contract_does_not_name_gets_401(net: Net) -> None:
+def test_a_pair_the_contract_does_not_name_gets_401(net: Net, size: int) -> None:
+    stocked(net, BANK, size)
     change(net, "contract", "bank-2026", pairs=((BANK[1], BANK[0]),))
     try:
-        body = refused(net, BANK, 401)
+        body = refused(net, BANK, 401, size=size)
         assert "no contract" in body["details"][0]["reason"]
     finally:
         change(net, "contract", "bank-2026", pairs=(BANK, (BANK[1], BANK[0])))
-    ok(net, BANK)
+    stocked(net, BANK, size)
+    ok(net, BANK, size=size)
 
 
-def test_a_day_outside_the_validity_window_gets_401(net: Net) -> None:
+def test_a_day_outside_the_validity_window_gets_401(net: Net, size: int) -> None:
+    stocked(net, DEMO, size)
     tomorrow = dt.datetime.now(dt.UTC).date() + dt.timedelta(days=1)
     change(net, "contract", "demo-2026", valid_from=tomorrow)
     try:
-        body = refused(net, DEMO, 401)
+        body = refused(net, DEMO, 401, size=size)
         assert "validity" in body["details"][0]["reason"]
     finally:
         change(net, "contract", "demo-2026", valid_from=None)
-    ok(net, DEMO)
+    stocked(net, DEMO, size)
+    ok(net, DEMO, size=size)
 
 
-def test_the_daily_quota_gives_exactly_what_is_left_then_503(net: Net) -> None:
-    ok(net, BANK)
+def test_the_daily_quota_gives_exactly_what_is_left_then_503(net: Net, size: int) -> None:
+    ok(net, BANK, size=size)
+    stocked(net, BANK, size, number=5)
     used = delivered(net).get("bank-2026", (0, 0))[0]
     change(net, "contract", "bank-2026", keys_per_day=used + 5)
     got = 0
     try:
         for _ in range(200):  # bounded: 5 keys, then refusals
-            answer = keys(net, BANK, number=1)
+            answer = keys(net, BANK, number=1, size=size)
             if answer.status == 200:
                 got += 1
             elif got == 5:
@@ -199,42 +232,47 @@ def test_the_daily_quota_gives_exactly_what_is_left_then_503(net: Net) -> None:
                 net.assert_reveals_no_carrier(answer.body.decode())
                 break
         assert got == 5
-        assert all(keys(net, BANK).status == 503 for _ in range(3))
+        assert all(keys(net, BANK, size=size).status == 503 for _ in range(3))
         assert delivered(net)["bank-2026"][0] == used + 5
     finally:
         change(net, "contract", "bank-2026", keys_per_day=1_000_000)
-    ok(net, BANK)
+    ok(net, BANK, size=size)
 
 
-def test_the_contract_rate_is_enforced_with_503(net: Net) -> None:
+def test_the_contract_rate_is_enforced_with_503(net: Net, size: int) -> None:
+    stocked(net, DEMO, size, number=4)
     change(net, "contract", "demo-2026", max_rate=1)
     try:
-        body = refused(net, DEMO, 503)
+        body = refused(net, DEMO, 503, size=size)
         assert "rate" in body["details"][0]["reason"]
     finally:
         change(net, "contract", "demo-2026", max_rate=10_000)
-    ok(net, DEMO)
+    ok(net, DEMO, size=size)
 
 
 # -- the suspension race --------------------------------------------------------------------
-def test_after_a_suspension_takes_effect_no_request_passes(net: Net) -> None:
-    ok(net, BANK)
+def test_after_a_suspension_takes_effect_no_request_passes(net: Net, size: int) -> None:
+    ok(net, BANK, size=size)
+    stocked(net, BANK, size, number=20)
     change(net, "user", "example-bank", suspended=True)
     try:
         statuses = []
         for _ in range(300):  # bounded: until refused, then 20 more
-            statuses.append(keys(net, BANK).status)
+            statuses.append(keys(net, BANK, size=size).status)
             if statuses.count(401) >= 20:
                 break
         first = statuses.index(401)
         assert set(statuses[first:]) == {401}, statuses
     finally:
         change(net, "user", "example-bank", suspended=False)
-    ok(net, BANK)
+    ok(net, BANK, size=size)
 
 
 # -- accounting -----------------------------------------------------------------------------
 def test_accounting_equals_what_the_saes_received(net: Net) -> None:
+    """With the stock on: 256-bit requests come from the stock, 128-bit ones cross."""
+    stocked(net, DEMO, 256, number=40)
+    stocked(net, BANK, 256, number=20)
     before = delivered(net)
     received: dict[str, list[int]] = {"demo-2026": [0, 0], "bank-2026": [0, 0]}
     for i in range(30):
@@ -304,6 +342,11 @@ def test_aaa_runs_as_a_supervised_process_with_private_credentials(net: Net) -> 
     live = netproc.ask_supervisor(net.dir)
     assert live is not None and live["nodes"]["aaa"]["pid"] > 0
     assert netproc.find_processes(net.dir).get(live["nodes"]["aaa"]["pid"]) == "aaa"
+    shown = qkdn("net", "status", "--dir", str(net.dir), "--json")
+    assert shown.returncode == 0, shown.stderr
+    aaa = json.loads(shown.stdout)["aaa"]
+    assert aaa["alive"] and aaa["pid"] == live["nodes"]["aaa"]["pid"]
+    assert aaa["snmp"] == tomllib.loads((net.dir / "aaa" / "aaa.toml").read_text())["listen"]
     files = [net.dir / "aaa" / "aaa.toml", net.dir / "aaa" / "dc.pem"]
     files += [net.dir / "aaa" / f"akms-{n}.toml" for n in (2, 14)]
     assert all(f.stat().st_mode & 0o777 == 0o600 for f in files)

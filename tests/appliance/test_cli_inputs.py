@@ -752,6 +752,7 @@ EXAMPLES = [
         "argument --size",
     ),
     (["net", "up", "--timeout", "nan"], 2, "USAGE", "argument --timeout"),
+    (["net", "up", "--aaa", "--no-aaa"], 2, "USAGE", "argument --no-aaa"),
     (["sae", "get", "--sae", "a", "--slave", "b", "--size", "0"], 2, "USAGE", "argument --size"),
     (
         [

@@ -38,6 +38,8 @@ ROOT = Path(__file__).parents[2]
 
 T = TypeVar("T")
 POLL_S = 0.1
+START_TIMEOUT_S = 240
+"""``net up --timeout`` of :func:`running_net` unless a test names its own."""
 """Pause between two looks of :func:`poll`."""
 
 
@@ -253,9 +255,12 @@ def running_net(
     """``qkdn net up TOPOLOGY OPTIONS`` in a fresh directory; ``net down`` afterwards (its
     function, in this process: a CLI start costs seconds on a busy machine)."""
     out = tmp_path_factory.mktemp("net")
+    if "--timeout" not in options:  # a loaded 2-core machine starts 16 nodes and AAA slowly
+        options = ("--timeout", str(START_TIMEOUT_S), *options)
     up = qkdn(
         "net", "up", topology, "--dir", str(out),
         "--base-port", str(find_free_base_port()), *options,
+        timeout=START_TIMEOUT_S + 60,
     )  # fmt: skip
     try:
         assert up.returncode == 0, up.stderr

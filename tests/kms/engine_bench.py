@@ -70,7 +70,7 @@ from appliance.kms.events import (
     Validate,
     Validated,
 )
-from appliance.kms.seams import ContractValidator, TopologyPaths, TopologySessions
+from appliance.kms.seams import ContractValidator, Denied, TopologyPaths, TopologySessions
 from appliance.kms.sim.models import ModelStore
 from appliance.kms.sim.qkdm import SimLink, SimQkdm
 from appliance.kms.sim.world import Stream
@@ -267,7 +267,8 @@ def wired(message: m.Sendable) -> tuple[bytes, m.Sendable]:
 def wired_error(error: KmsError) -> KmsError:
     """A refusal as the caller's adapter turns it back into an error."""
     refused = m.refused(error)
-    return error_from(refused.code, refused.message)
+    denied = Denied.from_code(refused.code, refused.message)  # as KmsNode.request does
+    return denied if denied is not None else error_from(refused.code, refused.message)
 
 
 class Bench:

@@ -25,6 +25,7 @@ Tbl = Table[S, I]
 STARTS: dict[str, frozenset[S]] = {
     "relay": frozenset({S.OPENING, S.SEALING}),  # from the previous hop; handed over locally
     "akms-a": frozenset({S.VALIDATING}),
+    "akms-stocked": frozenset({S.VALIDATING}),
     "rekey": frozenset({S.ASKING}),
     "channel": frozenset({S.ASKING}),
     "akms-b": frozenset({S.PATHING}),

@@ -431,6 +431,63 @@ def test_a_stopping_ukms_gives_its_leased_keys_back_to_the_stock(bench):
     assert len(b.stores[UKMS_A].apply(TakeOldest(session=SESSION_AB, kind=STOCK, n=100))) == 7
 
 
+# -- UKMS: the stock when the contracts live at the AKMS (AAA) -------------------------------
+STOCKED_AT_AKMS = replace(STOCKED, terms_from_akms=True, max_key_per_request=2, stock_batch=2)
+
+
+@takes(
+    "ukms-enc LEASING TAKEN",
+    "ukms-enc VALIDATING VALID",
+    "akms-stocked VALIDATING VALID",
+)
+def test_a_stocked_request_is_allowed_by_the_akms_before_its_keys_leave(bench):
+    b = bench(policy=STOCKED_AT_AKMS)
+    refills = b.sent(m.KsaRequest, UKMS_A)
+    assert refills and all(r.refill for r in refills)  # stock refills: looked up, not billed
+    refill_queries = [v.query for v in b.actions(Validate, AKMS_A)]
+    assert refill_queries and all(q.refill for q in refill_queries)
+    stocked = stock_ids(b, UKMS_A, SESSION_AB)
+    b.hold(b.request_to(AKMS_A, "akms", m.KsaStocked))
+    req = b.enc(*GCM_PAIR, number=2)
+    assert b.outcome("sae-a", req) is None  # the keys wait for the AKMS's word
+    (asked,) = b.sent(m.KsaStocked, UKMS_A)
+    assert (asked.master, asked.slave, asked.number, asked.size) == ("sae-a", "sae-b", 2, 256)
+    (held,) = b.held
+    b.release(held)
+    (query,) = [v.query for v in b.actions(Validate, AKMS_A) if not v.query.refill]
+    assert (query.number, query.size, query.ukms, query.refill) == (2, 256, UKMS_A, False)
+    keys = fetch(b, *GCM_PAIR, req)
+    assert {k for k, _ in keys} <= stocked
+    assert b.sent(m.KsaRequest, UKMS_A)[-1].refill  # nothing crossed for the request itself
+
+
+@takes(
+    "ukms-enc LEASING TAKEN",
+    "ukms-enc VALIDATING REFUSED",
+    "akms-stocked VALIDATING REFUSED",
+)
+def test_a_stocked_request_the_akms_refuses_gets_the_denial_and_its_keys_stay(bench):
+    b = bench(policy=STOCKED_AT_AKMS)
+    stocked = stock_ids(b, UKMS_A, SESSION_AB)
+    refused = b.outcome("sae-a", b.enc(*GCM_PAIR, number=3))  # above the contract's 2
+    assert isinstance(refused, SaeRefused)
+    assert isinstance(refused.error, Denied) and refused.error.why is Denial.LIMITS
+    (denial,) = b.actions(Refuse, AKMS_A, "akms")
+    assert isinstance(denial.error, Denied)
+    # the keys went back to the front of the lease, seen by nobody: the next request
+    # gets the first of them (the stock was topped up meanwhile: it holds more now)
+    ukms = b.engine(UKMS_A, "ukms")
+    front = [k.key_id for k in list(ukms._stocks[SESSION_AB].leased)[:3]]
+    assert set(front) <= stocked and ukms.stored("sae-a", "sae-b") >= 4
+    got = fetch(b, *GCM_PAIR, b.enc(*GCM_PAIR, number=2))
+    assert [k for k, _ in got] == front[:2]
+    b.refuse(b.request_to(AKMS_A, "akms", m.KsaStocked), KeyUnavailable("AKMS unreachable"))
+    lost = b.outcome("sae-a", b.enc(*GCM_PAIR, number=1))
+    assert isinstance(lost, SaeRefused) and isinstance(lost.error, KeyUnavailable)
+    served = [k for (node, _), got in b.sae_bits.items() if node == UKMS_A for k, _ in got]
+    assert len(served) == len(set(served)) == 2
+
+
 def tampered(message: m.KsaAnswer) -> m.KsaAnswer:
     sealed = bytearray(message.sealed)
     sealed[-1] ^= 1

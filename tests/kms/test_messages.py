@@ -804,6 +804,7 @@ def _example(cls: type) -> Message:
         "deliver_to": 3,
         "purpose": "ksa",
         "fresh": False,
+        "refill": False,
         "stream": messages.StreamTag(ksid=os.urandom(16), first=7, ttl=60),
         "max_key_size": 256,
         "max_key_per_request": 128,

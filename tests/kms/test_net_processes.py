@@ -15,6 +15,8 @@ import pytest
 from tests.kms.test_network_inprocess import call, free_base_port, sae_conn
 
 QKDN = [sys.executable, "-m", "appliance.cli"]
+SLOW_START = ("--timeout", "240")
+"""A loaded 2-core machine starts the 16 nodes and AAA slowly."""
 
 
 def qkdn(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -31,7 +33,10 @@ def qkdn(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
 def net(tmp_path_factory):
     out = tmp_path_factory.mktemp("net")
     base = free_base_port()
-    up = qkdn("net", "up", "demoquandt", "--dir", str(out), "--base-port", str(base), "--json")
+    up = qkdn(
+        "net", "up", "demoquandt", "--dir", str(out), "--base-port", str(base), "--json",
+        *SLOW_START, timeout=300,
+    )  # fmt: skip
     assert up.returncode == 0, up.stderr
     yield out, json.loads(up.stdout)
     qkdn("net", "down", "--dir", str(out))
@@ -97,10 +102,16 @@ def test_a_killed_node_is_restarted_and_relays_resume(net):
 
 
 def test_down_stops_every_process(tmp_path):
+    """(Started with --no-aaa: the operator's opt-out leaves the AAA device out.)"""
     base = free_base_port()
-    up = qkdn("net", "up", "--dir", str(tmp_path), "--base-port", str(base), "--json")
+    up = qkdn(
+        "net", "up", "--dir", str(tmp_path), "--base-port", str(base), "--json", "--no-aaa",
+        *SLOW_START, timeout=300,
+    )  # fmt: skip
     assert up.returncode == 0, up.stderr
-    pids = [n["pid"] for n in json.loads(up.stdout)["nodes"]]
+    doc = json.loads(up.stdout)
+    assert doc["aaa"] is None and not (tmp_path / "aaa").exists()
+    pids = [n["pid"] for n in doc["nodes"]]
     again = qkdn("net", "up", "--dir", str(tmp_path), "--base-port", str(base))
     assert again.returncode == 1 and "already running" in again.stderr
     assert qkdn("net", "down", "--dir", str(tmp_path)).returncode == 0
@@ -130,6 +141,8 @@ def test_split_access_nodes_serve_keys_and_a_removed_directory_stops_all(tmp_pat
         "--stock",
         "0",
         "--json",
+        *SLOW_START,
+        timeout=300,
     )
     assert up.returncode == 0, up.stderr
     doc = json.loads(up.stdout)

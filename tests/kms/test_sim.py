@@ -478,3 +478,18 @@ def test_a_stock_with_two_saes_of_a_user_at_one_ukms_settles(shared_topology: An
     assert ("sae-a", "sae-g") not in sessions.master_pairs()
     assert ("sae-a", "sae-b") in sessions.master_pairs()
     assert sessions.session_014("sae-a", "sae-g") is not None  # still a pair, unstocked
+
+
+def test_stocked_requests_allowed_by_the_akms_hold_every_invariant() -> None:
+    """UKMS stocks whose requests wait for their AKMS's word (``terms_from_akms``, as under
+    AAA: ``KsaStocked`` before the keys leave, refills only looked up), through the seeded
+    faults and crashes: keys still reach the named slave once, never twice."""
+    failures = []
+    for seed in range(16):
+        mode = (Mode.GCM, Mode.OTP)[seed % 2]
+        policy = Policy(patience=2.0, stock=4, mode=mode, terms_from_akms=True)
+        world = World(seed, policy=policy)
+        found = violations(world.run(), world.faults)
+        if found:
+            failures.append(f"seed {seed}: {found[:2]}")
+    assert not failures, "\n".join(failures)

@@ -8,14 +8,18 @@ hands the CN key to its own CKMS to relay (``RelayLocal``) and, side by side, de
 slave's copies to UKMS B under that link's keys (``Deliver``); it then answers with the
 keys sealed under the CN key. AKMS A waits for both that answer and the CN key (handed
 over by its own CKMS at the end of the relay, ``CnLocal``), opens the batch and seals it
-for UKMS A under their link's keys.
+for UKMS A under their link's keys. A ``KsaRequest`` marked ``refill`` fills a UKMS's
+stock: the validator only looks the pair up (``ValidationQuery.refill``). A request the
+UKMS serves from that stock comes as a ``KsaStocked``: AKMS A asks the validator and
+answers its verdict (``Ok`` or the denial), nothing else (table ``AKMS_STOCKED``).
 
 **The channel** between the two access nodes (:mod:`appliance.kms.channel`) is opened from
 their pre-shared key (``ChannelOpen``, then a ``DerivePsk`` at each end) and re-keyed at
 once, and every ``REKEY_AFTER`` requests, with a key relayed over the QKDN like any KSA
 key. Every ``CnRequest`` and its answer travel in a ``Tagged`` envelope.
 
-Tables: ``AKMS_A``, ``REKEY``, ``CHANNEL``, ``AKMS_B``, ``CALLEE_OPEN`` (:mod:`states`).
+Tables: ``AKMS_A``, ``AKMS_STOCKED``, ``REKEY``, ``CHANNEL``, ``AKMS_B``, ``CALLEE_OPEN``
+(:mod:`states`).
 Keys, CN keys and channel keys are erased once used and never logged.
 """
 
@@ -33,7 +37,16 @@ from appliance.kms import messages as m
 from appliance.kms.channel import CalleeChannel, CallerChannel
 from appliance.kms.engines.base import EngineBase, RandomBytes, SealJob, answer_or_fail, erase
 from appliance.kms.engines.config import EngineConfig
-from appliance.kms.engines.states import AKMS_A, AKMS_B, CALLEE_OPEN, CHANNEL, REKEY, I, S
+from appliance.kms.engines.states import (
+    AKMS_A,
+    AKMS_B,
+    AKMS_STOCKED,
+    CALLEE_OPEN,
+    CHANNEL,
+    REKEY,
+    I,
+    S,
+)
 from appliance.kms.errors import (
     IntegrityFailure,
     KeyUnavailable,
@@ -145,6 +158,8 @@ class AkmsEngine(EngineBase):
         msg = event.message
         if isinstance(msg, m.KsaRequest):
             return self._on_ksa(event, msg)
+        if isinstance(msg, m.KsaStocked):
+            return self._on_stocked(event, msg)
         if isinstance(msg, m.Tagged):
             return self._on_cn(event, msg)
         if isinstance(msg, m.CnLocal):
@@ -188,10 +203,38 @@ class AkmsEngine(EngineBase):
                 size=request.size,
                 ukms=event.caller,
                 req=event.req,
+                refill=request.refill,
             )
             then = functools.partial(self._verdict, a, request, verdicts, i)
             out.append(Validate(ticket=self.number(then), query=query))
         return out
+
+    def _on_stocked(self, event: Received, request: m.KsaStocked) -> list[Action]:
+        """A request UKMS A serves from its stock: the validator's verdict is the answer
+        (a validator that accounts commits the report before the ``Ok`` leaves)."""
+        if event.caller not in self.links:
+            error = ProtocolError("a stocked request from no user node")
+            return [Refuse(req=event.req, error=error)]
+        query = ValidationQuery(
+            master=request.master,
+            slave=request.slave,
+            number=request.number,
+            size=request.size,
+            ukms=event.caller,
+            req=event.req,
+        )
+        stocked = _Stocked(S.VALIDATING)
+        then = functools.partial(self._stocked_verdict, stocked, event.req)
+        return [Validate(ticket=self.number(then), query=query)]
+
+    def _stocked_verdict(self, stocked: _Stocked, req: int, event: Input) -> list[Action]:
+        assert isinstance(event, Validated)
+        denied = event.verdict.denied
+        if denied is not None:
+            AKMS_STOCKED.advance(stocked, I.REFUSED)
+            return [Refuse(req=req, error=denied)]
+        AKMS_STOCKED.advance(stocked, I.VALID)
+        return [Reply(req=req, message=m.Ok())]
 
     def _verdict(
         self,
@@ -722,6 +765,13 @@ class AkmsEngine(EngineBase):
 
 @dataclass(eq=False, slots=True)
 class _Opening:
+    state: S
+
+
+@dataclass(eq=False, slots=True)
+class _Stocked:
+    """AKMS A: a request served from its UKMS's stock, being validated."""
+
     state: S
 
 

@@ -172,14 +172,22 @@ GRANT = _table(
 UKMS_ENC = _table(
     "ukms-enc",
     {
-        S.LEASING: {I.LEASED: S.DONE, I.SHORT: S.ASKING},
+        S.LEASING: {I.LEASED: S.DONE, I.TAKEN: S.VALIDATING, I.SHORT: S.ASKING},
+        S.VALIDATING: {I.VALID: S.DONE, I.REFUSED: S.FAILED},
         S.ASKING: {I.ANSWER: S.OPENING, I.REFUSED: S.FAILED},
         S.OPENING: {I.OPENED: S.DONE, I.REFUSED: S.FAILED},
     },
 )
 """enc_keys at the master's UKMS: from the pair's stock (LEASING) when it can, else made
-through the network (ASKING our AKMS, OPENING its answer). Also the stock's refills,
-which end by STORING."""
+through the network (ASKING our AKMS, OPENING its answer). When the contracts live at
+the AKMS (AAA), keys taken from the stock wait for the AKMS to allow and account for the
+request (VALIDATING) before they are handed out."""
+
+AKMS_STOCKED = _table(
+    "akms-stocked",
+    {S.VALIDATING: {I.VALID: S.DONE, I.REFUSED: S.FAILED}},
+)
+"""AKMS A allowing a request its UKMS serves from a stock: validated, nothing drawn."""
 
 REFILL = _table(
     "refill",
@@ -213,6 +221,7 @@ DELIVERY = _table(
 TABLES: tuple[Table[S, I], ...] = (
     RELAY,
     AKMS_A,
+    AKMS_STOCKED,
     REKEY,
     CHANNEL,
     AKMS_B,

@@ -28,6 +28,15 @@
   :class:`Stock` (its lease, its waiting requests) only while it leases, waits or
   refills, and loses it when it settles.
 
+  **Under AAA** (``policy.terms_from_akms``: the contracts live at the AKMS) a refill
+  (``KsaRequest.refill``) is charged to nobody, and a request served from the stock is
+  allowed by our AKMS before its keys leave: the keys are taken from the lease first, a
+  ``KsaStocked`` goes to the AKMS, which validates it against the contract like any request
+  and commits its accounting before it answers ``Ok``; then the keys go to the SAE. A
+  refusal (or an AKMS that cannot be reached) puts them back at the front of the lease
+  and the SAE gets the denial's ETSI 014 status. So a stocked key is billed once, when the
+  request that carried it is answered, and a refused request is billed nothing.
+
 Tables: ``UKMS_ENC``, ``REFILL``, ``UKMS_DEC``, ``DELIVERY`` (:mod:`states`). Key
 material is erased once handed on; nothing is logged.
 """
@@ -256,14 +265,38 @@ class UkmsEngine(EngineBase):
         return self._ask(enc)
 
     def _from_lease(self, stock: Stock, enc: Enc) -> list[Action]:
-        UKMS_ENC.advance(enc, I.LEASED)
         keys = [stock.leased.popleft() for _ in range(enc.number)]
-        out: list[Action] = [SaeKeys(req=enc.req, keys=[(k.key_id, k.material) for k in keys])]
+        if self.policy.terms_from_akms:  # the AKMS allows and accounts for it first
+            UKMS_ENC.advance(enc, I.TAKEN)
+            out = self._allow_stocked(enc, keys)
+        else:
+            UKMS_ENC.advance(enc, I.LEASED)
+            out = [SaeKeys(req=enc.req, keys=[(k.key_id, k.material) for k in keys])]
         if not stock.leased:
             self._leased.pop(enc.session, None)
         out += self._want_stock(enc.session)
         self._settle(enc.session)
         return out
+
+    def _allow_stocked(self, enc: Enc, keys: list[StoredKey]) -> list[Action]:
+        """Ask our AKMS to allow (and account for) a request served from the stock. The
+        keys are in hand, so once it says yes the answer cannot fail here; if it says no
+        (or cannot be asked) they go back to the front of the lease, seen by nobody."""
+        request = m.KsaStocked(master=enc.master, slave=enc.slave, number=enc.number, size=enc.size)
+
+        def allowed(_: m.Message) -> list[Action]:
+            UKMS_ENC.advance(enc, I.VALID)
+            return [SaeKeys(req=enc.req, keys=[(k.key_id, k.material) for k in keys])]
+
+        def refused(error: KmsError) -> list[Action]:
+            UKMS_ENC.advance(enc, I.REFUSED)
+            stock = self._active(enc.session)
+            stock.leased.extendleft(reversed(keys))
+            self._leased[enc.session] = None
+            self._leased.move_to_end(enc.session)
+            return [SaeRefused(req=enc.req, error=error)]
+
+        return [self.call((self.akms, "akms"), request, answer_or_fail(allowed, refused))]
 
     def _lease(self, session: str, stock: Stock) -> list[Action]:
         """Take keys from the pair's stock store ahead of demand (one take at a time)."""
@@ -329,6 +362,8 @@ class UkmsEngine(EngineBase):
         size: int,
         stream: m.StreamTag | None = None,
         also: tuple[str, ...] = (),
+        *,
+        refill: bool = False,
     ) -> m.KsaRequest:
         return m.KsaRequest(
             master=master,
@@ -339,6 +374,7 @@ class UkmsEngine(EngineBase):
             fresh=self._fresh,
             stream=stream,
             also=list(also),
+            refill=refill,
         )
 
     def _ask(self, enc: Enc) -> list[Action]:
@@ -438,7 +474,7 @@ class UkmsEngine(EngineBase):
             refill = Refill(S.ASKING, session, self._refill_size())
             self._active(session).refilling = True
             self._refills += 1
-            request = self._ksa_request(*pair, refill.number, self.policy.key_size)
+            request = self._ksa_request(*pair, refill.number, self.policy.key_size, refill=True)
             then = answer_or_fail(
                 functools.partial(self._refill_answer, refill),
                 functools.partial(self._refill_failed, refill),

@@ -1,0 +1,95 @@
+"""What the AAA device adds to ``qkdn net up`` (issue 14): DemoQuanDT networks started with
+and without AAA, alternately, and for each the wall time of the start and the CPU seconds
+(utime + stime from /proc) every process of the network had spent when ``net up``
+returned. Wall time follows the machine's load; CPU seconds much less so: the AAA
+process's own, the AKMSs' (their SNMP engines), and the total.
+
+Usage: python bench/net_up_cost.py [--rounds 2] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from appliance.cli import net
+from appliance.config.render import find_free_base_port
+from appliance.kms import netproc
+
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+
+def one_start(aaa: bool) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="qkdn-up-cost-") as tmp:
+        args = argparse.Namespace(
+            topology="demoquandt",
+            dir=Path(tmp),
+            base_port=find_free_base_port(),
+            mode="gcm",
+            rate_limited=False,
+            stock=None,
+            timeout=600.0,
+            json=False,
+            aaa=aaa,
+        )
+        load = os.getloadavg()[0]
+        began = time.monotonic()
+        net.bring_up(args)
+        try:
+            wall = time.monotonic() - began
+            per: dict[str, float] = {}
+            for pid, name in netproc.find_processes(Path(tmp)).items():
+                try:
+                    per[name] = cpu_seconds(pid)
+                except OSError:
+                    continue
+        finally:
+            net.bring_down(Path(tmp))
+    return {
+        "aaa": aaa,
+        "load": round(load, 1),
+        "wall_s": round(wall, 1),
+        "cpu_total_s": round(sum(per.values()), 2),
+        "cpu_aaa_s": per.get("aaa", 0.0),
+        "cpu_akms_s": round(sum(v for k, v in per.items() if k.startswith("akms")), 2),
+        "processes": len(per),
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--json", type=Path)
+    args = p.parse_args()
+    runs = [one_start(aaa) for _ in range(args.rounds) for aaa in (True, False)]
+    for run in runs:
+        print(json.dumps(run), flush=True)
+
+    def median(key: str, aaa: bool) -> float:
+        return float(statistics.median(r[key] for r in runs if r["aaa"] is aaa))
+
+    doc = {
+        "runs": runs,
+        "median": {
+            k: {"with": median(k, True), "without": median(k, False)}
+            for k in ("wall_s", "cpu_total_s", "cpu_aaa_s", "cpu_akms_s")
+        },
+    }
+    print(json.dumps(doc["median"]))
+    if args.json:
+        args.json.write_text(json.dumps(doc, indent=1))
+
+
+if __name__ == "__main__":
+    main()
