@@ -5,7 +5,10 @@ publishes the node's telemetry every :data:`PUBLISH_S` seconds from the node's e
 (link status at once; rates, stored bits and counters refreshed every :data:`FIGURES_S`):
 each link's QKD module status (one driver call per link, answered from the driver's own
 buffers), the relay counters, and the routes the controller installed
-(:attr:`NodeAgent.routes`). ON_CHANGE subscribers hear a change within one period.
+(:attr:`NodeAgent.routes`). ON_CHANGE subscribers hear a change within one period, and
+a module's state change at once: the agent subscribes to each QKD module
+(:meth:`hal.Qkdm.subscribe`; an emulated module follows its faults file, so a cut is
+heard within milliseconds) and publishes from the event loop as soon as one reports.
 
 Per link (:func:`link_of`):
 
@@ -90,12 +93,26 @@ class NodeAgent:
         self.telemetry = agent.Telemetry(self.reading())
         self._server: grpc.Server | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self._unsubscribe: list[Callable[[], None]] = []
 
     def start(self, address: str, tls: tuple[Path, Path, Path]) -> None:
         cert, key, ca = tls
         service = agent.GnmiAgent(self.telemetry, routes=self.routes)
         self._server = agent.serve(service, address, cert=cert, key=key, ca=ca)
+        loop = asyncio.get_running_loop()
+        for qkdm in self.qkdms.values():
+            self._unsubscribe.append(qkdm.subscribe(lambda _event: self._soon(loop)))
         self._tick()
+
+    def _soon(self, loop: asyncio.AbstractEventLoop) -> None:
+        """A module's state changed (any thread): publish from the loop now."""
+        try:
+            loop.call_soon_threadsafe(self._changed)
+        except RuntimeError:  # the node is stopping: its loop is closed
+            return
+
+    def _changed(self) -> None:
+        self.telemetry.publish(self.reading())
 
     def _tick(self) -> None:
         self.telemetry.publish(self.reading())
@@ -132,6 +149,8 @@ class NodeAgent:
         )  # fmt: skip
 
     def close(self) -> None:
+        for unsubscribe in self._unsubscribe:
+            unsubscribe()
         if self._timer is not None:
             self._timer.cancel()
         if self._server is not None:

@@ -75,30 +75,62 @@ def test_the_primary_goes_through_9_and_the_backup_through_16():
     assert route.shared == 8  # the chain has no way around its other links
 
 
-def test_a_failed_link_switches_to_the_backup_after_the_hold_off_without_recomputing():
+def test_a_failed_link_switches_to_the_backup_at_once_and_alarms_after_the_hold_off():
     net = Net()
     core = started(net)
     before = core.path(3, 13)
     net.status[(8, 9)] = model.LinkStatus.OFF
     net.bits[(8, 9)] = 0
-    assert net.feed(core, 1.0) == []  # reported, not yet held
-    changes = core.tick(1.1)
-    assert [(c.link, c.up) for c in changes] == [(model.link_uuid("L8-9"), False)]
+    lid = model.link_uuid("L8-9")
+    changes = net.feed(core, 1.0)  # the first report: protection does not wait
+    assert [(c.link, c.up, c.alarm) for c in changes] == [(lid, False, False)]
     assert core.switches == 1
     assert core.cache[(3, 13)].primary == before.backup
     assert core.path(3, 13).primary == before.backup
+    assert core.next_due() == pytest.approx(1.1)
+    assert core.tick(1.05) == []
+    assert [(c.link, c.up, c.alarm) for c in core.tick(1.1)] == [(lid, False, True)]
+    assert core.tick(1.5) == [] and core.switches == 1
 
 
-def test_a_flap_shorter_than_the_hold_off_changes_nothing():
+def test_a_flap_shorter_than_the_hold_off_switches_but_raises_no_alarm():
     net = Net()
     core = started(net)
     net.status[(8, 9)] = model.LinkStatus.OFF
     net.bits[(8, 9)] = 0
-    net.feed(core, 1.0)
+    assert [c.alarm for c in net.feed(core, 1.0)] == [False]
     net.status[(8, 9)] = model.LinkStatus.ACTIVE
     net.bits[(8, 9)] = 1 << 20
     assert net.feed(core, 1.05) == []
-    assert core.tick(1.2) == [] and core.usable(8, 9)
+    assert not core.usable(8, 9)  # wait to restore: not used again yet
+    assert 9 not in core.path(8, 10).primary
+    assert core.tick(1.1) == []
+    changes = core.tick(1.16)
+    assert [(c.up, c.alarm) for c in changes] == [(True, False)]  # no alarm to clear
+    assert core.usable(8, 9) and core.path(8, 10).primary == (8, 9, 10)
+
+
+def test_a_link_that_flaps_is_not_used_between_its_flaps():
+    net = Net()
+    core = started(net)
+    for t in (1.0, 1.06, 1.12, 1.18):  # bad and good by turns, each for less than 0.1 s
+        net.status[(8, 9)] = model.LinkStatus.OFF if t in (1.0, 1.12) else model.LinkStatus.ACTIVE
+        net.feed(core, t)
+        assert not core.usable(8, 9)
+    alarms = core.tick(1.19)
+    assert [c.up for c in alarms if c.alarm] == []  # never bad for 0.1 s at a stretch
+
+
+def test_an_alarm_clears_when_the_link_is_used_again():
+    net = Net()
+    core = started(net)
+    net.status[(8, 9)] = model.LinkStatus.OFF
+    net.feed(core, 1.0)
+    assert [c.alarm for c in core.tick(1.2)] == [True]
+    net.status[(8, 9)] = model.LinkStatus.ACTIVE
+    net.feed(core, 2.0)
+    got = [(c.up, c.alarm) for c in core.tick(2.1)]
+    assert got == [(True, False), (True, True)]
 
 
 def test_a_qber_above_threshold_takes_the_link_down():
