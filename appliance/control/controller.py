@@ -32,7 +32,6 @@ import json
 import logging
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,8 +51,6 @@ RETRY_S = 0.5
 READ_S = 2.0
 """Longest wait for one gNMI message (heartbeats come every HEARTBEAT_MS)."""
 MAX_BODY = 1024
-INSTALL_THREADS = 16
-"""gNMI Sets in flight at once while installing a path (one per hop up to this)."""
 JSON = {"content-type": "application/json"}
 
 
@@ -86,7 +83,6 @@ class Controller:
         self._server: H2Server | None = None
         self._ticker: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
-        self._pool = ThreadPoolExecutor(INSTALL_THREADS, thread_name_prefix="install")
 
     async def start(self, api: str) -> None:
         loop = asyncio.get_running_loop()
@@ -107,7 +103,6 @@ class Controller:
             self._ticker.cancel()
         if self._server is not None:
             await self._server.close()
-        self._pool.shutdown(wait=False, cancel_futures=True)
         for client in self._clients.values():
             client.close()
 
@@ -214,8 +209,8 @@ class Controller:
             return route.primary, route.backup
 
     def _install(self, src: int, dst: int, path: tuple[int, ...], old: tuple[int, ...]) -> None:
-        """A gNMI Set at every hop, all at once (one thread each: a switch over 13 hops
-        costs one round trip, not 13), returning once every hop confirmed; then the old
+        """A gNMI Set at every hop, all in flight at once (a switch over 13 hops costs one
+        round trip, not 13), returning once every hop confirmed; then the old
         path's other nodes forget the route (best effort). ControlError if a hop refused
         or did not answer."""
         missing = [node for node in path if node not in self.agents]
@@ -228,25 +223,20 @@ class Controller:
             ))
             for i, node in enumerate(path)
         ]  # fmt: skip
-        for node, error in zip(path, self._pool.map(self._set, hops), strict=True):
-            if error is not None:
+        pending = [(node, self._client(node).set_route_started(route)) for node, route in hops]
+        for node, one in pending:
+            try:
+                one.wait()
+            except ControlError as exc:
                 raise ControlError(
-                    f"hop {node} did not confirm: {error.code}", code="CTL-INSTALL"
-                ) from error
+                    f"hop {node} did not confirm: {exc.code}", code="CTL-INSTALL"
+                ) from exc
         for node in set(old) - set(path):
             try:
                 self._client(node).delete_route(src, dst)
             except ControlError as exc:
                 log.warning("stale route left", extra={"node": node, "code": exc.code})
         log.info("route installed", extra={"src": src, "dst": dst, "hops": len(path)})
-
-    def _set(self, hop: tuple[int, model.Route]) -> ControlError | None:
-        """One hop's Set (a pool thread): None once it confirmed, else why not."""
-        try:
-            self._client(hop[0]).set_route(hop[1])
-        except ControlError as exc:
-            return exc
-        return None
 
     def routes(self) -> dict[str, Any]:
         links = [
