@@ -47,6 +47,9 @@ from appliance.pki import server_context
 log = logging.getLogger("qkdn.controller")
 HEARTBEAT_MS = 200
 TICK_S = 0.02
+BALANCE_TICKS = 50
+"""Installed routes are looked at again for key availability every this many ticks (1 s:
+the agents refresh stored bits and rates once a second)."""
 RETRY_S = 0.5
 READ_S = 2.0
 """Longest wait for one gNMI message (heartbeats come every HEARTBEAT_MS)."""
@@ -141,9 +144,26 @@ class Controller:
             log.warning("bad agent document", extra={"code": exc.code})
 
     async def _tick(self) -> None:
+        ticks = 0
         while True:
             await asyncio.sleep(TICK_S)
             self._report(self.core.tick(time.monotonic()))
+            ticks += 1
+            if ticks % BALANCE_TICKS == 0:
+                self._balance()
+
+    def _balance(self) -> None:
+        """Move installed routes to the path with more key available (graph: load
+        balancing), one install at a time per route."""
+        for (src, dst), path in list(self.confirmed.items()):
+            lock = self._locks.get((src, dst))
+            if lock is not None and lock.locked():
+                continue
+            moved = self.core.better(src, dst, path)
+            if moved is not None:
+                extra = {"code": "CTL-BALANCE", "src": src, "dst": dst, "hops": len(moved)}
+                log.info("route moved for key availability", extra=extra)
+                self._reinstall(src, dst)
 
     def _report(self, changes: list[Change]) -> None:
         """Log each change (the hold-off rule of :mod:`graph`): an alarm raised or cleared

@@ -40,6 +40,15 @@ where no disjoint way exists; ``shared`` counts them). When a link of a cached p
 goes down, the backup becomes the primary at once (protection switching: no computation
 on the fault's path) and a new backup is computed lazily. A link coming up, or a weight
 moving by more than ``reweigh`` of itself, empties the cache.
+
+**Load balancing by key availability.** :meth:`Core.better` looks at an installed route
+again: if its alternative (the cached primary or backup) is now lighter than the
+installed path by more than ``rebalance`` (weight units, 0.2 by default), the route
+moves there. As relays drain the stores of the path in use, its availability terms
+grow while the idle path's stores fill and its terms fall, so routes alternate between
+the paths and both paths' key rates are used; the margin keeps a route from moving for
+every few bits. Otherwise the cache keeps the installed path as primary, so that a
+recomputed shortest path slightly lighter than it does not move it either.
 """
 
 from __future__ import annotations
@@ -164,6 +173,7 @@ class Core:
     dead_after: float = 1.0
     qber_max: float = 0.11
     reweigh: float = 0.5
+    rebalance: float = 0.2
     links: dict[str, _Link] = field(default_factory=dict)
     heard: dict[int, float] = field(default_factory=dict)
     cache: dict[tuple[int, int], Route] = field(default_factory=dict)
@@ -305,6 +315,34 @@ class Core:
         route = Route(primary, second, shared, weight)
         self.cache[(src, dst)] = route
         return route
+
+    def path_weight(self, path: tuple[int, ...]) -> float:
+        """The weight of ``path`` now (infinite if one of its links is not usable)."""
+        best: dict[tuple[int, int], float] = {}
+        for link in self.links.values():
+            if link.usable:
+                for key in ((link.a, link.b), (link.b, link.a)):
+                    best[key] = min(best.get(key, float("inf")), link.weight)
+        return float(sum(best.get(hop, float("inf")) for hop in itertools.pairwise(path)))
+
+    def better(self, src: int, dst: int, installed: tuple[int, ...]) -> tuple[int, ...] | None:
+        """The path an installed route should move to for key availability, or None
+        (module docstring: load balancing). Either way the cache then holds the route's
+        path to use as primary and the other as backup."""
+        try:
+            route = self.path(src, dst)
+        except NoPath:
+            return None
+        other = route.backup if route.primary == installed else route.primary
+        if other is None or other == installed:
+            return None
+        now, alt = self.path_weight(installed), self.path_weight(other)
+        if alt < now - self.rebalance:
+            self.cache[(src, dst)] = Route(other, installed, route.shared, alt)
+            return other
+        if now < float("inf"):
+            self.cache[(src, dst)] = Route(installed, other, route.shared, now)
+        return None
 
     def adjacency(self) -> dict[int, list[tuple[int, float]]]:
         """Usable links as neighbour lists, sorted by neighbour ID."""

@@ -7,7 +7,7 @@ from __future__ import annotations
 import itertools
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from appliance.control import model
@@ -224,6 +224,7 @@ def test_a_malformed_document_is_a_coded_error():
 EDGES = st.lists(st.tuples(st.integers(0, 30), st.floats(0.1, 10)), max_size=4)
 
 
+@settings(deadline=None)  # a loaded CI machine: no per-example deadline
 @given(
     st.dictionaries(st.integers(0, 30), EDGES, max_size=30), st.integers(0, 30), st.integers(0, 30)
 )
@@ -265,3 +266,43 @@ def test_any_document_is_taken_or_refused_with_a_code(doc):
         core.telemetry(0.0, doc)
     except ControlError as exc:
         assert exc.code in ("CTL-DOC", "CTL-BAD-UUID")
+
+
+def test_an_installed_route_moves_to_the_path_with_more_key_available():
+    """Load balancing: 8-9-10 drained, 8-16-10 full: the route moves; back when the roles
+    turn; a small difference (within the margin) moves nothing."""
+    net = Net()
+    weights = Weights(availability=1.0, rate=0.0, reference_bits=100_000)
+    core = started(net, weights=weights)
+    via9, via16 = (8, 9, 10), (8, 16, 10)
+    assert core.path(8, 10).primary == via9
+    assert core.better(8, 10, via9) is None  # both full: stay
+    for link in ((8, 9), (9, 10)):
+        net.bits[link] = 0
+    net.feed(core, 1.0)
+    assert core.path_weight(via9) > core.path_weight(via16) + core.rebalance
+    assert core.better(8, 10, via9) == via16
+    assert core.path(8, 10).primary == via16 and core.path(8, 10).backup == via9
+    for link in ((8, 9), (9, 10)):
+        net.bits[link] = 1 << 20
+    for link in ((8, 16), (16, 10)):
+        net.bits[link] = 600_000  # a little poorer than 8-9-10 now: within the margin
+    net.feed(core, 2.0)
+    assert core.path_weight(via16) > core.path_weight(via9)
+    assert core.better(8, 10, via16) is None
+    assert core.path(8, 10).primary == via16  # the cache keeps the installed path
+    for link in ((8, 16), (16, 10)):
+        net.bits[link] = 0
+    net.feed(core, 3.0)
+    assert core.better(8, 10, via16) == via9
+
+
+def test_a_route_never_moves_onto_a_link_out_of_use():
+    net = Net()
+    core = started(net, weights=Weights(availability=1.0, rate=0.0, reference_bits=100_000))
+    for link in ((8, 9), (9, 10)):
+        net.bits[link] = 0
+    net.status[(8, 16)] = model.LinkStatus.OFF
+    net.feed(core, 1.0)
+    assert core.path_weight((8, 16, 10)) == float("inf")
+    assert core.better(8, 10, (8, 9, 10)) is None
