@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from appliance.cli import net
 from appliance.config.render import find_free_base_port
-from appliance.control.faultrun import cut_of, installed_path, measure_with_fault
+from appliance.control.faultrun import current_cut, installed_path, measure_with_fault
 from appliance.tkey import endpoints, measure
 
 
@@ -115,10 +115,11 @@ def main() -> None:
             switches = []
             for _ in range(args.switches):
                 all_up(dirs["controller"])
-                path = installed_path(dirs["controller"], *eps["controller"])
+                installed_path(dirs["controller"], *eps["controller"])
                 got = measure_with_fault(
-                    *eps["controller"], args.switch_requests, dirs["controller"], cut_of(path)
-                )
+                    *eps["controller"], args.switch_requests, dirs["controller"],
+                    lambda: current_cut(dirs["controller"]),  # routes move for key availability
+                )  # fmt: skip
                 seen = detected(dirs["controller"], got["fault_at"])
                 done = got["new_path_installed_at"]
                 switches.append({
