@@ -27,6 +27,7 @@ Logs carry node IDs, link IDs and codes; there is no key material here to log.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import logging
@@ -45,13 +46,15 @@ from appliance.net.h2 import H2Server, Request, Response
 from appliance.pki import server_context
 
 log = logging.getLogger("qkdn.controller")
-HEARTBEAT_MS = 200
+HEARTBEAT_MS = 1000
+"""An agent repeats its document this often when nothing changed (the core's dead_after
+is three of these). A CKMS that stops is seen sooner: its stream breaks at once."""
 TICK_S = 0.02
 BALANCE_TICKS = 50
 """Installed routes are looked at again for key availability every this many ticks (1 s:
 the agents refresh stored bits and rates once a second)."""
 RETRY_S = 0.5
-READ_S = 2.0
+READ_S = 2.5
 """Longest wait for one gNMI message (heartbeats come every HEARTBEAT_MS)."""
 MAX_BODY = 1024
 JSON = {"content-type": "application/json"}
@@ -125,17 +128,34 @@ class Controller:
         while not self._stop.is_set():
             client = AgentClient(agent.address, cert=cert, key=key, ca=ca, timeout=READ_S)
             sub = client.subscribe("/qkd_node", heartbeat_ms=HEARTBEAT_MS)
+            last: Any = None
             try:
                 while not self._stop.is_set():
                     event = sub.next(READ_S)
-                    if not event.sync and not event.deleted:
+                    if event.sync or event.deleted:
+                        continue
+                    if event.value == last:  # a heartbeat: the node is alive, no news
+                        loop.call_soon_threadsafe(self._heard, agent.node)
+                    else:
+                        last = event.value
                         loop.call_soon_threadsafe(self._document, event.value)
             except ControlError as exc:
-                log.warning("agent lost", extra={"node": agent.node, "code": exc.code})
+                if not self._stop.is_set():
+                    log.warning("agent lost", extra={"node": agent.node, "code": exc.code})
+                    with contextlib.suppress(RuntimeError):  # the loop closed: stopping
+                        loop.call_soon_threadsafe(self._lost, agent.node)
+            except RuntimeError:  # the event loop closed: the controller stops
+                return
             finally:
                 sub.close()
                 client.close()
             self._stop.wait(RETRY_S)
+
+    def _lost(self, node: int) -> None:
+        self._report(self.core.lost(time.monotonic(), node))
+
+    def _heard(self, node: int) -> None:
+        self.core.heard_from(time.monotonic(), node)
 
     def _document(self, doc: Any) -> None:
         try:

@@ -13,7 +13,8 @@ nodes were heard within ``dead_after`` seconds (telemetry is the heartbeat).
 
 * the first report that makes a usable link bad takes it out of use *at once*
   (``Change(up=False, alarm=False)``): routes over it switch to their backups. A node
-  that falls silent (no telemetry within ``dead_after``, the heartbeat deadline) is no
+  that falls silent (no telemetry within ``dead_after``, 3 s, the heartbeat deadline; or
+  its stream broke: :meth:`Core.lost`) is no
   report: its links go out of use, alarmed, only once the silence held for ``hold_off``
   more, so that a stalled controller does not switch every route at once;
 * the **alarm** (``Change(up=False, alarm=True)``, the controller's ``link down``) is
@@ -170,7 +171,7 @@ class Route:
 class Core:
     weights: Weights = field(default_factory=Weights)
     hold_off: float = 0.1
-    dead_after: float = 1.0
+    dead_after: float = 3.0
     qber_max: float = 0.11
     reweigh: float = 0.5
     rebalance: float = 0.2
@@ -195,7 +196,17 @@ class Core:
             entries.pop(node, None)
         for src, dst, prev, nxt in routes:
             self.hops.setdefault((src, dst), {})[node] = (prev, nxt)
+        return self.tick(now, only={r.link for r in reports})
+
+    def lost(self, now: float, node: int) -> list[Change]:
+        """The node's telemetry stream broke (its CKMS stopped, or the network between):
+        silent from now on, until it is heard again."""
+        self.heard[node] = now - self.dead_after - 1.0
         return self.tick(now)
+
+    def heard_from(self, now: float, node: int) -> None:
+        """A heartbeat that repeats the node's last document: it is alive, nothing else."""
+        self.heard[node] = now
 
     def installed(self, src: int, dst: int) -> tuple[int, ...] | None:
         """The installed path from ``src`` to ``dst`` if every hop reports it, else None."""
@@ -208,10 +219,11 @@ class Core:
             path.append(node := nxt)
         return tuple(path) if node == dst and dst in entries else None
 
-    def tick(self, now: float) -> list[Change]:
-        """Apply the hold-off rule (module docstring); the changes, in link order."""
+    def tick(self, now: float, only: set[str] | None = None) -> list[Change]:
+        """Apply the hold-off rule (module docstring); the changes, in link order
+        (``only``: look at these links alone, those a document just reported)."""
         changes = []
-        for lid in sorted(self.links):
+        for lid in sorted(self.links if only is None else only & self.links.keys()):
             link = self.links[lid]
             changes += self._step(lid, link, self._good(link, now), now)
             self._reweigh(link)

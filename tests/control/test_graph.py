@@ -306,3 +306,14 @@ def test_a_route_never_moves_onto_a_link_out_of_use():
     net.feed(core, 1.0)
     assert core.path_weight((8, 16, 10)) == float("inf")
     assert core.better(8, 10, (8, 9, 10)) is None
+
+
+def test_a_broken_stream_is_silence_at_once_and_heartbeats_keep_a_node_alive():
+    net = Net()
+    core = started(net)
+    core.heard_from(2.5, 9)  # heartbeats only: node 9 repeats its document
+    assert core.tick(2.6) == []  # the others were heard at 0.1: not yet 3 s
+    assert core.lost(2.6, 9) == []  # silence waits for the hold-off...
+    changes = core.tick(2.7)
+    assert {c.link for c in changes} == {model.link_uuid("L8-9"), model.link_uuid("L9-10")}
+    assert all(not c.up for c in changes)
