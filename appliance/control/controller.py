@@ -50,9 +50,10 @@ HEARTBEAT_MS = 1000
 """An agent repeats its document this often when nothing changed (the core's dead_after
 is three of these). A CKMS that stops is seen sooner: its stream breaks at once."""
 TICK_S = 0.02
-BALANCE_TICKS = 50
-"""Installed routes are looked at again for key availability every this many ticks (1 s:
-the agents refresh stored bits and rates once a second)."""
+IDLE_TICK_S = 0.25
+BALANCE_S = 1.0
+"""Installed routes are looked at again for key availability this often (the agents
+refresh stored bits and rates once a second)."""
 RETRY_S = 0.5
 READ_S = 2.5
 """Longest wait for one gNMI message (heartbeats come every HEARTBEAT_MS)."""
@@ -164,12 +165,19 @@ class Controller:
             log.warning("bad agent document", extra={"code": exc.code})
 
     async def _tick(self) -> None:
-        ticks = 0
+        """Let time pass in the core: every TICK_S while a hold-off runs, else every
+        IDLE_TICK_S (a silent node's deadline is seconds away); load balancing every
+        BALANCE_S."""
+        balance_at = time.monotonic() + BALANCE_S
         while True:
-            await asyncio.sleep(TICK_S)
-            self._report(self.core.tick(time.monotonic()))
-            ticks += 1
-            if ticks % BALANCE_TICKS == 0:
+            due = self.core.next_due()
+            now = time.monotonic()
+            wait = TICK_S if due is not None and due - now < IDLE_TICK_S else IDLE_TICK_S
+            await asyncio.sleep(wait)
+            now = time.monotonic()
+            self._report(self.core.tick(now))
+            if now >= balance_at:
+                balance_at = now + BALANCE_S
                 self._balance()
 
     def _balance(self) -> None:
