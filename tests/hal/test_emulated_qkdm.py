@@ -504,6 +504,6 @@ def test_on_the_wall_clock_a_fault_is_heard_when_it_starts(tmp_path):
         assert [e.new for e in seen] == [hal.LinkState.UP]
         add_fault(faults_file, Fault(kind="down", start=time.time() + 0.3, end=None))
         poll(lambda: seen[-1].new is hal.LinkState.DOWN, "the cut heard at its start")
-        assert q.status().state is hal.LinkState.DOWN
+        assert len([e for e in seen if e.new is hal.LinkState.DOWN]) == 1
     finally:
         q.close()
