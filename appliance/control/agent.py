@@ -22,7 +22,9 @@ its answer is the hop's confirmation. Any other Set path is ``INVALID_ARGUMENT``
 (``CTL-SET-BAD``); without a route table, ``UNIMPLEMENTED``. ``qos`` is ignored.
 
 The node publishes its telemetry (:meth:`Telemetry.publish`); the document changes, and
-ON_CHANGE streams wake, only when a served value changed. Every request is bounded:
+ON_CHANGE streams wake, only when a served value changed. :attr:`Telemetry.streaming`
+tells the node whether a STREAM subscription is open (it publishes less often when none
+is). Every request is bounded:
 :data:`MAX_PATHS` paths, :data:`model.MAX_PATH_ELEMS` elements each, names and keys of
 :data:`model.MAX_NAME` characters, :data:`MAX_STREAMS` concurrent calls.
 """
@@ -65,6 +67,25 @@ class Telemetry:
         self._cond = threading.Condition()
         self._doc = model.document(first)
         self._version = 0
+        self._streams = 0
+        self.on_stream: Callable[[], None] | None = None
+        """Called (in a gRPC thread) when a STREAM subscription opens."""
+
+    @property
+    def streaming(self) -> bool:
+        """True while at least one STREAM subscription is open."""
+        with self._cond:
+            return self._streams > 0
+
+    def stream_opened(self) -> None:
+        with self._cond:
+            self._streams += 1
+        if self.on_stream is not None:
+            self.on_stream()
+
+    def stream_closed(self) -> None:
+        with self._cond:
+            self._streams -= 1
 
     def publish(self, telemetry: model.NodeTelemetry) -> bool:
         """Replace the document; True (and ON_CHANGE streams wake) if a value changed."""
@@ -233,6 +254,13 @@ class GnmiAgent(pb_grpc.gNMIServicer):  # type: ignore[misc]
             yield from self._all(subs)
 
     def _stream(self, subs: list[_Sub], context: Any) -> Iterator[Any]:
+        self.telemetry.stream_opened()
+        try:
+            yield from self._streaming(subs, context)
+        finally:
+            self.telemetry.stream_closed()
+
+    def _streaming(self, subs: list[_Sub], context: Any) -> Iterator[Any]:
         version, doc = self.telemetry.snapshot()
         yield from self._all(subs)
         while context.is_active():

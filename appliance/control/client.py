@@ -73,6 +73,21 @@ class Event:
     sync: bool = False
 
 
+class PendingSet:
+    """A gNMI Set in flight."""
+
+    def __init__(self, future: Any) -> None:
+        self._future = future
+
+    def wait(self) -> None:
+        """Until the agent confirmed (AgentUnavailable if it refused or did not answer
+        within the client's timeout)."""
+        try:
+            self._future.result()
+        except grpc.RpcError as exc:
+            raise _error(exc) from exc
+
+
 class AgentClient:
     def __init__(self, address: str, *, cert: Path, key: Path, ca: Path, timeout: float = 5.0):
         creds = grpc.ssl_channel_credentials(
@@ -105,11 +120,17 @@ class AgentClient:
 
     def set_route(self, route: model.Route) -> None:
         """Install ``route`` at this agent's node (AgentUnavailable if it refuses)."""
+        self.set_route_started(route).wait()
+
+    def set_route_started(self, route: model.Route) -> PendingSet:
+        """Send the Set that installs ``route`` and return at once: several hops' Sets are
+        then in flight together, without a thread each (:meth:`PendingSet.wait`)."""
         from appliance.control.agent import route_value
 
         path = parse_path(_route_path(route.src, route.dst))
         update = pb.Update(path=path, val=pb.TypedValue(json_ietf_val=route_value(route)))
-        self._set(pb.SetRequest(update=[update]))
+        request = pb.SetRequest(update=[update])
+        return PendingSet(self.stub.Set.future(request, timeout=self.timeout))
 
     def delete_route(self, src: int, dst: int) -> None:
         self._set(pb.SetRequest(delete=[parse_path(_route_path(src, dst))]))

@@ -11,9 +11,10 @@
   address, from the CKMS of a source access node only (the peer's certificate must name
   a CKMS node of the network, or the controller itself for ``qkdn controller routes``;
   anyone else gets 403). ``POST /v1/path`` with ``{"src": N, "dst": M}``: the core's
-  path (cached; a backup kept), installed hop by hop, source first, by a gNMI Set at
-  each hop's agent (a route a link failure broke is installed again on its backup at
-  once, without waiting for the next request); the answer ``{"path": [...],
+  path (cached; a backup kept), installed at every hop by a gNMI Set to each hop's
+  agent, all hops at once (a route a link failure broke is installed again on its
+  backup at once, without waiting for the next request: the hold-off rule of
+  :mod:`graph`, protection does not wait); the answer ``{"path": [...],
   "backup": [...]}`` leaves only after every hop confirmed. A path already installed is
   answered at once. No path, or a hop that refused: 503 with the code.
   ``POST /v1/routes``: the installed routes (those this
@@ -26,6 +27,7 @@ Logs carry node IDs, link IDs and codes; there is no key material here to log.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import logging
@@ -44,10 +46,16 @@ from appliance.net.h2 import H2Server, Request, Response
 from appliance.pki import server_context
 
 log = logging.getLogger("qkdn.controller")
-HEARTBEAT_MS = 200
+HEARTBEAT_MS = 1000
+"""An agent repeats its document this often when nothing changed (the core's dead_after
+is three of these). A CKMS that stops is seen sooner: its stream breaks at once."""
 TICK_S = 0.02
+IDLE_TICK_S = 0.25
+BALANCE_S = 1.0
+"""Installed routes are looked at again for key availability this often (the agents
+refresh stored bits and rates once a second)."""
 RETRY_S = 0.5
-READ_S = 2.0
+READ_S = 2.5
 """Longest wait for one gNMI message (heartbeats come every HEARTBEAT_MS)."""
 MAX_BODY = 1024
 JSON = {"content-type": "application/json"}
@@ -121,17 +129,34 @@ class Controller:
         while not self._stop.is_set():
             client = AgentClient(agent.address, cert=cert, key=key, ca=ca, timeout=READ_S)
             sub = client.subscribe("/qkd_node", heartbeat_ms=HEARTBEAT_MS)
+            last: Any = None
             try:
                 while not self._stop.is_set():
                     event = sub.next(READ_S)
-                    if not event.sync and not event.deleted:
+                    if event.sync or event.deleted:
+                        continue
+                    if event.value == last:  # a heartbeat: the node is alive, no news
+                        loop.call_soon_threadsafe(self._heard, agent.node)
+                    else:
+                        last = event.value
                         loop.call_soon_threadsafe(self._document, event.value)
             except ControlError as exc:
-                log.warning("agent lost", extra={"node": agent.node, "code": exc.code})
+                if not self._stop.is_set():
+                    log.warning("agent lost", extra={"node": agent.node, "code": exc.code})
+                    with contextlib.suppress(RuntimeError):  # the loop closed: stopping
+                        loop.call_soon_threadsafe(self._lost, agent.node)
+            except RuntimeError:  # the event loop closed: the controller stops
+                return
             finally:
                 sub.close()
                 client.close()
             self._stop.wait(RETRY_S)
+
+    def _lost(self, node: int) -> None:
+        self._report(self.core.lost(time.monotonic(), node))
+
+    def _heard(self, node: int) -> None:
+        self.core.heard_from(time.monotonic(), node)
 
     def _document(self, doc: Any) -> None:
         try:
@@ -140,21 +165,54 @@ class Controller:
             log.warning("bad agent document", extra={"code": exc.code})
 
     async def _tick(self) -> None:
+        """Let time pass in the core: every TICK_S while a hold-off runs, else every
+        IDLE_TICK_S (a silent node's deadline is seconds away); load balancing every
+        BALANCE_S."""
+        balance_at = time.monotonic() + BALANCE_S
         while True:
-            await asyncio.sleep(TICK_S)
-            self._report(self.core.tick(time.monotonic()))
+            due = self.core.next_due()
+            now = time.monotonic()
+            wait = TICK_S if due is not None and due - now < IDLE_TICK_S else IDLE_TICK_S
+            await asyncio.sleep(wait)
+            now = time.monotonic()
+            self._report(self.core.tick(now))
+            if now >= balance_at:
+                balance_at = now + BALANCE_S
+                self._balance()
+
+    def _balance(self) -> None:
+        """Move installed routes to the path with more key available (graph: load
+        balancing), one install at a time per route."""
+        for (src, dst), path in list(self.confirmed.items()):
+            lock = self._locks.get((src, dst))
+            if lock is not None and lock.locked():
+                continue
+            moved = self.core.better(src, dst, path)
+            if moved is not None:
+                extra = {"code": "CTL-BALANCE", "src": src, "dst": dst, "hops": len(moved)}
+                log.info("route moved for key availability", extra=extra)
+                self._reinstall(src, dst)
 
     def _report(self, changes: list[Change]) -> None:
+        """Log each change (the hold-off rule of :mod:`graph`): an alarm raised or cleared
+        is a warning (``link down``, ``link up``); a link taken out of use switches the
+        routes over it to their backups at once (``protection switch``)."""
         for change in changes:
             link = self.core.links[change.link]
-            what = "link up" if change.up else "link down"
-            code = "CTL-LINK-UP" if change.up else "CTL-LINK-DOWN"
-            log.warning(what, extra={"code": code, "a": link.a, "b": link.b})
-            if not change.up:
-                for key, path in list(self.confirmed.items()):
-                    if _uses(path, link.a, link.b):
-                        del self.confirmed[key]
-                        self._reinstall(*key)
+            where = {"a": link.a, "b": link.b}
+            if change.alarm:
+                what = "link up" if change.up else "link down"
+                code = "CTL-LINK-UP" if change.up else "CTL-LINK-DOWN"
+                log.warning(what, extra={"code": code, **where})
+            elif change.up:
+                log.info("link in use again", extra={"code": "CTL-LINK-RESTORED", **where})
+            else:
+                hit = [key for key, path in self.confirmed.items() if _uses(path, link.a, link.b)]
+                extra = {"code": "CTL-SWITCH", "routes": len(hit), **where}
+                log.info("protection switch", extra=extra)
+                for key in hit:
+                    del self.confirmed[key]
+                    self._reinstall(*key)
 
     def _reinstall(self, src: int, dst: int) -> None:
         """Install the new path of a route a failure broke now (the core switched it to its
@@ -199,17 +257,24 @@ class Controller:
             return route.primary, route.backup
 
     def _install(self, src: int, dst: int, path: tuple[int, ...], old: tuple[int, ...]) -> None:
-        """A gNMI Set at each hop, source first; then the old path's other nodes forget
-        the route (best effort). ControlError if a hop refused or did not answer."""
-        for i, node in enumerate(path):
-            if node not in self.agents:
-                raise ControlError(f"node {node} has no agent", code="CTL-INSTALL")
-            route = model.Route(
+        """A gNMI Set at every hop, all in flight at once (a switch over 13 hops costs one
+        round trip, not 13), returning once every hop confirmed; then the old
+        path's other nodes forget the route (best effort). ControlError if a hop refused
+        or did not answer."""
+        missing = [node for node in path if node not in self.agents]
+        if missing:
+            raise ControlError(f"node {missing[0]} has no agent", code="CTL-INSTALL")
+        hops = [
+            (node, model.Route(
                 src=src, dst=dst, prev_hop=path[i - 1] if i else None,
                 next_hop=path[i + 1] if i + 1 < len(path) else None,
-            )  # fmt: skip
+            ))
+            for i, node in enumerate(path)
+        ]  # fmt: skip
+        pending = [(node, self._client(node).set_route_started(route)) for node, route in hops]
+        for node, one in pending:
             try:
-                self._client(node).set_route(route)
+                one.wait()
             except ControlError as exc:
                 raise ControlError(
                     f"hop {node} did not confirm: {exc.code}", code="CTL-INSTALL"

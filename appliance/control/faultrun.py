@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +34,14 @@ MAX_LOG = 16 << 20
 
 
 def measure_with_fault(
-    master: SaeEndpoint, slave: SaeEndpoint, requests: int, net_dir: Path, cut: tuple[int, int]
+    master: SaeEndpoint,
+    slave: SaeEndpoint,
+    requests: int,
+    net_dir: Path,
+    cut: tuple[int, int] | Callable[[], tuple[int, int]],
 ) -> dict[str, Any]:
+    """The run (module docstring); ``cut`` may be a function, called at the fault's time
+    (the controller may have moved the route for key availability since it was learnt)."""
     a, b = master.connect(), slave.connect()
     issued_ids: set[str] = set()
     failed: list[dict[str, Any]] = []
@@ -44,6 +51,7 @@ def measure_with_fault(
     try:
         for i in range(requests):
             if i == requests // 2:
+                cut = cut() if callable(cut) else cut
                 fault_at = inject(net_dir, *cut, "down")
             t0 = time.time()
             try:
@@ -74,12 +82,13 @@ def measure_with_fault(
     finally:
         a.close()
         b.close()
-        inject(net_dir, *cut, "up")
+        if not callable(cut):
+            inject(net_dir, *cut, "up")
     installed = _installed_after(net_dir / "logs" / "controller.log", fault_at)
     switch = next((end for start, end in done if installed and start >= installed), None)
     return {
         "requests": requests,
-        "cut": f"{cut[0]}-{cut[1]}",
+        "cut": "-".join(map(str, cut)) if not callable(cut) else None,
         "keys_matched": matched,
         "keys_lost": lost,
         "keys_duplicated": duplicated,
@@ -121,6 +130,17 @@ def cut_of(path: list[int], pivot: int = 8, around: tuple[int, ...] = (9, 16)) -
     if not nbs:
         raise ValueError(f"the path does not go from {pivot} through any of {around}")
     return pivot, nbs[0]
+
+
+def current_cut(net_dir: Path, ends: tuple[int, int] = (2, 14)) -> tuple[int, int]:
+    """:func:`cut_of` the route the controller has installed between ``ends`` now."""
+    import asyncio
+
+    from appliance.cli.controller import ask_routes
+
+    routes = asyncio.run(ask_routes(net_dir))["routes"]
+    path = next(r["path"] for r in routes if {r["src"], r["dst"]} == set(ends))
+    return cut_of(list(path))
 
 
 def installed_path(net_dir: Path, master: SaeEndpoint, slave: SaeEndpoint) -> list[int]:

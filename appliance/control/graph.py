@@ -7,9 +7,22 @@ drive it with an injected clock.
 ``/qkd_node``), :meth:`Core.tick` lets time pass. A link is *usable* when both of its ends
 report it ACTIVE (a PASSIVE link, down with keys left, carries the relays already on it
 but no new path), its QBER is at most ``qber_max``, and both
-nodes were heard within ``dead_after`` seconds (telemetry is the heartbeat). A change of
-usability takes effect only once it has held for ``hold_off`` seconds (0.1 by default):
-a link that flaps faster never changes state.
+nodes were heard within ``dead_after`` seconds (telemetry is the heartbeat).
+
+**The hold-off rule (as SDH protection).** Protection does not wait; everything else does:
+
+* the first report that makes a usable link bad takes it out of use *at once*
+  (``Change(up=False, alarm=False)``): routes over it switch to their backups. A node
+  that falls silent (no telemetry within ``dead_after``, 3 s, the heartbeat deadline; or
+  its stream broke: :meth:`Core.lost`) is no
+  report: its links go out of use, alarmed, only once the silence held for ``hold_off``
+  more, so that a stalled controller does not switch every route at once;
+* the **alarm** (``Change(up=False, alarm=True)``, the controller's ``link down``) is
+  raised only once the link has stayed bad for ``hold_off`` seconds (0.1 by default), so
+  a flap shorter than that switches routes but raises nothing;
+* a link is **used again** (``Change(up=True)``; the alarm, if raised, clears: ``alarm``
+  True) only once its reports have stayed good for ``hold_off`` seconds (wait to
+  restore): a link that flaps never carries a new path between its flaps.
 
 **Weights.** A usable link's weight is (:meth:`Weights.of`)::
 
@@ -28,6 +41,15 @@ where no disjoint way exists; ``shared`` counts them). When a link of a cached p
 goes down, the backup becomes the primary at once (protection switching: no computation
 on the fault's path) and a new backup is computed lazily. A link coming up, or a weight
 moving by more than ``reweigh`` of itself, empties the cache.
+
+**Load balancing by key availability.** :meth:`Core.better` looks at an installed route
+again: if its alternative (the cached primary or backup) is now lighter than the
+installed path by more than ``rebalance`` (weight units, 0.2 by default), the route
+moves there. As relays drain the stores of the path in use, its availability terms
+grow while the idle path's stores fill and its terms fall, so routes alternate between
+the paths and both paths' key rates are used; the margin keeps a route from moving for
+every few bits. Otherwise the cache keeps the installed path as primary, so that a
+recomputed shortest path slightly lighter than it does not move it either.
 """
 
 from __future__ import annotations
@@ -35,6 +57,7 @@ from __future__ import annotations
 import heapq
 import itertools
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any
 
 from appliance.control import model
@@ -101,11 +124,21 @@ class EndReport:
 
 @dataclass(frozen=True, slots=True)
 class Change:
-    """A link became usable (``up``) or unusable, effective at ``at``."""
+    """A link became usable (``up``) or unusable, effective at ``at``; with ``alarm``, the
+    link's alarm is raised (down) or cleared (up) rather than its use switched."""
 
     link: str
     up: bool
     at: float
+    alarm: bool = False
+
+
+class _State(Enum):
+    GOOD = "good"
+    FAULT = "fault"
+    """An end reports the link bad (status, QBER), or has never reported it."""
+    SILENT = "silent"
+    """Good as last reported, but an end's node was not heard within ``dead_after``."""
 
 
 @dataclass(slots=True)
@@ -115,7 +148,11 @@ class _Link:
     ends: dict[int, EndReport] = field(default_factory=dict)
     usable: bool = False
     pending_since: float | None = None
-    """When the reports started to disagree with ``usable`` (the hold-off's start)."""
+    """When the reports of an unusable link turned good (the wait to restore's start)."""
+    down_since: float | None = None
+    """When the link was taken out of use (the alarm's hold-off start); None once the
+    alarm is raised or the link is back."""
+    alarmed: bool = False
     weight: float = 0.0
 
 
@@ -134,9 +171,10 @@ class Route:
 class Core:
     weights: Weights = field(default_factory=Weights)
     hold_off: float = 0.1
-    dead_after: float = 1.0
+    dead_after: float = 3.0
     qber_max: float = 0.11
     reweigh: float = 0.5
+    rebalance: float = 0.2
     links: dict[str, _Link] = field(default_factory=dict)
     heard: dict[int, float] = field(default_factory=dict)
     cache: dict[tuple[int, int], Route] = field(default_factory=dict)
@@ -158,7 +196,17 @@ class Core:
             entries.pop(node, None)
         for src, dst, prev, nxt in routes:
             self.hops.setdefault((src, dst), {})[node] = (prev, nxt)
+        return self.tick(now, only={r.link for r in reports})
+
+    def lost(self, now: float, node: int) -> list[Change]:
+        """The node's telemetry stream broke (its CKMS stopped, or the network between):
+        silent from now on, until it is heard again."""
+        self.heard[node] = now - self.dead_after - 1.0
         return self.tick(now)
+
+    def heard_from(self, now: float, node: int) -> None:
+        """A heartbeat that repeats the node's last document: it is alive, nothing else."""
+        self.heard[node] = now
 
     def installed(self, src: int, dst: int) -> tuple[int, ...] | None:
         """The installed path from ``src`` to ``dst`` if every hop reports it, else None."""
@@ -171,35 +219,62 @@ class Core:
             path.append(node := nxt)
         return tuple(path) if node == dst and dst in entries else None
 
-    def tick(self, now: float) -> list[Change]:
-        """Apply what held for the hold-off; the changes, in link order."""
+    def tick(self, now: float, only: set[str] | None = None) -> list[Change]:
+        """Apply the hold-off rule (module docstring); the changes, in link order
+        (``only``: look at these links alone, those a document just reported)."""
         changes = []
-        for lid in sorted(self.links):
+        for lid in sorted(self.links if only is None else only & self.links.keys()):
             link = self.links[lid]
-            good = self._good(link, now)
-            if good == link.usable:
-                link.pending_since = None
-            elif link.pending_since is None:
-                link.pending_since = now
-            if link.pending_since is not None and now - link.pending_since >= self.hold_off:
-                link.usable, link.pending_since = good, None
-                changes.append(Change(lid, good, now))
+            changes += self._step(lid, link, self._good(link, now), now)
             self._reweigh(link)
         for change in changes:
-            self._apply(change)
+            if not change.alarm:
+                self._apply(change)
         return changes
+
+    def _step(self, lid: str, link: _Link, state: _State, now: float) -> list[Change]:
+        good = state is _State.GOOD
+        if link.usable:
+            if good:
+                link.down_since = None
+                return []
+            if state is _State.SILENT:  # no report is no proof: the hold-off applies
+                link.down_since = now if link.down_since is None else link.down_since
+                if now - link.down_since < self.hold_off:
+                    return []
+                link.usable, link.alarmed, link.down_since = False, True, None
+                return [Change(lid, False, now), Change(lid, False, now, alarm=True)]
+            link.usable, link.down_since = False, now  # a report of a fault: at once
+            return [Change(lid, False, now)]
+        out = []
+        if good:
+            link.pending_since = now if link.pending_since is None else link.pending_since
+            if now - link.pending_since >= self.hold_off:  # wait to restore: held
+                out.append(Change(lid, True, now))
+                if link.alarmed:
+                    out.append(Change(lid, True, now, alarm=True))
+                link.usable, link.alarmed = True, False
+                link.pending_since = link.down_since = None
+            return out
+        link.pending_since = None
+        if link.down_since is not None and now - link.down_since >= self.hold_off:
+            link.alarmed, link.down_since = True, None
+            out.append(Change(lid, False, now, alarm=True))
+        return out
 
     def next_due(self) -> float | None:
         """When :meth:`tick` may next change something (None: only on telemetry)."""
-        starts = [x.pending_since for x in self.links.values() if x.pending_since is not None]
+        starts = [
+            t for x in self.links.values() for t in (x.pending_since, x.down_since) if t is not None
+        ]
         return min(starts) + self.hold_off if starts else None
 
-    def _good(self, link: _Link, now: float) -> bool:
+    def _good(self, link: _Link, now: float) -> _State:
         ends = [link.ends.get(link.a), link.ends.get(link.b)]
-        if any(e is None for e in ends):
-            return False
+        if any(e is None or not e.good or e.qber > self.qber_max for e in ends):
+            return _State.FAULT
         alive = all(now - self.heard.get(n, -1e18) <= self.dead_after for n in (link.a, link.b))
-        return alive and all(e is not None and e.good and e.qber <= self.qber_max for e in ends)
+        return _State.GOOD if alive else _State.SILENT
 
     def _reweigh(self, link: _Link) -> None:
         ends = list(link.ends.values())
@@ -252,6 +327,34 @@ class Core:
         route = Route(primary, second, shared, weight)
         self.cache[(src, dst)] = route
         return route
+
+    def path_weight(self, path: tuple[int, ...]) -> float:
+        """The weight of ``path`` now (infinite if one of its links is not usable)."""
+        best: dict[tuple[int, int], float] = {}
+        for link in self.links.values():
+            if link.usable:
+                for key in ((link.a, link.b), (link.b, link.a)):
+                    best[key] = min(best.get(key, float("inf")), link.weight)
+        return float(sum(best.get(hop, float("inf")) for hop in itertools.pairwise(path)))
+
+    def better(self, src: int, dst: int, installed: tuple[int, ...]) -> tuple[int, ...] | None:
+        """The path an installed route should move to for key availability, or None
+        (module docstring: load balancing). Either way the cache then holds the route's
+        path to use as primary and the other as backup."""
+        try:
+            route = self.path(src, dst)
+        except NoPath:
+            return None
+        other = route.backup if route.primary == installed else route.primary
+        if other is None or other == installed:
+            return None
+        now, alt = self.path_weight(installed), self.path_weight(other)
+        if alt < now - self.rebalance:
+            self.cache[(src, dst)] = Route(other, installed, route.shared, alt)
+            return other
+        if now < float("inf"):
+            self.cache[(src, dst)] = Route(installed, other, route.shared, now)
+        return None
 
     def adjacency(self) -> dict[int, list[tuple[int, float]]]:
         """Usable links as neighbour lists, sorted by neighbour ID."""

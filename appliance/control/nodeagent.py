@@ -2,10 +2,16 @@
 
 :class:`NodeAgent` runs the gNMI server (:mod:`agent`) next to the node's KMS services and
 publishes the node's telemetry every :data:`PUBLISH_S` seconds from the node's event loop
-(link status at once; rates, stored bits and counters refreshed every :data:`FIGURES_S`):
+while a gNMI STREAM is subscribed (the controller's), and every :data:`IDLE_PUBLISH_S`
+seconds while none is (a Get, ONCE or POLL then reads a document at most that old; a
+stream opening publishes at once) (link status at once; rates, stored bits and counters
+refreshed every :data:`FIGURES_S`):
 each link's QKD module status (one driver call per link, answered from the driver's own
 buffers), the relay counters, and the routes the controller installed
-(:attr:`NodeAgent.routes`). ON_CHANGE subscribers hear a change within one period.
+(:attr:`NodeAgent.routes`). ON_CHANGE subscribers hear a change within one period, and
+a module's state change at once: the agent subscribes to each QKD module
+(:meth:`hal.Qkdm.subscribe`; an emulated module follows its faults file, so a cut is
+heard within milliseconds) and publishes from the event loop as soon as one reports.
 
 Per link (:func:`link_of`):
 
@@ -34,6 +40,7 @@ import hal
 from appliance.control import agent, model
 
 PUBLISH_S = 0.05
+IDLE_PUBLISH_S = 1.0
 FIGURES_S = 1.0
 NO_SIGNAL_QBER = 0.5
 
@@ -90,16 +97,44 @@ class NodeAgent:
         self.telemetry = agent.Telemetry(self.reading())
         self._server: grpc.Server | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self._unsubscribe: list[Callable[[], None]] = []
 
     def start(self, address: str, tls: tuple[Path, Path, Path]) -> None:
         cert, key, ca = tls
         service = agent.GnmiAgent(self.telemetry, routes=self.routes)
         self._server = agent.serve(service, address, cert=cert, key=key, ca=ca)
+        loop = asyncio.get_running_loop()
+        for qkdm in self.qkdms.values():
+            self._unsubscribe.append(qkdm.subscribe(lambda _event: self._soon(loop)))
+        self.telemetry.on_stream = lambda: self._soon(loop, self._rearm)
+        self._tick()
+
+    def _soon(
+        self, loop: asyncio.AbstractEventLoop, then: Callable[[], None] | None = None
+    ) -> None:
+        """A module's state changed, or a stream opened (any thread): publish from the
+        loop now."""
+        try:
+            loop.call_soon_threadsafe(then or self._changed)
+        except RuntimeError:  # the node is stopping: its loop is closed
+            return
+
+    def _changed(self) -> None:
+        self.telemetry.publish(self.reading())
+
+    def _rearm(self) -> None:
+        """A stream opened: publish now and from now on at the streaming period."""
+        if self._timer is not None:
+            self._timer.cancel()
         self._tick()
 
     def _tick(self) -> None:
         self.telemetry.publish(self.reading())
-        self._timer = asyncio.get_running_loop().call_later(PUBLISH_S, self._tick)
+        self._timer = asyncio.get_running_loop().call_later(self.period(), self._tick)
+
+    def period(self) -> float:
+        """Seconds to the next publication: short only while someone streams."""
+        return PUBLISH_S if self.telemetry.streaming else IDLE_PUBLISH_S
 
     def reading(self) -> model.NodeTelemetry:
         """The node's telemetry now: link status and health as read; the figures (rates,
@@ -132,6 +167,8 @@ class NodeAgent:
         )  # fmt: skip
 
     def close(self) -> None:
+        for unsubscribe in self._unsubscribe:
+            unsubscribe()
         if self._timer is not None:
             self._timer.cancel()
         if self._server is not None:

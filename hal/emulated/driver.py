@@ -49,12 +49,14 @@ import math
 import os
 import re
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 from hal.clock import Clock, SharedScaledClock, SystemClock
 from hal.emulated.faults import FaultWatcher
 from hal.emulated.keys import KeyIdCodec, KeyStream, derive, secret_from_seed
 from hal.emulated.model import LinkModel, LinkParams
+from hal.emulated.watch import FaultFollower
 from hal.errors import (
     DeviceError,
     DeviceUrlError,
@@ -63,7 +65,7 @@ from hal.errors import (
     LinkDownError,
     NoKeyAvailable,
 )
-from hal.qkdm import LinkState, QkdKey, Qkdm, QkdmStatus
+from hal.qkdm import LinkState, QkdKey, Qkdm, QkdmStatus, StateCallback
 from hal.url import DeviceUrl
 
 RESERVE = 1024
@@ -87,8 +89,12 @@ class EmulatedQkdm(Qkdm):
         buffer: int,
         clock: Clock,
         state: Path | None = None,
+        faults: Path | None = None,
+        rate: float | None = None,
     ) -> None:
         self.link, self.end = link, end
+        self._faults, self._rate = faults, rate
+        self._follower: FaultFollower | None = None
         self._model, self._stream, self._codec = model, stream, codec
         self._key_size, self._buffer, self._clock = key_size, buffer, clock
         self._lock = threading.Lock()
@@ -154,7 +160,44 @@ class EmulatedQkdm(Qkdm):
                 keys_produced=self._produced,
             )
 
+    def subscribe(self, callback: StateCallback) -> Callable[[], None]:
+        """As :meth:`hal.Qkdm.subscribe`; with a faults file, a thread of this module
+        (:class:`~hal.emulated.watch.FaultFollower`) then reads the state again as soon as
+        the file changes or a fault starts or ends, so a subscriber hears of a cut at once
+        rather than at its next status reading."""
+        unsubscribe = super().subscribe(callback)
+        with self._lock:
+            if self._faults is not None and self._follower is None:
+                self._follower = FaultFollower(self._faults, self._wake, self._next_boundary)
+        return unsubscribe
+
+    @property
+    def follows_file_changes(self) -> bool:
+        """True once a subscriber made this module follow its faults file by inotify."""
+        follower = self._follower
+        return follower is not None and follower.inotify
+
+    def close(self) -> None:
+        with self._lock:
+            follower, self._follower = self._follower, None
+        if follower is not None:
+            follower.close()
+
     # -- internals ----------------------------------------------------------------
+    def _wake(self) -> None:
+        self.poll_state()
+
+    def _next_boundary(self) -> float | None:
+        """Wall seconds until the next fault boundary (None: none, or the clock is not
+        tied to the wall clock)."""
+        if self._rate is None:
+            return None
+        with self._lock:
+            now = max(self._t, self._clock.now())
+            times = self._model.boundaries(now)
+        # a hair after the boundary, so that the reading taken then is on its far side
+        return (times[0] - now) / self._rate + 0.0005 if times else None
+
     def _sync(self) -> None:
         """Bring the buffer up to the clock: new keys arrive, the oldest may drop out."""
         self._t = max(self._t, self._clock.now())
@@ -276,6 +319,7 @@ def open_qkdm(url: DeviceUrl, clock: Clock | None = None) -> EmulatedQkdm:
         raise DeviceUrlError(f"emulated://{url.name}: speedup must be in (0, 1e6]")
     secret = _link_secret(url)
     url.finish()
+    real_time = clock is None
     if clock is None:
         clock = SystemClock() if speedup == 1.0 else SharedScaledClock(params.start, speedup)
     if clock.now() - params.start > _MAX_CATCH_UP_S:
@@ -292,4 +336,6 @@ def open_qkdm(url: DeviceUrl, clock: Clock | None = None) -> EmulatedQkdm:
         buffer=buffer,
         clock=clock,
         state=Path(state) if state else None,
+        faults=Path(faults) if faults else None,
+        rate=speedup if real_time else None,
     )

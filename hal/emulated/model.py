@@ -8,7 +8,12 @@ derived from the link secret, indexed by epoch number, so both ends compute the 
 numbers in the same order whenever and however often they look.
 
 An epoch distils nothing when a fault says the link is down, or when its QBER is above
-the abort threshold. The rate is capped at ``skr_max``, the module's physical limit, so
+the abort threshold. The module's *state* shows a fault from the fault's start, not from
+the next epoch (:meth:`LinkModel.reading`): a real module sees a loss of signal at once.
+The key of the epoch the fault began in is still delivered (its block was already in
+post-processing), so both ends count the same bits whenever they learnt of the fault.
+
+The rate is capped at ``skr_max``, the module's physical limit, so
 no window ever sees more key than ``skr_max`` times its length.
 
 Epochs are computed in aligned blocks; only the current block is kept. The model never
@@ -24,7 +29,7 @@ import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from numpy.typing import NDArray
 
-from hal.emulated.faults import FaultWatcher
+from hal.emulated.faults import Fault, FaultWatcher
 from hal.emulated.noise import ar1
 from hal.qkdm import LinkState
 
@@ -101,14 +106,32 @@ class LinkModel:
         if blk is None:
             return LinkState.DOWN, 0.0, None
         assert blk.eff is not None and blk.qber_eff is not None and blk.down is not None
-        if blk.down[e]:
+        now = self._fault_at(t)
+        if blk.down[e] or (now is not None and now.kind == "down"):
             return LinkState.DOWN, 0.0, None
-        qber = float(blk.qber_eff[e])
+        qber = float(blk.qber_eff[e]) if now is None or now.qber is None else now.qber
         if qber > self.p.qber_abort:
             return LinkState.ABORT, 0.0, qber
         return LinkState.UP, float(blk.eff[e]), qber
 
+    def boundaries(self, after: float) -> list[float]:
+        """The clock times after ``after`` at which a fault may change :meth:`reading`:
+        each fault's start and end, and the first epoch start after its end (sorted)."""
+        times: set[float] = set()
+        for f in self._faults.faults:
+            times.add(f.start)
+            if f.end is not None:
+                times.add(f.end)
+                since = f.end - self.p.start
+                times.add(self.p.start + math.ceil(since / self.p.epoch) * self.p.epoch)
+        return sorted(x for x in times if x > after)
+
     # -- internals --------------------------------------------------------------
+    def _fault_at(self, t: float) -> Fault | None:
+        """The fault in force at ``t`` (a ``down`` one first), if any."""
+        hit = [f for f in self._faults.faults if f.start <= t and (f.end is None or t < f.end)]
+        return min(hit, key=lambda f: f.kind != "down", default=None)
+
     def _locate(self, t: float) -> tuple[_Block | None, int, float]:
         """The block, epoch-in-block and seconds-into-epoch for time ``t``."""
         since = t - self.p.start

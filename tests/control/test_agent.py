@@ -291,3 +291,25 @@ def test_any_set_value_installs_a_route_or_is_refused_with_a_code(routed, raw):
         assert exc.details().startswith("CTL-SET-BAD: ")
         return
     assert any((r.src, r.dst) == (1, 5) for r in table.routes())  # accepted: installed
+
+
+def test_the_agent_knows_while_a_stream_is_subscribed(fresh):
+    """The node publishes often only while someone streams (appliance/control/nodeagent)."""
+    from tests.kms.conftest import poll
+
+    opened: list[bool] = []
+    fresh.telemetry.on_stream = lambda: opened.append(True)
+    assert not fresh.telemetry.streaming
+    once = fresh.client.subscribe("/qkd_node/qkdn_id", mode="once")
+    try:
+        assert once.next(WAIT).value == model.node_uuid(4)
+    finally:
+        once.close()
+    assert not fresh.telemetry.streaming and opened == []  # ONCE is no stream
+    sub = fresh.client.subscribe(f"{LINK}/qkdl_status")
+    try:
+        assert sub.next(WAIT).value == "etsi-qkd-node-types:ACTIVE"
+        assert fresh.telemetry.streaming and opened == [True]
+    finally:
+        sub.close()
+    poll(lambda: not fresh.telemetry.streaming, "the stream's end seen by the agent")

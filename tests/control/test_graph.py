@@ -7,7 +7,7 @@ from __future__ import annotations
 import itertools
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from appliance.control import model
@@ -75,30 +75,62 @@ def test_the_primary_goes_through_9_and_the_backup_through_16():
     assert route.shared == 8  # the chain has no way around its other links
 
 
-def test_a_failed_link_switches_to_the_backup_after_the_hold_off_without_recomputing():
+def test_a_failed_link_switches_to_the_backup_at_once_and_alarms_after_the_hold_off():
     net = Net()
     core = started(net)
     before = core.path(3, 13)
     net.status[(8, 9)] = model.LinkStatus.OFF
     net.bits[(8, 9)] = 0
-    assert net.feed(core, 1.0) == []  # reported, not yet held
-    changes = core.tick(1.1)
-    assert [(c.link, c.up) for c in changes] == [(model.link_uuid("L8-9"), False)]
+    lid = model.link_uuid("L8-9")
+    changes = net.feed(core, 1.0)  # the first report: protection does not wait
+    assert [(c.link, c.up, c.alarm) for c in changes] == [(lid, False, False)]
     assert core.switches == 1
     assert core.cache[(3, 13)].primary == before.backup
     assert core.path(3, 13).primary == before.backup
+    assert core.next_due() == pytest.approx(1.1)
+    assert core.tick(1.05) == []
+    assert [(c.link, c.up, c.alarm) for c in core.tick(1.1)] == [(lid, False, True)]
+    assert core.tick(1.5) == [] and core.switches == 1
 
 
-def test_a_flap_shorter_than_the_hold_off_changes_nothing():
+def test_a_flap_shorter_than_the_hold_off_switches_but_raises_no_alarm():
     net = Net()
     core = started(net)
     net.status[(8, 9)] = model.LinkStatus.OFF
     net.bits[(8, 9)] = 0
-    net.feed(core, 1.0)
+    assert [c.alarm for c in net.feed(core, 1.0)] == [False]
     net.status[(8, 9)] = model.LinkStatus.ACTIVE
     net.bits[(8, 9)] = 1 << 20
     assert net.feed(core, 1.05) == []
-    assert core.tick(1.2) == [] and core.usable(8, 9)
+    assert not core.usable(8, 9)  # wait to restore: not used again yet
+    assert 9 not in core.path(8, 10).primary
+    assert core.tick(1.1) == []
+    changes = core.tick(1.16)
+    assert [(c.up, c.alarm) for c in changes] == [(True, False)]  # no alarm to clear
+    assert core.usable(8, 9) and core.path(8, 10).primary == (8, 9, 10)
+
+
+def test_a_link_that_flaps_is_not_used_between_its_flaps():
+    net = Net()
+    core = started(net)
+    for t in (1.0, 1.06, 1.12, 1.18):  # bad and good by turns, each for less than 0.1 s
+        net.status[(8, 9)] = model.LinkStatus.OFF if t in (1.0, 1.12) else model.LinkStatus.ACTIVE
+        net.feed(core, t)
+        assert not core.usable(8, 9)
+    alarms = core.tick(1.19)
+    assert [c.up for c in alarms if c.alarm] == []  # never bad for 0.1 s at a stretch
+
+
+def test_an_alarm_clears_when_the_link_is_used_again():
+    net = Net()
+    core = started(net)
+    net.status[(8, 9)] = model.LinkStatus.OFF
+    net.feed(core, 1.0)
+    assert [c.alarm for c in core.tick(1.2)] == [True]
+    net.status[(8, 9)] = model.LinkStatus.ACTIVE
+    net.feed(core, 2.0)
+    got = [(c.up, c.alarm) for c in core.tick(2.1)]
+    assert got == [(True, False), (True, True)]
 
 
 def test_a_qber_above_threshold_takes_the_link_down():
@@ -192,6 +224,7 @@ def test_a_malformed_document_is_a_coded_error():
 EDGES = st.lists(st.tuples(st.integers(0, 30), st.floats(0.1, 10)), max_size=4)
 
 
+@settings(deadline=None)  # a loaded CI machine: no per-example deadline
 @given(
     st.dictionaries(st.integers(0, 30), EDGES, max_size=30), st.integers(0, 30), st.integers(0, 30)
 )
@@ -233,3 +266,54 @@ def test_any_document_is_taken_or_refused_with_a_code(doc):
         core.telemetry(0.0, doc)
     except ControlError as exc:
         assert exc.code in ("CTL-DOC", "CTL-BAD-UUID")
+
+
+def test_an_installed_route_moves_to_the_path_with_more_key_available():
+    """Load balancing: 8-9-10 drained, 8-16-10 full: the route moves; back when the roles
+    turn; a small difference (within the margin) moves nothing."""
+    net = Net()
+    weights = Weights(availability=1.0, rate=0.0, reference_bits=100_000)
+    core = started(net, weights=weights)
+    via9, via16 = (8, 9, 10), (8, 16, 10)
+    assert core.path(8, 10).primary == via9
+    assert core.better(8, 10, via9) is None  # both full: stay
+    for link in ((8, 9), (9, 10)):
+        net.bits[link] = 0
+    net.feed(core, 1.0)
+    assert core.path_weight(via9) > core.path_weight(via16) + core.rebalance
+    assert core.better(8, 10, via9) == via16
+    assert core.path(8, 10).primary == via16 and core.path(8, 10).backup == via9
+    for link in ((8, 9), (9, 10)):
+        net.bits[link] = 1 << 20
+    for link in ((8, 16), (16, 10)):
+        net.bits[link] = 600_000  # a little poorer than 8-9-10 now: within the margin
+    net.feed(core, 2.0)
+    assert core.path_weight(via16) > core.path_weight(via9)
+    assert core.better(8, 10, via16) is None
+    assert core.path(8, 10).primary == via16  # the cache keeps the installed path
+    for link in ((8, 16), (16, 10)):
+        net.bits[link] = 0
+    net.feed(core, 3.0)
+    assert core.better(8, 10, via16) == via9
+
+
+def test_a_route_never_moves_onto_a_link_out_of_use():
+    net = Net()
+    core = started(net, weights=Weights(availability=1.0, rate=0.0, reference_bits=100_000))
+    for link in ((8, 9), (9, 10)):
+        net.bits[link] = 0
+    net.status[(8, 16)] = model.LinkStatus.OFF
+    net.feed(core, 1.0)
+    assert core.path_weight((8, 16, 10)) == float("inf")
+    assert core.better(8, 10, (8, 9, 10)) is None
+
+
+def test_a_broken_stream_is_silence_at_once_and_heartbeats_keep_a_node_alive():
+    net = Net()
+    core = started(net)
+    core.heard_from(2.5, 9)  # heartbeats only: node 9 repeats its document
+    assert core.tick(2.6) == []  # the others were heard at 0.1: not yet 3 s
+    assert core.lost(2.6, 9) == []  # silence waits for the hold-off...
+    changes = core.tick(2.7)
+    assert {c.link for c in changes} == {model.link_uuid("L8-9"), model.link_uuid("L9-10")}
+    assert all(not c.up for c in changes)

@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -433,3 +434,76 @@ def test_a_restarted_by_id_end_still_serves_the_ids_its_peer_hands_out_next(tmp_
     assert b2.get_key_by_id(nxt.key_id).material == nxt.material
     with pytest.raises(hal.KeyNotFound):
         b2.get_key_by_id(first.key_id)
+
+
+def test_a_fault_shows_in_the_state_at_once_and_the_key_of_its_epoch_still_comes(
+    make_pair, clock, faults_file
+):
+    """Loss of signal is seen from the fault's start; both ends still count the bits of
+    the epoch it began in (delivered by post-processing), whenever they looked."""
+    a, b = make_pair(skr=2560, faults=faults_file)
+    clock.set(10.2)
+    assert a.status().state is hal.LinkState.UP
+    add_fault(faults_file, Fault(kind="down", start=10.5))
+    clock.set(10.6)
+    sa = a.status()
+    assert sa.state is hal.LinkState.DOWN and sa.skr_bps == 0 and sa.qber is None
+    clock.set(11.0)  # the epoch the fault began in ends: its 2,560 bits are distilled
+    assert a.status().keys_produced == b.status().keys_produced == 11 * 2560 // 256
+    clock.set(30)
+    assert a.status().keys_produced == b.status().keys_produced == 11 * 2560 // 256
+
+
+def test_a_qber_fault_aborts_the_state_at_once(make_pair, clock, faults_file):
+    a, _ = make_pair(faults=faults_file)
+    clock.set(3.1)
+    add_fault(faults_file, Fault(kind="qber", start=3.2, end=3.4, qber=0.3))
+    clock.set(3.3)
+    got = a.status()
+    assert got.state is hal.LinkState.ABORT and got.qber == 0.3
+    clock.set(3.5)
+    assert a.status().state is hal.LinkState.UP
+
+
+def _events(q: hal.Qkdm) -> tuple[list[hal.LinkStateChanged], Callable[[], None]]:
+    seen: list[hal.LinkStateChanged] = []
+    return seen, q.subscribe(seen.append)
+
+
+def test_a_subscriber_hears_of_a_cut_when_the_faults_file_changes(make_pair, clock, faults_file):
+    """No status reading by anyone: the module's own follower wakes on the file's change
+    (inotify) and reads the state again."""
+    from tests.kms.conftest import poll
+
+    write_faults(faults_file, [])
+    a, b = make_pair(faults=faults_file)
+    try:
+        clock.set(10.1)
+        seen, _ = _events(a)
+        assert a.follows_file_changes
+        add_fault(faults_file, Fault(kind="down", start=10.05))
+        poll(lambda: any(e.new is hal.LinkState.DOWN for e in seen), "the cut heard")
+        assert seen[-1].link == "link-t-1"
+    finally:
+        a.close()
+        b.close()
+
+
+def test_on_the_wall_clock_a_fault_is_heard_when_it_starts(tmp_path):
+    """A fault written ahead of its start wakes the follower at the start time."""
+    import time
+
+    from tests.kms.conftest import poll
+
+    faults_file = tmp_path / "faults.json"
+    write_faults(faults_file, [])
+    q = hal.open_qkdm(url("a", start=int(time.time()) - 5, faults=faults_file))
+    try:
+        seen, _ = _events(q)
+        q.poll_state()
+        assert [e.new for e in seen] == [hal.LinkState.UP]
+        add_fault(faults_file, Fault(kind="down", start=time.time() + 0.3, end=None))
+        poll(lambda: seen[-1].new is hal.LinkState.DOWN, "the cut heard at its start")
+        assert len([e for e in seen if e.new is hal.LinkState.DOWN]) == 1
+    finally:
+        q.close()

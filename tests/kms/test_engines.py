@@ -928,20 +928,54 @@ def replace_tag(tagged: m.Tagged) -> m.Tagged:
     return m.Tagged(channel_id=tagged.channel_id, epoch=tagged.epoch, tag=flipped, body=tagged.body)
 
 
-@takes("akms-b PATHING REFUSED")
+@takes("akms-b PATHING REFUSED", "akms-a ASKING RETRY", "akms-a ASKING REFUSED")
 def test_akms_b_without_a_path_refuses_and_erases_what_it_drew(bench):
     b = bench()
     opened(b)
     b.rewrite(
         b.input_to(AKMS_B, "akms", PathFound),
         lambda d: replace(d, event=PathFound(ticket=d.event.ticket, error=NoRoute("no path"))),
+        once=False,
     )
     refused = b.outcome("sae-a", b.enc(*GCM_PAIR))
     assert isinstance(refused, SaeRefused)
-    (refusal,) = b.actions(Refuse, AKMS_B, "akms")
-    assert isinstance(refusal.error, NoRoute)
+    refusals = b.actions(Refuse, AKMS_B, "akms")
+    assert len(refusals) == 2  # asked once more (a new path may be there), then given up
+    assert all(isinstance(r.error, NoRoute) for r in refusals)
     assert len(b.received(AKMS_B, "ckms", m.RelayLocal)) == 2  # nothing new handed over
     assert len(b.sent(m.Deliver)) == 1  # nor delivered
+    assert b.waiting() == {}
+
+
+@takes("akms-a HAVE_ANSWER RETRY")
+def test_a_relay_lost_on_its_way_is_asked_again_with_fresh_keys_and_a_fresh_cn_key(bench):
+    """A hop cannot forward the first attempt's CN key (aborted back); AKMS A asks again
+    under a new request ID: AKMS B draws anew and relays a new CN key; the master gets
+    the second attempt's keys, the slave the same; the first attempt's are never used."""
+    b = bench()
+    opened(b)
+    b.refuse(b.request_to(AKMS_A, "ckms", m.RelayItem), KeyUnavailable("no link key"))
+    draws = len(b.draws)
+    req = b.enc(*GCM_PAIR)
+    keys = fetch(b, *GCM_PAIR, req)
+    asked = [m.decode(t.body, m.CnRequest) for t in b.sent(m.Tagged, AKMS_A)][-2:]
+    assert [a.purpose for a in asked] == ["ksa", "ksa"]
+    first, second = (a.request_id for a in asked)
+    assert first != second
+    (cn_abort,) = b.sent(m.CnAbort)
+    assert cn_abort.request_id == first
+    assert len(b.draws) == draws + 2  # fresh keys and a fresh CN key for the retry
+    assert not any(bits in b.draws[draws] for _, bits in keys)  # none of the first draw's
+    delivered = b.sent(m.Deliver, AKMS_B, "akms")[-2:]
+    assert len(delivered) == 2  # the slave's copies of both; it is asked for the second's
+    notices = [a for a in b.actions(Notice, AKMS_A, "akms") if "asking again" in a.event]
+    assert len(notices) == 1 and notices[0].fields["attempt"] == 2
+    # a late hand-over of the first attempt's CN key is refused and erased
+    key = bytearray(b"\x5a" * 32)
+    late = m.CnLocal(request_id=first, cn_key=key)
+    b.feed(AKMS_A, "akms", Received(req=800, caller=AKMS_A, message=late))
+    assert isinstance(b.log[-1][2], Refuse) and zero(key)
+    assert b.waiting() == {}
 
 
 def test_a_request_on_a_channel_evicted_meanwhile_is_refused(bench):
@@ -983,14 +1017,17 @@ def test_a_second_stale_key_refusal_fails_the_relay_and_aborts_it_back(bench):
     refused = b.outcome("sae-a", b.enc(*GCM_PAIR))
     assert isinstance(refused, SaeRefused) and "lost on its way" in refused.error.message
     sent = [i for i in b.sent(m.RelayItem, CKMS_MID) if i.path[i.index] == AKMS_A]
-    assert len(sent) == 2 + 2  # the re-key's and the first request's; ours twice, not thrice
+    # the re-key's and the first request's; ours twice per attempt (not thrice), and the
+    # request is tried twice (fresh keys the second time), then given up
+    assert len(sent) == 2 + 2 * 2
     assert decode(sent[-1].message)[0].segments != decode(sent[-2].message)[0].segments
-    (abort,) = b.sent(m.RelayAbort, CKMS_MID)
-    assert abort.index == 0
-    (cn_abort,) = b.sent(m.CnAbort)
+    aborts = b.sent(m.RelayAbort, CKMS_MID)
+    assert [a.index for a in aborts] == [0, 0]
+    cn_aborts = b.sent(m.CnAbort)
     assert [r.message for r in b.actions(Reply, AKMS_A, "akms")][-1] == m.Ok()
     assert b.waiting() == {}
-    assert cn_abort.request_id == abort.request_id
+    assert [c.request_id for c in cn_aborts] == [a.request_id for a in aborts]
+    assert cn_aborts[0].request_id != cn_aborts[1].request_id
 
 
 def relay_item(path: list[int], index: int, message: bytes = b"x" * 64) -> m.RelayItem:

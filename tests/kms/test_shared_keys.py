@@ -101,9 +101,10 @@ def test_a_slave_of_another_user_is_refused_at_the_masters_ukms(bench):
 
 def test_one_slave_whose_copies_cannot_be_stored_fails_the_request(bench):
     """The master gets no key that one of its slaves could not fetch; the copies stored
-    for the others are never issued (no master holds their IDs) and expire."""
+    for the others are never issued (no master holds their IDs) and expire. (AKMS A asks
+    once more, with fresh keys: that attempt's copies are refused too.)"""
     b = bench
-    b.refuse(b.request_to(UKMS_B2, "ukms", m.Deliver), StoreFull("full"))
+    b.refuse(b.request_to(UKMS_B2, "ukms", m.Deliver), StoreFull("full"), once=False)
     req = enc(b, "sae-b", ("sae-f",))
     assert isinstance(b.outcome("sae-a", req), SaeRefused)
     assert b.waiting() == {}

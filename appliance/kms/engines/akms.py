@@ -13,6 +13,16 @@ stock: the validator only looks the pair up (``ValidationQuery.refill``). A requ
 UKMS serves from that stock comes as a ``KsaStocked``: AKMS A asks the validator and
 answers its verdict (``Ok`` or the denial), nothing else (table ``AKMS_STOCKED``).
 
+**A relay that fails on its way** (a hop aborts it back: ``CnAbort``; or AKMS B could not
+start it: a refusal for want of key or a peer unreachable) is tried once more
+(:data:`RELAY_ATTEMPTS`), before the request's first deadline: AKMS A asks again under a
+*new request ID*, so AKMS B draws fresh keys and a fresh CN key and asks the path provider
+again (under the QKDN Controller, the path after a protection switch). Nothing of the
+failed attempt is used: its CN key never arrived, a late hand-over or answer under the
+old ID is refused or ignored, and the slave's copies it left at UKMS B carry key IDs the
+master never learns. A 004 stream's request is not retried (its key IDs derive from the
+stream: the same IDs may not be delivered twice).
+
 **The channel** between the two access nodes (:mod:`appliance.kms.channel`) is opened from
 their pre-shared key (``ChannelOpen``, then a ``DerivePsk`` at each end) and re-keyed at
 once, and every ``REKEY_AFTER`` requests, with a key relayed over the QKDN like any KSA
@@ -31,6 +41,8 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
+
+import msgspec
 
 from appliance.kms import channel, keyids, ksa
 from appliance.kms import messages as m
@@ -64,6 +76,7 @@ from appliance.kms.events import (
     DerivePsk,
     FindPath,
     Input,
+    Notice,
     PathFound,
     PskDerived,
     Received,
@@ -84,6 +97,8 @@ SEEN_REQUESTS = 100_000
 channel tag proves who sent a request, not that it is new)."""
 CN_PATH = "/v1/cn"
 """The path the channel tags bind (the endpoint of ``CnRequest``)."""
+RELAY_ATTEMPTS = 2
+"""Attempts of one user request at relaying its CN key (the first and one retry)."""
 
 
 @dataclass(eq=False, slots=True)
@@ -112,6 +127,9 @@ class Asking:
     """Additional slaves behind this access node: their copies are delivered from here."""
     deliveries: int = 0
     """Of those, copies not yet stored at their UKMSs."""
+    attempts: int = 1
+    deadline: float = 0.0
+    """When the CN key must have come (the first attempt's deadline binds every retry)."""
 
 
 @dataclass(eq=False, slots=True)
@@ -285,10 +303,36 @@ class AkmsEngine(EngineBase):
             also=extra,
         )
         self._asking[a.request_id] = a
-        timeout = self.timer(
-            ("cn", a.request_id), self.now + self.policy.cn_timeout, lambda: self._timeout(a)
-        )
+        a.deadline = self.now + self.policy.cn_timeout
+        timeout = self.timer(("cn", a.request_id), a.deadline, lambda: self._timeout(a))
         return [timeout, *self._with_channel(a.peer, lambda c: self._ask(a, c))]
+
+    def _retry(self, a: Asking, error: KmsError) -> list[Action] | None:
+        """Ask again under a new request ID if the relay failed and the request may be
+        retried (module docstring); None if it may not."""
+        retryable = isinstance(error, KeyUnavailable) or error.code == "KMS-UNREACHABLE"
+        if (
+            not retryable
+            or a.table is not AKMS_A
+            or a.state not in (S.ASKING, S.HAVE_ANSWER)
+            or a.attempts >= RELAY_ATTEMPTS
+            or a.request is None
+            or a.request.stream is not None
+            or self.now >= a.deadline
+        ):
+            return None
+        AKMS_A.advance(a, I.RETRY)
+        out = self.cancel(("cn", a.request_id))
+        self._asking.pop(a.request_id, None)
+        a.attempts += 1
+        a.sealed = None  # the failed attempt's answer: under a CN key that never came
+        a.request_id = keyids.new_raw(1, self.nonce)
+        a.request = msgspec.structs.replace(a.request, request_id=a.request_id)
+        self._asking[a.request_id] = a
+        out.append(self.timer(("cn", a.request_id), a.deadline, lambda: self._timeout(a)))
+        note = {"error": error.code, "attempt": a.attempts}
+        out.append(Notice(event="relay failed; asking again with a fresh CN key", fields=note))
+        return out + self._with_channel(a.peer, lambda c: self._ask(a, c))
 
     def _ask(self, a: Asking, chan: CallerChannel | KmsError) -> list[Action]:
         """Send the CnRequest on the open channel (or fail: no channel)."""
@@ -302,11 +346,12 @@ class AkmsEngine(EngineBase):
         assert a.request is not None
         body = m.encode(a.request)
         tagged = _tagged(chan.tag_request(CN_PATH, body), body)
-        return [self.call((a.peer, "akms"), tagged, lambda e: self._answered(a, body, e))]
+        rid = a.request_id
+        return [self.call((a.peer, "akms"), tagged, lambda e: self._answered(a, rid, e))]
 
-    def _answered(self, a: Asking, body: bytes, event: Input) -> list[Action]:
-        if a.state in (S.DONE, S.FAILED):
-            return []
+    def _answered(self, a: Asking, rid: bytes, event: Input) -> list[Action]:
+        if a.state in (S.DONE, S.FAILED) or rid != a.request_id:
+            return []  # over, or the answer to an attempt given up (ciphertext only)
         if isinstance(event, CallFailed):
             reopen = a.table is AKMS_A and a.state is S.ASKING and not a.reopened
             if isinstance(event.error, UnknownChannel) and reopen:
@@ -314,7 +359,8 @@ class AkmsEngine(EngineBase):
                 self._drop_channel(a.peer, a.chan)
                 AKMS_A.advance(a, I.REOPEN)
                 return self._with_channel(a.peer, lambda c: self._ask(a, c))
-            return self._a_failed(a, event.error)
+            again = self._retry(a, event.error)
+            return again if again is not None else self._a_failed(a, event.error)
         assert isinstance(event, Answered) and a.chan is not None
         try:
             answer = m.decode(_checked(a.chan, event.message), m.CnAnswer)
@@ -342,7 +388,9 @@ class AkmsEngine(EngineBase):
         a = self._asking.get(abort.request_id)
         out: list[Action] = [Reply(req=event.req, message=m.Ok())]
         if a is not None:
-            out += self._a_failed(a, KeyUnavailable("the CN key was lost on its way"))
+            error = KeyUnavailable("the CN key was lost on its way")
+            again = self._retry(a, error)
+            out += again if again is not None else self._a_failed(a, error)
         return out
 
     def _timeout(self, a: Asking) -> list[Action]:

@@ -75,6 +75,8 @@ class I(Enum):  # noqa: E742 - the inputs of the tables, named as h2 names them
     REKEYED = auto()
     CLOSED = auto()
     """A channel closes (the callee forgot it, or this node stops)."""
+    RETRY = auto()
+    """A request's relay failed on its way: it starts again under a new request ID."""
     REFUSED = auto()
     """Any failure: a refusal, a timeout, an abort, a call that got no answer."""
 
@@ -108,15 +110,17 @@ AKMS_A = _table(
             I.ANSWER: S.HAVE_ANSWER,
             I.CN_KEY: S.HAVE_KEY,
             I.REOPEN: S.CHANNEL,
+            I.RETRY: S.CHANNEL,
             I.REFUSED: S.FAILED,
         },
-        S.HAVE_ANSWER: {I.CN_KEY: S.SEALING, I.REFUSED: S.FAILED},
+        S.HAVE_ANSWER: {I.CN_KEY: S.SEALING, I.RETRY: S.CHANNEL, I.REFUSED: S.FAILED},
         S.HAVE_KEY: {I.ANSWER: S.SEALING, I.REFUSED: S.FAILED},
         S.SEALING: {I.SEALED: S.DONE, I.REFUSED: S.FAILED},
     },
 )
 """A user's request at the requesting access node (AKMS A): validate, ask AKMS B over the
-channel, wait for both its answer and the CN key, seal the keys for UKMS A."""
+channel, wait for both its answer and the CN key, seal the keys for UKMS A. A relay that
+failed on its way (RETRY) asks again from scratch: new request ID, fresh keys and CN key."""
 
 REKEY = _table(
     "rekey",
