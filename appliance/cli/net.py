@@ -527,7 +527,7 @@ def _prepare_mgmt(args: argparse.Namespace, topo: Any, configs: dict[str, Any]) 
         return False
     from appliance.mgmt.netsetup import prepare
 
-    prepare(args.dir, topo, configs)
+    prepare(args.dir, topo, configs, controller=bool(getattr(args, "controller", False)))
     return True
 
 

@@ -7,9 +7,13 @@ drive it with an injected clock.
 ``/qkd_node``), :meth:`Core.tick` lets time pass. A link is *usable* when both of its ends
 report it ACTIVE (a PASSIVE link, down with keys left, carries the relays already on it
 but no new path), its QBER is at most ``qber_max``, and both
-nodes were heard within ``dead_after`` seconds (telemetry is the heartbeat). A change of
-usability takes effect only once it has held for ``hold_off`` seconds (0.1 by default):
-a link that flaps faster never changes state.
+nodes were heard within ``dead_after`` seconds (telemetry is the heartbeat), and the QKDN
+Manager does not hold it down (:meth:`Core.report`: links and nodes the manager learnt are
+down over SNMP, each held until the report's time to live ends or the next report drops
+it). A change of usability takes effect only once it has held for ``hold_off`` seconds
+(0.1 by default): a link that flaps faster never changes state.
+:meth:`Core.telemetry_down` lists the links the telemetry itself finds down (the manager's
+own reports excluded), which the controller tells the manager.
 
 **Weights.** A usable link's weight is (:meth:`Weights.of`)::
 
@@ -145,6 +149,36 @@ class Core:
     )
     """Installed routes as the agents report them: (src, dst) -> node -> (prev, next)."""
     switches: int = 0
+    held_links: dict[tuple[int, int], float] = field(default_factory=dict)
+    """Links the manager reports down: (lower ID, higher ID) -> held until (``now``'s clock)."""
+    held_nodes: dict[int, float] = field(default_factory=dict)
+    """Nodes the manager reports down (every link of theirs is held down)."""
+
+    # -- the manager's reports ---------------------------------------------------------
+    def report(
+        self, now: float, links: list[tuple[int, int]], nodes: list[int], ttl: float
+    ) -> list[Change]:
+        """The manager's whole view of what is down, replacing the last one; held for
+        ``ttl`` seconds unless renewed (a manager that stops reporting lets go)."""
+        until = now + ttl
+        self.held_links = {(min(a, b), max(a, b)): until for a, b in links}
+        self.held_nodes = dict.fromkeys(nodes, until)
+        return self.tick(now)
+
+    def held(self, a: int, b: int, now: float) -> bool:
+        """Whether the manager holds the link between ``a`` and ``b`` down."""
+        if self.held_links.get((min(a, b), max(a, b)), -1e18) > now:
+            return True
+        return any(self.held_nodes.get(n, -1e18) > now for n in (a, b))
+
+    def telemetry_down(self, now: float) -> list[tuple[int, int]]:
+        """Links both of whose ends reported once, that the telemetry finds not usable
+        now (the manager's holds left out), as (lower ID, higher ID)."""
+        return sorted(
+            (min(x.a, x.b), max(x.a, x.b))
+            for x in self.links.values()
+            if len(x.ends) == 2 and not self._seen_good(x, now)
+        )
 
     # -- telemetry --------------------------------------------------------------------
     def telemetry(self, now: float, doc: dict[str, Any]) -> list[Change]:
@@ -195,6 +229,9 @@ class Core:
         return min(starts) + self.hold_off if starts else None
 
     def _good(self, link: _Link, now: float) -> bool:
+        return self._seen_good(link, now) and not self.held(link.a, link.b, now)
+
+    def _seen_good(self, link: _Link, now: float) -> bool:
         ends = [link.ends.get(link.a), link.ends.get(link.b)]
         if any(e is None for e in ends):
             return False

@@ -7,6 +7,9 @@
 * It polls every agent (a GETBULK walk of ``qkdnObjects``) every ``poll_s`` seconds: link
   states and levels go to the history, identity and software to the inventory; an agent
   that does not answer raises a ``node`` alarm, cleared when it answers again.
+* With a ``[controller]``, it tells the QKDN Controller which links and nodes it finds down
+  and raises the controller's telemetry's link alarms as the same alarms as the agents'
+  (:mod:`appliance.mgmt.control`).
 * It keeps everything in SQLite (:mod:`appliance.mgmt.store`) and tells its web page
   (:mod:`appliance.mgmt.web`) of every change.
 
@@ -40,6 +43,8 @@ from pysnmp.proto import rfc1902
 
 from appliance.config.schema import Strict, load_model, read_toml
 from appliance.mgmt import mib
+from appliance.mgmt.control import ControllerLink, ControlView, ttl
+from appliance.mgmt.errors import MgmtError
 from appliance.mgmt.store import LinkSample, Store
 from appliance.snmp.usm import AUTH, PRIV, SNMP_TRAP_OID, Credentials, bind_udp, host_port
 
@@ -93,12 +98,24 @@ class MapLink(Strict):
     name: str = Field(max_length=32)
 
 
+class ControllerEntry(Strict):
+    """The QKDN Controller the manager reports to (:mod:`appliance.mgmt.control`)."""
+
+    address: str = Field(max_length=300)
+    """Its HTTP/2 API (host:port)."""
+    name: str = Field(max_length=64)
+    """The name its certificate must carry."""
+
+
 class ManagerConfig(Strict):
     traps: str = "127.0.0.1:0"
     web: str | None = None
     """HTTPS address of the operator's page and /metrics; none: no web server."""
     cert: str | None = None
     key: str | None = None
+    ca: str | None = None
+    """The network's CA (the controller link's mutual TLS)."""
+    controller: ControllerEntry | None = None
     db: str = "manager.db"
     poll_s: float = Field(default=5.0, ge=0.2, le=3600)
     session_s: float = Field(default=8 * 3600, ge=1, le=7 * 86400)
@@ -190,6 +207,11 @@ class Manager:
         self._refusals = 0
         self._down: set[str] = set()
         self._tasks: list[asyncio.Task[None]] = []
+        self.view = ControlView(
+            names={frozenset((x.a, x.b)): x.name for x in cfg.links},
+            ids={a.name: a.id for a in cfg.agents},
+        )
+        self.controller: ControllerLink | None = None
 
     async def start(self) -> int:
         sock = bind_udp(self.cfg.traps)
@@ -208,13 +230,47 @@ class Manager:
                     self.rx, s.user, AUTH, s.auth, PRIV, s.priv, securityEngineId=theirs
                 )
         ntfrcv.NotificationReceiver(self.rx, self._received)
+        self._start_controller()
         self._tasks.append(asyncio.ensure_future(self._poll_loop()))
         return self.port
+
+    def _start_controller(self) -> None:
+        c, cfg = self.cfg.controller, self.cfg
+        if c is None:
+            return
+        if not (cfg.cert and cfg.key and cfg.ca):
+            raise MgmtError("[controller] needs cert, key and ca", code="MGMT-CONFIG")
+        tls = (Path(cfg.cert), Path(cfg.key), Path(cfg.ca))
+        self.controller = ControllerLink(
+            self.view,
+            c.address,
+            c.name,
+            tls,
+            ttl_s=ttl(cfg.poll_s),
+            on_change=self._from_controller,
+        )
+        self.controller.start()
+
+    def _from_controller(self, notification: str, link: str) -> None:
+        """A link the controller's telemetry finds down (or up again): the same alarm as
+        the agents' reports of that link (key: kind ``link``, the link's name)."""
+        name = self.cfg.controller.name if self.cfg.controller else "controller"
+        down = notification == "qkdnLinkDown"
+        severity, text = (
+            ("major", "controller: link unusable")
+            if down
+            else ("cleared", "controller: link usable")
+        )
+        self.store.notify(notification, name, severity, link, text)
+        log.info("mgmt: %s from the controller: %s", notification, link)
+        self._tell("alarms")
 
     async def close(self) -> None:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.controller is not None:
+            await self.controller.close()
         for eng in (self.rx, self.poller):
             if eng.transport_dispatcher is not None:
                 eng.close_dispatcher()
@@ -247,9 +303,14 @@ class Manager:
         else:
             self.store.notify(name, who, severity, resource, text)
         column = m["qkdnLinkState"].oid
+        moved = False
         for oid, value in got.items():
             if oid[:-1] == column and isinstance(_plain(value), int):
-                self.store.link_state(who, oid[-1], mib.enum("qkdnLinkState", int(value)))
+                state = mib.enum("qkdnLinkState", int(value))
+                self.store.link_state(who, oid[-1], state)
+                moved |= self.view.end(who, oid[-1], state)
+        if moved and self.controller is not None:
+            self.controller.tell()
         log.info("mgmt: %s from %s: %s %s (%s)", name, who, resource, severity, text)
         self._tell("alarms")
 
@@ -273,6 +334,10 @@ class Manager:
         results = await asyncio.gather(*(self.poll(a) for a in self.cfg.agents))
         rows = [s for r in results if r is not None for s in r]
         self.store.record(rows)
+        for row in rows:
+            self.view.end(row.node, row.peer, row.state)
+        if self.controller is not None:  # every round: the report's time to live renewed
+            self.controller.tell()
         self._own_refusals()
         self._tell("links")
 
@@ -325,6 +390,8 @@ class Manager:
             cert_expiry=cert_expiry(agent.cert),
             reachable=1,
         )
+        if self.view.node(agent.name, reachable=True) and self.controller is not None:
+            self.controller.tell()
         if agent.name in self._down:
             self._down.discard(agent.name)
             self.store.notify("qkdnNodeReachable", agent.name, "cleared", agent.name, "answers")
@@ -341,6 +408,8 @@ class Manager:
             cert_expiry=cert_expiry(agent.cert),
             reachable=0,
         )
+        if self.view.node(agent.name, reachable=False) and self.controller is not None:
+            self.controller.tell()
         if agent.name not in self._down:
             self._down.add(agent.name)
             text = f"the node's agent does not answer ({why[:80]})"

@@ -4,7 +4,9 @@
   address (the topology's manager node's ``traps`` address), its HTTPS address (``web``)
   with the manager node's certificate, every KMS node's agent (its ``snmp`` address, the
   manager's polling user there, the user the agent sends INFORMs as), the topology's links
-  for the map, and two operators' password hashes;
+  for the map, two operators' password hashes, and (when the network runs its QKDN
+  Controller) the controller's API address and name, for the manager's HTTP/2 link to it
+  (:mod:`appliance.mgmt.control`, mutual TLS with the network's CA);
 * ``node-<name>.toml``: each KMS node's agent (``qkdn node run --mgmt``);
 * ``operators.txt``: the two operators' passwords, for the person who started the
   network (``operator`` may acknowledge alarms, ``viewer`` only reads).
@@ -47,8 +49,11 @@ def _creds(prefix: str, user: str, auth: str, priv: str) -> list[str]:
     return [f"[{prefix}]", f"user = {_q(user)}", f"auth = {_q(auth)}", f"priv = {_q(priv)}"]
 
 
-def prepare(net_dir: Path, topo: Topology, configs: dict[str, Any]) -> dict[str, Path]:
-    """Make ``<net>/mgmt`` ready; return each KMS node's agent file by node name."""
+def prepare(
+    net_dir: Path, topo: Topology, configs: dict[str, Any], *, controller: bool = False
+) -> dict[str, Path]:
+    """Make ``<net>/mgmt`` ready; return each KMS node's agent file by node name
+    (``controller``: the network runs its QKDN Controller, the manager reports to it)."""
     managers = topo.nodes_with("manager")
     if not managers:
         raise MgmtError(
@@ -63,12 +68,21 @@ def prepare(net_dir: Path, topo: Topology, configs: dict[str, Any]) -> dict[str,
         f"web = {_q(mcfg.listen['web'])}",
         f"cert = {_q(str(mcfg.paths.cert))}",
         f"key = {_q(str(mcfg.paths.key))}",
+        f"ca = {_q(str(mcfg.paths.ca_cert))}",
         'db = "manager.db"',
         "poll_s = 30.0",
         "links = ["
         + ", ".join(f"{{a = {x.a}, b = {x.b}, name = {_q(x.id)}}}" for x in topo.links)
         + "]",
     ]
+    ctl = [c for c in configs.values() if "controller" in c.node.role.split("+")]
+    if controller and ctl and "api" in ctl[0].listen:
+        lines += [
+            "",
+            "[controller]",
+            f"address = {_q(ctl[0].listen['api'])}",
+            f"name = {_q(ctl[0].node.name)}",
+        ]
     out = {}
     for name, cfg in sorted(configs.items(), key=lambda kv: kv[1].node.id):
         if "snmp" not in cfg.listen or not set(cfg.node.role.split("+")) & {"ukms", "akms", "ckms"}:

@@ -5,8 +5,10 @@ both use it (WAL: one writer, readers alongside).
 Alarms follow ITU-T X.733: each has a perceived severity; a notification with severity
 ``cleared`` clears the open alarm it matches, and one alarm stands for one problem:
 
-* a link problem is keyed by (kind, link name): both ends of a link reporting it (or the
-  controller's telemetry, later) make one alarm, whose ``reports`` counts the reports;
+* a link problem is keyed by (kind, link name): both ends of a link reporting it and the
+  QKDN Controller's telemetry (:mod:`appliance.mgmt.control`) make one alarm, whose
+  ``reports`` counts the reports and ``sources`` names the reporters (agent names, the
+  controller's name), in the order they first reported;
 * any other problem is keyed by (kind, node).
 
 ``kind`` is the notification family: ``link`` (qkdnLinkDown, cleared by qkdnLinkUp),
@@ -63,7 +65,8 @@ CREATE TABLE IF NOT EXISTS alarms (
     cleared REAL,
     acked_by TEXT,
     acked REAL,
-    reports INTEGER NOT NULL DEFAULT 1
+    reports INTEGER NOT NULL DEFAULT 1,
+    sources TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS alarms_open ON alarms (kind, resource) WHERE cleared IS NULL;
 CREATE TABLE IF NOT EXISTS samples (
@@ -126,6 +129,8 @@ class Alarm:
     acked_by: str | None
     acked: float | None
     reports: int
+    sources: str
+    """The reporters, comma-separated, in the order they first reported."""
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -153,6 +158,9 @@ class Store:
             self.db.execute("PRAGMA synchronous=FULL")
             self.db.execute("PRAGMA busy_timeout=5000")
             self.db.executescript(SCHEMA)
+            columns = {r[1] for r in self.db.execute("PRAGMA table_info(alarms)")}
+            if "sources" not in columns:  # a database of before the controller link
+                self.db.execute("ALTER TABLE alarms ADD COLUMN sources TEXT NOT NULL DEFAULT ''")
         except sqlite3.Error as exc:
             raise StoreError(f"{path}: cannot open the manager's database: {exc}") from exc
         self.db.row_factory = sqlite3.Row
@@ -172,7 +180,7 @@ class Store:
         key = resource[:64] if kind in LINK_KINDS else node[:64]
         now, text = self.clock(), text[:MAX_TEXT]
         row = self.db.execute(
-            "SELECT id FROM alarms WHERE kind = ? AND resource = ? AND cleared IS NULL",
+            "SELECT id, sources FROM alarms WHERE kind = ? AND resource = ? AND cleared IS NULL",
             (kind, key),
         ).fetchone()
         if severity == "cleared" or notification in ("qkdnLinkUp", "qkdnNodeReachable"):
@@ -185,16 +193,17 @@ class Store:
             )
             return int(row["id"])
         if row is not None:
+            sources = _add_source(row["sources"], node)
             self.db.execute(
-                "UPDATE alarms SET severity = ?, text = ?, updated = ?, reports = reports + 1 "
-                "WHERE id = ?",
-                (severity, text, now, row["id"]),
+                "UPDATE alarms SET severity = ?, text = ?, updated = ?, reports = reports + 1, "
+                "sources = ? WHERE id = ?",
+                (severity, text, now, sources, row["id"]),
             )
             return int(row["id"])
         cur = self.db.execute(
-            "INSERT INTO alarms (kind, resource, node, severity, text, raised, updated) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (kind, key, node[:64], severity, text, now, now),
+            "INSERT INTO alarms (kind, resource, node, severity, text, raised, updated, sources) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (kind, key, node[:64], severity, text, now, now, _add_source("", node)),
         )
         return int(cur.lastrowid or 0)
 
@@ -212,6 +221,10 @@ class Store:
             f"SELECT * FROM alarms {where} ORDER BY id DESC LIMIT ?", (limit,)
         ).fetchall()
         return [Alarm(**dict(r)) for r in rows]
+
+    def alarm(self, alarm: int) -> Alarm | None:
+        row = self.db.execute("SELECT * FROM alarms WHERE id = ?", (alarm,)).fetchone()
+        return Alarm(**dict(row)) if row is not None else None
 
     # -- security events ---------------------------------------------------------------
     def security(self, source: str, kind: str, text: str) -> None:
@@ -310,3 +323,13 @@ class Store:
             (link[:32], since, limit),
         ).fetchall()
         return [dict(r) for r in reversed(rows)]
+
+
+def _add_source(sources: str, node: str) -> str:
+    """``sources`` with ``node`` added once (bounded: the list stops growing at MAX_TEXT)."""
+    names = [n for n in sources.split(",") if n]
+    name = node[:64].replace(",", ";")
+    if name in names:
+        return sources
+    joined = ",".join([*names, name])
+    return joined if len(joined) <= MAX_TEXT else sources

@@ -73,7 +73,8 @@ function drawAlarms() {
     cell(row, a.severity, "severity");
     cell(row, a.kind);
     cell(row, a.resource);
-    cell(row, a.text + (a.reports > 1 ? " (" + a.reports + " reports)" : ""));
+    const from = a.sources ? "; from " + a.sources.split(",").join(", ") : "";
+    cell(row, a.text + (a.reports > 1 ? " (" + a.reports + " reports" + from + ")" : ""));
     cell(row, new Date(a.raised * 1000).toLocaleTimeString());
     const td = row.insertCell();
     if (a.acked) td.textContent = "by " + a.acked_by;
