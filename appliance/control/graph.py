@@ -32,6 +32,12 @@ where no disjoint way exists; ``shared`` counts them). When a link of a cached p
 goes down, the backup becomes the primary at once (protection switching: no computation
 on the fault's path) and a new backup is computed lazily. A link coming up, or a weight
 moving by more than ``reweigh`` of itself, empties the cache.
+
+**The manager's holds.** :meth:`Core.report` takes the QKDN Manager's whole view of the
+links and nodes it learnt are down over SNMP; a held link (or a link of a held node) is
+not usable whatever its telemetry says, until the report's time to live ends or the next
+report drops it. :meth:`Core.telemetry_down` lists the links the telemetry itself finds
+down (the holds left out), which the controller tells the manager.
 """
 
 from __future__ import annotations
@@ -177,8 +183,13 @@ class Core:
         return sorted(
             (min(x.a, x.b), max(x.a, x.b))
             for x in self.links.values()
-            if len(x.ends) == 2 and not self._seen_good(x, now)
+            if len(x.ends) == 2 and not self._reported_good(x, now)
         )
+
+    def _reported_good(self, link: _Link, now: float) -> bool:
+        """Both ends report the link good and both nodes were heard (no hold, no hold-off)."""
+        alive = all(now - self.heard.get(n, -1e18) <= self.dead_after for n in (link.a, link.b))
+        return alive and all(e.good and e.qber <= self.qber_max for e in link.ends.values())
 
     # -- telemetry --------------------------------------------------------------------
     def telemetry(self, now: float, doc: dict[str, Any]) -> list[Change]:
@@ -229,9 +240,8 @@ class Core:
         return min(starts) + self.hold_off if starts else None
 
     def _good(self, link: _Link, now: float) -> bool:
-        return self._seen_good(link, now) and not self.held(link.a, link.b, now)
-
-    def _seen_good(self, link: _Link, now: float) -> bool:
+        if self.held(link.a, link.b, now):
+            return False
         ends = [link.ends.get(link.a), link.ends.get(link.b)]
         if any(e is None for e in ends):
             return False
