@@ -20,6 +20,7 @@ address, beside the KMS services on the same event loop:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections import deque
 from collections.abc import Callable
@@ -41,7 +42,8 @@ from appliance.snmp.usm import AUTH, PRIV, SNMP_TRAP_OID, Credentials, bind_udp,
 log = logging.getLogger("qkdn.mgmt")
 
 POLL_S = 0.5
-"""Seconds between two looks for faults (the alarm reaches the manager within ~1 s)."""
+"""Seconds between two looks for faults; a QKD module's state change is looked at at once
+(:meth:`Agent.look`, :class:`appliance.mgmt.nodestate.LinkWatch`)."""
 INFORM_TIMEOUT_S, INFORM_RETRIES = 0.5, 2
 """One INFORM attempt: pysnmp's own retransmissions; then :data:`RETRY_S` and again."""
 RETRY_S = 1.0
@@ -110,12 +112,15 @@ class Agent:
         self.sent = self.acked = self.dropped = 0
         self.pending: deque[list[Any]] = deque()
         self._wake = asyncio.Event()
+        self._look = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._originator = ntforg.NotificationOriginator()
         self._default: Any = None
 
     # -- start and stop ------------------------------------------------------------------
     async def start(self) -> int:
+        self._loop = asyncio.get_running_loop()
         sock = bind_udp(self.cfg.listen)
         self.port = int(sock.getsockname()[1])
         transport = udp.UdpAsyncioTransport().open_server_mode(sock=sock)
@@ -199,7 +204,15 @@ class Agent:
                 self.check()
             except Exception as exc:  # a reading that fails must not stop the watch
                 log.error("mgmt: reading the node failed: %s", exc, exc_info=True)
-            await asyncio.sleep(POLL_S)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._look.wait(), POLL_S)
+            self._look.clear()
+
+    def look(self) -> None:
+        """Read the node now, not at the next period (a link's state changed); safe from
+        any thread."""
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._look.set)
 
     def check(self) -> list[Notice]:
         """Read the node now; send what changed."""

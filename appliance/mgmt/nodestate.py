@@ -4,10 +4,18 @@ The link columns come from the QKD modules' own status readings (a synchronous d
 that answers from the driver's state), the counters from the node's
 :class:`appliance.kms.counters.NodeCounters`, the generator's health from its monitor.
 It reads states and counts, never keys.
+
+:class:`LinkWatch` tells the agent when a QKD module's link state changes: it subscribes
+to every module of the node (a driver that reports its changes itself wakes the agent at
+once) and reads their state every :data:`LINK_POLL_S` (an emulated module reports a change
+only when read), so a link fault reaches the agent's detector within that period rather
+than at the agent's next full reading.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 from collections.abc import Callable
 from importlib import metadata
@@ -19,6 +27,8 @@ from appliance.mgmt.nodeview import LinkReading, NodeReading
 
 ROLES = {"ukms": "ukms", "akms": "akms", "ckms": "ckms", "akms+ckms": "akmsCkms"}
 RNG_STATES = {"starting", "healthy", "degraded", "failed"}
+LINK_POLL_S = 0.1
+"""Seconds between two reads of the modules' link states (one status call each)."""
 
 
 def software_version() -> str:
@@ -112,3 +122,35 @@ class NodeReader:
             "rng_requests": int(gen.requests),
             "rng_reseeds": int(gen.reseeds),
         }
+
+
+class LinkWatch:
+    """Calls ``wake`` (from any thread) when one of ``qkdms`` changes its link state."""
+
+    def __init__(self, qkdms: list[hal.Qkdm], wake: Callable[[], None]) -> None:
+        self.qkdms, self.wake = qkdms, wake
+        self._unsubscribe: list[Callable[[], None]] = []
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        for qkdm in self.qkdms:  # the states as they are now are no change
+            with contextlib.suppress(hal.HalError):
+                qkdm.poll_state()
+        for qkdm in self.qkdms:
+            self._unsubscribe.append(qkdm.subscribe(lambda _event: self.wake()))
+        self._task = asyncio.ensure_future(self._poll())
+
+    async def close(self) -> None:
+        for unsubscribe in self._unsubscribe:
+            unsubscribe()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _poll(self) -> None:
+        while True:
+            for qkdm in self.qkdms:
+                with contextlib.suppress(hal.HalError):
+                    qkdm.poll_state()  # a change notifies the subscription above
+            await asyncio.sleep(LINK_POLL_S)
