@@ -441,13 +441,13 @@ def bench_tkey(rounds: int, requests: int) -> dict[str, Any]:
 
 # -- 4. link fault to alarm on the page --------------------------------------------------
 def bench_latency(faults: int, link: tuple[int, int] = (8, 9)) -> dict[str, Any]:
-    """A demoquandt network with its manager (and, with ``--controller``, its controller);
-    link 8-9 cut and restored ``faults`` times by ``qkdn net fault``'s code
-    (:func:`appliance.control.linkfault.inject`). A client logged in to the operator's page
-    holds its server-sent events stream, as the page does; for each cut and restore: the
-    time from the injection (at a random point of the modules' 1 s epoch) to the first
-    ``state`` event that shows the link's alarm open (cleared), and from the moment the emulated modules' state changes (the first epoch
-    start at or after the fault's start: the model's time resolution) to that event."""
+    """A demoquandt network with its manager; link 8-9 cut and restored ``faults`` times by
+    ``qkdn net fault``'s code (:func:`appliance.control.linkfault.inject`). A client logged
+    in to the operator's page holds its server-sent events stream, as the page does; for
+    each cut and restore: the time from the injection (at a random point of the modules'
+    1 s epoch) to the first ``state`` event that shows the link's alarm open (cleared), and
+    from the moment the emulated modules' state changes (the first epoch start at or after
+    the fault's start: the model's time resolution) to that event."""
     from appliance.cli import net
     from appliance.config.render import find_free_base_port
     from appliance.control.linkfault import inject
