@@ -2,7 +2,8 @@
 
 ``qkdn manager run --config NET/mgmt/manager.toml`` runs it (``qkdn net up`` does, in the
 data centre); the other actions read and change its database (``NET/mgmt/manager.db``)
-while it runs: ``alarms``, ``ack``, ``history``, ``inventory``, ``security``. Bad input is
+while it runs: ``alarms``, ``ack``, ``history``, ``inventory``, ``security``,
+``accounting`` (the AAA device's, when the network runs AAA). Bad input is
 one line with a code (``USAGE``, ``MGMT-*``), never a traceback.
 """
 
@@ -25,6 +26,7 @@ examples:
   qkdn manager ack 12 --as alice          acknowledge alarm 12
   qkdn manager history link-8-9 --json    SKR, QBER and key level samples of a link
   qkdn manager inventory                  nodes, roles, software, certificate expiry
+  qkdn manager accounting                 keys and requests per user (net up --aaa)
 The operator's page: https://<manager web address>/ (passwords in NET/mgmt/operators.txt).
 """
 
@@ -48,11 +50,16 @@ def register(sub: Any) -> None:
         ("alarms", "open alarms (--all: cleared ones too)"),
         ("inventory", "the nodes: role, software, image slot, agent, certificate expiry"),
         ("security", "security events: refused logins and SNMP senders, auth failures"),
+        ("accounting", "the AAA device's accounting per user (--by pair: per contract and pair)"),
     ):
         a = s.add_parser(name, help=text)
         _common(a)
         if name == "alarms":
             a.add_argument("--all", action="store_true", help="include cleared alarms")
+        if name == "accounting":
+            a.add_argument(
+                "--by", choices=("user", "pair"), default="user", help="rows per user or pair"
+            )
         a.set_defaults(func=cmd_show, what=name)
     ack = s.add_parser("ack", help="acknowledge an alarm")
     ack.add_argument("alarm", type=types.integer(1, 2**62), metavar="N")
@@ -119,6 +126,17 @@ def cmd_show(args: argparse.Namespace) -> int:
         if args.what == "alarms":
             rows = [a.to_json() for a in store.alarms(include_cleared=args.all)]
             cols = ("id", "severity", "kind", "resource", "node", "text", "raised", "acked_by")
+        elif args.what == "accounting":
+            from appliance.mgmt.accounting import per_user
+
+            acct = store.accounting()
+            if args.by == "user":
+                rows = [{**t, "contracts": ",".join(t["contracts"])} for t in per_user(acct)]
+                cols = ("user", "contracts", "allowed", "keys", "bits", "failed")
+            else:
+                rows = [r.to_json() for r in acct]
+                cols = ("user", "contract", "master", "slave", "allowed", "keys", "bits")
+            cols += ("refused_limits", "refused_unauthorised", "refused_quota")
         elif args.what == "inventory":
             rows = store.inventory()
             cols = ("node", "id", "role", "software", "slot", "reachable", "cert_expiry")

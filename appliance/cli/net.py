@@ -531,7 +531,13 @@ def _prepare_mgmt(args: argparse.Namespace, topo: Any, configs: dict[str, Any]) 
         return False
     from appliance.mgmt.netsetup import prepare
 
-    prepare(args.dir, topo, configs, controller=bool(getattr(args, "controller", False)))
+    prepare(
+        args.dir,
+        topo,
+        configs,
+        controller=bool(getattr(args, "controller", False)),
+        aaa=bool(getattr(args, "aaa", False)),
+    )
     return True
 
 

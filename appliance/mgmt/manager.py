@@ -7,6 +7,8 @@
 * It polls every agent (a GETBULK walk of ``qkdnObjects``) every ``poll_s`` seconds: link
   states and levels go to the history, identity and software to the inventory; an agent
   that does not answer raises a ``node`` alarm, cleared when it answers again.
+* With an ``[aaa]``, it walks the AAA device's accounting at every poll round
+  (:mod:`appliance.mgmt.accounting`).
 * With a ``[controller]``, it tells the QKDN Controller which links and nodes it finds down
   and raises the controller's telemetry's link alarms as the same alarms as the agents'
   (:mod:`appliance.mgmt.control`).
@@ -42,7 +44,7 @@ from pysnmp.hlapi.v3arch.asyncio import (
 from pysnmp.proto import rfc1902
 
 from appliance.config.schema import Strict, load_model, read_toml
-from appliance.mgmt import mib
+from appliance.mgmt import accounting, mib
 from appliance.mgmt.control import ControllerLink, ControlView, ttl
 from appliance.mgmt.errors import MgmtError
 from appliance.mgmt.store import LinkSample, Store
@@ -107,6 +109,12 @@ class ControllerEntry(Strict):
     """The name its certificate must carry."""
 
 
+class AaaEntry(Credentials):
+    """The AAA device's agent and its operator user (the accounting view)."""
+
+    address: str = Field(max_length=300)
+
+
 class ManagerConfig(Strict):
     traps: str = "127.0.0.1:0"
     web: str | None = None
@@ -116,6 +124,8 @@ class ManagerConfig(Strict):
     ca: str | None = None
     """The network's CA (the controller link's mutual TLS)."""
     controller: ControllerEntry | None = None
+    aaa: AaaEntry | None = None
+    """The network's AAA device: its accounting is walked at every poll round."""
     db: str = "manager.db"
     poll_s: float = Field(default=5.0, ge=0.2, le=3600)
     session_s: float = Field(default=8 * 3600, ge=1, le=7 * 86400)
@@ -331,6 +341,8 @@ class Manager:
             )
 
     async def poll_all(self) -> None:
+        if self.cfg.aaa is not None:
+            await self.poll_accounting(self.cfg.aaa)
         results = await asyncio.gather(*(self.poll(a) for a in self.cfg.agents))
         rows = [s for r in results if r is not None for s in r]
         self.store.record(rows)
@@ -355,11 +367,29 @@ class Manager:
         self._reachable(agent, polled)
         return samples(agent.name, polled)
 
+    async def poll_accounting(self, aaa: AaaEntry) -> None:
+        """The AAA device's accounting (a walk of its two subtrees); kept as it was when the
+        device does not answer or refuses (a walk that returns nothing at all)."""
+        binds: list[Any] = []
+        for root in accounting.roots():
+            try:
+                got = await self.walk_at(aaa.address, aaa, root)
+            except (OSError, RuntimeError, ValueError) as exc:
+                log.warning("mgmt: the AAA device's accounting: %s", exc)
+                return
+            binds += got
+        if not binds:
+            return
+        self.store.set_accounting(accounting.parse(binds))
+        self._tell("accounting")
+
     async def walk(self, agent: AgentEntry, root: tuple[int, ...]) -> list[Any]:
-        p = agent.poll
+        return await self.walk_at(agent.address, agent.poll, root)
+
+    async def walk_at(self, address: str, p: Credentials, root: tuple[int, ...]) -> list[Any]:
         auth = UsmUserData(p.user, p.auth, p.priv, authProtocol=AUTH, privProtocol=PRIV)
         target = await UdpTransportTarget.create(
-            host_port(agent.address), timeout=POLL_TIMEOUT_S, retries=POLL_RETRIES
+            host_port(address), timeout=POLL_TIMEOUT_S, retries=POLL_RETRIES
         )
         out = []
         async for error, status, _index, binds in bulk_walk_cmd(

@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from appliance.mgmt.accounting import AcctRow
 from appliance.mgmt.errors import StoreError
 
 RAW_KEEP_S = 3600.0
@@ -104,6 +105,21 @@ CREATE TABLE IF NOT EXISTS links (
     consumed INTEGER NOT NULL,
     seen REAL NOT NULL,
     PRIMARY KEY (node, peer)
+);
+CREATE TABLE IF NOT EXISTS accounting (
+    user TEXT NOT NULL,
+    contract TEXT NOT NULL,
+    master TEXT NOT NULL,
+    slave TEXT NOT NULL,
+    allowed INTEGER NOT NULL,
+    refused_limits INTEGER NOT NULL,
+    refused_unauthorised INTEGER NOT NULL,
+    refused_quota INTEGER NOT NULL,
+    keys INTEGER NOT NULL,
+    bits INTEGER NOT NULL,
+    failed INTEGER NOT NULL,
+    seen REAL NOT NULL,
+    PRIMARY KEY (contract, master, slave)
 );
 CREATE TABLE IF NOT EXISTS security (
     id INTEGER PRIMARY KEY,
@@ -296,6 +312,41 @@ class Store:
 
     def links(self) -> list[dict[str, Any]]:
         return [dict(r) for r in self.db.execute("SELECT * FROM links ORDER BY link, node")]
+
+    # -- accounting (the AAA device's export) -------------------------------------------
+    def set_accounting(self, rows: list[AcctRow]) -> None:
+        """The AAA device's accounting as last walked (replaces the last view)."""
+        now = self.clock()
+        self.db.execute("BEGIN")
+        try:
+            self.db.execute("DELETE FROM accounting")
+            self.db.executemany(
+                "INSERT OR REPLACE INTO accounting VALUES "
+                "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (
+                        r.user[:64], r.contract[:64], r.master[:64], r.slave[:64],
+                        r.allowed, r.refused_limits, r.refused_unauthorised, r.refused_quota,
+                        r.keys, r.bits, r.failed, now,
+                    )
+                    for r in rows
+                ],
+            )  # fmt: skip
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+
+    def accounting(self) -> list[AcctRow]:
+        rows = self.db.execute(
+            "SELECT * FROM accounting ORDER BY user, contract, master, slave"
+        ).fetchall()
+        out = []
+        for r in rows:
+            fields = dict(r)
+            fields.pop("seen")
+            out.append(AcctRow(**fields))
+        return out
 
     # -- history -----------------------------------------------------------------------
     def downsample(self) -> int:

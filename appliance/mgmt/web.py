@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+from appliance.mgmt.accounting import per_user
 from appliance.mgmt.manager import Manager, ManagerConfig
 from appliance.mgmt.store import Store
 from appliance.net.http1 import MalformedRequest, Message, RequestParser
@@ -238,6 +239,7 @@ class WebApp:
             "links": self.store.links(),
             "topology": [[x.a, x.b, x.name] for x in self.cfg.links],
             "alarms": [a.to_json() for a in self.store.alarms()],
+            "accounting": per_user(self.store.accounting()),
             "time": time.time(),
         }
 

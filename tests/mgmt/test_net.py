@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from appliance.mgmt.linkfault import set_link
+from appliance.control.linkfault import inject
 from appliance.snmp.usm import Credentials
 from tests.kms.conftest import Net, poll, qkdn, running_net
 from tests.kms.test_interop import TOPOLOGY as INTEROP
@@ -168,7 +168,7 @@ def test_the_operator_page_shows_a_link_fault_and_takes_an_acknowledgement(net: 
             )
             assert page.locator("line.link").count() == TOPOLOGY.count("[[links]]")
             before = max((a["id"] for a in all_alarms(net)), default=0)
-            set_link(net.dir, FAULTY, up=False)
+            inject(net.dir, 2, 8, "down")  # qkdn net fault link 2-8 down
             row = f'#alarms tr[data-resource="{FAULTY}"]'
             page.wait_for_selector(row, timeout=20_000)  # pushed by server-sent events
             held = poll(lambda: held_by_manager(net), "the controller holds link 2-8 down", 60)
@@ -190,7 +190,7 @@ def test_the_operator_page_shows_a_link_fault_and_takes_an_acknowledgement(net: 
             page.wait_for_selector("#login", timeout=30_000)
             old = {"cookie": f"qkdn_session={cookie['value']}"}
             assert fetch(net, "/api/state", old)[0] == 401  # a closed session is refused
-            set_link(net.dir, FAULTY, up=True)
+            inject(net.dir, 2, 8, "up")
             _login(page, net, "viewer", pw["viewer"])
             page.wait_for_selector(
                 f'line[data-link="{FAULTY}"][data-state="up"]', timeout=60_000, state="attached"

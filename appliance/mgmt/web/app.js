@@ -102,6 +102,24 @@ function drawInventory() {
   }
 }
 
+function drawAccounting() {
+  const body = $("#accounting tbody");
+  body.replaceChildren();
+  const rows = state.accounting || [];
+  $("#acct-note").textContent = rows.length ? "" : "(no AAA device, or nothing accounted yet)";
+  for (const u of rows) {
+    const row = body.insertRow();
+    row.dataset.user = u.user;
+    cell(row, u.user);
+    cell(row, u.contracts.join(", "));
+    cell(row, u.allowed);
+    cell(row, u.keys);
+    cell(row, u.bits);
+    cell(row, u.failed);
+    cell(row, u.refused_limits + u.refused_unauthorised + u.refused_quota);
+  }
+}
+
 function drawPicker() {
   const sel = $("#link-pick");
   const names = [...new Set(state.links.map((l) => l.link))].sort();
@@ -147,6 +165,7 @@ function draw() {
   drawMap();
   drawAlarms();
   drawInventory();
+  drawAccounting();
   drawPicker();
 }
 
