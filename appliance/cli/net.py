@@ -343,9 +343,10 @@ async def _mgmt_agent(args: argparse.Namespace, node: Any, generator: Any) -> An
     from appliance.mgmt.agent import Agent, load_config
     from appliance.mgmt.nodestate import LinkWatch, NodeReader
 
-    reader = NodeReader(node, generator)
+    cfg = load_config(args.mgmt)
+    reader = NodeReader(node, generator, image=Path(cfg.image) if cfg.image else None)
     name = f"{node.name}-{args.only}" if args.only else node.name
-    agent = Agent(name, reader.read, load_config(args.mgmt))
+    agent = Agent(name, reader.read, cfg)
     await agent.start()
     watch = LinkWatch(list(node.qkdms.values()), agent.look)
     watch.start()

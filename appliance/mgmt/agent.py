@@ -83,6 +83,9 @@ class AgentConfig(Strict):
     """The QKDN Manager: INFORMs, retried until acknowledged."""
     traps: list[Receiver] = Field(default_factory=list, max_length=8)
     """Other receivers: traps (the node's notifier engine is authoritative)."""
+    image: str | None = Field(default=None, max_length=4096)
+    """The node's target disk, when it runs from an appliance image (its boot state gives
+    the image slot and version, and qkdnSlotRollback; :mod:`appliance.mgmt.image`)."""
 
 
 def load_config(path: Path) -> AgentConfig:
@@ -247,6 +250,12 @@ class Agent:
                 value = snap.get(oid)
                 if value is not None:
                     binds.append((oid, _typed(value)))
+        if notice.name == "qkdnSlotRollback" and reading is not None:  # its MIB OBJECTS
+            snap = Snapshot(reading)
+            for name in ("qkdnNodeImageSlot", "qkdnNodeSoftware"):
+                value = snap.get((*m[name].oid, 0))
+                if value is not None:
+                    binds.append(((*m[name].oid, 0), _typed(value)))
         severity = m["qkdnNotifySeverity"].enums[notice.severity]
         binds += [
             ((*m["qkdnNotifySeverity"].oid, 0), rfc1902.Integer32(severity)),

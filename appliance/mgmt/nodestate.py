@@ -19,10 +19,12 @@ import contextlib
 import time
 from collections.abc import Callable
 from importlib import metadata
+from pathlib import Path
 from typing import Any
 
 import hal
 from appliance.kms.node import KmsNode
+from appliance.mgmt.image import ImageReading, ImageWatch
 from appliance.mgmt.nodeview import LinkReading, NodeReading
 
 ROLES = {"ukms": "ukms", "akms": "akms", "ckms": "ckms", "akms+ckms": "akmsCkms"}
@@ -69,8 +71,11 @@ class NodeReader:
         generator: Any = None,
         *,
         clock: Callable[[], float] = time.monotonic,
+        image: Path | None = None,
     ) -> None:
         self.node, self.generator, self.clock = node, generator, clock
+        self.image = ImageWatch(image) if image is not None else None
+        """The node's target disk (an appliance image's boot state), if it has one."""
         self.started = clock()
         self.software = software_version()
         role = node.only or node.config.node.role
@@ -92,11 +97,14 @@ class NodeReader:
         keystore = "none"
         if node.stores is not None:
             keystore = "pkcs11" if node.config.devices.keystore else "file"
+        image = self.image.read() if self.image is not None else ImageReading()
         return NodeReading(
             id=node.me,
             name=node.name,
             role=self.role,
-            software=self.software,
+            software=f"{self.software} image {image.version}" if image.version else self.software,
+            slot=image.slot,
+            rollback=image.rollback,
             uptime=int(self.clock() - self.started),
             links=self.links(),
             requests=counters.requests,

@@ -51,6 +51,9 @@ class NodeReading:
     """``ukms``, ``akms``, ``ckms`` or ``akmsCkms`` (QKDN-MIB's labels)."""
     software: str
     slot: str = "none"
+    rollback: str = ""
+    """Set while the node runs the slot an image rollback fell back to
+    (:mod:`appliance.mgmt.image`)."""
     uptime: int = 0
     links: tuple[LinkReading, ...] = ()
     requests: int = 0
