@@ -25,6 +25,7 @@ examples:
   qkdn manager alarms                     open alarms (X.733 severity, acknowledged by)
   qkdn manager ack 12 --as alice          acknowledge alarm 12
   qkdn manager history link-8-9 --json    SKR, QBER and key level samples of a link
+  qkdn manager history ukms-berlin --node T_key history of a node (enc_keys served)
   qkdn manager inventory                  nodes, roles, software, certificate expiry
   qkdn manager accounting                 keys and requests per user (net up --aaa)
 The operator's page: https://<manager web address>/ (passwords in NET/mgmt/operators.txt).
@@ -66,8 +67,13 @@ def register(sub: Any) -> None:
     ack.add_argument("--as", dest="who", default="cli", type=_who, help="operator name")
     _common(ack)
     ack.set_defaults(func=cmd_ack)
-    hist = s.add_parser("history", help="a link's SKR, QBER and key level samples")
-    hist.add_argument("link", type=_link, metavar="LINK")
+    hist = s.add_parser(
+        "history", help="a link's SKR, QBER and key level samples, or a node's T_key (--node)"
+    )
+    hist.add_argument("link", type=_link, metavar="LINK|NODE")
+    hist.add_argument(
+        "--node", action="store_true", help="LINK|NODE names a node: its T_key history"
+    )
     hist.add_argument("--since", type=types.number(0, 1e11), default=0.0, metavar="UNIX_TIME")
     _common(hist)
     hist.set_defaults(func=cmd_history)
@@ -177,8 +183,14 @@ def cmd_ack(args: argparse.Namespace) -> int:
 def cmd_history(args: argparse.Namespace) -> int:
     store = _store(args.dir)
     try:
-        rows = store.history(args.link, args.since)
+        if args.node:
+            rows = store.tkey_history(args.link, args.since)
+        else:
+            rows = store.history(args.link, args.since)
     finally:
         store.close()
-    _print(rows, ("ts", "node", "skr", "qber_ppm", "level", "n"), args.json)
+    cols = ("ts", "tkey_p50_us", "tkey_p99_us", "served", "n") if args.node else (
+        "ts", "node", "skr", "qber_ppm", "level", "n"
+    )  # fmt: skip
+    _print(rows, cols, args.json)
     return 0

@@ -840,7 +840,10 @@ class UkmsKeyService:
     ) -> list[tuple[str, bytes]]:
         req = self.node.new_req()
         event = SaeEncKeys(req=req, master=master, slave=slave, number=number, size=size, also=also)
-        return _copied(await self.node.sae(event))
+        t0 = time.perf_counter()
+        keys = await self.node.sae(event)
+        self.node.counters.served(time.perf_counter() - t0)  # T_key, for QKDN-MIB
+        return _copied(keys)
 
     async def dec_keys(
         self, slave: str, master: str, key_ids: list[str]

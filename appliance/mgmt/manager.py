@@ -410,6 +410,10 @@ class Manager:
 
     def _reachable(self, agent: AgentEntry, polled: Polled) -> None:
         s = polled.scalars
+        served = int(s.get("qkdnKmsTkeyRequests") or 0)
+        if served:  # a node that serves enc_keys: its T_key history
+            p50, p99 = int(s.get("qkdnKmsTkeyP50") or 0), int(s.get("qkdnKmsTkeyP99") or 0)
+            self.store.record_tkey(agent.name, p50, p99, served)
         self.store.seen(
             agent.name,
             id=agent.id,

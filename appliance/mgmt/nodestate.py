@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -98,6 +98,7 @@ class NodeReader:
         if node.stores is not None:
             keystore = "pkcs11" if node.config.devices.keystore else "file"
         image = self.image.read() if self.image is not None else ImageReading()
+        tkey = tkey_percentiles(counters.tkey_us)
         return NodeReading(
             id=node.me,
             name=node.name,
@@ -110,6 +111,9 @@ class NodeReader:
             requests=counters.requests,
             relays=node.relay_messages(),
             integrity=counters.integrity,
+            tkey_p50_us=tkey[0],
+            tkey_p99_us=tkey[1],
+            tkey_requests=counters.tkey_requests,
             failures=dict(counters.failures),
             **self._rng(),
             card="notUsed" if not cards else ("present" if opened == configured else "absent"),
@@ -130,6 +134,15 @@ class NodeReader:
             "rng_requests": int(gen.requests),
             "rng_reseeds": int(gen.reseeds),
         }
+
+
+def tkey_percentiles(times: Iterable[int]) -> tuple[int, int]:
+    """The median and 99th percentile of the window's enc_keys times (0 if empty)."""
+    ordered = sorted(times)
+    if not ordered:
+        return 0, 0
+    n = len(ordered)
+    return ordered[n // 2], ordered[min(n - 1, n * 99 // 100)]
 
 
 class LinkWatch:

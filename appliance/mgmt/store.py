@@ -18,7 +18,9 @@ senders are security events, not alarms.
 
 History keeps raw samples for :data:`RAW_KEEP_S`, then folds them into buckets of
 :data:`BUCKET_S` (mean SKR, QBER and key level, min key level): a week at 30 s sampling is
-~20 rows per link and hour.
+~20 rows per link and hour. The T_key history per node (the node's enc_keys service time,
+median and 99th percentile over its last 1,000 requests, as QKDN-MIB reports it at each
+poll) is kept and folded the same way (means of both; ``served``: the node's count).
 """
 
 from __future__ import annotations
@@ -82,6 +84,16 @@ CREATE TABLE IF NOT EXISTS samples (
     n INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS samples_link ON samples (link, ts);
+CREATE TABLE IF NOT EXISTS node_samples (
+    ts REAL NOT NULL,
+    span REAL NOT NULL,
+    node TEXT NOT NULL,
+    tkey_p50_us REAL NOT NULL,
+    tkey_p99_us REAL NOT NULL,
+    served INTEGER NOT NULL,
+    n INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS node_samples_node ON node_samples (node, ts);
 CREATE TABLE IF NOT EXISTS inventory (
     node TEXT PRIMARY KEY,
     id INTEGER NOT NULL,
@@ -349,11 +361,39 @@ class Store:
         return out
 
     # -- history -----------------------------------------------------------------------
+    def record_tkey(self, node: str, p50_us: int, p99_us: int, served: int) -> None:
+        """One T_key sample of a node (a poll of a node that served enc_keys)."""
+        self.db.execute(
+            "INSERT INTO node_samples VALUES (?, 0, ?, ?, ?, ?, 1)",
+            (self.clock(), node[:64], p50_us, p99_us, served),
+        )
+
+    def tkey_history(
+        self, node: str, since: float = 0.0, limit: int = 2000
+    ) -> list[dict[str, Any]]:
+        rows = self.db.execute(
+            "SELECT ts, span, tkey_p50_us, tkey_p99_us, served, n FROM node_samples "
+            "WHERE node = ? AND ts >= ? ORDER BY ts DESC LIMIT ?",
+            (node[:64], since, limit),
+        ).fetchall()
+        return [dict(r) for r in reversed(rows)]
+
+    def tkey_nodes(self) -> list[str]:
+        """Nodes with a T_key history."""
+        return [r[0] for r in self.db.execute("SELECT DISTINCT node FROM node_samples")]
+
     def downsample(self) -> int:
         """Fold raw samples older than RAW_KEEP_S into BUCKET_S buckets; rows folded."""
         cutoff = self.clock() - RAW_KEEP_S
         self.db.execute("BEGIN")
         try:
+            self.db.execute(
+                "INSERT INTO node_samples SELECT CAST(ts / ? AS INTEGER) * ?, ?, node, "
+                "AVG(tkey_p50_us), AVG(tkey_p99_us), MAX(served), SUM(n) FROM node_samples "
+                "WHERE span = 0 AND ts < ? GROUP BY node, CAST(ts / ? AS INTEGER)",
+                (BUCKET_S, BUCKET_S, BUCKET_S, cutoff, BUCKET_S),
+            )
+            self.db.execute("DELETE FROM node_samples WHERE span = 0 AND ts < ?", (cutoff,))
             self.db.execute(
                 "INSERT INTO samples SELECT CAST(ts / ? AS INTEGER) * ?, ?, node, link, "
                 "AVG(skr), AVG(qber_ppm), AVG(level), MIN(level_min), SUM(n) FROM samples "

@@ -152,6 +152,22 @@ async function drawCharts() {
   chart("#chart-skr", mine.map((s) => [s.ts, s.skr]), 1);
   chart("#chart-qber", mine.map((s) => [s.ts, s.qber_ppm]), 1e-4);
   chart("#chart-level", mine.map((s) => [s.ts, s.level]), 1);
+  await drawTkey();
+}
+
+let pickedNode = "";
+async function drawTkey() {
+  const sel = $("#node-pick");
+  const names = (state.tkey_nodes || []).slice().sort();
+  if (!pickedNode && names.length) pickedNode = names[0];
+  if (sel.options.length !== names.length) sel.replaceChildren(...names.map((n) => new Option(n, n)));
+  sel.value = pickedNode;
+  if (!pickedNode) return;
+  const r = await fetch("/api/tkey?node=" + encodeURIComponent(pickedNode), { credentials: "same-origin" });
+  if (!r.ok) return;
+  const doc = await r.json();
+  chart("#chart-tkey", doc.samples.map((s) => [s.ts, s.tkey_p50_us]), 1e-3);
+  chart("#chart-tkey99", doc.samples.map((s) => [s.ts, s.tkey_p99_us]), 1e-3);
 }
 
 function pick(name) {
@@ -193,4 +209,5 @@ function listen() {
 }
 
 $("#link-pick").addEventListener("change", (e) => pick(e.target.value));
+$("#node-pick").addEventListener("change", (e) => { pickedNode = e.target.value; drawTkey(); });
 listen();
