@@ -36,8 +36,9 @@ moving by more than ``reweigh`` of itself, empties the cache.
 **The manager's holds.** :meth:`Core.report` takes the QKDN Manager's whole view of the
 links and nodes it learnt are down over SNMP; a held link (or a link of a held node) is
 not usable whatever its telemetry says, until the report's time to live ends or the next
-report drops it. :meth:`Core.telemetry_down` lists the links the telemetry itself finds
-down (the holds left out), which the controller tells the manager.
+report drops it. :meth:`Core.telemetry_down` lists the links an end reports bad (the
+holds, silent nodes and links that never came up left out), which the controller tells
+the manager.
 """
 
 from __future__ import annotations
@@ -159,6 +160,8 @@ class Core:
     """Links the manager reports down: (lower ID, higher ID) -> held until (``now``'s clock)."""
     held_nodes: dict[int, float] = field(default_factory=dict)
     """Nodes the manager reports down (every link of theirs is held down)."""
+    been_up: set[str] = field(default_factory=set)
+    """Links seen usable (:meth:`telemetry_down` reports only those)."""
 
     # -- the manager's reports ---------------------------------------------------------
     def report(
@@ -178,18 +181,18 @@ class Core:
         return any(self.held_nodes.get(n, -1e18) > now for n in (a, b))
 
     def telemetry_down(self, now: float) -> list[tuple[int, int]]:
-        """Links both of whose ends reported once, that the telemetry finds not usable
-        now (the manager's holds left out), as (lower ID, higher ID)."""
+        """Links that were usable once and that an end now reports bad (status not ACTIVE,
+        QBER above ``qber_max``), as (lower ID, higher ID). Not the manager's holds, not a
+        node's silence (the manager learns that over SNMP), not a link that never came up."""
+        for lid, x in self.links.items():
+            if x.usable:
+                self.been_up.add(lid)
         return sorted(
             (min(x.a, x.b), max(x.a, x.b))
-            for x in self.links.values()
-            if len(x.ends) == 2 and not self._reported_good(x, now)
+            for lid, x in self.links.items()
+            if lid in self.been_up
+            and any(not e.good or e.qber > self.qber_max for e in x.ends.values())
         )
-
-    def _reported_good(self, link: _Link, now: float) -> bool:
-        """Both ends report the link good and both nodes were heard (no hold, no hold-off)."""
-        alive = all(now - self.heard.get(n, -1e18) <= self.dead_after for n in (link.a, link.b))
-        return alive and all(e.good and e.qber <= self.qber_max for e in link.ends.values())
 
     # -- telemetry --------------------------------------------------------------------
     def telemetry(self, now: float, doc: dict[str, Any]) -> list[Change]:
