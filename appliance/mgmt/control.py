@@ -120,6 +120,8 @@ class ControllerLink:
         """Reports the controller accepted."""
         self._dirty = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        self._lost: set[str] = set()
+        """The directions that failed last time (each outage is logged once)."""
 
     def start(self) -> None:
         self._tasks = [
@@ -147,14 +149,20 @@ class ControllerLink:
             try:
                 answer = await self.faults.request("POST", "/v1/faults", body)
             except TransportError as exc:
-                log.warning("mgmt: the controller does not take the report: %s", exc)
+                self._failed("faults", f"the controller does not take the report: {exc}")
                 self._dirty.set()
                 await asyncio.sleep(RETRY_S)
                 continue
             if answer.status == 200:
                 self.reports += 1
+                self._lost.discard("faults")
             else:
-                log.warning("mgmt: the controller refused the report (%d)", answer.status)
+                self._failed("faults", f"the controller refused the report ({answer.status})")
+
+    def _failed(self, direction: str, why: str) -> None:
+        if direction not in self._lost:
+            self._lost.add(direction)
+            log.warning("mgmt: %s (retrying every %g s)", why, RETRY_S)
 
     async def _follow(self) -> None:
         seq = -1
@@ -167,8 +175,11 @@ class ControllerLink:
                 doc = json.loads(answer.body)
                 seq, changes = int(doc["seq"]), self.view.from_controller(list(doc["down"]))
             except (TransportError, ValueError, KeyError, TypeError) as exc:
-                log.warning("mgmt: no events from the controller: %s", exc)
+                self._failed("events", f"no events from the controller: {exc}")
                 await asyncio.sleep(RETRY_S)
                 continue
+            if "events" in self._lost:
+                self._lost.discard("events")
+                log.info("mgmt: events from the controller again")
             for notification, link in changes:
                 self.on_change(notification, link)
