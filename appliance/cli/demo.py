@@ -117,7 +117,8 @@ def register(sub: Any) -> None:
         action="store_true",
         help="run the network under its QKDN Controller and take the path's link next to "
         "node 8 down halfway: the report adds switch_ms, keys_lost, keys_duplicated, "
-        "keys_mismatched and the failed requests (docs/control.md)",
+        "keys_mismatched, the failed requests (docs/control.md) and the QKDN Manager's "
+        "alarm of the cut link, raised and cleared (manager_alarm, docs/mgmt.md)",
     )
     p.add_argument(
         "--contracts",
