@@ -342,6 +342,10 @@ class KmsNode:
         cards = sum(1 for url in self.config.psk.values() if url.startswith("pcsc:"))
         return len(self._psk), len(self.config.psk), cards
 
+    def psk_sources(self) -> list[Any]:
+        """The PSK sources opened (the management agent probes smartcards among them)."""
+        return list(self._psk.values())
+
     def relay_messages(self) -> int:
         """Relay messages sent to neighbours so far (the batchers' counts)."""
         return sum(b.messages for b in self._batchers.values())

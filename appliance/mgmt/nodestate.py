@@ -30,6 +30,8 @@ from appliance.mgmt.nodeview import LinkReading, NodeReading
 ROLES = {"ukms": "ukms", "akms": "akms", "ckms": "ckms", "akms+ckms": "akmsCkms"}
 RNG_STATES = {"starting", "healthy", "degraded", "failed"}
 LINK_POLL_S = 0.1
+CARD_PROBE_S = 2.0
+"""Seconds between two probes of the node's PSK smartcards (a status read through pcscd)."""
 """Seconds between two reads of the modules' link states (one status call each)."""
 
 
@@ -77,6 +79,8 @@ class NodeReader:
         self.image = ImageWatch(image) if image is not None else None
         """The node's target disk (an appliance image's boot state), if it has one."""
         self.started = clock()
+        self._probed = -1e18
+        self._cards_answer = True
         self.software = software_version()
         role = node.only or node.config.node.role
         self.role = ROLES.get(role, "ckms")
@@ -94,6 +98,7 @@ class NodeReader:
     def read(self) -> NodeReading:
         node, counters = self.node, self.node.counters
         opened, configured, cards = node.psk_state()
+        card = self._card(opened, configured, cards)
         keystore = "none"
         if node.stores is not None:
             keystore = "pkcs11" if node.config.devices.keystore else "file"
@@ -116,12 +121,23 @@ class NodeReader:
             tkey_requests=counters.tkey_requests,
             failures=dict(counters.failures),
             **self._rng(),
-            card="notUsed" if not cards else ("present" if opened == configured else "absent"),
+            card=card,
             card_locked=opened < configured,
             card_sources=opened,
             keystore=keystore,
             keystore_open=node.stores is not None,
         )
+
+    def _card(self, opened: int, configured: int, cards: int) -> str:
+        """``notUsed``, ``present`` (every source opened, every card answering at the last
+        probe, at most CARD_PROBE_S ago) or ``absent``."""
+        if not cards:
+            return "notUsed"
+        now = self.clock()
+        if now - self._probed >= CARD_PROBE_S:
+            self._probed = now
+            self._cards_answer = cards_present(self.node.psk_sources())
+        return "present" if opened == configured and self._cards_answer else "absent"
 
     def _rng(self) -> dict[str, Any]:
         gen = self.generator
@@ -134,6 +150,12 @@ class NodeReader:
             "rng_requests": int(gen.requests),
             "rng_reseeds": int(gen.reseeds),
         }
+
+
+def cards_present(sources: Iterable[Any]) -> bool:
+    """Whether every smartcard among ``sources`` answers (a source without a card, a PSK
+    file, has nothing to probe)."""
+    return all(src.present() for src in sources if hasattr(src, "present"))
 
 
 def tkey_percentiles(times: Iterable[int]) -> tuple[int, int]:
