@@ -13,8 +13,10 @@
    the agents (the default) and one with ``--no-mgmt``; T_key p50 (enc_keys + dec_keys,
    one key) in alternating rounds; the median difference.
 
-4. ``latency``: a demoquandt network with its manager; link 8-9 cut and restored N times:
-   from the fault's start to the alarm's row in the manager's database, and to its clear.
+4. ``latency``: a demoquandt network with its manager; link 8-9 cut and restored N times
+   (``qkdn net fault``'s code); a client of the operator's page holds its server-sent
+   events: from the injection (and from the emulated modules' state change) to the event
+   that shows the alarm, and its clear.
 
 5. ``week``: the manager's store after a simulated week of 30 s polls of 32 link ends:
    peak RSS (pysnmp imported), database size, a week's history query.
@@ -28,9 +30,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import multiprocessing as mp
 import os
 import platform
+import random
 import statistics
 import subprocess
 import tempfile
@@ -435,17 +439,23 @@ def bench_tkey(rounds: int, requests: int) -> dict[str, Any]:
     }
 
 
-# -- 4. link fault to alarm ------------------------------------------------------------------
-def bench_latency(faults: int) -> dict[str, Any]:
-    """A demoquandt network with its manager; link 8-9 cut and restored ``faults`` times:
-    from the fault's start (in the modules' clock) to the alarm's row in the manager's
-    database (raised), and to its clear. The page is told of the row at once (SSE)."""
+# -- 4. link fault to alarm on the page --------------------------------------------------
+def bench_latency(faults: int, link: tuple[int, int] = (8, 9)) -> dict[str, Any]:
+    """A demoquandt network with its manager; link 8-9 cut and restored ``faults`` times by
+    ``qkdn net fault``'s code (:func:`appliance.control.linkfault.inject`). A client logged
+    in to the operator's page holds its server-sent events stream, as the page does; for
+    each cut and restore: the time from the injection (at a random point of the modules'
+    1 s epoch) to the first ``state`` event that shows the link's alarm open (cleared), and
+    from the moment the emulated modules' state changes (the first epoch start at or after
+    the fault's start: the model's time resolution) to that event."""
     from appliance.cli import net
     from appliance.config.render import find_free_base_port
-    from appliance.mgmt.linkfault import LEAD_S, link_clock, set_link
+    from appliance.control.linkfault import inject
 
-    raised: list[float] = []
-    cleared: list[float] = []
+    name = f"link-{link[0]}-{link[1]}"
+    phase = random.Random(17)  # when in the modules' epoch a fault starts (not a key)
+    raised: list[tuple[float, float]] = []
+    cleared: list[tuple[float, float]] = []
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "net"
         args = argparse.Namespace(
@@ -462,34 +472,124 @@ def bench_latency(faults: int) -> dict[str, Any]:
         )
         try:
             net.bring_up(args)
-            store = Store(folder / "mgmt" / "manager.db")
+            page = PageStream(folder)
+            page.wait(lambda doc: _link_up(doc, name), 120)
             for _ in range(faults):
-                for up, out in ((False, raised), (True, cleared)):
-                    start = link_clock(folder, "link-8-9") + LEAD_S
-                    set_link(folder, "link-8-9", up=up)
-                    out.append(wait_alarm(store, up) - start)
-            store.close()
+                for state, out in (("down", raised), ("up", cleared)):
+                    time.sleep(phase.uniform(0.0, 1.0))  # a fault at any point of an epoch
+                    at = inject(folder, *link, state)
+                    effective = module_change(folder, link, at)
+                    seen = page.wait(lambda doc, s=state: _alarm_open(doc, name) == (s == "down"))
+                    out.append((seen - at, seen - effective))
+                    if state == "up":  # the next cut starts from a link carrying keys
+                        page.wait(lambda doc: _link_up(doc, name), 60)
+            page.close()
         finally:
             net.bring_down(folder)
     return {
         "faults": faults,
-        "raise_ms_p50": round(statistics.median(raised) * 1000, 1),
-        "raise_ms_p99": round(pct(raised, 0.99) * 1000, 1),
-        "raise_ms_max": round(max(raised) * 1000, 1),
-        "clear_ms_p50": round(statistics.median(cleared) * 1000, 1),
-        "clear_ms_max": round(max(cleared) * 1000, 1),
+        **_ms("raise_page_from_injection", [r[0] for r in raised]),
+        **_ms("raise_page_from_module", [r[1] for r in raised]),
+        **_ms("clear_page_from_injection", [c[0] for c in cleared]),
+        **_ms("clear_page_from_module", [c[1] for c in cleared]),
     }
 
 
-def wait_alarm(store: Store, cleared: bool) -> float:
-    """When the link-8-9 alarm was raised (or cleared), once it is."""
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        found = [a for a in store.alarms(include_cleared=True, limit=5) if a.resource == "link-8-9"]
-        if found and (found[0].cleared is not None) == cleared:
-            return float(found[0].cleared if cleared else found[0].raised)
-        time.sleep(0.02)
-    raise RuntimeError("no alarm within 60 s")
+def _ms(name: str, values: list[float]) -> dict[str, float]:
+    return {
+        f"{name}_ms_p50": round(statistics.median(values) * 1000, 1),
+        f"{name}_ms_p99": round(pct(values, 0.99) * 1000, 1),
+        f"{name}_ms_max": round(max(values) * 1000, 1),
+    }
+
+
+def module_change(folder: Path, link: tuple[int, int], at: float) -> float:
+    """Wall-clock time at which the link's emulated modules change state for a fault
+    starting at ``at``: the first epoch start at or after it (speedup 1)."""
+    from urllib.parse import parse_qs, urlsplit
+
+    from appliance.kms.network import load_configs
+
+    for cfg in load_configs(folder).values():
+        for nb in cfg.neighbours:
+            if cfg.node.id == link[0] and nb.node == link[1]:
+                q = parse_qs(urlsplit(str(nb.qkdm)).query)
+                start, epoch = float(q.get("start", ["0"])[0]), float(q.get("epoch", ["1"])[0])
+                return start + math.ceil((at - start) / epoch) * epoch
+    raise RuntimeError(f"no link {link}")
+
+
+def _alarm_open(doc: dict[str, Any], name: str) -> bool:
+    return any(a["kind"] == "link" and a["resource"] == name for a in doc.get("alarms", []))
+
+
+def _link_up(doc: dict[str, Any], name: str) -> bool:
+    ends = [x for x in doc.get("links", []) if x.get("link") == name]
+    return bool(ends) and all(x.get("state") == "up" for x in ends) and not _alarm_open(doc, name)
+
+
+class PageStream:
+    """The operator page's view: logged in as ``viewer``, ``/api/events`` read in a thread;
+    :meth:`wait` returns the wall-clock time at which the first event satisfying a
+    condition arrived (events from before the call do not count)."""
+
+    def __init__(self, folder: Path) -> None:
+        import http.client
+        import ssl
+        import threading
+        import tomllib
+        from urllib.parse import urlencode
+
+        cfg = tomllib.loads((folder / "mgmt" / "manager.toml").read_text())
+        lines = (folder / "mgmt" / "operators.txt").read_text().splitlines()
+        password = next(x.split()[1] for x in lines if x.startswith("viewer "))
+        host, port = cfg["web"].rsplit(":", 1)
+        ctx = ssl.create_default_context(cafile=str(folder / "pki" / "ca.pem"))
+        ctx.check_hostname = False
+        login = http.client.HTTPSConnection(host, int(port), context=ctx, timeout=30)
+        form = urlencode({"user": "viewer", "password": password})
+        login.request("POST", "/login", form, {"content-type": "application/x-www-form-urlencoded"})
+        answer = login.getresponse()
+        cookie = answer.getheader("set-cookie", "").split(";")[0]
+        answer.read()
+        login.close()
+        self.conn = http.client.HTTPSConnection(host, int(port), context=ctx, timeout=300)
+        self.conn.request("GET", "/api/events", headers={"cookie": cookie})
+        self.stream = self.conn.getresponse()
+        if self.stream.status != 200:
+            raise RuntimeError(f"events: {self.stream.status}")
+        self.events: list[tuple[float, dict[str, Any]]] = []
+        self.cond = threading.Condition()
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _read(self) -> None:
+        while True:
+            line = self.stream.readline()
+            if not line:
+                return
+            if line.startswith(b"data: "):
+                doc = json.loads(line[6:])
+                with self.cond:
+                    self.events.append((time.time(), doc))
+                    self.cond.notify_all()
+
+    def wait(self, condition: Any, timeout: float = 60.0) -> float:
+        with self.cond:
+            seen = len(self.events)
+            deadline = time.monotonic() + timeout
+            while True:
+                for at, doc in self.events[seen:]:
+                    if condition(doc):
+                        return at
+                seen = len(self.events)
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise RuntimeError(f"no such page event within {timeout} s")
+                self.cond.wait(left)
+
+    def close(self) -> None:
+        self.conn.close()
 
 
 # -- 5. a week of history -------------------------------------------------------------------

@@ -385,6 +385,26 @@ class CardPskSource:
             except HsmError as exc:
                 raise self._fail(exc) from None
 
+    def present(self) -> bool:
+        """Whether the card answers now (the management agent's probe): a card pulled
+        since the last look fails closed as a derivation would, with the alarm; a card
+        put back after a failure is connected again (no alarm while it stays out)."""
+        with self._lock:
+            if self._pin is None or self._failed is not None:
+                return False
+            if self._card is None:  # out since the last failure: is it back?
+                try:
+                    self._connect()
+                except HsmError:
+                    return False
+                return True
+            try:
+                self._card.info()
+            except HsmError as exc:
+                self._fail(exc)
+                return False
+            return True
+
     def _fail(self, exc: HsmError) -> PskError:
         """Log the alarm, drop the connection, and (after PIN trouble) stay failed."""
         what = f"PSK card {self.where} ({self.serial or 'unknown serial'}): {exc.message}"

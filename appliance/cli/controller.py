@@ -96,11 +96,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     ]
     allowed = {name for name, c in configs.items() if "ckms" in c.node.role.split("+")}
     allowed.add(cfg.node.name)
+    managers = frozenset(n for n, c in configs.items() if "manager" in c.node.role.split("+"))
     tls = (Path(cfg.paths.cert), Path(cfg.paths.key), Path(cfg.paths.ca_cert))
 
     async def main() -> None:
         controller = Controller(
-            agents, tls, allowed=allowed, weights=weights, hold_off=args.hold_off_ms / 1000
+            agents,
+            tls,
+            allowed=allowed,
+            weights=weights,
+            hold_off=args.hold_off_ms / 1000,
+            managers=managers,
         )
         await controller.start(cfg.listen["api"])
         stop = asyncio.Event()
@@ -125,7 +131,8 @@ def cmd_routes(args: argparse.Namespace) -> int:
         print(f"  {r['src']} -> {r['dst']}: {'-'.join(map(str, r['path']))} | {backup}")
     print("links (a-b: usable, weight)")
     for x in doc["links"]:
-        print(f"  {x['a']}-{x['b']}: {'up' if x['usable'] else 'DOWN'}, {x['weight']}")
+        held = " (the manager reports it down)" if x.get("manager") else ""
+        print(f"  {x['a']}-{x['b']}: {'up' if x['usable'] else 'DOWN'}, {x['weight']}{held}")
     print(f"protection switches: {doc['switches']}")
     return 0
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import math
 import secrets
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -115,7 +117,8 @@ def register(sub: Any) -> None:
         action="store_true",
         help="run the network under its QKDN Controller and take the path's link next to "
         "node 8 down halfway: the report adds switch_ms, keys_lost, keys_duplicated, "
-        "keys_mismatched and the failed requests (docs/control.md)",
+        "keys_mismatched, the failed requests (docs/control.md) and the QKDN Manager's "
+        "alarm of the cut link, raised and cleared (manager_alarm, docs/mgmt.md)",
     )
     p.add_argument(
         "--contracts",
@@ -295,11 +298,50 @@ def _fault_stage(
     cut = cut_of(path)
     out.print(f"path {'-'.join(map(str, path))}; link {cut[0]}-{cut[1]} fails halfway ...")
     result = measure_with_fault(master, slave, args.requests, net_dir, cut)
+    restored_at = time.time()  # the run's last step brought the link up again
     out_report["fault"] = result
     for key in ("switch_ms", "keys_lost", "keys_duplicated", "keys_mismatched", "failed_requests"):
         out.print(f"{key}: {result[key]}")
+    alarmed = _manager_alarm(net_dir, cut, result["fault_at"], restored_at, out_report)
     lost = result["keys_lost"] + result["keys_duplicated"] + result["keys_mismatched"]
-    return lost == 0 and all(f["status"] == 503 for f in result["failed"])
+    return lost == 0 and all(f["status"] == 503 for f in result["failed"]) and alarmed
+
+
+def _manager_alarm(
+    net_dir: Path,
+    cut: tuple[int, int],
+    fault_at: float,
+    restored_at: float,
+    out_report: dict[str, Any],
+) -> bool:
+    """The QKDN Manager's alarm of the cut link, raised and cleared (appliance/mgmt/demo.py);
+    True if the network runs no manager."""
+    from appliance.mgmt.demo import link_name, watch_alarm
+
+    out = console()
+    if not (net_dir / "mgmt" / "manager.toml").is_file():
+        out.print("manager: not running (the topology has no manager node)")
+        return True
+    alarm = watch_alarm(net_dir, link_name(net_dir, *cut), fault_at, restored_at)
+    out_report["manager_alarm"] = alarm.to_json()
+    if not alarm.id:
+        out.print(f"manager: NO alarm for {alarm.link}")
+        return False
+    raised = f"raised {_clock(alarm.raised_at)} (+{alarm.raised_after_ms} ms after the fault)"
+    cleared = (
+        f"cleared {_clock(alarm.cleared_at)} (+{alarm.cleared_after_ms} ms after the restore)"
+        if alarm.cleared_at
+        else "NOT cleared"
+    )
+    out.print(f"manager alarm #{alarm.id} {alarm.link}: {raised}, {cleared}")
+    out.print(f"  reported by {', '.join(alarm.sources)} ({alarm.reports} reports, one alarm)")
+    return alarm.cleared_at is not None
+
+
+def _clock(ts: float | None) -> str:
+    if ts is None:
+        return "-"
+    return dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%H:%M:%S.%f")[:-3]
 
 
 def _accounting_stage(

@@ -2,7 +2,8 @@
 
 ``qkdn manager run --config NET/mgmt/manager.toml`` runs it (``qkdn net up`` does, in the
 data centre); the other actions read and change its database (``NET/mgmt/manager.db``)
-while it runs: ``alarms``, ``ack``, ``history``, ``inventory``, ``security``. Bad input is
+while it runs: ``alarms``, ``ack``, ``history``, ``inventory``, ``security``,
+``accounting`` (the AAA device's, when the network runs AAA). Bad input is
 one line with a code (``USAGE``, ``MGMT-*``), never a traceback.
 """
 
@@ -24,7 +25,9 @@ examples:
   qkdn manager alarms                     open alarms (X.733 severity, acknowledged by)
   qkdn manager ack 12 --as alice          acknowledge alarm 12
   qkdn manager history link-8-9 --json    SKR, QBER and key level samples of a link
+  qkdn manager history ukms-berlin --node T_key history of a node (enc_keys served)
   qkdn manager inventory                  nodes, roles, software, certificate expiry
+  qkdn manager accounting                 keys and requests per user (net up --aaa)
 The operator's page: https://<manager web address>/ (passwords in NET/mgmt/operators.txt).
 """
 
@@ -48,19 +51,29 @@ def register(sub: Any) -> None:
         ("alarms", "open alarms (--all: cleared ones too)"),
         ("inventory", "the nodes: role, software, image slot, agent, certificate expiry"),
         ("security", "security events: refused logins and SNMP senders, auth failures"),
+        ("accounting", "the AAA device's accounting per user (--by pair: per contract and pair)"),
     ):
         a = s.add_parser(name, help=text)
         _common(a)
         if name == "alarms":
             a.add_argument("--all", action="store_true", help="include cleared alarms")
+        if name == "accounting":
+            a.add_argument(
+                "--by", choices=("user", "pair"), default="user", help="rows per user or pair"
+            )
         a.set_defaults(func=cmd_show, what=name)
     ack = s.add_parser("ack", help="acknowledge an alarm")
     ack.add_argument("alarm", type=types.integer(1, 2**62), metavar="N")
     ack.add_argument("--as", dest="who", default="cli", type=_who, help="operator name")
     _common(ack)
     ack.set_defaults(func=cmd_ack)
-    hist = s.add_parser("history", help="a link's SKR, QBER and key level samples")
-    hist.add_argument("link", type=_link, metavar="LINK")
+    hist = s.add_parser(
+        "history", help="a link's SKR, QBER and key level samples, or a node's T_key (--node)"
+    )
+    hist.add_argument("link", type=_link, metavar="LINK|NODE")
+    hist.add_argument(
+        "--node", action="store_true", help="LINK|NODE names a node: its T_key history"
+    )
     hist.add_argument("--since", type=types.number(0, 1e11), default=0.0, metavar="UNIX_TIME")
     _common(hist)
     hist.set_defaults(func=cmd_history)
@@ -119,6 +132,17 @@ def cmd_show(args: argparse.Namespace) -> int:
         if args.what == "alarms":
             rows = [a.to_json() for a in store.alarms(include_cleared=args.all)]
             cols = ("id", "severity", "kind", "resource", "node", "text", "raised", "acked_by")
+        elif args.what == "accounting":
+            from appliance.mgmt.accounting import per_user
+
+            acct = store.accounting()
+            if args.by == "user":
+                rows = [{**t, "contracts": ",".join(t["contracts"])} for t in per_user(acct)]
+                cols = ("user", "contracts", "allowed", "keys", "bits", "failed")
+            else:
+                rows = [r.to_json() for r in acct]
+                cols = ("user", "contract", "master", "slave", "allowed", "keys", "bits")
+            cols += ("refused_limits", "refused_unauthorised", "refused_quota")
         elif args.what == "inventory":
             rows = store.inventory()
             cols = ("node", "id", "role", "software", "slot", "reachable", "cert_expiry")
@@ -159,8 +183,14 @@ def cmd_ack(args: argparse.Namespace) -> int:
 def cmd_history(args: argparse.Namespace) -> int:
     store = _store(args.dir)
     try:
-        rows = store.history(args.link, args.since)
+        if args.node:
+            rows = store.tkey_history(args.link, args.since)
+        else:
+            rows = store.history(args.link, args.since)
     finally:
         store.close()
-    _print(rows, ("ts", "node", "skr", "qber_ppm", "level", "n"), args.json)
+    cols = ("ts", "tkey_p50_us", "tkey_p99_us", "served", "n") if args.node else (
+        "ts", "node", "skr", "qber_ppm", "level", "n"
+    )  # fmt: skip
+    _print(rows, cols, args.json)
     return 0

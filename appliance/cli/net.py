@@ -340,7 +340,8 @@ def cmd_node_run(args: argparse.Namespace) -> int:
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
         if agent is not None:
-            await agent.close()
+            await agent[1].close()
+            await agent[0].close()
         await node.close()
         if aaa is not None:
             await aaa[0].close()
@@ -353,15 +354,19 @@ def cmd_node_run(args: argparse.Namespace) -> int:
 
 
 async def _mgmt_agent(args: argparse.Namespace, node: Any, generator: Any) -> Any:
-    """The node's SNMPv3 agent, reading the node live (:mod:`appliance.mgmt.agent`)."""
+    """The node's SNMPv3 agent, reading the node live (:mod:`appliance.mgmt.agent`), and
+    the watch of its QKD modules that makes it look at once when a link changes state."""
     from appliance.mgmt.agent import Agent, load_config
-    from appliance.mgmt.nodestate import NodeReader
+    from appliance.mgmt.nodestate import LinkWatch, NodeReader
 
-    reader = NodeReader(node, generator)
+    cfg = load_config(args.mgmt)
+    reader = NodeReader(node, generator, image=Path(cfg.image) if cfg.image else None)
     name = f"{node.name}-{args.only}" if args.only else node.name
-    agent = Agent(name, reader.read, load_config(args.mgmt))
+    agent = Agent(name, reader.read, cfg)
     await agent.start()
-    return agent
+    watch = LinkWatch(list(node.qkdms.values()), agent.look)
+    watch.start()
+    return agent, watch
 
 
 def _controller_paths(cfg: Any) -> Any:
@@ -548,7 +553,13 @@ def _prepare_mgmt(args: argparse.Namespace, topo: Any, configs: dict[str, Any]) 
         return False
     from appliance.mgmt.netsetup import prepare
 
-    prepare(args.dir, topo, configs)
+    prepare(
+        args.dir,
+        topo,
+        configs,
+        controller=bool(getattr(args, "controller", False)),
+        aaa=bool(getattr(args, "aaa", False)),
+    )
     return True
 
 

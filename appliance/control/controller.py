@@ -20,6 +20,15 @@
   ``POST /v1/routes``: the installed routes (those this
   controller installed, and those every hop's agent reports), the links with their
   weights, and the protection switches so far.
+* **The QKDN Manager** (a peer whose certificate names a manager node of the network;
+  only it may use these two): ``POST /v1/faults`` with ``{"links": [[a, b], ...],
+  "nodes": [n, ...], "ttl_s": T}`` is the manager's whole view of the links and nodes it
+  learnt are down over SNMP; the core holds them down for ``T`` seconds unless the next
+  report renews or drops them (:meth:`graph.Core.report`). ``POST /v1/events`` with
+  ``{"after": S, "wait_s": W}`` answers ``{"seq": S', "down": [[a, b], ...]}``: the links
+  the telemetry finds down, at once if anything changed since ``S``, else when something
+  does or after ``W`` seconds (a long poll: the manager's alarms from the controller's
+  telemetry, docs/mgmt.md).
 
 Logs carry node IDs, link IDs and codes; there is no key material here to log.
 """
@@ -58,6 +67,8 @@ RETRY_S = 0.5
 READ_S = 2.5
 """Longest wait for one gNMI message (heartbeats come every HEARTBEAT_MS)."""
 MAX_BODY = 1024
+MAX_FAULTS_BODY = 64 * 1024
+MAX_WAIT_S = 30.0
 JSON = {"content-type": "application/json"}
 
 
@@ -77,9 +88,10 @@ class Controller:
         allowed: set[str],
         weights: Weights | None = None,
         hold_off: float = 0.1,
+        managers: frozenset[str] = frozenset(),
     ) -> None:
         self.agents = {a.node: a for a in agents}
-        self.tls, self.allowed = tls, allowed
+        self.tls, self.allowed, self.managers = tls, allowed, managers
         self.core = Core(weights=weights or Weights(), hold_off=hold_off)
         self.confirmed: dict[tuple[int, int], tuple[int, ...]] = {}
         self._locks: dict[tuple[int, int], asyncio.Lock] = {}
@@ -90,6 +102,10 @@ class Controller:
         self._server: H2Server | None = None
         self._ticker: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self.seq = 0
+        """Counts changes of the telemetry's down links (the manager's long poll)."""
+        self._down: list[tuple[int, int]] = []
+        self._moved = asyncio.Event()
 
     async def start(self, api: str) -> None:
         loop = asyncio.get_running_loop()
@@ -194,9 +210,15 @@ class Controller:
                 self._reinstall(src, dst)
 
     def _report(self, changes: list[Change]) -> None:
-        """Log each change (the hold-off rule of :mod:`graph`): an alarm raised or cleared
+        """Tell the manager's long poll when the links the telemetry finds down change;
+        log each change (the hold-off rule of :mod:`graph`): an alarm raised or cleared
         is a warning (``link down``, ``link up``); a link taken out of use switches the
         routes over it to their backups at once (``protection switch``)."""
+        down = self.core.telemetry_down(time.monotonic())
+        if down != self._down:
+            self._down, self.seq = down, self.seq + 1
+            self._moved.set()
+            self._moved = asyncio.Event()
         for change in changes:
             link = self.core.links[change.link]
             where = {"a": link.a, "b": link.b}
@@ -230,6 +252,15 @@ class Controller:
 
     # -- requests -------------------------------------------------------------------------
     async def _handle(self, request: Request) -> Response:
+        if request.path in ("/v1/faults", "/v1/events") and request.method == "POST":
+            if request.peer not in self.managers:
+                return _error(403, ControlError("not a manager of this network", code="CTL-DENIED"))
+            try:
+                if request.path == "/v1/faults":
+                    return self._faults(request.body)
+                return await self._events(request.body)
+            except ControlError as exc:
+                return _error(400, exc)
         if request.peer not in self.allowed:
             return _error(403, ControlError("not a CKMS of this network", code="CTL-DENIED"))
         if request.method != "POST" or request.path not in ("/v1/path", "/v1/routes"):
@@ -243,6 +274,20 @@ class Controller:
             return _error(503 if exc.code != "CTL-REQUEST" else 400, exc)
         body = {"path": list(path), "backup": list(backup or ())}
         return Response(200, json.dumps(body).encode(), JSON)
+
+    def _faults(self, body: bytes) -> Response:
+        links, nodes, ttl = _faults(body)
+        self._report(self.core.report(time.monotonic(), links, nodes, ttl))
+        log.info("manager report", extra={"links": len(links), "nodes": len(nodes)})
+        return Response(200, json.dumps({"links": len(links), "nodes": len(nodes)}).encode(), JSON)
+
+    async def _events(self, body: bytes) -> Response:
+        after, wait_s = _after(body)
+        if after == self.seq:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._moved.wait(), wait_s)
+        doc = {"seq": self.seq, "down": [list(pair) for pair in self._down]}
+        return Response(200, json.dumps(doc).encode(), JSON)
 
     async def path(self, src: int, dst: int) -> tuple[tuple[int, ...], tuple[int, ...] | None]:
         """The path from ``src`` to ``dst``, installed at every hop before it is returned."""
@@ -287,10 +332,14 @@ class Controller:
         log.info("route installed", extra={"src": src, "dst": dst, "hops": len(path)})
 
     def routes(self) -> dict[str, Any]:
+        now = time.monotonic()
         links = [
-            {"a": x.a, "b": x.b, "usable": x.usable, "weight": round(x.weight, 4)}
+            {
+                "a": x.a, "b": x.b, "usable": x.usable, "weight": round(x.weight, 4),
+                "manager": self.core.held(x.a, x.b, now),
+            }
             for x in sorted(self.core.links.values(), key=lambda x: (x.a, x.b))
-        ]
+        ]  # fmt: skip
         routes = []
         for s, d in sorted(set(self.confirmed) | set(self.core.hops)):
             p = self.confirmed.get((s, d)) or self.core.installed(s, d)
@@ -317,6 +366,38 @@ def _pair(body: bytes) -> tuple[int, int]:
     if not all(isinstance(n, int) and 0 < n < 1000 for n in (src, dst)) or src == dst:
         raise ControlError("src and dst: two different node IDs", code="CTL-REQUEST")
     return src, dst
+
+
+def _faults(body: bytes) -> tuple[list[tuple[int, int]], list[int], float]:
+    """The manager's report: links as node ID pairs, node IDs, time to live."""
+    if len(body) > MAX_FAULTS_BODY:
+        raise ControlError("report too long", code="CTL-REQUEST")
+    try:
+        doc = json.loads(body)
+        links = [(int(a), int(b)) for a, b in doc["links"]]
+        nodes = [int(n) for n in doc["nodes"]]
+        ttl = float(doc["ttl_s"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ControlError(
+            'expected {"links": [[a, b], ...], "nodes": [...], "ttl_s": T}', code="CTL-REQUEST"
+        ) from exc
+    ids = [n for pair in links for n in pair] + nodes
+    if not all(0 < n < 1000 for n in ids) or not 0 < ttl <= 3600 or len(ids) > 4000:
+        raise ControlError("node IDs 1..999, ttl_s 0..3600", code="CTL-REQUEST")
+    return links, nodes, ttl
+
+
+def _after(body: bytes) -> tuple[int, float]:
+    if len(body) > MAX_BODY:
+        raise ControlError("request body too long", code="CTL-REQUEST")
+    try:
+        doc = json.loads(body)
+        after, wait_s = int(doc["after"]), float(doc.get("wait_s", 0))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ControlError('expected {"after": S, "wait_s": W}', code="CTL-REQUEST") from exc
+    if not 0 <= wait_s <= MAX_WAIT_S:
+        raise ControlError(f"wait_s: 0..{MAX_WAIT_S:g}", code="CTL-REQUEST")
+    return after, wait_s
 
 
 def _error(status: int, exc: ControlError) -> Response:

@@ -7,7 +7,8 @@ drive it with an injected clock.
 ``/qkd_node``), :meth:`Core.tick` lets time pass. A link is *usable* when both of its ends
 report it ACTIVE (a PASSIVE link, down with keys left, carries the relays already on it
 but no new path), its QBER is at most ``qber_max``, and both
-nodes were heard within ``dead_after`` seconds (telemetry is the heartbeat).
+nodes were heard within ``dead_after`` seconds (telemetry is the heartbeat), and the QKDN
+Manager does not hold it down (*the manager's holds*, below).
 
 **The hold-off rule (as SDH protection).** Protection does not wait; everything else does:
 
@@ -50,6 +51,13 @@ grow while the idle path's stores fill and its terms fall, so routes alternate b
 the paths and both paths' key rates are used; the margin keeps a route from moving for
 every few bits. Otherwise the cache keeps the installed path as primary, so that a
 recomputed shortest path slightly lighter than it does not move it either.
+
+**The manager's holds.** :meth:`Core.report` takes the QKDN Manager's whole view of the
+links and nodes it learnt are down over SNMP; a held link (or a link of a held node) is
+not usable whatever its telemetry says, until the report's time to live ends or the next
+report drops it. :meth:`Core.telemetry_down` lists the links an end reports bad (the
+holds, silent nodes and links that never came up left out), which the controller tells
+the manager.
 """
 
 from __future__ import annotations
@@ -183,6 +191,43 @@ class Core:
     )
     """Installed routes as the agents report them: (src, dst) -> node -> (prev, next)."""
     switches: int = 0
+    held_links: dict[tuple[int, int], float] = field(default_factory=dict)
+    """Links the manager reports down: (lower ID, higher ID) -> held until (``now``'s clock)."""
+    held_nodes: dict[int, float] = field(default_factory=dict)
+    """Nodes the manager reports down (every link of theirs is held down)."""
+    been_up: set[str] = field(default_factory=set)
+    """Links seen usable (:meth:`telemetry_down` reports only those)."""
+
+    # -- the manager's reports ---------------------------------------------------------
+    def report(
+        self, now: float, links: list[tuple[int, int]], nodes: list[int], ttl: float
+    ) -> list[Change]:
+        """The manager's whole view of what is down, replacing the last one; held for
+        ``ttl`` seconds unless renewed (a manager that stops reporting lets go)."""
+        until = now + ttl
+        self.held_links = {(min(a, b), max(a, b)): until for a, b in links}
+        self.held_nodes = dict.fromkeys(nodes, until)
+        return self.tick(now)
+
+    def held(self, a: int, b: int, now: float) -> bool:
+        """Whether the manager holds the link between ``a`` and ``b`` down."""
+        if self.held_links.get((min(a, b), max(a, b)), -1e18) > now:
+            return True
+        return any(self.held_nodes.get(n, -1e18) > now for n in (a, b))
+
+    def telemetry_down(self, now: float) -> list[tuple[int, int]]:
+        """Links that were usable once and that an end now reports bad (status not ACTIVE,
+        QBER above ``qber_max``), as (lower ID, higher ID). Not the manager's holds, not a
+        node's silence (the manager learns that over SNMP), not a link that never came up."""
+        for lid, x in self.links.items():
+            if x.usable:
+                self.been_up.add(lid)
+        return sorted(
+            (min(x.a, x.b), max(x.a, x.b))
+            for lid, x in self.links.items()
+            if lid in self.been_up
+            and any(not e.good or e.qber > self.qber_max for e in x.ends.values())
+        )
 
     # -- telemetry --------------------------------------------------------------------
     def telemetry(self, now: float, doc: dict[str, Any]) -> list[Change]:
@@ -270,6 +315,8 @@ class Core:
         return min(starts) + self.hold_off if starts else None
 
     def _good(self, link: _Link, now: float) -> _State:
+        if self.held(link.a, link.b, now):  # the manager's hold: a fault, at once
+            return _State.FAULT
         ends = [link.ends.get(link.a), link.ends.get(link.b)]
         if any(e is None or not e.good or e.qber > self.qber_max for e in ends):
             return _State.FAULT

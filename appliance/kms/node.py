@@ -343,6 +343,10 @@ class KmsNode:
         cards = sum(1 for url in self.config.psk.values() if url.startswith("pcsc:"))
         return len(self._psk), len(self.config.psk), cards
 
+    def psk_sources(self) -> list[Any]:
+        """The PSK sources opened (the management agent probes smartcards among them)."""
+        return list(self._psk.values())
+
     def relay_messages(self) -> int:
         """Relay messages sent to neighbours so far (the batchers' counts)."""
         return sum(b.messages for b in self._batchers.values())
@@ -848,7 +852,10 @@ class UkmsKeyService:
     ) -> list[tuple[str, bytes]]:
         req = self.node.new_req()
         event = SaeEncKeys(req=req, master=master, slave=slave, number=number, size=size, also=also)
-        return _copied(await self.node.sae(event))
+        t0 = time.perf_counter()
+        keys = await self.node.sae(event)
+        self.node.counters.served(time.perf_counter() - t0)  # T_key, for QKDN-MIB
+        return _copied(keys)
 
     async def dec_keys(
         self, slave: str, master: str, key_ids: list[str]

@@ -20,6 +20,7 @@ address, beside the KMS services on the same event loop:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections import deque
 from collections.abc import Callable
@@ -41,7 +42,8 @@ from appliance.snmp.usm import AUTH, PRIV, SNMP_TRAP_OID, Credentials, bind_udp,
 log = logging.getLogger("qkdn.mgmt")
 
 POLL_S = 0.5
-"""Seconds between two looks for faults (the alarm reaches the manager within ~1 s)."""
+"""Seconds between two looks for faults; a QKD module's state change is looked at at once
+(:meth:`Agent.look`, :class:`appliance.mgmt.nodestate.LinkWatch`)."""
 INFORM_TIMEOUT_S, INFORM_RETRIES = 0.5, 2
 """One INFORM attempt: pysnmp's own retransmissions; then :data:`RETRY_S` and again."""
 RETRY_S = 1.0
@@ -81,6 +83,9 @@ class AgentConfig(Strict):
     """The QKDN Manager: INFORMs, retried until acknowledged."""
     traps: list[Receiver] = Field(default_factory=list, max_length=8)
     """Other receivers: traps (the node's notifier engine is authoritative)."""
+    image: str | None = Field(default=None, max_length=4096)
+    """The node's target disk, when it runs from an appliance image (its boot state gives
+    the image slot and version, and qkdnSlotRollback; :mod:`appliance.mgmt.image`)."""
 
 
 def load_config(path: Path) -> AgentConfig:
@@ -110,6 +115,8 @@ class Agent:
         self.sent = self.acked = self.dropped = 0
         self.pending: deque[list[Any]] = deque()
         self._wake = asyncio.Event()
+        self._look = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._originator = ntforg.NotificationOriginator()
         self._default: Any = None
@@ -117,6 +124,7 @@ class Agent:
 
     # -- start and stop ------------------------------------------------------------------
     async def start(self) -> int:
+        self._loop = asyncio.get_running_loop()
         sock = bind_udp(self.cfg.listen)
         self.port = int(sock.getsockname()[1])
         self._users()
@@ -185,7 +193,15 @@ class Agent:
                 self.check()
             except Exception as exc:  # a reading that fails must not stop the watch
                 log.error("mgmt: reading the node failed: %s", exc, exc_info=True)
-            await asyncio.sleep(POLL_S)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._look.wait(), POLL_S)
+            self._look.clear()
+
+    def look(self) -> None:
+        """Read the node now, not at the next period (a link's state changed); safe from
+        any thread."""
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._look.set)
 
     def check(self) -> list[Notice]:
         """Read the node now; send what changed."""
@@ -220,6 +236,12 @@ class Agent:
                 value = snap.get(oid)
                 if value is not None:
                     binds.append((oid, _typed(value)))
+        if notice.name == "qkdnSlotRollback" and reading is not None:  # its MIB OBJECTS
+            snap = Snapshot(reading)
+            for name in ("qkdnNodeImageSlot", "qkdnNodeSoftware"):
+                value = snap.get((*m[name].oid, 0))
+                if value is not None:
+                    binds.append(((*m[name].oid, 0), _typed(value)))
         severity = m["qkdnNotifySeverity"].enums[notice.severity]
         binds += [
             ((*m["qkdnNotifySeverity"].oid, 0), rfc1902.Integer32(severity)),

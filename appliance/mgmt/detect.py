@@ -9,6 +9,8 @@ Rules (QKDN-MIB's notifications, X.733 severities):
 * a link's key level below :data:`LOW_KEYS` while up raises ``qkdnKeyStoreLow`` (minor);
 * the generator ``failed`` raises ``qkdnRngHealthFailure`` (critical), healthy again clears;
 * a PSK card source lost raises ``qkdnCardRemoved`` (major), back clears;
+* the node running the slot an image rollback fell back to raises ``qkdnSlotRollback``
+  (major), a good image running again clears it;
 * more integrity alarms or more SNMP refusals than last time raise ``qkdnIntegrityAlarm``
   (major) and ``qkdnAuthFailure`` (warning): events, with nothing to clear.
 
@@ -95,6 +97,16 @@ class Detector:
                     severity=sev,
                     resource="card",
                     text="PSK source " + ("unavailable" if gone else "back"),
+                )
+            )
+        rolled, was_rolled = bool(now.rollback), last is not None and bool(last.rollback)
+        if rolled != was_rolled:
+            out.append(
+                Notice(
+                    name="qkdnSlotRollback",
+                    severity="major" if rolled else "cleared",
+                    resource="image",
+                    text=now.rollback or f"running {now.slot} ({now.software})",
                 )
             )
         if last is not None and now.integrity > last.integrity:

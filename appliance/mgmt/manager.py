@@ -7,6 +7,11 @@
 * It polls every agent (a GETBULK walk of ``qkdnObjects``) every ``poll_s`` seconds: link
   states and levels go to the history, identity and software to the inventory; an agent
   that does not answer raises a ``node`` alarm, cleared when it answers again.
+* With an ``[aaa]``, it walks the AAA device's accounting at every poll round
+  (:mod:`appliance.mgmt.accounting`).
+* With a ``[controller]``, it tells the QKDN Controller which links and nodes it finds down
+  and raises the controller's telemetry's link alarms as the same alarms as the agents'
+  (:mod:`appliance.mgmt.control`).
 * It keeps everything in SQLite (:mod:`appliance.mgmt.store`) and tells its web page
   (:mod:`appliance.mgmt.web`) of every change.
 
@@ -39,7 +44,9 @@ from pysnmp.hlapi.v3arch.asyncio import (
 from pysnmp.proto import rfc1902
 
 from appliance.config.schema import Strict, load_model, read_toml
-from appliance.mgmt import mib
+from appliance.mgmt import accounting, mib
+from appliance.mgmt.control import ControllerLink, ControlView, ttl
+from appliance.mgmt.errors import MgmtError
 from appliance.mgmt.store import LinkSample, Store
 from appliance.snmp.usm import AUTH, PRIV, SNMP_TRAP_OID, Credentials, bind_udp, host_port
 
@@ -93,12 +100,32 @@ class MapLink(Strict):
     name: str = Field(max_length=32)
 
 
+class ControllerEntry(Strict):
+    """The QKDN Controller the manager reports to (:mod:`appliance.mgmt.control`)."""
+
+    address: str = Field(max_length=300)
+    """Its HTTP/2 API (host:port)."""
+    name: str = Field(max_length=64)
+    """The name its certificate must carry."""
+
+
+class AaaEntry(Credentials):
+    """The AAA device's agent and its operator user (the accounting view)."""
+
+    address: str = Field(max_length=300)
+
+
 class ManagerConfig(Strict):
     traps: str = "127.0.0.1:0"
     web: str | None = None
     """HTTPS address of the operator's page and /metrics; none: no web server."""
     cert: str | None = None
     key: str | None = None
+    ca: str | None = None
+    """The network's CA (the controller link's mutual TLS)."""
+    controller: ControllerEntry | None = None
+    aaa: AaaEntry | None = None
+    """The network's AAA device: its accounting is walked at every poll round."""
     db: str = "manager.db"
     poll_s: float = Field(default=5.0, ge=0.2, le=3600)
     session_s: float = Field(default=8 * 3600, ge=1, le=7 * 86400)
@@ -190,6 +217,11 @@ class Manager:
         self._refusals = 0
         self._down: set[str] = set()
         self._tasks: list[asyncio.Task[None]] = []
+        self.view = ControlView(
+            names={frozenset((x.a, x.b)): x.name for x in cfg.links},
+            ids={a.name: a.id for a in cfg.agents},
+        )
+        self.controller: ControllerLink | None = None
 
     async def start(self) -> int:
         sock = bind_udp(self.cfg.traps)
@@ -208,13 +240,47 @@ class Manager:
                     self.rx, s.user, AUTH, s.auth, PRIV, s.priv, securityEngineId=theirs
                 )
         ntfrcv.NotificationReceiver(self.rx, self._received)
+        self._start_controller()
         self._tasks.append(asyncio.ensure_future(self._poll_loop()))
         return self.port
+
+    def _start_controller(self) -> None:
+        c, cfg = self.cfg.controller, self.cfg
+        if c is None:
+            return
+        if not (cfg.cert and cfg.key and cfg.ca):
+            raise MgmtError("[controller] needs cert, key and ca", code="MGMT-CONFIG")
+        tls = (Path(cfg.cert), Path(cfg.key), Path(cfg.ca))
+        self.controller = ControllerLink(
+            self.view,
+            c.address,
+            c.name,
+            tls,
+            ttl_s=ttl(cfg.poll_s),
+            on_change=self._from_controller,
+        )
+        self.controller.start()
+
+    def _from_controller(self, notification: str, link: str) -> None:
+        """A link the controller's telemetry finds down (or up again): the same alarm as
+        the agents' reports of that link (key: kind ``link``, the link's name)."""
+        name = self.cfg.controller.name if self.cfg.controller else "controller"
+        down = notification == "qkdnLinkDown"
+        severity, text = (
+            ("major", "controller: link unusable")
+            if down
+            else ("cleared", "controller: link usable")
+        )
+        self.store.notify(notification, name, severity, link, text)
+        log.info("mgmt: %s from the controller: %s", notification, link)
+        self._tell("alarms")
 
     async def close(self) -> None:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.controller is not None:
+            await self.controller.close()
         for eng in (self.rx, self.poller):
             if eng.transport_dispatcher is not None:
                 eng.close_dispatcher()
@@ -247,9 +313,14 @@ class Manager:
         else:
             self.store.notify(name, who, severity, resource, text)
         column = m["qkdnLinkState"].oid
+        moved = False
         for oid, value in got.items():
             if oid[:-1] == column and isinstance(_plain(value), int):
-                self.store.link_state(who, oid[-1], mib.enum("qkdnLinkState", int(value)))
+                state = mib.enum("qkdnLinkState", int(value))
+                self.store.link_state(who, oid[-1], state)
+                moved |= self.view.end(who, oid[-1], state)
+        if moved and self.controller is not None:
+            self.controller.tell()
         log.info("mgmt: %s from %s: %s %s (%s)", name, who, resource, severity, text)
         self._tell("alarms")
 
@@ -270,9 +341,15 @@ class Manager:
             )
 
     async def poll_all(self) -> None:
+        if self.cfg.aaa is not None:
+            await self.poll_accounting(self.cfg.aaa)
         results = await asyncio.gather(*(self.poll(a) for a in self.cfg.agents))
         rows = [s for r in results if r is not None for s in r]
         self.store.record(rows)
+        for row in rows:
+            self.view.end(row.node, row.peer, row.state)
+        if self.controller is not None:  # every round: the report's time to live renewed
+            self.controller.tell()
         self._own_refusals()
         self._tell("links")
 
@@ -290,11 +367,29 @@ class Manager:
         self._reachable(agent, polled)
         return samples(agent.name, polled)
 
+    async def poll_accounting(self, aaa: AaaEntry) -> None:
+        """The AAA device's accounting (a walk of its two subtrees); kept as it was when the
+        device does not answer or refuses (a walk that returns nothing at all)."""
+        binds: list[Any] = []
+        for root in accounting.roots():
+            try:
+                got = await self.walk_at(aaa.address, aaa, root)
+            except (OSError, RuntimeError, ValueError) as exc:
+                log.warning("mgmt: the AAA device's accounting: %s", exc)
+                return
+            binds += got
+        if not binds:
+            return
+        self.store.set_accounting(accounting.parse(binds))
+        self._tell("accounting")
+
     async def walk(self, agent: AgentEntry, root: tuple[int, ...]) -> list[Any]:
-        p = agent.poll
+        return await self.walk_at(agent.address, agent.poll, root)
+
+    async def walk_at(self, address: str, p: Credentials, root: tuple[int, ...]) -> list[Any]:
         auth = UsmUserData(p.user, p.auth, p.priv, authProtocol=AUTH, privProtocol=PRIV)
         target = await UdpTransportTarget.create(
-            host_port(agent.address), timeout=POLL_TIMEOUT_S, retries=POLL_RETRIES
+            host_port(address), timeout=POLL_TIMEOUT_S, retries=POLL_RETRIES
         )
         out = []
         async for error, status, _index, binds in bulk_walk_cmd(
@@ -315,6 +410,10 @@ class Manager:
 
     def _reachable(self, agent: AgentEntry, polled: Polled) -> None:
         s = polled.scalars
+        served = int(s.get("qkdnKmsTkeyRequests") or 0)
+        if served:  # a node that serves enc_keys: its T_key history
+            p50, p99 = int(s.get("qkdnKmsTkeyP50") or 0), int(s.get("qkdnKmsTkeyP99") or 0)
+            self.store.record_tkey(agent.name, p50, p99, served)
         self.store.seen(
             agent.name,
             id=agent.id,
@@ -325,6 +424,8 @@ class Manager:
             cert_expiry=cert_expiry(agent.cert),
             reachable=1,
         )
+        if self.view.node(agent.name, reachable=True) and self.controller is not None:
+            self.controller.tell()
         if agent.name in self._down:
             self._down.discard(agent.name)
             self.store.notify("qkdnNodeReachable", agent.name, "cleared", agent.name, "answers")
@@ -341,6 +442,8 @@ class Manager:
             cert_expiry=cert_expiry(agent.cert),
             reachable=0,
         )
+        if self.view.node(agent.name, reachable=False) and self.controller is not None:
+            self.controller.tell()
         if agent.name not in self._down:
             self._down.add(agent.name)
             text = f"the node's agent does not answer ({why[:80]})"

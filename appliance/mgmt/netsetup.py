@@ -4,7 +4,10 @@
   address (the topology's manager node's ``traps`` address), its HTTPS address (``web``)
   with the manager node's certificate, every KMS node's agent (its ``snmp`` address, the
   manager's polling user there, the user the agent sends INFORMs as), the topology's links
-  for the map, and two operators' password hashes;
+  for the map, two operators' password hashes, and (when the network runs its QKDN
+  Controller) the controller's API address and name, for the manager's HTTP/2 link to it
+  (:mod:`appliance.mgmt.control`, mutual TLS with the network's CA), and (when it runs
+  its AAA device) the AAA agent's address and operator user, for the accounting view;
 * ``node-<name>.toml``: each KMS node's agent (``qkdn node run --mgmt``);
 * ``operators.txt``: the two operators' passwords, for the person who started the
   network (``operator`` may acknowledge alarms, ``viewer`` only reads).
@@ -47,8 +50,17 @@ def _creds(prefix: str, user: str, auth: str, priv: str) -> list[str]:
     return [f"[{prefix}]", f"user = {_q(user)}", f"auth = {_q(auth)}", f"priv = {_q(priv)}"]
 
 
-def prepare(net_dir: Path, topo: Topology, configs: dict[str, Any]) -> dict[str, Path]:
-    """Make ``<net>/mgmt`` ready; return each KMS node's agent file by node name."""
+def prepare(
+    net_dir: Path,
+    topo: Topology,
+    configs: dict[str, Any],
+    *,
+    controller: bool = False,
+    aaa: bool = False,
+) -> dict[str, Path]:
+    """Make ``<net>/mgmt`` ready; return each KMS node's agent file by node name
+    (``controller``: the network runs its QKDN Controller, the manager reports to it;
+    ``aaa``: it runs its AAA device, whose accounting the manager walks)."""
     managers = topo.nodes_with("manager")
     if not managers:
         raise MgmtError(
@@ -63,12 +75,23 @@ def prepare(net_dir: Path, topo: Topology, configs: dict[str, Any]) -> dict[str,
         f"web = {_q(mcfg.listen['web'])}",
         f"cert = {_q(str(mcfg.paths.cert))}",
         f"key = {_q(str(mcfg.paths.key))}",
+        f"ca = {_q(str(mcfg.paths.ca_cert))}",
         'db = "manager.db"',
         "poll_s = 30.0",
         "links = ["
         + ", ".join(f"{{a = {x.a}, b = {x.b}, name = {_q(x.id)}}}" for x in topo.links)
         + "]",
     ]
+    ctl = [c for c in configs.values() if "controller" in c.node.role.split("+")]
+    if controller and ctl and "api" in ctl[0].listen:
+        lines += [
+            "",
+            "[controller]",
+            f"address = {_q(ctl[0].listen['api'])}",
+            f"name = {_q(ctl[0].node.name)}",
+        ]
+    if aaa:
+        lines += _aaa(net_dir)
     out = {}
     for name, cfg in sorted(configs.items(), key=lambda kv: kv[1].node.id):
         if "snmp" not in cfg.listen or not set(cfg.node.role.split("+")) & {"ukms", "akms", "ckms"}:
@@ -110,6 +133,25 @@ def prepare(net_dir: Path, topo: Topology, configs: dict[str, Any]) -> dict[str,
         + [f"{name} {passwords[name]} {role}" for name, role in OPERATORS],
     )
     return out
+
+
+def _aaa(net_dir: Path) -> list[str]:
+    """``[aaa]``: the AAA device's agent and its operator user, from ``<net>/aaa/aaa.toml``
+    (made ready before this; :mod:`appliance.aaa.netsetup`)."""
+    import tomllib
+
+    path = net_dir / "aaa" / "aaa.toml"
+    try:
+        doc = tomllib.loads(path.read_text(encoding="utf-8"))
+        op = doc["operator"]
+        return [
+            "",
+            "[aaa]",
+            f"address = {_q(doc['listen'])}",
+            *_creds("", op["user"], op["auth"], op["priv"])[1:],
+        ]
+    except (OSError, KeyError, tomllib.TOMLDecodeError) as exc:
+        raise MgmtError(f"{path}: no AAA operator to read accounting as", code="MGMT-AAA") from exc
 
 
 def _private(path: Path, lines: list[str]) -> None:

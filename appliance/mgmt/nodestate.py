@@ -4,21 +4,35 @@ The link columns come from the QKD modules' own status readings (a synchronous d
 that answers from the driver's state), the counters from the node's
 :class:`appliance.kms.counters.NodeCounters`, the generator's health from its monitor.
 It reads states and counts, never keys.
+
+:class:`LinkWatch` tells the agent when a QKD module's link state changes: it subscribes
+to every module of the node (a driver that reports its changes itself wakes the agent at
+once) and reads their state every :data:`LINK_POLL_S` (an emulated module reports a change
+only when read), so a link fault reaches the agent's detector within that period rather
+than at the agent's next full reading.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from importlib import metadata
+from pathlib import Path
 from typing import Any
 
 import hal
 from appliance.kms.node import KmsNode
+from appliance.mgmt.image import ImageReading, ImageWatch
 from appliance.mgmt.nodeview import LinkReading, NodeReading
 
 ROLES = {"ukms": "ukms", "akms": "akms", "ckms": "ckms", "akms+ckms": "akmsCkms"}
 RNG_STATES = {"starting", "healthy", "degraded", "failed"}
+LINK_POLL_S = 0.1
+CARD_PROBE_S = 2.0
+"""Seconds between two probes of the node's PSK smartcards (a status read through pcscd)."""
+"""Seconds between two reads of the modules' link states (one status call each)."""
 
 
 def software_version() -> str:
@@ -59,9 +73,14 @@ class NodeReader:
         generator: Any = None,
         *,
         clock: Callable[[], float] = time.monotonic,
+        image: Path | None = None,
     ) -> None:
         self.node, self.generator, self.clock = node, generator, clock
+        self.image = ImageWatch(image) if image is not None else None
+        """The node's target disk (an appliance image's boot state), if it has one."""
         self.started = clock()
+        self._probed = -1e18
+        self._cards_answer = True
         self.software = software_version()
         role = node.only or node.config.node.role
         self.role = ROLES.get(role, "ckms")
@@ -79,27 +98,46 @@ class NodeReader:
     def read(self) -> NodeReading:
         node, counters = self.node, self.node.counters
         opened, configured, cards = node.psk_state()
+        card = self._card(opened, configured, cards)
         keystore = "none"
         if node.stores is not None:
             keystore = "pkcs11" if node.config.devices.keystore else "file"
+        image = self.image.read() if self.image is not None else ImageReading()
+        tkey = tkey_percentiles(counters.tkey_us)
         return NodeReading(
             id=node.me,
             name=node.name,
             role=self.role,
-            software=self.software,
+            software=f"{self.software} image {image.version}" if image.version else self.software,
+            slot=image.slot,
+            rollback=image.rollback,
             uptime=int(self.clock() - self.started),
             links=self.links(),
             requests=counters.requests,
             relays=node.relay_messages(),
             integrity=counters.integrity,
+            tkey_p50_us=tkey[0],
+            tkey_p99_us=tkey[1],
+            tkey_requests=counters.tkey_requests,
             failures=dict(counters.failures),
             **self._rng(),
-            card="notUsed" if not cards else ("present" if opened == configured else "absent"),
+            card=card,
             card_locked=opened < configured,
             card_sources=opened,
             keystore=keystore,
             keystore_open=node.stores is not None,
         )
+
+    def _card(self, opened: int, configured: int, cards: int) -> str:
+        """``notUsed``, ``present`` (every source opened, every card answering at the last
+        probe, at most CARD_PROBE_S ago) or ``absent``."""
+        if not cards:
+            return "notUsed"
+        now = self.clock()
+        if now - self._probed >= CARD_PROBE_S:
+            self._probed = now
+            self._cards_answer = cards_present(self.node.psk_sources())
+        return "present" if opened == configured and self._cards_answer else "absent"
 
     def _rng(self) -> dict[str, Any]:
         gen = self.generator
@@ -112,3 +150,50 @@ class NodeReader:
             "rng_requests": int(gen.requests),
             "rng_reseeds": int(gen.reseeds),
         }
+
+
+def cards_present(sources: Iterable[Any]) -> bool:
+    """Whether every smartcard among ``sources`` answers (a source without a card, a PSK
+    file, has nothing to probe)."""
+    return all(src.present() for src in sources if hasattr(src, "present"))
+
+
+def tkey_percentiles(times: Iterable[int]) -> tuple[int, int]:
+    """The median and 99th percentile of the window's enc_keys times (0 if empty)."""
+    ordered = sorted(times)
+    if not ordered:
+        return 0, 0
+    n = len(ordered)
+    return ordered[n // 2], ordered[min(n - 1, n * 99 // 100)]
+
+
+class LinkWatch:
+    """Calls ``wake`` (from any thread) when one of ``qkdms`` changes its link state."""
+
+    def __init__(self, qkdms: list[hal.Qkdm], wake: Callable[[], None]) -> None:
+        self.qkdms, self.wake = qkdms, wake
+        self._unsubscribe: list[Callable[[], None]] = []
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        for qkdm in self.qkdms:  # the states as they are now are no change
+            with contextlib.suppress(hal.HalError):
+                qkdm.poll_state()
+        for qkdm in self.qkdms:
+            self._unsubscribe.append(qkdm.subscribe(lambda _event: self.wake()))
+        self._task = asyncio.ensure_future(self._poll())
+
+    async def close(self) -> None:
+        for unsubscribe in self._unsubscribe:
+            unsubscribe()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _poll(self) -> None:
+        while True:
+            for qkdm in self.qkdms:
+                with contextlib.suppress(hal.HalError):
+                    qkdm.poll_state()  # a change notifies the subscription above
+            await asyncio.sleep(LINK_POLL_S)

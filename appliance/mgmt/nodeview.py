@@ -51,11 +51,17 @@ class NodeReading:
     """``ukms``, ``akms``, ``ckms`` or ``akmsCkms`` (QKDN-MIB's labels)."""
     software: str
     slot: str = "none"
+    rollback: str = ""
+    """Set while the node runs the slot an image rollback fell back to
+    (:mod:`appliance.mgmt.image`)."""
     uptime: int = 0
     links: tuple[LinkReading, ...] = ()
     requests: int = 0
     relays: int = 0
     integrity: int = 0
+    tkey_p50_us: int = 0
+    tkey_p99_us: int = 0
+    tkey_requests: int = 0
     failures: dict[str, int] = field(default_factory=dict)
     rng_health: str = "healthy"
     rng_bytes: int = 0
@@ -84,6 +90,9 @@ def _scalars(r: NodeReading) -> Iterator[tuple[str, Value]]:
     yield "qkdnKmsRequests", ("Counter64", min(r.requests, U64))
     yield "qkdnKmsRelays", ("Counter64", min(r.relays, U64))
     yield "qkdnKmsIntegrityAlarms", ("Counter64", min(r.integrity, U64))
+    yield "qkdnKmsTkeyP50", ("Gauge32", min(r.tkey_p50_us, U32))
+    yield "qkdnKmsTkeyP99", ("Gauge32", min(r.tkey_p99_us, U32))
+    yield "qkdnKmsTkeyRequests", ("Counter64", min(r.tkey_requests, U64))
     yield "qkdnRngHealth", _enum("qkdnRngHealth", r.rng_health)
     yield "qkdnRngBytes", ("Counter64", min(r.rng_bytes, U64))
     yield "qkdnRngRequests", ("Counter64", min(r.rng_requests, U64))

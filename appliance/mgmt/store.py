@@ -5,8 +5,10 @@ both use it (WAL: one writer, readers alongside).
 Alarms follow ITU-T X.733: each has a perceived severity; a notification with severity
 ``cleared`` clears the open alarm it matches, and one alarm stands for one problem:
 
-* a link problem is keyed by (kind, link name): both ends of a link reporting it (or the
-  controller's telemetry, later) make one alarm, whose ``reports`` counts the reports;
+* a link problem is keyed by (kind, link name): both ends of a link reporting it and the
+  QKDN Controller's telemetry (:mod:`appliance.mgmt.control`) make one alarm, whose
+  ``reports`` counts the reports and ``sources`` names the reporters (agent names, the
+  controller's name), in the order they first reported;
 * any other problem is keyed by (kind, node).
 
 ``kind`` is the notification family: ``link`` (qkdnLinkDown, cleared by qkdnLinkUp),
@@ -16,7 +18,9 @@ senders are security events, not alarms.
 
 History keeps raw samples for :data:`RAW_KEEP_S`, then folds them into buckets of
 :data:`BUCKET_S` (mean SKR, QBER and key level, min key level): a week at 30 s sampling is
-~20 rows per link and hour.
+~20 rows per link and hour. The T_key history per node (the node's enc_keys service time,
+median and 99th percentile over its last 1,000 requests, as QKDN-MIB reports it at each
+poll) is kept and folded the same way (means of both; ``served``: the node's count).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from appliance.mgmt.accounting import AcctRow
 from appliance.mgmt.errors import StoreError
 
 RAW_KEEP_S = 3600.0
@@ -63,7 +68,8 @@ CREATE TABLE IF NOT EXISTS alarms (
     cleared REAL,
     acked_by TEXT,
     acked REAL,
-    reports INTEGER NOT NULL DEFAULT 1
+    reports INTEGER NOT NULL DEFAULT 1,
+    sources TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS alarms_open ON alarms (kind, resource) WHERE cleared IS NULL;
 CREATE TABLE IF NOT EXISTS samples (
@@ -78,6 +84,16 @@ CREATE TABLE IF NOT EXISTS samples (
     n INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS samples_link ON samples (link, ts);
+CREATE TABLE IF NOT EXISTS node_samples (
+    ts REAL NOT NULL,
+    span REAL NOT NULL,
+    node TEXT NOT NULL,
+    tkey_p50_us REAL NOT NULL,
+    tkey_p99_us REAL NOT NULL,
+    served INTEGER NOT NULL,
+    n INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS node_samples_node ON node_samples (node, ts);
 CREATE TABLE IF NOT EXISTS inventory (
     node TEXT PRIMARY KEY,
     id INTEGER NOT NULL,
@@ -101,6 +117,21 @@ CREATE TABLE IF NOT EXISTS links (
     consumed INTEGER NOT NULL,
     seen REAL NOT NULL,
     PRIMARY KEY (node, peer)
+);
+CREATE TABLE IF NOT EXISTS accounting (
+    user TEXT NOT NULL,
+    contract TEXT NOT NULL,
+    master TEXT NOT NULL,
+    slave TEXT NOT NULL,
+    allowed INTEGER NOT NULL,
+    refused_limits INTEGER NOT NULL,
+    refused_unauthorised INTEGER NOT NULL,
+    refused_quota INTEGER NOT NULL,
+    keys INTEGER NOT NULL,
+    bits INTEGER NOT NULL,
+    failed INTEGER NOT NULL,
+    seen REAL NOT NULL,
+    PRIMARY KEY (contract, master, slave)
 );
 CREATE TABLE IF NOT EXISTS security (
     id INTEGER PRIMARY KEY,
@@ -126,6 +157,8 @@ class Alarm:
     acked_by: str | None
     acked: float | None
     reports: int
+    sources: str
+    """The reporters, comma-separated, in the order they first reported."""
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -153,6 +186,9 @@ class Store:
             self.db.execute("PRAGMA synchronous=FULL")
             self.db.execute("PRAGMA busy_timeout=5000")
             self.db.executescript(SCHEMA)
+            columns = {r[1] for r in self.db.execute("PRAGMA table_info(alarms)")}
+            if "sources" not in columns:  # a database of before the controller link
+                self.db.execute("ALTER TABLE alarms ADD COLUMN sources TEXT NOT NULL DEFAULT ''")
         except sqlite3.Error as exc:
             raise StoreError(f"{path}: cannot open the manager's database: {exc}") from exc
         self.db.row_factory = sqlite3.Row
@@ -172,7 +208,7 @@ class Store:
         key = resource[:64] if kind in LINK_KINDS else node[:64]
         now, text = self.clock(), text[:MAX_TEXT]
         row = self.db.execute(
-            "SELECT id FROM alarms WHERE kind = ? AND resource = ? AND cleared IS NULL",
+            "SELECT id, sources FROM alarms WHERE kind = ? AND resource = ? AND cleared IS NULL",
             (kind, key),
         ).fetchone()
         if severity == "cleared" or notification in ("qkdnLinkUp", "qkdnNodeReachable"):
@@ -185,16 +221,17 @@ class Store:
             )
             return int(row["id"])
         if row is not None:
+            sources = _add_source(row["sources"], node)
             self.db.execute(
-                "UPDATE alarms SET severity = ?, text = ?, updated = ?, reports = reports + 1 "
-                "WHERE id = ?",
-                (severity, text, now, row["id"]),
+                "UPDATE alarms SET severity = ?, text = ?, updated = ?, reports = reports + 1, "
+                "sources = ? WHERE id = ?",
+                (severity, text, now, sources, row["id"]),
             )
             return int(row["id"])
         cur = self.db.execute(
-            "INSERT INTO alarms (kind, resource, node, severity, text, raised, updated) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (kind, key, node[:64], severity, text, now, now),
+            "INSERT INTO alarms (kind, resource, node, severity, text, raised, updated, sources) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (kind, key, node[:64], severity, text, now, now, _add_source("", node)),
         )
         return int(cur.lastrowid or 0)
 
@@ -212,6 +249,10 @@ class Store:
             f"SELECT * FROM alarms {where} ORDER BY id DESC LIMIT ?", (limit,)
         ).fetchall()
         return [Alarm(**dict(r)) for r in rows]
+
+    def alarm(self, alarm: int) -> Alarm | None:
+        row = self.db.execute("SELECT * FROM alarms WHERE id = ?", (alarm,)).fetchone()
+        return Alarm(**dict(row)) if row is not None else None
 
     # -- security events ---------------------------------------------------------------
     def security(self, source: str, kind: str, text: str) -> None:
@@ -284,12 +325,75 @@ class Store:
     def links(self) -> list[dict[str, Any]]:
         return [dict(r) for r in self.db.execute("SELECT * FROM links ORDER BY link, node")]
 
+    # -- accounting (the AAA device's export) -------------------------------------------
+    def set_accounting(self, rows: list[AcctRow]) -> None:
+        """The AAA device's accounting as last walked (replaces the last view)."""
+        now = self.clock()
+        self.db.execute("BEGIN")
+        try:
+            self.db.execute("DELETE FROM accounting")
+            self.db.executemany(
+                "INSERT OR REPLACE INTO accounting VALUES "
+                "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (
+                        r.user[:64], r.contract[:64], r.master[:64], r.slave[:64],
+                        r.allowed, r.refused_limits, r.refused_unauthorised, r.refused_quota,
+                        r.keys, r.bits, r.failed, now,
+                    )
+                    for r in rows
+                ],
+            )  # fmt: skip
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+
+    def accounting(self) -> list[AcctRow]:
+        rows = self.db.execute(
+            "SELECT * FROM accounting ORDER BY user, contract, master, slave"
+        ).fetchall()
+        out = []
+        for r in rows:
+            fields = dict(r)
+            fields.pop("seen")
+            out.append(AcctRow(**fields))
+        return out
+
     # -- history -----------------------------------------------------------------------
+    def record_tkey(self, node: str, p50_us: int, p99_us: int, served: int) -> None:
+        """One T_key sample of a node (a poll of a node that served enc_keys)."""
+        self.db.execute(
+            "INSERT INTO node_samples VALUES (?, 0, ?, ?, ?, ?, 1)",
+            (self.clock(), node[:64], p50_us, p99_us, served),
+        )
+
+    def tkey_history(
+        self, node: str, since: float = 0.0, limit: int = 2000
+    ) -> list[dict[str, Any]]:
+        rows = self.db.execute(
+            "SELECT ts, span, tkey_p50_us, tkey_p99_us, served, n FROM node_samples "
+            "WHERE node = ? AND ts >= ? ORDER BY ts DESC LIMIT ?",
+            (node[:64], since, limit),
+        ).fetchall()
+        return [dict(r) for r in reversed(rows)]
+
+    def tkey_nodes(self) -> list[str]:
+        """Nodes with a T_key history."""
+        return [r[0] for r in self.db.execute("SELECT DISTINCT node FROM node_samples")]
+
     def downsample(self) -> int:
         """Fold raw samples older than RAW_KEEP_S into BUCKET_S buckets; rows folded."""
         cutoff = self.clock() - RAW_KEEP_S
         self.db.execute("BEGIN")
         try:
+            self.db.execute(
+                "INSERT INTO node_samples SELECT CAST(ts / ? AS INTEGER) * ?, ?, node, "
+                "AVG(tkey_p50_us), AVG(tkey_p99_us), MAX(served), SUM(n) FROM node_samples "
+                "WHERE span = 0 AND ts < ? GROUP BY node, CAST(ts / ? AS INTEGER)",
+                (BUCKET_S, BUCKET_S, BUCKET_S, cutoff, BUCKET_S),
+            )
+            self.db.execute("DELETE FROM node_samples WHERE span = 0 AND ts < ?", (cutoff,))
             self.db.execute(
                 "INSERT INTO samples SELECT CAST(ts / ? AS INTEGER) * ?, ?, node, link, "
                 "AVG(skr), AVG(qber_ppm), AVG(level), MIN(level_min), SUM(n) FROM samples "
@@ -310,3 +414,13 @@ class Store:
             (link[:32], since, limit),
         ).fetchall()
         return [dict(r) for r in reversed(rows)]
+
+
+def _add_source(sources: str, node: str) -> str:
+    """``sources`` with ``node`` added once (bounded: the list stops growing at MAX_TEXT)."""
+    names = [n for n in sources.split(",") if n]
+    name = node[:64].replace(",", ";")
+    if name in names:
+        return sources
+    joined = ",".join([*names, name])
+    return joined if len(joined) <= MAX_TEXT else sources

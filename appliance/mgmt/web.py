@@ -5,8 +5,9 @@
   ``session_s``. Two roles: ``read`` sees everything, ``ack`` may also acknowledge alarms.
 * ``/`` is the page (``web/index.html``, its script and style: no CDN, every asset is
   package data); ``/api/state`` the map, links and alarms as JSON; ``/api/history`` a
-  link's samples; ``/api/events`` server-sent events, one ``state`` event after each
-  change the manager reports; ``POST /api/alarms/N/ack`` acknowledges.
+  link's samples; ``/api/tkey`` a node's T_key history; ``/api/events`` server-sent
+  events, one ``state`` event after each change the manager reports;
+  ``POST /api/alarms/N/ack`` acknowledges.
 * ``/metrics``: the Prometheus text format, read-only, for an operator's session or HTTP
   Basic credentials of an operator.
 
@@ -34,6 +35,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+from appliance.mgmt.accounting import per_user
 from appliance.mgmt.manager import Manager, ManagerConfig
 from appliance.mgmt.store import Store
 from appliance.net.http1 import MalformedRequest, Message, RequestParser
@@ -192,6 +194,9 @@ class WebApp:
             return self.asset(path)
         if msg.method == "GET" and path == "/api/state":
             return _json(200, self.state(session))
+        if msg.method == "GET" and path == "/api/tkey":
+            node = parse_qs(query).get("node", [""])[0][:64]
+            return _json(200, {"node": node, "samples": self.store.tkey_history(node)})
         if msg.method == "GET" and path == "/api/history":
             link = parse_qs(query).get("link", [""])[0][:32]
             return _json(200, {"link": link, "samples": self.store.history(link)})
@@ -238,6 +243,8 @@ class WebApp:
             "links": self.store.links(),
             "topology": [[x.a, x.b, x.name] for x in self.cfg.links],
             "alarms": [a.to_json() for a in self.store.alarms()],
+            "accounting": per_user(self.store.accounting()),
+            "tkey_nodes": self.store.tkey_nodes(),
             "time": time.time(),
         }
 

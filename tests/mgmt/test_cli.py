@@ -140,3 +140,27 @@ def test_any_request_gets_an_answer_never_an_exception(
         assert reply.status in (200, 303, 400, 401, 403, 404)
     finally:
         store.close()
+
+
+def test_accounting_per_user_and_per_pair(capsys, tmp_path: Path):
+    from appliance.mgmt.accounting import AcctRow
+
+    seeded(tmp_path)
+    store = Store(tmp_path / "mgmt" / "manager.db")
+    store.set_accounting(
+        [
+            AcctRow(user="alice", contract="alice-2026", master="alice-a", slave="alice-b",
+                    allowed=3, keys=12, bits=3072, refused_quota=1),
+            AcctRow(user="alice", contract="alice-2026", master="alice-b", slave="alice-a",
+                    allowed=1, keys=4, bits=1024),
+        ]
+    )  # fmt: skip
+    store.close()
+    status, out, _ = run(capsys, "manager", "accounting", "--json", "--dir", str(tmp_path))
+    [alice] = json.loads(out)
+    assert status == 0 and (alice["user"], alice["keys"], alice["allowed"]) == ("alice", 16, 4)
+    assert alice["refused_quota"] == 1 and alice["contracts"] == "alice-2026"
+    status, out, _ = run(capsys, "manager", "accounting", "--by", "pair", "--dir", str(tmp_path))
+    assert status == 0 and len(out.splitlines()) == 2 and "alice-b" in out
+    status, _, err = run(capsys, "manager", "accounting", "--by", "sae", "--dir", str(tmp_path))
+    assert status == 2 and "invalid choice" in err

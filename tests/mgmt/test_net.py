@@ -1,6 +1,8 @@
-"""The management plane of a running network (``qkdn net up``, one network for the module):
-each role's agent answers net-snmp, the manager's CLI and /metrics, and the operator's web
-page in headless Chromium (log in, the map, a link fault's alarm, acknowledge, refusals).
+"""The management plane of a running network (``qkdn net up --controller``, one network for
+the module): each role's agent answers net-snmp, the manager's CLI and /metrics, and the
+operator's web page in headless Chromium (log in, the map, a link fault's alarm,
+acknowledge, refusals); the manager tells the QKDN Controller of the cut link, and the
+controller's telemetry and both ends' agents make one alarm of it.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from appliance.mgmt.linkfault import set_link
+from appliance.control.linkfault import inject
 from appliance.snmp.usm import Credentials
 from tests.kms.conftest import Net, poll, qkdn, running_net
 from tests.kms.test_interop import TOPOLOGY as INTEROP
@@ -52,10 +54,16 @@ id = 9
 name = "qkdn-manager"
 site = "Data centre"
 role = "manager"
+
+[[nodes]]
+id = 10
+name = "qkdn-controller"
+site = "Data centre"
+role = "controller"
 """
 )
-NODES = TOPOLOGY.count("[[nodes]]") - 1
-"""The KMS nodes (every node but the manager): the inventory lists each."""
+NODES = TOPOLOGY.count("[[nodes]]") - 2
+"""The KMS nodes (every node but the manager and the controller): the inventory lists each."""
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +71,8 @@ def net(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Net]:
     folder = tmp_path_factory.mktemp("topology")
     (folder / "mgmt.toml").write_text(TOPOLOGY)
     topology = str(folder / "mgmt.toml")
-    with running_net(tmp_path_factory, "--timeout", "240", topology=topology) as running:
+    options = ("--timeout", "240", "--controller")
+    with running_net(tmp_path_factory, *options, topology=topology) as running:
         yield running
 
 
@@ -158,9 +167,12 @@ def test_the_operator_page_shows_a_link_fault_and_takes_an_acknowledgement(net: 
                 f'line[data-link="{FAULTY}"][data-state="up"]', timeout=60_000, state="attached"
             )
             assert page.locator("line.link").count() == TOPOLOGY.count("[[links]]")
-            set_link(net.dir, FAULTY, up=False)
+            before = max((a["id"] for a in all_alarms(net)), default=0)
+            inject(net.dir, 2, 8, "down")  # qkdn net fault link 2-8 down
             row = f'#alarms tr[data-resource="{FAULTY}"]'
             page.wait_for_selector(row, timeout=20_000)  # pushed by server-sent events
+            held = poll(lambda: held_by_manager(net), "the controller holds link 2-8 down", 60)
+            assert held["usable"] is False
             page.wait_for_selector(
                 f'line[data-link="{FAULTY}"][data-state="down"]', timeout=20_000, state="attached"
             )
@@ -178,7 +190,7 @@ def test_the_operator_page_shows_a_link_fault_and_takes_an_acknowledgement(net: 
             page.wait_for_selector("#login", timeout=30_000)
             old = {"cookie": f"qkdn_session={cookie['value']}"}
             assert fetch(net, "/api/state", old)[0] == 401  # a closed session is refused
-            set_link(net.dir, FAULTY, up=True)
+            inject(net.dir, 2, 8, "up")
             _login(page, net, "viewer", pw["viewer"])
             page.wait_for_selector(
                 f'line[data-link="{FAULTY}"][data-state="up"]', timeout=60_000, state="attached"
@@ -186,6 +198,37 @@ def test_the_operator_page_shows_a_link_fault_and_takes_an_acknowledgement(net: 
             assert page.locator("button.ack").count() == 0
         finally:
             ctx.close()
+    [alarm] = [a for a in all_alarms(net) if a["resource"] == FAULTY and a["id"] > before]
+    assert alarm["acked_by"] == "operator" and alarm["cleared"] and alarm["reports"] >= 3
+    # both ends' agents and the controller's telemetry: one alarm (docs/mgmt.md)
+    assert set(alarm["sources"].split(",")) == {"akms-east", "ckms-middle", "qkdn-controller"}
+    poll(lambda: released(net), "the manager's hold released (the agents report it up)", 60)
+
+
+def all_alarms(net: Net) -> list[dict[str, Any]]:
     out = qkdn("manager", "alarms", "--all", "--json", "--dir", str(net.dir))
-    [alarm] = [a for a in json.loads(out.stdout) if a["resource"] == FAULTY]
-    assert alarm["acked_by"] == "operator" and alarm["cleared"] and alarm["reports"] == 2
+    assert out.returncode == 0, out.stderr
+    rows: list[dict[str, Any]] = json.loads(out.stdout)
+    return rows
+
+
+def controller_links(net: Net) -> list[dict[str, Any]] | None:
+    """The controller's links (``qkdn controller routes --json``: its own process, as the
+    browser's event loop runs in this thread); None while it does not answer."""
+    out = qkdn("controller", "routes", "--json", "--dir", str(net.dir))
+    if out.returncode != 0:
+        return None
+    links: list[dict[str, Any]] = json.loads(out.stdout)["links"]
+    return links
+
+
+def released(net: Net) -> bool:
+    links = controller_links(net)
+    return links is not None and not any({x["a"], x["b"]} == {2, 8} and x["manager"] for x in links)
+
+
+def held_by_manager(net: Net) -> dict[str, Any] | None:
+    """Link 2-8 in the controller's graph if the manager holds it down."""
+    doc = {"links": controller_links(net) or []}
+    rows = [x for x in doc["links"] if {x["a"], x["b"]} == {2, 8} and x["manager"]]
+    return rows[0] if rows else None

@@ -73,7 +73,8 @@ function drawAlarms() {
     cell(row, a.severity, "severity");
     cell(row, a.kind);
     cell(row, a.resource);
-    cell(row, a.text + (a.reports > 1 ? " (" + a.reports + " reports)" : ""));
+    const from = a.sources ? "; from " + a.sources.split(",").join(", ") : "";
+    cell(row, a.text + (a.reports > 1 ? " (" + a.reports + " reports" + from + ")" : ""));
     cell(row, new Date(a.raised * 1000).toLocaleTimeString());
     const td = row.insertCell();
     if (a.acked) td.textContent = "by " + a.acked_by;
@@ -98,6 +99,24 @@ function drawInventory() {
     cell(row, n.slot);
     cell(row, n.reachable ? "answers" : "silent", n.reachable ? "up" : "down");
     cell(row, n.cert_expiry ? new Date(n.cert_expiry * 1000).toISOString().slice(0, 10) : "");
+  }
+}
+
+function drawAccounting() {
+  const body = $("#accounting tbody");
+  body.replaceChildren();
+  const rows = state.accounting || [];
+  $("#acct-note").textContent = rows.length ? "" : "(no AAA device, or nothing accounted yet)";
+  for (const u of rows) {
+    const row = body.insertRow();
+    row.dataset.user = u.user;
+    cell(row, u.user);
+    cell(row, u.contracts.join(", "));
+    cell(row, u.allowed);
+    cell(row, u.keys);
+    cell(row, u.bits);
+    cell(row, u.failed);
+    cell(row, u.refused_limits + u.refused_unauthorised + u.refused_quota);
   }
 }
 
@@ -133,6 +152,22 @@ async function drawCharts() {
   chart("#chart-skr", mine.map((s) => [s.ts, s.skr]), 1);
   chart("#chart-qber", mine.map((s) => [s.ts, s.qber_ppm]), 1e-4);
   chart("#chart-level", mine.map((s) => [s.ts, s.level]), 1);
+  await drawTkey();
+}
+
+let pickedNode = "";
+async function drawTkey() {
+  const sel = $("#node-pick");
+  const names = (state.tkey_nodes || []).slice().sort();
+  if (!pickedNode && names.length) pickedNode = names[0];
+  if (sel.options.length !== names.length) sel.replaceChildren(...names.map((n) => new Option(n, n)));
+  sel.value = pickedNode;
+  if (!pickedNode) return;
+  const r = await fetch("/api/tkey?node=" + encodeURIComponent(pickedNode), { credentials: "same-origin" });
+  if (!r.ok) return;
+  const doc = await r.json();
+  chart("#chart-tkey", doc.samples.map((s) => [s.ts, s.tkey_p50_us]), 1e-3);
+  chart("#chart-tkey99", doc.samples.map((s) => [s.ts, s.tkey_p99_us]), 1e-3);
 }
 
 function pick(name) {
@@ -146,6 +181,7 @@ function draw() {
   drawMap();
   drawAlarms();
   drawInventory();
+  drawAccounting();
   drawPicker();
 }
 
@@ -173,4 +209,5 @@ function listen() {
 }
 
 $("#link-pick").addEventListener("change", (e) => pick(e.target.value));
+$("#node-pick").addEventListener("change", (e) => { pickedNode = e.target.value; drawTkey(); });
 listen();
