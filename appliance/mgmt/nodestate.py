@@ -7,9 +7,9 @@ It reads states and counts, never keys.
 
 :class:`LinkWatch` tells the agent when a QKD module's link state changes: it subscribes
 to every module of the node (a driver that reports its changes itself wakes the agent at
-once) and reads their state every :data:`LINK_POLL_S` (an emulated module reports a change
-only when read), so a link fault reaches the agent's detector within that period rather
-than at the agent's next full reading.
+once: an emulated module follows its faults file once subscribed, :mod:`hal.emulated.watch`)
+and, for drivers that report a change only when read, reads their state every
+:data:`LINK_POLL_S`.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from appliance.mgmt.nodeview import LinkReading, NodeReading
 
 ROLES = {"ukms": "ukms", "akms": "akms", "ckms": "ckms", "akms+ckms": "akmsCkms"}
 RNG_STATES = {"starting", "healthy", "degraded", "failed"}
-LINK_POLL_S = 0.1
+LINK_POLL_S = 1.0
 CARD_PROBE_S = 2.0
 """Seconds between two probes of the node's PSK smartcards (a status read through pcscd)."""
 """Seconds between two reads of the modules' link states (one status call each)."""

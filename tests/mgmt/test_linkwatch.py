@@ -14,6 +14,7 @@ import pytest
 
 import hal
 from appliance.mgmt import agent as agent_module
+from appliance.mgmt import nodestate
 from appliance.mgmt.agent import Agent, AgentConfig, AgentUser
 from appliance.mgmt.nodestate import LinkWatch
 from appliance.mgmt.nodeview import LinkReading, NodeReading
@@ -64,7 +65,9 @@ async def _watch_wakes_on_a_change() -> int:
     return len(module._watchers())  # unsubscribed on close
 
 
-def test_a_link_state_change_wakes_the_agent():
+def test_a_link_state_change_wakes_the_agent(monkeypatch: pytest.MonkeyPatch):
+    # this module reports nothing itself: the watch's periodic read finds the change
+    monkeypatch.setattr(nodestate, "LINK_POLL_S", 0.01)
     assert asyncio.run(_watch_wakes_on_a_change()) == 0
 
 
