@@ -10,6 +10,9 @@ Measures, in one run on a fresh network with full link key stores:
 Usage: python bench/kms_network.py [--requests N] [--concurrent N] [--batches N]
                                    [--mode gcm|otp] [--stock-only] [--json PATH]
 (``--stock-only``: the stocked network alone, e.g. to compare the 014 server of two trees.)
+The networks are the KMS nodes alone: no QKDN Manager or SNMP agents, no AAA, no
+controller (their costs are measured by bench/mgmt.py, bench/aaa_path.py and
+bench/control_switch.py against this same network).
 """
 
 from __future__ import annotations
@@ -114,6 +117,7 @@ def stock_phase(tmp: Path, mode: str, workers: int, per_worker: int) -> dict[str
         stock=workers * per_worker + 1000,
         timeout=120.0,
         json=False,
+        mgmt=False,
     )
     net.bring_up(up)
     try:
@@ -156,6 +160,7 @@ def full_network(tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
         rate_limited=False,
         timeout=120.0,
         json=False,
+        mgmt=False,
     )
     net.bring_up(up)
     try:

@@ -35,7 +35,8 @@ MASTER, SLAVE = "sae-berlin-1", "sae-bonn-1"
 
 @pytest.fixture(scope="module")
 def net(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Net]:
-    with running_net(tmp_path_factory, "--controller", "--stock", "0") as network:
+    # the key path (AAA included); the node agents and the manager are tests/mgmt's
+    with running_net(tmp_path_factory, "--controller", "--stock", "0", "--no-mgmt") as network:
         yield network
 
 

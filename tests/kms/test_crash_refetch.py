@@ -34,7 +34,8 @@ def seamed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Net, Path
     before = os.environ.get(EXIT_AFTER_TAKE)
     os.environ[EXIT_AFTER_TAKE] = str(markers)  # inherited by the supervisor and its nodes
     try:
-        with running_net(tmp_path_factory, "--stock", "0") as net:
+        # the key path (AAA included); the node agents and the manager are tests/mgmt's
+        with running_net(tmp_path_factory, "--stock", "0", "--no-mgmt") as net:
             if before is None:
                 del os.environ[EXIT_AFTER_TAKE]
             else:

@@ -32,7 +32,8 @@ QUICK = f.Qos(key_chunk_size=32, timeout=1500, metadata_mimetype=JSON)
 
 @pytest.fixture(scope="module")
 def net(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Net]:
-    with running_net(tmp_path_factory, "--stock", "0") as running:
+    # the key path (AAA included); the node agents and the manager are tests/mgmt's
+    with running_net(tmp_path_factory, "--stock", "0", "--no-mgmt") as running:
         yield running
 
 

@@ -35,7 +35,8 @@ DEC = f"/api/v1/keys/{MASTER}/dec_keys"
 
 @pytest.fixture(scope="module")
 def net(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Net]:
-    with running_net(tmp_path_factory, "--stock", "0") as running:
+    # the key path (AAA included); the node agents and the manager are tests/mgmt's
+    with running_net(tmp_path_factory, "--stock", "0", "--no-mgmt") as running:
         yield running
 
 
