@@ -2,8 +2,14 @@
 
 :class:`AaaClient` speaks QKDN-AAA-MIB with pysnmp's low-level command generator (raw
 OIDs, no MIB resolution per call): an *ask* is one GET of the aaaQuotaTable row whose
-index is the question, a *close* and a *report* are one SET each. It also runs a
-notification receiver for the AAA's ``aaaQuotaRevoked`` INFORMs (port 0 by default).
+index is the question, a *close* and a *report* are one SET each. Once pysnmp has talked
+to AAA (engine discovery and the first request), these GETs and SETs are coded, sent and
+their responses checked by the fast path (:class:`appliance.snmp.requester.Requester`,
+no pyasn1), with the same timeout, retries and error codes; a Report from AAA (restarted,
+or the request not in the time window) hands the request back to pysnmp, which learns
+the engine again. ``QKDN_AAA_SNMP_FAST=0`` in the environment leaves every request to
+pysnmp (the baseline of ``bench/aaa_path.py``). It also runs a notification receiver
+for the AAA's ``aaaQuotaRevoked`` INFORMs (port 0 by default).
 
 :class:`AaaValidator` implements the key path's :class:`RequestValidator` seam
 (``appliance.kms.seams``) with a :class:`~appliance.aaa.wallet.Wallet`: it allows from
@@ -25,6 +31,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import os
 import secrets
 import time
 from collections import deque
@@ -48,11 +55,17 @@ from appliance.config.schema import load_model, read_toml
 from appliance.config.topology import Topology
 from appliance.kms.relay import Mode
 from appliance.kms.seams import Denial, Denied, TopologySessions, ValidationQuery, Verdict
+from appliance.snmp import fastpath
+from appliance.snmp.requester import Requester, Unanswered, pysnmp_value
+from appliance.snmp.responder import encoded
 from appliance.snmp.usm import AUTH, PRIV, Credentials
 
 log = logging.getLogger("qkdn.aaa.client")
 
 TIMEOUT_S, RETRIES = 0.5, 2
+FAST_ENV = "QKDN_AAA_SNMP_FAST"
+"""``0`` in the environment: no fast path, every request coded by pysnmp."""
+NO_ANSWER = "AAA did not answer: No SNMP response received before timeout"
 REPORT_BATCH = 16
 """Accounting reports per SET (7 variable bindings at most each)."""
 SEND_BATCH_S = 0.2
@@ -105,8 +118,15 @@ class AaaClient:
     engine (a restarted AAA has a new engine ID and clock: the old engine's discovered
     ones would keep its requests unanswered)."""
 
-    def __init__(self, address: str, creds: Credentials) -> None:
+    def __init__(self, address: str, creds: Credentials, *, fast: bool | None = None) -> None:
         self.creds, self.address = creds, address
+        if fast is None:
+            fast = os.environ.get(FAST_ENV, "1") != "0"
+        self.fast = (
+            Requester(host_port(address), creds, timeout_s=TIMEOUT_S, retries=RETRIES)
+            if fast
+            else None
+        )
         self.engine = self._engine()
         self._stale = False
         self._get, self._set = cmdgen.GetCommandGenerator(), cmdgen.SetCommandGenerator()
@@ -132,6 +152,8 @@ class AaaClient:
             timeout=int(TIMEOUT_S * 100),
             retryCount=RETRIES,
         )
+        if self.fast is not None:
+            self.fast.watch(eng)
         return eng
 
     def _fresh(self) -> engine.SnmpEngine:
@@ -145,12 +167,39 @@ class AaaClient:
         return self.engine
 
     def close(self) -> None:
+        if self.fast is not None:
+            self.fast.close()
         for eng in (self.engine, self._rx):
             if eng is not None and eng.transport_dispatcher is not None:
                 eng.close_dispatcher()
 
     # -- commands -------------------------------------------------------------------------
-    async def _call(self, generator: Any, binds: list[tuple[tuple[int, ...], Any]]) -> list[Any]:
+    async def _call(self, pdu: int, binds: list[tuple[tuple[int, ...], Any]]) -> list[Any]:
+        """The variable bindings of AAA's response to a GET or SET (:data:`fastpath.GET`,
+        ``SET``): on the fast path if the engine is known, else (or after a Report) pysnmp's."""
+        fast = self.fast
+        if fast is not None and fast.known is not None and not self._stale:
+            try:
+                answer = await fast.request(pdu, [(oid, encoded(v)) for oid, v in binds])
+            except fastpath.Fallback as exc:
+                log.info("aaa: request left to pysnmp: %s", exc)
+            except Unanswered as exc:
+                self._stale = True
+                raise SnmpError(NO_ANSWER, code="AAA-UNREACHABLE") from exc
+            else:
+                return self._answered(answer)
+        return await self._slow(pdu, binds)
+
+    def _answered(self, answer: fastpath.Answer) -> list[Any]:
+        if answer.status:
+            status = fastpath.ERROR_STATUS[answer.status : answer.status + 1] or [answer.status]
+            raise SnmpError(f"AAA refused: {status[0]} at {answer.index}")
+        try:
+            return [(rfc1902.ObjectName(o), pysnmp_value(t, raw)) for o, (t, raw) in answer.binds]
+        except (KeyError, ValueError) as exc:
+            raise SnmpError("AAA's answer is malformed", code="AAA-ANSWER") from exc
+
+    async def _slow(self, pdu: int, binds: list[tuple[tuple[int, ...], Any]]) -> list[Any]:
         done: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
 
         def answered(
@@ -163,17 +212,21 @@ class AaaClient:
                 done.set_exception(
                     SnmpError(f"AAA did not answer: {error}", code="AAA-UNREACHABLE")
                 )
-            elif status:
+                return
+            if self.fast is not None:
+                self.fast.learnt()  # an authenticated response: the engine is AAA's
+            if status:
                 done.set_exception(SnmpError(f"AAA refused: {status.prettyPrint()} at {index}"))
             else:
                 done.set_result(list(vbs))
 
+        generator = self._get if pdu == fastpath.GET else self._set
         generator.send_varbinds(self._fresh(), "aaa", None, "", binds, answered)
         return await done
 
     async def get(self, oids: list[tuple[int, ...]]) -> list[Any]:
         """A plain GET of ``oids`` (values in order)."""
-        return [v for _, v in await self._call(self._get, [(o, NULL) for o in oids])]
+        return [v for _, v in await self._call(fastpath.GET, [(o, NULL) for o in oids])]
 
     async def ask(
         self, ukms: int, master: str, slave: str, keys: int, bits: int
@@ -183,7 +236,7 @@ class AaaClient:
         suffix = mib.encode_index(
             self._quota_index, [ukms, rid, master.encode(), slave.encode(), keys, bits]
         )
-        values = await self._call(self._get, [(self.m["aaaQuotaAnswer"].oid + suffix, NULL)])
+        values = await self._call(fastpath.GET, [(self.m["aaaQuotaAnswer"].oid + suffix, NULL)])
         if values[0][1].tagSet in MISSING:
             raise SnmpError("AAA gave no answer for this ask (not in our view?)", code="AAA-DENIED")
         return parse_answer(ukms, bytes(values[0][1]))
@@ -191,7 +244,7 @@ class AaaClient:
     async def close_grant(self, ukms: int, grant: int, used_keys: int, used_bits: int) -> None:
         suffix = (ukms, grant)
         await self._call(
-            self._set,
+            fastpath.SET,
             [
                 (self.m["aaaGrantUsedKeys"].oid + suffix, rfc1902.Unsigned32(used_keys)),
                 (
@@ -228,7 +281,7 @@ class AaaClient:
             ):
                 if value:
                     binds.append((m[column].oid + suffix, rfc1902.Unsigned32(value)))
-        await self._call(self._set, binds)
+        await self._call(fastpath.SET, binds)
 
     # -- revocations ----------------------------------------------------------------------
     def listen(self, address: str, on_revoke: Callable[[str, int], None]) -> int:
