@@ -42,7 +42,6 @@ from typing import Any
 from pysnmp.carrier.asyncio.dgram import udp
 from pysnmp.entity import config, engine
 from pysnmp.entity.rfc3413 import cmdgen, ntfrcv
-from pysnmp.proto import rfc1902, rfc1905
 
 from appliance.aaa import mib
 from appliance.aaa.agent import bind_udp, host_port
@@ -78,8 +77,11 @@ ASK_AHEAD = 256
 """Pairs an AKMS asks quota for when it starts (the others ask at their first request)."""
 MAX_KEY_BITS = 8192
 """Bits per key a first ask reserves, before the contract's largest key is known."""
-NULL = rfc1902.Null("")
-MISSING = (rfc1905.noSuchObject.tagSet, rfc1905.noSuchInstance.tagSet, rfc1905.endOfMibView.tagSet)
+NULL = (0x05, b"")
+MISSING = frozenset((0x80, 0x81, 0x82))
+"""noSuchObject, noSuchInstance, endOfMibView (RFC 3416)."""
+Bind = tuple[tuple[int, ...], tuple[int, bytes]]
+"""A variable binding as the fast path codes it: OID, (BER identifier octet, content)."""
 DENIAL = {
     Reason.LIMITS: Denial.LIMITS,
     Reason.QUOTA: Denial.QUOTA,
@@ -166,6 +168,17 @@ class AaaClient:
             asyncio.get_running_loop().call_later(grace, _close_engine, old)
         return self.engine
 
+    def fast_summary(self) -> dict[str, int]:
+        """Requests answered on the fast path, handed to pysnmp by a Report, discarded."""
+        f = self.fast
+        if f is None:
+            return {}
+        return {
+            "snmp_fast": f.answered,
+            "snmp_fallbacks": f.fallbacks,
+            "snmp_discarded": f.discarded,
+        }
+
     def close(self) -> None:
         if self.fast is not None:
             self.fast.close()
@@ -174,30 +187,29 @@ class AaaClient:
                 eng.close_dispatcher()
 
     # -- commands -------------------------------------------------------------------------
-    async def _call(self, pdu: int, binds: list[tuple[tuple[int, ...], Any]]) -> list[Any]:
+    async def _call(self, pdu: int, binds: list[Bind]) -> list[Bind]:
         """The variable bindings of AAA's response to a GET or SET (:data:`fastpath.GET`,
         ``SET``): on the fast path if the engine is known, else (or after a Report) pysnmp's."""
         fast = self.fast
         if fast is not None and fast.known is not None and not self._stale:
             try:
-                answer = await fast.request(pdu, [(oid, encoded(v)) for oid, v in binds])
+                answer = await fast.request(pdu, binds)
             except fastpath.Fallback as exc:
                 log.info("aaa: request left to pysnmp: %s", exc)
             except Unanswered as exc:
                 self._stale = True
                 raise SnmpError(NO_ANSWER, code="AAA-UNREACHABLE") from exc
             else:
-                return self._answered(answer)
-        return await self._slow(pdu, binds)
-
-    def _answered(self, answer: fastpath.Answer) -> list[Any]:
-        if answer.status:
-            status = fastpath.ERROR_STATUS[answer.status : answer.status + 1] or [answer.status]
-            raise SnmpError(f"AAA refused: {status[0]} at {answer.index}")
+                if answer.status:
+                    name = fastpath.ERROR_STATUS[answer.status : answer.status + 1]
+                    status = name[0] if name else str(answer.status)
+                    raise SnmpError(f"AAA refused: {status} at {answer.index}")
+                return answer.binds
         try:
-            return [(rfc1902.ObjectName(o), pysnmp_value(t, raw)) for o, (t, raw) in answer.binds]
+            typed = [(oid, pysnmp_value(tag, raw)) for oid, (tag, raw) in binds]
         except (KeyError, ValueError) as exc:
-            raise SnmpError("AAA's answer is malformed", code="AAA-ANSWER") from exc
+            raise SnmpError(f"no SNMP type for a value: {exc}", code="AAA-VALUE") from exc
+        return [(tuple(oid), encoded(v)) for oid, v in await self._slow(pdu, typed)]
 
     async def _slow(self, pdu: int, binds: list[tuple[tuple[int, ...], Any]]) -> list[Any]:
         done: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
@@ -225,8 +237,12 @@ class AaaClient:
         return await done
 
     async def get(self, oids: list[tuple[int, ...]]) -> list[Any]:
-        """A plain GET of ``oids`` (values in order)."""
-        return [v for _, v in await self._call(fastpath.GET, [(o, NULL) for o in oids])]
+        """A plain GET of ``oids`` (values in order, as pysnmp's types)."""
+        got = await self._call(fastpath.GET, [(o, NULL) for o in oids])
+        try:
+            return [pysnmp_value(tag, raw) for _, (tag, raw) in got]
+        except (KeyError, ValueError) as exc:
+            raise SnmpError("AAA's answer is malformed", code="AAA-ANSWER") from exc
 
     async def ask(
         self, ukms: int, master: str, slave: str, keys: int, bits: int
@@ -237,21 +253,21 @@ class AaaClient:
             self._quota_index, [ukms, rid, master.encode(), slave.encode(), keys, bits]
         )
         values = await self._call(fastpath.GET, [(self.m["aaaQuotaAnswer"].oid + suffix, NULL)])
-        if values[0][1].tagSet in MISSING:
+        tag, raw = values[0][1] if values else (0x80, b"")
+        if tag in MISSING:
             raise SnmpError("AAA gave no answer for this ask (not in our view?)", code="AAA-DENIED")
-        return parse_answer(ukms, bytes(values[0][1]))
+        if tag != 0x04:
+            raise SnmpError("AAA's answer is malformed", code="AAA-ANSWER")
+        return parse_answer(ukms, raw)
 
     async def close_grant(self, ukms: int, grant: int, used_keys: int, used_bits: int) -> None:
         suffix = (ukms, grant)
         await self._call(
             fastpath.SET,
             [
-                (self.m["aaaGrantUsedKeys"].oid + suffix, rfc1902.Unsigned32(used_keys)),
-                (
-                    self.m["aaaGrantUsedBits"].oid + suffix,
-                    rfc1902.Unsigned32(min(used_bits, U32)),
-                ),
-                (self.m["aaaGrantState"].oid + suffix, rfc1902.Integer32(3)),
+                (self.m["aaaGrantUsedKeys"].oid + suffix, unsigned(used_keys)),
+                (self.m["aaaGrantUsedBits"].oid + suffix, unsigned(min(used_bits, U32))),
+                (self.m["aaaGrantState"].oid + suffix, (0x02, fastpath.integer(3))),
             ],
         )
 
@@ -262,25 +278,26 @@ class AaaClient:
     async def report_many(self, reports: list[Pending]) -> None:
         """Several requests' outcomes in one SET (a row each; columns at 0 left out)."""
         m = self.m
-        binds: list[tuple[tuple[int, ...], Any]] = []
+        binds: list[Bind] = []
         for p in reports:
             rid = p.request.encode()
             suffix = (p.ukms, len(rid), *rid)
             outcome = m["aaaUsageOutcome"].enums[p.outcome]
             binds += [
-                (m["aaaUsageMaster"].oid + suffix, rfc1902.OctetString(p.master)),
-                (m["aaaUsageSlave"].oid + suffix, rfc1902.OctetString(p.slave)),
-                (m["aaaUsageOutcome"].oid + suffix, rfc1902.Integer32(outcome)),
+                (m["aaaUsageMaster"].oid + suffix, (0x04, p.master.encode("iso-8859-1"))),
+                (m["aaaUsageSlave"].oid + suffix, (0x04, p.slave.encode("iso-8859-1"))),
+                (m["aaaUsageOutcome"].oid + suffix, (0x02, fastpath.integer(outcome))),
             ]
             if p.reason:
-                binds.append((m["aaaUsageReason"].oid + suffix, rfc1902.Integer32(int(p.reason))))
-            for column, value in (
+                reason = (0x02, fastpath.integer(int(p.reason)))
+                binds.append((m["aaaUsageReason"].oid + suffix, reason))
+            for column, count in (
                 ("aaaUsageKeys", p.keys),
                 ("aaaUsageBits", min(p.bits, U32)),
                 ("aaaUsageGrant", p.grant),
             ):
-                if value:
-                    binds.append((m[column].oid + suffix, rfc1902.Unsigned32(value)))
+                if count:
+                    binds.append((m[column].oid + suffix, unsigned(count)))
         await self._call(fastpath.SET, binds)
 
     # -- revocations ----------------------------------------------------------------------
@@ -303,6 +320,11 @@ class AaaClient:
 
         ntfrcv.NotificationReceiver(rx, received)
         return port
+
+
+def unsigned(n: int) -> tuple[int, bytes]:
+    """An Unsigned32 (Gauge32) value, coded."""
+    return 0x42, fastpath.integer(n)
 
 
 def served_pairs(topology: Topology, akms: int) -> list[tuple[int, str, str]]:
@@ -518,7 +540,7 @@ class AaaValidator:
         }
 
     async def close(self) -> None:
-        log.info("aaa: validations", extra=self.wait_summary())
+        log.info("aaa: validations", extra=self.wait_summary() | self.client.fast_summary())
         if self._sender is not None:
             self._sender.cancel()
         for task in list(self._tasks):
