@@ -540,7 +540,7 @@ class AaaValidator:
         }
 
     async def close(self) -> None:
-        log.info("aaa: validations", extra=self.wait_summary() | self.client.fast_summary())
+        log.info("aaa: validations", extra={**self.wait_summary(), **self.client.fast_summary()})
         if self._sender is not None:
             self._sender.cancel()
         for task in list(self._tasks):
