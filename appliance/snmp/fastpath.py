@@ -19,6 +19,17 @@ RFC 3414 and RFC 3826 done in full:
 Anything else returns None from :func:`open_request` and is left to pysnmp, which answers it
 (or refuses, reports and counts it) as before: engine discovery, wrong digests, unknown
 users, time-window reports, other PDU types, non-default contexts, malformed BER.
+
+The requester's side (:mod:`appliance.snmp.requester` is its adapter, the AKMS's AAA client
+its user), for an authoritative engine whose ID, boots and time are known:
+
+* :func:`seal_request`: an authPriv, reportable GetRequest or SetRequest for the engine's
+  default context, encrypted under a fresh salt and authenticated.
+* :func:`open_response`: the Response-PDU of the same msgID and request-id, checked (the
+  engine ID, the user, boots and time not behind the requester's reckoning by more than
+  the window, the digest over the whole message), decrypted. A message to discard gives
+  None; a Report (no auth + priv, or a Report-PDU) raises :class:`Fallback`: the request
+  is pysnmp's to make.
 """
 
 from __future__ import annotations
