@@ -5,8 +5,10 @@ response refused, and the fall back to pysnmp on a Report (time window, unknown 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import socket
+import time
 
 import pytest
 from hypothesis import given, settings
@@ -17,7 +19,7 @@ from appliance.aaa.client import AaaClient
 from appliance.aaa.errors import SnmpError
 from appliance.aaa.wallet import Terms
 from appliance.snmp import fastpath
-from appliance.snmp.requester import Requester
+from appliance.snmp.requester import Known, Requester
 from tests.aaa.agent_fixture import AKMS, Running, aaa
 
 __all__ = ["aaa"]
@@ -185,3 +187,37 @@ def test_a_response_with_any_changed_octet_is_refused():
 def test_random_datagrams_are_refused(data):
     with contextlib.suppress(fastpath.Fallback):
         assert fastpath.open_response(data, USER, PEER, 4242, 77) is None
+
+
+class TamperingAgent(asyncio.DatagramProtocol):
+    """Answers each request twice: first with one octet changed, then as sealed."""
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    def datagram_received(self, data: bytes, addr) -> None:
+        engine = fastpath.Engine(ENGINE, {USER.name: USER}, 65507)
+        got = fastpath.open_request(data, engine, PEER.boots, PEER.time)
+        assert got is not None
+        reply = fastpath.response(got, engine, 3, 1001, b"pepper!!", [(OID, (0x04, b"ok"))])
+        bad = bytearray(reply)
+        bad[-40] ^= 0x01
+        self.transport.sendto(bytes(bad), addr)
+        self.transport.sendto(reply, addr)
+
+
+def test_the_requester_discards_a_changed_response_and_takes_the_genuine_one():
+    async def run() -> tuple[fastpath.Answer, Requester]:
+        loop = asyncio.get_running_loop()
+        agent, _ = await loop.create_datagram_endpoint(TamperingAgent, local_addr=("127.0.0.1", 0))
+        requester = Requester(agent.get_extra_info("sockname"), AKMS[2], timeout_s=5, retries=0)
+        requester.known = Known(USER, ENGINE, PEER.boots, PEER.time, time.monotonic())
+        try:
+            return await requester.request(fastpath.GET, [(OID, (0x05, b""))]), requester
+        finally:
+            requester.close()
+            agent.close()
+
+    answer, requester = asyncio.run(run())
+    assert answer.binds == [(OID, (0x04, b"ok"))] and answer.time == 1001
+    assert requester.discarded == 1 and requester.answered == 1
