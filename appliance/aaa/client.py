@@ -2,8 +2,14 @@
 
 :class:`AaaClient` speaks QKDN-AAA-MIB with pysnmp's low-level command generator (raw
 OIDs, no MIB resolution per call): an *ask* is one GET of the aaaQuotaTable row whose
-index is the question, a *close* and a *report* are one SET each. It also runs a
-notification receiver for the AAA's ``aaaQuotaRevoked`` INFORMs (port 0 by default).
+index is the question, a *close* and a *report* are one SET each. Once pysnmp has talked
+to AAA (engine discovery and the first request), these GETs and SETs are coded, sent and
+their responses checked by the fast path (:class:`appliance.snmp.requester.Requester`,
+no pyasn1), with the same timeout, retries and error codes; a Report from AAA (restarted,
+or the request not in the time window) hands the request back to pysnmp, which learns
+the engine again. ``QKDN_AAA_SNMP_FAST=0`` in the environment leaves every request to
+pysnmp (the baseline of ``bench/aaa_path.py``). It also runs a notification receiver
+for the AAA's ``aaaQuotaRevoked`` INFORMs (port 0 by default).
 
 :class:`AaaValidator` implements the key path's :class:`RequestValidator` seam
 (``appliance.kms.seams``) with a :class:`~appliance.aaa.wallet.Wallet`: it allows from
@@ -25,6 +31,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import os
 import secrets
 import time
 from collections import deque
@@ -35,7 +42,6 @@ from typing import Any
 from pysnmp.carrier.asyncio.dgram import udp
 from pysnmp.entity import config, engine
 from pysnmp.entity.rfc3413 import cmdgen, ntfrcv
-from pysnmp.proto import rfc1902, rfc1905
 
 from appliance.aaa import mib
 from appliance.aaa.agent import bind_udp, host_port
@@ -48,11 +54,17 @@ from appliance.config.schema import load_model, read_toml
 from appliance.config.topology import Topology
 from appliance.kms.relay import Mode
 from appliance.kms.seams import Denial, Denied, TopologySessions, ValidationQuery, Verdict
+from appliance.snmp import fastpath
+from appliance.snmp.requester import Requester, Unanswered, pysnmp_value
+from appliance.snmp.responder import encoded
 from appliance.snmp.usm import AUTH, PRIV, Credentials
 
 log = logging.getLogger("qkdn.aaa.client")
 
 TIMEOUT_S, RETRIES = 0.5, 2
+FAST_ENV = "QKDN_AAA_SNMP_FAST"
+"""``0`` in the environment: no fast path, every request coded by pysnmp."""
+NO_ANSWER = "AAA did not answer: No SNMP response received before timeout"
 REPORT_BATCH = 16
 """Accounting reports per SET (7 variable bindings at most each)."""
 SEND_BATCH_S = 0.2
@@ -65,8 +77,11 @@ ASK_AHEAD = 256
 """Pairs an AKMS asks quota for when it starts (the others ask at their first request)."""
 MAX_KEY_BITS = 8192
 """Bits per key a first ask reserves, before the contract's largest key is known."""
-NULL = rfc1902.Null("")
-MISSING = (rfc1905.noSuchObject.tagSet, rfc1905.noSuchInstance.tagSet, rfc1905.endOfMibView.tagSet)
+NULL = (0x05, b"")
+MISSING = frozenset((0x80, 0x81, 0x82))
+"""noSuchObject, noSuchInstance, endOfMibView (RFC 3416)."""
+Bind = tuple[tuple[int, ...], tuple[int, bytes]]
+"""A variable binding as the fast path codes it: OID, (BER identifier octet, content)."""
 DENIAL = {
     Reason.LIMITS: Denial.LIMITS,
     Reason.QUOTA: Denial.QUOTA,
@@ -105,8 +120,15 @@ class AaaClient:
     engine (a restarted AAA has a new engine ID and clock: the old engine's discovered
     ones would keep its requests unanswered)."""
 
-    def __init__(self, address: str, creds: Credentials) -> None:
+    def __init__(self, address: str, creds: Credentials, *, fast: bool | None = None) -> None:
         self.creds, self.address = creds, address
+        if fast is None:
+            fast = os.environ.get(FAST_ENV, "1") != "0"
+        self.fast = (
+            Requester(host_port(address), creds, timeout_s=TIMEOUT_S, retries=RETRIES)
+            if fast
+            else None
+        )
         self.engine = self._engine()
         self._stale = False
         self._get, self._set = cmdgen.GetCommandGenerator(), cmdgen.SetCommandGenerator()
@@ -132,6 +154,8 @@ class AaaClient:
             timeout=int(TIMEOUT_S * 100),
             retryCount=RETRIES,
         )
+        if self.fast is not None:
+            self.fast.watch(eng)
         return eng
 
     def _fresh(self) -> engine.SnmpEngine:
@@ -144,13 +168,50 @@ class AaaClient:
             asyncio.get_running_loop().call_later(grace, _close_engine, old)
         return self.engine
 
+    def fast_summary(self) -> dict[str, int]:
+        """Requests answered on the fast path, handed to pysnmp by a Report, discarded."""
+        f = self.fast
+        if f is None:
+            return {}
+        return {
+            "snmp_fast": f.answered,
+            "snmp_fallbacks": f.fallbacks,
+            "snmp_discarded": f.discarded,
+        }
+
     def close(self) -> None:
+        if self.fast is not None:
+            self.fast.close()
         for eng in (self.engine, self._rx):
             if eng is not None and eng.transport_dispatcher is not None:
                 eng.close_dispatcher()
 
     # -- commands -------------------------------------------------------------------------
-    async def _call(self, generator: Any, binds: list[tuple[tuple[int, ...], Any]]) -> list[Any]:
+    async def _call(self, pdu: int, binds: list[Bind]) -> list[Bind]:
+        """The variable bindings of AAA's response to a GET or SET (:data:`fastpath.GET`,
+        ``SET``): on the fast path if the engine is known, else (or after a Report) pysnmp's."""
+        fast = self.fast
+        if fast is not None and fast.known is not None and not self._stale:
+            try:
+                answer = await fast.request(pdu, binds)
+            except fastpath.Fallback as exc:
+                log.info("aaa: request left to pysnmp: %s", exc)
+            except Unanswered as exc:
+                self._stale = True
+                raise SnmpError(NO_ANSWER, code="AAA-UNREACHABLE") from exc
+            else:
+                if answer.status:
+                    name = fastpath.ERROR_STATUS[answer.status : answer.status + 1]
+                    status = name[0] if name else str(answer.status)
+                    raise SnmpError(f"AAA refused: {status} at {answer.index}")
+                return answer.binds
+        try:
+            typed = [(oid, pysnmp_value(tag, raw)) for oid, (tag, raw) in binds]
+        except (KeyError, ValueError) as exc:
+            raise SnmpError(f"no SNMP type for a value: {exc}", code="AAA-VALUE") from exc
+        return [(tuple(oid), encoded(v)) for oid, v in await self._slow(pdu, typed)]
+
+    async def _slow(self, pdu: int, binds: list[tuple[tuple[int, ...], Any]]) -> list[Any]:
         done: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
 
         def answered(
@@ -163,17 +224,25 @@ class AaaClient:
                 done.set_exception(
                     SnmpError(f"AAA did not answer: {error}", code="AAA-UNREACHABLE")
                 )
-            elif status:
+                return
+            if self.fast is not None:
+                self.fast.learnt()  # an authenticated response: the engine is AAA's
+            if status:
                 done.set_exception(SnmpError(f"AAA refused: {status.prettyPrint()} at {index}"))
             else:
                 done.set_result(list(vbs))
 
+        generator = self._get if pdu == fastpath.GET else self._set
         generator.send_varbinds(self._fresh(), "aaa", None, "", binds, answered)
         return await done
 
     async def get(self, oids: list[tuple[int, ...]]) -> list[Any]:
-        """A plain GET of ``oids`` (values in order)."""
-        return [v for _, v in await self._call(self._get, [(o, NULL) for o in oids])]
+        """A plain GET of ``oids`` (values in order, as pysnmp's types)."""
+        got = await self._call(fastpath.GET, [(o, NULL) for o in oids])
+        try:
+            return [pysnmp_value(tag, raw) for _, (tag, raw) in got]
+        except (KeyError, ValueError) as exc:
+            raise SnmpError("AAA's answer is malformed", code="AAA-ANSWER") from exc
 
     async def ask(
         self, ukms: int, master: str, slave: str, keys: int, bits: int
@@ -183,22 +252,22 @@ class AaaClient:
         suffix = mib.encode_index(
             self._quota_index, [ukms, rid, master.encode(), slave.encode(), keys, bits]
         )
-        values = await self._call(self._get, [(self.m["aaaQuotaAnswer"].oid + suffix, NULL)])
-        if values[0][1].tagSet in MISSING:
+        values = await self._call(fastpath.GET, [(self.m["aaaQuotaAnswer"].oid + suffix, NULL)])
+        tag, raw = values[0][1] if values else (0x80, b"")
+        if tag in MISSING:
             raise SnmpError("AAA gave no answer for this ask (not in our view?)", code="AAA-DENIED")
-        return parse_answer(ukms, bytes(values[0][1]))
+        if tag != 0x04:
+            raise SnmpError("AAA's answer is malformed", code="AAA-ANSWER")
+        return parse_answer(ukms, raw)
 
     async def close_grant(self, ukms: int, grant: int, used_keys: int, used_bits: int) -> None:
         suffix = (ukms, grant)
         await self._call(
-            self._set,
+            fastpath.SET,
             [
-                (self.m["aaaGrantUsedKeys"].oid + suffix, rfc1902.Unsigned32(used_keys)),
-                (
-                    self.m["aaaGrantUsedBits"].oid + suffix,
-                    rfc1902.Unsigned32(min(used_bits, U32)),
-                ),
-                (self.m["aaaGrantState"].oid + suffix, rfc1902.Integer32(3)),
+                (self.m["aaaGrantUsedKeys"].oid + suffix, unsigned(used_keys)),
+                (self.m["aaaGrantUsedBits"].oid + suffix, unsigned(min(used_bits, U32))),
+                (self.m["aaaGrantState"].oid + suffix, (0x02, fastpath.integer(3))),
             ],
         )
 
@@ -209,26 +278,27 @@ class AaaClient:
     async def report_many(self, reports: list[Pending]) -> None:
         """Several requests' outcomes in one SET (a row each; columns at 0 left out)."""
         m = self.m
-        binds: list[tuple[tuple[int, ...], Any]] = []
+        binds: list[Bind] = []
         for p in reports:
             rid = p.request.encode()
             suffix = (p.ukms, len(rid), *rid)
             outcome = m["aaaUsageOutcome"].enums[p.outcome]
             binds += [
-                (m["aaaUsageMaster"].oid + suffix, rfc1902.OctetString(p.master)),
-                (m["aaaUsageSlave"].oid + suffix, rfc1902.OctetString(p.slave)),
-                (m["aaaUsageOutcome"].oid + suffix, rfc1902.Integer32(outcome)),
+                (m["aaaUsageMaster"].oid + suffix, (0x04, p.master.encode("iso-8859-1"))),
+                (m["aaaUsageSlave"].oid + suffix, (0x04, p.slave.encode("iso-8859-1"))),
+                (m["aaaUsageOutcome"].oid + suffix, (0x02, fastpath.integer(outcome))),
             ]
             if p.reason:
-                binds.append((m["aaaUsageReason"].oid + suffix, rfc1902.Integer32(int(p.reason))))
-            for column, value in (
+                reason = (0x02, fastpath.integer(int(p.reason)))
+                binds.append((m["aaaUsageReason"].oid + suffix, reason))
+            for column, count in (
                 ("aaaUsageKeys", p.keys),
                 ("aaaUsageBits", min(p.bits, U32)),
                 ("aaaUsageGrant", p.grant),
             ):
-                if value:
-                    binds.append((m[column].oid + suffix, rfc1902.Unsigned32(value)))
-        await self._call(self._set, binds)
+                if count:
+                    binds.append((m[column].oid + suffix, unsigned(count)))
+        await self._call(fastpath.SET, binds)
 
     # -- revocations ----------------------------------------------------------------------
     def listen(self, address: str, on_revoke: Callable[[str, int], None]) -> int:
@@ -250,6 +320,11 @@ class AaaClient:
 
         ntfrcv.NotificationReceiver(rx, received)
         return port
+
+
+def unsigned(n: int) -> tuple[int, bytes]:
+    """An Unsigned32 (Gauge32) value, coded."""
+    return 0x42, fastpath.integer(n)
 
 
 def served_pairs(topology: Topology, akms: int) -> list[tuple[int, str, str]]:
@@ -465,7 +540,7 @@ class AaaValidator:
         }
 
     async def close(self) -> None:
-        log.info("aaa: validations", extra=self.wait_summary())
+        log.info("aaa: validations", extra={**self.wait_summary(), **self.client.fast_summary()})
         if self._sender is not None:
             self._sender.cancel()
         for task in list(self._tasks):

@@ -19,6 +19,17 @@ RFC 3414 and RFC 3826 done in full:
 Anything else returns None from :func:`open_request` and is left to pysnmp, which answers it
 (or refuses, reports and counts it) as before: engine discovery, wrong digests, unknown
 users, time-window reports, other PDU types, non-default contexts, malformed BER.
+
+The requester's side (:mod:`appliance.snmp.requester` is its adapter, the AKMS's AAA client
+its user), for an authoritative engine whose ID, boots and time are known:
+
+* :func:`seal_request`: an authPriv, reportable GetRequest or SetRequest for the engine's
+  default context, encrypted under a fresh salt and authenticated.
+* :func:`open_response`: the Response-PDU of the same msgID and request-id, checked (the
+  engine ID, the user, boots and time not behind the requester's reckoning by more than
+  the window, the digest over the whole message), decrypted. A message to discard gives
+  None; a Report (no auth + priv, or a Report-PDU) raises :class:`Fallback`: the request
+  is pysnmp's to make.
 """
 
 from __future__ import annotations
@@ -258,38 +269,235 @@ def response(
     index: int = 0,
 ) -> bytes:
     """The authPriv Response-PDU message for ``get``; values are (tag, content octets)."""
-    varbinds = b"".join(
-        tlv(0x30, tlv(0x06, oid_content(oid)) + tlv(tag, content)) for oid, (tag, content) in binds
+    pdu = _pdu(RESPONSE, get.request_id, binds, status, index)
+    scoped = tlv(0x30, tlv(0x04, get.context_engine) + tlv(0x04, b"") + pdu)
+    # auth + priv, not reportable (a response)
+    return _seal(
+        get.msg_id, engine.max_size, 0x03, get.user, engine.engine_id, boots, now, salt, scoped
     )
-    pdu = tlv(
-        RESPONSE,
-        tlv(0x02, integer(get.request_id))
+
+
+def _pdu(
+    tag: int,
+    request_id: int,
+    binds: list[tuple[tuple[int, ...], tuple[int, bytes]]],
+    status: int = 0,
+    index: int = 0,
+) -> bytes:
+    varbinds = b"".join(
+        tlv(0x30, tlv(0x06, oid_content(oid)) + tlv(vtag, content))
+        for oid, (vtag, content) in binds
+    )
+    return tlv(
+        tag,
+        tlv(0x02, integer(request_id))
         + tlv(0x02, integer(status))
         + tlv(0x02, integer(index))
         + tlv(0x30, varbinds),
     )
-    scoped = tlv(0x30, tlv(0x04, get.context_engine) + tlv(0x04, b"") + pdu)
-    enc = _cfb(get.user.priv, boots, now, salt).encryptor()
+
+
+def _seal(
+    msg_id: int,
+    max_size: int,
+    flags: int,
+    user: UserKeys,
+    engine_id: bytes,
+    boots: int,
+    now: int,
+    salt: bytes,
+    scoped: bytes,
+) -> bytes:
+    """An SNMPv3 message: ``scoped`` encrypted, the whole message authenticated."""
+    enc = _cfb(user.priv, boots, now, salt).encryptor()
     encrypted = enc.update(scoped) + enc.finalize()
     usm = tlv(
         0x30,
-        tlv(0x04, engine.engine_id)
+        tlv(0x04, engine_id)
         + tlv(0x02, integer(boots))
         + tlv(0x02, integer(now))
-        + tlv(0x04, get.user.name)
+        + tlv(0x04, user.name)
         + tlv(0x04, bytes(DIGEST))
         + tlv(0x04, salt),
     )
     header = tlv(
         0x30,
-        tlv(0x02, integer(get.msg_id))
-        + tlv(0x02, integer(engine.max_size))
-        + tlv(0x04, b"\x03")  # auth + priv, not reportable (a response)
+        tlv(0x02, integer(msg_id))
+        + tlv(0x02, integer(max_size))
+        + tlv(0x04, bytes((flags,)))
         + tlv(0x02, b"\x03"),  # USM
     )
     head = tlv(0x02, b"\x03") + header + tlv(0x04, usm)
     body = head + tlv(0x04, encrypted)
     message = bytearray(tlv(0x30, body))
     at = len(message) - len(body) + len(head) - len(tlv(0x04, salt)) - DIGEST  # the digest
-    message[at : at + DIGEST] = _digest(get.user.auth, bytes(message))
+    message[at : at + DIGEST] = _digest(user.auth, bytes(message))
     return bytes(message)
+
+
+# -- the requester's side ----------------------------------------------------------------
+REPORT = 0xA8
+REQUEST_MAX_SIZE = 65507
+"""msgMaxSize of the requests sealed here (pysnmp's snmpEngineMaxMessageSize)."""
+ERROR_STATUS = (
+    "noError",
+    "tooBig",
+    "noSuchName",
+    "badValue",
+    "readOnly",
+    "genErr",
+    "noAccess",
+    "wrongType",
+    "wrongLength",
+    "wrongEncoding",
+    "wrongValue",
+    "noCreation",
+    "inconsistentValue",
+    "resourceUnavailable",
+    "commitFailed",
+    "undoFailed",
+    "authorizationError",
+    "notWritable",
+    "inconsistentName",
+)
+"""RFC 3416's error-status names, by value."""
+
+
+class Fallback(Exception):
+    """A reply to this request that this module does not take: a Report-PDU (unknown
+    engine, not in time window, ...) or a message without auth + priv. pysnmp takes the
+    request, and learns the engine again."""
+
+
+@dataclass(frozen=True, slots=True)
+class Peer:
+    """An authoritative engine as a requester knows it, at the moment of sending."""
+
+    engine_id: bytes
+    boots: int
+    time: int
+    """The engine's snmpEngineTime as the requester reckons it now."""
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """An authenticated, decrypted Response-PDU to one request."""
+
+    boots: int
+    time: int
+    """The responding engine's boots and time (RFC 3414 3.2.7 b: the requester's clock)."""
+    status: int
+    index: int
+    binds: list[tuple[tuple[int, ...], tuple[int, bytes]]]
+    """Each binding's OID and value (BER identifier octet, content octets)."""
+
+
+def seal_request(
+    pdu: int,
+    msg_id: int,
+    request_id: int,
+    user: UserKeys,
+    peer: Peer,
+    salt: bytes,
+    binds: list[tuple[tuple[int, ...], tuple[int, bytes]]],
+) -> bytes:
+    """An authPriv, reportable GetRequest (:data:`GET`) or SetRequest (:data:`SET`) to
+    ``peer``'s default context; ``user``'s keys are localised to ``peer.engine_id``."""
+    if pdu not in MAX_BINDS:
+        raise ValueError("a GetRequest or a SetRequest")
+    scoped = tlv(0x30, tlv(0x04, peer.engine_id) + tlv(0x04, b"") + _pdu(pdu, request_id, binds))
+    return _seal(
+        msg_id, REQUEST_MAX_SIZE, 0x07, user, peer.engine_id, peer.boots, peer.time, salt, scoped
+    )
+
+
+def message_id(data: bytes) -> int | None:
+    """The msgID of an SNMPv3 message (in clear in its header), or None."""
+    try:
+        start, end = _expect(data, 0, len(data), 0x30)
+        version, pos = _int(data, start, end)
+        hstart, hend = _expect(data, pos, end, 0x30)
+        msg_id, _p = _int(data, hstart, hend)
+    except (Malformed, IndexError, ValueError):
+        return None
+    return msg_id if version == 3 else None
+
+
+def open_response(
+    data: bytes, user: UserKeys, peer: Peer, msg_id: int, request_id: int
+) -> Answer | None:
+    """The Response-PDU in ``data`` to request (``msg_id``, ``request_id``) sent to
+    ``peer``, checked as RFC 3414 3.2 says; None for a message to discard (another msgID,
+    another engine, a wrong digest, an untimely or malformed message). Raises
+    :class:`Fallback` for a reply this module does not take (a Report-PDU)."""
+    try:
+        return _open_response(data, user, peer, msg_id, request_id)
+    except (Malformed, IndexError, ValueError):
+        return None
+
+
+def _open_response(
+    data: bytes, user: UserKeys, peer: Peer, msg_id: int, request_id: int
+) -> Answer | None:
+    start, end = _expect(data, 0, len(data), 0x30)
+    if end != len(data):
+        return None
+    version, pos = _int(data, start, end)
+    hstart, hend = _expect(data, pos, end, 0x30)
+    got_id, p = _int(data, hstart, hend)
+    _max, p = _int(data, p, hend)
+    flags, p = _octets(data, p, hend)
+    model, p = _int(data, p, hend)
+    if version != 3 or model != 3 or got_id != msg_id or len(flags) != 1:
+        return None
+    if flags[0] & 0x03 != 0x03:  # a Report: noAuth (unknownEngineID), authNoPriv (time)
+        raise Fallback(f"a reply without auth + priv (flags {flags[0]:#x})")
+    sstart, send = _expect(data, hend, end, 0x04)
+    ustart, uend = _expect(data, sstart, send, 0x30)
+    engine_id, p = _octets(data, ustart, uend)
+    boots, p = _int(data, p, uend)
+    now, p = _int(data, p, uend)
+    name, p = _octets(data, p, uend)
+    astart, aend = _expect(data, p, uend, 0x04)
+    salt, p = _octets(data, aend, uend)
+    if engine_id != peer.engine_id or name != user.name or aend - astart != DIGEST:
+        return None
+    if len(salt) != SALT or boots < peer.boots:
+        return None
+    if boots == peer.boots and now < peer.time - WINDOW_S:
+        return None  # RFC 3414 3.2.7 b: not in the time window
+    zeroed = data[:astart] + bytes(DIGEST) + data[aend:end]
+    if not hmac.compare_digest(_digest(user.auth, zeroed), data[astart:aend]):
+        return None
+    encrypted, _p = _octets(data, send, end)
+    dec = _cfb(user.priv, boots, now, salt).decryptor()
+    plain = dec.update(encrypted) + dec.finalize()
+    return _answer(plain, peer, request_id, boots, now)
+
+
+def _answer(plain: bytes, peer: Peer, request_id: int, boots: int, now: int) -> Answer | None:
+    start, end = _expect(plain, 0, len(plain), 0x30)
+    context_engine, p = _octets(plain, start, end)
+    context_name, p = _octets(plain, p, end)
+    tag, pstart, pend = _tlv(plain, p, end)
+    if tag == REPORT:
+        raise Fallback("a Report-PDU")
+    if tag != RESPONSE or context_name or context_engine != peer.engine_id:
+        return None
+    got_id, p = _int(plain, pstart, pend)
+    status, p = _int(plain, p, pend)
+    index, p = _int(plain, p, pend)
+    vstart, vend = _expect(plain, p, pend, 0x30)
+    if got_id != request_id:
+        return None
+    binds = []
+    p = vstart
+    while p < vend:
+        bstart, bend = _expect(plain, p, vend, 0x30)
+        ostart, ostop = _expect(plain, bstart, bend, 0x06)
+        vtag, vstart_, vstop = _tlv(plain, ostop, bend)
+        if vstop != bend:
+            raise Malformed("octets after a value")
+        binds.append((decode_oid(plain[ostart:ostop]), (vtag, plain[vstart_:vstop])))
+        p = bend
+    return Answer(boots, now, status, index, binds)
