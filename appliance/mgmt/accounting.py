@@ -52,18 +52,14 @@ def roots() -> tuple[tuple[int, ...], tuple[int, ...]]:
     return aaa_mib.oid("aaaAcctEntry"), aaa_mib.oid("aaaContractUser")
 
 
-def strings(index: tuple[int, ...], n: int) -> list[str] | None:
-    """``n`` length-prefixed OCTET STRING index parts (None if the index is not that)."""
-    out, i = [], 0
-    for _ in range(n):
-        if i >= len(index) or i + 1 + index[i] > len(index):
-            return None
-        raw = index[i + 1 : i + 1 + index[i]]
-        if any(not 0 <= c < 256 for c in raw):
-            return None
-        out.append(bytes(raw).decode("utf-8", "replace"))
-        i += 1 + index[i]
-    return out if i == len(index) else None
+def strings(entry: str, suffix: tuple[int, ...]) -> list[str] | None:
+    """The OCTET STRING index values of a row of ``entry`` in ``suffix``, decoded by the
+    MIB's own index reader (None if the suffix is not a valid index of that entry)."""
+    objects = aaa_mib.load()
+    values = aaa_mib.decode_index([objects[n] for n in objects[entry].index], suffix)
+    if values is None or not all(isinstance(v, bytes) for v in values):
+        return None
+    return [v.decode("utf-8", "replace") for v in values if isinstance(v, bytes)]
 
 
 def parse(binds: list[tuple[tuple[int, ...], Any]]) -> list[AcctRow]:
@@ -74,12 +70,12 @@ def parse(binds: list[tuple[tuple[int, ...], Any]]) -> list[AcctRow]:
     counters: dict[tuple[str, str, str], dict[str, int]] = {}
     for oid, value in binds:
         if oid[: len(user_col)] == user_col:
-            key = strings(oid[len(user_col) :], 1)
+            key = strings("aaaContractEntry", oid[len(user_col) :])
             if key is not None:
                 users[key[0]] = bytes(value).decode("utf-8", "replace")
         elif oid[: len(entry)] == entry and len(oid) > len(entry) + 1:
             column = oid[len(entry)]
-            parts = strings(oid[len(entry) + 1 :], 3)
+            parts = strings("aaaAcctEntry", oid[len(entry) + 1 :])
             if parts is None or not 4 <= column < 4 + len(COLUMNS):
                 continue
             row = counters.setdefault((parts[0], parts[1], parts[2]), {})

@@ -26,14 +26,15 @@ def _index(*parts: str) -> tuple[int, ...]:
 
 
 def test_index_strings_are_decoded_or_refused():
-    assert strings(_index("alice-2026", "alice-a", "alice-b"), 3) == [
+    assert strings("aaaAcctEntry", _index("alice-2026", "alice-a", "alice-b")) == [
         "alice-2026",
         "alice-a",
         "alice-b",
     ]
-    assert strings((3, 97, 98), 1) is None  # shorter than it says
-    assert strings((1, 97, 5), 1) is None  # trailing parts
-    assert strings((1, 300), 1) is None  # not a byte
+    assert strings("aaaContractEntry", (3, 97, 98)) is None  # shorter than it says
+    assert strings("aaaContractEntry", (1, 97, 5)) is None  # trailing parts
+    assert strings("aaaContractEntry", (1, 300)) is None  # not a byte
+    assert strings("aaaAcctEntry", _index("alice-2026", "alice-a")) is None  # a part short
 
 
 def test_parse_joins_each_contract_to_its_user_and_skips_what_it_cannot_read():
