@@ -195,40 +195,90 @@ def open_request(data: bytes, engine: Engine, boots: int, now: int) -> Request |
         return None
 
 
-def _open(data: bytes, engine: Engine, boots: int, now: int) -> Request | None:
+@dataclass(frozen=True, slots=True)
+class _Header:
+    """An SNMPv3 message's outer sequence and msgGlobalData (RFC 3412)."""
+
+    end: int
+    version: int
+    msg_id: int
+    max_size: int
+    flags: bytes
+    model: int
+    after: int
+    """Where msgSecurityParameters starts."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Usm:
+    """The message's UsmSecurityParameters (RFC 3414 2.4), with where its digest lies."""
+
+    engine_id: bytes
+    boots: int
+    time: int
+    name: bytes
+    digest_at: tuple[int, int]
+    salt: bytes
+    after: int
+    """Where the (encrypted) scoped PDU starts."""
+
+
+def _header(data: bytes) -> _Header | None:
+    """The header of a whole message (None if octets follow it: the digest would not
+    cover them)."""
     start, end = _expect(data, 0, len(data), 0x30)
     if end != len(data):
-        return None  # octets after the message: the digest would not cover them
+        return None
     version, pos = _int(data, start, end)
     hstart, hend = _expect(data, pos, end, 0x30)
     msg_id, p = _int(data, hstart, hend)
     max_size, p = _int(data, p, hend)
     flags, p = _octets(data, p, hend)
     model, p = _int(data, p, hend)
-    if version != 3 or model != 3 or len(flags) != 1 or flags[0] & 0x03 != 0x03:
-        return None
-    if max_size < MIN_MAX_SIZE or msg_id < 0:
-        return None
-    sstart, send = _expect(data, hend, end, 0x04)  # msgSecurityParameters
+    return _Header(end, version, msg_id, max_size, flags, model, hend)
+
+
+def _usm(data: bytes, head: _Header) -> _Usm:
+    sstart, send = _expect(data, head.after, head.end, 0x04)  # msgSecurityParameters
     ustart, uend = _expect(data, sstart, send, 0x30)
     engine_id, p = _octets(data, ustart, uend)
-    msg_boots, p = _int(data, p, uend)
-    msg_time, p = _int(data, p, uend)
+    boots, p = _int(data, p, uend)
+    time, p = _int(data, p, uend)
     name, p = _octets(data, p, uend)
     astart, aend = _expect(data, p, uend, 0x04)
     salt, p = _octets(data, aend, uend)
-    user = engine.users.get(name)
-    if engine_id != engine.engine_id or user is None or aend - astart != DIGEST:
-        return None
-    if len(salt) != SALT or msg_boots != boots or abs(now - msg_time) > WINDOW_S:
-        return None
-    zeroed = data[:astart] + bytes(DIGEST) + data[aend:end]
+    return _Usm(engine_id, boots, time, name, (astart, aend), salt, send)
+
+
+def _authentic_plain(data: bytes, head: _Header, usm: _Usm, user: UserKeys) -> bytes | None:
+    """The decrypted scoped PDU if the message's digest is right (RFC 3414 3.2 and 3.1 of
+    RFC 3826), else None; the caller checked the digest's and the salt's lengths."""
+    astart, aend = usm.digest_at
+    zeroed = data[:astart] + bytes(DIGEST) + data[aend : head.end]
     if not hmac.compare_digest(_digest(user.auth, zeroed), data[astart:aend]):
         return None
-    encrypted, _p = _octets(data, send, end)
-    dec = _cfb(user.priv, msg_boots, msg_time, salt).decryptor()
-    plain = dec.update(encrypted) + dec.finalize()
-    return _scoped(plain, msg_id, max_size, user, engine)
+    encrypted, _p = _octets(data, usm.after, head.end)
+    dec = _cfb(user.priv, usm.boots, usm.time, usm.salt).decryptor()
+    return dec.update(encrypted) + dec.finalize()
+
+
+def _open(data: bytes, engine: Engine, boots: int, now: int) -> Request | None:
+    head = _header(data)
+    if head is None:
+        return None
+    if head.version != 3 or head.model != 3 or len(head.flags) != 1:
+        return None
+    if head.flags[0] & 0x03 != 0x03 or head.max_size < MIN_MAX_SIZE or head.msg_id < 0:
+        return None
+    usm = _usm(data, head)
+    user = engine.users.get(usm.name)
+    digest = usm.digest_at[1] - usm.digest_at[0]
+    if usm.engine_id != engine.engine_id or user is None or digest != DIGEST:
+        return None
+    if len(usm.salt) != SALT or usm.boots != boots or abs(now - usm.time) > WINDOW_S:
+        return None
+    plain = _authentic_plain(data, head, usm, user)
+    return None if plain is None else _scoped(plain, head.msg_id, head.max_size, user, engine)
 
 
 def _scoped(
@@ -439,40 +489,23 @@ def open_response(
 def _open_response(
     data: bytes, user: UserKeys, peer: Peer, msg_id: int, request_id: int
 ) -> Answer | None:
-    start, end = _expect(data, 0, len(data), 0x30)
-    if end != len(data):
+    head = _header(data)
+    if head is None:
         return None
-    version, pos = _int(data, start, end)
-    hstart, hend = _expect(data, pos, end, 0x30)
-    got_id, p = _int(data, hstart, hend)
-    _max, p = _int(data, p, hend)
-    flags, p = _octets(data, p, hend)
-    model, p = _int(data, p, hend)
-    if version != 3 or model != 3 or got_id != msg_id or len(flags) != 1:
+    if head.version != 3 or head.model != 3 or head.msg_id != msg_id or len(head.flags) != 1:
         return None
-    if flags[0] & 0x03 != 0x03:  # a Report: noAuth (unknownEngineID), authNoPriv (time)
-        raise Fallback(f"a reply without auth + priv (flags {flags[0]:#x})")
-    sstart, send = _expect(data, hend, end, 0x04)
-    ustart, uend = _expect(data, sstart, send, 0x30)
-    engine_id, p = _octets(data, ustart, uend)
-    boots, p = _int(data, p, uend)
-    now, p = _int(data, p, uend)
-    name, p = _octets(data, p, uend)
-    astart, aend = _expect(data, p, uend, 0x04)
-    salt, p = _octets(data, aend, uend)
-    if engine_id != peer.engine_id or name != user.name or aend - astart != DIGEST:
+    if head.flags[0] & 0x03 != 0x03:  # a Report: noAuth (unknownEngineID), authNoPriv (time)
+        raise Fallback(f"a reply without auth + priv (flags {head.flags[0]:#x})")
+    usm = _usm(data, head)
+    digest = usm.digest_at[1] - usm.digest_at[0]
+    if usm.engine_id != peer.engine_id or usm.name != user.name or digest != DIGEST:
         return None
-    if len(salt) != SALT or boots < peer.boots:
+    if len(usm.salt) != SALT or usm.boots < peer.boots:
         return None
-    if boots == peer.boots and now < peer.time - WINDOW_S:
+    if usm.boots == peer.boots and usm.time < peer.time - WINDOW_S:
         return None  # RFC 3414 3.2.7 b: not in the time window
-    zeroed = data[:astart] + bytes(DIGEST) + data[aend:end]
-    if not hmac.compare_digest(_digest(user.auth, zeroed), data[astart:aend]):
-        return None
-    encrypted, _p = _octets(data, send, end)
-    dec = _cfb(user.priv, boots, now, salt).decryptor()
-    plain = dec.update(encrypted) + dec.finalize()
-    return _answer(plain, peer, request_id, boots, now)
+    plain = _authentic_plain(data, head, usm, user)
+    return None if plain is None else _answer(plain, peer, request_id, usm.boots, usm.time)
 
 
 def _answer(plain: bytes, peer: Peer, request_id: int, boots: int, now: int) -> Answer | None:
