@@ -33,7 +33,9 @@ from typing import Any
 from appliance.cli import net
 from appliance.config.render import find_free_base_port
 from appliance.config.topology import load_topology
+from appliance.kms import messages as m
 from appliance.kms.network import load_configs
+from appliance.kms.node import MSGPACK
 from appliance.kms.routing import shortest_path
 from appliance.net.h2 import H2Client
 from appliance.pki import client_context
@@ -87,12 +89,12 @@ def produced_bits(net_dir: Path, link: str, address: str, master: int) -> tuple[
     async def ask() -> tuple[int, int]:
         client = H2Client(host, int(port), ctx, expect_peer=name, timeout=10.0)
         try:
-            doc = json.loads((await client.request("POST", "/v1/status", b"{}")).body)
+            body = m.encode(m.StatusRequest())
+            response = await client.request("POST", "/v1/status", body, MSGPACK)
         finally:
             await client.close()
-        entry = doc["links"][link]
-        size = int(entry["key_size"])
-        return int(entry["keys_produced"]) * size, int(entry["qkdm_keys"]) * size
+        entry = next(e for e in m.decode(response.body, m.StatusAnswer).links if e.link == link)
+        return entry.keys_produced * entry.key_size, entry.qkdm_keys * entry.key_size
 
     return asyncio.run(ask())
 
