@@ -10,8 +10,9 @@ path (:func:`appliance.control.linkfault.inject`). The report adds:
   handed out twice), ``keys_mismatched`` (the slave got other bits);
 * ``failed``: each failed request with its index, HTTP status and error message;
 * ``switch_ms``: from the fault's injection to the end of the first request that
-  succeeded after the controller installed the new path (the controller's log gives
-  when, ``route installed``), i.e. the first relay known to have used the new path;
+  succeeded after the controller put the new path in use (the controller's log gives
+  when: ``route switched to its backup`` at the head end, or ``route installed`` at
+  every hop where there was no backup), i.e. the first relay known to have used the new path;
   None if none did.
 
 Afterwards the link is brought up again. Nothing here logs or keeps key material beyond
@@ -31,6 +32,9 @@ from appliance.sae_http import HttpResponseError
 from appliance.tkey import SaeEndpoint, call
 
 MAX_LOG = 16 << 20
+INSTALLED = ("route installed", "route switched to its backup")
+"""The controller's log lines of a new path in use (installed, or a pre-installed backup
+switched to at the head end)."""
 
 
 def measure_with_fault(
@@ -117,7 +121,7 @@ def _installed_after(log: Path, since: float) -> float | None:
             entry = json.loads(line)
         except ValueError:
             continue
-        if entry.get("msg") == "route installed" and float(entry.get("ts", 0)) >= since:
+        if entry.get("msg") in INSTALLED and float(entry.get("ts", 0)) >= since:
             return float(entry["ts"])
     return None
 
