@@ -282,6 +282,11 @@ class Controller:
 
         self._later(run())
 
+    async def settle(self) -> None:
+        """Until no background install or switch of this controller runs (tests, benches)."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
     def _later(self, job: Any) -> None:
         task = asyncio.get_running_loop().create_task(job)
         self._tasks.add(task)
