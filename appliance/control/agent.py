@@ -170,6 +170,16 @@ class RouteTable:
         with self._lock:
             return tuple(self._routes[k] for k in sorted(self._routes))
 
+    def in_use(self, src: int, dst: int) -> tuple[int, ...] | None:
+        """The whole path of route (src, dst) in use here, if this node is its head end
+        (its explicit route), else None."""
+        with self._lock:
+            for slot in model.SLOTS:
+                route = self._routes.get((src, dst, slot))
+                if route is not None and route.active and route.explicit:
+                    return route.explicit
+        return None
+
 
 class GnmiAgent(pb_grpc.gNMIServicer):  # type: ignore[misc]
     """The gNMI service of one node over its :class:`Telemetry` (and routes, if given)."""
@@ -213,7 +223,7 @@ class GnmiAgent(pb_grpc.gNMIServicer):  # type: ignore[misc]
     def Capabilities(self, request: Any, context: Any) -> Any:
         models = [pb.ModelData(name=n, organization=o, version=v) for n, o, v in model.MODELS]
         models.append(
-            pb.ModelData(name=model.AUGMENT, organization="qkdn appliance", version="2026-12-01")
+            pb.ModelData(name=model.AUGMENT, organization="qkdn appliance", version="2026-12-03")
         )
         return pb.CapabilityResponse(
             supported_models=models,
@@ -330,6 +340,8 @@ def _update(sub: _Sub, doc: dict[str, Any], *, only_changed: bool = False) -> It
 
 
 MAX_SET_VALUE = 4096
+MAX_EXPLICIT = 64
+EXPLICIT = f"{model.AUGMENT}:explicit_route"
 _ROUTE_PATH = ("qkd_node", "qkd_links", "qkd_link")
 
 
@@ -376,6 +388,7 @@ def _route_of(node: int, route_id: str, raw: bytes) -> model.Route:
             src=src, dst=dst, prev_hop=None if prev is None else model.node_of(prev),
             next_hop=model.node_of(nxt[0]) if nxt else None, slot=slot or 0,
             active=_status_of(json.dumps(value.get("qkdl_status", "ACTIVE")).encode()),
+            explicit=tuple(model.node_of(n) for n in value.get(EXPLICIT, [])[:MAX_EXPLICIT + 1]),
         )  # fmt: skip
     except (ValueError, KeyError, TypeError, IndexError) as exc:
         raise ControlError("Set value is not a VIRT qkd_link", code="CTL-SET-BAD") from exc
@@ -383,6 +396,12 @@ def _route_of(node: int, route_id: str, raw: bytes) -> model.Route:
         raise ControlError("route ID or hops do not fit this node", code="CTL-SET-BAD")
     if (route.prev_hop is None) != (node == src) or (route.next_hop is None) != (node == dst):
         raise ControlError("a route's ends have no previous / next hop", code="CTL-SET-BAD")
+    path = route.explicit
+    if path and (
+        node != src or len(path) > MAX_EXPLICIT or len(set(path)) != len(path)
+        or (path[0], path[1], path[-1]) != (src, route.next_hop, dst)
+    ):  # fmt: skip
+        raise ControlError("the explicit route does not fit this head end", code="CTL-SET-BAD")
     return route
 
 

@@ -64,6 +64,10 @@ BALANCE_S = 1.0
 """Installed routes are looked at again for key availability this often (the agents
 refresh stored bits and rates once a second)."""
 RETRY_S = 0.5
+PROTECT_AFTER_S = 0.25
+"""A path put in use gets its backup pre-installed this much later, so that the first
+relays on it (a cold path's, or the first after a switch) do not wait for a core behind
+the backup's Sets at every hop."""
 READ_S = 2.5
 """Longest wait for one gNMI message (heartbeats come every HEARTBEAT_MS)."""
 MAX_BODY = 1024
@@ -341,7 +345,7 @@ class Controller:
             route = self.core.path(src, dst, backup=False)
             if self.confirmed.get(key) != route.primary:
                 await self._use(src, dst, route.primary)
-        self._later(self._protect(src, dst))
+        self._later(self._protect(src, dst, PROTECT_AFTER_S))
         return route.primary, self.standby.get(key)
 
     async def _use(self, src: int, dst: int, path: tuple[int, ...]) -> None:
@@ -376,12 +380,14 @@ class Controller:
             ) from exc
         log.info("route switched to its backup", extra={"src": src, "dst": dst, "slot": to})
 
-    async def _protect(self, src: int, dst: int) -> None:
+    async def _protect(self, src: int, dst: int, after: float = 0.0) -> None:
         """Pre-install the backup of a route's path in use at every hop, in its other slot
-        (a new backup after a switch, or once a path is first installed); after a switch
-        at the head end, first show the new use at the other hops. Off the requests' way:
-        the head end is told nothing (its path in use does not change)."""
+        (a new backup after a switch, or once a path is first installed), ``after``
+        seconds; after a switch at the head end, first show the new use at the other
+        hops. Off the requests' way: the head end is told nothing (its path in use does
+        not change)."""
         key = (src, dst)
+        await asyncio.sleep(after)
         async with self._locks.setdefault(key, asyncio.Lock()):
             primary, slot = self.confirmed.get(key), self.slots.get(key, 0)
             try:
@@ -448,6 +454,7 @@ class Controller:
             (node, model.Route(
                 src=src, dst=dst, prev_hop=path[i - 1] if i else None,
                 next_hop=path[i + 1] if i + 1 < len(path) else None, slot=slot, active=active,
+                explicit=path if i == 0 else (),
             ))
             for i, node in enumerate(path)
         ]  # fmt: skip

@@ -31,7 +31,7 @@ SDN = "etsi-qkd-sdn-node"
 TYPES = "etsi-qkd-node-types"
 AUGMENT = "qkdn-control"
 MODELS = ((SDN, "ETSI ISG QKD", "2022-01-30"), (TYPES, "ETSI ISG QKD", "2022-01-30"))
-AUGMENT_MODEL = (AUGMENT, "qkdn appliance", "2026-12-01")
+AUGMENT_MODEL = (AUGMENT, "qkdn appliance", "2026-12-03")
 MAX_PATH_ELEMS = 12
 MAX_NAME = 64
 MAX_KEYS = 4
@@ -87,6 +87,9 @@ class Route:
     """0 or 1: a route's path in use and its backup sit in the two slots, in either."""
     active: bool = True
     """In use (ACTIVE), or the standby backup (PASSIVE)."""
+    explicit: tuple[int, ...] = ()
+    """At the head end only: the whole path, source to destination (our augment's
+    ``explicit_route``), which the head end's CKMS sends relays along."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -186,6 +189,8 @@ def _virt(route: Route) -> dict[str, Any]:
         out["virt_prev_hop"] = node_uuid(route.prev_hop)
     if route.next_hop is not None:
         out["virt_next_hop"] = [node_uuid(route.next_hop)]
+    if route.explicit:
+        out[f"{AUGMENT}:explicit_route"] = [node_uuid(n) for n in route.explicit]
     return out
 
 

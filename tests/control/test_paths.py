@@ -104,9 +104,14 @@ def test_a_learnt_path_is_used_without_asking_while_the_route_table_stands(pki):
             still = paths.find(2, 14)
             table.apply([], [], {model.route_uuid(2, 14, 1): True})  # switched to it here
             changed = await paths.find(2, 14)
+            explicit = model.Route(src=2, dst=14, prev_hop=None, next_hop=15, slot=1,
+                                   explicit=(2, 15, 14))  # fmt: skip
+            table.apply([explicit], [])  # the path in use is written here: no request
+            written = paths.find(2, 14)
         finally:
             await paths.close()
             await server.close()
-        return first, again, still, changed, len(asked)
+        return first, again, still, changed, written, len(asked)
 
-    assert asyncio.run(main()) == ((2, 3, 14), (2, 3, 14), (2, 3, 14), (2, 16, 14), 2)
+    got = asyncio.run(main())
+    assert got == ((2, 3, 14), (2, 3, 14), (2, 3, 14), (2, 16, 14), (2, 15, 14), 2)
