@@ -7,6 +7,8 @@ past a closed or silent stream would otherwise block until the call's deadline.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import queue
 import re
@@ -78,6 +80,23 @@ class PendingSet:
 
     def __init__(self, future: Any) -> None:
         self._future = future
+
+    async def confirmed(self) -> None:
+        """:meth:`wait` without a thread: the event loop is woken when the answer is in."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+
+        def settle() -> None:
+            if not done.done():
+                done.set_result(None)
+
+        def wake(_future: Any) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop closed: nobody waits
+                loop.call_soon_threadsafe(settle)
+
+        self._future.add_done_callback(wake)
+        await done
+        self.wait()
 
     def wait(self) -> None:
         """Until the agent confirmed (AgentUnavailable if it refused or did not answer

@@ -356,7 +356,7 @@ class Controller:
         old = self.confirmed.get(key) or self.core.installed(src, dst, slot)
         if path == self.standby.get(key):
             try:
-                await asyncio.to_thread(self._switch, src, dst, 1 - slot, slot)
+                await self._switch(src, dst, 1 - slot, slot)
                 self.slots[key], self.standby[key] = 1 - slot, old
                 self._marks[key] = old or ()
                 self.confirmed[key] = path
@@ -369,11 +369,12 @@ class Controller:
         self.slots[key] = slot
         self.confirmed[key] = path
 
-    def _switch(self, src: int, dst: int, to: int, off: int) -> None:
+    async def _switch(self, src: int, dst: int, to: int, off: int) -> None:
         """The protection switch: one Set at the head end puts the backup's slot in use and
-        the other out (the backup is installed at every hop already)."""
+        the other out (the backup is installed at every hop already); sent from the event
+        loop at once, the loop woken by its answer."""
         try:
-            self._client(src).set_use_started(src, dst, {to: True, off: False}).wait()
+            await self._client(src).set_use_started(src, dst, {to: True, off: False}).confirmed()
         except ControlError as exc:
             raise ControlError(
                 f"head end {src} did not switch: {exc.code}", code="CTL-INSTALL"

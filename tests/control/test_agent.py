@@ -3,6 +3,7 @@ errors, and every served document valid under the ETSI 015 model and our augment
 
 from __future__ import annotations
 
+import asyncio
 import json
 from dataclasses import replace
 
@@ -292,7 +293,7 @@ def test_a_backup_installs_standby_and_one_status_set_switches_it_in_use(routed)
     client.set_route(model.Route(src=2, dst=7, prev_hop=3, next_hop=16, slot=1, active=False))
     assert table.version == before  # a standby backup changes no path in use
     assert mine() == [(0, True, 5), (1, False, 16)]
-    client.set_use_started(2, 7, {1: True, 0: False}).wait()
+    asyncio.run(client.set_use_started(2, 7, {1: True, 0: False}).confirmed())  # from a loop
     assert table.version == before + 1
     assert mine() == [(0, False, 5), (1, True, 16)]
     validate(data_model(), model.document(telemetry(routes=table.routes())))

@@ -22,6 +22,9 @@ class Done:
     def wait(self) -> None:
         return None
 
+    async def confirmed(self) -> None:
+        return None
+
 
 class Hop:
     """An agent's Set side over a real route table; every Set is logged in ``sent``."""
