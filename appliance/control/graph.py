@@ -40,8 +40,13 @@ are configurable (``qkdn controller run --weights``).
 (each shared link costs :data:`SHARE_PENALTY` more, so the backup shares a link only
 where no disjoint way exists; ``shared`` counts them). When a link of a cached primary
 goes down, the backup becomes the primary at once (protection switching: no computation
-on the fault's path) and a new backup is computed lazily. A link coming up, or a weight
-moving by more than ``reweigh`` of itself, empties the cache.
+on the fault's path) and a new backup is computed when next asked for, around that
+primary, which stays (:meth:`Core.keep` caches a route found installed the same way). A
+link coming up, or a weight moving by more than ``reweigh`` of itself, empties the cache.
+
+**Installed routes** come from the agents' VIRT links, two slots per route (the path in
+use and its pre-installed backup): :attr:`Core.hops` per slot, :attr:`Core.in_use` the
+slot the route's head end reports ACTIVE, :meth:`Core.installed` a slot's whole path.
 
 **Load balancing by key availability.** :meth:`Core.better` looks at an installed route
 again: if its alternative (the cached primary or backup) is now lighter than the
