@@ -2,7 +2,9 @@
 
 Left: the T_key distribution of the run (log time axis) beside the paper's 17.34 ± 1.62 s.
 Right: each link's key count at its master end over the run, sampled from the nodes'
-``/v1/status``. matplotlib (the ``plots`` extra) with the Agg backend (no display needed).
+``/v1/status``. With ``--fault`` (:func:`fault_plot`): each request's T_key over time and
+the store levels below, the link's failure and the first relay on the new path marked.
+matplotlib (the ``plots`` extra) with the Agg backend (no display needed).
 """
 
 from __future__ import annotations
@@ -58,6 +60,53 @@ def demo_plot(path: Path, samples_ms: Sequence[float], levels: Sequence[Sample])
     right.set_title("Link key-store levels")
     if links:
         right.legend(fontsize="x-small", ncol=2, loc="best")
+    try:
+        fig.savefig(path, dpi=110)
+    except OSError as exc:
+        raise ApplianceError(f"cannot write the plot {path}: {exc.strerror}", code="IO") from None
+    finally:
+        plt.close(fig)
+
+
+def fault_plot(
+    path: Path,
+    timeline: Sequence[tuple[float, float, bool]],
+    marks: Sequence[tuple[float, str]],
+    levels: Sequence[Sample],
+) -> None:
+    """Write the PNG of a run with a link failure: ``timeline`` holds each request's start
+    (s into the run), T_key (ms) and whether it succeeded; ``marks`` the moments to mark
+    (s into the run, label: the fault, the switch); ``levels`` the store levels."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (top, below) = plt.subplots(
+        2, 1, figsize=(12, 7), sharex=True, constrained_layout=True, height_ratios=(3, 2)
+    )
+    for ok, colour, label in ((True, "tab:blue", "succeeded"), (False, "tab:red", "failed")):
+        points = [(t, ms) for t, ms, good in timeline if good is ok]
+        if points:
+            top.scatter([t for t, _ in points], [ms for _, ms in points], s=6, color=colour,
+                        label=f"{label} ({len(points)})")  # fmt: skip
+    top.set_yscale("log")
+    top.set_ylabel("T_key [ms] (log scale)")
+    top.set_title("Key requests, SAE Berlin -> SAE Bonn, with a link failure")
+    links = sorted({link for _, level in levels for link in level}, key=_link_order)
+    for link in links:
+        points = [(t, level[link]) for t, level in levels if link in level]
+        below.plot([t for t, _ in points], [k for _, k in points], label=link, linewidth=1)
+    below.set_xlabel("time into the run [s]")
+    below.set_ylabel("keys in the QKDM store")
+    if links:
+        below.legend(fontsize="x-small", ncol=4, loc="best")
+    for (at, label), colour in zip(marks, ("tab:red", "tab:green", "tab:purple"), strict=False):
+        for ax in (top, below):
+            ax.axvline(at, color=colour, linestyle="--", linewidth=1.2)
+        top.annotate(label, (at, 1), xycoords=("data", "axes fraction"), rotation=90,
+                     va="top", ha="right", fontsize="small", color=colour)  # fmt: skip
+    top.legend(loc="upper left", fontsize="small")
     try:
         fig.savefig(path, dpi=110)
     except OSError as exc:

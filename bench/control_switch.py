@@ -8,9 +8,11 @@ mutual TLS, emulated QKD links; ``--stock 0``: every enc_keys crosses the networ
    requests (a warm path: the access node still asks the controller every time).
 2. Protection switching, ``--switches`` times on the controller's network: requests run
    while the path's link next to node 8 (8-9 or 8-16) is taken down halfway
-   (appliance.control.faultrun); from the injection: when the controller switched the
-   routes over the link (its log, ``protection switch``), when it had installed the new
-   path, and switch_ms (the end of the first request that succeeded after that). The link
+   (appliance.control.faultrun); from the injection: when a node at the link's ends
+   heard of it from its QKD module (its log, ``link state change heard``), when the
+   controller switched the routes over the link (its log, ``protection switch``), when
+   the new path was in use (switched to at the head end, or installed at every hop), and
+   switch_ms (the end of the first request that succeeded after that). The link
    comes back up between repeats. ``--switch-only``: this part alone, one network.
 
 Usage: python bench/control_switch.py [--requests 200] [--rounds 3] [--switches 5]
@@ -59,16 +61,23 @@ def all_up(net_dir: Path, timeout: float = 20.0) -> None:
         time.sleep(0.2)
 
 
-def detected(net_dir: Path, since: float) -> float | None:
-    with open(net_dir / "logs" / "controller.log", "rb") as fh:
-        for line in fh.read(16 << 20).splitlines():
-            try:
-                entry = json.loads(line)
-            except ValueError:
-                continue
-            if entry.get("msg") == "protection switch" and float(entry.get("ts", 0)) >= since:
-                return float(entry["ts"])
-    return None
+def detected(
+    net_dir: Path, since: float, msg: str = "protection switch", log: str = "controller.log"
+) -> float | None:
+    """The first time ``msg`` is logged in ``log`` (a glob of the network's logs) after
+    ``since``."""
+    found = []
+    for path in (net_dir / "logs").glob(log):
+        with open(path, "rb") as fh:
+            for line in fh.read(16 << 20).splitlines():
+                try:
+                    entry = json.loads(line)
+                except ValueError:
+                    continue
+                if entry.get("msg") == msg and float(entry.get("ts", 0)) >= since:
+                    found.append(float(entry["ts"]))
+                    break
+    return min(found, default=None)
 
 
 def main() -> None:
@@ -121,9 +130,12 @@ def main() -> None:
                     lambda: current_cut(dirs["controller"]),  # routes move for key availability
                 )  # fmt: skip
                 seen = detected(dirs["controller"], got["fault_at"])
+                heard = detected(dirs["controller"], got["fault_at"], "link state change heard",
+                                 "*.log")  # fmt: skip
                 done = got["new_path_installed_at"]
                 switches.append({
                     "cut": got["cut"], "switch_ms": got["switch_ms"],
+                    "node_heard_ms": round((heard - got["fault_at"]) * 1000, 1) if heard else None,
                     "detected_ms": round((seen - got["fault_at"]) * 1000, 1) if seen else None,
                     "installed_ms": round((done - got["fault_at"]) * 1000, 1) if done else None,
                     "failed": got["failed_requests"], "lost": got["keys_lost"],

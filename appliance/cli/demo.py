@@ -35,6 +35,7 @@ examples:
   qkdn demo --seed lab-7 --json out.json reproducible run, samples saved for plotting
   qkdn demo --skip-quantum --requests 1000 --plot tkey.png   T_key histogram and store levels
   qkdn demo --skip-quantum --fault --requests 1000 --json f.json   link failure halfway
+  qkdn demo --skip-quantum --fault --requests 400 --plot f.png   ... the switch on a timeline
 """
 
 
@@ -134,7 +135,8 @@ def register(sub: Any) -> None:
         type=types.path,
         metavar="PATH",
         help="save a PNG: the T_key distribution beside the paper's, and each link's "
-        "key-store level over the run",
+        "key-store level over the run; with --fault, each request's T_key over time "
+        "with the link failure and the first relay on the new path marked",
     )
     p.set_defaults(func=cmd_demo)
 
@@ -292,19 +294,45 @@ def _fault_stage(
 ) -> bool:
     """Key requests with a link failure halfway (appliance/control/faultrun.py)."""
     from appliance.control.faultrun import cut_of, installed_path, measure_with_fault
+    from appliance.kms.monitor import LevelSampler
 
     out = console()
     path = installed_path(net_dir, master, slave)
     cut = cut_of(path)
     out.print(f"path {'-'.join(map(str, path))}; link {cut[0]}-{cut[1]} fails halfway ...")
-    result = measure_with_fault(master, slave, args.requests, net_dir, cut)
+    sampled_at = time.time()
+    sampler = LevelSampler(net_dir).start() if args.plot else None
+    try:
+        result = measure_with_fault(master, slave, args.requests, net_dir, cut)
+    finally:
+        levels = sampler.stop() if sampler else []
     restored_at = time.time()  # the run's last step brought the link up again
+    timeline = result.pop("timeline")
     out_report["fault"] = result
+    if args.plot:
+        _fault_plot(args.plot, result, timeline, levels, result["began_at"] - sampled_at)
+        out.print(f"plot written to {args.plot}")
     for key in ("switch_ms", "keys_lost", "keys_duplicated", "keys_mismatched", "failed_requests"):
         out.print(f"{key}: {result[key]}")
     alarmed = _manager_alarm(net_dir, cut, result["fault_at"], restored_at, out_report)
     lost = result["keys_lost"] + result["keys_duplicated"] + result["keys_mismatched"]
     return lost == 0 and all(f["status"] == 503 for f in result["failed"]) and alarmed
+
+
+def _fault_plot(
+    path: Path, result: dict[str, Any], timeline: list[Any], levels: list[Any], lag: float
+) -> None:
+    """The fault run's timeline with the fault and the switch marked (times into the run;
+    the store levels' clock started ``lag`` seconds before the requests')."""
+    from appliance.plots import fault_plot
+
+    began = result["began_at"]
+    marks = [(result["fault_at"] - began, f"link {result['cut']} down")]
+    if result["switch_ms"] is not None:
+        at = result["fault_at"] - began + result["switch_ms"] / 1000
+        marks.append((at, f"first relay on the new path (+{result['switch_ms']:.0f} ms)"))
+    shifted = [(t - lag, level) for t, level in levels]
+    fault_plot(path, timeline, marks, shifted)
 
 
 def _manager_alarm(

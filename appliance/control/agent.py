@@ -16,10 +16,14 @@ encoding ``INVALID_ARGUMENT``, too many streams ``RESOURCE_EXHAUSTED`` (grpcio's
 ``Set`` installs and removes routes, when the agent has a :class:`RouteTable`: an update or
 replace of ``/qkd_node/qkd_links/qkd_link[qkdl_id=ID]`` with a VIRT link (015
 ``qkdl_local`` = source, ``qkdl_remote`` = destination, ``virt_prev_hop`` /
-``virt_next_hop`` = this node's neighbours on the path; ``ID`` must be the route's UUID,
-:func:`model.route_uuid`), or a delete of that path. The whole Set applies or nothing does;
-its answer is the hop's confirmation. Any other Set path is ``INVALID_ARGUMENT``
-(``CTL-SET-BAD``); without a route table, ``UNIMPLEMENTED``. ``qos`` is ignored.
+``virt_next_hop`` = this node's neighbours on the path, ``qkdl_status`` ACTIVE for the
+path in use or PASSIVE for its standby backup; ``ID`` must be the UUID of one of the
+route's two slots, :func:`model.route_uuid`), or a delete of that path. An update of
+``.../qkd_link[qkdl_id=ID]/qkdl_status`` alone (ACTIVE or PASSIVE) switches an installed
+slot in or out of use: the protection switch at a route's head end is one such Set of
+both slots. The whole Set applies or nothing does; its answer is the hop's confirmation.
+Any other Set path is ``INVALID_ARGUMENT`` (``CTL-SET-BAD``); without a route table,
+``UNIMPLEMENTED``. ``qos`` is ignored.
 
 The node publishes its telemetry (:meth:`Telemetry.publish`); the document changes, and
 ON_CHANGE streams wake, only when a served value changed. :attr:`Telemetry.streaming`
@@ -31,6 +35,7 @@ is). Every request is bounded:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 import time
@@ -121,28 +126,59 @@ class _Sub:
 
 
 class RouteTable:
-    """The routes installed through this node, written by gNMI Set (thread-safe)."""
+    """The routes installed through this node, written by gNMI Set (thread-safe): per
+    (source, destination) up to two slots, the path in use and its standby backup."""
 
     def __init__(self, node: int) -> None:
         self.node = node
         self._lock = threading.Lock()
-        self._routes: dict[tuple[int, int], model.Route] = {}
+        self._routes: dict[tuple[int, int, int], model.Route] = {}
         self.version = 0
-        """Bumped by every Set: a path learnt before is still the installed one while the
-        version has not moved (the controller installs a changed path at its source too)."""
+        """Bumped by every Set that changes a route in use here (one installed, removed or
+        switched in or out of use; not a standby backup's install): a path learnt before is
+        still the one in use while the version has not moved (the controller installs a
+        changed path at its source too, and switches to a backup there)."""
 
-    def apply(self, install: list[model.Route], remove: list[str]) -> None:
-        """Install and remove (by route UUID) in one step."""
+    def apply(
+        self, install: list[model.Route], remove: list[str], status: dict[str, bool] | None = None
+    ) -> None:
+        """Install, remove (by VIRT link UUID) and switch in or out of use (``status``: UUID
+        -> in use) in one step; ControlError (nothing applied) if a switched UUID is not
+        installed here."""
         with self._lock:
-            self.version += 1
+            by_id = {model.route_uuid(*k): k for k in self._routes}
+            for rid in status or {}:
+                if rid not in by_id and not any(model.route_uuid(r.src, r.dst, r.slot) == rid
+                                                for r in install):  # fmt: skip
+                    raise ControlError("no such route installed here", code="CTL-SET-BAD")
+            changed = False
             for route in install:
-                self._routes[(route.src, route.dst)] = route
+                key = (route.src, route.dst, route.slot)
+                changed |= route.active or (key in self._routes and self._routes[key].active)
+                self._routes[key] = route
             for key in [k for k in self._routes if model.route_uuid(*k) in remove]:
-                del self._routes[key]
+                changed |= self._routes.pop(key).active
+            by_id = {model.route_uuid(*k): k for k in self._routes}
+            for rid, active in (status or {}).items():
+                route = self._routes[by_id[rid]]
+                changed |= route.active != active
+                self._routes[by_id[rid]] = dataclasses.replace(route, active=active)
+            if changed:
+                self.version += 1
 
     def routes(self) -> tuple[model.Route, ...]:
         with self._lock:
             return tuple(self._routes[k] for k in sorted(self._routes))
+
+    def in_use(self, src: int, dst: int) -> tuple[int, ...] | None:
+        """The whole path of route (src, dst) in use here, if this node is its head end
+        (its explicit route), else None."""
+        with self._lock:
+            for slot in model.SLOTS:
+                route = self._routes.get((src, dst, slot))
+                if route is not None and route.active and route.explicit:
+                    return route.explicit
+        return None
 
 
 class GnmiAgent(pb_grpc.gNMIServicer):  # type: ignore[misc]
@@ -164,24 +200,30 @@ class GnmiAgent(pb_grpc.gNMIServicer):  # type: ignore[misc]
         changes = [*request.update, *request.replace]
         if not 0 < len(changes) + len(request.delete) <= MAX_PATHS:
             _abort(context, ControlError(f"expected 1..{MAX_PATHS} changes", code="CTL-SET-BAD"))
-        install, remove, results = [], [], []
+        install, remove, status, results = [], [], {}, []
         try:
             for update in changes:
-                install.append(_route_of(self.routes.node, _route_id(request.prefix, update.path),
-                                         update.val.json_ietf_val))  # fmt: skip
+                route_id, leaf = _route_id(request.prefix, update.path)
+                if leaf:
+                    status[route_id] = _status_of(update.val.json_ietf_val)
+                else:
+                    install.append(_route_of(self.routes.node, route_id, update.val.json_ietf_val))
                 results.append(pb.UpdateResult(path=update.path, op=pb.UpdateResult.UPDATE))
             for path in request.delete:
-                remove.append(_route_id(request.prefix, path))
+                route_id, leaf = _route_id(request.prefix, path)
+                if leaf:
+                    raise ControlError("a route's status cannot be deleted", code="CTL-SET-BAD")
+                remove.append(route_id)
                 results.append(pb.UpdateResult(path=path, op=pb.UpdateResult.DELETE))
+            self.routes.apply(install, remove, status)
         except ControlError as exc:
             _abort(context, exc)
-        self.routes.apply(install, remove)
         return pb.SetResponse(response=results, timestamp=time.time_ns())
 
     def Capabilities(self, request: Any, context: Any) -> Any:
         models = [pb.ModelData(name=n, organization=o, version=v) for n, o, v in model.MODELS]
         models.append(
-            pb.ModelData(name=model.AUGMENT, organization="qkdn appliance", version="2026-12-01")
+            pb.ModelData(name=model.AUGMENT, organization="qkdn appliance", version="2026-12-03")
         )
         return pb.CapabilityResponse(
             supported_models=models,
@@ -298,15 +340,35 @@ def _update(sub: _Sub, doc: dict[str, Any], *, only_changed: bool = False) -> It
 
 
 MAX_SET_VALUE = 4096
+MAX_EXPLICIT = 64
+EXPLICIT = f"{model.AUGMENT}:explicit_route"
 _ROUTE_PATH = ("qkd_node", "qkd_links", "qkd_link")
 
 
-def _route_id(prefix: Any, path: Any) -> str:
-    """The route UUID a Set path names (CTL-SET-BAD unless it is a qkd_link entry)."""
+def _route_id(prefix: Any, path: Any) -> tuple[str, bool]:
+    """The route UUID a Set path names, and whether it names the route's ``qkdl_status``
+    leaf (CTL-SET-BAD unless it is a qkd_link entry or that leaf)."""
     elems = _elems(prefix, path)
-    if tuple(e.name for e in elems) != _ROUTE_PATH or [k for k, _ in elems[-1].keys] != ["qkdl_id"]:
-        raise ControlError("Set takes /qkd_node/qkd_links/qkd_link[qkdl_id=ID]", code="CTL-SET-BAD")
-    return elems[-1].keys[0][1]
+    names = tuple(e.name for e in elems)
+    leaf = names == (*_ROUTE_PATH, "qkdl_status")
+    if (names != _ROUTE_PATH and not leaf) or [k for k, _ in elems[2].keys] != ["qkdl_id"]:
+        raise ControlError(
+            "Set takes /qkd_node/qkd_links/qkd_link[qkdl_id=ID] or its qkdl_status",
+            code="CTL-SET-BAD",
+        )
+    return elems[2].keys[0][1], leaf
+
+
+def _status_of(raw: bytes) -> bool:
+    """In use (ACTIVE) or standby (PASSIVE): the value of a route's ``qkdl_status`` Set."""
+    try:
+        value = json.loads(raw)
+    except ValueError as exc:
+        raise ControlError("qkdl_status: expected a JSON string", code="CTL-SET-BAD") from exc
+    status = value.rpartition(":")[2] if isinstance(value, str) and len(value) <= 64 else ""
+    if status not in ("ACTIVE", "PASSIVE"):
+        raise ControlError("a route's qkdl_status is ACTIVE or PASSIVE", code="CTL-SET-BAD")
+    return status == "ACTIVE"
 
 
 def _route_of(node: int, route_id: str, raw: bytes) -> model.Route:
@@ -321,16 +383,25 @@ def _route_of(node: int, route_id: str, raw: bytes) -> model.Route:
         dst = model.node_of(value["qkdl_remote"]["qkdn_id"])
         prev = value.get("virt_prev_hop")
         nxt = value.get("virt_next_hop", [])
+        slot = model.slot_of(src, dst, route_id)
         route = model.Route(
             src=src, dst=dst, prev_hop=None if prev is None else model.node_of(prev),
-            next_hop=model.node_of(nxt[0]) if nxt else None,
+            next_hop=model.node_of(nxt[0]) if nxt else None, slot=slot or 0,
+            active=_status_of(json.dumps(value.get("qkdl_status", "ACTIVE")).encode()),
+            explicit=tuple(model.node_of(n) for n in value.get(EXPLICIT, [])[:MAX_EXPLICIT + 1]),
         )  # fmt: skip
     except (ValueError, KeyError, TypeError, IndexError) as exc:
         raise ControlError("Set value is not a VIRT qkd_link", code="CTL-SET-BAD") from exc
-    if route_id != model.route_uuid(src, dst) or node in (route.prev_hop, route.next_hop):
+    if slot is None or node in (route.prev_hop, route.next_hop):
         raise ControlError("route ID or hops do not fit this node", code="CTL-SET-BAD")
     if (route.prev_hop is None) != (node == src) or (route.next_hop is None) != (node == dst):
         raise ControlError("a route's ends have no previous / next hop", code="CTL-SET-BAD")
+    path = route.explicit
+    if path and (
+        node != src or len(path) > MAX_EXPLICIT or len(set(path)) != len(path)
+        or (path[0], path[1], path[-1]) != (src, route.next_hop, dst)
+    ):  # fmt: skip
+        raise ControlError("the explicit route does not fit this head end", code="CTL-SET-BAD")
     return route
 
 

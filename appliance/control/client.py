@@ -7,6 +7,8 @@ past a closed or silent stream would otherwise block until the call's deadline.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import queue
 import re
@@ -79,6 +81,23 @@ class PendingSet:
     def __init__(self, future: Any) -> None:
         self._future = future
 
+    async def confirmed(self) -> None:
+        """:meth:`wait` without a thread: the event loop is woken when the answer is in."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+
+        def settle() -> None:
+            if not done.done():
+                done.set_result(None)
+
+        def wake(_future: Any) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop closed: nobody waits
+                loop.call_soon_threadsafe(settle)
+
+        self._future.add_done_callback(wake)
+        await done
+        self.wait()
+
     def wait(self) -> None:
         """Until the agent confirmed (AgentUnavailable if it refused or did not answer
         within the client's timeout)."""
@@ -127,13 +146,31 @@ class AgentClient:
         then in flight together, without a thread each (:meth:`PendingSet.wait`)."""
         from appliance.control.agent import route_value
 
-        path = parse_path(_route_path(route.src, route.dst))
+        path = parse_path(_route_path(route.src, route.dst, route.slot))
         update = pb.Update(path=path, val=pb.TypedValue(json_ietf_val=route_value(route)))
         request = pb.SetRequest(update=[update])
         return PendingSet(self.stub.Set.future(request, timeout=self.timeout))
 
-    def delete_route(self, src: int, dst: int) -> None:
-        self._set(pb.SetRequest(delete=[parse_path(_route_path(src, dst))]))
+    def set_use_started(self, src: int, dst: int, slots: dict[int, bool]) -> PendingSet:
+        """Send one Set that switches installed slots of route (src, dst) in (True) or out
+        of use (``qkdl_status`` ACTIVE / PASSIVE), all or none; return at once."""
+        updates = [
+            pb.Update(
+                path=parse_path(f"{_route_path(src, dst, slot)}/qkdl_status"),
+                val=pb.TypedValue(json_ietf_val=json.dumps(
+                    f"{model.TYPES}:{'ACTIVE' if active else 'PASSIVE'}"
+                ).encode()),
+            )
+            for slot, active in sorted(slots.items())
+        ]  # fmt: skip
+        return PendingSet(self.stub.Set.future(pb.SetRequest(update=updates), timeout=self.timeout))
+
+    def delete_route(self, src: int, dst: int, slot: int = 0) -> None:
+        self.delete_route_started(src, dst, slot).wait()
+
+    def delete_route_started(self, src: int, dst: int, slot: int = 0) -> PendingSet:
+        request = pb.SetRequest(delete=[parse_path(_route_path(src, dst, slot))])
+        return PendingSet(self.stub.Set.future(request, timeout=self.timeout))
 
     def _set(self, request: Any) -> None:
         try:
@@ -225,8 +262,8 @@ def _events(answer: Any) -> Iterator[Event]:
         yield Event(path_text(path), deleted=True)
 
 
-def _route_path(src: int, dst: int) -> str:
-    return f"/qkd_node/qkd_links/qkd_link[qkdl_id={model.route_uuid(src, dst)}]"
+def _route_path(src: int, dst: int, slot: int = 0) -> str:
+    return f"/qkd_node/qkd_links/qkd_link[qkdl_id={model.route_uuid(src, dst, slot)}]"
 
 
 def path_text(path: Any) -> str:

@@ -64,6 +64,10 @@ BALANCE_S = 1.0
 """Installed routes are looked at again for key availability this often (the agents
 refresh stored bits and rates once a second)."""
 RETRY_S = 0.5
+PROTECT_AFTER_S = 0.25
+"""A path put in use gets its backup pre-installed this much later, so that the first
+relays on it (a cold path's, or the first after a switch) do not wait for a core behind
+the backup's Sets at every hop."""
 READ_S = 2.5
 """Longest wait for one gNMI message (heartbeats come every HEARTBEAT_MS)."""
 MAX_BODY = 1024
@@ -94,6 +98,14 @@ class Controller:
         self.tls, self.allowed, self.managers = tls, allowed, managers
         self.core = Core(weights=weights or Weights(), hold_off=hold_off)
         self.confirmed: dict[tuple[int, int], tuple[int, ...]] = {}
+        """Each route's path in use, confirmed by every hop."""
+        self.standby: dict[tuple[int, int], tuple[int, ...] | None] = {}
+        """Each route's backup, pre-installed at every hop in its other slot (None: none)."""
+        self.slots: dict[tuple[int, int], int] = {}
+        """The slot of each route's path in use (the backup is in the other one)."""
+        self._marks: dict[tuple[int, int], tuple[int, ...]] = {}
+        """Routes switched at their head end whose other hops still show the old use: the
+        path switched from."""
         self._locks: dict[tuple[int, int], asyncio.Lock] = {}
         self._clients: dict[int, AgentClient] = {}
         self._clients_lock = threading.Lock()
@@ -176,9 +188,27 @@ class Controller:
 
     def _document(self, doc: Any) -> None:
         try:
-            self._report(self.core.telemetry(time.monotonic(), doc))
+            changes = self.core.telemetry(time.monotonic(), doc)
         except ControlError as exc:
             log.warning("bad agent document", extra={"code": exc.code})
+            return
+        if self.core.in_use.keys() - self.confirmed.keys():
+            self._adopt()
+        self._report(changes)
+
+    def _adopt(self) -> None:
+        """Take on the routes the agents report installed that this controller did not
+        install (it restarted): the path in use at the head end, and the backup in the other
+        slot, so that a fault switches them as any route."""
+        for key in self.core.in_use.keys() - self.confirmed.keys():
+            lock = self._locks.get(key)
+            primary = self.core.installed(*key)
+            if primary is None or (lock is not None and lock.locked()):
+                continue
+            slot = self.core.in_use[key]
+            self.confirmed[key], self.slots[key] = primary, slot
+            self.standby[key] = self.core.installed(*key, 1 - slot)
+            self.core.keep(*key, primary, self.standby[key])
 
     async def _tick(self) -> None:
         """Let time pass in the core: every TICK_S while a hold-off runs, else every
@@ -208,6 +238,10 @@ class Controller:
                 extra = {"code": "CTL-BALANCE", "src": src, "dst": dst, "hops": len(moved)}
                 log.info("route moved for key availability", extra=extra)
                 self._reinstall(src, dst)
+                continue
+            cached = self.core.cache.get((src, dst))
+            if cached is not None and cached.backup != self.standby.get((src, dst)):
+                self._later(self._protect(src, dst))  # a new backup (a link came back)
 
     def _report(self, changes: list[Change]) -> None:
         """Tell the manager's long poll when the links the telemetry finds down change;
@@ -233,12 +267,16 @@ class Controller:
                 extra = {"code": "CTL-SWITCH", "routes": len(hit), **where}
                 log.info("protection switch", extra=extra)
                 for key in hit:
-                    del self.confirmed[key]
                     self._reinstall(*key)
+                for key, path in self.standby.items():  # a backup broken: protect anew
+                    if key not in hit and path is not None and _uses(path, link.a, link.b):
+                        self.standby[key] = None
+                        self._later(self._protect(*key))
 
     def _reinstall(self, src: int, dst: int) -> None:
-        """Install the new path of a route a failure broke now (the core switched it to its
-        backup), not when the next request for it comes."""
+        """Put the new path of a route a failure broke in use now (the core switched it to
+        its backup: pre-installed, one Set at the head end), not when the next request for
+        it comes."""
 
         async def run() -> None:
             try:
@@ -246,7 +284,15 @@ class Controller:
             except ControlError as exc:
                 log.warning("no new path yet", extra={"src": src, "dst": dst, "code": exc.code})
 
-        task = asyncio.get_running_loop().create_task(run())
+        self._later(run())
+
+    async def settle(self) -> None:
+        """Until no background install or switch of this controller runs (tests, benches)."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+    def _later(self, job: Any) -> None:
+        task = asyncio.get_running_loop().create_task(job)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -290,46 +336,142 @@ class Controller:
         return Response(200, json.dumps(doc).encode(), JSON)
 
     async def path(self, src: int, dst: int) -> tuple[tuple[int, ...], tuple[int, ...] | None]:
-        """The path from ``src`` to ``dst``, installed at every hop before it is returned."""
-        lock = self._locks.setdefault((src, dst), asyncio.Lock())
-        async with lock:
-            route = self.core.path(src, dst)
-            if self.confirmed.get((src, dst)) != route.primary:
-                if self.core.installed(src, dst) != route.primary:
-                    old = self.confirmed.get((src, dst)) or self.core.installed(src, dst) or ()
-                    await asyncio.to_thread(self._install, src, dst, route.primary, old)
-                self.confirmed[(src, dst)] = route.primary
-            return route.primary, route.backup
+        """The path from ``src`` to ``dst``, in use at every hop before it is returned (and
+        its backup, pre-installed at every hop, if it is yet)."""
+        key = (src, dst)
+        if self.confirmed.get(key) == self.core.path(src, dst, backup=False).primary:
+            return self.confirmed[key], self.standby.get(key)  # a backup's install may run
+        async with self._locks.setdefault(key, asyncio.Lock()):
+            route = self.core.path(src, dst, backup=False)
+            if self.confirmed.get(key) != route.primary:
+                await self._use(src, dst, route.primary)
+        self._later(self._protect(src, dst, PROTECT_AFTER_S))
+        return route.primary, self.standby.get(key)
 
-    def _install(self, src: int, dst: int, path: tuple[int, ...], old: tuple[int, ...]) -> None:
-        """A gNMI Set at every hop, all in flight at once (a switch over 13 hops costs one
-        round trip, not 13), returning once every hop confirmed; then the old
-        path's other nodes forget the route (best effort). ControlError if a hop refused
-        or did not answer."""
+    async def _use(self, src: int, dst: int, path: tuple[int, ...]) -> None:
+        """Put ``path`` in use (the pair's lock held): switched to at the head end if it is
+        the pre-installed backup, else installed at every hop."""
+        key = (src, dst)
+        slot = self.slots.get(key, self.core.in_use.get(key, 0))
+        old = self.confirmed.get(key) or self.core.installed(src, dst, slot)
+        if path == self.standby.get(key):
+            try:
+                await self._switch(src, dst, 1 - slot, slot)
+                self.slots[key], self.standby[key] = 1 - slot, old
+                self._marks[key] = old or ()
+                self.confirmed[key] = path
+                return
+            except ControlError as exc:
+                log.warning("switch refused: installing", extra={"src": src, "code": exc.code})
+                self.standby[key] = None
+        if self.core.installed(src, dst, slot) != path:
+            await asyncio.to_thread(self._install, src, dst, path, old or (), slot, True)
+        self.slots[key] = slot
+        self.confirmed[key] = path
+
+    async def _switch(self, src: int, dst: int, to: int, off: int) -> None:
+        """The protection switch: one Set at the head end puts the backup's slot in use and
+        the other out (the backup is installed at every hop already); sent from the event
+        loop at once, the loop woken by its answer."""
+        try:
+            await self._client(src).set_use_started(src, dst, {to: True, off: False}).confirmed()
+        except ControlError as exc:
+            raise ControlError(
+                f"head end {src} did not switch: {exc.code}", code="CTL-INSTALL"
+            ) from exc
+        log.info("route switched to its backup", extra={"src": src, "dst": dst, "slot": to})
+
+    async def _protect(self, src: int, dst: int, after: float = 0.0) -> None:
+        """Pre-install the backup of a route's path in use at every hop, in its other slot
+        (a new backup after a switch, or once a path is first installed), ``after``
+        seconds; after a switch at the head end, first show the new use at the other
+        hops. Off the requests' way: the head end is told nothing (its path in use does
+        not change)."""
+        key = (src, dst)
+        await asyncio.sleep(after)
+        async with self._locks.setdefault(key, asyncio.Lock()):
+            primary, slot = self.confirmed.get(key), self.slots.get(key, 0)
+            try:
+                route = self.core.path(src, dst) if primary is not None else None
+            except ControlError:
+                route = None
+            if primary is None or route is None or route.primary != primary:
+                return  # no route, or the load balancing decides
+            try:
+                if key in self._marks:
+                    await asyncio.to_thread(self._mark, src, dst, primary, slot)
+                if route.backup != self.standby.get(key):
+                    old = self.standby.get(key) or self.core.installed(src, dst, 1 - slot) or ()
+                    self.standby[key] = None
+                    if route.backup is None:
+                        await asyncio.to_thread(self._drop, src, dst, old, 1 - slot)
+                    else:
+                        await asyncio.to_thread(
+                            self._install, src, dst, route.backup, old, 1 - slot, False
+                        )
+                        self.standby[key] = route.backup
+            except ControlError as exc:
+                log.warning("no backup installed", extra={"src": src, "dst": dst, "code": exc.code})
+
+    def _mark(self, src: int, dst: int, path: tuple[int, ...], slot: int) -> None:
+        """After a switch at the head end, the other hops of the path in use and of the one
+        switched from show which is in use (best effort)."""
+        old = self._marks.pop((src, dst), ())
+        pending = []
+        for node in (set(path) | set(old)) - {src}:
+            use = {slot: True} if node in path else {}
+            if node in old:
+                use[1 - slot] = False
+            pending.append((node, self._client(node).set_use_started(src, dst, use)))
+        for node, one in pending:
+            try:
+                one.wait()
+            except ControlError as exc:
+                log.warning("route use not shown", extra={"node": node, "code": exc.code})
+
+    def _drop(self, src: int, dst: int, old: tuple[int, ...], slot: int) -> None:
+        """Remove a route's slot at every node of ``old`` (best effort)."""
+        pending = [(n, self._client(n).delete_route_started(src, dst, slot)) for n in old]
+        for node, one in pending:
+            try:
+                one.wait()
+            except ControlError as exc:
+                log.warning("stale route left", extra={"node": node, "code": exc.code})
+
+    def _install(
+        self, src: int, dst: int, path: tuple[int, ...], old: tuple[int, ...], slot: int,
+        active: bool,
+    ) -> None:  # fmt: skip
+        """A gNMI Set at every hop in the route's ``slot``, all in flight at once (a path
+        over 13 hops costs one round trip, not 13), returning once every hop confirmed;
+        then the old path's other nodes forget the slot (best effort). A backup
+        (``active`` False) is written at its head end last, once every other hop holds it,
+        so that a head end never holds half a backup. ControlError if a hop refused or did
+        not answer."""
         missing = [node for node in path if node not in self.agents]
         if missing:
             raise ControlError(f"node {missing[0]} has no agent", code="CTL-INSTALL")
         hops = [
             (node, model.Route(
                 src=src, dst=dst, prev_hop=path[i - 1] if i else None,
-                next_hop=path[i + 1] if i + 1 < len(path) else None,
+                next_hop=path[i + 1] if i + 1 < len(path) else None, slot=slot, active=active,
+                explicit=path if i == 0 else (),
             ))
             for i, node in enumerate(path)
         ]  # fmt: skip
-        pending = [(node, self._client(node).set_route_started(route)) for node, route in hops]
-        for node, one in pending:
-            try:
-                one.wait()
-            except ControlError as exc:
-                raise ControlError(
-                    f"hop {node} did not confirm: {exc.code}", code="CTL-INSTALL"
-                ) from exc
-        for node in set(old) - set(path):
-            try:
-                self._client(node).delete_route(src, dst)
-            except ControlError as exc:
-                log.warning("stale route left", extra={"node": node, "code": exc.code})
-        log.info("route installed", extra={"src": src, "dst": dst, "hops": len(path)})
+        waves = [hops] if active else [hops[1:], hops[:1]]
+        for wave in waves:
+            pending = [(node, self._client(node).set_route_started(route)) for node, route in wave]
+            for node, one in pending:
+                try:
+                    one.wait()
+                except ControlError as exc:
+                    raise ControlError(
+                        f"hop {node} did not confirm: {exc.code}", code="CTL-INSTALL"
+                    ) from exc
+        self._drop(src, dst, tuple(set(old) - set(path)), slot)
+        what = "route installed" if active else "backup installed"
+        log.info(what, extra={"src": src, "dst": dst, "hops": len(path), "slot": slot})
 
     def routes(self) -> dict[str, Any]:
         now = time.monotonic()
@@ -341,13 +483,17 @@ class Controller:
             for x in sorted(self.core.links.values(), key=lambda x: (x.a, x.b))
         ]  # fmt: skip
         routes = []
-        for s, d in sorted(set(self.confirmed) | set(self.core.hops)):
+        for s, d in sorted(set(self.confirmed) | {k[:2] for k in self.core.hops}):
             p = self.confirmed.get((s, d)) or self.core.installed(s, d)
             if p is None:
                 continue
-            cached = self.core.cache.get((s, d))
-            backup = list(cached.backup or ()) if cached is not None else []
-            routes.append({"src": s, "dst": d, "path": list(p), "backup": backup})
+            slot = self.slots.get((s, d), self.core.in_use.get((s, d), 0))
+            standby = self.standby.get((s, d)) if (s, d) in self.standby else (
+                self.core.installed(s, d, 1 - slot))  # fmt: skip
+            routes.append({
+                "src": s, "dst": d, "path": list(p), "backup": list(standby or ()),
+                "slot": slot,
+            })  # fmt: skip
         return {"routes": routes, "links": links, "switches": self.core.switches}
 
 

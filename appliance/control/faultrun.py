@@ -4,14 +4,19 @@ switching bench).
 :func:`measure_with_fault` runs ``requests`` enc_keys from the master SAE, each followed by
 the slave's dec_keys of the same keys, as :func:`appliance.tkey.measure` does; before
 request ``requests // 2`` it takes down the link next to node ``pivot`` on the installed
-path (:func:`appliance.control.linkfault.inject`). The report adds:
+path (:func:`appliance.control.linkfault.inject`, from a thread of its own, so that the
+requests go on while the fault is written, as they would while a fibre is cut). The
+report adds:
 
 * ``keys_lost`` (the master got them, the slave could not), ``keys_duplicated`` (a key ID
   handed out twice), ``keys_mismatched`` (the slave got other bits);
 * ``failed``: each failed request with its index, HTTP status and error message;
+* ``timeline``: each request's start (seconds after ``began_at``), T_key (ms, to the
+  slave's answer; lost keys count as failed) and whether it succeeded (for the plot);
 * ``switch_ms``: from the fault's injection to the end of the first request that
-  succeeded after the controller installed the new path (the controller's log gives
-  when, ``route installed``), i.e. the first relay known to have used the new path;
+  succeeded after the controller put the new path in use (the controller's log gives
+  when: ``route switched to its backup`` at the head end, or ``route installed`` at
+  every hop where there was no backup), i.e. the first relay known to have used the new path;
   None if none did.
 
 Afterwards the link is brought up again. Nothing here logs or keeps key material beyond
@@ -21,6 +26,7 @@ the comparison of the two ends' answers.
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -31,6 +37,9 @@ from appliance.sae_http import HttpResponseError
 from appliance.tkey import SaeEndpoint, call
 
 MAX_LOG = 16 << 20
+INSTALLED = ("route installed", "route switched to its backup")
+"""The controller's log lines of a new path in use (installed, or a pre-installed backup
+switched to at the head end)."""
 
 
 def measure_with_fault(
@@ -46,22 +55,27 @@ def measure_with_fault(
     issued_ids: set[str] = set()
     failed: list[dict[str, Any]] = []
     done: list[tuple[float, float]] = []  # (start, end) of each successful request
+    timeline: list[tuple[float, float, bool]] = []  # every request: start, T_key ms, success
     lost = duplicated = mismatched = matched = 0
     fault_at = 0.0
+    injector: _Injector | None = None
+    began = time.time()
     try:
         for i in range(requests):
             if i == requests // 2:
                 cut = cut() if callable(cut) else cut
-                fault_at = inject(net_dir, *cut, "down")
+                injector = _Injector(net_dir, cut)  # the fault does not pause the requests
             t0 = time.time()
             try:
                 status, issued = call(a, f"/api/v1/keys/{slave.sae}/enc_keys")
             except (OSError, HttpResponseError, ValueError):
                 a.close()
                 failed.append({"request": i, "status": 0, "message": "connection failed"})
+                timeline.append((t0 - began, (time.time() - t0) * 1000, False))
                 continue
             if status != 200:
                 failed.append({"request": i, "status": status, "message": _message(issued)})
+                timeline.append((t0 - began, (time.time() - t0) * 1000, False))
                 continue
             keys = issued["keys"]
             duplicated += sum(1 for k in keys if k["key_ID"] in issued_ids)
@@ -74,14 +88,18 @@ def measure_with_fault(
                 status, got = 0, {}
             if status != 200:
                 lost += len(keys)
+                timeline.append((t0 - began, (time.time() - t0) * 1000, False))
                 continue
             same = got.get("keys") == keys
             matched += len(keys) if same else 0
             mismatched += 0 if same else len(keys)
             done.append((t0, time.time()))
+            timeline.append((t0 - began, (done[-1][1] - t0) * 1000, same))
     finally:
         a.close()
         b.close()
+        if injector is not None:
+            fault_at = injector.join()
         if not callable(cut):
             inject(net_dir, *cut, "up")
     installed = _installed_after(net_dir / "logs" / "controller.log", fault_at)
@@ -98,7 +116,34 @@ def measure_with_fault(
         "switch_ms": round((switch - fault_at) * 1000, 1) if switch else None,
         "fault_at": fault_at,
         "new_path_installed_at": installed,
+        "began_at": began,
+        "timeline": timeline,
     }
+
+
+class _Injector:
+    """The link's fault, written by a thread of its own while the requests go on (as a
+    fibre is cut whatever an SAE is doing): the run's requests never wait for the
+    injector's file writes."""
+
+    def __init__(self, net_dir: Path, cut: tuple[int, int]) -> None:
+        self.at = 0.0
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(net_dir, cut), daemon=True)
+        self._thread.start()
+
+    def _run(self, net_dir: Path, cut: tuple[int, int]) -> None:
+        try:
+            self.at = inject(net_dir, *cut, "down")
+        except BaseException as exc:  # handed to the caller by join()
+            self.error = exc
+
+    def join(self) -> float:
+        """When the fault took effect (wall clock); the injector's error if it failed."""
+        self._thread.join()
+        if self.error is not None:
+            raise self.error
+        return self.at
 
 
 def _message(answer: Any) -> str:
@@ -117,7 +162,7 @@ def _installed_after(log: Path, since: float) -> float | None:
             entry = json.loads(line)
         except ValueError:
             continue
-        if entry.get("msg") == "route installed" and float(entry.get("ts", 0)) >= since:
+        if entry.get("msg") in INSTALLED and float(entry.get("ts", 0)) >= since:
             return float(entry["ts"])
     return None
 

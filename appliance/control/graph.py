@@ -40,8 +40,13 @@ are configurable (``qkdn controller run --weights``).
 (each shared link costs :data:`SHARE_PENALTY` more, so the backup shares a link only
 where no disjoint way exists; ``shared`` counts them). When a link of a cached primary
 goes down, the backup becomes the primary at once (protection switching: no computation
-on the fault's path) and a new backup is computed lazily. A link coming up, or a weight
-moving by more than ``reweigh`` of itself, empties the cache.
+on the fault's path) and a new backup is computed when next asked for, around that
+primary, which stays (:meth:`Core.keep` caches a route found installed the same way). A
+link coming up, or a weight moving by more than ``reweigh`` of itself, empties the cache.
+
+**Installed routes** come from the agents' VIRT links, two slots per route (the path in
+use and its pre-installed backup): :attr:`Core.hops` per slot, :attr:`Core.in_use` the
+slot the route's head end reports ACTIVE, :meth:`Core.installed` a slot's whole path.
 
 **Load balancing by key availability.** :meth:`Core.better` looks at an installed route
 again: if its alternative (the cached primary or backup) is now lighter than the
@@ -186,10 +191,12 @@ class Core:
     links: dict[str, _Link] = field(default_factory=dict)
     heard: dict[int, float] = field(default_factory=dict)
     cache: dict[tuple[int, int], Route] = field(default_factory=dict)
-    hops: dict[tuple[int, int], dict[int, tuple[int | None, int | None]]] = field(
+    hops: dict[tuple[int, int, int], dict[int, tuple[int | None, int | None]]] = field(
         default_factory=dict
     )
-    """Installed routes as the agents report them: (src, dst) -> node -> (prev, next)."""
+    """Installed routes as the agents report them: (src, dst, slot) -> node -> (prev, next)."""
+    in_use: dict[tuple[int, int], int] = field(default_factory=dict)
+    """The slot each route's head end (its source) reports in use (ACTIVE)."""
     switches: int = 0
     held_links: dict[tuple[int, int], float] = field(default_factory=dict)
     """Links the manager reports down: (lower ID, higher ID) -> held until (``now``'s clock)."""
@@ -239,8 +246,12 @@ class Core:
             link.ends[node] = report
         for entries in self.hops.values():
             entries.pop(node, None)
-        for src, dst, prev, nxt in routes:
-            self.hops.setdefault((src, dst), {})[node] = (prev, nxt)
+        for key in [k for k in self.in_use if k[0] == node]:
+            del self.in_use[key]
+        for hop in routes:
+            self.hops.setdefault((hop.src, hop.dst, hop.slot), {})[node] = (hop.prev, hop.next)
+            if hop.active and node == hop.src:
+                self.in_use[(hop.src, hop.dst)] = hop.slot
         return self.tick(now, only={r.link for r in reports})
 
     def lost(self, now: float, node: int) -> list[Change]:
@@ -253,9 +264,12 @@ class Core:
         """A heartbeat that repeats the node's last document: it is alive, nothing else."""
         self.heard[node] = now
 
-    def installed(self, src: int, dst: int) -> tuple[int, ...] | None:
-        """The installed path from ``src`` to ``dst`` if every hop reports it, else None."""
-        entries = self.hops.get((src, dst), {})
+    def installed(self, src: int, dst: int, slot: int | None = None) -> tuple[int, ...] | None:
+        """The installed path from ``src`` to ``dst`` in ``slot`` (default: the slot its
+        head end uses) if every hop reports it, else None."""
+        if slot is None:
+            slot = self.in_use.get((src, dst), 0)
+        entries = self.hops.get((src, dst, slot), {})
         path, node = [src], src
         while node != dst and len(path) <= len(entries):
             nxt = entries.get(node, (None, None))[1]
@@ -354,7 +368,10 @@ class Core:
         if cached is not None and (cached.backup is not None or not backup):
             return cached
         adj = self.adjacency()
-        primary, weight = shortest(adj, src, dst)
+        if cached is not None:  # a primary without backup (switched to): protect it as is
+            primary, weight = cached.primary, cached.weight
+        else:
+            primary, weight = shortest(adj, src, dst)
         second: tuple[int, ...] | None = None
         shared = 0
         if backup:
@@ -402,6 +419,18 @@ class Core:
         if now < float("inf"):
             self.cache[(src, dst)] = Route(installed, other, route.shared, now)
         return None
+
+    def keep(
+        self, src: int, dst: int, primary: tuple[int, ...], backup: tuple[int, ...] | None
+    ) -> None:
+        """Cache a route found installed (a restarted controller, from the agents): its path
+        in use stays primary and its installed backup the backup, where usable."""
+        weight = self.path_weight(primary)
+        if weight == float("inf") or (src, dst) in self.cache:
+            return
+        if backup is not None and self.path_weight(backup) == float("inf"):
+            backup = None
+        self.cache[(src, dst)] = Route(primary, backup, 0, weight)
 
     def adjacency(self) -> dict[int, list[tuple[int, float]]]:
         """Usable links as neighbour lists, sorted by neighbour ID."""
@@ -456,14 +485,21 @@ def _uses(path: tuple[int, ...], a: int, b: int) -> bool:
 
 
 # -- documents --------------------------------------------------------------------------
-Hop = tuple[int, int, int | None, int | None]
+@dataclass(frozen=True, slots=True)
+class Hop:
+    """An installed route at one node (a VIRT link): previous and next hop, None where the
+    node is the route's end; its slot and whether it is in use (ACTIVE) or standby."""
+
+    src: int
+    dst: int
+    prev: int | None
+    next: int | None
+    slot: int = 0
+    active: bool = True
 
 
 def parse(doc: dict[str, Any]) -> tuple[int, list[EndReport], list[Hop]]:
-    """(node, physical link reports, installed route hops) of a ``/qkd_node`` document.
-
-    An installed route shows at a node as a VIRT link: (source, destination, previous
-    hop, next hop), None where the node is the route's end."""
+    """(node, physical link reports, installed route hops) of a ``/qkd_node`` document."""
     try:
         node = model.node_of(doc["qkdn_id"])
         entries = doc["qkd_links"]["qkd_link"]
@@ -474,11 +510,13 @@ def parse(doc: dict[str, Any]) -> tuple[int, list[EndReport], list[Hop]]:
             if e["qkdl_type"].endswith(":VIRT"):
                 prev = e.get("virt_prev_hop")
                 nxt = e.get("virt_next_hop", [])[:1]
-                routes.append((
-                    model.node_of(e["qkdl_local"]["qkdn_id"]),
-                    model.node_of(e["qkdl_remote"]["qkdn_id"]),
-                    None if prev is None else model.node_of(prev),
+                src = model.node_of(e["qkdl_local"]["qkdn_id"])
+                dst = model.node_of(e["qkdl_remote"]["qkdn_id"])
+                routes.append(Hop(
+                    src, dst, None if prev is None else model.node_of(prev),
                     model.node_of(nxt[0]) if nxt else None,
+                    model.slot_of(src, dst, str(e["qkdl_id"])) or 0,
+                    str(e.get("qkdl_status", "")).endswith(":ACTIVE"),
                 ))  # fmt: skip
                 continue
             reports.append(_report(node, e))

@@ -9,9 +9,10 @@ integers and decimal64 values are strings. The YANG text is in ``yang/``.
 IDs. 015 names nodes and links by UUID. A node's UUID carries its topology ID in its last
 twelve digits (:func:`node_uuid`, :func:`node_of`); a physical link's UUID is a name-based
 UUID of its topology ID; an installed route is a VIRT link whose UUID is a name-based UUID
-of its (source, destination), with ``qkdl_local`` the source, ``qkdl_remote`` the
+of its (source, destination) and slot, with ``qkdl_local`` the source, ``qkdl_remote`` the
 destination, and ``virt_prev_hop`` / ``virt_next_hop`` the neighbours on the path at this
-node.
+node. A route has two slots (1:1 protection): the path in use (``qkdl_status`` ACTIVE) and
+its pre-installed disjoint backup (PASSIVE); slot 0's UUID is the route's plain one.
 
 No I/O here: the agent (:mod:`agent`) serves what :func:`document` builds.
 """
@@ -30,10 +31,12 @@ SDN = "etsi-qkd-sdn-node"
 TYPES = "etsi-qkd-node-types"
 AUGMENT = "qkdn-control"
 MODELS = ((SDN, "ETSI ISG QKD", "2022-01-30"), (TYPES, "ETSI ISG QKD", "2022-01-30"))
-AUGMENT_MODEL = (AUGMENT, "qkdn appliance", "2026-12-01")
+AUGMENT_MODEL = (AUGMENT, "qkdn appliance", "2026-12-03")
 MAX_PATH_ELEMS = 12
 MAX_NAME = 64
 MAX_KEYS = 4
+SLOTS = (0, 1)
+"""A route's two slots: its path in use and its backup (1:1 protection)."""
 _NODE_PREFIX = "00000000-0000-4000-8000-"
 _UUID_NS = uuid.UUID("6b0f1c52-3a44-5d0e-9c1a-0a5d2c1e7f00")
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.:-]*")
@@ -80,6 +83,13 @@ class Route:
     dst: int
     prev_hop: int | None
     next_hop: int | None
+    slot: int = 0
+    """0 or 1: a route's path in use and its backup sit in the two slots, in either."""
+    active: bool = True
+    """In use (ACTIVE), or the standby backup (PASSIVE)."""
+    explicit: tuple[int, ...] = ()
+    """At the head end only: the whole path, source to destination (our augment's
+    ``explicit_route``), which the head end's CKMS sends relays along."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -112,8 +122,15 @@ def link_uuid(link: str) -> str:
     return str(uuid.uuid5(_UUID_NS, f"link:{link}"))
 
 
-def route_uuid(src: int, dst: int) -> str:
-    return str(uuid.uuid5(_UUID_NS, f"route:{src}:{dst}"))
+def route_uuid(src: int, dst: int, slot: int = 0) -> str:
+    """The VIRT link UUID of a route's slot (0: the path in use when first installed)."""
+    name = f"route:{src}:{dst}" if slot == 0 else f"route:{src}:{dst}:{slot}"
+    return str(uuid.uuid5(_UUID_NS, name))
+
+
+def slot_of(src: int, dst: int, route_id: str) -> int | None:
+    """Which slot of route (src, dst) ``route_id`` names, or None."""
+    return next((s for s in SLOTS if route_uuid(src, dst, s) == route_id), None)
 
 
 def document(t: NodeTelemetry) -> dict[str, Any]:
@@ -162,8 +179,8 @@ def _phys(node: int, link: PhysLink) -> dict[str, Any]:
 
 def _virt(route: Route) -> dict[str, Any]:
     out: dict[str, Any] = {
-        "qkdl_id": route_uuid(route.src, route.dst),
-        "qkdl_status": f"{TYPES}:ACTIVE",
+        "qkdl_id": route_uuid(route.src, route.dst, route.slot),
+        "qkdl_status": f"{TYPES}:{'ACTIVE' if route.active else 'PASSIVE'}",
         "qkdl_local": {"qkdn_id": node_uuid(route.src)},
         "qkdl_remote": {"qkdn_id": node_uuid(route.dst)},
         "qkdl_type": f"{TYPES}:VIRT",
@@ -172,6 +189,8 @@ def _virt(route: Route) -> dict[str, Any]:
         out["virt_prev_hop"] = node_uuid(route.prev_hop)
     if route.next_hop is not None:
         out["virt_next_hop"] = [node_uuid(route.next_hop)]
+    if route.explicit:
+        out[f"{AUGMENT}:explicit_route"] = [node_uuid(n) for n in route.explicit]
     return out
 
 

@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -39,6 +41,7 @@ import grpc
 import hal
 from appliance.control import agent, model
 
+log = logging.getLogger("qkdn.agent")
 PUBLISH_S = 0.05
 IDLE_PUBLISH_S = 1.0
 FIGURES_S = 1.0
@@ -104,8 +107,8 @@ class NodeAgent:
         service = agent.GnmiAgent(self.telemetry, routes=self.routes)
         self._server = agent.serve(service, address, cert=cert, key=key, ca=ca)
         loop = asyncio.get_running_loop()
-        for qkdm in self.qkdms.values():
-            self._unsubscribe.append(qkdm.subscribe(lambda _event: self._soon(loop)))
+        for link, qkdm in self.qkdms.items():
+            self._unsubscribe.append(qkdm.subscribe(functools.partial(self._heard, loop, link)))
         self.telemetry.on_stream = lambda: self._soon(loop, self._rearm)
         self._tick()
 
@@ -118,6 +121,12 @@ class NodeAgent:
             loop.call_soon_threadsafe(then or self._changed)
         except RuntimeError:  # the node is stopping: its loop is closed
             return
+
+    def _heard(self, loop: asyncio.AbstractEventLoop, link: str, _event: object) -> None:
+        """A module reported a state change (its thread): logged (when the node learnt of a
+        fault: the first step of a protection switch), published from the loop now."""
+        log.info("link state change heard", extra={"link": link})
+        self._soon(loop)
 
     def _changed(self) -> None:
         self.telemetry.publish(self.reading())

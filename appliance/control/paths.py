@@ -3,13 +3,16 @@
 :class:`ControllerPaths` asks the controller for a path (``POST /v1/path`` over HTTP/2
 with mutual TLS, from the source access node's CKMS): the controller answers only once
 the path is installed at every hop. It remembers the last path it was given for each
-pair. While this node's route table (:class:`appliance.control.agent.RouteTable`, written
-only by the controller's gNMI Sets) has not changed since, that path is still the
-installed one and is used without asking (the controller installs every changed path at
-its source too, a failed link's at once). While the controller is unreachable, relays on
-installed routes go on over the last path; a pair it never had a path for gets
-:class:`~appliance.kms.node.Unreachable` (a clean 503 to the SAE). A controller that has
-no path answers 503 ``CTL-NO-PATH``: that is :class:`~appliance.kms.routing.NoRoute`.
+pair. A route in use whose head end is this node carries its whole path in this node's
+route table (:class:`appliance.control.agent.RouteTable`, written only by the
+controller's gNMI Sets: the explicit route of our 015 augment): that path is used without
+asking, and so is the backup's the moment the controller switches the route to it at
+this head end (one Set, no request). Otherwise, while the route table has not changed
+since the last answer, that path is still the installed one and is used without asking.
+While the controller is unreachable, relays on installed routes go on over the last
+path; a pair it never had a path for gets :class:`~appliance.kms.node.Unreachable` (a
+clean 503 to the SAE). A controller that has no path answers 503 ``CTL-NO-PATH``: that
+is :class:`~appliance.kms.routing.NoRoute`.
 """
 
 from __future__ import annotations
@@ -40,6 +43,9 @@ class ControllerPaths:
 
     def find(self, src: int, dst: int) -> tuple[int, ...] | Awaitable[tuple[int, ...]]:
         table = self.table()
+        installed = table.in_use(src, dst) if table is not None else None
+        if installed is not None:
+            return installed  # the path in use, as the controller installed it here
         known = self.last.get((src, dst))
         if (
             table is not None

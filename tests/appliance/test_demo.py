@@ -128,3 +128,37 @@ def test_the_plot_shows_t_key_and_every_links_level(tmp_path):
     assert sorted(line.get_label() for line in right.get_lines()) == ["link-1-2", "link-2-3"]
     with pytest.raises(ApplianceError):
         demo_plot(tmp_path / "missing-dir" / "p.png", [1.0], levels)
+
+
+def test_the_fault_plot_marks_the_fault_and_the_switch(tmp_path):
+    """``demo --fault --plot``: each request's T_key over time, failures apart, and the two
+    moments marked on both panels at their times."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+
+    from appliance.plots import fault_plot
+
+    drawn = {}
+    real_savefig = pyplot.Figure.savefig
+
+    def keep(fig, *args, **kwargs):
+        drawn["axes"] = fig.axes
+        return real_savefig(fig, *args, **kwargs)
+
+    pyplot.Figure.savefig = keep
+    try:
+        timeline = [(i * 0.02, 20.0 + i % 3, i != 51) for i in range(100)]
+        levels = [(t * 0.5, {"link-8-9": 1000 - t, "link-8-16": 900}) for t in range(5)]
+        marks = [(1.0, "link 8-16 down"), (1.04, "first relay on the new path (+40 ms)")]
+        fault_plot(tmp_path / "f.png", timeline, marks, levels)
+    finally:
+        pyplot.Figure.savefig = real_savefig
+    top, below = drawn["axes"]
+    assert [len(c.get_offsets()) for c in top.collections] == [99, 1]
+    for ax in (top, below):
+        xs = [line.get_xdata()[0] for line in ax.get_lines() if line.get_linestyle() == "--"]
+        assert xs == [1.0, 1.04]
+    assert [t.get_text() for t in top.texts] == [label for _, label in marks]
+    assert (tmp_path / "f.png").stat().st_size > 0

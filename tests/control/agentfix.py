@@ -89,7 +89,7 @@ LIBRARY = {
             },
             {
                 "name": "qkdn-control",
-                "revision": "2026-12-01",
+                "revision": "2026-12-03",
                 "namespace": "urn:qkdn:yang:qkdn-control",
                 "conformance-type": "implement",
             },

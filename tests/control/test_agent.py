@@ -3,7 +3,9 @@ errors, and every served document valid under the ETSI 015 model and our augment
 
 from __future__ import annotations
 
+import asyncio
 import json
+from dataclasses import replace
 
 import grpc
 import pytest
@@ -67,7 +69,7 @@ def test_capabilities_name_the_015_models_and_the_augment(served):
     names = {(m.name, m.version) for m in caps.supported_models}
     assert ("etsi-qkd-sdn-node", "2022-01-30") in names
     assert ("etsi-qkd-node-types", "2022-01-30") in names
-    assert ("qkdn-control", "2026-12-01") in names
+    assert ("qkdn-control", "2026-12-03") in names
     assert list(caps.supported_encodings) == [pb.Encoding.JSON_IETF]
     assert caps.gNMI_version == "0.8.0"
 
@@ -268,6 +270,72 @@ def test_set_installs_and_deletes_a_route_and_refuses_bad_ones(pki):
     finally:
         c.close()
         server.stop(grace=None)
+
+
+def _use(src: int, dst: int, slot: int, raw: bytes) -> pb.Update:
+    path = parse_path(
+        f"/qkd_node/qkd_links/qkd_link[qkdl_id={model.route_uuid(src, dst, slot)}]/qkdl_status"
+    )
+    return pb.Update(path=path, val=pb.TypedValue(json_ietf_val=raw))
+
+
+def test_a_backup_installs_standby_and_one_status_set_switches_it_in_use(routed):
+    """1:1 protection at a node: a route's two slots, the backup PASSIVE; a Set of both
+    slots' ``qkdl_status`` swaps their use, all or nothing; the route table's version
+    (the head end's "path in use changed") moves only when the use does."""
+    client, table = routed
+
+    def mine() -> list[tuple[int, bool, int | None]]:
+        return sorted((r.slot, r.active, r.next_hop) for r in table.routes() if r.src == 2)
+
+    client.set_route(model.Route(src=2, dst=7, prev_hop=3, next_hop=5))
+    before = table.version
+    client.set_route(model.Route(src=2, dst=7, prev_hop=3, next_hop=16, slot=1, active=False))
+    assert table.version == before  # a standby backup changes no path in use
+    assert mine() == [(0, True, 5), (1, False, 16)]
+    asyncio.run(client.set_use_started(2, 7, {1: True, 0: False}).confirmed())  # from a loop
+    assert table.version == before + 1
+    assert mine() == [(0, False, 5), (1, True, 16)]
+    validate(data_model(), model.document(telemetry(routes=table.routes())))
+    active = b'"etsi-qkd-node-types:ACTIVE"'
+    refused = [
+        [_use(2, 7, 0, active), _use(2, 9, 1, active)],  # 2->9 is not installed here
+        [_use(2, 7, 0, b'"etsi-qkd-node-types:OFF"')],
+        [_use(2, 7, 0, b"1")],
+        [_use(2, 7, 0, b"{")],
+    ]
+    for updates in refused:
+        with pytest.raises(grpc.RpcError) as bad:
+            client.stub.Set(pb.SetRequest(update=updates), timeout=WAIT)
+        assert bad.value.details().startswith("CTL-SET-BAD: ")
+    assert mine() == [(0, False, 5), (1, True, 16)]  # nothing of the refused Sets applied
+    assert table.version == before + 1
+    client.delete_route(2, 7, 1)
+    client.delete_route(2, 7)
+    assert mine() == []
+
+
+def test_a_head_end_holds_the_explicit_route_of_its_path_in_use(routed):
+    client, table = routed
+    head = model.Route(src=4, dst=7, prev_hop=None, next_hop=5, explicit=(4, 5, 6, 7))
+    client.set_route(head)
+    assert table.in_use(4, 7) == (4, 5, 6, 7)
+    validate(data_model(), model.document(telemetry(routes=table.routes())))
+    for explicit in ((4, 6, 7), (4, 5, 4, 7), (4, 5, 6), (4, 5, *range(100, 170), 7)):
+        with pytest.raises(AgentUnavailable) as caught:
+            client.set_route(replace(head, explicit=explicit))
+        assert caught.value.code == "CTL-SET-BAD"
+    with pytest.raises(AgentUnavailable):  # not the head end here
+        client.set_route(
+            model.Route(src=2, dst=7, prev_hop=3, next_hop=5, explicit=(2, 3, 4, 5, 7))
+        )
+    client.set_route(replace(head, next_hop=6, explicit=(4, 6, 7), slot=1, active=False))
+    assert table.in_use(4, 7) == (4, 5, 6, 7)  # the standby is not in use
+    client.set_use_started(4, 7, {0: False, 1: True}).wait()
+    assert table.in_use(4, 7) == (4, 6, 7)
+    client.delete_route(4, 7, 1)
+    client.delete_route(4, 7)
+    assert table.in_use(4, 7) is None
 
 
 def test_set_without_a_route_table_is_unimplemented(served):

@@ -5,6 +5,7 @@ and installed routes rebuilt from the agents' VIRT links."""
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 
 import pytest
 from hypothesis import given, settings
@@ -12,7 +13,7 @@ from hypothesis import strategies as st
 
 from appliance.control import model
 from appliance.control.errors import ControlError, NoPath
-from appliance.control.graph import Core, Weights, parse, shortest
+from appliance.control.graph import Core, Route, Weights, parse, shortest
 
 # The carrier part of DemoQuanDT: a chain 2..14 with the bypass 8-16-10 beside 8-9-10.
 CHAIN = [(n, n + 1) for n in range(2, 14)]
@@ -200,6 +201,46 @@ def test_installed_routes_are_rebuilt_from_the_agents():
     del net.routes[16]
     net.feed(core, 1.0)
     assert core.installed(7, 11) is None  # a hop that does not confirm is no route
+
+
+def install(net: Net, path: tuple[int, ...], slot: int, active: bool) -> None:
+    """The VIRT links of ``path`` at its nodes, as the controller's Sets leave them."""
+    for i, node in enumerate(path):
+        prev = path[i - 1] if i else None
+        nxt = path[i + 1] if i + 1 < len(path) else None
+        route = model.Route(src=path[0], dst=path[-1], prev_hop=prev, next_hop=nxt, slot=slot,
+                            active=active)  # fmt: skip
+        net.routes.setdefault(node, []).append(route)
+
+
+def test_both_slots_are_rebuilt_and_the_head_end_says_which_is_in_use():
+    net = Net()
+    via9, via16 = (7, 8, 9, 10, 11), (7, 8, 16, 10, 11)
+    install(net, via9, 0, False)  # switched: the other hops still show the old use
+    install(net, via16, 1, False)
+    head = model.Route(src=7, dst=11, prev_hop=None, next_hop=8)
+    net.routes[7] = [replace(head, active=False), replace(head, slot=1)]
+    core = started(net)
+    assert core.in_use[(7, 11)] == 1
+    assert core.installed(7, 11) == via16
+    assert core.installed(7, 11, 0) == via9
+    core.keep(7, 11, via16, via9)  # a restarted controller takes them on as they are
+    assert core.path(7, 11) == core.cache[(7, 11)]
+    assert (core.path(7, 11).primary, core.path(7, 11).backup) == (via16, via9)
+
+
+def test_a_switched_route_gets_a_backup_around_its_path_without_moving_it():
+    """After a switch the cached primary is the old backup, without a backup; asking for
+    one computes only the backup, around that path, even where a new shortest path would
+    differ (the switched path stays in use: its backup is what is pre-installed next)."""
+    core = Core()
+    for a, b, w in ((1, 2, 1.0), (2, 4, 1.0), (1, 3, 1.5), (3, 4, 1.5)):
+        core.set_link(f"L{a}-{b}", a, b, w)
+    assert core.path(1, 4).primary == (1, 2, 4)
+    core.cache[(1, 4)] = Route((1, 3, 4), None, 0, 3.0)  # as a switch leaves it
+    assert core.path(1, 4, backup=False).primary == (1, 3, 4)
+    route = core.path(1, 4)
+    assert (route.primary, route.backup, route.shared) == ((1, 3, 4), (1, 2, 4), 0)
 
 
 def test_weights_parse_and_refuse_bad_input():

@@ -8,6 +8,7 @@ import json
 
 import pytest
 
+from appliance.control import model
 from appliance.control.paths import ControllerPaths
 from appliance.kms.node import Unreachable
 from appliance.kms.routing import NoRoute
@@ -98,11 +99,19 @@ def test_a_learnt_path_is_used_without_asking_while_the_route_table_stands(pki):
         try:
             first = await paths.find(2, 14)
             again = paths.find(2, 14)  # answered at once: no awaitable, no request
-            table.apply([], [])  # the controller installed something here
+            backup = model.Route(src=2, dst=14, prev_hop=None, next_hop=16, slot=1, active=False)
+            table.apply([backup], [])  # a standby backup pre-installed: nothing in use moved
+            still = paths.find(2, 14)
+            table.apply([], [], {model.route_uuid(2, 14, 1): True})  # switched to it here
             changed = await paths.find(2, 14)
+            explicit = model.Route(src=2, dst=14, prev_hop=None, next_hop=15, slot=1,
+                                   explicit=(2, 15, 14))  # fmt: skip
+            table.apply([explicit], [])  # the path in use is written here: no request
+            written = paths.find(2, 14)
         finally:
             await paths.close()
             await server.close()
-        return first, again, changed, len(asked)
+        return first, again, still, changed, written, len(asked)
 
-    assert asyncio.run(main()) == ((2, 3, 14), (2, 3, 14), (2, 16, 14), 2)
+    got = asyncio.run(main())
+    assert got == ((2, 3, 14), (2, 3, 14), (2, 3, 14), (2, 16, 14), (2, 15, 14), 2)
