@@ -206,7 +206,7 @@ class Etsi014Api:
                 return None
             slave = _sae_id(match["sae"], "slave_SAE_ID")
             params = _params(request, query)
-            if any(
+            if slave == request.peer or any(
                 params.get(name, []) != []
                 for name in ("additional_slave_SAE_IDs", "extension_mandatory")
             ):
