@@ -6,7 +6,9 @@ Measures, in one run on a fresh network with full link key stores:
   * 256-bit keys/s end to end with batched requests (number = 1024, 4 requesters);
   * enc_keys served from a UKMS stock (a second network): requests/s, p50, and the CPU
     time of the master's UKMS per request (robust to other load on the machine);
-  * RSS of every node process.
+  * RSS of every node process;
+  * the CPU time (user + system, /proc) of each node process per request of each phase
+    (warm-up requests included), which other load on the machine disturbs less.
 Usage: python bench/kms_network.py [--requests N] [--concurrent N] [--batches N]
                                    [--mode gcm|otp] [--stock-only] [--json PATH]
 (``--stock-only``: the stocked network alone, e.g. to compare the 014 server of two trees.)
@@ -44,6 +46,21 @@ def cpu_s(pid: int) -> float:
     """CPU seconds (user + system) a process has used so far."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class NodeCpu:
+    """CPU time of every node process over a phase, per request: less sensitive to other
+    load on the machine than the wall-clock figures."""
+
+    def __init__(self, nodes: list[dict[str, Any]]) -> None:
+        self.pids = {n["name"]: n["pid"] for n in nodes if n.get("alive", True)}
+        self.start = {name: cpu_s(pid) for name, pid in self.pids.items()}
+
+    def per_request(self, requests: int) -> dict[str, Any]:
+        """CPU ms per request: all nodes together, and each node."""
+        used = {name: cpu_s(pid) - self.start[name] for name, pid in self.pids.items()}
+        each = {name: round(sec * 1000 / max(1, requests), 4) for name, sec in used.items()}
+        return {"all_ms": round(sum(used.values()) * 1000 / max(1, requests), 3), "nodes": each}
 
 
 def _worker(fn: Any, args: tuple[Any, ...], barrier: Any, queue: Any) -> None:
@@ -166,12 +183,19 @@ def full_network(tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
     try:
         status = net.status_doc(tmp)
         master, slave = endpoints(status, "sae-berlin-1", "sae-bonn-1")
+        nodes = status["nodes"]
+        cpu = NodeCpu(nodes)
         seq = measure(master, slave, args.requests)
         seq.pop("samples_ms")
+        seq["cpu_per_request"] = cpu.per_request(seq["requests"])
         out["sequential"] = seq
         per = max(1, args.concurrent // 16)
+        cpu = NodeCpu(nodes)
         out["concurrent_16"] = concurrent(master, slave, 16, per, 1)
+        out["concurrent_16"]["cpu_per_request"] = cpu.per_request(16 * per)
+        cpu = NodeCpu(nodes)
         out["batched_1024"] = concurrent(master, slave, 4, args.batches // 4, 1024)
+        out["batched_1024"]["cpu_per_request"] = cpu.per_request(4 * (args.batches // 4))
         rss = [rss_mb(n["pid"]) for n in net.status_doc(tmp)["nodes"] if n["alive"]]
         out["node_rss_mb"] = {"max": max(rss), "median": statistics.median(rss)}
     finally:

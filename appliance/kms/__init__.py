@@ -37,7 +37,10 @@ The end-to-end flow:
 
 1. SAE A -> UKMS A: ``enc_keys(slave=SAE B, number, size)``. From the pair's stock when it
    holds enough keys of the usual size (when the contracts live at the AKMS, under AAA,
-   once AKMS A has allowed and accounted for the request: ``KsaStocked``); otherwise:
+   once AKMS A has allowed and accounted for the request: ``KsaStocked``). Keys already
+   leased into memory are answered at once, in the 014 server's ``data_received``
+   (``Etsi014Api.handle_now`` -> ``UkmsEngine.from_lease_now``: one step, no event or
+   task); otherwise:
 2. UKMS A -> AKMS A: ``KsaRequest``. AKMS A asks the request validator, which names SAE
    B's UKMS and its AKMS and the relay mode (the contract's, else the network's).
 3. AKMS A -> AKMS B: ``CnRequest`` in a ``Tagged`` envelope on their channel (opened

@@ -35,7 +35,7 @@ import json
 import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 from urllib.parse import parse_qs, unquote_to_bytes, urlsplit
 
 import msgspec
@@ -125,6 +125,21 @@ class KeyService(Protocol):
         and hears whether it did."""
 
 
+@runtime_checkable
+class ImmediateKeys(Protocol):
+    """What a key service that can serve some enc_keys at once (from memory, asking no
+    one) adds to :class:`KeyService`: the API's direct path (:meth:`Etsi014Api.handle_now`)."""
+
+    def limits_now(self, master: str, slave: str) -> Limits | None:
+        """The pair's limits if known at once and a request may be served at once, else
+        None (the request then takes the full path, which answers it as usual)."""
+
+    def enc_keys_now(
+        self, master: str, slave: str, number: int, size: int
+    ) -> list[tuple[str, bytes]] | None:
+        """``number`` keys of ``size`` bits at once, or None having taken nothing."""
+
+
 class Taken(list[tuple[str, bytes]]):
     """Keys from :meth:`KeyService.dec_keys`, with ``written(bool)``: called once the answer
     carrying them was handed to the SAE's connection (True) or could not be (False)."""
@@ -175,6 +190,37 @@ class Etsi014Api:
 
     def __init__(self, service: KeyService) -> None:
         self.service = service
+        self._immediate = service if isinstance(service, ImmediateKeys) else None
+
+    def handle_now(self, request: Request) -> Response | None:
+        """The direct path: the answer at once when the request is a well-formed enc_keys
+        for the pair of the caller's certificate, with no parameter beyond ``number`` and
+        ``size``, that the service serves from memory; else None, nothing having been
+        done: the request then goes to :meth:`handle` (which also answers every error,
+        so both paths check alike and refuse alike)."""
+        if self._immediate is None or not request.peer or request.method not in ("GET", "POST"):
+            return None
+        try:
+            match, query = _resource(request.path)
+            if match["op"] != "enc_keys":
+                return None
+            slave = _sae_id(match["sae"], "slave_SAE_ID")
+            params = _params(request, query)
+            if slave == request.peer or any(
+                params.get(name, []) != []
+                for name in ("additional_slave_SAE_IDs", "extension_mandatory")
+            ):
+                return None
+            lim = self._immediate.limits_now(request.peer, slave)
+            if lim is None:
+                return None
+            number, size = _enc_numbers(params, lim)
+        except ApiError:
+            return None
+        keys = self._immediate.enc_keys_now(request.peer, slave, number, size)
+        if keys is None:
+            return None
+        return _json(200, {"keys": [_key(k, v) for k, v in keys]})
 
     async def handle(self, request: Request) -> Response:
         try:
@@ -262,21 +308,7 @@ class Etsi014Api:
 
     async def _enc_keys(self, master: str, slave: str, params: dict[str, Any]) -> Response:
         lim = await self._limits(master, slave)
-        number = _int(params, "number", 1)
-        size = _int(params, "size", lim.key_size)
-        if number < 1 or number > lim.max_key_per_request:
-            message = (
-                f"number must be between 1 and max_key_per_request "
-                f"({lim.max_key_per_request}), got {number}"
-            )
-            raise bad("number", message, "out of range")
-        if size % 8:
-            raise bad("size", MSG_SIZE_MULTIPLE_OF_8, f"got {size}, not a multiple of 8")
-        if not lim.min_key_size <= size <= lim.max_key_size:
-            message = (
-                f"size must be between {lim.min_key_size} and {lim.max_key_size} bits, got {size}"
-            )
-            raise bad("size", message, "out of range")
+        number, size = _enc_numbers(params, lim)
         extra = await self._additional_slaves(master, slave, params, lim, number, size)
         mandatory = params.get("extension_mandatory", [])
         if not isinstance(mandatory, list):
@@ -326,6 +358,24 @@ class Etsi014Api:
         response = _json(200, {"keys": [_key(k, v) for k, v in keys]})
         response.on_written = getattr(keys, "written", None)
         return response
+
+
+def _enc_numbers(params: dict[str, Any], lim: Limits) -> tuple[int, int]:
+    """An enc_keys's ``number`` and ``size``, checked against the pair's limits."""
+    number = _int(params, "number", 1)
+    size = _int(params, "size", lim.key_size)
+    if number < 1 or number > lim.max_key_per_request:
+        message = (
+            f"number must be between 1 and max_key_per_request "
+            f"({lim.max_key_per_request}), got {number}"
+        )
+        raise bad("number", message, "out of range")
+    if size % 8:
+        raise bad("size", MSG_SIZE_MULTIPLE_OF_8, f"got {size}, not a multiple of 8")
+    if not lim.min_key_size <= size <= lim.max_key_size:
+        message = f"size must be between {lim.min_key_size} and {lim.max_key_size} bits, got {size}"
+        raise bad("size", message, "out of range")
+    return number, size
 
 
 def _not_served(ids: list[str], exc: KeyUnavailable) -> Exception:

@@ -262,7 +262,7 @@ class KmsNode:
             versions = tuple(self.config.etsi014.tls_versions)
             alpn = ("h2", "http/1.1")  # HTTP/2 for SAEs that multiplex, on the same port
             ctx = sae_server_context(*self._tls, alpn, versions)
-            h1 = H1Server(api.handle, ctx, h2=True)
+            h1 = H1Server(api.handle, ctx, h2=True, handler_now=api.handle_now)
             await h1.start(*split_host_port(self.config.listen["etsi014"]))
             self._servers.append(h1)
         if "ckms" in self.engines and "gnmi" in self.config.listen:
@@ -764,6 +764,21 @@ class KmsNode:
         finally:
             expiry.cancel()
 
+    def from_lease_now(
+        self, master: str, slave: str, number: int, size: int
+    ) -> list[tuple[str, bytearray]] | None:
+        """A stocked enc_keys served at once from the pair's lease (the direct path: no
+        event, no future, no task; :meth:`UkmsEngine.from_lease_now`), the actions that
+        follow carried out; None if it cannot be (nothing was taken)."""
+        engine = self.engines["ukms"]
+        assert isinstance(engine, UkmsEngine)
+        got = engine.from_lease_now(master, slave, number, size, self._now())
+        if got is None:
+            return None
+        keys, actions = got
+        self._run_all("ukms", actions)
+        return [(k.key_id, k.material) for k in keys]
+
     def _sae_answer(self, service: str, action: SaeKeys | SaeRefused) -> None:
         future = self._sae.pop(action.req, None)
         if future is None or future.done():  # the SAE gave up meanwhile
@@ -803,6 +818,24 @@ class UkmsKeyService:
     ) -> Limits | Awaitable[Limits] | None:
         """The pair's limits: the network's, or (``policy.terms_from_akms``) the contract's
         as our AKMS answers them, kept for TERMS_TTL_S."""
+        limits = self._network_limits(master, slave, caller_is_master=caller_is_master)
+        policy = self.node.policy
+        if limits is None or not (policy.terms_from_akms and caller_is_master):
+            return limits
+        cached = self._terms.get((master, slave))
+        now = time.monotonic()
+        if cached is not None and now - cached[0] < TERMS_TTL_S:
+            return _contract_limits(limits, cached[1])
+        return self._fetch_terms(limits, master, slave, now)
+
+    def limits_now(self, master: str, slave: str) -> Limits | None:
+        """The limits of a master's request that may be served at once: the network's,
+        unless the contracts live at the AKMS (AAA), whose say every request needs."""
+        if self.node.policy.terms_from_akms:
+            return None
+        return self._network_limits(master, slave, caller_is_master=True)
+
+    def _network_limits(self, master: str, slave: str, *, caller_is_master: bool) -> Limits | None:
         sessions = self.node.sessions
         if caller_is_master:
             ok, other = sessions.session_014(master, slave), slave
@@ -812,20 +845,13 @@ class UkmsKeyService:
             return None
         target = self.node.topology.node(self.saes[other].node)
         policy = self.node.policy
-        limits = Limits(
+        return Limits(
             source_kme=self.node.name,
             target_kme=target.name,
             key_size=policy.key_size,
             max_key_per_request=policy.max_key_per_request,
             max_sae_id_count=m.MAX_SLAVES,
         )
-        if not (policy.terms_from_akms and caller_is_master):
-            return limits
-        cached = self._terms.get((master, slave))
-        now = time.monotonic()
-        if cached is not None and now - cached[0] < TERMS_TTL_S:
-            return _contract_limits(limits, cached[1])
-        return self._fetch_terms(limits, master, slave, now)
 
     async def _fetch_terms(self, limits: Limits, master: str, slave: str, now: float) -> Limits:
         """Ask our AKMS for the pair's terms. If it denies the pair (suspended, unknown,
@@ -854,6 +880,17 @@ class UkmsKeyService:
         event = SaeEncKeys(req=req, master=master, slave=slave, number=number, size=size, also=also)
         t0 = time.perf_counter()
         keys = await self.node.sae(event)
+        self.node.counters.served(time.perf_counter() - t0)  # T_key, for QKDN-MIB
+        return _copied(keys)
+
+    def enc_keys_now(
+        self, master: str, slave: str, number: int, size: int
+    ) -> list[tuple[str, bytes]] | None:
+        """The keys at once from the pair's lease, or None (then :meth:`enc_keys`)."""
+        t0 = time.perf_counter()
+        keys = self.node.from_lease_now(master, slave, number, size)
+        if keys is None:
+            return None
         self.node.counters.served(time.perf_counter() - t0)  # T_key, for QKDN-MIB
         return _copied(keys)
 

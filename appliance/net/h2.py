@@ -26,6 +26,7 @@ from typing import Protocol, cast
 
 from appliance.config.addresses import join_host_port
 from appliance.errors import ApplianceError
+from appliance.net import tls
 from appliance.net.h2core import (
     CANCEL,
     MAX_STREAMS,
@@ -38,7 +39,6 @@ from appliance.net.h2core import (
     MessageReceived,
     StreamReset,
 )
-from appliance.net.tls import AlertingTls
 from appliance.pki import peer_name
 
 log = logging.getLogger("qkdn.net")
@@ -149,10 +149,9 @@ class TlsServer:
     protocol object of each accepted connection (:meth:`_session`)."""
 
     ALERTS = False
-    """Whether a refused handshake sends its TLS alert (:class:`tls.AlertingTls`). It
-    costs: that TLS layer is in Python, where the event loop's own (uvloop's, in C) cannot
-    send the alert; so the SAE edge, whose clients are not ours, has it, and the servers
-    between nodes (every relay hop) keep the loop's own."""
+    """Whether a refused handshake sends its TLS alert (:func:`tls.alerting`: the loop's
+    own TLS, the handshake through a little Python). The SAE edge, whose clients are not
+    ours, has it; the servers between nodes (every relay hop) need not."""
 
     def __init__(self, handler: Handler, ssl_ctx: ssl.SSLContext) -> None:
         self.handler, self.ssl_ctx = handler, ssl_ctx
@@ -171,9 +170,12 @@ class TlsServer:
         loop = asyncio.get_running_loop()
         if not self.ALERTS:
             return await loop.create_server(self._session, host, port, ssl=self.ssl_ctx)
-
         return await loop.create_server(
-            lambda: AlertingTls(self._session(), self.ssl_ctx), host, port
+            self._session,
+            host,
+            port,
+            ssl=tls.alerting(self.ssl_ctx),
+            ssl_handshake_timeout=tls.HANDSHAKE_TIMEOUT,
         )
 
     def _session(self) -> asyncio.Protocol:

@@ -43,6 +43,7 @@ import json
 import logging
 import ssl
 from collections import Counter, deque
+from collections.abc import Callable
 from typing import NamedTuple, cast
 
 import httptools
@@ -51,6 +52,8 @@ from appliance.net.h2 import EdgeSession, Handler, Request, Response, TlsServer
 from appliance.pki import peer_name
 
 log = logging.getLogger("qkdn.net")
+HandlerNow = Callable[[Request], "Response | None"]
+"""A handler's direct path: the response at once, or None (the request goes the usual way)."""
 MAX_BODY = 1 << 20
 MAX_HEAD = 1 << 16
 MAX_FRAMING = 1 << 16
@@ -294,6 +297,8 @@ class _H1Session(asyncio.Protocol):
         except MalformedRequest as exc:
             self.queue.extend(exc.requests)
             self._end_with(_refusal_response(exc))
+        if self.queue and self.task is None and self.server.handler_now is not None:
+            self._answer_now(self.server.handler_now)
         if self.queue and self.task is None:
             self.task = cast(asyncio.AbstractEventLoop, self.loop).create_task(self._answer())
         self._watch()
@@ -306,6 +311,25 @@ class _H1Session(asyncio.Protocol):
         if self.task is None and self.loop is not None:
             self.task = self.loop.create_task(self._answer())
 
+    def _answer_now(self, handler_now: HandlerNow) -> None:
+        """The server's direct path: answer at once, in order, the requests at the front of
+        the queue that it serves without waiting; the first it does not, and all after
+        it, are left to the task (nothing is being answered meanwhile: no task runs)."""
+        while self.queue and self.admitted and not self.closing:
+            item = self.queue[0]
+            if isinstance(item, Response):
+                return
+            request = Request(item.method, item.target, item.body, item.headers, self.peer)
+            try:
+                response = handler_now(request)
+            except Exception:  # a handler bug must not kill the server, but must be seen
+                log.exception("request handler failed", extra={"path": request.path})
+                response = json_error(503, "internal error", "the request could not be served")
+            if response is None:
+                return
+            self.queue.popleft()
+            self._send(response, item.keep_alive)
+
     async def _answer(self) -> None:
         while self.queue and not self.closing:
             item = self.queue.popleft()
@@ -316,16 +340,23 @@ class _H1Session(asyncio.Protocol):
             else:
                 request = Request(item.method, item.target, item.body, item.headers, self.peer)
                 response, keep_alive = await self._handle(request), item.keep_alive
-            if self.transport is None or self.transport.is_closing():
-                _written(response, False)
+            if not self._send(response, keep_alive):
                 break
-            self.transport.write(encode_response(response, close=not keep_alive))
-            _written(response, True)
-            if not keep_alive:
-                self.close()
         self.task = None
         self._watch()
         self._maybe_continue()
+
+    def _send(self, response: Response, keep_alive: bool) -> bool:
+        """Write ``response`` (closing after it unless ``keep_alive``); False if the
+        connection was gone."""
+        if self.transport is None or self.transport.is_closing():
+            _written(response, False)
+            return False
+        self.transport.write(encode_response(response, close=not keep_alive))
+        _written(response, True)
+        if not keep_alive:
+            self.close()
+        return True
 
     async def _handle(self, request: Request) -> Response:
         try:
@@ -411,11 +442,15 @@ class H1Server(TlsServer):
         idle_timeout: float = IDLE_TIMEOUT,
         max_per_sae: int = MAX_PER_SAE,
         h2: bool = False,
+        handler_now: HandlerNow | None = None,
     ) -> None:
         """``h2``: serve HTTP/2 to clients that choose it by ALPN (the context must offer
-        ``h2`` beside ``http/1.1``)."""
+        ``h2`` beside ``http/1.1``). ``handler_now``: a direct path for HTTP/1.1 requests
+        that can be answered without waiting (its Response), tried first; None sends the
+        request to ``handler``."""
         super().__init__(handler, ssl_ctx)
         self.h2 = h2
+        self.handler_now = handler_now
         self.request_timeout, self.idle_timeout = request_timeout, idle_timeout
         self.max_per_sae = max_per_sae
         self._per_sae: Counter[str | None] = Counter()

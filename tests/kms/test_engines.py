@@ -391,6 +391,39 @@ def test_enc_keys_from_the_stock_and_through_the_network_when_it_is_short(bench)
     assert len(served) == len(set(served)) == 9  # no key handed to the master twice
 
 
+def test_a_stocked_enc_keys_is_served_at_once_from_the_lease_or_not_at_all(bench):
+    """The adapter's direct path: keys already leased are handed over in one step (the
+    slave finds them as usual); anything else takes nothing and is left to the full path."""
+    b = bench(policy=STOCKED)
+    ukms = b.engine(UKMS_A, "ukms")
+    assert ukms.from_lease_now("sae-a", "sae-b", 1, 256, 0.0) is None  # nothing leased yet
+    first = fetch(b, *GCM_PAIR, b.enc(*GCM_PAIR))  # the full path leases the stock
+    assert ukms._leased_count(SESSION_AB) == 3
+    not_now = [
+        ("sae-a", "sae-b", 4, 256),  # more than the lease holds
+        ("sae-a", "sae-b", 2, 128),  # not the usual size
+        ("sae-b", "sae-a", 1, 256),  # not the master of a pair here
+        ("sae-c", "sae-d", 1, 256),  # a pair with nothing leased
+    ]
+    for request in not_now:
+        assert ukms.from_lease_now(*request, 0.0) is None
+    assert ukms._leased_count(SESSION_AB) == 3  # nothing was taken
+    got = ukms.from_lease_now("sae-a", "sae-b", 2, 256, 0.0)
+    assert got is not None
+    keys, actions = got
+    assert ukms._leased_count(SESSION_AB) == 1
+    assert {k.key_id for k in keys} <= stock_ids(b, UKMS_A, SESSION_AB) - {first[0][0]}
+    bits = [(k.key_id, bytes(k.material)) for k in keys]
+    assert b.keys("sae-b", b.dec("sae-b", "sae-a", [k for k, _ in bits])) == bits
+    b.perform(UKMS_A, "ukms", actions)
+    b.run()
+    for k in keys:
+        k.material[:] = bytes(len(k.material))  # the adapter erases what it handed on
+    aaa = bench(policy=STOCKED_AT_AKMS)
+    fetch(aaa, *GCM_PAIR, aaa.enc(*GCM_PAIR))
+    assert aaa.engine(UKMS_A, "ukms").from_lease_now("sae-a", "sae-b", 1, 256, 0.0) is None
+
+
 @takes("ukms-enc LEASING SHORT", "ukms-enc ASKING ANSWER")
 def test_a_lease_that_comes_back_short_falls_back_to_the_network(bench):
     b = bench(policy=STOCKED)

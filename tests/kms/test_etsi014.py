@@ -707,3 +707,98 @@ def test_additional_slaves_are_checked_before_any_key_is_asked_for(also, status,
         Etsi014Api(service).handle(Request("GET", "/api/v1/keys/sae-2/status", b"", {}, "sae-1"))
     )
     assert json.loads(status_doc.body)["max_SAE_ID_count"] == 2
+
+
+# -- the direct path (a stocked enc_keys answered at once) -----------------------------------
+class ImmediateService(MemoryService):
+    """Also serves up to ``lease`` keys of 256 bits at once (:class:`ImmediateKeys`)."""
+
+    def __init__(self, lease: int = 10) -> None:
+        super().__init__()
+        self.lease = lease
+
+    def limits_now(self, master: str, slave: str) -> Limits | None:
+        return self.limits(master, slave, caller_is_master=True)
+
+    def limits(self, master: str, slave: str, *, caller_is_master: bool) -> Limits | None:
+        return (
+            LIMITS
+            if master == slave
+            else super().limits(master, slave, caller_is_master=caller_is_master)
+        )
+
+    def enc_keys_now(self, master, slave, number, size):
+        if size != 256 or number > self.lease:
+            return None
+        self.lease -= number
+        out = [(str(uuid.uuid4()), os.urandom(size // 8)) for _ in range(number)]
+        for key_id, key in out:
+            self.issued[key_id] = (master, slave, key)
+        return out
+
+
+def key_shape(response) -> tuple[int, list[tuple[int, int]]]:
+    doc = json.loads(response.body)
+    keys = doc.get("keys", []) if response.status == 200 else []
+    return response.status, [(len(k["key_ID"]), len(base64.b64decode(k["key"]))) for k in keys]
+
+
+wanted = st.builds("number={}&size={}".format, st.integers(-1, 20), st.sampled_from([256, 128, 7]))
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    op=st.sampled_from(["enc_keys", "enc_keys", "dec_keys", "status"]),
+    method=st.sampled_from(["GET", "POST", "PUT"]),
+    body=st.one_of(json_values, st.fixed_dictionaries({"number": st.integers(0, 20)})),
+    query=st.one_of(wanted, st.text(max_size=30)),
+    peer=st.sampled_from(["sae-1", "sae-2", None]),
+)
+def test_the_direct_path_answers_as_the_full_path_would_or_takes_nothing(
+    op, method, body, query, peer
+):
+    request = Request(
+        method, f"/api/v1/keys/sae-2/{op}?{query}", json.dumps(body).encode(), {}, peer
+    )
+    service = ImmediateService()
+    now = Etsi014Api(service).handle_now(request)
+    if now is None:
+        assert service.issued == {} and service.lease == 10
+        return
+    full = asyncio.run(Etsi014Api(MemoryService()).handle(request))
+    assert key_shape(now) == key_shape(full) and now.status == 200
+    assert now.headers == full.headers
+    assert len(service.issued) == 10 - service.lease == len(json.loads(now.body)["keys"])
+
+
+def test_the_direct_path_is_taken_over_http_and_answers_in_order():
+    """Pipelined: a stocked enc_keys (direct), one the lease cannot serve (the full path,
+    in a task), then a dec_keys and a stocked enc_keys again; answered in that order."""
+    service = ImmediateService(lease=3)
+    api = Etsi014Api(service)
+    taken_now = []
+
+    def handle_now(request):
+        response = api.handle_now(request)
+        taken_now.append(response is not None)
+        return response
+
+    srv = server(api.handle, handler_now=handle_now)
+
+    def get(path: str) -> bytes:
+        return f"GET {path} HTTP/1.1\r\nHost: kme\r\n\r\n".encode()
+
+    first = get("/api/v1/keys/sae-2/enc_keys?number=2")
+    transport = asyncio.run(exchange(srv, [first]))
+    (reply,) = replies(bytes(transport.out))
+    ids = [k["key_ID"] for k in reply.json()["keys"]]
+    assert taken_now == [True] and service.lease == 1
+    later = [
+        get("/api/v1/keys/sae-2/enc_keys?number=3"),
+        get(f"/api/v1/keys/sae-1/dec_keys?key_ID={ids[0]}"),
+        get("/api/v1/keys/sae-2/enc_keys?number=1"),
+    ]
+    transport = asyncio.run(exchange(srv, [b"".join(later)]))
+    statuses = [(r.status, len(r.json().get("keys", []))) for r in replies(bytes(transport.out))]
+    assert statuses == [(200, 3), (401, 0), (200, 1)]  # sae-1 is no slave of its own keys
+    assert taken_now == [True, False] and service.lease == 1  # after a task, no direct path

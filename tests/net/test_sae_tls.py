@@ -14,6 +14,7 @@ import threading
 from collections.abc import Callable, Iterator
 
 import pytest
+import uvloop
 
 from appliance.config.node import Etsi014Edge
 from appliance.net import tls
@@ -33,8 +34,11 @@ def edge(pki) -> Iterator[Callable[..., int]]:
     """Start a 014-edge HTTP/1.1 server with the given TLS versions; its port."""
     started: list[tuple[H1Server, asyncio.AbstractEventLoop, threading.Thread]] = []
 
-    def start(versions: tuple[str, ...] = ("1.2", "1.3")) -> int:
-        loop = asyncio.new_event_loop()
+    def start(
+        versions: tuple[str, ...] = ("1.2", "1.3"),
+        new_loop: Callable[[], asyncio.AbstractEventLoop] = asyncio.new_event_loop,
+    ) -> int:
+        loop = new_loop()
         node = pki["node-a"]
         ctx = sae_server_context(node.cert, node.key, node.ca, ("http/1.1",), versions)
         server = H1Server(ok, ctx)
@@ -129,8 +133,10 @@ def test_the_edge_settings_default_to_both_versions():
         ("1.2", "intruder", "TLSV1_ALERT_UNKNOWN_CA"),
     ],
 )
-def test_a_refused_client_certificate_gets_its_tls_alert(pki, edge, version, who, alert):
-    assert refusal(client(pki, who, version), edge()) == alert
+@pytest.mark.parametrize("new_loop", [asyncio.new_event_loop, uvloop.new_event_loop])
+def test_a_refused_client_certificate_gets_its_tls_alert(pki, edge, version, who, alert, new_loop):
+    """With asyncio's own TLS and with uvloop's (in C, what the nodes run)."""
+    assert refusal(client(pki, who, version), edge(new_loop=new_loop)) == alert
 
 
 def s_client(pki, port: int, who: str | None, version: str) -> str:

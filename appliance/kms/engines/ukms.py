@@ -272,11 +272,35 @@ class UkmsEngine(EngineBase):
         else:
             UKMS_ENC.advance(enc, I.LEASED)
             out = [SaeKeys(req=enc.req, keys=[(k.key_id, k.material) for k in keys])]
+        return out + self._drawn(stock, enc.session)
+
+    def _drawn(self, stock: Stock, session: str) -> list[Action]:
+        """After keys were drawn from a pair's lease: forget an empty lease, refill."""
         if not stock.leased:
-            self._leased.pop(enc.session, None)
-        out += self._want_stock(enc.session)
-        self._settle(enc.session)
+            self._leased.pop(session, None)
+        out = self._want_stock(session)
+        self._settle(session)
         return out
+
+    def from_lease_now(
+        self, master: str, slave: str, number: int, size: int, now: float
+    ) -> tuple[list[StoredKey], list[Action]] | None:
+        """A master's enc_keys served in one step (the adapter's direct path): when the
+        pair's lease in memory already holds ``number`` keys of the usual size and no one
+        has to be asked first (no AAA check), the keys (the caller hands them to the SAE
+        and erases them) and the actions that follow (a refill); else None, having done
+        nothing: the request then goes the full way (:class:`SaeEncKeys`). It is the
+        ``LEASING -> LEASED -> DONE`` life of ``UKMS_ENC`` without waiting in between, so
+        no request is kept for it."""
+        if self.policy.terms_from_akms or size != self.policy.key_size:
+            return None
+        session = self.sessions.session_014(master, slave)
+        stock = self._stocks.get(session) if session is not None else None
+        if session is None or stock is None or len(stock.leased) < number or number < 1:
+            return None
+        self.now = now
+        keys = [stock.leased.popleft() for _ in range(number)]
+        return keys, self._drawn(stock, session)
 
     def _allow_stocked(self, enc: Enc, keys: list[StoredKey]) -> list[Action]:
         """Ask our AKMS to allow (and account for) a request served from the stock. The
