@@ -1,4 +1,4 @@
-"""Shared fixtures: emulated QKDM pairs on a manual clock."""
+"""Shared fixtures: emulated QKDM pairs on a manual clock; the suite's Hypothesis profile."""
 
 from __future__ import annotations
 
@@ -6,11 +6,19 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 import hal
 from hal.emulated.driver import EmulatedQkdm
 
 Pair = tuple[EmulatedQkdm, EmulatedQkdm]
+
+# The suite runs on loaded 2-core machines: how long an example takes to generate or run
+# says nothing about the property under test, so neither the deadline nor the too-slow
+# health check may fail a test (every other health check stays). A test's own
+# @settings only changes what it names.
+settings.register_profile("appliance", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("appliance")
 
 
 def url(end: str, **params: object) -> str:
