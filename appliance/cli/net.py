@@ -366,6 +366,7 @@ async def _mgmt_agent(args: argparse.Namespace, node: Any, generator: Any) -> An
     await agent.start()
     watch = LinkWatch(list(node.qkdms.values()), agent.look)
     watch.start()
+    node.counters.alarm_hooks.append(lambda _code, _reason: agent.look())
     return agent, watch
 
 

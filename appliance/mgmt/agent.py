@@ -12,9 +12,14 @@ address, beside the KMS services on the same event loop:
   ``monitor`` user reads the node's identity and its link table only. Nobody writes.
 * Values are live: each PDU takes a fresh reading of the node
   (:class:`appliance.mgmt.nodestate.NodeReader`) and answers from it.
-* Every :data:`POLL_S` the agent compares the node's reading with the last one
-  (:mod:`appliance.mgmt.detect`) and sends each notice as an INFORM to the manager,
-  retried until acknowledged (a bounded queue), and as a trap to every other receiver.
+* When something may have changed, the agent compares the node's reading with the last
+  one (:mod:`appliance.mgmt.detect`) and sends each notice as an INFORM to the manager,
+  retried until acknowledged (a bounded queue), and as a trap to every other receiver. It
+  looks at once (:meth:`Agent.look`) when a QKD module's link state changes
+  (:class:`appliance.mgmt.nodestate.LinkWatch`), when the node raises an alarm, and after
+  each request left to pysnmp (where refusals are counted); and every :data:`POLL_S` for
+  what moves without telling (key levels, QBER, the generator's health, smartcards, the
+  boot record). Nothing else runs while nothing changes.
 """
 
 from __future__ import annotations
@@ -41,9 +46,10 @@ from appliance.snmp.usm import AUTH, PRIV, SNMP_TRAP_OID, Credentials, bind_udp,
 
 log = logging.getLogger("qkdn.mgmt")
 
-POLL_S = 0.5
-"""Seconds between two looks for faults; a QKD module's state change is looked at at once
-(:meth:`Agent.look`, :class:`appliance.mgmt.nodestate.LinkWatch`)."""
+POLL_S = 5.0
+"""Seconds between two looks at what does not tell of its changes; a QKD module's state
+change, an alarm of the node and a refused request are looked at at once
+(:meth:`Agent.look`)."""
 INFORM_TIMEOUT_S, INFORM_RETRIES = 0.5, 2
 """One INFORM attempt: pysnmp's own retransmissions; then :data:`RETRY_S` and again."""
 RETRY_S = 1.0
@@ -132,6 +138,7 @@ class Agent:
             self.engine, sock, self.cfg.users, lambda default: Instrumentation(self, default)
         )
         self._default = self.served.default
+        self.served.fast.passed = self.look  # pysnmp counts refusals: look at once
         self._receivers()
         self._tasks = [asyncio.ensure_future(self._watch())]
         if self.cfg.inform is not None:
@@ -278,14 +285,34 @@ class Agent:
 
 class Instrumentation:
     """pysnmp's MIB instrumentation interface (read, next) over one reading per PDU;
-    OIDs outside QKDN-MIB go to pysnmp's own (SNMP engine and USM counters)."""
+    OIDs outside QKDN-MIB go to pysnmp's own (SNMP engine and USM counters).
+
+    pysnmp's GETBULK responder asks for each repetition in a call of its own, all within
+    one PDU's handling (no await between them, and one ``acFun`` object per PDU): the
+    reading taken at the PDU's first call answers its later calls, so a walk of the MIB
+    reads the node once per PDU, not once per repetition. pysnmp's own tree holds nothing
+    from QKDN-MIB's arc up to :attr:`beyond` (looked up once: the tree's instances are the
+    engine's, fixed at start), so a GETNEXT inside the arc that finds our next instance
+    before it does not walk pysnmp's tree."""
 
     def __init__(self, agent: Agent, default: Any) -> None:
         self.agent, self.default = agent, default
+        self._pdu: Any = None
+        self._snap: Snapshot | None = None
+        after = default.read_next_variables((rfc1902.ObjectName(mib.QKDN_ARC), rfc1902.Null()))
+        self.beyond: tuple[int, ...] = tuple(after[0][0])
+        """pysnmp's first instance after the start of QKDN-MIB's arc."""
 
     def _denied(self, oid: tuple[int, ...], i: int, ctx: dict[str, Any]) -> bool:
         verdict = ctx["acFun"]("read", (rfc1902.ObjectName(oid), None), **{**ctx, "idx": i})
         return bool(verdict)
+
+    def snapshot(self, ctx: dict[str, Any]) -> Snapshot:
+        """The node read now, or at this PDU's first call (the same ``acFun`` object)."""
+        pdu = ctx.get("acFun")
+        if self._snap is None or pdu is None or pdu is not self._pdu:
+            self._snap, self._pdu = Snapshot(self.agent.reader()), pdu
+        return self._snap
 
     def read_variables(self, *binds: Any, **ctx: Any) -> list[Any]:
         snap: Snapshot | None = None
@@ -298,19 +325,23 @@ class Instrumentation:
             if self._denied(oid, i, ctx):
                 out.append((name, rfc1905.noSuchObject))
                 continue
-            snap = snap or Snapshot(self.agent.reader())
+            snap = snap or self.snapshot(ctx)
             value = snap.get(oid)
             out.append((name, rfc1905.noSuchInstance if value is None else _typed(value)))
         return out
 
     def read_next_variables(self, *binds: Any, **ctx: Any) -> list[Any]:
-        snap = Snapshot(self.agent.reader())
+        snap = self.snapshot(ctx)
         out = []
         for i, (name, val) in enumerate(binds):
-            theirs = self.default.read_next_variables((name, val), **ctx)[0]
-            ours = snap.next(tuple(name))
+            oid = tuple(name)
+            ours = snap.next(oid)
             while ours is not None and self._denied(ours[0], i, ctx):
                 ours = snap.next(ours[0])
+            if ours is not None and oid >= mib.QKDN_ARC and ours[0] < self.beyond:
+                out.append((rfc1902.ObjectName(ours[0]), _typed(ours[1])))
+                continue
+            theirs = self.default.read_next_variables((name, val), **ctx)[0]
             out.append(responder.next_of(theirs, ours, _typed))
         return out
 

@@ -128,6 +128,8 @@ class FastPath:
         self._names = {u.user.encode(): rfc1902.OctetString(u.user) for u in users}
         self._salt = secrets.randbits(64)
         self.answered = 0
+        self.passed: Callable[[], None] | None = None
+        """Told after each datagram left to pysnmp (which counts what it refuses)."""
 
     def clock(self) -> tuple[int, int]:
         """This engine's snmpEngineBoots and snmpEngineTime now."""
@@ -204,6 +206,8 @@ class FastTransport(udp.UdpAsyncioTransport):  # type: ignore[misc]
         reply = self.fast.answer(datagram, address) if self.fast is not None else None
         if reply is None or self.transport is None:
             super().datagram_received(datagram, address)
+            if self.fast is not None and self.fast.passed is not None:
+                self.fast.passed()
         else:
             self.transport.sendto(reply, address)
 
