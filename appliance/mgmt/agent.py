@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field
-from pysnmp.entity import config, engine
+from pysnmp.entity import config
 from pysnmp.entity.rfc3413 import ntforg
 from pysnmp.proto import rfc1902, rfc1905
 
@@ -41,8 +41,8 @@ from appliance.config.schema import Strict, load_model, read_toml
 from appliance.mgmt import mib
 from appliance.mgmt.detect import Detector, Notice
 from appliance.mgmt.nodeview import NodeReading, Snapshot, Value
-from appliance.snmp import responder
-from appliance.snmp.usm import AUTH, PRIV, SNMP_TRAP_OID, Credentials, bind_udp, host_port
+from appliance.snmp import engines, responder
+from appliance.snmp.usm import SNMP_TRAP_OID, Credentials, bind_udp, host_port
 
 log = logging.getLogger("qkdn.mgmt")
 
@@ -114,8 +114,8 @@ class Agent:
 
     def __init__(self, name: str, reader: Callable[[], NodeReading], cfg: AgentConfig) -> None:
         self.name, self.reader, self.cfg = name, reader, cfg
-        self.engine = engine.SnmpEngine(snmpEngineID=rfc1902.OctetString(engine_id(name)))
-        self.notifier = engine.SnmpEngine(snmpEngineID=rfc1902.OctetString(engine_id(name, "n")))
+        self.engine = engines.new_engine(engine_id(name))
+        self.notifier = engines.new_engine(engine_id(name, "n"))
         self.detector = Detector()
         self.port = 0
         self.sent = self.acked = self.dropped = 0
@@ -163,7 +163,7 @@ class Agent:
         for role in ("manager", "monitor"):
             config.add_vacm_access(self.engine, role, "", 3, "authPriv", "exact", role, "", "none")
         for user in self.cfg.users:
-            config.add_v3_user(self.engine, user.user, AUTH, user.auth, PRIV, user.priv)
+            engines.add_user(self.engine, user)
             config.add_vacm_group(self.engine, user.role, 3, user.user)
 
     def _receivers(self) -> None:
