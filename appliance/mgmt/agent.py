@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
@@ -53,6 +54,12 @@ change, an alarm of the node and a refused request are looked at at once
 INFORM_TIMEOUT_S, INFORM_RETRIES = 0.5, 2
 """One INFORM attempt: pysnmp's own retransmissions; then :data:`RETRY_S` and again."""
 RETRY_S = 1.0
+IDLE_TICK_S, TICK_S = 10.0, 0.1
+"""pysnmp's dispatchers wake every tick (0.1 s by default) to expire what waits for an
+answer. The agent's engines tick every IDLE_TICK_S (the longest pysnmp allows: the
+responder waits for nothing, and its expiries are counted in seconds); while an INFORM
+waits for its acknowledgement, the agent ticks the notifier every TICK_S itself (pysnmp
+counts the INFORM's timeout and retries in ticks)."""
 MAX_PENDING = 1000
 """Notifications waiting for the manager's acknowledgement; the oldest go beyond this."""
 REFUSALS = (
@@ -140,6 +147,8 @@ class Agent:
         self._default = self.served.default
         self.served.fast.passed = self.look  # pysnmp counts refusals: look at once
         self._receivers()
+        for eng in (self.engine, self.notifier):  # pysnmp's timer: see IDLE_TICK_S
+            eng.transport_dispatcher.set_timer_resolution(IDLE_TICK_S)
         self._tasks = [asyncio.ensure_future(self._watch())]
         if self.cfg.inform is not None:
             self._tasks.append(asyncio.ensure_future(self._deliver()))
@@ -279,8 +288,16 @@ class Agent:
                 done.set_result(error is None)
 
         self.sent += 1
-        self._originator.send_varbinds(self.notifier, "inform", None, b"", binds, acked)
-        return await done
+        ticks = self.notifier.transport_dispatcher
+        ticks.set_timer_resolution(TICK_S)  # the INFORM's timeout is counted in these
+        try:
+            self._originator.send_varbinds(self.notifier, "inform", None, b"", binds, acked)
+            while not done.done():
+                await asyncio.wait([done], timeout=TICK_S)
+                ticks.handle_timer_tick(time.time())
+        finally:
+            ticks.set_timer_resolution(IDLE_TICK_S)
+        return done.result()
 
 
 class Instrumentation:
