@@ -161,3 +161,24 @@ def _private(path: Path, lines: list[str]) -> None:
     with os.fdopen(fd, "w", encoding="utf-8") as out:
         out.write("\n".join(lines) + "\n")
     os.replace(tmp, path)
+
+
+def agent_addresses(net_dir: Path) -> dict[str, str]:
+    """Each node agent of ``<net>/mgmt`` (its name, from its file) and its ``snmp`` address."""
+    from appliance.mgmt.agent import load_config
+
+    return {
+        f.name.removeprefix("node-").removesuffix(".toml"): load_config(f).listen
+        for f in sorted(mgmt_dir(net_dir).glob("node-*.toml"))
+    }
+
+
+def silent_agents(agents: dict[str, str], timeout_s: float = 0.5) -> list[str]:
+    """The agents among ``agents`` that are not ready: a ready agent answers SNMPv3 engine
+    discovery on its address with its own engine ID (:mod:`appliance.snmp.discovery`;
+    its users, views and responders are set up before its socket is served)."""
+    from appliance.mgmt.agent import engine_id
+    from appliance.snmp.discovery import answering
+
+    got = answering(agents, timeout_s)
+    return [n for n in agents if not got.get(n, b"").startswith(engine_id(n))]
