@@ -246,6 +246,13 @@ even by kill -9. A state file it cannot write (full disk) is an alarm in
         "when the topology has a manager node; docs/mgmt.md)",
     )
     up.add_argument(
+        "--mgmt-poll",
+        type=float,
+        metavar="S",
+        help="seconds between two polls of every agent by the QKDN Manager (default 30; "
+        "link faults reach it at once by INFORM whatever this is)",
+    )
+    up.add_argument(
         "--controller",
         action="store_true",
         help="start the QKDN Controller: access nodes ask it for every relay path, it "
@@ -562,8 +569,19 @@ def _prepare_mgmt(args: argparse.Namespace, topo: Any, configs: dict[str, Any]) 
         configs,
         controller=bool(getattr(args, "controller", False)),
         aaa=bool(getattr(args, "aaa", False)),
+        poll_s=_mgmt_poll(getattr(args, "mgmt_poll", None)),
     )
     return True
+
+
+def _mgmt_poll(value: float | None) -> float:
+    from appliance.mgmt.netsetup import POLL_S
+
+    if value is None:
+        return POLL_S
+    if not 1.0 <= value <= 3600.0:
+        raise UsageError(f"--mgmt-poll: expected 1 <= S <= 3600 seconds, got {value:g}")
+    return value
 
 
 def _aaa_listening(mark: tuple[Path, int]) -> bool:
