@@ -247,7 +247,7 @@ even by kill -9. A state file it cannot write (full disk) is an alarm in
     )
     up.add_argument(
         "--mgmt-poll",
-        type=float,
+        type=types.number(1, 3600),
         metavar="S",
         help="seconds between two polls of every agent by the QKDN Manager (default 30; "
         "link faults reach it at once by INFORM whatever this is)",
@@ -569,19 +569,9 @@ def _prepare_mgmt(args: argparse.Namespace, topo: Any, configs: dict[str, Any]) 
         configs,
         controller=bool(getattr(args, "controller", False)),
         aaa=bool(getattr(args, "aaa", False)),
-        poll_s=_mgmt_poll(getattr(args, "mgmt_poll", None)),
+        **({"poll_s": args.mgmt_poll} if getattr(args, "mgmt_poll", None) else {}),
     )
     return True
-
-
-def _mgmt_poll(value: float | None) -> float:
-    from appliance.mgmt.netsetup import POLL_S
-
-    if value is None:
-        return POLL_S
-    if not 1.0 <= value <= 3600.0:
-        raise UsageError(f"--mgmt-poll: expected 1 <= S <= 3600 seconds, got {value:g}")
-    return value
 
 
 def _aaa_listening(mark: tuple[Path, int]) -> bool:
