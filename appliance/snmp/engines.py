@@ -24,6 +24,7 @@ import os
 from types import CodeType
 from typing import Any
 
+from pyasn1.type import univ
 from pysnmp.entity import config, engine
 from pysnmp.proto import rfc1902
 from pysnmp.proto.rfc3412 import MsgAndPduDispatcher
@@ -40,7 +41,7 @@ CACHED = ".py (cached)"
 def master_key(passphrase: str) -> bytes:
     """The SHA-256 master key of a pass phrase (RFC 3414 A.2.1, as RFC 7860 uses it for
     HMAC-SHA-256 and RFC 3826 for AES under it)."""
-    raw = passphrase.encode()
+    raw = univ.OctetString(passphrase).asOctets()  # the phrase's octets as pysnmp takes them
     if not raw:
         raise ValueError("an empty pass phrase has no key")
     return hashlib.sha256((raw * (MEGABYTE // len(raw) + 1))[:MEGABYTE]).digest()
@@ -67,7 +68,7 @@ class CachedMibSource(builder.DirMibSource):  # type: ignore[misc]
 
     def read(self, f: str) -> tuple[CodeType, str]:
         path = os.path.join(super().full_path(), f + ".py")
-        code = _cached(path)
+        code = cached_code(path)
         if code is None:
             got: tuple[CodeType, str] = super().read(f)
             return got
@@ -80,7 +81,7 @@ class CachedMibSource(builder.DirMibSource):  # type: ignore[misc]
         return path
 
 
-def _cached(path: str) -> CodeType | None:
+def cached_code(path: str) -> CodeType | None:
     """The code object in the import system's cache of ``path`` if it is current."""
     try:
         source = os.stat(path)
