@@ -24,7 +24,6 @@ import os
 from types import CodeType
 from typing import Any
 
-from pyasn1.type import univ
 from pysnmp.entity import config, engine
 from pysnmp.proto import rfc1902
 from pysnmp.proto.rfc3412 import MsgAndPduDispatcher
@@ -41,7 +40,7 @@ CACHED = ".py (cached)"
 def master_key(passphrase: str) -> bytes:
     """The SHA-256 master key of a pass phrase (RFC 3414 A.2.1, as RFC 7860 uses it for
     HMAC-SHA-256 and RFC 3826 for AES under it)."""
-    raw = univ.OctetString(passphrase).asOctets()  # the phrase's octets as pysnmp takes them
+    raw = bytes(rfc1902.OctetString(passphrase).asOctets())  # as pysnmp takes the phrase
     if not raw:
         raise ValueError("an empty pass phrase has no key")
     return hashlib.sha256((raw * (MEGABYTE // len(raw) + 1))[:MEGABYTE]).digest()
