@@ -173,6 +173,17 @@ def test_manager_role_gets_live_values_and_walks_the_whole_mib(peers: Peers):
     assert names == readable
 
 
+def test_a_bulk_walk_reads_the_node_once_per_request_not_per_repetition(peers: Peers):
+    before = peers.state["reads"]
+    bulk = _ok(
+        snmp("snmpbulkwalk", peers.address, "QKDN-MIB::qkdnMIB", user=MANAGER, options=("-Cr10",))
+    )
+    instances, reads = len(bulk.splitlines()), peers.state["reads"] - before
+    # ~4 GETBULKs of 10 repetitions; each is read once, and looked at once after (pysnmp
+    # answered it, where refusals are counted): not once per repetition
+    assert instances >= 30 and 1 <= reads <= instances // 2, (instances, reads)
+
+
 def test_monitor_role_sees_identity_and_links_only(peers: Peers):
     walk = _ok(snmp("snmpbulkwalk", peers.address, "QKDN-MIB::qkdnMIB", user=MONITOR))
     assert "qkdnLinkSkr.9" in walk and "qkdnNodeRole.0" in walk
