@@ -17,7 +17,7 @@ address, beside the KMS services on the same event loop:
   retried until acknowledged (a bounded queue), and as a trap to every other receiver. It
   looks at once (:meth:`Agent.look`) when a QKD module's link state changes
   (:class:`appliance.mgmt.nodestate.LinkWatch`), when the node raises an alarm, and after
-  each request left to pysnmp (where refusals are counted); and every :data:`POLL_S` for
+  each request pysnmp refused (its USM and SNMP counters grew); and every :data:`POLL_S` for
   what moves without telling (key levels, QBER, the generator's health, smartcards, the
   boot record). Nothing else runs while nothing changes.
 """
@@ -63,12 +63,13 @@ counts the INFORM's timeout and retries in ticks)."""
 MAX_PENDING = 1000
 """Notifications waiting for the manager's acknowledgement; the oldest go beyond this."""
 REFUSALS = (
-    (1, 3, 6, 1, 6, 3, 15, 1, 1, 1, 0),  # usmStatsUnsupportedSecLevels
-    (1, 3, 6, 1, 6, 3, 15, 1, 1, 3, 0),  # usmStatsUnknownUserNames
-    (1, 3, 6, 1, 6, 3, 15, 1, 1, 5, 0),  # usmStatsWrongDigests
-    (1, 3, 6, 1, 6, 3, 15, 1, 1, 6, 0),  # usmStatsDecryptionErrors
-    (1, 3, 6, 1, 2, 1, 11, 4, 0),  # snmpInBadCommunityNames
+    ("__SNMP-USER-BASED-SM-MIB", "usmStatsUnsupportedSecLevels"),
+    ("__SNMP-USER-BASED-SM-MIB", "usmStatsUnknownUserNames"),
+    ("__SNMP-USER-BASED-SM-MIB", "usmStatsWrongDigests"),
+    ("__SNMP-USER-BASED-SM-MIB", "usmStatsDecryptionErrors"),
+    ("__SNMPv2-MIB", "snmpInBadCommunityNames"),
 )
+"""The engine's counters of refused requests (pysnmp's instances, counted in place)."""
 MONITOR_VIEW = ("qkdnNode", "qkdnLinks")
 SYNTAX: dict[str, Any] = {
     "Unsigned32": rfc1902.Unsigned32,
@@ -132,7 +133,7 @@ class Agent:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._originator = ntforg.NotificationOriginator()
-        self._default: Any = None
+        self._refused: list[Any] = []
         self.served: responder.Served | None = None
 
     # -- start and stop ------------------------------------------------------------------
@@ -144,8 +145,9 @@ class Agent:
         self.served = responder.serve(
             self.engine, sock, self.cfg.users, lambda default: Instrumentation(self, default)
         )
-        self._default = self.served.default
-        self.served.fast.passed = self.look  # pysnmp counts refusals: look at once
+        builder = self.engine.get_mib_builder()
+        self._refused = [builder.import_symbols(m, name)[0] for m, name in REFUSALS]
+        self.served.fast.passed = self._passed
         self._receivers()
         for eng in (self.engine, self.notifier):  # pysnmp's timer: see IDLE_TICK_S
             eng.transport_dispatcher.set_timer_resolution(IDLE_TICK_S)
@@ -194,14 +196,12 @@ class Agent:
     # -- faults ------------------------------------------------------------------------
     def refusals(self) -> int:
         """The engine's refusal counters (USM and SNMP), summed."""
-        total = 0
-        for oid in REFUSALS:
-            ((_name, value),) = self._default.read_variables((oid, None))
-            try:
-                total += int(value)
-            except (ValueError, TypeError):  # not instantiated yet: nothing counted
-                continue
-        return total
+        return sum(int(counter.syntax) for counter in self._refused)
+
+    def _passed(self) -> None:
+        """A request went to pysnmp: look at once if it was refused."""
+        if self.refusals() > self.detector.refusals:
+            self.look()
 
     async def _watch(self) -> None:
         while True:
