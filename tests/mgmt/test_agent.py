@@ -225,6 +225,12 @@ def test_v2c_noauth_and_wrong_keys_are_refused_and_counted(peers: Peers):
     after = _counters(peers)
     assert [a > b for a, b in zip(after, before, strict=True)] == [True, True, True, True]
 
+    def refused_told() -> bool:  # the agent looked at once: qkdnAuthFailure to the manager
+        events = peers.call(peers.store.security_events)
+        return any(e["kind"] == "snmp-refused" and e["source"] == "ckms-minden" for e in events)
+
+    _wait(refused_told)
+
 
 def _wait(condition: Callable[[], bool], timeout: float = 20.0) -> None:
     poll(condition, "the awaited condition", timeout)
