@@ -55,11 +55,11 @@ INFORM_TIMEOUT_S, INFORM_RETRIES = 0.5, 2
 """One INFORM attempt: pysnmp's own retransmissions; then :data:`RETRY_S` and again."""
 RETRY_S = 1.0
 IDLE_TICK_S, TICK_S = 10.0, 0.1
-"""pysnmp's dispatchers wake every tick (0.1 s by default) to expire what waits for an
-answer. The agent's engines tick every IDLE_TICK_S (the longest pysnmp allows: the
-responder waits for nothing, and its expiries are counted in seconds); while an INFORM
-waits for its acknowledgement, the agent ticks the notifier every TICK_S itself (pysnmp
-counts the INFORM's timeout and retries in ticks)."""
+"""pysnmp's dispatchers wake every tick (TICK_S, 0.1 s, by default) to expire what waits
+for an answer. The agent's responder ticks every IDLE_TICK_S (the longest pysnmp allows: it
+waits for nothing, and its expiries are counted in seconds). The notifier's own timer loop
+is stopped: while an INFORM waits for its acknowledgement, the agent ticks it every TICK_S
+(pysnmp counts the INFORM's timeout and retransmissions in ticks), and nothing else."""
 MAX_PENDING = 1000
 """Notifications waiting for the manager's acknowledgement; the oldest go beyond this."""
 REFUSALS = (
@@ -149,8 +149,10 @@ class Agent:
         self._refused = [builder.import_symbols(m, name)[0] for m, name in REFUSALS]
         self.served.fast.passed = self._passed
         self._receivers()
-        for eng in (self.engine, self.notifier):  # pysnmp's timer: see IDLE_TICK_S
-            eng.transport_dispatcher.set_timer_resolution(IDLE_TICK_S)
+        # pysnmp's timers (IDLE_TICK_S): the responder's ticks slowed, the notifier's own
+        # loop stopped (the agent ticks it while an INFORM waits)
+        self.engine.transport_dispatcher.set_timer_resolution(IDLE_TICK_S)
+        self.notifier.transport_dispatcher.loopingcall.cancel()
         self._tasks = [asyncio.ensure_future(self._watch())]
         if self.cfg.inform is not None:
             self._tasks.append(asyncio.ensure_future(self._deliver()))
@@ -288,15 +290,11 @@ class Agent:
                 done.set_result(error is None)
 
         self.sent += 1
-        ticks = self.notifier.transport_dispatcher
-        ticks.set_timer_resolution(TICK_S)  # the INFORM's timeout is counted in these
-        try:
-            self._originator.send_varbinds(self.notifier, "inform", None, b"", binds, acked)
-            while not done.done():
-                await asyncio.wait([done], timeout=TICK_S)
-                ticks.handle_timer_tick(time.time())
-        finally:
-            ticks.set_timer_resolution(IDLE_TICK_S)
+        ticks = self.notifier.transport_dispatcher  # its timeout is counted in ticks
+        self._originator.send_varbinds(self.notifier, "inform", None, b"", binds, acked)
+        while not done.done():
+            await asyncio.wait([done], timeout=TICK_S)
+            ticks.handle_timer_tick(time.time())
         return done.result()
 
 
