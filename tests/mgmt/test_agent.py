@@ -238,12 +238,14 @@ def _wait(condition: Callable[[], bool], timeout: float = 20.0) -> None:
 
 def test_a_link_fault_informs_the_manager_and_traps_snmptrapd_then_clears(peers: Peers):
     peers.state["link"] = "down"
+    peers.agent.look()  # as the link watch does when a module's state changes
     _wait(lambda: any(a.resource == "link-8-9" for a in peers.call(peers.store.alarms)))
     [alarm] = [a for a in peers.call(peers.store.alarms) if a.resource == "link-8-9"]
     assert (alarm.kind, alarm.severity, alarm.node) == ("link", "major", "ckms-minden")
     log = peers.traps.wait_for("qkdnLinkDown")
     assert 'qkdnNotifyResource.0 = STRING: "link-8-9"' in log and "major(4)" in log
     peers.state["link"] = "up"
+    peers.agent.look()
     _wait(lambda: not any(a.resource == "link-8-9" for a in peers.call(peers.store.alarms)))
     peers.traps.wait_for("qkdnLinkUp")
     # the manager stores a notification before its acknowledgement reaches the agent
