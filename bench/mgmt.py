@@ -477,9 +477,12 @@ def bench_latency(faults: int, link: tuple[int, int] = (8, 9)) -> dict[str, Any]
             for _ in range(faults):
                 for state, out in (("down", raised), ("up", cleared)):
                     time.sleep(phase.uniform(0.0, 1.0))  # a fault at any point of an epoch
+                    mark = page.mark()  # the alarm may show before this thread waits for it
                     at = inject(folder, *link, state)
                     effective = module_change(folder, link, at)
-                    seen = page.wait(lambda doc, s=state: _alarm_open(doc, name) == (s == "down"))
+                    seen = page.wait(
+                        lambda doc, s=state: _alarm_open(doc, name) == (s == "down"), since=mark
+                    )
                     out.append((seen - at, seen - effective))
                     if state == "up":  # the next cut starts from a link carrying keys
                         page.wait(lambda doc: _link_up(doc, name), 60)
@@ -574,9 +577,15 @@ class PageStream:
                     self.events.append((time.time(), doc))
                     self.cond.notify_all()
 
-    def wait(self, condition: Any, timeout: float = 60.0) -> float:
+    def mark(self) -> int:
+        """Where the events received so far end (a :meth:`wait` from there counts what
+        arrives between the mark and the call)."""
         with self.cond:
-            seen = len(self.events)
+            return len(self.events)
+
+    def wait(self, condition: Any, timeout: float = 60.0, since: int | None = None) -> float:
+        with self.cond:
+            seen = len(self.events) if since is None else since
             deadline = time.monotonic() + timeout
             while True:
                 for at, doc in self.events[seen:]:

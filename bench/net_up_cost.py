@@ -1,10 +1,13 @@
-"""What the AAA device adds to ``qkdn net up`` (issue 14): DemoQuanDT networks started with
-and without AAA, alternately, and for each the wall time of the start and the CPU seconds
-(utime + stime from /proc) every process of the network had spent when ``net up``
-returned. Wall time follows the machine's load; CPU seconds much less so: the AAA
-process's own, the AKMSs' (their SNMP engines), and the total.
+"""What the AAA device (issue 14) or the management plane (issue 17) adds to ``qkdn net
+up``: DemoQuanDT networks started with and without it, alternately, and for each the wall
+time of the start and the CPU seconds (utime + stime from /proc) every process of the
+network had spent when ``net up`` returned. Wall time follows the machine's load; CPU
+seconds much less so: the AAA process's own, the AKMSs', the manager's, the total.
 
-Usage: python bench/net_up_cost.py [--rounds 2] [--json PATH]
+``--what aaa`` (the default) runs management in both; ``--what mgmt`` runs AAA in neither
+(with management, ``net up`` returns once every node's agent answers as well).
+
+Usage: python bench/net_up_cost.py [--what aaa|mgmt] [--rounds 2] [--json PATH]
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICK
 
 
-def one_start(aaa: bool) -> dict[str, Any]:
+def one_start(aaa: bool, mgmt: bool = True) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="qkdn-up-cost-") as tmp:
         args = argparse.Namespace(
             topology="demoquandt",
@@ -42,6 +45,7 @@ def one_start(aaa: bool) -> dict[str, Any]:
             timeout=600.0,
             json=False,
             aaa=aaa,
+            mgmt=mgmt,
         )
         load = os.getloadavg()[0]
         began = time.monotonic()
@@ -58,32 +62,39 @@ def one_start(aaa: bool) -> dict[str, Any]:
             net.bring_down(Path(tmp))
     return {
         "aaa": aaa,
+        "mgmt": mgmt,
         "load": round(load, 1),
         "wall_s": round(wall, 1),
         "cpu_total_s": round(sum(per.values()), 2),
         "cpu_aaa_s": per.get("aaa", 0.0),
         "cpu_akms_s": round(sum(v for k, v in per.items() if k.startswith("akms")), 2),
+        "cpu_manager_s": per.get("manager", 0.0),
         "processes": len(per),
     }
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--what", choices=["aaa", "mgmt"], default="aaa")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--json", type=Path)
     args = p.parse_args()
-    runs = [one_start(aaa) for _ in range(args.rounds) for aaa in (True, False)]
+    key = args.what
+    starts = [
+        (x, True) if key == "aaa" else (False, x) for _ in range(args.rounds) for x in (True, False)
+    ]
+    runs = [one_start(aaa, mgmt) for aaa, mgmt in starts]
     for run in runs:
         print(json.dumps(run), flush=True)
 
-    def median(key: str, aaa: bool) -> float:
-        return float(statistics.median(r[key] for r in runs if r["aaa"] is aaa))
+    def median(name: str, with_it: bool) -> float:
+        return float(statistics.median(r[name] for r in runs if r[key] is with_it))
 
     doc = {
         "runs": runs,
         "median": {
             k: {"with": median(k, True), "without": median(k, False)}
-            for k in ("wall_s", "cpu_total_s", "cpu_aaa_s", "cpu_akms_s")
+            for k in ("wall_s", "cpu_total_s", "cpu_aaa_s", "cpu_akms_s", "cpu_manager_s")
         },
     }
     print(json.dumps(doc["median"]))

@@ -246,6 +246,13 @@ even by kill -9. A state file it cannot write (full disk) is an alarm in
         "when the topology has a manager node; docs/mgmt.md)",
     )
     up.add_argument(
+        "--mgmt-poll",
+        type=types.number(1, 3600),
+        metavar="S",
+        help="seconds between two polls of every agent by the QKDN Manager (default 30; "
+        "link faults reach it at once by INFORM whatever this is)",
+    )
+    up.add_argument(
         "--controller",
         action="store_true",
         help="start the QKDN Controller: access nodes ask it for every relay path, it "
@@ -366,6 +373,7 @@ async def _mgmt_agent(args: argparse.Namespace, node: Any, generator: Any) -> An
     await agent.start()
     watch = LinkWatch(list(node.qkdms.values()), agent.look)
     watch.start()
+    node.counters.alarm_hooks.append(lambda _code, _reason: agent.look())
     return agent, watch
 
 
@@ -501,7 +509,9 @@ def bring_up(args: argparse.Namespace) -> None:
         supervisor = _start_supervisor(args, patience, lock)
         try:
             ca = Path(next(iter(configs.values())).paths.ca_cert)
-            _wait_ready(supervisor, args.dir, float(args.timeout), addresses, ca, aaa_log)
+            _wait_ready(
+                supervisor, args.dir, float(args.timeout), addresses, ca, aaa_log, args.mgmt
+            )
         except BaseException:
             _stop_started(supervisor, args.dir)
             raise
@@ -559,6 +569,7 @@ def _prepare_mgmt(args: argparse.Namespace, topo: Any, configs: dict[str, Any]) 
         configs,
         controller=bool(getattr(args, "controller", False)),
         aaa=bool(getattr(args, "aaa", False)),
+        **({"poll_s": args.mgmt_poll} if getattr(args, "mgmt_poll", None) else {}),
     )
     return True
 
@@ -724,12 +735,19 @@ def _wait_ready(
     addresses: list[str],
     ca: Path,
     aaa_log: tuple[Path, int] | None = None,
+    mgmt: bool = False,
 ) -> None:
-    """Until the supervisor reports every node started and every KMS endpoint completes a
-    TLS handshake with this network's CA. Fails fast when the supervisor exits or a node
-    keeps exiting, naming the last error in its log."""
+    """Until the supervisor reports every node started, every KMS endpoint completes a
+    TLS handshake with this network's CA and (``mgmt``) every node's SNMP agent answers
+    engine discovery with its own engine ID. Fails fast when the supervisor exits or a
+    node keeps exiting, naming the last error in its log."""
     from appliance.kms import netproc
 
+    agents: dict[str, str] = {}
+    if mgmt:
+        from appliance.mgmt.netsetup import agent_addresses
+
+        agents = agent_addresses(net_dir)
     deadline = time.monotonic() + timeout
     while True:
         status = supervisor.poll()
@@ -747,13 +765,26 @@ def _wait_ready(
             started = all(isinstance(c, dict) and c.get("pid") for c in children.values())
             aaa_ready = aaa_log is None or _aaa_listening(aaa_log)
             if started and aaa_ready and _ports_open(addresses, ca):
-                return
+                agents = _silent_agents(agents)
+                if not agents:
+                    return
         if time.monotonic() >= deadline:
+            silent = f"; SNMP agents not answering: {', '.join(sorted(agents))}" if agents else ""
             raise ApplianceError(
-                f"the network did not come up within {timeout:g} s (see {net_dir / 'logs'})",
+                f"the network did not come up within {timeout:g} s (see {net_dir / 'logs'})"
+                + silent[:400],
                 code="NET-TIMEOUT",
             )
         time.sleep(0.2)
+
+
+def _silent_agents(agents: dict[str, str]) -> dict[str, str]:
+    """The agents among ``agents`` not ready yet (:func:`appliance.mgmt.netsetup.silent_agents`)."""
+    if not agents:
+        return agents
+    from appliance.mgmt.netsetup import silent_agents
+
+    return {name: agents[name] for name in silent_agents(agents)}
 
 
 def _refuse_crash_loops(children: dict[str, Any]) -> None:

@@ -12,9 +12,14 @@ address, beside the KMS services on the same event loop:
   ``monitor`` user reads the node's identity and its link table only. Nobody writes.
 * Values are live: each PDU takes a fresh reading of the node
   (:class:`appliance.mgmt.nodestate.NodeReader`) and answers from it.
-* Every :data:`POLL_S` the agent compares the node's reading with the last one
-  (:mod:`appliance.mgmt.detect`) and sends each notice as an INFORM to the manager,
-  retried until acknowledged (a bounded queue), and as a trap to every other receiver.
+* When something may have changed, the agent compares the node's reading with the last
+  one (:mod:`appliance.mgmt.detect`) and sends each notice as an INFORM to the manager,
+  retried until acknowledged (a bounded queue), and as a trap to every other receiver. It
+  looks at once (:meth:`Agent.look`) when a QKD module's link state changes
+  (:class:`appliance.mgmt.nodestate.LinkWatch`), when the node raises an alarm, and after
+  each request pysnmp refused (its USM and SNMP counters grew); and every :data:`POLL_S` for
+  what moves without telling (key levels, QBER, the generator's health, smartcards, the
+  boot record). Nothing else runs while nothing changes.
 """
 
 from __future__ import annotations
@@ -22,13 +27,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field
-from pysnmp.entity import config, engine
+from pysnmp.entity import config
 from pysnmp.entity.rfc3413 import ntforg
 from pysnmp.proto import rfc1902, rfc1905
 
@@ -36,26 +42,34 @@ from appliance.config.schema import Strict, load_model, read_toml
 from appliance.mgmt import mib
 from appliance.mgmt.detect import Detector, Notice
 from appliance.mgmt.nodeview import NodeReading, Snapshot, Value
-from appliance.snmp import responder
-from appliance.snmp.usm import AUTH, PRIV, SNMP_TRAP_OID, Credentials, bind_udp, host_port
+from appliance.snmp import engines, responder
+from appliance.snmp.usm import SNMP_TRAP_OID, Credentials, bind_udp, host_port
 
 log = logging.getLogger("qkdn.mgmt")
 
-POLL_S = 0.5
-"""Seconds between two looks for faults; a QKD module's state change is looked at at once
-(:meth:`Agent.look`, :class:`appliance.mgmt.nodestate.LinkWatch`)."""
+POLL_S = 5.0
+"""Seconds between two looks at what does not tell of its changes; a QKD module's state
+change, an alarm of the node and a refused request are looked at at once
+(:meth:`Agent.look`)."""
 INFORM_TIMEOUT_S, INFORM_RETRIES = 0.5, 2
 """One INFORM attempt: pysnmp's own retransmissions; then :data:`RETRY_S` and again."""
 RETRY_S = 1.0
+IDLE_TICK_S, TICK_S = 10.0, 0.1
+"""pysnmp's dispatchers wake every tick (TICK_S, 0.1 s, by default) to expire what waits
+for an answer. The agent's responder ticks every IDLE_TICK_S (the longest pysnmp allows: it
+waits for nothing, and its expiries are counted in seconds). The notifier's own timer loop
+is stopped: while an INFORM waits for its acknowledgement, the agent ticks it every TICK_S
+(pysnmp counts the INFORM's timeout and retransmissions in ticks), and nothing else."""
 MAX_PENDING = 1000
 """Notifications waiting for the manager's acknowledgement; the oldest go beyond this."""
 REFUSALS = (
-    (1, 3, 6, 1, 6, 3, 15, 1, 1, 1, 0),  # usmStatsUnsupportedSecLevels
-    (1, 3, 6, 1, 6, 3, 15, 1, 1, 3, 0),  # usmStatsUnknownUserNames
-    (1, 3, 6, 1, 6, 3, 15, 1, 1, 5, 0),  # usmStatsWrongDigests
-    (1, 3, 6, 1, 6, 3, 15, 1, 1, 6, 0),  # usmStatsDecryptionErrors
-    (1, 3, 6, 1, 2, 1, 11, 4, 0),  # snmpInBadCommunityNames
+    ("__SNMP-USER-BASED-SM-MIB", "usmStatsUnsupportedSecLevels"),
+    ("__SNMP-USER-BASED-SM-MIB", "usmStatsUnknownUserNames"),
+    ("__SNMP-USER-BASED-SM-MIB", "usmStatsWrongDigests"),
+    ("__SNMP-USER-BASED-SM-MIB", "usmStatsDecryptionErrors"),
+    ("__SNMPv2-MIB", "snmpInBadCommunityNames"),
 )
+"""The engine's counters of refused requests (pysnmp's instances, counted in place)."""
 MONITOR_VIEW = ("qkdnNode", "qkdnLinks")
 SYNTAX: dict[str, Any] = {
     "Unsigned32": rfc1902.Unsigned32,
@@ -108,8 +122,8 @@ class Agent:
 
     def __init__(self, name: str, reader: Callable[[], NodeReading], cfg: AgentConfig) -> None:
         self.name, self.reader, self.cfg = name, reader, cfg
-        self.engine = engine.SnmpEngine(snmpEngineID=rfc1902.OctetString(engine_id(name)))
-        self.notifier = engine.SnmpEngine(snmpEngineID=rfc1902.OctetString(engine_id(name, "n")))
+        self.engine = engines.new_engine(engine_id(name))
+        self.notifier = engines.new_engine(engine_id(name, "n"))
         self.detector = Detector()
         self.port = 0
         self.sent = self.acked = self.dropped = 0
@@ -119,7 +133,7 @@ class Agent:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._originator = ntforg.NotificationOriginator()
-        self._default: Any = None
+        self._refused: list[Any] = []
         self.served: responder.Served | None = None
 
     # -- start and stop ------------------------------------------------------------------
@@ -131,8 +145,14 @@ class Agent:
         self.served = responder.serve(
             self.engine, sock, self.cfg.users, lambda default: Instrumentation(self, default)
         )
-        self._default = self.served.default
+        builder = self.engine.get_mib_builder()
+        self._refused = [builder.import_symbols(m, name)[0] for m, name in REFUSALS]
+        self.served.fast.passed = self._passed
         self._receivers()
+        # pysnmp's timers (IDLE_TICK_S): the responder's ticks slowed, the notifier's own
+        # loop stopped (the agent ticks it while an INFORM waits)
+        self.engine.transport_dispatcher.set_timer_resolution(IDLE_TICK_S)
+        self.notifier.transport_dispatcher.loopingcall.cancel()
         self._tasks = [asyncio.ensure_future(self._watch())]
         if self.cfg.inform is not None:
             self._tasks.append(asyncio.ensure_future(self._deliver()))
@@ -156,7 +176,7 @@ class Agent:
         for role in ("manager", "monitor"):
             config.add_vacm_access(self.engine, role, "", 3, "authPriv", "exact", role, "", "none")
         for user in self.cfg.users:
-            config.add_v3_user(self.engine, user.user, AUTH, user.auth, PRIV, user.priv)
+            engines.add_user(self.engine, user)
             config.add_vacm_group(self.engine, user.role, 3, user.user)
 
     def _receivers(self) -> None:
@@ -178,14 +198,12 @@ class Agent:
     # -- faults ------------------------------------------------------------------------
     def refusals(self) -> int:
         """The engine's refusal counters (USM and SNMP), summed."""
-        total = 0
-        for oid in REFUSALS:
-            ((_name, value),) = self._default.read_variables((oid, None))
-            try:
-                total += int(value)
-            except (ValueError, TypeError):  # not instantiated yet: nothing counted
-                continue
-        return total
+        return sum(int(counter.syntax) for counter in self._refused)
+
+    def _passed(self) -> None:
+        """A request went to pysnmp: look at once if it was refused."""
+        if self.refusals() > self.detector.refusals:
+            self.look()
 
     async def _watch(self) -> None:
         while True:
@@ -272,20 +290,44 @@ class Agent:
                 done.set_result(error is None)
 
         self.sent += 1
+        ticks = self.notifier.transport_dispatcher  # its timeout is counted in ticks
         self._originator.send_varbinds(self.notifier, "inform", None, b"", binds, acked)
-        return await done
+        while not done.done():
+            await asyncio.wait([done], timeout=TICK_S)
+            ticks.handle_timer_tick(time.time())
+        return done.result()
 
 
 class Instrumentation:
     """pysnmp's MIB instrumentation interface (read, next) over one reading per PDU;
-    OIDs outside QKDN-MIB go to pysnmp's own (SNMP engine and USM counters)."""
+    OIDs outside QKDN-MIB go to pysnmp's own (SNMP engine and USM counters).
+
+    pysnmp's GETBULK responder asks for each repetition in a call of its own, all within
+    one PDU's handling (no await between them, and one ``acFun`` object per PDU): the
+    reading taken at the PDU's first call answers its later calls, so a walk of the MIB
+    reads the node once per PDU, not once per repetition. pysnmp's own tree holds nothing
+    from QKDN-MIB's arc up to :attr:`beyond` (looked up once: the tree's instances are the
+    engine's, fixed at start), so a GETNEXT inside the arc that finds our next instance
+    before it does not walk pysnmp's tree."""
 
     def __init__(self, agent: Agent, default: Any) -> None:
         self.agent, self.default = agent, default
+        self._pdu: Any = None
+        self._snap: Snapshot | None = None
+        after = default.read_next_variables((rfc1902.ObjectName(mib.QKDN_ARC), rfc1902.Null()))
+        self.beyond: tuple[int, ...] = tuple(after[0][0])
+        """pysnmp's first instance after the start of QKDN-MIB's arc."""
 
     def _denied(self, oid: tuple[int, ...], i: int, ctx: dict[str, Any]) -> bool:
         verdict = ctx["acFun"]("read", (rfc1902.ObjectName(oid), None), **{**ctx, "idx": i})
         return bool(verdict)
+
+    def snapshot(self, ctx: dict[str, Any]) -> Snapshot:
+        """The node read now, or at this PDU's first call (the same ``acFun`` object)."""
+        pdu = ctx.get("acFun")
+        if self._snap is None or pdu is None or pdu is not self._pdu:
+            self._snap, self._pdu = Snapshot(self.agent.reader()), pdu
+        return self._snap
 
     def read_variables(self, *binds: Any, **ctx: Any) -> list[Any]:
         snap: Snapshot | None = None
@@ -298,19 +340,23 @@ class Instrumentation:
             if self._denied(oid, i, ctx):
                 out.append((name, rfc1905.noSuchObject))
                 continue
-            snap = snap or Snapshot(self.agent.reader())
+            snap = snap or self.snapshot(ctx)
             value = snap.get(oid)
             out.append((name, rfc1905.noSuchInstance if value is None else _typed(value)))
         return out
 
     def read_next_variables(self, *binds: Any, **ctx: Any) -> list[Any]:
-        snap = Snapshot(self.agent.reader())
+        snap = self.snapshot(ctx)
         out = []
         for i, (name, val) in enumerate(binds):
-            theirs = self.default.read_next_variables((name, val), **ctx)[0]
-            ours = snap.next(tuple(name))
+            oid = tuple(name)
+            ours = snap.next(oid)
             while ours is not None and self._denied(ours[0], i, ctx):
                 ours = snap.next(ours[0])
+            if ours is not None and oid >= mib.QKDN_ARC and ours[0] < self.beyond:
+                out.append((rfc1902.ObjectName(ours[0]), _typed(ours[1])))
+                continue
+            theirs = self.default.read_next_variables((name, val), **ctx)[0]
             out.append(responder.next_of(theirs, ours, _typed))
         return out
 

@@ -47,11 +47,14 @@ from appliance.config.schema import Strict, load_model, read_toml
 from appliance.mgmt import accounting, mib
 from appliance.mgmt.control import ControllerLink, ControlView, ttl
 from appliance.mgmt.errors import MgmtError
+from appliance.mgmt.nodeview import instance_count
 from appliance.mgmt.store import LinkSample, Store
 from appliance.snmp.usm import AUTH, PRIV, SNMP_TRAP_OID, Credentials, bind_udp, host_port
 
 log = logging.getLogger("qkdn.mgmt")
 POLL_TIMEOUT_S, POLL_RETRIES = 1.0, 1
+MAX_REPETITIONS = 64
+"""pysnmp's GETBULK responder answers at most 64 variable bindings."""
 RETRY_SILENT_S = 2.0
 """Seconds to the next poll round while an agent does not answer."""
 MANAGER_REFUSALS = (
@@ -353,9 +356,16 @@ class Manager:
         self._own_refusals()
         self._tell("links")
 
+    def repetitions(self, agent: AgentEntry) -> int:
+        """A poll's max-repetitions at ``agent``: its instances, by its links in the map,
+        and one more (repetitions past QKDN-MIB walk the agent's pysnmp tree: the costly
+        part of a poll; a node with more, failure rows, is walked on in a second PDU)."""
+        links = sum(1 for x in self.cfg.links if agent.id in (x.a, x.b))
+        return min(MAX_REPETITIONS, instance_count(links) + 1)
+
     async def poll(self, agent: AgentEntry) -> list[LinkSample] | None:
         try:
-            binds = await self.walk(agent, mib.oid("qkdnObjects"))
+            binds = await self.walk(agent, mib.oid("qkdnObjects"), self.repetitions(agent))
         except (OSError, RuntimeError, ValueError) as exc:
             binds, why = [], str(exc)
         else:
@@ -383,10 +393,14 @@ class Manager:
         self.store.set_accounting(accounting.parse(binds))
         self._tell("accounting")
 
-    async def walk(self, agent: AgentEntry, root: tuple[int, ...]) -> list[Any]:
-        return await self.walk_at(agent.address, agent.poll, root)
+    async def walk(
+        self, agent: AgentEntry, root: tuple[int, ...], repetitions: int = 40
+    ) -> list[Any]:
+        return await self.walk_at(agent.address, agent.poll, root, repetitions)
 
-    async def walk_at(self, address: str, p: Credentials, root: tuple[int, ...]) -> list[Any]:
+    async def walk_at(
+        self, address: str, p: Credentials, root: tuple[int, ...], repetitions: int = 40
+    ) -> list[Any]:
         auth = UsmUserData(p.user, p.auth, p.priv, authProtocol=AUTH, privProtocol=PRIV)
         target = await UdpTransportTarget.create(
             host_port(address), timeout=POLL_TIMEOUT_S, retries=POLL_RETRIES
@@ -398,7 +412,7 @@ class Manager:
             target,
             ContextData(),
             0,
-            40,
+            repetitions,
             ObjectType(ObjectIdentity(root)),
             lexicographicMode=False,
             lookupMib=False,

@@ -28,6 +28,8 @@ from appliance.mgmt.errors import MgmtError
 from appliance.mgmt.web import hash_password
 
 OPERATORS = (("operator", "ack"), ("viewer", "read"))
+POLL_S = 30.0
+"""The manager's polling period in a network ``qkdn net up`` starts (``--mgmt-poll``)."""
 
 
 def mgmt_dir(net_dir: Path) -> Path:
@@ -57,10 +59,12 @@ def prepare(
     *,
     controller: bool = False,
     aaa: bool = False,
+    poll_s: float = POLL_S,
 ) -> dict[str, Path]:
     """Make ``<net>/mgmt`` ready; return each KMS node's agent file by node name
     (``controller``: the network runs its QKDN Controller, the manager reports to it;
-    ``aaa``: it runs its AAA device, whose accounting the manager walks)."""
+    ``aaa``: it runs its AAA device, whose accounting the manager walks; ``poll_s``: the
+    manager's polling period)."""
     managers = topo.nodes_with("manager")
     if not managers:
         raise MgmtError(
@@ -77,7 +81,7 @@ def prepare(
         f"key = {_q(str(mcfg.paths.key))}",
         f"ca = {_q(str(mcfg.paths.ca_cert))}",
         'db = "manager.db"',
-        "poll_s = 30.0",
+        f"poll_s = {float(poll_s)!r}",
         "links = ["
         + ", ".join(f"{{a = {x.a}, b = {x.b}, name = {_q(x.id)}}}" for x in topo.links)
         + "]",
@@ -161,3 +165,24 @@ def _private(path: Path, lines: list[str]) -> None:
     with os.fdopen(fd, "w", encoding="utf-8") as out:
         out.write("\n".join(lines) + "\n")
     os.replace(tmp, path)
+
+
+def agent_addresses(net_dir: Path) -> dict[str, str]:
+    """Each node agent of ``<net>/mgmt`` (its name, from its file) and its ``snmp`` address."""
+    from appliance.mgmt.agent import load_config
+
+    return {
+        f.name.removeprefix("node-").removesuffix(".toml"): load_config(f).listen
+        for f in sorted(mgmt_dir(net_dir).glob("node-*.toml"))
+    }
+
+
+def silent_agents(agents: dict[str, str], timeout_s: float = 0.5) -> list[str]:
+    """The agents among ``agents`` that are not ready: a ready agent answers SNMPv3 engine
+    discovery on its address with its own engine ID (:mod:`appliance.snmp.discovery`;
+    its users, views and responders are set up before its socket is served)."""
+    from appliance.mgmt.agent import engine_id
+    from appliance.snmp.discovery import answering
+
+    got = answering(agents, timeout_s)
+    return [n for n in agents if not got.get(n, b"").startswith(engine_id(n))]

@@ -8,8 +8,9 @@ It reads states and counts, never keys.
 :class:`LinkWatch` tells the agent when a QKD module's link state changes: it subscribes
 to every module of the node (a driver that reports its changes itself wakes the agent at
 once: an emulated module follows its faults file once subscribed, :mod:`hal.emulated.watch`)
-and, for drivers that report a change only when read, reads their state every
-:data:`LINK_POLL_S`.
+and reads the state every :data:`LINK_POLL_S` of those modules only that report a change
+only when read (a module that follows its changes is never read by the watch: nothing
+runs while nothing changes).
 """
 
 from __future__ import annotations
@@ -30,9 +31,10 @@ from appliance.mgmt.nodeview import LinkReading, NodeReading
 ROLES = {"ukms": "ukms", "akms": "akms", "ckms": "ckms", "akms+ckms": "akmsCkms"}
 RNG_STATES = {"starting", "healthy", "degraded", "failed"}
 LINK_POLL_S = 1.0
+"""Seconds between two reads of the link state of the modules that do not report their
+changes themselves (one status call each)."""
 CARD_PROBE_S = 2.0
 """Seconds between two probes of the node's PSK smartcards (a status read through pcscd)."""
-"""Seconds between two reads of the modules' link states (one status call each)."""
 
 
 def software_version() -> str:
@@ -174,6 +176,8 @@ class LinkWatch:
         self.qkdms, self.wake = qkdms, wake
         self._unsubscribe: list[Callable[[], None]] = []
         self._task: asyncio.Task[None] | None = None
+        self.polled: list[hal.Qkdm] = []
+        """The modules read every LINK_POLL_S: those that do not report their changes."""
 
     def start(self) -> None:
         for qkdm in self.qkdms:  # the states as they are now are no change
@@ -181,7 +185,9 @@ class LinkWatch:
                 qkdm.poll_state()
         for qkdm in self.qkdms:
             self._unsubscribe.append(qkdm.subscribe(lambda _event: self.wake()))
-        self._task = asyncio.ensure_future(self._poll())
+        self.polled = [q for q in self.qkdms if not follows_changes(q)]
+        if self.polled:
+            self._task = asyncio.ensure_future(self._poll())
 
     async def close(self) -> None:
         for unsubscribe in self._unsubscribe:
@@ -193,7 +199,13 @@ class LinkWatch:
 
     async def _poll(self) -> None:
         while True:
-            for qkdm in self.qkdms:
+            for qkdm in self.polled:
                 with contextlib.suppress(hal.HalError):
                     qkdm.poll_state()  # a change notifies the subscription above
             await asyncio.sleep(LINK_POLL_S)
+
+
+def follows_changes(qkdm: hal.Qkdm) -> bool:
+    """Whether a subscribed module reports its state changes itself (an emulated module
+    following its faults file by inotify); other modules are read to find them."""
+    return getattr(qkdm, "follows_file_changes", False) is True

@@ -130,6 +130,12 @@ def instances(r: NodeReading) -> dict[Oid, Value]:
     return out
 
 
+def instance_count(links: int) -> int:
+    """How many instances a node with ``links`` links and no failure rows serves."""
+    rows = tuple(LinkReading(peer=i + 1, name="", state="up") for i in range(links))
+    return len(instances(NodeReading(id=1, name="", role="ckms", software="", links=rows)))
+
+
 class Snapshot:
     """One reading's instances, sorted for GETNEXT."""
 

@@ -34,7 +34,8 @@ from pysnmp.proto.secmod.rfc3826.priv.aes import Aes
 from pysnmp.proto.secmod.rfc7860.auth.hmacsha2 import HmacSha2
 
 from appliance.snmp import fastpath
-from appliance.snmp.usm import AUTH, PRIV, Credentials
+from appliance.snmp.engines import add_user, master_key
+from appliance.snmp.usm import AUTH, Credentials
 
 log = logging.getLogger("qkdn.snmp")
 
@@ -50,11 +51,11 @@ EMPTY = frozenset((0x05, 0x80, 0x81, 0x82))
 
 
 def localised(creds: Credentials, engine_id: Any) -> fastpath.UserKeys:
-    """A user's keys localised to ``engine_id`` (snmpEngineID), by pysnmp's USM services."""
+    """A user's keys localised to ``engine_id`` (snmpEngineID), by pysnmp's USM services
+    (from master keys: :func:`appliance.snmp.engines.master_key`)."""
     auth = HmacSha2(AUTH)
-    key = auth.localize_key(auth.hash_passphrase(creds.auth), engine_id)
-    aes = Aes()
-    priv = aes.localize_key(AUTH, aes.hash_passphrase(AUTH, creds.priv), engine_id)
+    key = auth.localize_key(master_key(creds.auth), engine_id)
+    priv = Aes().localize_key(AUTH, master_key(creds.priv), engine_id)
     return fastpath.UserKeys(creds.user.encode(), bytes(key), bytes(priv))
 
 
@@ -128,6 +129,8 @@ class FastPath:
         self._names = {u.user.encode(): rfc1902.OctetString(u.user) for u in users}
         self._salt = secrets.randbits(64)
         self.answered = 0
+        self.passed: Callable[[], None] | None = None
+        """Told after each datagram left to pysnmp (which counts what it refuses)."""
 
     def clock(self) -> tuple[int, int]:
         """This engine's snmpEngineBoots and snmpEngineTime now."""
@@ -204,6 +207,8 @@ class FastTransport(udp.UdpAsyncioTransport):  # type: ignore[misc]
         reply = self.fast.answer(datagram, address) if self.fast is not None else None
         if reply is None or self.transport is None:
             super().datagram_received(datagram, address)
+            if self.fast is not None and self.fast.passed is not None:
+                self.fast.passed()
         else:
             self.transport.sendto(reply, address)
 
@@ -269,7 +274,7 @@ def add_notification_target(
     """A receiver ``name`` of ``kind`` ``inform`` or ``trap`` at ``address`` (host, port),
     reached as the SNMPv3 user ``creds`` (authPriv). The notifier needs a client transport
     (:func:`client_transport`)."""
-    config.add_v3_user(notifier, creds.user, AUTH, creds.auth, PRIV, creds.priv)
+    add_user(notifier, creds)
     config.add_target_parameters(notifier, name, creds.user, "authPriv")
     config.add_target_address(
         notifier,

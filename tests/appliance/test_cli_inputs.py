@@ -352,6 +352,7 @@ VALUES: list[tuple[tuple[str, ...], str, Any]] = [
     (NET_UP, "--stock", Int(0, 100_000)),
     (NET_UP, "--speedup", Float(0, 1000, lo_open=True)),
     (NET_UP, "--base-port", Int(1024, 55536)),
+    (NET_UP, "--mgmt-poll", Float(1, 3600)),
     (NET_UP, "--dir", PATHS),
     (("net", "status"), "--dir", PATHS),
     (("net", "down"), "--dir", PATHS),

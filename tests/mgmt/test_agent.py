@@ -173,6 +173,17 @@ def test_manager_role_gets_live_values_and_walks_the_whole_mib(peers: Peers):
     assert names == readable
 
 
+def test_a_bulk_walk_reads_the_node_once_per_request_not_per_repetition(peers: Peers):
+    before = peers.state["reads"]
+    bulk = _ok(
+        snmp("snmpbulkwalk", peers.address, "QKDN-MIB::qkdnMIB", user=MANAGER, options=("-Cr10",))
+    )
+    instances, reads = len(bulk.splitlines()), peers.state["reads"] - before
+    # ~4 GETBULKs of 10 repetitions; each is read once, and looked at once after (pysnmp
+    # answered it, where refusals are counted): not once per repetition
+    assert instances >= 30 and 1 <= reads <= instances // 2, (instances, reads)
+
+
 def test_monitor_role_sees_identity_and_links_only(peers: Peers):
     walk = _ok(snmp("snmpbulkwalk", peers.address, "QKDN-MIB::qkdnMIB", user=MONITOR))
     assert "qkdnLinkSkr.9" in walk and "qkdnNodeRole.0" in walk
@@ -214,6 +225,12 @@ def test_v2c_noauth_and_wrong_keys_are_refused_and_counted(peers: Peers):
     after = _counters(peers)
     assert [a > b for a, b in zip(after, before, strict=True)] == [True, True, True, True]
 
+    def refused_told() -> bool:  # the agent looked at once: qkdnAuthFailure to the manager
+        events = peers.call(peers.store.security_events)
+        return any(e["kind"] == "snmp-refused" and e["source"] == "ckms-minden" for e in events)
+
+    _wait(refused_told)
+
 
 def _wait(condition: Callable[[], bool], timeout: float = 20.0) -> None:
     poll(condition, "the awaited condition", timeout)
@@ -221,15 +238,18 @@ def _wait(condition: Callable[[], bool], timeout: float = 20.0) -> None:
 
 def test_a_link_fault_informs_the_manager_and_traps_snmptrapd_then_clears(peers: Peers):
     peers.state["link"] = "down"
+    peers.agent.look()  # as the link watch does when a module's state changes
     _wait(lambda: any(a.resource == "link-8-9" for a in peers.call(peers.store.alarms)))
     [alarm] = [a for a in peers.call(peers.store.alarms) if a.resource == "link-8-9"]
     assert (alarm.kind, alarm.severity, alarm.node) == ("link", "major", "ckms-minden")
     log = peers.traps.wait_for("qkdnLinkDown")
     assert 'qkdnNotifyResource.0 = STRING: "link-8-9"' in log and "major(4)" in log
     peers.state["link"] = "up"
+    peers.agent.look()
     _wait(lambda: not any(a.resource == "link-8-9" for a in peers.call(peers.store.alarms)))
     peers.traps.wait_for("qkdnLinkUp")
-    assert peers.agent.acked >= 2 and not peers.agent.pending
+    # the manager stores a notification before its acknowledgement reaches the agent
+    _wait(lambda: peers.agent.acked >= 2 and not peers.agent.pending)
 
 
 def _send(tool: str, peers: Peers, user: Credentials, name: str, *extra: str) -> Any:

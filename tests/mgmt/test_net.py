@@ -1,8 +1,10 @@
-"""The management plane of a running network (``qkdn net up --controller``, one network for
-the module): each role's agent answers net-snmp, the manager's CLI and /metrics, and the
-operator's web page in headless Chromium (log in, the map, a link fault's alarm,
-acknowledge, refusals); the manager tells the QKDN Controller of the cut link, and the
-controller's telemetry and both ends' agents make one alarm of it.
+"""The management plane of a running network (``qkdn net up --controller``, with its AAA
+device and the manager polling every 3 s, one network for the module): each role's agent
+answers net-snmp, the manager's CLI and /metrics, and the operator's web page in headless
+Chromium (log in, the map, a link fault's alarm, acknowledge, refusals, the T_key and
+accounting panels filled by the keys an SAE took, and none of those keys or their IDs on
+the page); the manager tells the QKDN Controller of the cut link, and the controller's
+telemetry and both ends' agents make one alarm of it.
 """
 
 from __future__ import annotations
@@ -60,10 +62,19 @@ id = 10
 name = "qkdn-controller"
 site = "Data centre"
 role = "controller"
+
+[[nodes]]
+id = 11
+name = "aaa"
+site = "Data centre"
+role = "aaa"
 """
 )
-NODES = TOPOLOGY.count("[[nodes]]") - 2
-"""The KMS nodes (every node but the manager and the controller): the inventory lists each."""
+NODES = TOPOLOGY.count("[[nodes]]") - 3
+"""The KMS nodes (every node but the manager, the controller and AAA): the inventory lists
+each."""
+MASTER, SLAVE, USER = "sae-east-1", "sae-west-1", "encryptors"
+"""An SAE pair of the topology's user: its keys fill the T_key and accounting panels."""
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +82,7 @@ def net(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Net]:
     folder = tmp_path_factory.mktemp("topology")
     (folder / "mgmt.toml").write_text(TOPOLOGY)
     topology = str(folder / "mgmt.toml")
-    options = ("--timeout", "240", "--controller")
+    options = ("--timeout", "240", "--controller", "--mgmt-poll", "3")
     with running_net(tmp_path_factory, *options, topology=topology) as running:
         yield running
 
@@ -149,6 +160,9 @@ def test_the_operator_page_shows_a_link_fault_and_takes_an_acknowledgement(net: 
     from playwright.sync_api import sync_playwright
 
     pw = operators(net)
+    taken = net.enc_keys(MASTER, SLAVE, number=2)  # T_key at ukms-east, accounted by AAA
+    assert taken.status == 200, taken.body
+    issued = [v for k in taken.json()["keys"] for v in (k["key_ID"], k["key"])]
     with tempfile.TemporaryDirectory() as profile, sync_playwright() as p:
         ctx = p.chromium.launch_persistent_context(
             profile,
@@ -183,7 +197,10 @@ def test_the_operator_page_shows_a_link_fault_and_takes_an_acknowledgement(net: 
             shot = net.dir / "operator-page.png"  # docs/mgmt-operator-page.png is one of these
             page.screenshot(path=str(shot))
             assert shot.stat().st_size > 10_000
-            assert "key_id" not in page.content().lower()
+            panels(page)
+            content = page.content()
+            assert "key_id" not in content.lower()
+            assert not [x for x in issued if x in content]  # no key, no key ID
             cookie = next(c for c in ctx.cookies() if c["name"] == "qkdn_session")
             assert cookie["httpOnly"] and cookie["secure"] and cookie["sameSite"] == "Strict"
             page.click("text=Log out")
@@ -203,6 +220,20 @@ def test_the_operator_page_shows_a_link_fault_and_takes_an_acknowledgement(net: 
     # both ends' agents and the controller's telemetry: one alarm (docs/mgmt.md)
     assert set(alarm["sources"].split(",")) == {"akms-east", "ckms-middle", "qkdn-controller"}
     poll(lambda: released(net), "the manager's hold released (the agents report it up)", 60)
+
+
+def panels(page: Any) -> None:
+    """The T_key panel charts ukms-east (the enc_keys it served) and the accounting panel
+    has the user's row, with the keys AAA allowed: live data, read by the manager's polls
+    and pushed to the page."""
+    page.wait_for_selector('#node-pick option[value="ukms-east"]', timeout=60_000, state="attached")
+    page.select_option("#node-pick", "ukms-east")
+    page.wait_for_selector("#chart-tkey polyline", timeout=60_000, state="attached")
+    page.wait_for_selector("#chart-tkey99 polyline", timeout=20_000, state="attached")
+    row = f'#accounting tr[data-user="{USER}"]'
+    page.wait_for_selector(row, timeout=60_000, state="attached")
+    cells = page.locator(f"{row} td").all_inner_texts()
+    assert cells[0] == USER and int(cells[2]) >= 1 and int(cells[3]) >= 2, cells
 
 
 def all_alarms(net: Net) -> list[dict[str, Any]]:
