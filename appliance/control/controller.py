@@ -1,10 +1,13 @@
 """The QKDN Controller process (``qkdn controller run``): telemetry in, paths out.
 
-* **Telemetry.** One thread per SDN agent holds a gNMI STREAM subscription to
-  ``/qkd_node`` (ON_CHANGE, heartbeat every :data:`HEARTBEAT_MS`; every read bounded) and
-  hands each document to the event loop, which feeds the sans-IO core (:mod:`graph`) and
-  ticks it every :data:`TICK_S` (the hold-off and the heartbeat deadline need time to
-  pass). A lost subscription is opened again after :data:`RETRY_S`. The first document
+* **Telemetry.** One task of the event loop per SDN agent holds a gNMI STREAM
+  subscription to ``/qkd_node`` (grpc.aio; ON_CHANGE, heartbeat every
+  :data:`HEARTBEAT_MS`; every read bounded). A document that repeats the agent's last,
+  byte for byte, is a heartbeat: it only marks the node alive, undecoded. Any other
+  document is decoded and fed to the sans-IO core (:mod:`graph`) at once; the core is
+  ticked every :data:`TICK_S` while a hold-off runs (the hold-off and the heartbeat
+  deadline need time to pass). A lost subscription is opened again after
+  :data:`RETRY_S`. The first document
   of each agent carries the routes installed there: a restarted controller knows them
   without anyone telling it (and never removes one it did not replace).
 * **Path requests** arrive over HTTP/2 with mutual TLS on the controller's ``api``
@@ -48,7 +51,7 @@ from typing import Any
 
 from appliance.config.addresses import split_host_port
 from appliance.control import model
-from appliance.control.client import AgentClient
+from appliance.control.client import AgentClient, StreamSubscription
 from appliance.control.errors import ControlError
 from appliance.control.graph import Change, Core, Weights
 from appliance.net.h2 import H2Server, Request, Response
@@ -97,8 +100,7 @@ class Controller:
         self._locks: dict[tuple[int, int], asyncio.Lock] = {}
         self._clients: dict[int, AgentClient] = {}
         self._clients_lock = threading.Lock()
-        self._stop = threading.Event()
-        self._threads: list[threading.Thread] = []
+        self._followers: list[asyncio.Task[None]] = []
         self._server: H2Server | None = None
         self._ticker: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -108,20 +110,16 @@ class Controller:
         self._moved = asyncio.Event()
 
     async def start(self, api: str) -> None:
-        loop = asyncio.get_running_loop()
-        for agent in self.agents.values():
-            thread = threading.Thread(
-                target=self._follow, args=(agent, loop), daemon=True, name=f"gnmi-{agent.node}"
-            )
-            thread.start()
-            self._threads.append(thread)
+        self._followers = [asyncio.create_task(self._follow(a)) for a in self.agents.values()]
         self._ticker = asyncio.create_task(self._tick())
         self._server = H2Server(self._handle, server_context(*self.tls, ("h2",)))
         await self._server.start(*split_host_port(api))
         log.info("controller listening", extra={"address": api, "agents": len(self.agents)})
 
     async def close(self) -> None:
-        self._stop.set()
+        for task in self._followers:
+            task.cancel()
+        await asyncio.gather(*self._followers, return_exceptions=True)
         if self._ticker is not None:
             self._ticker.cancel()
         if self._server is not None:
@@ -139,34 +137,30 @@ class Controller:
                 client = self._clients[node] = AgentClient(address, cert=cert, key=key, ca=ca)
             return client
 
-    def _follow(self, agent: Agent, loop: asyncio.AbstractEventLoop) -> None:
-        """The agent's telemetry, for as long as the controller runs (its own thread)."""
+    async def _follow(self, agent: Agent) -> None:
+        """The agent's telemetry, for as long as the controller runs (a task of its own)."""
         cert, key, ca = self.tls
-        while not self._stop.is_set():
-            client = AgentClient(agent.address, cert=cert, key=key, ca=ca, timeout=READ_S)
-            sub = client.subscribe("/qkd_node", heartbeat_ms=HEARTBEAT_MS)
-            last: Any = None
+        while True:
+            sub = StreamSubscription(
+                agent.address, "/qkd_node", cert=cert, key=key, ca=ca, heartbeat_ms=HEARTBEAT_MS
+            )
+            last = b""
             try:
-                while not self._stop.is_set():
-                    event = sub.next(READ_S)
+                while True:
+                    event = await sub.next(READ_S)
                     if event.sync or event.deleted:
                         continue
-                    if event.value == last:  # a heartbeat: the node is alive, no news
-                        loop.call_soon_threadsafe(self._heard, agent.node)
+                    if event.raw == last:  # a heartbeat: the node is alive, no news
+                        self._heard(agent.node)
                     else:
-                        last = event.value
-                        loop.call_soon_threadsafe(self._document, event.value)
+                        last = event.raw
+                        self._document(event.raw)
             except ControlError as exc:
-                if not self._stop.is_set():
-                    log.warning("agent lost", extra={"node": agent.node, "code": exc.code})
-                    with contextlib.suppress(RuntimeError):  # the loop closed: stopping
-                        loop.call_soon_threadsafe(self._lost, agent.node)
-            except RuntimeError:  # the event loop closed: the controller stops
-                return
+                log.warning("agent lost", extra={"node": agent.node, "code": exc.code})
+                self._lost(agent.node)
             finally:
-                sub.close()
-                client.close()
-            self._stop.wait(RETRY_S)
+                await sub.close()
+            await asyncio.sleep(RETRY_S)
 
     def _lost(self, node: int) -> None:
         self._report(self.core.lost(time.monotonic(), node))
@@ -174,8 +168,12 @@ class Controller:
     def _heard(self, node: int) -> None:
         self.core.heard_from(time.monotonic(), node)
 
-    def _document(self, doc: Any) -> None:
+    def _document(self, raw: bytes) -> None:
         try:
+            try:
+                doc = json.loads(raw)
+            except ValueError as exc:
+                raise ControlError("node document: not JSON", code="CTL-DOC") from exc
             self._report(self.core.telemetry(time.monotonic(), doc))
         except ControlError as exc:
             log.warning("bad agent document", extra={"code": exc.code})
@@ -214,8 +212,8 @@ class Controller:
         log each change (the hold-off rule of :mod:`graph`): an alarm raised or cleared
         is a warning (``link down``, ``link up``); a link taken out of use switches the
         routes over it to their backups at once (``protection switch``)."""
-        down = self.core.telemetry_down(time.monotonic())
-        if down != self._down:
+        down = self.core.telemetry_down()
+        if down is not self._down and down != self._down:
             self._down, self.seq = down, self.seq + 1
             self._moved.set()
             self._moved = asyncio.Event()

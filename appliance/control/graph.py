@@ -197,6 +197,10 @@ class Core:
     """Nodes the manager reports down (every link of theirs is held down)."""
     been_up: set[str] = field(default_factory=set)
     """Links seen usable (:meth:`telemetry_down` reports only those)."""
+    _bad: dict[str, tuple[int, int]] = field(default_factory=dict, init=False, repr=False)
+    """The links :meth:`telemetry_down` lists, kept where an end's report or a link's use
+    changes (not recomputed over every link at each document)."""
+    _down: list[tuple[int, int]] = field(default_factory=list, init=False, repr=False)
 
     # -- the manager's reports ---------------------------------------------------------
     def report(
@@ -215,19 +219,26 @@ class Core:
             return True
         return any(self.held_nodes.get(n, -1e18) > now for n in (a, b))
 
-    def telemetry_down(self, now: float) -> list[tuple[int, int]]:
+    def telemetry_down(self) -> list[tuple[int, int]]:
         """Links that were usable once and that an end now reports bad (status not ACTIVE,
         QBER above ``qber_max``), as (lower ID, higher ID). Not the manager's holds, not a
-        node's silence (the manager learns that over SNMP), not a link that never came up."""
-        for lid, x in self.links.items():
-            if x.usable:
-                self.been_up.add(lid)
-        return sorted(
-            (min(x.a, x.b), max(x.a, x.b))
-            for lid, x in self.links.items()
-            if lid in self.been_up
-            and any(not e.good or e.qber > self.qber_max for e in x.ends.values())
+        node's silence (the manager learns that over SNMP), not a link that never came up.
+        Kept as reports arrive (:meth:`_mark`): a new list only when it changed."""
+        return self._down
+
+    def _mark(self, lid: str, link: _Link) -> None:
+        """Whether ``link`` belongs in :meth:`telemetry_down`, after its ends' reports or
+        its use changed."""
+        bad = lid in self.been_up and any(
+            not e.good or e.qber > self.qber_max for e in link.ends.values()
         )
+        if bad == (lid in self._bad):
+            return
+        if bad:
+            self._bad[lid] = (min(link.a, link.b), max(link.a, link.b))
+        else:
+            del self._bad[lid]
+        self._down = sorted(self._bad.values())
 
     # -- telemetry --------------------------------------------------------------------
     def telemetry(self, now: float, doc: dict[str, Any]) -> list[Change]:
@@ -237,6 +248,7 @@ class Core:
         for report in reports:
             link = self.links.setdefault(report.link, _Link(report.node, report.peer))
             link.ends[node] = report
+            self._mark(report.link, link)
         for entries in self.hops.values():
             entries.pop(node, None)
         for src, dst, prev, nxt in routes:
@@ -300,6 +312,7 @@ class Core:
                     out.append(Change(lid, True, now, alarm=True))
                 link.usable, link.alarmed = True, False
                 link.pending_since = link.down_since = None
+                self.been_up.add(lid)  # all its ends report good: not in the down list
             return out
         link.pending_since = None
         if link.down_since is not None and now - link.down_since >= self.hold_off:
@@ -417,6 +430,8 @@ class Core:
     def set_link(self, link: str, a: int, b: int, weight: float) -> None:
         """A usable link of the given weight, without telemetry (benches, offline graphs)."""
         self.links[link] = _Link(a, b, usable=True, weight=weight)
+        self.been_up.add(link)
+        self._mark(link, self.links[link])
         self.cache.clear()
 
     def usable(self, a: int, b: int) -> bool:

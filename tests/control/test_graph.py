@@ -317,3 +317,92 @@ def test_a_broken_stream_is_silence_at_once_and_heartbeats_keep_a_node_alive():
     changes = core.tick(2.7)
     assert {c.link for c in changes} == {model.link_uuid("L8-9"), model.link_uuid("L9-10")}
     assert all(not c.up for c in changes)
+
+
+# -- the links the telemetry finds down (the manager's long poll) ------------------------
+SQUARE = [(1, 2), (2, 3), (3, 4), (1, 4), (2, 4)]
+
+
+def end_doc(node: int, views: dict[tuple[int, int, int], tuple[model.LinkStatus, float]]) -> dict:  # type: ignore[type-arg]
+    """``node``'s document, each link's status and QBER as this end reports them."""
+    links = tuple(
+        model.PhysLink(
+            link=f"L{a}-{b}", peer=b if a == node else a, status=views[(a, b, node)][0],
+            skr=1000, eskr=1000, qber=views[(a, b, node)][1], available_bits=1 << 20, rate_bps=0,
+        )
+        for a, b in SQUARE
+        if node in (a, b)
+    )  # fmt: skip
+    return model.document(model.NodeTelemetry(node=node, links=links))["etsi-qkd-sdn-node:qkd_node"]
+
+
+def full_down(core: Core, been_up: set[str]) -> list[tuple[int, int]]:
+    """The down list recomputed over every link, as the controller did at each document."""
+    return sorted(
+        (min(x.a, x.b), max(x.a, x.b))
+        for lid, x in core.links.items()
+        if lid in been_up and any(not e.good or e.qber > core.qber_max for e in x.ends.values())
+    )
+
+
+def test_an_end_good_again_during_its_hold_off_leaves_the_down_list_before_the_link_is_used():
+    views = {(a, b, n): (model.LinkStatus.ACTIVE, 0.02) for a, b in SQUARE for n in (a, b)}
+    core = Core()
+    for t in (0.0, 0.1):
+        for n in (1, 2, 3, 4):
+            core.telemetry(t, end_doc(n, views))
+    assert core.telemetry_down() == [] and core.usable(1, 2)
+    views[(1, 2, 2)] = (model.LinkStatus.OFF, 0.02)
+    core.telemetry(1.0, end_doc(2, views))
+    assert core.telemetry_down() == [(1, 2)] and not core.usable(1, 2)
+    views[(1, 2, 2)] = (model.LinkStatus.ACTIVE, 0.02)
+    core.telemetry(1.05, end_doc(2, views))  # good again, within its wait to restore
+    assert core.telemetry_down() == [] and not core.usable(1, 2)
+    core.tick(1.2)
+    assert core.telemetry_down() == [] and core.usable(1, 2)
+
+
+STEPS = st.lists(
+    st.one_of(
+        st.tuples(
+            st.just("doc"),
+            st.sampled_from([1, 2, 3, 4]),
+            st.dictionaries(
+                st.sampled_from([(a, b) for a, b in SQUARE]),
+                st.tuples(st.sampled_from(list(model.LinkStatus)), st.sampled_from([0.02, 0.3])),
+                max_size=3,
+            ),
+        ),
+        st.tuples(st.just("tick"), st.sampled_from([0.01, 0.05, 0.1, 0.5, 4.0])),
+        st.tuples(st.just("lost"), st.sampled_from([1, 2, 3, 4])),
+        st.tuples(st.just("hold"), st.lists(st.sampled_from(SQUARE), max_size=2)),
+    ),
+    max_size=40,
+)
+
+
+@settings(deadline=None, max_examples=150)  # a loaded CI machine: no per-example deadline
+@given(STEPS)
+def test_the_kept_down_list_equals_the_full_recomputation_after_every_step(steps):
+    views = {(a, b, n): (model.LinkStatus.ACTIVE, 0.02) for a, b in SQUARE for n in (a, b)}
+    core, been_up, now = Core(), set[str](), 0.1
+    for t in (0.0, 0.1):  # every link in use, then whatever the steps do
+        for n in (1, 2, 3, 4):
+            core.telemetry(t, end_doc(n, views))
+            been_up |= {lid for lid, x in core.links.items() if x.usable}
+    for step in steps:
+        if step[0] == "doc":
+            _, node, changed = step
+            for (a, b), view in changed.items():
+                if node in (a, b):
+                    views[(a, b, node)] = view
+            core.telemetry(now, end_doc(node, views))
+        elif step[0] == "tick":
+            now += step[1]
+            core.tick(now)
+        elif step[0] == "lost":
+            core.lost(now, step[1])
+        else:
+            core.report(now, step[1], [], 1.0)
+        been_up |= {lid for lid, x in core.links.items() if x.usable}
+        assert core.telemetry_down() == full_down(core, been_up)
