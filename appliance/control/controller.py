@@ -13,8 +13,10 @@
 * **Path requests** arrive over HTTP/2 with mutual TLS on the controller's ``api``
   address, from the CKMS of a source access node only (the peer's certificate must name
   a CKMS node of the network, or the controller itself for ``qkdn controller routes``;
-  anyone else gets 403). ``POST /v1/path`` with ``{"src": N, "dst": M}``: the core's
-  path (cached; a backup kept), installed at every hop by a gNMI Set to each hop's
+  anyone else gets 403). ``POST /v1/path`` with ``{"src": N, "dst": M}`` and optionally
+  ``"route_policy"``, a policy class of :data:`graph.POLICIES` (``balanced`` if absent;
+  anything else is a 400 ``CTL-REQUEST``): the core's path for that class (cached; a
+  backup kept), installed at every hop by a gNMI Set to each hop's
   agent, all hops at once (a route a link failure broke is installed again on its
   backup at once, without waiting for the next request: the hold-off rule of
   :mod:`graph`, protection does not wait); the answer ``{"path": [...],
@@ -53,7 +55,7 @@ from appliance.config.addresses import split_host_port
 from appliance.control import model
 from appliance.control.client import AgentClient, StreamSubscription
 from appliance.control.errors import ControlError
-from appliance.control.graph import Change, Core, Weights
+from appliance.control.graph import BALANCED, CLASSES, POLICIES, Change, Core, Weights
 from appliance.net.h2 import H2Server, Request, Response
 from appliance.pki import server_context
 
@@ -92,11 +94,17 @@ class Controller:
         weights: Weights | None = None,
         hold_off: float = 0.1,
         managers: frozenset[str] = frozenset(),
+        policies: dict[str, Weights] | None = None,
     ) -> None:
         self.agents = {a.node: a for a in agents}
         self.tls, self.allowed, self.managers = tls, allowed, managers
-        self.core = Core(weights=weights or Weights(), hold_off=hold_off)
+        policies = policies or dict(CLASSES)
+        self.core = Core(weights=weights or policies[BALANCED], hold_off=hold_off)
+        self.core.policies = policies
         self.confirmed: dict[tuple[int, int], tuple[int, ...]] = {}
+        self.policy_of: dict[tuple[int, int], str] = {}
+        """The policy class of the request that installed each route (one route per pair:
+        the last request's class sets it)."""
         self._locks: dict[tuple[int, int], asyncio.Lock] = {}
         self._clients: dict[int, AgentClient] = {}
         self._clients_lock = threading.Lock()
@@ -201,7 +209,7 @@ class Controller:
             lock = self._locks.get((src, dst))
             if lock is not None and lock.locked():
                 continue
-            moved = self.core.better(src, dst, path)
+            moved = self.core.better(src, dst, path, self.policy_of.get((src, dst), BALANCED))
             if moved is not None:
                 extra = {"code": "CTL-BALANCE", "src": src, "dst": dst, "hops": len(moved)}
                 log.info("route moved for key availability", extra=extra)
@@ -240,7 +248,7 @@ class Controller:
 
         async def run() -> None:
             try:
-                await self.path(src, dst)
+                await self.path(src, dst, self.policy_of.get((src, dst), BALANCED))
             except ControlError as exc:
                 log.warning("no new path yet", extra={"src": src, "dst": dst, "code": exc.code})
 
@@ -266,8 +274,8 @@ class Controller:
         if request.path == "/v1/routes":
             return Response(200, json.dumps(self.routes()).encode(), JSON)
         try:
-            src, dst = _pair(request.body)
-            path, backup = await self.path(src, dst)
+            src, dst, policy = path_request(request.body)
+            path, backup = await self.path(src, dst, policy)
         except ControlError as exc:
             return _error(503 if exc.code != "CTL-REQUEST" else 400, exc)
         body = {"path": list(path), "backup": list(backup or ())}
@@ -287,11 +295,15 @@ class Controller:
         doc = {"seq": self.seq, "down": [list(pair) for pair in self._down]}
         return Response(200, json.dumps(doc).encode(), JSON)
 
-    async def path(self, src: int, dst: int) -> tuple[tuple[int, ...], tuple[int, ...] | None]:
-        """The path from ``src`` to ``dst``, installed at every hop before it is returned."""
+    async def path(
+        self, src: int, dst: int, policy: str = BALANCED
+    ) -> tuple[tuple[int, ...], tuple[int, ...] | None]:
+        """The path from ``src`` to ``dst`` under the ``policy`` class, installed at every
+        hop before it is returned."""
         lock = self._locks.setdefault((src, dst), asyncio.Lock())
         async with lock:
-            route = self.core.path(src, dst)
+            route = self.core.path(src, dst, policy=policy)
+            self.policy_of[(src, dst)] = policy
             if self.confirmed.get((src, dst)) != route.primary:
                 if self.core.installed(src, dst) != route.primary:
                     old = self.confirmed.get((src, dst)) or self.core.installed(src, dst) or ()
@@ -343,9 +355,12 @@ class Controller:
             p = self.confirmed.get((s, d)) or self.core.installed(s, d)
             if p is None:
                 continue
-            cached = self.core.cache.get((s, d))
+            policy = self.policy_of.get((s, d), BALANCED)
+            cached = self.core.cache.get((s, d, policy))
             backup = list(cached.backup or ()) if cached is not None else []
-            routes.append({"src": s, "dst": d, "path": list(p), "backup": backup})
+            routes.append(
+                {"src": s, "dst": d, "path": list(p), "backup": backup, "route_policy": policy}
+            )
         return {"routes": routes, "links": links, "switches": self.core.switches}
 
 
@@ -353,17 +368,25 @@ def _uses(path: tuple[int, ...], a: int, b: int) -> bool:
     return any({x, y} == {a, b} for x, y in itertools.pairwise(path))
 
 
-def _pair(body: bytes) -> tuple[int, int]:
+def path_request(body: bytes) -> tuple[int, int, str]:
+    """(src, dst, policy class) of a path request (ControlError ``CTL-REQUEST``): no
+    other member, the class one of :data:`graph.POLICIES` (``balanced`` if absent)."""
     if len(body) > MAX_BODY:
         raise ControlError("request body too long", code="CTL-REQUEST")
     try:
         doc = json.loads(body)
         src, dst = doc["src"], doc["dst"]
-    except (ValueError, KeyError, TypeError) as exc:
+        policy = doc.get("route_policy", BALANCED)
+        extra = set(doc) - {"src", "dst", "route_policy"}
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise ControlError('expected {"src": N, "dst": M}', code="CTL-REQUEST") from exc
-    if not all(isinstance(n, int) and 0 < n < 1000 for n in (src, dst)) or src == dst:
+    if extra:
+        raise ControlError(f"unknown member {sorted(extra)[0][:40]!r}", code="CTL-REQUEST")
+    if not all(type(n) is int and 0 < n < 1000 for n in (src, dst)) or src == dst:
         raise ControlError("src and dst: two different node IDs", code="CTL-REQUEST")
-    return src, dst
+    if not isinstance(policy, str) or policy not in POLICIES:
+        raise ControlError(f"route_policy: one of {', '.join(POLICIES)}", code="CTL-REQUEST")
+    return src, dst, policy
 
 
 def _faults(body: bytes) -> tuple[list[tuple[int, int]], list[int], float]:

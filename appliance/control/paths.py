@@ -3,7 +3,9 @@
 :class:`ControllerPaths` asks the controller for a path (``POST /v1/path`` over HTTP/2
 with mutual TLS, from the source access node's CKMS): the controller answers only once
 the path is installed at every hop. It remembers the last path it was given for each
-pair. While this node's route table (:class:`appliance.control.agent.RouteTable`, written
+pair and policy class (a contract's ``route_policy``, passed down by the access node's
+AKMS: the controller learns the class, never the contract or its user). While this node's
+route table (:class:`appliance.control.agent.RouteTable`, written
 only by the controller's gNMI Sets) has not changed since, that path is still the
 installed one and is used without asking (the controller installs every changed path at
 its source too, a failed link's at once). While the controller is unreachable, relays on
@@ -21,6 +23,7 @@ from collections.abc import Awaitable, Callable
 from appliance.config.addresses import split_host_port
 from appliance.control.agent import RouteTable
 from appliance.kms.errors import KmsError
+from appliance.kms.messages import RoutePolicy
 from appliance.kms.node import Unreachable
 from appliance.kms.routing import NoRoute
 from appliance.net.h2 import H2Client, TransportError
@@ -33,36 +36,36 @@ class ControllerPaths:
     def __init__(self, address: str, ctx: ssl.SSLContext, *, expect_peer: str | None) -> None:
         host, port = split_host_port(address)
         self.client = H2Client(host, port, ctx, expect_peer=expect_peer, timeout=TIMEOUT_S)
-        self.last: dict[tuple[int, int], tuple[int, ...]] = {}
+        self.last: dict[tuple[int, int, str], tuple[int, ...]] = {}
         self.table: Callable[[], RouteTable | None] = lambda: None
         """This node's route table, once its agent runs (set by whoever starts the node)."""
-        self._learnt: dict[tuple[int, int], int] = {}
+        self._learnt: dict[tuple[int, int, str], int] = {}
 
-    def find(self, src: int, dst: int) -> tuple[int, ...] | Awaitable[tuple[int, ...]]:
+    def find(
+        self, src: int, dst: int, route_policy: RoutePolicy = "balanced"
+    ) -> tuple[int, ...] | Awaitable[tuple[int, ...]]:
         table = self.table()
-        known = self.last.get((src, dst))
-        if (
-            table is not None
-            and known is not None
-            and self._learnt.get((src, dst)) == table.version
-        ):
+        key = (src, dst, route_policy)
+        known = self.last.get(key)
+        if table is not None and known is not None and self._learnt.get(key) == table.version:
             return known
-        return self._ask(src, dst, table)
+        return self._ask(key, table)
 
-    async def _ask(self, src: int, dst: int, table: RouteTable | None) -> tuple[int, ...]:
+    async def _ask(self, key: tuple[int, int, str], table: RouteTable | None) -> tuple[int, ...]:
+        src, dst, policy = key
         version = table.version if table is not None else -1
-        body = json.dumps({"src": src, "dst": dst}).encode()
+        body = json.dumps({"src": src, "dst": dst, "route_policy": policy}).encode()
         try:
             answer = await self.client.request("POST", "/v1/path", body)
         except TransportError as exc:
-            known = self.last.get((src, dst))
+            known = self.last.get(key)
             if known is not None:
                 return known
             raise Unreachable("the QKDN controller is unreachable") from exc
         if answer.status == 200:
             path = _path(answer.body)
-            self.last[(src, dst)] = path
-            self._learnt[(src, dst)] = version
+            self.last[key] = path
+            self._learnt[key] = version
             return path
         code = _code(answer.body)
         if code == "CTL-NO-PATH":

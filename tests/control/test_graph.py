@@ -5,14 +5,27 @@ and installed routes rebuilt from the agents' VIRT links."""
 from __future__ import annotations
 
 import itertools
+import json
+from typing import get_args
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from appliance.config import topology
 from appliance.control import model
+from appliance.control.controller import path_request
 from appliance.control.errors import ControlError, NoPath
-from appliance.control.graph import Core, Weights, parse, shortest
+from appliance.control.graph import (
+    CLASSES,
+    POLICIES,
+    Core,
+    Weights,
+    parse,
+    parse_policies,
+    shortest,
+)
+from appliance.kms import messages
 
 # The carrier part of DemoQuanDT: a chain 2..14 with the bypass 8-16-10 beside 8-9-10.
 CHAIN = [(n, n + 1) for n in range(2, 14)]
@@ -85,7 +98,7 @@ def test_a_failed_link_switches_to_the_backup_at_once_and_alarms_after_the_hold_
     changes = net.feed(core, 1.0)  # the first report: protection does not wait
     assert [(c.link, c.up, c.alarm) for c in changes] == [(lid, False, False)]
     assert core.switches == 1
-    assert core.cache[(3, 13)].primary == before.backup
+    assert core.cache[(3, 13, "balanced")].primary == before.backup
     assert core.path(3, 13).primary == before.backup
     assert core.next_due() == pytest.approx(1.1)
     assert core.tick(1.05) == []
@@ -184,7 +197,7 @@ def test_a_link_coming_back_empties_the_cache():
     net.bits[(8, 9)] = 1 << 20
     net.feed(core, 2.0)
     net.feed(core, 2.1)
-    assert (3, 13) not in core.cache
+    assert (3, 13, "balanced") not in core.cache
     assert core.path(3, 13).primary[6] == 9
 
 
@@ -406,3 +419,99 @@ def test_the_kept_down_list_equals_the_full_recomputation_after_every_step(steps
             core.report(now, step[1], [], 1.0)
         been_up |= {lid for lid, x in core.links.items() if x.usable}
         assert core.telemetry_down() == full_down(core, been_up)
+
+
+# -- the contract's policy class ----------------------------------------------------------
+B, R = 1 << 20, 10_000
+# three ways from 1 to 5: direct over a dry link, two hops of well-stocked links, three
+# hops of full links
+CLASS_LINKS = {
+    (1, 5): (0, 0),
+    (1, 2): (7 * B, 7 * R),
+    (2, 5): (7 * B, 7 * R),
+    (1, 3): (63 * B, 63 * R),
+    (3, 4): (63 * B, 63 * R),
+    (4, 5): (63 * B, 63 * R),
+}
+
+
+def class_doc(node: int) -> dict:  # type: ignore[type-arg]
+    links = tuple(
+        model.PhysLink(
+            link=f"L{a}-{b}", peer=b if a == node else a, status=model.LinkStatus.ACTIVE,
+            skr=eskr, eskr=eskr, qber=0.02, available_bits=bits, rate_bps=0,
+        )
+        for (a, b), (bits, eskr) in CLASS_LINKS.items()
+        if node in (a, b)
+    )  # fmt: skip
+    return model.document(model.NodeTelemetry(node=node, links=links))["etsi-qkd-sdn-node:qkd_node"]
+
+
+def test_each_policy_class_chooses_its_own_path_and_is_cached_apart():
+    core = Core()
+    for t in (0.0, 0.1):
+        for n in range(1, 6):
+            core.telemetry(t, class_doc(n))
+    chosen = {p: core.path(1, 5, policy=p).primary for p in POLICIES}
+    assert chosen == {
+        "fewest-hops": (1, 5),  # one hop, though its store is empty
+        "balanced": (1, 2, 5),
+        "most-key": (1, 3, 4, 5),  # three hops of full stores
+    }
+    assert {k for k in core.cache} == {(1, 5, p) for p in POLICIES}
+    # the weights are the documented formula with each class's numbers
+    w = CLASSES["most-key"]
+    assert core.path(1, 5, policy="most-key").weight == pytest.approx(3 * w.of(63 * B, 63 * R))
+
+
+def test_policy_classes_are_configured_per_class_and_refused_with_a_code():
+    policies = parse_policies("hop=2,most-key.availability=8,fewest-hops.rate=0")
+    assert policies["balanced"] == Weights(hop=2.0)
+    assert policies["most-key"] == Weights(hop=0.25, availability=8.0, rate=1.0)
+    assert policies["fewest-hops"] == Weights(hop=1.0, availability=0.05, rate=0.0)
+    assert parse_policies("") == CLASSES
+    for bad in ("cheapest.hop=1", "most-key.speed=1", "most-key.hop=-1", "most-key.hop=x"):
+        with pytest.raises(ControlError) as info:
+            parse_policies(bad)
+        assert info.value.code == "CTL-WEIGHTS" and "\n" not in str(info.value)
+
+
+def test_the_classes_are_one_list_in_the_topology_the_messages_and_the_controller():
+    assert get_args(topology.RoutePolicy) == get_args(messages.RoutePolicy) == POLICIES
+
+
+def test_a_path_request_is_decoded_strictly():
+    assert path_request(b'{"src": 2, "dst": 14}') == (2, 14, "balanced")
+    assert path_request(b'{"src": 2, "dst": 14, "route_policy": "most-key"}') == (2, 14, "most-key")
+    for bad in (
+        {"src": 2, "dst": 14, "route_policy": "cheapest"},
+        {"src": 2, "dst": 14, "route_policy": None},
+        {"src": 2, "dst": 14, "user": "alice"},  # nothing of the contract travels
+        {"src": True, "dst": 14},
+        {"src": 2, "dst": 2},
+        [2, 14],
+    ):
+        with pytest.raises(ControlError) as info:
+            path_request(json.dumps(bad).encode())
+        assert info.value.code == "CTL-REQUEST"
+
+
+JSONS = st.recursive(
+    st.none() | st.booleans() | st.integers(-5, 1200) | st.sampled_from([*POLICIES, "x"]),
+    lambda inner: (
+        st.lists(inner, max_size=3)
+        | st.dictionaries(st.sampled_from(["src", "dst", "route_policy", "x"]), inner, max_size=4)
+    ),
+    max_leaves=8,
+)
+
+
+@settings(deadline=None)  # a loaded CI machine: no per-example deadline
+@given(st.one_of(JSONS.map(lambda d: json.dumps(d).encode()), st.binary(max_size=64)))
+def test_any_path_request_body_is_taken_or_refused_with_a_code(body):
+    try:
+        src, dst, policy = path_request(body)
+    except ControlError as exc:
+        assert exc.code == "CTL-REQUEST" and "\n" not in str(exc)
+    else:
+        assert 0 < src < 1000 and 0 < dst < 1000 and src != dst and policy in POLICIES

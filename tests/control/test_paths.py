@@ -24,7 +24,7 @@ def run(pki, answers):  # type: ignore[no-untyped-def]
 
         async def handle(request: Request) -> Response:
             status, body = queue.pop(0)
-            assert json.loads(request.body) == {"src": 2, "dst": 14}
+            assert json.loads(request.body) == {"src": 2, "dst": 14, "route_policy": "balanced"}
             return Response(status, json.dumps(body).encode())
 
         me, peer = pki["node-a"], pki["node-b"]
@@ -83,7 +83,7 @@ def test_a_learnt_path_is_used_without_asking_while_the_route_table_stands(pki):
         asked = []
 
         async def handle(request: Request) -> Response:
-            asked.append(1)
+            asked.append(json.loads(request.body)["route_policy"])
             path = [2, 3, 14] if len(asked) == 1 else [2, 16, 14]
             return Response(200, json.dumps({"path": path}).encode())
 
@@ -100,9 +100,14 @@ def test_a_learnt_path_is_used_without_asking_while_the_route_table_stands(pki):
             again = paths.find(2, 14)  # answered at once: no awaitable, no request
             table.apply([], [])  # the controller installed something here
             changed = await paths.find(2, 14)
+            other = await paths.find(2, 14, "most-key")  # another class: asked for, learnt
+            known = paths.find(2, 14, "most-key")
         finally:
             await paths.close()
             await server.close()
-        return first, again, changed, len(asked)
+        return first, again, changed, other, known, asked
 
-    assert asyncio.run(main()) == ((2, 3, 14), (2, 3, 14), (2, 16, 14), 2)
+    assert asyncio.run(main()) == (
+        (2, 3, 14), (2, 3, 14), (2, 16, 14), (2, 16, 14), (2, 16, 14),
+        ["balanced", "balanced", "most-key"],
+    )  # fmt: skip
