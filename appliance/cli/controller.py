@@ -131,10 +131,11 @@ def cmd_routes(args: argparse.Namespace) -> int:
     if args.json:
         print_json(doc)
         return 0
-    print("routes (src -> dst: path | backup)")
+    print("routes (src -> dst [policy class]: path | backup)")
     for r in doc["routes"]:
         backup = "-".join(map(str, r["backup"])) or "none"
-        print(f"  {r['src']} -> {r['dst']}: {'-'.join(map(str, r['path']))} | {backup}")
+        where = f"{r['src']} -> {r['dst']} [{r.get('route_policy', 'balanced')}]"
+        print(f"  {where}: {'-'.join(map(str, r['path']))} | {backup}")
     print("links (a-b: usable, weight)")
     for x in doc["links"]:
         held = " (the manager reports it down)" if x.get("manager") else ""

@@ -12,6 +12,7 @@ undecoded, so that a repeated document costs a byte comparison, not a parse.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import queue
 import re
@@ -215,9 +216,11 @@ class StreamSubscription:
             self._pending = list(_raw_events(answer))[::-1]
         return self._pending.pop()
 
-    async def close(self) -> None:
+    async def close(self, timeout: float = 2.0) -> None:
+        """Cancel the call and close the channel (waiting at most ``timeout`` seconds)."""
         self._call.cancel()
-        await self._channel.close()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._channel.close(), timeout)
 
 
 class Subscription:

@@ -127,7 +127,8 @@ class Controller:
     async def close(self) -> None:
         for task in self._followers:
             task.cancel()
-        await asyncio.gather(*self._followers, return_exceptions=True)
+        with contextlib.suppress(TimeoutError):  # each closes its channel within 2 s
+            await asyncio.wait_for(asyncio.gather(*self._followers, return_exceptions=True), 5)
         if self._ticker is not None:
             self._ticker.cancel()
         if self._server is not None:
