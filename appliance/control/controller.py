@@ -148,28 +148,34 @@ class Controller:
 
     async def _follow(self, agent: Agent) -> None:
         """The agent's telemetry, for as long as the controller runs (a task of its own)."""
-        cert, key, ca = self.tls
         while True:
-            sub = StreamSubscription(
-                agent.address, "/qkd_node", cert=cert, key=key, ca=ca, heartbeat_ms=HEARTBEAT_MS
-            )
-            last = b""
             try:
-                while True:
-                    event = await sub.next(READ_S)
-                    if event.sync or event.deleted:
-                        continue
-                    if event.raw == last:  # a heartbeat: the node is alive, no news
-                        self._heard(agent.node)
-                    else:
-                        last = event.raw
-                        self._document(event.raw)
-            except ControlError as exc:
-                log.warning("agent lost", extra={"node": agent.node, "code": exc.code})
+                await self._stream(agent)
+            except (ControlError, OSError) as exc:
+                code = exc.code if isinstance(exc, ControlError) else "CTL-AGENT"
+                log.warning("agent lost", extra={"node": agent.node, "code": code})
                 self._lost(agent.node)
-            finally:
-                await sub.close()
             await asyncio.sleep(RETRY_S)
+
+    async def _stream(self, agent: Agent) -> None:
+        """One subscription, until it breaks (ControlError) or the task is cancelled."""
+        cert, key, ca = self.tls
+        sub = StreamSubscription(
+            agent.address, "/qkd_node", cert=cert, key=key, ca=ca, heartbeat_ms=HEARTBEAT_MS
+        )
+        last = b""
+        try:
+            while True:
+                event = await sub.next(READ_S)
+                if event.sync or event.deleted:
+                    continue
+                if event.raw == last:  # a heartbeat: the node is alive, no news
+                    self._heard(agent.node)
+                else:
+                    last = event.raw
+                    self._document(event.raw)
+        finally:
+            await sub.close()
 
     def _lost(self, node: int) -> None:
         self._report(self.core.lost(time.monotonic(), node))
