@@ -203,10 +203,11 @@ class StreamSubscription:
         within ``timeout`` seconds or the stream ended."""
         while not self._pending:
             try:
-                if self._first is not None:  # the request stream stays open, as gNMI's
-                    await asyncio.wait_for(self._call.write(self._first), timeout)
-                    self._first = None
-                answer = await asyncio.wait_for(self._call.read(), timeout)
+                async with asyncio.timeout(timeout):  # a timer, not a task, per read
+                    if self._first is not None:  # the request stream stays open, as gNMI's
+                        await self._call.write(self._first)
+                        self._first = None
+                    answer = await self._call.read()
             except TimeoutError:
                 raise AgentUnavailable(f"no gNMI message within {timeout} s") from None
             except grpc.RpcError as exc:

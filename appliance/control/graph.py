@@ -325,7 +325,8 @@ class Core:
         for lid in sorted(self.links if only is None else only & self.links.keys()):
             link = self.links[lid]
             changes += self._step(lid, link, self._good(link, now), now)
-            self._reweigh(link)
+            if only is not None:  # a weight moves with its ends' reports, not with time
+                self._reweigh(link)
         for change in changes:
             if not change.alarm:
                 self._apply(change)
