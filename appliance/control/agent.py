@@ -8,8 +8,8 @@ It serves the node's document (:mod:`model`) at ETSI GS QKD 015 paths in JSON_IE
   poll), STREAM with SAMPLE (every ``sample_interval``, at least :data:`MIN_SAMPLE_NS`)
   and ON_CHANGE (whenever the value changes, and ``heartbeat_interval`` after the last
   update if one is given: at least one update per interval, as gNMI asks, and no repeat
-  right after a change); TARGET_DEFINED is ON_CHANGE. A path that disappears (a route removed) is sent
-  once as a ``delete``.
+  right after a change); TARGET_DEFINED is ON_CHANGE. A path that disappears (a route
+  removed) is sent once as a ``delete``.
 
 Bad requests end with a gRPC status whose message starts with our error code: a path
 that names nothing is ``NOT_FOUND`` (``CTL-PATH-NOT-FOUND``), a malformed one or another

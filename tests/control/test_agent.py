@@ -3,6 +3,7 @@ errors, and every served document valid under the ETSI 015 model and our augment
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import grpc
@@ -351,6 +352,6 @@ def test_an_on_change_update_is_the_heartbeat_and_silence_still_beats_once_per_i
             sent.append((ctx.now, answer.update.update[0].val.json_ietf_val))
     times = [t for t, _ in sent]
     assert len([t for t in times if t <= 3.0]) == 7  # the first document and 6 changes
-    repeats = [t for (t, v), (_, w) in zip(sent[1:], sent) if v == w]
+    repeats = [t for (_, w), (t, v) in itertools.pairwise(sent) if v == w]
     assert repeats and min(repeats) > 3.0  # heartbeats only once the changes stop
-    assert max(b - a for a, b in zip(times, times[1:])) <= 0.75 + 0.25
+    assert max(b - a for a, b in itertools.pairwise(times)) <= 0.75 + 0.25
