@@ -26,8 +26,11 @@ examples:
   qkdn controller routes                         installed paths and link weights
   qkdn controller routes --json                  the same, for scripts
   qkdn controller run --dir NET --weights availability=4,rate=0   by hand, other weights
+  qkdn controller run --dir NET --weights most-key.availability=8   one policy class's
 
-The link weight is  hop + availability * B/(B + bits) + rate * R/(R + eskr)  (docs/control.md).
+The link weight is  hop + availability * B/(B + bits) + rate * R/(R + eskr)  (docs/control.md),
+with numbers per routing policy class (balanced, fewest-hops, most-key: a contract's
+route_policy, which the access node passes with its path request).
 """
 
 
@@ -48,9 +51,11 @@ def register(sub: Any) -> None:
     run.add_argument(
         "--weights",
         default="",
-        metavar="NAME=X,...",
-        help="link weight terms: hop, availability, rate, reference_bits, reference_bps "
-        "(default: hop=1,availability=1,rate=1,reference_bits=1048576,reference_bps=10000)",
+        metavar="[CLASS.]NAME=X,...",
+        help="link weight terms: hop, availability, rate, reference_bits, reference_bps, "
+        "of the balanced class, or of CLASS (fewest-hops, most-key) when prefixed "
+        "(balanced default: hop=1,availability=1,rate=1,reference_bits=1048576,"
+        "reference_bps=10000)",
     )
     run.add_argument(
         "--hold-off-ms",
@@ -85,9 +90,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     die_with_supervisor()  # started by a network's supervisor: never outlive it
     from appliance.control.controller import Agent, Controller
-    from appliance.control.graph import Weights
+    from appliance.control.graph import BALANCED, parse_policies
 
-    weights = Weights.parse(args.weights)
+    policies = parse_policies(args.weights)
     cfg, configs = _network(args.dir)
     agents = [
         Agent(c.node.id, name, c.listen["gnmi"])
@@ -104,9 +109,10 @@ def cmd_run(args: argparse.Namespace) -> int:
             agents,
             tls,
             allowed=allowed,
-            weights=weights,
+            weights=policies[BALANCED],
             hold_off=args.hold_off_ms / 1000,
             managers=managers,
+            policies=policies,
         )
         await controller.start(cfg.listen["api"])
         stop = asyncio.Event()
@@ -125,10 +131,11 @@ def cmd_routes(args: argparse.Namespace) -> int:
     if args.json:
         print_json(doc)
         return 0
-    print("routes (src -> dst: path | backup)")
+    print("routes (src -> dst [policy class]: path | backup)")
     for r in doc["routes"]:
         backup = "-".join(map(str, r["backup"])) or "none"
-        print(f"  {r['src']} -> {r['dst']}: {'-'.join(map(str, r['path']))} | {backup}")
+        where = f"{r['src']} -> {r['dst']} [{r.get('route_policy', 'balanced')}]"
+        print(f"  {where}: {'-'.join(map(str, r['path']))} | {backup}")
     print("links (a-b: usable, weight)")
     for x in doc["links"]:
         held = " (the manager reports it down)" if x.get("manager") else ""

@@ -26,6 +26,8 @@ from appliance.errors import ConfigError
 
 Name = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9-]{0,62}$")]
 Pct = Annotated[float, Field(ge=0.0, le=50.0)]
+RoutePolicy = Literal["balanced", "fewest-hops", "most-key"]
+"""A contract's routing policy class (the QKDN Controller's weights per class)."""
 MAX_SKR_KBPS = 1_000_000.0
 """1 Gb/s: far above any QKD link, and far below where derived rates stop being finite."""
 Rate = Annotated[float, Field(ge=0.0, le=MAX_SKR_KBPS)]
@@ -121,6 +123,9 @@ class ContractEntry(Strict):
     valid_until: dt.date | None = None
     relay_mode: Literal["otp", "gcm"] | None = None
     """How this user's keys cross the network; unset: the network's policy."""
+    route_policy: RoutePolicy | None = None
+    """The routing policy class of its relays' paths (the QKDN Controller's weights);
+    unset: balanced. Only the class leaves the access node, never the contract."""
 
 
 class SaeEntry(Strict):
@@ -149,6 +154,7 @@ class Contract(Lean):
     valid_from: dt.date | None = None
     valid_until: dt.date | None = None
     relay_mode: Literal["otp", "gcm"] | None = None
+    route_policy: RoutePolicy | None = None
 
 
 @dataclass(frozen=True, slots=True)

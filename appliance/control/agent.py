@@ -6,9 +6,10 @@ It serves the node's document (:mod:`model`) at ETSI GS QKD 015 paths in JSON_IE
 * ``Get``: one notification per path (a container's value is its JSON_IETF subtree);
 * ``Subscribe``: ONCE (everything, ``sync_response``, end), POLL (the same again on each
   poll), STREAM with SAMPLE (every ``sample_interval``, at least :data:`MIN_SAMPLE_NS`)
-  and ON_CHANGE (whenever the value changes, and every ``heartbeat_interval`` if one is
-  given); TARGET_DEFINED is ON_CHANGE. A path that disappears (a route removed) is sent
-  once as a ``delete``.
+  and ON_CHANGE (whenever the value changes, and ``heartbeat_interval`` after the last
+  update if one is given: at least one update per interval, as gNMI asks, and no repeat
+  right after a change); TARGET_DEFINED is ON_CHANGE. A path that disappears (a route
+  removed) is sent once as a ``delete``.
 
 Bad requests end with a gRPC status whose message starts with our error code: a path
 that names nothing is ``NOT_FOUND`` (``CTL-PATH-NOT-FOUND``), a malformed one or another
@@ -314,10 +315,13 @@ class GnmiAgent(pb_grpc.gNMIServicer):  # type: ignore[misc]
             version = changed
             for sub in subs:
                 beat = bool(sub.interval_s) and now >= sub.next_due
-                if beat:
-                    sub.next_due = max(sub.next_due + sub.interval_s, now)
                 if beat or (fresh and not sub.sample):
-                    yield from _update(sub, doc, only_changed=not beat)
+                    sent = list(_update(sub, doc, only_changed=not beat))
+                    if sent and not sub.sample:  # an update is the heartbeat too
+                        sub.next_due = now + sub.interval_s
+                    elif beat:
+                        sub.next_due = max(sub.next_due + sub.interval_s, now)
+                    yield from sent
 
 
 def _update(sub: _Sub, doc: dict[str, Any], *, only_changed: bool = False) -> Iterator[Any]:

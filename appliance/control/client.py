@@ -3,6 +3,10 @@
 Used by the controller and ``qkdn`` commands. A Subscribe stream is read by a thread of
 its own into a queue, so that :meth:`Subscription.next` waits at most its timeout: reading
 past a closed or silent stream would otherwise block until the call's deadline.
+:class:`StreamSubscription` is the same STREAM on grpc's asyncio API, for the controller's
+event loop: no thread per stream (grpc's blocking reader wakes every 100 ms to look for
+signals, and each message crosses two threads), and the JSON_IETF text is handed over
+undecoded, so that a repeated document costs a byte comparison, not a parse.
 """
 
 from __future__ import annotations
@@ -73,6 +77,8 @@ class Event:
     value: Any = None
     deleted: bool = False
     sync: bool = False
+    raw: bytes = b""
+    """The update's JSON_IETF text (:class:`StreamSubscription` leaves ``value`` None)."""
 
 
 class PendingSet:
@@ -187,23 +193,70 @@ class AgentClient:
         heartbeat_ms: int = 0,
     ) -> Subscription:
         """A Subscribe call (``mode``: stream, once or poll); read it with ``next``."""
-        sub_mode = pb.SubscriptionMode.ON_CHANGE if on_change else pb.SubscriptionMode.SAMPLE
-        subs = [
-            pb.Subscription(
-                path=parse_path(p),
-                mode=sub_mode,
-                sample_interval=sample_ms * 1_000_000,
-                heartbeat_interval=heartbeat_ms * 1_000_000,
-            )
-            for p in paths
-        ]
-        modes = {"stream": 0, "once": 1, "poll": 2}
-        request = pb.SubscribeRequest(
-            subscribe=pb.SubscriptionList(
-                subscription=subs, mode=modes[mode], encoding=pb.JSON_IETF
-            )
+        return Subscription(self.stub, _request(paths, mode, on_change, sample_ms, heartbeat_ms))
+
+
+def _request(
+    paths: tuple[str, ...], mode: str, on_change: bool, sample_ms: int, heartbeat_ms: int
+) -> Any:
+    sub_mode = pb.SubscriptionMode.ON_CHANGE if on_change else pb.SubscriptionMode.SAMPLE
+    subs = [
+        pb.Subscription(
+            path=parse_path(p),
+            mode=sub_mode,
+            sample_interval=sample_ms * 1_000_000,
+            heartbeat_interval=heartbeat_ms * 1_000_000,
         )
-        return Subscription(self.stub, request)
+        for p in paths
+    ]
+    modes = {"stream": 0, "once": 1, "poll": 2}
+    return pb.SubscribeRequest(
+        subscribe=pb.SubscriptionList(subscription=subs, mode=modes[mode], encoding=pb.JSON_IETF)
+    )
+
+
+class StreamSubscription:
+    """A Subscribe STREAM (ON_CHANGE with a heartbeat) on grpc.aio, read from the running
+    event loop; :meth:`next` waits at most its timeout. Open it inside the loop."""
+
+    def __init__(
+        self, address: str, path: str, *, cert: Path, key: Path, ca: Path, heartbeat_ms: int
+    ) -> None:
+        creds = grpc.ssl_channel_credentials(
+            root_certificates=ca.read_bytes(),
+            private_key=key.read_bytes(),
+            certificate_chain=cert.read_bytes(),
+        )
+        options = [("grpc.max_receive_message_length", MAX_MESSAGE)]
+        self._channel = grpc.aio.secure_channel(address, creds, options=options)
+        self._first: Any = _request((path,), "stream", True, 0, heartbeat_ms)
+        self._call = pb_grpc.gNMIStub(self._channel).Subscribe()
+        self._pending: list[Event] = []
+
+    async def next(self, timeout: float) -> Event:
+        """The next event, its value undecoded (``raw``); AgentUnavailable if none came
+        within ``timeout`` seconds or the stream ended."""
+        while not self._pending:
+            try:
+                async with asyncio.timeout(timeout):  # a timer, not a task, per read
+                    if self._first is not None:  # the request stream stays open, as gNMI's
+                        await self._call.write(self._first)
+                        self._first = None
+                    answer = await self._call.read()
+            except TimeoutError:
+                raise AgentUnavailable(f"no gNMI message within {timeout} s") from None
+            except grpc.RpcError as exc:
+                raise _error(exc) from exc
+            if answer is grpc.aio.EOF:
+                raise AgentUnavailable("the stream ended")
+            self._pending = list(_raw_events(answer))[::-1]
+        return self._pending.pop()
+
+    async def close(self, timeout: float = 2.0) -> None:
+        """Cancel the call and close the channel (waiting at most ``timeout`` seconds)."""
+        self._call.cancel()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._channel.close(), timeout)
 
 
 class Subscription:
@@ -258,6 +311,17 @@ def _events(answer: Any) -> Iterator[Event]:
     note = answer.update
     for update in note.update:
         yield Event(path_text(update.path), json.loads(update.val.json_ietf_val))
+    for path in note.delete:
+        yield Event(path_text(path), deleted=True)
+
+
+def _raw_events(answer: Any) -> Iterator[Event]:
+    if answer.HasField("sync_response"):
+        yield Event("", sync=True)
+        return
+    note = answer.update
+    for update in note.update:
+        yield Event(path_text(update.path), raw=update.val.json_ietf_val)
     for path in note.delete:
         yield Event(path_text(path), deleted=True)
 

@@ -1,17 +1,22 @@
 """The QKDN Controller process (``qkdn controller run``): telemetry in, paths out.
 
-* **Telemetry.** One thread per SDN agent holds a gNMI STREAM subscription to
-  ``/qkd_node`` (ON_CHANGE, heartbeat every :data:`HEARTBEAT_MS`; every read bounded) and
-  hands each document to the event loop, which feeds the sans-IO core (:mod:`graph`) and
-  ticks it every :data:`TICK_S` (the hold-off and the heartbeat deadline need time to
-  pass). A lost subscription is opened again after :data:`RETRY_S`. The first document
+* **Telemetry.** One task of the event loop per SDN agent holds a gNMI STREAM
+  subscription to ``/qkd_node`` (grpc.aio; ON_CHANGE, heartbeat every
+  :data:`HEARTBEAT_MS`; every read bounded). A document that repeats the agent's last,
+  byte for byte, is a heartbeat: it only marks the node alive, undecoded. Any other
+  document is decoded and fed to the sans-IO core (:mod:`graph`) at once; the core is
+  ticked every :data:`TICK_S` while a hold-off runs (the hold-off and the heartbeat
+  deadline need time to pass). A lost subscription is opened again after
+  :data:`RETRY_S`. The first document
   of each agent carries the routes installed there: a restarted controller knows them
   without anyone telling it (and never removes one it did not replace).
 * **Path requests** arrive over HTTP/2 with mutual TLS on the controller's ``api``
   address, from the CKMS of a source access node only (the peer's certificate must name
   a CKMS node of the network, or the controller itself for ``qkdn controller routes``;
-  anyone else gets 403). ``POST /v1/path`` with ``{"src": N, "dst": M}``: the core's
-  path (cached; a backup kept), installed at every hop by a gNMI Set to each hop's
+  anyone else gets 403). ``POST /v1/path`` with ``{"src": N, "dst": M}`` and optionally
+  ``"route_policy"``, a policy class of :data:`graph.POLICIES` (``balanced`` if absent;
+  anything else is a 400 ``CTL-REQUEST``): the core's path for that class (cached; a
+  backup kept), installed at every hop by a gNMI Set to each hop's
   agent, all hops at once (a route a link failure broke is installed again on its
   backup at once, without waiting for the next request: the hold-off rule of
   :mod:`graph`, protection does not wait); the answer ``{"path": [...],
@@ -48,9 +53,9 @@ from typing import Any
 
 from appliance.config.addresses import split_host_port
 from appliance.control import model
-from appliance.control.client import AgentClient
+from appliance.control.client import AgentClient, StreamSubscription
 from appliance.control.errors import ControlError
-from appliance.control.graph import Change, Core, Weights
+from appliance.control.graph import BALANCED, CLASSES, POLICIES, Change, Core, Weights
 from appliance.net.h2 import H2Server, Request, Response
 from appliance.pki import server_context
 
@@ -93,10 +98,13 @@ class Controller:
         weights: Weights | None = None,
         hold_off: float = 0.1,
         managers: frozenset[str] = frozenset(),
+        policies: dict[str, Weights] | None = None,
     ) -> None:
         self.agents = {a.node: a for a in agents}
         self.tls, self.allowed, self.managers = tls, allowed, managers
-        self.core = Core(weights=weights or Weights(), hold_off=hold_off)
+        policies = policies or dict(CLASSES)
+        self.core = Core(weights=weights or policies[BALANCED], hold_off=hold_off)
+        self.core.policies = policies
         self.confirmed: dict[tuple[int, int], tuple[int, ...]] = {}
         """Each route's path in use, confirmed by every hop."""
         self.standby: dict[tuple[int, int], tuple[int, ...] | None] = {}
@@ -106,11 +114,13 @@ class Controller:
         self._marks: dict[tuple[int, int], tuple[int, ...]] = {}
         """Routes switched at their head end whose other hops still show the old use: the
         path switched from."""
+        self.policy_of: dict[tuple[int, int], str] = {}
+        """The policy class of the request that installed each route (one route per pair:
+        the last request's class sets it)."""
         self._locks: dict[tuple[int, int], asyncio.Lock] = {}
         self._clients: dict[int, AgentClient] = {}
         self._clients_lock = threading.Lock()
-        self._stop = threading.Event()
-        self._threads: list[threading.Thread] = []
+        self._followers: list[asyncio.Task[None]] = []
         self._server: H2Server | None = None
         self._ticker: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -120,20 +130,17 @@ class Controller:
         self._moved = asyncio.Event()
 
     async def start(self, api: str) -> None:
-        loop = asyncio.get_running_loop()
-        for agent in self.agents.values():
-            thread = threading.Thread(
-                target=self._follow, args=(agent, loop), daemon=True, name=f"gnmi-{agent.node}"
-            )
-            thread.start()
-            self._threads.append(thread)
+        self._followers = [asyncio.create_task(self._follow(a)) for a in self.agents.values()]
         self._ticker = asyncio.create_task(self._tick())
         self._server = H2Server(self._handle, server_context(*self.tls, ("h2",)))
         await self._server.start(*split_host_port(api))
         log.info("controller listening", extra={"address": api, "agents": len(self.agents)})
 
     async def close(self) -> None:
-        self._stop.set()
+        for task in self._followers:
+            task.cancel()
+        with contextlib.suppress(TimeoutError):  # each closes its channel within 2 s
+            await asyncio.wait_for(asyncio.gather(*self._followers, return_exceptions=True), 5)
         if self._ticker is not None:
             self._ticker.cancel()
         if self._server is not None:
@@ -151,34 +158,36 @@ class Controller:
                 client = self._clients[node] = AgentClient(address, cert=cert, key=key, ca=ca)
             return client
 
-    def _follow(self, agent: Agent, loop: asyncio.AbstractEventLoop) -> None:
-        """The agent's telemetry, for as long as the controller runs (its own thread)."""
-        cert, key, ca = self.tls
-        while not self._stop.is_set():
-            client = AgentClient(agent.address, cert=cert, key=key, ca=ca, timeout=READ_S)
-            sub = client.subscribe("/qkd_node", heartbeat_ms=HEARTBEAT_MS)
-            last: Any = None
+    async def _follow(self, agent: Agent) -> None:
+        """The agent's telemetry, for as long as the controller runs (a task of its own)."""
+        while True:
             try:
-                while not self._stop.is_set():
-                    event = sub.next(READ_S)
-                    if event.sync or event.deleted:
-                        continue
-                    if event.value == last:  # a heartbeat: the node is alive, no news
-                        loop.call_soon_threadsafe(self._heard, agent.node)
-                    else:
-                        last = event.value
-                        loop.call_soon_threadsafe(self._document, event.value)
-            except ControlError as exc:
-                if not self._stop.is_set():
-                    log.warning("agent lost", extra={"node": agent.node, "code": exc.code})
-                    with contextlib.suppress(RuntimeError):  # the loop closed: stopping
-                        loop.call_soon_threadsafe(self._lost, agent.node)
-            except RuntimeError:  # the event loop closed: the controller stops
-                return
-            finally:
-                sub.close()
-                client.close()
-            self._stop.wait(RETRY_S)
+                await self._stream(agent)
+            except (ControlError, OSError) as exc:
+                code = exc.code if isinstance(exc, ControlError) else "CTL-AGENT"
+                log.warning("agent lost", extra={"node": agent.node, "code": code})
+                self._lost(agent.node)
+            await asyncio.sleep(RETRY_S)
+
+    async def _stream(self, agent: Agent) -> None:
+        """One subscription, until it breaks (ControlError) or the task is cancelled."""
+        cert, key, ca = self.tls
+        sub = StreamSubscription(
+            agent.address, "/qkd_node", cert=cert, key=key, ca=ca, heartbeat_ms=HEARTBEAT_MS
+        )
+        last = b""
+        try:
+            while True:
+                event = await sub.next(READ_S)
+                if event.sync or event.deleted:
+                    continue
+                if event.raw == last:  # a heartbeat: the node is alive, no news
+                    self._heard(agent.node)
+                else:
+                    last = event.raw
+                    self._document(event.raw)
+        finally:
+            await sub.close()
 
     def _lost(self, node: int) -> None:
         self._report(self.core.lost(time.monotonic(), node))
@@ -186,8 +195,12 @@ class Controller:
     def _heard(self, node: int) -> None:
         self.core.heard_from(time.monotonic(), node)
 
-    def _document(self, doc: Any) -> None:
+    def _document(self, raw: bytes) -> None:
         try:
+            try:
+                doc = json.loads(raw)
+            except ValueError as exc:
+                raise ControlError("node document: not JSON", code="CTL-DOC") from exc
             changes = self.core.telemetry(time.monotonic(), doc)
         except ControlError as exc:
             log.warning("bad agent document", extra={"code": exc.code})
@@ -208,7 +221,7 @@ class Controller:
             slot = self.core.in_use[key]
             self.confirmed[key], self.slots[key] = primary, slot
             self.standby[key] = self.core.installed(*key, 1 - slot)
-            self.core.keep(*key, primary, self.standby[key])
+            self.core.keep(*key, primary, self.standby[key], self.policy_of.get(key, BALANCED))
 
     async def _tick(self) -> None:
         """Let time pass in the core: every TICK_S while a hold-off runs, else every
@@ -233,13 +246,13 @@ class Controller:
             lock = self._locks.get((src, dst))
             if lock is not None and lock.locked():
                 continue
-            moved = self.core.better(src, dst, path)
+            moved = self.core.better(src, dst, path, self.policy_of.get((src, dst), BALANCED))
             if moved is not None:
                 extra = {"code": "CTL-BALANCE", "src": src, "dst": dst, "hops": len(moved)}
                 log.info("route moved for key availability", extra=extra)
                 self._reinstall(src, dst)
                 continue
-            cached = self.core.cache.get((src, dst))
+            cached = self.core.cache.get((src, dst, self.policy_of.get((src, dst), BALANCED)))
             if cached is not None and cached.backup != self.standby.get((src, dst)):
                 self._later(self._protect(src, dst))  # a new backup (a link came back)
 
@@ -248,8 +261,8 @@ class Controller:
         log each change (the hold-off rule of :mod:`graph`): an alarm raised or cleared
         is a warning (``link down``, ``link up``); a link taken out of use switches the
         routes over it to their backups at once (``protection switch``)."""
-        down = self.core.telemetry_down(time.monotonic())
-        if down != self._down:
+        down = self.core.telemetry_down()
+        if down is not self._down and down != self._down:
             self._down, self.seq = down, self.seq + 1
             self._moved.set()
             self._moved = asyncio.Event()
@@ -280,7 +293,7 @@ class Controller:
 
         async def run() -> None:
             try:
-                await self.path(src, dst)
+                await self.path(src, dst, self.policy_of.get((src, dst), BALANCED))
             except ControlError as exc:
                 log.warning("no new path yet", extra={"src": src, "dst": dst, "code": exc.code})
 
@@ -314,8 +327,8 @@ class Controller:
         if request.path == "/v1/routes":
             return Response(200, json.dumps(self.routes()).encode(), JSON)
         try:
-            src, dst = _pair(request.body)
-            path, backup = await self.path(src, dst)
+            src, dst, policy = path_request(request.body)
+            path, backup = await self.path(src, dst, policy)
         except ControlError as exc:
             return _error(503 if exc.code != "CTL-REQUEST" else 400, exc)
         body = {"path": list(path), "backup": list(backup or ())}
@@ -335,14 +348,17 @@ class Controller:
         doc = {"seq": self.seq, "down": [list(pair) for pair in self._down]}
         return Response(200, json.dumps(doc).encode(), JSON)
 
-    async def path(self, src: int, dst: int) -> tuple[tuple[int, ...], tuple[int, ...] | None]:
-        """The path from ``src`` to ``dst``, in use at every hop before it is returned (and
-        its backup, pre-installed at every hop, if it is yet)."""
+    async def path(
+        self, src: int, dst: int, policy: str = BALANCED
+    ) -> tuple[tuple[int, ...], tuple[int, ...] | None]:
+        """The path from ``src`` to ``dst`` under the ``policy`` class, in use at every hop
+        before it is returned (and its backup, pre-installed at every hop, if it is yet)."""
         key = (src, dst)
-        if self.confirmed.get(key) == self.core.path(src, dst, backup=False).primary:
+        self.policy_of[key] = policy  # one route per pair: the last request's class
+        if self.confirmed.get(key) == self.core.path(src, dst, backup=False, policy=policy).primary:
             return self.confirmed[key], self.standby.get(key)  # a backup's install may run
         async with self._locks.setdefault(key, asyncio.Lock()):
-            route = self.core.path(src, dst, backup=False)
+            route = self.core.path(src, dst, backup=False, policy=policy)
             if self.confirmed.get(key) != route.primary:
                 await self._use(src, dst, route.primary)
         self._later(self._protect(src, dst, PROTECT_AFTER_S))
@@ -392,7 +408,11 @@ class Controller:
         async with self._locks.setdefault(key, asyncio.Lock()):
             primary, slot = self.confirmed.get(key), self.slots.get(key, 0)
             try:
-                route = self.core.path(src, dst) if primary is not None else None
+                route = (
+                    self.core.path(src, dst, policy=self.policy_of.get(key, BALANCED))
+                    if primary is not None
+                    else None
+                )
             except ControlError:
                 route = None
             if primary is None or route is None or route.primary != primary:
@@ -492,7 +512,7 @@ class Controller:
                 self.core.installed(s, d, 1 - slot))  # fmt: skip
             routes.append({
                 "src": s, "dst": d, "path": list(p), "backup": list(standby or ()),
-                "slot": slot,
+                "slot": slot, "route_policy": self.policy_of.get((s, d), BALANCED),
             })  # fmt: skip
         return {"routes": routes, "links": links, "switches": self.core.switches}
 
@@ -501,17 +521,25 @@ def _uses(path: tuple[int, ...], a: int, b: int) -> bool:
     return any({x, y} == {a, b} for x, y in itertools.pairwise(path))
 
 
-def _pair(body: bytes) -> tuple[int, int]:
+def path_request(body: bytes) -> tuple[int, int, str]:
+    """(src, dst, policy class) of a path request (ControlError ``CTL-REQUEST``): no
+    other member, the class one of :data:`graph.POLICIES` (``balanced`` if absent)."""
     if len(body) > MAX_BODY:
         raise ControlError("request body too long", code="CTL-REQUEST")
     try:
         doc = json.loads(body)
         src, dst = doc["src"], doc["dst"]
-    except (ValueError, KeyError, TypeError) as exc:
+        policy = doc.get("route_policy", BALANCED)
+        extra = set(doc) - {"src", "dst", "route_policy"}
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise ControlError('expected {"src": N, "dst": M}', code="CTL-REQUEST") from exc
-    if not all(isinstance(n, int) and 0 < n < 1000 for n in (src, dst)) or src == dst:
+    if extra:
+        raise ControlError(f"unknown member {sorted(extra)[0][:40]!r}", code="CTL-REQUEST")
+    if not all(type(n) is int and 0 < n < 1000 for n in (src, dst)) or src == dst:
         raise ControlError("src and dst: two different node IDs", code="CTL-REQUEST")
-    return src, dst
+    if not isinstance(policy, str) or policy not in POLICIES:
+        raise ControlError(f"route_policy: one of {', '.join(POLICIES)}", code="CTL-REQUEST")
+    return src, dst, policy
 
 
 def _faults(body: bytes) -> tuple[list[tuple[int, int]], list[int], float]:

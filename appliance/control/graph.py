@@ -35,6 +35,15 @@ positive and falls as keys pile up or flow faster, so a path's weight is at leas
 count x ``hop``; with ``availability = rate = 0`` routing is by hop count. All five numbers
 are configurable (``qkdn controller run --weights``).
 
+**The contract's policy.** A path request names a routing policy class
+(:data:`POLICIES`; a contract's ``route_policy``, passed down by the access node without
+the contract or its user); each class has its own five numbers (:data:`CLASSES`, the
+defaults, overridden with ``class.name=value`` in ``--weights``): ``balanced`` is the
+formula above with the configured numbers; ``fewest-hops`` weighs hops almost alone (key
+terms 0.05: they only break ties); ``most-key`` weighs key availability four times a hop
+and the rate as much as a hop, so a longer path with full stores wins over a short one
+running dry. Paths are cached per (source, destination, class).
+
 **Paths.** :meth:`Core.path` answers from the cache or computes a primary path
 (Dijkstra, ties towards lower node IDs) and a backup that avoids the primary's links
 (each shared link costs :data:`SHARE_PENALTY` more, so the backup shares a link only
@@ -78,6 +87,9 @@ from appliance.control.errors import ControlError, NoPath
 
 SHARE_PENALTY = 1e6
 MAX_LINKS_PER_NODE = 256
+BALANCED = "balanced"
+POLICIES = (BALANCED, "fewest-hops", "most-key")
+"""The routing policy classes a path request may name."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -93,8 +105,9 @@ class Weights:
         return self.hop + self.availability * b / (b + bits) + self.rate * r / (r + eskr)
 
     @classmethod
-    def parse(cls, text: str) -> Weights:
-        """``hop=1,availability=2,...`` (ControlError on an unknown name or a bad value)."""
+    def parse(cls, text: str, base: Weights | None = None) -> Weights:
+        """``hop=1,availability=2,...`` over ``base`` (default: the defaults above);
+        ControlError on an unknown name or a bad value."""
         values: dict[str, float] = {}
         for item in filter(None, text.split(",")):
             name, _, raw = item.partition("=")
@@ -107,7 +120,7 @@ class Weights:
             if not 0 <= value <= 1e12:
                 raise ControlError(f"weight {name}: expected 0..1e12", code="CTL-WEIGHTS")
             values[name] = value
-        base = cls()
+        base = base or cls()
         w = cls(
             hop=values.get("hop", base.hop),
             availability=values.get("availability", base.availability),
@@ -118,6 +131,29 @@ class Weights:
         if w.hop <= 0 or w.reference_bits <= 0 or w.reference_bps <= 0:
             raise ControlError("hop and the references must be positive", code="CTL-WEIGHTS")
         return w
+
+
+CLASSES = {
+    BALANCED: Weights(),
+    "fewest-hops": Weights(hop=1.0, availability=0.05, rate=0.05),
+    "most-key": Weights(hop=0.25, availability=4.0, rate=1.0),
+}
+"""Each policy class's numbers by default (module docstring)."""
+
+
+def parse_policies(text: str) -> dict[str, Weights]:
+    """``--weights``: ``name=value`` items set the ``balanced`` class, ``class.name=value``
+    items that class; the rest keep :data:`CLASSES` (ControlError ``CTL-WEIGHTS``)."""
+    items: dict[str, list[str]] = {}
+    for item in filter(None, text.split(",")):
+        cls, dot, rest = item.partition(".")
+        if dot and "=" not in cls:
+            if cls not in CLASSES:
+                raise ControlError(f"unknown policy class {cls[:40]!r}", code="CTL-WEIGHTS")
+            items.setdefault(cls, []).append(rest)
+        else:
+            items.setdefault(BALANCED, []).append(item)
+    return {c: Weights.parse(",".join(items.get(c, [])), base) for c, base in CLASSES.items()}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -167,6 +203,9 @@ class _Link:
     alarm is raised or the link is back."""
     alarmed: bool = False
     weight: float = 0.0
+    """Under the ``balanced`` class."""
+    bits: int = 0
+    eskr: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,9 +227,12 @@ class Core:
     qber_max: float = 0.11
     reweigh: float = 0.5
     rebalance: float = 0.2
+    policies: dict[str, Weights] = field(default_factory=lambda: dict(CLASSES))
+    """The numbers of the other classes (``weights`` is the ``balanced`` class's)."""
     links: dict[str, _Link] = field(default_factory=dict)
     heard: dict[int, float] = field(default_factory=dict)
-    cache: dict[tuple[int, int], Route] = field(default_factory=dict)
+    cache: dict[tuple[int, int, str], Route] = field(default_factory=dict)
+    """Routes by (source, destination, policy class)."""
     hops: dict[tuple[int, int, int], dict[int, tuple[int | None, int | None]]] = field(
         default_factory=dict
     )
@@ -204,6 +246,10 @@ class Core:
     """Nodes the manager reports down (every link of theirs is held down)."""
     been_up: set[str] = field(default_factory=set)
     """Links seen usable (:meth:`telemetry_down` reports only those)."""
+    _bad: dict[str, tuple[int, int]] = field(default_factory=dict, init=False, repr=False)
+    """The links :meth:`telemetry_down` lists, kept where an end's report or a link's use
+    changes (not recomputed over every link at each document)."""
+    _down: list[tuple[int, int]] = field(default_factory=list, init=False, repr=False)
 
     # -- the manager's reports ---------------------------------------------------------
     def report(
@@ -222,19 +268,26 @@ class Core:
             return True
         return any(self.held_nodes.get(n, -1e18) > now for n in (a, b))
 
-    def telemetry_down(self, now: float) -> list[tuple[int, int]]:
+    def telemetry_down(self) -> list[tuple[int, int]]:
         """Links that were usable once and that an end now reports bad (status not ACTIVE,
         QBER above ``qber_max``), as (lower ID, higher ID). Not the manager's holds, not a
-        node's silence (the manager learns that over SNMP), not a link that never came up."""
-        for lid, x in self.links.items():
-            if x.usable:
-                self.been_up.add(lid)
-        return sorted(
-            (min(x.a, x.b), max(x.a, x.b))
-            for lid, x in self.links.items()
-            if lid in self.been_up
-            and any(not e.good or e.qber > self.qber_max for e in x.ends.values())
+        node's silence (the manager learns that over SNMP), not a link that never came up.
+        Kept as reports arrive (:meth:`_mark`): a new list only when it changed."""
+        return self._down
+
+    def _mark(self, lid: str, link: _Link) -> None:
+        """Whether ``link`` belongs in :meth:`telemetry_down`, after its ends' reports or
+        its use changed."""
+        bad = lid in self.been_up and any(
+            not e.good or e.qber > self.qber_max for e in link.ends.values()
         )
+        if bad == (lid in self._bad):
+            return
+        if bad:
+            self._bad[lid] = (min(link.a, link.b), max(link.a, link.b))
+        else:
+            del self._bad[lid]
+        self._down = sorted(self._bad.values())
 
     # -- telemetry --------------------------------------------------------------------
     def telemetry(self, now: float, doc: dict[str, Any]) -> list[Change]:
@@ -244,6 +297,7 @@ class Core:
         for report in reports:
             link = self.links.setdefault(report.link, _Link(report.node, report.peer))
             link.ends[node] = report
+            self._mark(report.link, link)
         for entries in self.hops.values():
             entries.pop(node, None)
         for key in [k for k in self.in_use if k[0] == node]:
@@ -285,7 +339,8 @@ class Core:
         for lid in sorted(self.links if only is None else only & self.links.keys()):
             link = self.links[lid]
             changes += self._step(lid, link, self._good(link, now), now)
-            self._reweigh(link)
+            if only is not None:  # a weight moves with its ends' reports, not with time
+                self._reweigh(link)
         for change in changes:
             if not change.alarm:
                 self._apply(change)
@@ -314,6 +369,7 @@ class Core:
                     out.append(Change(lid, True, now, alarm=True))
                 link.usable, link.alarmed = True, False
                 link.pending_since = link.down_since = None
+                self.been_up.add(lid)  # all its ends report good: not in the down list
             return out
         link.pending_since = None
         if link.down_since is not None and now - link.down_since >= self.hold_off:
@@ -344,7 +400,7 @@ class Core:
         weight = self.weights.of(bits, eskr)
         if link.usable and abs(weight - link.weight) > self.reweigh * link.weight:
             self.cache.clear()
-        link.weight = weight
+        link.weight, link.bits, link.eskr = weight, bits, eskr
 
     def _apply(self, change: Change) -> None:
         if change.up:
@@ -362,12 +418,13 @@ class Core:
                 self.cache[key] = Route(route.primary, None, 0, route.weight)
 
     # -- paths ------------------------------------------------------------------------
-    def path(self, src: int, dst: int, *, backup: bool = True) -> Route:
-        """The route from ``src`` to ``dst`` (cached); NoPath if there is none."""
-        cached = self.cache.get((src, dst))
+    def path(self, src: int, dst: int, *, backup: bool = True, policy: str = BALANCED) -> Route:
+        """The route from ``src`` to ``dst`` under ``policy``'s weights (cached); NoPath if
+        there is none."""
+        cached = self.cache.get((src, dst, policy))
         if cached is not None and (cached.backup is not None or not backup):
             return cached
-        adj = self.adjacency()
+        adj = self.adjacency(policy)
         if cached is not None:  # a primary without backup (switched to): protect it as is
             primary, weight = cached.primary, cached.weight
         else:
@@ -389,56 +446,71 @@ class Core:
             except NoPath:
                 second = None
         route = Route(primary, second, shared, weight)
-        self.cache[(src, dst)] = route
+        self.cache[(src, dst, policy)] = route
         return route
 
-    def path_weight(self, path: tuple[int, ...]) -> float:
+    def path_weight(self, path: tuple[int, ...], policy: str = BALANCED) -> float:
         """The weight of ``path`` now (infinite if one of its links is not usable)."""
         best: dict[tuple[int, int], float] = {}
         for link in self.links.values():
             if link.usable:
+                w = self.weight(link, policy)
                 for key in ((link.a, link.b), (link.b, link.a)):
-                    best[key] = min(best.get(key, float("inf")), link.weight)
+                    best[key] = min(best.get(key, float("inf")), w)
         return float(sum(best.get(hop, float("inf")) for hop in itertools.pairwise(path)))
 
-    def better(self, src: int, dst: int, installed: tuple[int, ...]) -> tuple[int, ...] | None:
+    def better(
+        self, src: int, dst: int, installed: tuple[int, ...], policy: str = BALANCED
+    ) -> tuple[int, ...] | None:
         """The path an installed route should move to for key availability, or None
         (module docstring: load balancing). Either way the cache then holds the route's
         path to use as primary and the other as backup."""
         try:
-            route = self.path(src, dst)
+            route = self.path(src, dst, policy=policy)
         except NoPath:
             return None
         other = route.backup if route.primary == installed else route.primary
         if other is None or other == installed:
             return None
-        now, alt = self.path_weight(installed), self.path_weight(other)
+        now, alt = self.path_weight(installed, policy), self.path_weight(other, policy)
         if alt < now - self.rebalance:
-            self.cache[(src, dst)] = Route(other, installed, route.shared, alt)
+            self.cache[(src, dst, policy)] = Route(other, installed, route.shared, alt)
             return other
         if now < float("inf"):
-            self.cache[(src, dst)] = Route(installed, other, route.shared, now)
+            self.cache[(src, dst, policy)] = Route(installed, other, route.shared, now)
         return None
 
     def keep(
-        self, src: int, dst: int, primary: tuple[int, ...], backup: tuple[int, ...] | None
+        self,
+        src: int,
+        dst: int,
+        primary: tuple[int, ...],
+        backup: tuple[int, ...] | None,
+        policy: str = BALANCED,
     ) -> None:
         """Cache a route found installed (a restarted controller, from the agents): its path
         in use stays primary and its installed backup the backup, where usable."""
-        weight = self.path_weight(primary)
-        if weight == float("inf") or (src, dst) in self.cache:
+        weight = self.path_weight(primary, policy)
+        if weight == float("inf") or (src, dst, policy) in self.cache:
             return
-        if backup is not None and self.path_weight(backup) == float("inf"):
+        if backup is not None and self.path_weight(backup, policy) == float("inf"):
             backup = None
-        self.cache[(src, dst)] = Route(primary, backup, 0, weight)
+        self.cache[(src, dst, policy)] = Route(primary, backup, 0, weight)
 
-    def adjacency(self) -> dict[int, list[tuple[int, float]]]:
+    def weight(self, link: _Link, policy: str = BALANCED) -> float:
+        """``link``'s weight under ``policy`` (the balanced one is kept on the link)."""
+        if policy == BALANCED:
+            return link.weight
+        return self.policies[policy].of(link.bits, link.eskr)
+
+    def adjacency(self, policy: str = BALANCED) -> dict[int, list[tuple[int, float]]]:
         """Usable links as neighbour lists, sorted by neighbour ID."""
         adj: dict[int, list[tuple[int, float]]] = {}
         for link in self.links.values():
             if link.usable:
-                adj.setdefault(link.a, []).append((link.b, link.weight))
-                adj.setdefault(link.b, []).append((link.a, link.weight))
+                w = self.weight(link, policy)
+                adj.setdefault(link.a, []).append((link.b, w))
+                adj.setdefault(link.b, []).append((link.a, w))
         for nbs in adj.values():
             nbs.sort()
         return adj
@@ -446,6 +518,8 @@ class Core:
     def set_link(self, link: str, a: int, b: int, weight: float) -> None:
         """A usable link of the given weight, without telemetry (benches, offline graphs)."""
         self.links[link] = _Link(a, b, usable=True, weight=weight)
+        self.been_up.add(link)
+        self._mark(link, self.links[link])
         self.cache.clear()
 
     def usable(self, a: int, b: int) -> bool:

@@ -3,16 +3,18 @@
 :class:`ControllerPaths` asks the controller for a path (``POST /v1/path`` over HTTP/2
 with mutual TLS, from the source access node's CKMS): the controller answers only once
 the path is installed at every hop. It remembers the last path it was given for each
-pair. A route in use whose head end is this node carries its whole path in this node's
-route table (:class:`appliance.control.agent.RouteTable`, written only by the
-controller's gNMI Sets: the explicit route of our 015 augment): that path is used without
-asking, and so is the backup's the moment the controller switches the route to it at
-this head end (one Set, no request). Otherwise, while the route table has not changed
-since the last answer, that path is still the installed one and is used without asking.
-While the controller is unreachable, relays on installed routes go on over the last
-path; a pair it never had a path for gets :class:`~appliance.kms.node.Unreachable` (a
-clean 503 to the SAE). A controller that has no path answers 503 ``CTL-NO-PATH``: that
-is :class:`~appliance.kms.routing.NoRoute`.
+pair and policy class (a contract's ``route_policy``, passed down by the access node's
+AKMS: the controller learns the class, never the contract or its user). A route in use
+whose head end is this node carries its whole path in this node's route table
+(:class:`appliance.control.agent.RouteTable`, written only by the controller's gNMI Sets:
+the explicit route of our 015 augment): that path is used without asking for requests of
+the class it was last asked for (one route per pair), and so is the backup's the moment
+the controller switches the route to it at this head end (one Set, no request).
+Otherwise, while the route table has not changed since the last answer, that path is
+still the installed one and is used without asking. While the controller is unreachable,
+relays on installed routes go on over the last path; a pair it never had a path for gets
+:class:`~appliance.kms.node.Unreachable` (a clean 503 to the SAE). A controller that has
+no path answers 503 ``CTL-NO-PATH``: that is :class:`~appliance.kms.routing.NoRoute`.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from collections.abc import Awaitable, Callable
 from appliance.config.addresses import split_host_port
 from appliance.control.agent import RouteTable
 from appliance.kms.errors import KmsError
+from appliance.kms.messages import RoutePolicy
 from appliance.kms.node import Unreachable
 from appliance.kms.routing import NoRoute
 from appliance.net.h2 import H2Client, TransportError
@@ -36,39 +39,43 @@ class ControllerPaths:
     def __init__(self, address: str, ctx: ssl.SSLContext, *, expect_peer: str | None) -> None:
         host, port = split_host_port(address)
         self.client = H2Client(host, port, ctx, expect_peer=expect_peer, timeout=TIMEOUT_S)
-        self.last: dict[tuple[int, int], tuple[int, ...]] = {}
+        self.last: dict[tuple[int, int, str], tuple[int, ...]] = {}
         self.table: Callable[[], RouteTable | None] = lambda: None
         """This node's route table, once its agent runs (set by whoever starts the node)."""
-        self._learnt: dict[tuple[int, int], int] = {}
+        self._learnt: dict[tuple[int, int, str], int] = {}
+        self._class: dict[tuple[int, int], str] = {}
+        """The class each pair's route was last asked for (the controller installs one
+        route per pair, for the last request's class)."""
 
-    def find(self, src: int, dst: int) -> tuple[int, ...] | Awaitable[tuple[int, ...]]:
+    def find(
+        self, src: int, dst: int, route_policy: RoutePolicy = "balanced"
+    ) -> tuple[int, ...] | Awaitable[tuple[int, ...]]:
         table = self.table()
+        key = (src, dst, route_policy)
         installed = table.in_use(src, dst) if table is not None else None
-        if installed is not None:
+        if installed is not None and self._class.get((src, dst), "balanced") == route_policy:
             return installed  # the path in use, as the controller installed it here
-        known = self.last.get((src, dst))
-        if (
-            table is not None
-            and known is not None
-            and self._learnt.get((src, dst)) == table.version
-        ):
+        known = self.last.get(key)
+        if table is not None and known is not None and self._learnt.get(key) == table.version:
             return known
-        return self._ask(src, dst, table)
+        return self._ask(key, table)
 
-    async def _ask(self, src: int, dst: int, table: RouteTable | None) -> tuple[int, ...]:
+    async def _ask(self, key: tuple[int, int, str], table: RouteTable | None) -> tuple[int, ...]:
+        src, dst, policy = key
         version = table.version if table is not None else -1
-        body = json.dumps({"src": src, "dst": dst}).encode()
+        body = json.dumps({"src": src, "dst": dst, "route_policy": policy}).encode()
         try:
             answer = await self.client.request("POST", "/v1/path", body)
         except TransportError as exc:
-            known = self.last.get((src, dst))
+            known = self.last.get(key)
             if known is not None:
                 return known
             raise Unreachable("the QKDN controller is unreachable") from exc
         if answer.status == 200:
             path = _path(answer.body)
-            self.last[(src, dst)] = path
-            self._learnt[(src, dst)] = version
+            self.last[key] = path
+            self._learnt[key] = version
+            self._class[(src, dst)] = policy
             return path
         code = _code(answer.body)
         if code == "CTL-NO-PATH":

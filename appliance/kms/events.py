@@ -27,7 +27,7 @@ from appliance.kms.errors import KmsError
 from appliance.kms.storeops import Op, StoredKey
 
 if TYPE_CHECKING:
-    from appliance.kms.messages import Message, Sendable, StreamTag
+    from appliance.kms.messages import Message, RoutePolicy, Sendable, StreamTag
     from appliance.kms.seams import ValidationQuery, Verdict
 
 Address = tuple[int, str]
@@ -248,6 +248,8 @@ class FindPath:
     ticket: int
     src: int
     dst: int
+    route_policy: RoutePolicy = "balanced"
+    """The contract's routing policy class (the path provider passes it on)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -104,6 +104,8 @@ NAME_PATTERN = r"\A[a-z0-9][a-z0-9-]{0,62}\Z"
 Name = Annotated[str, Meta(max_length=63, pattern=NAME_PATTERN)]
 NodeId = Annotated[int, Meta(ge=1, le=65535)]
 Path = Annotated[list[NodeId], Meta(min_length=2, max_length=64)]
+RoutePolicy = Literal["balanced", "fewest-hops", "most-key"]
+"""A contract's routing policy class: all the carrier network learns of the contract."""
 Index = Annotated[int, Meta(ge=0, le=63)]
 RequestId = Annotated[bytes, Meta(min_length=16, max_length=16)]
 Nonce = Annotated[bytes, Meta(min_length=16, max_length=16)]
@@ -273,6 +275,9 @@ class CnRequest(Message, frozen=True, kw_only=True):
     """For an ETSI 004 key stream (``ksa`` only): key IDs derive from it."""
     also: Annotated[list[SlaveAt], Meta(max_length=MAX_SLAVES)] = []
     """Additional slaves that receive copies of the same keys (``ksa`` only, no stream)."""
+    route_policy: RoutePolicy = "balanced"
+    """The contract's routing policy class (AKMS A's validator decided): AKMS B asks for
+    the CN key's path under it."""
 
     def __post_init__(self) -> None:
         named = [x is not None for x in (self.master, self.slave, self.ukms_b)]

@@ -705,7 +705,7 @@ class KmsNode:
 
     def _find_path(self, service: str, action: FindPath) -> None:
         try:
-            path = self.paths.find(action.src, action.dst)
+            path = self.paths.find(action.src, action.dst, action.route_policy)
         except KmsError as exc:
             self._work.append((service, PathFound(ticket=action.ticket, error=exc)))
             return

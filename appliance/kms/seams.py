@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Protocol
 
-from appliance.config.topology import Sae, Topology
+from appliance.config.topology import RoutePolicy, Sae, Topology
 from appliance.kms.errors import KmsError
 from appliance.kms.relay import Mode
 from appliance.kms.routing import shortest_path
@@ -104,6 +104,8 @@ class Verdict:
     """The slave SAE's UKMS."""
     akms_b: int = 0
     """The AKMS that UKMS hangs off: whom the requesting AKMS asks for the keys."""
+    route_policy: RoutePolicy = "balanced"
+    """The contract's routing policy class, which its relay's path request carries."""
 
 
 class RequestValidator(Protocol):
@@ -111,8 +113,11 @@ class RequestValidator(Protocol):
 
 
 class PathProvider(Protocol):
-    def find(self, src: int, dst: int) -> tuple[int, ...] | Awaitable[tuple[int, ...]]:
-        """Node IDs from CKMS ``src`` to CKMS ``dst`` (NoRoute if there is none)."""
+    def find(
+        self, src: int, dst: int, route_policy: RoutePolicy = "balanced"
+    ) -> tuple[int, ...] | Awaitable[tuple[int, ...]]:
+        """Node IDs from CKMS ``src`` to CKMS ``dst`` for a contract of the
+        ``route_policy`` class (NoRoute if there is none)."""
         ...
 
 
@@ -150,7 +155,8 @@ class TopologyPaths:
         self.topology = topology
         self._cache: dict[tuple[int, int], tuple[int, ...]] = {}
 
-    def find(self, src: int, dst: int) -> tuple[int, ...]:
+    def find(self, src: int, dst: int, route_policy: RoutePolicy = "balanced") -> tuple[int, ...]:
+        """The topology's path (one for every class: the policy needs the controller)."""
         path = self._cache.get((src, dst))
         if path is None:
             path = self._cache[(src, dst)] = tuple(shortest_path(self.topology, src, dst))
@@ -175,7 +181,13 @@ class ContractValidator:
             return _limits("request outside the contract's limits")
         if not 0 < query.size <= MAX_SIZE_BITS:
             return _limits("request outside the contract's limits")
-        return Verdict(mode=self.mode_of(m), ukms_b=s.node, akms_b=self.akms_of(s.node))
+        contract = self.contracts.get(m.contract)
+        return Verdict(
+            mode=self.mode_of(m),
+            ukms_b=s.node,
+            akms_b=self.akms_of(s.node),
+            route_policy=(contract.route_policy if contract else None) or "balanced",
+        )
 
     def mode_of(self, sae: Sae) -> Mode:
         contract = self.contracts.get(sae.contract)

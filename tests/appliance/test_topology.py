@@ -334,6 +334,13 @@ CASES = [
         "user node 4 has no link to an access node",
     ),
     (
+        "contract's route policy not a class",
+        lambda d: d["contracts"][0].update(route_policy="cheapest"),
+        "CFG-VALUE",
+        "contracts[0] (c).route_policy",
+        "'balanced', 'fewest-hops' or 'most-key'",
+    ),
+    (
         "key size not a multiple of 8",
         lambda d: d["network"].update(key_size=100),
         "CFG-VALUE",

@@ -4,6 +4,7 @@ errors, and every served document valid under the ETSI 015 model and our augment
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 from dataclasses import replace
 
@@ -381,3 +382,47 @@ def test_the_agent_knows_while_a_stream_is_subscribed(fresh):
     finally:
         sub.close()
     poll(lambda: not fresh.telemetry.streaming, "the stream's end seen by the agent")
+
+
+class Stepped:
+    """A gRPC context for a Subscribe called in-process: each look at ``is_active`` moves
+    an injected clock 0.25 s on, and publishes a change every other look until
+    ``changes_until``; inactive after ``end``."""
+
+    def __init__(self, feed: agent.Telemetry, changes_until: float, end: float):
+        self.now, self.feed, self.looks = 0.0, feed, 0
+        self.changes_until, self.end = changes_until, end
+
+    def is_active(self) -> bool:
+        self.now += 0.25
+        self.looks += 1
+        if self.now <= self.changes_until and self.looks % 2 == 0:
+            self.feed.publish(telemetry(bits=8 * self.looks))
+        return self.now < self.end
+
+    def abort(self, code, details):  # type: ignore[no-untyped-def]
+        raise AssertionError(f"aborted: {details}")
+
+
+def test_an_on_change_update_is_the_heartbeat_and_silence_still_beats_once_per_interval(
+    monkeypatch,
+):
+    """Changes every 0.5 s until 3 s, then none until 4.5 s; heartbeat 0.75 s: no repeat
+    while changes flow, and no gap between updates longer than the interval after."""
+    monkeypatch.setattr(agent, "WAKE_S", 0.005)  # a look without a change waits this long
+    feed = agent.Telemetry(telemetry())
+    ctx = Stepped(feed, changes_until=3.0, end=4.5)
+    service = agent.GnmiAgent(feed, clock=lambda: ctx.now)
+    sub = pb.Subscription(path=parse_path("/qkd_node"), heartbeat_interval=750_000_000)
+    request = pb.SubscribeRequest(
+        subscribe=pb.SubscriptionList(subscription=[sub], mode=0, encoding=pb.JSON_IETF)
+    )
+    sent = []
+    for answer in service.Subscribe(iter([request]), ctx):
+        if answer.HasField("update"):
+            sent.append((ctx.now, answer.update.update[0].val.json_ietf_val))
+    times = [t for t, _ in sent]
+    assert len([t for t in times if t <= 3.0]) == 7  # the first document and 6 changes
+    repeats = [t for (_, w), (t, v) in itertools.pairwise(sent) if v == w]
+    assert repeats and min(repeats) > 3.0  # heartbeats only once the changes stop
+    assert max(b - a for a, b in itertools.pairwise(times)) <= 0.75 + 0.25

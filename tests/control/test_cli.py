@@ -17,6 +17,7 @@ from tests.cli_run import run
         (("controller", "routes", "--dir", "{tmp}"), "USAGE"),
         (("controller", "run", "--dir", "{tmp}", "--weights", "speed=2"), "CTL-WEIGHTS"),
         (("controller", "run", "--dir", "{tmp}", "--weights", "hop=-1"), "CTL-WEIGHTS"),
+        (("controller", "run", "--dir", "{tmp}", "--weights", "cheapest.hop=1"), "CTL-WEIGHTS"),
         (("controller", "run", "--dir", "{tmp}", "--hold-off-ms", "x"), "USAGE"),
     ],
 )

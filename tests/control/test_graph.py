@@ -5,15 +5,29 @@ and installed routes rebuilt from the agents' VIRT links."""
 from __future__ import annotations
 
 import itertools
+import json
 from dataclasses import replace
+from typing import get_args
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from appliance.config import topology
 from appliance.control import model
+from appliance.control.controller import path_request
 from appliance.control.errors import ControlError, NoPath
-from appliance.control.graph import Core, Route, Weights, parse, shortest
+from appliance.control.graph import (
+    CLASSES,
+    POLICIES,
+    Core,
+    Route,
+    Weights,
+    parse,
+    parse_policies,
+    shortest,
+)
+from appliance.kms import messages
 
 # The carrier part of DemoQuanDT: a chain 2..14 with the bypass 8-16-10 beside 8-9-10.
 CHAIN = [(n, n + 1) for n in range(2, 14)]
@@ -86,7 +100,7 @@ def test_a_failed_link_switches_to_the_backup_at_once_and_alarms_after_the_hold_
     changes = net.feed(core, 1.0)  # the first report: protection does not wait
     assert [(c.link, c.up, c.alarm) for c in changes] == [(lid, False, False)]
     assert core.switches == 1
-    assert core.cache[(3, 13)].primary == before.backup
+    assert core.cache[(3, 13, "balanced")].primary == before.backup
     assert core.path(3, 13).primary == before.backup
     assert core.next_due() == pytest.approx(1.1)
     assert core.tick(1.05) == []
@@ -185,7 +199,7 @@ def test_a_link_coming_back_empties_the_cache():
     net.bits[(8, 9)] = 1 << 20
     net.feed(core, 2.0)
     net.feed(core, 2.1)
-    assert (3, 13) not in core.cache
+    assert (3, 13, "balanced") not in core.cache
     assert core.path(3, 13).primary[6] == 9
 
 
@@ -225,7 +239,7 @@ def test_both_slots_are_rebuilt_and_the_head_end_says_which_is_in_use():
     assert core.installed(7, 11) == via16
     assert core.installed(7, 11, 0) == via9
     core.keep(7, 11, via16, via9)  # a restarted controller takes them on as they are
-    assert core.path(7, 11) == core.cache[(7, 11)]
+    assert core.path(7, 11) == core.cache[(7, 11, "balanced")]
     assert (core.path(7, 11).primary, core.path(7, 11).backup) == (via16, via9)
 
 
@@ -237,7 +251,7 @@ def test_a_switched_route_gets_a_backup_around_its_path_without_moving_it():
     for a, b, w in ((1, 2, 1.0), (2, 4, 1.0), (1, 3, 1.5), (3, 4, 1.5)):
         core.set_link(f"L{a}-{b}", a, b, w)
     assert core.path(1, 4).primary == (1, 2, 4)
-    core.cache[(1, 4)] = Route((1, 3, 4), None, 0, 3.0)  # as a switch leaves it
+    core.cache[(1, 4, "balanced")] = Route((1, 3, 4), None, 0, 3.0)  # as a switch leaves it
     assert core.path(1, 4, backup=False).primary == (1, 3, 4)
     route = core.path(1, 4)
     assert (route.primary, route.backup, route.shared) == ((1, 3, 4), (1, 2, 4), 0)
@@ -358,3 +372,188 @@ def test_a_broken_stream_is_silence_at_once_and_heartbeats_keep_a_node_alive():
     changes = core.tick(2.7)
     assert {c.link for c in changes} == {model.link_uuid("L8-9"), model.link_uuid("L9-10")}
     assert all(not c.up for c in changes)
+
+
+# -- the links the telemetry finds down (the manager's long poll) ------------------------
+SQUARE = [(1, 2), (2, 3), (3, 4), (1, 4), (2, 4)]
+
+
+def end_doc(node: int, views: dict[tuple[int, int, int], tuple[model.LinkStatus, float]]) -> dict:  # type: ignore[type-arg]
+    """``node``'s document, each link's status and QBER as this end reports them."""
+    links = tuple(
+        model.PhysLink(
+            link=f"L{a}-{b}", peer=b if a == node else a, status=views[(a, b, node)][0],
+            skr=1000, eskr=1000, qber=views[(a, b, node)][1], available_bits=1 << 20, rate_bps=0,
+        )
+        for a, b in SQUARE
+        if node in (a, b)
+    )  # fmt: skip
+    return model.document(model.NodeTelemetry(node=node, links=links))["etsi-qkd-sdn-node:qkd_node"]
+
+
+def full_down(core: Core, been_up: set[str]) -> list[tuple[int, int]]:
+    """The down list recomputed over every link, as the controller did at each document."""
+    return sorted(
+        (min(x.a, x.b), max(x.a, x.b))
+        for lid, x in core.links.items()
+        if lid in been_up and any(not e.good or e.qber > core.qber_max for e in x.ends.values())
+    )
+
+
+def test_an_end_good_again_during_its_hold_off_leaves_the_down_list_before_the_link_is_used():
+    views = {(a, b, n): (model.LinkStatus.ACTIVE, 0.02) for a, b in SQUARE for n in (a, b)}
+    core = Core()
+    for t in (0.0, 0.1):
+        for n in (1, 2, 3, 4):
+            core.telemetry(t, end_doc(n, views))
+    assert core.telemetry_down() == [] and core.usable(1, 2)
+    views[(1, 2, 2)] = (model.LinkStatus.OFF, 0.02)
+    core.telemetry(1.0, end_doc(2, views))
+    assert core.telemetry_down() == [(1, 2)] and not core.usable(1, 2)
+    views[(1, 2, 2)] = (model.LinkStatus.ACTIVE, 0.02)
+    core.telemetry(1.05, end_doc(2, views))  # good again, within its wait to restore
+    assert core.telemetry_down() == [] and not core.usable(1, 2)
+    core.tick(1.2)
+    assert core.telemetry_down() == [] and core.usable(1, 2)
+
+
+STEPS = st.lists(
+    st.one_of(
+        st.tuples(
+            st.just("doc"),
+            st.sampled_from([1, 2, 3, 4]),
+            st.dictionaries(
+                st.sampled_from([(a, b) for a, b in SQUARE]),
+                st.tuples(st.sampled_from(list(model.LinkStatus)), st.sampled_from([0.02, 0.3])),
+                max_size=3,
+            ),
+        ),
+        st.tuples(st.just("tick"), st.sampled_from([0.01, 0.05, 0.1, 0.5, 4.0])),
+        st.tuples(st.just("lost"), st.sampled_from([1, 2, 3, 4])),
+        st.tuples(st.just("hold"), st.lists(st.sampled_from(SQUARE), max_size=2)),
+    ),
+    max_size=40,
+)
+
+
+@settings(deadline=None, max_examples=150)  # a loaded CI machine: no per-example deadline
+@given(STEPS)
+def test_the_kept_down_list_equals_the_full_recomputation_after_every_step(steps):
+    views = {(a, b, n): (model.LinkStatus.ACTIVE, 0.02) for a, b in SQUARE for n in (a, b)}
+    core, been_up, now = Core(), set[str](), 0.1
+    for t in (0.0, 0.1):  # every link in use, then whatever the steps do
+        for n in (1, 2, 3, 4):
+            core.telemetry(t, end_doc(n, views))
+            been_up |= {lid for lid, x in core.links.items() if x.usable}
+    for step in steps:
+        if step[0] == "doc":
+            _, node, changed = step
+            for (a, b), view in changed.items():
+                if node in (a, b):
+                    views[(a, b, node)] = view
+            core.telemetry(now, end_doc(node, views))
+        elif step[0] == "tick":
+            now += step[1]
+            core.tick(now)
+        elif step[0] == "lost":
+            core.lost(now, step[1])
+        else:
+            core.report(now, step[1], [], 1.0)
+        been_up |= {lid for lid, x in core.links.items() if x.usable}
+        assert core.telemetry_down() == full_down(core, been_up)
+
+
+# -- the contract's policy class ----------------------------------------------------------
+B, R = 1 << 20, 10_000
+# three ways from 1 to 5: direct over a dry link, two hops of well-stocked links, three
+# hops of full links
+CLASS_LINKS = {
+    (1, 5): (0, 0),
+    (1, 2): (7 * B, 7 * R),
+    (2, 5): (7 * B, 7 * R),
+    (1, 3): (63 * B, 63 * R),
+    (3, 4): (63 * B, 63 * R),
+    (4, 5): (63 * B, 63 * R),
+}
+
+
+def class_doc(node: int) -> dict:  # type: ignore[type-arg]
+    links = tuple(
+        model.PhysLink(
+            link=f"L{a}-{b}", peer=b if a == node else a, status=model.LinkStatus.ACTIVE,
+            skr=eskr, eskr=eskr, qber=0.02, available_bits=bits, rate_bps=0,
+        )
+        for (a, b), (bits, eskr) in CLASS_LINKS.items()
+        if node in (a, b)
+    )  # fmt: skip
+    return model.document(model.NodeTelemetry(node=node, links=links))["etsi-qkd-sdn-node:qkd_node"]
+
+
+def test_each_policy_class_chooses_its_own_path_and_is_cached_apart():
+    core = Core()
+    for t in (0.0, 0.1):
+        for n in range(1, 6):
+            core.telemetry(t, class_doc(n))
+    chosen = {p: core.path(1, 5, policy=p).primary for p in POLICIES}
+    assert chosen == {
+        "fewest-hops": (1, 5),  # one hop, though its store is empty
+        "balanced": (1, 2, 5),
+        "most-key": (1, 3, 4, 5),  # three hops of full stores
+    }
+    assert {k for k in core.cache} == {(1, 5, p) for p in POLICIES}
+    # the weights are the documented formula with each class's numbers
+    w = CLASSES["most-key"]
+    assert core.path(1, 5, policy="most-key").weight == pytest.approx(3 * w.of(63 * B, 63 * R))
+
+
+def test_policy_classes_are_configured_per_class_and_refused_with_a_code():
+    policies = parse_policies("hop=2,most-key.availability=8,fewest-hops.rate=0")
+    assert policies["balanced"] == Weights(hop=2.0)
+    assert policies["most-key"] == Weights(hop=0.25, availability=8.0, rate=1.0)
+    assert policies["fewest-hops"] == Weights(hop=1.0, availability=0.05, rate=0.0)
+    assert parse_policies("") == CLASSES
+    for bad in ("cheapest.hop=1", "most-key.speed=1", "most-key.hop=-1", "most-key.hop=x"):
+        with pytest.raises(ControlError) as info:
+            parse_policies(bad)
+        assert info.value.code == "CTL-WEIGHTS" and "\n" not in str(info.value)
+
+
+def test_the_classes_are_one_list_in_the_topology_the_messages_and_the_controller():
+    assert get_args(topology.RoutePolicy) == get_args(messages.RoutePolicy) == POLICIES
+
+
+def test_a_path_request_is_decoded_strictly():
+    assert path_request(b'{"src": 2, "dst": 14}') == (2, 14, "balanced")
+    assert path_request(b'{"src": 2, "dst": 14, "route_policy": "most-key"}') == (2, 14, "most-key")
+    for bad in (
+        {"src": 2, "dst": 14, "route_policy": "cheapest"},
+        {"src": 2, "dst": 14, "route_policy": None},
+        {"src": 2, "dst": 14, "user": "alice"},  # nothing of the contract travels
+        {"src": True, "dst": 14},
+        {"src": 2, "dst": 2},
+        [2, 14],
+    ):
+        with pytest.raises(ControlError) as info:
+            path_request(json.dumps(bad).encode())
+        assert info.value.code == "CTL-REQUEST"
+
+
+JSONS = st.recursive(
+    st.none() | st.booleans() | st.integers(-5, 1200) | st.sampled_from([*POLICIES, "x"]),
+    lambda inner: (
+        st.lists(inner, max_size=3)
+        | st.dictionaries(st.sampled_from(["src", "dst", "route_policy", "x"]), inner, max_size=4)
+    ),
+    max_leaves=8,
+)
+
+
+@settings(deadline=None)  # a loaded CI machine: no per-example deadline
+@given(st.one_of(JSONS.map(lambda d: json.dumps(d).encode()), st.binary(max_size=64)))
+def test_any_path_request_body_is_taken_or_refused_with_a_code(body):
+    try:
+        src, dst, policy = path_request(body)
+    except ControlError as exc:
+        assert exc.code == "CTL-REQUEST" and "\n" not in str(exc)
+    else:
+        assert 0 < src < 1000 and 0 < dst < 1000 and src != dst and policy in POLICIES

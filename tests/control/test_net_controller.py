@@ -192,6 +192,23 @@ def test_no_ukms_is_connected_to_the_controller_or_let_in(net):
     poll(let_in, "a path for the access node's CKMS")
 
 
+def test_a_path_request_carries_a_policy_class_and_nothing_of_the_contract(net):
+    api = net.config("qkdn-controller")["listen"]["api"]
+
+    def ask(policy: str, extra: str = "") -> int | None:
+        body = f'{{"src": 3, "dst": 13, "route_policy": "{policy}"{extra}}}'.encode()
+        status = asyncio.run(ask_as(net, "akms-berlin", api, body))
+        assert status in (200, 400, 503), status  # 503: a just restarted controller
+        return status if status != 503 else None
+
+    assert poll(lambda: ask("fewest-hops"), "a fewest-hops path from 3 to 13") == 200
+    (route,) = [r for r in routes(net)["routes"] if (r["src"], r["dst"]) == (3, 13)]
+    assert route["route_policy"] == "fewest-hops"
+    assert len(route["path"]) == 11 and route["path"][::10] == [3, 13]  # ten hops, the fewest
+    assert ask("cheapest") == 400
+    assert ask("balanced", ', "user": "alice"') == 400
+
+
 def remote_ports(pid: int) -> set[int]:
     """Remote TCP ports of the process's sockets (from /proc: no tool needed)."""
     inodes = set()
@@ -212,7 +229,7 @@ def remote_ports(pid: int) -> set[int]:
     return ports
 
 
-async def ask_as(net: Net, name: str, api: str) -> int:
+async def ask_as(net: Net, name: str, api: str, body: bytes = b'{"src": 2, "dst": 14}') -> int:
     from appliance.net.h2 import H2Client
     from appliance.pki import client_context
 
@@ -220,7 +237,7 @@ async def ask_as(net: Net, name: str, api: str) -> int:
     host, port = api.rsplit(":", 1)
     client = H2Client(host, int(port), client_context(cert, key, ca, ("h2",)), timeout=30.0)
     try:
-        answer = await client.request("POST", "/v1/path", b'{"src": 2, "dst": 14}')
+        answer = await client.request("POST", "/v1/path", body)
     finally:
         await client.close()
     return answer.status

@@ -25,7 +25,7 @@ def run(pki, answers):  # type: ignore[no-untyped-def]
 
         async def handle(request: Request) -> Response:
             status, body = queue.pop(0)
-            assert json.loads(request.body) == {"src": 2, "dst": 14}
+            assert json.loads(request.body) == {"src": 2, "dst": 14, "route_policy": "balanced"}
             return Response(status, json.dumps(body).encode())
 
         me, peer = pki["node-a"], pki["node-b"]
@@ -84,7 +84,7 @@ def test_a_learnt_path_is_used_without_asking_while_the_route_table_stands(pki):
         asked = []
 
         async def handle(request: Request) -> Response:
-            asked.append(1)
+            asked.append(json.loads(request.body)["route_policy"])
             path = [2, 3, 14] if len(asked) == 1 else [2, 16, 14]
             return Response(200, json.dumps({"path": path}).encode())
 
@@ -108,10 +108,14 @@ def test_a_learnt_path_is_used_without_asking_while_the_route_table_stands(pki):
                                    explicit=(2, 15, 14))  # fmt: skip
             table.apply([explicit], [])  # the path in use is written here: no request
             written = paths.find(2, 14)
+            other = await paths.find(2, 14, "most-key")  # another class: asked for
+            known = paths.find(2, 14, "most-key")  # the route is now this class's: in use
         finally:
             await paths.close()
             await server.close()
-        return first, again, still, changed, written, len(asked)
+        return first, again, still, changed, written, other, known, asked
 
-    got = asyncio.run(main())
-    assert got == ((2, 3, 14), (2, 3, 14), (2, 3, 14), (2, 16, 14), (2, 15, 14), 2)
+    assert asyncio.run(main()) == (
+        (2, 3, 14), (2, 3, 14), (2, 3, 14), (2, 16, 14), (2, 15, 14), (2, 16, 14),
+        (2, 15, 14), ["balanced", "balanced", "most-key"],
+    )  # fmt: skip

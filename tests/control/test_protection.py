@@ -6,6 +6,7 @@ and a restarted controller taking on both paths from the agents' documents."""
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +62,7 @@ def feed(ctl: Controller, net: Net, hops: dict[int, Hop]) -> None:
     for _ in range(2):
         for node in net.nodes():
             net.routes[node] = list(hops[node].table.routes())
-            ctl._document(net.doc(node))
+            ctl._document(json.dumps(net.doc(node)).encode())
 
 
 def in_use(hops: dict[int, Hop]) -> dict[int, list[tuple[int, bool]]]:
@@ -87,7 +88,7 @@ def test_a_backup_is_pre_installed_switched_at_the_head_end_and_rebuilt_after_a_
         net.status[(8, 9)] = model.LinkStatus.OFF  # the fault: node 8 reports it first
         net.routes[8] = list(hops[8].table.routes())
         mark = len(sent)
-        ctl._document(net.doc(8))
+        ctl._document(json.dumps(net.doc(8)).encode())
         await ctl.settle()
         assert sent[mark] == ("use", 2, {0: False, 1: True})  # one Set, at the head end
         assert ctl.confirmed[(2, 14)] == VIA16 and hops[2].table.version == version + 1
@@ -111,7 +112,7 @@ def test_a_backup_is_pre_installed_switched_at_the_head_end_and_rebuilt_after_a_
         net.status[(8, 16)] = model.LinkStatus.OFF  # a fault switches back, one Set again
         net.routes[8] = list(hops[8].table.routes())
         mark = len(sent)
-        again._document(net.doc(8))
+        again._document(json.dumps(net.doc(8)).encode())
         await again.settle()
         assert sent[mark] == ("use", 2, {0: True, 1: False})
         assert again.confirmed[(2, 14)] == VIA9

@@ -148,6 +148,7 @@ user = "user-gcm"
 id = "contract-otp"
 user = "user-otp"
 relay_mode = "otp"
+route_policy = "most-key"
 
 [[saes]]
 id = "sae-a"

@@ -238,6 +238,20 @@ def test_enc_keys_cross_the_network_and_dec_keys_releases_them(bench):
 
 
 @takes("ukms-enc ASKING ANSWER", "ukms-enc OPENING OPENED", "delivery STORING STORED")
+def test_the_contracts_route_policy_class_reaches_the_path_request_and_nothing_else(bench):
+    """contract-otp asks for most-key paths, contract-gcm names no class (balanced): AKMS
+    A's verdict puts the class in its CnRequest, AKMS B asks its path provider under it."""
+    b = bench()
+    b.enc(*GCM_PAIR)
+    fetch(b, *OTP_PAIR, b.enc(*OTP_PAIR))
+    asked = [m.decode(t.body, m.CnRequest) for t in b.sent(m.Tagged, AKMS_A)]
+    assert [(r.purpose, r.route_policy) for r in asked] == [
+        ("channel", "balanced"), ("ksa", "balanced"), ("ksa", "most-key"),
+    ]  # fmt: skip
+    classes = [p.route_policy for p in b.actions(FindPath, AKMS_B, "akms")]
+    assert classes == ["balanced", "balanced", "most-key"]
+
+
 def test_enc_keys_in_otp_mode_spend_a_pad_as_long_as_the_keys(bench):
     b = bench()
     b.enc(*GCM_PAIR)  # the channel first (its re-key crosses in the network's mode)

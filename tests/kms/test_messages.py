@@ -11,7 +11,7 @@ import os
 import re
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import msgspec
 import msgspec.inspect as mi
@@ -141,6 +141,7 @@ SPECIAL: dict[type, st.SearchStrategy[Any]] = {
             size=st.integers(1, 1024).map(lambda k: 8 * k),
             ukms_b=st.integers(1, 65535),
             deliver_to=st.integers(1, 65535),
+            route_policy=st.sampled_from(get_args(messages.RoutePolicy)),
         ),
         st.builds(
             CnRequest,
@@ -320,6 +321,13 @@ def test_cross_field_rules_are_field_errors():
     )
     assert outcome(raw({**req, "master": "a"}), CnRequest) == FIELD
     assert outcome(raw({**req, "purpose": "ksa"}), CnRequest) == FIELD
+    assert outcome(raw({**req, "route_policy": "cheapest"}), CnRequest) == FIELD
+    assert outcome(raw({**req, "route_policy": 1}), CnRequest) == FIELD
+    most_key = CnRequest(
+        request_id=bytes(16), purpose="channel", mode="GCM", number=1, size=256, deliver_to=3,
+        route_policy="most-key",
+    )  # fmt: skip
+    assert decode(encode(most_key), CnRequest) == most_key
     res = plain(RelayResults(results=[ItemResult(ok=True)]))
     res["results"][0]["code"] = "KMS"
     assert outcome(raw(res), RelayResults) == FIELD
@@ -809,6 +817,7 @@ def _example(cls: type) -> Message:
         "max_key_size": 256,
         "max_key_per_request": 128,
         "max_key_count": 5000,
+        "route_policy": "most-key",
     }
     fills["also"] = ["sae-c", "sae-d"]
     if cls is messages.CnRequest:

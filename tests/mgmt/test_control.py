@@ -102,15 +102,15 @@ def test_the_core_holds_what_the_manager_reports_until_its_time_to_live_ends():
     core = Core(hold_off=0.1)
     core.telemetry(0.0, doc(2, 8, model.LinkStatus.PENDING))
     core.telemetry(0.0, doc(8, 2, model.LinkStatus.ACTIVE))
-    assert core.telemetry_down(0.0) == []  # never up yet: not a fault
+    assert core.telemetry_down() == []  # never up yet: not a fault
     for now in (0.0, 0.2):
         core.telemetry(now, doc(2, 8, model.LinkStatus.ACTIVE))
         core.telemetry(now, doc(8, 2, model.LinkStatus.ACTIVE))
-    assert core.usable(2, 8) and core.telemetry_down(0.2) == []
+    assert core.usable(2, 8) and core.telemetry_down() == []
     core.report(0.3, [(8, 2)], [], ttl=5.0)
     core.tick(0.45)
     assert not core.usable(2, 8) and core.held(2, 8, 0.45)
-    assert core.telemetry_down(0.45) == []  # the manager's hold is not telemetry's finding
+    assert core.telemetry_down() == []  # the manager's hold is not telemetry's finding
     core.report(0.5, [], [8], ttl=5.0)  # node 8 silent: its links are held
     for now in (0.6, 0.8):
         core.telemetry(now, doc(2, 8, model.LinkStatus.ACTIVE))
@@ -121,9 +121,9 @@ def test_the_core_holds_what_the_manager_reports_until_its_time_to_live_ends():
         core.telemetry(now, doc(2, 8, model.LinkStatus.ACTIVE))
         core.telemetry(now, doc(8, 2, model.LinkStatus.ACTIVE))
     assert core.usable(2, 8) and not core.held(2, 8, 5.8)
-    assert core.telemetry_down(9.0) == []  # both nodes silent: no report of a fault
+    assert core.telemetry_down() == []  # both nodes silent: no report of a fault
     core.telemetry(9.0, doc(2, 8, model.LinkStatus.OFF))
-    assert core.telemetry_down(9.0) == [(2, 8)]
+    assert core.telemetry_down() == [(2, 8)]
 
 
 async def feed(controller: Controller, status: dict[str, model.LinkStatus]) -> None:

@@ -301,6 +301,7 @@ class AkmsEngine(EngineBase):
             deliver_to=self.me,
             stream=request.stream,
             also=extra,
+            route_policy=verdict.route_policy,
         )
         self._asking[a.request_id] = a
         a.deadline = self.now + self.policy.cn_timeout
@@ -668,7 +669,10 @@ class AkmsEngine(EngineBase):
         erase(drawn)
         b = Answering(S.PATHING, event.req, event.caller, request, chan, epoch, mode, batch, cn_key)
         ticket = self.number(lambda e: self._b_path(b, e))
-        return [FindPath(ticket=ticket, src=self.me, dst=request.deliver_to)]
+        find = FindPath(
+            ticket=ticket, src=self.me, dst=request.deliver_to, route_policy=request.route_policy
+        )
+        return [find]
 
     def _first_time(self, request_id: bytes) -> None:
         """Refuse a request seen before: a replay would draw keys, spend link keys, and
@@ -831,7 +835,10 @@ def _can_share(verdicts: list[Verdict], me: int) -> bool:
     must be its own: a UKMS's store holds a key ID once (one session per key)."""
     first = verdicts[0]
     ends = (first.akms_b, me)
-    fits = all(v.akms_b in ends and v.mode == first.mode for v in verdicts)
+    fits = all(
+        v.akms_b in ends and (v.mode, v.route_policy) == (first.mode, first.route_policy)
+        for v in verdicts
+    )
     crosses = len(verdicts) == 1 or first.akms_b != me
     return fits and crosses and len({v.ukms_b for v in verdicts}) == len(verdicts)
 
