@@ -204,6 +204,8 @@ class Agent:
                     wanted.add((f"akms-{akms}-read", (*col.oid, ukms)))
                     if col.access == "read-write":
                         wanted.add((f"akms-{akms}-write", (*col.oid, ukms)))
+        if wanted == self._views and self.view_depth:  # unchanged: VACM's decisions stand
+            return
         self.access.clear()
         fixed = [(1, 3, 6, 1), mib.oid("aaaDirectory"), mib.oid("aaaContracts")]
         self.view_depth = max(len(s) for s in [*fixed, *(sub for _name, sub in wanted)])

@@ -35,7 +35,7 @@ import os
 import secrets
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +47,7 @@ from appliance.aaa import mib
 from appliance.aaa.agent import bind_udp, host_port
 from appliance.aaa.errors import AaaError, SnmpError
 from appliance.aaa.ledger import Reason, Refusal
-from appliance.aaa.outbox import Outbox, Pending
+from appliance.aaa.outbox import CHECKPOINT_WRITES, Outbox, Pending
 from appliance.aaa.view import U32
 from appliance.aaa.wallet import Spent, Terms, Wallet
 from appliance.config.schema import load_model, read_toml
@@ -414,24 +414,34 @@ class AaaValidator:
         log.info("aaa: quota revoked", extra={"contract": contract, "grants": dropped})
         self._settle()
 
-    async def validate(self, query: ValidationQuery) -> Verdict:
+    def validate(self, query: ValidationQuery) -> Verdict | Awaitable[Verdict]:
+        """The verdict at once when the wallet can decide (quota held, or a refusal still
+        remembered): no task, no await on the key path; else an awaitable that asks AAA
+        first (the request waits one SNMP round trip, counted in :attr:`waits`)."""
         if query.refill:
-            return await self._route(query)
+            return self._route(query)
         pair = (query.master, query.slave)
         result = self.wallet.spend(
             query.master, query.slave, query.number, query.size, self.clock()
         )
         if result is None:
-            began = time.perf_counter()
-            await self._ask(query.ukms, pair)
-            self.waits.append(time.perf_counter() - began)
-            result = self.wallet.spend(*pair, query.number, query.size, self.clock())
-            if result is None:
-                result = Refusal(reason=Reason.QUOTA, message="no quota left for this request")
-        else:
-            self.waits.append(0.0)
-            if self.wallet.wants(*pair, self.clock()):
-                self._ask_soon(query.ukms, pair)
+            return self._validate_after_ask(query)
+        self.waits.append(0.0)
+        if self.wallet.wants(*pair, self.clock()):
+            self._ask_soon(query.ukms, pair)
+        return self._decided(query, result)
+
+    async def _validate_after_ask(self, query: ValidationQuery) -> Verdict:
+        pair = (query.master, query.slave)
+        began = time.perf_counter()
+        await self._ask(query.ukms, pair)
+        self.waits.append(time.perf_counter() - began)
+        result = self.wallet.spend(*pair, query.number, query.size, self.clock())
+        if result is None:
+            result = Refusal(reason=Reason.QUOTA, message="no quota left for this request")
+        return self._decided(query, result)
+
+    def _decided(self, query: ValidationQuery, result: Spent | Refusal) -> Verdict:
         self._settle()
         if self.outbox is not None:
             result = self._account(query, result)
@@ -556,6 +566,8 @@ class AaaValidator:
         assert self.outbox is not None
         backoff = SEND_IDLE_S
         while True:
+            if self.outbox.writes >= CHECKPOINT_WRITES:
+                await self._checkpoint()
             rows = self.outbox.due(REPORT_BATCH)
             if not rows:
                 self._wake.clear()
@@ -568,6 +580,13 @@ class AaaValidator:
                 continue
             await asyncio.sleep(backoff)
             backoff = min(SEND_BACKOFF_MAX_S, backoff * 2)
+
+    async def _checkpoint(self) -> None:
+        assert self.outbox is not None
+        try:
+            await asyncio.to_thread(self.outbox.checkpoint)
+        except AaaError as exc:
+            log.warning("aaa: outbox checkpoint: %s [%s]", exc.message, exc.code)
 
     async def _one_by_one(self, rows: list[Pending]) -> bool:
         sent = [await self._send([p]) for p in rows]

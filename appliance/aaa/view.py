@@ -54,6 +54,7 @@ class MibView:
         self.m = mib.load()
         self._columns = {o.oid: o for o in self.m.values() if o.macro == "OBJECT-TYPE"}
         self._lengths = sorted({len(k) for k in self._columns}, reverse=True)
+        self._entries = {o.oid: o.name for o in self.m.values()}
         self._built = -1
         self._oids: list[Oid] = []
         self._values: dict[Oid, Value] = {}
@@ -71,8 +72,7 @@ class MibView:
         return [self.m[n] for n in self.m[entry].index]
 
     def _entry_of(self, column: mib.MibObject) -> str:
-        parent = column.oid[:-1]
-        return next(o.name for o in self.m.values() if o.oid == parent)
+        return self._entries[column.oid[:-1]]
 
     # -- GET ---------------------------------------------------------------------------------
     def get(self, oid: Oid, akms: int | None) -> Value | None:
