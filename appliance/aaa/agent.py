@@ -47,6 +47,8 @@ from appliance.snmp.usm import AUTH, PRIV, SNMP_TRAP_OID, Credentials
 log = logging.getLogger("qkdn.aaa")
 
 INFORM_TIMEOUT_S, INFORM_RETRIES = 0.25, 3
+ACCESS_KEPT = 10_000
+"""VACM decisions kept (:meth:`Instrumentation._denied`); beyond, they are forgotten."""
 
 
 class AkmsUser(Credentials):
@@ -322,6 +324,8 @@ class Instrumentation:
         key = (self.agent.who(), kind, oid[: self.agent.view_depth])
         known = self.agent.access.get(key)
         if known is None:
+            if len(self.agent.access) >= ACCESS_KEPT:  # OIDs outside every view: bounded
+                self.agent.access.clear()
             verdict = ctx["acFun"](kind, (rfc1902.ObjectName(oid), None), **{**ctx, "idx": i})
             known = self.agent.access[key] = bool(verdict)
         return known
