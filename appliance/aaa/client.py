@@ -395,6 +395,11 @@ class AaaValidator:
         self.reported = 0
         self.waits: deque[float] = deque(maxlen=WAITS_KEPT)
         """Seconds each recent validation waited on AAA (0: served from held quota)."""
+        self.decide_s: deque[float] = deque(maxlen=WAITS_KEPT)
+        self.account_s: deque[float] = deque(maxlen=WAITS_KEPT)
+        """Seconds of the key path's own time each recent request spent here, waits on AAA
+        aside: deciding (the wallet, the refusal's report) and accounting (the report's
+        commit before the answer leaves)."""
         self._asking: dict[tuple[str, str], asyncio.Task[None]] = {}
         self._known: dict[tuple[str, str], Terms] = {}
         """The terms AAA last granted per pair: asks reserve no more bits than its largest
@@ -420,6 +425,7 @@ class AaaValidator:
         first (the request waits one SNMP round trip, counted in :attr:`waits`)."""
         if query.refill:
             return self._route(query)
+        began = time.perf_counter()
         pair = (query.master, query.slave)
         result = self.wallet.spend(
             query.master, query.slave, query.number, query.size, self.clock()
@@ -429,22 +435,24 @@ class AaaValidator:
         self.waits.append(0.0)
         if self.wallet.wants(*pair, self.clock()):
             self._ask_soon(query.ukms, pair)
-        return self._decided(query, result)
+        return self._decided(query, result, began)
 
     async def _validate_after_ask(self, query: ValidationQuery) -> Verdict:
         pair = (query.master, query.slave)
         began = time.perf_counter()
         await self._ask(query.ukms, pair)
-        self.waits.append(time.perf_counter() - began)
+        asked = time.perf_counter()
+        self.waits.append(asked - began)
         result = self.wallet.spend(*pair, query.number, query.size, self.clock())
         if result is None:
             result = Refusal(reason=Reason.QUOTA, message="no quota left for this request")
-        return self._decided(query, result)
+        return self._decided(query, result, asked)
 
-    def _decided(self, query: ValidationQuery, result: Spent | Refusal) -> Verdict:
+    def _decided(self, query: ValidationQuery, result: Spent | Refusal, began: float) -> Verdict:
         self._settle()
         if self.outbox is not None:
             result = self._account(query, result)
+        self.decide_s.append(time.perf_counter() - began)
         return verdict(result)
 
     async def _route(self, query: ValidationQuery) -> Verdict:
@@ -495,10 +503,12 @@ class AaaValidator:
         """The AKMS is about to answer request ``req``: with keys (``ok``) or an error.
         Called before the answer leaves, so that the report is on disk first."""
         found = self._open.pop(req, {}).values()
-        if self.outbox is None:
+        if self.outbox is None or not found:
             return
+        began = time.perf_counter()
         for query, spent in found:  # each slave's pair is accounted for
             self._completed(query, spent, ok)
+        self.account_s.append(time.perf_counter() - began)
 
     def _completed(self, query: ValidationQuery, spent: Spent, ok: bool) -> None:
         if not ok:
@@ -533,21 +543,25 @@ class AaaValidator:
             self._sender = asyncio.ensure_future(self._send_loop())
 
     def wait_summary(self) -> dict[str, float]:
-        """How long recent validations waited on AAA: count, waits, p50, p99, max (ms)."""
+        """How long recent validations waited on AAA: count, waits, p50, p99, max (ms);
+        and the key path's own time here per request, p50 and p99 (µs): deciding, and
+        accounting (the outbox commit)."""
         waits = sorted(self.waits)
         if not waits:
             return {"validations": 0}
-
-        def at(q: float) -> float:
-            return round(waits[min(len(waits) - 1, int(q * len(waits)))] * 1000, 3)
-
-        return {
+        out = {
             "validations": len(waits),
             "waited": sum(1 for w in waits if w > 0),
-            "p50_ms": at(0.50),
-            "p99_ms": at(0.99),
-            "max_ms": round(waits[-1] * 1000, 3),
+            "p50_ms": round(_at(waits, 0.50) * 1e3, 3),
+            "p99_ms": round(_at(waits, 0.99) * 1e3, 3),
+            "max_ms": round(waits[-1] * 1e3, 3),
         }
+        for name, kept in (("decide", self.decide_s), ("account", self.account_s)):
+            if kept:
+                ordered = sorted(kept)
+                out[f"{name}_p50_us"] = round(_at(ordered, 0.50) * 1e6, 1)
+                out[f"{name}_p99_us"] = round(_at(ordered, 0.99) * 1e6, 1)
+        return out
 
     async def close(self) -> None:
         log.info("aaa: validations", extra={**self.wait_summary(), **self.client.fast_summary()})
@@ -647,6 +661,10 @@ class AaaValidator:
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.warning("aaa: %s", task.exception())
+
+
+def _at(ordered: list[float], q: float) -> float:
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 def verdict(result: Spent | Refusal) -> Verdict:

@@ -287,3 +287,6 @@ def test_a_pair_validated_again_under_one_request_is_accounted_once(aaa, tmp_pat
     assert outbox.count == 1
     validator.completed(7, True)  # reported once
     assert outbox.count == 1
+    summary = validator.wait_summary()  # what the AKMS logs when it stops
+    assert summary["validations"] == 2 and summary["waited"] == 1
+    assert {"decide_p50_us", "decide_p99_us", "account_p50_us", "account_p99_us"} <= set(summary)
