@@ -32,6 +32,7 @@ import contextlib
 import itertools
 import logging
 import os
+import re
 import secrets
 import time
 from collections import deque
@@ -48,7 +49,7 @@ from appliance.aaa.agent import bind_udp, host_port
 from appliance.aaa.errors import AaaError, SnmpError
 from appliance.aaa.ledger import Reason, Refusal
 from appliance.aaa.outbox import CHECKPOINT_WRITES, Outbox, Pending
-from appliance.aaa.view import U32
+from appliance.aaa.view import U32, record
 from appliance.aaa.wallet import Spent, Terms, Wallet
 from appliance.config.schema import load_model, read_toml
 from appliance.config.topology import Topology
@@ -65,8 +66,11 @@ TIMEOUT_S, RETRIES = 0.5, 2
 FAST_ENV = "QKDN_AAA_SNMP_FAST"
 """``0`` in the environment: no fast path, every request coded by pysnmp."""
 NO_ANSWER = "AAA did not answer: No SNMP response received before timeout"
-REPORT_BATCH = 16
-"""Accounting reports per SET (7 variable bindings at most each)."""
+REPORT_BATCH = 32
+"""Accounting reports per SET (one variable binding each, 7 for an SAE name that
+aaaUsageRecord cannot carry)."""
+PLAIN = re.compile(r"[!-~]{1,32}", re.ASCII)
+"""SAE names an aaaUsageRecord carries (printable ASCII, no space, as aaaUsageMaster)."""
 SEND_BATCH_S = 0.2
 """How long the sender lets reports gather before it sends them."""
 SEND_IDLE_S, SEND_BACKOFF_MAX_S = 0.05, 2.0
@@ -276,13 +280,19 @@ class AaaClient:
         await self.report_many([Pending(ukms=ukms, request=request, **fields)])
 
     async def report_many(self, reports: list[Pending]) -> None:
-        """Several requests' outcomes in one SET (a row each; columns at 0 left out)."""
+        """Several requests' outcomes in one SET: a row each, as one aaaUsageRecord (or,
+        for SAE names it cannot carry, as the row's columns, those at 0 left out)."""
         m = self.m
         binds: list[Bind] = []
         for p in reports:
             rid = p.request.encode()
             suffix = (p.ukms, len(rid), *rid)
             outcome = m["aaaUsageOutcome"].enums[p.outcome]
+            if PLAIN.fullmatch(p.master) and PLAIN.fullmatch(p.slave):
+                fields = (p.master, p.slave, outcome, int(p.reason), p.keys, min(p.bits, U32))
+                value = record(*fields, p.grant)
+                binds.append((m["aaaUsageRecord"].oid + suffix, (0x04, value)))
+                continue
             binds += [
                 (m["aaaUsageMaster"].oid + suffix, (0x04, p.master.encode("iso-8859-1"))),
                 (m["aaaUsageSlave"].oid + suffix, (0x04, p.slave.encode("iso-8859-1"))),
