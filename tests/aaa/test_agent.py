@@ -177,6 +177,12 @@ def test_reports_are_counted_once_and_closing_settles_the_grant(aaa):
             1, "req-2", master="alice-a", slave="alice-b", outcome="refused", reason=Reason.LIMITS
         )
     )
+    odd = "bob b"  # a name aaaUsageRecord cannot carry (a space): sent as the columns
+    aaa.call(client.report(1, "req-3", master=odd, slave="alice-b", outcome="refused", reason=1))
+    record = aaa.snmp("snmpget", dotted((*mib.oid("aaaUsageRecord"), 1, *name_index("req-1"))))
+    assert record.stdout.strip().endswith(f'STRING: "alice-a alice-b 1 0 2 512 {t.grant}"')
+    master = aaa.snmp("snmpget", dotted((*mib.oid("aaaUsageMaster"), 1, *name_index("req-3"))))
+    assert master.stdout.strip().endswith('STRING: "bob b"')
     aaa.call(client.close_grant(1, t.grant, 2, 512))
     walk = aaa.snmp("snmpwalk", dotted(mib.oid("aaaAcctTable")))
     index = name_index("alice-2026") + name_index("alice-a") + name_index("alice-b")
