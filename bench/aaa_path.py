@@ -12,6 +12,8 @@ side, one without AAA (the topology's contracts, the baseline) and one with
    it stops: count, how many waited at all, p50, p99, max; this network serves nothing
    but the 16 requesters, so the figures are theirs), and the refusals, if any.
 
+``--suspensions-only`` runs step 2 alone, on one network with AAA.
+
 4. ``--one-at-a-time N``: instead of all the above, each network alone (the other one
    down), 20 warm-up then N T_key requests, and the CPU time (utime + stime) every process
    of the network spent on them: what AAA costs per request, and where.
@@ -21,7 +23,7 @@ requests served from the stock (each allowed and accounted by the AKMS under AAA
 UKMS -> AKMS round trip). ``--tkey-only`` runs step 1 alone.
 
 Usage: python bench/aaa_path.py [--rounds 5] [--requests 40] [--load 800] [--suspensions 10]
-       [--one-at-a-time N] [--stock N] [--tkey-only] [--json PATH]
+       [--one-at-a-time N] [--stock N] [--tkey-only | --suspensions-only] [--json PATH]
 """
 
 from __future__ import annotations
@@ -194,6 +196,8 @@ def suspensions(folder: Path, times: int) -> dict[str, Any]:
             "of": times,
             "p50_ms": round(pct(v, 0.5) * 1000, 1) if v else None,
             "p99_ms": round(pct(v, 0.99) * 1000, 1) if v else None,
+            "over_1s": sum(1 for x in v if x > 1.0),
+            "ms": [round(x * 1000, 1) for x in v],
         }
         for n, v in lat.items()
     }
@@ -263,6 +267,7 @@ def main() -> None:
     p.add_argument("--one-at-a-time", type=int, metavar="N")
     p.add_argument("--stock", type=int, default=0, metavar="N")
     p.add_argument("--tkey-only", action="store_true")
+    p.add_argument("--suspensions-only", action="store_true")
     p.add_argument("--json", type=Path)
     args = p.parse_args()
     doc: dict[str, Any] = {
@@ -272,6 +277,19 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="qkdn-aaa-path-") as tmp:
         if args.one_at_a_time:
             doc["one_at_a_time"] = one_at_a_time(Path(tmp), args.one_at_a_time)
+            doc["load_average_after"] = os.getloadavg()
+            text = json.dumps(doc, indent=1)
+            print(text)
+            if args.json:
+                args.json.write_text(text)
+            return
+        if args.suspensions_only:
+            folder = Path(tmp) / "with"
+            up(folder, True, args.stock)
+            try:
+                doc["suspension"] = suspensions(folder, args.suspensions)
+            finally:
+                net.bring_down(folder)
             doc["load_average_after"] = os.getloadavg()
             text = json.dumps(doc, indent=1)
             print(text)
