@@ -118,6 +118,8 @@ class Agent:
         self.notifier = engine.SnmpEngine()
         self.port = 0
         self._views: set[tuple[str, tuple[int, ...]]] = set()
+        self._views_of: object = None
+        """The registry snapshot the views were made from (the same one: nothing to do)."""
         self.access: dict[tuple[int | None, str, tuple[int, ...]], bool] = {}
         """VACM's decisions while the views stay the same, by AKMS (None: the operator),
         kind (read, write) and the first :attr:`view_depth` sub-identifiers of the OID."""
@@ -196,9 +198,13 @@ class Agent:
 
         One view family per column and UKMS, without masks: pysnmp 7.1's masked families
         fail on OIDs shorter than the mask (IndexError in its VACM)."""
+        snap = self.service.snap
+        if snap is self._views_of:  # every SET and every poll asks: most find no change
+            return
+        self._views_of = snap
         wanted: set[tuple[str, tuple[int, ...]]] = set()
         m = mib.load()
-        for ukms, akms in self.service.snap.ukms.items():
+        for ukms, akms in snap.ukms.items():
             for entry in ("aaaQuotaEntry", "aaaGrantEntry", "aaaUsageEntry"):
                 for col in m.values():
                     if col.oid[:-1] != m[entry].oid or col.access == "not-accessible":
