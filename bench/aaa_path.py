@@ -4,12 +4,15 @@ side, one without AAA (the topology's contracts, the baseline) and one with
 
 1. T_key p50 (enc_keys + dec_keys, one key) in alternating rounds on the two networks,
    so that both see the same machine load: the ratio and the difference per round.
-2. 16 concurrent requesters on the AAA network (both directions, both contracts): how
-   long the AKMSs' validations waited on AAA (each AKMS logs its validations' waits when
-   it stops: count, how many waited at all, p50, p99, max), and the refusals, if any.
-3. Suspensions: both AKMSs hold quota for the demo contract; the user is suspended (a
+2. Suspensions: both AKMSs hold quota for the demo contract; the user is suspended (a
    registry commit, as ``qkdn aaa user suspend`` does); the time from the commit to the
    revocation's arrival at *each* access node (its log line), p50/p99; then resumed.
+3. 16 concurrent requesters on a fresh AAA network (both directions, both contracts): how
+   long the AKMSs' validations waited on AAA (each AKMS logs its validations' waits when
+   it stops: count, how many waited at all, p50, p99, max; this network serves nothing
+   but the 16 requesters, so the figures are theirs), and the refusals, if any.
+
+``--suspensions-only`` runs step 2 alone, on one network with AAA.
 
 4. ``--one-at-a-time N``: instead of all the above, each network alone (the other one
    down), 20 warm-up then N T_key requests, and the CPU time (utime + stime) every process
@@ -20,7 +23,7 @@ requests served from the stock (each allowed and accounted by the AKMS under AAA
 UKMS -> AKMS round trip). ``--tkey-only`` runs step 1 alone.
 
 Usage: python bench/aaa_path.py [--rounds 5] [--requests 40] [--load 800] [--suspensions 10]
-       [--one-at-a-time N] [--stock N] [--tkey-only] [--json PATH]
+       [--one-at-a-time N] [--stock N] [--tkey-only | --suspensions-only] [--json PATH]
 """
 
 from __future__ import annotations
@@ -193,6 +196,8 @@ def suspensions(folder: Path, times: int) -> dict[str, Any]:
             "of": times,
             "p50_ms": round(pct(v, 0.5) * 1000, 1) if v else None,
             "p99_ms": round(pct(v, 0.99) * 1000, 1) if v else None,
+            "over_1s": sum(1 for x in v if x > 1.0),
+            "ms": [round(x * 1000, 1) for x in v],
         }
         for n, v in lat.items()
     }
@@ -233,6 +238,18 @@ def one_at_a_time(tmp: Path, requests: int) -> dict[str, Any]:
     return out
 
 
+def load16(folder: Path, total: int, stock: int) -> dict[str, Any]:
+    """16 requesters on a fresh AAA network; what its AKMSs waited on AAA meanwhile."""
+    up(folder, True, stock)
+    try:
+        doc = {"load_average_before": os.getloadavg(), **load(folder, total)}
+        doc["load_average_after"] = os.getloadavg()
+    finally:
+        net.bring_down(folder)
+    doc["akms_wait_on_aaa"] = {n: waits(folder, n) for n in AKMS}
+    return doc
+
+
 def waits(folder: Path, node: str) -> dict[str, Any] | None:
     """The AKMS's last "aaa: validations" summary (logged when it stops)."""
     found = [r for r in log_lines(folder / "logs" / f"{node}.log") if r.get("msg") == WAITS]
@@ -250,6 +267,7 @@ def main() -> None:
     p.add_argument("--one-at-a-time", type=int, metavar="N")
     p.add_argument("--stock", type=int, default=0, metavar="N")
     p.add_argument("--tkey-only", action="store_true")
+    p.add_argument("--suspensions-only", action="store_true")
     p.add_argument("--json", type=Path)
     args = p.parse_args()
     doc: dict[str, Any] = {
@@ -260,7 +278,23 @@ def main() -> None:
         if args.one_at_a_time:
             doc["one_at_a_time"] = one_at_a_time(Path(tmp), args.one_at_a_time)
             doc["load_average_after"] = os.getloadavg()
-            print(json.dumps(doc, indent=1))
+            text = json.dumps(doc, indent=1)
+            print(text)
+            if args.json:
+                args.json.write_text(text)
+            return
+        if args.suspensions_only:
+            folder = Path(tmp) / "with"
+            up(folder, True, args.stock)
+            try:
+                doc["suspension"] = suspensions(folder, args.suspensions)
+            finally:
+                net.bring_down(folder)
+            doc["load_average_after"] = os.getloadavg()
+            text = json.dumps(doc, indent=1)
+            print(text)
+            if args.json:
+                args.json.write_text(text)
             return
         base, aaa = Path(tmp) / "without", Path(tmp) / "with"
         doc["stock"] = args.stock
@@ -272,28 +306,13 @@ def main() -> None:
                 net.bring_down(base)
                 if not args.tkey_only:
                     doc["suspension"] = suspensions(aaa, args.suspensions)
-                    doc["load16"] = load(aaa, args.load)
             finally:
                 net.bring_down(aaa)
-            waits = {}
-            for n in AKMS:
-                found = [
-                    r
-                    for r in log_lines(aaa / "logs" / f"{n}.log")
-                    if r.get("msg") == "aaa: validations"
-                ]
-                waits[n] = (
-                    {
-                        k: v
-                        for k, v in found[-1].items()
-                        if k not in ("ts", "level", "logger", "msg")
-                    }
-                    if found
-                    else None
-                )
-            doc["akms_wait_on_aaa"] = waits
+            doc["akms_wait_on_aaa"] = {n: waits(aaa, n) for n in AKMS}
         finally:
             net.bring_down(base)
+        if not args.tkey_only:
+            doc["load16"] = load16(Path(tmp) / "load16", args.load, args.stock)
     doc["load_average_after"] = os.getloadavg()
     text = json.dumps(doc, indent=1)
     print(text)

@@ -47,6 +47,8 @@ from appliance.snmp.usm import AUTH, PRIV, SNMP_TRAP_OID, Credentials
 log = logging.getLogger("qkdn.aaa")
 
 INFORM_TIMEOUT_S, INFORM_RETRIES = 0.25, 3
+ACCESS_KEPT = 10_000
+"""VACM decisions kept (:meth:`Instrumentation._denied`); beyond, they are forgotten."""
 
 
 class AkmsUser(Credentials):
@@ -116,6 +118,8 @@ class Agent:
         self.notifier = engine.SnmpEngine()
         self.port = 0
         self._views: set[tuple[str, tuple[int, ...]]] = set()
+        self._views_of: object = None
+        """The registry snapshot the views were made from (the same one: nothing to do)."""
         self.access: dict[tuple[int | None, str, tuple[int, ...]], bool] = {}
         """VACM's decisions while the views stay the same, by AKMS (None: the operator),
         kind (read, write) and the first :attr:`view_depth` sub-identifiers of the OID."""
@@ -194,9 +198,13 @@ class Agent:
 
         One view family per column and UKMS, without masks: pysnmp 7.1's masked families
         fail on OIDs shorter than the mask (IndexError in its VACM)."""
+        snap = self.service.snap
+        if snap is self._views_of:  # every SET and every poll asks: most find no change
+            return
+        self._views_of = snap
         wanted: set[tuple[str, tuple[int, ...]]] = set()
         m = mib.load()
-        for ukms, akms in self.service.snap.ukms.items():
+        for ukms, akms in snap.ukms.items():
             for entry in ("aaaQuotaEntry", "aaaGrantEntry", "aaaUsageEntry"):
                 for col in m.values():
                     if col.oid[:-1] != m[entry].oid or col.access == "not-accessible":
@@ -204,6 +212,8 @@ class Agent:
                     wanted.add((f"akms-{akms}-read", (*col.oid, ukms)))
                     if col.access == "read-write":
                         wanted.add((f"akms-{akms}-write", (*col.oid, ukms)))
+        if wanted == self._views and self.view_depth:  # unchanged: VACM's decisions stand
+            return
         self.access.clear()
         fixed = [(1, 3, 6, 1), mib.oid("aaaDirectory"), mib.oid("aaaContracts")]
         self.view_depth = max(len(s) for s in [*fixed, *(sub for _name, sub in wanted)])
@@ -320,6 +330,8 @@ class Instrumentation:
         key = (self.agent.who(), kind, oid[: self.agent.view_depth])
         known = self.agent.access.get(key)
         if known is None:
+            if len(self.agent.access) >= ACCESS_KEPT:  # OIDs outside every view: bounded
+                self.agent.access.clear()
             verdict = ctx["acFun"](kind, (rfc1902.ObjectName(oid), None), **{**ctx, "idx": i})
             known = self.agent.access[key] = bool(verdict)
         return known

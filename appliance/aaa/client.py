@@ -32,10 +32,11 @@ import contextlib
 import itertools
 import logging
 import os
+import re
 import secrets
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -47,8 +48,8 @@ from appliance.aaa import mib
 from appliance.aaa.agent import bind_udp, host_port
 from appliance.aaa.errors import AaaError, SnmpError
 from appliance.aaa.ledger import Reason, Refusal
-from appliance.aaa.outbox import Outbox, Pending
-from appliance.aaa.view import U32
+from appliance.aaa.outbox import CHECKPOINT_WRITES, Outbox, Pending
+from appliance.aaa.view import U32, record
 from appliance.aaa.wallet import Spent, Terms, Wallet
 from appliance.config.schema import load_model, read_toml
 from appliance.config.topology import Topology
@@ -65,8 +66,11 @@ TIMEOUT_S, RETRIES = 0.5, 2
 FAST_ENV = "QKDN_AAA_SNMP_FAST"
 """``0`` in the environment: no fast path, every request coded by pysnmp."""
 NO_ANSWER = "AAA did not answer: No SNMP response received before timeout"
-REPORT_BATCH = 16
-"""Accounting reports per SET (7 variable bindings at most each)."""
+REPORT_BATCH = 32
+"""Accounting reports per SET (one variable binding each, 7 for an SAE name that
+aaaUsageRecord cannot carry)."""
+PLAIN = re.compile(r"[!-~]{1,32}", re.ASCII)
+"""SAE names an aaaUsageRecord carries (printable ASCII, no space, as aaaUsageMaster)."""
 SEND_BATCH_S = 0.2
 """How long the sender lets reports gather before it sends them."""
 SEND_IDLE_S, SEND_BACKOFF_MAX_S = 0.05, 2.0
@@ -276,13 +280,19 @@ class AaaClient:
         await self.report_many([Pending(ukms=ukms, request=request, **fields)])
 
     async def report_many(self, reports: list[Pending]) -> None:
-        """Several requests' outcomes in one SET (a row each; columns at 0 left out)."""
+        """Several requests' outcomes in one SET: a row each, as one aaaUsageRecord (or,
+        for SAE names it cannot carry, as the row's columns, those at 0 left out)."""
         m = self.m
         binds: list[Bind] = []
         for p in reports:
             rid = p.request.encode()
             suffix = (p.ukms, len(rid), *rid)
             outcome = m["aaaUsageOutcome"].enums[p.outcome]
+            if PLAIN.fullmatch(p.master) and PLAIN.fullmatch(p.slave):
+                fields = (p.master, p.slave, outcome, int(p.reason), p.keys, min(p.bits, U32))
+                value = record(*fields, p.grant)
+                binds.append((m["aaaUsageRecord"].oid + suffix, (0x04, value)))
+                continue
             binds += [
                 (m["aaaUsageMaster"].oid + suffix, (0x04, p.master.encode("iso-8859-1"))),
                 (m["aaaUsageSlave"].oid + suffix, (0x04, p.slave.encode("iso-8859-1"))),
@@ -395,6 +405,11 @@ class AaaValidator:
         self.reported = 0
         self.waits: deque[float] = deque(maxlen=WAITS_KEPT)
         """Seconds each recent validation waited on AAA (0: served from held quota)."""
+        self.decide_s: deque[float] = deque(maxlen=WAITS_KEPT)
+        self.account_s: deque[float] = deque(maxlen=WAITS_KEPT)
+        """Seconds of the key path's own time each recent request spent here, waits on AAA
+        aside: deciding (the wallet, the refusal's report) and accounting (the report's
+        commit before the answer leaves)."""
         self._asking: dict[tuple[str, str], asyncio.Task[None]] = {}
         self._known: dict[tuple[str, str], Terms] = {}
         """The terms AAA last granted per pair: asks reserve no more bits than its largest
@@ -414,27 +429,40 @@ class AaaValidator:
         log.info("aaa: quota revoked", extra={"contract": contract, "grants": dropped})
         self._settle()
 
-    async def validate(self, query: ValidationQuery) -> Verdict:
+    def validate(self, query: ValidationQuery) -> Verdict | Awaitable[Verdict]:
+        """The verdict at once when the wallet can decide (quota held, or a refusal still
+        remembered): no task, no await on the key path; else an awaitable that asks AAA
+        first (the request waits one SNMP round trip, counted in :attr:`waits`)."""
         if query.refill:
-            return await self._route(query)
+            return self._route(query)
+        began = time.perf_counter()
         pair = (query.master, query.slave)
         result = self.wallet.spend(
             query.master, query.slave, query.number, query.size, self.clock()
         )
         if result is None:
-            began = time.perf_counter()
-            await self._ask(query.ukms, pair)
-            self.waits.append(time.perf_counter() - began)
-            result = self.wallet.spend(*pair, query.number, query.size, self.clock())
-            if result is None:
-                result = Refusal(reason=Reason.QUOTA, message="no quota left for this request")
-        else:
-            self.waits.append(0.0)
-            if self.wallet.wants(*pair, self.clock()):
-                self._ask_soon(query.ukms, pair)
+            return self._validate_after_ask(query)
+        self.waits.append(0.0)
+        if self.wallet.wants(*pair, self.clock()):
+            self._ask_soon(query.ukms, pair)
+        return self._decided(query, result, began)
+
+    async def _validate_after_ask(self, query: ValidationQuery) -> Verdict:
+        pair = (query.master, query.slave)
+        began = time.perf_counter()
+        await self._ask(query.ukms, pair)
+        asked = time.perf_counter()
+        self.waits.append(asked - began)
+        result = self.wallet.spend(*pair, query.number, query.size, self.clock())
+        if result is None:
+            result = Refusal(reason=Reason.QUOTA, message="no quota left for this request")
+        return self._decided(query, result, asked)
+
+    def _decided(self, query: ValidationQuery, result: Spent | Refusal, began: float) -> Verdict:
         self._settle()
         if self.outbox is not None:
             result = self._account(query, result)
+        self.decide_s.append(time.perf_counter() - began)
         return verdict(result)
 
     async def _route(self, query: ValidationQuery) -> Verdict:
@@ -485,10 +513,12 @@ class AaaValidator:
         """The AKMS is about to answer request ``req``: with keys (``ok``) or an error.
         Called before the answer leaves, so that the report is on disk first."""
         found = self._open.pop(req, {}).values()
-        if self.outbox is None:
+        if self.outbox is None or not found:
             return
+        began = time.perf_counter()
         for query, spent in found:  # each slave's pair is accounted for
             self._completed(query, spent, ok)
+        self.account_s.append(time.perf_counter() - began)
 
     def _completed(self, query: ValidationQuery, spent: Spent, ok: bool) -> None:
         if not ok:
@@ -523,21 +553,25 @@ class AaaValidator:
             self._sender = asyncio.ensure_future(self._send_loop())
 
     def wait_summary(self) -> dict[str, float]:
-        """How long recent validations waited on AAA: count, waits, p50, p99, max (ms)."""
+        """How long recent validations waited on AAA: count, waits, p50, p99, max (ms);
+        and the key path's own time here per request, p50 and p99 (µs): deciding, and
+        accounting (the outbox commit)."""
         waits = sorted(self.waits)
         if not waits:
             return {"validations": 0}
-
-        def at(q: float) -> float:
-            return round(waits[min(len(waits) - 1, int(q * len(waits)))] * 1000, 3)
-
-        return {
+        out = {
             "validations": len(waits),
             "waited": sum(1 for w in waits if w > 0),
-            "p50_ms": at(0.50),
-            "p99_ms": at(0.99),
-            "max_ms": round(waits[-1] * 1000, 3),
+            "p50_ms": round(_at(waits, 0.50) * 1e3, 3),
+            "p99_ms": round(_at(waits, 0.99) * 1e3, 3),
+            "max_ms": round(waits[-1] * 1e3, 3),
         }
+        for name, kept in (("decide", self.decide_s), ("account", self.account_s)):
+            if kept:
+                ordered = sorted(kept)
+                out[f"{name}_p50_us"] = round(_at(ordered, 0.50) * 1e6, 1)
+                out[f"{name}_p99_us"] = round(_at(ordered, 0.99) * 1e6, 1)
+        return out
 
     async def close(self) -> None:
         log.info("aaa: validations", extra={**self.wait_summary(), **self.client.fast_summary()})
@@ -556,6 +590,8 @@ class AaaValidator:
         assert self.outbox is not None
         backoff = SEND_IDLE_S
         while True:
+            if self.outbox.writes >= CHECKPOINT_WRITES:
+                await self._checkpoint()
             rows = self.outbox.due(REPORT_BATCH)
             if not rows:
                 self._wake.clear()
@@ -568,6 +604,13 @@ class AaaValidator:
                 continue
             await asyncio.sleep(backoff)
             backoff = min(SEND_BACKOFF_MAX_S, backoff * 2)
+
+    async def _checkpoint(self) -> None:
+        assert self.outbox is not None
+        try:
+            await asyncio.to_thread(self.outbox.checkpoint)
+        except AaaError as exc:
+            log.warning("aaa: outbox checkpoint: %s [%s]", exc.message, exc.code)
 
     async def _one_by_one(self, rows: list[Pending]) -> bool:
         sent = [await self._send([p]) for p in rows]
@@ -628,6 +671,10 @@ class AaaValidator:
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.warning("aaa: %s", task.exception())
+
+
+def _at(ordered: list[float], q: float) -> float:
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 def verdict(result: Spent | Refusal) -> Verdict:

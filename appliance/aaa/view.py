@@ -44,6 +44,18 @@ class SetFailure(AaaError):
         self.status, self.index = status, index
 
 
+RECORD_COLUMNS = (
+    "aaaUsageMaster",
+    "aaaUsageSlave",
+    "aaaUsageOutcome",
+    "aaaUsageReason",
+    "aaaUsageKeys",
+    "aaaUsageBits",
+    "aaaUsageGrant",
+)
+"""aaaUsageRecord's fields, in order."""
+
+
 def _sat(n: int) -> int:
     return min(n, U32)
 
@@ -54,6 +66,7 @@ class MibView:
         self.m = mib.load()
         self._columns = {o.oid: o for o in self.m.values() if o.macro == "OBJECT-TYPE"}
         self._lengths = sorted({len(k) for k in self._columns}, reverse=True)
+        self._entries = {o.oid: o.name for o in self.m.values()}
         self._built = -1
         self._oids: list[Oid] = []
         self._values: dict[Oid, Value] = {}
@@ -71,8 +84,7 @@ class MibView:
         return [self.m[n] for n in self.m[entry].index]
 
     def _entry_of(self, column: mib.MibObject) -> str:
-        parent = column.oid[:-1]
-        return next(o.name for o in self.m.values() if o.oid == parent)
+        return self._entries[column.oid[:-1]]
 
     # -- GET ---------------------------------------------------------------------------------
     def get(self, oid: Oid, akms: int | None) -> Value | None:
@@ -120,6 +132,8 @@ class MibView:
             "aaaUsageBits": _sat(rep.bits),
             "aaaUsageGrant": rep.grant,
         }
+        if obj.name == "aaaUsageRecord":
+            return (obj.syntax, record(*(_text(cols[c]) for c in RECORD_COLUMNS)))
         return (obj.syntax, cols[obj.name])
 
     # -- GETNEXT -----------------------------------------------------------------------------
@@ -232,12 +246,7 @@ class MibView:
             obj, suffix = found
             if obj.access != "read-write":
                 raise SetFailure("notWritable", i)
-            if isinstance(value, bytes):
-                ok = obj.syntax == "OCTET STRING" and obj.lo <= len(value) <= obj.hi
-            else:
-                ok = obj.syntax != "OCTET STRING" and obj.lo <= value <= obj.hi
-                ok = ok and (not obj.enums or value in obj.enums.values())
-            if not ok:
+            if not _fits(obj, value):
                 raise SetFailure("wrongValue", i)
             rows.setdefault((self._entry_of(obj), suffix), {})[obj.name] = (i, value)
         plans = [self._plan(entry, suffix, cols, akms) for (entry, suffix), cols in rows.items()]
@@ -265,6 +274,11 @@ class MibView:
     def _plan_usage(
         self, index: list[int | bytes], vals: dict[str, int | bytes], at: int
     ) -> Callable[[], list[Grant]]:
+        record = vals.get("aaaUsageRecord")
+        if record is not None:
+            if len(vals) > 1:
+                raise SetFailure("inconsistentValue", at, "aaaUsageRecord is set alone")
+            vals = self._record_columns(record, at)
         if not {"aaaUsageMaster", "aaaUsageSlave", "aaaUsageOutcome"} <= vals.keys():
             raise SetFailure("inconsistentValue", at, "a report needs master, slave, outcome")
         outcome = {v: k for k, v in self.m["aaaUsageOutcome"].enums.items()}
@@ -287,6 +301,25 @@ class MibView:
             return []
 
         return apply
+
+    def _record_columns(self, record: int | bytes, at: int) -> dict[str, int | bytes]:
+        """aaaUsageRecord's fields as the columns they stand for, each checked as a SET of
+        that column would be (wrongValue otherwise)."""
+        fields = record.split(b" ") if isinstance(record, bytes) else []
+        if len(fields) != len(RECORD_COLUMNS):
+            raise SetFailure("wrongValue", at, "aaaUsageRecord has seven fields")
+        vals: dict[str, int | bytes] = {}
+        for name, field in zip(RECORD_COLUMNS, fields, strict=True):
+            obj = self.m[name]
+            value: int | bytes = field
+            if obj.syntax != "OCTET STRING":
+                if not (field.isdigit() and len(field) <= 10):
+                    raise SetFailure("wrongValue", at, f"{name}: not a decimal number")
+                value = int(field)
+            if not _fits(obj, value):
+                raise SetFailure("wrongValue", at, f"{name}: out of range")
+            vals[name] = value
+        return vals
 
     def _plan_close(
         self, index: list[int | bytes], vals: dict[str, int | bytes], at: int
@@ -419,6 +452,19 @@ QUOTA_COLUMNS = (
     "aaaQuotaContract",
 )
 """The answer's columns, in the order a client asks for them."""
+
+
+def _fits(obj: mib.MibObject, value: int | bytes) -> bool:
+    """A value within its object's syntax, size or range, and enumeration."""
+    if isinstance(value, bytes):
+        return obj.syntax == "OCTET STRING" and obj.lo <= len(value) <= obj.hi
+    ok = obj.syntax != "OCTET STRING" and obj.lo <= value <= obj.hi
+    return ok and (not obj.enums or value in obj.enums.values())
+
+
+def record(*fields: str | int) -> bytes:
+    """An aaaUsageRecord value: master, slave, outcome, reason, keys, bits, grant."""
+    return " ".join(str(f) for f in fields).encode("ascii")
 
 
 def _text(value: int | bytes) -> str:

@@ -4,10 +4,11 @@ AKMS 2 and AKMS 14 as SNMP users; net-snmp commands and AaaClients talk to it.""
 from __future__ import annotations
 
 import asyncio
+import inspect
 import shutil
 import subprocess
 import threading
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,15 @@ AKMS = {
     2: AkmsUser(id=2, user="akms-2", auth="akms-2-auth-key", priv="akms-2-priv-key"),
     14: AkmsUser(id=14, user="akms-14", auth="akms-14-auth-key", priv="akms-14-priv-key"),
 }
+
+
+async def decided(verdict: Awaitable[T] | T) -> T:
+    """A validator's verdict: as it came (decided from held quota) or once awaited."""
+    if inspect.isawaitable(verdict):
+        return await verdict
+    return verdict
+
+
 needs_netsnmp = pytest.mark.skipif(shutil.which("snmpget") is None, reason="net-snmp missing")
 
 

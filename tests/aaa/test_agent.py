@@ -13,8 +13,8 @@ from appliance.aaa.outbox import Outbox
 from appliance.aaa.registry import Registry
 from appliance.aaa.wallet import Terms
 from appliance.kms.relay import Mode
-from appliance.kms.seams import Denial, ValidationQuery
-from tests.aaa.agent_fixture import AKMS, aaa, needs_netsnmp
+from appliance.kms.seams import Denial, ValidationQuery, Verdict
+from tests.aaa.agent_fixture import AKMS, aaa, decided, needs_netsnmp
 
 __all__ = ["aaa"]
 
@@ -177,6 +177,12 @@ def test_reports_are_counted_once_and_closing_settles_the_grant(aaa):
             1, "req-2", master="alice-a", slave="alice-b", outcome="refused", reason=Reason.LIMITS
         )
     )
+    odd = "bob b"  # a name aaaUsageRecord cannot carry (a space): sent as the columns
+    aaa.call(client.report(1, "req-3", master=odd, slave="alice-b", outcome="refused", reason=1))
+    record = aaa.snmp("snmpget", dotted((*mib.oid("aaaUsageRecord"), 1, *name_index("req-1"))))
+    assert record.stdout.strip().endswith(f'STRING: "alice-a alice-b 1 0 2 512 {t.grant}"')
+    master = aaa.snmp("snmpget", dotted((*mib.oid("aaaUsageMaster"), 1, *name_index("req-3"))))
+    assert master.stdout.strip().endswith('STRING: "bob b"')
     aaa.call(client.close_grant(1, t.grant, 2, 512))
     walk = aaa.snmp("snmpwalk", dotted(mib.oid("aaaAcctTable")))
     index = name_index("alice-2026") + name_index("alice-a") + name_index("alice-b")
@@ -189,28 +195,38 @@ def test_reports_are_counted_once_and_closing_settles_the_grant(aaa):
 def test_the_validator_allows_from_quota_and_denies_with_the_etsi_reason(aaa):
     validator = AaaValidator(aaa.client(2))
     q = ValidationQuery(master="alice-a", slave="alice-b", number=2, size=256, ukms=1)
-    ok = aaa.call(validator.validate(q))
+    first = validator.validate(q)
+    assert not isinstance(first, Verdict)  # no quota held yet: AAA is asked first
+    ok = aaa.call(decided(first))
     assert ok.denied is None and (ok.mode, ok.ukms_b, ok.akms_b) == (Mode.GCM, 15, 14)
+    again = aaa.call(_as_called(validator, q))  # from the quota now held: decided at
+    # once, no await
+    assert isinstance(again, Verdict) and again.denied is None
     too_big = ValidationQuery(master="alice-a", slave="alice-b", number=2, size=512, ukms=1)
-    assert aaa.call(validator.validate(too_big)).denied.why == Denial.LIMITS
+    assert aaa.call(decided(validator.validate(too_big))).denied.why == Denial.LIMITS
     too_many = ValidationQuery(master="alice-a", slave="alice-b", number=17, size=256, ukms=1)
-    assert aaa.call(validator.validate(too_many)).denied.why == Denial.LIMITS
+    assert aaa.call(decided(validator.validate(too_many))).denied.why == Denial.LIMITS
     stranger = ValidationQuery(master="alice-a", slave="bob-b", number=1, size=256, ukms=1)
-    assert aaa.call(validator.validate(stranger)).denied.why == Denial.UNAUTHORISED
+    assert aaa.call(decided(validator.validate(stranger))).denied.why == Denial.UNAUTHORISED
 
 
 def test_an_unreachable_aaa_fails_closed_but_held_quota_may_be_spent(aaa):
     validator = AaaValidator(aaa.client(2))
     q = ValidationQuery(master="alice-a", slave="alice-b", number=1, size=256, ukms=1)
-    assert aaa.call(validator.validate(q)).denied is None  # quota held now
+    assert aaa.call(decided(validator.validate(q))).denied is None  # quota held now
     dead = aaa.client(2)
     validator.client = dead
     aaa.call(_retarget(dead))
-    assert aaa.call(validator.validate(q)).denied is None  # spent from the held grant
+    assert aaa.call(decided(validator.validate(q))).denied is None  # spent from the held grant
     other = ValidationQuery(master="alice-b", slave="alice-a", number=1, size=256, ukms=1)
-    refused = aaa.call(validator.validate(other))
+    refused = aaa.call(decided(validator.validate(other)))
     assert refused.denied is not None and refused.denied.why == Denial.QUOTA
     assert validator.alarms == 1
+
+
+async def _as_called(validator: AaaValidator, q: ValidationQuery) -> object:
+    """What ``validate`` returns, called in the agent's loop (as the AKMS's loop calls it)."""
+    return validator.validate(q)
 
 
 async def _retarget(client) -> None:
@@ -237,13 +253,13 @@ def test_the_suspension_race_nothing_passes_once_the_inform_arrived(aaa):
         lambda contract, grant: (validator.revoked(contract, grant), informed.append(True))
     )
     q = ValidationQuery(master="alice-a", slave="alice-b", number=1, size=256, ukms=1)
-    assert aaa.call(validator.validate(q)).denied is None
+    assert aaa.call(decided(validator.validate(q))).denied is None
 
     async def hammer() -> list[tuple[bool, bool]]:
         out: list[tuple[bool, bool]] = []
         for _ in range(5000):
             after = bool(informed)
-            verdict = await validator.validate(q)
+            verdict = await decided(validator.validate(q))
             out.append((after, verdict.denied is None))
             if informed and len(out) > 50 and out[-50][0]:
                 break
@@ -271,9 +287,12 @@ def test_a_pair_validated_again_under_one_request_is_accounted_once(aaa, tmp_pat
     validator = AaaValidator(aaa.client(2), outbox=outbox)
     q = ValidationQuery(master="alice-a", slave="alice-b", number=2, size=256, ukms=1, req=7)
     for _ in range(2):
-        assert aaa.call(validator.validate(q)).denied is None
+        assert aaa.call(decided(validator.validate(q))).denied is None
     assert outbox.count == 0
     validator.completed(7, True)
     assert outbox.count == 1
     validator.completed(7, True)  # reported once
     assert outbox.count == 1
+    summary = validator.wait_summary()  # what the AKMS logs when it stops
+    assert summary["validations"] == 2 and summary["waited"] == 1
+    assert {"decide_p50_us", "decide_p99_us", "account_p50_us", "account_p99_us"} <= set(summary)
