@@ -14,9 +14,16 @@ mutual TLS, emulated QKD links; ``--stock 0``: every enc_keys crosses the networ
    the new path was in use (switched to at the head end, or installed at every hop), and
    switch_ms (the end of the first request that succeeded after that). The link
    comes back up between repeats. ``--switch-only``: this part alone, one network.
+3. ``--cold N``: cold paths on the controller's network: N times, a path request
+   (``POST /v1/path``, HTTP/2, mutual TLS, as a source CKMS asks) for a pair of CKMS nodes
+   never routed before, 9-11 links apart (3-14, 14-3, 2-13, 13-2, ...: :data:`COLD_PAIRS`):
+   computed and installed at every hop before the answer, which is what a cold path adds
+   to T_key; and, on the same network, N requests for a pair already installed (a warm
+   ask: the controller answers from its cache). Reported per request: the pair, its
+   links and the time to the answer.
 
 Usage: python bench/control_switch.py [--requests 200] [--rounds 3] [--switches 5]
-       [--switch-requests 240] [--switch-only] [--json PATH]
+       [--switch-requests 240] [--switch-only] [--cold N] [--json PATH]
 """
 
 from __future__ import annotations
@@ -80,6 +87,54 @@ def detected(
     return min(found, default=None)
 
 
+COLD_PAIRS = [(3, 14), (14, 3), (2, 13), (13, 2), (4, 14), (14, 4), (2, 12), (12, 2),
+              (3, 13), (13, 3), (4, 13), (13, 4)]  # fmt: skip
+"""Pairs of CKMS nodes 9-11 links apart that no key request routes (2-14 and 14-2 are the
+access nodes' routes, installed before)."""
+
+
+def cold(net_dir: Path, rounds: int) -> dict[str, Any]:
+    """Part 3 of the module docstring."""
+    import asyncio
+
+    from appliance.config.addresses import split_host_port
+    from appliance.kms.network import load_configs
+    from appliance.net.h2 import H2Client
+    from appliance.pki import client_context
+
+    cfg = next(c for c in load_configs(net_dir).values() if "controller" in c.node.role)
+    ctx = client_context(Path(cfg.paths.cert), Path(cfg.paths.key), Path(cfg.paths.ca_cert),
+                         ("h2",))  # fmt: skip
+
+    async def ask(pairs: list[tuple[int, int]]) -> list[dict[str, Any]]:
+        client = H2Client(*split_host_port(cfg.listen["api"]), ctx, timeout=10.0)
+        out = []
+        try:
+            await client.request("POST", "/v1/routes", b"{}")  # the connection opened
+            for src, dst in pairs:
+                body = json.dumps({"src": src, "dst": dst}).encode()
+                t0 = time.perf_counter()
+                answer = await client.request("POST", "/v1/path", body)
+                ms = (time.perf_counter() - t0) * 1000
+                path = json.loads(answer.body).get("path", []) if answer.status == 200 else []
+                out.append({"pair": [src, dst], "status": answer.status,
+                            "links": max(len(path) - 1, 0), "ms": round(ms, 2)})  # fmt: skip
+                await asyncio.sleep(0.5)  # the backup's pre-install (0.25 s later) done
+        finally:
+            await client.close()
+        return out
+
+    cold_asks = asyncio.run(ask(COLD_PAIRS[:rounds]))
+    warm_asks = asyncio.run(ask([(2, 14)] * rounds))
+    ok = [a["ms"] for a in cold_asks if a["status"] == 200]
+    return {
+        "cold_asks": cold_asks,
+        "cold_ms_p50": statistics.median(ok) if ok else None,
+        "cold_ms_max": max(ok) if ok else None,
+        "warm_ask_ms_p50": statistics.median(a["ms"] for a in warm_asks),
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--requests", type=int, default=200)
@@ -91,6 +146,7 @@ def main() -> None:
         "outlast an emulated epoch (1 s), or the link never goes down",
     )  # fmt: skip
     ap.add_argument("--switch-only", action="store_true", help="no T_key comparison")
+    ap.add_argument("--cold", type=int, default=0, help="cold-path rounds (part 3)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     report: dict[str, Any] = {
@@ -110,6 +166,8 @@ def main() -> None:
                 for n, d in dirs.items()
             }
             installed_path(dirs["controller"], *eps["controller"])
+            if args.cold:
+                report.update(cold(dirs["controller"], min(args.cold, len(COLD_PAIRS))))
             p50s: dict[str, list[float]] = {"controller": [], "plain": []}
             for _ in range(0 if args.switch_only else args.rounds):
                 for name in ("plain", "controller"):
