@@ -14,9 +14,9 @@ mutual TLS, emulated QKD links; ``--stock 0``: every enc_keys crosses the networ
    the new path was in use (switched to at the head end, or installed at every hop), and
    switch_ms (the end of the first request that succeeded after that). The link
    comes back up between repeats. ``--switch-only``: this part alone, one network.
-3. ``--cold N``: cold paths on the controller's network: N times, a path request
-   (``POST /v1/path``, HTTP/2, mutual TLS, as a source CKMS asks) for a pair of CKMS nodes
-   never routed before, 9-11 links apart (3-14, 14-3, 2-13, 13-2, ...: :data:`COLD_PAIRS`):
+3. ``--cold N``: cold paths on the controller's network, before any key request: N
+   times, a path request (``POST /v1/path``, HTTP/2, mutual TLS, as a source CKMS asks)
+   for a pair of CKMS nodes never routed, 10-12 links apart (:data:`COLD_PAIRS`):
    computed and installed at every hop before the answer, which is what a cold path adds
    to T_key; and, on the same network, N requests for a pair already installed (a warm
    ask: the controller answers from its cache). Reported per request: the pair, its
@@ -87,10 +87,11 @@ def detected(
     return min(found, default=None)
 
 
-COLD_PAIRS = [(3, 14), (14, 3), (2, 13), (13, 2), (4, 14), (14, 4), (2, 12), (12, 2),
-              (3, 13), (13, 3), (4, 13), (13, 4)]  # fmt: skip
-"""Pairs of CKMS nodes 9-11 links apart that no key request routes (2-14 and 14-2 are the
-access nodes' routes, installed before)."""
+COLD_PAIRS = [(2, 14), (14, 2), (3, 14), (14, 3), (2, 13), (13, 2), (4, 14), (14, 4),
+              (2, 12), (12, 2), (3, 13), (13, 3)]  # fmt: skip
+"""Pairs of CKMS nodes 10-12 links apart, asked before any key request (2-14 and 14-2,
+the access nodes' routes, first: the controller's first Sets also open its channels to
+the agents)."""
 
 
 def cold(net_dir: Path, rounds: int) -> dict[str, Any]:
@@ -165,9 +166,9 @@ def main() -> None:
                 n: endpoints(net.status_doc(d), "sae-berlin-1", "sae-bonn-1")
                 for n, d in dirs.items()
             }
-            installed_path(dirs["controller"], *eps["controller"])
             if args.cold:
                 report.update(cold(dirs["controller"], min(args.cold, len(COLD_PAIRS))))
+            installed_path(dirs["controller"], *eps["controller"])
             p50s: dict[str, list[float]] = {"controller": [], "plain": []}
             for _ in range(0 if args.switch_only else args.rounds):
                 for name in ("plain", "controller"):
