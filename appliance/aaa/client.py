@@ -52,7 +52,7 @@ from appliance.aaa.outbox import CHECKPOINT_WRITES, Outbox, Pending
 from appliance.aaa.view import U32, record
 from appliance.aaa.wallet import Spent, Terms, Wallet
 from appliance.config.schema import load_model, read_toml
-from appliance.config.topology import Topology
+from appliance.config.topology import RoutePolicy, Topology
 from appliance.kms.relay import Mode
 from appliance.kms.seams import Denial, Denied, TopologySessions, ValidationQuery, Verdict
 from appliance.snmp import fastpath
@@ -354,7 +354,8 @@ def _close_engine(eng: engine.SnmpEngine) -> None:
 
 
 def parse_answer(ukms: int, text: bytes) -> Terms | Refusal:
-    """aaaQuotaAnswer: twelve decimal numbers (QUOTA_COLUMNS' order), then the contract."""
+    """aaaQuotaAnswer: twelve decimal numbers (QUOTA_COLUMNS' order), then the contract,
+    then (a grant) aaaQuotaRoutePolicy's number (absent from an older AAA: balanced)."""
     fields = text.decode("ascii", "replace").split(" ")
     try:
         n = [int(x) for x in fields[:12]]
@@ -380,7 +381,17 @@ def parse_answer(ukms: int, text: bytes) -> Terms | Refusal:
         keys_per_request=n[9],
         max_rate=n[10],
         keys_per_period=n[11],
+        route_policy=route_policy(fields[13] if len(fields) > 13 else ""),
     )
+
+
+POLICY_OF: dict[str, RoutePolicy] = {"1": "balanced", "2": "fewest-hops", "3": "most-key"}
+"""aaaQuotaRoutePolicy's enumeration, as aaaQuotaAnswer spells it."""
+
+
+def route_policy(text: str) -> RoutePolicy:
+    """A routing policy class from aaaQuotaAnswer (balanced when absent or unknown)."""
+    return POLICY_OF.get(text, "balanced")
 
 
 class AaaValidator:
@@ -474,7 +485,12 @@ class AaaValidator:
             t = await self.terms(query.ukms, query.master, query.slave)
         except Denied as exc:
             return Verdict(denied=exc)
-        return Verdict(mode=Mode[t.mode.upper()], ukms_b=t.ukms_b, akms_b=t.akms_b)
+        return Verdict(
+            mode=Mode[t.mode.upper()],
+            ukms_b=t.ukms_b,
+            akms_b=t.akms_b,
+            route_policy=t.route_policy,
+        )
 
     async def terms(self, ukms: int, master: str, slave: str) -> Terms:
         """The contract's terms for a pair: from a grant held, else from a fresh ask (which
@@ -682,4 +698,9 @@ def verdict(result: Spent | Refusal) -> Verdict:
     if isinstance(result, Refusal):
         why = DENIAL.get(result.reason, Denial.UNAUTHORISED)
         return Verdict(denied=Denied(result.message, why=why))
-    return Verdict(mode=Mode[result.mode.upper()], ukms_b=result.ukms_b, akms_b=result.akms_b)
+    return Verdict(
+        mode=Mode[result.mode.upper()],
+        ukms_b=result.ukms_b,
+        akms_b=result.akms_b,
+        route_policy=result.route_policy,
+    )

@@ -96,6 +96,8 @@ class Grant:
     keys_per_period: int = 0
     """The contract's most keys per day or per month, whichever is smaller (ETSI 014
     Status's ``max_key_count``; 0 in a grant stored before this field existed: unknown)."""
+    route_policy: str = "balanced"
+    """The contract's routing policy class (``balanced`` in a grant stored before it)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -171,6 +173,7 @@ class Ledger:
             expires=expires,
             day=_day(now).isoformat(),
             mode=contract.relay_mode,
+            route_policy=contract.route_policy,
             ukms_b=slave.ukms,
             akms_b=reg.ukms[slave.ukms],
             max_key_size=contract.max_key_size,

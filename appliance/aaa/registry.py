@@ -34,6 +34,8 @@ MAX_COUNT = 2**53
 MAX_KEY_BITS = 8192
 MAX_NODE = 999
 MODES = ("gcm", "otp")
+POLICIES = ("balanced", "fewest-hops", "most-key")
+"""A contract's routing policy class (the QKDN Controller weighs links per class)."""
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS users (
@@ -53,7 +55,8 @@ CREATE TABLE IF NOT EXISTS contracts (
   keys_per_month INTEGER NOT NULL, bits_per_month INTEGER NOT NULL,
   max_rate INTEGER NOT NULL, valid_from TEXT, valid_until TEXT,
   relay_mode TEXT NOT NULL, priority INTEGER NOT NULL,
-  suspended INTEGER NOT NULL DEFAULT 0);
+  suspended INTEGER NOT NULL DEFAULT 0,
+  route_policy TEXT NOT NULL DEFAULT 'balanced');
 CREATE TABLE IF NOT EXISTS pairs (
   master TEXT NOT NULL REFERENCES saes(id), slave TEXT NOT NULL REFERENCES saes(id),
   contract TEXT NOT NULL REFERENCES contracts(id), PRIMARY KEY (master, slave));
@@ -98,6 +101,8 @@ class Contract:
     valid_until: dt.date | None = None
     """Inclusive (UTC days)."""
     relay_mode: str = "gcm"
+    route_policy: str = "balanced"
+    """Routing policy class of :data:`POLICIES`, passed to the controller per request."""
     priority: int = 0
     suspended: bool = False
     pairs: tuple[tuple[str, str], ...] = ()
@@ -168,6 +173,11 @@ def check_contract(c: Contract) -> Contract:
         raise RegistryError(f"contract {c.id}: max_key_size must be a multiple of 8")
     if c.relay_mode not in MODES:
         raise RegistryError(f"contract {c.id}: relay_mode expected gcm or otp")
+    if c.route_policy not in POLICIES:
+        raise RegistryError(
+            f"contract {c.id}: route_policy expected one of {', '.join(POLICIES)}",
+            code="AAA-VALUE",
+        )
     if c.valid_from and c.valid_until and c.valid_until < c.valid_from:
         raise RegistryError(f"contract {c.id}: valid_until is before valid_from")
     for master, slave in c.pairs:
@@ -188,6 +198,7 @@ class Registry:
             self.db.execute("PRAGMA synchronous=FULL")
             self.db.execute("PRAGMA foreign_keys=ON")
             self.db.executescript(SCHEMA)
+            _upgrade(self.db)
         except (sqlite3.Error, OSError) as exc:
             raise RegistryError(f"{path}: cannot open the registry: {exc}", code="AAA-DB") from exc
         self._version = self._data_version()
@@ -309,7 +320,7 @@ class Registry:
     def _write_contract(self, db: sqlite3.Connection, c: Contract) -> None:
         self.user(c.user)
         db.execute(
-            "INSERT INTO contracts VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            "INSERT INTO contracts VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (
                 c.id,
                 c.user,
@@ -325,6 +336,7 @@ class Registry:
                 c.relay_mode,
                 c.priority,
                 int(c.suspended),
+                c.route_policy,
             ),
         )
         for master, slave in c.pairs:
@@ -386,6 +398,14 @@ class Registry:
         )
 
 
+def _upgrade(db: sqlite3.Connection) -> None:
+    """Bring a registry written by an older release up to :data:`SCHEMA` (columns added
+    since are appended with their defaults)."""
+    columns = {r[1] for r in db.execute("PRAGMA table_info(contracts)")}
+    if "route_policy" not in columns:
+        db.execute("ALTER TABLE contracts ADD COLUMN route_policy TEXT NOT NULL DEFAULT 'balanced'")
+
+
 def _sae(row: tuple[Any, ...]) -> Sae:
     return Sae(id=row[0], user=row[1], ukms=row[2], fingerprint=row[3], suspended=bool(row[4]))
 
@@ -410,5 +430,6 @@ def _contract(r: tuple[Any, ...], pairs: tuple[tuple[str, str], ...]) -> Contrac
         relay_mode=r[11],
         priority=r[12],
         suspended=bool(r[13]),
+        route_policy=r[14],
         pairs=pairs,
     )

@@ -72,6 +72,7 @@ def seed(registry: Registry, topology: Topology) -> Seeded:
                 valid_from=c.valid_from,
                 valid_until=c.valid_until,
                 relay_mode=c.relay_mode or "gcm",
+                route_policy=c.route_policy or "balanced",
                 pairs=pairs,
             )
         )

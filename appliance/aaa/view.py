@@ -32,6 +32,8 @@ Oid = tuple[int, ...]
 U32 = 2**32 - 1
 TRUTH = {True: 1, False: 2}
 MODES = {"gcm": 1, "otp": 2}
+POLICY_NUMBERS = {"balanced": 1, "fewest-hops": 2, "most-key": 3}
+"""aaaContractRoutePolicy's and aaaQuotaRoutePolicy's enumeration (none(0): refused)."""
 
 
 class SetFailure(AaaError):
@@ -358,6 +360,8 @@ class MibView:
                 changes[field] = value == 1
             elif field == "relay_mode":
                 changes[field] = "gcm" if value == 1 else "otp"
+            elif field == "route_policy":
+                changes[field] = {n: p for p, n in POLICY_NUMBERS.items()}.get(int(value), "")
             else:
                 changes[field] = int(value)
         if entry == "aaaContractEntry":
@@ -381,6 +385,7 @@ WRITABLE = {
     "aaaContractMaxRate": "max_rate",
     "aaaContractRelayMode": "relay_mode",
     "aaaContractPriority": "priority",
+    "aaaContractRoutePolicy": "route_policy",
 }
 """The operator's writable registry columns and the field each sets."""
 
@@ -400,16 +405,22 @@ def contract_columns(c: Any) -> dict[str, int | bytes]:
         "aaaContractRelayMode": MODES[c.relay_mode],
         "aaaContractPriority": c.priority,
         "aaaContractSuspended": TRUTH[c.suspended],
+        "aaaContractRoutePolicy": POLICY_NUMBERS[c.route_policy],
     }
 
 
 def quota_columns(answer: Grant | Refusal, now: float) -> dict[str, int | bytes]:
-    """An answer as the aaaQuotaTable columns carry it (aaaQuotaAnswer: all in one)."""
+    """An answer as the aaaQuotaTable columns carry it (aaaQuotaAnswer: all in one; the
+    routing policy class follows the contract, so that an older reader still parses it)."""
     cols = _quota_columns(answer, now)
     numbers = [str(cols[c]).encode() for c in QUOTA_COLUMNS if c != "aaaQuotaContract"]
     contract = cols["aaaQuotaContract"]
     assert isinstance(contract, bytes)
-    cols["aaaQuotaAnswer"] = b" ".join([*numbers, contract]).rstrip()
+    if isinstance(answer, Refusal):
+        cols["aaaQuotaAnswer"] = b" ".join([*numbers, contract]).rstrip()
+    else:
+        policy = str(cols["aaaQuotaRoutePolicy"]).encode()
+        cols["aaaQuotaAnswer"] = b" ".join([*numbers, contract, policy])
     return cols
 
 
@@ -418,6 +429,7 @@ def _quota_columns(answer: Grant | Refusal, now: float) -> dict[str, int | bytes
         g: dict[str, int | bytes] = dict.fromkeys(QUOTA_COLUMNS, 0)
         g["aaaQuotaReason"] = int(answer.reason)
         g["aaaQuotaContract"] = b""
+        g["aaaQuotaRoutePolicy"] = 0
         return g
     return {
         "aaaQuotaReason": 0,
@@ -433,6 +445,7 @@ def _quota_columns(answer: Grant | Refusal, now: float) -> dict[str, int | bytes
         "aaaQuotaMaxRate": answer.max_rate,
         "aaaQuotaKeysPerPeriod": _sat(answer.keys_per_period),
         "aaaQuotaContract": answer.contract.encode(),
+        "aaaQuotaRoutePolicy": POLICY_NUMBERS[answer.route_policy],
     }
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from appliance.aaa.ledger import Reason, Refusal
+from appliance.config.topology import RoutePolicy
 
 LOW_WATER = 0.3
 REFUSAL_TTL_S = 0.5
@@ -47,6 +48,8 @@ class Terms:
     max_rate: int
     keys_per_period: int
     """The contract's most keys per day or month (0: not known)."""
+    route_policy: RoutePolicy = "balanced"
+    """The contract's routing policy class (what the controller weighs links by)."""
 
 
 @dataclass(slots=True)
@@ -73,6 +76,7 @@ class Spent:
     mode: str
     ukms_b: int
     akms_b: int
+    route_policy: RoutePolicy = "balanced"
 
 
 @dataclass(slots=True)
@@ -141,6 +145,7 @@ class Wallet:
                     mode=h.terms.mode,
                     ukms_b=h.terms.ukms_b,
                     akms_b=h.terms.akms_b,
+                    route_policy=h.terms.route_policy,
                 )
         return None
 

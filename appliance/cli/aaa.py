@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from appliance.aaa.errors import AaaError
-from appliance.aaa.registry import LIMITS, NAME, Contract, Registry, Sae, User
+from appliance.aaa.registry import LIMITS, NAME, POLICIES, Contract, Registry, Sae, User
 from appliance.cli import args as types
 from appliance.cli.output import print_json
 from appliance.errors import UsageError
@@ -154,6 +154,14 @@ def _contract(a: Any) -> None:
         c.add_argument("--valid-from", type=date, help="first day, YYYY-MM-DD")
         c.add_argument("--valid-until", type=date, help="last day, YYYY-MM-DD")
         c.add_argument("--relay-mode", choices=("gcm", "otp"))
+        c.add_argument(
+            "--route-policy",
+            choices=POLICIES,
+            metavar="CLASS",
+            help="routing policy class of the user's relays, one of "
+            f"{', '.join(POLICIES)} (the controller weighs links per class; "
+            "default on add: balanced)",
+        )
         c.set_defaults(func=cmd_contract_add if name == "add" else cmd_contract_set)
     _switches(s, "contract")
 
@@ -289,7 +297,7 @@ def cmd_sae_set(args: argparse.Namespace) -> int:
 
 
 def _contract_changes(args: argparse.Namespace) -> dict[str, Any]:
-    names = [*CONTRACT_OPTIONS, "valid_from", "valid_until", "relay_mode", "user"]
+    names = [*CONTRACT_OPTIONS, "valid_from", "valid_until", "relay_mode", "route_policy", "user"]
     changes = {k: v for k in names if (v := getattr(args, k)) is not None}
     if args.pair:
         changes["pairs"] = tuple(args.pair)

@@ -35,6 +35,7 @@ def populate(reg: Registry, *, keys_per_day: int = 1000, bits_per_day: int = 256
                 valid_from=dt.date(2026, 1, 1),
                 valid_until=dt.date(2026, 12, 31),
                 relay_mode="otp" if user == "bob" else "gcm",
+                route_policy="most-key" if user == "bob" else "balanced",
                 pairs=((f"{user}-a", f"{user}-b"), (f"{user}-b", f"{user}-a")),
             )
         )

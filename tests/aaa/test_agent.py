@@ -42,6 +42,11 @@ def test_the_operator_walks_the_directory_and_reads_a_contract(aaa):
     oid = dotted(mib.oid("aaaContractMaxKeySize") + name_index("alice-2026"))
     got = aaa.snmp("snmpget", oid)
     assert got.returncode == 0 and got.stdout.strip().endswith("Gauge32: 256")
+    oid = dotted(mib.oid("aaaContractRoutePolicy") + name_index("bob-2026"))
+    got = aaa.snmp("snmpget", oid)
+    assert got.returncode == 0 and got.stdout.strip().endswith("INTEGER: 3")  # mostKey(3)
+    terms = aaa.call(aaa.client(14).ask(15, "bob-b", "bob-a", 1, 256))  # the fast path
+    assert isinstance(terms, Terms) and terms.route_policy == "most-key"
 
 
 @needs_netsnmp

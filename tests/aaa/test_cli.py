@@ -47,11 +47,17 @@ def test_an_operator_adds_a_contract_and_suspends_a_user(capsys, d):
         "512",
         "--relay-mode",
         "otp",
+        "--route-policy",
+        "fewest-hops",
         "--json",
     )
     doc = json.loads(out)
     assert status == 0 and doc["keys_per_day"] == 50000 and doc["bits_per_day"] == 25_600_000
     assert doc["relay_mode"] == "otp" and doc["pairs"] == [["acme-a", "acme-b"]]
+    assert doc["route_policy"] == "fewest-hops"
+    status, out, _ = aaa(capsys, d, "contract", "set", "acme-2027", "--route-policy", "most-key")
+    status, out, _ = aaa(capsys, d, "contract", "show", "acme-2027", "--json")
+    assert status == 0 and json.loads(out)[0]["route_policy"] == "most-key"
     assert aaa(capsys, d, "user", "suspend", "acme")[0] == 0
     status, out, _ = aaa(capsys, d, "user", "show", "acme", "--json")
     assert json.loads(out)[0]["suspended"] is True
@@ -72,6 +78,7 @@ def test_an_operator_adds_a_contract_and_suspends_a_user(capsys, d):
         (("contract", "add", "c", "--user", "alice", "--pair", "x:y"), "AAA-UNKNOWN"),
         (("contract", "add", "c", "--user", "alice"), "USAGE"),
         (("contract", "set", "c", "--max-key-size", "99999"), "USAGE"),
+        (("contract", "set", "c", "--route-policy", "cheapest"), "USAGE"),
         (("contract", "add", "c", "--user", "a", "--pair", "a-b"), "USAGE"),
         (
             ("contract", "add", "c", "--user", "a", "--pair", "a:b", "--valid-from", "2026-13-01"),

@@ -44,6 +44,7 @@ def test_a_grant_carries_the_directory_and_the_terms(registry):
     assert g.expires == NOW + VALIDITY_S
     b = ask(registry.snapshot(), Ledger(), 2, master="bob-b", slave="bob-a", ukms=15, akms=14)
     assert isinstance(b, Grant) and (b.mode, b.ukms_b, b.akms_b) == ("otp", 1, 2)
+    assert (g.route_policy, b.route_policy) == ("balanced", "most-key")
 
 
 def test_unknown_pairs_and_foreign_nodes_are_refused(registry):

@@ -100,7 +100,7 @@ def test_grants_survive_kill_9_and_are_never_granted_twice(tmp_path):
     proc, port = start(tmp_path)
     try:
         first = ask(port, 1, 100).split()
-        assert first[0] == "0" and first[2] == "100" and first[-1] == "alice-2026"
+        assert first[0] == "0" and first[2] == "100" and first[12:] == ["alice-2026", "1"]
         assert ask(port, 2, 1).split()[0] == "5"  # quota(5): all of today's is granted
     finally:
         os.kill(proc.pid, signal.SIGKILL)

@@ -11,7 +11,7 @@ from appliance.aaa import mib
 from appliance.aaa.accounting import Accounting
 from appliance.aaa.ledger import Ask, Grant
 from appliance.aaa.service import AaaService
-from appliance.aaa.view import MibView, SetFailure, record
+from appliance.aaa.view import MibView, SetFailure, quota_columns, record
 from tests.aaa.registry_fixture import NOW
 
 
@@ -37,12 +37,27 @@ def test_an_operator_set_changes_the_contract_and_revokes_its_grants(view):
     assert view.get(oid, None) == ("Unsigned32", 5)
 
 
+def test_an_operator_sets_a_contracts_routing_class_and_the_next_grant_carries_it(view):
+    oid = mib.oid("aaaContractRoutePolicy") + name("alice-2026")
+    assert view.get(oid, None) == ("INTEGER", 1)
+    view.set([(oid, 2)], None)
+    assert view.service.registry.contract("alice-2026").route_policy == "fewest-hops"
+    g = view.service.ask(
+        Ask(akms=2, ukms=1, request_id=1, master="alice-a", slave="alice-b", keys=10, bits=2560)
+    )
+    assert isinstance(g, Grant) and g.route_policy == "fewest-hops"
+    cols = quota_columns(g, NOW)
+    assert cols["aaaQuotaRoutePolicy"] == 2 and cols["aaaQuotaAnswer"].endswith(b" alice-2026 2")
+
+
 @pytest.mark.parametrize(
     ("column", "index", "value", "status"),
     [
         ("aaaContractMaxKeySize", "alice-2026", 12, "inconsistentValue"),  # not a multiple of 8
         ("aaaContractMaxKeySize", "alice-2026", 9000, "wrongValue"),  # above the MIB's range
         ("aaaContractRelayMode", "alice-2026", 3, "wrongValue"),
+        ("aaaContractRoutePolicy", "alice-2026", 4, "wrongValue"),
+        ("aaaContractRoutePolicy", "alice-2026", 0, "wrongValue"),
         ("aaaUserSuspended", "nobody", 1, "noCreation"),
         ("aaaUserCustomer", "alice", b"x", "notWritable"),
         ("aaaUserSuspended", "alice", b"1", "wrongValue"),

@@ -107,7 +107,11 @@ def test_answers_and_verdicts():
         "bank-2026",
         9.5,
     )
-    assert t.keys_per_period == 5000
+    assert (t.keys_per_period, t.route_policy) == (5000, "balanced")  # an older AAA's
+    t = parse_answer(1, b"0 9 100 25600 9500 15 14 2 256 16 1000 5000 bank-2026 3")
+    assert isinstance(t, Terms) and t.route_policy == "most-key"
+    spent = Spent(grant=1, contract="c", mode="otp", ukms_b=15, akms_b=14, route_policy="most-key")
+    assert verdict(spent).route_policy == "most-key"
     r = parse_answer(1, b"3 0 0 0 0 0 0 0 0 0 0 0")
     assert isinstance(r, Refusal) and r.reason == Reason.SUSPENDED
     assert verdict(r).denied.why == Denial.UNAUTHORISED

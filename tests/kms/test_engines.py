@@ -25,6 +25,13 @@ from typing import Any
 
 import pytest
 
+from appliance.aaa.accounting import Accounting
+from appliance.aaa.client import AaaValidator, parse_answer
+from appliance.aaa.ledger import Ask
+from appliance.aaa.registry import Registry
+from appliance.aaa.seed import seed
+from appliance.aaa.service import AaaService
+from appliance.aaa.view import quota_columns
 from appliance.kms import channel, ksa
 from appliance.kms import messages as m
 from appliance.kms.engines import AkmsEngine
@@ -250,6 +257,33 @@ def test_the_contracts_route_policy_class_reaches_the_path_request_and_nothing_e
     ]  # fmt: skip
     classes = [p.route_policy for p in b.actions(FindPath, AKMS_B, "akms")]
     assert classes == ["balanced", "balanced", "most-key"]
+
+
+def test_under_aaa_the_contracts_class_reaches_the_path_request(bench, tmp_path):
+    """The same trip through AAA: the registry seeded from the topology, the ledger's
+    grant, aaaQuotaAnswer as the agent codes it and the AKMS decodes it, the wallet, the
+    AaaValidator's verdict: AKMS A's CnRequest for contract-otp's pair asks for most-key."""
+    reg = Registry(tmp_path / "registry.db")
+    seed(reg, bench().topology)
+    assert reg.contract("contract-otp").route_policy == "most-key"
+    service = AaaService(reg, Accounting(tmp_path / "accounting.db"), clock=lambda: 1.0e9)
+    validator = AaaValidator(None, clock=lambda: 0.0)  # type: ignore[arg-type]
+    for pair in (GCM_PAIR, OTP_PAIR):
+        ask = Ask(akms=AKMS_A, ukms=UKMS_A, request_id=len(pair[0]) + ord(pair[0][-1]),
+                  master=pair[0], slave=pair[1], keys=1000, bits=256_000)  # fmt: skip
+        answer = quota_columns(service.ask(ask), 1.0e9)["aaaQuotaAnswer"]
+        assert isinstance(answer, bytes)
+        validator.wallet.add(pair, parse_answer(UKMS_A, answer), 0.0)
+    b = bench()
+    b.validator = validator  # type: ignore[assignment]
+    b.enc(*GCM_PAIR)
+    fetch(b, *OTP_PAIR, b.enc(*OTP_PAIR))
+    asked = [m.decode(t.body, m.CnRequest) for t in b.sent(m.Tagged, AKMS_A)]
+    assert [(r.purpose, r.route_policy) for r in asked] == [
+        ("channel", "balanced"), ("ksa", "balanced"), ("ksa", "most-key"),
+    ]  # fmt: skip
+    service.accounting.close()
+    reg.close()
 
 
 def test_enc_keys_in_otp_mode_spend_a_pad_as_long_as_the_keys(bench):
