@@ -830,8 +830,10 @@ class UkmsKeyService:
 
     def limits_now(self, master: str, slave: str) -> Limits | None:
         """The limits of a master's request that may be served at once: the network's,
-        unless the contracts live at the AKMS (AAA), whose say every request needs."""
-        if self.node.policy.terms_from_akms:
+        unless the contracts live at the AKMS (AAA), whose say every request needs, or
+        the pair's lease in memory is empty (the request goes the full way: relayed, or
+        the stock's keys leased first)."""
+        if self.node.policy.terms_from_akms or not self.engine.leased(master, slave):
             return None
         return self._network_limits(master, slave, caller_is_master=True)
 

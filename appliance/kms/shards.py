@@ -53,6 +53,8 @@ log = logging.getLogger("qkdn.kms")
 T = TypeVar("T")
 
 DEFAULT_SHARDS = 8
+MAX_REMEMBERED = 4096
+"""Sessions whose shard a store remembers (more: it forgets them all and starts again)."""
 Alarm = Callable[[str, str], None]
 """``alarm(code, reason)``: a store condition an operator must see."""
 _SHARD = re.compile(r"keys-(\d{1,3})\.db")
@@ -87,6 +89,7 @@ class ShardedStore:
         if not 1 <= shards <= 256:
             raise StoreError(f"key stores: {shards} shards, expected 1 to 256")
         self.directory, self.shards = directory, shards
+        self._shard_of: dict[str, int] = {}  # shard_index's answers (a hash each time)
         self.run_id = run_id or os.urandom(8).hex()
         self._key, self._alarm, self._clock = node_key, alarm, clock
         self._limits = (capacity, ttl, refetch_window)
@@ -104,7 +107,12 @@ class ShardedStore:
             raise
 
     def shard_of(self, session: str) -> int:
-        return shard_index(session, self.shards)
+        index = self._shard_of.get(session)
+        if index is None:
+            if len(self._shard_of) >= MAX_REMEMBERED:
+                self._shard_of.clear()
+            index = self._shard_of[session] = shard_index(session, self.shards)
+        return index
 
     # -- operations ---------------------------------------------------------------------
     def run(self, op: Op) -> Outcome:

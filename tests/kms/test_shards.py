@@ -22,7 +22,7 @@ from appliance.kms.errors import (
     StoreDiskFull,
     StoreError,
 )
-from appliance.kms.shards import ShardedStore, shard_index
+from appliance.kms.shards import MAX_REMEMBERED, ShardedStore, shard_index
 from appliance.kms.store import KeyStore, NodeKey
 from appliance.kms.storeops import Put, Release, Take
 
@@ -93,6 +93,17 @@ def test_ten_thousand_sessions_spread_evenly():
     counts = Counter(shard_index(f"014:master-{i}:slave-{i}", 8) for i in range(10_000))
     assert sorted(counts) == list(range(8))
     assert all(1_100 <= n <= 1_400 for n in counts.values()), counts
+
+
+def test_a_store_remembers_shards_within_its_bound_and_always_answers_the_hash(tmp_path):
+    store = open_shards(tmp_path / "keys", Alarms())
+    try:
+        sessions = [f"014:m{i}:s" for i in range(MAX_REMEMBERED + 10)]
+        for _ in range(2):  # the second pass: answered from memory, then past the bound
+            assert [store.shard_of(s) for s in sessions] == [shard_index(s, 8) for s in sessions]
+            assert len(store._shard_of) <= MAX_REMEMBERED
+    finally:
+        store.close()
 
 
 def test_keys_are_found_again_after_a_reopen(tmp_path):

@@ -203,6 +203,11 @@ class UkmsEngine(EngineBase):
             return 0
         return self._levels[session] + self._leased_count(session)
 
+    def leased(self, master: str, slave: str) -> int:
+        """Keys of a pair's lease in memory (what :meth:`from_lease_now` may serve)."""
+        session = self.sessions.session_014(master, slave)
+        return self._leased_count(session) if session is not None else 0
+
     def _leased_count(self, session: str) -> int:
         stock = self._stocks.get(session)
         return len(stock.leased) if stock is not None else 0
