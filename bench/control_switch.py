@@ -20,7 +20,9 @@ mutual TLS, emulated QKD links; ``--stock 0``: every enc_keys crosses the networ
    computed and installed at every hop before the answer, which is what a cold path adds
    to T_key; and, on the same network, N requests for a pair already installed (a warm
    ask: the controller answers from its cache). Reported per request: the pair, its
-   links and the time to the answer.
+   links and the time to the answer. Run it apart (``--switch-only --switches 0
+   --cold 12``): its routes stay installed, most over the link the switches cut, and each
+   cut would then switch a dozen routes at once.
 
 Usage: python bench/control_switch.py [--requests 200] [--rounds 3] [--switches 5]
        [--switch-requests 240] [--switch-only] [--cold N] [--json PATH]
@@ -147,7 +149,9 @@ def main() -> None:
         "outlast an emulated epoch (1 s), or the link never goes down",
     )  # fmt: skip
     ap.add_argument("--switch-only", action="store_true", help="no T_key comparison")
-    ap.add_argument("--cold", type=int, default=0, help="cold-path rounds (part 3)")
+    ap.add_argument(
+        "--cold", type=int, default=0, help="cold-path rounds (part 3; run it with --switches 0)"
+    )
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     report: dict[str, Any] = {
