@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from appliance.errors import ApplianceError, MissingExtra
 from appliance.kms.monitor import Sample
@@ -51,21 +52,26 @@ def demo_plot(path: Path, samples_ms: Sequence[float], levels: Sequence[Sample])
     left.set_title("T_key, SAE Berlin -> SAE Bonn")
     left.legend(loc="upper center", fontsize="small")
 
-    links = sorted({link for _, level in levels for link in level}, key=_link_order)
-    for link in links:
-        points = [(t, level[link]) for t, level in levels if link in level]
-        right.plot([t for t, _ in points], [k for _, k in points], label=link, linewidth=1)
-    right.set_xlabel("time into the run [s]")
-    right.set_ylabel("keys in the QKDM store (master end)")
+    _levels(right, levels, "keys in the QKDM store (master end)", ncol=2)
     right.set_title("Link key-store levels")
-    if links:
-        right.legend(fontsize="x-small", ncol=2, loc="best")
     try:
         fig.savefig(path, dpi=110)
     except OSError as exc:
         raise ApplianceError(f"cannot write the plot {path}: {exc.strerror}", code="IO") from None
     finally:
         plt.close(fig)
+
+
+def _levels(ax: Any, levels: Sequence[Sample], ylabel: str, *, ncol: int) -> None:
+    """Each link's store level over the run, one line per link, on ``ax``."""
+    links = sorted({link for _, level in levels for link in level}, key=_link_order)
+    for link in links:
+        points = [(t, level[link]) for t, level in levels if link in level]
+        ax.plot([t for t, _ in points], [k for _, k in points], label=link, linewidth=1)
+    ax.set_xlabel("time into the run [s]")
+    ax.set_ylabel(ylabel)
+    if links:
+        ax.legend(fontsize="x-small", ncol=ncol, loc="best")
 
 
 def fault_plot(
@@ -93,14 +99,7 @@ def fault_plot(
     top.set_yscale("log")
     top.set_ylabel("T_key [ms] (log scale)")
     top.set_title("Key requests, SAE Berlin -> SAE Bonn, with a link failure")
-    links = sorted({link for _, level in levels for link in level}, key=_link_order)
-    for link in links:
-        points = [(t, level[link]) for t, level in levels if link in level]
-        below.plot([t for t, _ in points], [k for _, k in points], label=link, linewidth=1)
-    below.set_xlabel("time into the run [s]")
-    below.set_ylabel("keys in the QKDM store")
-    if links:
-        below.legend(fontsize="x-small", ncol=4, loc="best")
+    _levels(below, levels, "keys in the QKDM store", ncol=4)
     for (at, label), colour in zip(marks, ("tab:red", "tab:green", "tab:purple"), strict=False):
         for ax in (top, below):
             ax.axvline(at, color=colour, linestyle="--", linewidth=1.2)

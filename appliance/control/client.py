@@ -249,7 +249,7 @@ class StreamSubscription:
                 raise _error(exc) from exc
             if answer is grpc.aio.EOF:
                 raise AgentUnavailable("the stream ended")
-            self._pending = list(_raw_events(answer))[::-1]
+            self._pending = list(_events(answer, raw=True))[::-1]
         return self._pending.pop()
 
     async def close(self, timeout: float = 2.0) -> None:
@@ -304,24 +304,19 @@ class Subscription:
         self._call.cancel()
 
 
-def _events(answer: Any) -> Iterator[Event]:
+def _events(answer: Any, *, raw: bool = False) -> Iterator[Event]:
+    """The events of one Subscribe answer; each update's value decoded, or (``raw``) its
+    JSON_IETF text left undecoded."""
     if answer.HasField("sync_response"):
         yield Event("", sync=True)
         return
     note = answer.update
     for update in note.update:
-        yield Event(path_text(update.path), json.loads(update.val.json_ietf_val))
-    for path in note.delete:
-        yield Event(path_text(path), deleted=True)
-
-
-def _raw_events(answer: Any) -> Iterator[Event]:
-    if answer.HasField("sync_response"):
-        yield Event("", sync=True)
-        return
-    note = answer.update
-    for update in note.update:
-        yield Event(path_text(update.path), raw=update.val.json_ietf_val)
+        text = update.val.json_ietf_val
+        if raw:
+            yield Event(path_text(update.path), raw=text)
+        else:
+            yield Event(path_text(update.path), json.loads(text))
     for path in note.delete:
         yield Event(path_text(path), deleted=True)
 
