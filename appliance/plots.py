@@ -54,6 +54,11 @@ def demo_plot(path: Path, samples_ms: Sequence[float], levels: Sequence[Sample])
 
     _levels(right, levels, "keys in the QKDM store (master end)", ncol=2)
     right.set_title("Link key-store levels")
+    _save(plt, fig, path)
+
+
+def _save(plt: Any, fig: Any, path: Path) -> None:
+    """Write ``fig`` as ``path`` and free it (an unwritable path: a one-line IO error)."""
     try:
         fig.savefig(path, dpi=110)
     except OSError as exc:
@@ -106,12 +111,7 @@ def fault_plot(
         top.annotate(label, (at, 1), xycoords=("data", "axes fraction"), rotation=90,
                      va="top", ha="right", fontsize="small", color=colour)  # fmt: skip
     top.legend(loc="upper left", fontsize="small")
-    try:
-        fig.savefig(path, dpi=110)
-    except OSError as exc:
-        raise ApplianceError(f"cannot write the plot {path}: {exc.strerror}", code="IO") from None
-    finally:
-        plt.close(fig)
+    _save(plt, fig, path)
 
 
 def _link_order(link: str) -> tuple[int, ...]:

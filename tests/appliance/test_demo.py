@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -101,28 +104,36 @@ def test_the_network_stage_measures_t_key_across_processes(tmp_path, capsys):
     assert "faster than the paper" in capsys.readouterr().out
 
 
-def test_the_plot_shows_t_key_and_every_links_level(tmp_path):
-    """The figure itself, from known data: both panels drawn, one line per link."""
+@contextlib.contextmanager
+def drawn_axes() -> Iterator[dict[str, Any]]:
+    """The axes of the figure a plot function saves (its ``"axes"``), the real savefig
+    still writing the file."""
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib import pyplot
 
-    from appliance.plots import demo_plot
-
-    drawn = {}
+    drawn: dict[str, Any] = {}
     real_savefig = pyplot.Figure.savefig
 
-    def keep(fig, *args, **kwargs):
+    def keep(fig, *args, **kwargs):  # type: ignore[no-untyped-def]
         drawn["axes"] = fig.axes
         return real_savefig(fig, *args, **kwargs)
 
     pyplot.Figure.savefig = keep
     try:
-        levels = [(t * 0.5, {"link-1-2": 1000 - t, "link-2-3": 900 - 2 * t}) for t in range(10)]
-        demo_plot(tmp_path / "p.png", [40.0, 45.0, 52.0, 300.0], levels)
+        yield drawn
     finally:
         pyplot.Figure.savefig = real_savefig
+
+
+def test_the_plot_shows_t_key_and_every_links_level(tmp_path):
+    """The figure itself, from known data: both panels drawn, one line per link."""
+    from appliance.plots import demo_plot
+
+    with drawn_axes() as drawn:
+        levels = [(t * 0.5, {"link-1-2": 1000 - t, "link-2-3": 900 - 2 * t}) for t in range(10)]
+        demo_plot(tmp_path / "p.png", [40.0, 45.0, 52.0, 300.0], levels)
     left, right = drawn["axes"]
     assert left.get_xscale() == "log" and sum(p.get_height() for p in left.patches) >= 4
     assert sorted(line.get_label() for line in right.get_lines()) == ["link-1-2", "link-2-3"]
@@ -133,28 +144,13 @@ def test_the_plot_shows_t_key_and_every_links_level(tmp_path):
 def test_the_fault_plot_marks_the_fault_and_the_switch(tmp_path):
     """``demo --fault --plot``: each request's T_key over time, failures apart, and the two
     moments marked on both panels at their times."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot
-
     from appliance.plots import fault_plot
 
-    drawn = {}
-    real_savefig = pyplot.Figure.savefig
-
-    def keep(fig, *args, **kwargs):
-        drawn["axes"] = fig.axes
-        return real_savefig(fig, *args, **kwargs)
-
-    pyplot.Figure.savefig = keep
-    try:
+    with drawn_axes() as drawn:
         timeline = [(i * 0.02, 20.0 + i % 3, i != 51) for i in range(100)]
         levels = [(t * 0.5, {"link-8-9": 1000 - t, "link-8-16": 900}) for t in range(5)]
         marks = [(1.0, "link 8-16 down"), (1.04, "first relay on the new path (+40 ms)")]
         fault_plot(tmp_path / "f.png", timeline, marks, levels)
-    finally:
-        pyplot.Figure.savefig = real_savefig
     top, below = drawn["axes"]
     assert [len(c.get_offsets()) for c in top.collections] == [99, 1]
     for ax in (top, below):

@@ -244,17 +244,21 @@ def test_enc_keys_cross_the_network_and_dec_keys_releases_them(bench):
     assert b.waiting() == {}
 
 
+def classes_asked(b: Any) -> list[tuple[str, str]]:
+    """A request for the GCM pair, then one for the OTP pair: (purpose, route_policy) of
+    each CnRequest AKMS A sent."""
+    b.enc(*GCM_PAIR)
+    fetch(b, *OTP_PAIR, b.enc(*OTP_PAIR))
+    asked = [m.decode(t.body, m.CnRequest) for t in b.sent(m.Tagged, AKMS_A)]
+    return [(r.purpose, r.route_policy) for r in asked]
+
+
 @takes("ukms-enc ASKING ANSWER", "ukms-enc OPENING OPENED", "delivery STORING STORED")
 def test_the_contracts_route_policy_class_reaches_the_path_request_and_nothing_else(bench):
     """contract-otp asks for most-key paths, contract-gcm names no class (balanced): AKMS
     A's verdict puts the class in its CnRequest, AKMS B asks its path provider under it."""
     b = bench()
-    b.enc(*GCM_PAIR)
-    fetch(b, *OTP_PAIR, b.enc(*OTP_PAIR))
-    asked = [m.decode(t.body, m.CnRequest) for t in b.sent(m.Tagged, AKMS_A)]
-    assert [(r.purpose, r.route_policy) for r in asked] == [
-        ("channel", "balanced"), ("ksa", "balanced"), ("ksa", "most-key"),
-    ]  # fmt: skip
+    assert classes_asked(b) == [("channel", "balanced"), ("ksa", "balanced"), ("ksa", "most-key")]
     classes = [p.route_policy for p in b.actions(FindPath, AKMS_B, "akms")]
     assert classes == ["balanced", "balanced", "most-key"]
 
@@ -276,12 +280,7 @@ def test_under_aaa_the_contracts_class_reaches_the_path_request(bench, tmp_path)
         validator.wallet.add(pair, parse_answer(UKMS_A, answer), 0.0)
     b = bench()
     b.validator = validator  # type: ignore[assignment]
-    b.enc(*GCM_PAIR)
-    fetch(b, *OTP_PAIR, b.enc(*OTP_PAIR))
-    asked = [m.decode(t.body, m.CnRequest) for t in b.sent(m.Tagged, AKMS_A)]
-    assert [(r.purpose, r.route_policy) for r in asked] == [
-        ("channel", "balanced"), ("ksa", "balanced"), ("ksa", "most-key"),
-    ]  # fmt: skip
+    assert classes_asked(b) == [("channel", "balanced"), ("ksa", "balanced"), ("ksa", "most-key")]
     service.accounting.close()
     reg.close()
 
