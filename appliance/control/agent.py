@@ -139,6 +139,9 @@ class RouteTable:
         switched in or out of use; not a standby backup's install): a path learnt before is
         still the one in use while the version has not moved (the controller installs a
         changed path at its source too, and switches to a backup there)."""
+        self.on_next_hop: Callable[[int], None] | None = None
+        """Called (in the Set's gRPC thread, once it applied) with the next hop of each
+        route the Set installed, in use or standby: the node readies that link's key."""
 
     def apply(
         self, install: list[model.Route], remove: list[str], status: dict[str, bool] | None = None
@@ -166,6 +169,9 @@ class RouteTable:
                 self._routes[by_id[rid]] = dataclasses.replace(route, active=active)
             if changed:
                 self.version += 1
+        if self.on_next_hop is not None:
+            for hop in {r.next_hop for r in install if r.next_hop is not None}:
+                self.on_next_hop(hop)
 
     def routes(self) -> tuple[model.Route, ...]:
         with self._lock:

@@ -8,10 +8,12 @@ stream opening publishes at once) (link status at once; rates, stored bits and c
 refreshed every :data:`FIGURES_S`):
 each link's QKD module status (one driver call per link, answered from the driver's own
 buffers), the relay counters, and the routes the controller installed
-(:attr:`NodeAgent.routes`). ON_CHANGE subscribers hear a change within one period, and
-a module's state change at once: the agent subscribes to each QKD module
-(:meth:`hal.Qkdm.subscribe`; an emulated module follows its faults file, so a cut is
-heard within milliseconds) and publishes from the event loop as soon as one reports.
+(:attr:`NodeAgent.routes`; the next hop of each route installed is handed to the node,
+which readies that link's key at once: :class:`appliance.kms.events.LinkWanted`).
+ON_CHANGE subscribers hear a change within one period, and a module's state change at
+once: the agent subscribes to each QKD module (:meth:`hal.Qkdm.subscribe`; an emulated
+module follows its faults file, so a cut is heard within milliseconds) and publishes
+from the event loop as soon as one reports.
 
 Per link (:func:`link_of`):
 
@@ -88,10 +90,14 @@ class NodeAgent:
         links: list[tuple[str, int]],
         qkdms: dict[str, hal.Qkdm],
         counters: Callable[[], tuple[int, int]],
+        next_hop: Callable[[int], None] | None = None,
     ) -> None:
         self.node, self.links, self.qkdms, self.counters = node, links, qkdms, counters
         self.routes = agent.RouteTable(node)
         """Routes the controller installed through this node (gNMI Set)."""
+        self.next_hop = next_hop
+        """Called on the node's event loop with the next hop of every route installed here
+        (the node readies the link's key before the first relay over it)."""
         self.started = time.monotonic()
         self._bits: dict[str, int] = {}
         self._last: dict[str, model.PhysLink] = {}
@@ -110,6 +116,9 @@ class NodeAgent:
         for link, qkdm in self.qkdms.items():
             self._unsubscribe.append(qkdm.subscribe(functools.partial(self._heard, loop, link)))
         self.telemetry.on_stream = lambda: self._soon(loop, self._rearm)
+        if self.next_hop is not None:
+            wanted = self.next_hop
+            self.routes.on_next_hop = lambda hop: self._soon(loop, functools.partial(wanted, hop))
         self._tick()
 
     def _soon(

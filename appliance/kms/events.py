@@ -8,7 +8,8 @@ event, tagged with the ``call``, ``req`` or ``ticket`` number the engine chose.
 
 Inputs are messages from other nodes (``Received``, ``Answered``, ``CallFailed``), device
 readings (``LinkKeysRead``, ``PskDerived``), store results (``StoreDone``), verdicts of the
-seams (``Validated``, ``PathFound``), timers (``TimerFired``) and, at a UKMS, the ETSI 014
+seams (``Validated``, ``PathFound``), timers (``TimerFired``), a route's next hop
+(``LinkWanted``) and, at a UKMS, the ETSI 014
 calls of its SAEs. Actions are calls and replies to other nodes, link-key reads, store
 operations, questions to the seams, timers, answers to SAEs, alarms and notices.
 
@@ -118,6 +119,15 @@ class TimerFired:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class LinkWanted:
+    """Relays will leave this node towards neighbour ``peer`` (a route was installed here
+    with ``peer`` as its next hop, in use or as a standby backup): the engine gets the link
+    key of the next message ready now, so that the first relay does not wait for it."""
+
+    peer: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class SaeEncKeys:
     """ETSI 014 enc_keys at a UKMS: ``number`` keys of ``size`` bits for master -> slave
         (with ``stream``: the next chunks of an ETSI 004 key stream; with ``also``: keys shared
@@ -162,6 +172,7 @@ Input = (
     | Validated
     | PathFound
     | TimerFired
+    | LinkWanted
     | SaeEncKeys
     | SaeDecKeys
     | SaeAnswerWritten

@@ -75,6 +75,7 @@ from appliance.kms.events import (
     Input,
     Levels,
     LinkKeysRead,
+    LinkWanted,
     Notice,
     PathFound,
     PskDerived,
@@ -289,7 +290,10 @@ class KmsNode:
         from appliance.control.nodeagent import NodeAgent
 
         links = [(link.link, peer) for peer, link in self.engines["ckms"].links.items()]
-        self.agent = NodeAgent(self.me, links, self.qkdms, self.relay_counters)
+        self.agent = NodeAgent(
+            self.me, links, self.qkdms, self.relay_counters,
+            next_hop=lambda peer: self.feed("ckms", LinkWanted(peer=peer)),
+        )  # fmt: skip
         self.agent.start(address, self._tls)
 
     def relay_counters(self) -> tuple[int, int]:

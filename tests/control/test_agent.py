@@ -339,6 +339,29 @@ def test_a_head_end_holds_the_explicit_route_of_its_path_in_use(routed):
     assert table.in_use(4, 7) is None
 
 
+def test_each_route_a_set_installs_names_its_next_hop_to_the_node(routed):
+    """The node readies the link to a route's next hop when the route is installed, in use
+    or standby (NodeAgent hands it to the CKMS engine: LinkWanted); a switch of use, a
+    removal, a refused Set and the route's last hop name none."""
+    client, table = routed
+    heard: list[int] = []
+    table.on_next_hop = heard.append
+    try:
+        client.set_route(model.Route(src=2, dst=9, prev_hop=3, next_hop=5))
+        client.set_route(model.Route(src=2, dst=9, prev_hop=3, next_hop=16, slot=1, active=False))
+        client.set_use_started(2, 9, {1: True, 0: False}).wait()
+        client.set_route(model.Route(src=2, dst=4, prev_hop=3, next_hop=None))  # ends here
+        with pytest.raises(AgentUnavailable):
+            client.set_route(model.Route(src=2, dst=9, prev_hop=4, next_hop=6))
+        client.delete_route(2, 9, 1)
+        assert heard == [5, 16]
+    finally:
+        table.on_next_hop = None
+        for slot in (0, 1):
+            client.delete_route(2, 9, slot)
+        client.delete_route(2, 4)
+
+
 def test_set_without_a_route_table_is_unimplemented(served):
     with pytest.raises(AgentUnavailable) as caught:
         served.client.set_route(model.Route(src=1, dst=5, prev_hop=3, next_hop=16))

@@ -57,6 +57,7 @@ from appliance.kms.events import (
     DerivePsk,
     FindPath,
     LinkKeysRead,
+    LinkWanted,
     Notice,
     PathFound,
     PskDerived,
@@ -940,6 +941,48 @@ def test_keys_akms_a_cannot_seal_for_its_user_node_in_time_fail_the_request(benc
     # the slave's copies were delivered beside: stored, never handed out without their IDs
     assert len(b.puts) == 1 and b.puts[0].session == "014:sae-a:sae-b"
     assert b.waiting() == {}
+
+
+# -- links readied before the first relay (a route installed: LinkWanted) ----------------
+def sending_reads(b: Bench, node: int) -> list[ReadLinkKeys]:
+    return b.actions(ReadLinkKeys, node, "ckms")
+
+
+def test_a_wanted_link_is_granted_and_read_before_the_first_relay_needs_it(bench):
+    """CKMS 4 is the slave end of link-3-4: a route installed through it towards 3 makes
+    it ask its master for a grant and read the granted key then, so that the first relay
+    over the link (the CN keys go 4 -> 3 -> 2) waits for neither."""
+    b = bench()
+    b.feed(AKMS_B, "ckms", LinkWanted(peer=CKMS_MID))
+    (grant,) = b.received(CKMS_MID, "ckms", m.GrantRequest)
+    assert grant.link == "link-3-4"
+    (read,) = sending_reads(b, AKMS_B)
+    assert read.link == "link-3-4" and read.count == 0 and len(read.ids) == 1  # a granted one
+    assert b.waiting() == {}
+    b.feed(AKMS_B, "ckms", LinkWanted(peer=CKMS_MID))  # ready: nothing more to do
+    b.feed(AKMS_B, "ckms", LinkWanted(peer=UKMS_B))  # not a link of this CKMS: ignored
+    assert len(sending_reads(b, AKMS_B)) == 1
+    opened(b)  # the channel's re-key and the user's CN key, both relayed 4 -> 3 -> 2
+    assert len(b.received(CKMS_MID, "ckms", m.GrantRequest)) == 1
+    assert len(sending_reads(b, AKMS_B)) == 1  # both sealed under the key read beforehand
+
+
+def test_a_wanted_link_at_its_master_end_reads_its_next_key(bench):
+    b = bench()
+    b.feed(AKMS_A, "ckms", LinkWanted(peer=CKMS_MID))  # CKMS 2 is the master of link-2-3
+    (read,) = sending_reads(b, AKMS_A)
+    assert (read.link, read.count, read.ids) == ("link-2-3", 1, ())
+    assert b.received(CKMS_MID, "ckms", m.GrantRequest) == []
+
+
+def test_a_wanted_link_without_key_is_tried_once_and_left_to_the_first_relay(bench):
+    b = bench(down=("link-3-4",))
+    b.feed(AKMS_B, "ckms", LinkWanted(peer=CKMS_MID))
+    assert len(b.received(CKMS_MID, "ckms", m.GrantRequest)) == 1  # refused: nothing yet
+    assert b.waiting() == {}
+    assert [t for t in b.timers if t[:2] == (AKMS_B, "ckms") and t[2] != "housekeeping"] == []
+    b.advance(4 * RETRY_MAX)
+    assert len(b.received(CKMS_MID, "ckms", m.GrantRequest)) == 1
 
 
 def test_a_link_with_light_traffic_keeps_working_past_the_grant_lifetime(bench):

@@ -13,7 +13,9 @@ two recipes:
   order; when the link is short of key, one read (or, at a slave end out of granted keys,
   one grant request to the master) is in flight at a time, and a link that has not
   distilled enough yet is retried with a back-off until each job's patience runs out, so
-  a relay runs at the pace of its slowest link instead of failing.
+  a relay runs at the pace of its slowest link instead of failing. ``LinkWanted`` (a route
+  installed through this node towards a neighbour) starts that read, or grant, before
+  any job needs it (:meth:`EngineBase.want_link`): one attempt, no retry.
 * :meth:`EngineBase.open_from` opens a neighbour's message, reading the keys it names
   first when this end does not hold them; reads on one link are serialised so two messages
   never ask the module for one key.
@@ -49,6 +51,7 @@ from appliance.kms.events import (
     CancelTimer,
     Input,
     LinkKeysRead,
+    LinkWanted,
     Notice,
     PathFound,
     PskDerived,
@@ -135,6 +138,7 @@ class EngineBase:
         self._sendq: dict[int, deque[SealJob]] = {peer: deque() for peer in self.links}
         self._openq: dict[int, deque[OpenJob]] = {peer: deque() for peer in self.links}
         self._reading: set[int] = set()  # links with a send-side read or grant in flight
+        self._wanted: set[int] = set()  # links to ready for sending before a job needs it
         self._opening: set[int] = set()  # links with a receive-side read in flight
         self._backoff: dict[int, float] = {}
         self.now = 0.0
@@ -148,6 +152,8 @@ class EngineBase:
         if isinstance(event, TimerFired):
             fire = self._timers.pop(event.key, None)
             return fire() if fire is not None else []
+        if isinstance(event, LinkWanted):
+            return self.want_link(event.peer)
         number = _number_of(event)
         if number is None:
             return self.on_other(event)
@@ -237,15 +243,33 @@ class EngineBase:
             erase(material)
         return job.then(sealed)
 
+    def want_link(self, peer: int) -> list[Action]:
+        """Have the link key of the next message to ``peer`` (of the network's mode, one
+        key's worth) at hand before a relay needs it: read now, or at a slave end out of
+        granted keys, asked of the master first, exactly as the first message would. On a
+        standby path this takes the first relay after a switch off the grant's round trip
+        and reads. Nothing if the link is not ours, its key covers a message already, or a
+        read is in flight; one attempt: a failure is left to the first message's retries."""
+        if peer not in self.links:
+            return []
+        self._wanted.add(peer)
+        return self._pump(peer)
+
     def _pump(self, peer: int) -> list[Action]:
-        """Seal what the link's key covers, in order; ask for more when it runs short."""
+        """Seal what the link's key covers, in order; ask for more when it runs short
+        (with no job queued: for the wanted message, :meth:`want_link`)."""
         queue, link, out = self._sendq[peer], self.links[peer], []
-        while queue and peer not in self._reading:
-            job = queue[0]
-            short = link.shortfall(job.hop.mode, len(job.payload), self.now)
+        while (queue or peer in self._wanted) and peer not in self._reading:
+            if queue:
+                mode, size = queue[0].hop.mode, len(queue[0].payload)
+            else:
+                mode, size = self.policy.mode, self.policy.key_size // 8
+            short = link.shortfall(mode, size, self.now)
             if short == 0:
-                queue.popleft()
-                out += self._seal_now(job)
+                if not queue:
+                    self._wanted.discard(peer)
+                    break
+                out += self._seal_now(queue.popleft())
                 continue
             self._reading.add(peer)
             plan = link.send_read(short, self.now)
@@ -255,7 +279,7 @@ class EngineBase:
                 out.append(self.call(to, request, functools.partial(self._granted, peer)))
             else:
                 count, ids = plan
-                then = functools.partial(self._send_keys, peer, job.hop.mode, link.generation)
+                then = functools.partial(self._send_keys, peer, mode, link.generation)
                 ticket = self.number(then)
                 out.append(ReadLinkKeys(ticket=ticket, link=link.link, count=count, ids=ids))
         return out
@@ -283,7 +307,9 @@ class EngineBase:
         return self._retry_later(peer)  # the master has no key to grant yet, or is away
 
     def _retry_later(self, peer: int) -> list[Action]:
-        """Fail the jobs whose patience ran out; try the rest again after a back-off."""
+        """Fail the jobs whose patience ran out; try the rest again after a back-off (a
+        wanted link without a job is not tried again)."""
+        self._wanted.discard(peer)
         queue, out = self._sendq[peer], []
         for job in [j for j in queue if j.deadline <= self.now]:
             queue.remove(job)
