@@ -7,6 +7,8 @@ past a closed or silent stream would otherwise block until the call's deadline.
 event loop: no thread per stream (grpc's blocking reader wakes every 100 ms to look for
 signals, and each message crosses two threads), and the JSON_IETF text is handed over
 undecoded, so that a repeated document costs a byte comparison, not a parse.
+:class:`AsyncAgentSets` is the controller's Set side on grpc.aio, one kept channel per
+agent.
 """
 
 from __future__ import annotations
@@ -121,6 +123,7 @@ class AgentClient:
             certificate_chain=cert.read_bytes(),
         )
         options = [("grpc.max_receive_message_length", MAX_MESSAGE)]
+        self.address = address
         self.channel = grpc.secure_channel(address, creds, options=options)
         self.stub = pb_grpc.gNMIStub(self.channel)
         self.timeout = timeout
@@ -150,32 +153,19 @@ class AgentClient:
     def set_route_started(self, route: model.Route) -> PendingSet:
         """Send the Set that installs ``route`` and return at once: several hops' Sets are
         then in flight together, without a thread each (:meth:`PendingSet.wait`)."""
-        from appliance.control.agent import route_value
-
-        path = parse_path(_route_path(route.src, route.dst, route.slot))
-        update = pb.Update(path=path, val=pb.TypedValue(json_ietf_val=route_value(route)))
-        request = pb.SetRequest(update=[update])
-        return PendingSet(self.stub.Set.future(request, timeout=self.timeout))
+        return PendingSet(self.stub.Set.future(route_request(route), timeout=self.timeout))
 
     def set_use_started(self, src: int, dst: int, slots: dict[int, bool]) -> PendingSet:
         """Send one Set that switches installed slots of route (src, dst) in (True) or out
         of use (``qkdl_status`` ACTIVE / PASSIVE), all or none; return at once."""
-        updates = [
-            pb.Update(
-                path=parse_path(f"{_route_path(src, dst, slot)}/qkdl_status"),
-                val=pb.TypedValue(json_ietf_val=json.dumps(
-                    f"{model.TYPES}:{'ACTIVE' if active else 'PASSIVE'}"
-                ).encode()),
-            )
-            for slot, active in sorted(slots.items())
-        ]  # fmt: skip
-        return PendingSet(self.stub.Set.future(pb.SetRequest(update=updates), timeout=self.timeout))
+        request = use_request(src, dst, slots)
+        return PendingSet(self.stub.Set.future(request, timeout=self.timeout))
 
     def delete_route(self, src: int, dst: int, slot: int = 0) -> None:
         self.delete_route_started(src, dst, slot).wait()
 
     def delete_route_started(self, src: int, dst: int, slot: int = 0) -> PendingSet:
-        request = pb.SetRequest(delete=[parse_path(_route_path(src, dst, slot))])
+        request = delete_request(src, dst, slot)
         return PendingSet(self.stub.Set.future(request, timeout=self.timeout))
 
     def _set(self, request: Any) -> None:
@@ -194,6 +184,94 @@ class AgentClient:
     ) -> Subscription:
         """A Subscribe call (``mode``: stream, once or poll); read it with ``next``."""
         return Subscription(self.stub, _request(paths, mode, on_change, sample_ms, heartbeat_ms))
+
+
+class AsyncAgentSets:
+    """gNMI Sets to one agent on grpc.aio, awaited on the running event loop (the
+    controller's): no thread per Set and no thread hop, so a path's Sets at every hop are
+    in flight at once (``asyncio.gather``) for the price of a few coroutines. Its channel
+    is opened once and kept: :meth:`connect` at the controller's start, so that the first
+    path's Sets pay no TLS handshake. Create it inside the loop."""
+
+    def __init__(self, address: str, *, cert: Path, key: Path, ca: Path, timeout: float = 5.0):
+        creds = grpc.ssl_channel_credentials(
+            root_certificates=ca.read_bytes(),
+            private_key=key.read_bytes(),
+            certificate_chain=cert.read_bytes(),
+        )
+        options = [("grpc.max_receive_message_length", MAX_MESSAGE)]
+        self._channel = grpc.aio.secure_channel(address, creds, options=options)
+        self._stub = pb_grpc.gNMIStub(self._channel)
+        self.timeout = timeout
+
+    async def connect(self, timeout: float) -> bool:
+        """Open the channel (TLS handshake) now; False if it is not ready within
+        ``timeout`` seconds (the Sets then open it themselves)."""
+        try:
+            await asyncio.wait_for(self._channel.channel_ready(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    async def set_route(self, route: model.Route) -> None:
+        """Install ``route`` at this agent's node (AgentUnavailable if it refuses)."""
+        await self._set(route_request(route))
+
+    async def set_use(self, src: int, dst: int, slots: dict[int, bool]) -> None:
+        """Switch installed slots of route (src, dst) in (True) or out of use, all or none."""
+        await self._set(use_request(src, dst, slots))
+
+    async def delete_route(self, src: int, dst: int, slot: int = 0) -> None:
+        await self._set(delete_request(src, dst, slot))
+
+    async def _set(self, request: Any) -> None:
+        try:
+            await self._stub.Set(request, timeout=self.timeout)
+        except grpc.RpcError as exc:
+            raise _error(exc) from exc
+
+    async def close(self, timeout: float = 2.0) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._channel.close(), timeout)
+
+
+def route_request(route: model.Route) -> Any:
+    """The SetRequest that installs ``route`` at a node."""
+    from appliance.control.agent import route_value
+
+    value = pb.TypedValue(json_ietf_val=route_value(route))
+    update = pb.Update(path=_route_pb(route.src, route.dst, route.slot), val=value)
+    return pb.SetRequest(update=[update])
+
+
+def use_request(src: int, dst: int, slots: dict[int, bool]) -> Any:
+    """The SetRequest that switches slots of route (src, dst) in (True) or out of use
+    (``qkdl_status`` ACTIVE / PASSIVE)."""
+    updates = [
+        pb.Update(
+            path=_route_pb(src, dst, slot, "qkdl_status"),
+            val=pb.TypedValue(json_ietf_val=json.dumps(
+                f"{model.TYPES}:{'ACTIVE' if active else 'PASSIVE'}"
+            ).encode()),
+        )
+        for slot, active in sorted(slots.items())
+    ]  # fmt: skip
+    return pb.SetRequest(update=updates)
+
+
+def delete_request(src: int, dst: int, slot: int = 0) -> Any:
+    return pb.SetRequest(delete=[_route_pb(src, dst, slot)])
+
+
+def _route_pb(src: int, dst: int, slot: int, *leaf: str) -> Any:
+    """The gNMI Path of a route's VIRT link (or of one of its leaves), built directly: the
+    same Path as ``parse_path`` of its text, without the parsing."""
+    elems = [
+        pb.PathElem(name="qkd_node"),
+        pb.PathElem(name="qkd_links"),
+        pb.PathElem(name="qkd_link", key={"qkdl_id": model.route_uuid(src, dst, slot)}),
+    ]
+    return pb.Path(elem=elems + [pb.PathElem(name=name) for name in leaf])
 
 
 def _request(
@@ -319,10 +397,6 @@ def _events(answer: Any, *, raw: bool = False) -> Iterator[Event]:
             yield Event(path_text(update.path), json.loads(text))
     for path in note.delete:
         yield Event(path_text(path), deleted=True)
-
-
-def _route_path(src: int, dst: int, slot: int = 0) -> str:
-    return f"/qkd_node/qkd_links/qkd_link[qkdl_id={model.route_uuid(src, dst, slot)}]"
 
 
 def path_text(path: Any) -> str:

@@ -45,15 +45,15 @@ import contextlib
 import itertools
 import json
 import logging
-import threading
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from appliance.config.addresses import split_host_port
 from appliance.control import model
-from appliance.control.client import AgentClient, StreamSubscription
+from appliance.control.client import AsyncAgentSets, StreamSubscription
 from appliance.control.errors import ControlError
 from appliance.control.graph import BALANCED, CLASSES, POLICIES, Change, Core, Weights
 from appliance.net.h2 import H2Server, Request, Response
@@ -69,6 +69,8 @@ BALANCE_S = 1.0
 """Installed routes are looked at again for key availability this often (the agents
 refresh stored bits and rates once a second)."""
 RETRY_S = 0.5
+CONNECT_S = 10.0
+"""How long the Set channels to the agents may take to open at the controller's start."""
 PROTECT_AFTER_S = 0.25
 """A path put in use gets its backup pre-installed this much later, so that the first
 relays on it (a cold path's, or the first after a switch) do not wait for a core behind
@@ -118,9 +120,9 @@ class Controller:
         """The policy class of the request that installed each route (one route per pair:
         the last request's class sets it)."""
         self._locks: dict[tuple[int, int], asyncio.Lock] = {}
-        self._clients: dict[int, AgentClient] = {}
-        self._clients_lock = threading.Lock()
+        self._clients: dict[int, AsyncAgentSets] = {}
         self._followers: list[asyncio.Task[None]] = []
+        self._connecting: list[asyncio.Task[bool]] = []
         self._server: H2Server | None = None
         self._ticker: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -131,13 +133,16 @@ class Controller:
 
     async def start(self, api: str) -> None:
         self._followers = [asyncio.create_task(self._follow(a)) for a in self.agents.values()]
+        self._connecting = [  # the Set channels open now, not at the first path's Sets
+            asyncio.create_task(self._client(node).connect(CONNECT_S)) for node in self.agents
+        ]
         self._ticker = asyncio.create_task(self._tick())
         self._server = H2Server(self._handle, server_context(*self.tls, ("h2",)))
         await self._server.start(*split_host_port(api))
         log.info("controller listening", extra={"address": api, "agents": len(self.agents)})
 
     async def close(self) -> None:
-        for task in self._followers:
+        for task in [*self._followers, *self._connecting]:
             task.cancel()
         with contextlib.suppress(TimeoutError):  # each closes its channel within 2 s
             await asyncio.wait_for(asyncio.gather(*self._followers, return_exceptions=True), 5)
@@ -146,17 +151,17 @@ class Controller:
         if self._server is not None:
             await self._server.close()
         for client in self._clients.values():
-            client.close()
+            await client.close()
 
     # -- telemetry ------------------------------------------------------------------------
-    def _client(self, node: int) -> AgentClient:
-        with self._clients_lock:
-            client = self._clients.get(node)
-            if client is None:
-                cert, key, ca = self.tls
-                address = self.agents[node].address
-                client = self._clients[node] = AgentClient(address, cert=cert, key=key, ca=ca)
-            return client
+    def _client(self, node: int) -> AsyncAgentSets:
+        """The Set side of the agent of ``node`` (its channel kept; made in the loop)."""
+        client = self._clients.get(node)
+        if client is None:
+            cert, key, ca = self.tls
+            address = self.agents[node].address
+            client = self._clients[node] = AsyncAgentSets(address, cert=cert, key=key, ca=ca)
+        return client
 
     async def _follow(self, agent: Agent) -> None:
         """The agent's telemetry, for as long as the controller runs (a task of its own)."""
@@ -381,16 +386,16 @@ class Controller:
                 log.warning("switch refused: installing", extra={"src": src, "code": exc.code})
                 self.standby[key] = None
         if self.core.installed(src, dst, slot) != path:
-            await asyncio.to_thread(self._install, src, dst, path, old or (), slot, True)
+            await self._install(src, dst, path, old or (), slot, True)
         self.slots[key] = slot
         self.confirmed[key] = path
 
     async def _switch(self, src: int, dst: int, to: int, off: int) -> None:
         """The protection switch: one Set at the head end puts the backup's slot in use and
         the other out (the backup is installed at every hop already); sent from the event
-        loop at once, the loop woken by its answer."""
+        loop at once."""
         try:
-            await self._client(src).set_use_started(src, dst, {to: True, off: False}).confirmed()
+            await self._client(src).set_use(src, dst, {to: True, off: False})
         except ControlError as exc:
             raise ControlError(
                 f"head end {src} did not switch: {exc.code}", code="CTL-INSTALL"
@@ -419,55 +424,47 @@ class Controller:
                 return  # no route, or the load balancing decides
             try:
                 if key in self._marks:
-                    await asyncio.to_thread(self._mark, src, dst, primary, slot)
+                    await self._mark(src, dst, primary, slot)
                 if route.backup != self.standby.get(key):
                     old = self.standby.get(key) or self.core.installed(src, dst, 1 - slot) or ()
                     self.standby[key] = None
                     if route.backup is None:
-                        await asyncio.to_thread(self._drop, src, dst, old, 1 - slot)
+                        await self._drop(src, dst, old, 1 - slot)
                     else:
-                        await asyncio.to_thread(
-                            self._install, src, dst, route.backup, old, 1 - slot, False
-                        )
+                        await self._install(src, dst, route.backup, old, 1 - slot, False)
                         self.standby[key] = route.backup
             except ControlError as exc:
                 log.warning("no backup installed", extra={"src": src, "dst": dst, "code": exc.code})
 
-    def _mark(self, src: int, dst: int, path: tuple[int, ...], slot: int) -> None:
+    async def _mark(self, src: int, dst: int, path: tuple[int, ...], slot: int) -> None:
         """After a switch at the head end, the other hops of the path in use and of the one
         switched from show which is in use (best effort)."""
         old = self._marks.pop((src, dst), ())
-        pending = []
+        sets = []
         for node in (set(path) | set(old)) - {src}:
             use = {slot: True} if node in path else {}
             if node in old:
                 use[1 - slot] = False
-            pending.append((node, self._client(node).set_use_started(src, dst, use)))
-        for node, one in pending:
-            try:
-                one.wait()
-            except ControlError as exc:
-                log.warning("route use not shown", extra={"node": node, "code": exc.code})
+            sets.append((node, self._client(node).set_use(src, dst, use)))
+        for node, exc in await _each(sets):
+            log.warning("route use not shown", extra={"node": node, "code": exc.code})
 
-    def _drop(self, src: int, dst: int, old: tuple[int, ...], slot: int) -> None:
+    async def _drop(self, src: int, dst: int, old: tuple[int, ...], slot: int) -> None:
         """Remove a route's slot at every node of ``old`` (best effort)."""
-        pending = [(n, self._client(n).delete_route_started(src, dst, slot)) for n in old]
-        for node, one in pending:
-            try:
-                one.wait()
-            except ControlError as exc:
-                log.warning("stale route left", extra={"node": node, "code": exc.code})
+        sets = [(n, self._client(n).delete_route(src, dst, slot)) for n in old]
+        for node, exc in await _each(sets):
+            log.warning("stale route left", extra={"node": node, "code": exc.code})
 
-    def _install(
+    async def _install(
         self, src: int, dst: int, path: tuple[int, ...], old: tuple[int, ...], slot: int,
         active: bool,
     ) -> None:  # fmt: skip
-        """A gNMI Set at every hop in the route's ``slot``, all in flight at once (a path
-        over 13 hops costs one round trip, not 13), returning once every hop confirmed;
-        then the old path's other nodes forget the slot (best effort). A backup
-        (``active`` False) is written at its head end last, once every other hop holds it,
-        so that a head end never holds half a backup. ControlError if a hop refused or did
-        not answer."""
+        """A gNMI Set at every hop in the route's ``slot``, all in flight at once from the
+        event loop (a path over 13 hops costs one round trip, not 13, and no thread),
+        returning once every hop confirmed; then the old path's other nodes forget the slot
+        (best effort). A backup (``active`` False) is written at its head end last, once
+        every other hop holds it, so that a head end never holds half a backup.
+        ControlError if a hop refused or did not answer."""
         missing = [node for node in path if node not in self.agents]
         if missing:
             raise ControlError(f"node {missing[0]} has no agent", code="CTL-INSTALL")
@@ -480,18 +477,17 @@ class Controller:
             for i, node in enumerate(path)
         ]  # fmt: skip
         waves = [hops] if active else [hops[1:], hops[:1]]
+        began = time.monotonic()
         for wave in waves:
-            pending = [(node, self._client(node).set_route_started(route)) for node, route in wave]
-            for node, one in pending:
-                try:
-                    one.wait()
-                except ControlError as exc:
-                    raise ControlError(
-                        f"hop {node} did not confirm: {exc.code}", code="CTL-INSTALL"
-                    ) from exc
-        self._drop(src, dst, tuple(set(old) - set(path)), slot)
+            sets = [(node, self._client(node).set_route(route)) for node, route in wave]
+            for node, exc in await _each(sets):
+                raise ControlError(
+                    f"hop {node} did not confirm: {exc.code}", code="CTL-INSTALL"
+                ) from exc
+        ms = round((time.monotonic() - began) * 1000, 2)
+        await self._drop(src, dst, tuple(set(old) - set(path)), slot)
         what = "route installed" if active else "backup installed"
-        log.info(what, extra={"src": src, "dst": dst, "hops": len(path), "slot": slot})
+        log.info(what, extra={"src": src, "dst": dst, "hops": len(path), "slot": slot, "ms": ms})
 
     def routes(self) -> dict[str, Any]:
         now = time.monotonic()
@@ -515,6 +511,21 @@ class Controller:
                 "slot": slot, "route_policy": self.policy_of.get((s, d), BALANCED),
             })  # fmt: skip
         return {"routes": routes, "links": links, "switches": self.core.switches}
+
+
+async def _each(
+    sets: list[tuple[int, Coroutine[Any, Any, None]]],
+) -> list[tuple[int, ControlError]]:
+    """Run the Sets at once; the nodes that refused or did not answer, with their errors,
+    once every Set has ended."""
+    results = await asyncio.gather(*(one for _, one in sets), return_exceptions=True)
+    failed = []
+    for (node, _), result in zip(sets, results, strict=True):
+        if isinstance(result, ControlError):
+            failed.append((node, result))
+        elif isinstance(result, BaseException):
+            raise result
+    return failed
 
 
 def _uses(path: tuple[int, ...], a: int, b: int) -> bool:

@@ -15,7 +15,13 @@ from hypothesis import strategies as st
 from pygnmi.spec.v080 import gnmi_pb2 as pb
 
 from appliance.control import agent, model
-from appliance.control.client import AgentClient, AgentUnavailable, Event, parse_path
+from appliance.control.client import (
+    AgentClient,
+    AgentUnavailable,
+    AsyncAgentSets,
+    Event,
+    parse_path,
+)
 from tests.control.agentfix import Served, data_model, free_port, telemetry, validate
 
 LINK = f"/qkd_node/qkd_links/qkd_link[qkdl_id={model.link_uuid('L3-4')}]"
@@ -360,6 +366,40 @@ def test_each_route_a_set_installs_names_its_next_hop_to_the_node(routed):
         for slot in (0, 1):
             client.delete_route(2, 9, slot)
         client.delete_route(2, 4)
+
+
+def test_the_controllers_sets_on_the_event_loop_install_switch_and_remove(routed, pki):
+    """AsyncAgentSets (the controller's Set side on grpc.aio): the same Sets as the
+    blocking client, a refusal with its code, its channel opened ahead by connect()."""
+    client, table = routed
+    who = pki["node-b"]
+    address = client.address
+
+    async def run() -> None:
+        sets = AsyncAgentSets(address, cert=who.cert, key=who.key, ca=who.ca, timeout=WAIT)
+        try:
+            assert await sets.connect(WAIT)
+            await asyncio.gather(
+                sets.set_route(model.Route(src=2, dst=8, prev_hop=3, next_hop=5)),
+                sets.set_route(
+                    model.Route(src=2, dst=8, prev_hop=3, next_hop=16, slot=1, active=False)
+                ),
+            )
+            await sets.set_use(2, 8, {1: True, 0: False})
+            assert sorted((r.slot, r.active) for r in table.routes() if r.dst == 8) == [
+                (0, False),
+                (1, True),
+            ]
+            with pytest.raises(AgentUnavailable) as caught:
+                await sets.set_route(model.Route(src=2, dst=8, prev_hop=4, next_hop=6))
+            assert caught.value.code == "CTL-SET-BAD"
+            for slot in (0, 1):
+                await sets.delete_route(2, 8, slot)
+            assert [r for r in table.routes() if r.dst == 8] == []
+        finally:
+            await sets.close()
+
+    asyncio.run(run())
 
 
 def test_set_without_a_route_table_is_unimplemented(served):

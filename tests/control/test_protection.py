@@ -19,34 +19,23 @@ VIA9 = (2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14)
 VIA16 = (2, 3, 4, 5, 6, 7, 8, 16, 10, 11, 12, 13, 14)
 
 
-class Done:
-    def wait(self) -> None:
-        return None
-
-    async def confirmed(self) -> None:
-        return None
-
-
 class Hop:
     """An agent's Set side over a real route table; every Set is logged in ``sent``."""
 
     def __init__(self, node: int, sent: list[tuple[Any, ...]]) -> None:
         self.table, self.sent = RouteTable(node), sent
 
-    def set_route_started(self, route: model.Route) -> Done:
+    async def set_route(self, route: model.Route) -> None:
         self.sent.append(("route", self.table.node, route.slot, route.active))
         self.table.apply([route], [])
-        return Done()
 
-    def set_use_started(self, src: int, dst: int, slots: dict[int, bool]) -> Done:
+    async def set_use(self, src: int, dst: int, slots: dict[int, bool]) -> None:
         self.sent.append(("use", self.table.node, slots))
         self.table.apply([], [], {model.route_uuid(src, dst, s): a for s, a in slots.items()})
-        return Done()
 
-    def delete_route_started(self, src: int, dst: int, slot: int = 0) -> Done:
+    async def delete_route(self, src: int, dst: int, slot: int = 0) -> None:
         self.sent.append(("delete", self.table.node, slot))
         self.table.apply([], [model.route_uuid(src, dst, slot)])
-        return Done()
 
 
 def controller(net: Net, hops: dict[int, Hop]) -> Controller:
