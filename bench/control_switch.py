@@ -12,7 +12,8 @@ mutual TLS, emulated QKD links; ``--stock 0``: every enc_keys crosses the networ
    heard of it from its QKD module (its log, ``link state change heard``), when the
    controller switched the routes over the link (its log, ``protection switch``), when
    the new path was in use (switched to at the head end, or installed at every hop), and
-   switch_ms (the end of the first request that succeeded after that). The link
+   switch_ms (the end of the first request that succeeded after that), with that
+   request's T_key and the median T_key before the fault. The link
    comes back up between repeats. ``--switch-only``: this part alone, one network.
 3. ``--cold N``: cold paths on the controller's network, before any key request: N
    times, a path request (``POST /v1/path``, HTTP/2, mutual TLS, as a source CKMS asks)
@@ -20,7 +21,8 @@ mutual TLS, emulated QKD links; ``--stock 0``: every enc_keys crosses the networ
    computed and installed at every hop before the answer, which is what a cold path adds
    to T_key; and, on the same network, N requests for a pair already installed (a warm
    ask: the controller answers from its cache). Reported per request: the pair, its
-   links and the time to the answer. Run it apart (``--switch-only --switches 0
+   links, the time to the answer and, from the controller's log, the part of it its
+   gNMI Sets took (first sent to last confirmed). Run it apart (``--switch-only --switches 0
    --cold 12``): its routes stay installed, most over the link the switches cut, and each
    cut would then switch a dozen routes at once.
 
@@ -92,8 +94,8 @@ def detected(
 COLD_PAIRS = [(2, 14), (14, 2), (3, 14), (14, 3), (2, 13), (13, 2), (4, 14), (14, 4),
               (2, 12), (12, 2), (3, 13), (13, 3)]  # fmt: skip
 """Pairs of CKMS nodes 10-12 links apart, asked before any key request (2-14 and 14-2,
-the access nodes' routes, first: the controller's first Sets also open its channels to
-the agents)."""
+the access nodes' routes, first). DemoQuanDT has no 14-hop path: its longest carrier
+path is 2-14, 12 links (13 nodes, 13 Sets), which is what the first two measure."""
 
 
 def cold(net_dir: Path, rounds: int) -> dict[str, Any]:
@@ -129,13 +131,34 @@ def cold(net_dir: Path, rounds: int) -> dict[str, Any]:
 
     cold_asks = asyncio.run(ask(COLD_PAIRS[:rounds]))
     warm_asks = asyncio.run(ask([(2, 14)] * rounds))
+    sets = installs(net_dir)
+    for a in cold_asks:  # the Sets' round trip, as the controller measured it
+        a["sets_ms"] = sets.get(tuple(a["pair"]))
     ok = [a["ms"] for a in cold_asks if a["status"] == 200]
+    in_sets = [a["sets_ms"] for a in cold_asks if a["status"] == 200 and a["sets_ms"]]
     return {
         "cold_asks": cold_asks,
         "cold_ms_p50": statistics.median(ok) if ok else None,
         "cold_ms_max": max(ok) if ok else None,
+        "cold_sets_ms_p50": statistics.median(in_sets) if in_sets else None,
         "warm_ask_ms_p50": statistics.median(a["ms"] for a in warm_asks),
     }
+
+
+def installs(net_dir: Path) -> dict[tuple[int, int], float]:
+    """The first ``route installed`` of each pair in the controller's log: the time from
+    its first Set sent to every hop's confirmation (``ms``; logged since the Sets run on
+    the controller's event loop, absent before)."""
+    out: dict[tuple[int, int], float] = {}
+    with open(net_dir / "logs" / "controller.log", "rb") as fh:
+        for line in fh.read(16 << 20).splitlines():
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue
+            if entry.get("msg") == "route installed" and "ms" in entry:
+                out.setdefault((entry["src"], entry["dst"]), float(entry["ms"]))
+    return out
 
 
 def main() -> None:
@@ -201,6 +224,8 @@ def main() -> None:
                     "node_heard_ms": round((heard - got["fault_at"]) * 1000, 1) if heard else None,
                     "detected_ms": round((seen - got["fault_at"]) * 1000, 1) if seen else None,
                     "installed_ms": round((done - got["fault_at"]) * 1000, 1) if done else None,
+                    "first_on_new_ms": got.get("first_on_new_ms"),
+                    "t_key_before_ms": got.get("t_key_before_ms"),
                     "failed": got["failed_requests"], "lost": got["keys_lost"],
                     "duplicated": got["keys_duplicated"], "mismatched": got["keys_mismatched"],
                 })  # fmt: skip

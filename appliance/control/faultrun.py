@@ -17,7 +17,9 @@ report adds:
   succeeded after the controller put the new path in use (the controller's log gives
   when: ``route switched to its backup`` at the head end, or ``route installed`` at
   every hop where there was no backup), i.e. the first relay known to have used the new path;
-  None if none did.
+  None if none did; ``first_on_new_ms`` that request's T_key, ``t_key_before_ms`` the
+  median T_key of the requests that ended before the fault (switch_ms is the wait for
+  the request in flight at the switch, then one T_key on the new path).
 
 Afterwards the link is brought up again. Nothing here logs or keeps key material beyond
 the comparison of the two ends' answers.
@@ -26,6 +28,7 @@ the comparison of the two ends' answers.
 from __future__ import annotations
 
 import json
+import statistics
 import threading
 import time
 from collections.abc import Callable
@@ -103,7 +106,9 @@ def measure_with_fault(
         if not callable(cut):
             inject(net_dir, *cut, "up")
     installed = _installed_after(net_dir / "logs" / "controller.log", fault_at)
-    switch = next((end for start, end in done if installed and start >= installed), None)
+    first = next(((s, e) for s, e in done if installed and s >= installed), None)
+    switch = first[1] if first else None
+    before = [(e - s) * 1000 for s, e in done if e <= fault_at]
     return {
         "requests": requests,
         "cut": "-".join(map(str, cut)) if not callable(cut) else None,
@@ -114,6 +119,8 @@ def measure_with_fault(
         "failed": failed,
         "failed_requests": len(failed),
         "switch_ms": round((switch - fault_at) * 1000, 1) if switch else None,
+        "first_on_new_ms": round((first[1] - first[0]) * 1000, 1) if first else None,
+        "t_key_before_ms": round(statistics.median(before), 1) if before else None,
         "fault_at": fault_at,
         "new_path_installed_at": installed,
         "began_at": began,
