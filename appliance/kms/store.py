@@ -30,6 +30,12 @@ transaction, so a crash leaves the old state or the new, never half of one.
   with one): a process crash loses neither, and a power cut that undoes them leaves the
   keys available to the same session again, as before the take.
   :meth:`KeyStore.purge_expired` deletes pending rows older than the window.
+  The usual take names every key left in one batch (a dec_keys asks for the keys of one
+  delivery): then the *batch* is marked pending (``batches.run``, ``taken_at``), one row
+  written whatever the number of keys, its record opened once and checked to hold exactly
+  the keys named; its release deletes the batch and its rows. Any other take, and a take
+  again, release or restore of part of a pending batch, works key by key (a pending batch
+  is first made pending key by key, with the same run and time), with the same promises.
 * **Take oldest** (:meth:`KeyStore.take_oldest`, the stock lease) deletes at once.
 * All or none: a take naming a key that is not available raises KeyUnavailable, whose
   ``missing`` lists the IDs not available, and takes nothing; a put beyond the capacity
