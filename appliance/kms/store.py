@@ -30,6 +30,12 @@ transaction, so a crash leaves the old state or the new, never half of one.
   with one): a process crash loses neither, and a power cut that undoes them leaves the
   keys available to the same session again, as before the take.
   :meth:`KeyStore.purge_expired` deletes pending rows older than the window.
+  The usual take names every key left in one batch (a dec_keys asks for the keys of one
+  delivery): then the *batch* is marked pending (``batches.run``, ``taken_at``), one row
+  written whatever the number of keys, its record opened once and checked to hold exactly
+  the keys named; its release deletes the batch and its rows. Any other take, and a take
+  again, release or restore of part of a pending batch, works key by key (a pending batch
+  is first made pending key by key, with the same run and time), with the same promises.
 * **Take oldest** (:meth:`KeyStore.take_oldest`, the stock lease) deletes at once.
 * All or none: a take naming a key that is not available raises KeyUnavailable, whose
   ``missing`` lists the IDs not available, and takes nothing; a put beyond the capacity
@@ -105,7 +111,7 @@ seconds and retries; a supervised UKMS is back within seconds; five minutes cove
 restart and a few retries with back-off, and bounds how long taken bits stay on disk."""
 MAX_IDS = 10_000
 """Key IDs one operation may name."""
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 SCHEMA = """
 CREATE TABLE meta (
     name     TEXT PRIMARY KEY,
@@ -118,10 +124,13 @@ CREATE TABLE batches (
     tag      TEXT NOT NULL,
     expires  REAL NOT NULL,
     left     INTEGER NOT NULL,
-    record   BLOB NOT NULL
+    record   BLOB NOT NULL,
+    run      TEXT,
+    taken_at REAL
 );
 CREATE INDEX batches_session ON batches (session, kind);
 CREATE INDEX batches_expires ON batches (expires);
+CREATE INDEX batches_pending ON batches (run, taken_at) WHERE run IS NOT NULL;
 CREATE TABLE keys (
     id       TEXT NOT NULL,
     kind     TEXT NOT NULL,
@@ -146,8 +155,16 @@ CREATE TABLE total (
 INSERT INTO total VALUES (1, 0)
 """
 """``batches.left``: the batch's keys still available (neither taken nor pending);
-``keys.run``/``taken_at``: set while the key is pending; ``tally``: available keys per
-session and kind; ``total``: every key row, pending included (the capacity)."""
+``batches.run``/``taken_at``: set while the whole batch is pending (every key left in it;
+its rows' own ``run`` is then NULL); ``keys.run``/``taken_at``: set while the key is
+pending on its own; ``tally``: available keys per session and kind; ``total``: every key
+row, pending included (the capacity)."""
+UPGRADE_3 = """
+ALTER TABLE batches ADD COLUMN run TEXT;
+ALTER TABLE batches ADD COLUMN taken_at REAL;
+CREATE INDEX batches_pending ON batches (run, taken_at) WHERE run IS NOT NULL
+"""
+"""Layout 3 to 4: whole batches may be pending (no batch was pending in layout 3)."""
 KCV_PLAIN = b"qkdn key store key-check v1"
 TAG_BYTES = 16
 _COUNT = struct.Struct(">I")
@@ -342,6 +359,11 @@ class KeyStore:
             db.execute("INSERT INTO meta VALUES ('kcv', ?)", (kcv,))
             db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             return
+        if version == 3:
+            for statement in UPGRADE_3.split(";"):
+                db.execute(statement)
+            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            version = SCHEMA_VERSION
         if version != SCHEMA_VERSION:
             raise StoreError(
                 f"key store {self.path}: layout version {version}, this release reads "
@@ -485,13 +507,84 @@ class KeyStore:
         """Mark the named keys pending under this run and return their bits; KeyUnavailable
         if any is not available to this session now, IntegrityFailure if a record does not
         hold what its rows say (the caller rolls back either way: nothing taken)."""
+        whole = self._take_batch(db, op, now)
+        return whole if whole is not None else self._take_each(db, op, now)
+
+    def _take_batch(self, db: sqlite3.Connection, op: Take, now: float) -> list[StoredKey] | None:
+        """The usual take (a dec_keys names the keys of one delivery): every key left in
+        one batch, marked pending as a whole (one row written, not one per key); None,
+        having written nothing, when the take is not that one."""
+        found = db.execute(
+            "SELECT b.seq, b.tag, b.expires, b.left, b.run, b.taken_at, b.record "
+            "FROM keys AS k JOIN batches AS b ON b.seq = k.batch "
+            "WHERE k.kind = ? AND k.id = ? AND b.session = ? AND b.kind = ?",
+            (op.kind, op.key_ids[0], op.session, op.kind),
+        ).fetchone()
+        if found is None:
+            return None
+        seq, tag, expires, left, run, taken_at, record = found
+        if expires <= now or (run is None and left != len(op.key_ids)):
+            return None
+        if run is not None and (run == self.run_id or now >= taken_at + self.refetch_window):
+            return None  # pending under this run, or past the refetch window
+        taken = self._all_slots(op.session, op.kind, tag, record, op.key_ids)
+        if taken is None:
+            return None
+        if run is None:
+            db.execute(
+                "UPDATE batches SET run = ?, taken_at = ?, left = 0 WHERE seq = ?",
+                (self.run_id, now, seq),
+            )
+            self._count_out(db, op.session, op.kind, len(taken), total=False)
+        else:  # taken again after a crash: the window still runs from the first take
+            db.execute("UPDATE batches SET run = ? WHERE seq = ?", (self.run_id, seq))
+        return taken
+
+    def _all_slots(
+        self, session: str, kind: str, tag: str, record: bytes, key_ids: list[str]
+    ) -> list[StoredKey] | None:
+        """The bits of ``key_ids`` (in that order) if the record holds exactly those keys
+        (in any order), else None."""
+        plain = self._key.open(self._aad(session, kind, tag), record)
+        try:
+            (count,), at = _COUNT.unpack_from(plain), _COUNT.size
+            where: dict[bytes, tuple[int, int]] = {}
+            for _ in range(count):
+                id_len, size = _SLOT.unpack_from(plain, at)
+                at += _SLOT.size
+                if id_len:
+                    where[bytes(plain[at : at + id_len])] = (at + id_len, size)
+                at += id_len + size
+            if len(where) != len(key_ids):
+                return None
+            taken: list[StoredKey] = []
+            for key_id in key_ids:
+                span = where.get(key_id.encode())
+                if span is None:
+                    erase_outcome(taken)
+                    return None
+                taken.append(StoredKey(key_id, plain[span[0] : span[0] + span[1]]))
+            return taken
+        except struct.error:
+            raise IntegrityFailure("key record malformed") from None
+        finally:
+            _erase(plain)
+
+    def _take_each(self, db: sqlite3.Connection, op: Take, now: float) -> list[StoredKey]:
+        """:meth:`_take_rows` key by key (pending batches among them made pending key by
+        key first)."""
         marks = ",".join("?" * len(op.key_ids))
-        rows = db.execute(
-            "SELECT k.id, k.batch, k.slot, k.run, k.taken_at, b.session, b.expires "
+        select = (
+            "SELECT k.id, k.batch, k.slot, k.run, k.taken_at, b.session, b.expires, b.run "
             f"FROM keys AS k JOIN batches AS b ON b.seq = k.batch "
-            f"WHERE k.kind = ? AND k.id IN ({marks})",
-            [op.kind, *op.key_ids],
-        ).fetchall()
+            f"WHERE k.kind = ? AND k.id IN ({marks})"
+        )
+        rows = db.execute(select, [op.kind, *op.key_ids]).fetchall()
+        pending = {row[1] for row in rows if row[7] is not None}
+        if pending:
+            for seq in pending:
+                self._unbatch(db, seq)
+            rows = db.execute(select, [op.kind, *op.key_ids]).fetchall()
         ok = {row[0]: row for row in rows if self._takeable(row, op.session, now)}
         missing = [key_id for key_id in op.key_ids if key_id not in ok]
         if missing:
@@ -556,10 +649,19 @@ class KeyStore:
         finally:
             _erase(plain)
 
+    def _unbatch(self, db: sqlite3.Connection, seq: int) -> None:
+        """A pending batch's keys made pending each on its own, as they were as a whole
+        (before some of them are taken again or restored)."""
+        run, taken_at = db.execute(
+            "SELECT run, taken_at FROM batches WHERE seq = ?", (seq,)
+        ).fetchone()
+        db.execute("UPDATE keys SET run = ?, taken_at = ? WHERE batch = ?", (run, taken_at, seq))
+        db.execute("UPDATE batches SET run = NULL, taken_at = NULL WHERE seq = ?", (seq,))
+
     def _takeable(self, row: tuple[object, ...], session: str, now: float) -> bool:
         """Available to ``session`` now: unexpired, and not pending, or pending under
         another run since less than the refetch window (a crash between take and reply)."""
-        _, _, _, run, taken_at, owner, expires = row
+        _, _, _, run, taken_at, owner, expires, _ = row
         if owner != session or not isinstance(expires, int | float) or expires <= now:
             return False
         if run is None:
@@ -573,19 +675,58 @@ class KeyStore:
         if not key_ids:
             return 0
         marks = ",".join("?" * len(key_ids))
+        released = self._release_batch(db, key_ids, marks)
+        if released:
+            return released
         rows = db.execute(
-            f"DELETE FROM keys WHERE run = ? AND id IN ({marks}) RETURNING id, batch, slot",
-            [self.run_id, *key_ids],
+            f"DELETE FROM keys WHERE id IN ({marks}) AND (run = ? OR (run IS NULL AND batch IN "
+            "(SELECT seq FROM batches WHERE run = ?))) RETURNING id, batch, slot",
+            [*key_ids, self.run_id, self.run_id],
         ).fetchall()
         self._drop_slots(db, rows)
         db.execute("UPDATE total SET keys = keys - ?", (len(rows),))
         return len(rows)
+
+    def _release_batch(self, db: sqlite3.Connection, key_ids: list[str], marks: str) -> int:
+        """The usual release (the keys of one take): every key of a batch pending as a whole
+        under this run, its rows and record deleted, no record opened; how many, or 0
+        having changed nothing when the release is not that one."""
+        found = db.execute(
+            "SELECT b.seq FROM keys AS k JOIN batches AS b ON b.seq = k.batch "
+            "WHERE k.id = ? AND b.run = ?",
+            (key_ids[0], self.run_id),
+        ).fetchone()
+        if found is None:
+            return 0
+        seq = found[0]
+        if db.execute("SELECT COUNT(*) FROM keys WHERE batch = ?", (seq,)).fetchone()[0] != len(
+            key_ids
+        ):
+            return 0
+        db.execute("SAVEPOINT release")
+        gone = db.execute(
+            f"DELETE FROM keys WHERE batch = ? AND id IN ({marks})", [seq, *key_ids]
+        ).rowcount
+        if gone != len(key_ids):  # not all of them in that batch: undone, key by key then
+            db.execute("ROLLBACK TO release")
+            db.execute("RELEASE release")
+            return 0
+        db.execute("RELEASE release")
+        db.execute("DELETE FROM batches WHERE seq = ?", (seq,))
+        db.execute("UPDATE total SET keys = keys - ?", (gone,))
+        return gone
 
     def _restore_rows(self, db: sqlite3.Connection, key_ids: list[str]) -> int:
         """Make the named rows pending under this run available again, as before the take."""
         if not key_ids:
             return 0
         marks = ",".join("?" * len(key_ids))
+        for (seq,) in db.execute(
+            "SELECT DISTINCT k.batch FROM keys AS k JOIN batches AS b ON b.seq = k.batch "
+            f"WHERE b.run = ? AND k.id IN ({marks})",
+            [self.run_id, *key_ids],
+        ).fetchall():
+            self._unbatch(db, seq)
         rows = db.execute(
             f"UPDATE keys SET run = NULL, taken_at = NULL WHERE run = ? AND id IN ({marks}) "
             "RETURNING batch, kind",
@@ -780,9 +921,15 @@ class KeyStore:
                 (now - self.refetch_window,),
             ).fetchall()
             self._drop_slots(db, stale)
-            db.execute("UPDATE total SET keys = keys - ?", (gone + len(stale),))
+            gone += len(stale)
+            for (seq,) in db.execute(
+                "DELETE FROM batches WHERE run IS NOT NULL AND taken_at <= ? RETURNING seq",
+                (now - self.refetch_window,),
+            ).fetchall():
+                gone += db.execute("DELETE FROM keys WHERE batch = ?", (seq,)).rowcount
+            db.execute("UPDATE total SET keys = keys - ?", (gone,))
             db.execute("DELETE FROM tally WHERE keys = 0")
-        return gone + len(stale)
+        return gone
 
     def _purge_expired(self, db: sqlite3.Connection, now: float) -> int:
         """Delete the expired batches and their rows; how many rows (``total`` not updated)."""

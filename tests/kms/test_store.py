@@ -156,6 +156,91 @@ def test_a_restore_after_a_purge_counts_the_keys_again(store):
     assert store.count(S, "ksa") == 1 and store.levels("ksa") == {S: 1}
 
 
+def pending_rows(path: Path) -> tuple[int, int]:
+    """Batches pending as a whole, and key rows pending on their own."""
+    db = sqlite3.connect(path)
+    batches = db.execute("SELECT COUNT(*) FROM batches WHERE run IS NOT NULL").fetchone()[0]
+    rows = db.execute("SELECT COUNT(*) FROM keys WHERE run IS NOT NULL").fetchone()[0]
+    db.close()
+    return batches, rows
+
+
+def test_a_take_of_a_whole_batch_marks_the_batch_and_its_release_deletes_it(store):
+    """The usual dec_keys (every key of one delivery) writes one batch row, not a row per
+    key, and keeps the same promises: pending until released, refused twice in a run."""
+    store.put_many(S, keys(5))
+    store.put_many(S, keys(2, "x"))
+    assert bits(store.take_many(S, ["k3", "k0", "k4", "k1", "k2"])) == [
+        (f"k{i}", bytes([i]) * 32) for i in (3, 0, 4, 1, 2)
+    ]
+    assert pending_rows(store.path) == (1, 0)
+    assert store.count(S, "ksa") == 2 and store.levels("ksa") == {S: 2}
+    with pytest.raises(KeyUnavailable) as caught:
+        store.take_many(S, ["k0", "k1", "k2", "k3", "k4"])
+    assert caught.value.held == ["k0", "k1", "k2", "k3", "k4"]
+    assert [k.key_id for k in store.take_oldest(S, "ksa", 1)] == ["x0"]  # pending: skipped
+    assert store.release(["k4", "k3", "k2", "k1", "k0", "x1"]) == 5  # x1 is not pending
+    assert pending_rows(store.path) == (0, 0)
+    db = sqlite3.connect(store.path)
+    assert db.execute("SELECT COUNT(*) FROM keys").fetchone()[0] == 1  # x1
+    assert db.execute("SELECT COUNT(*) FROM batches").fetchone()[0] == 1
+
+
+def test_part_of_a_pending_batch_is_taken_again_released_or_restored_key_by_key(tmp_path, clock):
+    """After a crash the slave may take again some of a batch taken whole; a restore or a
+    release may name some of it: the rest stays pending, from the first take's time."""
+    path = tmp_path / "keys.db"
+    first = open_store(path, clock, "run-1")
+    first.put_many(S, keys(4))
+    first.take_many(S, ["k0", "k1", "k2", "k3"])
+    first.close()
+    clock.now += 10
+    second = open_store(path, clock, "run-2")
+    assert bits(second.take_many(S, ["k2"])) == [("k2", bytes([2]) * 32)]
+    assert pending_rows(path) == (0, 4)
+    assert second.take_many(S, ["k0", "k1"])[1].key_id == "k1"
+    assert second.run(Restore(session=S, key_ids=["k1"])) == 1
+    assert second.count(S, "ksa") == 1
+    assert second.release(["k0", "k2"]) == 2
+    clock.now += REFETCH_WINDOW - 10  # k3: pending under run-1 since the first take
+    with pytest.raises(KeyUnavailable) as caught:
+        second.take_many(S, ["k3"])
+    assert caught.value.held == ["k3"]
+    assert second.purge_expired() == 1 and second.count(S, "ksa") == 1
+
+
+def test_a_whole_batch_restored_or_left_pending_past_the_window(tmp_path, clock):
+    store = open_store(tmp_path / "keys.db", clock, ttl=2 * REFETCH_WINDOW)
+    store.put_many(S, keys(3))
+    store.take_many(S, ["k0", "k1", "k2"])
+    assert store.run(Restore(session=S, key_ids=["k2", "k1", "k0"])) == 3
+    assert store.count(S, "ksa") == 3 and pending_rows(store.path) == (0, 0)
+    store.take_many(S, ["k2", "k1", "k0"])
+    assert store.run(Restore(session=S, key_ids=["k1"])) == 1  # the rest stays pending
+    assert store.count(S, "ksa") == 1 and pending_rows(store.path) == (0, 2)
+    store.put_many(S, keys(2, "y"))
+    store.take_many(S, ["y0", "y1"])
+    assert store.purge_expired() == 0
+    clock.now += REFETCH_WINDOW
+    assert store.purge_expired() == 4  # k0, k2 and the batch y
+    assert bits(store.take_many(S, ["k1"])) == [("k1", bytes([1]) * 32)]
+
+
+def test_a_store_of_layout_3_is_upgraded_and_keeps_its_keys(tmp_path, clock):
+    path = tmp_path / "keys.db"
+    open_store(path, clock).put_many(S, keys(2))
+    db = sqlite3.connect(path)
+    with db:
+        db.execute("DROP INDEX batches_pending")
+        db.execute("ALTER TABLE batches DROP COLUMN run")
+        db.execute("ALTER TABLE batches DROP COLUMN taken_at")
+        db.execute("PRAGMA user_version = 3")
+    db.close()
+    again = open_store(path, clock)
+    assert bits(again.take_many(S, ["k1", "k0"])) == [("k1", bytes([1]) * 32), ("k0", bytes(32))]
+    assert pending_rows(path) == (1, 0) and again.release(["k0", "k1"]) == 2
+
+
 def test_concurrent_takes_of_one_id_have_exactly_one_winner(store):
     store.put_many(S, keys(40))
     winners: dict[str, int] = {}
