@@ -35,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import inspect
 import logging
 import os
@@ -200,11 +201,12 @@ class KmsNode:
         self.on_put: Callable[[Put], None] | None = None
         """Told of every put that committed (the 004 streams wake their waiting GET_KEYs)."""
         self._timers: dict[tuple[str, Any], asyncio.TimerHandle] = {}
-        self._replies: dict[int, asyncio.Future[Any] | tuple[str, int]] = {}
+        self._replies: dict[int, _Slot | tuple[str, int]] = {}
         self._sae: dict[int, asyncio.Future[list[tuple[str, bytearray]]]] = {}
         self._tasks: set[asyncio.Future[Input]] = set()
         self._work: deque[tuple[str, Input]] = deque()
         self._feeding = False
+        self._closing = False
         self._numbers = iter(range(1, 1 << 62))
         self._loop: asyncio.AbstractEventLoop | None = None
         seam = os.environ.get(EXIT_AFTER_TAKE)
@@ -298,6 +300,7 @@ class KmsNode:
         return sum(b.messages for b in batchers), sum(b.batches for b in batchers)
 
     async def close(self) -> None:
+        self._closing = True  # answers still coming are not fed to the engines
         if self.agent is not None:
             self.agent.close()
         if self.streams is not None:
@@ -405,11 +408,14 @@ class KmsNode:
             self._replies[req] = (service, call.call)
             self._work.append((target, Received(req=req, caller=self.me, message=call.message)))
             return
-        if isinstance(call.message, m.RelayItem):
-            future = self._batcher(node).submit(call.message)
-            future.add_done_callback(lambda f: self.feed(service, _relay_outcome(call.call, f)))
+        if isinstance(call.message, m.RelayItem):  # no future, no task per hop message
+            self._batcher(node).send(call.message, functools.partial(self._relayed, service, call))
             return
-        self._later(service, self._post(call))
+        if not self._post_now(service, call):
+            self._later(service, self._post(call))
+
+    def _relayed(self, service: str, call: Call, outcome: m.ItemResult | BaseException) -> None:
+        self.feed(service, _relay_outcome(call.call, outcome))
 
     async def _post(self, call: Call) -> Input:
         node, service = call.to
@@ -424,26 +430,62 @@ class KmsNode:
         """POST ``message`` to a node's service; its answer (a refusal raises its error)."""
         path, answer_type = m.endpoint_of(message)
         client = self._client(node, service)
-        if message.holds_key:
-            buffer = bytearray()
-            m.encode_into(message, buffer)
-            body: bytes | bytearray = buffer
-        else:
-            body = buffer = m.encode(message)  # type: ignore[assignment]
+        body = _encoded(message)
         try:
             response = await client.request("POST", path, bytes(body), MSGPACK)
         except TransportError as exc:
             raise Unreachable(f"node {node} {service}: unreachable ({exc.code})") from exc
         finally:
-            if isinstance(buffer, bytearray):
-                buffer[:] = bytes(len(buffer))
-        answer = m.decode_answer(response.body, answer_type)
-        if isinstance(answer, m.Refused):
-            denied = Denied.from_code(answer.code, answer.message)  # for the SAE: no node named
-            if denied is not None:
-                raise denied
-            raise error_from(answer.code, f"node {node}{path}: {answer.message}")
-        return answer
+            _wipe(body)
+        return _answer_of(node, path, answer_type, response.body)
+
+    def _post_now(self, service: str, call: Call) -> bool:
+        """Start a call to another node at once on its open connection, the answer fed
+        back from the response's callback (no task, no coroutine); False if the
+        connection cannot take it now (not yet open, or no free stream)."""
+        node, target = call.to
+        message = call.message
+        assert isinstance(message, m.Message)  # relay items go through the batcher
+        try:
+            path, answer_type = m.endpoint_of(message)
+            body = _encoded(message)
+        except KmsError as exc:
+            self._work.append((service, CallFailed(call=call.call, error=exc)))
+            return True
+        try:
+            future = self._client(node, target).start("POST", path, bytes(body), MSGPACK)
+        finally:
+            _wipe(body)
+        if future is None:
+            return False
+        then = functools.partial(self._posted, service, call, path, answer_type)
+        future.add_done_callback(then)
+        return True
+
+    def _posted(
+        self,
+        service: str,
+        call: Call,
+        path: str,
+        answer_type: type[m.Message],
+        future: asyncio.Future[Response],
+    ) -> None:
+        if self._closing:
+            return
+        node, target = call.to
+        event: Input
+        try:
+            body = future.result().body
+        except (TransportError, TimeoutError, asyncio.CancelledError) as exc:
+            code = exc.code if isinstance(exc, TransportError) else "no answer in time"
+            error = Unreachable(f"node {node} {target}: unreachable ({code})")
+            event = CallFailed(call=call.call, error=error)
+        else:
+            try:
+                event = Answered(call=call.call, message=_answer_of(node, path, answer_type, body))
+            except KmsError as exc:
+                event = CallFailed(call=call.call, error=exc)
+        self.feed(service, event)
 
     def _client(self, node: int, service: str) -> H2Client:
         plan = self.config.plan
@@ -496,7 +538,8 @@ class KmsNode:
         if isinstance(message, m.RelayBatch):
             return await self._relay_batch(service, caller, message)
         req = next(self._numbers)
-        outcome = await self._receive(service, caller, message, req)
+        slot = self._receive(service, caller, message, req)
+        outcome = slot.outcome if slot.done else await slot.wait()
         if isinstance(outcome, KmsError):
             self._log_refusal(request.path, outcome)
             response = _refused(400 if isinstance(outcome, IntegrityFailure) else 503, outcome)
@@ -537,29 +580,30 @@ class KmsNode:
 
     def _receive(
         self, service: str, caller: int, message: m.Sendable, req: int | None = None
-    ) -> asyncio.Future[Any]:
-        assert self._loop is not None
-        future: asyncio.Future[Any] = self._loop.create_future()
+    ) -> _Slot:
+        """Hand a node's request to an engine; its slot holds the answer when it comes
+        (most hop messages are answered within this very call: no future for them)."""
+        slot = _Slot()
         req = next(self._numbers) if req is None else req
-        self._replies[req] = future
+        self._replies[req] = slot
         self.feed(service, Received(req=req, caller=caller, message=message))
-        return future
+        return slot
 
     async def _relay_batch(self, service: str, caller: int, batch: m.RelayBatch) -> Response:
         """Each item is handled on its own and keeps its own result (a batch of one that
         fails answers with the usual error status)."""
-        futures = [self._receive(service, caller, item) for item in batch.items]
+        slots = [self._receive(service, caller, item) for item in batch.items]
         results: list[m.ItemResult] = []
-        for future in futures:
-            outcome = await future
+        for slot in slots:
+            outcome = slot.outcome if slot.done else await slot.wait()
             if isinstance(outcome, KmsError):
                 self._log_refusal("/v1/relay", outcome)
-                if len(futures) == 1:
+                if len(slots) == 1:
                     return _refused(400 if isinstance(outcome, IntegrityFailure) else 503, outcome)
                 refused = m.refused(outcome)
                 results.append(m.ItemResult(ok=False, code=refused.code, message=refused.message))
             else:
-                results.append(m.ItemResult(ok=True))
+                results.append(_ITEM_OK)
         return _ok(m.RelayResults(results=results))
 
     def _answer(self, service: str, action: Reply | Refuse) -> None:
@@ -573,8 +617,8 @@ class KmsNode:
                 else CallFailed(call=call, error=action.error)
             )
             self._work.append((origin, event))
-        elif waiting is not None and not waiting.done():
-            waiting.set_result(outcome)
+        elif waiting is not None:
+            waiting.answer(outcome)
 
     def _log_refusal(self, path: str, error: KmsError) -> None:
         self.counters.failed(error.code)
@@ -802,6 +846,35 @@ class KmsNode:
         return engine.akms
 
 
+_ITEM_OK = m.ItemResult(ok=True)
+
+
+class _Slot:
+    """Where the answer to a node's request lands: at once, or later for an awaiting
+    handler (a future is made only then)."""
+
+    __slots__ = ("done", "future", "outcome")
+
+    def __init__(self) -> None:
+        self.done = False
+        self.outcome: Any = None
+        self.future: asyncio.Future[Any] | None = None
+
+    def answer(self, outcome: Any) -> None:
+        if self.done:
+            return
+        self.done, self.outcome = True, outcome
+        if self.future is not None and not self.future.done():
+            self.future.set_result(outcome)
+
+    async def wait(self) -> Any:
+        """The answer, once it comes."""
+        if not self.done:
+            self.future = asyncio.get_running_loop().create_future()
+            return await self.future
+        return self.outcome
+
+
 class UkmsKeyService:
     """The ETSI 014 key service of a UKMS node (:class:`etsi014.KeyService`)."""
 
@@ -940,13 +1013,13 @@ def _too_late(future: asyncio.Future[Any]) -> None:
         future.set_exception(KeyUnavailable("the keys did not come in time"))
 
 
-def _relay_outcome(call: int, future: asyncio.Future[m.ItemResult]) -> Input:
-    try:
-        result = future.result()
-    except KmsError as exc:
-        return CallFailed(call=call, error=exc)
-    except (TransportError, asyncio.CancelledError) as exc:
-        return CallFailed(call=call, error=Unreachable(f"relay batch not delivered ({exc})"))
+def _relay_outcome(call: int, result: m.ItemResult | BaseException) -> Input:
+    if isinstance(result, KmsError):
+        return CallFailed(call=call, error=result)
+    if isinstance(result, BaseException):  # a transport error, a cancel; a bug is logged too
+        if not isinstance(result, TransportError | asyncio.CancelledError):
+            log.error("relay batch failed", extra={"error": repr(result)})
+        return CallFailed(call=call, error=Unreachable(f"relay batch not delivered ({result})"))
     if result.ok:
         return Answered(call=call, message=m.Ok())
     return CallFailed(call=call, error=error_from(result.code, result.message))
@@ -966,6 +1039,32 @@ def _housekeep(stores: ShardedStore) -> int:
     purged = stores.purge_expired()
     stores.checkpoint()
     return purged
+
+
+def _encoded(message: m.Message) -> bytes | bytearray:
+    """The body of a request; one that holds key material is a bytearray (see _wipe)."""
+    if message.holds_key:
+        buffer = bytearray()
+        m.encode_into(message, buffer)
+        return buffer
+    return m.encode(message)
+
+
+def _wipe(body: bytes | bytearray) -> None:
+    """Erase a request body that held key material, once it is sent."""
+    if isinstance(body, bytearray):
+        body[:] = bytes(len(body))
+
+
+def _answer_of(node: int, path: str, answer_type: type[m.Message], body: bytes) -> m.Message:
+    """A node's answer to a request; a refusal raises its error."""
+    answer = m.decode_answer(body, answer_type)
+    if isinstance(answer, m.Refused):
+        denied = Denied.from_code(answer.code, answer.message)  # for the SAE: no node named
+        if denied is not None:
+            raise denied
+        raise error_from(answer.code, f"node {node}{path}: {answer.message}")
+    return answer
 
 
 def _ok(message: m.Message) -> Response:

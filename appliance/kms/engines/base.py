@@ -24,7 +24,6 @@ than its request needs, and erases it.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import itertools
 from collections import deque
@@ -225,7 +224,16 @@ class EngineBase:
         segments, material, counter = self.links[job.peer].seal_material(
             job.hop.mode, len(job.payload)
         )
-        hop = dataclasses.replace(job.hop, segments=segments, counter=counter)
+        head = job.hop  # built field by field: dataclasses.replace costs twice as much
+        hop = Hop(
+            request_id=head.request_id,
+            hop=head.hop,
+            direction=head.direction,
+            link=head.link,
+            mode=head.mode,
+            segments=segments,
+            counter=counter,
+        )
         try:
             if hop.mode is Mode.OTP:
                 sealed = seal_otp(hop, job.payload, material)  # erases the pad
