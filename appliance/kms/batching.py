@@ -22,6 +22,8 @@ from appliance.kms import messages as m
 from appliance.kms.errors import KeyUnavailable, KmsError, StaleGrant, StaleKey, UnknownChannel
 
 Send = Callable[[list[m.RelayItem]], Awaitable[list[m.ItemResult]]]
+Start = Callable[[list[m.RelayItem], Callable[[list[m.ItemResult] | BaseException], None]], bool]
+"""Sends a batch at once if it can (True), calling back with its results or its error."""
 Done = Callable[[m.ItemResult | BaseException], None]
 """Told what became of one message: its result, or the error of its whole request."""
 
@@ -44,8 +46,10 @@ class RelayBatcher:
 
     MAX_ITEMS = m.MAX_RELAY_ITEMS
 
-    def __init__(self, send: Send, depth: int = 1) -> None:
-        self._send, self.depth = send, depth
+    def __init__(self, send: Send, depth: int = 1, *, start: Start | None = None) -> None:
+        """``send`` delivers a batch in a task; ``start``, when given, is tried first: it
+        sends at once if it can (True) and calls back with the batch's outcome."""
+        self._send, self._start, self.depth = send, start, depth
         self._queue: list[tuple[m.RelayItem, Done]] = []
         self._in_flight = 0
         self._scheduled = False
@@ -79,6 +83,10 @@ class RelayBatcher:
         self._in_flight += 1
         self.batches += 1
         self.messages += len(items)
+        if self._start is not None:
+            answered = functools.partial(self._answered, items)
+            if self._start([item for item, _ in items], answered):
+                return
         task = asyncio.create_task(self._deliver(items))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -95,6 +103,13 @@ class RelayBatcher:
         finally:
             self._in_flight -= 1
         self._done(items, outcomes)
+        self._kick()
+
+    def _answered(
+        self, items: list[tuple[m.RelayItem, Done]], outcome: list[m.ItemResult] | BaseException
+    ) -> None:
+        self._in_flight -= 1
+        self._done(items, [outcome] * len(items) if isinstance(outcome, BaseException) else outcome)
         self._kick()
 
     @staticmethod

@@ -121,6 +121,8 @@ __all__ = ["KmsNode", "Policy", "Unreachable"]
 
 log = logging.getLogger("qkdn.kms")
 RandomBytes = Callable[[int], bytes]
+Answer = Callable[["m.Message | KmsError"], None]
+"""Told a node's answer to a request, or the error the request ended in."""
 MSGPACK = {"content-type": "application/msgpack"}
 INTEGRITY_CODES = {IntegrityFailure.code, ReplayDetected.code}
 TERMS_TTL_S = 2.0
@@ -440,52 +442,61 @@ class KmsNode:
         return _answer_of(node, path, answer_type, response.body)
 
     def _post_now(self, service: str, call: Call) -> bool:
-        """Start a call to another node at once on its open connection, the answer fed
-        back from the response's callback (no task, no coroutine); False if the
-        connection cannot take it now (not yet open, or no free stream)."""
+        """Start an engine's call to another node at once, its outcome fed back from the
+        response's callback (no task, no coroutine); False if the connection cannot take
+        it now (not yet open, or no free stream)."""
         node, target = call.to
-        message = call.message
-        assert isinstance(message, m.Message)  # relay items go through the batcher
+        assert isinstance(call.message, m.Message)  # relay items go through the batcher
+        then = functools.partial(self._call_done, service, call.call)
+        return self._start_post(node, target, call.message, then)
+
+    def _call_done(self, service: str, number: int, outcome: m.Message | KmsError) -> None:
+        if isinstance(outcome, KmsError):
+            self.feed(service, CallFailed(call=number, error=outcome))
+        else:
+            self.feed(service, Answered(call=number, message=outcome))
+
+    def _start_post(self, node: int, service: str, message: m.Message, then: Answer) -> bool:
+        """POST ``message`` to a node's service on its open connection; ``then`` hears the
+        answer or the error (as :meth:`request` would return or raise it); False if the
+        connection cannot take it now (nothing was sent)."""
         try:
             path, answer_type = m.endpoint_of(message)
             body = _encoded(message)
         except KmsError as exc:
-            self._work.append((service, CallFailed(call=call.call, error=exc)))
+            then(exc)
             return True
         try:
-            future = self._client(node, target).start("POST", path, bytes(body), MSGPACK)
+            future = self._client(node, service).start("POST", path, bytes(body), MSGPACK)
         finally:
             _wipe(body)
         if future is None:
             return False
-        then = functools.partial(self._posted, service, call, path, answer_type)
-        future.add_done_callback(then)
+        where = (node, service, path, answer_type)
+        future.add_done_callback(functools.partial(self._posted, where, then))
         return True
 
     def _posted(
         self,
-        service: str,
-        call: Call,
-        path: str,
-        answer_type: type[m.Message],
+        where: tuple[int, str, str, type[m.Message]],
+        then: Answer,
         future: asyncio.Future[Response],
     ) -> None:
         if self._closing:
             return
-        node, target = call.to
-        event: Input
+        node, service, path, answer_type = where
         try:
             body = future.result().body
         except (TransportError, TimeoutError, asyncio.CancelledError) as exc:
             code = exc.code if isinstance(exc, TransportError) else "no answer in time"
-            error = Unreachable(f"node {node} {target}: unreachable ({code})")
-            event = CallFailed(call=call.call, error=error)
-        else:
-            try:
-                event = Answered(call=call.call, message=_answer_of(node, path, answer_type, body))
-            except KmsError as exc:
-                event = CallFailed(call=call.call, error=exc)
-        self.feed(service, event)
+            then(Unreachable(f"node {node} {service}: unreachable ({code})"))
+            return
+        try:
+            answer = _answer_of(node, path, answer_type, body)
+        except KmsError as exc:
+            then(exc)
+            return
+        then(answer)
 
     def _client(self, node: int, service: str) -> H2Client:
         plan = self.config.plan
@@ -505,11 +516,19 @@ class KmsNode:
 
             async def send(items: list[m.RelayItem]) -> list[m.ItemResult]:
                 answer = await self.request(peer, "ckms", m.RelayBatch(items=items))
-                if not isinstance(answer, m.RelayResults) or len(answer.results) != len(items):
-                    raise Unreachable(f"node {peer}: relay batch answered out of step")
-                return list(answer.results)
+                return _results(peer, answer, len(items))
 
-            batcher = self._batchers[peer] = RelayBatcher(send)
+            def start(items: list[m.RelayItem], done: Callable[[Any], None]) -> bool:
+                def then(answer: m.Message | KmsError) -> None:
+                    try:
+                        done(answer if isinstance(answer, KmsError) else _results(peer, answer, n))
+                    except KmsError as exc:
+                        done(exc)
+
+                n = len(items)
+                return self._start_post(peer, "ckms", m.RelayBatch(items=items), then)
+
+            batcher = self._batchers[peer] = RelayBatcher(send, start=start)
         return batcher
 
     # -- requests from other nodes ----------------------------------------------------------
@@ -1039,6 +1058,13 @@ def _housekeep(stores: ShardedStore) -> int:
     purged = stores.purge_expired()
     stores.checkpoint()
     return purged
+
+
+def _results(peer: int, answer: m.Message, items: int) -> list[m.ItemResult]:
+    """The results of a relay batch of ``items`` messages, one for each."""
+    if not isinstance(answer, m.RelayResults) or len(answer.results) != items:
+        raise Unreachable(f"node {peer}: relay batch answered out of step")
+    return list(answer.results)
 
 
 def _encoded(message: m.Message) -> bytes | bytearray:
