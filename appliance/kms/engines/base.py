@@ -414,10 +414,14 @@ class _Granting:
     state: S
 
 
+_CALL_OUTCOMES = (Answered, CallFailed)
+_TICKETED = (LinkKeysRead, PskDerived, StoreDone, Validated, PathFound)
+
+
 def _number_of(event: Input) -> int | None:
-    if isinstance(event, Answered | CallFailed):
+    if isinstance(event, _CALL_OUTCOMES):
         return event.call
-    if isinstance(event, LinkKeysRead | PskDerived | StoreDone | Validated | PathFound):
+    if isinstance(event, _TICKETED):
         return event.ticket
     return None
 
