@@ -8,9 +8,12 @@ what their actions ask:
 
 * calls to other nodes over HTTP/2 with mutual TLS, one self-reconnecting connection per
   peer service; relay messages for one neighbour leave in batches (:mod:`batching`); a
-  call to an engine of this same process is handed over in memory;
+  call to an engine of this same process is handed over in memory. On an open connection
+  a call or batch is sent at once and its answer fed back from the response's callback
+  (no task, no coroutine: :meth:`H2Client.start`); a task only while connecting;
 * requests from other nodes (one HTTP/2 server per service), decoded into typed messages
-  (:mod:`messages`) and answered with the engine's reply or refusal;
+  (:mod:`messages`) and answered with the engine's reply or refusal (an answer given
+  within the engine's step, as most relay hops' are, needs no future);
 * reads of the QKD modules (synchronous driver calls), derivations by the PSK sources
   (in a thread: a smartcard may be slow), key-store operations (:mod:`shards`, group
   committed), the seams (request validator, path provider), timers on the event loop;
