@@ -15,12 +15,17 @@ call per hop message (:mod:`appliance.kms.engines.ckms`).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+import functools
+from collections.abc import Awaitable, Callable, Sequence
 
 from appliance.kms import messages as m
 from appliance.kms.errors import KeyUnavailable, KmsError, StaleGrant, StaleKey, UnknownChannel
 
 Send = Callable[[list[m.RelayItem]], Awaitable[list[m.ItemResult]]]
+Start = Callable[[list[m.RelayItem], Callable[[list[m.ItemResult] | BaseException], None]], bool]
+"""Sends a batch at once if it can (True), calling back with its results or its error."""
+Done = Callable[[m.ItemResult | BaseException], None]
+"""Told what became of one message: its result, or the error of its whole request."""
 
 ERRORS: dict[str, type[KmsError]] = {
     StaleGrant.code: StaleGrant,
@@ -41,9 +46,11 @@ class RelayBatcher:
 
     MAX_ITEMS = m.MAX_RELAY_ITEMS
 
-    def __init__(self, send: Send, depth: int = 1) -> None:
-        self._send, self.depth = send, depth
-        self._queue: list[tuple[m.RelayItem, asyncio.Future[m.ItemResult]]] = []
+    def __init__(self, send: Send, depth: int = 1, *, start: Start | None = None) -> None:
+        """``send`` delivers a batch in a task; ``start``, when given, is tried first: it
+        sends at once if it can (True) and calls back with the batch's outcome."""
+        self._send, self._start, self.depth = send, start, depth
+        self._queue: list[tuple[m.RelayItem, Done]] = []
         self._in_flight = 0
         self._scheduled = False
         self._tasks: set[asyncio.Task[None]] = set()
@@ -53,9 +60,14 @@ class RelayBatcher:
     def submit(self, item: m.RelayItem) -> asyncio.Future[m.ItemResult]:
         """Queue one message; the future holds its result, or the whole request's error."""
         future: asyncio.Future[m.ItemResult] = asyncio.get_running_loop().create_future()
-        self._queue.append((item, future))
-        self._kick()
+        self.send(item, functools.partial(_settle, future))
         return future
+
+    def send(self, item: m.RelayItem, done: Done) -> None:
+        """Queue one message; ``done`` is called with its result, or the whole request's
+        error, once its batch is answered (the node adapter's way: no future per message)."""
+        self._queue.append((item, done))
+        self._kick()
 
     def _kick(self) -> None:
         if self._queue and self._in_flight < self.depth and not self._scheduled:
@@ -71,26 +83,56 @@ class RelayBatcher:
         self._in_flight += 1
         self.batches += 1
         self.messages += len(items)
+        if self._start is not None:
+            answered = functools.partial(self._answered, items)
+            if self._start([item for item, _ in items], answered):
+                return
         task = asyncio.create_task(self._deliver(items))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _deliver(self, items: list[tuple[m.RelayItem, asyncio.Future[m.ItemResult]]]) -> None:
+    async def _deliver(self, items: list[tuple[m.RelayItem, Done]]) -> None:
+        outcomes: Sequence[m.ItemResult | BaseException]
         try:
-            results = await self._send([item for item, _ in items])
-            for (_, future), result in zip(items, results, strict=True):
-                if not future.done():
-                    future.set_result(result)
+            outcomes = await self._send([item for item, _ in items])
         except BaseException as exc:  # the whole request failed: every message with it
-            for _, future in items:
-                if not future.done():
-                    future.set_exception(exc)
+            outcomes = [exc] * len(items)
             if not isinstance(exc, Exception):
+                self._done(items, outcomes)
                 raise
         finally:
             self._in_flight -= 1
-            self._kick()
+        self._done(items, outcomes)
+        self._kick()
+
+    def _answered(
+        self, items: list[tuple[m.RelayItem, Done]], outcome: list[m.ItemResult] | BaseException
+    ) -> None:
+        self._in_flight -= 1
+        self._done(items, [outcome] * len(items) if isinstance(outcome, BaseException) else outcome)
+        self._kick()
+
+    @staticmethod
+    def _done(
+        items: list[tuple[m.RelayItem, Done]], outcomes: Sequence[m.ItemResult | BaseException]
+    ) -> None:
+        for (_, done), outcome in zip(items, outcomes, strict=True):
+            try:
+                done(outcome)
+            except Exception as exc:  # one message's bug: the others still hear theirs
+                asyncio.get_running_loop().call_exception_handler(
+                    {"message": "relay outcome callback failed", "exception": exc}
+                )
 
     def close(self) -> None:
         for task in self._tasks:
             task.cancel()
+
+
+def _settle(future: asyncio.Future[m.ItemResult], outcome: m.ItemResult | BaseException) -> None:
+    if future.done():
+        return
+    if isinstance(outcome, BaseException):
+        future.set_exception(outcome)
+    else:
+        future.set_result(outcome)

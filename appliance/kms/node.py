@@ -8,9 +8,12 @@ what their actions ask:
 
 * calls to other nodes over HTTP/2 with mutual TLS, one self-reconnecting connection per
   peer service; relay messages for one neighbour leave in batches (:mod:`batching`); a
-  call to an engine of this same process is handed over in memory;
+  call to an engine of this same process is handed over in memory. On an open connection
+  a call or batch is sent at once and its answer fed back from the response's callback
+  (no task, no coroutine: :meth:`H2Client.start`); a task only while connecting;
 * requests from other nodes (one HTTP/2 server per service), decoded into typed messages
-  (:mod:`messages`) and answered with the engine's reply or refusal;
+  (:mod:`messages`) and answered with the engine's reply or refusal (an answer given
+  within the engine's step, as most relay hops' are, needs no future);
 * reads of the QKD modules (synchronous driver calls), derivations by the PSK sources
   (in a thread: a smartcard may be slow), key-store operations (:mod:`shards`, group
   committed), the seams (request validator, path provider), timers on the event loop;
@@ -35,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import inspect
 import logging
 import os
@@ -121,6 +125,8 @@ __all__ = ["KmsNode", "Policy", "Unreachable"]
 
 log = logging.getLogger("qkdn.kms")
 RandomBytes = Callable[[int], bytes]
+Answer = Callable[["m.Message | KmsError"], None]
+"""Told a node's answer to a request, or the error the request ended in."""
 MSGPACK = {"content-type": "application/msgpack"}
 INTEGRITY_CODES = {IntegrityFailure.code, ReplayDetected.code}
 TERMS_TTL_S = 2.0
@@ -201,11 +207,12 @@ class KmsNode:
         self.on_put: Callable[[Put], None] | None = None
         """Told of every put that committed (the 004 streams wake their waiting GET_KEYs)."""
         self._timers: dict[tuple[str, Any], asyncio.TimerHandle] = {}
-        self._replies: dict[int, asyncio.Future[Any] | tuple[str, int]] = {}
+        self._replies: dict[int, _Slot | tuple[str, int]] = {}
         self._sae: dict[int, asyncio.Future[list[tuple[str, bytearray]]]] = {}
         self._tasks: set[asyncio.Future[Input]] = set()
         self._work: deque[tuple[str, Input]] = deque()
         self._feeding = False
+        self._closing = False
         self._numbers = iter(range(1, 1 << 62))
         self._loop: asyncio.AbstractEventLoop | None = None
         seam = os.environ.get(EXIT_AFTER_TAKE)
@@ -302,6 +309,7 @@ class KmsNode:
         return sum(b.messages for b in batchers), sum(b.batches for b in batchers)
 
     async def close(self) -> None:
+        self._closing = True  # answers still coming are not fed to the engines
         if self.agent is not None:
             self.agent.close()
         if self.streams is not None:
@@ -409,11 +417,14 @@ class KmsNode:
             self._replies[req] = (service, call.call)
             self._work.append((target, Received(req=req, caller=self.me, message=call.message)))
             return
-        if isinstance(call.message, m.RelayItem):
-            future = self._batcher(node).submit(call.message)
-            future.add_done_callback(lambda f: self.feed(service, _relay_outcome(call.call, f)))
+        if isinstance(call.message, m.RelayItem):  # no future, no task per hop message
+            self._batcher(node).send(call.message, functools.partial(self._relayed, service, call))
             return
-        self._later(service, self._post(call))
+        if not self._post_now(service, call):
+            self._later(service, self._post(call))
+
+    def _relayed(self, service: str, call: Call, outcome: m.ItemResult | BaseException) -> None:
+        self.feed(service, _relay_outcome(call.call, outcome))
 
     async def _post(self, call: Call) -> Input:
         node, service = call.to
@@ -428,26 +439,71 @@ class KmsNode:
         """POST ``message`` to a node's service; its answer (a refusal raises its error)."""
         path, answer_type = m.endpoint_of(message)
         client = self._client(node, service)
-        if message.holds_key:
-            buffer = bytearray()
-            m.encode_into(message, buffer)
-            body: bytes | bytearray = buffer
-        else:
-            body = buffer = m.encode(message)  # type: ignore[assignment]
+        body = _encoded(message)
         try:
             response = await client.request("POST", path, bytes(body), MSGPACK)
         except TransportError as exc:
             raise Unreachable(f"node {node} {service}: unreachable ({exc.code})") from exc
         finally:
-            if isinstance(buffer, bytearray):
-                buffer[:] = bytes(len(buffer))
-        answer = m.decode_answer(response.body, answer_type)
-        if isinstance(answer, m.Refused):
-            denied = Denied.from_code(answer.code, answer.message)  # for the SAE: no node named
-            if denied is not None:
-                raise denied
-            raise error_from(answer.code, f"node {node}{path}: {answer.message}")
-        return answer
+            _wipe(body)
+        return _answer_of(node, path, answer_type, response.body)
+
+    def _post_now(self, service: str, call: Call) -> bool:
+        """Start an engine's call to another node at once, its outcome fed back from the
+        response's callback (no task, no coroutine); False if the connection cannot take
+        it now (not yet open, or no free stream)."""
+        node, target = call.to
+        assert isinstance(call.message, m.Message)  # relay items go through the batcher
+        then = functools.partial(self._call_done, service, call.call)
+        return self._start_post(node, target, call.message, then)
+
+    def _call_done(self, service: str, number: int, outcome: m.Message | KmsError) -> None:
+        if isinstance(outcome, KmsError):
+            self.feed(service, CallFailed(call=number, error=outcome))
+        else:
+            self.feed(service, Answered(call=number, message=outcome))
+
+    def _start_post(self, node: int, service: str, message: m.Message, then: Answer) -> bool:
+        """POST ``message`` to a node's service on its open connection; ``then`` hears the
+        answer or the error (as :meth:`request` would return or raise it); False if the
+        connection cannot take it now (nothing was sent)."""
+        try:
+            path, answer_type = m.endpoint_of(message)
+            body = _encoded(message)
+        except KmsError as exc:
+            then(exc)
+            return True
+        try:
+            future = self._client(node, service).start("POST", path, bytes(body), MSGPACK)
+        finally:
+            _wipe(body)
+        if future is None:
+            return False
+        where = (node, service, path, answer_type)
+        future.add_done_callback(functools.partial(self._posted, where, then))
+        return True
+
+    def _posted(
+        self,
+        where: tuple[int, str, str, type[m.Message]],
+        then: Answer,
+        future: asyncio.Future[Response],
+    ) -> None:
+        if self._closing:
+            return
+        node, service, path, answer_type = where
+        try:
+            body = future.result().body
+        except (TransportError, TimeoutError, asyncio.CancelledError) as exc:
+            code = exc.code if isinstance(exc, TransportError) else "no answer in time"
+            then(Unreachable(f"node {node} {service}: unreachable ({code})"))
+            return
+        try:
+            answer = _answer_of(node, path, answer_type, body)
+        except KmsError as exc:
+            then(exc)
+            return
+        then(answer)
 
     def _client(self, node: int, service: str) -> H2Client:
         plan = self.config.plan
@@ -467,11 +523,19 @@ class KmsNode:
 
             async def send(items: list[m.RelayItem]) -> list[m.ItemResult]:
                 answer = await self.request(peer, "ckms", m.RelayBatch(items=items))
-                if not isinstance(answer, m.RelayResults) or len(answer.results) != len(items):
-                    raise Unreachable(f"node {peer}: relay batch answered out of step")
-                return list(answer.results)
+                return _results(peer, answer, len(items))
 
-            batcher = self._batchers[peer] = RelayBatcher(send)
+            def start(items: list[m.RelayItem], done: Callable[[Any], None]) -> bool:
+                def then(answer: m.Message | KmsError) -> None:
+                    try:
+                        done(answer if isinstance(answer, KmsError) else _results(peer, answer, n))
+                    except KmsError as exc:
+                        done(exc)
+
+                n = len(items)
+                return self._start_post(peer, "ckms", m.RelayBatch(items=items), then)
+
+            batcher = self._batchers[peer] = RelayBatcher(send, start=start)
         return batcher
 
     # -- requests from other nodes ----------------------------------------------------------
@@ -500,7 +564,8 @@ class KmsNode:
         if isinstance(message, m.RelayBatch):
             return await self._relay_batch(service, caller, message)
         req = next(self._numbers)
-        outcome = await self._receive(service, caller, message, req)
+        slot = self._receive(service, caller, message, req)
+        outcome = slot.outcome if slot.done else await slot.wait()
         if isinstance(outcome, KmsError):
             self._log_refusal(request.path, outcome)
             response = _refused(400 if isinstance(outcome, IntegrityFailure) else 503, outcome)
@@ -541,29 +606,30 @@ class KmsNode:
 
     def _receive(
         self, service: str, caller: int, message: m.Sendable, req: int | None = None
-    ) -> asyncio.Future[Any]:
-        assert self._loop is not None
-        future: asyncio.Future[Any] = self._loop.create_future()
+    ) -> _Slot:
+        """Hand a node's request to an engine; its slot holds the answer when it comes
+        (most hop messages are answered within this very call: no future for them)."""
+        slot = _Slot()
         req = next(self._numbers) if req is None else req
-        self._replies[req] = future
+        self._replies[req] = slot
         self.feed(service, Received(req=req, caller=caller, message=message))
-        return future
+        return slot
 
     async def _relay_batch(self, service: str, caller: int, batch: m.RelayBatch) -> Response:
         """Each item is handled on its own and keeps its own result (a batch of one that
         fails answers with the usual error status)."""
-        futures = [self._receive(service, caller, item) for item in batch.items]
+        slots = [self._receive(service, caller, item) for item in batch.items]
         results: list[m.ItemResult] = []
-        for future in futures:
-            outcome = await future
+        for slot in slots:
+            outcome = slot.outcome if slot.done else await slot.wait()
             if isinstance(outcome, KmsError):
                 self._log_refusal("/v1/relay", outcome)
-                if len(futures) == 1:
+                if len(slots) == 1:
                     return _refused(400 if isinstance(outcome, IntegrityFailure) else 503, outcome)
                 refused = m.refused(outcome)
                 results.append(m.ItemResult(ok=False, code=refused.code, message=refused.message))
             else:
-                results.append(m.ItemResult(ok=True))
+                results.append(_ITEM_OK)
         return _ok(m.RelayResults(results=results))
 
     def _answer(self, service: str, action: Reply | Refuse) -> None:
@@ -577,8 +643,8 @@ class KmsNode:
                 else CallFailed(call=call, error=action.error)
             )
             self._work.append((origin, event))
-        elif waiting is not None and not waiting.done():
-            waiting.set_result(outcome)
+        elif waiting is not None:
+            waiting.answer(outcome)
 
     def _log_refusal(self, path: str, error: KmsError) -> None:
         self.counters.failed(error.code)
@@ -806,6 +872,35 @@ class KmsNode:
         return engine.akms
 
 
+_ITEM_OK = m.ItemResult(ok=True)
+
+
+class _Slot:
+    """Where the answer to a node's request lands: at once, or later for an awaiting
+    handler (a future is made only then)."""
+
+    __slots__ = ("done", "future", "outcome")
+
+    def __init__(self) -> None:
+        self.done = False
+        self.outcome: Any = None
+        self.future: asyncio.Future[Any] | None = None
+
+    def answer(self, outcome: Any) -> None:
+        if self.done:
+            return
+        self.done, self.outcome = True, outcome
+        if self.future is not None and not self.future.done():
+            self.future.set_result(outcome)
+
+    async def wait(self) -> Any:
+        """The answer, once it comes."""
+        if not self.done:
+            self.future = asyncio.get_running_loop().create_future()
+            return await self.future
+        return self.outcome
+
+
 class UkmsKeyService:
     """The ETSI 014 key service of a UKMS node (:class:`etsi014.KeyService`)."""
 
@@ -944,13 +1039,13 @@ def _too_late(future: asyncio.Future[Any]) -> None:
         future.set_exception(KeyUnavailable("the keys did not come in time"))
 
 
-def _relay_outcome(call: int, future: asyncio.Future[m.ItemResult]) -> Input:
-    try:
-        result = future.result()
-    except KmsError as exc:
-        return CallFailed(call=call, error=exc)
-    except (TransportError, asyncio.CancelledError) as exc:
-        return CallFailed(call=call, error=Unreachable(f"relay batch not delivered ({exc})"))
+def _relay_outcome(call: int, result: m.ItemResult | BaseException) -> Input:
+    if isinstance(result, KmsError):
+        return CallFailed(call=call, error=result)
+    if isinstance(result, BaseException):  # a transport error, a cancel; a bug is logged too
+        if not isinstance(result, TransportError | asyncio.CancelledError):
+            log.error("relay batch failed", extra={"error": repr(result)})
+        return CallFailed(call=call, error=Unreachable(f"relay batch not delivered ({result})"))
     if result.ok:
         return Answered(call=call, message=m.Ok())
     return CallFailed(call=call, error=error_from(result.code, result.message))
@@ -970,6 +1065,39 @@ def _housekeep(stores: ShardedStore) -> int:
     purged = stores.purge_expired()
     stores.checkpoint()
     return purged
+
+
+def _results(peer: int, answer: m.Message, items: int) -> list[m.ItemResult]:
+    """The results of a relay batch of ``items`` messages, one for each."""
+    if not isinstance(answer, m.RelayResults) or len(answer.results) != items:
+        raise Unreachable(f"node {peer}: relay batch answered out of step")
+    return list(answer.results)
+
+
+def _encoded(message: m.Message) -> bytes | bytearray:
+    """The body of a request; one that holds key material is a bytearray (see _wipe)."""
+    if message.holds_key:
+        buffer = bytearray()
+        m.encode_into(message, buffer)
+        return buffer
+    return m.encode(message)
+
+
+def _wipe(body: bytes | bytearray) -> None:
+    """Erase a request body that held key material, once it is sent."""
+    if isinstance(body, bytearray):
+        body[:] = bytes(len(body))
+
+
+def _answer_of(node: int, path: str, answer_type: type[m.Message], body: bytes) -> m.Message:
+    """A node's answer to a request; a refusal raises its error."""
+    answer = m.decode_answer(body, answer_type)
+    if isinstance(answer, m.Refused):
+        denied = Denied.from_code(answer.code, answer.message)  # for the SAE: no node named
+        if denied is not None:
+            raise denied
+        raise error_from(answer.code, f"node {node}{path}: {answer.message}")
+    return answer
 
 
 def _ok(message: m.Message) -> Response:

@@ -109,6 +109,8 @@ class Hop:
     """GCM: the message number under this link key (the nonce)."""
 
 
+_DIRECTIONS = {int(d): d for d in Direction}
+_MODES = {int(m): m for m in Mode}  # a dict, not Mode(...): decoding is on the hot path
 _FIXED = struct.Struct(">4sBBB16s")  # magic, mode, direction, hop, request ID
 _SEGMENT = struct.Struct(">16sHH")
 _TAIL = struct.Struct(">II")  # counter, body length
@@ -155,13 +157,13 @@ def decode(message: bytes) -> tuple[Hop, bytes, bytes]:
         hop = Hop(
             request_id=request_id,
             hop=hop_no,
-            direction=Direction(direction),
+            direction=_DIRECTIONS[direction],
             link=link,
-            mode=Mode(mode),
+            mode=_MODES[mode],
             counter=counter,
             segments=tuple(segments),
         )
-    except (struct.error, ValueError, IndexError, UnicodeDecodeError) as exc:
+    except (struct.error, ValueError, IndexError, KeyError, UnicodeDecodeError) as exc:
         raise ProtocolError(f"malformed hop message: {exc.__class__.__name__}") from None
     body = message[at:]
     if len(body) != body_length or len(body) < TAG_BYTES:

@@ -18,6 +18,7 @@ only moves bytes between the TLS transport and the core, and runs handlers.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import ssl
 from collections.abc import Awaitable, Callable
@@ -341,16 +342,43 @@ class H2Client:
         try:
             return await self._exchange(session, method, path, body, headers)
         finally:
-            while self._waiting:
-                waiter = self._waiting.pop(0)
-                if not waiter.done():
-                    waiter.set_result(None)
-                    break
+            self._wake_one()
 
     async def _wait_for_slot(self) -> None:
         waiter = asyncio.get_running_loop().create_future()
         self._waiting.append(waiter)
         await waiter
+
+    def start(
+        self, method: str, path: str, body: bytes = b"", headers: dict[str, str] | None = None
+    ) -> asyncio.Future[Response] | None:
+        """:meth:`request` without a coroutine, when the connection is up and has a free
+        stream: the future of the response (TransportError or TimeoutError on failure).
+        None when it cannot start at once: then use :meth:`request`."""
+        session = self._session
+        if (
+            session is None
+            or not session.usable
+            or self._waiting
+            or len(session.pending) >= min(session.core.peer_max_streams, MAX_STREAMS)
+        ):
+            return None
+        stream_id = session.core.next_stream_id()
+        if stream_id is None:
+            return None
+        future, timer = self._send(session, stream_id, method, path, body, headers)
+        future.add_done_callback(functools.partial(self._started_done, session, stream_id, timer))
+        return future
+
+    def _started_done(
+        self,
+        session: _ClientSession,
+        stream_id: int,
+        timer: asyncio.TimerHandle,
+        _: asyncio.Future[Response],
+    ) -> None:
+        self._finish(session, stream_id, timer)
+        self._wake_one()
 
     async def _exchange(
         self,
@@ -366,6 +394,24 @@ class H2Client:
         if stream_id is None:  # stream IDs used up: the next request opens a new connection
             self._drop(session)
             raise TransportError(f"{self._authority}: connection worn out, retry")
+        future, timer = self._send(session, stream_id, method, path, body, headers)
+        try:
+            return await future
+        except TimeoutError:
+            raise TransportError(f"{self._authority}: no response in {self.timeout} s") from None
+        finally:
+            self._finish(session, stream_id, timer)
+
+    def _send(
+        self,
+        session: _ClientSession,
+        stream_id: int,
+        method: str,
+        path: str,
+        body: bytes,
+        headers: dict[str, str] | None,
+    ) -> tuple[asyncio.Future[Response], asyncio.TimerHandle]:
+        """Send a request on a fresh stream: the future of its response, and its timer."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Response] = loop.create_future()
         session.pending[stream_id] = future
@@ -384,15 +430,22 @@ class H2Client:
             session.flush_soon()
         else:
             session.flush()
-        try:
-            return await future
-        except TimeoutError:
-            raise TransportError(f"{self._authority}: no response in {self.timeout} s") from None
-        finally:
-            timer.cancel()
-            if session.pending.pop(stream_id, None) is not None:  # timed out or cancelled
-                session.core.reset(stream_id, CANCEL)
-                session.flush()
+        return future, timer
+
+    @staticmethod
+    def _finish(session: _ClientSession, stream_id: int, timer: asyncio.TimerHandle) -> None:
+        timer.cancel()
+        if session.pending.pop(stream_id, None) is not None:  # timed out or cancelled
+            session.core.reset(stream_id, CANCEL)
+            session.flush()
+
+    def _wake_one(self) -> None:
+        """A stream is free again: let one request waiting for a slot go."""
+        while self._waiting:
+            waiter = self._waiting.pop(0)
+            if not waiter.done():
+                waiter.set_result(None)
+                break
 
     async def close(self) -> None:
         if self._session is not None:

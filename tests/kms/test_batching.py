@@ -109,6 +109,42 @@ def test_each_message_keeps_its_own_error_and_a_failed_request_fails_them_all():
     asyncio.run(main())
 
 
+def test_a_batch_the_adapter_can_start_at_once_calls_each_message_back_without_a_task():
+    """With ``start`` (the node's way: the batch sent on the open connection, no task), each
+    message hears its own result or the batch's error; when ``start`` declines, ``send``
+    delivers the batch as before."""
+
+    async def main() -> None:
+        answers: list[Callable[[list[m.ItemResult] | BaseException], None]] = []
+        declined: list[int] = []
+
+        def start(items: list[m.RelayItem], done: Callable[..., None]) -> bool:
+            if items[0].message[0] == 99:  # the adapter has no connection for this one
+                declined.append(len(items))
+                return False
+            answers.append(done)
+            return True
+
+        peer = Peer()
+        batcher = RelayBatcher(peer.send, start=start)
+        heard: list[object] = []
+        for i in range(3):
+            batcher.send(item(i), heard.append)
+        await within_turns(lambda: len(answers) == 1)
+        assert len(peer.batches) == 0 and not heard  # started, not yet answered
+        stale = m.ItemResult(ok=False, code=StaleGrant.code, message="old grant")
+        answers[0]([OK, stale, OK])
+        assert heard == [OK, stale, OK] and batcher._in_flight == 0
+        batcher.send(item(4), heard.append)
+        await within_turns(lambda: len(answers) == 2)
+        answers[1](KeyUnavailable("peer unreachable"))  # the whole batch failed
+        assert isinstance(heard[-1], KeyUnavailable)
+        assert await outcome(batcher, item(99)) == OK  # declined: delivered by send
+        assert declined == [1] and len(peer.batches) == 1
+
+    asyncio.run(main())
+
+
 def test_batches_never_exceed_the_limit():
     async def main() -> None:
         peer = Peer()

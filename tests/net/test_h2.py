@@ -50,6 +50,35 @@ def test_round_trip_with_identities(pki):
     asyncio.run(main())
 
 
+def test_start_sends_at_once_on_an_open_connection_and_otherwise_declines(pki):
+    """``start`` (no coroutine) works only on an open connection with a free stream; its
+    response is the one ``request`` gets, and a request it started that times out is
+    reset and fails with TimeoutError, the connection going on."""
+
+    async def main() -> None:
+        async def hold(request: Request) -> Response:
+            if request.path == "/hold":
+                await asyncio.Event().wait()  # never answers
+            return await echo(request)
+
+        server = await start(pki, hold)
+        client = H2Client("127.0.0.1", server.port, ctx(pki, "node-b"), timeout=0.3)
+        assert client.start("POST", "/x", b"abc") is None  # not connected yet: nothing sent
+        assert (await client.request("POST", "/x", b"abc")).body == b"cba"
+        started = client.start("POST", "/y", b"hello")
+        assert started is not None
+        assert (await started).body == b"olleh"
+        held = client.start("POST", "/hold", b"x")
+        assert held is not None
+        with pytest.raises(TimeoutError):
+            await held
+        assert (await client.request("POST", "/z", b"ab")).body == b"ba"  # same connection
+        await client.close()
+        await server.close()
+
+    asyncio.run(main())
+
+
 def test_concurrent_streams_and_large_bodies(pki):
     async def main() -> None:
         server = await start(pki)

@@ -26,7 +26,6 @@ than its request needs, and erases it.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import itertools
 from collections import deque
@@ -231,7 +230,16 @@ class EngineBase:
         segments, material, counter = self.links[job.peer].seal_material(
             job.hop.mode, len(job.payload)
         )
-        hop = dataclasses.replace(job.hop, segments=segments, counter=counter)
+        head = job.hop  # built field by field: dataclasses.replace costs twice as much
+        hop = Hop(
+            request_id=head.request_id,
+            hop=head.hop,
+            direction=head.direction,
+            link=head.link,
+            mode=head.mode,
+            segments=segments,
+            counter=counter,
+        )
         try:
             if hop.mode is Mode.OTP:
                 sealed = seal_otp(hop, job.payload, material)  # erases the pad
@@ -432,10 +440,14 @@ class _Granting:
     state: S
 
 
+_CALL_OUTCOMES = (Answered, CallFailed)
+_TICKETED = (LinkKeysRead, PskDerived, StoreDone, Validated, PathFound)
+
+
 def _number_of(event: Input) -> int | None:
-    if isinstance(event, Answered | CallFailed):
+    if isinstance(event, _CALL_OUTCOMES):
         return event.call
-    if isinstance(event, LinkKeysRead | PskDerived | StoreDone | Validated | PathFound):
+    if isinstance(event, _TICKETED):
         return event.ticket
     return None
 

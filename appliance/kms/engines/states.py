@@ -24,6 +24,8 @@ from appliance.kms.fsm import Table
 class S(Enum):
     """States of every table (each table uses the ones it needs)."""
 
+    __hash__ = object.__hash__  # members are singletons compared by identity: a C hash
+
     VALIDATING = auto()
     CHANNEL = auto()
     ASKING = auto()
@@ -51,6 +53,8 @@ class S(Enum):
 
 class I(Enum):  # noqa: E742 - the inputs of the tables, named as h2 names them
     """Inputs of every table."""
+
+    __hash__ = object.__hash__
 
     VALID = auto()
     CHANNEL_READY = auto()
