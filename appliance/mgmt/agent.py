@@ -71,7 +71,11 @@ REFUSALS = (
 )
 """The engine's counters of refused requests (pysnmp's instances, counted in place)."""
 MONITOR_VIEW = ("qkdnNode", "qkdnLinks")
-MANAGER_VIEW = (mib.QKDN_ARC, (1, 3, 6, 1, 6, 3), (1, 3, 6, 1, 2, 1, 11))
+MANAGER_VIEW: tuple[tuple[int, ...], ...] = (
+    mib.QKDN_ARC,
+    (1, 3, 6, 1, 6, 3),
+    (1, 3, 6, 1, 2, 1, 11),
+)
 VIEW_DEPTH = max(len(s) for s in (*MANAGER_VIEW, *(mib.oid(n) for n in MONITOR_VIEW)))
 """The longest subtree of any view family: VACM's decision for an OID (families without
 masks) depends on no sub-identifier beyond it."""
@@ -176,8 +180,8 @@ class Agent:
         config.add_context(self.engine, "")
         for subtree in MANAGER_VIEW:
             config.add_vacm_view(self.engine, "manager", "included", subtree, "")
-        for subtree in MONITOR_VIEW:
-            config.add_vacm_view(self.engine, "monitor", "included", mib.oid(subtree), "")
+        for name in MONITOR_VIEW:
+            config.add_vacm_view(self.engine, "monitor", "included", mib.oid(name), "")
         for role in ("manager", "monitor"):
             config.add_vacm_access(self.engine, role, "", 3, "authPriv", "exact", role, "", "none")
         for user in self.cfg.users:
@@ -331,8 +335,12 @@ class Instrumentation:
         views and users are set at start and never change. A walk asks for every
         instance, and pysnmp's VACM was a third of a fast GETBULK's cost."""
         who = self.agent.engine.observer.get_execution_context(responder.REQUEST)
-        key = (who["securityModel"], str(who["securityName"]), who["securityLevel"])
-        key += (oid[:VIEW_DEPTH],)
+        key = (
+            who["securityModel"],
+            str(who["securityName"]),
+            who["securityLevel"],
+            oid[:VIEW_DEPTH],
+        )
         known = self.access.get(key)
         if known is None:
             if len(self.access) >= ACCESS_KEPT:  # OIDs outside every view: bounded
