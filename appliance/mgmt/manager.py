@@ -6,7 +6,11 @@
   sender is counted by USM; the manager records the counters' growth as security events.
 * It polls every agent (a GETBULK walk of ``qkdnObjects``) every ``poll_s`` seconds: link
   states and levels go to the history, identity and software to the inventory; an agent
-  that does not answer raises a ``node`` alarm, cleared when it answers again.
+  that does not answer raises a ``node`` alarm, cleared when it answers again. A walk
+  goes through pysnmp until pysnmp has learnt the agent's engine (discovery, time), then
+  on the fast path (:class:`appliance.snmp.requester.Requester`: GETBULKs sealed and
+  opened without pyasn1, answered on the agent's fast path too); a Report or no answer
+  hands the agent back to pysnmp.
 * With an ``[aaa]``, it walks the AAA device's accounting at every poll round
   (:mod:`appliance.mgmt.accounting`).
 * With a ``[controller]``, it tells the QKDN Controller which links and nodes it finds down
@@ -49,6 +53,8 @@ from appliance.mgmt.control import ControllerLink, ControlView, ttl
 from appliance.mgmt.errors import MgmtError
 from appliance.mgmt.nodeview import instance_count
 from appliance.mgmt.store import LinkSample, Store
+from appliance.snmp import fastpath
+from appliance.snmp.requester import Learner, Requester, Unanswered, pysnmp_value
 from appliance.snmp.usm import AUTH, PRIV, SNMP_TRAP_OID, Credentials, bind_udp, host_port
 
 log = logging.getLogger("qkdn.mgmt")
@@ -225,6 +231,9 @@ class Manager:
             ids={a.name: a.id for a in cfg.agents},
         )
         self.controller: ControllerLink | None = None
+        self.fast: dict[tuple[str, int], Requester] = {}
+        """The fast path's requester of each polled address (agents, the AAA device)."""
+        Learner(self.poller, self.fast)
 
     async def start(self) -> int:
         sock = bind_udp(self.cfg.traps)
@@ -287,6 +296,8 @@ class Manager:
         for eng in (self.rx, self.poller):
             if eng.transport_dispatcher is not None:
                 eng.close_dispatcher()
+        for requester in self.fast.values():
+            requester.close()
 
     def _tell(self, what: str) -> None:
         for hook in self.changed:
@@ -400,6 +411,31 @@ class Manager:
 
     async def walk_at(
         self, address: str, p: Credentials, root: tuple[int, ...], repetitions: int = 40
+    ) -> list[Any]:
+        """The instances under ``root`` at the agent at ``address`` (empty: no answer, or
+        an error), on the fast path once the agent's engine is known."""
+        where = host_port(address)
+        fast = self.fast.get(where)
+        if fast is None or fast.creds != p:
+            if fast is not None:
+                fast.close()
+            fast = self.fast[where] = Requester(
+                where, p, timeout_s=POLL_TIMEOUT_S, retries=POLL_RETRIES
+            )
+        if fast.known is not None:
+            try:
+                got = await fast.walk(root, repetitions)
+            except fastpath.Fallback as exc:  # pysnmp walks it, and learns the engine again
+                log.debug("mgmt: walk of %s left to pysnmp: %s", address, exc)
+            except Unanswered:
+                return []
+            else:
+                with contextlib.suppress(KeyError, ValueError):  # a type for pysnmp to decode
+                    return [(oid, pysnmp_value(tag, raw)) for oid, (tag, raw) in got]
+        return await self._pysnmp_walk(address, p, root, repetitions)
+
+    async def _pysnmp_walk(
+        self, address: str, p: Credentials, root: tuple[int, ...], repetitions: int
     ) -> list[Any]:
         auth = UsmUserData(p.user, p.auth, p.priv, authProtocol=AUTH, privProtocol=PRIV)
         target = await UdpTransportTarget.create(

@@ -365,3 +365,28 @@ def test_a_silent_agent_is_an_alarm_until_its_restarted_node_answers(peers: Peer
     run(agent.close())
     run(manager.close())
     store.close()
+
+
+def test_the_manager_walks_through_pysnmp_first_then_on_the_fast_path(peers: Peers):
+    """pysnmp discovers the agent's engine on the first walk and the manager learns it from
+    the accepted response; the next walk is GETBULKs sealed and opened without pyasn1 and
+    answered on the agent's fast path, with the same instances."""
+    root = mib.oid("qkdnObjects")
+
+    def walk() -> list[Any]:
+        coro = peers.manager.walk_at(peers.address, MANAGER, root, 10)
+        return asyncio.run_coroutine_threadsafe(coro, peers.loop).result(30)
+
+    slow = walk()
+    where = ("127.0.0.1", peers.agent.port)
+    requester = peers.call(lambda: peers.manager.fast[where])
+    assert requester.known is not None and requester.answered == 0
+    fast_before = peers.call(lambda: _fast(peers))
+    quick = walk()
+    assert requester.answered >= 3  # 10 repetitions each: 3 GETBULKs at least
+    assert peers.call(lambda: _fast(peers)) - fast_before == requester.answered
+    assert [oid for oid, _ in quick] == [oid for oid, _ in slow] and len(slow) >= 30
+    name = (*mib.oid("qkdnNodeName"), 0)
+    assert bytes(dict(quick)[name]) == bytes(dict(slow)[name]) == b"ckms-minden"
+    level = (*mib.oid("qkdnLinkKeyLevel"), 9)
+    assert int(dict(quick)[level]) > int(dict(slow)[level])  # read anew
