@@ -357,9 +357,11 @@ class Manager:
     async def poll_all(self) -> None:
         if self.cfg.aaa is not None:
             await self.poll_accounting(self.cfg.aaa)
-        results = await asyncio.gather(*(self.poll(a) for a in self.cfg.agents))
-        rows = [s for r in results if r is not None for s in r]
-        self.store.record(rows)
+        walked = await asyncio.gather(*(self._walk_agent(a) for a in self.cfg.agents))
+        with self.store.transaction():  # the round's rows in one sync to disk
+            results = [self._polled(a, *w) for a, w in zip(self.cfg.agents, walked, strict=True)]
+            rows = [s for r in results if r is not None for s in r]
+            self.store.record(rows)
         for row in rows:
             self.view.end(row.node, row.peer, row.state)
         if self.controller is not None:  # every round: the report's time to live renewed
@@ -375,12 +377,19 @@ class Manager:
         return min(MAX_REPETITIONS, instance_count(links) + 1)
 
     async def poll(self, agent: AgentEntry) -> list[LinkSample] | None:
+        """Walk ``agent`` and record what it answered (or its silence)."""
+        return self._polled(agent, *await self._walk_agent(agent))
+
+    async def _walk_agent(self, agent: AgentEntry) -> tuple[list[Any], str]:
+        """The agent's instances, and why there are none if so."""
         try:
             binds = await self.walk(agent, mib.oid("qkdnObjects"), self.repetitions(agent))
         except (OSError, RuntimeError, ValueError) as exc:
-            binds, why = [], str(exc)
-        else:
-            why = "no answer"
+            return [], str(exc)
+        return binds, "no answer"
+
+    def _polled(self, agent: AgentEntry, binds: list[Any], why: str) -> list[LinkSample] | None:
+        """One walk recorded: the inventory (or the node's alarm); its link samples."""
         if not binds:
             self._unreachable(agent, why)
             return None
