@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,6 +64,11 @@ MAX_REPETITIONS = 64
 """pysnmp's GETBULK responder answers at most 64 variable bindings."""
 RETRY_SILENT_S = 2.0
 """Seconds to the next poll round while an agent does not answer."""
+IDLE_TICK_S, TICK_S = 10.0, 0.1
+"""pysnmp's dispatchers wake every tick (TICK_S by default) to expire what waits for an
+answer. The receiver waits for nothing: it ticks every IDLE_TICK_S. The poller's own timer
+loop is stopped: while a walk goes through pysnmp, the manager ticks it every TICK_S (its
+timeouts are counted in ticks), and nothing else: polls on the fast path need no tick."""
 MANAGER_REFUSALS = (
     (1, 3, 6, 1, 6, 3, 15, 1, 1, 1, 0),
     (1, 3, 6, 1, 6, 3, 15, 1, 1, 3, 0),
@@ -234,6 +240,8 @@ class Manager:
         self.fast: dict[tuple[str, int], Requester] = {}
         """The fast path's requester of each polled address (agents, the AAA device)."""
         Learner(self.poller, self.fast)
+        self._walking = 0
+        self._ticker: asyncio.Task[None] | None = None
 
     async def start(self) -> int:
         sock = bind_udp(self.cfg.traps)
@@ -251,6 +259,7 @@ class Manager:
                 config.add_v3_user(
                     self.rx, s.user, AUTH, s.auth, PRIV, s.priv, securityEngineId=theirs
                 )
+        self.rx.transport_dispatcher.set_timer_resolution(IDLE_TICK_S)
         ntfrcv.NotificationReceiver(self.rx, self._received)
         self._start_controller()
         self._tasks.append(asyncio.ensure_future(self._poll_loop()))
@@ -288,9 +297,10 @@ class Manager:
         self._tell("alarms")
 
     async def close(self) -> None:
-        for task in self._tasks:
+        tasks = [*self._tasks, *([self._ticker] if self._ticker else [])]
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         if self.controller is not None:
             await self.controller.close()
         for eng in (self.rx, self.poller):
@@ -441,7 +451,25 @@ class Manager:
             else:
                 with contextlib.suppress(KeyError, ValueError):  # a type for pysnmp to decode
                     return [(oid, pysnmp_value(tag, raw)) for oid, (tag, raw) in got]
-        return await self._pysnmp_walk(address, p, root, repetitions)
+        self._walking += 1
+        if self._ticker is None or self._ticker.done():
+            self._ticker = asyncio.ensure_future(self._tick())
+        try:
+            return await self._pysnmp_walk(address, p, root, repetitions)
+        finally:
+            self._walking -= 1
+
+    async def _tick(self) -> None:
+        """The poller's timer, while a walk goes through pysnmp (:data:`IDLE_TICK_S`)."""
+        while self._walking:
+            dispatcher = self.poller.transport_dispatcher
+            if dispatcher is not None:
+                own = dispatcher.loopingcall  # started with the poller's first transport
+                if own is not None and not own.done():
+                    own.cancel()
+            await asyncio.sleep(TICK_S)
+            if dispatcher is not None:
+                dispatcher.handle_timer_tick(time.time())
 
     async def _pysnmp_walk(
         self, address: str, p: Credentials, root: tuple[int, ...], repetitions: int
