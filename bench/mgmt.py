@@ -11,7 +11,10 @@
    holds then (none may be lost).
 3. ``tkey``: two demoquandt networks side by side in the same run, one with the manager and
    the agents (the default) and one with ``--no-mgmt``; T_key p50 (enc_keys + dec_keys,
-   one key) in alternating rounds; the median difference.
+   one key) in alternating rounds; the median difference. And, per round, the CPU time
+   of the driven network's processes per request (from /proc/PID/task/*/schedstat:
+   nanoseconds, every thread; far less sensitive to other load than T_key): the 16
+   nodes together, each node, and the manager.
 
 4. ``latency``: a demoquandt network with its manager; link 8-9 cut and restored N times
    (``qkdn net fault``'s code); a client of the operator's page holds its server-sent
@@ -29,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import math
 import multiprocessing as mp
@@ -364,16 +368,19 @@ def bench_informs(total: int, agents: int) -> dict[str, Any]:
 
 # -- 3. T_key with and without management -------------------------------------------------
 def cpu_seconds(folder: Path) -> dict[str, float]:
-    """CPU seconds (user + system) each child of a network's supervisor has used so far."""
+    """CPU seconds each child of a network's supervisor has used so far, every thread
+    (the scheduler's run time, in nanoseconds: /proc's user and system ticks are 10 ms)."""
     state = json.loads((folder / "run" / "state.json").read_text())
-    tick = os.sysconf("SC_CLK_TCK")
     out = {}
     for name, child in state["nodes"].items():
+        total = 0
         try:
-            fields = Path(f"/proc/{child['pid']}/stat").read_text().rsplit(")", 1)[1].split()
+            for task in Path(f"/proc/{child['pid']}/task").iterdir():
+                with contextlib.suppress(OSError):  # a thread that ended meanwhile
+                    total += int((task / "schedstat").read_text().split()[0])
         except OSError:
             continue
-        out[name] = (int(fields[11]) + int(fields[12])) / tick
+        out[name] = total / 1e9
     return out
 
 
@@ -404,12 +411,19 @@ def bench_tkey(rounds: int, requests: int) -> dict[str, Any]:
                 for n, f in folders.items()
             }
             p50: dict[str, list[float]] = {"with": [], "without": []}
+            per_request: dict[str, list[dict[str, float]]] = {"with": [], "without": []}
             failed = 0
             cpu0 = {n: cpu_seconds(f) for n, f in folders.items()}
             t0 = time.monotonic()
-            for _ in range(rounds):
-                for name in ("without", "with"):
+            for r in range(rounds):
+                for name in ("without", "with") if r % 2 == 0 else ("with", "without"):
+                    before = cpu_seconds(folders[name])
                     doc = measure(*pairs[name], requests)
+                    after = cpu_seconds(folders[name])
+                    n = requests + doc.get("warmup_keys", 0)
+                    per_request[name].append(
+                        {k: (after[k] - before.get(k, 0.0)) * 1000 / n for k in after}
+                    )
                     p50[name].append(doc["t_key_ms"]["p50"])
                     failed += doc["failed_requests"]
             mgmt_running = (folders["with"] / "mgmt" / "manager.db").exists()
@@ -422,6 +436,12 @@ def bench_tkey(rounds: int, requests: int) -> dict[str, Any]:
             for folder in folders.values():
                 net.bring_down(folder)
     diffs = [w - b for w, b in zip(p50["with"], p50["without"], strict=True)]
+    nodes = {
+        n: [sum(v for k, v in rnd.items() if k != "manager") for rnd in rounds_]
+        for n, rounds_ in per_request.items()
+    }
+    cpu_diffs = [w - b for w, b in zip(nodes["with"], nodes["without"], strict=True)]
+    each = sorted(k for k in per_request["with"][0] if k != "manager")
     return {
         "p50_ms_with": p50["with"],
         "p50_ms_without": p50["without"],
@@ -434,6 +454,20 @@ def bench_tkey(rounds: int, requests: int) -> dict[str, Any]:
         "cpu_s_nodes_with": round(sum(v for k, v in cpu["with"].items() if k != "manager"), 2),
         "cpu_s_nodes_without": round(sum(cpu["without"].values()), 2),
         "cpu_s_manager": round(cpu["with"].get("manager", 0.0), 2),
+        "nodes_cpu_ms_per_request_with": round(statistics.median(nodes["with"]), 3),
+        "nodes_cpu_ms_per_request_without": round(statistics.median(nodes["without"]), 3),
+        "nodes_cpu_ms_per_request_median_difference": round(statistics.median(cpu_diffs), 3),
+        "manager_cpu_ms_per_request": round(
+            statistics.median(r.get("manager", 0.0) for r in per_request["with"]), 3
+        ),
+        "node_cpu_ms_per_request_with_minus_without": {
+            k: round(
+                statistics.median(r.get(k, 0.0) for r in per_request["with"])
+                - statistics.median(r.get(k, 0.0) for r in per_request["without"]),
+                3,
+            )
+            for k in each
+        },
         "rounds": rounds,
         "requests_per_round": requests,
     }

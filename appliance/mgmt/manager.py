@@ -6,7 +6,11 @@
   sender is counted by USM; the manager records the counters' growth as security events.
 * It polls every agent (a GETBULK walk of ``qkdnObjects``) every ``poll_s`` seconds: link
   states and levels go to the history, identity and software to the inventory; an agent
-  that does not answer raises a ``node`` alarm, cleared when it answers again.
+  that does not answer raises a ``node`` alarm, cleared when it answers again. A walk
+  goes through pysnmp until pysnmp has learnt the agent's engine (discovery, time), then
+  on the fast path (:class:`appliance.snmp.requester.Requester`: GETBULKs sealed and
+  opened without pyasn1, answered on the agent's fast path too); a Report or no answer
+  hands the agent back to pysnmp.
 * With an ``[aaa]``, it walks the AAA device's accounting at every poll round
   (:mod:`appliance.mgmt.accounting`).
 * With a ``[controller]``, it tells the QKDN Controller which links and nodes it finds down
@@ -23,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +54,8 @@ from appliance.mgmt.control import ControllerLink, ControlView, ttl
 from appliance.mgmt.errors import MgmtError
 from appliance.mgmt.nodeview import instance_count
 from appliance.mgmt.store import LinkSample, Store
+from appliance.snmp import fastpath
+from appliance.snmp.requester import Learner, Requester, Unanswered, pysnmp_value
 from appliance.snmp.usm import AUTH, PRIV, SNMP_TRAP_OID, Credentials, bind_udp, host_port
 
 log = logging.getLogger("qkdn.mgmt")
@@ -57,6 +64,11 @@ MAX_REPETITIONS = 64
 """pysnmp's GETBULK responder answers at most 64 variable bindings."""
 RETRY_SILENT_S = 2.0
 """Seconds to the next poll round while an agent does not answer."""
+IDLE_TICK_S, TICK_S = 10.0, 0.1
+"""pysnmp's dispatchers wake every tick (TICK_S by default) to expire what waits for an
+answer. The receiver waits for nothing: it ticks every IDLE_TICK_S. The poller's own timer
+loop is stopped: while a walk goes through pysnmp, the manager ticks it every TICK_S (its
+timeouts are counted in ticks), and nothing else: polls on the fast path need no tick."""
 MANAGER_REFUSALS = (
     (1, 3, 6, 1, 6, 3, 15, 1, 1, 1, 0),
     (1, 3, 6, 1, 6, 3, 15, 1, 1, 3, 0),
@@ -225,6 +237,11 @@ class Manager:
             ids={a.name: a.id for a in cfg.agents},
         )
         self.controller: ControllerLink | None = None
+        self.fast: dict[tuple[str, int], Requester] = {}
+        """The fast path's requester of each polled address (agents, the AAA device)."""
+        Learner(self.poller, self.fast)
+        self._walking = 0
+        self._ticker: asyncio.Task[None] | None = None
 
     async def start(self) -> int:
         sock = bind_udp(self.cfg.traps)
@@ -242,6 +259,7 @@ class Manager:
                 config.add_v3_user(
                     self.rx, s.user, AUTH, s.auth, PRIV, s.priv, securityEngineId=theirs
                 )
+        self.rx.transport_dispatcher.set_timer_resolution(IDLE_TICK_S)
         ntfrcv.NotificationReceiver(self.rx, self._received)
         self._start_controller()
         self._tasks.append(asyncio.ensure_future(self._poll_loop()))
@@ -279,14 +297,17 @@ class Manager:
         self._tell("alarms")
 
     async def close(self) -> None:
-        for task in self._tasks:
+        tasks = [*self._tasks, *([self._ticker] if self._ticker else [])]
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         if self.controller is not None:
             await self.controller.close()
         for eng in (self.rx, self.poller):
             if eng.transport_dispatcher is not None:
                 eng.close_dispatcher()
+        for requester in self.fast.values():
+            requester.close()
 
     def _tell(self, what: str) -> None:
         for hook in self.changed:
@@ -346,9 +367,11 @@ class Manager:
     async def poll_all(self) -> None:
         if self.cfg.aaa is not None:
             await self.poll_accounting(self.cfg.aaa)
-        results = await asyncio.gather(*(self.poll(a) for a in self.cfg.agents))
-        rows = [s for r in results if r is not None for s in r]
-        self.store.record(rows)
+        walked = await asyncio.gather(*(self._walk_agent(a) for a in self.cfg.agents))
+        with self.store.transaction():  # the round's rows in one sync to disk
+            results = [self._polled(a, *w) for a, w in zip(self.cfg.agents, walked, strict=True)]
+            rows = [s for r in results if r is not None for s in r]
+            self.store.record(rows)
         for row in rows:
             self.view.end(row.node, row.peer, row.state)
         if self.controller is not None:  # every round: the report's time to live renewed
@@ -364,12 +387,19 @@ class Manager:
         return min(MAX_REPETITIONS, instance_count(links) + 1)
 
     async def poll(self, agent: AgentEntry) -> list[LinkSample] | None:
+        """Walk ``agent`` and record what it answered (or its silence)."""
+        return self._polled(agent, *await self._walk_agent(agent))
+
+    async def _walk_agent(self, agent: AgentEntry) -> tuple[list[Any], str]:
+        """The agent's instances, and why there are none if so."""
         try:
             binds = await self.walk(agent, mib.oid("qkdnObjects"), self.repetitions(agent))
         except (OSError, RuntimeError, ValueError) as exc:
-            binds, why = [], str(exc)
-        else:
-            why = "no answer"
+            return [], str(exc)
+        return binds, "no answer"
+
+    def _polled(self, agent: AgentEntry, binds: list[Any], why: str) -> list[LinkSample] | None:
+        """One walk recorded: the inventory (or the node's alarm); its link samples."""
         if not binds:
             self._unreachable(agent, why)
             return None
@@ -400,6 +430,49 @@ class Manager:
 
     async def walk_at(
         self, address: str, p: Credentials, root: tuple[int, ...], repetitions: int = 40
+    ) -> list[Any]:
+        """The instances under ``root`` at the agent at ``address`` (empty: no answer, or
+        an error), on the fast path once the agent's engine is known."""
+        where = host_port(address)
+        fast = self.fast.get(where)
+        if fast is None or fast.creds != p:
+            if fast is not None:
+                fast.close()
+            fast = self.fast[where] = Requester(
+                where, p, timeout_s=POLL_TIMEOUT_S, retries=POLL_RETRIES
+            )
+        if fast.known is not None:
+            try:
+                got = await fast.walk(root, repetitions)
+            except fastpath.Fallback as exc:  # pysnmp walks it, and learns the engine again
+                log.debug("mgmt: walk of %s left to pysnmp: %s", address, exc)
+            except Unanswered:
+                return []
+            else:
+                with contextlib.suppress(KeyError, ValueError):  # a type for pysnmp to decode
+                    return [(oid, pysnmp_value(tag, raw)) for oid, (tag, raw) in got]
+        self._walking += 1
+        if self._ticker is None or self._ticker.done():
+            self._ticker = asyncio.ensure_future(self._tick())
+        try:
+            return await self._pysnmp_walk(address, p, root, repetitions)
+        finally:
+            self._walking -= 1
+
+    async def _tick(self) -> None:
+        """The poller's timer, while a walk goes through pysnmp (:data:`IDLE_TICK_S`)."""
+        while self._walking:
+            dispatcher = self.poller.transport_dispatcher
+            if dispatcher is not None:
+                own = dispatcher.loopingcall  # started with the poller's first transport
+                if own is not None and not own.done():
+                    own.cancel()
+            await asyncio.sleep(TICK_S)
+            if dispatcher is not None:
+                dispatcher.handle_timer_tick(time.time())
+
+    async def _pysnmp_walk(
+        self, address: str, p: Credentials, root: tuple[int, ...], repetitions: int
     ) -> list[Any]:
         auth = UsmUserData(p.user, p.auth, p.priv, authProtocol=AUTH, privProtocol=PRIV)
         target = await UdpTransportTarget.create(

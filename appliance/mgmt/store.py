@@ -25,9 +25,10 @@ poll) is kept and folded the same way (means of both; ``served``: the node's cou
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -193,6 +194,21 @@ class Store:
             raise StoreError(f"{path}: cannot open the manager's database: {exc}") from exc
         self.db.row_factory = sqlite3.Row
 
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        """The statements inside in one transaction (one sync to disk); a transaction
+        already open takes them (nested: the outermost commits)."""
+        if self.db.in_transaction:
+            yield
+            return
+        self.db.execute("BEGIN")
+        try:
+            yield
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
     def close(self) -> None:
         self.db.close()
 
@@ -288,8 +304,7 @@ class Store:
     def record(self, samples: list[LinkSample]) -> None:
         """The links' current state, and one history sample each."""
         now = self.clock()
-        self.db.execute("BEGIN")
-        try:
+        with self.transaction():
             for s in samples:
                 self.db.execute(
                     "INSERT OR REPLACE INTO links VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -310,10 +325,6 @@ class Store:
                     "INSERT INTO samples VALUES (?, 0, ?, ?, ?, ?, ?, ?, 1)",
                     (now, s.node, s.link, s.skr, s.qber_ppm, s.level, s.level),
                 )
-            self.db.execute("COMMIT")
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            raise
 
     def link_state(self, node: str, peer: int, state: str) -> None:
         """A link end's state as a notification reports it (between two polls)."""
@@ -329,8 +340,7 @@ class Store:
     def set_accounting(self, rows: list[AcctRow]) -> None:
         """The AAA device's accounting as last walked (replaces the last view)."""
         now = self.clock()
-        self.db.execute("BEGIN")
-        try:
+        with self.transaction():
             self.db.execute("DELETE FROM accounting")
             self.db.executemany(
                 "INSERT OR REPLACE INTO accounting VALUES "
@@ -344,10 +354,6 @@ class Store:
                     for r in rows
                 ],
             )  # fmt: skip
-            self.db.execute("COMMIT")
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            raise
 
     def accounting(self) -> list[AcctRow]:
         rows = self.db.execute(
@@ -385,8 +391,7 @@ class Store:
     def downsample(self) -> int:
         """Fold raw samples older than RAW_KEEP_S into BUCKET_S buckets; rows folded."""
         cutoff = self.clock() - RAW_KEEP_S
-        self.db.execute("BEGIN")
-        try:
+        with self.transaction():
             self.db.execute(
                 "INSERT INTO node_samples SELECT CAST(ts / ? AS INTEGER) * ?, ?, node, "
                 "AVG(tkey_p50_us), AVG(tkey_p99_us), MAX(served), SUM(n) FROM node_samples "
@@ -401,10 +406,6 @@ class Store:
                 (BUCKET_S, BUCKET_S, BUCKET_S, cutoff, BUCKET_S),
             )
             n = self.db.execute("DELETE FROM samples WHERE span = 0 AND ts < ?", (cutoff,)).rowcount
-            self.db.execute("COMMIT")
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            raise
         return n
 
     def history(self, link: str, since: float = 0.0, limit: int = 2000) -> list[dict[str, Any]]:

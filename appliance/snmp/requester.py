@@ -1,13 +1,16 @@
 """A command generator's fast path over asyncio UDP: the adapter of the requester's side
 of :mod:`appliance.snmp.fastpath`.
 
-A :class:`Requester` sends authPriv GetRequests and SetRequests to one agent and opens
-their responses without pyasn1, once it knows the agent's engine: its snmpEngineID,
-boots and time are learnt from pysnmp, which talks to the agent first (engine discovery,
-time synchronisation, the first request). :meth:`Requester.watch` observes the messages
-a pysnmp engine's USM takes in; :meth:`Requester.learnt`, called when pysnmp has accepted
-a response (authenticated: it passed pysnmp's digest check), keeps that message's engine
-ID, boots and time, and localises the user's keys to that engine ID. From then on the
+A :class:`Requester` sends authPriv GetRequests, GetBulkRequests (and GETBULK walks,
+:meth:`Requester.walk`) and SetRequests to one agent and opens their responses without
+pyasn1, once it knows the agent's engine: its snmpEngineID, boots and time are learnt
+from pysnmp, which talks to the agent first (engine discovery, time synchronisation, the
+first request). :meth:`Requester.watch` observes the messages a pysnmp engine's USM
+takes in; :meth:`Requester.learnt`, called when pysnmp has accepted a response
+(authenticated: it passed pysnmp's digest check), keeps that message's engine ID, boots
+and time, and localises the user's keys to that engine ID. An engine that talks to many
+agents at once (a manager's poller) tells each agent's requester instead, at the moment
+pysnmp accepts a response from the agent's address (:class:`Learner`). From then on the
 requester reckons the engine's time itself (RFC 3414 2.3: the time learnt plus the time
 elapsed since), and each authenticated response refreshes it.
 
@@ -44,6 +47,11 @@ MISSING = {
     0x81: rfc1905.noSuchInstance,
     0x82: rfc1905.endOfMibView,
 }
+
+
+END_OF_MIB_VIEW = 0x82
+WALK_LIMIT = 10_000
+"""Instances of one walk at most."""
 
 
 class Unanswered(Exception):
@@ -113,9 +121,12 @@ class Requester(asyncio.DatagramProtocol):
 
     def learnt(self) -> None:
         """pysnmp has just accepted a response: its message's engine is the agent's."""
-        if self._seen is None:
-            return
-        engine_id, boots, now, at = self._seen
+        if self._seen is not None:
+            self.learn(*self._seen)
+
+    def learn(self, engine_id: bytes, boots: int, now: int, at: float) -> None:
+        """The agent's engine is ``engine_id``; its boots and time were ``boots`` and
+        ``now`` at ``at`` (monotonic)."""
         keys = self._keys.get(engine_id)
         if keys is None:
             keys = localised(self.creds, rfc1902.OctetString(engine_id))
@@ -127,10 +138,14 @@ class Requester(asyncio.DatagramProtocol):
 
     # -- requests -----------------------------------------------------------------------
     async def request(
-        self, pdu: int, binds: list[tuple[tuple[int, ...], tuple[int, bytes]]]
+        self,
+        pdu: int,
+        binds: list[tuple[tuple[int, ...], tuple[int, bytes]]],
+        bulk: tuple[int, int] = (0, 0),
     ) -> fastpath.Answer:
-        """The agent's authenticated answer to a GET or SET (:data:`fastpath.GET`, ``SET``)
-        of ``binds``; raises Fallback, Unanswered (the engine is then forgotten)."""
+        """The agent's authenticated answer to a GET, GETBULK or SET (:data:`fastpath.GET`,
+        ``GETBULK``: ``bulk`` is its non-repeaters and max-repetitions; ``SET``) of
+        ``binds``; raises Fallback, Unanswered (the engine is then forgotten)."""
         known = self.known
         if known is None:
             raise fastpath.Fallback("the agent's engine is not known")
@@ -146,7 +161,7 @@ class Requester(asyncio.DatagramProtocol):
                 salt = self._salt.to_bytes(fastpath.SALT, "big")
                 transport.sendto(
                     fastpath.seal_request(
-                        pdu, msg_id, wait.request_id, known.keys, peer, salt, binds
+                        pdu, msg_id, wait.request_id, known.keys, peer, salt, binds, bulk
                     )
                 )
                 done, _ = await asyncio.wait({wait.future}, timeout=self.timeout_s)
@@ -163,6 +178,30 @@ class Requester(asyncio.DatagramProtocol):
                 wait.future.cancel()
         self.forget()
         raise Unanswered(f"no response after {self.retries + 1} tries")
+
+    async def walk(
+        self, root: tuple[int, ...], repetitions: int, limit: int = WALK_LIMIT
+    ) -> list[tuple[tuple[int, ...], tuple[int, bytes]]]:
+        """The instances under ``root`` (OID and BER value), by GETBULKs of
+        ``repetitions``, as pysnmp's non-lexicographic walk finds them: until an instance
+        outside ``root``, endOfMibView, or an OID not after the last; raises Fallback
+        (the first GETBULK's answer is an error: pysnmp's to walk), Unanswered, and
+        ValueError for a walk longer than ``limit`` instances."""
+        out: list[tuple[tuple[int, ...], tuple[int, bytes]]] = []
+        last = root
+        while True:
+            answer = await self.request(fastpath.GETBULK, [(last, fastpath.NULL)], (0, repetitions))
+            if answer.status:
+                raise fastpath.Fallback(f"error-status {answer.status} in a walk")
+            for oid, value in answer.binds:
+                if value[0] == END_OF_MIB_VIEW or oid[: len(root)] != root or oid <= last:
+                    return out
+                out.append((oid, value))
+                last = oid
+            if not answer.binds:
+                return out
+            if len(out) > limit:
+                raise ValueError(f"a walk of more than {limit} instances")
 
     def _took(self, known: Known, answer: fastpath.Answer) -> fastpath.Answer:
         """RFC 3414 3.2.7 b: a later boots or time from the agent is the requester's clock."""
@@ -206,3 +245,35 @@ class Requester(asyncio.DatagramProtocol):
         if self._transport is not None:
             self._transport.close()
             self._transport = None
+
+
+ACCEPTED = "rfc3412.prepareDataElements:response"
+"""pysnmp's execution point where a response (authenticated, decrypted, the answer to one
+of its requests) has been accepted: its sender's address and engine ID."""
+
+
+class Learner:
+    """Tells the requester of an agent's address what pysnmp engine ``eng`` learns of the
+    agent's engine, from each response it accepts from that address. Both execution
+    points belong to one incoming message, in one call: the boots and time (USM's) are the
+    message's, whatever other agents answer meanwhile."""
+
+    def __init__(self, eng: Any, requesters: dict[tuple[str, int], Requester]) -> None:
+        self.requesters = requesters
+        self._seen: tuple[bytes, int, int, float] | None = None
+        eng.observer.register_observer(self._usm, SEEN)
+        eng.observer.register_observer(self._accepted, ACCEPTED)
+
+    def _usm(self, _eng: Any, _point: str, variables: dict[str, Any], _ctx: Any) -> None:
+        engine_id = variables["securityEngineId"]
+        boots, now = variables["snmpEngineBoots"], variables["snmpEngineTime"]
+        self._seen = (bytes(engine_id), int(boots), int(now), time.monotonic())
+
+    def _accepted(self, _eng: Any, _point: str, variables: dict[str, Any], _ctx: Any) -> None:
+        seen, self._seen = self._seen, None
+        address = variables.get("transportAddress")
+        requester = self.requesters.get(tuple(address)) if address is not None else None
+        if requester is None or seen is None:
+            return
+        if seen[0] == bytes(variables.get("securityEngineId") or b""):
+            requester.learn(*seen)

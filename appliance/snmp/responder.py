@@ -3,13 +3,17 @@
 * :func:`serve`: the command responder on a bound UDP socket: the engine's transport, the
   default context's instrumentation (the agent's own, over pysnmp's for the SNMP engine's
   and USM's counters), the GET/GETNEXT/GETBULK (and, if writable, SET) responders.
-* The fast path (:class:`FastTransport`): an authPriv GET (or, for an agent that takes
-  SETs, a SET) for the default context is opened, answered and sealed by
+* The fast path (:class:`FastTransport`): an authPriv GET or GETBULK (or, for an agent
+  that takes SETs, a SET) for the default context is opened, answered and sealed by
   :mod:`appliance.snmp.fastpath` without pyasn1's coder, under the same rules: the user
   and its keys are the engine's USM users', the time window is the engine's, the values
   come from (or go to) the same instrumentation and VACM decides every variable as it
   does for pysnmp (the same ``acFun``, with the request's security name, level and
-  context in the engine's execution context, where agents look up who is asking).
+  context in the engine's execution context, where agents look up who is asking). A
+  GETBULK is answered as pysnmp's responder answers it (RFC 3416 4.2.3: the non-repeaters'
+  next instances, then one GETNEXT of the repeaters per repetition, at most
+  :data:`BULK_MAX_BINDS` variable bindings), with one ``acFun`` object for the whole PDU as
+  pysnmp passes it (an agent's instrumentation reads its node once per PDU).
   snmpInPkts counts these messages too. Everything else goes to pysnmp unchanged, and so
   does a request whose reading or writing raises: pysnmp runs it again and answers with
   its own error mapping (the agents' SETs are idempotent: a report recorded twice counts
@@ -42,6 +46,10 @@ log = logging.getLogger("qkdn.snmp")
 REQUEST = "rfc3412.receiveMessage:request"
 """The execution point where pysnmp (and the agents' ``who``) find the request's sender."""
 _GET_PDU, _SET_PDU = rfc1905.GetRequestPDU(), rfc1905.SetRequestPDU()
+_BULK_PDU = rfc1905.GetBulkRequestPDU()
+_PDUS = {fastpath.GET: _GET_PDU, fastpath.SET: _SET_PDU, fastpath.GETBULK: _BULK_PDU}
+BULK_MAX_BINDS = cmdrsp.BulkCommandResponder.max_varbinds
+"""Variable bindings in a GETBULK's response at most (pysnmp's responder's bound, 64)."""
 INTEGERS = frozenset((0x02, 0x41, 0x42, 0x43, 0x46))
 """INTEGER, Counter32, Gauge32 (Unsigned32), TimeTicks, Counter64 (RFC 2578, RFC 3416)."""
 STRINGS = frozenset((0x04, 0x40, 0x44))
@@ -155,11 +163,13 @@ class FastPath:
                 "securityLevel": 3,
                 "contextName": b"",
                 "contextEngineId": req.context_engine,
-                "pdu": _SET_PDU if req.pdu == fastpath.SET else _GET_PDU,
+                "pdu": _PDUS[req.pdu],
             },
         )
         try:
             values = [(tuple(name), encoded(value)) for name, value in self._operate(req)]
+            if not values:
+                raise ValueError("a GETBULK of no repetition")  # pysnmp answers it
         except Exception as exc:  # pysnmp answers it (again), with its own error mapping
             log.debug("snmp: fast request left to pysnmp: %r", exc)
             return None
@@ -185,6 +195,8 @@ class FastPath:
                 cbCtx=None,
             )
             return read
+        if req.pdu == fastpath.GETBULK:
+            return self._bulk(req)
         binds = [
             (rfc1902.ObjectName(oid), decoded(tag, raw))
             for oid, (tag, raw) in zip(req.oids, req.values, strict=True)
@@ -196,6 +208,23 @@ class FastPath:
             cbCtx=None,
         )
         return written
+
+    def _bulk(self, req: fastpath.Request) -> list[Any]:
+        """A GETBULK's variable bindings, as pysnmp's BulkCommandResponder finds them."""
+        context = {
+            "snmpEngine": self.eng,
+            "acFun": cmdrsp.BulkCommandResponder.verify_access,  # one object: one PDU
+            "cbCtx": None,
+        }
+        names = [(rfc1902.ObjectName(oid), rfc1902.Null()) for oid in req.oids]
+        n = min(req.non_repeaters, len(names))
+        repeaters = names[n:]
+        reps = min(req.max_repetitions, BULK_MAX_BINDS // len(repeaters)) if repeaters else 0
+        out: list[Any] = list(self.instrum.read_next_variables(*names[:n], **context)) if n else []
+        for _ in range(reps):
+            repeaters = list(self.instrum.read_next_variables(*repeaters, **context))
+            out += repeaters
+        return out
 
 
 class FastTransport(udp.UdpAsyncioTransport):  # type: ignore[misc]

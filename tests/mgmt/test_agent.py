@@ -149,7 +149,7 @@ def _ok(out: subprocess.CompletedProcess[str]) -> str:
 
 
 def _fast(peers: Peers) -> int:
-    """GETs the agent answered on its fast path (appliance.snmp.fastpath)."""
+    """GETs and GETBULKs the agent answered on its fast path (appliance.snmp.fastpath)."""
     served = peers.agent.served
     assert served is not None
     return served.fast.answered
@@ -174,14 +174,15 @@ def test_manager_role_gets_live_values_and_walks_the_whole_mib(peers: Peers):
 
 
 def test_a_bulk_walk_reads_the_node_once_per_request_not_per_repetition(peers: Peers):
-    before = peers.state["reads"]
+    before, fast = peers.state["reads"], peers.call(lambda: _fast(peers))
     bulk = _ok(
         snmp("snmpbulkwalk", peers.address, "QKDN-MIB::qkdnMIB", user=MANAGER, options=("-Cr10",))
     )
     instances, reads = len(bulk.splitlines()), peers.state["reads"] - before
-    # ~4 GETBULKs of 10 repetitions; each is read once, and looked at once after (pysnmp
-    # answered it, where refusals are counted): not once per repetition
+    # ~4 GETBULKs of 10 repetitions, each read once: not once per repetition
     assert instances >= 30 and 1 <= reads <= instances // 2, (instances, reads)
+    # ... and answered on the fast path, the last one past QKDN-MIB into pysnmp's tree too
+    assert peers.call(lambda: _fast(peers)) - fast >= instances // 10, bulk
 
 
 def test_monitor_role_sees_identity_and_links_only(peers: Peers):
@@ -364,3 +365,28 @@ def test_a_silent_agent_is_an_alarm_until_its_restarted_node_answers(peers: Peer
     run(agent.close())
     run(manager.close())
     store.close()
+
+
+def test_the_manager_walks_through_pysnmp_first_then_on_the_fast_path(peers: Peers):
+    """pysnmp discovers the agent's engine on the first walk and the manager learns it from
+    the accepted response; the next walk is GETBULKs sealed and opened without pyasn1 and
+    answered on the agent's fast path, with the same instances."""
+    root = mib.oid("qkdnObjects")
+
+    def walk() -> list[Any]:
+        coro = peers.manager.walk_at(peers.address, MANAGER, root, 10)
+        return asyncio.run_coroutine_threadsafe(coro, peers.loop).result(30)
+
+    slow = walk()
+    where = ("127.0.0.1", peers.agent.port)
+    requester = peers.call(lambda: peers.manager.fast[where])
+    assert requester.known is not None and requester.answered == 0
+    fast_before = peers.call(lambda: _fast(peers))
+    quick = walk()
+    assert requester.answered >= 3  # 10 repetitions each: 3 GETBULKs at least
+    assert peers.call(lambda: _fast(peers)) - fast_before == requester.answered
+    assert [oid for oid, _ in quick] == [oid for oid, _ in slow] and len(slow) >= 30
+    name = (*mib.oid("qkdnNodeName"), 0)
+    assert bytes(dict(quick)[name]) == bytes(dict(slow)[name]) == b"ckms-minden"
+    level = (*mib.oid("qkdnLinkKeyLevel"), 9)
+    assert int(dict(quick)[level]) > int(dict(slow)[level])  # read anew

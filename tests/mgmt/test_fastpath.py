@@ -59,6 +59,7 @@ class Peer:
     get: bytes
     next: bytes
     set: bytes
+    bulk: bytes
 
     def run(self, coro: Any) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(60)
@@ -111,8 +112,9 @@ def peer() -> Iterator[Peer]:
         client, transport = await _client(port, answers)
         assert agent.served is not None
         get, nxt = cmdgen.GetCommandGenerator(), cmdgen.NextCommandGenerator()
-        setter = cmdgen.SetCommandGenerator()
+        setter, bulk = cmdgen.SetCommandGenerator(), cmdgen.BulkCommandGenerator()
         level = [(LEVEL, rfc1902.Unsigned32(7))]
+        arc = [(mib.QKDN_ARC, None)]
 
         def cb(_e: Any, _h: Any, err: Any, status: Any, _i: Any, vbs: Any, key: Any) -> None:
             answers[key] = (err, status, vbs)
@@ -131,6 +133,9 @@ def peer() -> Iterator[Peer]:
                 transport, lambda: nxt.send_varbinds(client, "a", None, "", [(LEVEL, None)], cb, 2)
             ),
             _captured(transport, lambda: setter.send_varbinds(client, "a", None, "", level, cb, 3)),
+            _captured(
+                transport, lambda: bulk.send_varbinds(client, "a", None, "", 0, 50, arc, cb, 4)
+            ),
         )
 
     p = asyncio.run_coroutine_threadsafe(start(), loop).result(90)
@@ -171,6 +176,38 @@ def test_a_held_get_sent_as_bytes_is_answered_and_pysnmp_accepts_the_answer(peer
     err, status, vbs = peer.answers[1]
     assert not err and not status and tuple(vbs[0][0]) == LEVEL and int(vbs[0][1]) == 4242
     assert peer.fast.answered == before + 1
+
+
+def _exchange(peer: Peer, request: bytes) -> None:
+    """``request`` sent to the agent as bytes, its reply handed to the pysnmp client."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.settimeout(30)
+        s.connect(("127.0.0.1", peer.agent.port))
+        s.send(request)
+        reply = s.recv(65536)
+
+    async def check() -> None:
+        receive = peer.client.transport_dispatcher._callback_function  # the socket's entry
+        receive(peer.transport, ("127.0.0.1", peer.agent.port), reply)
+
+    peer.run(check())
+
+
+def test_a_held_getbulk_is_answered_as_pysnmp_answers_it(peer: Peer):
+    boots, now = peer.fast.clock()
+    opened = fastpath.open_request(peer.bulk, peer.fast.engine, boots, now)
+    assert opened is not None and opened.pdu == fastpath.GETBULK
+    assert (opened.non_repeaters, opened.max_repetitions, opened.oids) == (0, 50, [mib.QKDN_ARC])
+    before = peer.fast.answered
+    _exchange(peer, peer.bulk)
+    err, status, vbs = peer.answers[4]
+    assert not err and not status and peer.fast.answered == before + 1
+    names = [tuple(name) for name, _ in vbs]
+    assert len(names) == 50 and names == sorted(set(names))  # 50 repetitions, in order
+    assert int(dict(zip(names, (v for _, v in vbs), strict=True))[LEVEL]) == 4242
+    ours = [n for n in names if n[: len(mib.QKDN_ARC)] == mib.QKDN_ARC]
+    # the repetitions past QKDN-MIB are pysnmp's own instances, after ours, as pysnmp walks
+    assert 30 <= len(ours) < 50 and names[: len(ours)] == ours
 
 
 def test_other_pdus_and_untimely_messages_are_left_to_pysnmp(peer: Peer):

@@ -91,6 +91,33 @@ def test_history_folds_old_samples_into_buckets(tmp_path: Path):
     assert store.links()[0]["level"] == 41  # the current state is kept apart
 
 
+def test_a_poll_rounds_rows_commit_together_or_not_at_all(tmp_path: Path):
+    """Store.transaction: what runs inside (a nested record() too) is one transaction: seen
+    by another connection only after it commits; an error inside leaves nothing."""
+    import sqlite3
+
+    import pytest
+
+    store = Store(tmp_path / "m.db")
+    other = sqlite3.connect(tmp_path / "m.db")
+    sample = LinkSample(
+        node="ckms-8", link="link-8-9", peer=9, state="up", skr=1, qber_ppm=1, level=1,
+        capacity=1, consumed=0,
+    )  # fmt: skip
+    with store.transaction():
+        store.seen("ckms-8", id=8, role="ckms", software="q", slot="none", address="a", reachable=1)
+        store.record([sample])
+        assert store.db.in_transaction
+        assert other.execute("SELECT COUNT(*) FROM inventory").fetchone()[0] == 0
+    assert other.execute("SELECT COUNT(*) FROM links").fetchone()[0] == 1
+    with pytest.raises(RuntimeError), store.transaction():
+        store.seen("ckms-9", id=9, role="ckms", software="q", slot="none", address="a", reachable=1)
+        raise RuntimeError("a failed round")
+    assert [r["node"] for r in store.inventory()] == ["ckms-8"]
+    other.close()
+    store.close()
+
+
 def test_sessions_expire_on_the_clock():
     clock = Clock()
     sessions = Sessions(60.0, clock)
