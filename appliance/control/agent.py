@@ -415,13 +415,6 @@ def _route_of(node: int, route_id: str, raw: bytes) -> model.Route:
     return route
 
 
-def route_value(route: model.Route) -> bytes:
-    """The JSON_IETF value of a Set that installs ``route`` at a node."""
-    doc = model.document(model.NodeTelemetry(node=route.src, routes=(route,)))
-    (entry,) = doc[f"{model.SDN}:qkd_node"]["qkd_links"]["qkd_link"]
-    return json.dumps(entry, separators=(",", ":")).encode()
-
-
 def _notification(path: Any, value: Any) -> Any:
     val = pb.TypedValue(json_ietf_val=json.dumps(value, separators=(",", ":")).encode())
     return pb.Notification(timestamp=time.time_ns(), update=[pb.Update(path=path, val=val)])

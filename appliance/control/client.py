@@ -237,9 +237,7 @@ class AsyncAgentSets:
 
 def route_request(route: model.Route) -> Any:
     """The SetRequest that installs ``route`` at a node."""
-    from appliance.control.agent import route_value
-
-    value = pb.TypedValue(json_ietf_val=route_value(route))
+    value = pb.TypedValue(json_ietf_val=model.route_value(route))
     update = pb.Update(path=_route_pb(route.src, route.dst, route.slot), val=value)
     return pb.SetRequest(update=[update])
 

@@ -19,6 +19,7 @@ No I/O here: the agent (:mod:`agent`) serves what :func:`document` builds.
 
 from __future__ import annotations
 
+import json
 import re
 import uuid
 from dataclasses import dataclass, field
@@ -270,3 +271,10 @@ def _key_matches(value: Any, want: str) -> bool:
 def _not_found(path: tuple[Elem, ...], i: int) -> PathError:
     shown = "/".join(e.name for e in path[: i + 1])
     return PathError(f"no such node: /{shown}", code="CTL-PATH-NOT-FOUND")
+
+
+def route_value(route: Route) -> bytes:
+    """The JSON_IETF value of a Set that installs ``route`` at a node."""
+    doc = document(NodeTelemetry(node=route.src, routes=(route,)))
+    (entry,) = doc[f"{SDN}:qkd_node"]["qkd_links"]["qkd_link"]
+    return json.dumps(entry, separators=(",", ":")).encode()
