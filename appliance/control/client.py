@@ -33,6 +33,15 @@ from appliance.control.errors import ControlError, PathError
 
 MAX_PATH_TEXT = 1024
 MAX_MESSAGE = 4 << 20
+CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE),
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+]
+"""Every channel to an agent: a channel whose agent was not up yet (the controller starts
+beside the nodes) or restarted tries again within a second, not after grpc's default
+back-off of up to two minutes, during which its calls fail at once."""
 _ELEM = re.compile(r"([^/\[\]]+)((?:\[[^=\[\]]+=[^\]]*\])*)")
 _KEY = re.compile(r"\[([^=\[\]]+)=([^\]]*)\]")
 _END = object()
@@ -117,14 +126,8 @@ class PendingSet:
 
 class AgentClient:
     def __init__(self, address: str, *, cert: Path, key: Path, ca: Path, timeout: float = 5.0):
-        creds = grpc.ssl_channel_credentials(
-            root_certificates=ca.read_bytes(),
-            private_key=key.read_bytes(),
-            certificate_chain=cert.read_bytes(),
-        )
-        options = [("grpc.max_receive_message_length", MAX_MESSAGE)]
         self.address = address
-        self.channel = grpc.secure_channel(address, creds, options=options)
+        self.channel = grpc.secure_channel(address, *_channel_args(cert, key, ca))
         self.stub = pb_grpc.gNMIStub(self.channel)
         self.timeout = timeout
 
@@ -194,13 +197,7 @@ class AsyncAgentSets:
     path's Sets pay no TLS handshake. Create it inside the loop."""
 
     def __init__(self, address: str, *, cert: Path, key: Path, ca: Path, timeout: float = 5.0):
-        creds = grpc.ssl_channel_credentials(
-            root_certificates=ca.read_bytes(),
-            private_key=key.read_bytes(),
-            certificate_chain=cert.read_bytes(),
-        )
-        options = [("grpc.max_receive_message_length", MAX_MESSAGE)]
-        self._channel = grpc.aio.secure_channel(address, creds, options=options)
+        self._channel = grpc.aio.secure_channel(address, *_channel_args(cert, key, ca))
         self._stub = pb_grpc.gNMIStub(self._channel)
         self.timeout = timeout
 
@@ -233,6 +230,16 @@ class AsyncAgentSets:
     async def close(self, timeout: float = 2.0) -> None:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._channel.close(), timeout)
+
+
+def _channel_args(cert: Path, key: Path, ca: Path) -> tuple[Any, list[tuple[str, int]]]:
+    """The mutual TLS credentials and the options of a channel to an agent."""
+    creds = grpc.ssl_channel_credentials(
+        root_certificates=ca.read_bytes(),
+        private_key=key.read_bytes(),
+        certificate_chain=cert.read_bytes(),
+    )
+    return creds, CHANNEL_OPTIONS
 
 
 def route_request(route: model.Route) -> Any:
@@ -298,13 +305,7 @@ class StreamSubscription:
     def __init__(
         self, address: str, path: str, *, cert: Path, key: Path, ca: Path, heartbeat_ms: int
     ) -> None:
-        creds = grpc.ssl_channel_credentials(
-            root_certificates=ca.read_bytes(),
-            private_key=key.read_bytes(),
-            certificate_chain=cert.read_bytes(),
-        )
-        options = [("grpc.max_receive_message_length", MAX_MESSAGE)]
-        self._channel = grpc.aio.secure_channel(address, creds, options=options)
+        self._channel = grpc.aio.secure_channel(address, *_channel_args(cert, key, ca))
         self._first: Any = _request((path,), "stream", True, 0, heartbeat_ms)
         self._call = pb_grpc.gNMIStub(self._channel).Subscribe()
         self._pending: list[Event] = []
