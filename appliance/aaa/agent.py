@@ -120,10 +120,8 @@ class Agent:
         self._views: set[tuple[str, tuple[int, ...]]] = set()
         self._views_of: object = None
         """The registry snapshot the views were made from (the same one: nothing to do)."""
-        self.access: dict[tuple[int | None, str, tuple[int, ...]], bool] = {}
-        """VACM's decisions while the views stay the same, by AKMS (None: the operator),
-        kind (read, write) and the first :attr:`view_depth` sub-identifiers of the OID."""
-        self.view_depth = 0
+        self.access = responder.AccessCache(ACCESS_KEPT)
+        """VACM's decisions while the views stay the same, by AKMS (None: the operator)."""
         """The longest subtree of any view family: VACM's decision for an OID (families
         without masks) depends on no sub-identifier beyond it."""
         self._tasks: set[asyncio.Task[None]] = set()
@@ -212,11 +210,10 @@ class Agent:
                     wanted.add((f"akms-{akms}-read", (*col.oid, ukms)))
                     if col.access == "read-write":
                         wanted.add((f"akms-{akms}-write", (*col.oid, ukms)))
-        if wanted == self._views and self.view_depth:  # unchanged: VACM's decisions stand
+        if wanted == self._views and self.access.depth:  # unchanged: VACM's decisions stand
             return
-        self.access.clear()
         fixed = [(1, 3, 6, 1), mib.oid("aaaDirectory"), mib.oid("aaaContracts")]
-        self.view_depth = max(len(s) for s in [*fixed, *(sub for _name, sub in wanted)])
+        self.access.reset(max(len(s) for s in [*fixed, *(sub for _name, sub in wanted)]))
         for name, subtree in self._views - wanted:
             config.delete_vacm_view(self.engine, name, subtree)
         for name, subtree in wanted - self._views:
@@ -322,19 +319,10 @@ class Instrumentation:
         self.agent, self.view, self.default = agent, agent.view, default
 
     def _denied(self, kind: str, oid: tuple[int, ...], i: int, ctx: dict[str, Any]) -> bool:
-        """True if ``oid`` is outside the user's view (raises on other ACM refusals).
-
-        Decided by pysnmp's VACM once per user, kind and OID prefix while the views stay
-        the same (Agent._akms_views forgets them): an ask reads a new row every time, and
-        pysnmp's VACM walking one family per column and UKMS was a quarter of its cost."""
-        key = (self.agent.who(), kind, oid[: self.agent.view_depth])
-        known = self.agent.access.get(key)
-        if known is None:
-            if len(self.agent.access) >= ACCESS_KEPT:  # OIDs outside every view: bounded
-                self.agent.access.clear()
-            verdict = ctx["acFun"](kind, (rfc1902.ObjectName(oid), None), **{**ctx, "idx": i})
-            known = self.agent.access[key] = bool(verdict)
-        return known
+        """True if ``oid`` is outside the user's view (raises on other ACM refusals);
+        decided once per AKMS, kind and OID prefix while the views stay the same
+        (Agent._akms_views resets the cache)."""
+        return self.agent.access.denied(self.agent.who(), kind, oid, i, ctx)
 
     def read_variables(self, *binds: Any, **ctx: Any) -> list[Any]:
         out = []
