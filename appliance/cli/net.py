@@ -26,6 +26,7 @@ import contextlib
 import gc
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -58,6 +59,8 @@ KILL_WAIT_S = 5.0
 MAX_STOCK = 100_000
 DEFAULT_STOCK = 256
 STOCK = types.integer(0, MAX_STOCK)
+FD = types.integer(3, 1 << 20)
+AGENT_NAME = types.matching(re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", re.ASCII), "a node name")
 PATIENCE = types.number(0, 3600, lo_open=True)
 
 
@@ -126,6 +129,18 @@ def register(sub: Any) -> None:
         "(services.controller of its configuration; docs/control.md)",
     )
     run.set_defaults(func=cmd_node_run)
+    agent = nsub.add_parser(
+        "agent",
+        help="a node's SNMPv3 agent, beside the node (started by `node run --mgmt`)",
+        description="Serve QKDN-MIB for the node that started this process, reading it "
+        "over the two sockets it passed (docs/mgmt.md). Not for use by hand: `qkdn node "
+        "run --mgmt FILE` starts it, and it dies with that node.",
+    )
+    agent.add_argument("--mgmt", required=True, type=types.path, metavar="AGENT.toml")
+    agent.add_argument("--name", required=True, type=AGENT_NAME, help="the node's name")
+    agent.add_argument("--query-fd", required=True, type=FD, metavar="FD")
+    agent.add_argument("--notice-fd", required=True, type=FD, metavar="FD")
+    agent.set_defaults(func=cmd_node_agent)
 
     net = sub.add_parser(
         "net",
@@ -361,20 +376,36 @@ def cmd_node_run(args: argparse.Namespace) -> int:
 
 
 async def _mgmt_agent(args: argparse.Namespace, node: Any, generator: Any) -> Any:
-    """The node's SNMPv3 agent, reading the node live (:mod:`appliance.mgmt.agent`), and
-    the watch of its QKD modules that makes it look at once when a link changes state."""
-    from appliance.mgmt.agent import Agent, load_config
+    """The node's SNMPv3 agent in a process beside it, reading the node live
+    (:mod:`appliance.mgmt.feed`: the node never loads pysnmp), and the watch of its QKD
+    modules that makes it look at once when a link changes state."""
+    from appliance.mgmt.agentconfig import load_config
+    from appliance.mgmt.feed import Feed
     from appliance.mgmt.nodestate import LinkWatch, NodeReader
 
     cfg = load_config(args.mgmt)
     reader = NodeReader(node, generator, image=Path(cfg.image) if cfg.image else None)
     name = f"{node.name}-{args.only}" if args.only else node.name
-    agent = Agent(name, reader.read, cfg)
-    await agent.start()
-    watch = LinkWatch(list(node.qkdms.values()), agent.look)
+    cli = (sys.executable, "-m", "appliance.cli", "--log-level", args.log_level)
+    feed = Feed(name, reader.read, args.mgmt, (*cli, "--log-format", args.log_format))
+    await feed.start()
+    watch = LinkWatch(list(node.qkdms.values()), feed.look)
     watch.start()
-    node.counters.alarm_hooks.append(lambda _code, _reason: agent.look())
-    return agent, watch
+    node.counters.alarm_hooks.append(lambda _code, _reason: feed.look())
+    return feed, watch
+
+
+def cmd_node_agent(args: argparse.Namespace) -> int:
+    from appliance.kms.netproc import die_with_supervisor
+
+    die_with_supervisor()  # first of all: the agent never outlives the node that started it
+
+    import uvloop
+
+    from appliance.mgmt import sidecar
+
+    uvloop.run(sidecar.run(args.mgmt, args.name, args.query_fd, args.notice_fd))
+    return 0
 
 
 def _controller_paths(cfg: Any) -> Any:

@@ -30,20 +30,21 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
-from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import Field
 from pysnmp.entity import config
 from pysnmp.entity.rfc3413 import ntforg
 from pysnmp.proto import rfc1902, rfc1905
 
-from appliance.config.schema import Strict, load_model, read_toml
 from appliance.mgmt import mib
+from appliance.mgmt.agentconfig import AgentConfig as AgentConfig
+from appliance.mgmt.agentconfig import AgentUser as AgentUser
+from appliance.mgmt.agentconfig import Receiver as Receiver
+from appliance.mgmt.agentconfig import load_config as load_config
 from appliance.mgmt.detect import Detector, Notice
 from appliance.mgmt.nodeview import NodeReading, Snapshot, Value
 from appliance.snmp import engines, responder
-from appliance.snmp.usm import SNMP_TRAP_OID, Credentials, bind_udp, host_port
+from appliance.snmp.usm import SNMP_TRAP_OID, bind_udp, host_port
 
 log = logging.getLogger("qkdn.mgmt")
 
@@ -88,32 +89,6 @@ SYNTAX: dict[str, Any] = {
     "OCTET STRING": rfc1902.OctetString,
     "INTEGER": rfc1902.Integer32,
 }
-
-
-class AgentUser(Credentials):
-    role: Literal["manager", "monitor"] = "manager"
-
-
-class Receiver(Credentials):
-    """Where notifications go: ``host:port`` and the SNMPv3 user to send them as."""
-
-    address: str
-
-
-class AgentConfig(Strict):
-    listen: str = "127.0.0.1:0"
-    users: list[AgentUser] = Field(min_length=1, max_length=16)
-    inform: Receiver | None = None
-    """The QKDN Manager: INFORMs, retried until acknowledged."""
-    traps: list[Receiver] = Field(default_factory=list, max_length=8)
-    """Other receivers: traps (the node's notifier engine is authoritative)."""
-    image: str | None = Field(default=None, max_length=4096)
-    """The node's target disk, when it runs from an appliance image (its boot state gives
-    the image slot and version, and qkdnSlotRollback; :mod:`appliance.mgmt.image`)."""
-
-
-def load_config(path: Path) -> AgentConfig:
-    return load_model(AgentConfig, read_toml(path), str(path))
 
 
 def engine_id(name: str, kind: str = "a") -> bytes:

@@ -1,0 +1,90 @@
+"""``qkdn node agent``: a node's SNMP agent in a process beside the node.
+
+Started by the node (:class:`appliance.mgmt.feed.Feed`) with the agent's ends of the two
+socket pairs of :mod:`appliance.mgmt.channel`. The agent (:class:`appliance.mgmt.agent.Agent`)
+reads the node through :class:`NodeLink` at each PDU and at each look (a synchronous
+ask, answered by the node's event loop within :data:`READ_TIMEOUT_S`), and looks at once
+when the node sends a notice. It exits when the node closes the notice socket (the node
+stopped), on SIGTERM or SIGINT, and by SIGKILL when the node dies (it dies with the node).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import signal
+import socket
+import time
+from pathlib import Path
+
+from appliance.mgmt.agent import Agent
+from appliance.mgmt.agentconfig import load_config
+from appliance.mgmt.channel import MAX_MESSAGE, ChannelError, answer_seq, parse_answer, read_request
+from appliance.mgmt.nodeview import NodeReading
+
+READ_TIMEOUT_S = 2.0
+"""Longest wait for the node's answer to one ask (its event loop may be busy serving)."""
+
+
+class NodeLink:
+    """The agent's reader of its node over the query socket (blocking, bounded)."""
+
+    def __init__(self, sock: socket.socket, timeout: float = READ_TIMEOUT_S) -> None:
+        self.sock, self.timeout = sock, timeout
+        self.seq = 0
+
+    def read(self) -> NodeReading:
+        self.seq = (self.seq + 1) % (1 << 32)
+        deadline = time.monotonic() + self.timeout
+        try:
+            self.sock.settimeout(self.timeout)
+            self.sock.send(read_request(self.seq))
+            while True:  # an answer to an earlier ask that timed out is skipped
+                self.sock.settimeout(max(deadline - time.monotonic(), 0.001))
+                message = self.sock.recv(MAX_MESSAGE)
+                if not message:
+                    raise ChannelError("the node closed the query socket")
+                if answer_seq(message) == self.seq:
+                    return parse_answer(message)[1]
+        except TimeoutError as exc:
+            raise ChannelError(f"the node did not answer within {self.timeout:.1f} s") from exc
+        except OSError as exc:
+            raise ChannelError(f"the query socket: {exc.strerror or exc}") from exc
+
+
+async def run(config: Path, name: str, query_fd: int, notice_fd: int) -> None:
+    """Serve the agent until the node goes or a signal stops it."""
+    cfg = load_config(config)
+    link = NodeLink(socket.socket(fileno=query_fd))
+    notice = socket.socket(fileno=notice_fd)
+    notice.setblocking(False)
+    agent = Agent(name, link.read, cfg)
+    await agent.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def noticed() -> None:
+        while True:
+            try:
+                message = notice.recv(16)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                message = b""
+            if not message:  # the node is gone or stopping
+                loop.remove_reader(notice.fileno())
+                stop.set()
+                return
+            agent.look()
+
+    loop.add_reader(notice.fileno(), noticed)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    gc.collect()  # start-up's objects live as long as the process (as in the node)
+    gc.freeze()
+    try:
+        await stop.wait()
+    finally:
+        await agent.close()
+        link.sock.close()
+        notice.close()
