@@ -14,7 +14,8 @@
    one key) in alternating rounds; the median difference. And, per round, the CPU time
    of the driven network's processes per request (from /proc/PID/task/*/schedstat:
    nanoseconds, every thread; far less sensitive to other load than T_key): the 16
-   nodes together, each node, and the manager.
+   nodes together, each node, the nodes' SNMP agents (each a child process of its node)
+   together, and the manager; and the nodes' and the agents' resident sets (MB).
 
 4. ``latency``: a demoquandt network with its manager; link 8-9 cut and restored N times
    (``qkdn net fault``'s code); a client of the operator's page holds its server-sent
@@ -367,20 +368,61 @@ def bench_informs(total: int, agents: int) -> dict[str, Any]:
 
 
 # -- 3. T_key with and without management -------------------------------------------------
+def _thread_seconds(pid: int) -> float | None:
+    total = 0
+    try:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            with contextlib.suppress(OSError):  # a thread that ended meanwhile
+                total += int((task / "schedstat").read_text().split()[0])
+    except OSError:
+        return None
+    return total / 1e9
+
+
+def _children(parents: dict[int, str]) -> dict[int, str]:
+    """Processes whose parent is among ``parents`` (pid -> the parent's name)."""
+    out = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                if ppid in parents:
+                    out[int(entry.name)] = parents[ppid]
+    return out
+
+
 def cpu_seconds(folder: Path) -> dict[str, float]:
     """CPU seconds each child of a network's supervisor has used so far, every thread
-    (the scheduler's run time, in nanoseconds: /proc's user and system ticks are 10 ms)."""
+    (the scheduler's run time, in nanoseconds: /proc's user and system ticks are 10 ms);
+    a node's SNMP agent (the node's child process) as ``agent:NODE``."""
     state = json.loads((folder / "run" / "state.json").read_text())
     out = {}
-    for name, child in state["nodes"].items():
-        total = 0
-        try:
-            for task in Path(f"/proc/{child['pid']}/task").iterdir():
-                with contextlib.suppress(OSError):  # a thread that ended meanwhile
-                    total += int((task / "schedstat").read_text().split()[0])
-        except OSError:
-            continue
-        out[name] = total / 1e9
+    pids = {int(child["pid"]): name for name, child in state["nodes"].items()}
+    for pid, name in pids.items():
+        seconds = _thread_seconds(pid)
+        if seconds is not None:
+            out[name] = seconds
+    for pid, name in _children(pids).items():
+        seconds = _thread_seconds(pid)
+        if seconds is not None:
+            out[f"agent:{name}"] = out.get(f"agent:{name}", 0.0) + seconds
+    return out
+
+
+def rss_mb(folder: Path) -> dict[str, float]:
+    """Each node's resident set (MB), its agent's apart."""
+    state = json.loads((folder / "run" / "state.json").read_text())
+    pids = {int(child["pid"]): name for name, child in state["nodes"].items()}
+    named = {
+        **{p: n for p, n in pids.items()},
+        **{p: f"agent:{n}" for p, n in _children(pids).items()},
+    }
+    out = {}
+    for pid, name in named.items():
+        with contextlib.suppress(OSError, ValueError):
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    out[name] = int(line.split()[1]) / 1024
     return out
 
 
@@ -432,16 +474,20 @@ def bench_tkey(rounds: int, requests: int) -> dict[str, Any]:
             for n, f in folders.items():
                 now = cpu_seconds(f)
                 cpu[n] = {k: now[k] - cpu0[n].get(k, 0.0) for k in now}
+            rss = {n: rss_mb(f) for n, f in folders.items()}
         finally:
             for folder in folders.values():
                 net.bring_down(folder)
     diffs = [w - b for w, b in zip(p50["with"], p50["without"], strict=True)]
     nodes = {
-        n: [sum(v for k, v in rnd.items() if k != "manager") for rnd in rounds_]
+        n: [sum(v for k, v in rnd.items() if _is_node(k)) for rnd in rounds_]
         for n, rounds_ in per_request.items()
     }
+    agents = [
+        sum(v for k, v in rnd.items() if k.startswith("agent:")) for rnd in per_request["with"]
+    ]
     cpu_diffs = [w - b for w, b in zip(nodes["with"], nodes["without"], strict=True)]
-    each = sorted(k for k in per_request["with"][0] if k != "manager")
+    each = sorted(k for k in per_request["with"][0] if _is_node(k))
     return {
         "p50_ms_with": p50["with"],
         "p50_ms_without": p50["without"],
@@ -451,12 +497,19 @@ def bench_tkey(rounds: int, requests: int) -> dict[str, Any]:
         "failed_requests": failed,
         "manager_database_written": mgmt_running,
         "wall_s": round(wall, 1),
-        "cpu_s_nodes_with": round(sum(v for k, v in cpu["with"].items() if k != "manager"), 2),
+        "cpu_s_nodes_with": round(sum(v for k, v in cpu["with"].items() if _is_node(k)), 2),
         "cpu_s_nodes_without": round(sum(cpu["without"].values()), 2),
+        "cpu_s_agents": round(sum(v for k, v in cpu["with"].items() if k.startswith("agent:")), 2),
         "cpu_s_manager": round(cpu["with"].get("manager", 0.0), 2),
         "nodes_cpu_ms_per_request_with": round(statistics.median(nodes["with"]), 3),
         "nodes_cpu_ms_per_request_without": round(statistics.median(nodes["without"]), 3),
         "nodes_cpu_ms_per_request_median_difference": round(statistics.median(cpu_diffs), 3),
+        "nodes_cpu_ms_per_request_rounds_with": [round(v, 3) for v in nodes["with"]],
+        "nodes_cpu_ms_per_request_rounds_without": [round(v, 3) for v in nodes["without"]],
+        "agents_cpu_ms_per_request": round(statistics.median(agents), 3),
+        "rss_mb_median_node_with": _median_rss(rss["with"], nodes=True),
+        "rss_mb_median_node_without": _median_rss(rss["without"], nodes=True),
+        "rss_mb_median_agent": _median_rss(rss["with"], nodes=False),
         "manager_cpu_ms_per_request": round(
             statistics.median(r.get("manager", 0.0) for r in per_request["with"]), 3
         ),
@@ -471,6 +524,15 @@ def bench_tkey(rounds: int, requests: int) -> dict[str, Any]:
         "rounds": rounds,
         "requests_per_round": requests,
     }
+
+
+def _is_node(name: str) -> bool:
+    return name != "manager" and not name.startswith("agent:")
+
+
+def _median_rss(rss: dict[str, float], *, nodes: bool) -> float:
+    values = [v for k, v in rss.items() if _is_node(k) == nodes and k != "manager"]
+    return round(statistics.median(values), 1) if values else 0.0
 
 
 # -- 4. link fault to alarm on the page --------------------------------------------------

@@ -403,8 +403,10 @@ def cmd_node_agent(args: argparse.Namespace) -> int:
     import uvloop
 
     from appliance.mgmt import sidecar
+    from appliance.mgmt.agentconfig import load_config
 
-    uvloop.run(sidecar.run(args.mgmt, args.name, args.query_fd, args.notice_fd))
+    cfg = load_config(args.mgmt)
+    uvloop.run(sidecar.run(cfg, args.name, args.query_fd, args.notice_fd))
     return 0
 
 

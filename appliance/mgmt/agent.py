@@ -196,7 +196,7 @@ class Agent:
             except Exception as exc:  # a reading that fails must not stop the watch
                 log.error("mgmt: reading the node failed: %s", exc, exc_info=True)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._look.wait(), POLL_S)
+                await asyncio.wait_for(self._look.wait(), self.cfg.poll_s or POLL_S)
             self._look.clear()
 
     def look(self) -> None:

@@ -30,6 +30,9 @@ class AgentConfig(Strict):
     """The QKDN Manager: INFORMs, retried until acknowledged."""
     traps: list[Receiver] = Field(default_factory=list, max_length=8)
     """Other receivers: traps (the node's notifier engine is authoritative)."""
+    poll_s: float | None = Field(default=None, gt=0, le=86400)
+    """Seconds between two looks at what does not tell of its changes (default
+    :data:`appliance.mgmt.agent.POLL_S`)."""
     image: str | None = Field(default=None, max_length=4096)
     """The node's target disk, when it runs from an appliance image (its boot state gives
     the image slot and version, and qkdnSlotRollback; :mod:`appliance.mgmt.image`)."""

@@ -15,10 +15,9 @@ import gc
 import signal
 import socket
 import time
-from pathlib import Path
 
 from appliance.mgmt.agent import Agent
-from appliance.mgmt.agentconfig import load_config
+from appliance.mgmt.agentconfig import AgentConfig
 from appliance.mgmt.channel import MAX_MESSAGE, ChannelError, answer_seq, parse_answer, read_request
 from appliance.mgmt.nodeview import NodeReading
 
@@ -52,9 +51,8 @@ class NodeLink:
             raise ChannelError(f"the query socket: {exc.strerror or exc}") from exc
 
 
-async def run(config: Path, name: str, query_fd: int, notice_fd: int) -> None:
+async def run(cfg: AgentConfig, name: str, query_fd: int, notice_fd: int) -> None:
     """Serve the agent until the node goes or a signal stops it."""
-    cfg = load_config(config)
     link = NodeLink(socket.socket(fileno=query_fd))
     notice = socket.socket(fileno=notice_fd)
     notice.setblocking(False)

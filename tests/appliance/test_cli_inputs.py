@@ -320,6 +320,8 @@ PORT = Int(1, 65535)
 
 NET_UP = ("net", "up", MISSING + ".toml", "--dir", "{dir}/netup")
 NODE_RUN = ("node", "run", "--config", MISSING + ".toml")
+NODE_AGENT = ("node", "agent", "--mgmt", MISSING + ".toml", "--name", "n", "--query-fd", "3",
+              "--notice-fd", "4")  # fmt: skip
 RENDER = ("topology", "render", "demoquandt", "--out", "{dir}/render")
 DEMO = ("demo", "--skip-quantum", "--skip-network")
 QRNG_RUN = ("qrng", "run", "--source", "nope://x", "--out", "{dir}/rand.bin")
@@ -359,6 +361,10 @@ VALUES: list[tuple[tuple[str, ...], str, Any]] = [
     (NODE_RUN, "--stock", Int(0, 100_000)),
     (NODE_RUN, "--patience", Float(0, 3600, lo_open=True)),
     (("node", "run"), "--config", PATHS),
+    (NODE_AGENT, "--query-fd", Int(3, 1 << 20)),
+    (NODE_AGENT, "--notice-fd", Int(3, 1 << 20)),
+    (NODE_AGENT, "--name", TOKENS),
+    (("node", "agent", "--name", "n", "--query-fd", "3", "--notice-fd", "4"), "--mgmt", PATHS),
     (RENDER, "--base-port", Int(1024, 55536)),
     (RENDER, "--host", HOSTS),
     (RENDER, "--start", Float(0, 253_402_300_799)),
@@ -490,6 +496,7 @@ READS: list[tuple[str, ...]] = [
     ("demo", "--topology", "{F}", "--skip-network", "--days", "0.001"),
     ("net", "up", "{F}", "--dir", "{dir}/never"),
     ("node", "run", "--config", "{F}"),
+    ("node", "agent", "--mgmt", "{F}", "--name", "n", "--query-fd", "3", "--notice-fd", "4"),
     ("qrng", "assess", "{F}"),
     ("qrng", "ais31", "{F}"),
     ("image", "key", "init", "--root", "{F}", "--out", "{dir}/ring-new.json"),
