@@ -1,7 +1,8 @@
 """The SNMPv3 agent of a KMS node (QKDN-MIB), a thin pysnmp 7 (asyncio) adapter.
 
-It runs in the node's process (``qkdn node run --mgmt FILE``), on the node's ``snmp``
-address, beside the KMS services on the same event loop:
+It runs in a process beside the node (``qkdn node agent``, started by ``qkdn node run
+--mgmt FILE``: :mod:`appliance.mgmt.sidecar`, :mod:`appliance.mgmt.feed`), on the node's
+``snmp`` address, and reads the node through a callable (in tests, in-process):
 
 * SNMPv3 only, authPriv only (HMAC-SHA-256, AES-128, :mod:`appliance.snmp.usm`). No
   community is configured: v1/v2c requests are dropped and counted
@@ -11,7 +12,8 @@ address, beside the KMS services on the same event loop:
 * VACM per role: a ``manager`` user reads QKDN-MIB and the SNMP engine's own counters; a
   ``monitor`` user reads the node's identity and its link table only. Nobody writes.
 * Values are live: each PDU takes a fresh reading of the node
-  (:class:`appliance.mgmt.nodestate.NodeReader`) and answers from it.
+  (:class:`appliance.mgmt.nodestate.NodeReader`, in the node, asked over the node's query
+  socket) and answers from it.
 * When something may have changed, the agent compares the node's reading with the last
   one (:mod:`appliance.mgmt.detect`) and sends each notice as an INFORM to the manager,
   retried until acknowledged (a bounded queue), and as a trap to every other receiver. It
