@@ -139,8 +139,8 @@ class Feed:
             return
         if time.monotonic() - self._started >= STEADY_S:
             self._backoff = BACKOFF_S
-        log.error("mgmt: the SNMP agent of %s exited (%s); again in %.0f s", self.name, code,
-                  self._backoff)  # fmt: skip
+        wait = self._backoff
+        log.error("mgmt: the SNMP agent of %s exited (%s); again in %.0f s", self.name, code, wait)
         self._again = self._loop.call_later(self._backoff, self._respawn)
         self._backoff = min(self._backoff * 2, MAX_BACKOFF_S)
 
