@@ -26,7 +26,10 @@
    peak RSS (pysnmp imported), database size, a week's history query.
 
 Usage: python bench/mgmt.py [agent|informs|tkey|latency|week|all] [--seconds 10] [--clients 2]
-       [--rounds 5] [--requests 40] [--faults 10] [--json PATH]
+       [--rounds 5] [--requests 40] [--control] [--faults 10] [--json PATH]
+
+``tkey --control`` is the A/A run: both networks without management, measured exactly as
+the A/B run (the "with" network is the one started first); it shows the bench's own spread.
 """
 
 from __future__ import annotations
@@ -426,7 +429,8 @@ def rss_mb(folder: Path) -> dict[str, float]:
     return out
 
 
-def bench_tkey(rounds: int, requests: int) -> dict[str, Any]:
+def bench_tkey(rounds: int, requests: int, control: bool = False) -> dict[str, Any]:
+    """``control``: an A/A run, both networks without management (the bench's own spread)."""
     from appliance.cli import net
     from appliance.config.render import find_free_base_port
     from appliance.tkey import endpoints, measure
@@ -445,7 +449,7 @@ def bench_tkey(rounds: int, requests: int) -> dict[str, Any]:
                     timeout=300.0,
                     json=False,
                     aaa=False,
-                    mgmt=name == "with",
+                    mgmt=name == "with" and not control,
                 )
                 net.bring_up(args)
             pairs = {
@@ -468,7 +472,7 @@ def bench_tkey(rounds: int, requests: int) -> dict[str, Any]:
                     )
                     p50[name].append(doc["t_key_ms"]["p50"])
                     failed += doc["failed_requests"]
-            mgmt_running = (folders["with"] / "mgmt" / "manager.db").exists()
+            mgmt_running = (folders["with"] / "mgmt" / "manager.db").exists() and not control
             wall = time.monotonic() - t0
             cpu = {}
             for n, f in folders.items():
@@ -523,6 +527,7 @@ def bench_tkey(rounds: int, requests: int) -> dict[str, Any]:
         },
         "rounds": rounds,
         "requests_per_round": requests,
+        "control": control,
     }
 
 
@@ -767,6 +772,9 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=40)
     parser.add_argument("--faults", type=int, default=10)
     parser.add_argument("--link-ends", type=int, default=32)
+    parser.add_argument(
+        "--control", action="store_true", help="tkey: A/A, both networks without management"
+    )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     doc: dict[str, Any] = {
@@ -781,7 +789,7 @@ def main() -> None:
         doc["informs"] = bench_informs(args.informs, args.agents)
         print(json.dumps(doc["informs"]), flush=True)
     if args.what in ("tkey", "all"):
-        doc["tkey"] = bench_tkey(args.rounds, args.requests)
+        doc["tkey"] = bench_tkey(args.rounds, args.requests, args.control)
         print(json.dumps(doc["tkey"]), flush=True)
     if args.what in ("latency", "all"):
         doc["latency"] = bench_latency(args.faults)
