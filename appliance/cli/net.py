@@ -138,8 +138,12 @@ def register(sub: Any) -> None:
     )
     agent.add_argument("--mgmt", required=True, type=types.path, metavar="AGENT.toml")
     agent.add_argument("--name", required=True, type=AGENT_NAME, help="the node's name")
-    agent.add_argument("--query-fd", required=True, type=FD, metavar="FD")
-    agent.add_argument("--notice-fd", required=True, type=FD, metavar="FD")
+    agent.add_argument(
+        "--query-fd", required=True, type=FD, metavar="FD", help="the node's socket for reads"
+    )
+    agent.add_argument(
+        "--notice-fd", required=True, type=FD, metavar="FD", help="the node's socket for notices"
+    )
     agent.set_defaults(func=cmd_node_agent)
 
     net = sub.add_parser(

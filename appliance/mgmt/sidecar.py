@@ -51,10 +51,22 @@ class NodeLink:
             raise ChannelError(f"the query socket: {exc.strerror or exc}") from exc
 
 
+def node_socket(fd: int, what: str) -> socket.socket:
+    """The node's end ``fd`` passed to this process: a local sequenced-packet socket."""
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError as exc:
+        raise ChannelError(f"{what} {fd}: not the node's socket ({exc.strerror})") from exc
+    if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_SEQPACKET:
+        sock.detach()
+        raise ChannelError(f"{what} {fd}: not the node's socket (not a local packet socket)")
+    return sock
+
+
 async def run(cfg: AgentConfig, name: str, query_fd: int, notice_fd: int) -> None:
     """Serve the agent until the node goes or a signal stops it."""
-    link = NodeLink(socket.socket(fileno=query_fd))
-    notice = socket.socket(fileno=notice_fd)
+    link = NodeLink(node_socket(query_fd, "--query-fd"))
+    notice = node_socket(notice_fd, "--notice-fd")
     notice.setblocking(False)
     agent = Agent(name, link.read, cfg)
     await agent.start()

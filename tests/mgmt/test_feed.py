@@ -25,7 +25,7 @@ from appliance.mgmt import channel
 from appliance.mgmt.channel import ChannelError
 from appliance.mgmt.feed import Feed
 from appliance.mgmt.nodeview import LinkReading, NodeReading
-from appliance.mgmt.sidecar import NodeLink
+from appliance.mgmt.sidecar import NodeLink, node_socket
 from appliance.snmp.usm import Credentials
 from tests.kms.conftest import poll
 from tests.mgmt.snmp_fixture import free_udp_port, snmp
@@ -90,6 +90,19 @@ def test_the_agents_reader_skips_late_answers_and_is_bounded():
             link.read()
     finally:
         agent.close()
+
+
+def test_the_agent_takes_only_local_packet_sockets_as_its_nodes():
+    r, w = os.pipe()
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        for fd in (r, udp.fileno()):
+            with pytest.raises(ChannelError, match="not the node's socket"):
+                node_socket(fd, "--query-fd")
+    finally:
+        os.close(r)
+        os.close(w)
+        udp.close()
 
 
 # -- the agent process ---------------------------------------------------------------------
