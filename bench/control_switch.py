@@ -31,8 +31,13 @@ mutual TLS, emulated QKD links; ``--stock 0``: every enc_keys crosses the networ
    --cold 12``): its routes stay installed, most over the link the switches cut, and each
    cut would then switch a dozen routes at once.
 
+4. ``--cpu N``: on the controller's network, N sequential key requests on the installed
+   path (no fault), and the CPU time (utime + stime, /proc) all the network's processes
+   took per request, by process and in all, with the requests' T_key p50.
+
 Usage: python bench/control_switch.py [--requests 200] [--rounds 3] [--switches 5]
        [--switch-requests 240] [--switch-only] [--cold N] [--json PATH] [--keep DIR]
+       [--cpu N]
 """
 
 from __future__ import annotations
@@ -151,6 +156,31 @@ def cold(net_dir: Path, rounds: int) -> dict[str, Any]:
     }
 
 
+def cpu_seconds(net_dir: Path) -> dict[str, float]:
+    """utime + stime of every process of the network, by name."""
+    from appliance.kms import netproc
+
+    out = {}
+    for pid, name in netproc.find_processes(net_dir).items():
+        try:
+            with open(f"/proc/{pid}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        out[name] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return out
+
+
+def cpu_per_request(net_dir: Path, eps: Any, requests: int) -> dict[str, Any]:
+    """Part 4 of the module docstring."""
+    before = cpu_seconds(net_dir)
+    got = measure(*eps, requests)
+    after = cpu_seconds(net_dir)
+    per = {n: round((after[n] - before[n]) * 1000 / requests, 3) for n in after if n in before}
+    return {"cpu_ms_per_request": round(sum(per.values()), 2), "cpu_ms_by_process": per,
+            "cpu_t_key_p50_ms": got["t_key_ms"]["p50"]}  # fmt: skip
+
+
 def installs(net_dir: Path) -> dict[tuple[int, int], float]:
     """The first ``route installed`` of each pair in the controller's log: the time from
     its first Set sent to every hop's confirmation (``ms``; logged since the Sets run on
@@ -181,6 +211,7 @@ def main() -> None:
     ap.add_argument(
         "--cold", type=int, default=0, help="cold-path rounds (part 3; run it with --switches 0)"
     )
+    ap.add_argument("--cpu", type=int, default=0, help="requests of part 4 (CPU per request)")
     ap.add_argument("--json", type=Path)
     ap.add_argument(
         "--keep", type=Path, help="an empty directory: the networks' directories (their logs) "
@@ -207,6 +238,8 @@ def main() -> None:
             if args.cold:
                 report.update(cold(dirs["controller"], min(args.cold, len(COLD_PAIRS))))
             installed_path(dirs["controller"], *eps["controller"])
+            if args.cpu:
+                report.update(cpu_per_request(dirs["controller"], eps["controller"], args.cpu))
             p50s: dict[str, list[float]] = {"controller": [], "plain": []}
             for _ in range(0 if args.switch_only else args.rounds):
                 for name in ("plain", "controller"):
