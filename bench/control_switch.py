@@ -12,9 +12,14 @@ mutual TLS, emulated QKD links; ``--stock 0``: every enc_keys crosses the networ
    heard of it from its QKD module (its log, ``link state change heard``), when the
    controller switched the routes over the link (its log, ``protection switch``), when
    the new path was in use (switched to at the head end, or installed at every hop), and
-   switch_ms (the end of the first request that succeeded after that), with that
-   request's T_key and the median T_key before the fault. The link
+   switch_ms, the issue's figure: the first relay that succeeded on the new path (the CN
+   key at the path's end, whose CKMS logs the first key of a pair to arrive over another
+   path, ``relays arrive over a new path``); beside it the conservative
+   switch_request_ms (the end of the first request that *started* after the new path was
+   in use: the request in flight at the switch, then a whole T_key), with that request's
+   T_key and the median T_key before the fault (appliance.control.faultrun). The link
    comes back up between repeats. ``--switch-only``: this part alone, one network.
+   ``--keep DIR`` keeps the networks' directories (their logs) in DIR.
 3. ``--cold N``: cold paths on the controller's network, before any key request: N
    times, a path request (``POST /v1/path``, HTTP/2, mutual TLS, as a source CKMS asks)
    for a pair of CKMS nodes never routed, 10-12 links apart (:data:`COLD_PAIRS`):
@@ -26,13 +31,19 @@ mutual TLS, emulated QKD links; ``--stock 0``: every enc_keys crosses the networ
    --cold 12``): its routes stay installed, most over the link the switches cut, and each
    cut would then switch a dozen routes at once.
 
+4. ``--cpu N``: on the controller's network, N sequential key requests on the installed
+   path (no fault), and the CPU time (utime + stime, /proc) all the network's processes
+   took per request, by process and in all, with the requests' T_key p50.
+
 Usage: python bench/control_switch.py [--requests 200] [--rounds 3] [--switches 5]
-       [--switch-requests 240] [--switch-only] [--cold N] [--json PATH]
+       [--switch-requests 240] [--switch-only] [--cold N] [--json PATH] [--keep DIR]
+       [--cpu N]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -145,6 +156,31 @@ def cold(net_dir: Path, rounds: int) -> dict[str, Any]:
     }
 
 
+def cpu_seconds(net_dir: Path) -> dict[str, float]:
+    """utime + stime of every process of the network, by name."""
+    from appliance.kms import netproc
+
+    out = {}
+    for pid, name in netproc.find_processes(net_dir).items():
+        try:
+            with open(f"/proc/{pid}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        out[name] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return out
+
+
+def cpu_per_request(net_dir: Path, eps: Any, requests: int) -> dict[str, Any]:
+    """Part 4 of the module docstring."""
+    before = cpu_seconds(net_dir)
+    got = measure(*eps, requests)
+    after = cpu_seconds(net_dir)
+    per = {n: round((after[n] - before[n]) * 1000 / requests, 3) for n in after if n in before}
+    return {"cpu_ms_per_request": round(sum(per.values()), 2), "cpu_ms_by_process": per,
+            "cpu_t_key_p50_ms": got["t_key_ms"]["p50"]}  # fmt: skip
+
+
 def installs(net_dir: Path) -> dict[tuple[int, int], float]:
     """The first ``route installed`` of each pair in the controller's log: the time from
     its first Set sent to every hop's confirmation (``ms``; logged since the Sets run on
@@ -175,14 +211,20 @@ def main() -> None:
     ap.add_argument(
         "--cold", type=int, default=0, help="cold-path rounds (part 3; run it with --switches 0)"
     )
+    ap.add_argument("--cpu", type=int, default=0, help="requests of part 4 (CPU per request)")
     ap.add_argument("--json", type=Path)
+    ap.add_argument(
+        "--keep", type=Path, help="an empty directory: the networks' directories (their logs) "
+        "are kept there instead of a temporary one",
+    )  # fmt: skip
     args = ap.parse_args()
     report: dict[str, Any] = {
         "machine": f"{platform.machine()} {os.cpu_count()} cpu, Python {platform.python_version()}",
         "load_before": os.getloadavg(),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
-    with tempfile.TemporaryDirectory(prefix="bench-ctl-") as tmp:
+    with contextlib.ExitStack() as stack:
+        tmp = args.keep or stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-ctl-"))
         dirs = {"controller": Path(tmp) / "ctl", "plain": Path(tmp) / "plain"}
         if args.switch_only:
             del dirs["plain"]
@@ -196,6 +238,8 @@ def main() -> None:
             if args.cold:
                 report.update(cold(dirs["controller"], min(args.cold, len(COLD_PAIRS))))
             installed_path(dirs["controller"], *eps["controller"])
+            if args.cpu:
+                report.update(cpu_per_request(dirs["controller"], eps["controller"], args.cpu))
             p50s: dict[str, list[float]] = {"controller": [], "plain": []}
             for _ in range(0 if args.switch_only else args.rounds):
                 for name in ("plain", "controller"):
@@ -221,6 +265,7 @@ def main() -> None:
                 done = got["new_path_installed_at"]
                 switches.append({
                     "cut": got["cut"], "switch_ms": got["switch_ms"],
+                    "switch_request_ms": got["switch_request_ms"],
                     "node_heard_ms": round((heard - got["fault_at"]) * 1000, 1) if heard else None,
                     "detected_ms": round((seen - got["fault_at"]) * 1000, 1) if seen else None,
                     "installed_ms": round((done - got["fault_at"]) * 1000, 1) if done else None,
@@ -230,9 +275,14 @@ def main() -> None:
                     "duplicated": got["keys_duplicated"], "mismatched": got["keys_mismatched"],
                 })  # fmt: skip
             report["switches"] = switches
-            ms = [s["switch_ms"] for s in switches if s["switch_ms"] is not None]
-            report["switch_ms_p50"] = statistics.median(ms) if ms else None
-            report["switch_ms_p99"] = max(ms) if ms else None  # few runs: p99 is the worst
+            for name in ("switch_ms", "switch_request_ms"):
+                ms = [s[name] for s in switches if s[name] is not None]
+                report[f"{name}_p50"] = statistics.median(ms) if ms else None
+                report[f"{name}_p99"] = max(ms) if ms else None  # few runs: the worst
+                report[f"{name}_within_50"] = f"{sum(x <= 50 for x in ms)} of {len(switches)}"
+            for name in ("node_heard_ms", "detected_ms", "installed_ms"):
+                ms = [s[name] for s in switches if s[name] is not None]
+                report[f"{name}_p50"] = statistics.median(ms) if ms else None
         finally:
             for d in dirs.values():
                 net.bring_down(d)

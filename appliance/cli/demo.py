@@ -312,7 +312,14 @@ def _fault_stage(
     if args.plot:
         _fault_plot(args.plot, result, timeline, levels, result["began_at"] - sampled_at)
         out.print(f"plot written to {args.plot}")
-    for key in ("switch_ms", "keys_lost", "keys_duplicated", "keys_mismatched", "failed_requests"):
+    for key in (
+        "switch_ms",
+        "switch_request_ms",
+        "keys_lost",
+        "keys_duplicated",
+        "keys_mismatched",
+        "failed_requests",
+    ):
         out.print(f"{key}: {result[key]}")
     alarmed = _manager_alarm(net_dir, cut, result["fault_at"], restored_at, out_report)
     lost = result["keys_lost"] + result["keys_duplicated"] + result["keys_mismatched"]

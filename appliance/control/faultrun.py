@@ -13,13 +13,18 @@ report adds:
 * ``failed``: each failed request with its index, HTTP status and error message;
 * ``timeline``: each request's start (seconds after ``began_at``), T_key (ms, to the
   slave's answer; lost keys count as failed) and whether it succeeded (for the plot);
-* ``switch_ms``: from the fault's injection to the end of the first request that
-  succeeded after the controller put the new path in use (the controller's log gives
-  when: ``route switched to its backup`` at the head end, or ``route installed`` at
-  every hop where there was no backup), i.e. the first relay known to have used the new path;
-  None if none did; ``first_on_new_ms`` that request's T_key, ``t_key_before_ms`` the
-  median T_key of the requests that ended before the fault (switch_ms is the wait for
-  the request in flight at the switch, then one T_key on the new path).
+* ``switch_ms``: from the fault's injection to the first relay that succeeded on the new
+  path: the CN key at the path's end, which logs the first of a pair's keys to arrive
+  over another path than the last (``relays arrive over a new path``,
+  :class:`appliance.kms.engines.ckms.Arrivals`; once per change, not per relay); None if
+  none did;
+* ``switch_request_ms``, the conservative figure: to the end of the first request
+  (enc_keys, then the slave's dec_keys) that *started* after the controller put the new
+  path in use (the controller's log gives when: ``route switched to its backup`` at the
+  head end, or ``route installed`` at every hop where there was no backup), i.e. the
+  wait for the request in flight at the switch, then a whole T_key on the new path;
+  ``first_on_new_ms`` that request's T_key, ``t_key_before_ms`` the median T_key of the
+  requests that ended before the fault.
 
 Afterwards the link is brought up again. Nothing here logs or keeps key material beyond
 the comparison of the two ends' answers.
@@ -40,6 +45,7 @@ from appliance.sae_http import HttpResponseError
 from appliance.tkey import SaeEndpoint, call
 
 MAX_LOG = 16 << 20
+ARRIVED = "relays arrive over a new path"
 INSTALLED = ("route installed", "route switched to its backup")
 """The controller's log lines of a new path in use (installed, or a pre-installed backup
 switched to at the head end)."""
@@ -105,7 +111,10 @@ def measure_with_fault(
             fault_at = injector.join()
         if not callable(cut):
             inject(net_dir, *cut, "up")
-    installed = _installed_after(net_dir / "logs" / "controller.log", fault_at)
+    logs = net_dir / "logs"
+    installed = _logged_after(logs / "controller.log", fault_at, INSTALLED)
+    arrivals = [_logged_after(log, fault_at, (ARRIVED,)) for log in logs.glob("*.log")]
+    arrived = min((t for t in arrivals if t is not None), default=None)
     first = next(((s, e) for s, e in done if installed and s >= installed), None)
     switch = first[1] if first else None
     before = [(e - s) * 1000 for s, e in done if e <= fault_at]
@@ -118,7 +127,8 @@ def measure_with_fault(
         "keys_mismatched": mismatched,
         "failed": failed,
         "failed_requests": len(failed),
-        "switch_ms": round((switch - fault_at) * 1000, 1) if switch else None,
+        "switch_ms": round((arrived - fault_at) * 1000, 1) if arrived else None,
+        "switch_request_ms": round((switch - fault_at) * 1000, 1) if switch else None,
         "first_on_new_ms": round((first[1] - first[0]) * 1000, 1) if first else None,
         "t_key_before_ms": round(statistics.median(before), 1) if before else None,
         "fault_at": fault_at,
@@ -157,8 +167,8 @@ def _message(answer: Any) -> str:
     return str(answer.get("message", ""))[:200] if isinstance(answer, dict) else ""
 
 
-def _installed_after(log: Path, since: float) -> float | None:
-    """When the controller first installed a route after ``since`` (its JSON log)."""
+def _logged_after(log: Path, since: float, messages: tuple[str, ...]) -> float | None:
+    """When one of ``messages`` was first logged after ``since`` (a JSON log)."""
     try:
         with open(log, "rb") as fh:
             lines = fh.read(MAX_LOG).splitlines()
@@ -169,7 +179,7 @@ def _installed_after(log: Path, since: float) -> float | None:
             entry = json.loads(line)
         except ValueError:
             continue
-        if entry.get("msg") in INSTALLED and float(entry.get("ts", 0)) >= since:
+        if entry.get("msg") in messages and float(entry.get("ts", 0)) >= since:
             return float(entry["ts"])
     return None
 

@@ -25,6 +25,15 @@ Per link (:func:`link_of`):
 * QBER: the module's, 0.5 when it has no signal.
 
 A module that does not answer counts in ``modules_down`` and makes the node DEGRADED.
+
+The agent's gRPC threads (a STREAM's sends, a Set's handler) wait for the GIL while the
+node's event loop relays; CPython makes a running thread give it up only after the switch
+interval, 5 ms by default, and a Set takes two hand-offs (grpc's poller, then a worker).
+:meth:`NodeAgent.start` sets it to :data:`SWITCH_INTERVAL_S`: a fault's publication and
+the protection switch at a head end wait at most that long per hand-off. Few other threads
+in a node's process want the GIL while the loop is busy (the watches of the QKD modules
+wake on a change only); the network's CPU per request did not move beyond the runs' own
+spread with it (BENCHMARKS.md, issue 15, 2026-12-03 17:14).
 """
 
 from __future__ import annotations
@@ -33,6 +42,7 @@ import asyncio
 import dataclasses
 import functools
 import logging
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -47,6 +57,7 @@ log = logging.getLogger("qkdn.agent")
 PUBLISH_S = 0.05
 IDLE_PUBLISH_S = 1.0
 FIGURES_S = 1.0
+SWITCH_INTERVAL_S = 0.001
 NO_SIGNAL_QBER = 0.5
 
 
@@ -110,6 +121,7 @@ class NodeAgent:
 
     def start(self, address: str, tls: tuple[Path, Path, Path]) -> None:
         cert, key, ca = tls
+        sys.setswitchinterval(SWITCH_INTERVAL_S)
         service = agent.GnmiAgent(self.telemetry, routes=self.routes)
         self._server = agent.serve(service, address, cert=cert, key=key, ca=ca)
         loop = asyncio.get_running_loop()

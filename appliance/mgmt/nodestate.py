@@ -33,6 +33,13 @@ RNG_STATES = {"starting", "healthy", "degraded", "failed"}
 LINK_POLL_S = 1.0
 """Seconds between two reads of the link state of the modules that do not report their
 changes themselves (one status call each)."""
+SETTLE_S = 0.15
+"""Seconds from a module's report of a link state change to the agent's look. The same
+report goes at once to the node's gNMI telemetry, which the QKDN Controller switches the
+routes over the link on, and the first relays over the other path pass through this node
+within tens of milliseconds; the look's SNMP INFORM (pysnmp: 3-6 ms of the node's event
+loop at rest, 10-17 ms on a loaded machine) comes after them, not in their way. A change
+reaches the manager this much later (its page's budget is a second)."""
 CARD_PROBE_S = 2.0
 """Seconds between two probes of the node's PSK smartcards (a status read through pcscd)."""
 
@@ -170,10 +177,15 @@ def tkey_percentiles(times: Iterable[int]) -> tuple[int, int]:
 
 
 class LinkWatch:
-    """Calls ``wake`` (from any thread) when one of ``qkdms`` changes its link state."""
+    """Calls ``wake`` (on the event loop it was started in) ``settle`` seconds after one of
+    ``qkdms`` changed its link state (:data:`SETTLE_S`)."""
 
-    def __init__(self, qkdms: list[hal.Qkdm], wake: Callable[[], None]) -> None:
-        self.qkdms, self.wake = qkdms, wake
+    def __init__(
+        self, qkdms: list[hal.Qkdm], wake: Callable[[], None], settle: float = SETTLE_S
+    ) -> None:
+        self.qkdms, self.wake, self.settle = qkdms, wake, settle
+        self.pending: set[asyncio.TimerHandle] = set()
+        """Wakes due after a change, not yet called."""
         self._unsubscribe: list[Callable[[], None]] = []
         self._task: asyncio.Task[None] | None = None
         self.polled: list[hal.Qkdm] = []
@@ -183,15 +195,32 @@ class LinkWatch:
         for qkdm in self.qkdms:  # the states as they are now are no change
             with contextlib.suppress(hal.HalError):
                 qkdm.poll_state()
+        loop = asyncio.get_running_loop()
+
+        def changed(_event: object) -> None:  # the module's thread, or the loop
+            with contextlib.suppress(RuntimeError):  # the loop is closed: the node stops
+                loop.call_soon_threadsafe(self._later, loop)
+
         for qkdm in self.qkdms:
-            self._unsubscribe.append(qkdm.subscribe(lambda _event: self.wake()))
+            self._unsubscribe.append(qkdm.subscribe(changed))
         self.polled = [q for q in self.qkdms if not follows_changes(q)]
         if self.polled:
             self._task = asyncio.ensure_future(self._poll())
 
+    def _later(self, loop: asyncio.AbstractEventLoop) -> None:
+        def due() -> None:
+            self.pending.discard(handle)
+            self.wake()
+
+        handle = loop.call_later(self.settle, due)
+        self.pending.add(handle)
+
     async def close(self) -> None:
         for unsubscribe in self._unsubscribe:
             unsubscribe()
+        for handle in self.pending:
+            handle.cancel()
+        self.pending.clear()
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

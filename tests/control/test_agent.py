@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import sys
 from dataclasses import replace
 
 import grpc
@@ -22,6 +23,7 @@ from appliance.control.client import (
     Event,
     parse_path,
 )
+from appliance.control.nodeagent import SWITCH_INTERVAL_S, NodeAgent
 from tests.control.agentfix import Served, data_model, free_port, telemetry, validate
 
 LINK = f"/qkd_node/qkd_links/qkd_link[qkdl_id={model.link_uuid('L3-4')}]"
@@ -489,3 +491,23 @@ def test_an_on_change_update_is_the_heartbeat_and_silence_still_beats_once_per_i
     repeats = [t for (_, w), (t, v) in itertools.pairwise(sent) if v == w]
     assert repeats and min(repeats) > 3.0  # heartbeats only once the changes stop
     assert max(b - a for a, b in itertools.pairwise(times)) <= 0.75 + 0.25
+
+
+def test_a_started_node_agent_lets_its_grpc_threads_have_the_gil_within_a_millisecond(pki):
+    """A node's agent shortens the interpreter's switch interval (its gRPC threads wait for
+    the GIL while the node's loop relays: a fault's publication, a head end's switch)."""
+    me = pki["node-a"]
+    before = sys.getswitchinterval()
+
+    async def run() -> float:
+        node = NodeAgent(4, [], {}, lambda: (0, 0))
+        node.start(f"127.0.0.1:{free_port()}", (me.cert, me.key, me.ca))
+        try:
+            return sys.getswitchinterval()
+        finally:
+            node.close()
+
+    try:
+        assert asyncio.run(run()) == pytest.approx(SWITCH_INTERVAL_S)
+    finally:
+        sys.setswitchinterval(before)

@@ -136,9 +136,21 @@ def test_a_link_killed_mid_run_loses_no_key_and_relays_go_round(net):
         down = [x for x in doc["links"] if {x["a"], x["b"]} == set(cuts[0])]
         assert down and not down[0]["usable"]
         net.wait_for_relays(MASTER, SLAVE)  # and keys flow on the new path
+        arrived = arrivals(net)  # the path's end logged the first over the new path
+        assert any(round_8(path) == other() for path in arrived), arrived
     finally:
         for cut in cuts:
             inject(net.dir, *cut, "up")
+
+
+def arrivals(net: Net) -> list[list[int]]:
+    """The paths the CKMS at a path's end logged its pair's keys first arriving over."""
+    found = []
+    for log in (net.dir / "logs").glob("*.log"):
+        for line in log.read_text(errors="replace").splitlines():
+            if '"relays arrive over a new path"' in line:
+                found.append([int(n) for n in json.loads(line)["path"].split("-")])
+    return found
 
 
 def switched(net: Net, other: int) -> bool:

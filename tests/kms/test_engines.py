@@ -37,6 +37,7 @@ from appliance.kms import messages as m
 from appliance.kms.engines import AkmsEngine
 from appliance.kms.engines import states as st
 from appliance.kms.engines.base import RETRY_MAX
+from appliance.kms.engines.ckms import Arrivals
 from appliance.kms.engines.config import Policy
 from appliance.kms.engines.states import TABLES, I, S
 from appliance.kms.engines.ukms import REFILL_PAUSE
@@ -791,6 +792,34 @@ def test_a_cn_key_that_comes_too_late_is_refused_erased_and_aborted_back(bench):
     (cn_abort,) = b.sent(m.CnAbort, AKMS_B, "ckms")
     assert cn_abort.request_id == late.event.message.request_id
     assert b.waiting() == {}
+
+
+def test_the_path_end_logs_once_when_a_pairs_cn_keys_first_come_over_a_new_path(bench):
+    b = bench()
+    opened(b)  # the pair's keys have come over AKMS B -> CKMS -> AKMS A
+    arrived = "relays arrive over a new path"
+    assert not [n for n in b.actions(Notice, AKMS_A, "ckms") if n.event == arrived]
+    ckms_a = b.engine(AKMS_A, "ckms")
+    ckms_a.arrivals.changed((AKMS_B, 9, AKMS_A))  # as if the last had come another way
+    fetch(b, *GCM_PAIR, b.enc(*GCM_PAIR))
+    fetch(b, *GCM_PAIR, b.enc(*GCM_PAIR))
+    (notice,) = [n for n in b.actions(Notice, AKMS_A, "ckms") if n.event == arrived]
+    assert notice.fields == {"src": AKMS_B, "dst": AKMS_A, "path": "4-3-2"}
+    assert not notice.warning
+
+
+def test_arrivals_tell_a_pairs_path_change_once_and_stay_bounded():
+    arrivals = Arrivals()
+    assert not arrivals.changed((5, 3, 1))  # a pair's first key: no change
+    assert not arrivals.changed((5, 3, 1))
+    assert arrivals.changed((5, 4, 1))
+    assert not arrivals.changed((5, 4, 1))
+    assert not arrivals.changed((6, 3, 1))  # another pair
+    assert arrivals.changed((5, 3, 1))
+    for src in range(100, 100 + Arrivals.MAX_PAIRS):
+        arrivals.changed((src, 1))
+    assert len(arrivals) == Arrivals.MAX_PAIRS
+    assert not arrivals.changed((5, 4, 1))  # forgotten, the oldest: a first key again
 
 
 @takes(

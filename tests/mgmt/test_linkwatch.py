@@ -1,5 +1,5 @@
-"""A link state change reaches the agent's detector at once: :class:`LinkWatch` wakes the
-agent when a QKD module's state changes (read every LINK_POLL_S, or reported by the
+"""A link state change reaches the agent's detector: :class:`LinkWatch` wakes the agent
+SETTLE_S after a QKD module's state changes (read every LINK_POLL_S, or reported by the
 driver), and :meth:`Agent.look` makes the agent read the node without waiting for its
 period (the period is set to an hour here, so only a look can cause a second reading)."""
 
@@ -69,6 +69,28 @@ def test_a_link_state_change_wakes_the_agent(monkeypatch: pytest.MonkeyPatch):
     # this module reports nothing itself: the watch's periodic read finds the change
     monkeypatch.setattr(nodestate, "LINK_POLL_S", 0.01)
     assert asyncio.run(_watch_wakes_on_a_change()) == 0
+
+
+def test_the_watch_wakes_the_agent_only_once_the_change_settled(monkeypatch: pytest.MonkeyPatch):
+    # the look (and its INFORM) waits `settle` seconds: the relays switched over first
+    monkeypatch.setattr(nodestate, "LINK_POLL_S", 0.01)
+
+    async def run() -> tuple[int, bool, int]:
+        module, woken = Module(), threading.Event()
+        watch = LinkWatch([module], woken.set, settle=3600.0)
+        watch.start()
+        try:
+            module.state = hal.LinkState.DOWN
+            for _ in range(3000):  # bounded: the periodic read finds the change
+                if watch.pending:
+                    break
+                await asyncio.sleep(0.01)
+            pending, early = len(watch.pending), woken.is_set()
+        finally:
+            await watch.close()
+        return pending, early, len(watch.pending)
+
+    assert asyncio.run(run()) == (1, False, 0)  # due in an hour; cancelled on close
 
 
 def test_a_look_reads_the_node_before_the_period_ends(monkeypatch: pytest.MonkeyPatch):

@@ -5,9 +5,12 @@ A CN key enters a CKMS either from its own access node's AKMS at the start of a 
 hop (``RelayItem``, sealed under that link's keys). The CKMS opens it, checks it is on
 its path, answers the previous hop at once, and seals it again for the next hop (the
 chain is pipelined, not nested). At the end of the path it hands the key to its own AKMS
-(``CnLocal``). A hop that cannot forward sends ``RelayAbort`` back along the path to its
-start, whose access node tells the requesting AKMS (``CnAbort``): the request fails at
-once instead of waiting for a key that will not come.
+(``CnLocal``); the first CN key of a pair to arrive over another path than the last one
+(a protection switch, a route moved) is logged there once (``relays arrive over a new
+path``, :class:`Arrivals`): when the first relay on a new path succeeded. A hop that
+cannot forward sends ``RelayAbort`` back along the path to its start, whose access node
+tells the requesting AKMS (``CnAbort``): the request fails at once instead of waiting for
+a key that will not come.
 
 The life of one CN key at one hop is the ``RELAY`` table of :mod:`states`. A CN key is
 erased as soon as the next hop has accepted it, or the relay failed; it is never logged.
@@ -18,7 +21,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from appliance.kms import messages as m
-from appliance.kms.engines.base import EngineBase, SealJob, answer_or_fail, erase
+from appliance.kms.engines.base import EngineBase, RandomBytes, SealJob, answer_or_fail, erase
+from appliance.kms.engines.config import EngineConfig
 from appliance.kms.engines.states import RELAY, I, S
 from appliance.kms.errors import IntegrityFailure, KmsError, ProtocolError, Resync
 from appliance.kms.events import (
@@ -54,8 +58,36 @@ class Relayed:
     """The generation of the next hop's sending state the CN key was last sealed under."""
 
 
+class Arrivals:
+    """The path the last CN key of each (source, destination) pair arrived over, at the
+    path's end: :meth:`changed` says when a pair's keys first come over another path.
+    Bounded: past :data:`MAX_PAIRS` pairs the oldest is forgotten."""
+
+    MAX_PAIRS = 4096
+
+    def __init__(self) -> None:
+        self._last: dict[tuple[int, int], tuple[int, ...]] = {}
+
+    def __len__(self) -> int:
+        return len(self._last)
+
+    def changed(self, path: tuple[int, ...]) -> bool:
+        """Record a CN key delivered over ``path``; True if the pair's last came over
+        another path (not for a pair's first key: no path changed)."""
+        pair = (path[0], path[-1])
+        last = self._last.pop(pair, None)
+        self._last[pair] = path
+        if len(self._last) > self.MAX_PAIRS:
+            del self._last[next(iter(self._last))]
+        return last is not None and last != path
+
+
 class CkmsEngine(EngineBase):
     """The relay service of a node."""
+
+    def __init__(self, config: EngineConfig, rng: RandomBytes, nonce: RandomBytes) -> None:
+        super().__init__(config, rng, nonce)
+        self.arrivals = Arrivals()
 
     def on_received(self, event: Received) -> list[Action]:
         message = event.message
@@ -90,7 +122,7 @@ class CkmsEngine(EngineBase):
             RELAY.advance(r, I.OPENED_LAST)
             handover = m.CnLocal(request_id=hop.request_id, cn_key=cn_key)
             r.cn_key = None  # it is our AKMS's now (erased there, or by the adapter if sent)
-            then = answer_or_fail(lambda _: self._accepted(r), lambda e: self._failed(r, e))
+            then = answer_or_fail(lambda _: self._delivered(r), lambda e: self._failed(r, e))
             return [self.call((self.me, "akms"), handover, then)]
         RELAY.advance(r, I.OPENED)
         answer, r.req = Reply(req=r.req or 0, message=m.Ok()), None
@@ -149,6 +181,14 @@ class CkmsEngine(EngineBase):
         if r.cn_key is not None:
             erase(r.cn_key)
         return [Reply(req=r.req, message=m.Ok())] if r.req is not None else []
+
+    def _delivered(self, r: Relayed) -> list[Action]:
+        """The CN key reached its path's end: logged if the first over a new path."""
+        out = self._accepted(r)
+        if self.arrivals.changed(r.path):
+            fields = {"src": r.path[0], "dst": r.path[-1], "path": "-".join(map(str, r.path))}
+            out.append(Notice(event="relays arrive over a new path", fields=fields))
+        return out
 
     def _failed(self, r: Relayed, error: KmsError) -> list[Action]:
         """A hop that cannot go on: refuse whoever still waits, else abort back."""
