@@ -37,9 +37,11 @@ SETTLE_S = 0.15
 """Seconds from a module's report of a link state change to the agent's look. The same
 report goes at once to the node's gNMI telemetry, which the QKDN Controller switches the
 routes over the link on, and the first relays over the other path pass through this node
-within tens of milliseconds; the look's SNMP INFORM (pysnmp: 3-6 ms of the node's event
-loop at rest, 10-17 ms on a loaded machine) comes after them, not in their way. A change
-reaches the manager this much later (its page's budget is a second)."""
+within tens of milliseconds; the look (the node answers its agent's readings on its
+event loop; the agent, beside the node, compares them and sends its INFORM) comes after
+them, not in their way. Measured when the agent still ran in the node's process, its
+INFORM held the node's loop 10-17 ms on a loaded machine. A change reaches the manager
+this much later (its page's budget is a second)."""
 CARD_PROBE_S = 2.0
 """Seconds between two probes of the node's PSK smartcards (a status read through pcscd)."""
 
