@@ -62,6 +62,9 @@ STOCK = types.integer(0, MAX_STOCK)
 FD = types.integer(3, 1 << 20)
 AGENT_NAME = types.matching(re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", re.ASCII), "a node name")
 PATIENCE = types.number(0, 3600, lo_open=True)
+GC_YOUNG = 20_000
+"""Allocations between two collections of the youngest generation in a node process
+(Python's default: 700)."""
 
 
 def register(sub: Any) -> None:
@@ -360,6 +363,11 @@ def cmd_node_run(args: argparse.Namespace) -> int:
         # it again and again (idle CPU and RSS independent of the number of SAEs).
         gc.collect()
         gc.freeze()
+        # A request makes many short-lived container objects (messages, events, futures)
+        # that live across a few rounds of the loop: a young generation of 700 caught them
+        # alive and walked them again in the older ones. Collected every GC_YOUNG
+        # allocations, most are gone by then (BENCHMARKS.md, issue 12, kms7).
+        gc.set_threshold(GC_YOUNG, *gc.get_threshold()[1:])
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
