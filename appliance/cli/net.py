@@ -131,6 +131,12 @@ def register(sub: Any) -> None:
         help="an access node's CKMS asks the QKDN Controller for every relay path "
         "(services.controller of its configuration; docs/control.md)",
     )
+    run.add_argument(
+        "--gnmi",
+        action="store_true",
+        help="serve the CKMS's SDN agent (gNMI, listen.gnmi of its configuration) to the "
+        "QKDN Controller; `net up --controller` gives it to every CKMS (docs/control.md)",
+    )
     run.set_defaults(func=cmd_node_run)
     agent = nsub.add_parser(
         "agent",
@@ -349,6 +355,7 @@ def cmd_node_run(args: argparse.Namespace) -> int:
             only=args.only,
             validator=aaa[0] if aaa else None,
             paths=paths,
+            sdn=bool(getattr(args, "gnmi", False)),
         )
         if paths is not None:  # a path learnt stays good while the node's routes stand
             paths.table = lambda: node.agent.routes if node.agent else None
@@ -547,7 +554,8 @@ def bring_up(args: argparse.Namespace) -> None:
         _refuse_leftovers(args.dir)
         _refuse_other_topology(args.dir, topo)
         configs = _prepare(args, topo, speedup)
-        addresses = _kms_addresses(configs) + _controller_addresses(args, configs)
+        sdn = bool(getattr(args, "controller", False))
+        addresses = _kms_addresses(configs, sdn) + _controller_addresses(args, configs)
         _refuse_busy_ports(addresses)
         aaa_log = _prepare_aaa(args.dir, topo, configs) if args.aaa else None
         args.mgmt = _prepare_mgmt(args, topo, configs)
@@ -640,10 +648,12 @@ def _controller_addresses(args: argparse.Namespace, configs: dict[str, Any]) -> 
     return found[:1]
 
 
-def _kms_addresses(configs: dict[str, Any]) -> list[str]:
+def _kms_addresses(configs: dict[str, Any], sdn: bool) -> list[str]:
+    """The nodes' addresses waited for; their SDN agents' (gNMI) only with a controller."""
     from appliance.kms.network import is_kms
 
-    return [a for c in configs.values() if is_kms(c) for s, a in c.listen.items() if s != "snmp"]
+    served = [(s, a) for c in configs.values() if is_kms(c) for s, a in c.listen.items()]
+    return [a for s, a in served if s != "snmp" and (sdn or s != "gnmi")]
 
 
 def _refuse_leftovers(net_dir: Path) -> None:
@@ -921,6 +931,7 @@ def status_doc(net_dir: Path) -> dict[str, Any]:
     assert isinstance(children, dict)
     procs = netproc.find_processes(net_dir)
     alarms = live.get("alarms") if live else None
+    sdn = "controller" in children  # the nodes serve their SDN agents to a controller
     doc: dict[str, Any] = {
         "dir": str(net_dir),
         "running": live is not None,
@@ -944,7 +955,9 @@ def status_doc(net_dir: Path) -> dict[str, Any]:
             "pids": pids,
             "alive": bool(keys) and all(procs.get(p) == k for p, k in zip(pids, keys, strict=True)),
             "restarts": sum(int(children[k].get("restarts", 0) or 0) for k in keys),
-            "endpoints": {s: a for s, a in cfg.listen.items() if s != "snmp"},
+            "endpoints": {
+                s: a for s, a in cfg.listen.items() if s != "snmp" and (sdn or s != "gnmi")
+            },
         }
         if "etsi014" in cfg.listen:
             entry["etsi014_base_url"] = f"https://{cfg.listen['etsi014']}/api/v1/keys"

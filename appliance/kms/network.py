@@ -78,14 +78,17 @@ def build_node(
     only: str | None = None,
     validator: RequestValidator | None = None,
     paths: PathProvider | None = None,
+    sdn: bool = False,
 ) -> KmsNode:
     """A KMS node with its QKDM ends opened from the config's device URLs (``only``: one
-    service of an access node, with the links that service owns)."""
+    service of an access node, with the links that service owns; ``sdn``: serve the SDN
+    agent for the QKDN Controller)."""
     qkdms = {
         nb.link: hal.open_qkdm(nb.qkdm, clock=clock)
         for nb in cfg.neighbours
         if only is None or (only == "akms") == ("ukms" in nb.role.split("+"))
     }
     return KmsNode(
-        cfg, topo, rng, qkdms, policy or Policy(), only=only, validator=validator, paths=paths
-    )
+        cfg, topo, rng, qkdms, policy or Policy(), only=only, validator=validator, paths=paths,
+        sdn=sdn,
+    )  # fmt: skip

@@ -162,8 +162,12 @@ class KmsNode:
         nonce: RandomBytes = os.urandom,
         validator: RequestValidator | None = None,
         paths: PathProvider | None = None,
+        sdn: bool = False,
     ) -> None:
         self.config, self.topology, self.qkdms = config, topology, qkdms
+        self.sdn = sdn
+        """Serve the SDN agent (gNMI) on the config's ``gnmi`` address, for the QKDN
+        Controller: only in a network whose controller runs (``node run --gnmi``)."""
         self.policy = policy or Policy()
         self.me, self.name = config.node.id, config.node.name
         roles = config.node.role.split("+")
@@ -203,7 +207,7 @@ class KmsNode:
         self._servers: list[TlsServer] = []
         self.streams: StreamService | None = None
         self.agent: NodeAgent | None = None
-        """The SDN agent (gNMI) of a CKMS node whose config has a ``gnmi`` address."""
+        """The SDN agent (gNMI) of a CKMS node started with ``sdn`` (``gnmi`` address)."""
         self.on_put: Callable[[Put], None] | None = None
         """Told of every put that committed (the 004 streams wake their waiting GET_KEYs)."""
         self._timers: dict[tuple[str, Any], asyncio.TimerHandle] = {}
@@ -273,7 +277,7 @@ class KmsNode:
             h1 = H1Server(api.handle, ctx, h2=True, handler_now=api.handle_now)
             await h1.start(*split_host_port(self.config.listen["etsi014"]))
             self._servers.append(h1)
-        if "ckms" in self.engines and "gnmi" in self.config.listen:
+        if self.sdn and "ckms" in self.engines and "gnmi" in self.config.listen:
             self._start_agent(self.config.listen["gnmi"])
         now = self._loop.time()
         for service, engine in self.engines.items():

@@ -74,6 +74,8 @@ class Child:
     controller: bool = False
     """An access node that asks the QKDN Controller for paths (``node run --controller``);
     ``kind == "controller"`` is the controller itself (``qkdn controller run``)."""
+    gnmi: bool = False
+    """A CKMS that serves its SDN agent to the controller (``node run --gnmi``)."""
     pid: int = 0
     restarts: int = 0
     started: float = 0.0
@@ -126,6 +128,7 @@ class Supervisor:
                     own = link_file if only == "akms" else None
                     child = Child(f"{name}/{only}", config, log_file, only, aaa=own)
                     child.mgmt = agent_file if only == "akms" else None
+                    child.gnmi = controller and only == "ckms"
                     self.children[child.name] = child
             else:
                 log_file = str(self.dir / "logs" / f"{name}.log")
@@ -139,6 +142,7 @@ class Supervisor:
                     terms=terms,
                     mgmt=agent_file,
                     controller=asks,
+                    gnmi=controller and "ckms" in cfg.node.role.split("+"),
                 )
         if controller:  # the QKDN Controller (appliance/control), in the data centre
             log_file = str(self.dir / "logs" / "controller.log")
@@ -171,6 +175,7 @@ class Supervisor:
             *(["--terms-from-akms"] if child.terms else []),
             *(["--mgmt", child.mgmt] if child.mgmt else []),
             *(["--controller"] if child.controller else []),
+            *(["--gnmi"] if child.gnmi else []),
         ]
 
     def spawn(self, child: Child) -> None:

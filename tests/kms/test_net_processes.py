@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -77,6 +79,21 @@ def test_every_node_runs_and_status_lists_endpoints(net):
             and Path(sae["ca_cert"]).exists()
         )
     get_key_pair(out, doc)
+
+
+def test_without_a_controller_no_node_serves_an_sdn_agent(net):
+    # gNMI is for the QKDN Controller (`net up --controller`, tests/control): a plain
+    # network's CKMS processes leave their configured gnmi ports closed, and status says so
+    out, _doc = net
+    status = json.loads(qkdn("net", "status", "--dir", str(out), "--json").stdout)
+    assert not any("gnmi" in n["endpoints"] for n in status["nodes"])
+    rendered = [tomllib.loads(p.read_text()) for p in sorted((out / "nodes").glob("*.toml"))]
+    gnmi = [c["listen"]["gnmi"] for c in rendered if "gnmi" in c.get("listen", {})]
+    assert len(gnmi) == 15  # every CKMS and the controller's own (not started)
+    for address in gnmi:
+        host, port = address.rsplit(":", 1)
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection((host, int(port)), timeout=10).close()
 
 
 def test_a_killed_node_is_restarted_and_relays_resume(net):
