@@ -203,19 +203,6 @@ def suspensions(folder: Path, times: int) -> dict[str, Any]:
     }
 
 
-def cpu_seconds(folder: Path) -> dict[str, float]:
-    """utime + stime of every process of the network, by name."""
-    out = {}
-    for pid, name in netproc.find_processes(folder).items():
-        try:
-            with open(f"/proc/{pid}/stat") as fh:
-                fields = fh.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        out[name] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return out
-
-
 def one_at_a_time(tmp: Path, requests: int) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name, aaa in (("without", False), ("with", True)):
@@ -224,9 +211,9 @@ def one_at_a_time(tmp: Path, requests: int) -> dict[str, Any]:
         try:
             master, slave = endpoints(net.status_doc(folder), *DEMO)
             measure(master, slave, 20)
-            before = cpu_seconds(folder)
+            before = netproc.cpu_seconds(folder)
             doc = measure(master, slave, requests)
-            after = cpu_seconds(folder)
+            after = netproc.cpu_seconds(folder)
         finally:
             net.bring_down(folder)
         per = {k: round((v - before.get(k, 0.0)) / requests * 1000, 2) for k, v in after.items()}

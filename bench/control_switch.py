@@ -59,6 +59,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from appliance.cli import net
 from appliance.config.render import find_free_base_port
 from appliance.control.faultrun import current_cut, installed_path, measure_with_fault
+from appliance.kms import netproc
 from appliance.tkey import endpoints, measure
 
 
@@ -156,26 +157,11 @@ def cold(net_dir: Path, rounds: int) -> dict[str, Any]:
     }
 
 
-def cpu_seconds(net_dir: Path) -> dict[str, float]:
-    """utime + stime of every process of the network, by name."""
-    from appliance.kms import netproc
-
-    out = {}
-    for pid, name in netproc.find_processes(net_dir).items():
-        try:
-            with open(f"/proc/{pid}/stat") as fh:
-                fields = fh.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        out[name] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return out
-
-
 def cpu_per_request(net_dir: Path, eps: Any, requests: int) -> dict[str, Any]:
     """Part 4 of the module docstring."""
-    before = cpu_seconds(net_dir)
+    before = netproc.cpu_seconds(net_dir)
     got = measure(*eps, requests)
-    after = cpu_seconds(net_dir)
+    after = netproc.cpu_seconds(net_dir)
     per = {n: round((after[n] - before[n]) * 1000 / requests, 3) for n in after if n in before}
     return {"cpu_ms_per_request": round(sum(per.values()), 2), "cpu_ms_by_process": per,
             "cpu_t_key_p50_ms": got["t_key_ms"]["p50"]}  # fmt: skip

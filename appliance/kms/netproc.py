@@ -77,6 +77,20 @@ def find_processes(net_dir: Path) -> dict[int, str]:
     return found
 
 
+def cpu_seconds(net_dir: Path) -> dict[str, float]:
+    """CPU time (user + system, seconds) each live process of the network has used, by
+    name (what the benches count per request)."""
+    out = {}
+    for pid, name in find_processes(net_dir).items():
+        try:
+            with open(f"/proc/{pid}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+        except OSError:  # gone meanwhile
+            continue
+        out[name] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return out
+
+
 def _marked(pid: int, want: bytes) -> str | None:
     """The process's name if its environment holds ``want``, else None."""
     try:
