@@ -1,10 +1,12 @@
 """Benchmark of the management plane (issue 17).
 
-1. ``agent``: one node agent (QKDN-MIB over a CKMS-like reading with two links) in a
-   process of its own; authPriv GETs per second from C client processes (pysnmp, W GETs in
-   flight each, engine discovery done before the clock starts), and the time of a full
-   walk of the node's MIB (a GETBULK walk of ``qkdnMIB`` from a warm pysnmp client; and
-   net-snmp's ``snmpbulkwalk`` as a new process, discovery included).
+1. ``agent``: one node agent (QKDN-MIB over a CKMS-like reading with two links) beside
+   its node, as the product runs it: a process (the node, here serving that reading)
+   starts ``qkdn node agent`` with :class:`appliance.mgmt.feed.Feed`, and the agent reads
+   it over the channel at every PDU; authPriv GETs per second from C client processes
+   (pysnmp, W GETs in flight each, engine discovery done before the clock starts), and
+   the time of a full walk of the node's MIB (a GETBULK walk of ``qkdnMIB`` from a warm
+   pysnmp client; and net-snmp's ``snmpbulkwalk`` as a new process, discovery included).
 2. ``informs``: a manager (SQLite store) in a process of its own, and 16 agents in another
    process, each sending its share of a burst of 1,000 INFORMs (distinct link alarms) at
    once; the time until every INFORM is acknowledged, and how many alarms the manager
@@ -46,6 +48,7 @@ import multiprocessing as mp
 import os
 import platform
 import random
+import socket
 import statistics
 import subprocess
 import tempfile
@@ -53,6 +56,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import tomli_w
 from pysnmp.carrier.asyncio.dgram import udp
 from pysnmp.entity import config, engine
 from pysnmp.entity.rfc3413 import cmdgen
@@ -111,20 +115,45 @@ def pct(values: list[float], q: float) -> float:
 
 
 # -- 1. one agent ---------------------------------------------------------------------------
-def run_agent(port_out: Any, stop: Any, mark: Any) -> None:
-    """The agent; its CPU seconds go to ``port_out`` when ``mark`` is set and cleared."""
+def free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def udp_bound(port: int) -> bool:
+    """True once something listens on UDP ``port`` (``/proc/net/udp``)."""
+    with open("/proc/net/udp") as fh:
+        return any(f":{port:04X} " in line.split()[1] + " " for line in fh.readlines()[1:])
+
+
+def _cpu(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run_node(config_file: str, out: Any, stop: Any, mark: Any) -> None:
+    """A node as the product runs one: its agent beside it (``qkdn node agent``, started by
+    :class:`appliance.mgmt.feed.Feed`), reading it over the channel at every PDU. The
+    agent's pid first; then, when ``mark`` is set and cleared, the CPU seconds of the node
+    and of its agent."""
+    from appliance.mgmt.feed import Feed
 
     async def main() -> None:
-        agent = Agent("ckms-minden", reading, AgentConfig(users=[USER]))
-        port_out.put(await agent.start())
+        feed = Feed("ckms-minden", reading, Path(config_file))
+        await feed.start()
+        assert feed.process is not None
+        agent = feed.process.pid
+        out.put(agent)
         marks = 0
         while not stop.is_set():
             if (mark.is_set() and marks == 0) or (not mark.is_set() and marks == 1):
                 t = os.times()
-                port_out.put(t.user + t.system)
+                out.put((t.user + t.system, _cpu(agent)))
                 marks += 1
             await asyncio.sleep(0.01)
-        await agent.close()
+        await feed.close()
 
     asyncio.run(main())
 
@@ -200,9 +229,20 @@ async def walk_once(eng: engine.SnmpEngine, port: int) -> tuple[float, int]:
 def bench_agent(seconds: float, clients: int, window: int) -> dict[str, Any]:
     ctx = mp.get_context("spawn")
     port_q, stop, mark = ctx.Queue(), ctx.Event(), ctx.Event()
-    proc = ctx.Process(target=run_agent, args=(port_q, stop, mark))
+    port = free_udp_port()
+    folder = tempfile.TemporaryDirectory()
+    config_file = Path(folder.name) / "agent.toml"
+    users = [{"user": USER.user, "auth": USER.auth, "priv": USER.priv}]
+    config_file.write_text(tomli_w.dumps({"listen": f"127.0.0.1:{port}", "users": users}))
+    proc = ctx.Process(target=run_node, args=(str(config_file), port_q, stop, mark))
     proc.start()
-    port = port_q.get(timeout=60)
+    port_q.get(timeout=60)  # the agent's pid
+    for _ in range(600):  # bounded: the agent imports pysnmp, then binds its port
+        if udp_bound(port):
+            break
+        time.sleep(0.1)
+    else:
+        raise RuntimeError(f"the agent did not bind 127.0.0.1:{port} within 60 s")
     try:
         out = ctx.Queue()
         getters = [
@@ -212,10 +252,11 @@ def bench_agent(seconds: float, clients: int, window: int) -> dict[str, Any]:
         for g in getters:
             g.start()
         mark.set()
-        cpu0 = port_q.get(timeout=60)
+        node0, agent0 = port_q.get(timeout=60)
         results = [out.get(timeout=seconds + 120) for _ in getters]
         mark.clear()
-        cpu = port_q.get(timeout=60) - cpu0
+        node1, agent1 = port_q.get(timeout=60)
+        cpu, node_cpu = agent1 - agent0, node1 - node0
         for g in getters:
             g.join()
         gets = sum(r[0] for r in results)
@@ -262,10 +303,12 @@ def bench_agent(seconds: float, clients: int, window: int) -> dict[str, Any]:
     finally:
         stop.set()
         proc.join(30)
+        folder.cleanup()
     return {
         "gets_per_s": round(gets / seconds, 1),
         "get_errors": sum(r[1] for r in results),
         "agent_cpu_ms_per_get": round(cpu * 1000 / max(gets, 1), 3),
+        "node_cpu_ms_per_get": round(node_cpu * 1000 / max(gets, 1), 3),
         "gets_per_agent_cpu_second": round(gets / cpu, 1) if cpu else None,
         "clients": clients,
         "in_flight_per_client": window,
