@@ -27,9 +27,11 @@ mutual TLS, emulated QKD links; ``--stock 0``: every enc_keys crosses the networ
    to T_key; and, on the same network, N requests for a pair already installed (a warm
    ask: the controller answers from its cache). Reported per request: the pair, its
    links, the time to the answer and, from the controller's log, the part of it its
-   gNMI Sets took (first sent to last confirmed). Run it apart (``--switch-only --switches 0
-   --cold 12``): its routes stay installed, most over the link the switches cut, and each
-   cut would then switch a dozen routes at once.
+   gNMI Sets took (first sent to last confirmed), and the CPU the network's processes
+   spent from the ask to its answer (``cpu_ms``, /proc utime + stime, 10 ms ticks per
+   process: a figure the machine's load does not inflate as it does the time). Run it
+   apart (``--switch-only --switches 0 --cold 12``): its routes stay installed, most over
+   the link the switches cut, and each cut would then switch a dozen routes at once.
 
 4. ``--cpu N``: on the controller's network, N sequential key requests on the installed
    path (no fault), and the CPU time (utime + stime, /proc) all the network's processes
@@ -129,12 +131,15 @@ def cold(net_dir: Path, rounds: int) -> dict[str, Any]:
             await client.request("POST", "/v1/routes", b"{}")  # the connection opened
             for src, dst in pairs:
                 body = json.dumps({"src": src, "dst": dst}).encode()
+                cpu = sum(cpu_seconds(net_dir).values())
                 t0 = time.perf_counter()
                 answer = await client.request("POST", "/v1/path", body)
                 ms = (time.perf_counter() - t0) * 1000
+                cpu = sum(cpu_seconds(net_dir).values()) - cpu
                 path = json.loads(answer.body).get("path", []) if answer.status == 200 else []
                 out.append({"pair": [src, dst], "status": answer.status,
-                            "links": max(len(path) - 1, 0), "ms": round(ms, 2)})  # fmt: skip
+                            "links": max(len(path) - 1, 0), "ms": round(ms, 2),
+                            "cpu_ms": round(cpu * 1000)})  # fmt: skip
                 await asyncio.sleep(0.5)  # the backup's pre-install (0.25 s later) done
         finally:
             await client.close()
