@@ -27,9 +27,12 @@ mutual TLS, emulated QKD links; ``--stock 0``: every enc_keys crosses the networ
    to T_key; and, on the same network, N requests for a pair already installed (a warm
    ask: the controller answers from its cache). Reported per request: the pair, its
    links, the time to the answer and, from the controller's log, the part of it its
-   gNMI Sets took (first sent to last confirmed). Run it apart (``--switch-only --switches 0
-   --cold 12``): its routes stay installed, most over the link the switches cut, and each
-   cut would then switch a dozen routes at once.
+   gNMI Sets took (first sent to last confirmed), and the CPU the network's processes
+   spent from the ask to its answer (``cpu_ms``, the scheduler's run time of every
+   thread, /proc/PID/task/TID/schedstat: a figure the machine's load does not inflate as
+   it does the time; ``BENCH_CPU_BY_PROCESS=1`` prints it by process). Run it
+   apart (``--switch-only --switches 0 --cold 12``): its routes stay installed, most over
+   the link the switches cut, and each cut would then switch a dozen routes at once.
 
 4. ``--cpu N``: on the controller's network, N sequential key requests on the installed
    path (no fault), and the CPU time (utime + stime, /proc) all the network's processes
@@ -130,12 +133,23 @@ def cold(net_dir: Path, rounds: int) -> dict[str, Any]:
             await client.request("POST", "/v1/routes", b"{}")  # the connection opened
             for src, dst in pairs:
                 body = json.dumps({"src": src, "dst": dst}).encode()
+                before = cpu_ns(net_dir)
                 t0 = time.perf_counter()
                 answer = await client.request("POST", "/v1/path", body)
                 ms = (time.perf_counter() - t0) * 1000
+                after = cpu_ns(net_dir)
+                cpu = sum(after[n] - before[n] for n in after if n in before) / 1e6
+                if os.environ.get("BENCH_CPU_BY_PROCESS"):  # where an ask's CPU went
+                    print(
+                        src,
+                        dst,
+                        {n: round((after[n] - before[n]) / 1e6, 1) for n in after if n in before},
+                        file=sys.stderr,
+                    )
                 path = json.loads(answer.body).get("path", []) if answer.status == 200 else []
                 out.append({"pair": [src, dst], "status": answer.status,
-                            "links": max(len(path) - 1, 0), "ms": round(ms, 2)})  # fmt: skip
+                            "links": max(len(path) - 1, 0), "ms": round(ms, 2),
+                            "cpu_ms": round(cpu, 1)})  # fmt: skip
                 await asyncio.sleep(0.5)  # the backup's pre-install (0.25 s later) done
         finally:
             await client.close()
@@ -155,6 +169,23 @@ def cold(net_dir: Path, rounds: int) -> dict[str, Any]:
         "cold_sets_ms_p50": statistics.median(in_sets) if in_sets else None,
         "warm_ask_ms_p50": statistics.median(a["ms"] for a in warm_asks),
     }
+
+
+def cpu_ns(net_dir: Path) -> dict[str, int]:
+    """CPU time of every process of the network, by name, in ns: the sum over its threads
+    of the scheduler's run time (/proc/PID/task/TID/schedstat), finer than the 10 ms ticks
+    of utime + stime for windows of tens of milliseconds."""
+    from appliance.kms import netproc
+
+    out = {}
+    for pid, name in netproc.find_processes(net_dir).items():
+        total = 0
+        with contextlib.suppress(OSError):
+            for task in os.listdir(f"/proc/{pid}/task"):
+                with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{task}/schedstat") as fh:
+                    total += int(fh.read().split()[0])
+        out[name] = total
+    return out
 
 
 def cpu_per_request(net_dir: Path, eps: Any, requests: int) -> dict[str, Any]:
