@@ -131,10 +131,12 @@ def test_nodes_run_on_the_base_install(base_site, tmp_path):
     chosen = [
         next(n for n, c in configs.items() if c.node.role == r) for r in ("ukms", "akms+ckms")
     ]
-    procs = {
-        n: base_qkdn(base_site, "node", "run", "--config", f"nodes/{n}.toml", cwd=tmp_path)
+    argv = {  # the access node with its SDN agent too (--gnmi), as under a controller
+        n: ["node", "run", "--config", f"nodes/{n}.toml"]
+        + (["--gnmi"] if "ckms" in configs[n].node.role else [])
         for n in chosen
     }
+    procs = {n: base_qkdn(base_site, *argv[n], cwd=tmp_path) for n in chosen}
     try:
         addresses = [a for n in chosen for s, a in configs[n].listen.items() if s != "snmp"]
         ca = Path(configs[chosen[0]].paths.ca_cert)
