@@ -464,7 +464,9 @@ class Controller:
         returning once every hop confirmed; then the old path's other nodes forget the slot
         (best effort). A backup (``active`` False) is written at its head end last, once
         every other hop holds it, so that a head end never holds half a backup.
-        ControlError if a hop refused or did not answer."""
+        ControlError if a hop refused or did not answer; the hops that took the slot then
+        forget it (best effort), so that no head end uses a route the controller does not
+        hold."""
         missing = [node for node in path if node not in self.agents]
         if missing:
             raise ControlError(f"node {missing[0]} has no agent", code="CTL-INSTALL")
@@ -478,9 +480,15 @@ class Controller:
         ]  # fmt: skip
         waves = [hops] if active else [hops[1:], hops[:1]]
         began = time.monotonic()
+        holding: list[int] = []
         for wave in waves:
             sets = [(node, self._client(node).set_route(route)) for node, route in wave]
-            for node, exc in await _each(sets):
+            failed = await _each(sets)
+            refused = {node for node, _ in failed}
+            holding += [node for node, _ in wave if node not in refused]
+            if failed:  # no half route left: the hops that took it forget it again, so
+                await self._drop(src, dst, tuple(holding), slot)  # the head end asks anew
+                node, exc = failed[0]
                 raise ControlError(
                     f"hop {node} did not confirm: {exc.code}", code="CTL-INSTALL"
                 ) from exc
