@@ -58,11 +58,7 @@ def primary(net: Net) -> list[int]:
                 return list(r["path"])
         return None
 
-    # 180 s, not 60: on a loaded machine the network's first route has come 121 s after a
-    # start whose first ask was refused (CTL-INSTALL, a hop's agent not up yet), with no
-    # process logging anything between (CI rehearsal, 2026-12-03 19:00); open, see the
-    # closing note of that stop
-    return poll(found, "a path installed between 2 and 14", timeout=180.0)
+    return poll(found, "a path installed between 2 and 14")
 
 
 def installed(net: Net) -> dict[tuple[int, int], tuple[int, ...]]:
