@@ -37,6 +37,7 @@ from appliance.aaa.agent import AkmsUser, Credentials
 from appliance.aaa.client import AaaClient, AaaValidator
 from appliance.aaa.registry import Contract, Registry, Sae, User
 from appliance.aaa.wallet import Terms
+from appliance.kms.netproc import process_cpu_s
 from appliance.kms.seams import ValidationQuery, Verdict
 
 OPERATOR = Credentials(user="operator", auth="operator-auth-1", priv="operator-priv-1")
@@ -116,12 +117,6 @@ def start_agent(folder: Path, loop: str) -> tuple[subprocess.Popen[str], int]:
         proc.kill()
         raise SystemExit(f"bench: the agent did not start: {line!r}")
     return proc, int(line.split()[-1])
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU of a process so far (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def pct(values: list[float], p: float) -> float:
@@ -249,9 +244,9 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     try:
         clients = [AaaClient(f"127.0.0.1:{port}", a) for a in AKMS for _ in range(2)]
         result: dict[str, Any] = {"baseline": await baseline(port, args.asks, args.concurrency)}
-        cpu0 = cpu_seconds(proc.pid)
+        cpu0 = process_cpu_s(proc.pid)
         result["asks"] = await asks(clients, args.asks, args.concurrency)
-        cpu = cpu_seconds(proc.pid) - cpu0
+        cpu = process_cpu_s(proc.pid) - cpu0
         result["asks"]["agent_cpu_ms_per_ask"] = cpu / args.asks * 1e3
         result["asks"]["agent_capacity_per_core_s"] = args.asks / cpu if cpu else 0.0
         akms2 = AaaClient(f"127.0.0.1:{port}", AKMS[0])

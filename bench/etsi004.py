@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import statistics
 import subprocess
@@ -37,6 +36,7 @@ from typing import Any
 from appliance.cli.net import bring_down, status_doc
 from appliance.config.render import find_free_base_port
 from appliance.kms import frames004 as f
+from appliance.kms.netproc import process_cpu_s
 from appliance.sae004 import Client004
 from appliance.tkey import call, endpoints
 
@@ -81,17 +81,11 @@ def latency_004(status: dict[str, Any], gets: int) -> list[float]:
     return times
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process so far (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def throughput_004(status: dict[str, Any], chunks: int, window: int) -> tuple[float, float]:
     """(key bits per second, key bits per CPU second of UKMS Bonn, which serves them)."""
     dst, ksid = relayed_stream(status, f.MAX_CHUNK, chunks)
     ukms = next(n for n in status["nodes"] if n["name"] == "ukms-bonn")["pid"]
-    cpu = cpu_seconds(ukms)
+    cpu = process_cpu_s(ukms)
     t = time.perf_counter()
     bits = 0
     for start in range(0, chunks, window):
@@ -99,7 +93,7 @@ def throughput_004(status: dict[str, Any], chunks: int, window: int) -> tuple[fl
             assert answer.status is f.Status.SUCCESS, answer
             bits += len(answer.key) * 8
     elapsed = time.perf_counter() - t
-    cpu = cpu_seconds(ukms) - cpu
+    cpu = process_cpu_s(ukms) - cpu
     dst.close(ksid)
     dst.sock.close()
     return bits / elapsed, bits / max(cpu, 1e-9)

@@ -94,6 +94,8 @@ async def _client(pki: Path, port: int) -> None:
 
 # -- orchestration ------------------------------------------------------------------------
 def _cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) a process has used so far. Its own reader, not
+    ``netproc.cpu_ns``: this file runs against older revisions' packages too."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 

@@ -43,7 +43,8 @@ def rss_mb(pid: int) -> float:
 
 
 def cpu_s(pid: int) -> float:
-    """CPU seconds (user + system) a process has used so far."""
+    """CPU seconds (user + system) a process has used so far. Its own reader, not
+    ``netproc.cpu_ns``: this file runs against older revisions' packages too (the baseline)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 

@@ -46,6 +46,7 @@ from typing import Any
 
 from appliance.cli import net
 from appliance.config.render import find_free_base_port
+from appliance.kms.netproc import process_cpu_s
 from appliance.tkey import SaeEndpoint, call, measure
 
 MAX_PAIRS = 20_000
@@ -99,12 +100,6 @@ def rss_mb(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return round(int(line.split()[1]) / 1024, 1)
     return 0.0
-
-
-def cpu_s(pid: int) -> float:
-    """CPU seconds (user + system) the process has used so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def descriptors(pid: int, data_dir: Path) -> dict[str, int]:
@@ -206,12 +201,13 @@ def per_ukms(pids: dict[str, int], data_dirs: dict[str, Path]) -> dict[str, Any]
 
 def idle_cpu(pids: dict[str, int], window: float) -> dict[str, float]:
     """Percent of one core each process used over ``window`` seconds."""
-    before = {name: cpu_s(pid) for name, pid in pids.items()}
+    before = {name: process_cpu_s(pid) for name, pid in pids.items()}
     t0 = time.monotonic()
     time.sleep(window)
     elapsed = time.monotonic() - t0
     return {
-        name: round(100 * (cpu_s(pid) - before[name]) / elapsed, 2) for name, pid in pids.items()
+        name: round(100 * (process_cpu_s(pid) - before[name]) / elapsed, 2)
+        for name, pid in pids.items()
     }
 
 
@@ -230,11 +226,11 @@ def t_key_under_load(net: Network, args: argparse.Namespace) -> dict[str, Any]:
     try:
         master = _endpoint(net.dir, "sae-a-0", net.ports[0])
         slave = _endpoint(net.dir, "sae-b-0", net.ports[1])
-        cpu0 = {name: cpu_s(pid) for name, pid in net.nodes.items()}
+        cpu0 = {name: process_cpu_s(pid) for name, pid in net.nodes.items()}
         t0 = time.monotonic()
         result = measure(master, slave, args.requests)
         elapsed = time.monotonic() - t0
-        cpu = {name: cpu_s(pid) - cpu0[name] for name, pid in net.nodes.items()}
+        cpu = {name: process_cpu_s(pid) - cpu0[name] for name, pid in net.nodes.items()}
     finally:
         stop.set()
         for w in workers:

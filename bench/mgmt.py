@@ -70,9 +70,12 @@ from pysnmp.hlapi.v3arch.asyncio import (
 )
 from pysnmp.proto import rfc1905
 
+from appliance.kms import netproc
+from appliance.kms.netproc import process_cpu_s
 from appliance.mgmt import mib
 from appliance.mgmt.agent import Agent, AgentConfig, AgentUser, Receiver
 from appliance.mgmt.detect import Notice
+from appliance.mgmt.feed import AGENT_SUFFIX
 from appliance.mgmt.manager import AgentEntry, Manager, ManagerConfig
 from appliance.mgmt.nodeview import LinkReading, NodeReading
 from appliance.mgmt.store import LinkSample, Store
@@ -127,12 +130,6 @@ def udp_bound(port: int) -> bool:
         return any(f":{port:04X} " in line.split()[1] + " " for line in fh.readlines()[1:])
 
 
-def _cpu(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as fh:
-        fields = fh.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def run_node(config_file: str, out: Any, stop: Any, mark: Any) -> None:
     """A node as the product runs one: its agent beside it (``qkdn node agent``, started by
     :class:`appliance.mgmt.feed.Feed`), reading it over the channel at every PDU. The
@@ -150,7 +147,7 @@ def run_node(config_file: str, out: Any, stop: Any, mark: Any) -> None:
         while not stop.is_set():
             if (mark.is_set() and marks == 0) or (not mark.is_set() and marks == 1):
                 t = os.times()
-                out.put((t.user + t.system, _cpu(agent)))
+                out.put((t.user + t.system, process_cpu_s(agent)))
                 marks += 1
             await asyncio.sleep(0.01)
         await feed.close()
@@ -417,17 +414,6 @@ def bench_informs(total: int, agents: int) -> dict[str, Any]:
 
 
 # -- 3. T_key with and without management -------------------------------------------------
-def _thread_seconds(pid: int) -> float | None:
-    total = 0
-    try:
-        for task in Path(f"/proc/{pid}/task").iterdir():
-            with contextlib.suppress(OSError):  # a thread that ended meanwhile
-                total += int((task / "schedstat").read_text().split()[0])
-    except OSError:
-        return None
-    return total / 1e9
-
-
 def _children(parents: dict[int, str]) -> dict[int, str]:
     """Processes whose parent is among ``parents`` (pid -> the parent's name)."""
     out = {}
@@ -441,20 +427,15 @@ def _children(parents: dict[int, str]) -> dict[int, str]:
 
 
 def cpu_seconds(folder: Path) -> dict[str, float]:
-    """CPU seconds each child of a network's supervisor has used so far, every thread
-    (the scheduler's run time, in nanoseconds: /proc's user and system ticks are 10 ms);
-    a node's SNMP agent (the node's child process) as ``agent:NODE``."""
-    state = json.loads((folder / "run" / "state.json").read_text())
+    """CPU seconds each process of a network but its supervisor has used so far
+    (:func:`appliance.kms.netproc.cpu_seconds`); a node's SNMP agent (``NODE/agent``, the
+    node's child process) as ``agent:NODE``."""
     out = {}
-    pids = {int(child["pid"]): name for name, child in state["nodes"].items()}
-    for pid, name in pids.items():
-        seconds = _thread_seconds(pid)
-        if seconds is not None:
+    for name, seconds in netproc.cpu_seconds(folder).items():
+        if name.endswith(AGENT_SUFFIX):
+            out[f"agent:{name.removesuffix(AGENT_SUFFIX)}"] = seconds
+        elif name != netproc.SUPERVISOR:
             out[name] = seconds
-    for pid, name in _children(pids).items():
-        seconds = _thread_seconds(pid)
-        if seconds is not None:
-            out[f"agent:{name}"] = out.get(f"agent:{name}", 0.0) + seconds
     return out
 
 

@@ -25,13 +25,6 @@ from appliance.cli import net
 from appliance.config.render import find_free_base_port
 from appliance.kms import netproc
 
-TICK = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICK
-
 
 def one_start(aaa: bool, mgmt: bool = True) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="qkdn-up-cost-") as tmp:
@@ -52,12 +45,7 @@ def one_start(aaa: bool, mgmt: bool = True) -> dict[str, Any]:
         net.bring_up(args)
         try:
             wall = time.monotonic() - began
-            per: dict[str, float] = {}
-            for pid, name in netproc.find_processes(Path(tmp)).items():
-                try:
-                    per[name] = cpu_seconds(pid)
-                except OSError:
-                    continue
+            per = netproc.cpu_seconds(Path(tmp))
         finally:
             net.bring_down(Path(tmp))
     return {

@@ -60,6 +60,7 @@ from pysnmp.entity import config, engine
 from pysnmp.entity.rfc3413 import cmdgen
 from pysnmp.proto import rfc1902, rfc1905
 
+from appliance.kms.netproc import process_cpu_s
 from appliance.snmp.usm import AUTH, PRIV, Credentials
 
 NODE_USER = Credentials(user="manager-8", auth="manager-auth-8", priv="manager-priv-8")
@@ -318,12 +319,6 @@ def start_aaa(source: Path | None, loop: str, folder: Path) -> tuple[subprocess.
     return proc, _started(proc)
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU of a process so far (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 @dataclass(frozen=True)
 class Workload:
     creds: Credentials
@@ -402,9 +397,9 @@ async def one_round(port: int, pid: int, target: str, args: argparse.Namespace) 
     messages = client.build(work.requests, work.write)
     built = time.perf_counter() - t0
     load0 = os.getloadavg()[0]
-    cpu0 = cpu_seconds(pid)
+    cpu0 = process_cpu_s(pid)
     sent = blast(messages, port, args.window, args.timeout)
-    cpu = cpu_seconds(pid) - cpu0
+    cpu = process_cpu_s(pid) - cpu0
     answers = list(sent.pop("answers").values())
     step = max(1, len(answers) // max(1, args.check))
     good, bad = client.check(answers[::step][: args.check], work.valid)

@@ -45,6 +45,8 @@ from appliance.mgmt.nodeview import NodeReading
 
 log = logging.getLogger("qkdn.mgmt")
 
+AGENT_SUFFIX = "/agent"
+"""What the agent's process name (``QKDN_NET_NODE``, see netproc) adds to its node's."""
 STOP_S = 5.0
 """Seconds the agent has to exit after SIGTERM before it gets SIGKILL."""
 BACKOFF_S, MAX_BACKOFF_S, STEADY_S = 1.0, 10.0, 60.0
@@ -111,7 +113,7 @@ class Feed:
         notice, agent_notice = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         fds = (agent_query.fileno(), agent_notice.fileno())
         env = {**os.environ, netproc.ENV_SUPERVISOR: str(os.getpid())}
-        env[netproc.ENV_NODE] = f"{os.environ.get(netproc.ENV_NODE, self.name)}/agent"
+        env[netproc.ENV_NODE] = os.environ.get(netproc.ENV_NODE, self.name) + AGENT_SUFFIX
         argv = [*self.cli, "node", "agent", "--mgmt", str(self.config), "--name", self.name]
         argv += ["--query-fd", str(fds[0]), "--notice-fd", str(fds[1])]
         try:
