@@ -1,10 +1,11 @@
 """ETSI 004 key streams on a running DemoQuanDT network: GET_KEY latency and throughput.
 
-The network runs as ``qkdn net up`` starts it (16 processes, mutual TLS), here or in
-``--dir`` if one already runs there. One stream SAE Berlin -> SAE Bonn is opened by both;
-the source reads every chunk first (that makes the network relay them all, and the
-destination's copies arrive at UKMS Bonn); then the destination's GET_KEYs are measured on
-chunks already relayed:
+The network runs as ``qkdn net up --no-aaa`` starts it (16 processes, mutual TLS), here or
+in ``--dir`` if one already runs there (without AAA: the DemoQuanDT contracts allow keys
+of 256 bits, chunks of 32 bytes, and the throughput part reads chunks of 1,024). One
+stream SAE Berlin -> SAE Bonn is opened by both; the source reads every chunk first (that
+makes the network relay them all, and the destination's copies arrive at UKMS Bonn); then
+the destination's GET_KEYs are measured on chunks already relayed:
 
 * **latency**: one GET_KEY at a time (``--chunk-size 32`` bytes), p50/p90 over ``--gets``;
 * **throughput**: GET_KEYs pipelined ``--window`` deep on one connection, chunks of 1,024
@@ -141,7 +142,7 @@ def main() -> int:
     if own:
         up = subprocess.run(
             [sys.executable, "-m", "appliance.cli", "net", "up", "demoquandt", "--dir",
-             str(net_dir), "--base-port", str(find_free_base_port()), "--stock", "0"],
+             str(net_dir), "--base-port", str(find_free_base_port()), "--stock", "0", "--no-aaa"],
             capture_output=True, text=True, timeout=300,
         )  # fmt: skip
         if up.returncode:

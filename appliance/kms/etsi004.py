@@ -215,7 +215,14 @@ class StreamService:
         if found is not None and found.expired(now):
             await self._expire(found)
             return f.OpenConnectAnswer(status=f.Status.TIMEOUT, qos=req.qos)
-        opened = self.table.open(caller, source, destination, req.qos, ksid, now=now)
+        max_chunk = f.MAX_CHUNK
+        if caller == source and found is None:  # a new stream at the source's UKMS
+            terms = await self._terms(source, destination)
+            if terms is not None:
+                max_chunk = max(1, min(max_chunk, terms.max_key_size // 8))
+        opened = self.table.open(
+            caller, source, destination, req.qos, ksid, now=now, max_chunk=max_chunk
+        )
         stream = opened.stream
         if stream is None:
             return f.OpenConnectAnswer(status=opened.status, qos=opened.qos)
@@ -551,21 +558,24 @@ class StreamService:
 
     async def _per_request(self, stream: Stream) -> int:
         """Chunks one supply request may ask for: the network's bound, and when the
-        contracts live at the AKMS (AAA) the pair's contract's keys per request, as the
-        AKMS answers its terms (a request above it would be refused and its indices
-        burnt). Terms it cannot answer leave the network's bound (the AKMS then refuses
-        the request itself, and accounts for the refusal)."""
+        contracts live at the AKMS (AAA) the pair's contract's keys per request (a request
+        above it would be refused and its indices burnt)."""
         limit = self.node.policy.max_key_per_request
+        terms = await self._terms(stream.source, stream.destination)
+        return limit if terms is None else min(limit, terms.max_key_per_request)
+
+    async def _terms(self, source: str, destination: str) -> TermsAnswer | None:
+        """The pair's contract's terms as our AKMS answers them, when the contracts live
+        there (AAA); None otherwise, or if it cannot answer (the AKMS then refuses the
+        requests themselves, and accounts for the refusals)."""
         if not self.node.policy.terms_from_akms:
-            return limit
-        ask = TermsRequest(master=stream.source, slave=stream.destination)
+            return None
+        ask = TermsRequest(master=source, slave=destination)
         try:
             answer = await self.node.request(self.node.ukms_akms(), "akms", ask)
         except KmsError:
-            return limit
-        if isinstance(answer, TermsAnswer):
-            return min(limit, answer.max_key_per_request)
-        return limit
+            return None
+        return answer if isinstance(answer, TermsAnswer) else None
 
     async def _supply_once(self, stream: Stream, n: int, now: float) -> bool:
         first = stream.next

@@ -73,17 +73,18 @@ def sae_of(uri: str) -> str | None:
     return text if _NAME.fullmatch(text) else None
 
 
-def grant(asked: Qos, free_bps: int) -> tuple[Qos, bool]:
-    """The QoS this UKMS grants for ``asked`` with ``free_bps`` of its capacity left, and
-    whether it meets the request (False: QOS_NOT_MET, the QoS returned is the counter-
-    proposal). A 0 asks for the default and is always met."""
+def grant(asked: Qos, free_bps: int, max_chunk: int = MAX_CHUNK) -> tuple[Qos, bool]:
+    """The QoS this UKMS grants for ``asked`` with ``free_bps`` of its capacity left and
+    chunks of at most ``max_chunk`` bytes (the pair's contract may allow less than
+    :data:`MAX_CHUNK`), and whether it meets the request (False: QOS_NOT_MET, the QoS
+    returned is the counter-proposal). A 0 asks for the default and is always met."""
     chunk = asked.key_chunk_size or DEFAULT_CHUNK
     timeout = asked.timeout or DEFAULT_TIMEOUT_MS
     ttl = asked.ttl or DEFAULT_TTL
     min_bps, max_bps = asked.min_bps, asked.max_bps
     mime = asked.metadata_mimetype if asked.metadata_mimetype in MIME_TYPES else JSON
     counter = Qos(
-        key_chunk_size=min(chunk, MAX_CHUNK),
+        key_chunk_size=min(chunk, max_chunk),
         max_bps=max_bps,
         min_bps=min(min_bps, max(0, free_bps)),
         jitter=asked.jitter,
@@ -202,11 +203,20 @@ class StreamTable:
         return sum(s.qos.min_bps for s in self.streams.values())
 
     def open(
-        self, caller: str, source: str, destination: str, asked: Qos, ksid: bytes, *, now: float
+        self,
+        caller: str,
+        source: str,
+        destination: str,
+        asked: Qos,
+        ksid: bytes,
+        *,
+        now: float,
+        max_chunk: int = MAX_CHUNK,
     ) -> Opened:
         """Open or join (the caller is one end, checked by the server against the
         topology). ``ksid``: all zeros asks for a new one (the server passes a fresh random
-        ID in ``ksid`` then, with ``asked`` as the new stream's QoS)."""
+        ID in ``ksid`` then, with ``asked`` as the new stream's QoS). ``max_chunk``: the
+        largest chunk a new stream may have (:func:`grant`)."""
         found = self.streams.get(ksid)
         if found is not None:
             if (found.source, found.destination) != (source, destination) or caller in found.opened:
@@ -219,7 +229,7 @@ class StreamTable:
         mine = sum(1 for s in self.streams.values() if caller in s.opened)
         if len(self.streams) >= MAX_STREAMS or mine >= MAX_STREAMS_PER_SAE:
             return Opened(status=Status.NO_QKD_CONNECTION, qos=asked)
-        qos, met = grant(asked, self.capacity_bps - self.reserved())
+        qos, met = grant(asked, self.capacity_bps - self.reserved(), max_chunk)
         if not met:
             return Opened(status=Status.QOS_NOT_MET, qos=qos)
         stream = Stream(

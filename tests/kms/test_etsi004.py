@@ -13,6 +13,7 @@ import socket
 import ssl
 import struct
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -28,6 +29,8 @@ SLAVE_UKMS = "ukms-bonn"
 JSON = "application/json"
 QUICK = f.Qos(key_chunk_size=32, timeout=1500, metadata_mimetype=JSON)
 """GET_KEY waits 1.5 s at most for a chunk on its way; a stream idle that long expires."""
+CONTRACT_CHUNK = 256 // 8
+"""Bytes of the largest chunk the pair's contract allows (demoquandt.toml: 256-bit keys)."""
 
 
 @pytest.fixture(scope="module")
@@ -114,17 +117,29 @@ def test_only_the_two_ends_may_open_or_read_a_stream(net):
         a.close(ksid), b.close(ksid)
 
 
-def test_qos_not_met_answers_a_counter_proposal(net):
-    with client(net, SOURCE) as a:
+def test_qos_not_met_answers_a_counter_proposal_within_the_contract(net):
+    """The network runs AAA: the pair's contract allows keys of 256 bits at most, so the
+    counter-proposal's chunk is 32 bytes (not the relay's 1,024), and its chunks are served
+    (a larger chunk was granted before, and every GET_KEY got INSUFFICIENT_KEY)."""
+    with client(net, SOURCE) as a, client(net, DESTINATION) as b:
         asked = f.Qos(key_chunk_size=4096, min_bps=10**10 % (1 << 32), metadata_mimetype="x/y")
         answer = a.open_connect(SOURCE, DESTINATION, asked)
         assert answer.status is f.Status.QOS_NOT_MET and answer.ksid == f.ZERO_KSID
         counter = answer.qos
-        assert counter.key_chunk_size == f.MAX_CHUNK and counter.metadata_mimetype == JSON
+        assert counter.key_chunk_size == CONTRACT_CHUNK and counter.metadata_mimetype == JSON
         assert 0 < counter.min_bps < asked.min_bps
-        accepted = a.open_connect(SOURCE, DESTINATION, counter)
-        assert accepted.status is f.Status.PEER_NOT_CONNECTED and accepted.qos == counter
-        assert a.close(accepted.ksid).status is f.Status.SUCCESS
+        bigger = a.open_connect(SOURCE, DESTINATION, replace(QUICK, key_chunk_size=64))
+        assert bigger.status is f.Status.QOS_NOT_MET
+        assert bigger.qos.key_chunk_size == CONTRACT_CHUNK
+        accepted = a.open_connect(SOURCE, DESTINATION, replace(QUICK, key_chunk_size=32))
+        assert accepted.status is f.Status.PEER_NOT_CONNECTED
+        ksid = accepted.ksid
+        joined = b.open_connect(SOURCE, DESTINATION, accepted.qos, ksid)
+        assert joined.status in (f.Status.SUCCESS, f.Status.PEER_NOT_CONNECTED)
+        x, y = a.get_key(ksid, 0), b.get_key(ksid, 0)
+        assert x.status is y.status is f.Status.SUCCESS, (x, y)
+        assert x.key == y.key and len(x.key) == CONTRACT_CHUNK
+        assert a.close(ksid).status is b.close(ksid).status is f.Status.SUCCESS
 
 
 def test_max_bps_holds_back_chunks_ahead_of_the_rate(net):

@@ -171,3 +171,10 @@ def test_one_sae_cannot_take_every_stream():
     refused = table.open("a", "a", "b", Qos(), b"\xff" * 16, now=0)
     assert refused.status is Status.NO_QKD_CONNECTION
     assert table.open("c", "c", "d", Qos(), b"\xff" * 16, now=0).stream is not None
+
+
+def test_a_chunk_above_the_contracts_largest_key_gets_the_contracts_size():
+    qos, met = grant(Qos(key_chunk_size=64), 1000, max_chunk=32)
+    assert not met and qos.key_chunk_size == 32
+    assert grant(qos, 1000, max_chunk=32) == (qos, True)
+    assert grant(Qos(), 1000, max_chunk=DEFAULT_CHUNK)[1]  # the default chunk fits
