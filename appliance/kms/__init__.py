@@ -16,9 +16,10 @@ batches under a CN key), :mod:`channel` (the PSK-bootstrapped AKMS-AKMS channel)
 versioned msgspec Struct, carried as canonical MessagePack; decoding is strict and every
 failure a coded MessageError.
 
-**Seams** (:mod:`seams`): the path provider (shortest paths of the topology today), the
-request validator (the topology's contracts today) and the session registry (one ETSI 014
-session per SAE pair today).
+**Seams** (:mod:`seams`): the path provider (shortest paths of the topology, or the QKDN
+Controller's routes: :mod:`appliance.control`), the request validator (the topology's
+contracts, or the AAA device: :mod:`appliance.aaa`) and the session registry (one ETSI 014
+session per SAE pair; 004 streams under sessions of their own in the same stores).
 
 **The adapter** (:mod:`node`): one :class:`~node.KmsNode` per process composes the
 engines of its node's roles (an access node's AKMS and CKMS in one process, or split in

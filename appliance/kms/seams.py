@@ -3,11 +3,13 @@
 Three questions the engines ask and do not answer themselves (DESIGN: seams, not forks):
 
 * **Which path** does a CN key take from one access node to the other? A
-  :class:`PathProvider`; today :class:`TopologyPaths` (shortest by length from the topology
-  file), later the QKDN Controller.
+  :class:`PathProvider`: :class:`TopologyPaths` (shortest by length from the topology
+  file), or under ``qkdn net up --controller`` the QKDN Controller's installed routes
+  (:class:`appliance.control.paths.ControllerPaths`).
 * **May** this user have these keys, and where is the slave's UKMS? A
-  :class:`RequestValidator`; today :class:`ContractValidator` (the topology's SAEs and
-  contracts), later the AAA device.
+  :class:`RequestValidator`: :class:`ContractValidator` (the topology's SAEs and
+  contracts), or where the network runs the AAA device (the default when the topology has
+  one) :class:`appliance.aaa.client.AaaValidator` (its contracts, quotas and accounting).
 * **Which session** do keys belong to? A :class:`SessionRegistry`; today
   :class:`TopologySessions`: one ETSI 014 session per registered SAE pair. ETSI 004 key
   streams live in the same key store under sessions of their own (``004:KSID``,
@@ -16,7 +18,8 @@ Three questions the engines ask and do not answer themselves (DESIGN: seams, not
 
 An implementation may answer at once or return an awaitable; the engines never wait on it
 themselves: they emit ``Validate`` / ``FindPath`` actions and take ``Validated`` /
-``PathFound`` events (:mod:`appliance.kms.events`). Nothing here does I/O today.
+``PathFound`` events (:mod:`appliance.kms.events`). The implementations here do no I/O;
+the controller's and the AAA device's ask over the network.
 """
 
 from __future__ import annotations
