@@ -30,7 +30,6 @@ from a caller (invariant 3), or serve a key to an SAE other than the named one.
 from __future__ import annotations
 
 import base64
-import inspect
 import json
 import re
 from collections.abc import Awaitable, Callable
@@ -280,7 +279,8 @@ class Etsi014Api:
 
     async def _limits(self, master: str, slave: str, *, caller_is_master: bool = True) -> Limits:
         found = self.service.limits(master, slave, caller_is_master=caller_is_master)
-        limits = await found if inspect.isawaitable(found) else found
+        # Limits or None at once (the common case) before the dearer awaitable check
+        limits = found if found is None or isinstance(found, Limits) else await found
         if limits is None:
             raise bad(
                 "slave_SAE_ID" if caller_is_master else "master_SAE_ID",
@@ -313,7 +313,11 @@ class Etsi014Api:
     async def _enc_keys(self, master: str, slave: str, params: dict[str, Any]) -> Response:
         lim = await self._limits(master, slave)
         number, size = _enc_numbers(params, lim)
-        extra = await self._additional_slaves(master, slave, params, lim, number, size)
+        extra = (
+            await self._additional_slaves(master, slave, params, lim, number, size)
+            if "additional_slave_SAE_IDs" in params or master == slave
+            else []  # (its checks would pass: no coroutine for nothing)
+        )
         mandatory = params.get("extension_mandatory", [])
         if not isinstance(mandatory, list):
             message = "extension_mandatory must be a list of objects"

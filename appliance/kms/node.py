@@ -107,6 +107,7 @@ from appliance.kms.seams import (
     SessionRegistry,
     TopologyPaths,
     TopologySessions,
+    Verdict,
 )
 from appliance.kms.shards import ShardedStore
 from appliance.kms.store import NodeKey, RecordKey, private_dir
@@ -768,7 +769,8 @@ class KmsNode:
 
     def _validate(self, service: str, action: Validate) -> None:
         verdict = self.validator.validate(action.query)
-        if inspect.isawaitable(verdict):
+        # the common case (a Verdict at once) told apart first, before the dearer ABC test
+        if not isinstance(verdict, Verdict) and inspect.isawaitable(verdict):
 
             async def later() -> Input:
                 return Validated(ticket=action.ticket, verdict=await verdict)
@@ -783,7 +785,7 @@ class KmsNode:
         except KmsError as exc:
             self._work.append((service, PathFound(ticket=action.ticket, error=exc)))
             return
-        if inspect.isawaitable(path):
+        if not isinstance(path, tuple) and inspect.isawaitable(path):  # (as in _validate)
 
             async def later() -> Input:
                 try:
@@ -915,6 +917,8 @@ class UkmsKeyService:
         self.engine = engine
         self.saes = {s.id: s for s in node.topology.spec.saes}
         self._terms: dict[tuple[str, str], tuple[float, m.TermsAnswer]] = {}
+        self._limits: dict[str, Limits] = {}
+        """The network's limits towards each SAE (frozen; built once, at its first request)."""
 
     def limits(
         self, master: str, slave: str, *, caller_is_master: bool
@@ -948,15 +952,18 @@ class UkmsKeyService:
             ok, other = sessions.session_014_slave(slave, master), master
         if ok is None:
             return None
-        target = self.node.topology.node(self.saes[other].node)
-        policy = self.node.policy
-        return Limits(
-            source_kme=self.node.name,
-            target_kme=target.name,
-            key_size=policy.key_size,
-            max_key_per_request=policy.max_key_per_request,
-            max_sae_id_count=m.MAX_SLAVES,
-        )
+        limits = self._limits.get(other)
+        if limits is None:  # one per SAE of the topology: the same every time
+            target = self.node.topology.node(self.saes[other].node)
+            policy = self.node.policy
+            limits = self._limits[other] = Limits(
+                source_kme=self.node.name,
+                target_kme=target.name,
+                key_size=policy.key_size,
+                max_key_per_request=policy.max_key_per_request,
+                max_sae_id_count=m.MAX_SLAVES,
+            )
+        return limits
 
     async def _fetch_terms(self, limits: Limits, master: str, slave: str, now: float) -> Limits:
         """Ask our AKMS for the pair's terms. If it denies the pair (suspended, unknown,
