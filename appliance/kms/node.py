@@ -99,6 +99,7 @@ from appliance.kms.events import (
     Validate,
     Validated,
 )
+from appliance.kms.linkend import Role
 from appliance.kms.seams import (
     ContractValidator,
     Denied,
@@ -286,9 +287,20 @@ class KmsNode:
         for service, engine in self.engines.items():
             self._run_all(service, engine.start(now))
         m.prepare()
+        self._prepare_qkdms()
         if "ckms" in self.engines:
             self._opening = asyncio.ensure_future(self._open_neighbours())
         log.info("node started", extra={"node": self.name})
+
+    def _prepare_qkdms(self) -> None:
+        """Ready the QKD modules of the links this node takes keys from in order (their
+        master end) now, not on a fresh path's first read (an emulated module's first
+        reservation is an fsync'd write)."""
+        for engine in self.engines.values():
+            for link in engine.links.values():
+                if link.role is Role.MASTER:
+                    with contextlib.suppress(hal.HalError):
+                        self.qkdms[link.link].prepare()
 
     async def _open_neighbours(self) -> None:
         """Open this CKMS's connections to its link neighbours once they listen, so that
