@@ -100,6 +100,15 @@ def all_up(net_dir: Path, timeout: float = 20.0) -> None:
         time.sleep(0.2)
 
 
+def wait_for_manager(net_dir: Path, timeout: float) -> None:
+    """Until the controller logged the manager's first report: under load its first poll
+    round may find agents silent and hold their nodes down for a while, which a cold
+    measurement must not meet (seen twice at load 14-15)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and detected(net_dir, 0.0, "manager report") is None:
+        time.sleep(0.2)
+
+
 def detected(
     net_dir: Path, since: float, msg: str = "protection switch", log: str = "controller.log"
 ) -> float | None:
@@ -318,6 +327,7 @@ def main() -> None:
                 for n, d in dirs.items()
             }
             if args.cold_tkey or args.cold:  # the manager's first poll may find agents silent
+                wait_for_manager(dirs["controller"], 60.0)
                 all_up(dirs["controller"], 90.0)
             if args.cold_tkey:
                 report.update(cold_tkey(dirs["controller"], eps["controller"], args.cold_tkey))
