@@ -34,13 +34,26 @@ mutual TLS, emulated QKD links; ``--stock 0``: every enc_keys crosses the networ
    apart (``--switch-only --switches 0 --cold 12``): its routes stay installed, most over
    the link the switches cut, and each cut would then switch a dozen routes at once.
 
-4. ``--cpu N``: on the controller's network, N sequential key requests on the installed
+4. ``--cold-tkey N``: the issue's figure for a cold path, T_key with the path computed
+   and installed inside it. On the controller's fresh network, before any other request:
+   for sae-berlin-1 -> sae-bonn-1 (the network's first key request: its first path
+   request, its agents' first Sets, its first relay) and then sae-bonn-1 -> sae-berlin-1
+   (the other direction: a CN key path never routed, everything else warm), the SAEs'
+   connections opened first (an 014 ``status`` call), one key request timed as
+   appliance.tkey does (enc_keys at the master, dec_keys at the slave), then N more
+   over the now installed path; reported per direction: the first T_key (``cold_ms``),
+   the next ones' p50 (``warm_p50_ms``), the difference, the CPU the network's
+   processes spent in the first (``cpu_ms``, schedstat as in 3.) and the Sets' round trip
+   of the paths the controller installed meanwhile (its log). Run it apart from
+   ``--cold`` (whose first pairs it routes).
+
+5. ``--cpu N``: on the controller's network, N sequential key requests on the installed
    path (no fault), and the CPU time (utime + stime, /proc) all the network's processes
    took per request, by process and in all, with the requests' T_key p50.
 
 Usage: python bench/control_switch.py [--requests 200] [--rounds 3] [--switches 5]
-       [--switch-requests 240] [--switch-only] [--cold N] [--json PATH] [--keep DIR]
-       [--cpu N]
+       [--switch-requests 240] [--switch-only] [--cold N] [--cold-tkey N] [--json PATH]
+       [--keep DIR] [--cpu N]
 """
 
 from __future__ import annotations
@@ -84,6 +97,15 @@ def all_up(net_dir: Path, timeout: float = 20.0) -> None:
     while time.monotonic() < deadline:
         if all(x["usable"] for x in asyncio.run(ask_routes(net_dir))["links"]):
             return
+        time.sleep(0.2)
+
+
+def wait_for_manager(net_dir: Path, timeout: float) -> None:
+    """Until the controller logged the manager's first report: under load its first poll
+    round may find agents silent and hold their nodes down for a while, which a cold
+    measurement must not meet (seen twice at load 14-15)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and detected(net_dir, 0.0, "manager report") is None:
         time.sleep(0.2)
 
 
@@ -171,6 +193,53 @@ def cold(net_dir: Path, rounds: int) -> dict[str, Any]:
     }
 
 
+def cold_tkey(net_dir: Path, eps: Any, warm: int) -> dict[str, Any]:
+    """Part 4 of the module docstring."""
+    from appliance.tkey import call
+
+    out = []
+    for master, slave in (eps, eps[::-1]):
+        a, b = master.connect(), slave.connect()
+        try:
+            for conn, peer in ((a, slave.sae), (b, master.sae)):  # TLS open, nothing routed
+                status, _ = call(conn, f"/api/v1/keys/{peer}/status")
+                assert status == 200, status
+            since = time.time()
+            times, cpu = [], []
+            for i in range(1 + warm):
+                before = cpu_ns(net_dir) if i < 2 else {}
+                t0 = time.perf_counter()
+                status, issued = call(a, f"/api/v1/keys/{slave.sae}/enc_keys")
+                assert status == 200, issued
+                ids = [{"key_ID": k["key_ID"]} for k in issued["keys"]]
+                status, got = call(b, f"/api/v1/keys/{master.sae}/dec_keys", {"key_IDs": ids})
+                times.append((time.perf_counter() - t0) * 1000)
+                assert status == 200 and got["keys"] == issued["keys"], got
+                if i < 2:  # the first request's CPU, and the next's (warm)
+                    after = cpu_ns(net_dir)
+                    cpu.append(sum(after[n] - before[n] for n in after if n in before) / 1e6)
+                    if os.environ.get("BENCH_CPU_BY_PROCESS"):
+                        print(master.sae, slave.sae, i, {n: round((after[n] - before[n]) / 1e6, 1)
+                              for n in after if n in before and after[n] > before[n]},
+                              file=sys.stderr)  # fmt: skip
+                if i == 0:
+                    time.sleep(0.5)  # the backup's pre-install (0.25 s later) done
+        finally:
+            a.close()
+            b.close()
+        warm_p50 = statistics.median(times[1:]) if warm else None
+        out.append({
+            "saes": [master.sae, slave.sae], "cold_ms": round(times[0], 2),
+            "cpu_ms": round(cpu[0], 1),
+            "next_cpu_ms": round(cpu[1], 1) if warm else None,
+            "warm_p50_ms": round(warm_p50, 2) if warm_p50 else None,
+            "added_ms": round(times[0] - warm_p50, 2) if warm_p50 else None,
+            "sets_ms": {f"{s}-{d}": ms for (s, d), (ms, at) in installs(net_dir, True).items()
+                        if at >= since and at <= since + times[0] / 1000 + 0.1},
+        })  # fmt: skip
+    return {"cold_tkey": out}
+
+
 def cpu_ns(net_dir: Path) -> dict[str, int]:
     """CPU time of every process of the network, by name, in ns: the sum over its threads
     of the scheduler's run time (/proc/PID/task/TID/schedstat), finer than the 10 ms ticks
@@ -189,7 +258,7 @@ def cpu_ns(net_dir: Path) -> dict[str, int]:
 
 
 def cpu_per_request(net_dir: Path, eps: Any, requests: int) -> dict[str, Any]:
-    """Part 4 of the module docstring."""
+    """Part 5 of the module docstring."""
     before = netproc.cpu_seconds(net_dir)
     got = measure(*eps, requests)
     after = netproc.cpu_seconds(net_dir)
@@ -198,11 +267,11 @@ def cpu_per_request(net_dir: Path, eps: Any, requests: int) -> dict[str, Any]:
             "cpu_t_key_p50_ms": got["t_key_ms"]["p50"]}  # fmt: skip
 
 
-def installs(net_dir: Path) -> dict[tuple[int, int], float]:
+def installs(net_dir: Path, at: bool = False) -> dict[tuple[int, int], Any]:
     """The first ``route installed`` of each pair in the controller's log: the time from
     its first Set sent to every hop's confirmation (``ms``; logged since the Sets run on
-    the controller's event loop, absent before)."""
-    out: dict[tuple[int, int], float] = {}
+    the controller's event loop, absent before); with ``at``, (ms, its log time)."""
+    out: dict[tuple[int, int], Any] = {}
     with open(net_dir / "logs" / "controller.log", "rb") as fh:
         for line in fh.read(16 << 20).splitlines():
             try:
@@ -210,7 +279,8 @@ def installs(net_dir: Path) -> dict[tuple[int, int], float]:
             except ValueError:
                 continue
             if entry.get("msg") == "route installed" and "ms" in entry:
-                out.setdefault((entry["src"], entry["dst"]), float(entry["ms"]))
+                ms = float(entry["ms"])
+                out.setdefault((entry["src"], entry["dst"]), (ms, float(entry["ts"])) if at else ms)
     return out
 
 
@@ -228,7 +298,11 @@ def main() -> None:
     ap.add_argument(
         "--cold", type=int, default=0, help="cold-path rounds (part 3; run it with --switches 0)"
     )
-    ap.add_argument("--cpu", type=int, default=0, help="requests of part 4 (CPU per request)")
+    ap.add_argument(
+        "--cold-tkey", type=int, default=0, metavar="N",
+        help="part 4: the first key request over a fresh path each way, then N warm ones",
+    )  # fmt: skip
+    ap.add_argument("--cpu", type=int, default=0, help="requests of part 5 (CPU per request)")
     ap.add_argument("--json", type=Path)
     ap.add_argument(
         "--keep", type=Path, help="an empty directory: the networks' directories (their logs) "
@@ -252,6 +326,11 @@ def main() -> None:
                 n: endpoints(net.status_doc(d), "sae-berlin-1", "sae-bonn-1")
                 for n, d in dirs.items()
             }
+            if args.cold_tkey or args.cold:  # the manager's first poll may find agents silent
+                wait_for_manager(dirs["controller"], 60.0)
+                all_up(dirs["controller"], 90.0)
+            if args.cold_tkey:
+                report.update(cold_tkey(dirs["controller"], eps["controller"], args.cold_tkey))
             if args.cold:
                 report.update(cold(dirs["controller"], min(args.cold, len(COLD_PAIRS))))
             installed_path(dirs["controller"], *eps["controller"])

@@ -122,6 +122,10 @@ class Qkdm(abc.ABC):
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release the device."""
 
+    def prepare(self) -> None:  # noqa: B027 - optional hook
+        """Get ready to hand out keys in order (:meth:`get_key`) without a delay on the
+        first: called once, at its start, by the end that takes keys in order."""
+
     # -- state-change notifications (default implementation, no driver cooperation) ------
     def subscribe(self, callback: StateCallback) -> Callable[[], None]:
         """Call ``callback`` on every link-state change; return a function that unsubscribes."""

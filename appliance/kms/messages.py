@@ -634,6 +634,15 @@ def _encode(msg: Message, buffer: bytearray | None = None) -> bytes:
         raise MessageFieldError(f"outgoing {type(msg).__name__}: {_clip(exc)}") from exc
 
 
+def prepare() -> None:
+    """Build the decoders of every endpoint's request and answer now, at a process's
+    start: msgspec analyses a type on its first use (~0.5 ms each), which would otherwise
+    fall on a node's first relay over a fresh path, at every hop."""
+    for request, answer in ENDPOINTS.values():
+        for types in ((request,), (answer,), (answer, Refused)):
+            _decoder(types)
+
+
 def _decoder(types: tuple[type[Message], ...]) -> msgspec.msgpack.Decoder[Message]:
     decoder = _DECODERS.get(types)
     if decoder is None:

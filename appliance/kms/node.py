@@ -99,6 +99,7 @@ from appliance.kms.events import (
     Validate,
     Validated,
 )
+from appliance.kms.linkend import Role
 from appliance.kms.seams import (
     ContractValidator,
     Denied,
@@ -139,6 +140,8 @@ EXIT_AFTER_TAKE = "QKDN_TEST_EXIT_AFTER_TAKE"
 crash: no clean-up, no release) right after a dec_keys take commits, whenever the file
 ``<directory>/<node name>`` exists; it deletes the file first, so each file the test
 creates is one crash (the supervisor restarts the node with the same environment)."""
+OPEN_ROUNDS, OPEN_PAUSE_S = 60, 0.5
+"""A CKMS tries to open its neighbours' connections this many times, so far apart."""
 
 
 class Unreachable(KmsError):
@@ -215,6 +218,7 @@ class KmsNode:
         self._replies: dict[int, _Slot | tuple[str, int]] = {}
         self._sae: dict[int, asyncio.Future[list[tuple[str, bytearray]]]] = {}
         self._tasks: set[asyncio.Future[Input]] = set()
+        self._opening: asyncio.Future[None] | None = None
         self._work: deque[tuple[str, Input]] = deque()
         self._feeding = False
         self._closing = False
@@ -283,7 +287,38 @@ class KmsNode:
         now = self._loop.time()
         for service, engine in self.engines.items():
             self._run_all(service, engine.start(now))
+        m.prepare()
+        self._prepare_qkdms()
+        if "ckms" in self.engines:
+            self._opening = asyncio.ensure_future(self._open_neighbours())
         log.info("node started", extra={"node": self.name})
+
+    def _prepare_qkdms(self) -> None:
+        """Ready the QKD modules of the links this node takes keys from in order (their
+        master end) now, not on a fresh path's first read (an emulated module's first
+        reservation is an fsync'd write)."""
+        for engine in self.engines.values():
+            for link in engine.links.values():
+                if link.role is Role.MASTER:
+                    with contextlib.suppress(hal.HalError):
+                        self.qkdms[link.link].prepare()
+
+    async def _open_neighbours(self) -> None:
+        """Open this CKMS's connections to its link neighbours once they listen, so that
+        the first relay over a fresh path and a link's first grant pay no TLS handshake
+        per hop (BENCHMARKS.md, issue 15, the cold path). Best effort and bounded: a
+        neighbour not listening within :data:`OPEN_ROUNDS` rounds is connected to by its
+        first message, as before."""
+        links = self.engines["ckms"].config.links
+        todo = {spec.peer: self._client(spec.peer, spec.peer_service) for spec in links}
+        for _ in range(OPEN_ROUNDS):
+            for peer, client in list(todo.items()):
+                with contextlib.suppress(TransportError):
+                    await client.connect()
+                    del todo[peer]
+            if not todo:
+                return
+            await asyncio.sleep(OPEN_PAUSE_S)
 
     async def _start_etsi004(self, address: str) -> None:
         """ETSI 004 key streams for the SAEs (:mod:`etsi004`), on their own port."""
@@ -330,6 +365,8 @@ class KmsNode:
             handle.cancel()
         for task in list(self._tasks):
             task.cancel()
+        if self._opening is not None:
+            self._opening.cancel()
         for batcher in self._batchers.values():
             batcher.close()
         for server in self._servers:

@@ -344,6 +344,12 @@ class H2Client:
         finally:
             self._wake_one()
 
+    async def connect(self) -> None:
+        """Open the connection now unless it is open (TransportError if it cannot be)."""
+        session = self._session
+        if session is None or not session.usable:
+            await self._connect()
+
     async def _wait_for_slot(self) -> None:
         waiter = asyncio.get_running_loop().create_future()
         self._waiting.append(waiter)

@@ -422,6 +422,31 @@ def test_state_file_prevents_handing_out_a_key_twice_across_restarts(tmp_path):
         hal.open_qkdm(url("a", state=state_a), clock=clock)
 
 
+def test_a_prepared_end_hands_out_its_first_keys_without_an_fsync(tmp_path, monkeypatch):
+    """prepare() reserves ahead at the start (one fsync), so the first keys in order (a
+    first grant of 64) write nothing; a restart resumes above the reservation."""
+    from hal.emulated import driver
+
+    synced: list[int] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(driver.os, "fsync", lambda fd: synced.append(fd) or real_fsync(fd))
+    state = tmp_path / "a.state"
+    clock = hal.ManualClock(0)
+    a = hal.open_qkdm(url("a", state=state, buffer=1000), clock=clock)
+    clock.set(500)  # a full buffer: the next key in order is its oldest handed-out one
+    a.prepare()
+    assert len(synced) == 1
+    mark = int(state.read_text())
+    used = [a.get_key() for _ in range(64)]
+    assert len(synced) == 1 and int(state.read_text()) == mark
+    a.prepare()  # a reservation that holds is not written again
+    assert len(synced) == 1
+    a2 = hal.open_qkdm(url("a", state=state, buffer=1000), clock=clock)
+    assert a2.get_key().key_id not in {k.key_id for k in used}
+    b = hal.open_qkdm(url("b"), clock=clock)
+    assert b.get_key_by_id(used[-1].key_id).material == used[-1].material
+
+
 def test_a_restarted_by_id_end_still_serves_the_ids_its_peer_hands_out_next(tmp_path):
     clock = hal.ManualClock(0)
     a = hal.open_qkdm(url("a"), clock=clock)

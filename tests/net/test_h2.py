@@ -79,6 +79,28 @@ def test_start_sends_at_once_on_an_open_connection_and_otherwise_declines(pki):
     asyncio.run(main())
 
 
+def test_connect_opens_the_connection_before_any_request(pki):
+    """``connect`` opens the connection (so ``start`` sends at once on the first request),
+    leaves an open one alone, and reports a peer that does not listen."""
+
+    async def main() -> None:
+        server = await start(pki)
+        client = H2Client("127.0.0.1", server.port, ctx(pki, "node-b"), expect_peer="node-a")
+        await client.connect()
+        await client.connect()  # already open: nothing happens
+        started = client.start("POST", "/x", b"abc")
+        assert started is not None
+        assert (await started).body == b"cba"
+        port = server.port
+        await client.close()
+        await server.close()
+        gone = H2Client("127.0.0.1", port, ctx(pki, "node-b"), timeout=2.0)
+        with pytest.raises(TransportError):
+            await gone.connect()
+
+    asyncio.run(main())
+
+
 def test_concurrent_streams_and_large_bodies(pki):
     async def main() -> None:
         server = await start(pki)
