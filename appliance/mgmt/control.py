@@ -8,8 +8,9 @@ admits only manager nodes of its network to these two endpoints):
 * ``POST /v1/faults``: the manager's whole view of what is down, after every change and
   after every poll round, with a time to live of :func:`ttl` (a manager that stops
   reporting lets go): the links some reachable agent reports not up (from its INFORMs
-  between polls, from its link table at each poll), and the nodes whose agent does not
-  answer. The controller holds them down (no new path uses them; paths on them switch).
+  between polls, from its link table at each poll), and the nodes whose agent has not
+  answered :data:`SILENT_POLLS` polls in a row. The controller holds them down (no new
+  path uses them; paths on them switch).
 * ``POST /v1/events``: a long poll; the answer lists the links the controller's
   telemetry finds down. A link entering that list raises ``qkdnLinkDown`` in the manager
   with reporter ``controller``; leaving it, ``qkdnLinkUp``.
@@ -41,6 +42,8 @@ log = logging.getLogger("qkdn.mgmt")
 WAIT_S = 20.0
 """The long poll's wait at the controller (its answer comes at once on a change)."""
 RETRY_S = 1.0
+SILENT_POLLS = 2
+"""Polls in a row an agent must miss before its node is reported down to the controller."""
 
 
 def ttl(poll_s: float) -> float:
@@ -59,7 +62,8 @@ class ControlView:
     """Agent name -> node ID."""
     ends: dict[tuple[str, int], str] = field(default_factory=dict)
     """(agent name, peer ID) -> the link end's state as the agent last reported it."""
-    silent: set[str] = field(default_factory=set)
+    misses: dict[str, int] = field(default_factory=dict)
+    """Agent name -> polls in a row it did not answer (0 or absent: it answered the last)."""
     controller_down: set[frozenset[int]] = field(default_factory=set)
 
     def end(self, node: str, peer: int, state: str) -> bool:
@@ -68,9 +72,21 @@ class ControlView:
         self.ends[(node, peer)] = state
         return self.report() != before
 
+    @property
+    def silent(self) -> set[str]:
+        """Agents silent for :data:`SILENT_POLLS` polls in a row: the nodes reported down.
+        One unanswered poll is not enough (a loaded or starting node's agent may miss one:
+        the controller would hold every link of a live node down); the controller's own
+        telemetry finds a dead node's links within seconds anyway."""
+        return {n for n, count in self.misses.items() if count >= SILENT_POLLS}
+
     def node(self, node: str, *, reachable: bool) -> bool:
+        """One poll of ``node``'s agent, answered or not; whether the report changes."""
         before = self.report()
-        (self.silent.discard if reachable else self.silent.add)(node)
+        if reachable:
+            self.misses.pop(node, None)
+        else:
+            self.misses[node] = min(self.misses.get(node, 0) + 1, SILENT_POLLS)
         return self.report() != before
 
     def report(self) -> tuple[list[list[int]], list[int]]:

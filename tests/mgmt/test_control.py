@@ -13,7 +13,7 @@ from appliance.config.addresses import join_host_port
 from appliance.control import model
 from appliance.control.controller import Controller
 from appliance.control.graph import Core
-from appliance.mgmt.control import ControllerLink, ControlView
+from appliance.mgmt.control import SILENT_POLLS, ControllerLink, ControlView
 from appliance.mgmt.store import Store
 from appliance.net.h2 import H2Client
 from appliance.pki import client_context
@@ -35,8 +35,10 @@ def test_the_view_reports_links_an_answering_agent_finds_down_and_silent_nodes()
     assert v.end("akms-east", 8, "down") is True
     assert v.end("ckms-middle", 2, "down") is False  # the same link: no new report
     assert v.report() == ([[2, 8]], [])
-    assert v.node("ckms-middle", reachable=False) is True
+    assert v.node("ckms-middle", reachable=False) is False  # one missed poll: not yet
+    assert v.node("ckms-middle", reachable=False) is True  # SILENT_POLLS in a row
     assert v.report() == ([[2, 8]], [8])  # akms-east still answers and reports it
+    v.node("akms-east", reachable=False)
     v.node("akms-east", reachable=False)
     assert v.report() == ([], [2, 8])  # a silent agent's link reports no longer count
     v.node("akms-east", reachable=True)
@@ -45,6 +47,21 @@ def test_the_view_reports_links_an_answering_agent_finds_down_and_silent_nodes()
     v.end("ckms-middle", 2, "up")
     assert v.report() == ([], [])
     v.end("stranger", 2, "down")  # not an agent of the configuration
+    assert v.report() == ([], [])
+
+
+def test_a_node_that_answers_between_missed_polls_is_never_reported_down():
+    v = view()
+    for _ in range(5):
+        assert v.node("ckms-middle", reachable=False) is False
+        assert v.node("ckms-middle", reachable=True) is False
+    assert v.report() == ([], [])
+    assert SILENT_POLLS == 2
+    v.node("ckms-middle", reachable=False)
+    v.node("ckms-middle", reachable=False)
+    v.node("ckms-middle", reachable=False)
+    assert v.report() == ([], [8])
+    assert v.node("ckms-middle", reachable=True) is True  # one answer lets go at once
     assert v.report() == ([], [])
 
 
