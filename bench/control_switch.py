@@ -243,7 +243,9 @@ def cold_tkey(net_dir: Path, eps: Any, warm: int) -> dict[str, Any]:
 def cpu_ns(net_dir: Path) -> dict[str, int]:
     """CPU time of every process of the network, by name, in ns: the sum over its threads
     of the scheduler's run time (/proc/PID/task/TID/schedstat), finer than the 10 ms ticks
-    of utime + stime for windows of tens of milliseconds."""
+    of utime + stime for windows of tens of milliseconds. Its own reader, not
+    ``netproc.cpu_ns``: this file runs against older revisions' packages too (the cold
+    path's baseline, BENCHMARKS.md)."""
     from appliance.kms import netproc
 
     out = {}
