@@ -313,11 +313,7 @@ class Etsi014Api:
     async def _enc_keys(self, master: str, slave: str, params: dict[str, Any]) -> Response:
         lim = await self._limits(master, slave)
         number, size = _enc_numbers(params, lim)
-        extra = (
-            await self._additional_slaves(master, slave, params, lim, number, size)
-            if "additional_slave_SAE_IDs" in params or master == slave
-            else []  # (its checks would pass: no coroutine for nothing)
-        )
+        extra = await self._additional_slaves(master, slave, params, lim, number, size)
         mandatory = params.get("extension_mandatory", [])
         if not isinstance(mandatory, list):
             message = "extension_mandatory must be a list of objects"
