@@ -43,6 +43,7 @@ from appliance.mgmt.agentconfig import AgentConfig as AgentConfig
 from appliance.mgmt.agentconfig import AgentUser as AgentUser
 from appliance.mgmt.agentconfig import Receiver as Receiver
 from appliance.mgmt.agentconfig import load_config as load_config
+from appliance.mgmt.channel import NodeGone
 from appliance.mgmt.detect import Detector, Notice
 from appliance.mgmt.nodeview import NodeReading, Snapshot, Value
 from appliance.snmp import engines, responder
@@ -195,6 +196,9 @@ class Agent:
         while True:
             try:
                 self.check()
+            except NodeGone as exc:  # the node stopped or died: nothing is left to watch
+                log.info("mgmt: %s; the agent of %s stops watching", exc, self.name)
+                return
             except Exception as exc:  # a reading that fails must not stop the watch
                 log.error("mgmt: reading the node failed: %s", exc, exc_info=True)
             with contextlib.suppress(TimeoutError):

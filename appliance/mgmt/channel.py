@@ -39,6 +39,10 @@ class ChannelError(MgmtError):
     code = "MGMT-CHANNEL"
 
 
+class NodeGone(ChannelError):
+    """The node closed its end of the channel: it stopped, or it died (its agent follows)."""
+
+
 def _seq(seq: int) -> bytes:
     return (seq % (1 << 32)).to_bytes(SEQ_BYTES, "big")
 

@@ -11,6 +11,7 @@ stopped), on SIGTERM or SIGINT, and by SIGKILL when the node dies (it dies with 
 from __future__ import annotations
 
 import asyncio
+import errno
 import gc
 import signal
 import socket
@@ -18,9 +19,18 @@ import time
 
 from appliance.mgmt.agent import Agent
 from appliance.mgmt.agentconfig import AgentConfig
-from appliance.mgmt.channel import MAX_MESSAGE, ChannelError, answer_seq, parse_answer, read_request
+from appliance.mgmt.channel import (
+    MAX_MESSAGE,
+    ChannelError,
+    NodeGone,
+    answer_seq,
+    parse_answer,
+    read_request,
+)
 from appliance.mgmt.nodeview import NodeReading
 
+GONE = (errno.ECONNRESET, errno.EPIPE, errno.ENOTCONN)
+"""What the query socket says when the node's end is closed (the node stopped or died)."""
 READ_TIMEOUT_S = 2.0
 """Longest wait for the node's answer to one ask (its event loop may be busy serving)."""
 
@@ -42,12 +52,14 @@ class NodeLink:
                 self.sock.settimeout(max(deadline - time.monotonic(), 0.001))
                 message = self.sock.recv(MAX_MESSAGE)
                 if not message:
-                    raise ChannelError("the node closed the query socket")
+                    raise NodeGone("the node closed the query socket")
                 if answer_seq(message) == self.seq:
                     return parse_answer(message)[1]
         except TimeoutError as exc:
             raise ChannelError(f"the node did not answer within {self.timeout:.1f} s") from exc
         except OSError as exc:
+            if exc.errno in GONE:
+                raise NodeGone(f"the node closed the query socket ({exc.strerror})") from exc
             raise ChannelError(f"the query socket: {exc.strerror or exc}") from exc
 
 

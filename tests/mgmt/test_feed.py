@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import logging
 import os
 import signal
 import socket
@@ -22,7 +23,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from appliance.mgmt import channel
-from appliance.mgmt.channel import ChannelError
+from appliance.mgmt.agent import Agent, load_config
+from appliance.mgmt.channel import ChannelError, NodeGone
 from appliance.mgmt.feed import Feed
 from appliance.mgmt.nodeview import LinkReading, NodeReading
 from appliance.mgmt.sidecar import NodeLink, node_socket
@@ -85,11 +87,35 @@ def test_the_agents_reader_skips_late_answers_and_is_bounded():
         assert channel.parse_request(node.recv(100)) == 1
         with pytest.raises(ChannelError, match="did not answer"):
             link.read()  # the node never answers
-        node.close()
-        with pytest.raises(ChannelError):
+        node.close()  # with the unread ask in its queue: the agent's end is reset
+        with pytest.raises(NodeGone, match="closed the query socket"):
             link.read()
     finally:
         agent.close()
+
+
+def test_an_agent_whose_node_is_gone_stops_watching_without_an_error(tmp_path, caplog):
+    """A node killed while its agent reads it: the agent's watch ends with an info line,
+    not an error (its process follows the node; an ordinary crash logs no error)."""
+
+    def reader() -> NodeReading:
+        raise NodeGone("the node closed the query socket")
+
+    async def scenario() -> None:
+        cfg = load_config(agent_file(tmp_path, free_udp_port()))
+        agent = Agent("ckms-gone", reader, cfg)
+        await agent.start()
+        try:
+            watch = agent._tasks[0]
+            await asyncio.wait_for(watch, 60)
+            assert watch.exception() is None
+        finally:
+            await agent.close()
+
+    with caplog.at_level(logging.INFO, logger="qkdn.mgmt"):
+        asyncio.run(scenario())
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+    assert "the agent of ckms-gone stops watching" in caplog.text
 
 
 def test_the_agent_takes_only_local_packet_sockets_as_its_nodes():
