@@ -65,12 +65,14 @@ class Table(Generic[S, I]):
 
     def advance(self, request: Stateful[S], event: I) -> S:
         """Move ``request`` on; on an unexpected pair it moves to the failed state and raises."""
-        try:
-            request.state = self.next(request.state, event)
-        except UnexpectedInput:
+        state = request.state
+        row = self.transitions.get(state)  # self.next, inlined: this runs on every transition
+        nxt = None if row is None else row.get(event)
+        if nxt is None:
             request.state = self.failed
-            raise
-        return request.state
+            raise UnexpectedInput(f"{self.name}: {event.name} is not expected in {state.name}")
+        request.state = nxt
+        return nxt
 
     def pairs(self) -> Iterator[tuple[S, I, S | None]]:
         """Every (state, input) pair of the two enums with its next state, or None (tests)."""

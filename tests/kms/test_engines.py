@@ -23,6 +23,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 
 from appliance.aaa.accounting import Accounting
@@ -1264,7 +1265,7 @@ def test_a_restarted_ukms_asks_fresh_so_its_akms_drops_the_keys_it_sent_with(ben
     def stale(d: Delivery) -> Delivery:  # the control: as if fresh were not said
         assert isinstance(d.event, Received) and isinstance(d.event.message, m.KsaRequest)
         message = m.KsaRequest(**{**m_fields(d.event.message), "fresh": False})
-        return replace(d, event=replace(d.event, message=message))
+        return replace(d, event=msgspec.structs.replace(d.event, message=message))
 
     b.rewrite(b.request_to(AKMS_B, "akms", m.KsaRequest), stale)
     refused = b.outcome("sae-b", b.enc("sae-b", "sae-a"))

@@ -8,7 +8,6 @@ engine, or a monkeypatched function): the product code stays as it is.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import importlib.util
 import json
@@ -19,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
+import msgspec
 import pytest
 
 from appliance.config.topology import load_topology
@@ -213,7 +213,7 @@ class RestoringUkms(UkmsEngine):
 
     def handle(self, event: Input, now: float) -> list[Action]:
         if isinstance(event, SaeAnswerWritten):
-            event = dataclasses.replace(event, ok=False)
+            event = msgspec.structs.replace(event, ok=False)
         return super().handle(event, now)
 
 
@@ -264,7 +264,7 @@ class AnySlaveUkms(UkmsEngine):
         if isinstance(event, SaeDecKeys):
             for sae in self.sessions.saes.values():  # type: ignore[attr-defined]
                 if sae.node == self.me and self.sessions.session_014_slave(sae.id, event.master):
-                    event = dataclasses.replace(event, slave=sae.id)
+                    event = msgspec.structs.replace(event, slave=sae.id)
                     break
         return super().on_other(event)
 

@@ -10,7 +10,6 @@ ones elsewhere).
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Hashable, Sequence
 from typing import Any
 
@@ -30,25 +29,25 @@ def policy(p: Policy) -> str:
 def event(item: Input | Action) -> str:
     """``Type(field=value, ...)`` with only the fields that hold no key material."""
     parts: list[str] = []
-    for f in dataclasses.fields(item):
-        value = getattr(item, f.name)
-        if f.name in _NUMBERS or f.name in _NAMES:
-            parts.append(f"{f.name}={value}")
-        elif f.name in _LISTS:
-            parts.append(f"{f.name}={len(value)}")
-        elif f.name in ("message", "op"):
-            parts.append(f"{f.name}={type(value).__name__}")
-        elif f.name == "to":
+    for name in item.__struct_fields__:
+        value = getattr(item, name)
+        if name in _NUMBERS or name in _NAMES:
+            parts.append(f"{name}={value}")
+        elif name in _LISTS:
+            parts.append(f"{name}={len(value)}")
+        elif name in ("message", "op"):
+            parts.append(f"{name}={type(value).__name__}")
+        elif name == "to":
             parts.append(f"to={value[0]}/{value[1]}")
-        elif f.name == "error" and value is not None:
+        elif name == "error" and value is not None:
             parts.append(f"error={value.code}")
-        elif f.name == "verdict":
+        elif name == "verdict":
             parts.append("verdict=denied" if value.denied is not None else "verdict=allowed")
-        elif f.name == "path" and value:
+        elif name == "path" and value:
             parts.append(f"path={'-'.join(map(str, value))}")
-        elif f.name == "key" and isinstance(value, Hashable) and not isinstance(value, bytes):
+        elif name == "key" and isinstance(value, Hashable) and not isinstance(value, bytes):
             parts.append(f"timer={timer(value)}")
-        elif f.name == "at":
+        elif name == "at":
             parts.append(f"at={value:.4f}")
     if isinstance(item, StoreDone):
         parts.append(f"result={result(item.result)}")
