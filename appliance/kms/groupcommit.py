@@ -44,8 +44,9 @@ import logging
 import sqlite3
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
+
+import msgspec
 
 from appliance.kms.errors import IntegrityFailure, KmsError, StoreCorrupt, StoreError
 from appliance.kms.store import KeyStore, Step, erase_outcome, store_error
@@ -106,8 +107,7 @@ def _copy(exc: StoreError) -> StoreError:
     return error
 
 
-@dataclass(frozen=True, slots=True)
-class _Op:
+class _Op(msgspec.Struct, frozen=True):
     op: Op
     future: asyncio.Future[Any] | None
     loop: asyncio.AbstractEventLoop | None

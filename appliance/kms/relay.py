@@ -28,6 +28,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from enum import IntEnum
 
+import msgspec
 from construct import (
     Byte,
     Bytes,
@@ -82,8 +83,7 @@ HEADER = Struct(  # the wire layout, declared; encode_header/decode pack it by h
 )
 
 
-@dataclass(frozen=True, slots=True)
-class Segment:
+class Segment(msgspec.Struct, frozen=True, gc=False):
     """``length`` bytes of QKDM key ``key_id`` starting at ``offset``."""
 
     key_id: str
@@ -91,8 +91,7 @@ class Segment:
     length: int
 
 
-@dataclass(frozen=True, kw_only=True, slots=True)
-class Hop:
+class Hop(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     """The header of one hop message (all of it is authenticated)."""
 
     request_id: bytes

@@ -25,9 +25,10 @@ the controller's and the AAA device's ask over the network.
 from __future__ import annotations
 
 from collections.abc import Awaitable
-from dataclasses import dataclass
 from enum import StrEnum
 from typing import Protocol
+
+import msgspec
 
 from appliance.config.topology import RoutePolicy, Sae, Topology
 from appliance.kms.errors import KmsError
@@ -76,8 +77,7 @@ class Denied(KmsError):
         return None
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class ValidationQuery:
+class ValidationQuery(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     """A user's request as the requesting AKMS sees it."""
 
     master: str
@@ -96,8 +96,7 @@ class ValidationQuery:
     requests later served from the stock are validated one by one, as any request."""
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Verdict:
+class Verdict(msgspec.Struct, frozen=True, kw_only=True):
     """Allowed (with where the slave is and how its keys cross), or denied with a reason."""
 
     denied: Denied | None = None

@@ -15,7 +15,9 @@ stream's chunks, :data:`SRC004` and :data:`DST004` (one copy for each end).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from typing import Any
+
+import msgspec
 
 KSA = "ksa"
 """Kind: slave copies of KSA keys awaiting the slave SAE's dec_keys."""
@@ -32,9 +34,9 @@ def stream_session(ksid: bytes) -> str:
     return f"004:{ksid.hex()}"
 
 
-@dataclass(frozen=True, slots=True)
-class StoredKey:
-    """A key taken from a store; its bits are the caller's to erase after use."""
+class StoredKey(msgspec.Struct, frozen=True, gc=False):
+    """A key taken from a store; its bits are the caller's to erase after use. Its repr
+    (and rich's) names the key, never its bits."""
 
     key_id: str
     material: bytearray
@@ -42,9 +44,11 @@ class StoredKey:
     def __repr__(self) -> str:
         return f"StoredKey(key_id={self.key_id!r}, bits=<redacted>)"
 
+    def __rich_repr__(self) -> list[tuple[str, Any]]:
+        return [("key_id", self.key_id), ("bits", "<redacted>")]
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Put:
+
+class Put(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     """Store keys in a session, all or none (StoreFull; StoreError for a key ID already
     stored in this kind). Outcome: how many."""
 
@@ -58,8 +62,7 @@ class Put:
     """Lifetime in seconds; None for the store's default."""
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Take:
+class Take(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     """Take the named keys of a session, all or none, as **pending** takes (see
     :meth:`store.KeyStore.take_many`). Outcome: the keys, in the order named."""
 
@@ -71,8 +74,7 @@ class Take:
     """The kind they must be of."""
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class TakeOldest:
+class TakeOldest(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     """Take up to ``n`` of a session's oldest keys of a kind, deleted at once (the stock
     lease). Outcome: the keys, oldest first (maybe none)."""
 
@@ -84,8 +86,7 @@ class TakeOldest:
     """How many at most."""
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Release:
+class Release(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     """Delete keys this run took and holds pending: their bits leave the live records.
     Outcome: how many were released."""
 
@@ -95,8 +96,7 @@ class Release:
     """The keys."""
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Restore:
+class Restore(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     """Make keys this run holds pending available to their session again: the answer that
     carried them never left (the SAE's connection was gone). Outcome: how many."""
 

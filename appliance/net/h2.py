@@ -22,8 +22,9 @@ import functools
 import logging
 import ssl
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from typing import Protocol, cast
+
+import msgspec
 
 from appliance.config.addresses import join_host_port
 from appliance.errors import ApplianceError
@@ -51,21 +52,19 @@ class TransportError(ApplianceError):
     code = "NET"
 
 
-@dataclass
-class Request:
+class Request(msgspec.Struct):
     method: str
     path: str
     body: bytes = b""
-    headers: dict[str, str] = field(default_factory=dict)
+    headers: dict[str, str] = msgspec.field(default_factory=dict)
     peer: str | None = None
     """CN of the client certificate."""
 
 
-@dataclass
-class Response:
+class Response(msgspec.Struct):
     status: int
     body: bytes = b""
-    headers: dict[str, str] = field(default_factory=dict)
+    headers: dict[str, str] = msgspec.field(default_factory=dict)
     on_written: Callable[[bool], None] | None = None
     """Told ``True`` once the response is handed to its connection, ``False`` if the
     connection was gone first (HTTP/1.1 server; a dec_keys answer releases its keys)."""

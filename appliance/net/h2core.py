@@ -36,6 +36,7 @@ import re
 import struct
 from dataclasses import dataclass
 
+import msgspec
 from hpack.table import HeaderTable
 
 from appliance.net.hpackdec import Decoder, HpackError
@@ -103,8 +104,7 @@ for (_n, _v), _i in _STATIC.items():
 
 
 # -- events ---------------------------------------------------------------------------------
-@dataclass(frozen=True, kw_only=True, slots=True)
-class MessageReceived:
+class MessageReceived(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     """A complete, well-formed request (server) or final response (client)."""
 
     stream_id: int
@@ -115,8 +115,7 @@ class MessageReceived:
     """The whole body."""
 
 
-@dataclass(frozen=True, kw_only=True, slots=True)
-class StreamReset:
+class StreamReset(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     """A stream ended without a message: the peer reset it, or we did (malformed message)."""
 
     stream_id: int
@@ -127,8 +126,7 @@ class StreamReset:
     """True if the peer sent the RST_STREAM."""
 
 
-@dataclass(frozen=True, kw_only=True, slots=True)
-class ConnectionEnded:
+class ConnectionEnded(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     """The peer sent GOAWAY: open no new streams; those above ``last_stream_id`` failed."""
 
     error_code: int

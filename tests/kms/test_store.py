@@ -445,6 +445,9 @@ def test_a_taken_key_prints_without_its_bits(store):
     store.put_many(S, [("canary", CANARY)])
     [taken] = store.take_many(S, ["canary"])
     assert CANARY.hex() not in repr(taken) and "canary" in repr(taken)
+    assert repr(bytes(CANARY)) not in repr(taken) and repr(taken) == str(taken)
+    rich = dict(taken.__rich_repr__())  # what rich (and so pretty tracebacks) would print
+    assert rich == {"key_id": "canary", "bits": "<redacted>"}
 
 
 # -- SQLite's errors, coded ------------------------------------------------------------------

@@ -39,7 +39,6 @@ import functools
 import hmac
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Literal
 
 import msgspec
@@ -101,8 +100,7 @@ RELAY_ATTEMPTS = 2
 """Attempts of one user request at relaying its CN key (the first and one retry)."""
 
 
-@dataclass(eq=False, slots=True)
-class Asking:
+class Asking(msgspec.Struct, eq=False):
     """AKMS A: one request for keys from AKMS B (a user's, or a channel re-key)."""
 
     state: S
@@ -123,7 +121,7 @@ class Asking:
     reopened: bool = False
     then: Callable[[bytearray | KmsError], list[Action]] | None = None
     """A re-key's continuation: the new channel key, or why there is none."""
-    local: list[m.SlaveAt] = field(default_factory=list)
+    local: list[m.SlaveAt] = msgspec.field(default_factory=list)
     """Additional slaves behind this access node: their copies are delivered from here."""
     deliveries: int = 0
     """Of those, copies not yet stored at their UKMSs."""
@@ -132,20 +130,20 @@ class Asking:
     """When the CN key must have come (the first attempt's deadline binds every retry)."""
 
 
-@dataclass(eq=False, slots=True)
-class OutChannel:
+class OutChannel(msgspec.Struct, eq=False):
     """The caller's end of the channel to one peer AKMS, while it opens and once open."""
 
     state: S
     peer: int
     nonce: bytes = b""
     chan: CallerChannel | None = None
-    waiting: list[Callable[[CallerChannel | KmsError], list[Action]]] = field(default_factory=list)
+    waiting: list[Callable[[CallerChannel | KmsError], list[Action]]] = msgspec.field(
+        default_factory=list
+    )
     rekeying: bool = False
 
 
-@dataclass(eq=False, slots=True)
-class Answering:
+class Answering(msgspec.Struct, eq=False):
     """AKMS B: one request from AKMS A being answered."""
 
     state: S
@@ -815,13 +813,11 @@ class AkmsEngine(EngineBase):
         return [Refuse(req=b.req, error=error)]
 
 
-@dataclass(eq=False, slots=True)
-class _Opening:
+class _Opening(msgspec.Struct, eq=False, gc=False):
     state: S
 
 
-@dataclass(eq=False, slots=True)
-class _Stocked:
+class _Stocked(msgspec.Struct, eq=False, gc=False):
     """AKMS A: a request served from its UKMS's stock, being validated."""
 
     state: S

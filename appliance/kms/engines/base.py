@@ -30,7 +30,8 @@ import functools
 import itertools
 from collections import deque
 from collections.abc import Callable, Hashable
-from dataclasses import dataclass
+
+import msgspec
 
 from appliance.kms import messages as m
 from appliance.kms.engines.config import EngineConfig
@@ -90,8 +91,7 @@ def erase_input(event: Input) -> None:
             erase(key.material)
 
 
-@dataclass(eq=False, slots=True)
-class SealJob:
+class SealJob(msgspec.Struct, eq=False):
     """A payload to seal for a neighbour under link keys. The payload stays the owner's
     (it may be sealed again after a stale-key refusal); the owner erases it."""
 
@@ -104,8 +104,7 @@ class SealJob:
     fail: Callable[[KmsError], list[Action]]
 
 
-@dataclass(eq=False, slots=True)
-class OpenJob:
+class OpenJob(msgspec.Struct, eq=False):
     """A neighbour's message to open once the link keys it names are here."""
 
     peer: int
@@ -433,8 +432,7 @@ class EngineBase:
         return [ReadLinkKeys(ticket=ticket, link=link.link, count=request.n)]
 
 
-@dataclass(eq=False, slots=True)
-class _Granting:
+class _Granting(msgspec.Struct, eq=False, gc=False):
     """A master end's grant while its keys are read (the GRANT table)."""
 
     state: S

@@ -18,7 +18,7 @@ erased as soon as the next hop has accepted it, or the relay failed; it is never
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import msgspec
 
 from appliance.kms import messages as m
 from appliance.kms.engines.base import EngineBase, RandomBytes, SealJob, answer_or_fail, erase
@@ -39,8 +39,7 @@ from appliance.kms.events import (
 from appliance.kms.relay import Direction, Hop, Mode
 
 
-@dataclass(eq=False, slots=True)
-class Relayed:
+class Relayed(msgspec.Struct, eq=False, gc=False):
     """One CN key passing through this node."""
 
     state: S

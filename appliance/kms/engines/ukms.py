@@ -46,7 +46,8 @@ from __future__ import annotations
 import functools
 from collections import OrderedDict, deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+
+import msgspec
 
 from appliance.kms import keyids, ksa
 from appliance.kms import messages as m
@@ -99,8 +100,7 @@ REFILL_PAUSE = "refill-pause"
 """The key of the engine's one refill back-off timer."""
 
 
-@dataclass(eq=False, slots=True)
-class Enc:
+class Enc(msgspec.Struct, eq=False, gc=False):
     """A master SAE's enc_keys."""
 
     state: S
@@ -114,35 +114,31 @@ class Enc:
     also: tuple[str, ...] = ()
 
 
-@dataclass(eq=False, slots=True)
-class Refill:
+class Refill(msgspec.Struct, eq=False, gc=False):
     state: S
     session: str
     number: int
 
 
-@dataclass(eq=False, slots=True)
-class Dec:
+class Dec(msgspec.Struct, eq=False, gc=False):
     state: S
     req: int
     session: str
     key_ids: tuple[str, ...] = ()
 
 
-@dataclass(eq=False, slots=True)
-class Delivery:
+class Delivery(msgspec.Struct, eq=False, gc=False):
     state: S
     req: int
 
 
-@dataclass(eq=False, slots=True)
-class Stock:
+class Stock(msgspec.Struct, eq=False):
     """What an active pair holds in memory: keys leased, requests waiting for a lease,
     whether a lease or a refill is under way (an idle pair has none of this)."""
 
-    leased: deque[StoredKey] = field(default_factory=deque)
+    leased: deque[StoredKey] = msgspec.field(default_factory=deque)
     leasing: bool = False
-    waiting: list[Enc] = field(default_factory=list)
+    waiting: list[Enc] = msgspec.field(default_factory=list)
     refilling: bool = False
 
     def idle(self) -> bool:
