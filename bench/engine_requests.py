@@ -5,7 +5,7 @@ AKMS/CKMS - UKMS) through N relayed enc_keys of one key, each followed by its de
 and prints the process CPU time per request (the bench harness's own bookkeeping is
 included), and with ``--calls`` the Python function calls per request (cProfile). A
 load-independent figure for the engines, their events and the messages' codec, to
-compare two trees: run it in each (``PYTHONPATH=TREE``).
+compare two trees: run this file with ``PYTHONPATH=TREE`` to measure another tree.
 
     python bench/engine_requests.py --requests 2000 --repeat 5
     python bench/engine_requests.py --requests 500 --calls
@@ -16,10 +16,14 @@ from __future__ import annotations
 import argparse
 import cProfile
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
+sys.path.append(
+    str(Path(__file__).resolve().parent.parent)
+)  # after PYTHONPATH: it may name another tree
 from tests.kms.engine_bench import Bench, mini_topology
 
 

@@ -28,7 +28,9 @@ messages 28.8 µs against 61.7 µs (2.1x); a KSA answer carrying a 1,024-key bat
 1.5; the rest checks what is sent and that what is read is canonical. The encoding is
 canonical: the type first, then the fields in declaration order, every one present (no dict
 whose key order could vary), so one message has one encoding, and a decoder accepts only
-that one.
+that one. The two usual answers, :class:`Ok` and a relay batch's results all ok, are
+encoded and checked once and kept (by count, at most :data:`MAX_RELAY_ITEMS` encodings);
+:func:`decode_answer` recognises exactly those bytes without decoding them again.
 
 **Versions.** A field added to a message comes after the existing ones, with a default
 that means what the message meant before it (``None``, ``False``, an empty list: ``stream``,
@@ -582,10 +584,38 @@ _TYPE_KEY = b"\xa4type"
 _AT = re.compile(r" - at `([^`]*)`\Z")
 MAX_ERROR_TEXT = 200
 """Characters of a decoding error kept in its message (peers choose the names quoted)."""
+OK = Ok()
+"""The one Ok (it has no field but ``v``)."""
+ITEM_OK = ItemResult(ok=True)
+"""The result of a hop that went through (every one is equal to this)."""
+_OK_WIRE = _ENCODER.encode(OK)
+"""Ok's canonical encoding (its only one; tests/kms/test_messages.py checks it)."""
+_ALL_OK: dict[int, bytes] = {}
+"""The canonical encoding of RelayResults of ``n`` results, all ok, by ``n``: the usual
+answer to a relay batch, encoded and checked once (at most MAX_RELAY_ITEMS entries)."""
+_ALL_OK_COUNTS: dict[bytes, int] = {}
+"""The same, the other way: read back without decoding."""
 
 
 def encode(msg: Message) -> bytes:
     """The canonical encoding of ``msg``; MessageError if a peer would refuse it."""
+    cls = type(msg)
+    if cls is Ok:
+        return _OK_WIRE
+    if cls is RelayResults:
+        results = cast(RelayResults, msg).results
+        if all(r.ok for r in results):  # then code and text are empty: one encoding per count
+            count = len(results)
+            wire = _ALL_OK.get(count)
+            if wire is None:  # checked below: a count out of 1..MAX_RELAY_ITEMS is refused
+                wire = _ALL_OK[count] = _checked(msg)
+                _ALL_OK_COUNTS[wire] = count
+            return wire
+    return _checked(msg)
+
+
+def _checked(msg: Message) -> bytes:
+    """The encoding, checked by decoding it as a peer would."""
     data = _encode(msg)
     _erase(_decode(data, (type(msg),), "outgoing "))
     return data
@@ -612,6 +642,13 @@ def decode(data: Buffer, expected: type[M]) -> M:
 
 def decode_answer(data: Buffer, expected: type[M]) -> M | Refused:
     """An answer: the ``expected`` message or a :class:`Refused`, or MessageError."""
+    if type(data) is bytes:  # the usual answers, byte for byte as encode made them
+        if expected is Ok and data == _OK_WIRE:
+            return cast(M, OK)
+        if expected is RelayResults:
+            count = _ALL_OK_COUNTS.get(data)
+            if count is not None:
+                return cast(M, RelayResults(results=[ITEM_OK] * count))
     msg = _decode(data, (expected, Refused), "")
     _check_canonical(msg, data)
     return cast("M | Refused", msg)  # a string: a TypeVar union costs at run time

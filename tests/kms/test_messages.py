@@ -34,6 +34,7 @@ from appliance.kms.errors import (
     StaleGrant,
 )
 from appliance.kms.messages import (
+    MAX_RELAY_ITEMS,
     MESSAGE_TYPES,
     CnAnswer,
     CnLocal,
@@ -250,6 +251,34 @@ def test_another_message_is_a_type_error_and_answers_may_be_refusals():
         decode_answer(req, KsaAnswer)
     with pytest.raises(MessageTypeError):
         decode_answer(raw({"v": 1, "code": "KMS", "message": ""}), KsaAnswer)  # no type
+
+
+def test_the_usual_answers_are_encoded_once_and_read_back_as_any_other():
+    plain = msgspec.msgpack.Encoder()  # what encode would make without its kept encodings
+    assert encode(messages.Ok()) == plain.encode(messages.Ok())
+    assert decode(encode(messages.Ok()), messages.Ok) == messages.Ok()
+    assert decode_answer(encode(messages.Ok()), messages.Ok) == messages.Ok()
+    assert decode_answer(bytearray(encode(messages.Ok())), messages.Ok) == messages.Ok()
+    for count in (1, 2, 17, MAX_RELAY_ITEMS):
+        ok = RelayResults(results=[ItemResult(ok=True) for _ in range(count)])
+        wire = encode(ok)
+        assert wire == plain.encode(ok) and encode(ok) is wire
+        assert decode(wire, RelayResults) == ok
+        assert decode_answer(wire, RelayResults) == ok
+        assert decode_answer(memoryview(wire), RelayResults) == ok
+    failed = RelayResults(results=[ItemResult(ok=True), ItemResult(ok=False, code="KMS")])
+    assert decode_answer(encode(failed), RelayResults) == failed
+    # what a peer would refuse is refused still, and never kept
+    for bad in (RelayResults(results=[]), RelayResults(results=[ItemResult(ok=True)] * 257)):
+        with pytest.raises(MessageFieldError):
+            encode(bad)
+    assert len(messages._ALL_OK) <= MAX_RELAY_ITEMS
+    assert sorted(messages._ALL_OK_COUNTS.values()) == sorted(messages._ALL_OK)
+    # an Ok or all-ok results where another answer is expected is the usual type error
+    with pytest.raises(MessageTypeError):
+        decode_answer(encode(messages.Ok()), RelayResults)
+    with pytest.raises(MessageTypeError):
+        decode_answer(encode(RelayResults(results=[ItemResult(ok=True)])), messages.Ok)
 
 
 def test_errors_sit_under_the_protocol_error_with_their_codes():
