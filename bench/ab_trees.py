@@ -121,6 +121,19 @@ def main() -> None:
         pairs = " ".join(f"{y / x:.2f}" for x, y in zip(a, b, strict=False) if x)
         print(f"{label:34} {ma:10.3f} {mb:10.3f} {mb / ma if ma else 0:6.3f}  {pairs}")
 
+    print("\nCPU ms per request by node, 16 requesters (medians), B/A")
+    names = sorted({n for d in docs["A"] + docs["B"] for n in _nodes(d)})
+    for name in names:
+        a = [_nodes(d)[name] for d in docs["A"] if name in _nodes(d)]
+        b = [_nodes(d)[name] for d in docs["B"] if name in _nodes(d)]
+        if a and b and statistics.median(a):
+            ma, mb = statistics.median(a), statistics.median(b)
+            print(f"  {name:24} {ma:8.3f} {mb:8.3f} {mb / ma:6.3f}")
+
+
+def _nodes(doc: dict[str, Any]) -> dict[str, float]:
+    return dict(doc.get("concurrent_16", {}).get("cpu_per_request", {}).get("nodes", {}))
+
 
 if __name__ == "__main__":
     main()
