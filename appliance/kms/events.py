@@ -14,7 +14,7 @@ calls of its SAEs. Actions are calls and replies to other nodes, link-key reads,
 operations, questions to the seams, timers, answers to SAEs, alarms and notices.
 
 Each is a frozen :class:`msgspec.Struct` (built ~50 times per relayed request across
-the engines: a Struct is built in a quarter of a frozen dataclass's time). Those that can
+the engines: ~0.1 µs each, where a frozen slotted dataclass took ~0.6). Those that can
 hold no exception (whose traceback may lead back to them) nor arbitrary objects are not
 tracked by the cyclic GC (``gc=False``).
 

@@ -229,16 +229,7 @@ class EngineBase:
         segments, material, counter = self.links[job.peer].seal_material(
             job.hop.mode, len(job.payload)
         )
-        head = job.hop  # built field by field: dataclasses.replace costs twice as much
-        hop = Hop(
-            request_id=head.request_id,
-            hop=head.hop,
-            direction=head.direction,
-            link=head.link,
-            mode=head.mode,
-            segments=segments,
-            counter=counter,
-        )
+        hop = msgspec.structs.replace(job.hop, segments=segments, counter=counter)
         try:
             if hop.mode is Mode.OTP:
                 sealed = seal_otp(hop, job.payload, material)  # erases the pad
