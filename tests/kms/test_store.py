@@ -487,7 +487,8 @@ def test_store_files_are_0600(tmp_path, clock):
     old = tmp_path / "old.db"
     old.touch(mode=0o644)
     os.chmod(old, 0o644)
-    open_store(old, clock).put_many(S, keys(1))
+    reopened = open_store(old, clock)  # held: a store left to the GC closes, and SQLite
+    reopened.put_many(S, keys(1))  # then removes its -wal and -shm, whenever a collection runs
     fresh = open_store(tmp_path / "new.db", clock)
     fresh.put_many(S, keys(1))
     files = [p for p in tmp_path.iterdir() if p.name.endswith((".db", "-wal", "-shm"))]
