@@ -726,10 +726,11 @@ class KmsNode:
         gone: list[str] = []
         error: KmsError | None = None
         try:
-            if read.count:
-                for _ in range(read.count):
-                    key = qkdm.get_key()
-                    keys.append((key.key_id, key.material))
+            want = read.count
+            while want > 0:  # one module call per run of keys (hal.Qkdm.get_keys)
+                run = qkdm.get_keys(want)
+                keys.extend((key.key_id, key.material) for key in run)
+                want -= len(run)
             for key_id in read.ids:
                 try:
                     key = qkdm.get_key_by_id(key_id)
