@@ -1,16 +1,18 @@
 """A/B of the cold path's first T_key (issue 15) between two source trees, same window.
 
 Runs ``bench/control_switch.py --switch-only --switches 0 --cold-tkey N`` (this
-repository's bench file) once per tree and pair, alternating which tree goes first, each
+repository's bench file) once per tree and round, rotating which tree goes first, each
 tree's code run from its own directory (working directory and ``PYTHONPATH`` set to it,
 so that the bench and every node process import that tree's ``appliance`` and ``hal``:
 ``python -m`` puts the working directory first on the path). Prints, per run, the load
 before and after and, per direction, ``added_ms``, ``cpu_ms``, ``next_cpu_ms`` and
 ``sets_ms`` (the slowest install the controller logged meanwhile); then per tree the
-medians and the ratios new / base. The base tree is usually an exported commit:
-``git archive COMMIT | tar -x -C DIR``.
+medians and the ratios to the base tree (the first ``--tree``). Export each commit to a
+directory of its own (``git archive COMMIT | tar -x -C DIR``) rather than run a working
+tree that may change meanwhile.
 
-Usage: python bench/cold_ab.py --base DIR --new DIR [--pairs 3] [--tkey 20] [--out DIR]
+Usage: python bench/cold_ab.py --tree base=DIR --tree new=DIR [--tree ...] [--rounds 3]
+       [--tkey 20] [--out DIR]
 """
 
 from __future__ import annotations
@@ -68,24 +70,27 @@ def run(tree: Path, tkey: int, out: Path) -> dict[str, object]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--base", type=Path, required=True)
-    ap.add_argument("--new", type=Path, required=True)
-    ap.add_argument("--pairs", type=int, default=3)
+    ap.add_argument("--tree", action="append", required=True, help="NAME=DIR, base first")
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--tkey", type=int, default=20)
     ap.add_argument("--out", type=Path, default=Path("/tmp/cold_ab"))
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    trees = {"base": args.base.resolve(), "new": args.new.resolve()}
+    trees = {}
+    for item in args.tree:
+        name, _, tree = item.partition("=")
+        trees[name] = Path(tree).resolve()
+    names = list(trees)
     for name, tree in trees.items():
         print(f"{name}: {check_tree(tree)}", flush=True)
-    results: dict[str, list[dict[str, object]]] = {"base": [], "new": []}
-    for pair in range(args.pairs):
-        order = ("base", "new") if pair % 2 == 0 else ("new", "base")
-        for name in order:
+    results: dict[str, list[dict[str, object]]] = {name: [] for name in names}
+    for rnd in range(args.rounds):
+        shift = rnd % len(names)
+        for name in names[shift:] + names[:shift]:
             stamp = time.strftime("%H:%M:%S", time.gmtime())
-            res = run(trees[name], args.tkey, args.out / f"{pair}-{name}.json")
+            res = run(trees[name], args.tkey, args.out / f"{rnd}-{name}.json")
             results[name].append(res)
-            print(f"{stamp} pair {pair} {name}: {json.dumps(res)}", flush=True)
+            print(f"{stamp} round {rnd} {name}: {json.dumps(res)}", flush=True)
     medians: dict[str, dict[str, float]] = {}
     for name, runs in results.items():
         medians[name] = {}
@@ -101,12 +106,15 @@ def main() -> None:
                 if values:
                     medians[name][f"{direction}.{field}"] = statistics.median(values)
     print("\nmedians (direction 0: the network's first request; 1: the other direction)")
-    for key in medians["base"]:
-        b, n = medians["base"][key], medians["new"].get(key)
-        ratio = f"{n / b:.2f}" if n is not None and b else "-"
-        print(
-            f"  {key:18} base {b:8.1f}  new {n if n is None else round(n, 1)!s:>8}  ratio {ratio}"
-        )
+    base = names[0]
+    for key in medians[base]:
+        row = f"  {key:18}"
+        for name in names:
+            value = medians[name].get(key)
+            row += f"  {name} {'-' if value is None else f'{value:.1f}':>7}"
+            if name != base and value is not None and medians[base][key]:
+                row += f" ({value / medians[base][key]:.2f})"
+        print(row)
 
 
 if __name__ == "__main__":
