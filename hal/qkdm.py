@@ -107,6 +107,23 @@ class Qkdm(abc.ABC):
     def get_key(self) -> QkdKey:
         """Take the oldest key in the buffer; raise NoKeyAvailable or LinkDownError."""
 
+    def get_keys(self, count: int) -> list[QkdKey]:
+        """Take up to ``count`` of the oldest keys in order, as ``count`` calls of
+        :meth:`get_key` would; fewer when the buffer runs short, and the error of
+        :meth:`get_key` when it holds none. Drivers that can read a run of keys at once
+        override this (the emulated one derives them in one cipher call)."""
+        from hal.errors import HalError  # as in poll_state
+
+        keys: list[QkdKey] = []
+        for _ in range(count):
+            try:
+                keys.append(self.get_key())
+            except HalError:
+                if not keys:
+                    raise
+                break
+        return keys
+
     @abc.abstractmethod
     def get_key_by_id(self, key_id: str) -> QkdKey:
         """Take the key with this ID; raise KeyNotFound or KeyNotYetAvailable."""

@@ -360,6 +360,8 @@ def cmd_node_run(args: argparse.Namespace) -> int:
         if paths is not None:  # a path learnt stays good while the node's routes stand
             paths.table = lambda: node.agent.routes if node.agent else None
         await node.start()
+        if paths is not None:  # the connection to the controller, before the first ask
+            paths.start()
         if aaa is not None:  # quota ahead of need: a pair's first request does not wait
             from appliance.aaa.client import served_pairs
 
@@ -384,6 +386,8 @@ def cmd_node_run(args: argparse.Namespace) -> int:
             await agent[1].close()
             await agent[0].close()
         await node.close()
+        if paths is not None:
+            await paths.close()
         if aaa is not None:
             await aaa[0].close()
             aaa[1].close()

@@ -72,6 +72,7 @@ class Telemetry:
     def __init__(self, first: model.NodeTelemetry) -> None:
         self._cond = threading.Condition()
         self._doc = model.document(first)
+        self._source = first
         self._version = 0
         self._streams = 0
         self.on_stream: Callable[[], None] | None = None
@@ -94,7 +95,12 @@ class Telemetry:
             self._streams -= 1
 
     def publish(self, telemetry: model.NodeTelemetry) -> bool:
-        """Replace the document; True (and ON_CHANGE streams wake) if a value changed."""
+        """Replace the document; True (and ON_CHANGE streams wake) if a value changed.
+        The same telemetry as the last published (most of a stream's 50 ms ticks, whose
+        figures are refreshed once a second) is not turned into a document again."""
+        if telemetry == self._source:  # one publisher (the node's loop): no lock needed
+            return False
+        self._source = telemetry
         doc = model.document(telemetry)
         with self._cond:
             if doc == self._doc:

@@ -42,6 +42,10 @@ CHANNEL_OPTIONS = [
 """Every channel to an agent: a channel whose agent was not up yet (the controller starts
 beside the nodes) or restarted tries again within a second, not after grpc's default
 back-off of up to two minutes, during which its calls fail at once."""
+WARM_ROUTE = (0, 0, 0)
+"""The route the controller's warming Set removes at every agent at its start: from node
+0 to node 0, slot 0, which no node installs (node IDs start at 1), so the Set changes
+nothing there (no route, no table version, no next hop readied)."""
 _ELEM = re.compile(r"([^/\[\]]+)((?:\[[^=\[\]]+=[^\]]*\])*)")
 _KEY = re.compile(r"\[([^=\[\]]+)=([^\]]*)\]")
 _END = object()
@@ -202,11 +206,15 @@ class AsyncAgentSets:
         self.timeout = timeout
 
     async def connect(self, timeout: float) -> bool:
-        """Open the channel (TLS handshake) now; False if it is not ready within
-        ``timeout`` seconds (the Sets then open it themselves)."""
+        """Open the channel (TLS handshake) now and make one harmless Set on it (see
+        :data:`WARM_ROUTE`), so that the first path's Sets find the channel's and the
+        agent's Set side warm (grpc's first call on a channel sets up its call machinery;
+        the agent's first Set its handler); False if the channel is not ready within
+        ``timeout`` seconds (the Sets then open it themselves) or the Set fails."""
         try:
             await asyncio.wait_for(self._channel.channel_ready(), timeout)
-        except TimeoutError:
+            await self._set(delete_request(*WARM_ROUTE))
+        except (TimeoutError, AgentUnavailable):
             return False
         return True
 

@@ -15,10 +15,15 @@ still the installed one and is used without asking. While the controller is unre
 relays on installed routes go on over the last path; a pair it never had a path for gets
 :class:`~appliance.kms.node.Unreachable` (a clean 503 to the SAE). A controller that has
 no path answers 503 ``CTL-NO-PATH``: that is :class:`~appliance.kms.routing.NoRoute`.
+:meth:`ControllerPaths.start` opens the connection to the controller when the node starts
+(best effort, retried while the controller starts), so that the network's first path
+request pays no TLS handshake.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import ssl
 from collections.abc import Awaitable, Callable
@@ -33,6 +38,8 @@ from appliance.net.h2 import H2Client, TransportError
 
 TIMEOUT_S = 2.0
 MAX_PATH = 64
+OPEN_ROUNDS, OPEN_PAUSE_S = 60, 0.5
+""":meth:`ControllerPaths.start` tries to connect this many times, so far apart."""
 
 
 class ControllerPaths:
@@ -46,6 +53,21 @@ class ControllerPaths:
         self._class: dict[tuple[int, int], str] = {}
         """The class each pair's route was last asked for (the controller installs one
         route per pair, for the last request's class)."""
+        self._opening: asyncio.Future[None] | None = None
+
+    def start(self) -> None:
+        """Open the connection to the controller in the background (call from the node's
+        event loop, after the node started). Best effort and bounded: a controller not
+        listening within :data:`OPEN_ROUNDS` rounds is connected to by the first ask."""
+        if self._opening is None:
+            self._opening = asyncio.ensure_future(self._open())
+
+    async def _open(self) -> None:
+        for _ in range(OPEN_ROUNDS):
+            with contextlib.suppress(TransportError):
+                await self.client.connect()
+                return
+            await asyncio.sleep(OPEN_PAUSE_S)
 
     def find(
         self, src: int, dst: int, route_policy: RoutePolicy = "balanced"
@@ -83,6 +105,10 @@ class ControllerPaths:
         raise Unreachable(f"the QKDN controller refused the path ({code})")
 
     async def close(self) -> None:
+        if self._opening is not None:
+            self._opening.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._opening
         await self.client.close()
 
 

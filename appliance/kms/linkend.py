@@ -33,6 +33,11 @@ from appliance.kms.relay import (
 
 GRANT_BATCH = 64
 """Keys the master grants at a time."""
+WANTED_GRANT = 4
+"""Keys a slave end asks for when it readies a link in GCM mode with no message waiting
+(a route installed through its node: ``LinkWanted``): a fresh path's first grants, one
+per slave end of the path, stay small (one GCM key serves 1,024 messages); the grants
+that follow, asked for by messages, are of :data:`GRANT_BATCH`."""
 GRANT_TTL = 3600.0
 """Seconds a master keeps the material of keys it granted; a slave gives up grants after
 half of it, so it never sends with a key its master has swept."""

@@ -563,6 +563,9 @@ ENDPOINTS: dict[str, tuple[type[Message], type[Message]]] = {
     "/v1/cn/local": (CnLocal, Ok),
 }
 """Each endpoint between nodes: the request it takes and the answer it gives."""
+TAGGED_INNER: tuple[type[Message], ...] = (CnRequest, CnAnswer)
+"""The messages that travel encoded inside a :class:`Tagged` (AKMS to AKMS), not as an
+endpoint's request or answer."""
 _PATHS = {request: (path, answer) for path, (request, answer) in ENDPOINTS.items()}
 
 
@@ -674,10 +677,14 @@ def _encode(msg: Message, buffer: bytearray | None = None) -> bytes:
 def prepare() -> None:
     """Build the decoders of every endpoint's request and answer now, at a process's
     start: msgspec analyses a type on its first use (~0.5 ms each), which would otherwise
-    fall on a node's first relay over a fresh path, at every hop."""
+    fall on a node's first relay over a fresh path, at every hop. Also those of the
+    messages carried inside a :class:`Tagged` (:data:`TAGGED_INNER`), which the
+    network's first request decodes at both access nodes."""
     for request, answer in ENDPOINTS.values():
         for types in ((request,), (answer,), (answer, Refused)):
             _decoder(types)
+    for inner in TAGGED_INNER:
+        _decoder((inner,))
 
 
 def _decoder(types: tuple[type[Message], ...]) -> msgspec.msgpack.Decoder[Message]:

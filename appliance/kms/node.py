@@ -141,7 +141,7 @@ crash: no clean-up, no release) right after a dec_keys take commits, whenever th
 ``<directory>/<node name>`` exists; it deletes the file first, so each file the test
 creates is one crash (the supervisor restarts the node with the same environment)."""
 OPEN_ROUNDS, OPEN_PAUSE_S = 60, 0.5
-"""A CKMS tries to open its neighbours' connections this many times, so far apart."""
+"""A node tries to open its callees' connections this many times, so far apart."""
 
 
 class Unreachable(KmsError):
@@ -289,8 +289,7 @@ class KmsNode:
             self._run_all(service, engine.start(now))
         m.prepare()
         self._prepare_qkdms()
-        if "ckms" in self.engines:
-            self._opening = asyncio.ensure_future(self._open_neighbours())
+        self._opening = asyncio.ensure_future(self._open_callees())
         log.info("node started", extra={"node": self.name})
 
     def _prepare_qkdms(self) -> None:
@@ -303,19 +302,32 @@ class KmsNode:
                     with contextlib.suppress(hal.HalError):
                         self.qkdms[link.link].prepare()
 
-    async def _open_neighbours(self) -> None:
-        """Open this CKMS's connections to its link neighbours once they listen, so that
-        the first relay over a fresh path and a link's first grant pay no TLS handshake
-        per hop (BENCHMARKS.md, issue 15, the cold path). Best effort and bounded: a
-        neighbour not listening within :data:`OPEN_ROUNDS` rounds is connected to by its
-        first message, as before."""
-        links = self.engines["ckms"].config.links
-        todo = {spec.peer: self._client(spec.peer, spec.peer_service) for spec in links}
+    @property
+    def callees(self) -> set[tuple[int, str]]:
+        """The (node, service) pairs this node's engines call over the network, from the
+        topology: every engine its links' peers (grants; a CKMS's relays), an AKMS also its
+        node's CKMS (the hand-over) and every other AKMS (the end-to-end channel and its
+        requests). Engines of this process are called in-process, not listed."""
+        out: set[tuple[int, str]] = set()
+        for service, engine in self.engines.items():
+            out.update((spec.peer, spec.peer_service) for spec in engine.config.links)
+            if service == "akms":
+                out.add((self.me, "ckms"))
+                out.update((n.id, "akms") for n in self.topology.spec.nodes if "akms" in n.roles)
+        return {(node, svc) for node, svc in out if not (node == self.me and svc in self.engines)}
+
+    async def _open_callees(self) -> None:
+        """Open this node's connections to its :attr:`callees` once they listen, so that
+        the first request over a fresh path (its relay, the link grants, the AKMS's and the
+        UKMS's calls) pays no TLS handshake per hop (BENCHMARKS.md, issue 15, the cold
+        path). Best effort and bounded: a callee not listening within :data:`OPEN_ROUNDS`
+        rounds is connected to by its first message, as before."""
+        todo = {callee: self._client(*callee) for callee in self.callees}
         for _ in range(OPEN_ROUNDS):
-            for peer, client in list(todo.items()):
+            for callee, client in list(todo.items()):
                 with contextlib.suppress(TransportError):
                     await client.connect()
-                    del todo[peer]
+                    del todo[callee]
             if not todo:
                 return
             await asyncio.sleep(OPEN_PAUSE_S)
@@ -726,10 +738,11 @@ class KmsNode:
         gone: list[str] = []
         error: KmsError | None = None
         try:
-            if read.count:
-                for _ in range(read.count):
-                    key = qkdm.get_key()
-                    keys.append((key.key_id, key.material))
+            want = read.count
+            while want > 0:  # one module call per run of keys (hal.Qkdm.get_keys)
+                run = qkdm.get_keys(want)
+                keys.extend((key.key_id, key.material) for key in run)
+                want -= len(run)
             for key_id in read.ids:
                 try:
                     key = qkdm.get_key_by_id(key_id)

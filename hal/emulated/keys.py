@@ -63,6 +63,26 @@ class KeyStream:
         buf[:] = bytes(len(buf))
         return out
 
+    def keys(self, first: int, count: int) -> list[bytearray]:
+        """Keys ``first`` .. ``first + count - 1``, each in a fresh bytearray, from one
+        cipher context and one keystream run (the same bytes as :meth:`key` for each)."""
+        if count <= 0:
+            return []
+        n = self._n
+        block, skip = divmod(first * n, 16)
+        total = skip + count * n
+        enc = Cipher(algorithms.AES(self._key), modes.CTR(block.to_bytes(16, "big"))).encryptor()
+        buf = bytearray(total + 15)
+        view = memoryview(buf)
+        done = 0
+        while done < total:
+            chunk = min(total - done, len(_ZEROS))
+            done += enc.update_into(_ZEROS[:chunk], view[done:])
+        out = [buf[skip + i * n : skip + (i + 1) * n] for i in range(count)]
+        view.release()
+        buf[:] = bytes(len(buf))
+        return out
+
 
 class KeyIdCodec:
     """Maps key indexes to UUID key IDs and back, under a per-link key (not thread-safe)."""
@@ -78,6 +98,18 @@ class KeyIdCodec:
         block[6] = (block[6] & 0x0F) | 0x40
         block[8] = (block[8] & 0x3F) | 0x80
         return str(uuid.UUID(bytes=bytes(block)))
+
+    def encode_run(self, first: int, count: int) -> list[str]:
+        """The UUID strings of keys ``first`` .. ``first + count - 1``, in one cipher call."""
+        plain = b"".join(_TAG + i.to_bytes(8, "big") for i in range(first, first + count))
+        blocks = self._enc.update(plain)
+        ids = []
+        for at in range(0, len(blocks), 16):
+            block = bytearray(blocks[at : at + 16])
+            block[6] = (block[6] & 0x0F) | 0x40
+            block[8] = (block[8] & 0x3F) | 0x80
+            ids.append(str(uuid.UUID(bytes=bytes(block))))
+        return ids
 
     def decode(self, key_id: str) -> int | None:
         """The index behind ``key_id``, or None if no key of this link has that ID."""

@@ -119,3 +119,33 @@ def test_a_learnt_path_is_used_without_asking_while_the_route_table_stands(pki):
         (2, 3, 14), (2, 3, 14), (2, 3, 14), (2, 16, 14), (2, 15, 14), (2, 16, 14),
         (2, 15, 14), ["balanced", "balanced", "most-key"],
     )  # fmt: skip
+
+
+def test_start_opens_the_connection_before_the_first_ask(pki, monkeypatch):
+    """start() connects in the background, waiting for a controller that starts later;
+    the first ask then goes over that connection (no second one)."""
+    monkeypatch.setattr("appliance.control.paths.OPEN_PAUSE_S", 0.01)
+
+    async def main():  # type: ignore[no-untyped-def]
+        async def handle(request: Request) -> Response:
+            return Response(200, json.dumps({"path": [2, 3, 14]}).encode())
+
+        me, peer = pki["node-a"], pki["node-b"]
+        port = free_port()
+        ctx = client_context(peer.cert, peer.key, peer.ca, ("h2",))
+        paths = ControllerPaths(f"127.0.0.1:{port}", ctx, expect_peer="node-a")
+        server = H2Server(handle, server_context(me.cert, me.key, me.ca, ("h2",)))
+        try:
+            paths.start()
+            paths.start()  # once only
+            await server.start("127.0.0.1", port)
+            assert paths._opening is not None
+            await paths._opening
+            opened = len(server._open)
+            path = await paths.find(2, 14)
+            return opened, len(server._open), path
+        finally:
+            await paths.close()
+            await server.close()
+
+    assert asyncio.run(main()) == (1, 1, (2, 3, 14))

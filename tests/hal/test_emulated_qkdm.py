@@ -33,6 +33,39 @@ def test_both_ends_yield_the_same_key_for_an_id(make_pair, clock):
     assert uuid.UUID(key.key_id).version == 4
 
 
+def test_get_keys_equals_repeated_get_key(make_pair, clock):
+    """One run of keys is key for key what as many get_key calls hand out, IDs and bits,
+    around a key the same end gave out by ID before, and the peer finds each by ID."""
+    a, b = make_pair()
+    c, _ = make_pair()
+    clock.advance(5)
+    skipped = a.get_key_by_id(_codec(a).encode(3)).key_id
+    assert c.get_key_by_id(skipped).key_id == skipped
+    run = a.get_keys(10)
+    one_by_one = [c.get_key() for _ in range(10)]
+    assert [k.key_id for k in run] == [k.key_id for k in one_by_one]
+    assert [k.material for k in run] == [k.material for k in one_by_one]
+    assert skipped not in {k.key_id for k in run}
+    for key in run:
+        assert b.get_key_by_id(key.key_id).material == key.material
+
+
+def test_get_keys_short_and_empty(make_pair, clock):
+    """Fewer keys than asked when the buffer runs short; get_key's error when empty."""
+    a, _ = make_pair()
+    clock.advance(1)
+    held = a.key_count()
+    assert 0 < held < 1000
+    assert len(a.get_keys(1000)) == held
+    with pytest.raises(hal.NoKeyAvailable):
+        a.get_keys(5)
+    assert a.get_keys(0) == []
+
+
+def _codec(q: hal.Qkdm) -> KeyIdCodec:
+    return q._codec  # type: ignore[attr-defined]
+
+
 def test_keys_differ_between_links_and_secrets(clock):
     def first_key(**params: object) -> bytes:
         q = hal.open_qkdm(url("a", **params), clock=clock)

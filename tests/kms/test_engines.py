@@ -76,7 +76,7 @@ from appliance.kms.events import (
     Validate,
 )
 from appliance.kms.fsm import Table
-from appliance.kms.linkend import GRANT_TTL
+from appliance.kms.linkend import GRANT_TTL, WANTED_GRANT
 from appliance.kms.relay import Mode, decode
 from appliance.kms.routing import NoRoute
 from appliance.kms.seams import Denial, Denied
@@ -986,6 +986,7 @@ def test_a_wanted_link_is_granted_and_read_before_the_first_relay_needs_it(bench
     b.feed(AKMS_B, "ckms", LinkWanted(peer=CKMS_MID))
     (grant,) = b.received(CKMS_MID, "ckms", m.GrantRequest)
     assert grant.link == "link-3-4"
+    assert grant.n == WANTED_GRANT  # readying in GCM: a small first grant
     (read,) = sending_reads(b, AKMS_B)
     assert read.link == "link-3-4" and read.count == 0 and len(read.ids) == 1  # a granted one
     assert b.waiting() == {}

@@ -64,7 +64,7 @@ from appliance.kms.events import (
     TimerFired,
     Validated,
 )
-from appliance.kms.linkend import GRANT_BATCH, LinkEnd, Role
+from appliance.kms.linkend import GRANT_BATCH, WANTED_GRANT, LinkEnd, Role
 from appliance.kms.relay import Direction, Hop, Mode, decode, open_gcm, open_otp, seal_gcm, seal_otp
 
 RandomBytes = Callable[[int], bytes]
@@ -272,7 +272,9 @@ class EngineBase:
             self._reading.add(peer)
             plan = link.send_read(short, self.now)
             if plan is None:  # a slave end with no granted key left: ask its master
-                request = m.GrantRequest(link=link.link, n=GRANT_BATCH)
+                readying = not queue and mode is Mode.GCM  # a small first grant (LinkWanted)
+                n = WANTED_GRANT if readying else GRANT_BATCH
+                request = m.GrantRequest(link=link.link, n=n)
                 to = (peer, self._peer_service[peer])
                 out.append(self.call(to, request, functools.partial(self._granted, peer)))
             else:
