@@ -10,8 +10,10 @@ Measures, in one run on a fresh network with full link key stores:
   * the CPU time (user + system, /proc) of each node process per request of each phase
     (warm-up requests included), which other load on the machine disturbs less.
 Usage: python bench/kms_network.py [--requests N] [--concurrent N] [--batches N]
-                                   [--mode gcm|otp] [--stock-only] [--json PATH]
-(``--stock-only``: the stocked network alone, e.g. to compare the 014 server of two trees.)
+                                   [--mode gcm|otp] [--stock-only] [--stock-keys N]
+                                   [--json PATH]
+(``--stock-only``: the stocked network alone, e.g. to compare the 014 server of two trees;
+``--stock-keys``: enc_keys each of its two requesters asks, 2000 by default.)
 The networks are the KMS nodes alone: no QKDN Manager or SNMP agents, no AAA, no
 controller (their costs are measured by bench/mgmt.py, bench/aaa_path.py and
 bench/control_switch.py against this same network).
@@ -215,6 +217,9 @@ def main() -> None:
     )
     parser.add_argument("--mode", default="gcm", choices=["gcm", "otp"])
     parser.add_argument("--stock-only", action="store_true", help="only the stocked network")
+    parser.add_argument(
+        "--stock-keys", type=int, default=2000, help="enc_keys from stock per requester (2)"
+    )
     parser.add_argument("--json")
     args = parser.parse_args()
     out: dict[str, Any] = {
@@ -225,7 +230,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="qkdn-bench-") as tmp:
         if not args.stock_only:
             out.update(full_network(Path(tmp), args))
-        out["stock_enc_keys"] = stock_phase(Path(tmp), args.mode, 2, 2000)
+        out["stock_enc_keys"] = stock_phase(Path(tmp), args.mode, 2, args.stock_keys)
     print(json.dumps(out, indent=1))
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1))
