@@ -8,8 +8,9 @@ stream opening publishes at once) (link status at once; rates, stored bits and c
 refreshed every :data:`FIGURES_S`):
 each link's QKD module status (one driver call per link, answered from the driver's own
 buffers), the relay counters, and the routes the controller installed
-(:attr:`NodeAgent.routes`; the next hop of each route installed is handed to the node,
-which readies that link's key at once: :class:`appliance.kms.events.LinkWanted`).
+(:attr:`NodeAgent.routes`, refreshed with the figures; the next hop of each route
+installed is handed to the node once the Set's call ended, and the node readies that
+link's key: :class:`appliance.kms.events.LinkWanted`).
 ON_CHANGE subscribers hear a change within one period, and a module's state change at
 once: the agent subscribes to each QKD module (:meth:`hal.Qkdm.subscribe`; an emulated
 module follows its faults file, so a cut is heard within milliseconds) and publishes
