@@ -37,6 +37,7 @@ is). Every request is bounded:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import threading
 import time
@@ -146,15 +147,15 @@ class RouteTable:
         still the one in use while the version has not moved (the controller installs a
         changed path at its source too, and switches to a backup there)."""
         self.on_next_hop: Callable[[int], None] | None = None
-        """Called (in the Set's gRPC thread, once it applied) with the next hop of each
+        """Called (:meth:`want`: a Set's, once its answer left) with the next hop of each
         route the Set installed, in use or standby: the node readies that link's key."""
 
     def apply(
         self, install: list[model.Route], remove: list[str], status: dict[str, bool] | None = None
-    ) -> None:
+    ) -> tuple[int, ...]:
         """Install, remove (by VIRT link UUID) and switch in or out of use (``status``: UUID
         -> in use) in one step; ControlError (nothing applied) if a switched UUID is not
-        installed here."""
+        installed here. Returns the next hops of the routes installed (for :meth:`want`)."""
         with self._lock:
             by_id = {model.route_uuid(*k): k for k in self._routes}
             for rid in status or {}:
@@ -175,8 +176,12 @@ class RouteTable:
                 self._routes[by_id[rid]] = dataclasses.replace(route, active=active)
             if changed:
                 self.version += 1
+        return tuple(sorted({r.next_hop for r in install if r.next_hop is not None}))
+
+    def want(self, hops: tuple[int, ...]) -> None:
+        """Hand the next hops of installed routes to the node (:attr:`on_next_hop`)."""
         if self.on_next_hop is not None:
-            for hop in {r.next_hop for r in install if r.next_hop is not None}:
+            for hop in hops:
                 self.on_next_hop(hop)
 
     def routes(self) -> tuple[model.Route, ...]:
@@ -228,9 +233,13 @@ class GnmiAgent(pb_grpc.gNMIServicer):  # type: ignore[misc]
                     raise ControlError("a route's status cannot be deleted", code="CTL-SET-BAD")
                 remove.append(route_id)
                 results.append(pb.UpdateResult(path=path, op=pb.UpdateResult.DELETE))
-            self.routes.apply(install, remove, status)
+            hops = self.routes.apply(install, remove, status)
         except ControlError as exc:
             _abort(context, exc)
+        # the links are readied once the answer left (the call ended), not while it is sent:
+        # with a path's 13 Sets in flight, each hop's grant and reads would delay the Sets
+        if hops and not context.add_callback(functools.partial(self.routes.want, hops)):
+            self.routes.want(hops)
         return pb.SetResponse(response=results, timestamp=time.time_ns())
 
     def Capabilities(self, request: Any, context: Any) -> Any:

@@ -385,8 +385,8 @@ class Controller:
             except ControlError as exc:
                 log.warning("switch refused: installing", extra={"src": src, "code": exc.code})
                 self.standby[key] = None
-        if self.core.installed(src, dst, slot) != path:
-            await self._install(src, dst, path, old or (), slot, True)
+        if old != path:  # what it confirmed, not the hops' telemetry (a route's change
+            await self._install(src, dst, path, old or (), slot, True)  # is published late)
         self.slots[key] = slot
         self.confirmed[key] = path
 

@@ -8,8 +8,9 @@ stream opening publishes at once) (link status at once; rates, stored bits and c
 refreshed every :data:`FIGURES_S`):
 each link's QKD module status (one driver call per link, answered from the driver's own
 buffers), the relay counters, and the routes the controller installed
-(:attr:`NodeAgent.routes`; the next hop of each route installed is handed to the node,
-which readies that link's key at once: :class:`appliance.kms.events.LinkWanted`).
+(:attr:`NodeAgent.routes`, refreshed with the figures; the next hop of each route
+installed is handed to the node once the Set's call ended, and the node readies that
+link's key: :class:`appliance.kms.events.LinkWanted`).
 ON_CHANGE subscribers hear a change within one period, and a module's state change at
 once: the agent subscribes to each QKD module (:meth:`hal.Qkdm.subscribe`; an emulated
 module follows its faults file, so a cut is heard within milliseconds) and publishes
@@ -113,6 +114,7 @@ class NodeAgent:
         self._bits: dict[str, int] = {}
         self._last: dict[str, model.PhysLink] = {}
         self._counters = (0, 0)
+        self._routes: tuple[model.Route, ...] = ()
         self._at = self.started
         self.telemetry = agent.Telemetry(self.reading())
         self._server: grpc.Server | None = None
@@ -168,9 +170,12 @@ class NodeAgent:
 
     def reading(self) -> model.NodeTelemetry:
         """The node's telemetry now: link status and health as read; the figures (rates,
-        stored bits, QBER, counters) as of the last full reading, at most
-        :data:`FIGURES_S` old (so that ON_CHANGE streams carry a status change at once but
-        not a counter's every tick)."""
+        stored bits, QBER, counters) and the installed routes as of the last full reading,
+        at most :data:`FIGURES_S` old (so that ON_CHANGE streams carry a status change at
+        once but not a counter's every tick, nor a route the controller just installed:
+        the controller holds what it confirmed, and the document a new route would make
+        every hop publish would cost it and the hops CPU while the route's first request
+        is under way)."""
         now = time.monotonic()
         full = now - self._at >= FIGURES_S or not self._last
         dt = now - self._at
@@ -189,9 +194,10 @@ class NodeAgent:
             links.append(phys)
         if full:
             self._at, self._counters = now, self.counters()
+            self._routes = self.routes.routes()
         relayed, batches = self._counters
         return model.NodeTelemetry(
-            node=self.node, links=tuple(links), routes=self.routes.routes(),
+            node=self.node, links=tuple(links), routes=self._routes,
             relayed=relayed, batches=batches, uptime_s=int(self._at - self.started),
             modules_down=down, health=model.Health.DEGRADED if down else model.Health.OK,
         )  # fmt: skip

@@ -25,6 +25,7 @@ from appliance.control.client import (
 )
 from appliance.control.nodeagent import SWITCH_INTERVAL_S, NodeAgent
 from tests.control.agentfix import Served, data_model, free_port, telemetry, validate
+from tests.kms.conftest import poll
 
 LINK = f"/qkd_node/qkd_links/qkd_link[qkdl_id={model.link_uuid('L3-4')}]"
 ROUTE = model.Route(src=1, dst=5, prev_hop=3, next_hop=16)
@@ -349,8 +350,8 @@ def test_a_head_end_holds_the_explicit_route_of_its_path_in_use(routed):
 
 def test_each_route_a_set_installs_names_its_next_hop_to_the_node(routed):
     """The node readies the link to a route's next hop when the route is installed, in use
-    or standby (NodeAgent hands it to the CKMS engine: LinkWanted); a switch of use, a
-    removal, a refused Set and the route's last hop name none."""
+    or standby (NodeAgent hands it to the CKMS engine: LinkWanted), once the Set's call
+    ended; a switch of use, a removal, a refused Set and the route's last hop name none."""
     client, table = routed
     heard: list[int] = []
     table.on_next_hop = heard.append
@@ -362,7 +363,9 @@ def test_each_route_a_set_installs_names_its_next_hop_to_the_node(routed):
         with pytest.raises(AgentUnavailable):
             client.set_route(model.Route(src=2, dst=9, prev_hop=4, next_hop=6))
         client.delete_route(2, 9, 1)
-        assert heard == [5, 16]
+        # named once each Set's call ended (after its answer left): bounded polling
+        poll(lambda: len(heard) >= 2 or None, "the next hops named", timeout=WAIT)
+        assert sorted(heard) == [5, 16]
     finally:
         table.on_next_hop = None
         for slot in (0, 1):
@@ -429,8 +432,6 @@ def test_any_set_value_installs_a_route_or_is_refused_with_a_code(routed, raw):
 
 def test_the_agent_knows_while_a_stream_is_subscribed(fresh):
     """The node publishes often only while someone streams (appliance/control/nodeagent)."""
-    from tests.kms.conftest import poll
-
     opened: list[bool] = []
     fresh.telemetry.on_stream = lambda: opened.append(True)
     assert not fresh.telemetry.streaming
