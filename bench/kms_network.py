@@ -218,7 +218,10 @@ def main() -> None:
     parser.add_argument("--mode", default="gcm", choices=["gcm", "otp"])
     parser.add_argument("--stock-only", action="store_true", help="only the stocked network")
     parser.add_argument(
-        "--stock-keys", type=int, default=2000, help="enc_keys from stock per requester (2)"
+        "--stock-keys",
+        type=int,
+        default=2000,
+        help="enc_keys each of the stocked phase's 2 requesters asks",
     )
     parser.add_argument("--json")
     args = parser.parse_args()

@@ -453,7 +453,7 @@ def test_a_taken_key_prints_without_its_bits(store):
 def test_the_connection_keeps_journals_in_memory_and_erases_deleted_cells(store):
     """WAL with an fsync per commit, deleted cells overwritten, and the statement journals
     of the group commit's savepoints in memory (on disk they went through a temporary file
-    in /var/tmp per transaction: twice the writes per stocked key served)."""
+    in /var/tmp per transaction: 1.7 times the writes per stocked key served)."""
     db = store._db
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert db.execute("PRAGMA secure_delete").fetchone()[0] == 1
