@@ -16,9 +16,10 @@ keys by epoch. Sans-IO: the node adapter moves the bytes.
   PSK; the caller's first tagged request proves the caller does.
 * **Re-key.** The caller asks for a fresh 32-byte key over the ordinary key flow (it is
   relayed hop by hop under a CN key, like any KSA key) and both move to epoch n+1. The
-  PSK-derived key protects only the first re-key; later ones are protected by the key
-  they replace. The callee accepts the previous, current and next epoch, so requests
-  already in flight survive a re-key; older keys are erased.
+  PSK-derived key protects the first re-key and the requests sent while it runs (the
+  caller asks for it at open and does not hold its first requests back); later re-keys
+  are protected by the key they replace. The callee accepts the previous, current and
+  next epoch, so requests already in flight survive a re-key; older keys are erased.
 * **Tags.** Every request and response carries ``channel-id;epoch;tag`` in the
   ``qkdn-channel`` header: ``tag = HMAC-SHA256(K_epoch, direction | path | body)``.
   A bad tag is an integrity alarm; an unknown channel or epoch makes the caller open a

@@ -175,6 +175,38 @@ def opened(b: Bench) -> None:
     fetch(b, *GCM_PAIR, b.enc(*GCM_PAIR))
 
 
+def asked(b: Bench) -> list[m.CnRequest]:
+    """The CnRequests AKMS A sent, in order."""
+    return [m.decode(t.body, m.CnRequest) for t in b.sent(m.Tagged, AKMS_A)]
+
+
+def rekey_answer(b: Bench) -> Callable[[Delivery], bool]:
+    """AKMS B's answer to a CnRequest of AKMS A for a channel key (a re-key)."""
+
+    def pred(d: Delivery) -> bool:
+        if not b.answer_to(AKMS_A, "akms", m.Tagged)(d):
+            return False
+        assert isinstance(d.event, Answered | CallFailed)
+        call = b.calls[(d.node, d.service, d.event.call)]
+        assert isinstance(call, m.Tagged)
+        return m.decode(call.body, m.CnRequest).purpose == "channel"
+
+    return pred
+
+
+def rekey_cn_key(b: Bench) -> Callable[[Delivery], bool]:
+    """The CN key of a re-key, handed over to AKMS A by its CKMS."""
+
+    def pred(d: Delivery) -> bool:
+        if not b.request_to(AKMS_A, "akms", m.CnLocal)(d):
+            return False
+        assert isinstance(d.event, Received) and isinstance(d.event.message, m.CnLocal)
+        ids = {r.request_id for r in asked(b) if r.purpose == "channel"}
+        return d.event.message.request_id in ids
+
+    return pred
+
+
 # -- the key flow, end to end -------------------------------------------------------------
 @takes(
     "ukms-enc ASKING ANSWER",
@@ -221,20 +253,22 @@ def test_enc_keys_cross_the_network_and_dec_keys_releases_them(bench):
     assert {tuple(i.path) for i in items} == {(AKMS_B, CKMS_MID, AKMS_A)}
     assert all(decode(i.message)[0].mode is Mode.GCM for i in items)
 
-    # the channel: opened from the PSK at both ends (one context, one pair of nonces),
-    # re-keyed at once with a key relayed like any other (delivered to no UKMS), then used
+    # the channel: opened from the PSK at both ends (one context, one pair of nonces); the
+    # request that waited for it goes under the PSK-derived key, side by side with the
+    # channel's first re-key (a key relayed like any other, delivered to no UKMS)
     derived = [(n, a) for n, _, a in b.log if isinstance(a, DerivePsk)]
     assert [(n, a.peer) for n, a in derived] == [(AKMS_B, "akms-a"), (AKMS_A, "akms-b")]
     assert derived[0][1].context == derived[1][1].context
     assert derived[0][1].nonces == derived[1][1].nonces
     tagged = b.sent(m.Tagged, AKMS_A)
-    assert [m.decode(t.body, m.CnRequest).purpose for t in tagged] == ["channel", "ksa"]
-    assert [t.epoch for t in tagged] == [0, 1]
+    assert [m.decode(t.body, m.CnRequest).purpose for t in tagged] == ["ksa", "channel"]
+    assert [t.epoch for t in tagged] == [0, 0]
+    assert b.engine(AKMS_A, "akms")._out[AKMS_B].chan.epoch == 1  # re-keyed for the next
 
     # the CN keys handed over inside the access nodes are erased once used
     relayed = b.received(AKMS_B, "ckms", m.RelayLocal)
     handed = b.received(AKMS_A, "akms", m.CnLocal)
-    assert len(relayed) == len(handed) == 2  # the channel's first re-key, then ours
+    assert len(relayed) == len(handed) == 2  # ours and the channel's first re-key
     assert all(zero(x.cn_key) for x in relayed + handed)
 
     # the slave fetches them once: taken pending, released once the answer is written
@@ -252,8 +286,7 @@ def classes_asked(b: Any) -> list[tuple[str, str]]:
     each CnRequest AKMS A sent."""
     b.enc(*GCM_PAIR)
     fetch(b, *OTP_PAIR, b.enc(*OTP_PAIR))
-    asked = [m.decode(t.body, m.CnRequest) for t in b.sent(m.Tagged, AKMS_A)]
-    return [(r.purpose, r.route_policy) for r in asked]
+    return [(r.purpose, r.route_policy) for r in asked(b)]
 
 
 @takes("ukms-enc ASKING ANSWER", "ukms-enc OPENING OPENED", "delivery STORING STORED")
@@ -261,7 +294,7 @@ def test_the_contracts_route_policy_class_reaches_the_path_request_and_nothing_e
     """contract-otp asks for most-key paths, contract-gcm names no class (balanced): AKMS
     A's verdict puts the class in its CnRequest, AKMS B asks its path provider under it."""
     b = bench()
-    assert classes_asked(b) == [("channel", "balanced"), ("ksa", "balanced"), ("ksa", "most-key")]
+    assert classes_asked(b) == [("ksa", "balanced"), ("channel", "balanced"), ("ksa", "most-key")]
     classes = [p.route_policy for p in b.actions(FindPath, AKMS_B, "akms")]
     assert classes == ["balanced", "balanced", "most-key"]
 
@@ -283,7 +316,7 @@ def test_under_aaa_the_contracts_class_reaches_the_path_request(bench, tmp_path)
         validator.wallet.add(pair, parse_answer(UKMS_A, answer), 0.0)
     b = bench()
     b.validator = validator  # type: ignore[assignment]
-    assert classes_asked(b) == [("channel", "balanced"), ("ksa", "balanced"), ("ksa", "most-key")]
+    assert classes_asked(b) == [("ksa", "balanced"), ("channel", "balanced"), ("ksa", "most-key")]
     service.accounting.close()
     reg.close()
 
@@ -339,15 +372,17 @@ def test_keys_flow_the_other_way_with_grants_from_the_user_node(bench):
 )
 def test_the_cn_key_may_come_before_the_answer(bench):
     b = bench()
-    for _ in range(2):  # the channel's first re-key's answer, then the user request's
+    for _ in range(2):  # the user request's answer and the channel's first re-key's
         b.hold(b.answer_to(AKMS_A, "akms", m.Tagged))
     req = b.enc(*GCM_PAIR)
-    for n in (1, 2):
-        (answer,) = b.held
-        assert isinstance(answer.event, Answered)
-        assert len(b.received(AKMS_A, "akms", m.CnLocal)) == n  # its CN key is in
-        assert b.outcome("sae-a", req) is None
-        b.release(answer)
+    assert len(b.held) == 2 and all(isinstance(h.event, Answered) for h in b.held)
+    assert len(b.received(AKMS_A, "akms", m.CnLocal)) == 2  # both CN keys are in
+    first, second = sorted(b.held, key=lambda h: not rekey_answer(b)(h))
+    assert rekey_answer(b)(first) and not rekey_answer(b)(second)
+    b.release(first)  # the re-key's: the channel moves on, the request still waits
+    assert b.engine(AKMS_A, "akms")._out[AKMS_B].chan.epoch == 1
+    assert b.outcome("sae-a", req) is None
+    b.release(second)
     fetch(b, *GCM_PAIR, req)
 
 
@@ -359,15 +394,16 @@ def test_the_cn_key_may_come_before_the_answer(bench):
 )
 def test_the_cn_key_may_come_after_the_answer(bench):
     b = bench()
-    for _ in range(2):
+    for _ in range(2):  # the user request's CN key and the channel's first re-key's
         b.hold(b.request_to(AKMS_A, "akms", m.CnLocal))
     req = b.enc(*GCM_PAIR)
-    for n in (1, 2):
-        (cn_key,) = b.held
-        answers = [r for r in b.actions(Reply, AKMS_B, "akms") if isinstance(r.message, m.Tagged)]
-        assert len(answers) == n  # AKMS B has answered
-        assert b.outcome("sae-a", req) is None
-        b.release(cn_key)
+    answers = [r for r in b.actions(Reply, AKMS_B, "akms") if isinstance(r.message, m.Tagged)]
+    assert len(answers) == len(b.held) == 2  # AKMS B has answered both
+    first, second = sorted(b.held, key=lambda h: not rekey_cn_key(b)(h))
+    assert rekey_cn_key(b)(first) and not rekey_cn_key(b)(second)
+    b.release(first)
+    assert b.outcome("sae-a", req) is None
+    b.release(second)
     fetch(b, *GCM_PAIR, req)
     assert all(zero(x.cn_key) for x in b.received(AKMS_A, "akms", m.CnLocal))
 
@@ -823,19 +859,17 @@ def test_arrivals_tell_a_pairs_path_change_once_and_stay_bounded():
     assert not arrivals.changed((5, 4, 1))  # forgotten, the oldest: a first key again
 
 
-@takes(
-    "rekey HAVE_ANSWER REFUSED",
-    "channel REKEYING REFUSED",
-    "akms-a CHANNEL REFUSED",
-)
+@takes("rekey HAVE_ANSWER REFUSED", "channel REKEYING REFUSED")
 def test_a_first_re_key_whose_cn_key_never_comes_closes_the_channel(bench):
     b = bench()
-    b.hold(b.request_to(AKMS_A, "akms", m.CnLocal))
-    req = b.enc(*GCM_PAIR)
+    b.hold(rekey_cn_key(b))
+    fetch(b, *GCM_PAIR, b.enc(*GCM_PAIR))  # done under the PSK-derived key meanwhile
+    assert b.engine(AKMS_A, "akms")._out[AKMS_B].state is S.REKEYING
     b.advance(b.policy.cn_timeout)
-    assert isinstance(b.outcome("sae-a", req), SaeRefused)
     assert b.engine(AKMS_A, "akms")._out == {}  # no channel: the next request opens one
-    b.release(b.held[0])
+    (late,) = b.held
+    b.release(late)  # refused and erased: no request waits for it
+    assert all(zero(x.cn_key) for x in b.received(AKMS_A, "akms", m.CnLocal))
     fetch(b, *GCM_PAIR, b.enc(*GCM_PAIR))
     assert len(b.sent(m.ChannelOpen, AKMS_A)) == 2
 
@@ -843,14 +877,14 @@ def test_a_first_re_key_whose_cn_key_never_comes_closes_the_channel(bench):
 @takes("rekey HAVE_KEY REFUSED")
 def test_a_first_re_key_whose_answer_never_comes_fails_and_erases_its_cn_key(bench):
     b = bench()
-    b.hold(b.answer_to(AKMS_A, "akms", m.Tagged))
-    req = b.enc(*GCM_PAIR)
+    b.hold(rekey_answer(b))
+    fetch(b, *GCM_PAIR, b.enc(*GCM_PAIR))
     b.advance(b.policy.cn_timeout)
-    assert isinstance(b.outcome("sae-a", req), SaeRefused)
-    (cn_key,) = b.received(AKMS_A, "akms", m.CnLocal)
-    assert zero(cn_key.cn_key)
-    b.release(b.held[0])  # the answer, late: nothing more happens
-    assert isinstance(b.outcome("sae-a", req), SaeRefused) and b.waiting() == {}
+    assert all(zero(x.cn_key) for x in b.received(AKMS_A, "akms", m.CnLocal))
+    assert b.engine(AKMS_A, "akms")._out == {}
+    (late,) = b.held
+    b.release(late)  # the answer, late: nothing more happens
+    assert b.waiting() == {}
 
 
 @takes(
@@ -884,13 +918,19 @@ def test_a_re_key_whose_batch_does_not_open_fails_the_channel_with_an_alarm(benc
         d.event.message.cn_key[0] ^= 1  # the CN key is not the one the batch is sealed under
         return d
 
-    b.rewrite(b.request_to(AKMS_A, "akms", m.CnLocal), flipped)
-    refused = b.outcome("sae-a", b.enc(*GCM_PAIR))
+    b.rewrite(rekey_cn_key(b), flipped)
+    ours = b.request_to(AKMS_A, "akms", m.CnLocal)
+    b.hold(lambda d: ours(d) and not rekey_cn_key(b)(d))  # the request is still in flight
+    req = b.enc(*GCM_PAIR)
+    refused = b.outcome("sae-a", req)  # it went under the PSK-derived key: it fails too
     assert isinstance(refused, SaeRefused)
     assert [a.code for a in b.actions(Alarm, AKMS_A)][:1] == ["KMS-INTEGRITY"]
-    (cn_key,) = b.received(AKMS_A, "akms", m.CnLocal)
-    assert zero(cn_key.cn_key)
     assert b.engine(AKMS_A, "akms")._out == {}
+    (late,) = b.held
+    b.release(late)
+    handed = b.received(AKMS_A, "akms", m.CnLocal)
+    assert len(handed) == 2 and all(zero(x.cn_key) for x in handed)
+    assert b.outcome("sae-a", req) is refused and b.waiting() == {}
 
 
 @takes("channel-open DERIVING REFUSED", "channel ASKING REFUSED")
@@ -907,11 +947,11 @@ def test_a_peer_without_a_psk_source_refuses_the_channel(bench):
 def test_the_channel_is_re_keyed_again_after_its_requests(bench, monkeypatch):
     monkeypatch.setattr(channel, "REKEY_AFTER", 2)
     b = bench()
-    opened(b)  # epoch 1 after the first re-key; one request under it
+    opened(b)  # epoch 1 after the first re-key (its request went under epoch 0)
     akms = b.engine(AKMS_A, "akms")
     chan = akms._out[AKMS_B].chan
     assert chan.epoch == 1
-    for _ in range(3):
+    for _ in range(4):
         fetch(b, *GCM_PAIR, b.enc(*GCM_PAIR))
     assert chan.epoch == 2  # re-keyed in the background once two requests were made
     epochs = [t.epoch for t in b.sent(m.Tagged, AKMS_A)]
@@ -939,12 +979,11 @@ def test_a_closing_akms_erases_its_channel_keys(bench):
     "akms-b WAIT_RELAY REFUSED",
     "rekey ASKING REFUSED",
     "channel REKEYING REFUSED",
-    "akms-a CHANNEL REFUSED",
     "ukms-enc ASKING REFUSED",
 )
 def test_a_hop_whose_link_has_no_key_fails_the_relay_once_its_patience_is_out(bench):
     b = bench(down=("link-3-4",))
-    req = b.enc(*GCM_PAIR)  # the channel's first re-key is relayed 4 -> 3 -> 2: stuck at 4
+    req = b.enc(*GCM_PAIR)  # its relay and the channel's re-key's, 4 -> 3 -> 2: stuck at 4
     assert b.outcome("sae-a", req) is None
     grants = [a for a in b.actions(Refuse, CKMS_MID, "ckms") if isinstance(a.error, KeyUnavailable)]
     assert grants  # the master end had nothing to grant
@@ -952,10 +991,13 @@ def test_a_hop_whose_link_has_no_key_fails_the_relay_once_its_patience_is_out(be
     assert b.now < b.policy.cn_timeout  # not a timeout at AKMS A: a refusal from the relay
     refused = b.outcome("sae-a", req)
     assert isinstance(refused, SaeRefused)
-    (handed,) = b.received(AKMS_B, "ckms", m.RelayLocal)
-    assert zero(handed.cn_key)  # the CN key that could not go on: erased
-    (failed,) = b.actions(Refuse, AKMS_B, "ckms")
-    assert isinstance(failed.error, KeyUnavailable) and "link-3-4" in failed.error.message
+    b.advance(b.policy.patience + RETRY_MAX)  # a retry's relay, if one went: failed as well
+    handed = b.received(AKMS_B, "ckms", m.RelayLocal)
+    assert handed and all(zero(x.cn_key) for x in handed)  # CN keys that could not go on
+    failed = b.actions(Refuse, AKMS_B, "ckms")
+    assert len(failed) == len(handed)
+    assert all(isinstance(f.error, KeyUnavailable) for f in failed)
+    assert all("link-3-4" in f.error.message for f in failed)
     assert b.waiting() == {}
 
 

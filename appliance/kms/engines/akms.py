@@ -26,7 +26,10 @@ stream: the same IDs may not be delivered twice).
 **The channel** between the two access nodes (:mod:`appliance.kms.channel`) is opened from
 their pre-shared key (``ChannelOpen``, then a ``DerivePsk`` at each end) and re-keyed at
 once, and every ``REKEY_AFTER`` requests, with a key relayed over the QKDN like any KSA
-key. Every ``CnRequest`` and its answer travel in a ``Tagged`` envelope.
+key. The requests that waited for the channel to open do not wait for its first re-key:
+they go under the PSK-derived key, their relays side by side with the re-key's (a cold
+channel adds no relay to a request's time); if that re-key fails, they fail with it and
+the channel closes. Every ``CnRequest`` and its answer travel in a ``Tagged`` envelope.
 
 Tables: ``AKMS_A``, ``AKMS_STOCKED``, ``REKEY``, ``CHANNEL``, ``AKMS_B``, ``CALLEE_OPEN``
 (:mod:`states`).
@@ -478,6 +481,8 @@ class AkmsEngine(EngineBase):
         if out is not None and out.state is S.OPEN and out.chan is not None:
             extra = self._rekey_later(out) if out.chan.needs_rekey() else []
             return [*extra, *then(out.chan)]
+        if out is not None and out.state is S.REKEYING and out.chan is not None:
+            return then(out.chan)  # under the PSK-derived key while the first re-key runs
         if out is not None:
             out.waiting.append(then)
             return []
@@ -509,20 +514,28 @@ class AkmsEngine(EngineBase):
             name = self.config.names[out.peer]
             return self._ch_failed(out, IntegrityFailure(f"the AKMS {name} does not hold our PSK"))
         CHANNEL.advance(out, I.DERIVED)
-        out.chan = CallerChannel(answer.channel_id, event.key)
-        return self._rekey(out, lambda key: self._first_rekey(out, key))
-
-    def _first_rekey(self, out: OutChannel, key: bytearray | KmsError) -> list[Action]:
-        if isinstance(key, KmsError):
-            return self._ch_failed(out, key)
-        assert out.chan is not None
-        out.chan.rekey(key)
-        CHANNEL.advance(out, I.REKEYED)
+        chan = out.chan = CallerChannel(answer.channel_id, event.key)
         waiting, out.waiting = out.waiting, []
         actions: list[Action] = []
-        for then in waiting:
-            actions += then(out.chan)
-        return actions
+        for then in waiting:  # the requests first: their relays and the re-key's side by side
+            actions += then(chan)
+        return actions + self._rekey(out, lambda key: self._first_rekey(out, chan, key))
+
+    def _first_rekey(
+        self, out: OutChannel, chan: CallerChannel, key: bytearray | KmsError
+    ) -> list[Action]:
+        """The first re-key's end. If it failed, the channel closes, and so do the
+        requests sent under its PSK-derived key meanwhile (a clean failure, as if they
+        had waited for it); the next request opens a new channel."""
+        if isinstance(key, KmsError):
+            sent = [a for a in self._asking.values() if a.chan is chan and a.table is AKMS_A]
+            actions = self._ch_failed(out, key)
+            for a in sent:
+                actions += self._a_failed(a, key, alarm=False)  # the channel raised its alarm
+            return actions
+        chan.rekey(key)
+        CHANNEL.advance(out, I.REKEYED)
+        return []
 
     def _rekey_later(self, out: OutChannel) -> list[Action]:
         """A re-key in the background while requests go on under the current key."""

@@ -151,7 +151,8 @@ CHANNEL = _table(
     },
 )
 """The caller's end of an AKMS-AKMS channel: opened from the PSK, re-keyed over the QKDN
-at once (and again later), closed when the callee no longer knows it or the node stops."""
+at once (and again later), closed when the callee no longer knows it or the node stops.
+While the first re-key runs (REKEYING) requests go under the PSK-derived key."""
 
 AKMS_B = _table(
     "akms-b",
