@@ -141,8 +141,9 @@ class CommitWorkers:
         self._workers: list[threading.Thread] = []
         self.closed = False
 
-    def ready(self, committer: GroupCommitter) -> None:
-        """``committer`` has operations queued (the caller holds :attr:`lock`)."""
+    def ready(self, committer: GroupCommitter, *, wake: bool = True) -> None:
+        """``committer`` has operations queued (the caller holds :attr:`lock`); ``wake``:
+        wake a worker for it (not when the worker that just ran it looks again itself)."""
         if committer.scheduled or committer.running:
             return
         committer.scheduled = True
@@ -151,7 +152,8 @@ class CommitWorkers:
             worker = threading.Thread(target=self._run, name="groupcommit", daemon=True)
             self._workers.append(worker)
             worker.start()
-        self._work.notify()
+        if wake:
+            self._work.notify()
 
     def close(self) -> None:
         """Stop the workers once every ready committer's queue has been run."""
@@ -166,13 +168,15 @@ class CommitWorkers:
     def _run(self) -> None:
         while picked := self._next():
             committer, group = picked
+            done = False
             try:
                 committer.run_group(group)
+                done = True
             finally:
                 with self.lock:
                     committer.running = False
-                    if committer.has_queued():
-                        self.ready(committer)
+                    if committer.has_queued():  # this worker looks again: no hand-off
+                        self.ready(committer, wake=not done)
                     self.done.notify_all()  # a committer's close waits for its last group
 
     def _next(self) -> tuple[GroupCommitter, list[_Op]] | None:
