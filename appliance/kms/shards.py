@@ -7,7 +7,9 @@ each with at most three descriptors open (the database, its ``-wal`` and ``-shm`
 session lives in the shard a stable hash of its name picks (BLAKE2b, not Python's
 salted ``hash``), so it finds its keys again after a restart. Each shard has one
 :class:`~groupcommit.GroupCommitter`, so the operations of all its sessions share
-transactions.
+transactions, and the committers share ``commit_threads`` (default 2) worker threads, so
+that the threads a UKMS runs, and their hand-offs, do not grow with the shards its pairs
+fall in.
 
 What it must never do: use a shard it cannot trust as if nothing happened, or let one bad
 shard stop the others. At open, a shard SQLite cannot read (its header overwritten:
@@ -45,7 +47,7 @@ from appliance.kms.errors import (
     StoreError,
     StoreKeyMismatch,
 )
-from appliance.kms.groupcommit import GroupCommitter
+from appliance.kms.groupcommit import CommitWorkers, GroupCommitter
 from appliance.kms.store import REFETCH_WINDOW, KeyStore, RecordKey, private_dir
 from appliance.kms.storeops import Op, Outcome
 
@@ -53,6 +55,10 @@ log = logging.getLogger("qkdn.kms")
 T = TypeVar("T")
 
 DEFAULT_SHARDS = 8
+COMMIT_THREADS = 2
+"""Threads that run the shards' group commits (:class:`~groupcommit.CommitWorkers`):
+at most two commits at once, so that pairs spread over every shard cost no more thread
+hand-offs than pairs in two shards."""
 MAX_REMEMBERED = 4096
 """Sessions whose shard a store remembers (more: it forgets them all and starts again)."""
 Alarm = Callable[[str, str], None]
@@ -83,9 +89,11 @@ class ShardedStore:
         capacity: int = 1_000_000,
         ttl: float = 7 * 86400.0,
         refetch_window: float = REFETCH_WINDOW,
+        commit_threads: int = COMMIT_THREADS,
     ) -> None:
         """``capacity`` (keys per shard), ``ttl`` and ``refetch_window`` are each
-        :class:`~store.KeyStore`'s; ``run_id`` names this run (random by default)."""
+        :class:`~store.KeyStore`'s; ``run_id`` names this run (random by default);
+        ``commit_threads``: the threads the shards' group commits share."""
         if not 1 <= shards <= 256:
             raise StoreError(f"key stores: {shards} shards, expected 1 to 256")
         self.directory, self.shards = directory, shards
@@ -95,6 +103,7 @@ class ShardedStore:
         self._limits = (capacity, ttl, refetch_window)
         self._lock = threading.Lock()
         self._committers: dict[int, GroupCommitter] = {}
+        self._workers = CommitWorkers(commit_threads)
         private_dir(directory)
         self._check_layout()
         self._stores: list[KeyStore] = []
@@ -159,6 +168,7 @@ class ShardedStore:
             committers, self._committers = list(self._committers.values()), {}
         for committer in committers:
             committer.close()
+        self._workers.close()
         for store in self._stores:
             with contextlib.suppress(StoreError):
                 store.checkpoint()
@@ -189,7 +199,9 @@ class ShardedStore:
         with self._lock:
             committer = self._committers.get(i)
             if committer is None:
-                committer = GroupCommitter(self._stores[i], on_error=self._failed)
+                committer = GroupCommitter(
+                    self._stores[i], on_error=self._failed, workers=self._workers
+                )
                 self._committers[i] = committer
             return committer
 

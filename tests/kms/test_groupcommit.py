@@ -11,6 +11,7 @@ import asyncio
 import hashlib
 import sqlite3
 import tempfile
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -30,7 +31,7 @@ from appliance.kms.errors import (
     StoreError,
     StoreFull,
 )
-from appliance.kms.groupcommit import GroupCommitter, commit_group
+from appliance.kms.groupcommit import CommitWorkers, GroupCommitter, commit_group
 from appliance.kms.store import KeyStore, NodeKey
 from appliance.kms.storeops import Op, Put, Release, StoredKey, Take, TakeOldest
 
@@ -514,3 +515,89 @@ def test_any_durable_operation_makes_its_group_fsync(store: KeyStore, durable: O
     results = commit_group(store, [Release(session=A, key_ids=["k1"]), durable])
     assert not any(isinstance(r, KmsError) for r in results)
     assert _synchronous(store) == 2
+
+
+# -- workers shared by several stores ------------------------------------------------------
+
+
+def test_shared_workers_serve_many_stores_with_their_threads_only(tmp_path, monkeypatch):
+    """Eight stores, two workers: every operation runs, in one thread of the two, and the
+    groups of one store never run at the same time."""
+    stores = [new_store(tmp_path / f"keys-{i}.db") for i in range(8)]
+    workers = CommitWorkers(2)
+    running: dict[int, int] = {}
+    overlapped: list[int] = []
+    threads: set[int] = set()
+    commit = groupcommit.commit_group
+
+    def watched(store: KeyStore, ops: list[Op]) -> list[Any]:
+        i = stores.index(store)
+        running[i] = running.get(i, 0) + 1
+        if running[i] > 1:
+            overlapped.append(i)
+        threads.add(threading.get_ident())
+        try:
+            return commit(store, ops)
+        finally:
+            running[i] -= 1
+
+    monkeypatch.setattr(groupcommit, "commit_group", watched)
+
+    async def main() -> list[Any]:
+        committers = [GroupCommitter(s, workers=workers) for s in stores]
+        got = await asyncio.gather(
+            *(c.submit(put(A, f"k{n}")) for n in range(50) for c in committers)
+        )
+        for c in committers:
+            c.close()
+        return got
+
+    assert asyncio.run(main()) == [1] * 400
+    workers.close()
+    assert overlapped == [] and 1 <= len(threads) <= 2
+    assert all(s.count(A, "ksa") == 50 for s in stores)
+    for s in stores:
+        s.close()
+
+
+def test_shared_workers_serve_ready_stores_in_turn(tmp_path, monkeypatch):
+    """One worker, a store with two groups' worth queued and another with one operation:
+    the second store's group runs between the first's two (first ready, first served; the
+    first goes to the back with what it has left)."""
+    stores = [new_store(tmp_path / f"keys-{i}.db") for i in range(2)]
+    workers = CommitWorkers(1)
+    order: list[tuple[int, int]] = []
+    commit = groupcommit.commit_group
+
+    def recorded(store: KeyStore, ops: list[Op]) -> list[Any]:
+        order.append((stores.index(store), len(ops)))
+        return commit(store, ops)
+
+    monkeypatch.setattr(groupcommit, "commit_group", recorded)
+    many = GroupCommitter.MAX_GROUP + 10
+
+    async def main() -> None:
+        first, second = (GroupCommitter(s, workers=workers) for s in stores)
+        with workers.lock:  # the worker takes nothing before all are queued
+            tasks = [asyncio.ensure_future(first.submit(put(A, f"k{n}"))) for n in range(many)]
+            tasks.append(asyncio.ensure_future(second.submit(put(B, "b"))))
+            await asyncio.sleep(0)
+        assert await asyncio.gather(*tasks) == [1] * (many + 1)
+        first.close()
+        second.close()
+
+    asyncio.run(main())
+    workers.close()
+    assert order == [(0, GroupCommitter.MAX_GROUP), (1, 1), (0, 10)]
+    for s in stores:
+        s.close()
+
+
+def test_a_store_on_closed_workers_refuses_operations(store):
+    workers = CommitWorkers(1)
+    c = GroupCommitter(store, workers=workers)
+    workers.close()
+    with pytest.raises(StoreError, match="closed"):
+        c.queue(Release(session=A, key_ids=["k0"]))
+    with pytest.raises(StoreError, match="1 to 64"):
+        CommitWorkers(0)

@@ -22,7 +22,7 @@ from appliance.kms.errors import (
     StoreDiskFull,
     StoreError,
 )
-from appliance.kms.shards import MAX_REMEMBERED, ShardedStore, shard_index
+from appliance.kms.shards import COMMIT_THREADS, MAX_REMEMBERED, ShardedStore, shard_index
 from appliance.kms.store import KeyStore, NodeKey
 from appliance.kms.storeops import Put, Release, Take
 
@@ -157,6 +157,7 @@ def test_ten_thousand_sessions_cost_three_descriptors_per_shard_and_share_commit
     ops = sum(c.ops for c in committers)
     commits = sum(c.commits for c in committers)
     assert ops == 30_000 and commits <= ops / 20, f"{commits} commits for {ops} operations"
+    assert len(store._workers._workers) <= COMMIT_THREADS  # 8 shards, 2 commit threads
     again = open_shards(tmp_path, Alarms())
     assert again.levels("ksa") == {}
     assert all(
