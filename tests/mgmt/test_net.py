@@ -207,6 +207,9 @@ def test_the_operator_page_shows_a_link_fault_and_takes_an_acknowledgement(net: 
             page.wait_for_selector("#login", timeout=30_000)
             old = {"cookie": f"qkdn_session={cookie['value']}"}
             assert fetch(net, "/api/state", old)[0] == 401  # a closed session is refused
+            # both ends and the controller report the fault, each in its own time (one end
+            # heard its module 1.1 s after the cut once, after this page's steps were done)
+            poll(lambda: reported(net, before) >= 3, "three reports of the link's fault", 30)
             inject(net.dir, 2, 8, "up")
             _login(page, net, "viewer", pw["viewer"])
             page.wait_for_selector(
@@ -234,6 +237,12 @@ def panels(page: Any) -> None:
     page.wait_for_selector(row, timeout=60_000, state="attached")
     cells = page.locator(f"{row} td").all_inner_texts()
     assert cells[0] == USER and int(cells[2]) >= 1 and int(cells[3]) >= 2, cells
+
+
+def reported(net: Net, before: int) -> int:
+    """The reports of the fault's alarm on the faulty link raised after alarm ``before``."""
+    rows = [a for a in all_alarms(net) if a["resource"] == FAULTY and a["id"] > before]
+    return max((int(a["reports"]) for a in rows), default=0)
 
 
 def all_alarms(net: Net) -> list[dict[str, Any]]:
