@@ -36,6 +36,9 @@ from appliance.cli import net
 from appliance.config.render import find_free_base_port
 from appliance.tkey import call, endpoints, measure
 
+MAX_STOCK_KEYS = 100_000
+"""Keys each stocked requester may ask for at most (the run stays bounded)."""
+
 
 def rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -225,6 +228,8 @@ def main() -> None:
     )
     parser.add_argument("--json")
     args = parser.parse_args()
+    if not 1 <= args.stock_keys <= MAX_STOCK_KEYS:
+        parser.error(f"--stock-keys: 1 to {MAX_STOCK_KEYS}")
     out: dict[str, Any] = {
         "machine": f"{platform.node()} {platform.machine()} {platform.python_version()}",
         "date": time.strftime("%Y-%m-%d"),

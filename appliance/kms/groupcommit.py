@@ -210,7 +210,7 @@ class GroupCommitter:
         self._on_error = on_error
         self._own = workers is None  # its own worker thread, stopped by close
         self._workers = workers if workers is not None else CommitWorkers(1)
-        self._wake = self._workers.lock
+        self._lock = self._workers.lock  # guards the queue (held: operations wait together)
         self._queue: list[_Op] = []
         self._closed = False
         self.scheduled = self.running = False
@@ -238,7 +238,7 @@ class GroupCommitter:
         self._enqueue(_Op(op, None, None))
 
     def _enqueue(self, item: _Op) -> None:
-        with self._wake:
+        with self._lock:
             if self._closed or self._workers.closed:
                 raise StoreError(f"store {self.store.name}: closed")
             self._queue.append(item)
@@ -247,7 +247,7 @@ class GroupCommitter:
     def close(self) -> None:
         """Refuse new operations, run those queued, and wait until the last group is done
         (its own worker thread stopped; shared workers are the owner's to close)."""
-        with self._wake:
+        with self._lock:
             self._closed = True
             while self._queue or self.running or self.scheduled:
                 self._workers.done.wait()

@@ -71,7 +71,7 @@ def held(store: KeyStore) -> Iterator[None]:
 async def queued_together(committer: GroupCommitter, ops: list[Op]) -> list[Any]:
     """Submit in order while the worker waits, all in one group (the worker cannot take
     the queue before all are in); outcomes (results or exceptions) in order."""
-    with held(committer.store), committer._wake:
+    with held(committer.store), committer._lock:
         tasks = [asyncio.ensure_future(committer.submit(op)) for op in ops]
         await asyncio.sleep(0)  # each task runs up to its await: its operation is queued
     return await asyncio.gather(*tasks, return_exceptions=True)
@@ -147,7 +147,7 @@ def test_queued_releases_ride_on_the_next_group(store):
         c = GroupCommitter(store)
         taken = await c.submit(Take(session=A, key_ids=["a", "b"]))
         assert [k.key_id for k in taken] == ["a", "b"]  # type: ignore[union-attr]
-        with held(store), c._wake:  # both in the next group
+        with held(store), c._lock:  # both in the next group
             c.queue(Release(session=A, key_ids=["a", "b"]))
             other = asyncio.ensure_future(c.submit(Take(session=A, key_ids=["c"])))
             await asyncio.sleep(0)

@@ -298,7 +298,7 @@ def test_damage_found_in_a_group_commit_fails_the_group_and_alarms_once(tmp_path
 
     async def main() -> list[Any]:
         committer = store._committer(4)
-        with committer._wake:  # all in one group
+        with committer._lock:  # all in one group
             tasks = [
                 asyncio.ensure_future(store.submit(Take(session=s, key_ids=[f"{s}/k"])))
                 for s in lost[:5]
