@@ -11,8 +11,14 @@ medians and the ratios to the base tree (the first ``--tree``). Export each comm
 directory of its own (``git archive COMMIT | tar -x -C DIR``) rather than run a working
 tree that may change meanwhile.
 
+With ``--baseline`` each run also times the same two requests on a plain network (paths
+from the topology, nothing installed; its pairs' AKMS channels open as cold as the
+controller network's): ``plain_added_ms``, and ``path_added_ms``, the controller
+network's ``added_ms`` less the plain one's: what the cold path alone adds. A tree
+whose bench lacks ``--cold-baseline`` fails the run.
+
 Usage: python bench/cold_ab.py --tree base=DIR --tree new=DIR [--tree ...] [--rounds 3]
-       [--tkey 20] [--out DIR]
+       [--tkey 20] [--out DIR] [--baseline]
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ import time
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent / "control_switch.py"
-FIELDS = ("added_ms", "cpu_ms", "next_cpu_ms", "sets_ms")
+FIELDS = ("added_ms", "cpu_ms", "next_cpu_ms", "sets_ms", "plain_added_ms", "path_added_ms")
 RUN_TIMEOUT_S = 600
 
 
@@ -47,11 +53,13 @@ def check_tree(tree: Path) -> str:
     return out
 
 
-def run(tree: Path, tkey: int, out: Path) -> dict[str, object]:
+def run(tree: Path, tkey: int, out: Path, baseline: bool) -> dict[str, object]:
     env = {**os.environ, "PYTHONPATH": str(tree)}
     before = load()
     cmd = [sys.executable, str(BENCH), "--switch-only", "--switches", "0"]
     cmd += ["--cold-tkey", str(tkey), "--json", str(out)]
+    if baseline:
+        cmd.append("--cold-baseline")
     proc = subprocess.run(
         cmd, cwd=tree, env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT_S
     )
@@ -60,8 +68,10 @@ def run(tree: Path, tkey: int, out: Path) -> dict[str, object]:
         return {"error": proc.stderr[-800:], "load": (before, after)}
     report = json.loads(out.read_text())
     dirs = []
-    for d in report.get("cold_tkey", []):
+    plain = report.get("cold_tkey_plain") or [{}, {}]
+    for d, p in zip(report.get("cold_tkey", []), plain, strict=False):
         row = {k: d.get(k) for k in ("saes", "cold_ms", "warm_p50_ms", *FIELDS)}
+        row["plain_added_ms"] = p.get("added_ms")
         sets = d.get("sets_ms") or {}  # by installed pair: the slowest (the path, its backup)
         row["sets_ms"] = max(sets.values()) if sets else None
         dirs.append(row)
@@ -74,6 +84,11 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--tkey", type=int, default=20)
     ap.add_argument("--out", type=Path, default=Path("/tmp/cold_ab"))
+    ap.add_argument(
+        "--baseline", action="store_true",
+        help="also the plain network's cold request (control_switch.py --cold-baseline): "
+        "plain_added_ms, and path_added_ms = added_ms - plain_added_ms",
+    )  # fmt: skip
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     trees = {}
@@ -88,7 +103,7 @@ def main() -> None:
         shift = rnd % len(names)
         for name in names[shift:] + names[:shift]:
             stamp = time.strftime("%H:%M:%S", time.gmtime())
-            res = run(trees[name], args.tkey, args.out / f"{rnd}-{name}.json")
+            res = run(trees[name], args.tkey, args.out / f"{rnd}-{name}.json", args.baseline)
             results[name].append(res)
             print(f"{stamp} round {rnd} {name}: {json.dumps(res)}", flush=True)
     medians: dict[str, dict[str, float]] = {}

@@ -45,15 +45,20 @@ mutual TLS, emulated QKD links; ``--stock 0``: every enc_keys crosses the networ
    the next ones' p50 (``warm_p50_ms``), the difference, the CPU the network's
    processes spent in the first (``cpu_ms``, schedstat as in 3.) and the Sets' round trip
    of the paths the controller installed meanwhile (its log). Run it apart from
-   ``--cold`` (whose first pairs it routes).
+   ``--cold`` (whose first pairs it routes). With ``--cold-baseline`` (kept under
+   ``--switch-only``) the same two requests on the plain network right after, in the
+   same minutes (``cold_tkey_plain``): its paths come from the topology, nothing is
+   computed or installed, but a pair's first request opens its AKMS channel there too;
+   the difference of the two networks' ``added_ms`` (``path_added_ms``) is what the
+   cold *path* adds, the channel's opening being in both.
 
 5. ``--cpu N``: on the controller's network, N sequential key requests on the installed
    path (no fault), and the CPU time (utime + stime, /proc) all the network's processes
    took per request, by process and in all, with the requests' T_key p50.
 
 Usage: python bench/control_switch.py [--requests 200] [--rounds 3] [--switches 5]
-       [--switch-requests 240] [--switch-only] [--cold N] [--cold-tkey N] [--json PATH]
-       [--keep DIR] [--cpu N]
+       [--switch-requests 240] [--switch-only] [--cold N] [--cold-tkey N [--cold-baseline]]
+       [--json PATH] [--keep DIR] [--cpu N]
 """
 
 from __future__ import annotations
@@ -295,6 +300,8 @@ def installs(net_dir: Path, at: bool = False) -> dict[tuple[int, int], Any]:
     its first Set sent to every hop's confirmation (``ms``; logged since the Sets run on
     the controller's event loop, absent before); with ``at``, (ms, its log time)."""
     out: dict[tuple[int, int], Any] = {}
+    if not (net_dir / "logs" / "controller.log").exists():  # the plain network: no installs
+        return out
     with open(net_dir / "logs" / "controller.log", "rb") as fh:
         for line in fh.read(16 << 20).splitlines():
             try:
@@ -325,6 +332,10 @@ def main() -> None:
         "--cold-tkey", type=int, default=0, metavar="N",
         help="part 4: the first key request over a fresh path each way, then N warm ones",
     )  # fmt: skip
+    ap.add_argument(
+        "--cold-baseline", action="store_true",
+        help="with --cold-tkey: the same requests on the plain network (topology paths)",
+    )  # fmt: skip
     ap.add_argument("--cpu", type=int, default=0, help="requests of part 5 (CPU per request)")
     ap.add_argument("--json", type=Path)
     ap.add_argument(
@@ -340,7 +351,7 @@ def main() -> None:
     with contextlib.ExitStack() as stack:
         tmp = args.keep or stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-ctl-"))
         dirs = {"controller": Path(tmp) / "ctl", "plain": Path(tmp) / "plain"}
-        if args.switch_only:
+        if args.switch_only and not args.cold_baseline:
             del dirs["plain"]
         for name, d in dirs.items():
             up(d, name == "controller")
@@ -354,6 +365,12 @@ def main() -> None:
                 all_up(dirs["controller"], 90.0)
             if args.cold_tkey:
                 report.update(cold_tkey(dirs["controller"], eps["controller"], args.cold_tkey))
+                if args.cold_baseline:
+                    plain = cold_tkey(dirs["plain"], eps["plain"], args.cold_tkey)["cold_tkey"]
+                    report["cold_tkey_plain"] = plain
+                    for ctl, base in zip(report["cold_tkey"], plain, strict=True):
+                        if ctl["added_ms"] is not None and base["added_ms"] is not None:
+                            ctl["path_added_ms"] = round(ctl["added_ms"] - base["added_ms"], 2)
             if args.cold:
                 report.update(cold(dirs["controller"], min(args.cold, len(COLD_PAIRS))))
             installed_path(dirs["controller"], *eps["controller"])
