@@ -8,9 +8,11 @@ admits only manager nodes of its network to these two endpoints):
 * ``POST /v1/faults``: the manager's whole view of what is down, after every change and
   after every poll round, with a time to live of :func:`ttl` (a manager that stops
   reporting lets go): the links some reachable agent reports not up (from its INFORMs
-  between polls, from its link table at each poll), and the nodes whose agent has not
-  answered :data:`SILENT_POLLS` polls in a row. The controller holds them down (no new
-  path uses them; paths on them switch).
+  between polls, from its link table at each poll), and the nodes whose agent answered
+  once and then missed :data:`SILENT_POLLS` polls in a row. The controller holds them
+  down (no new path uses them; paths on them switch). A node never heard since the
+  manager started is alarmed but not reported: it is still starting, or dead, and the
+  controller uses no link of a node whose own telemetry it has not heard anyway.
 * ``POST /v1/events``: a long poll; the answer lists the links the controller's
   telemetry finds down. A link entering that list raises ``qkdnLinkDown`` in the manager
   with reporter ``controller``; leaving it, ``qkdnLinkUp``.
@@ -64,6 +66,8 @@ class ControlView:
     """(agent name, peer ID) -> the link end's state as the agent last reported it."""
     misses: dict[str, int] = field(default_factory=dict)
     """Agent name -> polls in a row it did not answer (0 or absent: it answered the last)."""
+    heard: set[str] = field(default_factory=set)
+    """Agents that answered a poll at least once: only they can fall silent."""
     controller_down: set[frozenset[int]] = field(default_factory=set)
 
     def end(self, node: str, peer: int, state: str) -> bool:
@@ -74,18 +78,22 @@ class ControlView:
 
     @property
     def silent(self) -> set[str]:
-        """Agents silent for :data:`SILENT_POLLS` polls in a row: the nodes reported down.
-        One unanswered poll is not enough (a loaded or starting node's agent may miss one:
-        the controller would hold every link of a live node down); the controller's own
-        telemetry finds a dead node's links within seconds anyway."""
+        """Agents silent for :data:`SILENT_POLLS` polls in a row since they last answered:
+        the nodes reported down. One unanswered poll is not enough (a loaded node's agent
+        may miss one: the controller would hold every link of a live node down), and an
+        agent never heard is not silent but not there yet (a network's nodes start while
+        the manager polls: reported down, they held links of a network that had just
+        come up, BENCHMARKS.md 2026-12-04); the controller's own telemetry finds a dead
+        node's links within seconds anyway."""
         return {n for n, count in self.misses.items() if count >= SILENT_POLLS}
 
     def node(self, node: str, *, reachable: bool) -> bool:
         """One poll of ``node``'s agent, answered or not; whether the report changes."""
         before = self.report()
         if reachable:
+            self.heard.add(node)
             self.misses.pop(node, None)
-        else:
+        elif node in self.heard:
             self.misses[node] = min(self.misses.get(node, 0) + 1, SILENT_POLLS)
         return self.report() != before
 

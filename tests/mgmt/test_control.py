@@ -35,6 +35,8 @@ def test_the_view_reports_links_an_answering_agent_finds_down_and_silent_nodes()
     assert v.end("akms-east", 8, "down") is True
     assert v.end("ckms-middle", 2, "down") is False  # the same link: no new report
     assert v.report() == ([[2, 8]], [])
+    assert v.node("ckms-middle", reachable=True) is False
+    assert v.node("akms-east", reachable=True) is False
     assert v.node("ckms-middle", reachable=False) is False  # one missed poll: not yet
     assert v.node("ckms-middle", reachable=False) is True  # SILENT_POLLS in a row
     assert v.report() == ([[2, 8]], [8])  # akms-east still answers and reports it
@@ -48,6 +50,18 @@ def test_the_view_reports_links_an_answering_agent_finds_down_and_silent_nodes()
     assert v.report() == ([], [])
     v.end("stranger", 2, "down")  # not an agent of the configuration
     assert v.report() == ([], [])
+
+
+def test_a_node_never_heard_is_not_reported_down_until_it_answered_once():
+    """At a network's start the manager polls nodes still starting: not a fault."""
+    v = view()
+    for _ in range(5):
+        assert v.node("ckms-middle", reachable=False) is False
+    assert v.report() == ([], [])
+    assert v.node("ckms-middle", reachable=True) is False  # heard: nothing to let go
+    v.node("ckms-middle", reachable=False)
+    assert v.node("ckms-middle", reachable=False) is True  # silent since it answered
+    assert v.report() == ([], [8])
 
 
 def test_a_node_that_answers_between_missed_polls_is_never_reported_down():
