@@ -60,12 +60,18 @@ def run(tree: Path, tkey: int, out: Path, baseline: bool) -> dict[str, object]:
     cmd += ["--cold-tkey", str(tkey), "--json", str(out)]
     if baseline:
         cmd.append("--cold-baseline")
-    proc = subprocess.run(
-        cmd, cwd=tree, env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT_S
-    )
+    with subprocess.Popen(
+        cmd, cwd=tree, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    ) as proc:
+        try:
+            _, stderr = proc.communicate(timeout=RUN_TIMEOUT_S)
+        except subprocess.TimeoutExpired:  # SIGTERM: the bench brings its networks down
+            proc.terminate()
+            _, stderr = proc.communicate(timeout=120)
+            return {"error": f"timed out after {RUN_TIMEOUT_S} s", "load": (before, load())}
     after = load()
     if proc.returncode != 0 or not out.exists():
-        return {"error": proc.stderr[-800:], "load": (before, after)}
+        return {"error": stderr[-800:], "load": (before, after)}
     report = json.loads(out.read_text())
     dirs = []
     plain = report.get("cold_tkey_plain") or [{}, {}]

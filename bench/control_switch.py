@@ -68,6 +68,7 @@ import contextlib
 import json
 import os
 import platform
+import signal
 import statistics
 import sys
 import tempfile
@@ -343,6 +344,9 @@ def main() -> None:
         "are kept there instead of a temporary one",
     )  # fmt: skip
     args = ap.parse_args()
+    # a SIGTERM (cold_ab.py's timeout, a kill) ends the run through its finally: the
+    # networks it started are brought down, not left running
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     report: dict[str, Any] = {
         "machine": f"{platform.machine()} {os.cpu_count()} cpu, Python {platform.python_version()}",
         "load_before": os.getloadavg(),
