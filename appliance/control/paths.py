@@ -17,13 +17,16 @@ relays on installed routes go on over the last path; a pair it never had a path 
 no path answers 503 ``CTL-NO-PATH``: that is :class:`~appliance.kms.routing.NoRoute`.
 :meth:`ControllerPaths.start` opens the connection to the controller when the node starts
 (best effort, retried while the controller starts), so that the network's first path
-request pays no TLS handshake.
+request pays no TLS handshake. Asks for one pair and class while one is in flight join it
+(one request to the controller): the access node's AKMS asks as a channel to it opens,
+and the channel's first CN requests ask again moments later.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import ssl
 from collections.abc import Awaitable, Callable
@@ -54,6 +57,8 @@ class ControllerPaths:
         """The class each pair's route was last asked for (the controller installs one
         route per pair, for the last request's class)."""
         self._opening: asyncio.Future[None] | None = None
+        self._asking: dict[tuple[int, int, str], asyncio.Future[tuple[int, ...]]] = {}
+        """The asks in flight, by pair and class (a second ask joins the first)."""
 
     def start(self) -> None:
         """Open the connection to the controller in the background (call from the node's
@@ -74,13 +79,24 @@ class ControllerPaths:
     ) -> tuple[int, ...] | Awaitable[tuple[int, ...]]:
         table = self.table()
         key = (src, dst, route_policy)
+        asking = self._asking.get(key)
+        if asking is not None:  # joined, even if this head end holds the route already: the
+            return asyncio.shield(asking)  # controller answers once every hop confirmed
         installed = table.in_use(src, dst) if table is not None else None
         if installed is not None and self._class.get((src, dst), "balanced") == route_policy:
             return installed  # the path in use, as the controller installed it here
         known = self.last.get(key)
         if table is not None and known is not None and self._learnt.get(key) == table.version:
             return known
-        return self._ask(key, table)
+        asking = self._asking[key] = asyncio.ensure_future(self._ask(key, table))
+        asking.add_done_callback(functools.partial(self._asked, key))
+        return asyncio.shield(asking)  # one asker's cancellation is not the others'
+
+    def _asked(self, key: tuple[int, int, str], done: asyncio.Future[tuple[int, ...]]) -> None:
+        if self._asking.get(key) is done:
+            del self._asking[key]
+        if not done.cancelled():
+            done.exception()  # retrieved: an ask no one awaits any longer fails quietly
 
     async def _ask(self, key: tuple[int, int, str], table: RouteTable | None) -> tuple[int, ...]:
         src, dst, policy = key

@@ -149,3 +149,47 @@ def test_start_opens_the_connection_before_the_first_ask(pki, monkeypatch):
             await server.close()
 
     assert asyncio.run(main()) == (1, 1, (2, 3, 14))
+
+
+def test_asks_for_a_pair_while_one_is_in_flight_join_it(pki):
+    """The AKMS's ask as a channel opens and the CN requests' asks moments later: one
+    request to the controller, every asker gets its answer; a joined asker cancelled
+    (its request gone) does not cancel the ask of the others."""
+
+    async def main():  # type: ignore[no-untyped-def]
+        asked: list[int] = []
+        release = asyncio.Event()
+
+        async def handle(request: Request) -> Response:
+            asked.append(1)
+            await release.wait()  # the install takes its time
+            return Response(200, json.dumps({"path": [2, 3, 14]}).encode())
+
+        me, peer = pki["node-a"], pki["node-b"]
+        port = free_port()
+        server = H2Server(handle, server_context(me.cert, me.key, me.ca, ("h2",)))
+        await server.start("127.0.0.1", port)
+        ctx = client_context(peer.cert, peer.key, peer.ca, ("h2",))
+        paths = ControllerPaths(f"127.0.0.1:{port}", ctx, expect_peer="node-a")
+        try:
+            first, second, third = (asyncio.ensure_future(paths.find(2, 14)) for _ in range(3))
+            other = asyncio.ensure_future(paths.find(2, 14, "most-key"))  # another class
+            for _ in range(1000):  # bounded: until both requests reached the controller
+                if len(asked) >= 2:
+                    break
+                await asyncio.sleep(0.01)
+            assert len(asked) == 2
+            third.cancel()
+            release.set()
+            got = await asyncio.gather(first, second, other)
+            cancelled = third.cancelled()
+            again = await paths.find(2, 14)  # no route table: asked anew, once
+        finally:
+            await paths.close()
+            await server.close()
+        return got, cancelled, again, len(asked)
+
+    got, cancelled, again, requests = asyncio.run(main())
+    assert got == [(2, 3, 14)] * 3
+    assert cancelled and again == (2, 3, 14)
+    assert requests == 3  # the pair's three asks as one, the other class's, the last
