@@ -43,8 +43,9 @@ mutual TLS, emulated QKD links; ``--stock 0``: every enc_keys crosses the networ
    appliance.tkey does (enc_keys at the master, dec_keys at the slave), then N more
    over the now installed path; reported per direction: the first T_key (``cold_ms``),
    the next ones' p50 (``warm_p50_ms``), the difference, the CPU the network's
-   processes spent in the first (``cpu_ms``, schedstat as in 3.) and the Sets' round trip
-   of the paths the controller installed meanwhile (its log). Run it apart from
+   processes spent in the first (``cpu_ms``, schedstat as in 3.), the Sets' round trip
+   of the paths the controller installed meanwhile and when the first of them began
+   from the request's start (``install_at_ms``; its log). Run it apart from
    ``--cold`` (whose first pairs it routes). With ``--cold-baseline`` (kept under
    ``--switch-only``) the same two requests on the plain network right after, in the
    same minutes (``cold_tkey_plain``): its paths come from the topology, nothing is
@@ -255,14 +256,23 @@ def cold_tkey(net_dir: Path, eps: Any, warm: int) -> dict[str, Any]:
             a.close()
             b.close()
         warm_p50 = statistics.median(times[1:]) if warm else None
+        window = {
+            pair: (ms, at) for pair, (ms, at) in installs(net_dir, True).items()
+            if since <= at <= since + times[0] / 1000 + 0.1
+        }  # fmt: skip
         out.append({
             "saes": [master.sae, slave.sae], "cold_ms": round(times[0], 2),
             "cpu_ms": round(cpu[0], 1),
             "next_cpu_ms": round(cpu[1], 1) if warm else None,
             "warm_p50_ms": round(warm_p50, 2) if warm_p50 else None,
             "added_ms": round(times[0] - warm_p50, 2) if warm_p50 else None,
-            "sets_ms": {f"{s}-{d}": ms for (s, d), (ms, at) in installs(net_dir, True).items()
-                        if at >= since and at <= since + times[0] / 1000 + 0.1},
+            "sets_ms": {f"{s}-{d}": ms for (s, d), (ms, _) in window.items()},
+            # when the first install in it began (its Sets' first sent), from the request's
+            # start: the phases before the path's ask (the channel's opening, the CN request)
+            "install_at_ms": min(
+                (round((at - ms / 1000 - since) * 1000, 2) for ms, at in window.values()),
+                default=None,
+            ),
         })  # fmt: skip
     return {"cold_tkey": out}
 
