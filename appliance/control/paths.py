@@ -18,8 +18,9 @@ no path answers 503 ``CTL-NO-PATH``: that is :class:`~appliance.kms.routing.NoRo
 :meth:`ControllerPaths.start` opens the connection to the controller when the node starts
 (best effort, retried while the controller starts), so that the network's first path
 request pays no TLS handshake. Asks for one pair and class while one is in flight join it
-(one request to the controller): the access node's AKMS asks as a channel to it opens,
-and the channel's first CN requests ask again moments later.
+(one request to the controller: a channel's first re-key and the requests sent under it
+ask together), and are answered when the controller answered, even if this head end's
+own Set came in before the other hops confirmed (the relay runs only once every hop has).
 """
 
 from __future__ import annotations

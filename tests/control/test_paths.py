@@ -152,9 +152,9 @@ def test_start_opens_the_connection_before_the_first_ask(pki, monkeypatch):
 
 
 def test_asks_for_a_pair_while_one_is_in_flight_join_it(pki):
-    """The AKMS's ask as a channel opens and the CN requests' asks moments later: one
-    request to the controller, every asker gets its answer; a joined asker cancelled
-    (its request gone) does not cancel the ask of the others."""
+    """A channel's first re-key and the requests sent under it ask at once: one request
+    to the controller, every asker gets its answer; a joined asker cancelled (its request
+    gone) does not cancel the ask of the others."""
 
     async def main():  # type: ignore[no-untyped-def]
         asked: list[int] = []

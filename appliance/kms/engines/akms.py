@@ -30,10 +30,7 @@ key. The requests that waited for the channel to open do not wait for its first 
 they go under the PSK-derived key, their relays side by side with the re-key's (a cold
 channel no longer puts a whole relay before the request's own); if that re-key fails,
 they fail with it and the channel closes. Every ``CnRequest`` and its answer travel in a
-``Tagged`` envelope. AKMS B asks its path provider for the path to the caller as the
-channel opens (a ``FindPath`` whose answer it drops), so that under the QKDN Controller
-the path's install runs while the channel opens; the CN requests' own asks then find the
-path installed, or join the ask in flight (:class:`appliance.control.paths.ControllerPaths`).
+``Tagged`` envelope.
 
 Tables: ``AKMS_A``, ``AKMS_STOCKED``, ``REKEY``, ``CHANNEL``, ``AKMS_B``, ``CALLEE_OPEN``
 (:mod:`states`).
@@ -630,13 +627,8 @@ class AkmsEngine(EngineBase):
         ticket = self.number(
             lambda e: self._callee_derived(opening, event, request.nonce, channel_id, nonce_b, e)
         )
-        # a channel opens for a request: its CN requests will ask for the path to the caller,
-        # so ask now, while the channel opens (the answer is not kept here: the provider's
-        # is, and the request's own ask takes it or joins it)
-        ahead = FindPath(ticket=self.number(_nothing), src=self.me, dst=event.caller)
         return [
-            ahead,
-            DerivePsk(ticket=ticket, peer=name, context=context, nonces=request.nonce + nonce_b),
+            DerivePsk(ticket=ticket, peer=name, context=context, nonces=request.nonce + nonce_b)
         ]
 
     def _callee_derived(
@@ -859,11 +851,6 @@ def _can_share(verdicts: list[Verdict], me: int) -> bool:
     )
     crosses = len(verdicts) == 1 or first.akms_b != me
     return fits and crosses and len({v.ukms_b for v in verdicts}) == len(verdicts)
-
-
-def _nothing(_answer: Input) -> list[Action]:
-    """The answer to an ask made ahead (the path to a channel's caller): nothing to do."""
-    return []
 
 
 def _wire_mode(mode: Mode) -> Literal["OTP", "GCM"]:
