@@ -15,7 +15,8 @@ before it starts the next, then reports per UKMS:
     N x stock keys; read from the shard files, read-only);
   * T_key (enc_keys at the master, dec_keys of the same key at the slave, both 014 over
     HTTPS) for one pair while ``--load`` processes request keys for other pairs picked at
-    random (a few requests each, each pair on its own SAE connections): ``--rounds``
+    random (a few requests each, each pair on its own SAE connections; another seed each
+    round, so that every round meets pairs not drawn on before, as the first does): ``--rounds``
     rounds per network, interleaved across the networks in a rotating order so that every
     N sees the same machine; the medians of the rounds' p50 and p99.
 
@@ -211,13 +212,16 @@ def idle_cpu(pids: dict[str, int], window: float) -> dict[str, float]:
     }
 
 
-def t_key_under_load(net: Network, args: argparse.Namespace) -> dict[str, Any]:
-    """T_key of pair 0 while ``args.load`` processes serve pairs picked at random."""
+def t_key_under_load(net: Network, args: argparse.Namespace, round_no: int) -> dict[str, Any]:
+    """T_key of pair 0 while ``args.load`` processes serve pairs picked at random (seeded by
+    round and process: a round that repeated an earlier round's pairs would find their
+    stocks topped up and their leases in memory, and measure less than the first)."""
     ctx = multiprocessing.get_context("fork")
     stop, counter = ctx.Event(), ctx.Value("q", 0)
     workers = [
         ctx.Process(
-            target=_load, args=(str(net.dir), net.ports, net.pairs, 1000 + w, stop, counter)
+            target=_load,
+            args=(str(net.dir), net.ports, net.pairs, 1000 * (round_no + 1) + w, stop, counter),
         )
         for w in range(args.load if net.pairs > 1 else 0)
     ]
@@ -318,7 +322,7 @@ def run(args: argparse.Namespace, root: Path) -> list[dict[str, Any]]:
         for r in range(args.rounds):
             order = nets[r % len(nets) :] + nets[: r % len(nets)]
             for n in order:
-                n.report["t_key"].append(t_key_under_load(n, args))
+                n.report["t_key"].append(t_key_under_load(n, args, r))
         for n in nets:
             n.report["after_load"] = n.measure()
             rounds = n.report["t_key"]
