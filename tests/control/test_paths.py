@@ -17,6 +17,16 @@ from appliance.pki import client_context, server_context
 from tests.control.agentfix import free_port
 
 
+async def stand_in(pki, handle):  # type: ignore[no-untyped-def]
+    """A stand-in controller serving ``handle``, and a ControllerPaths that asks it."""
+    me, peer = pki["node-a"], pki["node-b"]
+    port = free_port()
+    server = H2Server(handle, server_context(me.cert, me.key, me.ca, ("h2",)))
+    await server.start("127.0.0.1", port)
+    ctx = client_context(peer.cert, peer.key, peer.ca, ("h2",))
+    return server, ControllerPaths(f"127.0.0.1:{port}", ctx, expect_peer="node-a")
+
+
 def run(pki, answers):  # type: ignore[no-untyped-def]
     """Ask a stand-in controller that gives ``answers`` in turn; the results or errors."""
 
@@ -28,12 +38,7 @@ def run(pki, answers):  # type: ignore[no-untyped-def]
             assert json.loads(request.body) == {"src": 2, "dst": 14, "route_policy": "balanced"}
             return Response(status, json.dumps(body).encode())
 
-        me, peer = pki["node-a"], pki["node-b"]
-        port = free_port()
-        server = H2Server(handle, server_context(me.cert, me.key, me.ca, ("h2",)))
-        await server.start("127.0.0.1", port)
-        ctx = client_context(peer.cert, peer.key, peer.ca, ("h2",))
-        paths = ControllerPaths(f"127.0.0.1:{port}", ctx, expect_peer="node-a")
+        server, paths = await stand_in(pki, handle)
         out = []
         try:
             for _ in answers:
@@ -165,12 +170,7 @@ def test_asks_for_a_pair_while_one_is_in_flight_join_it(pki):
             await release.wait()  # the install takes its time
             return Response(200, json.dumps({"path": [2, 3, 14]}).encode())
 
-        me, peer = pki["node-a"], pki["node-b"]
-        port = free_port()
-        server = H2Server(handle, server_context(me.cert, me.key, me.ca, ("h2",)))
-        await server.start("127.0.0.1", port)
-        ctx = client_context(peer.cert, peer.key, peer.ca, ("h2",))
-        paths = ControllerPaths(f"127.0.0.1:{port}", ctx, expect_peer="node-a")
+        server, paths = await stand_in(pki, handle)
         try:
             first, second, third = (asyncio.ensure_future(paths.find(2, 14)) for _ in range(3))
             other = asyncio.ensure_future(paths.find(2, 14, "most-key"))  # another class
