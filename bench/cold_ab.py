@@ -14,8 +14,7 @@ tree that may change meanwhile.
 With ``--baseline`` each run also times the same two requests on a plain network (paths
 from the topology, nothing installed; its pairs' AKMS channels open as cold as the
 controller network's): ``plain_added_ms``, and ``path_added_ms``, the controller
-network's ``added_ms`` less the plain one's: what the cold path alone adds. A tree
-whose bench lacks ``--cold-baseline`` fails the run.
+network's ``added_ms`` less the plain one's: what the cold path alone adds.
 
 Usage: python bench/cold_ab.py --tree base=DIR --tree new=DIR [--tree ...] [--rounds 3]
        [--tkey 20] [--out DIR] [--baseline]
@@ -70,7 +69,7 @@ def run(tree: Path, tkey: int, out: Path, baseline: bool) -> dict[str, object]:
             _, stderr = proc.communicate(timeout=RUN_TIMEOUT_S)
         except subprocess.TimeoutExpired:  # SIGTERM: the bench brings its networks down
             proc.terminate()
-            _, stderr = proc.communicate(timeout=120)
+            proc.communicate(timeout=120)
             return {"error": f"timed out after {RUN_TIMEOUT_S} s", "load": (before, load())}
     after = load()
     if proc.returncode != 0 or not out.exists():

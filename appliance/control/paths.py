@@ -94,8 +94,7 @@ class ControllerPaths:
         return asyncio.shield(asking)  # one asker's cancellation is not the others'
 
     def _asked(self, key: tuple[int, int, str], done: asyncio.Future[tuple[int, ...]]) -> None:
-        if self._asking.get(key) is done:
-            del self._asking[key]
+        del self._asking[key]  # the only ask of its key: a next one starts after this
         if not done.cancelled():
             done.exception()  # retrieved: an ask no one awaits any longer fails quietly
 

@@ -28,7 +28,7 @@ their pre-shared key (``ChannelOpen``, then a ``DerivePsk`` at each end) and re-
 once, and every ``REKEY_AFTER`` requests, with a key relayed over the QKDN like any KSA
 key. The requests that waited for the channel to open do not wait for its first re-key:
 they go under the PSK-derived key, their relays side by side with the re-key's (a cold
-channel no longer puts a whole relay before the request's own); if that re-key fails,
+channel puts no relay of its own before the request's); if that re-key fails,
 they fail with it and the channel closes. Every ``CnRequest`` and its answer travel in a
 ``Tagged`` envelope.
 
