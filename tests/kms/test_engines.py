@@ -462,19 +462,24 @@ def test_enc_keys_from_the_stock_and_through_the_network_when_it_is_short(bench)
     assert key[0] in stocked
     leases = [op.op for op in b.actions(StoreOp, UKMS_A) if isinstance(op.op, TakeOldest)]
     assert leases == [TakeOldest(session=SESSION_AB, kind=STOCK, n=1 + 64)]
+    # one key missing, less than half a batch (2): not short yet, no relay for it
+    assert b.sent(m.KsaRequest, UKMS_A)[asked:] == []
+    assert ukms.stored("sae-a", "sae-b") == 3
+    (key,) = fetch(b, *GCM_PAIR, b.enc(*GCM_PAIR))
+    assert key[0] in stocked
     refills = b.sent(m.KsaRequest, UKMS_A)[asked:]
-    # one key short: topped up by a whole batch (a batch less one beyond the stock at most)
+    # half a batch missing: topped up by a whole batch (half a batch beyond the stock)
     assert [(r.number, r.fresh) for r in refills] == [(4, False)]
-    assert ukms.stored("sae-a", "sae-b") == 3 + 4
+    assert ukms.stored("sae-a", "sae-b") == 2 + 4
 
     req = b.enc(*GCM_PAIR, number=8)  # more than the stock holds: through the network
     assert len(fetch(b, *GCM_PAIR, req)) == 8
     assert b.sent(m.KsaRequest, UKMS_A)[-1].number == 8
-    assert ukms.stored("sae-a", "sae-b") == 7
+    assert ukms.stored("sae-a", "sae-b") == 6
     assert len(b.sent(m.KsaRequest, UKMS_A)) == asked + 2  # and no refill: the stock is full
 
     served = [k for (node, _), got in b.sae_bits.items() if node == UKMS_A for k, _ in got]
-    assert len(served) == len(set(served)) == 9  # no key handed to the master twice
+    assert len(served) == len(set(served)) == 10  # no key handed to the master twice
 
 
 def test_a_stocked_enc_keys_is_served_at_once_from_the_lease_or_not_at_all(bench):
@@ -533,10 +538,10 @@ def test_a_stock_found_short_by_a_lease_is_refilled(bench):
 
 def test_a_stopping_ukms_gives_its_leased_keys_back_to_the_stock(bench):
     b = bench(policy=STOCKED)
-    fetch(b, *GCM_PAIR, b.enc(*GCM_PAIR))
+    fetch(b, *GCM_PAIR, b.enc(*GCM_PAIR, number=2))  # half a batch drawn: a refill
     ukms = b.engine(UKMS_A, "ukms")
     leased = list(ukms._stocks[SESSION_AB].leased)
-    assert len(leased) == 3
+    assert len(leased) == 2
     b.perform(UKMS_A, "ukms", ukms.stop())
     b.run()
     back = b.puts[-1]
@@ -546,8 +551,8 @@ def test_a_stopping_ukms_gives_its_leased_keys_back_to_the_stock(bench):
         [k.key_id for k in leased],
     )
     assert all(zero(k.material) for k in leased)  # the store has them; memory does not
-    # the three given back and the whole batch (4) that had topped the stock up
-    assert len(b.stores[UKMS_A].apply(TakeOldest(session=SESSION_AB, kind=STOCK, n=100))) == 7
+    # the two given back and the whole batch (4) that had topped the stock up
+    assert len(b.stores[UKMS_A].apply(TakeOldest(session=SESSION_AB, kind=STOCK, n=100))) == 6
 
 
 # -- UKMS: the stock when the contracts live at the AKMS (AAA) -------------------------------
@@ -623,7 +628,7 @@ def test_a_failed_refill_backs_off_and_tries_again(bench):
     b = bench(policy=STOCKED)
     ukms = b.engine(UKMS_A, "ukms")
     b.refuse(b.request_to(AKMS_A, "akms", m.KsaRequest), KeyUnavailable("busy"))
-    fetch(b, *GCM_PAIR, b.enc(*GCM_PAIR))  # the lease makes the stock short: a refill
+    fetch(b, *GCM_PAIR, b.enc(*GCM_PAIR, number=2))  # the stock is short: a refill
     assert REFILL_PAUSE in {t[2] for t in b.timers}  # the engine's one back-off timer
 
     def tamper(d: Delivery) -> Delivery:
@@ -642,9 +647,9 @@ def test_a_failed_refill_backs_off_and_tries_again(bench):
     b.advance(0.2)
     put = b.puts[-1]
     assert put.kind == STOCK and all(zero(bits) for _, bits in put.keys)
-    assert ukms.stored("sae-a", "sae-b") == 3
+    assert ukms.stored("sae-a", "sae-b") == 2
     b.advance(0.4)
-    assert ukms.stored("sae-a", "sae-b") == 3 + 4  # topped up by a whole batch
+    assert ukms.stored("sae-a", "sae-b") == 2 + 4  # topped up by a whole batch
     assert b.waiting() == {}
 
 

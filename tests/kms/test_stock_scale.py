@@ -76,6 +76,24 @@ def test_short_pairs_take_turns_every_pair_once_before_any_twice(topology):
     assert all(ukms.stored(master, slave) == 8 for master, slave in pairs)
 
 
+def test_a_pair_is_refilled_once_half_a_batch_is_missing_not_per_key_drawn(topology):
+    b = Bench(topology, Policy(patience=1.0, stock=8, stock_batch=4, stock_parallel=2))
+    ukms = b.engine(UKMS_A, "ukms")
+    pairs = masters(b)
+    asked = len(b.sent(m.KsaRequest, UKMS_A, "ukms"))
+    for master, slave in pairs:  # one key drawn from every pair: none is short yet
+        assert len(b.keys(master, b.enc(master, slave))) == 1
+    assert len(b.sent(m.KsaRequest, UKMS_A, "ukms")) == asked
+    assert all(ukms.stored(master, slave) == 7 for master, slave in pairs)
+
+    master, slave = pairs[0]  # a second key: half a batch (2) missing, a whole batch asked
+    assert len(b.keys(master, b.enc(master, slave))) == 1
+    (refill,) = b.sent(m.KsaRequest, UKMS_A, "ukms")[asked:]
+    assert (refill.master, refill.slave, refill.number, refill.refill) == (master, slave, 4, True)
+    assert ukms.stored(master, slave) == 6 + 4  # at most half a batch beyond the stock
+    assert all(ukms.stored(*pair) == 7 for pair in pairs[1:])
+
+
 def test_failed_refills_pause_every_pair_on_one_timer_and_rotate_the_pairs(topology):
     policy = Policy(patience=1.0, stock=4, stock_batch=4, stock_parallel=2)
     b = Bench(topology, policy)

@@ -29,12 +29,13 @@ class Policy:
     them all (an OTP CN key for 1024 keys of 256 bits is 32 KiB)."""
     stock_batch: int = 128
     """Keys per request when a UKMS refills a stock (the stock itself when smaller):
-    every refill asks for a whole batch, so a stock holds up to a batch less one beyond
-    ``stock``. Smaller batches wait less for the slowest link's keys; larger ones cost
-    fewer relays per key."""
+    every refill asks for a whole batch. Smaller batches wait less for the slowest link's
+    keys; larger ones cost fewer relays per key."""
     stock: int = 0
-    """KSA keys each UKMS keeps ready (at least) per SAE pair it serves as master (0:
-    none); a refill starts when a pair holds fewer."""
+    """KSA keys each UKMS keeps ready per SAE pair it serves as master (0: none): a
+    refill (a whole batch) starts once half a batch or more is missing, so a pair at rest
+    holds within about half a batch of this (more than ``stock - batch/2``, at most
+    ``stock + batch/2`` rounded up)."""
     stock_parallel: int = 2
     """Stock refill requests a UKMS keeps in flight at once (pairs take turns)."""
     patience: float = 10.0

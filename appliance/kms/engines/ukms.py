@@ -12,11 +12,13 @@
 * **Deliveries**: the slave's copies of new keys arrive from AKMS B (``Deliver``) under
   our link's keys and are stored for dec_keys.
 * **The stock** ("keys may be buffered in advance"): for each pair whose master is served
-  here, up to ``policy.stock`` keys made ahead and kept in the store (on disk, not in
-  memory). Pairs short of keys queue for a refill and take turns (first short, first
-  served; a refilled pair still short goes to the back), ``stock_parallel`` at a time;
-  a refill always asks for a whole batch (so a stock holds at most a batch less one
-  beyond ``policy.stock``, and a busy pair costs one relay per batch, not per key). A
+  here, about ``policy.stock`` keys made ahead and kept in the store (on disk, not in
+  memory). A pair is short once half a batch (or more) is missing from its stock; short
+  pairs queue for a refill and take turns (first short, first served; a refilled pair
+  still short goes to the back), ``stock_parallel`` at a time; a refill always asks for
+  a whole batch. So a stock at rest is within half a batch of ``policy.stock`` (a batch is
+  ``stock_batch``, or the stock itself when smaller), a busy pair costs one relay per
+  batch, not per key, and a pair drawn on lightly costs no relay until it is short. A
   failed refill sends its pair to the back of the queue and pauses every refill for a
   back-off (one timer for the engine, never one per pair). Keys are taken from the store a
   lease at a time (deleted at once, so never handed out twice) and served from memory;
@@ -463,14 +465,18 @@ class UkmsEngine(EngineBase):
             out += self._want_stock(session, start=False)
         return out + self._refill_next()
 
-    def _missing(self, session: str) -> int:
-        return self.policy.stock - self._levels[session] - self._leased_count(session)
+    def _is_short(self, session: str) -> bool:
+        """Whether a pair's stock (in the store and leased) misses half a batch or more:
+        a pair drawn on lightly is not refilled for each key it drew (which would cost a
+        whole batch's relay per few keys served), and a stock thus stays within half a
+        batch of ``policy.stock``."""
+        held = self._levels[session] + self._leased_count(session)
+        return self.policy.stock - held >= max(1, self._refill_size() // 2)
 
     def _refill_size(self) -> int:
         """Keys one refill asks for: always a whole batch (``stock_batch``, or the stock
         itself when smaller), so that a stock drawn on all the time is topped up by full
-        batches, not by one relay per key served; a stock may thus hold up to a batch less
-        one beyond ``policy.stock``."""
+        batches, not by one relay per key served."""
         return min(self.policy.stock_batch, self.policy.stock)
 
     def _want_stock(self, session: str, *, start: bool = True) -> list[Action]:
@@ -478,7 +484,7 @@ class UkmsEngine(EngineBase):
         if session not in self._levels or session in self._queued:
             return []
         stock = self._stocks.get(session)
-        if (stock is not None and stock.refilling) or self._missing(session) <= 0:
+        if (stock is not None and stock.refilling) or not self._is_short(session):
             return []
         self._short.append(session)
         self._queued.add(session)
@@ -492,9 +498,8 @@ class UkmsEngine(EngineBase):
                 break
             session = self._short.popleft()
             self._queued.discard(session)
-            missing = self._missing(session)
             pair = self.sessions.pair_of(session)
-            if missing <= 0 or pair is None:
+            if pair is None or not self._is_short(session):
                 continue
             refill = Refill(S.ASKING, session, self._refill_size())
             self._active(session).refilling = True
