@@ -482,6 +482,17 @@ def test_enc_keys_from_the_stock_and_through_the_network_when_it_is_short(bench)
     assert len(served) == len(set(served)) == 10  # no key handed to the master twice
 
 
+def test_the_keys_of_one_batch_share_the_front_of_their_ids_another_batch_not(bench):
+    """So that a batch's keys sit side by side in the stores (keyids.batch_raw)."""
+    b = bench(policy=STOCKED)
+    stocked = sorted(stock_ids(b, UKMS_A, SESSION_AB))
+    assert len(stocked) == 4 and len({k[:13] for k in stocked}) == 1  # one refill's batch
+    first = [k for k, _ in fetch(b, *GCM_PAIR, b.enc(*GCM_PAIR, number=8))]
+    second = [k for k, _ in fetch(b, *GCM_PAIR, b.enc(*GCM_PAIR, number=8))]
+    assert len({k[:13] for k in first}) == 1 and len({k[:13] for k in second}) == 1
+    assert len({first[0][:13], second[0][:13], stocked[0][:13]}) == 3
+
+
 def test_a_stocked_enc_keys_is_served_at_once_from_the_lease_or_not_at_all(bench):
     """The adapter's direct path: keys already leased are handed over in one step (the
     slave finds them as usual); anything else takes nothing and is left to the full path."""

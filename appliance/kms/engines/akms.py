@@ -675,7 +675,7 @@ class AkmsEngine(EngineBase):
         # one PTG.3 request (one reseed) for the keys and the CN key that carries them
         drawn = bytearray(self.rng(n * width + ksa.cn_key_bytes(mode, n, width)))
         tag = request.stream  # a 004 stream's chunks: IDs from (KSID, index), not random
-        ids = keyids.stream_raw(tag.ksid, tag.first, n) if tag else keyids.new_raw(n, self.nonce)
+        ids = keyids.stream_raw(tag.ksid, tag.first, n) if tag else keyids.batch_raw(n, self.nonce)
         batch = ksa.pack_batch(ids, memoryview(drawn)[: n * width], width)
         cn_key = drawn[n * width :]
         erase(drawn)
