@@ -94,6 +94,21 @@ def test_a_pair_is_refilled_once_half_a_batch_is_missing_not_per_key_drawn(topol
     assert all(ukms.stored(*pair) == 7 for pair in pairs[1:])
 
 
+def test_a_short_pair_is_refilled_by_whole_batches_until_it_holds_its_stock(topology):
+    b = Bench(topology, Policy(patience=1.0, stock=6, stock_batch=4, stock_parallel=2))
+    ukms = b.engine(UKMS_A, "ukms")
+    pairs = masters(b)
+    # filled by whole batches until full: 4 then 8 (a batch less one beyond 6 at most)
+    assert all(ukms.stored(master, slave) == 8 for master, slave in pairs)
+    master, slave = pairs[0]
+    asked = len(b.sent(m.KsaRequest, UKMS_A, "ukms"))
+    assert len(b.keys(master, b.enc(master, slave, number=7))) == 7
+    refills = b.sent(m.KsaRequest, UKMS_A, "ukms")[asked:]
+    # 1 left, 5 missing: a batch (5 held, still short of 6), then another (9)
+    assert [(r.master, r.number, r.refill) for r in refills] == [(master, 4, True)] * 2
+    assert ukms.stored(master, slave) == 1 + 4 + 4
+
+
 def test_failed_refills_pause_every_pair_on_one_timer_and_rotate_the_pairs(topology):
     policy = Policy(patience=1.0, stock=4, stock_batch=4, stock_parallel=2)
     b = Bench(topology, policy)

@@ -32,10 +32,10 @@ class Policy:
     every refill asks for a whole batch. Smaller batches wait less for the slowest link's
     keys; larger ones cost fewer relays per key."""
     stock: int = 0
-    """KSA keys each UKMS keeps ready per SAE pair it serves as master (0: none): a
-    refill (a whole batch) starts once half a batch or more is missing, so a pair at rest
-    holds within about half a batch of this (more than ``stock - batch/2``, at most
-    ``stock + batch/2`` rounded up)."""
+    """KSA keys each UKMS keeps ready per SAE pair it serves as master (0: none): its
+    refills start once half a batch or more is missing and go on, a whole batch each,
+    until it holds at least this many again (so a pair drawn on lightly is not refilled
+    for each few keys)."""
     stock_parallel: int = 2
     """Stock refill requests a UKMS keeps in flight at once (pairs take turns)."""
     patience: float = 10.0

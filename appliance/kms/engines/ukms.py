@@ -12,17 +12,18 @@
 * **Deliveries**: the slave's copies of new keys arrive from AKMS B (``Deliver``) under
   our link's keys and are stored for dec_keys.
 * **The stock** ("keys may be buffered in advance"): for each pair whose master is served
-  here, about ``policy.stock`` keys made ahead and kept in the store (on disk, not in
-  memory). A pair is short once half a batch (or more) is missing from its stock; short
-  pairs queue for a refill and take turns (first short, first served; a refilled pair
-  still short goes to the back), ``stock_parallel`` at a time; a refill always asks for
-  a whole batch. So a stock at rest is within half a batch of ``policy.stock`` (a batch is
-  ``stock_batch``, or the stock itself when smaller), a busy pair costs one relay per
-  batch, not per key, and a pair drawn on lightly costs no relay until it is short. A
-  failed refill sends its pair to the back of the queue and pauses every refill for a
-  back-off (one timer for the engine, never one per pair). Keys are taken from the store a
-  lease at a time (deleted at once, so never handed out twice) and served from memory;
-  leases are kept for at most ``MAX_LEASED`` pairs.
+  here, ``policy.stock`` keys made ahead and kept in the store (on disk, not in
+  memory). A pair is short once half a batch or more is missing from its stock (a batch
+  is ``stock_batch``, or the stock itself when smaller); short pairs queue for a refill
+  and take turns (first short, first served; a refilled pair not yet full goes to the
+  back), ``stock_parallel`` at a time, until the stock is full again; a refill always
+  asks for a whole batch. So a stock filled holds at least ``policy.stock`` and at most a
+  batch less one beyond, a busy pair costs one relay per batch, not per key, and a pair
+  drawn on lightly costs no relay until it is short. A failed refill sends its pair to
+  the back of the queue and pauses every refill for a back-off (one timer for the engine,
+  never one per pair). Keys are taken from the store a lease at a time (deleted at once,
+  so never handed out twice) and served from memory; leases are kept for at most
+  ``MAX_LEASED`` pairs.
 
   What a pair costs here is bounded by what it does, not by how many pairs there are: an
   idle pair with a full stock is one count in :attr:`UkmsEngine._levels` (keys in its
@@ -465,13 +466,14 @@ class UkmsEngine(EngineBase):
             out += self._want_stock(session, start=False)
         return out + self._refill_next()
 
+    def _missing(self, session: str) -> int:
+        return self.policy.stock - self._levels[session] - self._leased_count(session)
+
     def _is_short(self, session: str) -> bool:
-        """Whether a pair's stock (in the store and leased) misses half a batch or more:
-        a pair drawn on lightly is not refilled for each key it drew (which would cost a
-        whole batch's relay per few keys served), and a stock thus stays within half a
-        batch of ``policy.stock``."""
-        held = self._levels[session] + self._leased_count(session)
-        return self.policy.stock - held >= max(1, self._refill_size() // 2)
+        """Whether a pair's stock (in the store and leased) misses half a batch or more, so
+        that its refills start: a pair drawn on lightly is not refilled for each few keys
+        it drew (a whole batch's relay each time)."""
+        return self._missing(session) >= max(1, self._refill_size() // 2)
 
     def _refill_size(self) -> int:
         """Keys one refill asks for: always a whole batch (``stock_batch``, or the stock
@@ -479,12 +481,17 @@ class UkmsEngine(EngineBase):
         batches, not by one relay per key served."""
         return min(self.policy.stock_batch, self.policy.stock)
 
-    def _want_stock(self, session: str, *, start: bool = True) -> list[Action]:
-        """Queue a pair for a refill when its stock is short (once)."""
+    def _want_stock(
+        self, session: str, *, start: bool = True, until_full: bool = False
+    ) -> list[Action]:
+        """Queue a pair for a refill (once) when its stock is short, or, ``until_full``
+        (its refills under way), while it misses any key."""
         if session not in self._levels or session in self._queued:
             return []
         stock = self._stocks.get(session)
-        if (stock is not None and stock.refilling) or not self._is_short(session):
+        if stock is not None and stock.refilling:
+            return []
+        if not (self._missing(session) > 0 if until_full else self._is_short(session)):
             return []
         self._short.append(session)
         self._queued.add(session)
@@ -499,7 +506,7 @@ class UkmsEngine(EngineBase):
             session = self._short.popleft()
             self._queued.discard(session)
             pair = self.sessions.pair_of(session)
-            if pair is None or not self._is_short(session):
+            if pair is None or self._missing(session) <= 0:
                 continue
             refill = Refill(S.ASKING, session, self._refill_size())
             self._active(session).refilling = True
@@ -545,7 +552,8 @@ class UkmsEngine(EngineBase):
         self._levels[refill.session] += len(keys)
         self._refill_done(refill.session)
         self._refill_backoff = BACKOFF_FIRST
-        out = self._want_stock(refill.session, start=False) + self._refill_next()
+        out = self._want_stock(refill.session, start=False, until_full=True)
+        out += self._refill_next()
         self._settle(refill.session)
         return out
 
@@ -561,7 +569,7 @@ class UkmsEngine(EngineBase):
         out: list[Action] = []
         if isinstance(error, IntegrityFailure):
             out.append(Alarm(code=error.code, reason=error.message))
-        out += self._want_stock(refill.session, start=False)
+        out += self._want_stock(refill.session, start=False, until_full=True)
         self._settle(refill.session)
         if REFILL_PAUSE not in self._timers:
             pause = self._refill_backoff
