@@ -37,11 +37,12 @@ from appliance.kms import channel, ksa
 from appliance.kms import messages as m
 from appliance.kms.engines import AkmsEngine
 from appliance.kms.engines import states as st
+from appliance.kms.engines import ukms as ukms_engine
 from appliance.kms.engines.base import RETRY_MAX
 from appliance.kms.engines.ckms import Arrivals
 from appliance.kms.engines.config import Policy
 from appliance.kms.engines.states import TABLES, I, S
-from appliance.kms.engines.ukms import REFILL_PAUSE
+from appliance.kms.engines.ukms import LEASE, LEASE_FIRST, REFILL_PAUSE
 from appliance.kms.errors import (
     KeyUnavailable,
     KmsError,
@@ -461,7 +462,7 @@ def test_enc_keys_from_the_stock_and_through_the_network_when_it_is_short(bench)
     (key,) = fetch(b, *GCM_PAIR, req)
     assert key[0] in stocked
     leases = [op.op for op in b.actions(StoreOp, UKMS_A) if isinstance(op.op, TakeOldest)]
-    assert leases == [TakeOldest(session=SESSION_AB, kind=STOCK, n=1 + 64)]
+    assert leases == [TakeOldest(session=SESSION_AB, kind=STOCK, n=1 + LEASE_FIRST)]
     # one key missing, less than half a batch (2): not short yet, no relay for it
     assert b.sent(m.KsaRequest, UKMS_A)[asked:] == []
     assert ukms.stored("sae-a", "sae-b") == 3
@@ -564,6 +565,45 @@ def test_a_stopping_ukms_gives_its_leased_keys_back_to_the_stock(bench):
     assert all(zero(k.material) for k in leased)  # the store has them; memory does not
     # the two given back and the whole batch (4) that had topped the stock up
     assert len(b.stores[UKMS_A].apply(TakeOldest(session=SESSION_AB, kind=STOCK, n=100))) == 6
+
+
+def lease_sizes(b: Bench, session: str) -> list[int]:
+    """The keys each lease of the pair asked its stock for, in turn."""
+    ops = [op.op for op in b.actions(StoreOp, UKMS_A) if isinstance(op.op, TakeOldest)]
+    return [op.n for op in ops if op.session == session]
+
+
+def test_a_pairs_leases_grow_while_it_draws_up_to_lease(bench):
+    """A lease by demand: the first takes the request and a few ahead, each next one twice
+    as many ahead, up to LEASE; never a key handed out twice."""
+    b = bench(policy=replace(STOCKED, stock=32, stock_batch=32))
+    served: list[str] = []
+    for _ in range(300):  # bounded: six leases take at most 5 + 9 + 17 + 33 + 65 + 1 draws
+        if len(lease_sizes(b, SESSION_AB)) == 6:
+            break
+        served += [k for k, _ in fetch(b, *GCM_PAIR, b.enc(*GCM_PAIR))]
+    aheads = [LEASE_FIRST << i for i in range(5)]
+    assert aheads[-1] == LEASE
+    assert lease_sizes(b, SESSION_AB) == [1 + n for n in aheads] + [1 + LEASE]
+    assert len(served) == len(set(served))
+
+
+def test_a_lease_given_back_leaves_its_pair_small_again(bench, monkeypatch):
+    """A pair drawn once gives back only what its lease took ahead; the next lease of a
+    pair whose lease went back starts at LEASE_FIRST again."""
+    monkeypatch.setattr(ukms_engine, "MAX_LEASED", 1)
+    b = bench(policy=replace(STOCKED, stock=32, stock_batch=32))
+    session_cd = "014:sae-c:sae-d"
+    for _ in range(1 + LEASE_FIRST + 1):  # two leases: the second grown
+        fetch(b, *GCM_PAIR, b.enc(*GCM_PAIR))
+    assert lease_sizes(b, SESSION_AB) == [1 + LEASE_FIRST, 1 + 2 * LEASE_FIRST]
+    puts = len(b.puts)
+    fetch(b, *OTP_PAIR, b.enc(*OTP_PAIR))  # a lease of another pair: ours goes back
+    assert lease_sizes(b, session_cd) == [1 + LEASE_FIRST]
+    back = [p for p in b.puts[puts:] if p.session == SESSION_AB and p.kind == STOCK]
+    assert [len(p.keys) for p in back][:1] == [2 * LEASE_FIRST]
+    fetch(b, *GCM_PAIR, b.enc(*GCM_PAIR))
+    assert lease_sizes(b, SESSION_AB)[-1] == 1 + LEASE_FIRST
 
 
 # -- UKMS: the stock when the contracts live at the AKMS (AAA) -------------------------------

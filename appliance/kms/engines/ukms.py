@@ -23,11 +23,16 @@
   the back of the queue and pauses every refill for a back-off (one timer for the engine,
   never one per pair). Keys are taken from the store a lease at a time (deleted at once,
   so never handed out twice) and served from memory; leases are kept for at most
-  ``MAX_LEASED`` pairs.
+  ``MAX_LEASED`` pairs. A lease is sized by demand: a pair's first takes what its requests
+  ask plus ``LEASE_FIRST`` ahead, each lease after it twice as many ahead, up to
+  ``LEASE``; a lease given back (the least recently used pair) starts its pair small
+  again. So a pair drawn a few times takes a few keys out of the store (and gives few
+  back), and a busy pair a whole ``LEASE`` at a time.
 
   What a pair costs here is bounded by what it does, not by how many pairs there are: an
   idle pair with a full stock is one count in :attr:`UkmsEngine._levels` (keys in its
-  stock, as the store last told) and nothing else: no timer, no object. A pair gets a
+  stock, as the store last told) and nothing else: no timer, no object (but, for the
+  ``MAX_GROWN`` pairs leased last, the size of its next lease). A pair gets a
   :class:`Stock` (its lease, its waiting requests) only while it leases, waits or
   refills, and loses it when it settles.
 
@@ -91,10 +96,17 @@ from appliance.kms.storeops import (
 )
 
 LEASE = 64
-"""Keys taken from a pair's stock ahead of demand, beyond the request that asked."""
+"""The most keys a lease takes from a pair's stock ahead of demand, beyond the requests
+waiting."""
+LEASE_FIRST = 4
+"""Keys a pair's first lease takes ahead of demand; each next lease of the pair takes twice
+as many ahead, up to ``LEASE``."""
 MAX_LEASED = 256
 """Pairs whose leased keys are kept in memory at once (the least recently used give
 theirs back to the store)."""
+MAX_GROWN = 4 * MAX_LEASED
+"""Pairs whose next lease size is remembered (the least recently leased start again at
+``LEASE_FIRST``)."""
 STOCK = "stock"
 KSA = "ksa"
 BACKOFF_FIRST, BACKOFF_MAX = 0.1, 5.0
@@ -166,6 +178,7 @@ class UkmsEngine(EngineBase):
         self._levels: dict[str, int] = {}  # stocked session -> keys in its stock (store)
         self._stocks: dict[str, Stock] = {}  # the active pairs only
         self._leased: OrderedDict[str, None] = OrderedDict()  # sessions with a lease, LRU
+        self._ahead: OrderedDict[str, int] = OrderedDict()  # next lease's keys ahead, LRU
         self._short: deque[str] = deque()  # sessions queued for a refill, in turn
         self._queued: set[str] = set()  # the same sessions, to look up
         self._refills = 0
@@ -331,7 +344,7 @@ class UkmsEngine(EngineBase):
         if stock.leasing:
             return []
         stock.leasing = True
-        want = sum(e.number for e in stock.waiting) - len(stock.leased) + LEASE
+        want = sum(e.number for e in stock.waiting) - len(stock.leased) + self._grow(session)
         self._leased[session] = None
         self._leased.move_to_end(session)
         out: list[Action] = [
@@ -343,6 +356,15 @@ class UkmsEngine(EngineBase):
         while len(self._leased) > MAX_LEASED:
             out += self._give_back(next(iter(self._leased)))
         return out
+
+    def _grow(self, session: str) -> int:
+        """Keys the pair's lease now takes ahead of demand (``LEASE_FIRST`` for a pair not
+        leased lately); the next takes twice as many, up to ``LEASE``."""
+        ahead = self._ahead.pop(session, LEASE_FIRST)
+        self._ahead[session] = min(2 * ahead, LEASE)
+        if len(self._ahead) > MAX_GROWN:
+            self._ahead.popitem(last=False)
+        return ahead
 
     def _leased_in(self, session: str, want: int, event: Input) -> list[Action]:
         assert isinstance(event, StoreDone)
@@ -370,7 +392,9 @@ class UkmsEngine(EngineBase):
         return out
 
     def _give_back(self, session: str) -> list[Action]:
+        """The pair's leased keys back to its stock; its next lease starts small."""
         self._leased.pop(session, None)
+        self._ahead.pop(session, None)
         stock = self._stocks.get(session)
         if stock is None or not stock.leased:
             return []
