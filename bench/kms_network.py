@@ -26,7 +26,9 @@ import json
 import multiprocessing
 import os
 import platform
+import signal
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -228,6 +230,9 @@ def main() -> None:
     )
     parser.add_argument("--json")
     args = parser.parse_args()
+    # a SIGTERM (a timeout, a kill) ends the run through its finally: the networks it
+    # started are brought down, not left running
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if not 1 <= args.stock_keys <= MAX_STOCK_KEYS:
         parser.error(f"--stock-keys: 1 to {MAX_STOCK_KEYS}")
     out: dict[str, Any] = {

@@ -37,6 +37,7 @@ import os
 import platform
 import random
 import shutil
+import signal
 import sqlite3
 import statistics
 import sys
@@ -349,6 +350,9 @@ def main() -> None:
     parser.add_argument("--dir", type=Path, help="keep the networks here (default: a temp dir)")
     parser.add_argument("--json", action="store_true", help="print JSON only")
     args = parser.parse_args()
+    # a SIGTERM (a timeout, a kill) ends the run through its finally: the networks it
+    # started are brought down, not left running
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         args.pairs = [int(x) for x in args.pairs.split(",")]
     except ValueError:
