@@ -21,13 +21,17 @@ _CANONICAL = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-
 _ANY_CASE = re.compile(r"[0-9a-fA-F]{8}-(?:[0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}")
 
 
+def _stamped(raw: bytearray, version: int) -> bytes:
+    """16-byte UUIDs with the version and the RFC variant set where RFC 9562 puts them."""
+    raw[6::16] = bytes((b & 0x0F) | version << 4 for b in raw[6::16])
+    raw[8::16] = bytes((b & 0x3F) | 0x80 for b in raw[8::16])
+    return bytes(raw)
+
+
 def new_raw(n: int, source: Callable[[int], bytes] = os.urandom) -> bytes:
     """``n`` random version-4 UUIDs (RFC 9562) as 16 bytes each, from one draw of ``source``
     (``os.urandom``; a seeded source in simulations)."""
-    raw = bytearray(source(16 * n))
-    raw[6::16] = bytes((b & 0x0F) | 0x40 for b in raw[6::16])  # version 4
-    raw[8::16] = bytes((b & 0x3F) | 0x80 for b in raw[8::16])  # RFC variant
-    return bytes(raw)
+    return _stamped(bytearray(source(16 * n)), 4)
 
 
 PREFIX = 6
@@ -50,9 +54,7 @@ def batch_raw(n: int, source: Callable[[int], bytes] = os.urandom) -> bytes:
         raw[i::16] = drawn[i : i + 1] * n
     for i in range(16 - PREFIX):
         raw[PREFIX + i :: 16] = drawn[PREFIX + i :: 16 - PREFIX]
-    raw[6::16] = bytes((b & 0x0F) | 0x80 for b in raw[6::16])  # version 8
-    raw[8::16] = bytes((b & 0x3F) | 0x80 for b in raw[8::16])  # RFC variant
-    return bytes(raw)
+    return _stamped(raw, 8)
 
 
 def from_hex(h: str) -> str:
@@ -85,9 +87,7 @@ def stream_raw(ksid: bytes, first: int, n: int) -> bytes:
     out = bytearray()
     for index in range(first, first + n):
         out += hashlib.sha256(b"qkdn/004-chunk\0" + ksid + index.to_bytes(4, "big")).digest()[:16]
-    out[6::16] = bytes((b & 0x0F) | 0x80 for b in out[6::16])  # version 8
-    out[8::16] = bytes((b & 0x3F) | 0x80 for b in out[8::16])  # RFC variant
-    return bytes(out)
+    return _stamped(out, 8)
 
 
 def stream_id(ksid: bytes, index: int) -> str:
